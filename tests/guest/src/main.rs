@@ -1,0 +1,233 @@
+//! The test guest: a small freestanding x86_64 program that vmm-core (and QEMU, through its
+//! PVH note) boots in seconds, even where guest kernel code is emulated (KVM-PVM).
+//!
+//! It reports what it sees on the serial port as `tg: key=value` lines, runs a scenario named on
+//! its command line (`tg.scenario=`), and powers off through ACPI. Heavy loops run at CPL3.
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod entry;
+mod io;
+mod rt;
+mod smp;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use io::Line;
+
+/// `hvm_start_info`, as the PVH boot protocol lays it out.
+#[repr(C)]
+struct StartInfo {
+    magic: u32,
+    version: u32,
+    flags: u32,
+    nr_modules: u32,
+    modlist_paddr: u64,
+    cmdline_paddr: u64,
+    rsdp_paddr: u64,
+    memmap_paddr: u64,
+    memmap_entries: u32,
+    reserved: u32,
+}
+
+#[repr(C)]
+struct MemmapEntry {
+    addr: u64,
+    size: u64,
+    kind: u32,
+    reserved: u32,
+}
+
+const PVH_MAGIC: u32 = 0x336e_c578;
+const E820_RAM: u32 = 1;
+
+/// The result a CPL3 task leaves for the kernel (all pages are user-accessible).
+static USER_RESULT: AtomicU64 = AtomicU64::new(0);
+
+#[repr(align(16))]
+struct UserStack(#[allow(dead_code)] [u8; 65536]);
+static mut USER_STACK: UserStack = UserStack([0; 65536]);
+
+/// The PVH entry hands over here in long mode, on the BSP's stack.
+#[no_mangle]
+extern "C" fn guest_main(start_info: u64) -> ! {
+    io::serial_init();
+    Line::new().s("tg: hello").emit();
+
+    // SAFETY: the PVH protocol passes the physical address of a valid hvm_start_info in %ebx, and
+    // the first 4 GiB are identity mapped.
+    let info = unsafe { &*(start_info as *const StartInfo) };
+    if info.magic != PVH_MAGIC {
+        Line::new().s("tg: error bad-start-info magic=").hex(info.magic as u64).emit();
+        rt::halt_forever();
+    }
+    let cmdline = if info.cmdline_paddr != 0 {
+        // SAFETY: the loader wrote a NUL-terminated command line at this address.
+        unsafe { rt::cstr(info.cmdline_paddr as *const u8) }
+    } else {
+        ""
+    };
+    Line::new().s("tg: cmdline=").s(cmdline).emit();
+
+    check_memory(info);
+    rt::setup_cpu_tables();
+
+    let tables = acpi::Tables::find(info.rsdp_paddr);
+    let Some(tables) = tables else {
+        Line::new().s("tg: error no-acpi").emit();
+        rt::halt_forever();
+    };
+    Line::new()
+        .s("tg: acpi fadt=")
+        .u(tables.fadt.is_some() as u64)
+        .s(" hw-reduced=")
+        .u(tables.hw_reduced() as u64)
+        .s(" s5=")
+        .u(tables.slp_typ_s5().map_or(0xff, |v| v as u64))
+        .emit();
+
+    let madt = tables.madt();
+    Line::new()
+        .s("tg: madt cpus=")
+        .u(madt.count as u64)
+        .s(" enabled=")
+        .u(madt.enabled as u64)
+        .emit();
+    let online = smp::start_aps(&madt);
+    Line::new()
+        .s("tg: smp online=")
+        .u(online as u64 + 1)
+        .s(" enabled=")
+        .u(madt.enabled as u64)
+        .emit();
+
+    let iterations = param(cmdline, "tg.work=").and_then(parse_u64).unwrap_or(10_000_000);
+    // USER_STACK is only used by the one CPL3 task, which runs to completion here.
+    let stack_top = core::ptr::addr_of_mut!(USER_STACK) as u64 + 65536;
+    // SAFETY: user_work ends with ud2, which isr_common turns into a return from run_user.
+    unsafe { entry::run_user(user_work as *const () as u64, iterations, stack_top) };
+    Line::new()
+        .s("tg: user-work iterations=")
+        .u(iterations)
+        .s(" result=")
+        .hex(USER_RESULT.load(Ordering::SeqCst))
+        .emit();
+
+    let scenario = param(cmdline, "tg.scenario=").unwrap_or("poweroff");
+    if scenario == "pvm-fixups" {
+        smp::exercise_fixups();
+    }
+    Line::new().s("tg: ready").emit();
+
+    match scenario {
+        "idle" => rt::halt_forever(),
+        "reset" => {
+            Line::new().s("tg: resetting").emit();
+            tables.reset();
+        }
+        "panic" => {
+            Line::new().s("tg: panicking").emit();
+            // pvpanic: bit 0 of its port means "guest panicked".
+            io::outb(0x505, 1);
+        }
+        "bad-insn" => {
+            Line::new().s("tg: executing lock cmpxchg16b").emit();
+            smp::cmpxchg16b();
+            Line::new().s("tg: bad-insn executed").emit();
+        }
+        _ => {}
+    }
+    Line::new().s("tg: poweroff").emit();
+    tables.power_off();
+    Line::new().s("tg: error poweroff-failed").emit();
+    rt::halt_forever();
+}
+
+/// Sums the memory map, and writes and reads back the first and last word of each RAM range.
+fn check_memory(info: &StartInfo) {
+    let mut total = 0u64;
+    let mut usable = 0u64;
+    let mut ok = true;
+    for i in 0..info.memmap_entries as u64 {
+        // SAFETY: the loader wrote memmap_entries entries at memmap_paddr.
+        let e = unsafe { &*((info.memmap_paddr + i * 24) as *const MemmapEntry) };
+        Line::new()
+            .s("tg: e820 addr=")
+            .hex(e.addr)
+            .s(" size=")
+            .hex(e.size)
+            .s(" type=")
+            .u(e.kind as u64)
+            .emit();
+        total += e.size;
+        if e.kind == E820_RAM {
+            usable += e.size;
+            // Only probe what our identity map covers, and stay clear of our own image.
+            let last = e.addr + e.size - 8;
+            if last < (4 << 30) && e.addr >= 0x100_0000 {
+                for addr in [e.addr, last] {
+                    let p = addr as *mut u64;
+                    let pattern = addr ^ 0x5a5a_5a5a_5a5a_5a5a;
+                    // SAFETY: the address is RAM that the memory map gives us and nothing uses.
+                    unsafe {
+                        core::ptr::write_volatile(p, pattern);
+                        ok &= core::ptr::read_volatile(p) == pattern;
+                    }
+                }
+            }
+        }
+    }
+    Line::new()
+        .s("tg: memory total=")
+        .u(total)
+        .s(" usable=")
+        .u(usable)
+        .s(" check=")
+        .s(if ok { "ok" } else { "bad" })
+        .emit();
+}
+
+/// The CPL3 task: a loop that only native-speed execution finishes quickly on a PVM host.
+extern "C" fn user_work(iterations: u64) -> ! {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0;
+    while i < iterations {
+        x ^= i;
+        x = x.wrapping_mul(0x0000_0100_0000_01b3);
+        x ^= x >> 29;
+        i += 1;
+    }
+    USER_RESULT.store(x, Ordering::SeqCst);
+    // SAFETY: ud2 is how a user task hands control back (see isr_common).
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+/// The value of `key` (which includes its `=`) on a space-separated command line.
+fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split(' ').find_map(|w| w.strip_prefix(key))
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    let mut v: u64 = 0;
+    if s.is_empty() {
+        return None;
+    }
+    for b in s.bytes() {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((b - b'0') as u64)?;
+    }
+    Some(v)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut line = Line::new();
+    line = line.s("tg: error panic");
+    if let Some(loc) = info.location() {
+        line = line.s(" at ").s(loc.file()).s(":").u(loc.line() as u64);
+    }
+    line.emit();
+    rt::halt_forever();
+}

@@ -1,0 +1,187 @@
+//! ACPI tables generated in Rust (the acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced,
+//! with a sleep control register for power-off and a reset register), MADT and DSDT.
+
+use super::{BootError, ACPI_END, ACPI_START};
+use crate::config::VmConfig;
+use crate::devices::{power, pvpanic, serial};
+use crate::memory::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
+use acpi_tables::{aml, Aml};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use vm_memory::{Bytes, GuestAddress};
+
+const OEM_ID: [u8; 6] = *b"VMMCOR";
+/// \_S5's SLP_TYP value; power::PowerDevice powers off when it sees it.
+pub const SLP_TYP_S5: u8 = 5;
+
+fn table_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// A table from its signature, revision and body; length and checksum filled in.
+fn sdt(signature: [u8; 4], revision: u8, oem_table: [u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut t = Sdt::new(signature, 36, revision, OEM_ID, oem_table, 1);
+    t.append_slice(body);
+    t.as_slice().to_vec()
+}
+
+/// MADT: one local APIC per possible vCPU (those not online at boot are "online capable", so
+/// Linux counts them as hot-pluggable), the IOAPIC, IRQ0 -> GSI2, and LINT1 as NMI.
+pub fn madt(cpus: u32, max_cpus: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(LAPIC_ADDR as u32).to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes()); // PCAT_COMPAT: there are 8259 PICs
+    for id in 0..max_cpus {
+        let flags: u32 = if id < cpus { 1 } else { 2 }; // enabled, or online capable
+        if id < 255 {
+            b.extend_from_slice(&[0, 8, id as u8, id as u8]);
+            b.extend_from_slice(&flags.to_le_bytes());
+        } else {
+            b.extend_from_slice(&[9, 16, 0, 0]);
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&[1, 12, 0, 0]);
+    b.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt source override: ISA IRQ 0 (PIT) arrives on GSI 2, as on PC hardware.
+    b.extend_from_slice(&[2, 10, 0, 0]);
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    // Local APIC NMI: all processors, LINT1.
+    b.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    sdt(*b"APIC", 5, *b"VMMMADT ", &b)
+}
+
+/// DSDT: \_S5 for power-off, the COM1 UART and the pvpanic device.
+pub fn dsdt() -> Vec<u8> {
+    let mut body = Vec::new();
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]))
+        .to_aml_bytes(&mut body);
+
+    // Temporaries in one statement live until it ends, so each device is built and written
+    // in one expression.
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::Zero {}),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(serial::COM1_BASE, serial::COM1_BASE, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, serial::COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    aml::Device::new(
+        "_SB_.PEVT".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"QEMU0001"),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(pvpanic::PORT, pvpanic::PORT, 1, 1)]),
+            ),
+            &aml::Name::new("_STA".into(), &0x0fu8),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    sdt(*b"DSDT", 6, *b"VMMDSDT ", &body)
+}
+
+/// FADT for a hardware-reduced platform: power-off through the sleep control register, reset
+/// through the reset register, no VGA and no CMOS RTC.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into());
+    let mut f = FADTBuilder::new(OEM_ID, *b"VMMFACP ", 1)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .dsdt_64(dsdt_addr);
+    f.sleep_control_reg = io(power::SLEEP_CONTROL_PORT);
+    f.sleep_status_reg = io(power::SLEEP_STATUS_PORT);
+    f.reset_reg = io(power::RESET_PORT);
+    f.reset_value = power::RESET_VALUE;
+    // IA-PC boot architecture flags: VGA not present (bit 2), CMOS RTC not present (bit 5).
+    f.iapc_boot_arch = ((1u16 << 2) | (1 << 5)).into();
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"VMMCORE\0").into();
+    table_bytes(&f.finalize())
+}
+
+/// Writes all tables into the legacy BIOS area and returns the RSDP's address.
+pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootError> {
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    let dsdt = dsdt();
+    let dsdt_addr = align(xsdt_addr + 36 + 8 * 2);
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(config.cpus, config.max_cpus);
+    let end = madt_addr + madt.len() as u64;
+    assert!(end <= ACPI_END, "ACPI tables overflow the BIOS area");
+
+    let mut xsdt = XSDT::new(OEM_ID, *b"VMMXSDT ", 1);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
+
+    let w = |what, data: &[u8], addr| {
+        mem.write_slice(data, GuestAddress(addr)).map_err(|e| BootError::GuestWrite(what, e))
+    };
+    w("the RSDP", &table_bytes(&rsdp), rsdp_addr)?;
+    w("the XSDT", &table_bytes(&xsdt), xsdt_addr)?;
+    w("the DSDT", &dsdt, dsdt_addr)?;
+    w("the FADT", &fadt, fadt_addr)?;
+    w("the MADT", &madt, madt_addr)?;
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum(t: &[u8]) -> u8 {
+        t.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    #[test]
+    fn tables_are_well_formed() {
+        for t in [madt(2, 8), dsdt(), fadt(0x1000)] {
+            assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+            assert_eq!(checksum(&t), 0);
+        }
+    }
+
+    #[test]
+    fn madt_lists_max_cpus_and_enables_the_boot_ones() {
+        let t = madt(2, 5);
+        let (mut count, mut enabled) = (0, 0);
+        let mut off = 44;
+        while off < t.len() {
+            if t[off] == 0 {
+                count += 1;
+                enabled += t[off + 4] & 1;
+            }
+            off += t[off + 1] as usize;
+        }
+        assert_eq!((count, enabled), (5, 2));
+    }
+
+    #[test]
+    fn dsdt_has_s5() {
+        let t = dsdt();
+        let pos = t.windows(4).position(|w| w == b"_S5_").unwrap();
+        assert_eq!(t[pos + 4], 0x12); // PackageOp
+    }
+}

@@ -1,0 +1,329 @@
+//! Command-line arguments and their validation. Every bad input becomes one line that names the
+//! input and what to do, and `vmm-core run` exits with status 2.
+
+use crate::kvm::Host;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Linux's x86 COMMAND_LINE_SIZE, which includes the terminating NUL.
+pub const DEFAULT_CMDLINE_MAX: usize = 2048;
+pub const MIN_MEMORY: u64 = 16 << 20;
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Kernel parameters that let Debian's kernel boot on KVM-PVM (see GUEST.md): PVM cannot
+/// emulate xrstor or cmpxchg16b, and cannot hide CPUID features, so the kernel is told not to
+/// use them (ssse3 cx16 pcid popcnt xsave rdrand fsgsbase invpcid rdseed smap umip pku rdpid
+/// arch_capabilities).
+pub const PVM_CMDLINE: &str =
+    "noxsave clearcpuid=137,141,145,151,154,158,288,298,306,308,514,515,534,605";
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kernel: a bzImage, or an ELF (booted through its PVH note when it has one).
+    /// Default: the stock kernel from the image cache, or the test guest on a KVM-PVM host.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (cpio, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// vCPUs online at boot, and optionally the most that can be online: N or N,max=M.
+    #[arg(long, value_name = "N[,max=M]", default_value = "1")]
+    pub cpus: String,
+    /// Guest RAM: a number with K, M, G or T (a bare number is MiB, as QEMU's -m).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+    /// What a guest reset does: exit (status 0) or restart the guest.
+    #[arg(long, value_enum, default_value = "exit")]
+    pub on_reset: OnReset,
+    /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
+    #[arg(long, hide = true)]
+    pub print_boot_times: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReset {
+    Exit,
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Elf,
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub kernel_format: KernelFormat,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u32,
+    pub max_cpus: u32,
+    pub memory: u64,
+    pub on_reset: OnReset,
+    pub print_boot_times: bool,
+    pub pvm: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--kernel {0}: no such file; build the images with scripts/build-images.sh or pass --kernel PATH")]
+    KernelMissing(PathBuf),
+    #[error("--kernel {0}: cannot read it ({1})")]
+    KernelUnreadable(PathBuf, std::io::Error),
+    #[error("--kernel {0}: neither a bzImage nor an ELF; pass a bzImage (vmlinuz) or a vmlinux/PVH ELF")]
+    KernelFormat(PathBuf),
+    #[error("--kernel {0}: an ELF for another machine (e_machine {1}); it must be an x86_64 ELF")]
+    KernelArch(PathBuf, u16),
+    #[error("--initramfs {0}: no such file; build the images with scripts/build-images.sh or pass --initramfs PATH")]
+    InitramfsMissing(PathBuf),
+    #[error("--initramfs {0}: cannot read it ({1})")]
+    InitramfsUnreadable(PathBuf, std::io::Error),
+    #[error("--memory {0}: not a size; write it like 512M or 2G")]
+    MemoryMalformed(String),
+    #[error("--memory {0}: too small; the VM needs at least {min} MiB", min = MIN_MEMORY >> 20)]
+    MemoryTooSmall(String),
+    #[error("--memory {0}: more than this host's {1} MiB of RAM; ask for less")]
+    MemoryTooLarge(String, u64),
+    #[error("--memory {0}: not a whole number of 4 KiB pages")]
+    MemoryUnaligned(String),
+    #[error("--cpus {0}: not a vCPU count; write it like 4 or 2,max=8")]
+    CpusMalformed(String),
+    #[error("--cpus {0}: a VM needs at least one vCPU")]
+    CpusZero(String),
+    #[error("--cpus {0}: max ({1}) is below the number online at boot ({2})")]
+    CpusMaxBelowBoot(String, u32, u32),
+    #[error("--cmdline: {len} bytes with the terminating NUL, but this kernel takes at most {max}{extra}; shorten it")]
+    CmdlineTooLong { len: usize, max: usize, extra: String },
+    #[error("--cmdline: contains a NUL byte")]
+    CmdlineNul,
+}
+
+/// Where scripts/build-images.sh leaves its output: $VMM_IMAGES_DIR, or ~/.cache/vmm/images.
+pub fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMM_IMAGES_DIR") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    cache.join("vmm").join("images")
+}
+
+impl VmConfig {
+    pub fn from_args(args: RunArgs, host: &Host) -> Result<VmConfig, ConfigError> {
+        let (cpus, max_cpus) = parse_cpus(&args.cpus)?;
+        let memory = parse_memory(&args.memory)?;
+        if let Some(total) = host.mem_total {
+            if memory > total {
+                return Err(ConfigError::MemoryTooLarge(args.memory.clone(), total >> 20));
+            }
+        }
+
+        let (kernel, initramfs) = match args.kernel {
+            Some(k) => (k, args.initramfs),
+            None => default_images(host, args.initramfs),
+        };
+        let kernel_format = probe_kernel(&kernel)?;
+        if let Some(initrd) = &initramfs {
+            File::open(initrd).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ConfigError::InitramfsMissing(initrd.clone()),
+                _ => ConfigError::InitramfsUnreadable(initrd.clone(), e),
+            })?;
+        }
+
+        let mut cmdline = args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let user_len = cmdline.len();
+        if host.pvm {
+            cmdline = format!("{} {}", cmdline.trim_end(), PVM_CMDLINE).trim().to_string();
+        }
+        let max = cmdline_limit(&kernel, kernel_format);
+        if cmdline.len() + 1 > max {
+            let extra = if host.pvm {
+                format!(
+                    " (the KVM-PVM workarounds add {} bytes to your {user_len})",
+                    cmdline.len() - user_len
+                )
+            } else {
+                String::new()
+            };
+            return Err(ConfigError::CmdlineTooLong { len: cmdline.len() + 1, max, extra });
+        }
+
+        Ok(VmConfig {
+            kernel,
+            kernel_format,
+            initramfs,
+            cmdline,
+            cpus,
+            max_cpus,
+            memory,
+            on_reset: args.on_reset,
+            print_boot_times: args.print_boot_times,
+            pvm: host.pvm,
+        })
+    }
+}
+
+/// With no --kernel: Debian's stock kernel and our initramfs on hardware KVM; on KVM-PVM,
+/// where no Linux user space can run, the test guest.
+fn default_images(host: &Host, initramfs: Option<PathBuf>) -> (PathBuf, Option<PathBuf>) {
+    let dir = images_dir();
+    if host.pvm {
+        log::info!(
+            "this host's /dev/kvm is KVM-PVM (software nested virtualisation), where Linux user \
+             space cannot run; booting the test guest {} (pass --kernel to choose)",
+            dir.join("test-guest.elf").display()
+        );
+        (dir.join("test-guest.elf"), initramfs)
+    } else {
+        let initramfs = initramfs.unwrap_or_else(|| dir.join("initramfs.cpio.gz"));
+        (dir.join("vmlinuz"), Some(initramfs))
+    }
+}
+
+fn probe_kernel(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let mut f = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ConfigError::KernelMissing(path.to_path_buf()),
+        _ => ConfigError::KernelUnreadable(path.to_path_buf(), e),
+    })?;
+    let mut head = [0u8; 0x210];
+    let n = read_up_to(&mut f, &mut head)
+        .map_err(|e| ConfigError::KernelUnreadable(path.to_path_buf(), e))?;
+    if n >= 20 && head[..4] == *b"\x7fELF" {
+        let machine = u16::from_le_bytes([head[18], head[19]]);
+        if head[4] != 2 || machine != 62 {
+            return Err(ConfigError::KernelArch(path.to_path_buf(), machine));
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ConfigError::KernelFormat(path.to_path_buf()))
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// A bzImage states its limit (cmdline_size, boot protocol 2.06+); otherwise Linux's default.
+fn cmdline_limit(path: &Path, format: KernelFormat) -> usize {
+    if format != KernelFormat::BzImage {
+        return DEFAULT_CMDLINE_MAX;
+    }
+    let read = || -> std::io::Result<usize> {
+        let mut f = File::open(path)?;
+        let mut v = [0u8; 2];
+        f.seek(SeekFrom::Start(0x206))?;
+        f.read_exact(&mut v)?;
+        if u16::from_le_bytes(v) < 0x206 {
+            return Ok(256);
+        }
+        let mut size = [0u8; 4];
+        f.seek(SeekFrom::Start(0x238))?;
+        f.read_exact(&mut size)?;
+        Ok(u32::from_le_bytes(size) as usize + 1)
+    };
+    read().unwrap_or(DEFAULT_CMDLINE_MAX)
+}
+
+/// "N" or "N,max=M" (also "boot=N,max=M").
+pub fn parse_cpus(s: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || ConfigError::CpusMalformed(s.to_string());
+    let mut boot = None;
+    let mut max = None;
+    for (i, part) in s.split(',').enumerate() {
+        let part = part.trim();
+        if let Some(v) = part.strip_prefix("max=") {
+            max = Some(v.parse::<u32>().map_err(|_| bad())?);
+        } else if let Some(v) = part.strip_prefix("boot=") {
+            boot = Some(v.parse::<u32>().map_err(|_| bad())?);
+        } else if i == 0 {
+            boot = Some(part.parse::<u32>().map_err(|_| bad())?);
+        } else {
+            return Err(bad());
+        }
+    }
+    let boot = boot.ok_or_else(bad)?;
+    if boot == 0 {
+        return Err(ConfigError::CpusZero(s.to_string()));
+    }
+    let max = max.unwrap_or(boot);
+    if max < boot {
+        return Err(ConfigError::CpusMaxBelowBoot(s.to_string(), max, boot));
+    }
+    Ok((boot, max))
+}
+
+/// Sizes like 512M, 2G, 2GiB, 131072K; a bare number is MiB.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::MemoryMalformed(s.to_string());
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => 20,
+        "K" | "KB" | "KIB" => 10,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "B" => 0,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(s.to_string()));
+    }
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::MemoryUnaligned(s.to_string()));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_forms() {
+        assert_eq!(parse_cpus("4").unwrap(), (4, 4));
+        assert_eq!(parse_cpus("2,max=8").unwrap(), (2, 8));
+        assert_eq!(parse_cpus("boot=1,max=3").unwrap(), (1, 3));
+        assert!(matches!(parse_cpus("0"), Err(ConfigError::CpusZero(_))));
+        assert!(matches!(parse_cpus("4,max=2"), Err(ConfigError::CpusMaxBelowBoot(..))));
+        assert!(matches!(parse_cpus("four"), Err(ConfigError::CpusMalformed(_))));
+        assert!(matches!(parse_cpus("1,min=2"), Err(ConfigError::CpusMalformed(_))));
+    }
+
+    #[test]
+    fn memory_forms() {
+        assert_eq!(parse_memory("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("128").unwrap(), 128 << 20);
+        assert_eq!(parse_memory("65536K").unwrap(), 64 << 20);
+        assert!(matches!(parse_memory("lots"), Err(ConfigError::MemoryMalformed(_))));
+        assert!(matches!(parse_memory("12X"), Err(ConfigError::MemoryMalformed(_))));
+        assert!(matches!(parse_memory("1M"), Err(ConfigError::MemoryTooSmall(_))));
+        assert!(matches!(parse_memory("16777217B"), Err(ConfigError::MemoryUnaligned(_))));
+        assert!(matches!(parse_memory("99999999999T"), Err(ConfigError::MemoryMalformed(_))));
+    }
+}

@@ -1,0 +1,87 @@
+//! Port-I/O devices on the platform and the bus that dispatches vCPU exits to them.
+
+pub mod power;
+pub mod pvpanic;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+
+/// What a device write asks of the VM as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    PowerOff,
+    Reset,
+    Panic,
+}
+
+pub trait PioDevice: Send {
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    fn write(&mut self, offset: u16, data: &[u8]) -> Action;
+}
+
+/// Port-I/O ranges and their devices; ports nobody claims read as all ones.
+#[derive(Default)]
+pub struct IoBus {
+    ranges: Vec<(u16, u16, Arc<Mutex<dyn PioDevice>>)>,
+}
+
+impl IoBus {
+    pub fn insert(&mut self, base: u16, len: u16, dev: Arc<Mutex<dyn PioDevice>>) {
+        assert!(
+            !self.ranges.iter().any(|(b, l, _)| base < b + l && *b < base + len),
+            "overlapping port ranges at {base:#x}"
+        );
+        self.ranges.push((base, len, dev));
+    }
+
+    fn find(&self, port: u16) -> Option<(u16, &Arc<Mutex<dyn PioDevice>>)> {
+        self.ranges
+            .iter()
+            .find(|(b, l, _)| port >= *b && port < b + l)
+            .map(|(b, _, d)| (port - b, d))
+    }
+
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match self.find(port) {
+            Some((off, dev)) => dev.lock().unwrap().read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn write(&self, port: u16, data: &[u8]) -> Action {
+        match self.find(port) {
+            Some((off, dev)) => dev.lock().unwrap().write(off, data),
+            None => Action::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Latch(u8);
+    impl PioDevice for Latch {
+        fn read(&mut self, _: u16, data: &mut [u8]) {
+            data[0] = self.0;
+        }
+        fn write(&mut self, off: u16, data: &[u8]) -> Action {
+            self.0 = data[0] + off as u8;
+            Action::None
+        }
+    }
+
+    #[test]
+    fn dispatches_by_range_and_floats_unclaimed_ports() {
+        let mut bus = IoBus::default();
+        bus.insert(0x100, 4, Arc::new(Mutex::new(Latch(0))));
+        bus.write(0x102, &[5]);
+        let mut b = [0u8; 1];
+        bus.read(0x100, &mut b);
+        assert_eq!(b[0], 7);
+        let mut w = [0u8; 2];
+        bus.read(0x104, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+    }
+}

@@ -1,0 +1,97 @@
+//! vmm-core holds what must stay together: the KVM VM, vCPU threads, guest memory (a memfd),
+//! interrupts, ACPI and the devices the platform needs. See ARCHITECTURE.md.
+
+pub mod boot;
+pub mod config;
+pub mod devices;
+pub mod kvm;
+pub mod logger;
+pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+use std::fmt;
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off through ACPI.
+    PowerOff,
+    /// The guest asked for a reset and the VMM was told to exit on reset.
+    Reset,
+    /// The guest reported a panic (pvpanic).
+    Panic,
+    /// The VMM was asked to stop (signal, or the console escape).
+    Stopped(&'static str),
+}
+
+impl Outcome {
+    /// 0 power-off, 0 reset (as QEMU's -no-reboot and Firecracker), 3 guest panic,
+    /// 130/143 for SIGINT/SIGTERM.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Outcome::PowerOff | Outcome::Reset => 0,
+            Outcome::Panic => 3,
+            Outcome::Stopped("SIGTERM") => 143,
+            Outcome::Stopped(_) => 130,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::PowerOff => write!(f, "guest powered off"),
+            Outcome::Reset => write!(f, "guest requested a reset; exiting (pass --on-reset restart to reboot it instead)"),
+            Outcome::Panic => write!(f, "guest panicked (pvpanic); exiting with status 3"),
+            Outcome::Stopped(why) => write!(f, "stopped by {why}"),
+        }
+    }
+}
+
+/// Everything that can stop `vmm-core run` before the guest decides how it ends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+}
+
+impl Error {
+    /// 2 for bad input or a host that cannot run this VM, 1 for a failure while running.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Error::Config(_) => 2,
+            Error::Kvm(e) if e.is_user_error() => 2,
+            Error::Vm(e) if e.is_user_error() => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// "outer: inner: innermost", the one line a user sees.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let msg = inner.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+/// Validates the arguments, then builds and runs the VM until it ends.
+pub fn run(args: config::RunArgs) -> Result<Outcome, Error> {
+    let host = kvm::Host::detect();
+    let config = config::VmConfig::from_args(args, &host)?;
+    let kvm = kvm::Kvm::open_checked(&config)?;
+    Ok(vm::run(&kvm, &config)?)
+}

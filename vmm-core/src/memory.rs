@@ -1,0 +1,112 @@
+//! Guest RAM: one memfd mapped MAP_SHARED (so helpers handed its fd see the same pages), laid
+//! out around a 32-bit MMIO hole, and registered with KVM.
+
+use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+/// RAM below 4 GiB ends here at most; from here to 4 GiB is the MMIO hole (PCI, IOAPIC, LAPIC).
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const HIGH_RAM_START: u64 = 1 << 32;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the guest RAM memfd")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot size the guest RAM memfd to {0} bytes")]
+    Truncate(u64, #[source] std::io::Error),
+    #[error("cannot map guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot register guest RAM with KVM")]
+    Register(#[source] kvm_ioctls::Error),
+}
+
+/// The guest-physical ranges of RAM for a given size: (start, length, offset in the memfd).
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(0, low, 0)];
+    if size > low {
+        ranges.push((HIGH_RAM_START, size - low, low));
+    }
+    ranges
+}
+
+/// Guest RAM and the memfd behind it.
+pub struct Memory {
+    pub guest: GuestMemory,
+    pub memfd: File,
+    pub size: u64,
+}
+
+impl Memory {
+    pub fn new(size: u64) -> Result<Memory, MemoryError> {
+        let name = c"guest-ram";
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a new memfd that nothing else owns.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(size).map_err(|e| MemoryError::Truncate(size, e))?;
+        let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_ranges(size)
+            .into_iter()
+            .map(|(start, len, off)| {
+                let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
+                Ok((GuestAddress(start), len as usize, Some(FileOffset::new(file, off))))
+            })
+            .collect::<Result<_, MemoryError>>()?;
+        let guest = GuestMemory::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        Ok(Memory { guest, memfd, size })
+    }
+
+    /// Registers every region as a KVM memory slot.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for (slot, region) in self.guest.iter().enumerate() {
+            let mem_region = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping is valid for memory_size bytes and outlives the VM: Memory
+            // is dropped after the VM fd (see vm::run).
+            unsafe { vm.set_user_memory_region(mem_region) }.map_err(MemoryError::Register)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_the_hole() {
+        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20, 0)]);
+        assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30, 0)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![(0, 3 << 30, 0), (HIGH_RAM_START, 1 << 30, 3 << 30)]
+        );
+    }
+
+    #[test]
+    fn memory_is_a_shared_memfd() {
+        use vm_memory::Bytes;
+        let m = Memory::new(32 << 20).unwrap();
+        m.guest.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        // Another mapping of the same memfd sees the write: it is MAP_SHARED.
+        let mut buf = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&m.memfd, &mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+}

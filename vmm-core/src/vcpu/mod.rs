@@ -1,0 +1,310 @@
+//! vCPUs: per-vCPU CPUID (APIC ids, topology), MSRs, FPU and LAPIC set-up, the boot vCPU's
+//! entry state, and the KVM_RUN loop that dispatches exits.
+
+mod pvm;
+
+use crate::boot::{self, Entry};
+use crate::devices::{Action, IoBus};
+use crate::memory::GuestMemory;
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {0}: cannot set {1}")]
+    Setup(u32, &'static str, #[source] kvm_ioctls::Error),
+    #[error("vCPU {0}: cannot create it")]
+    Create(u32, #[source] kvm_ioctls::Error),
+}
+
+/// Why a vCPU thread asks the VM to stop.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    Action(u32, Action),
+    /// A triple fault: on PC hardware this resets the machine.
+    TripleFault(u32, u64),
+    Failed(u32, String),
+}
+
+/// Shared between the vCPU threads and the thread that stops them.
+#[derive(Default)]
+pub struct RunState {
+    pub stopping: AtomicBool,
+}
+
+/// Per-vCPU CPUID: APIC ids, a topology of one socket with `max_cpus` cores, and the
+/// hypervisor bit. (On KVM-PVM the guest sees the host's CPUID regardless; see GUEST.md.)
+pub fn cpuid_for(base: &CpuId, id: u32, max_cpus: u32) -> CpuId {
+    let mut cpuid = base.clone();
+    let core_bits = 32 - (max_cpus.max(1) - 1).leading_zeros();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | ((1u32 << core_bits).min(255) << 16);
+                if max_cpus > 1 {
+                    e.edx |= 1 << 28; // HTT: more than one logical processor per package
+                }
+                e.ecx |= 1 << 31; // running under a hypervisor
+            }
+            4 => {
+                e.eax = (e.eax & 0x03ff_ffff) | ((((1u32 << core_bits) - 1) & 0x3f) << 26);
+            }
+            0xb | 0x1f => {
+                let (shift, count, level_type) = match e.index {
+                    0 => (0, 1, 1),                       // SMT: one thread per core
+                    1 => (core_bits, max_cpus, 2),        // cores in the package
+                    _ => (0, 0, 0),
+                };
+                e.eax = shift;
+                e.ebx = count;
+                e.ecx = (level_type << 8) | (e.index & 0xff);
+                e.edx = id;
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// The MSR values a freshly reset x86 CPU has under firmware that leaves fast strings and
+/// write-back MTRRs on.
+fn boot_msrs() -> Vec<kvm_msr_entry> {
+    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    vec![
+        e(MSR_IA32_SYSENTER_CS, 0),
+        e(MSR_IA32_SYSENTER_ESP, 0),
+        e(MSR_IA32_SYSENTER_EIP, 0),
+        e(MSR_STAR, 0),
+        e(MSR_CSTAR, 0),
+        e(MSR_KERNEL_GS_BASE, 0),
+        e(MSR_SYSCALL_MASK, 0),
+        e(MSR_LSTAR, 0),
+        e(MSR_IA32_MISC_ENABLE, 1), // fast strings
+        e(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
+    ]
+}
+
+/// Sets up a vCPU for boot: CPUID, MSRs, FPU, LAPIC (LINT0 ExtINT, LINT1 NMI), and for the boot
+/// vCPU the entry state.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u32,
+    max_cpus: u32,
+    base_cpuid: &CpuId,
+    entry: Option<Entry>,
+) -> Result<(), VcpuError> {
+    let err = |what| move |e| VcpuError::Setup(id, what, e);
+    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, max_cpus)).map_err(err("CPUID"))?;
+
+    let msrs = boot_msrs();
+    let msr_list = Msrs::from_entries(&msrs).expect("a handful of MSRs fits");
+    let set = vcpu.set_msrs(&msr_list).map_err(err("MSRs"))?;
+    if set != msrs.len() {
+        log::debug!("vCPU {id}: KVM took {set} of {} boot MSRs", msrs.len());
+    }
+
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(err("FPU state"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(err("LAPIC"))?;
+    let set_lvt = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
+        let mut v = u32::from_le_bytes([regs[off] as u8, regs[off + 1] as u8, regs[off + 2] as u8, regs[off + 3] as u8]);
+        v = (v & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *b as std::os::raw::c_char;
+        }
+    };
+    set_lvt(&mut lapic.regs, 0x350, 0b111); // LINT0: ExtINT (the 8259s)
+    set_lvt(&mut lapic.regs, 0x360, 0b100); // LINT1: NMI
+    vcpu.set_lapic(&lapic).map_err(err("LAPIC"))?;
+
+    if let Some(entry) = entry {
+        set_entry_state(vcpu, id, entry)?;
+    }
+    Ok(())
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn set_entry_state(vcpu: &VcpuFd, id: u32, entry: Entry) -> Result<(), VcpuError> {
+    let err = |what| move |e| VcpuError::Setup(id, what, e);
+    let mut sregs = vcpu.get_sregs().map_err(err("segment registers"))?;
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    let mut tr = segment(0x18, 0xb, false);
+    tr.s = 0;
+    tr.limit = 0x67;
+    tr.g = 0;
+    sregs.tr = tr;
+    sregs.gdt.base = boot::GDT_START;
+    sregs.gdt.limit = 4 * 8 - 1;
+    sregs.idt.base = boot::IDT_START;
+    sregs.idt.limit = 7;
+    match entry {
+        Entry::Pvh { entry } => {
+            // PVH: 32-bit protected mode, flat segments, paging off, %ebx = start info.
+            sregs.cs = segment(0x08, 0xb, false);
+            let data = segment(0x10, 0x3, false);
+            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            regs.rip = entry;
+            regs.rbx = boot::PVH_INFO_START;
+        }
+        Entry::Linux64 { entry } => {
+            // Linux 64-bit boot protocol: long mode on identity tables, %rsi = zero page.
+            sregs.cs = segment(0x08, 0xb, true);
+            let data = segment(0x10, 0x3, false);
+            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+            sregs.cr3 = boot::PML4_START;
+            sregs.cr4 = 0x20; // PAE
+            sregs.cr0 = 0x8000_0011; // PG | ET | PE
+            sregs.efer = 0x500; // LMA | LME
+            regs.rip = entry;
+            regs.rsi = boot::ZERO_PAGE_START;
+            regs.rsp = boot::BOOT_STACK_POINTER;
+            regs.rbp = boot::BOOT_STACK_POINTER;
+        }
+    }
+    vcpu.set_sregs(&sregs).map_err(err("segment registers"))?;
+    vcpu.set_regs(&regs).map_err(err("registers"))
+}
+
+/// What the loop does after an exit, decided once the exit's borrow of the vCPU has ended.
+enum Next {
+    Continue,
+    Stop(VcpuEvent),
+    InternalError,
+}
+
+pub struct VcpuContext {
+    pub id: u32,
+    pub bus: Arc<IoBus>,
+    pub mem: GuestMemory,
+    pub state: Arc<RunState>,
+    pub events: Sender<crate::vm::VmEvent>,
+    pub pvm: bool,
+    pub print_boot_times: bool,
+}
+
+/// Runs the vCPU until the VM stops or this vCPU asks it to.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
+    let id = ctx.id;
+    let mut first = true;
+    while !ctx.state.stopping.load(Ordering::Acquire) {
+        if first && ctx.print_boot_times && id == 0 {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            log::info!("boot-time first-kvm-run unix-ns={ns}");
+        }
+        first = false;
+        let next = match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    ctx.bus.read(port, data);
+                    Next::Continue
+                }
+                VcpuExit::IoOut(port, data) => match ctx.bus.write(port, data) {
+                    Action::None => Next::Continue,
+                    action => Next::Stop(VcpuEvent::Action(id, action)),
+                },
+                VcpuExit::MmioRead(addr, data) => {
+                    log::debug!("vCPU {id}: read of unclaimed MMIO {addr:#x}");
+                    data.fill(0xff);
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, _) => {
+                    log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
+                    Next::Continue
+                }
+                VcpuExit::Hlt | VcpuExit::Intr => Next::Continue,
+                VcpuExit::Shutdown => Next::Stop(VcpuEvent::TripleFault(id, 0)),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuEvent::Action(id, Action::PowerOff)),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuEvent::Action(id, Action::Reset)),
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => Next::Stop(VcpuEvent::Action(id, Action::Panic)),
+                    other => Next::Stop(VcpuEvent::Failed(id, format!("unknown KVM system event {other}"))),
+                },
+                VcpuExit::InternalError => Next::InternalError,
+                VcpuExit::FailEntry(reason, cpu) => Next::Stop(VcpuEvent::Failed(
+                    id,
+                    format!("KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"),
+                )),
+                other => Next::Stop(VcpuEvent::Failed(id, format!("unexpected KVM exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) => Next::Stop(VcpuEvent::Failed(id, format!("KVM_RUN failed: {e}"))),
+        };
+        let next = match next {
+            Next::InternalError => match pvm::handle_internal_error(&mut vcpu, &ctx.mem, ctx.pvm) {
+                Ok(()) => Next::Continue,
+                Err(msg) => Next::Stop(VcpuEvent::Failed(id, msg)),
+            },
+            Next::Stop(VcpuEvent::TripleFault(_, _)) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Next::Stop(VcpuEvent::TripleFault(id, rip))
+            }
+            n => n,
+        };
+        if let Next::Stop(event) = next {
+            let _ = ctx.events.send(crate::vm::VmEvent::Vcpu(event));
+            break;
+        }
+    }
+    vcpu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn cpuid_carries_apic_id_and_topology() {
+        let entries = [
+            kvm_cpuid_entry2 { function: 1, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
+        ];
+        let base = CpuId::from_entries(&entries).unwrap();
+        let c = cpuid_for(&base, 3, 4);
+        let e = c.as_slice();
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_eq!((e[1].ebx, e[1].edx), (1, 3));
+        assert_eq!((e[2].eax, e[2].ebx, e[2].edx), (2, 4, 3));
+    }
+}

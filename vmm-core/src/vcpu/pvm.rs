@@ -1,0 +1,187 @@
+//! KVM-PVM (software nested virtualisation) cannot emulate a few CPL0 instructions and stops
+//! with KVM_EXIT_INTERNAL_ERROR. Three of them the VMM can complete exactly (GUEST.md):
+//! `int3` (deliver #BP through the guest's IDT), `fwait` (nothing to wait for: skip it) and
+//! `clac`/`stac` (flip RFLAGS.AC). Anything else is reported with RIP and instruction bytes.
+
+use crate::memory::GuestMemory;
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_NT: u64 = 1 << 14;
+const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_AC: u64 = 1 << 18;
+const EFER_LMA: u64 = 1 << 10;
+
+/// The instructions we complete ourselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixup {
+    Int3,
+    Fwait,
+    Clac,
+    Stac,
+}
+
+pub fn decode(bytes: &[u8]) -> Option<Fixup> {
+    match bytes {
+        [0xcc, ..] => Some(Fixup::Int3),
+        [0x9b, ..] => Some(Fixup::Fwait),
+        [0x0f, 0x01, 0xca, ..] => Some(Fixup::Clac),
+        [0x0f, 0x01, 0xcb, ..] => Some(Fixup::Stac),
+        _ => None,
+    }
+}
+
+/// Translates a guest-virtual address with the vCPU's current page tables.
+fn gpa(vcpu: &VcpuFd, gva: u64) -> Option<u64> {
+    let t = vcpu.translate_gva(gva).ok()?;
+    (t.valid != 0).then_some(t.physical_address)
+}
+
+/// Reads guest-virtual memory page by page.
+fn read_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &mut [u8]) -> Option<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let a = gva + done as u64;
+        let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?)).ok()?;
+        done += chunk;
+    }
+    Some(())
+}
+
+fn write_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &[u8]) -> Option<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let a = gva + done as u64;
+        let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+        mem.write_slice(&buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?)).ok()?;
+        done += chunk;
+    }
+    Some(())
+}
+
+pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) -> Result<(), String> {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
+    // one KVM filled in.
+    let (suberror, ndata, data) = unsafe {
+        let i = run.__bindgen_anon_1.internal;
+        (i.suberror, i.ndata, i.data)
+    };
+    let regs = vcpu.get_regs().map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
+    let sregs = vcpu.get_sregs().map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+    let mut bytes = [0u8; 15];
+    let readable = read_virt(vcpu, mem, regs.rip, &mut bytes).is_some();
+    let cpl = sregs.cs.selector & 3;
+
+    if pvm && readable && suberror == KVM_INTERNAL_ERROR_EMULATION && cpl == 0 {
+        if let Some(fix) = decode(&bytes) {
+            let mut regs = regs;
+            match fix {
+                Fixup::Fwait => regs.rip += 1,
+                Fixup::Clac => {
+                    regs.rflags &= !RFLAGS_AC;
+                    regs.rip += 3;
+                }
+                Fixup::Stac => {
+                    regs.rflags |= RFLAGS_AC;
+                    regs.rip += 3;
+                }
+                Fixup::Int3 => {
+                    deliver_breakpoint(vcpu, mem, &mut regs, &sregs)?;
+                }
+            }
+            log::debug!("completed {fix:?} at RIP {:#x} for KVM-PVM", regs.rip);
+            return vcpu.set_regs(&regs).map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
+        }
+    }
+
+    let code = if readable {
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    } else {
+        "unreadable".to_string()
+    };
+    let what = match suberror {
+        KVM_INTERNAL_ERROR_EMULATION => "KVM could not emulate the instruction",
+        2 => "KVM hit a double fault while delivering an event (simultaneous exceptions)",
+        3 => "KVM could not deliver an event",
+        _ => "KVM internal error",
+    };
+    let extra = data.iter().take(ndata.min(4) as usize).map(|d| format!("{d:#x}")).collect::<Vec<_>>();
+    Err(format!(
+        "{what} at RIP {:#x} (CPL {cpl}, code: {code}; suberror {suberror}, data [{}]){}",
+        regs.rip,
+        extra.join(", "),
+        if pvm { "; this host is KVM-PVM, which cannot emulate every kernel instruction (see GUEST.md)" } else { "" }
+    ))
+}
+
+/// Delivers #BP (vector 3) through the guest's 64-bit IDT, exactly as the CPU would for `int3`
+/// at CPL0: same stack unless the gate names an IST, 16-byte alignment, a five-word frame with
+/// RIP after the instruction.
+fn deliver_breakpoint(
+    vcpu: &VcpuFd,
+    mem: &GuestMemory,
+    regs: &mut kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+) -> Result<(), String> {
+    let fail = |why: &str| format!("int3 at RIP {:#x}: cannot deliver #BP for KVM-PVM: {why}", regs.rip);
+    if sregs.efer & EFER_LMA == 0 {
+        return Err(fail("the guest is not in long mode"));
+    }
+    if sregs.idt.limit < 3 * 16 + 15 {
+        return Err(fail("the IDT has no gate 3"));
+    }
+    let mut gate = [0u8; 16];
+    read_virt(vcpu, mem, sregs.idt.base + 3 * 16, &mut gate).ok_or_else(|| fail("the IDT is unreadable"))?;
+    let attr = gate[5];
+    if attr & 0x80 == 0 {
+        return Err(fail("gate 3 is not present"));
+    }
+    let selector = u16::from_le_bytes([gate[2], gate[3]]);
+    if selector != sregs.cs.selector {
+        return Err(fail("gate 3 switches code segment"));
+    }
+    let handler = u16::from_le_bytes([gate[0], gate[1]]) as u64
+        | (u16::from_le_bytes([gate[6], gate[7]]) as u64) << 16
+        | (u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]]) as u64) << 32;
+    let ist = gate[4] & 7;
+    let mut rsp = if ist != 0 {
+        let mut v = [0u8; 8];
+        read_virt(vcpu, mem, sregs.tr.base + 0x24 + 8 * (ist as u64 - 1), &mut v)
+            .ok_or_else(|| fail("the TSS is unreadable"))?;
+        u64::from_le_bytes(v)
+    } else {
+        regs.rsp
+    };
+    rsp &= !0xf;
+    let frame = [regs.rip + 1, sregs.cs.selector as u64, regs.rflags, regs.rsp, sregs.ss.selector as u64];
+    rsp -= 40;
+    let bytes: Vec<u8> = frame.iter().flat_map(|w| w.to_le_bytes()).collect();
+    write_virt(vcpu, mem, rsp, &bytes).ok_or_else(|| fail("the stack is not writable"))?;
+    regs.rsp = rsp;
+    regs.rip = handler;
+    regs.rflags &= !(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF);
+    if attr & 0xf == 0xe {
+        regs.rflags &= !RFLAGS_IF; // interrupt gate
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_only_the_instructions_we_can_complete() {
+        assert_eq!(decode(&[0xcc, 0x90]), Some(Fixup::Int3));
+        assert_eq!(decode(&[0x9b]), Some(Fixup::Fwait));
+        assert_eq!(decode(&[0x0f, 0x01, 0xca]), Some(Fixup::Clac));
+        assert_eq!(decode(&[0x0f, 0x01, 0xcb]), Some(Fixup::Stac));
+        assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), None); // lock cmpxchg16b
+        assert_eq!(decode(&[0x0f, 0xae, 0x2f]), None); // xrstor
+    }
+}

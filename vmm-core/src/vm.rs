@@ -1,0 +1,281 @@
+//! Building a VM (KVM VM, memory, devices, vCPUs), running it, and stopping it when the guest
+//! or the host says so.
+
+use crate::boot::{self, BootError};
+use crate::config::{OnReset, VmConfig};
+use crate::devices::{power, pvpanic, serial, Action, IoBus};
+use crate::kvm::Kvm;
+use crate::memory::{Memory, MemoryError};
+use crate::vcpu::{self, RunState, VcpuContext, VcpuError, VcpuEvent};
+use crate::{terminal, Outcome};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use std::io::Read;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Where the TSS and identity-map pages KVM needs on Intel live: just below the BIOS area at
+/// the top of the 32-bit hole, away from RAM and MMIO.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot create the KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("cannot set up {0}")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    #[error("vCPU {0}: {1}")]
+    VcpuFailed(u32, String),
+    #[error("the guest triple-faulted on vCPU {0} at RIP {1:#x} (pass --on-reset restart to reboot it instead)")]
+    TripleFault(u32, u64),
+}
+
+impl VmError {
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, VmError::Boot(e) if e.is_user_error())
+    }
+}
+
+/// Everything that can end a run.
+#[derive(Debug)]
+pub enum VmEvent {
+    Vcpu(VcpuEvent),
+    Signal(i32),
+    ConsoleEscape,
+}
+
+/// The serial device that console input goes to; replaced when the guest restarts.
+#[derive(Default)]
+struct ConsoleInput {
+    target: Mutex<Option<Arc<Mutex<serial::SerialDevice>>>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Runs the VM until it ends; restarts it on reset when asked to.
+pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
+    // Termination signals are taken by one thread with sigwait; block them before any thread
+    // exists so that every thread inherits the mask.
+    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    // SAFETY: sigset manipulation on a local set, then masking this thread's signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in stop_signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| VmError::Thread("signal", std::io::Error::from_raw_os_error(e.errno())))?;
+
+    let (tx, rx) = channel();
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || wait_for_signals(&stop_signals, tx))
+            .map_err(|e| VmError::Thread("signal", e))?;
+    }
+    let raw = terminal::RawMode::enter();
+    let console = Arc::new(ConsoleInput::default());
+    {
+        let (console, tx, escapes) = (console.clone(), tx.clone(), raw.is_some());
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || console_input(console, tx, escapes))
+            .map_err(|e| VmError::Thread("console input", e))?;
+    }
+    if raw.is_some() {
+        log::info!("console attached; Ctrl-A x quits");
+    }
+
+    loop {
+        match run_once(kvm, config, &tx, &rx, &console)? {
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) if config.on_reset == OnReset::Restart => {
+                log::info!("guest requested a reset; restarting it");
+            }
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) if config.on_reset == OnReset::Restart => {
+                log::warn!("guest triple-faulted on vCPU {id} at RIP {rip:#x}; restarting it");
+            }
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) => return Ok(Outcome::Reset),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::PowerOff)) => return Ok(Outcome::PowerOff),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None)) => unreachable!("not a stop"),
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => return Err(VmError::TripleFault(id, rip)),
+            VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => return Err(VmError::VcpuFailed(id, msg)),
+            VmEvent::Signal(libc::SIGTERM) => return Ok(Outcome::Stopped("SIGTERM")),
+            VmEvent::Signal(libc::SIGHUP) => return Ok(Outcome::Stopped("SIGHUP")),
+            VmEvent::Signal(_) => return Ok(Outcome::Stopped("SIGINT")),
+            VmEvent::ConsoleEscape => return Ok(Outcome::Stopped("the console escape (Ctrl-A x)")),
+        }
+    }
+}
+
+fn wait_for_signals(signals: &[libc::c_int], tx: Sender<VmEvent>) {
+    // SAFETY: a local sigset; sigwait blocks this thread until one of the (blocked) signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut sig = 0;
+        if libc::sigwait(&set, &mut sig) == 0 {
+            let _ = tx.send(VmEvent::Signal(sig));
+        }
+    }
+}
+
+/// Feeds stdin to the guest's UART. With a terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends a
+/// literal Ctrl-A. A full FIFO holds input back rather than dropping it.
+fn console_input(console: Arc<ConsoleInput>, tx: Sender<VmEvent>, escapes: bool) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 64];
+    let mut escape = false;
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut bytes = Vec::with_capacity(n);
+        for &b in &buf[..n] {
+            if escapes && escape {
+                escape = false;
+                match b {
+                    b'x' | b'X' => {
+                        let _ = tx.send(VmEvent::ConsoleEscape);
+                        return;
+                    }
+                    0x01 => bytes.push(0x01),
+                    _ => {}
+                }
+            } else if escapes && b == 0x01 {
+                escape = true;
+            } else {
+                bytes.push(b);
+            }
+        }
+        let mut off = 0;
+        while off < bytes.len() {
+            let target = console.target.lock().unwrap().clone();
+            let taken = target.map_or(0, |t| t.lock().unwrap().enqueue(&bytes[off..]));
+            off += taken;
+            if off < bytes.len() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// Builds the VM, runs it until the first event that ends it, stops every vCPU.
+fn run_once(
+    kvm: &Kvm,
+    config: &VmConfig,
+    tx: &Sender<VmEvent>,
+    rx: &Receiver<VmEvent>,
+    console: &ConsoleInput,
+) -> Result<VmEvent, VmError> {
+    // Memory is created before the VM so that it is dropped after it.
+    let memory = Memory::new(config.memory)?;
+    let vm = kvm.fd.create_vm().map_err(VmError::CreateVm)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Setup("the TSS address", e))?;
+    vm.create_irq_chip().map_err(|e| VmError::Setup("the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
+    memory.register(&vm)?;
+
+    let entry = boot::load(&memory.guest, config)?;
+    log::debug!("guest entry: {entry:?}");
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+        .map_err(|e| VmError::Setup("the serial interrupt", e))?;
+    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(serial_irq, Box::new(serial::RawStdout))));
+    *console.target.lock().unwrap() = Some(uart.clone());
+
+    let mut bus = IoBus::default();
+    bus.insert(serial::COM1_BASE, 8, uart);
+    bus.insert(power::SLEEP_CONTROL_PORT, power::PORTS, Arc::new(Mutex::new(power::PowerDevice)));
+    bus.insert(power::I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(power::I8042)));
+    bus.insert(pvpanic::PORT, 1, Arc::new(Mutex::new(pvpanic::PvPanic)));
+    let bus = Arc::new(bus);
+
+    let base_cpuid = kvm
+        .fd
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Setup("CPUID", e))?;
+    let mut fds = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm.create_vcpu(id as u64).map_err(|e| VcpuError::Create(id, e))?;
+        vcpu::configure(&fd, id, config.max_cpus, &base_cpuid, (id == 0).then_some(entry))?;
+        fds.push(fd);
+    }
+
+    let state = Arc::new(RunState::default());
+    let mut threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>> = Vec::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            id: id as u32,
+            bus: bus.clone(),
+            mem: memory.guest.clone(),
+            state: state.clone(),
+            events: tx.clone(),
+            pvm: config.pvm,
+            print_boot_times: config.print_boot_times,
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(fd, ctx))
+            .map_err(|e| VmError::Thread("vCPU", e))?;
+        threads.push(handle);
+    }
+
+    let event = rx.recv().expect("the signal thread holds a sender for the life of the process");
+    stop_vcpus(&state, threads);
+    // Later events from vCPUs that were stopping anyway are reported, not acted on.
+    while let Ok(other) = rx.try_recv() {
+        match other {
+            VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => log::warn!("vCPU {id} while stopping: {msg}"),
+            VmEvent::Signal(_) | VmEvent::ConsoleEscape => {
+                let _ = tx.send(other);
+                break;
+            }
+            _ => {}
+        }
+    }
+    *console.target.lock().unwrap() = None;
+    Ok(event)
+}
+
+/// Stops every vCPU thread: set the flag, then kick each out of KVM_RUN with a signal until it
+/// has ended (a kick that lands just before KVM_RUN is repeated).
+fn stop_vcpus(state: &RunState, threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>>) {
+    state.stopping.store(true, Ordering::Release);
+    for t in threads {
+        while !t.is_finished() {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let _ = t.join();
+    }
+}
