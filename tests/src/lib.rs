@@ -1,1 +1,268 @@
+//! The `TestVm` fixture: starts vmm-core (a real process, on real KVM) with a guest, collects
+//! its console and log, waits for guest markers, and ends every process it started.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The test guest ELF that tests/build.rs built.
+pub fn test_guest() -> PathBuf {
+    PathBuf::from(env!("TEST_GUEST_ELF"))
+}
+
+/// vmm-core from the same target directory as this test binary (or $VMM_CORE_BIN).
+pub fn vmm_core_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMM_CORE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join("vmm-core");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first with `cargo build --workspace` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Where scripts/build-images.sh leaves the stock kernel and initramfs.
+pub fn images_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VMM_IMAGES_DIR") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    cache.join("vmm").join("images")
+}
+
+/// Fails the test (never skips it) when KVM cannot be opened.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs KVM, but /dev/kvm cannot be opened: {e}");
+    }
+}
+
+/// The host's /dev/kvm is KVM-PVM (software nested virtualisation); see GUEST.md.
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[derive(Default)]
+struct Captured {
+    stdout: String,
+    stderr: String,
+    closed: usize,
+}
+
+/// A running vmm-core and what it has printed so far.
+pub struct TestVm {
+    child: Child,
+    captured: Arc<(Mutex<Captured>, Condvar)>,
+    status: Option<ExitStatus>,
+}
+
+pub struct Builder {
+    args: Vec<String>,
+    kernel: PathBuf,
+}
+
+impl Builder {
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = path.into();
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn cpus(self, spec: &str) -> Self {
+        self.arg("--cpus").arg(spec)
+    }
+
+    pub fn memory(self, spec: &str) -> Self {
+        self.arg("--memory").arg(spec)
+    }
+
+    pub fn cmdline(self, c: &str) -> Self {
+        self.arg("--cmdline").arg(c)
+    }
+
+    pub fn spawn(self) -> TestVm {
+        require_kvm();
+        let mut cmd = Command::new(vmm_core_bin());
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .args(&self.args);
+        TestVm::spawn(cmd)
+    }
+}
+
+impl TestVm {
+    /// A VM with the test guest; add arguments, then `spawn`.
+    pub fn builder() -> Builder {
+        Builder {
+            args: Vec::new(),
+            kernel: test_guest(),
+        }
+    }
+
+    /// Starts any vmm-core command line, capturing stdout (the console) and stderr (the log).
+    pub fn spawn(mut cmd: Command) -> TestVm {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot start vmm-core");
+        let captured = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for (mut pipe, is_err) in [
+            (Box::new(out) as Box<dyn Read + Send>, false),
+            (Box::new(err), true),
+        ] {
+            let captured = captured.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = pipe.read(&mut buf).unwrap_or(0);
+                    let (lock, cv) = &*captured;
+                    let mut c = lock.lock().unwrap();
+                    if n == 0 {
+                        c.closed += 1;
+                        cv.notify_all();
+                        return;
+                    }
+                    let s = String::from_utf8_lossy(&buf[..n]);
+                    if is_err {
+                        c.stderr.push_str(&s)
+                    } else {
+                        c.stdout.push_str(&s)
+                    }
+                    cv.notify_all();
+                }
+            });
+        }
+        TestVm {
+            child,
+            captured,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.captured.0.lock().unwrap().stdout.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.captured.0.lock().unwrap().stderr.clone()
+    }
+
+    /// Waits until the console shows `marker`; returns the console's line that holds it.
+    pub fn wait_for(&self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.captured;
+        let mut c = lock.lock().unwrap();
+        loop {
+            if let Some(pos) = c.stdout.find(marker) {
+                let start = c.stdout[..pos].rfind('\n').map_or(0, |i| i + 1);
+                let end = c.stdout[pos..]
+                    .find('\n')
+                    .map_or(c.stdout.len(), |i| pos + i);
+                return c.stdout[start..end].trim_end().to_string();
+            }
+            let now = Instant::now();
+            if now >= deadline || c.closed == 2 {
+                panic!(
+                    "{marker:?} did not appear within {timeout:?}{}\n--- console ---\n{}\n--- log ---\n{}",
+                    if c.closed == 2 { " (vmm-core exited)" } else { "" },
+                    c.stdout,
+                    c.stderr
+                );
+            }
+            c = cv.wait_timeout(c, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits for vmm-core to exit; returns its exit code (or 128+signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("waitpid") {
+                self.status = Some(s);
+                // Let the readers drain the pipes.
+                let (lock, cv) = &*self.captured;
+                let mut c = lock.lock().unwrap();
+                while c.closed < 2 {
+                    c = cv.wait_timeout(c, Duration::from_secs(5)).unwrap().0;
+                }
+                use std::os::unix::process::ExitStatusExt;
+                return s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "vmm-core did not exit within {timeout:?}\n--- console ---\n{}\n--- log ---\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal to this vmm-core (by its PID, which we started).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill on the PID of our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// The value of `key=` on the first console line holding `prefix`.
+    pub fn field(&self, prefix: &str, key: &str) -> Option<String> {
+        let out = self.stdout();
+        let line = out.lines().find(|l| l.contains(prefix))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim().to_string())
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The test guest's CPL3 workload, computed on the host to check what the guest computed.
+pub fn user_work_reference(iterations: u64) -> u64 {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..iterations {
+        x ^= i;
+        x = x.wrapping_mul(0x0000_0100_0000_01b3);
+        x ^= x >> 29;
+    }
+    x
+}

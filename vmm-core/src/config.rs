@@ -77,7 +77,9 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("--kernel {0}: cannot read it ({1})")]
     KernelUnreadable(PathBuf, std::io::Error),
-    #[error("--kernel {0}: neither a bzImage nor an ELF; pass a bzImage (vmlinuz) or a vmlinux/PVH ELF")]
+    #[error(
+        "--kernel {0}: neither a bzImage nor an ELF; pass a bzImage (vmlinuz) or a vmlinux/PVH ELF"
+    )]
     KernelFormat(PathBuf),
     #[error("--kernel {0}: an ELF for another machine (e_machine {1}); it must be an x86_64 ELF")]
     KernelArch(PathBuf, u16),
@@ -100,7 +102,11 @@ pub enum ConfigError {
     #[error("--cpus {0}: max ({1}) is below the number online at boot ({2})")]
     CpusMaxBelowBoot(String, u32, u32),
     #[error("--cmdline: {len} bytes with the terminating NUL, but this kernel takes at most {max}{extra}; shorten it")]
-    CmdlineTooLong { len: usize, max: usize, extra: String },
+    CmdlineTooLong {
+        len: usize,
+        max: usize,
+        extra: String,
+    },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
 }
@@ -123,7 +129,10 @@ impl VmConfig {
         let memory = parse_memory(&args.memory)?;
         if let Some(total) = host.mem_total {
             if memory > total {
-                return Err(ConfigError::MemoryTooLarge(args.memory.clone(), total >> 20));
+                return Err(ConfigError::MemoryTooLarge(
+                    args.memory.clone(),
+                    total >> 20,
+                ));
             }
         }
 
@@ -145,7 +154,9 @@ impl VmConfig {
         }
         let user_len = cmdline.len();
         if host.pvm {
-            cmdline = format!("{} {}", cmdline.trim_end(), PVM_CMDLINE).trim().to_string();
+            cmdline = format!("{} {}", cmdline.trim_end(), PVM_CMDLINE)
+                .trim()
+                .to_string();
         }
         let max = cmdline_limit(&kernel, kernel_format);
         if cmdline.len() + 1 > max {
@@ -157,7 +168,11 @@ impl VmConfig {
             } else {
                 String::new()
             };
-            return Err(ConfigError::CmdlineTooLong { len: cmdline.len() + 1, max, extra });
+            return Err(ConfigError::CmdlineTooLong {
+                len: cmdline.len() + 1,
+                max,
+                extra,
+            });
         }
 
         Ok(VmConfig {
@@ -308,9 +323,18 @@ mod tests {
         assert_eq!(parse_cpus("2,max=8").unwrap(), (2, 8));
         assert_eq!(parse_cpus("boot=1,max=3").unwrap(), (1, 3));
         assert!(matches!(parse_cpus("0"), Err(ConfigError::CpusZero(_))));
-        assert!(matches!(parse_cpus("4,max=2"), Err(ConfigError::CpusMaxBelowBoot(..))));
-        assert!(matches!(parse_cpus("four"), Err(ConfigError::CpusMalformed(_))));
-        assert!(matches!(parse_cpus("1,min=2"), Err(ConfigError::CpusMalformed(_))));
+        assert!(matches!(
+            parse_cpus("4,max=2"),
+            Err(ConfigError::CpusMaxBelowBoot(..))
+        ));
+        assert!(matches!(
+            parse_cpus("four"),
+            Err(ConfigError::CpusMalformed(_))
+        ));
+        assert!(matches!(
+            parse_cpus("1,min=2"),
+            Err(ConfigError::CpusMalformed(_))
+        ));
     }
 
     #[test]
@@ -320,10 +344,25 @@ mod tests {
         assert_eq!(parse_memory("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_memory("128").unwrap(), 128 << 20);
         assert_eq!(parse_memory("65536K").unwrap(), 64 << 20);
-        assert!(matches!(parse_memory("lots"), Err(ConfigError::MemoryMalformed(_))));
-        assert!(matches!(parse_memory("12X"), Err(ConfigError::MemoryMalformed(_))));
-        assert!(matches!(parse_memory("1M"), Err(ConfigError::MemoryTooSmall(_))));
-        assert!(matches!(parse_memory("16777217B"), Err(ConfigError::MemoryUnaligned(_))));
-        assert!(matches!(parse_memory("99999999999T"), Err(ConfigError::MemoryMalformed(_))));
+        assert!(matches!(
+            parse_memory("lots"),
+            Err(ConfigError::MemoryMalformed(_))
+        ));
+        assert!(matches!(
+            parse_memory("12X"),
+            Err(ConfigError::MemoryMalformed(_))
+        ));
+        assert!(matches!(
+            parse_memory("1M"),
+            Err(ConfigError::MemoryTooSmall(_))
+        ));
+        assert!(matches!(
+            parse_memory("16777217B"),
+            Err(ConfigError::MemoryUnaligned(_))
+        ));
+        assert!(matches!(
+            parse_memory("99999999999T"),
+            Err(ConfigError::MemoryMalformed(_))
+        ));
     }
 }

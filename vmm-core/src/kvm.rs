@@ -62,10 +62,18 @@ const REQUIRED_CAPS: &[(Cap, &str, &str)] = &[
     (Cap::Irqchip, "an in-kernel irqchip", "KVM_CAP_IRQCHIP"),
     (Cap::Irqfd, "irqfd", "KVM_CAP_IRQFD"),
     (Cap::Ioeventfd, "ioeventfd", "KVM_CAP_IOEVENTFD"),
-    (Cap::UserMemory, "user memory regions", "KVM_CAP_USER_MEMORY"),
+    (
+        Cap::UserMemory,
+        "user memory regions",
+        "KVM_CAP_USER_MEMORY",
+    ),
     (Cap::Pit2, "the in-kernel PIT", "KVM_CAP_PIT2"),
     (Cap::SetTssAddr, "a TSS address", "KVM_CAP_SET_TSS_ADDR"),
-    (Cap::ImmediateExit, "immediate exit", "KVM_CAP_IMMEDIATE_EXIT"),
+    (
+        Cap::ImmediateExit,
+        "immediate exit",
+        "KVM_CAP_IMMEDIATE_EXIT",
+    ),
     (Cap::ExtCpuid, "extended CPUID", "KVM_CAP_EXT_CPUID"),
 ];
 
@@ -100,9 +108,15 @@ impl Kvm {
         Ok(Kvm { fd })
     }
 
+    /// Fault injection: `VMM_FAULT_HIDE_KVM_CAPS=KVM_CAP_IRQFD,...` makes those capabilities
+    /// look absent, so that tests and users can see how a host without them is reported.
     pub fn check_caps(&self) -> Result<(), KvmError> {
+        let hidden = std::env::var("VMM_FAULT_HIDE_KVM_CAPS").unwrap_or_default();
         for &(cap, what, name) in REQUIRED_CAPS {
-            if !self.fd.check_extension(cap) {
+            let hide = hidden
+                .split(',')
+                .any(|h| h.trim().eq_ignore_ascii_case(name));
+            if hide || !self.fd.check_extension(cap) {
                 return Err(KvmError::MissingCap(what, name));
             }
         }
@@ -142,7 +156,10 @@ pub struct VcpuLimits {
 impl VcpuLimits {
     pub fn check(&self, arg: &str, max_cpus: u32) -> Result<(), KvmError> {
         if max_cpus as usize > self.max_vcpus {
-            return Err(KvmError::TooManyVcpus { arg: arg.to_string(), limit: self.max_vcpus });
+            return Err(KvmError::TooManyVcpus {
+                arg: arg.to_string(),
+                limit: self.max_vcpus,
+            });
         }
         let highest_id = max_cpus - 1;
         if highest_id as usize >= self.max_vcpu_id {
@@ -168,13 +185,27 @@ mod tests {
 
     #[test]
     fn vcpu_limits_give_friendly_errors() {
-        let l = VcpuLimits { max_vcpus: 1024, max_vcpu_id: 1024, nr_vcpus: 8 };
+        let l = VcpuLimits {
+            max_vcpus: 1024,
+            max_vcpu_id: 1024,
+            nr_vcpus: 8,
+        };
         assert!(l.check("4", 4).is_ok());
         assert!(l.check("16", 16).is_ok()); // only a warning above NR_VCPUS
         let e = l.check("5000", 5000).unwrap_err().to_string();
-        assert_eq!(e, "--cpus 5000: above this host's KVM limit of 1024 vCPUs (KVM_CAP_MAX_VCPUS)");
-        let l = VcpuLimits { max_vcpus: 1024, max_vcpu_id: 512, nr_vcpus: 8 };
+        assert_eq!(
+            e,
+            "--cpus 5000: above this host's KVM limit of 1024 vCPUs (KVM_CAP_MAX_VCPUS)"
+        );
+        let l = VcpuLimits {
+            max_vcpus: 1024,
+            max_vcpu_id: 512,
+            nr_vcpus: 8,
+        };
         let e = l.check("1,max=600", 600).unwrap_err().to_string();
-        assert!(e.contains("vCPU id 599") && e.contains("KVM_CAP_MAX_VCPU_ID"), "{e}");
+        assert!(
+            e.contains("vCPU id 599") && e.contains("KVM_CAP_MAX_VCPU_ID"),
+            "{e}"
+        );
     }
 }

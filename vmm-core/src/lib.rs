@@ -43,7 +43,10 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::PowerOff => write!(f, "guest powered off"),
-            Outcome::Reset => write!(f, "guest requested a reset; exiting (pass --on-reset restart to reboot it instead)"),
+            Outcome::Reset => write!(
+                f,
+                "guest requested a reset; exiting (pass --on-reset restart to reboot it instead)"
+            ),
             Outcome::Panic => write!(f, "guest panicked (pvpanic); exiting with status 3"),
             Outcome::Stopped(why) => write!(f, "stopped by {why}"),
         }

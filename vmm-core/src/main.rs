@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use vmm_core::{config::RunArgs, logger};
 
 #[derive(Parser)]
-#[command(name = "vmm-core", version, about = "The core process of a disaggregated KVM VMM")]
+#[command(
+    name = "vmm-core",
+    version,
+    about = "The core process of a disaggregated KVM VMM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

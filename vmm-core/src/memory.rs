@@ -4,9 +4,7 @@
 use kvm_ioctls::VmFd;
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// RAM below 4 GiB ends here at most; from here to 4 GiB is the MMIO hole (PCI, IOAPIC, LAPIC).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
@@ -55,12 +53,18 @@ impl Memory {
         }
         // SAFETY: fd is a new memfd that nothing else owns.
         let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(size).map_err(|e| MemoryError::Truncate(size, e))?;
+        memfd
+            .set_len(size)
+            .map_err(|e| MemoryError::Truncate(size, e))?;
         let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_ranges(size)
             .into_iter()
             .map(|(start, len, off)| {
                 let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
-                Ok((GuestAddress(start), len as usize, Some(FileOffset::new(file, off))))
+                Ok((
+                    GuestAddress(start),
+                    len as usize,
+                    Some(FileOffset::new(file, off)),
+                ))
             })
             .collect::<Result<_, MemoryError>>()?;
         let guest = GuestMemory::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
@@ -103,7 +107,9 @@ mod tests {
     fn memory_is_a_shared_memfd() {
         use vm_memory::Bytes;
         let m = Memory::new(32 << 20).unwrap();
-        m.guest.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+        m.guest
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
         // Another mapping of the same memfd sees the write: it is MAP_SHARED.
         let mut buf = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&m.memfd, &mut buf, 0x1000).unwrap();

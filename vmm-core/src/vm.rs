@@ -110,17 +110,23 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
     loop {
         match run_once(kvm, config, &tx, &rx, &console)? {
-            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) if config.on_reset == OnReset::Restart => {
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset))
+                if config.on_reset == OnReset::Restart =>
+            {
                 log::info!("guest requested a reset; restarting it");
             }
-            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) if config.on_reset == OnReset::Restart => {
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip))
+                if config.on_reset == OnReset::Restart =>
+            {
                 log::warn!("guest triple-faulted on vCPU {id} at RIP {rip:#x}; restarting it");
             }
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) => return Ok(Outcome::Reset),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::PowerOff)) => return Ok(Outcome::PowerOff),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::None)) => unreachable!("not a stop"),
-            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => return Err(VmError::TripleFault(id, rip)),
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => {
+                return Err(VmError::TripleFault(id, rip))
+            }
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => return Err(VmError::VcpuFailed(id, msg)),
             VmEvent::Signal(libc::SIGTERM) => return Ok(Outcome::Stopped("SIGTERM")),
             VmEvent::Signal(libc::SIGHUP) => return Ok(Outcome::Stopped("SIGHUP")),
@@ -197,10 +203,16 @@ fn run_once(
     // Memory is created before the VM so that it is dropped after it.
     let memory = Memory::new(config.memory)?;
     let vm = kvm.fd.create_vm().map_err(VmError::CreateVm)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|e| VmError::Setup("the TSS address", e))?;
-    vm.create_irq_chip().map_err(|e| VmError::Setup("the in-kernel irqchip", e))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| VmError::Setup("the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Setup("the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
     memory.register(&vm)?;
 
     let entry = boot::load(&memory.guest, config)?;
@@ -209,13 +221,24 @@ fn run_once(
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(|e| VmError::Setup("the serial interrupt", e))?;
-    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(serial_irq, Box::new(serial::RawStdout))));
+    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
+        serial_irq,
+        Box::new(serial::RawStdout),
+    )));
     *console.target.lock().unwrap() = Some(uart.clone());
 
     let mut bus = IoBus::default();
     bus.insert(serial::COM1_BASE, 8, uart);
-    bus.insert(power::SLEEP_CONTROL_PORT, power::PORTS, Arc::new(Mutex::new(power::PowerDevice)));
-    bus.insert(power::I8042_COMMAND_PORT, 1, Arc::new(Mutex::new(power::I8042)));
+    bus.insert(
+        power::SLEEP_CONTROL_PORT,
+        power::PORTS,
+        Arc::new(Mutex::new(power::PowerDevice)),
+    );
+    bus.insert(
+        power::I8042_COMMAND_PORT,
+        1,
+        Arc::new(Mutex::new(power::I8042)),
+    );
     bus.insert(pvpanic::PORT, 1, Arc::new(Mutex::new(pvpanic::PvPanic)));
     let bus = Arc::new(bus);
 
@@ -225,8 +248,16 @@ fn run_once(
         .map_err(|e| VmError::Setup("CPUID", e))?;
     let mut fds = Vec::new();
     for id in 0..config.cpus {
-        let fd = vm.create_vcpu(id as u64).map_err(|e| VcpuError::Create(id, e))?;
-        vcpu::configure(&fd, id, config.max_cpus, &base_cpuid, (id == 0).then_some(entry))?;
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(|e| VcpuError::Create(id, e))?;
+        vcpu::configure(
+            &fd,
+            id,
+            config.max_cpus,
+            &base_cpuid,
+            (id == 0).then_some(entry),
+        )?;
         fds.push(fd);
     }
 
@@ -249,12 +280,16 @@ fn run_once(
         threads.push(handle);
     }
 
-    let event = rx.recv().expect("the signal thread holds a sender for the life of the process");
+    let event = rx
+        .recv()
+        .expect("the signal thread holds a sender for the life of the process");
     stop_vcpus(&state, threads);
     // Later events from vCPUs that were stopping anyway are reported, not acted on.
     while let Ok(other) = rx.try_recv() {
         match other {
-            VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => log::warn!("vCPU {id} while stopping: {msg}"),
+            VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
+                log::warn!("vCPU {id} while stopping: {msg}")
+            }
             VmEvent::Signal(_) | VmEvent::ConsoleEscape => {
                 let _ = tx.send(other);
                 break;

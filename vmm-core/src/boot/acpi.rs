@@ -5,12 +5,12 @@ use super::{BootError, ACPI_END, ACPI_START};
 use crate::config::VmConfig;
 use crate::devices::{power, pvpanic, serial};
 use crate::memory::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 const OEM_ID: [u8; 6] = *b"VMMCOR";
@@ -63,8 +63,11 @@ pub fn madt(cpus: u32, max_cpus: u32) -> Vec<u8> {
 /// DSDT: \_S5 for power-off, the COM1 UART and the pvpanic device.
 pub fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
-    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]))
-        .to_aml_bytes(&mut body);
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
 
     // Temporaries in one statement live until it ends, so each device is built and written
     // in one expression.
@@ -90,7 +93,12 @@ pub fn dsdt() -> Vec<u8> {
             &aml::Name::new("_HID".into(), &"QEMU0001"),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::IO::new(pvpanic::PORT, pvpanic::PORT, 1, 1)]),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    pvpanic::PORT,
+                    pvpanic::PORT,
+                    1,
+                    1,
+                )]),
             ),
             &aml::Name::new("_STA".into(), &0x0fu8),
         ],
@@ -102,7 +110,15 @@ pub fn dsdt() -> Vec<u8> {
 /// FADT for a hardware-reduced platform: power-off through the sleep control register, reset
 /// through the reset register, no VGA and no CMOS RTC.
 pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port.into());
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
     let mut f = FADTBuilder::new(OEM_ID, *b"VMMFACP ", 1)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
@@ -137,7 +153,8 @@ pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootErr
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
 
     let w = |what, data: &[u8], addr| {
-        mem.write_slice(data, GuestAddress(addr)).map_err(|e| BootError::GuestWrite(what, e))
+        mem.write_slice(data, GuestAddress(addr))
+            .map_err(|e| BootError::GuestWrite(what, e))
     };
     w("the RSDP", &table_bytes(&rsdp), rsdp_addr)?;
     w("the XSDT", &table_bytes(&xsdt), xsdt_addr)?;
@@ -158,7 +175,10 @@ mod tests {
     #[test]
     fn tables_are_well_formed() {
         for t in [madt(2, 8), dsdt(), fadt(0x1000)] {
-            assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
             assert_eq!(checksum(&t), 0);
         }
     }

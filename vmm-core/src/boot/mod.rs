@@ -6,7 +6,9 @@ pub mod acpi;
 use crate::config::{KernelFormat, VmConfig};
 use crate::memory::{ram_ranges, GuestMemory};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
 use std::path::PathBuf;
@@ -53,7 +55,12 @@ pub enum BootError {
     #[error("--initramfs {0}: cannot read it")]
     Initramfs(PathBuf, #[source] std::io::Error),
     #[error("--initramfs {path}: {size} bytes do not fit in guest RAM between the kernel (ends at {kernel_end:#x}) and {limit:#x}; give the VM more --memory")]
-    InitramfsTooBig { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
+    InitramfsTooBig {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
     #[error("the memory map has {0} entries, more than the boot protocol carries")]
@@ -64,7 +71,10 @@ impl BootError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            BootError::Kernel(..) | BootError::KernelOpen(..) | BootError::Initramfs(..) | BootError::InitramfsTooBig { .. }
+            BootError::Kernel(..)
+                | BootError::KernelOpen(..)
+                | BootError::Initramfs(..)
+                | BootError::InitramfsTooBig { .. }
         )
     }
 }
@@ -82,11 +92,27 @@ pub fn e820_map(mem_size: u64) -> Vec<E820> {
     let mut map = Vec::new();
     for (start, len, _) in ram_ranges(mem_size) {
         if start == 0 {
-            map.push(E820 { addr: 0, size: EBDA_START, kind: E820_RAM });
-            map.push(E820 { addr: EBDA_START, size: HIMEM_START - EBDA_START, kind: E820_RESERVED });
-            map.push(E820 { addr: HIMEM_START, size: len - HIMEM_START, kind: E820_RAM });
+            map.push(E820 {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820_RAM,
+            });
+            map.push(E820 {
+                addr: EBDA_START,
+                size: HIMEM_START - EBDA_START,
+                kind: E820_RESERVED,
+            });
+            map.push(E820 {
+                addr: HIMEM_START,
+                size: len - HIMEM_START,
+                kind: E820_RAM,
+            });
         } else {
-            map.push(E820 { addr: start, size: len, kind: E820_RAM });
+            map.push(E820 {
+                addr: start,
+                size: len,
+                kind: E820_RAM,
+            });
         }
     }
     map
@@ -103,7 +129,9 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
             let r = Elf::load(mem, None, &mut kfile, None).map_err(kerr)?;
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Entry::Pvh { entry: a.0 },
-                _ => Entry::Linux64 { entry: r.kernel_load.0 },
+                _ => Entry::Linux64 {
+                    entry: r.kernel_load.0,
+                },
             };
             (r, entry)
         }
@@ -111,7 +139,9 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
             let r = BzImage::load(mem, None, &mut kfile, Some(GuestAddress(HIMEM_START)))
                 .map_err(kerr)?;
             // The 64-bit entry of the protected-mode kernel is 0x200 past its start.
-            let entry = Entry::Linux64 { entry: r.kernel_load.0 + 0x200 };
+            let entry = Entry::Linux64 {
+                entry: r.kernel_load.0 + 0x200,
+            };
             (r, entry)
         }
     };
@@ -130,7 +160,12 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
                 .filter(|&m| m > HIMEM_START)
                 .unwrap_or(low_ram_end)
                 .min(low_ram_end);
-            Some(load_initramfs(mem, path, result.kernel_end.max(HIMEM_START), max_addr)?)
+            Some(load_initramfs(
+                mem,
+                path,
+                result.kernel_end.max(HIMEM_START),
+                max_addr,
+            )?)
         }
         None => None,
     };
@@ -155,7 +190,12 @@ fn load_initramfs(
 ) -> Result<(u64, u64), BootError> {
     let data = std::fs::read(path).map_err(|e| BootError::Initramfs(path.clone(), e))?;
     let size = data.len() as u64;
-    let too_big = || BootError::InitramfsTooBig { path: path.clone(), size, kernel_end, limit };
+    let too_big = || BootError::InitramfsTooBig {
+        path: path.clone(),
+        size,
+        kernel_end,
+        limit,
+    };
     let addr = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if addr < kernel_end {
         return Err(too_big());
@@ -176,7 +216,12 @@ fn write_pvh_info(
         return Err(BootError::TooManyE820(e820.len()));
     }
     for (i, e) in e820.iter().enumerate() {
-        let entry = hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 };
+        let entry = hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        };
         mem.write_obj(entry, GuestAddress(PVH_MEMMAP_START + 24 * i as u64))
             .map_err(|e| BootError::GuestWrite("the PVH memory map", e))?;
     }
@@ -190,7 +235,11 @@ fn write_pvh_info(
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
-        let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        let module = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
         mem.write_obj(module, GuestAddress(PVH_MODLIST_START))
             .map_err(|e| BootError::GuestWrite("the PVH module list", e))?;
         info.nr_modules = 1;
@@ -230,7 +279,11 @@ fn write_zero_page(
         return Err(BootError::TooManyE820(e820.len()));
     }
     for (slot, e) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
     params.e820_entries = e820.len() as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
@@ -240,11 +293,16 @@ fn write_zero_page(
 /// Identity-maps the first 4 GiB with 2 MiB pages, and writes a flat GDT for 64-bit entry.
 fn write_long_mode_tables(mem: &GuestMemory) -> Result<(), BootError> {
     let w = |what, v: u64, a: u64| {
-        mem.write_obj(v, GuestAddress(a)).map_err(|e| BootError::GuestWrite(what, e))
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(|e| BootError::GuestWrite(what, e))
     };
     w("page tables", PDPTE_START | 0x3, PML4_START)?;
     for i in 0..4u64 {
-        w("page tables", (PDE_START + i * 0x1000) | 0x3, PDPTE_START + i * 8)?;
+        w(
+            "page tables",
+            (PDE_START + i * 0x1000) | 0x3,
+            PDPTE_START + i * 8,
+        )?;
     }
     for i in 0..2048u64 {
         w("page tables", (i << 21) | 0x83, PDE_START + i * 8)?;
@@ -257,7 +315,12 @@ fn write_long_mode_tables(mem: &GuestMemory) -> Result<(), BootError> {
 
 /// null, 64-bit code (0x08), data (0x10), TSS (0x18).
 pub fn gdt_entries() -> [u64; 4] {
-    [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff]
+    [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x008f_8b00_0000_ffff,
+    ]
 }
 
 #[cfg(test)]
@@ -269,7 +332,11 @@ mod tests {
         for size in [128u64 << 20, 2 << 30, 3 << 30, 5 << 30] {
             let map = e820_map(size);
             assert_eq!(map.iter().map(|e| e.size).sum::<u64>(), size, "{size}");
-            let usable: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+            let usable: u64 = map
+                .iter()
+                .filter(|e| e.kind == E820_RAM)
+                .map(|e| e.size)
+                .sum();
             assert_eq!(usable, size - (HIMEM_START - EBDA_START));
         }
         let high = e820_map(5 << 30);

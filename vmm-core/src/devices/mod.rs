@@ -20,22 +20,27 @@ pub trait PioDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]) -> Action;
 }
 
-/// Port-I/O ranges and their devices; ports nobody claims read as all ones.
+pub type SharedDevice = Arc<Mutex<dyn PioDevice>>;
+
+/// Port-I/O ranges (base, length) and their devices; ports nobody claims read as all ones.
 #[derive(Default)]
 pub struct IoBus {
-    ranges: Vec<(u16, u16, Arc<Mutex<dyn PioDevice>>)>,
+    ranges: Vec<(u16, u16, SharedDevice)>,
 }
 
 impl IoBus {
-    pub fn insert(&mut self, base: u16, len: u16, dev: Arc<Mutex<dyn PioDevice>>) {
+    pub fn insert(&mut self, base: u16, len: u16, dev: SharedDevice) {
         assert!(
-            !self.ranges.iter().any(|(b, l, _)| base < b + l && *b < base + len),
+            !self
+                .ranges
+                .iter()
+                .any(|(b, l, _)| base < b + l && *b < base + len),
             "overlapping port ranges at {base:#x}"
         );
         self.ranges.push((base, len, dev));
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &Arc<Mutex<dyn PioDevice>>)> {
+    fn find(&self, port: u16) -> Option<(u16, &SharedDevice)> {
         self.ranges
             .iter()
             .find(|(b, l, _)| port >= *b && port < b + l)

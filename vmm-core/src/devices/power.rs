@@ -27,7 +27,9 @@ impl PioDevice for PowerDevice {
                 if typ == SLP_TYP_S5 {
                     Action::PowerOff
                 } else {
-                    log::warn!("guest asked for sleep state type {typ}, which is not supported; ignoring");
+                    log::warn!(
+                        "guest asked for sleep state type {typ}, which is not supported; ignoring"
+                    );
                     Action::None
                 }
             }

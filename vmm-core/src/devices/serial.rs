@@ -50,7 +50,9 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialDevice {
-        SerialDevice { uart: Serial::new(IrqTrigger(irq), out) }
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), out),
+        }
     }
 
     /// Queues input for the guest; returns how many bytes fit in the FIFO.

@@ -54,8 +54,8 @@ pub fn cpuid_for(base: &CpuId, id: u32, max_cpus: u32) -> CpuId {
             }
             0xb | 0x1f => {
                 let (shift, count, level_type) = match e.index {
-                    0 => (0, 1, 1),                       // SMT: one thread per core
-                    1 => (core_bits, max_cpus, 2),        // cores in the package
+                    0 => (0, 1, 1),                // SMT: one thread per core
+                    1 => (core_bits, max_cpus, 2), // cores in the package
                     _ => (0, 0, 0),
                 };
                 e.eax = shift;
@@ -83,7 +83,11 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 /// The MSR values a freshly reset x86 CPU has under firmware that leaves fast strings and
 /// write-back MTRRs on.
 fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -93,7 +97,7 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
         e(MSR_KERNEL_GS_BASE, 0),
         e(MSR_SYSCALL_MASK, 0),
         e(MSR_LSTAR, 0),
-        e(MSR_IA32_MISC_ENABLE, 1), // fast strings
+        e(MSR_IA32_MISC_ENABLE, 1),          // fast strings
         e(MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ]
 }
@@ -108,7 +112,8 @@ pub fn configure(
     entry: Option<Entry>,
 ) -> Result<(), VcpuError> {
     let err = |what| move |e| VcpuError::Setup(id, what, e);
-    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, max_cpus)).map_err(err("CPUID"))?;
+    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, max_cpus))
+        .map_err(err("CPUID"))?;
 
     let msrs = boot_msrs();
     let msr_list = Msrs::from_entries(&msrs).expect("a handful of MSRs fits");
@@ -117,12 +122,21 @@ pub fn configure(
         log::debug!("vCPU {id}: KVM took {set} of {} boot MSRs", msrs.len());
     }
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(err("FPU state"))?;
 
     let mut lapic = vcpu.get_lapic().map_err(err("LAPIC"))?;
     let set_lvt = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
-        let mut v = u32::from_le_bytes([regs[off] as u8, regs[off + 1] as u8, regs[off + 2] as u8, regs[off + 3] as u8]);
+        let mut v = u32::from_le_bytes([
+            regs[off] as u8,
+            regs[off + 1] as u8,
+            regs[off + 2] as u8,
+            regs[off + 3] as u8,
+        ]);
         v = (v & !0x700) | (mode << 8);
         for (i, b) in v.to_le_bytes().iter().enumerate() {
             regs[off + i] = *b as std::os::raw::c_char;
@@ -159,7 +173,10 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
 fn set_entry_state(vcpu: &VcpuFd, id: u32, entry: Entry) -> Result<(), VcpuError> {
     let err = |what| move |e| VcpuError::Setup(id, what, e);
     let mut sregs = vcpu.get_sregs().map_err(err("segment registers"))?;
-    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        ..Default::default()
+    };
     let mut tr = segment(0x18, 0xb, false);
     tr.s = 0;
     tr.limit = 0x67;
@@ -294,9 +311,20 @@ mod tests {
     #[test]
     fn cpuid_carries_apic_id_and_topology() {
         let entries = [
-            kvm_cpuid_entry2 { function: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let base = CpuId::from_entries(&entries).unwrap();
         let c = cpuid_for(&base, 3, 4);

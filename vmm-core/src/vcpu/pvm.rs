@@ -46,7 +46,8 @@ fn read_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &mut [u8]) -> Opti
     while done < buf.len() {
         let a = gva + done as u64;
         let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?)).ok()?;
+        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?))
+            .ok()?;
         done += chunk;
     }
     Some(())
@@ -57,13 +58,18 @@ fn write_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &[u8]) -> Option<
     while done < buf.len() {
         let a = gva + done as u64;
         let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-        mem.write_slice(&buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?)).ok()?;
+        mem.write_slice(&buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?))
+            .ok()?;
         done += chunk;
     }
     Some(())
 }
 
-pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) -> Result<(), String> {
+pub fn handle_internal_error(
+    vcpu: &mut VcpuFd,
+    mem: &GuestMemory,
+    pvm: bool,
+) -> Result<(), String> {
     let run = vcpu.get_kvm_run();
     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
     // one KVM filled in.
@@ -71,8 +77,12 @@ pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) ->
         let i = run.__bindgen_anon_1.internal;
         (i.suberror, i.ndata, i.data)
     };
-    let regs = vcpu.get_regs().map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
-    let sregs = vcpu.get_sregs().map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+    let regs = vcpu
+        .get_regs()
+        .map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
     let mut bytes = [0u8; 15];
     let readable = read_virt(vcpu, mem, regs.rip, &mut bytes).is_some();
     let cpl = sregs.cs.selector & 3;
@@ -95,12 +105,18 @@ pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) ->
                 }
             }
             log::debug!("completed {fix:?} at RIP {:#x} for KVM-PVM", regs.rip);
-            return vcpu.set_regs(&regs).map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
+            return vcpu
+                .set_regs(&regs)
+                .map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
         }
     }
 
     let code = if readable {
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     } else {
         "unreadable".to_string()
     };
@@ -110,12 +126,20 @@ pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) ->
         3 => "KVM could not deliver an event",
         _ => "KVM internal error",
     };
-    let extra = data.iter().take(ndata.min(4) as usize).map(|d| format!("{d:#x}")).collect::<Vec<_>>();
+    let extra = data
+        .iter()
+        .take(ndata.min(4) as usize)
+        .map(|d| format!("{d:#x}"))
+        .collect::<Vec<_>>();
     Err(format!(
         "{what} at RIP {:#x} (CPL {cpl}, code: {code}; suberror {suberror}, data [{}]){}",
         regs.rip,
         extra.join(", "),
-        if pvm { "; this host is KVM-PVM, which cannot emulate every kernel instruction (see GUEST.md)" } else { "" }
+        if pvm {
+            "; this host is KVM-PVM, which cannot emulate every kernel instruction (see GUEST.md)"
+        } else {
+            ""
+        }
     ))
 }
 
@@ -128,7 +152,12 @@ fn deliver_breakpoint(
     regs: &mut kvm_bindings::kvm_regs,
     sregs: &kvm_bindings::kvm_sregs,
 ) -> Result<(), String> {
-    let fail = |why: &str| format!("int3 at RIP {:#x}: cannot deliver #BP for KVM-PVM: {why}", regs.rip);
+    let fail = |why: &str| {
+        format!(
+            "int3 at RIP {:#x}: cannot deliver #BP for KVM-PVM: {why}",
+            regs.rip
+        )
+    };
     if sregs.efer & EFER_LMA == 0 {
         return Err(fail("the guest is not in long mode"));
     }
@@ -136,7 +165,8 @@ fn deliver_breakpoint(
         return Err(fail("the IDT has no gate 3"));
     }
     let mut gate = [0u8; 16];
-    read_virt(vcpu, mem, sregs.idt.base + 3 * 16, &mut gate).ok_or_else(|| fail("the IDT is unreadable"))?;
+    read_virt(vcpu, mem, sregs.idt.base + 3 * 16, &mut gate)
+        .ok_or_else(|| fail("the IDT is unreadable"))?;
     let attr = gate[5];
     if attr & 0x80 == 0 {
         return Err(fail("gate 3 is not present"));
@@ -151,14 +181,25 @@ fn deliver_breakpoint(
     let ist = gate[4] & 7;
     let mut rsp = if ist != 0 {
         let mut v = [0u8; 8];
-        read_virt(vcpu, mem, sregs.tr.base + 0x24 + 8 * (ist as u64 - 1), &mut v)
-            .ok_or_else(|| fail("the TSS is unreadable"))?;
+        read_virt(
+            vcpu,
+            mem,
+            sregs.tr.base + 0x24 + 8 * (ist as u64 - 1),
+            &mut v,
+        )
+        .ok_or_else(|| fail("the TSS is unreadable"))?;
         u64::from_le_bytes(v)
     } else {
         regs.rsp
     };
     rsp &= !0xf;
-    let frame = [regs.rip + 1, sregs.cs.selector as u64, regs.rflags, regs.rsp, sregs.ss.selector as u64];
+    let frame = [
+        regs.rip + 1,
+        sregs.cs.selector as u64,
+        regs.rflags,
+        regs.rsp,
+        sregs.ss.selector as u64,
+    ];
     rsp -= 40;
     let bytes: Vec<u8> = frame.iter().flat_map(|w| w.to_le_bytes()).collect();
     write_virt(vcpu, mem, rsp, &bytes).ok_or_else(|| fail("the stack is not writable"))?;

@@ -1,0 +1,225 @@
+//! Every bad input gives one line on stderr that names the input, and exit status 2, before
+//! any guest runs.
+
+use std::process::Command;
+use vmm_tests::{require_kvm, test_guest, vmm_core_bin};
+
+/// Runs `vmm-core run ARGS` and returns (status, the single error line).
+fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(vmm_core_bin())
+        .arg("run")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vmm-core");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("vmm-core: "))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one error line expected, got:\n{stderr}"
+    );
+    assert!(errors[0].starts_with("error: "), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "no guest output expected: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (out.status.code().unwrap_or(-1), errors[0].to_string())
+}
+
+fn guest() -> String {
+    test_guest().display().to_string()
+}
+
+fn expect(args: &[&str], wanted: &[&str]) {
+    let (code, line) = run_bad(args, &[]);
+    assert_eq!(code, 2, "{line}");
+    for w in wanted {
+        assert!(line.contains(w), "{line:?} should mention {w:?}");
+    }
+}
+
+#[test]
+fn missing_kernel() {
+    expect(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        &["--kernel /nonexistent/vmlinuz", "no such file"],
+    );
+}
+
+#[test]
+fn kernel_that_is_neither_bzimage_nor_elf() {
+    let dir = tempdir();
+    let f = dir.join("junk");
+    std::fs::write(&f, vec![0x42u8; 8192]).unwrap();
+    expect(
+        &["--kernel", f.to_str().unwrap()],
+        &["neither a bzImage nor an ELF"],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn kernel_elf_for_another_machine() {
+    let dir = tempdir();
+    let f = dir.join("aarch64.elf");
+    let mut elf = std::fs::read(test_guest()).unwrap();
+    elf[18] = 183; // EM_AARCH64
+    elf[19] = 0;
+    std::fs::write(&f, elf).unwrap();
+    expect(
+        &["--kernel", f.to_str().unwrap()],
+        &["e_machine 183", "x86_64"],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_initramfs() {
+    expect(
+        &["--kernel", &guest(), "--initramfs", "/nonexistent/initrd"],
+        &["--initramfs /nonexistent/initrd", "no such file"],
+    );
+}
+
+#[test]
+fn malformed_memory() {
+    expect(
+        &["--kernel", &guest(), "--memory", "lots"],
+        &["--memory lots", "not a size"],
+    );
+}
+
+#[test]
+fn too_little_memory() {
+    expect(
+        &["--kernel", &guest(), "--memory", "1M"],
+        &["--memory 1M", "too small"],
+    );
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    expect(
+        &["--kernel", &guest(), "--memory", "64T"],
+        &["--memory 64T", "more than this host's"],
+    );
+}
+
+#[test]
+fn zero_cpus() {
+    expect(
+        &["--kernel", &guest(), "--cpus", "0"],
+        &["--cpus 0", "at least one vCPU"],
+    );
+}
+
+#[test]
+fn cpus_above_the_kvm_limit() {
+    require_kvm();
+    expect(
+        &["--kernel", &guest(), "--cpus", "5000"],
+        &["--cpus 5000", "KVM limit of", "KVM_CAP_MAX_VCPUS"],
+    );
+}
+
+#[test]
+fn max_cpus_above_the_kvm_limit() {
+    require_kvm();
+    expect(
+        &["--kernel", &guest(), "--cpus", "1,max=100000"],
+        &["--cpus 1,max=100000", "KVM_CAP_MAX_VCPUS"],
+    );
+}
+
+#[test]
+fn command_line_too_long() {
+    let long = "x".repeat(3000);
+    expect(
+        &["--kernel", &guest(), "--cmdline", &long],
+        &[
+            "--cmdline",
+            "bytes with the terminating NUL",
+            "at most 2048",
+        ],
+    );
+}
+
+#[test]
+fn missing_kvm_capability() {
+    require_kvm();
+    let (code, line) = run_bad(
+        &["--kernel", &guest()],
+        &[("VMM_FAULT_HIDE_KVM_CAPS", "KVM_CAP_IRQFD")],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("/dev/kvm") && line.contains("KVM_CAP_IRQFD"),
+        "{line}"
+    );
+}
+
+/// /dev/kvm absent: vmm-core in a mount namespace whose /dev is an empty tmpfs.
+#[test]
+fn dev_kvm_missing() {
+    require_kvm();
+    let script = format!(
+        "mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && exec {} run --kernel {}",
+        vmm_core_bin().display(),
+        guest()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unshare (util-linux) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: /dev/kvm: no such device"),
+        "{stderr}"
+    );
+}
+
+/// /dev/kvm not permitted: an unprivileged uid, with a kernel it can read.
+#[test]
+fn dev_kvm_not_permitted() {
+    require_kvm();
+    let dir = tempdir();
+    let kernel = dir.join("guest.elf");
+    std::fs::copy(test_guest(), &kernel).unwrap();
+    let bin = dir.join("vmm-core");
+    std::fs::copy(vmm_core_bin(), &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: /dev/kvm: permission denied"),
+        "{stderr}"
+    );
+}
+
+/// A world-readable temporary directory, unique per test (each test removes its own).
+fn tempdir() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("vmm-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
