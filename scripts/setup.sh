@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what building and running the VMM needs on Debian/Ubuntu, then builds the guest
+# images. Safe to run again: it only installs what is missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+say() { echo "setup: $*" >&2; }
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+if ! command -v apt-get >/dev/null; then
+    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4 and util-linux by hand"
+    exit 1
+fi
+packages=(busybox-static lz4 util-linux)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+# The image builder asks apt which kernel is current; an empty package list knows none.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    say "installing ${missing[*]:-nothing new} (apt-get update first)"
+    $sudo apt-get update -q >/dev/null
+    [ ${#missing[@]} -eq 0 ] || $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    say "error: cargo is missing; install Rust with rustup (https://rustup.rs), then run this again"
+    exit 1
+fi
+if [ ! -e /dev/kvm ]; then
+    say "warning: /dev/kvm is missing; VMs and the KVM tests cannot run on this host"
+fi
+"$root/scripts/build-images.sh"
