@@ -19,13 +19,15 @@ cmp -s "$guest" "$out/test-guest.elf" || cp "$guest" "$out/test-guest.elf"
 
 # --- the stock kernel and its initramfs ----------------------------------------------------
 kmeta=linux-image-cloud-amd64
-kpkg=$(apt-cache depends "$kmeta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-if [ -z "$kpkg" ]; then
-    say "error: apt knows no $kmeta; run 'apt-get update' (Debian/Ubuntu only)"
+# One apt-cache call (each one loads apt's cache): the current kernel package and versions.
+meta=$(apt-cache show --no-all-versions "$kmeta" busybox-static 2>/dev/null || true)
+kpkg=$(awk -v m="$kmeta" '/^Package:/ {p=$2} p==m && /^Depends:/ {for (i=2;i<=NF;i++) if ($i ~ /^linux-image-[0-9]/) {print $i; exit}}' <<<"$meta")
+kver=$(awk -v m="$kmeta" '/^Package:/ {p=$2} p==m && /^Version:/ {print $2; exit}' <<<"$meta")
+bbver=$(awk '/^Package:/ {p=$2} p=="busybox-static" && /^Version:/ {print $2; exit}' <<<"$meta")
+if [ -z "$kpkg" ] || [ -z "$bbver" ]; then
+    say "error: apt knows no $kmeta or busybox-static; run 'apt-get update' (Debian/Ubuntu only)"
     exit 1
 fi
-kver=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
-bbver=$(apt-cache policy busybox-static | awk '/Candidate:/ {print $2}')
 stamp="$kpkg $kver busybox-static $bbver $(cat "$0" "$root/tests/guest-linux/init" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
    [ -f "$out/vmlinuz" ] && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ] && [ -f "$out/initramfs.cpio.gz" ]; then

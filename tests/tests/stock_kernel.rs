@@ -42,7 +42,10 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the memory total from {line:?}"));
     assert!((127 * 1024..=128 * 1024).contains(&total_k), "{line}");
-    assert!(vm.stdout().contains("ACPI: APIC 0x"), "the kernel found our MADT");
+    assert!(
+        vm.stdout().contains("ACPI: APIC 0x"),
+        "the kernel found our MADT"
+    );
     vm.wait_for("Run /init as init process", slow);
 
     if host_is_pvm() {
@@ -50,12 +53,20 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         // the kernel panics, and panic=-1 with reboot=k resets through the keyboard controller.
         let code = vm.wait_exit(Duration::from_secs(10 * 60));
         assert_eq!(code, 0, "{}", vm.stderr());
-        assert!(vm.stderr().contains("guest requested a reset"), "{}", vm.stderr());
+        assert!(
+            vm.stderr().contains("guest requested a reset"),
+            "{}",
+            vm.stderr()
+        );
     } else {
         let ready = vm.wait_for("vmm-init: ready", slow);
         assert!(ready.contains("scenario=poweroff"), "{ready}");
         assert!(vm.stdout().contains("vmm-init: cpus=2"), "{}", vm.stdout());
-        assert!(vm.stdout().contains("vmm-init: loaded virtio_pci"), "{}", vm.stdout());
+        assert!(
+            vm.stdout().contains("vmm-init: loaded virtio_pci"),
+            "{}",
+            vm.stdout()
+        );
         assert_eq!(vm.wait_exit(slow), 0, "{}", vm.stderr());
         assert!(vm.stderr().contains("guest powered off"), "{}", vm.stderr());
     }

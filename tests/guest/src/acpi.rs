@@ -43,7 +43,10 @@ struct Gas {
 
 impl Gas {
     fn at(a: u64) -> Gas {
-        Gas { space: rd8(a), addr: rd64(a + 4) }
+        Gas {
+            space: rd8(a),
+            addr: rd64(a + 4),
+        }
     }
 
     fn write8(self, v: u8) -> bool {
@@ -89,10 +92,17 @@ impl Tables {
         if !checksum_ok(root, len) {
             return None;
         }
-        let mut t = Tables { fadt: None, madt: None };
+        let mut t = Tables {
+            fadt: None,
+            madt: None,
+        };
         let mut e = root + 36;
         while e + entry_size <= root + len {
-            let table = if entry_size == 8 { rd64(e) } else { rd32(e) as u64 };
+            let table = if entry_size == 8 {
+                rd64(e)
+            } else {
+                rd32(e) as u64
+            };
             if sig(table, b"FACP") {
                 t.fadt = Some(table);
             } else if sig(table, b"APIC") {
@@ -136,7 +146,12 @@ impl Tables {
     }
 
     pub fn madt(&self) -> Madt {
-        let mut m = Madt { count: 0, enabled: 0, apic_ids: [0; 256], enabled_mask: [false; 256] };
+        let mut m = Madt {
+            count: 0,
+            enabled: 0,
+            apic_ids: [0; 256],
+            enabled_mask: [false; 256],
+        };
         let Some(t) = self.madt else { return m };
         let len = rd32(t + 4) as u64;
         let mut e = t + 44;

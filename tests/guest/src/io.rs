@@ -51,7 +51,10 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> Self {
-        Line { buf: [0; 200], len: 0 }
+        Line {
+            buf: [0; 200],
+            len: 0,
+        }
     }
 
     fn push(&mut self, b: u8) {

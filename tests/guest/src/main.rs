@@ -58,7 +58,10 @@ extern "C" fn guest_main(start_info: u64) -> ! {
     // the first 4 GiB are identity mapped.
     let info = unsafe { &*(start_info as *const StartInfo) };
     if info.magic != PVH_MAGIC {
-        Line::new().s("tg: error bad-start-info magic=").hex(info.magic as u64).emit();
+        Line::new()
+            .s("tg: error bad-start-info magic=")
+            .hex(info.magic as u64)
+            .emit();
         rt::halt_forever();
     }
     let cmdline = if info.cmdline_paddr != 0 {
@@ -101,7 +104,9 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         .u(madt.enabled as u64)
         .emit();
 
-    let iterations = param(cmdline, "tg.work=").and_then(parse_u64).unwrap_or(10_000_000);
+    let iterations = param(cmdline, "tg.work=")
+        .and_then(parse_u64)
+        .unwrap_or(10_000_000);
     // USER_STACK is only used by the one CPL3 task, which runs to completion here.
     let stack_top = core::ptr::addr_of_mut!(USER_STACK) as u64 + 65536;
     // SAFETY: user_work ends with ud2, which isr_common turns into a return from run_user.

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Boot benchmark: the test guest under vmm-core, and under QEMU when it is installed, in the
+# same run, alternating. Prints median/min/max of
+#   - process start to the first KVM_RUN (vmm-core only: the VMM's own start-up),
+#   - process start to the guest's ready marker ("tg: ready" on the serial console),
+# the ratio ours/QEMU to the ready marker, and vmm-core's resident memory beyond the guest RAM
+# it touched (VmRSS - RssShmem, sampled at the ready marker).
+#
+# QEMU gets -cpu host,-arch-capabilities: QEMU 7.2 aborts on that MSR under KVM-PVM.
+#
+# usage: bench/boot.sh [RUNS]      (default 20; VMM_BENCH_CPUS, VMM_BENCH_MEMORY override)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+runs=${1:-20}
+cpus=${VMM_BENCH_CPUS:-1}
+memory=${VMM_BENCH_MEMORY:-128M}
+
+(cd "$root" && cargo build --release --quiet -p vmm-core)
+(cd "$root/tests/guest" && cargo build --release --quiet 2>/dev/null)
+vmm="$root/target/release/vmm-core"
+guest="$root/tests/guest/target/release/test-guest"
+qemu=$(command -v qemu-system-x86_64 || true)
+
+echo "command: bench/boot.sh $runs   (cpus=$cpus memory=$memory)"
+echo "host: $(uname -r), $(nproc) CPUs, KVM-PVM: $([ -d /sys/module/kvm_pvm ] && echo yes || echo no)"
+echo "vmm-core: $vmm"
+echo "qemu: ${qemu:-not installed (apt-get install qemu-system-x86 for a side-by-side run)}"
+
+exec python3 - "$runs" "$cpus" "$memory" "$vmm" "$guest" "$qemu" <<'PY'
+import os, signal, statistics, subprocess, sys, threading, time
+
+runs, cpus, memory, vmm, guest, qemu = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+cmdline = "tg.scenario=idle tg.work=100000"
+MARKER = b"tg: ready"
+
+def rss_beyond_guest(pid):
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssShmem"):
+                fields[k] = int(v.split()[0])
+    return fields["VmRSS"] - fields["RssShmem"]
+
+def boot(argv, want_first_run):
+    """Starts argv, returns (ms to first KVM_RUN or None, ms to ready, KiB beyond guest RAM)."""
+    t0 = time.time_ns()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = []
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader.start()
+    buf = b""
+    deadline = time.time() + 60
+    while MARKER not in buf:
+        chunk = os.read(p.stdout.fileno(), 4096)
+        if not chunk or time.time() > deadline:
+            p.kill(); p.wait()
+            sys.exit(f"error: {argv[0]} exited or timed out before {MARKER!r}:\n{buf.decode(errors='replace')}")
+        buf += chunk
+    t_ready = time.time_ns()
+    rss = rss_beyond_guest(p.pid)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+    reader.join(timeout=5)
+    first = None
+    if want_first_run:
+        for line in b"".join(err).decode(errors="replace").splitlines():
+            if "boot-time first-kvm-run unix-ns=" in line:
+                first = (int(line.rsplit("=", 1)[1]) - t0) / 1e6
+        if first is None:
+            sys.exit("error: vmm-core printed no first-KVM_RUN time")
+    return first, (t_ready - t0) / 1e6, rss
+
+ours_cmd = [vmm, "run", "--kernel", guest, "--cpus", cpus, "--memory", memory,
+            "--cmdline", cmdline, "--print-boot-times"]
+qemu_cmd = [qemu, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", memory, "-smp", cpus,
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-bios", "/usr/share/qemu/qboot.rom", "-kernel", guest, "-append", cmdline] if qemu else None
+
+ours, theirs = [], []
+boot(ours_cmd, True)  # warm the page cache once for each
+if qemu_cmd: boot(qemu_cmd, False)
+for i in range(runs):
+    ours.append(boot(ours_cmd, True))
+    if qemu_cmd:
+        theirs.append(boot(qemu_cmd, False))
+
+def stats(xs):
+    return f"median {statistics.median(xs):8.2f}  min {min(xs):8.2f}  max {max(xs):8.2f}"
+
+print(f"\n{runs} runs each, milliseconds")
+print(f"vmm-core  start -> first KVM_RUN   {stats([o[0] for o in ours])}")
+print(f"vmm-core  start -> ready marker    {stats([o[1] for o in ours])}")
+if theirs:
+    print(f"QEMU      start -> ready marker    {stats([t[1] for t in theirs])}")
+    ratio = statistics.median([o[1] for o in ours]) / statistics.median([t[1] for t in theirs])
+    print(f"ratio ours/QEMU to ready (medians): {ratio:.3f}")
+rss = [o[2] for o in ours]
+print(f"\nvmm-core resident memory beyond guest RAM (VmRSS - RssShmem), KiB: {stats(rss)}")
+if theirs:
+    print(f"QEMU      resident memory beyond guest RAM (VmRSS - RssShmem), KiB: {stats([t[2] for t in theirs])}")
+PY
