@@ -22,19 +22,26 @@ pub enum Outcome {
     Reset,
     /// The guest reported a panic (pvpanic).
     Panic,
-    /// The VMM was asked to stop (signal, or the console escape).
-    Stopped(&'static str),
+    /// The VMM was asked to stop.
+    Stopped(StopReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGINT, SIGTERM or SIGHUP.
+    Signal(i32),
+    /// Ctrl-A x on the console.
+    ConsoleEscape,
 }
 
 impl Outcome {
-    /// 0 power-off, 0 reset (as QEMU's -no-reboot and Firecracker), 3 guest panic,
-    /// 130/143 for SIGINT/SIGTERM.
+    /// 0 power-off, 0 reset (as QEMU's -no-reboot and Firecracker), 0 the console escape (as
+    /// QEMU's Ctrl-A x), 3 guest panic, 128 + the signal's number for a signal.
     pub fn exit_status(&self) -> u8 {
         match self {
-            Outcome::PowerOff | Outcome::Reset => 0,
+            Outcome::PowerOff | Outcome::Reset | Outcome::Stopped(StopReason::ConsoleEscape) => 0,
             Outcome::Panic => 3,
-            Outcome::Stopped("SIGTERM") => 143,
-            Outcome::Stopped(_) => 130,
+            Outcome::Stopped(StopReason::Signal(sig)) => 128 + *sig as u8,
         }
     }
 }
@@ -48,7 +55,18 @@ impl fmt::Display for Outcome {
                 "guest requested a reset; exiting (pass --on-reset restart to reboot it instead)"
             ),
             Outcome::Panic => write!(f, "guest panicked (pvpanic); exiting with status 3"),
-            Outcome::Stopped(why) => write!(f, "stopped by {why}"),
+            Outcome::Stopped(StopReason::ConsoleEscape) => {
+                write!(f, "stopped by the console escape (Ctrl-A x)")
+            }
+            Outcome::Stopped(StopReason::Signal(sig)) => {
+                let name = match *sig {
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGHUP => "SIGHUP",
+                    _ => "a signal",
+                };
+                write!(f, "stopped by {name}")
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::devices::{power, pvpanic, serial, Action, IoBus};
 use crate::kvm::Kvm;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{self, RunState, VcpuContext, VcpuError, VcpuEvent};
-use crate::{terminal, Outcome};
+use crate::{terminal, Outcome, StopReason};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use std::io::Read;
 use std::os::unix::thread::JoinHandleExt;
@@ -56,6 +56,8 @@ pub enum VmEvent {
     Vcpu(VcpuEvent),
     Signal(i32),
     ConsoleEscape,
+    /// SIGUSR1: log every vCPU's registers and go on.
+    DumpVcpus,
 }
 
 /// The serial device that console input goes to; replaced when the guest restarts.
@@ -72,9 +74,9 @@ fn kick_signal() -> libc::c_int {
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
 pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
-    // Termination signals are taken by one thread with sigwait; block them before any thread
+    // Termination signals (and SIGUSR1) are taken by one thread with sigwait; block them before any thread
     // exists so that every thread inherits the mask.
-    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
     // SAFETY: sigset manipulation on a local set, then masking this thread's signals.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -123,30 +125,43 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) => return Ok(Outcome::Reset),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::PowerOff)) => return Ok(Outcome::PowerOff),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
-            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None)) => unreachable!("not a stop"),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None)) | VmEvent::DumpVcpus => {
+                unreachable!("not a stop")
+            }
             VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => {
                 return Err(VmError::TripleFault(id, rip))
             }
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => return Err(VmError::VcpuFailed(id, msg)),
-            VmEvent::Signal(libc::SIGTERM) => return Ok(Outcome::Stopped("SIGTERM")),
-            VmEvent::Signal(libc::SIGHUP) => return Ok(Outcome::Stopped("SIGHUP")),
-            VmEvent::Signal(_) => return Ok(Outcome::Stopped("SIGINT")),
-            VmEvent::ConsoleEscape => return Ok(Outcome::Stopped("the console escape (Ctrl-A x)")),
+            VmEvent::Signal(sig) => return Ok(Outcome::Stopped(StopReason::Signal(sig))),
+            VmEvent::ConsoleEscape => return Ok(Outcome::Stopped(StopReason::ConsoleEscape)),
         }
     }
 }
 
 fn wait_for_signals(signals: &[libc::c_int], tx: Sender<VmEvent>) {
-    // SAFETY: a local sigset; sigwait blocks this thread until one of the (blocked) signals.
-    unsafe {
+    // SAFETY: a local sigset that sigwait reads.
+    let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for &s in signals {
             libc::sigaddset(&mut set, s);
         }
+        set
+    };
+    loop {
         let mut sig = 0;
-        if libc::sigwait(&set, &mut sig) == 0 {
-            let _ = tx.send(VmEvent::Signal(sig));
+        // SAFETY: set is initialised and every signal in it is blocked in all threads.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        let event = if sig == libc::SIGUSR1 {
+            VmEvent::DumpVcpus
+        } else {
+            VmEvent::Signal(sig)
+        };
+        let last = !matches!(event, VmEvent::DumpVcpus);
+        if tx.send(event).is_err() || last {
+            return;
         }
     }
 }
@@ -280,9 +295,18 @@ fn run_once(
         threads.push(handle);
     }
 
-    let event = rx
-        .recv()
-        .expect("the signal thread holds a sender for the life of the process");
+    let event = loop {
+        match rx
+            .recv()
+            .expect("the signal thread holds a sender for the life of the process")
+        {
+            VmEvent::DumpVcpus => {
+                state.dump_generation.fetch_add(1, Ordering::AcqRel);
+                kick_vcpus(&threads);
+            }
+            event => break event,
+        }
+    };
     stop_vcpus(&state, threads);
     // Later events from vCPUs that were stopping anyway are reported, not acted on.
     while let Ok(other) = rx.try_recv() {
@@ -290,7 +314,7 @@ fn run_once(
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
                 log::warn!("vCPU {id} while stopping: {msg}")
             }
-            VmEvent::Signal(_) | VmEvent::ConsoleEscape => {
+            VmEvent::Signal(_) | VmEvent::ConsoleEscape | VmEvent::DumpVcpus => {
                 let _ = tx.send(other);
                 break;
             }
@@ -299,6 +323,14 @@ fn run_once(
     }
     *console.target.lock().unwrap() = None;
     Ok(event)
+}
+
+/// Kicks every vCPU out of KVM_RUN once.
+fn kick_vcpus(threads: &[JoinHandle<kvm_ioctls::VcpuFd>]) {
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // SAFETY: the thread has not been joined, so its pthread_t is valid.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+    }
 }
 
 /// Stops every vCPU thread: set the flag, then kick each out of KVM_RUN with a signal until it

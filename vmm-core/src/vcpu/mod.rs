@@ -8,7 +8,7 @@ use crate::devices::{Action, IoBus};
 use crate::memory::GuestMemory;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -33,6 +33,23 @@ pub enum VcpuEvent {
 #[derive(Default)]
 pub struct RunState {
     pub stopping: AtomicBool,
+    /// Bumped to ask every vCPU to log its registers (SIGUSR1).
+    pub dump_generation: AtomicU64,
+}
+
+/// One log line with the registers that say where a vCPU is and what mode it is in.
+fn log_state(vcpu: &VcpuFd, id: u32) {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => {
+            log::info!(
+            "vCPU {id}: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+             rsi={:#x} rdi={:#x} cs={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cs.selector,
+            s.cr0, s.cr3, s.cr4, s.efer
+        )
+        }
+        (Err(e), _) | (_, Err(e)) => log::warn!("vCPU {id}: cannot read registers: {e}"),
+    }
 }
 
 /// Per-vCPU CPUID: APIC ids, a topology of one socket with `max_cpus` cores, and the
@@ -238,7 +255,13 @@ pub struct VcpuContext {
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     let id = ctx.id;
     let mut first = true;
+    let mut dumped = 0;
     while !ctx.state.stopping.load(Ordering::Acquire) {
+        let dump = ctx.state.dump_generation.load(Ordering::Acquire);
+        if dump != dumped {
+            dumped = dump;
+            log_state(&vcpu, id);
+        }
         if first && ctx.print_boot_times && id == 0 {
             let ns = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
