@@ -25,7 +25,7 @@ kpkg=$(awk -v m="$kmeta" '/^Package:/ {p=$2} p==m && /^Depends:/ {for (i=2;i<=NF
 kver=$(awk -v m="$kmeta" '/^Package:/ {p=$2} p==m && /^Version:/ {print $2; exit}' <<<"$meta")
 bbver=$(awk '/^Package:/ {p=$2} p=="busybox-static" && /^Version:/ {print $2; exit}' <<<"$meta")
 if [ -z "$kpkg" ] || [ -z "$bbver" ]; then
-    say "error: apt knows no $kmeta or busybox-static; run 'apt-get update' (Debian/Ubuntu only)"
+    say "error: apt knows no $kmeta or busybox-static: run 'apt-get update'; this builder uses Debian's kernel packages (Debian 12 is what it is tested on)"
     exit 1
 fi
 stamp="$kpkg $kver busybox-static $bbver $(cat "$0" "$root/tests/guest-linux/init" | sha256sum | cut -c1-16)"

@@ -16,8 +16,7 @@ pub struct Host {
 
 impl Host {
     pub fn detect() -> Host {
-        let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists()
-            || std::env::var_os("VMM_ASSUME_PVM").is_some_and(|v| v == "1");
+        let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
         let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("MemTotal:"))

@@ -65,11 +65,21 @@ fn write_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &[u8]) -> Option<
     Some(())
 }
 
-pub fn handle_internal_error(
-    vcpu: &mut VcpuFd,
-    mem: &GuestMemory,
-    pvm: bool,
-) -> Result<(), String> {
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the exit carries the bytes KVM fetched.
+const FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// The instruction bytes from an emulation-failure exit: data[0] holds the flags, data[1]'s low
+/// byte the count, and the bytes follow from data[1]'s second byte on.
+pub fn exit_instruction_bytes(ndata: u32, data: &[u64]) -> Option<Vec<u8>> {
+    if ndata < 2 || data.len() < 3 || data[0] & FLAG_INSTRUCTION_BYTES == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = (raw[0] as usize).min(15).min(raw.len() - 1);
+    (len > 0).then(|| raw[1..1 + len].to_vec())
+}
+
+pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) -> Result<(), String> {
     let run = vcpu.get_kvm_run();
     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
     // one KVM filled in.
@@ -77,14 +87,23 @@ pub fn handle_internal_error(
         let i = run.__bindgen_anon_1.internal;
         (i.suberror, i.ndata, i.data)
     };
-    let regs = vcpu
-        .get_regs()
-        .map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
-    let sregs = vcpu
-        .get_sregs()
-        .map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+    let regs = vcpu.get_regs().map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
+    let sregs = vcpu.get_sregs().map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+    // Prefer the bytes KVM executed: another vCPU may rewrite the code meanwhile (Linux patches
+    // live kernel text through a temporary int3, text_poke_bp).
+    let kvm_bytes = if suberror == KVM_INTERNAL_ERROR_EMULATION {
+        exit_instruction_bytes(ndata, &data)
+    } else {
+        None
+    };
     let mut bytes = [0u8; 15];
-    let readable = read_virt(vcpu, mem, regs.rip, &mut bytes).is_some();
+    let readable = match &kvm_bytes {
+        Some(b) => {
+            bytes[..b.len()].copy_from_slice(b);
+            true
+        }
+        None => read_virt(vcpu, mem, regs.rip, &mut bytes).is_some(),
+    };
     let cpl = sregs.cs.selector & 3;
 
     if pvm && readable && suberror == KVM_INTERNAL_ERROR_EMULATION && cpl == 0 {
@@ -105,9 +124,7 @@ pub fn handle_internal_error(
                 }
             }
             log::debug!("completed {fix:?} at RIP {:#x} for KVM-PVM", regs.rip);
-            return vcpu
-                .set_regs(&regs)
-                .map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
+            return vcpu.set_regs(&regs).map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
         }
     }
 
@@ -224,5 +241,17 @@ mod tests {
         assert_eq!(decode(&[0x0f, 0x01, 0xcb]), Some(Fixup::Stac));
         assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), None); // lock cmpxchg16b
         assert_eq!(decode(&[0x0f, 0xae, 0x2f]), None); // xrstor
+    }
+
+    #[test]
+    fn instruction_bytes_come_from_the_exit_when_kvm_gives_them() {
+        // As seen on KVM-PVM: flags 1, 15 bytes fetched, starting with int3.
+        let data = [0x1, 0x3d0900ba38cc0f, 0x88850fdb85, 0x1000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let b = exit_instruction_bytes(4, &data).unwrap();
+        assert_eq!(b.len(), 15);
+        assert_eq!(&b[..4], &[0xcc, 0x38, 0xba, 0x00]);
+        assert_eq!(decode(&b), Some(Fixup::Int3));
+        assert_eq!(exit_instruction_bytes(4, &[0, 0, 0]), None); // no bytes flag
+        assert_eq!(exit_instruction_bytes(1, &data), None);
     }
 }
