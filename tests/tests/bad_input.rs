@@ -80,6 +80,57 @@ fn kernel_elf_for_another_machine() {
 }
 
 #[test]
+fn truncated_kernels() {
+    require_kvm();
+    let dir = tempdir();
+    // An ELF cut off inside its program headers.
+    let elf = dir.join("short.elf");
+    std::fs::write(&elf, &std::fs::read(test_guest()).unwrap()[..100]).unwrap();
+    // A bzImage header with nothing after it.
+    let bz = dir.join("short.bzimage");
+    let mut header = vec![0u8; 0x400];
+    header[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&bz, header).unwrap();
+    for k in [&elf, &bz] {
+        let (code, line) = run_bad(&["--kernel", k.to_str().unwrap()], &[]);
+        assert_eq!(code, 2, "{line}");
+        assert!(
+            line.contains(&format!("--kernel {}: cannot load it", k.display())),
+            "{line}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn initramfs_larger_than_guest_ram() {
+    require_kvm();
+    let dir = tempdir();
+    let initrd = dir.join("big.cpio");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let (code, line) = run_bad(
+        &[
+            "--kernel",
+            &guest(),
+            "--memory",
+            "32M",
+            "--initramfs",
+            initrd.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.contains("--initramfs") && line.contains("more --memory"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn missing_initramfs() {
     expect(
         &["--kernel", &guest(), "--initramfs", "/nonexistent/initrd"],

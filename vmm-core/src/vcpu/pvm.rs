@@ -79,7 +79,11 @@ pub fn exit_instruction_bytes(ndata: u32, data: &[u64]) -> Option<Vec<u8>> {
     (len > 0).then(|| raw[1..1 + len].to_vec())
 }
 
-pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) -> Result<(), String> {
+pub fn handle_internal_error(
+    vcpu: &mut VcpuFd,
+    mem: &GuestMemory,
+    pvm: bool,
+) -> Result<(), String> {
     let run = vcpu.get_kvm_run();
     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
     // one KVM filled in.
@@ -87,8 +91,12 @@ pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) ->
         let i = run.__bindgen_anon_1.internal;
         (i.suberror, i.ndata, i.data)
     };
-    let regs = vcpu.get_regs().map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
-    let sregs = vcpu.get_sregs().map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+    let regs = vcpu
+        .get_regs()
+        .map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
     // Prefer the bytes KVM executed: another vCPU may rewrite the code meanwhile (Linux patches
     // live kernel text through a temporary int3, text_poke_bp).
     let kvm_bytes = if suberror == KVM_INTERNAL_ERROR_EMULATION {
@@ -124,7 +132,9 @@ pub fn handle_internal_error(vcpu: &mut VcpuFd, mem: &GuestMemory, pvm: bool) ->
                 }
             }
             log::debug!("completed {fix:?} at RIP {:#x} for KVM-PVM", regs.rip);
-            return vcpu.set_regs(&regs).map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
+            return vcpu
+                .set_regs(&regs)
+                .map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
         }
     }
 
@@ -246,7 +256,24 @@ mod tests {
     #[test]
     fn instruction_bytes_come_from_the_exit_when_kvm_gives_them() {
         // As seen on KVM-PVM: flags 1, 15 bytes fetched, starting with int3.
-        let data = [0x1, 0x3d0900ba38cc0f, 0x88850fdb85, 0x1000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let data = [
+            0x1,
+            0x3d0900ba38cc0f,
+            0x88850fdb85,
+            0x1000,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         let b = exit_instruction_bytes(4, &data).unwrap();
         assert_eq!(b.len(), 15);
         assert_eq!(&b[..4], &[0xcc, 0x38, 0xba, 0x00]);
