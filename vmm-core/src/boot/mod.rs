@@ -173,7 +173,7 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
     let rsdp = acpi::write_tables(mem, config)?;
     let e820 = e820_map(config.memory);
     match entry {
-        Entry::Pvh { .. } => write_pvh_info(mem, &e820, initrd, rsdp, cmdline.len())?,
+        Entry::Pvh { .. } => write_pvh_info(mem, &e820, initrd, rsdp)?,
         Entry::Linux64 { .. } => {
             write_zero_page(mem, result.setup_header, &e820, initrd, rsdp, cmdline.len())?;
             write_long_mode_tables(mem)?;
@@ -210,7 +210,6 @@ fn write_pvh_info(
     e820: &[E820],
     initrd: Option<(u64, u64)>,
     rsdp: u64,
-    _cmdline_len: usize,
 ) -> Result<(), BootError> {
     if e820.len() > 128 {
         return Err(BootError::TooManyE820(e820.len()));

@@ -40,29 +40,33 @@ fn gpa(vcpu: &VcpuFd, gva: u64) -> Option<u64> {
     (t.valid != 0).then_some(t.physical_address)
 }
 
-/// Reads guest-virtual memory page by page.
-fn read_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &mut [u8]) -> Option<()> {
+/// Calls `f(gpa, range)` for each page-sized piece of `len` bytes at guest-virtual `gva`.
+fn per_page(
+    vcpu: &VcpuFd,
+    gva: u64,
+    len: usize,
+    mut f: impl FnMut(u64, std::ops::Range<usize>) -> Option<()>,
+) -> Option<()> {
     let mut done = 0;
-    while done < buf.len() {
+    while done < len {
         let a = gva + done as u64;
-        let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?))
-            .ok()?;
+        let chunk = ((0x1000 - (a & 0xfff)) as usize).min(len - done);
+        f(gpa(vcpu, a)?, done..done + chunk)?;
         done += chunk;
     }
     Some(())
 }
 
+fn read_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &mut [u8]) -> Option<()> {
+    per_page(vcpu, gva, buf.len(), |gpa, r| {
+        mem.read_slice(&mut buf[r], GuestAddress(gpa)).ok()
+    })
+}
+
 fn write_virt(vcpu: &VcpuFd, mem: &GuestMemory, gva: u64, buf: &[u8]) -> Option<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let a = gva + done as u64;
-        let chunk = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
-        mem.write_slice(&buf[done..done + chunk], GuestAddress(gpa(vcpu, a)?))
-            .ok()?;
-        done += chunk;
-    }
-    Some(())
+    per_page(vcpu, gva, buf.len(), |gpa, r| {
+        mem.write_slice(&buf[r], GuestAddress(gpa)).ok()
+    })
 }
 
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the exit carries the bytes KVM fetched.
