@@ -31,6 +31,32 @@ pub fn vmm_core_bin() -> PathBuf {
     bin
 }
 
+/// vmmctl from the same target directory as vmm-core.
+pub fn vmmctl_bin() -> PathBuf {
+    vmm_core_bin().with_file_name("vmmctl")
+}
+
+/// Runs `vmmctl --socket SOCKET ARGS`; returns (exit code, stdout, stderr).
+pub fn vmmctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(vmmctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmmctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh path for a test's API socket (the VMM removes the socket when it exits).
+pub fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-test-{}-{name}.sock", std::process::id()))
+}
+
 /// Where scripts/build-images.sh leaves the stock kernel and initramfs.
 pub fn images_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("VMM_IMAGES_DIR") {

@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// What a guest reset does: exit (status 0) or restart the guest.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reset: OnReset,
+    /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
@@ -69,6 +72,7 @@ pub struct VmConfig {
     pub on_reset: OnReset,
     pub print_boot_times: bool,
     pub pvm: bool,
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +190,7 @@ impl VmConfig {
             on_reset: args.on_reset,
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
+            api_socket: args.api_socket,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! vmm-core holds what must stay together: the KVM VM, vCPU threads, guest memory (a memfd),
 //! interrupts, ACPI and the devices the platform needs. See ARCHITECTURE.md.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
@@ -32,6 +33,8 @@ pub enum StopReason {
     Signal(i32),
     /// Ctrl-A x on the console.
     ConsoleEscape,
+    /// `shutdown --force` through the management API.
+    Api,
 }
 
 impl Outcome {
@@ -39,7 +42,9 @@ impl Outcome {
     /// QEMU's Ctrl-A x), 3 guest panic, 128 + the signal's number for a signal.
     pub fn exit_status(&self) -> u8 {
         match self {
-            Outcome::PowerOff | Outcome::Reset | Outcome::Stopped(StopReason::ConsoleEscape) => 0,
+            Outcome::PowerOff
+            | Outcome::Reset
+            | Outcome::Stopped(StopReason::ConsoleEscape | StopReason::Api) => 0,
             Outcome::Panic => 3,
             Outcome::Stopped(StopReason::Signal(sig)) => 128 + *sig as u8,
         }
@@ -57,6 +62,9 @@ impl fmt::Display for Outcome {
             Outcome::Panic => write!(f, "guest panicked (pvpanic); exiting with status 3"),
             Outcome::Stopped(StopReason::ConsoleEscape) => {
                 write!(f, "stopped by the console escape (Ctrl-A x)")
+            }
+            Outcome::Stopped(StopReason::Api) => {
+                write!(f, "stopped through the management API (shutdown --force)")
             }
             Outcome::Stopped(StopReason::Signal(sig)) => {
                 let name = match *sig {
@@ -80,13 +88,15 @@ pub enum Error {
     Kvm(#[from] kvm::KvmError),
     #[error(transparent)]
     Vm(#[from] vm::VmError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
 }
 
 impl Error {
     /// 2 for bad input or a host that cannot run this VM, 1 for a failure while running.
     pub fn exit_status(&self) -> u8 {
         match self {
-            Error::Config(_) => 2,
+            Error::Config(_) | Error::Api(_) => 2,
             Error::Kvm(e) if e.is_user_error() => 2,
             Error::Vm(e) if e.is_user_error() => 2,
             _ => 1,

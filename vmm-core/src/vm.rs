@@ -1,6 +1,7 @@
 //! Building a VM (KVM VM, memory, devices, vCPUs), running it, and stopping it when the guest
 //! or the host says so.
 
+use crate::api::{self, ApiRequest, Request};
 use crate::boot::{self, BootError};
 use crate::config::{OnReset, VmConfig};
 use crate::devices::{power, pvpanic, serial, Action, IoBus};
@@ -42,11 +43,13 @@ pub enum VmError {
     VcpuFailed(u32, String),
     #[error("the guest triple-faulted on vCPU {0} at RIP {1:#x} (pass --on-reset restart to reboot it instead)")]
     TripleFault(u32, u64),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
 }
 
 impl VmError {
     pub fn is_user_error(&self) -> bool {
-        matches!(self, VmError::Boot(e) if e.is_user_error())
+        matches!(self, VmError::Boot(e) if e.is_user_error()) || matches!(self, VmError::Api(_))
     }
 }
 
@@ -58,6 +61,8 @@ pub enum VmEvent {
     ConsoleEscape,
     /// SIGUSR1: log every vCPU's registers and go on.
     DumpVcpus,
+    /// A management API request.
+    Api(ApiRequest),
 }
 
 /// The serial device that console input goes to; replaced when the guest restarts.
@@ -109,9 +114,37 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     if raw.is_some() {
         log::info!("console attached; Ctrl-A x quits");
     }
+    let shared = Arc::new(api::Shared {
+        status: Mutex::new(api::Status {
+            paused: false,
+            cpus: config.cpus,
+            max_cpus: config.max_cpus,
+            memory: config.memory,
+            kernel: config.kernel.display().to_string(),
+            cmdline: config.cmdline.clone(),
+            boots: 0,
+        }),
+        started: std::time::Instant::now(),
+    });
+    let _api = match &config.api_socket {
+        Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
+        None => None,
+    };
 
     loop {
-        match run_once(kvm, config, &tx, &rx, &console)? {
+        {
+            let mut st = shared.status.lock().unwrap();
+            st.boots += 1;
+            st.paused = false;
+        }
+        match run_once(kvm, config, &tx, &rx, &console, &shared)? {
+            VmEvent::Api(ApiRequest {
+                request: Request::Reboot,
+                ..
+            }) => {
+                log::info!("reset through the management API; restarting the guest");
+            }
+            VmEvent::Api(_) => return Ok(Outcome::Stopped(StopReason::Api)),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset))
                 if config.on_reset == OnReset::Restart =>
             {
@@ -214,6 +247,7 @@ fn run_once(
     tx: &Sender<VmEvent>,
     rx: &Receiver<VmEvent>,
     console: &ConsoleInput,
+    shared: &api::Shared,
 ) -> Result<VmEvent, VmError> {
     // Memory is created before the VM so that it is dropped after it.
     let memory = Memory::new(config.memory)?;
@@ -304,6 +338,33 @@ fn run_once(
                 state.dump_generation.fetch_add(1, Ordering::AcqRel);
                 kick_vcpus(&threads);
             }
+            VmEvent::Api(req) => match req.request {
+                Request::Pause => {
+                    pause_vcpus(&state, &threads);
+                    shared.status.lock().unwrap().paused = true;
+                    log::info!("paused through the management API");
+                    let _ = req.reply.send(Ok(()));
+                }
+                Request::Resume => {
+                    resume_vcpus(&state);
+                    shared.status.lock().unwrap().paused = false;
+                    log::info!("resumed through the management API");
+                    let _ = req.reply.send(Ok(()));
+                }
+                Request::Shutdown { force: false } => {
+                    let _ =
+                        req.reply
+                            .send(Err("a graceful shutdown needs the ACPI power button, \
+                        which vmm-core does not have yet; use a forced shutdown"
+                                .into()));
+                }
+                Request::Shutdown { force: true } | Request::Reboot => {
+                    let request = req.request;
+                    let _ = req.reply.send(Ok(()));
+                    let (reply, _) = futures::channel::oneshot::channel();
+                    break VmEvent::Api(ApiRequest { request, reply });
+                }
+            },
             event => break event,
         }
     };
@@ -314,6 +375,9 @@ fn run_once(
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
                 log::warn!("vCPU {id} while stopping: {msg}")
             }
+            VmEvent::Api(req) => {
+                let _ = req.reply.send(Err("the VM is stopping".into()));
+            }
             VmEvent::Signal(_) | VmEvent::ConsoleEscape | VmEvent::DumpVcpus => {
                 let _ = tx.send(other);
                 break;
@@ -323,6 +387,32 @@ fn run_once(
     }
     *console.target.lock().unwrap() = None;
     Ok(event)
+}
+
+/// Pauses the VM: every vCPU leaves KVM_RUN and parks. Returns once all are parked.
+fn pause_vcpus(state: &RunState, threads: &[JoinHandle<kvm_ioctls::VcpuFd>]) {
+    let mut p = state.pause.lock().unwrap();
+    p.paused = true;
+    loop {
+        let running = threads.iter().filter(|t| !t.is_finished()).count();
+        if p.parked >= running {
+            return;
+        }
+        drop(p);
+        // A kick can land just before KVM_RUN; repeat it until every vCPU is parked.
+        kick_vcpus(threads);
+        p = state.pause.lock().unwrap();
+        p = state
+            .pause_changed
+            .wait_timeout(p, Duration::from_millis(2))
+            .unwrap()
+            .0;
+    }
+}
+
+fn resume_vcpus(state: &RunState) {
+    state.pause.lock().unwrap().paused = false;
+    state.pause_changed.notify_all();
 }
 
 /// Kicks every vCPU out of KVM_RUN once.
@@ -337,6 +427,11 @@ fn kick_vcpus(threads: &[JoinHandle<kvm_ioctls::VcpuFd>]) {
 /// has ended (a kick that lands just before KVM_RUN is repeated).
 fn stop_vcpus(state: &RunState, threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>>) {
     state.stopping.store(true, Ordering::Release);
+    {
+        // Wake vCPUs parked by a pause.
+        let _p = state.pause.lock().unwrap();
+        state.pause_changed.notify_all();
+    }
     for t in threads {
         while !t.is_finished() {
             // SAFETY: the thread has not been joined, so its pthread_t is valid.

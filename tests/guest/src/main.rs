@@ -126,6 +126,16 @@ extern "C" fn guest_main(start_info: u64) -> ! {
 
     match scenario {
         "idle" => rt::halt_forever(),
+        "ticker" => {
+            // Progress that a pause must stop: CPL3 work, then a counter line, forever.
+            let mut tick = 0u64;
+            loop {
+                // SAFETY: as above, user_work returns through ud2.
+                unsafe { entry::run_user(user_work as *const () as u64, 2_000_000, stack_top) };
+                tick += 1;
+                Line::new().s("tg: tick ").u(tick).emit();
+            }
+        }
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();

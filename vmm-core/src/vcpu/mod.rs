@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -35,6 +35,33 @@ pub struct RunState {
     pub stopping: AtomicBool,
     /// Bumped to ask every vCPU to log its registers (SIGUSR1).
     pub dump_generation: AtomicU64,
+    /// Pausing: vCPUs park here, outside KVM_RUN, until resumed or stopped.
+    pub pause: Mutex<Pause>,
+    pub pause_changed: Condvar,
+}
+
+#[derive(Default)]
+pub struct Pause {
+    pub paused: bool,
+    /// How many vCPU threads are parked.
+    pub parked: usize,
+}
+
+impl RunState {
+    /// Parks the calling vCPU thread while the VM is paused.
+    fn park_while_paused(&self) {
+        let mut p = self.pause.lock().unwrap();
+        if !p.paused {
+            return;
+        }
+        p.parked += 1;
+        self.pause_changed.notify_all();
+        while p.paused && !self.stopping.load(Ordering::Acquire) {
+            p = self.pause_changed.wait(p).unwrap();
+        }
+        p.parked -= 1;
+        self.pause_changed.notify_all();
+    }
 }
 
 /// One log line with the registers that say where a vCPU is and what mode it is in.
@@ -257,6 +284,10 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     let mut first = true;
     let mut dumped = 0;
     while !ctx.state.stopping.load(Ordering::Acquire) {
+        ctx.state.park_while_paused();
+        if ctx.state.stopping.load(Ordering::Acquire) {
+            break;
+        }
         let dump = ctx.state.dump_generation.load(Ordering::Acquire);
         if dump != dumped {
             dumped = dump;

@@ -1,0 +1,38 @@
+@0xd7a1c3f0b2e94a51;
+# The management API of vmm-core, served on --api-socket (a Unix socket, mode 0600, peers
+# checked with SO_PEERCRED). vmmctl speaks it; so can any orchestrator, from this file alone.
+
+interface Vmm {
+  info @0 () -> (info :VmInfo);
+  # What the VM is and what state it is in.
+
+  pause @1 () -> ();
+  # Stops every vCPU; returns once none is running guest code.
+
+  resume @2 () -> ();
+  # Lets paused vCPUs run again.
+
+  shutdown @3 (force :Bool) -> ();
+  # force: stop the VM now (as pulling the plug); vmm-core then exits with status 0.
+  # Without force: ask the guest to power off (ACPI power button).
+
+  reboot @4 () -> ();
+  # Reset the VM (as pressing the reset button): the guest boots again.
+}
+
+struct VmInfo {
+  state @0 :RunState;
+  cpus @1 :UInt32;        # vCPUs online
+  maxCpus @2 :UInt32;     # vCPUs the VM can have
+  memoryBytes @3 :UInt64;
+  kernel @4 :Text;
+  cmdline @5 :Text;
+  pid @6 :UInt32;         # vmm-core's process id
+  uptimeMs @7 :UInt64;    # since vmm-core started
+  boots @8 :UInt32;       # 1 + how many times the guest was reset and restarted
+}
+
+enum RunState {
+  running @0;
+  paused @1;
+}

@@ -1,0 +1,196 @@
+//! The management API through vmmctl: info, pause/resume, reboot, shutdown, and what happens
+//! to peers and messages that must be refused.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+use vmm_tests::{socket_path, vmmctl, TestVm};
+
+const T: Duration = Duration::from_secs(60);
+
+fn ticker(name: &str, cpus: &str) -> (TestVm, std::path::PathBuf) {
+    let sock = socket_path(name);
+    let vm = TestVm::builder()
+        .cpus(cpus)
+        .cmdline("tg.scenario=ticker")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .spawn();
+    vm.wait_for("tg: tick 3", T);
+    (vm, sock)
+}
+
+fn ticks(vm: &TestVm) -> usize {
+    vm.stdout().matches("tg: tick ").count()
+}
+
+fn wait_ticks(vm: &TestVm, at_least: usize) {
+    let deadline = Instant::now() + T;
+    while ticks(vm) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "the guest made no progress:\n{}",
+            vm.stdout()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn info_reports_the_vm_for_people_and_programs() {
+    let (mut vm, sock) = ticker("info", "2,max=4");
+    let (code, out, err) = vmmctl(&sock, &["info"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state:    running"), "{out}");
+    assert!(out.contains("vCPUs:    2 online, 4 max"), "{out}");
+    assert!(out.contains(&format!("pid:      {}", vm.pid())), "{out}");
+    let (code, json, _) = vmmctl(&sock, &["--json", "info"]);
+    assert_eq!(code, 0);
+    assert!(
+        json.starts_with(
+            "{\"state\":\"running\",\"cpus\":2,\"max_cpus\":4,\"memory_bytes\":536870912,"
+        ),
+        "{json}"
+    );
+    assert!(json.contains("\"boots\":1}"), "{json}");
+    let (code, _, _) = vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(code, 0);
+    assert_eq!(vm.wait_exit(T), 0);
+    assert!(!sock.exists(), "the socket is removed when the VMM exits");
+}
+
+#[test]
+fn pause_stops_guest_progress_and_resume_continues_it() {
+    let (mut vm, sock) = ticker("pause", "2");
+    let (code, out, err) = vmmctl(&sock, &["pause"]);
+    assert_eq!((code, out.trim()), (0, "paused"), "{err}");
+    let at_pause = ticks(&vm);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ticks(&vm), at_pause, "no tick while paused");
+    assert!(vmmctl(&sock, &["info"]).1.contains("state:    paused"));
+    let (code, _, _) = vmmctl(&sock, &["resume"]);
+    assert_eq!(code, 0);
+    wait_ticks(&vm, at_pause + 3);
+    assert!(vmmctl(&sock, &["info"]).1.contains("state:    running"));
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
+#[test]
+fn reboot_boots_the_guest_again() {
+    let (mut vm, sock) = ticker("reboot", "1");
+    let (code, out, _) = vmmctl(&sock, &["reboot"]);
+    assert_eq!((code, out.trim()), (0, "reset"));
+    let deadline = Instant::now() + T;
+    while vm.stdout().matches("tg: hello").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second boot:\n{}",
+            vm.stdout()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vmmctl(&sock, &["--json", "info"]).1.contains("\"boots\":2"));
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
+#[test]
+fn forced_shutdown_exits_0_and_graceful_says_what_is_missing() {
+    let (mut vm, sock) = ticker("shutdown", "1");
+    let (code, _, err) = vmmctl(&sock, &["shutdown"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("error: shutdown: a graceful shutdown needs the ACPI power button"),
+        "{err}"
+    );
+    // The VM is unaffected.
+    let before = ticks(&vm);
+    wait_ticks(&vm, before + 2);
+    let (code, out, _) = vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!((code, out.trim()), (0, "stopped"));
+    assert_eq!(vm.wait_exit(T), 0);
+    assert!(
+        vm.stderr().contains("stopped through the management API"),
+        "{}",
+        vm.stderr()
+    );
+}
+
+#[test]
+fn the_socket_is_0600_and_a_peer_with_another_uid_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut vm, sock) = ticker("peercred", "1");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Open the file mode so that only the SO_PEERCRED check stands in the way.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-vmmctl", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctl = dir.join("vmmctl");
+    std::fs::copy(vmm_tests::vmmctl_bin(), &ctl).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&ctl)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("info")
+        .output()
+        .expect("setpriv");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("closed the connection"),
+        "{out:?}"
+    );
+    assert!(
+        vm.stderr().contains("refused a connection from uid 65534"),
+        "{}",
+        vm.stderr()
+    );
+    // The VM and the API go on.
+    assert_eq!(vmmctl(&sock, &["info"]).0, 0);
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
+#[test]
+fn a_malformed_message_closes_only_that_connection() {
+    let (mut vm, sock) = ticker("garbage", "1");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    // A segment table claiming 0xffffffff segments, then noise.
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8])
+        .unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = ticks(&vm);
+    wait_ticks(&vm, before + 2);
+    let (code, out, _) = vmmctl(&sock, &["info"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("state:    running"));
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
+#[test]
+fn vmmctl_names_a_socket_it_cannot_use() {
+    let (code, _, err) = vmmctl(std::path::Path::new("/nonexistent/api.sock"), &["info"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        "error: --socket /nonexistent/api.sock: no such socket; is vmm-core running with --api-socket at this path?"
+    );
+}
+
+#[test]
+fn api_socket_in_a_missing_directory_is_bad_input() {
+    let mut vm = TestVm::builder()
+        .args(["--api-socket", "/nonexistent/dir/api.sock"])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 2);
+    let err = vm.stderr();
+    assert!(
+        err.contains("error: --api-socket /nonexistent/dir/api.sock: cannot listen on it"),
+        "{err}"
+    );
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,237 @@
+//! The management API (proto/schema/vmm.capnp) on a Unix socket. One thread runs a
+//! current-thread tokio runtime for every connection (capnp-rpc is !Send). Reads are answered
+//! from shared status; anything that changes the VM goes to the VM's main loop as an event and
+//! waits for its answer there.
+
+use crate::vm::VmEvent;
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use futures::channel::oneshot;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use vmm_proto::vmm_capnp::{self, vmm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("--api-socket {0}: another process is serving it; stop it or choose another path")]
+    InUse(PathBuf),
+    #[error("--api-socket {0}: exists and is not a socket; choose another path")]
+    NotASocket(PathBuf),
+    #[error("--api-socket {0}: cannot listen on it ({1})")]
+    Bind(PathBuf, std::io::Error),
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A request that only the VM's main loop can carry out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Pause,
+    Resume,
+    Shutdown { force: bool },
+    Reboot,
+}
+
+/// A request and where its answer goes.
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub request: Request,
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// What `info` reports; the VM's main loop keeps it current.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub paused: bool,
+    pub cpus: u32,
+    pub max_cpus: u32,
+    pub memory: u64,
+    pub kernel: String,
+    pub cmdline: String,
+    pub boots: u32,
+}
+
+pub struct Shared {
+    pub status: Mutex<Status>,
+    pub started: Instant,
+}
+
+/// The listening socket, removed again when the VMM ends.
+pub struct ApiSocket {
+    path: PathBuf,
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket (mode 0600) and starts serving it on its own thread.
+pub fn start(
+    path: &Path,
+    shared: Arc<Shared>,
+    events: Sender<VmEvent>,
+) -> Result<ApiSocket, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        // A socket nobody listens on: left over from a VMM that was killed.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+    let guard = ApiSocket {
+        path: path.to_path_buf(),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || serve(listener, shared, events))
+        .map_err(ApiError::Thread)?;
+    Ok(guard)
+}
+
+fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events: Sender<VmEvent>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("API: cannot start its runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("API: cannot use the socket: {e}");
+                return;
+            }
+        };
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log::warn!("API: accept failed: {e}");
+                    continue;
+                }
+            };
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
+                Ok(cred) => {
+                    log::warn!("API: refused a connection from uid {} (only uid {me} and root may manage this VM)", cred.uid());
+                    continue;
+                }
+                Err(e) => {
+                    log::warn!("API: refused a connection whose peer cannot be identified: {e}");
+                    continue;
+                }
+            }
+            let (reader, writer) = stream.into_split();
+            let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), Side::Server, Default::default());
+            let client: vmm::Client = capnp_rpc::new_client(VmmServer { shared: shared.clone(), events: events.clone() });
+            let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+            tokio::task::spawn_local(async move {
+                if let Err(e) = rpc.await {
+                    log::warn!("API: connection closed: {e}");
+                }
+            });
+        }
+    });
+}
+
+struct VmmServer {
+    shared: Arc<Shared>,
+    events: Sender<VmEvent>,
+}
+
+impl VmmServer {
+    async fn ask(&self, request: Request) -> Result<(), capnp::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(VmEvent::Api(ApiRequest { request, reply }))
+            .map_err(|_| capnp::Error::failed("the VM is shutting down".into()))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(capnp::Error::failed(msg)),
+            Err(_) => Err(capnp::Error::failed(
+                "the VM stopped before answering".into(),
+            )),
+        }
+    }
+}
+
+impl vmm::Server for VmmServer {
+    async fn info(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::InfoParams,
+        mut results: vmm::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        let s = self.shared.status.lock().unwrap().clone();
+        let mut info = results.get().init_info();
+        info.set_state(if s.paused {
+            vmm_capnp::RunState::Paused
+        } else {
+            vmm_capnp::RunState::Running
+        });
+        info.set_cpus(s.cpus);
+        info.set_max_cpus(s.max_cpus);
+        info.set_memory_bytes(s.memory);
+        info.set_kernel(&s.kernel);
+        info.set_cmdline(&s.cmdline);
+        info.set_pid(std::process::id());
+        info.set_uptime_ms(self.shared.started.elapsed().as_millis() as u64);
+        info.set_boots(s.boots);
+        Ok(())
+    }
+
+    async fn pause(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::PauseParams,
+        _: vmm::PauseResults,
+    ) -> Result<(), capnp::Error> {
+        self.ask(Request::Pause).await
+    }
+
+    async fn resume(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::ResumeParams,
+        _: vmm::ResumeResults,
+    ) -> Result<(), capnp::Error> {
+        self.ask(Request::Resume).await
+    }
+
+    async fn shutdown(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::ShutdownParams,
+        _: vmm::ShutdownResults,
+    ) -> Result<(), capnp::Error> {
+        let force = params.get()?.get_force();
+        self.ask(Request::Shutdown { force }).await
+    }
+
+    async fn reboot(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::RebootParams,
+        _: vmm::RebootResults,
+    ) -> Result<(), capnp::Error> {
+        self.ask(Request::Reboot).await
+    }
+}

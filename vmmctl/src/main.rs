@@ -1,0 +1,231 @@
+//! vmmctl: manage a running vmm-core through its API socket (`vmm-core run --api-socket PATH`).
+//! Output is for people by default; `--json` prints one JSON object for programs.
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use vmm_proto::vmm_capnp::{vmm, RunState};
+
+#[derive(Parser)]
+#[command(name = "vmmctl", version, about = "Manage a running vmm-core")]
+struct Cli {
+    /// The VM's API socket (vmm-core run --api-socket PATH).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Command {
+    /// What the VM is and its state.
+    Info,
+    /// Stop every vCPU.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Power the VM off: ask the guest (ACPI), or with --force stop it now.
+    Shutdown {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reset the VM; the guest boots again.
+    Reboot,
+}
+
+/// An error and the exit status it maps to: 2 for a socket we cannot use, 1 for a refused or
+/// failed request.
+struct Failure(u8, String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    match local.block_on(&rt, run(&cli)) {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(Failure(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<String, Failure> {
+    let path = cli.socket.display().to_string();
+    let stream = tokio::net::UnixStream::connect(&cli.socket)
+        .await
+        .map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such socket; is vmm-core running with --api-socket at this path?"
+                        .to_string()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied; run as the VM's user or root".to_string()
+                }
+                std::io::ErrorKind::ConnectionRefused => {
+                    "nothing is listening; the VMM has exited".to_string()
+                }
+                _ => e.to_string(),
+            };
+            Failure(2, format!("--socket {path}: {why}"))
+        })?;
+    let (reader, writer) = stream.into_split();
+    let network = Box::new(twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Client,
+        Default::default(),
+    ));
+    let mut rpc = RpcSystem::new(network, None);
+    let client: vmm::Client = rpc.bootstrap(twoparty::VatId::Server);
+    let disconnect = rpc.get_disconnector();
+    tokio::task::spawn_local(rpc);
+
+    let name = match cli.command {
+        Command::Info => "info",
+        Command::Pause => "pause",
+        Command::Resume => "resume",
+        Command::Shutdown { .. } => "shutdown",
+        Command::Reboot => "reboot",
+    };
+    let fail = |e: capnp::Error| {
+        let msg = match e.kind {
+            capnp::ErrorKind::Disconnected => format!("--socket {path}: the VMM closed the connection (a peer with another uid is refused)"),
+            _ => e.extra.trim_start_matches("remote exception: ").to_string(),
+        };
+        Failure(1, format!("{name}: {msg}"))
+    };
+    let out = match cli.command {
+        Command::Info => {
+            let reply = client.info_request().send().promise.await.map_err(fail)?;
+            let info = reply.get().and_then(|r| r.get_info()).map_err(fail)?;
+            format_info(&info, cli.json).map_err(fail)?
+        }
+        Command::Pause => {
+            client.pause_request().send().promise.await.map_err(fail)?;
+            done(cli.json, "paused")
+        }
+        Command::Resume => {
+            client.resume_request().send().promise.await.map_err(fail)?;
+            done(cli.json, "resumed")
+        }
+        Command::Shutdown { force } => {
+            let mut req = client.shutdown_request();
+            req.get().set_force(force);
+            req.send().promise.await.map_err(fail)?;
+            done(
+                cli.json,
+                if force {
+                    "stopped"
+                } else {
+                    "shutdown requested"
+                },
+            )
+        }
+        Command::Reboot => {
+            client.reboot_request().send().promise.await.map_err(fail)?;
+            done(cli.json, "reset")
+        }
+    };
+    let _ = disconnect.await;
+    Ok(out)
+}
+
+fn done(json: bool, what: &str) -> String {
+    if json {
+        format!("{{\"result\":{}}}", json_str(what))
+    } else {
+        what.to_string()
+    }
+}
+
+fn format_info(
+    info: &vmm_proto::vmm_capnp::vm_info::Reader,
+    json: bool,
+) -> Result<String, capnp::Error> {
+    let state = match info.get_state()? {
+        RunState::Running => "running",
+        RunState::Paused => "paused",
+    };
+    let kernel = info
+        .get_kernel()?
+        .to_str()
+        .map_err(|e| capnp::Error::failed(e.to_string()))?;
+    let cmdline = info
+        .get_cmdline()?
+        .to_str()
+        .map_err(|e| capnp::Error::failed(e.to_string()))?;
+    Ok(if json {
+        format!(
+            "{{\"state\":{},\"cpus\":{},\"max_cpus\":{},\"memory_bytes\":{},\"kernel\":{},\"cmdline\":{},\"pid\":{},\"uptime_ms\":{},\"boots\":{}}}",
+            json_str(state),
+            info.get_cpus(),
+            info.get_max_cpus(),
+            info.get_memory_bytes(),
+            json_str(kernel),
+            json_str(cmdline),
+            info.get_pid(),
+            info.get_uptime_ms(),
+            info.get_boots()
+        )
+    } else {
+        format!(
+            "state:    {state}\nvCPUs:    {} online, {} max\nmemory:   {} MiB\nkernel:   {kernel}\ncmdline:  {cmdline}\npid:      {}\nuptime:   {:.1} s\nboots:    {}",
+            info.get_cpus(),
+            info.get_max_cpus(),
+            info.get_memory_bytes() >> 20,
+            info.get_pid(),
+            info.get_uptime_ms() as f64 / 1000.0,
+            info.get_boots()
+        )
+    })
+}
+
+/// A JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_str;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+    }
+}
