@@ -4,7 +4,7 @@
 use crate::api::{self, ApiRequest, Request};
 use crate::boot::{self, BootError};
 use crate::config::{OnReset, VmConfig};
-use crate::devices::{power, pvpanic, serial, Action, IoBus};
+use crate::devices::{ged, power, pvpanic, serial, Action, IoBus};
 use crate::kvm::Kvm;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{self, RunState, VcpuContext, VcpuError, VcpuEvent};
@@ -276,7 +276,13 @@ fn run_once(
     )));
     *console.target.lock().unwrap() = Some(uart.clone());
 
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&ged_irq, ged::GSI)
+        .map_err(|e| VmError::Setup("the GED interrupt", e))?;
+    let ged = Arc::new(Mutex::new(ged::Ged::new(ged_irq)));
+
     let mut bus = IoBus::default();
+    bus.insert(ged::PORT, 1, ged.clone());
     bus.insert(serial::COM1_BASE, 8, uart);
     bus.insert(
         power::SLEEP_CONTROL_PORT,
@@ -352,11 +358,11 @@ fn run_once(
                     let _ = req.reply.send(Ok(()));
                 }
                 Request::Shutdown { force: false } => {
-                    let _ =
-                        req.reply
-                            .send(Err("a graceful shutdown needs the ACPI power button, \
-                        which vmm-core does not have yet; use a forced shutdown"
-                                .into()));
+                    let pressed = ged.lock().unwrap().notify(ged::EVENT_POWER_BUTTON);
+                    log::info!("pressed the ACPI power button through the management API");
+                    let _ = req
+                        .reply
+                        .send(pressed.map_err(|e| format!("cannot interrupt the guest: {e}")));
                 }
                 Request::Shutdown { force: true } | Request::Reboot => {
                     let request = req.request;

@@ -136,6 +136,14 @@ extern "C" fn guest_main(start_info: u64) -> ! {
                 Line::new().s("tg: tick ").u(tick).emit();
             }
         }
+        "wait-powerbutton" => {
+            // What an ACPI driver does for the GED: wait for its event, clear it, act on it.
+            const GED_PORT: u16 = 0x610;
+            const POWER_BUTTON: u8 = 1;
+            while io::inb(GED_PORT) & POWER_BUTTON == 0 {}
+            io::outb(GED_PORT, POWER_BUTTON);
+            Line::new().s("tg: power button").emit();
+        }
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();

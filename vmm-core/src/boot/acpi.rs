@@ -3,7 +3,7 @@
 
 use super::{BootError, ACPI_END, ACPI_START};
 use crate::config::VmConfig;
-use crate::devices::{power, pvpanic, serial};
+use crate::devices::{ged, power, pvpanic, serial};
 use crate::memory::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -104,6 +104,69 @@ pub fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    // The Generic Event Device: _EVT reads the pending events, clears them, and notifies.
+    let gdat = aml::Path::new("GDAT");
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::Zero {}),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    ged::GSI,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemIO,
+                &ged::PORT,
+                &1u8,
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &gdat),
+                    &aml::Store::new(&gdat, &aml::Local(0)),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(
+                                // Zero: a null target; only the result matters.
+                                &aml::Zero {},
+                                &aml::Local(0),
+                                &ged::EVENT_POWER_BUTTON,
+                            ),
+                            &ged::EVENT_POWER_BUTTON,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::Zero {}),
+        ],
+    )
+    .to_aml_bytes(&mut body);
     sdt(*b"DSDT", 6, *b"VMMDSDT ", &body)
 }
 
@@ -122,6 +185,8 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let mut f = FADTBuilder::new(OEM_ID, *b"VMMFACP ", 1)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
+        // The power button is a control-method device (PNP0C0C, notified by the GED).
+        .flag(Flags::PwrButton)
         .dsdt_64(dsdt_addr);
     f.sleep_control_reg = io(power::SLEEP_CONTROL_PORT);
     f.sleep_status_reg = io(power::SLEEP_STATUS_PORT);
