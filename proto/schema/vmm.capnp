@@ -18,6 +18,22 @@ interface Vmm {
 
   reboot @4 () -> ();
   # Reset the VM (as pressing the reset button): the guest boots again.
+
+  events @5 (sink :EventSink) -> ();
+  # From now on, every event goes to sink, in order, until the VM ends or a call to sink
+  # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
+}
+
+interface EventSink {
+  event @0 (event :Event) -> ();
+}
+
+struct Event {
+  timeUnixMs @0 :UInt64;
+  kind @1 :Text;
+  # started, paused, resumed, reset, power-button, powered-off, guest-reset, guest-panic,
+  # stopped, vcpu-failed
+  detail @2 :Text;
 }
 
 struct VmInfo {

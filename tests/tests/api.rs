@@ -200,3 +200,46 @@ fn api_socket_in_a_missing_directory_is_bad_input() {
     );
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn events_stream_what_happens_to_the_vm_until_it_ends() {
+    let (mut vm, sock) = ticker("events", "1");
+    let sub = std::process::Command::new(vmm_tests::vmmctl_bin())
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--json", "events"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The subscription is registered once `events` returns; give it a moment to connect.
+    let deadline = Instant::now() + T;
+    while vmmctl(&sock, &["info"]).0 != 0 {
+        assert!(Instant::now() < deadline);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for cmd in [
+        &["pause"][..],
+        &["resume"],
+        &["reboot"],
+        &["shutdown", "--force"],
+    ] {
+        let (code, _, err) = vmmctl(&sock, cmd);
+        assert_eq!(code, 0, "{cmd:?}: {err}");
+    }
+    assert_eq!(vm.wait_exit(T), 0);
+    // vmmctl events ends when the VMM closes the connection.
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    let kinds: Vec<&str> = lines
+        .lines()
+        .filter_map(|l| l.split("\"kind\":\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["paused", "resumed", "reset", "started", "stopped"],
+        "{lines}"
+    );
+    assert!(lines.contains("\"detail\":\"boot 2\""), "{lines}");
+}

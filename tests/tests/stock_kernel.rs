@@ -50,6 +50,19 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         "the kernel found our MADT"
     );
     vm.wait_for("Run /init as init process", slow);
+    // ACPICA inside Linux interpreted our DSDT without complaint.
+    let console = vm.stdout();
+    for bad in [
+        "ACPI Error",
+        "ACPI BIOS Error",
+        "ACPI Warning",
+        "ACPI BIOS Warning",
+    ] {
+        assert!(
+            !console.contains(bad),
+            "the kernel reports {bad:?}:\n{console}"
+        );
+    }
 
     if host_is_pvm() {
         // KVM-PVM cannot run Linux user space (GUEST.md): init dies on its first system call,

@@ -57,6 +57,76 @@ pub struct Status {
 pub struct Shared {
     pub status: Mutex<Status>,
     pub started: Instant,
+    pub events: Events,
+}
+
+/// One event, as subscribers receive it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub time_unix_ms: u64,
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+/// How far a subscriber may fall behind before it is dropped.
+const SUBSCRIBER_BACKLOG: usize = 1024;
+
+/// Events fan out from the VM to every subscriber, each through a bounded queue.
+#[derive(Default)]
+pub struct Events {
+    subscribers: Mutex<Vec<futures::channel::mpsc::Sender<Event>>>,
+    /// Events queued but not yet delivered, over all subscribers.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Events {
+    pub fn emit(&self, kind: &'static str, detail: impl Into<String>) {
+        use std::sync::atomic::Ordering;
+        let time_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let event = Event {
+            time_unix_ms,
+            kind,
+            detail: detail.into(),
+        };
+        let mut subs = self.subscribers.lock().unwrap();
+        subs.retain_mut(|s| match s.try_send(event.clone()) {
+            Ok(()) => {
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(e) if e.is_full() => {
+                log::warn!(
+                    "API: dropped an event subscriber that fell {SUBSCRIBER_BACKLOG} events behind"
+                );
+                false
+            }
+            Err(_) => false,
+        });
+    }
+
+    fn subscribe(&self) -> futures::channel::mpsc::Receiver<Event> {
+        let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BACKLOG);
+        self.subscribers.lock().unwrap().push(tx);
+        rx
+    }
+
+    fn delivered(&self) {
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Waits (up to `timeout`) until every queued event has reached its subscriber: the last
+    /// events before the VMM exits should not be lost.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
 }
 
 /// The listening socket, removed again when the VMM ends.
@@ -233,5 +303,37 @@ impl vmm::Server for VmmServer {
         _: vmm::RebootResults,
     ) -> Result<(), capnp::Error> {
         self.ask(Request::Reboot).await
+    }
+
+    async fn events(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::EventsParams,
+        _: vmm::EventsResults,
+    ) -> Result<(), capnp::Error> {
+        use futures::StreamExt;
+        let sink = params.get()?.get_sink()?;
+        let mut queue = self.shared.events.subscribe();
+        let shared = self.shared.clone();
+        tokio::task::spawn_local(async move {
+            while let Some(e) = queue.next().await {
+                let mut req = sink.event_request();
+                {
+                    let mut ev = req.get().init_event();
+                    ev.set_time_unix_ms(e.time_unix_ms);
+                    ev.set_kind(e.kind);
+                    ev.set_detail(&e.detail);
+                }
+                let sent = req.send().promise.await;
+                shared.events.delivered();
+                if sent.is_err() {
+                    break;
+                }
+            }
+            // Whatever is still queued will not be delivered.
+            while queue.try_recv().is_ok() {
+                shared.events.delivered();
+            }
+        });
+        Ok(())
     }
 }

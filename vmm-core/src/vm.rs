@@ -125,30 +125,57 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             boots: 0,
         }),
         started: std::time::Instant::now(),
+        events: api::Events::default(),
     });
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
         None => None,
     };
 
+    let result = run_guest(kvm, config, &tx, &rx, &console, &shared);
+    let (kind, detail) = match &result {
+        Ok(Outcome::PowerOff) => ("powered-off", String::new()),
+        Ok(Outcome::Reset) => ("guest-reset", String::new()),
+        Ok(Outcome::Panic) => ("guest-panic", String::new()),
+        Ok(o @ Outcome::Stopped(_)) => ("stopped", o.to_string()),
+        Err(e) => ("vcpu-failed", crate::error_chain(e)),
+    };
+    shared.events.emit(kind, detail);
+    shared.events.flush(Duration::from_millis(500));
+    result
+}
+
+/// Boots the guest, and again after each reset that should restart it.
+fn run_guest(
+    kvm: &Kvm,
+    config: &VmConfig,
+    tx: &Sender<VmEvent>,
+    rx: &Receiver<VmEvent>,
+    console: &ConsoleInput,
+    shared: &api::Shared,
+) -> Result<Outcome, VmError> {
     loop {
-        {
+        let boot = {
             let mut st = shared.status.lock().unwrap();
             st.boots += 1;
             st.paused = false;
-        }
-        match run_once(kvm, config, &tx, &rx, &console, &shared)? {
+            st.boots
+        };
+        shared.events.emit("started", format!("boot {boot}"));
+        match run_once(kvm, config, tx, rx, console, shared)? {
             VmEvent::Api(ApiRequest {
                 request: Request::Reboot,
                 ..
             }) => {
                 log::info!("reset through the management API; restarting the guest");
+                shared.events.emit("reset", "through the management API");
             }
             VmEvent::Api(_) => return Ok(Outcome::Stopped(StopReason::Api)),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset))
                 if config.on_reset == OnReset::Restart =>
             {
                 log::info!("guest requested a reset; restarting it");
+                shared.events.emit("guest-reset", "restarting");
             }
             VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip))
                 if config.on_reset == OnReset::Restart =>
@@ -349,17 +376,22 @@ fn run_once(
                     pause_vcpus(&state, &threads);
                     shared.status.lock().unwrap().paused = true;
                     log::info!("paused through the management API");
+                    shared.events.emit("paused", "");
                     let _ = req.reply.send(Ok(()));
                 }
                 Request::Resume => {
                     resume_vcpus(&state);
                     shared.status.lock().unwrap().paused = false;
                     log::info!("resumed through the management API");
+                    shared.events.emit("resumed", "");
                     let _ = req.reply.send(Ok(()));
                 }
                 Request::Shutdown { force: false } => {
                     let pressed = ged.lock().unwrap().notify(ged::EVENT_POWER_BUTTON);
                     log::info!("pressed the ACPI power button through the management API");
+                    shared
+                        .events
+                        .emit("power-button", "pressed through the management API");
                     let _ = req
                         .reply
                         .send(pressed.map_err(|e| format!("cannot interrupt the guest: {e}")));

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-use vmm_proto::vmm_capnp::{vmm, RunState};
+use vmm_proto::vmm_capnp::{event_sink, vmm, RunState};
 
 #[derive(Parser)]
 #[command(name = "vmmctl", version, about = "Manage a running vmm-core")]
@@ -36,6 +36,8 @@ enum Command {
     },
     /// Reset the VM; the guest boots again.
     Reboot,
+    /// Print the VM's events as they happen, until it ends.
+    Events,
 }
 
 /// An error and the exit status it maps to: 2 for a socket we cannot use, 1 for a refused or
@@ -99,7 +101,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     let mut rpc = RpcSystem::new(network, None);
     let client: vmm::Client = rpc.bootstrap(twoparty::VatId::Server);
     let disconnect = rpc.get_disconnector();
-    tokio::task::spawn_local(rpc);
+    let connection = tokio::task::spawn_local(rpc);
 
     let name = match cli.command {
         Command::Info => "info",
@@ -107,6 +109,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Resume => "resume",
         Command::Shutdown { .. } => "shutdown",
         Command::Reboot => "reboot",
+        Command::Events => "events",
     };
     let fail = |e: capnp::Error| {
         let msg = match e.kind {
@@ -146,9 +149,57 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             client.reboot_request().send().promise.await.map_err(fail)?;
             done(cli.json, "reset")
         }
+        Command::Events => {
+            let mut req = client.events_request();
+            req.get()
+                .set_sink(capnp_rpc::new_client(Printer { json: cli.json }));
+            req.send().promise.await.map_err(fail)?;
+            // Events arrive as calls to the Printer until the VMM ends the connection.
+            let _ = connection.await;
+            return Ok(String::new());
+        }
     };
     let _ = disconnect.await;
     Ok(out)
+}
+
+/// Receives events from the VMM and prints one line each.
+struct Printer {
+    json: bool,
+}
+
+impl event_sink::Server for Printer {
+    async fn event(
+        self: capnp::capability::Rc<Self>,
+        params: event_sink::EventParams,
+        _: event_sink::EventResults,
+    ) -> Result<(), capnp::Error> {
+        let e = params.get()?.get_event()?;
+        let kind = e
+            .get_kind()?
+            .to_str()
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let detail = e
+            .get_detail()?
+            .to_str()
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        let ms = e.get_time_unix_ms();
+        if self.json {
+            println!(
+                "{{\"time_unix_ms\":{ms},\"kind\":{},\"detail\":{}}}",
+                json_str(kind),
+                json_str(detail)
+            );
+        } else {
+            println!(
+                "{}.{:03} {kind}{}{detail}",
+                ms / 1000,
+                ms % 1000,
+                if detail.is_empty() { "" } else { ": " }
+            );
+        }
+        Ok(())
+    }
 }
 
 fn done(json: bool, what: &str) -> String {
