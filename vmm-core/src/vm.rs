@@ -362,6 +362,7 @@ fn run_once(
         threads.push(handle);
     }
 
+    let mut paused_clock = None;
     let event = loop {
         match rx
             .recv()
@@ -374,12 +375,26 @@ fn run_once(
             VmEvent::Api(req) => match req.request {
                 Request::Pause => {
                     pause_vcpus(&state, &threads);
+                    // Stop guest time too, as QEMU does: a guest should not see the pause as
+                    // time that passed (or it reports soft lockups).
+                    if paused_clock.is_none() {
+                        match vm.get_clock() {
+                            Ok(clock) => paused_clock = Some(clock),
+                            Err(e) => log::warn!("cannot read kvmclock at pause: {e}"),
+                        }
+                    }
                     shared.status.lock().unwrap().paused = true;
                     log::info!("paused through the management API");
                     shared.events.emit("paused", "");
                     let _ = req.reply.send(Ok(()));
                 }
                 Request::Resume => {
+                    if let Some(mut clock) = paused_clock.take() {
+                        clock.flags = 0;
+                        if let Err(e) = vm.set_clock(&clock) {
+                            log::warn!("cannot restore kvmclock at resume: {e}");
+                        }
+                    }
                     resume_vcpus(&state);
                     shared.status.lock().unwrap().paused = false;
                     log::info!("resumed through the management API");
