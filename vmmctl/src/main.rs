@@ -154,6 +154,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             req.get()
                 .set_sink(capnp_rpc::new_client(Printer { json: cli.json }));
             req.send().promise.await.map_err(fail)?;
+            // The VMM registers the subscription before it answers, so from here on nothing
+            // is missed; say so on stderr, where it does not mix with the events.
+            eprintln!("vmmctl: subscribed to events; they print until the VM ends");
             // Events arrive as calls to the Printer until the VMM ends the connection.
             let _ = connection.await;
             return Ok(String::new());
