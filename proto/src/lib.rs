@@ -1,6 +1,7 @@
 //! The control plane's Cap'n Proto schemas (schema/*.capnp) and their generated Rust code.
 
 capnp::generated_code!(pub mod vmm_capnp);
+capnp::generated_code!(pub mod chardevd_capnp);
 
 /// Where the generated code is vendored, so that a build without `capnp` still works.
 pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generated");

@@ -52,6 +52,15 @@ pub fn vmmctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Waits until `f` holds, polling; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A fresh path for a test's API socket (the VMM removes the socket when it exits).
 pub fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmm-test-{}-{name}.sock", std::process::id()))
@@ -96,6 +105,8 @@ pub struct TestVm {
     child: Child,
     captured: Arc<(Mutex<Captured>, Condvar)>,
     status: Option<ExitStatus>,
+    /// Paths the VMM would remove on a clean exit (its API socket), removed on drop.
+    cleanup: Vec<PathBuf>,
 }
 
 pub struct Builder {
@@ -138,7 +149,14 @@ impl Builder {
             .arg("--kernel")
             .arg(&self.kernel)
             .args(&self.args);
-        TestVm::spawn(cmd)
+        let mut vm = TestVm::spawn(cmd);
+        vm.cleanup = self
+            .args
+            .windows(2)
+            .filter(|w| w[0] == "--api-socket")
+            .map(|w| PathBuf::from(&w[1]))
+            .collect();
+        vm
     }
 }
 
@@ -190,6 +208,7 @@ impl TestVm {
             child,
             captured,
             status: None,
+            cleanup: Vec::new(),
         }
     }
 
@@ -279,6 +298,32 @@ impl Drop for TestVm {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        for p in &self.cleanup {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A temporary directory (world-readable, unique per process and name), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(d)
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

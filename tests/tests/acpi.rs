@@ -24,8 +24,8 @@ fn iasl(dir: &Path, args: &[&str]) -> String {
 #[test]
 fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
     for (cpus, max) in [(1, 1), (2, 8)] {
-        let dir = std::env::temp_dir().join(format!("vmm-test-{}-acpi-{max}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = vmm_tests::TempDir::new(&format!("acpi-{max}"));
+        let dir = tmp.0.clone();
         let tables = [
             ("dsdt.dat", vmm_core::boot::acpi::dsdt()),
             ("facp.dat", vmm_core::boot::acpi::fadt(0x1000)),
@@ -59,6 +59,5 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
             max as usize,
             "{madt}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -39,6 +39,13 @@ pub struct RunArgs {
     /// What a guest reset does: exit (status 0) or restart the guest.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reset: OnReset,
+    /// Where the serial console goes: stdio (in vmm-core), or through the chardevd helper:
+    /// chardevd,file=PATH[,append] | chardevd,ring=BYTES | chardevd,unix=PATH | chardevd,null
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    pub serial: String,
+    /// The chardevd executable (default: the one next to vmm-core).
+    #[arg(long, value_name = "PATH")]
+    pub chardevd: Option<PathBuf>,
     /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -73,6 +80,9 @@ pub struct VmConfig {
     pub print_boot_times: bool,
     pub pvm: bool,
     pub api_socket: Option<PathBuf>,
+    /// None: the console is stdio, in vmm-core.
+    pub serial: Option<crate::chardev::Backend>,
+    pub chardevd: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +123,8 @@ pub enum ConfigError {
     },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--serial {0}: not a console backend; write stdio, chardevd,file=PATH[,append], chardevd,ring=BYTES, chardevd,unix=PATH or chardevd,null")]
+    Serial(String),
 }
 
 /// Where scripts/build-images.sh leaves its output: $VMM_IMAGES_DIR, or ~/.cache/vmm/images.
@@ -191,6 +203,12 @@ impl VmConfig {
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
             api_socket: args.api_socket,
+            serial: parse_serial(&args.serial)?,
+            chardevd: args.chardevd.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .map(|p| p.with_file_name("chardevd"))
+                    .unwrap_or_else(|_| PathBuf::from("chardevd"))
+            }),
         })
     }
 }
@@ -263,6 +281,57 @@ fn cmdline_limit(path: &Path, format: KernelFormat) -> usize {
         Ok(u32::from_le_bytes(size) as usize + 1)
     };
     read().unwrap_or(DEFAULT_CMDLINE_MAX)
+}
+
+/// `stdio`, or `chardevd,` and one backend.
+pub fn parse_serial(s: &str) -> Result<Option<crate::chardev::Backend>, ConfigError> {
+    use crate::chardev::Backend;
+    let bad = || ConfigError::Serial(s.to_string());
+    if s == "stdio" {
+        return Ok(None);
+    }
+    let rest = s.strip_prefix("chardevd,").ok_or_else(bad)?;
+    let backend = if rest == "null" {
+        Backend::Null
+    } else if let Some(spec) = rest.strip_prefix("file=") {
+        let (path, append) = match spec.strip_suffix(",append") {
+            Some(p) => (p, true),
+            None => (spec, false),
+        };
+        if path.is_empty() {
+            return Err(bad());
+        }
+        Backend::File {
+            path: path.to_string(),
+            append,
+        }
+    } else if let Some(size) = rest.strip_prefix("ring=") {
+        let bytes = parse_memory_like(size).ok_or_else(bad)?;
+        Backend::Ring(
+            u32::try_from(bytes)
+                .ok()
+                .filter(|&b| b > 0)
+                .ok_or_else(bad)?,
+        )
+    } else if let Some(path) = rest.strip_prefix("unix=") {
+        if path.is_empty() {
+            return Err(bad());
+        }
+        Backend::UnixServer(path.to_string())
+    } else {
+        return Err(bad());
+    };
+    Ok(Some(backend))
+}
+
+/// 4096, 64K, 1M: a byte count with an optional K or M.
+fn parse_memory_like(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// "N" or "N,max=M" (also "boot=N,max=M").
@@ -340,6 +409,41 @@ mod tests {
             parse_cpus("1,min=2"),
             Err(ConfigError::CpusMalformed(_))
         ));
+    }
+
+    #[test]
+    fn serial_forms() {
+        use crate::chardev::Backend;
+        assert_eq!(parse_serial("stdio").unwrap(), None);
+        assert_eq!(parse_serial("chardevd,null").unwrap(), Some(Backend::Null));
+        assert_eq!(
+            parse_serial("chardevd,file=/tmp/c.log,append").unwrap(),
+            Some(Backend::File {
+                path: "/tmp/c.log".into(),
+                append: true
+            })
+        );
+        assert_eq!(
+            parse_serial("chardevd,ring=64K").unwrap(),
+            Some(Backend::Ring(65536))
+        );
+        assert_eq!(
+            parse_serial("chardevd,unix=/run/c.sock").unwrap(),
+            Some(Backend::UnixServer("/run/c.sock".into()))
+        );
+        for bad in [
+            "pty",
+            "chardevd,",
+            "chardevd,file=",
+            "chardevd,ring=0",
+            "chardevd,ring=lots",
+            "chardevd,tcp=1",
+        ] {
+            assert!(
+                matches!(parse_serial(bad), Err(ConfigError::Serial(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod chardev;
 pub mod config;
 pub mod devices;
 pub mod kvm;

@@ -3,6 +3,7 @@
 
 use crate::api::{self, ApiRequest, Request};
 use crate::boot::{self, BootError};
+use crate::chardev;
 use crate::config::{OnReset, VmConfig};
 use crate::devices::{ged, power, pvpanic, serial, Action, IoBus};
 use crate::kvm::Kvm;
@@ -45,11 +46,20 @@ pub enum VmError {
     TripleFault(u32, u64),
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Chardev(#[from] chardev::ChardevError),
 }
 
 impl VmError {
     pub fn is_user_error(&self) -> bool {
-        matches!(self, VmError::Boot(e) if e.is_user_error()) || matches!(self, VmError::Api(_))
+        matches!(self, VmError::Boot(e) if e.is_user_error())
+            || matches!(self, VmError::Api(_))
+            || matches!(
+                self,
+                VmError::Chardev(
+                    chardev::ChardevError::Spawn(..) | chardev::ChardevError::Backend(_)
+                )
+            )
     }
 }
 
@@ -65,10 +75,33 @@ pub enum VmEvent {
     Api(ApiRequest),
 }
 
-/// The serial device that console input goes to; replaced when the guest restarts.
+/// The serial device that console input goes to (replaced when the guest restarts), and the
+/// buffer its output goes to when the console is served by chardevd.
 #[derive(Default)]
 struct ConsoleInput {
     target: Mutex<Option<Arc<Mutex<serial::SerialDevice>>>>,
+    output: std::sync::OnceLock<Arc<chardev::ConsoleBuffer>>,
+}
+
+/// Queues input for the guest's UART, holding back while its FIFO is full.
+fn feed_uart(console: &ConsoleInput, bytes: &[u8]) {
+    let mut off = 0;
+    let mut waits = 0;
+    while off < bytes.len() {
+        let target = console.target.lock().unwrap().clone();
+        off += target.map_or(0, |t| t.lock().unwrap().enqueue(&bytes[off..]));
+        if off < bytes.len() {
+            waits += 1;
+            if waits > 1000 {
+                log::warn!(
+                    "console input: the guest is not reading; {} bytes dropped",
+                    bytes.len() - off
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -102,9 +135,14 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             .spawn(move || wait_for_signals(&stop_signals, tx))
             .map_err(|e| VmError::Thread("signal", e))?;
     }
-    let raw = terminal::RawMode::enter();
     let console = Arc::new(ConsoleInput::default());
-    {
+    // The console on stdio (in vmm-core) takes the terminal; through chardevd it does not.
+    let raw = if config.serial.is_none() {
+        terminal::RawMode::enter()
+    } else {
+        None
+    };
+    if config.serial.is_none() {
         let (console, tx, escapes) = (console.clone(), tx.clone(), raw.is_some());
         std::thread::Builder::new()
             .name("console-in".into())
@@ -132,7 +170,32 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         None => None,
     };
 
+    let mut supervisor = None;
+    if let Some(backend) = &config.serial {
+        let buffer = Arc::new(chardev::ConsoleBuffer::new(chardev::BUFFER_BYTES));
+        let _ = console.output.set(buffer.clone());
+        let input_to = console.clone();
+        let input: chardev::InputFn = Arc::new(move |bytes: &[u8]| feed_uart(&input_to, bytes));
+        supervisor = Some(chardev::start(
+            config.chardevd.clone(),
+            backend.clone(),
+            buffer,
+            input,
+            shared.clone(),
+        )?);
+    }
+
     let result = run_guest(kvm, config, &tx, &rx, &console, &shared);
+    if let Some(buffer) = console.output.get() {
+        // Let the last output reach the backend before the VMM exits.
+        buffer.wait_drained(Duration::from_secs(2));
+        let dropped = buffer.dropped();
+        if dropped > 0 {
+            log::warn!("console: {dropped} bytes of guest output were dropped while chardevd could not take them");
+        }
+    }
+    // End chardevd (and reap it) only once the last output reached it.
+    drop(supervisor);
     let (kind, detail) = match &result {
         Ok(Outcome::PowerOff) => ("powered-off", String::new()),
         Ok(Outcome::Reset) => ("guest-reset", String::new()),
@@ -255,15 +318,7 @@ fn console_input(console: Arc<ConsoleInput>, tx: Sender<VmEvent>, escapes: bool)
                 bytes.push(b);
             }
         }
-        let mut off = 0;
-        while off < bytes.len() {
-            let target = console.target.lock().unwrap().clone();
-            let taken = target.map_or(0, |t| t.lock().unwrap().enqueue(&bytes[off..]));
-            off += taken;
-            if off < bytes.len() {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
+        feed_uart(&console, &bytes);
     }
 }
 
@@ -299,7 +354,10 @@ fn run_once(
         .map_err(|e| VmError::Setup("the serial interrupt", e))?;
     let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
         serial_irq,
-        Box::new(serial::RawStdout),
+        match console.output.get() {
+            Some(buffer) => Box::new(chardev::BufferWriter(buffer.clone())),
+            None => Box::new(serial::RawStdout),
+        },
     )));
     *console.target.lock().unwrap() = Some(uart.clone());
 

@@ -40,6 +40,12 @@ fn serial_put(b: u8) {
     outb(COM1, b);
 }
 
+/// Waits for a byte from COM1 (polling the line status register's data-ready bit).
+pub fn serial_get() -> u8 {
+    while inb(COM1 + 5) & 0x01 == 0 {}
+    inb(COM1)
+}
+
 static LOCK: AtomicBool = AtomicBool::new(false);
 
 /// One output line, built without core::fmt (whose precompiled code uses SSE) and written

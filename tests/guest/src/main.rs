@@ -136,6 +136,25 @@ extern "C" fn guest_main(start_info: u64) -> ! {
                 Line::new().s("tg: tick ").u(tick).emit();
             }
         }
+        "echo" => {
+            // Console input: read lines from COM1 (polling its data-ready bit) and echo each.
+            let mut line = [0u8; 128];
+            let mut n = 0;
+            loop {
+                let b = io::serial_get();
+                if b == b'\r' || b == b'\n' {
+                    if n > 0 {
+                        // Only ASCII is echoed, so the bytes are valid UTF-8.
+                        let text = core::str::from_utf8(&line[..n]).unwrap_or("?");
+                        Line::new().s("tg: echo ").s(text).emit();
+                        n = 0;
+                    }
+                } else if n < line.len() && b.is_ascii() && !b.is_ascii_control() {
+                    line[n] = b;
+                    n += 1;
+                }
+            }
+        }
         "wait-powerbutton" => {
             // What an ACPI driver does for the GED: wait for its event, clear it, act on it.
             const GED_PORT: u16 = 0x610;

@@ -1,0 +1,427 @@
+//! The serial console through chardevd. Guest output goes into a bounded buffer that never
+//! blocks a vCPU; a supervisor thread starts chardevd (a sibling executable, on an inherited
+//! socketpair), streams the buffer to it one acknowledged write at a time, and restarts it if
+//! it dies, resending what it had not acknowledged. Bytes are lost only if the buffer
+//! overflows meanwhile (the oldest go first); they are counted and reported.
+
+use crate::api::Shared;
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use vmm_proto::chardevd_capnp::{chardevd, device, input_sink};
+
+/// Guest output buffered for chardevd.
+pub const BUFFER_BYTES: usize = 4 << 20;
+const WRITE_CHUNK: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Null,
+    File { path: String, append: bool },
+    Ring(u32),
+    UnixServer(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChardevError {
+    #[error(
+        "--chardevd {0}: cannot start it ({1}); build it (cargo build) or pass --chardevd PATH"
+    )]
+    Spawn(PathBuf, std::io::Error),
+    #[error("--serial: chardevd refused the backend: {0}")]
+    Backend(String),
+    #[error("chardevd: {0}")]
+    Rpc(String),
+}
+
+struct Buf {
+    data: VecDeque<u8>,
+    /// The stream offset of data[0].
+    head: u64,
+    dropped: u64,
+}
+
+/// The bounded buffer between the UART (vCPU threads) and the supervisor.
+pub struct ConsoleBuffer {
+    buf: Mutex<Buf>,
+    notify: tokio::sync::Notify,
+    capacity: usize,
+    /// Set when the VMM ends: the supervisor stops chardevd and does not restart it.
+    stopping: std::sync::atomic::AtomicBool,
+    stop: tokio::sync::Notify,
+}
+
+impl ConsoleBuffer {
+    pub fn new(capacity: usize) -> ConsoleBuffer {
+        ConsoleBuffer {
+            buf: Mutex::new(Buf {
+                data: VecDeque::new(),
+                head: 0,
+                dropped: 0,
+            }),
+            notify: tokio::sync::Notify::new(),
+            capacity,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Never blocks: when full, the oldest bytes make room and are counted.
+    pub fn push(&self, bytes: &[u8]) {
+        let mut b = self.buf.lock().unwrap();
+        b.data.extend(bytes);
+        let excess = b.data.len().saturating_sub(self.capacity);
+        if excess > 0 {
+            b.data.drain(..excess);
+            b.head += excess as u64;
+            b.dropped += excess as u64;
+        }
+        drop(b);
+        self.notify.notify_one();
+    }
+
+    /// The oldest unacknowledged bytes, and the stream offset they start at.
+    fn peek(&self, max: usize) -> (u64, Vec<u8>) {
+        let b = self.buf.lock().unwrap();
+        let n = b.data.len().min(max);
+        (b.head, b.data.iter().take(n).copied().collect())
+    }
+
+    /// Forgets bytes up to `end` (a stream offset): chardevd has them.
+    fn ack(&self, end: u64) {
+        let mut b = self.buf.lock().unwrap();
+        let n = end.saturating_sub(b.head).min(b.data.len() as u64);
+        b.data.drain(..n as usize);
+        b.head += n;
+    }
+
+    /// Waits (up to `timeout`) until chardevd has acknowledged everything.
+    pub fn wait_drained(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.buf.lock().unwrap().data.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.buf.lock().unwrap().dropped
+    }
+}
+
+/// The UART's writer when the console goes to chardevd.
+pub struct BufferWriter(pub Arc<ConsoleBuffer>);
+
+impl std::io::Write for BufferWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where console input from chardevd goes (the UART of the current boot).
+pub type InputFn = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// The running supervisor; dropping it ends chardevd (and reaps it) and the supervisor.
+pub struct Supervisor {
+    buffer: Arc<ConsoleBuffer>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.buffer
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.buffer.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the supervisor; returns once chardevd runs and accepted the backend (or why not).
+pub fn start(
+    binary: PathBuf,
+    backend: Backend,
+    buffer: Arc<ConsoleBuffer>,
+    input: InputFn,
+    shared: Arc<Shared>,
+) -> Result<Supervisor, ChardevError> {
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let for_handle = buffer.clone();
+    let thread = std::thread::Builder::new()
+        .name("chardevd-supervisor".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(
+                &rt,
+                supervise(binary, backend, buffer, input, shared, first_tx),
+            );
+        })
+        .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
+    first_rx
+        .recv()
+        .unwrap_or_else(|_| Err(ChardevError::Rpc("the supervisor ended".into())))?;
+    Ok(Supervisor {
+        buffer: for_handle,
+        thread: Some(thread),
+    })
+}
+
+async fn supervise(
+    binary: PathBuf,
+    backend: Backend,
+    buffer: Arc<ConsoleBuffer>,
+    input: InputFn,
+    shared: Arc<Shared>,
+    first: std::sync::mpsc::Sender<Result<(), ChardevError>>,
+) {
+    let mut first = Some(first);
+    let mut restarts = 0u32;
+    let mut dropped_at_death = None;
+    loop {
+        let result = run_helper(
+            &binary,
+            &backend,
+            &buffer,
+            &input,
+            &shared,
+            &mut first,
+            &mut dropped_at_death,
+        )
+        .await;
+        if buffer.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if let Some(tx) = first.take() {
+            // chardevd never came up: the VM does not start.
+            let _ = tx.send(result.map(|_| ()));
+            return;
+        }
+        let why = match result {
+            Ok(status) => status,
+            Err(e) => e.to_string(),
+        };
+        log::warn!("chardevd died ({why}); restarting it");
+        shared
+            .events
+            .emit("helper-died", format!("chardevd: {why}"));
+        dropped_at_death.get_or_insert(buffer.dropped());
+        restarts += 1;
+        // Back off a little when it keeps dying, but never give up while the VM lives.
+        let delay = Duration::from_millis(50 * u64::from(restarts.min(20)));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = buffer.stop.notified() => return,
+        }
+    }
+}
+
+/// Runs one chardevd until it dies; Ok(why) when it died after starting.
+async fn run_helper(
+    binary: &PathBuf,
+    backend: &Backend,
+    buffer: &ConsoleBuffer,
+    input: &InputFn,
+    shared: &Shared,
+    first: &mut Option<std::sync::mpsc::Sender<Result<(), ChardevError>>>,
+    dropped_at_death: &mut Option<u64>,
+) -> Result<String, ChardevError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("--control-fd")
+        .arg("3")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
+    // (without close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(theirs_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+
+    ours.set_nonblocking(true)
+        .map_err(|e| ChardevError::Rpc(e.to_string()))?;
+    let stream =
+        tokio::net::UnixStream::from_std(ours).map_err(|e| ChardevError::Rpc(e.to_string()))?;
+    let (reader, writer) = stream.into_split();
+    let network = Box::new(twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Client,
+        Default::default(),
+    ));
+    let mut rpc = RpcSystem::new(network, None);
+    let server: chardevd::Client = rpc.bootstrap(twoparty::VatId::Server);
+    let disconnect = rpc.get_disconnector();
+    tokio::task::spawn_local(rpc);
+
+    let mut open = server.open_request();
+    {
+        let mut p = open.get();
+        p.set_name("serial0");
+        let mut b = p.init_backend();
+        match backend {
+            Backend::Null => b.set_null(()),
+            Backend::File { path, append } => {
+                let mut f = b.init_file();
+                f.set_path(path);
+                f.set_append(*append || first.is_none());
+            }
+            Backend::Ring(size) => b.set_ring(*size),
+            Backend::UnixServer(path) => b.set_unix_server(path),
+        }
+    }
+    let device = match open.send().promise.await {
+        Ok(reply) => reply
+            .get()
+            .and_then(|r| r.get_device())
+            .map_err(|e| ChardevError::Rpc(e.to_string()))?,
+        Err(e) => {
+            let _ = child.kill().await;
+            let msg = e.extra.trim_start_matches("remote exception: ").to_string();
+            return Err(if e.kind == capnp::ErrorKind::Failed {
+                ChardevError::Backend(msg)
+            } else {
+                ChardevError::Rpc(msg)
+            });
+        }
+    };
+    let mut set_input = device.set_input_request();
+    set_input
+        .get()
+        .set_sink(capnp_rpc::new_client(InputServer(input.clone())));
+    set_input
+        .send()
+        .promise
+        .await
+        .map_err(|e| ChardevError::Rpc(e.to_string()))?;
+
+    match (first.take(), dropped_at_death.take()) {
+        (Some(tx), _) => {
+            log::info!("started chardevd (pid {pid})");
+            shared
+                .events
+                .emit("helper-started", format!("chardevd pid {pid}"));
+            let _ = tx.send(Ok(()));
+        }
+        (None, before) => {
+            let lost = buffer.dropped() - before.unwrap_or(buffer.dropped());
+            log::info!("restarted chardevd (pid {pid}); console output resumes, {lost} bytes lost meanwhile");
+            shared.events.emit(
+                "helper-restarted",
+                format!("chardevd pid {pid}, {lost} bytes lost"),
+            );
+        }
+    }
+    pump(&device, buffer, &mut child, disconnect).await
+}
+
+/// Streams the buffer to chardevd until it dies.
+async fn pump(
+    device: &device::Client,
+    buffer: &ConsoleBuffer,
+    child: &mut tokio::process::Child,
+    disconnect: capnp_rpc::Disconnector<twoparty::VatId>,
+) -> Result<String, ChardevError> {
+    loop {
+        let (start, chunk) = buffer.peek(WRITE_CHUNK);
+        if chunk.is_empty() {
+            tokio::select! {
+                _ = buffer.notify.notified() => continue,
+                status = child.wait() => return Ok(describe(status)),
+                _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
+            }
+        }
+        let mut req = device.write_request();
+        req.get().set_data(&chunk);
+        tokio::select! {
+            reply = req.send().promise => match reply {
+                Ok(_) => buffer.ack(start + chunk.len() as u64),
+                Err(e) => {
+                    let _ = child.kill().await;
+                    return Ok(format!("a write failed: {}", e.extra));
+                }
+            },
+            status = child.wait() => return Ok(describe(status)),
+            _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
+        }
+    }
+}
+
+/// Ends chardevd and reaps it: the VMM is exiting. Closing its control connection is how it
+/// is told (it then removes its sockets and exits); SIGKILL only if it does not.
+async fn stop(
+    child: &mut tokio::process::Child,
+    disconnect: capnp_rpc::Disconnector<twoparty::VatId>,
+) -> String {
+    let _ = disconnect.await;
+    if tokio::time::timeout(Duration::from_secs(2), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    "stopped with the VMM".into()
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+struct InputServer(InputFn);
+
+impl input_sink::Server for InputServer {
+    async fn input(
+        self: capnp::capability::Rc<Self>,
+        params: input_sink::InputParams,
+        _: input_sink::InputResults,
+    ) -> Result<(), capnp::Error> {
+        (self.0)(params.get()?.get_data()?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledged_bytes_leave_and_overflow_drops_the_oldest() {
+        let b = ConsoleBuffer::new(8);
+        b.push(b"abcdef");
+        let (start, chunk) = b.peek(4);
+        assert_eq!((start, chunk.as_slice()), (0, &b"abcd"[..]));
+        // While that write is in flight, more output overflows the buffer.
+        b.push(b"ghijk");
+        assert_eq!(b.dropped(), 3);
+        b.ack(start + 4); // "abc" were dropped already; only "d" is left to forget
+        let (start, chunk) = b.peek(100);
+        assert_eq!((start, chunk.as_slice()), (4, &b"efghijk"[..]));
+    }
+}
