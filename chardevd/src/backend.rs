@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmm_proto::chardevd_capnp::{backend, chardevd, device, input_sink};
+use vmm_proto::chardevd_capnp::{backend, chardevd, device, fault, input_sink};
 
 /// Serves `open`; remembers the socket paths it listens on, to remove them when it ends.
 #[derive(Default)]
@@ -72,6 +72,7 @@ impl chardevd::Server for Server {
             kind: RefCell::new(kind),
             dropped: RefCell::new(0),
             input: RefCell::new(None),
+            delay_ms: std::cell::Cell::new(0),
         });
         if let Some(listener) = listener {
             tokio::task::spawn_local(accept_clients(listener, std::rc::Rc::downgrade(&dev)));
@@ -98,6 +99,8 @@ pub struct Device {
     kind: RefCell<Kind>,
     dropped: RefCell<u64>,
     input: RefCell<Option<input_sink::Client>>,
+    /// Fault injection: every write waits this long first.
+    delay_ms: std::cell::Cell<u32>,
 }
 
 /// Serves a socket backend's clients, one at a time: a new client replaces the old one. What
@@ -136,6 +139,10 @@ impl device::Server for Device {
         _: device::WriteResults,
     ) -> Result<(), capnp::Error> {
         let data = params.get()?.get_data()?.to_vec();
+        let delay = self.delay_ms.get();
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay.into())).await;
+        }
         let mut socket_client = None;
         {
             let mut kind = self.kind.borrow_mut();
@@ -191,6 +198,32 @@ impl device::Server for Device {
         _: device::SetInputResults,
     ) -> Result<(), capnp::Error> {
         *self.input.borrow_mut() = Some(params.get()?.get_sink()?);
+        Ok(())
+    }
+
+    async fn inject_fault(
+        self: Rc<Self>,
+        params: device::InjectFaultParams,
+        _: device::InjectFaultResults,
+    ) -> Result<(), capnp::Error> {
+        match params.get()?.get_fault()?.which()? {
+            fault::Clear(()) => self.delay_ms.set(0),
+            fault::DelayWritesMs(ms) => self.delay_ms.set(ms),
+            fault::DropConnection(()) => match &mut *self.kind.borrow_mut() {
+                // Dropping the write half shuts the connection down; the client sees EOF.
+                Kind::Socket { client } => {
+                    if client.take().is_none() {
+                        return Err(failed(format!("{}: no client is connected", self.name)));
+                    }
+                }
+                _ => {
+                    return Err(failed(format!(
+                        "{}: its backend has no connection to drop",
+                        self.name
+                    )))
+                }
+            },
+        }
         Ok(())
     }
 }

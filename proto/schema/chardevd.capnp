@@ -31,6 +31,17 @@ interface Device {
 
   setInput @2 (sink :InputSink) -> ();
   # Where input from the backend (a socket client's bytes) goes.
+
+  injectFault @3 (fault :Fault) -> ();
+  # Fault injection for users' tests; see Fault.
+}
+
+struct Fault {
+  union {
+    clear @0 :Void;             # remove every rule
+    dropConnection @1 :Void;    # disconnect the socket backend's client now
+    delayWritesMs @2 :UInt32;   # every write waits this long before the backend takes it
+  }
 }
 
 interface InputSink {

@@ -19,6 +19,13 @@ interface Vmm {
   reboot @4 () -> ();
   # Reset the VM (as pressing the reset button): the guest boots again.
 
+  consoleDump @6 () -> (data :Data, dropped :UInt64);
+  # The console ring's contents (--serial chardevd,ring=SIZE) and how many older bytes it
+  # dropped.
+
+  consoleFault @7 (fault :ConsoleFault) -> ();
+  # Fault injection on the console's backend in chardevd, for users' fault tests.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
@@ -51,4 +58,12 @@ struct VmInfo {
 enum RunState {
   running @0;
   paused @1;
+}
+
+struct ConsoleFault {
+  union {
+    clear @0 :Void;             # remove every rule
+    dropConnection @1 :Void;    # disconnect the backend's client now
+    delayWritesMs @2 :UInt32;   # every write to the backend waits this long first
+  }
 }

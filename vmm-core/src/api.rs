@@ -58,6 +58,8 @@ pub struct Shared {
     pub status: Mutex<Status>,
     pub started: Instant,
     pub events: Events,
+    /// The console's chardevd device, when it has one.
+    pub console: Mutex<Option<crate::chardev::ControlSender>>,
 }
 
 /// One event, as subscribers receive it.
@@ -248,6 +250,19 @@ impl VmmServer {
     }
 }
 
+impl VmmServer {
+    fn console(&self, control: crate::chardev::Control) -> Result<(), capnp::Error> {
+        let sender = self.shared.console.lock().unwrap().clone().ok_or_else(|| {
+            capnp::Error::failed(
+                "the console is on stdio in vmm-core; start the VM with --serial chardevd,... to give it a backend".into(),
+            )
+        })?;
+        sender
+            .send(control)
+            .map_err(|_| capnp::Error::failed("the console's supervisor has ended".into()))
+    }
+}
+
 impl vmm::Server for VmmServer {
     async fn info(
         self: capnp::capability::Rc<Self>,
@@ -303,6 +318,43 @@ impl vmm::Server for VmmServer {
         _: vmm::RebootResults,
     ) -> Result<(), capnp::Error> {
         self.ask(Request::Reboot).await
+    }
+
+    async fn console_dump(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::ConsoleDumpParams,
+        mut results: vmm::ConsoleDumpResults,
+    ) -> Result<(), capnp::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.console(crate::chardev::Control::DumpRing(reply))?;
+        let (data, dropped) = answer
+            .await
+            .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?
+            .map_err(capnp::Error::failed)?;
+        let mut r = results.get();
+        r.set_data(&data);
+        r.set_dropped(dropped);
+        Ok(())
+    }
+
+    async fn console_fault(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::ConsoleFaultParams,
+        _: vmm::ConsoleFaultResults,
+    ) -> Result<(), capnp::Error> {
+        use crate::chardev::Fault;
+        use vmm_proto::vmm_capnp::console_fault;
+        let fault = match params.get()?.get_fault()?.which()? {
+            console_fault::Clear(()) => Fault::Clear,
+            console_fault::DropConnection(()) => Fault::DropConnection,
+            console_fault::DelayWritesMs(ms) => Fault::DelayWritesMs(ms),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.console(crate::chardev::Control::Fault(fault, reply))?;
+        answer
+            .await
+            .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?
+            .map_err(capnp::Error::failed)
     }
 
     async fn events(

@@ -125,12 +125,30 @@ impl std::io::Write for BufferWriter {
     }
 }
 
+/// Fault injection on the console's backend (see proto/schema/chardevd.capnp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Clear,
+    DropConnection,
+    DelayWritesMs(u32),
+}
+
+/// What the management API asks of the device in chardevd.
+pub enum Control {
+    DumpRing(futures::channel::oneshot::Sender<Result<(Vec<u8>, u64), String>>),
+    Fault(Fault, futures::channel::oneshot::Sender<Result<(), String>>),
+}
+
+pub type ControlSender = tokio::sync::mpsc::UnboundedSender<Control>;
+
 /// Where console input from chardevd goes (the UART of the current boot).
 pub type InputFn = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// The running supervisor; dropping it ends chardevd (and reaps it) and the supervisor.
 pub struct Supervisor {
     buffer: Arc<ConsoleBuffer>,
+    /// Requests for the device, served between writes.
+    pub control: ControlSender,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -156,6 +174,7 @@ pub fn start(
 ) -> Result<Supervisor, ChardevError> {
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let for_handle = buffer.clone();
+    let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
     let thread = std::thread::Builder::new()
         .name("chardevd-supervisor".into())
         .spawn(move || {
@@ -166,7 +185,15 @@ pub fn start(
             let local = tokio::task::LocalSet::new();
             local.block_on(
                 &rt,
-                supervise(binary, backend, buffer, input, shared, first_tx),
+                supervise(
+                    binary,
+                    backend,
+                    buffer,
+                    input,
+                    shared,
+                    first_tx,
+                    &mut controls,
+                ),
             );
         })
         .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
@@ -175,6 +202,7 @@ pub fn start(
         .unwrap_or_else(|_| Err(ChardevError::Rpc("the supervisor ended".into())))?;
     Ok(Supervisor {
         buffer: for_handle,
+        control,
         thread: Some(thread),
     })
 }
@@ -186,21 +214,20 @@ async fn supervise(
     input: InputFn,
     shared: Arc<Shared>,
     first: std::sync::mpsc::Sender<Result<(), ChardevError>>,
+    controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) {
     let mut first = Some(first);
     let mut restarts = 0u32;
     let mut dropped_at_death = None;
     loop {
-        let result = run_helper(
-            &binary,
-            &backend,
-            &buffer,
-            &input,
-            &shared,
-            &mut first,
-            &mut dropped_at_death,
-        )
-        .await;
+        let helper = Helper {
+            binary: &binary,
+            backend: &backend,
+            buffer: &buffer,
+            input: &input,
+            shared: &shared,
+        };
+        let result = run_helper(&helper, &mut first, &mut dropped_at_death, controls).await;
         if buffer.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -229,15 +256,28 @@ async fn supervise(
 }
 
 /// Runs one chardevd until it dies; Ok(why) when it died after starting.
+/// What every start of chardevd needs.
+struct Helper<'a> {
+    binary: &'a PathBuf,
+    backend: &'a Backend,
+    buffer: &'a ConsoleBuffer,
+    input: &'a InputFn,
+    shared: &'a Shared,
+}
+
 async fn run_helper(
-    binary: &PathBuf,
-    backend: &Backend,
-    buffer: &ConsoleBuffer,
-    input: &InputFn,
-    shared: &Shared,
+    helper: &Helper<'_>,
     first: &mut Option<std::sync::mpsc::Sender<Result<(), ChardevError>>>,
     dropped_at_death: &mut Option<u64>,
+    controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> Result<String, ChardevError> {
+    let Helper {
+        binary,
+        backend,
+        buffer,
+        input,
+        shared,
+    } = *helper;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
     let theirs_fd = theirs.as_raw_fd();
@@ -336,7 +376,7 @@ async fn run_helper(
             );
         }
     }
-    pump(&device, buffer, &mut child, disconnect).await
+    pump(&device, buffer, &mut child, disconnect, controls).await
 }
 
 /// Streams the buffer to chardevd until it dies.
@@ -345,12 +385,21 @@ async fn pump(
     buffer: &ConsoleBuffer,
     child: &mut tokio::process::Child,
     disconnect: capnp_rpc::Disconnector<twoparty::VatId>,
+    controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> Result<String, ChardevError> {
     loop {
+        // Requests are served between writes, never cancelling one in flight.
+        while let Ok(c) = controls.try_recv() {
+            serve_control(device, c).await;
+        }
         let (start, chunk) = buffer.peek(WRITE_CHUNK);
         if chunk.is_empty() {
             tokio::select! {
                 _ = buffer.notify.notified() => continue,
+                Some(c) = controls.recv() => {
+                    serve_control(device, c).await;
+                    continue;
+                }
                 status = child.wait() => return Ok(describe(status)),
                 _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
             }
@@ -367,6 +416,34 @@ async fn pump(
             },
             status = child.wait() => return Ok(describe(status)),
             _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
+        }
+    }
+}
+
+async fn serve_control(device: &device::Client, control: Control) {
+    let msg = |e: capnp::Error| e.extra.trim_start_matches("remote exception: ").to_string();
+    match control {
+        Control::DumpRing(reply) => {
+            let result = match device.read_ring_request().send().promise.await {
+                Ok(r) => r
+                    .get()
+                    .and_then(|r| Ok((r.get_data()?.to_vec(), r.get_dropped())))
+                    .map_err(msg),
+                Err(e) => Err(msg(e)),
+            };
+            let _ = reply.send(result);
+        }
+        Control::Fault(fault, reply) => {
+            let mut req = device.inject_fault_request();
+            {
+                let mut f = req.get().init_fault();
+                match fault {
+                    Fault::Clear => f.set_clear(()),
+                    Fault::DropConnection => f.set_drop_connection(()),
+                    Fault::DelayWritesMs(ms) => f.set_delay_writes_ms(ms),
+                }
+            }
+            let _ = reply.send(req.send().promise.await.map(|_| ()).map_err(msg));
         }
     }
 }

@@ -164,6 +164,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         }),
         started: std::time::Instant::now(),
         events: api::Events::default(),
+        console: Mutex::new(None),
     });
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
@@ -183,6 +184,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             input,
             shared.clone(),
         )?);
+        *shared.console.lock().unwrap() = supervisor.as_ref().map(|s| s.control.clone());
     }
 
     let result = run_guest(kvm, config, &tx, &rx, &console, &shared);

@@ -38,6 +38,26 @@ enum Command {
     Reboot,
     /// Print the VM's events as they happen, until it ends.
     Events,
+    /// The serial console: --dump prints what its ring holds (--serial chardevd,ring=SIZE).
+    Console {
+        #[arg(long)]
+        dump: bool,
+    },
+    /// Fault injection on the console's backend in chardevd.
+    ConsoleFault {
+        #[command(subcommand)]
+        rule: FaultRule,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum FaultRule {
+    /// Remove every rule.
+    Clear,
+    /// Disconnect the backend's client (a Unix-socket backend) now.
+    DropConnection,
+    /// Make every write to the backend wait MS milliseconds first.
+    DelayWrites { ms: u32 },
 }
 
 /// An error and the exit status it maps to: 2 for a socket we cannot use, 1 for a refused or
@@ -110,6 +130,8 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Shutdown { .. } => "shutdown",
         Command::Reboot => "reboot",
         Command::Events => "events",
+        Command::Console { .. } => "console",
+        Command::ConsoleFault { .. } => "console-fault",
     };
     let fail = |e: capnp::Error| {
         let msg = match e.kind {
@@ -148,6 +170,49 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Reboot => {
             client.reboot_request().send().promise.await.map_err(fail)?;
             done(cli.json, "reset")
+        }
+        Command::Console { dump: false } => {
+            return Err(Failure(
+                2,
+                "console: attaching interactively is not built yet; use --dump, or start the VM with --serial chardevd,unix=PATH and connect to PATH".into(),
+            ));
+        }
+        Command::Console { dump: true } => {
+            let reply = client
+                .console_dump_request()
+                .send()
+                .promise
+                .await
+                .map_err(fail)?;
+            let r = reply.get().map_err(fail)?;
+            let data = r.get_data().map_err(fail)?;
+            if cli.json {
+                format!(
+                    "{{\"data\":{},\"dropped\":{}}}",
+                    json_str(&String::from_utf8_lossy(data)),
+                    r.get_dropped()
+                )
+            } else {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(data);
+                if r.get_dropped() > 0 {
+                    eprintln!("vmmctl: the ring dropped {} older bytes", r.get_dropped());
+                }
+                String::new()
+            }
+        }
+        Command::ConsoleFault { rule } => {
+            let mut req = client.console_fault_request();
+            {
+                let mut f = req.get().init_fault();
+                match rule {
+                    FaultRule::Clear => f.set_clear(()),
+                    FaultRule::DropConnection => f.set_drop_connection(()),
+                    FaultRule::DelayWrites { ms } => f.set_delay_writes_ms(ms),
+                }
+            }
+            req.send().promise.await.map_err(fail)?;
+            done(cli.json, "done")
         }
         Command::Events => {
             let mut req = client.events_request();
