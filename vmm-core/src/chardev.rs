@@ -17,6 +17,8 @@ use vmm_proto::chardevd_capnp::{chardevd, device, input_sink};
 /// Guest output buffered for chardevd.
 pub const BUFFER_BYTES: usize = 4 << 20;
 const WRITE_CHUNK: usize = 64 << 10;
+/// How long output that follows a quiet spell is gathered before the first write.
+const BATCH_DELAY: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -73,6 +75,7 @@ impl ConsoleBuffer {
     /// Never blocks: when full, the oldest bytes make room and are counted.
     pub fn push(&self, bytes: &[u8]) {
         let mut b = self.buf.lock().unwrap();
+        let was_empty = b.data.is_empty();
         b.data.extend(bytes);
         let excess = b.data.len().saturating_sub(self.capacity);
         if excess > 0 {
@@ -81,7 +84,10 @@ impl ConsoleBuffer {
             b.dropped += excess as u64;
         }
         drop(b);
-        self.notify.notify_one();
+        // The supervisor looks again after each write; it only needs waking from idle.
+        if was_empty {
+            self.notify.notify_one();
+        }
     }
 
     /// The oldest unacknowledged bytes, and the stream offset they start at.
@@ -395,7 +401,12 @@ async fn pump(
         let (start, chunk) = buffer.peek(WRITE_CHUNK);
         if chunk.is_empty() {
             tokio::select! {
-                _ = buffer.notify.notified() => continue,
+                _ = buffer.notify.notified() => {
+                    // Output starts after a quiet spell: gather what follows for a moment, so
+                    // that a byte-at-a-time UART does not cost a write each.
+                    tokio::time::sleep(BATCH_DELAY).await;
+                    continue;
+                }
                 Some(c) = controls.recv() => {
                     serve_control(device, c).await;
                     continue;

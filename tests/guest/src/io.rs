@@ -40,6 +40,24 @@ fn serial_put(b: u8) {
     outb(COM1, b);
 }
 
+/// Writes `n` bytes of 64-character lines to COM1 the way an 8250 driver with a FIFO does:
+/// wait for the transmitter to empty, then fill the 16-byte FIFO.
+pub fn serial_spew(n: u64) {
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n";
+    let mut sent = 0u64;
+    while sent < n {
+        let mut spins = 0;
+        while inb(COM1 + 5) & 0x20 == 0 && spins < 100_000 {
+            spins += 1;
+        }
+        let burst = (n - sent).min(16);
+        for _ in 0..burst {
+            outb(COM1, line[(sent % line.len() as u64) as usize]);
+            sent += 1;
+        }
+    }
+}
+
 /// Waits for a byte from COM1 (polling the line status register's data-ready bit).
 pub fn serial_get() -> u8 {
     while inb(COM1 + 5) & 0x01 == 0 {}

@@ -118,6 +118,11 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         .hex(USER_RESULT.load(Ordering::SeqCst))
         .emit();
 
+    // Console throughput (bench/console.sh): write this many bytes before the scenario runs.
+    if let Some(n) = param(cmdline, "tg.spew=").and_then(parse_u64) {
+        io::serial_spew(n);
+        Line::new().s("tg: spew done bytes=").u(n).emit();
+    }
     let scenario = param(cmdline, "tg.scenario=").unwrap_or("poweroff");
     if scenario == "pvm-fixups" {
         smp::exercise_fixups();
