@@ -32,6 +32,11 @@ impl chardevd::Server for Server {
             .get_name()?
             .to_string()
             .map_err(|e| failed(e.to_string()))?;
+        let input = if p.has_input() {
+            Some(p.get_input()?)
+        } else {
+            None
+        };
         let mut listener = None;
         let kind = match p.get_backend()?.which()? {
             backend::Null(()) => Kind::Null,
@@ -71,7 +76,7 @@ impl chardevd::Server for Server {
             name,
             kind: RefCell::new(kind),
             dropped: RefCell::new(0),
-            input: RefCell::new(None),
+            input: RefCell::new(input),
             delay_ms: std::cell::Cell::new(0),
         });
         if let Some(listener) = listener {

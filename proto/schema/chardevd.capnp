@@ -4,7 +4,9 @@
 # systemd listens on) and calls `open` for each device, again after chardevd restarts.
 
 interface Chardevd {
-  open @0 (name :Text, backend :Backend) -> (device :Device);
+  open @0 (name :Text, backend :Backend, input :InputSink) -> (device :Device);
+  # input: where the backend's input goes from the first byte on (a client may connect and
+  # type before anything else is called).
 }
 
 struct Backend {

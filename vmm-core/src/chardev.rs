@@ -328,6 +328,7 @@ async fn run_helper(
     {
         let mut p = open.get();
         p.set_name("serial0");
+        p.set_input(capnp_rpc::new_client(InputServer(input.clone())));
         let mut b = p.init_backend();
         match backend {
             Backend::Null => b.set_null(()),
@@ -355,16 +356,6 @@ async fn run_helper(
             });
         }
     };
-    let mut set_input = device.set_input_request();
-    set_input
-        .get()
-        .set_sink(capnp_rpc::new_client(InputServer(input.clone())));
-    set_input
-        .send()
-        .promise
-        .await
-        .map_err(|e| ChardevError::Rpc(e.to_string()))?;
-
     match (first.take(), dropped_at_death.take()) {
         (Some(tx), _) => {
             log::info!("started chardevd (pid {pid})");

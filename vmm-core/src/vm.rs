@@ -89,7 +89,12 @@ fn feed_uart(console: &ConsoleInput, bytes: &[u8]) {
     let mut waits = 0;
     while off < bytes.len() {
         let target = console.target.lock().unwrap().clone();
-        off += target.map_or(0, |t| t.lock().unwrap().enqueue(&bytes[off..]));
+        let Some(target) = target else {
+            // The guest is being (re)built; its UART comes shortly.
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        off += target.lock().unwrap().enqueue(&bytes[off..]);
         if off < bytes.len() {
             waits += 1;
             if waits > 1000 {
@@ -175,8 +180,21 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     if let Some(backend) = &config.serial {
         let buffer = Arc::new(chardev::ConsoleBuffer::new(chardev::BUFFER_BYTES));
         let _ = console.output.set(buffer.clone());
+        // Input from chardevd is queued for a thread of its own: feeding the UART may have to
+        // wait (for the guest to read, or for the VM to exist), and the supervisor must not.
+        let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let input_to = console.clone();
-        let input: chardev::InputFn = Arc::new(move |bytes: &[u8]| feed_uart(&input_to, bytes));
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                for bytes in in_rx {
+                    feed_uart(&input_to, &bytes);
+                }
+            })
+            .map_err(|e| VmError::Thread("console input", e))?;
+        let input: chardev::InputFn = Arc::new(move |bytes: &[u8]| {
+            let _ = in_tx.send(bytes.to_vec());
+        });
         supervisor = Some(chardev::start(
             config.chardevd.clone(),
             backend.clone(),
@@ -482,21 +500,21 @@ fn run_once(
         }
     };
     stop_vcpus(&state, threads);
-    // Later events from vCPUs that were stopping anyway are reported, not acted on.
+    // Later events from vCPUs that were stopping anyway are reported, not acted on. Requests
+    // from people (API calls, signals, the console escape) carry over: if the guest boots
+    // again they apply to it; if the VMM ends, the API caller hears that it stopped.
+    let mut carried = Vec::new();
     while let Ok(other) = rx.try_recv() {
         match other {
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
                 log::warn!("vCPU {id} while stopping: {msg}")
             }
-            VmEvent::Api(req) => {
-                let _ = req.reply.send(Err("the VM is stopping".into()));
-            }
-            VmEvent::Signal(_) | VmEvent::ConsoleEscape | VmEvent::DumpVcpus => {
-                let _ = tx.send(other);
-                break;
-            }
-            _ => {}
+            VmEvent::Vcpu(_) => {}
+            other => carried.push(other),
         }
+    }
+    for e in carried {
+        let _ = tx.send(e);
     }
     *console.target.lock().unwrap() = None;
     Ok(event)
