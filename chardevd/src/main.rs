@@ -19,19 +19,87 @@ use vmm_proto::chardevd_capnp::chardevd;
 )]
 struct Args {
     /// A connected control socket inherited from vmm-core; chardevd exits when it closes.
-    #[arg(long, value_name = "FD")]
-    control_fd: i32,
+    #[arg(long, value_name = "FD", conflicts_with = "listen")]
+    control_fd: Option<i32>,
+    /// Serve every vmm-core that connects to this socket (as under systemd), until killed.
+    /// With neither option, a socket that systemd passes (LISTEN_FDS) is used.
+    #[arg(long, value_name = "PATH")]
+    listen: Option<std::path::PathBuf>,
+}
+
+/// What chardevd serves: one inherited connection, or a listening socket.
+enum Control {
+    Connection(std::os::unix::net::UnixStream),
+    Listener(std::os::unix::net::UnixListener, Option<std::path::PathBuf>),
+}
+
+fn control(args: &Args) -> Result<Control, String> {
+    if let Some(fd) = args.control_fd {
+        // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!(
+                "--control-fd {fd}: not an open descriptor; vmm-core starts chardevd with one"
+            ));
+        }
+        // SAFETY: the descriptor is open (checked above) and handed to us to own.
+        return Ok(Control::Connection(unsafe {
+            std::os::unix::net::UnixStream::from_raw_fd(fd)
+        }));
+    }
+    if let Some(path) = &args.listen {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| format!("--listen {}: cannot listen on it ({e})", path.display()))?;
+        return Ok(Control::Listener(l, Some(path.clone())));
+    }
+    // systemd socket activation: LISTEN_PID is us and LISTEN_FDS=1 means fd 3 listens.
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    if ours && std::env::var("LISTEN_FDS").as_deref() == Ok("1") {
+        // SAFETY: systemd passed fd 3 to us as a listening socket.
+        return Ok(Control::Listener(
+            unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) },
+            None,
+        ));
+    }
+    Err("give --control-fd FD (from vmm-core) or --listen PATH, or start chardevd from a systemd socket unit".into())
+}
+
+/// Serves one vmm-core connection until it closes; returns the socket paths it listened on.
+async fn serve(stream: std::os::unix::net::UnixStream) -> Vec<String> {
+    if stream.set_nonblocking(true).is_err() {
+        return Vec::new();
+    }
+    let Ok(stream) = tokio::net::UnixStream::from_std(stream) else {
+        return Vec::new();
+    };
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Server,
+        Default::default(),
+    );
+    let server = backend::Server::default();
+    let sockets = server.sockets.clone();
+    let client: chardevd::Client = capnp_rpc::new_client(server);
+    let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+    let _ = rpc.await;
+    let paths = sockets.borrow().clone();
+    paths
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
-    if unsafe { libc::fcntl(args.control_fd, libc::F_GETFD) } < 0 {
-        eprintln!("chardevd: error: --control-fd {}: not an open descriptor; chardevd is started by vmm-core", args.control_fd);
-        return ExitCode::from(2);
-    }
-    // SAFETY: the descriptor is open (checked above) and handed to us to own.
-    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(args.control_fd) };
+    let control = match control(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chardevd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -44,32 +112,32 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        if let Err(e) = stream.set_nonblocking(true) {
-            eprintln!("chardevd: error: control socket: {e}");
-            return ExitCode::from(1);
-        }
-        let stream = match tokio::net::UnixStream::from_std(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("chardevd: error: control socket: {e}");
-                return ExitCode::from(1);
+        match control {
+            Control::Connection(stream) => {
+                // vmm-core closing the control socket (or dying) is how chardevd is told to end.
+                for path in serve(stream).await {
+                    let _ = std::fs::remove_file(path);
+                }
             }
-        };
-        let (reader, writer) = stream.into_split();
-        let network = twoparty::VatNetwork::new(
-            reader.compat(),
-            writer.compat_write(),
-            Side::Server,
-            Default::default(),
-        );
-        let server = backend::Server::default();
-        let sockets = server.sockets.clone();
-        let client: chardevd::Client = capnp_rpc::new_client(server);
-        let rpc = RpcSystem::new(Box::new(network), Some(client.client));
-        // vmm-core closing the control socket (or dying) is how chardevd is told to end.
-        let _ = rpc.await;
-        for path in sockets.borrow().iter() {
-            let _ = std::fs::remove_file(path);
+            Control::Listener(listener, _path) => {
+                if listener.set_nonblocking(true).is_err() {
+                    return ExitCode::from(1);
+                }
+                let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
+                    return ExitCode::from(1);
+                };
+                eprintln!("chardevd: listening for vmm-core");
+                while let Ok((stream, _)) = listener.accept().await {
+                    let Ok(stream) = stream.into_std() else {
+                        continue;
+                    };
+                    tokio::task::spawn_local(async move {
+                        for path in serve(stream).await {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    });
+                }
+            }
         }
         ExitCode::SUCCESS
     })

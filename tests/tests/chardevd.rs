@@ -295,3 +295,100 @@ fn console_requests_on_a_stdio_console_are_refused_clearly() {
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }
+
+/// A chardevd that something else runs (`chardevd --listen`, as a systemd service would):
+/// vmm-core connects to it, and when it is killed and started again, reconnects.
+#[test]
+fn vmm_core_reconnects_to_a_chardevd_it_did_not_start() {
+    let tmp = vmm_tests::TempDir::new("listen");
+    let listen = tmp.join("chardevd.sock");
+    let file = tmp.join("console.log");
+    let chardevd = vmm_tests::vmm_core_bin().with_file_name("chardevd");
+    let start = || {
+        let child = std::process::Command::new(&chardevd)
+            .arg("--listen")
+            .arg(&listen)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(T, "chardevd listening", || {
+            std::os::unix::net::UnixStream::connect(&listen).is_ok()
+        });
+        child
+    };
+    let mut helper = start();
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=ticker")
+        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--chardevd-socket", listen.to_str().unwrap()])
+        .spawn();
+    let read = || std::fs::read_to_string(&file).unwrap_or_default();
+    wait_until(T, "ticks", || ticks(&read()).len() >= 5);
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let before = ticks(&read()).len();
+    let mut helper = start();
+    wait_until(T, "ticks after reconnecting", || {
+        ticks(&read()).len() >= before + 5
+    });
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(T), 143);
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let log = vm.stderr();
+    assert!(log.contains("reconnected to chardevd at"), "{log}");
+    assert!(log.contains("0 bytes lost meanwhile"), "{log}");
+    let mut seen = ticks(&read());
+    seen.dedup();
+    let expected: Vec<u64> = (1..=seen.len() as u64).collect();
+    assert_eq!(seen, expected, "every tick is kept across the reconnect");
+}
+
+/// systemd socket activation: chardevd takes the listening socket systemd passes
+/// (LISTEN_FDS), here from systemd-socket-activate.
+#[test]
+fn chardevd_serves_a_socket_passed_by_systemd() {
+    let tmp = vmm_tests::TempDir::new("activate");
+    let listen = tmp.join("chardevd.sock");
+    let file = tmp.join("console.log");
+    let chardevd = vmm_tests::vmm_core_bin().with_file_name("chardevd");
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&listen)
+        .arg(&chardevd)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package) must be installed");
+    wait_until(T, "the activation socket", || listen.exists());
+    let mut vm = TestVm::builder()
+        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--chardevd-socket", listen.to_str().unwrap()])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("tg: ready\r\n") && text.ends_with("tg: poweroff\r\n"),
+        "{text}"
+    );
+    activator.kill().unwrap();
+    activator.wait().unwrap();
+}
+
+#[test]
+fn a_chardevd_socket_nobody_serves_is_named() {
+    let mut vm = TestVm::builder()
+        .args([
+            "--serial",
+            "chardevd,null",
+            "--chardevd-socket",
+            "/nonexistent/chardevd.sock",
+        ])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 2);
+    assert!(
+        vm.stderr()
+            .contains("error: --chardevd-socket /nonexistent/chardevd.sock: cannot connect"),
+        "{}",
+        vm.stderr()
+    );
+}

@@ -28,8 +28,19 @@ pub enum Backend {
     UnixServer(String),
 }
 
+/// How vmm-core reaches chardevd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Start it (this executable) on an inherited socketpair; restart it if it dies.
+    Spawn(PathBuf),
+    /// Connect to one that runs already (under systemd); reconnect if the connection drops.
+    Connect(PathBuf),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChardevError {
+    #[error("--chardevd-socket {0}: cannot connect ({1}); is chardevd running (chardevd --listen PATH, or its systemd socket)?")]
+    Connect(PathBuf, std::io::Error),
     #[error(
         "--chardevd {0}: cannot start it ({1}); build it (cargo build) or pass --chardevd PATH"
     )]
@@ -172,7 +183,7 @@ impl Drop for Supervisor {
 
 /// Starts the supervisor; returns once chardevd runs and accepted the backend (or why not).
 pub fn start(
-    binary: PathBuf,
+    mode: Mode,
     backend: Backend,
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
@@ -192,7 +203,7 @@ pub fn start(
             local.block_on(
                 &rt,
                 supervise(
-                    binary,
+                    mode,
                     backend,
                     buffer,
                     input,
@@ -214,7 +225,7 @@ pub fn start(
 }
 
 async fn supervise(
-    binary: PathBuf,
+    mode: Mode,
     backend: Backend,
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
@@ -227,7 +238,7 @@ async fn supervise(
     let mut dropped_at_death = None;
     loop {
         let helper = Helper {
-            binary: &binary,
+            mode: &mode,
             backend: &backend,
             buffer: &buffer,
             input: &input,
@@ -246,7 +257,11 @@ async fn supervise(
             Ok(status) => status,
             Err(e) => e.to_string(),
         };
-        log::warn!("chardevd died ({why}); restarting it");
+        if matches!(mode, Mode::Spawn(_)) {
+            log::warn!("chardevd died ({why}); restarting it");
+        } else {
+            log::warn!("lost chardevd ({why}); reconnecting");
+        }
         shared
             .events
             .emit("helper-died", format!("chardevd: {why}"));
@@ -264,7 +279,7 @@ async fn supervise(
 /// Runs one chardevd until it dies; Ok(why) when it died after starting.
 /// What every start of chardevd needs.
 struct Helper<'a> {
-    binary: &'a PathBuf,
+    mode: &'a Mode,
     backend: &'a Backend,
     buffer: &'a ConsoleBuffer,
     input: &'a InputFn,
@@ -278,35 +293,45 @@ async fn run_helper(
     controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> Result<String, ChardevError> {
     let Helper {
-        binary,
+        mode,
         backend,
         buffer,
         input,
         shared,
     } = *helper;
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
-    let theirs_fd = theirs.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(binary);
-    cmd.arg("--control-fd")
-        .arg("3")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
-    // (without close-on-exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(theirs_fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
+    let (ours, mut child, who) = match mode {
+        Mode::Spawn(binary) => {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
+            let theirs_fd = theirs.as_raw_fd();
+            let mut cmd = tokio::process::Command::new(binary);
+            cmd.arg("--control-fd")
+                .arg("3")
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
+            // (without close-on-exec).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(theirs_fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
-    drop(theirs);
-    let pid = child.id().unwrap_or(0);
+            let child = cmd
+                .spawn()
+                .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
+            drop(theirs);
+            let who = format!("chardevd (pid {})", child.id().unwrap_or(0));
+            (ours, Some(child), who)
+        }
+        Mode::Connect(path) => {
+            let ours = std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| ChardevError::Connect(path.clone(), e))?;
+            (ours, None, format!("chardevd at {}", path.display()))
+        }
+    };
 
     ours.set_nonblocking(true)
         .map_err(|e| ChardevError::Rpc(e.to_string()))?;
@@ -322,7 +347,7 @@ async fn run_helper(
     let mut rpc = RpcSystem::new(network, None);
     let server: chardevd::Client = rpc.bootstrap(twoparty::VatId::Server);
     let disconnect = rpc.get_disconnector();
-    tokio::task::spawn_local(rpc);
+    let mut connection = tokio::task::spawn_local(rpc);
 
     let mut open = server.open_request();
     {
@@ -347,7 +372,9 @@ async fn run_helper(
             .and_then(|r| r.get_device())
             .map_err(|e| ChardevError::Rpc(e.to_string()))?,
         Err(e) => {
-            let _ = child.kill().await;
+            if let Some(c) = child.as_mut() {
+                let _ = c.kill().await;
+            }
             let msg = e.extra.trim_start_matches("remote exception: ").to_string();
             return Err(if e.kind == capnp::ErrorKind::Failed {
                 ChardevError::Backend(msg)
@@ -358,29 +385,49 @@ async fn run_helper(
     };
     match (first.take(), dropped_at_death.take()) {
         (Some(tx), _) => {
-            log::info!("started chardevd (pid {pid})");
-            shared
-                .events
-                .emit("helper-started", format!("chardevd pid {pid}"));
+            log::info!(
+                "{} {who}",
+                if child.is_some() {
+                    "started"
+                } else {
+                    "connected to"
+                }
+            );
+            shared.events.emit("helper-started", who.clone());
             let _ = tx.send(Ok(()));
         }
         (None, before) => {
             let lost = buffer.dropped() - before.unwrap_or(buffer.dropped());
-            log::info!("restarted chardevd (pid {pid}); console output resumes, {lost} bytes lost meanwhile");
-            shared.events.emit(
-                "helper-restarted",
-                format!("chardevd pid {pid}, {lost} bytes lost"),
+            log::info!(
+                "{} {who}; console output resumes, {lost} bytes lost meanwhile",
+                if child.is_some() {
+                    "restarted"
+                } else {
+                    "reconnected to"
+                }
             );
+            shared
+                .events
+                .emit("helper-restarted", format!("{who}, {lost} bytes lost"));
         }
     }
-    pump(&device, buffer, &mut child, disconnect, controls).await
+    pump(
+        &device,
+        buffer,
+        &mut child,
+        &mut connection,
+        disconnect,
+        controls,
+    )
+    .await
 }
 
 /// Streams the buffer to chardevd until it dies.
 async fn pump(
     device: &device::Client,
     buffer: &ConsoleBuffer,
-    child: &mut tokio::process::Child,
+    child: &mut Option<tokio::process::Child>,
+    connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
     disconnect: capnp_rpc::Disconnector<twoparty::VatId>,
     controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> Result<String, ChardevError> {
@@ -402,7 +449,8 @@ async fn pump(
                     serve_control(device, c).await;
                     continue;
                 }
-                status = child.wait() => return Ok(describe(status)),
+                why = child_exit(child) => return Ok(why),
+                _ = &mut *connection => return Ok("the connection closed".into()),
                 _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
             }
         }
@@ -412,11 +460,14 @@ async fn pump(
             reply = req.send().promise => match reply {
                 Ok(_) => buffer.ack(start + chunk.len() as u64),
                 Err(e) => {
-                    let _ = child.kill().await;
+                    if let Some(c) = child.as_mut() {
+                        let _ = c.kill().await;
+                    }
                     return Ok(format!("a write failed: {}", e.extra));
                 }
             },
-            status = child.wait() => return Ok(describe(status)),
+            why = child_exit(child) => return Ok(why),
+                _ = &mut *connection => return Ok("the connection closed".into()),
             _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
         }
     }
@@ -453,17 +504,27 @@ async fn serve_control(device: &device::Client, control: Control) {
 /// Ends chardevd and reaps it: the VMM is exiting. Closing its control connection is how it
 /// is told (it then removes its sockets and exits); SIGKILL only if it does not.
 async fn stop(
-    child: &mut tokio::process::Child,
+    child: &mut Option<tokio::process::Child>,
     disconnect: capnp_rpc::Disconnector<twoparty::VatId>,
 ) -> String {
     let _ = disconnect.await;
-    if tokio::time::timeout(Duration::from_secs(2), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
+    if let Some(c) = child.as_mut() {
+        if tokio::time::timeout(Duration::from_secs(2), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
     }
     "stopped with the VMM".into()
+}
+
+/// How a chardevd we started ended; never, for one we only connect to.
+async fn child_exit(child: &mut Option<tokio::process::Child>) -> String {
+    match child {
+        Some(c) => describe(c.wait().await),
+        None => std::future::pending().await,
+    }
 }
 
 fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {

@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// The chardevd executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
     pub chardevd: Option<PathBuf>,
+    /// Connect to a chardevd that runs already (chardevd --listen PATH, or its systemd socket)
+    /// instead of starting one; reconnect if the connection drops.
+    #[arg(long, value_name = "PATH", conflicts_with = "chardevd")]
+    pub chardevd_socket: Option<PathBuf>,
     /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -83,6 +87,7 @@ pub struct VmConfig {
     /// None: the console is stdio, in vmm-core.
     pub serial: Option<crate::chardev::Backend>,
     pub chardevd: PathBuf,
+    pub chardevd_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +209,7 @@ impl VmConfig {
             pvm: host.pvm,
             api_socket: args.api_socket,
             serial: parse_serial(&args.serial)?,
+            chardevd_socket: args.chardevd_socket,
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))

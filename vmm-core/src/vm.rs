@@ -57,7 +57,9 @@ impl VmError {
             || matches!(
                 self,
                 VmError::Chardev(
-                    chardev::ChardevError::Spawn(..) | chardev::ChardevError::Backend(_)
+                    chardev::ChardevError::Spawn(..)
+                        | chardev::ChardevError::Connect(..)
+                        | chardev::ChardevError::Backend(_)
                 )
             )
     }
@@ -196,7 +198,10 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             let _ = in_tx.send(bytes.to_vec());
         });
         supervisor = Some(chardev::start(
-            config.chardevd.clone(),
+            match &config.chardevd_socket {
+                Some(path) => chardev::Mode::Connect(path.clone()),
+                None => chardev::Mode::Spawn(config.chardevd.clone()),
+            },
             backend.clone(),
             buffer,
             input,
