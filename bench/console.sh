@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Console throughput: the test guest writes BYTES (default 1 MiB) to its 8250 serial port,
-# which goes to a file: through chardevd for vmm-core (--serial chardevd,file=...), and
+# which goes to a file: through chardevd for vmm-core (--serial file=...), and
 # through a file chardev for QEMU when it is installed. Runs alternate, in the same run.
 # Throughput = BYTES / (time of a run with BYTES - time of the same run with 0 bytes), so
 # boot and exit cost cancel out. Each file is checked to hold every byte.
@@ -29,7 +29,7 @@ runs, nbytes, vmm, guest, qemu, work = int(sys.argv[1]), int(sys.argv[2]), sys.a
 def ours(n):
     log = os.path.join(work, "ours.log")
     return log, [vmm, "run", "--kernel", guest, "--memory", "128M", "--cmdline", f"tg.spew={n}",
-                 "--serial", f"chardevd,file={log}"]
+                 "--serial", f"file={log}"]
 
 def theirs(n):
     log = os.path.join(work, "qemu.log")

@@ -1,20 +1,62 @@
 //! The backends and the Cap'n Proto objects that serve them.
 //!
-//! Flow-control policy: a file takes every byte (the caller waits for each write); the ring
-//! keeps the newest bytes and counts what it drops; a Unix socket with no client connected
-//! drops bytes and counts them, and a connected client gets every byte (the caller waits).
+//! Flow-control policy (every write is acknowledged to vmm-core only once the backend has
+//! taken it or dropped it, so vmm-core's bounded buffer is where a slow backend is felt):
+//! - file and stdio take every byte; a slow reader of stdio slows the console down;
+//! - the ring keeps the newest bytes and counts what it drops;
+//! - a Unix socket (server or client) with no peer connected drops bytes and counts them; a
+//!   connected peer gets every byte;
+//! - a pty that nobody has open, or whose reader stalls for more than a second, drops bytes
+//!   and counts them.
 
 use capnp::capability::Rc;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmm_proto::chardevd_capnp::{backend, chardevd, device, fault, input_sink};
 
+/// How long a pty's reader may stall a write before its bytes are dropped.
+const PTY_STALL: Duration = Duration::from_secs(1);
+
 /// Serves `open`; remembers the socket paths it listens on, to remove them when it ends.
-#[derive(Default)]
 pub struct Server {
     pub sockets: std::rc::Rc<RefCell<Vec<String>>>,
+    /// The side channel: descriptors from vmm-core (see proto/schema/chardevd.capnp).
+    side: OwnedFd,
+}
+
+impl Server {
+    pub fn new(side: OwnedFd) -> Server {
+        Server {
+            sockets: Default::default(),
+            side,
+        }
+    }
+
+    /// The descriptors vmm-core sent for device `name`, just before asking to open it.
+    fn take_fds(&self, name: &str, want: usize) -> Result<Vec<OwnedFd>, capnp::Error> {
+        let mut buf = [0u8; 256];
+        let (n, fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+            .map_err(|e| {
+                failed(format!(
+                    "{name}: vmm-core sent no descriptors on the side channel ({e})"
+                ))
+            })?;
+        if &buf[..n] != name.as_bytes() || fds.len() != want {
+            return Err(failed(format!(
+                "{name}: the side channel carried {} descriptors for {:?}; expected {want} for {name}",
+                fds.len(),
+                String::from_utf8_lossy(&buf[..n])
+            )));
+        }
+        Ok(fds)
+    }
 }
 
 fn failed(msg: String) -> capnp::Error {
@@ -37,9 +79,9 @@ impl chardevd::Server for Server {
         } else {
             None
         };
-        let mut listener = None;
-        let kind = match p.get_backend()?.which()? {
-            backend::Null(()) => Kind::Null,
+        let mut start: Option<Box<dyn FnOnce(std::rc::Weak<Device>)>> = None;
+        let (kind, description) = match p.get_backend()?.which()? {
+            backend::Null(()) => (Kind::Null, "null".to_string()),
             backend::File(f) => {
                 let f = f?;
                 let path = f
@@ -56,20 +98,104 @@ impl chardevd::Server for Server {
                         failed(format!("{name}: file {path}: cannot truncate it ({e})"))
                     })?;
                 }
-                Kind::File(file)
+                (Kind::File(file), format!("file {path}"))
             }
-            backend::Ring(size) => Kind::Ring {
-                data: VecDeque::new(),
-                size: size.max(1) as usize,
-            },
+            backend::Ring(size) => (
+                Kind::Ring {
+                    data: VecDeque::new(),
+                    size: size.max(1) as usize,
+                },
+                format!("ring of {} bytes", size.max(1)),
+            ),
             backend::UnixServer(path) => {
                 let path = path?.to_string().map_err(|e| failed(e.to_string()))?;
                 let _ = std::fs::remove_file(&path);
-                listener = Some(tokio::net::UnixListener::bind(&path).map_err(|e| {
+                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
                     failed(format!("{name}: socket {path}: cannot listen on it ({e})"))
-                })?);
+                })?;
                 self.sockets.borrow_mut().push(path.clone());
-                Kind::Socket { client: None }
+                start = Some(Box::new(move |dev| {
+                    tokio::task::spawn_local(accept_clients(listener, dev));
+                }));
+                (
+                    Kind::Socket { peer: None },
+                    format!("unix socket {path} (listening)"),
+                )
+            }
+            backend::UnixClient(c) => {
+                let c = c?;
+                let path = c
+                    .get_path()?
+                    .to_string()
+                    .map_err(|e| failed(e.to_string()))?;
+                let every = Duration::from_millis(u64::from(c.get_reconnect_ms().max(10)));
+                let described = format!("unix socket {path} (connecting)");
+                start = Some(Box::new(move |dev| {
+                    tokio::task::spawn_local(connect_loop(path, every, dev));
+                }));
+                (Kind::Socket { peer: None }, described)
+            }
+            backend::Stdio(()) => {
+                let mut fds = self.take_fds(&name, 2)?;
+                let output = fds.pop().expect("two descriptors");
+                let input = fds.pop().expect("two descriptors");
+                let stop = Arc::new(AtomicBool::new(false));
+                let (writes, thread_rx) = std::sync::mpsc::channel::<StdioWrite>();
+                std::thread::Builder::new()
+                    .name(format!("{name}-stdout"))
+                    .spawn(move || stdio_writer(output, thread_rx))
+                    .map_err(|e| failed(format!("{name}: stdio: {e}")))?;
+                let (in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
+                let stop_reader = stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("{name}-stdin"))
+                    .spawn(move || read_input(input, in_tx, stop_reader, Hangup::Ends))
+                    .map_err(|e| failed(format!("{name}: stdio: {e}")))?;
+                start = Some(Box::new(move |dev| {
+                    tokio::task::spawn_local(forward_from(in_rx, dev));
+                }));
+                (
+                    Kind::Stdio(Stdio {
+                        writes,
+                        _stop: Stop(stop),
+                        closed: false,
+                    }),
+                    "stdio".to_string(),
+                )
+            }
+            backend::Pty(()) => {
+                let (master, path) = open_pty()
+                    .map_err(|e| failed(format!("{name}: pty: cannot open one ({e})")))?;
+                // SAFETY: master is an OwnedFd that the AsyncFd owns from here on: it stays
+                // open and names the same description for the AsyncFd's whole life.
+                let master = unsafe { AsyncFd::register(master) }
+                    .map_err(|e| failed(format!("{name}: pty: {e}")))?;
+                let master = std::rc::Rc::new(master);
+                // Input is read on a thread with level-triggered poll: a pty's master keeps
+                // reporting a hang-up while nobody has it open, which edge-triggered readiness
+                // does not follow well.
+                let input = master
+                    .get_ref()
+                    .try_clone()
+                    .map_err(|e| failed(format!("{name}: pty: {e}")))?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let (in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
+                let stop_reader = stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("{name}-pty"))
+                    .spawn(move || read_input(input, in_tx, stop_reader, Hangup::Wait))
+                    .map_err(|e| failed(format!("{name}: pty: {e}")))?;
+                start = Some(Box::new(move |dev| {
+                    tokio::task::spawn_local(forward_from(in_rx, dev));
+                }));
+                eprintln!("chardevd: {name}: pty {path}");
+                (
+                    Kind::Pty(Pty {
+                        master,
+                        _stop: Stop(stop),
+                    }),
+                    format!("pty {path}"),
+                )
             }
         };
         let dev = Rc::new(Device {
@@ -79,10 +205,12 @@ impl chardevd::Server for Server {
             input: RefCell::new(input),
             delay_ms: std::cell::Cell::new(0),
         });
-        if let Some(listener) = listener {
-            tokio::task::spawn_local(accept_clients(listener, std::rc::Rc::downgrade(&dev)));
+        if let Some(start) = start {
+            start(std::rc::Rc::downgrade(&dev));
         }
-        results.get().set_device(capnp_rpc::new_client_from_rc(dev));
+        let mut r = results.get();
+        r.set_description(&description);
+        r.set_device(capnp_rpc::new_client_from_rc(dev));
         Ok(())
     }
 }
@@ -94,9 +222,50 @@ enum Kind {
         data: VecDeque<u8>,
         size: usize,
     },
+    /// A Unix socket, listening or connecting: `peer` is the current connection.
     Socket {
-        client: Option<tokio::net::unix::OwnedWriteHalf>,
+        peer: Option<Peer>,
     },
+    Stdio(Stdio),
+    Pty(Pty),
+}
+
+/// Tells an input thread to end (it looks between polls) when the device goes.
+struct Stop(Arc<AtomicBool>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+struct Pty {
+    master: std::rc::Rc<AsyncFd<OwnedFd>>,
+    _stop: Stop,
+}
+
+/// A socket backend's connection: where output goes, and how to end it (the reader stops,
+/// which closes the connection for good).
+struct Peer {
+    writer: tokio::net::unix::OwnedWriteHalf,
+    cut: std::rc::Rc<tokio::sync::Notify>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.cut.notify_one();
+    }
+}
+
+/// A write for the stdio thread, and where to say that it is done (or how many bytes were
+/// dropped because the output is gone).
+type StdioWrite = (Vec<u8>, futures::channel::oneshot::Sender<u64>);
+
+/// The writer thread ends with its channel, the reader with `_stop`.
+struct Stdio {
+    writes: std::sync::mpsc::Sender<StdioWrite>,
+    _stop: Stop,
+    closed: bool,
 }
 
 pub struct Device {
@@ -108,33 +277,307 @@ pub struct Device {
     delay_ms: std::cell::Cell<u32>,
 }
 
-/// Serves a socket backend's clients, one at a time: a new client replaces the old one. What
-/// a client sends goes to the device's input sink.
+/// Sends input from a backend to the device's input sink (the guest), in order.
+async fn forward(dev: &std::rc::Weak<Device>, data: &[u8]) -> bool {
+    let Some(device) = dev.upgrade() else {
+        return false;
+    };
+    let sink = device.input.borrow().clone();
+    drop(device);
+    if let Some(sink) = sink {
+        let mut req = sink.input_request();
+        req.get().set_data(data);
+        let _ = req.send().promise.await;
+    }
+    true
+}
+
+async fn forward_from(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    dev: std::rc::Weak<Device>,
+) {
+    while let Some(data) = rx.recv().await {
+        if !forward(&dev, &data).await {
+            return;
+        }
+    }
+}
+
+/// Reads a connection's input until it closes, or until it is cut (its Peer dropped).
+async fn read_peer(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    cut: std::rc::Rc<tokio::sync::Notify>,
+    dev: &std::rc::Weak<Device>,
+) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::select! {
+            r = reader.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = cut.notified() => return,
+        };
+        if !forward(dev, &buf[..n]).await {
+            return;
+        }
+    }
+}
+
+/// Makes `stream` the device's connection (ending the one before); returns its reader half
+/// and how it is cut.
+fn set_peer(
+    dev: &Device,
+    stream: tokio::net::UnixStream,
+) -> (
+    tokio::net::unix::OwnedReadHalf,
+    std::rc::Rc<tokio::sync::Notify>,
+) {
+    let (reader, writer) = stream.into_split();
+    let cut = std::rc::Rc::new(tokio::sync::Notify::new());
+    if let Kind::Socket { peer } = &mut *dev.kind.borrow_mut() {
+        *peer = Some(Peer {
+            writer,
+            cut: cut.clone(),
+        });
+    }
+    (reader, cut)
+}
+
+/// Serves a socket backend's clients, one at a time: a new client replaces the old one.
 async fn accept_clients(listener: tokio::net::UnixListener, dev: std::rc::Weak<Device>) {
     while let Ok((stream, _)) = listener.accept().await {
         let Some(device) = dev.upgrade() else { return };
-        let (mut reader, writer) = stream.into_split();
-        if let Kind::Socket { client } = &mut *device.kind.borrow_mut() {
-            *client = Some(writer);
-        }
+        let (reader, cut) = set_peer(&device, stream);
         let dev = dev.clone();
-        tokio::task::spawn_local(async move {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let Some(device) = dev.upgrade() else { return };
-                let sink = device.input.borrow().clone();
-                if let Some(sink) = sink {
-                    let mut req = sink.input_request();
-                    req.get().set_data(&buf[..n]);
-                    let _ = req.send().promise.await;
+        tokio::task::spawn_local(async move { read_peer(reader, cut, &dev).await });
+    }
+}
+
+/// Keeps a client backend connected: connects, serves the connection until it closes (or a
+/// write to it fails), and tries again every `every`, for as long as the device exists.
+async fn connect_loop(path: String, every: Duration, dev: std::rc::Weak<Device>) {
+    let mut connected_before = false;
+    loop {
+        match dev.upgrade() {
+            None => return,
+            Some(d) => match tokio::net::UnixStream::connect(&path).await {
+                Ok(stream) => {
+                    eprintln!(
+                        "chardevd: {}: {} {path}",
+                        d.name,
+                        if connected_before {
+                            "reconnected to"
+                        } else {
+                            "connected to"
+                        }
+                    );
+                    connected_before = true;
+                    let (reader, cut) = set_peer(&d, stream);
+                    drop(d);
+                    read_peer(reader, cut.clone(), &dev).await;
+                    if let Some(d) = dev.upgrade() {
+                        if let Kind::Socket { peer } = &mut *d.kind.borrow_mut() {
+                            if peer
+                                .as_ref()
+                                .is_some_and(|p| std::rc::Rc::ptr_eq(&p.cut, &cut))
+                            {
+                                *peer = None;
+                            }
+                        }
+                        eprintln!("chardevd: {}: {path} disconnected; reconnecting", d.name);
+                    }
+                }
+                Err(_) => drop(d),
+            },
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Writes to the stdio output, blocking (a slow terminal or pipe slows the console, which is
+/// the backpressure). Once the output is gone (EPIPE), every later byte is counted as dropped.
+fn stdio_writer(output: OwnedFd, writes: std::sync::mpsc::Receiver<StdioWrite>) {
+    let mut out = std::fs::File::from(output);
+    let mut gone = false;
+    for (data, done) in writes {
+        let dropped = if gone {
+            data.len() as u64
+        } else {
+            match write_blocking(&mut out, &data) {
+                Ok(()) => 0,
+                Err(_) => {
+                    gone = true;
+                    data.len() as u64
                 }
             }
-        });
+        };
+        let _ = done.send(dropped);
     }
+}
+
+/// write_all that also waits out EAGAIN, in case the descriptor is non-blocking.
+fn write_blocking(out: &mut std::fs::File, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match out.write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: out.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: p is one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// What a hang-up on an input means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hangup {
+    /// The input has ended (a pipe's writer is gone; a file's end).
+    Ends,
+    /// Nobody has it open just now (a pty): look again shortly.
+    Wait,
+}
+
+/// Reads an input (stdio's, or a pty's master) until it ends or the device is gone.
+fn read_input(
+    input: OwnedFd,
+    to: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+    hangup: Hangup,
+) {
+    let mut buf = [0u8; 4096];
+    let idle = || std::thread::sleep(Duration::from_millis(100));
+    while !stop.load(Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd: input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: p is one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+            continue;
+        }
+        if hangup == Hangup::Wait && p.revents & libc::POLLIN == 0 {
+            idle();
+            continue;
+        }
+        // SAFETY: buf is valid for buf.len() bytes; input is an open descriptor we own.
+        let n = unsafe { libc::read(input.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n == 0 && hangup == Hangup::Ends {
+            return;
+        }
+        if n <= 0 {
+            let e = std::io::Error::last_os_error();
+            if n == 0
+                || matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                )
+            {
+                continue;
+            }
+            if hangup == Hangup::Wait {
+                idle();
+                continue;
+            }
+            return;
+        }
+        if to.send(buf[..n as usize].to_vec()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A new pseudo-terminal: its master (non-blocking) and the slave's path. The slave is set to
+/// raw mode, so that the program on the other end sees the guest's bytes as they are.
+fn open_pty() -> std::io::Result<(OwnedFd, String)> {
+    let err = std::io::Error::last_os_error;
+    // SAFETY: posix_openpt returns a new descriptor or -1.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(err());
+    }
+    // SAFETY: m was just opened and is owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(m) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: master is a pty master; name is a buffer of the length given.
+    unsafe {
+        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
+            return Err(err());
+        }
+        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(err());
+        }
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated string into name.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    // SAFETY: path is a valid C string; open returns a new descriptor or -1.
+    let s = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if s < 0 {
+        return Err(err());
+    }
+    // SAFETY: s was just opened and is owned by nobody else.
+    let slave = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: termios is plain data; tcgetattr/tcsetattr act on the open slave.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    drop(slave);
+    // SAFETY: F_GETFL/F_SETFL on our own descriptor.
+    unsafe {
+        let fl = libc::fcntl(m, libc::F_GETFL);
+        libc::fcntl(m, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    Ok((master, path.to_string_lossy().into_owned()))
+}
+
+/// Writes to a pty's master; returns how many bytes were dropped (nobody has the pty open, or
+/// its reader stalled for longer than PTY_STALL).
+async fn write_pty(master: &AsyncFd<OwnedFd>, data: &[u8]) -> u64 {
+    let mut off = 0;
+    while off < data.len() {
+        let Ok(Ok(mut guard)) = tokio::time::timeout(PTY_STALL, master.writable()).await else {
+            return (data.len() - off) as u64;
+        };
+        match guard.try_io(|fd| {
+            // SAFETY: the slice is valid; fd is the open master.
+            let n = unsafe {
+                libc::write(
+                    fd.as_raw_fd(),
+                    data[off..].as_ptr().cast(),
+                    data.len() - off,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(Ok(0)) | Ok(Err(_)) => return (data.len() - off) as u64,
+            Ok(Ok(n)) => off += n,
+            Err(_would_block) => {}
+        }
+    }
+    0
 }
 
 impl device::Server for Device {
@@ -146,9 +589,14 @@ impl device::Server for Device {
         let data = params.get()?.get_data()?.to_vec();
         let delay = self.delay_ms.get();
         if delay > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(delay.into())).await;
+            tokio::time::sleep(Duration::from_millis(delay.into())).await;
         }
-        let mut socket_client = None;
+        enum Later {
+            Socket(Peer),
+            Stdio(futures::channel::oneshot::Receiver<u64>),
+            Pty(std::rc::Rc<AsyncFd<OwnedFd>>),
+        }
+        let mut later = None;
         {
             let mut kind = self.kind.borrow_mut();
             match &mut *kind {
@@ -162,22 +610,39 @@ impl device::Server for Device {
                     ring.drain(..excess);
                     *self.dropped.borrow_mut() += excess as u64;
                 }
-                Kind::Socket { client, .. } => match client.take() {
-                    Some(c) => socket_client = Some(c),
+                Kind::Socket { peer } => match peer.take() {
+                    Some(c) => later = Some(Later::Socket(c)),
                     None => *self.dropped.borrow_mut() += data.len() as u64,
                 },
-            }
-        }
-        if let Some(mut c) = socket_client {
-            // A client that went away is dropped; the next one is accepted on a later write.
-            if c.write_all(&data).await.is_ok() {
-                if let Kind::Socket { client, .. } = &mut *self.kind.borrow_mut() {
-                    *client = Some(c);
+                Kind::Stdio(s) => {
+                    let (done, wait) = futures::channel::oneshot::channel();
+                    if s.closed || s.writes.send((data.clone(), done)).is_err() {
+                        s.closed = true;
+                        *self.dropped.borrow_mut() += data.len() as u64;
+                    } else {
+                        later = Some(Later::Stdio(wait));
+                    }
                 }
-            } else {
-                *self.dropped.borrow_mut() += data.len() as u64;
+                Kind::Pty(p) => later = Some(Later::Pty(p.master.clone())),
             }
         }
+        let dropped = match later {
+            None => 0,
+            Some(Later::Socket(mut c)) => {
+                // A peer that went away is let go; the next one comes by accept or reconnect.
+                if c.writer.write_all(&data).await.is_ok() {
+                    if let Kind::Socket { peer } = &mut *self.kind.borrow_mut() {
+                        peer.get_or_insert(c);
+                    }
+                    0
+                } else {
+                    data.len() as u64
+                }
+            }
+            Some(Later::Stdio(wait)) => wait.await.unwrap_or(data.len() as u64),
+            Some(Later::Pty(m)) => write_pty(&m, &data).await,
+        };
+        *self.dropped.borrow_mut() += dropped;
         Ok(())
     }
 
@@ -215,10 +680,10 @@ impl device::Server for Device {
             fault::Clear(()) => self.delay_ms.set(0),
             fault::DelayWritesMs(ms) => self.delay_ms.set(ms),
             fault::DropConnection(()) => match &mut *self.kind.borrow_mut() {
-                // Dropping the write half shuts the connection down; the client sees EOF.
-                Kind::Socket { client } => {
-                    if client.take().is_none() {
-                        return Err(failed(format!("{}: no client is connected", self.name)));
+                // Dropping the write half shuts the connection down; the peer sees EOF.
+                Kind::Socket { peer } => {
+                    if peer.take().is_none() {
+                        return Err(failed(format!("{}: no peer is connected", self.name)));
                     }
                 }
                 _ => {

@@ -1,14 +1,13 @@
-//! chardevd: serves character-device backends (null, file, ring, Unix socket server) to
-//! vmm-core over Cap'n Proto (proto/schema/chardevd.capnp). vmm-core starts it with a
-//! connected control socket (`--control-fd`) and restarts it if it dies.
+//! chardevd: serves character-device backends (stdio, pty, file, ring, Unix socket server and
+//! client, null) to vmm-core over Cap'n Proto (proto/schema/chardevd.capnp). vmm-core starts it
+//! with a connected control socket (`--control-fd`) and restarts it if it dies, or connects to
+//! one that runs already (`--listen`, or a systemd socket).
 
 mod backend;
 
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use clap::Parser;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use vmm_proto::chardevd_capnp::chardevd;
 
 #[derive(Parser)]
@@ -67,26 +66,42 @@ fn control(args: &Args) -> Result<Control, String> {
     Err("give --control-fd FD (from vmm-core) or --listen PATH, or start chardevd from a systemd socket unit".into())
 }
 
+/// The side channel that a new control connection carries first (see chardevd.capnp).
+async fn side_channel(stream: &tokio::net::UnixStream) -> Result<OwnedFd, String> {
+    let recv = stream.async_io(tokio::io::Interest::READABLE, || {
+        let mut byte = [0u8; 1];
+        vmm_proto::fdpass::recv(stream.as_fd(), &mut byte, libc::MSG_DONTWAIT)
+            .map(|(n, fds)| (n, byte[0], fds))
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(10), recv).await {
+        Err(_) => Err("it sent nothing for 10 s".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok((1, vmm_proto::fdpass::SIDE_CHANNEL_PREAMBLE, mut fds))) if fds.len() == 1 => {
+            Ok(fds.pop().expect("one descriptor"))
+        }
+        Ok(Ok((n, b, fds))) => Err(format!(
+            "it began with {n} byte(s) ({b:#04x}) and {} descriptor(s), not the side channel",
+            fds.len()
+        )),
+    }
+}
+
 /// Serves one vmm-core connection until it closes; returns the socket paths it listened on.
 async fn serve(stream: std::os::unix::net::UnixStream) -> Vec<String> {
-    if stream.set_nonblocking(true).is_err() {
-        return Vec::new();
-    }
-    let Ok(stream) = tokio::net::UnixStream::from_std(stream) else {
+    let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
         return Vec::new();
     };
-    let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Server,
-        Default::default(),
-    );
-    let server = backend::Server::default();
+    let side = match side_channel(&stream).await {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("chardevd: refused a control connection: {e}; only vmm-core speaks this protocol (see proto/schema/chardevd.capnp)");
+            return Vec::new();
+        }
+    };
+    let server = backend::Server::new(side);
     let sockets = server.sockets.clone();
     let client: chardevd::Client = capnp_rpc::new_client(server);
-    let rpc = RpcSystem::new(Box::new(network), Some(client.client));
-    let _ = rpc.await;
+    let _ = vmm_proto::rpc::server(stream, client.client).await;
     let paths = sockets.borrow().clone();
     paths
 }

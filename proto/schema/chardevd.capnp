@@ -2,11 +2,18 @@
 # chardevd serves character-device backends to vmm-core: guest output goes to the backend,
 # host input comes back to the guest. vmm-core connects on an inherited socket (or one that
 # systemd listens on) and calls `open` for each device, again after chardevd restarts.
+#
+# The side channel for file descriptors (Cap'n Proto RPC in Rust carries none): on each new
+# control connection, before any RPC message, the client sends one byte (1) with SCM_RIGHTS
+# carrying one descriptor, its end of a SOCK_SEQPACKET socket pair. Before an `open` whose
+# backend takes descriptors from the client (stdio), it sends on that pair one message, the
+# device's name, with SCM_RIGHTS carrying the descriptors (for stdio: input, then output).
 
 interface Chardevd {
-  open @0 (name :Text, backend :Backend, input :InputSink) -> (device :Device);
+  open @0 (name :Text, backend :Backend, input :InputSink) -> (device :Device, description :Text);
   # input: where the backend's input goes from the first byte on (a client may connect and
-  # type before anything else is called).
+  # type before anything else is called). description: what the backend is, for people
+  # (for a pty, its path: "pty /dev/pts/3").
 }
 
 struct Backend {
@@ -15,7 +22,15 @@ struct Backend {
     file @1 :FileBackend;
     ring @2 :UInt32;        # keep the last this many bytes, readable with Device.readRing
     unixServer @3 :Text;    # listen on this socket path; one client at a time
+    stdio @4 :Void;         # the input and output descriptors sent on the side channel
+    pty @5 :Void;           # a new pseudo-terminal (its path is in open's description)
+    unixClient @6 :UnixClient;
   }
+}
+
+struct UnixClient {
+  path @0 :Text;            # connect to the socket at this path
+  reconnectMs @1 :UInt32;   # when it is not connected, try again this often
 }
 
 struct FileBackend {
@@ -41,7 +56,8 @@ interface Device {
 struct Fault {
   union {
     clear @0 :Void;             # remove every rule
-    dropConnection @1 :Void;    # disconnect the socket backend's client now
+    dropConnection @1 :Void;    # cut the socket backend's connection now (a client
+                                # backend then reconnects)
     delayWritesMs @2 :UInt32;   # every write waits this long before the backend takes it
   }
 }

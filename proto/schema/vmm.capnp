@@ -19,16 +19,35 @@ interface Vmm {
   reboot @4 () -> ();
   # Reset the VM (as pressing the reset button): the guest boots again.
 
-  consoleDump @6 () -> (data :Data, dropped :UInt64);
-  # The console ring's contents (--serial chardevd,ring=SIZE) and how many older bytes it
-  # dropped.
+  devices @8 () -> (devices :List(DeviceInfo));
+  # The VM's devices, by name.
 
-  consoleFault @7 (fault :ConsoleFault) -> ();
+  consoleDump @6 (device :Text) -> (data :Data, dropped :UInt64);
+  # The console ring's contents (--serial ring=SIZE) and how many older bytes it dropped.
+  # device: a console's name from `devices`; empty means serial0.
+
+  consoleFault @7 (fault :ConsoleFault, device :Text) -> ();
   # Fault injection on the console's backend in chardevd, for users' fault tests.
+
+  consoleAttach @9 (device :Text, output :ByteSink) -> (input :ByteSink);
+  # Attaches to a console interactively: from now on a copy of the guest's output goes to
+  # output, and what is written to input goes to the guest. Detach by releasing input (or
+  # closing the connection). A viewer that falls more than 1 MiB behind misses bytes; it is
+  # told how many in a note in the stream ("[vmm-core: N bytes skipped]").
 
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
+}
+
+interface ByteSink {
+  write @0 (data :Data) -> ();
+}
+
+struct DeviceInfo {
+  name @0 :Text;      # e.g. serial0
+  kind @1 :Text;      # e.g. "8250 UART"
+  detail @2 :Text;    # where it is and what serves it, for people
 }
 
 interface EventSink {
@@ -39,7 +58,7 @@ struct Event {
   timeUnixMs @0 :UInt64;
   kind @1 :Text;
   # started, paused, resumed, reset, power-button, powered-off, guest-reset, guest-panic,
-  # stopped, vcpu-failed
+  # stopped, vcpu-failed, helper-started, helper-died, helper-restarted, console-backend
   detail @2 :Text;
 }
 

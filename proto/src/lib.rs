@@ -5,3 +5,7 @@ capnp::generated_code!(pub mod chardevd_capnp);
 
 /// Where the generated code is vendored, so that a build without `capnp` still works.
 pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generated");
+
+pub mod fdpass;
+pub mod rpc;
+pub mod terminal;

@@ -107,11 +107,14 @@ pub struct TestVm {
     status: Option<ExitStatus>,
     /// Paths the VMM would remove on a clean exit (its API socket), removed on drop.
     cleanup: Vec<PathBuf>,
+    /// vmm-core's standard input, when the builder asked for a pipe.
+    stdin: Option<std::process::ChildStdin>,
 }
 
 pub struct Builder {
     args: Vec<String>,
     kernel: PathBuf,
+    stdin: bool,
 }
 
 impl Builder {
@@ -142,6 +145,12 @@ impl Builder {
         self.arg("--cmdline").arg(c)
     }
 
+    /// Give vmm-core a pipe as standard input (see `TestVm::write_stdin`), not /dev/null.
+    pub fn stdin_piped(mut self) -> Self {
+        self.stdin = true;
+        self
+    }
+
     pub fn spawn(self) -> TestVm {
         require_kvm();
         let mut cmd = Command::new(vmm_core_bin());
@@ -149,7 +158,7 @@ impl Builder {
             .arg("--kernel")
             .arg(&self.kernel)
             .args(&self.args);
-        let mut vm = TestVm::spawn(cmd);
+        let mut vm = TestVm::spawn_with(cmd, self.stdin);
         vm.cleanup = self
             .args
             .windows(2)
@@ -166,15 +175,25 @@ impl TestVm {
         Builder {
             args: Vec::new(),
             kernel: test_guest(),
+            stdin: false,
         }
     }
 
     /// Starts any vmm-core command line, capturing stdout (the console) and stderr (the log).
-    pub fn spawn(mut cmd: Command) -> TestVm {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+    pub fn spawn(cmd: Command) -> TestVm {
+        TestVm::spawn_with(cmd, false)
+    }
+
+    fn spawn_with(mut cmd: Command, piped_stdin: bool) -> TestVm {
+        cmd.stdin(if piped_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot start vmm-core");
+        let stdin = child.stdin.take();
         let captured = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
@@ -209,7 +228,32 @@ impl TestVm {
             captured,
             status: None,
             cleanup: Vec::new(),
+            stdin,
         }
+    }
+
+    /// Writes to vmm-core's standard input (the builder must have asked for `stdin_piped`).
+    pub fn write_stdin(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .expect("build the VM with stdin_piped()");
+        stdin.write_all(bytes).expect("write to vmm-core's stdin");
+    }
+
+    /// The PIDs of vmm-core's child processes (its helpers).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.child.id();
+        let mut out = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                    out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                }
+            }
+        }
+        out
     }
 
     pub fn pid(&self) -> u32 {

@@ -33,7 +33,7 @@ fn console_output_reaches_a_file_backend() {
     let file = tmp.join("console.log");
     std::fs::write(&file, "stale contents\n").unwrap();
     let mut vm = TestVm::builder()
-        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--serial", &format!("file={}", file.display())])
         .spawn();
     assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
     let text = std::fs::read_to_string(&file).unwrap();
@@ -58,7 +58,7 @@ fn kill_9_chardevd_during_output_loses_no_byte() {
     let file = tmp.join("console.log");
     let mut vm = TestVm::builder()
         .cmdline("tg.scenario=ticker")
-        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--serial", &format!("file={}", file.display())])
         .spawn();
     let read = || std::fs::read_to_string(&file).unwrap_or_default();
     wait_until(T, "first ticks", || ticks(&read()).len() >= 5);
@@ -94,7 +94,7 @@ fn a_line_written_to_a_unix_socket_backend_reaches_the_guest_and_is_echoed() {
     let sock = socket_path("console");
     let mut vm = TestVm::builder()
         .cmdline("tg.scenario=echo")
-        .args(["--serial", &format!("chardevd,unix={}", sock.display())])
+        .args(["--serial", &format!("unix={}", sock.display())])
         .spawn();
     wait_until(T, "the console socket", || sock.exists());
     let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
@@ -117,7 +117,7 @@ fn a_line_written_to_a_unix_socket_backend_reaches_the_guest_and_is_echoed() {
 #[test]
 fn an_unwritable_backend_path_is_refused_before_the_guest_runs() {
     let mut vm = TestVm::builder()
-        .args(["--serial", "chardevd,file=/nonexistent/dir/console.log"])
+        .args(["--serial", "file=/nonexistent/dir/console.log"])
         .spawn();
     assert_eq!(vm.wait_exit(T), 2);
     let err = vm.stderr();
@@ -135,12 +135,7 @@ fn an_unwritable_backend_path_is_refused_before_the_guest_runs() {
 #[test]
 fn a_missing_chardevd_binary_is_named() {
     let mut vm = TestVm::builder()
-        .args([
-            "--serial",
-            "chardevd,null",
-            "--chardevd",
-            "/nonexistent/chardevd",
-        ])
+        .args(["--serial", "null", "--chardevd", "/nonexistent/chardevd"])
         .spawn();
     assert_eq!(vm.wait_exit(T), 2);
     assert!(
@@ -158,7 +153,7 @@ fn ring_dump_through_vmmctl_and_its_drop_count_equal_what_is_missing() {
     let file = tmp.join("full.log");
     let mut vm = TestVm::builder()
         .cmdline("tg.scenario=idle")
-        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--serial", &format!("file={}", file.display())])
         .spawn();
     wait_until(T, "ready in the file", || {
         std::fs::read_to_string(&file)
@@ -175,7 +170,7 @@ fn ring_dump_through_vmmctl_and_its_drop_count_equal_what_is_missing() {
         .cmdline("tg.scenario=idle")
         .args([
             "--serial",
-            "chardevd,ring=256",
+            "ring=256",
             "--api-socket",
             sock.to_str().unwrap(),
         ])
@@ -226,7 +221,7 @@ fn injected_faults_drop_the_client_and_delay_writes_without_losing_output() {
         .cmdline("tg.scenario=ticker")
         .args([
             "--serial",
-            &format!("chardevd,unix={}", console.display()),
+            &format!("unix={}", console.display()),
             "--api-socket",
             sock.to_str().unwrap(),
         ])
@@ -273,25 +268,21 @@ fn injected_faults_drop_the_client_and_delay_writes_without_losing_output() {
 }
 
 #[test]
-fn console_requests_on_a_stdio_console_are_refused_clearly() {
-    let sock = socket_path("stdio-console");
+fn console_requests_on_a_direct_console_are_refused_clearly() {
+    let sock = socket_path("direct-console");
     let mut vm = TestVm::builder()
         .cmdline("tg.scenario=idle")
-        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--serial", "direct", "--api-socket", sock.to_str().unwrap()])
         .spawn();
     vm.wait_for("tg: ready", T);
-    let (code, _, err) = vmmctl(&sock, &["console", "--dump"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.starts_with("error: console: the console is on stdio in vmm-core"),
-        "{err}"
-    );
-    let (code, _, err) = vmmctl(&sock, &["console"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("attaching interactively is not built yet"),
-        "{err}"
-    );
+    for args in [&["console", "--dump"][..], &["console"][..]] {
+        let (code, _, err) = vmmctl(&sock, args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.starts_with("error: console: the console is on stdio inside vmm-core (--serial direct); start the VM with another --serial"),
+            "{err}"
+        );
+    }
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }
@@ -319,7 +310,7 @@ fn vmm_core_reconnects_to_a_chardevd_it_did_not_start() {
     let mut helper = start();
     let mut vm = TestVm::builder()
         .cmdline("tg.scenario=ticker")
-        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--serial", &format!("file={}", file.display())])
         .args(["--chardevd-socket", listen.to_str().unwrap()])
         .spawn();
     let read = || std::fs::read_to_string(&file).unwrap_or_default();
@@ -361,7 +352,7 @@ fn chardevd_serves_a_socket_passed_by_systemd() {
         .expect("systemd-socket-activate (Debian's systemd package) must be installed");
     wait_until(T, "the activation socket", || listen.exists());
     let mut vm = TestVm::builder()
-        .args(["--serial", &format!("chardevd,file={}", file.display())])
+        .args(["--serial", &format!("file={}", file.display())])
         .args(["--chardevd-socket", listen.to_str().unwrap()])
         .spawn();
     assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
@@ -379,7 +370,7 @@ fn a_chardevd_socket_nobody_serves_is_named() {
     let mut vm = TestVm::builder()
         .args([
             "--serial",
-            "chardevd,null",
+            "null",
             "--chardevd-socket",
             "/nonexistent/chardevd.sock",
         ])

@@ -4,14 +4,12 @@
 //! waits for its answer there.
 
 use crate::vm::VmEvent;
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use futures::channel::oneshot;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use vmm_proto::vmm_capnp::{self, vmm};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +58,28 @@ pub struct Shared {
     pub events: Events,
     /// The console's chardevd device, when it has one.
     pub console: Mutex<Option<crate::chardev::ControlSender>>,
+    /// The console's output (for attached viewers) and where their input goes, when the
+    /// console is served by chardevd.
+    pub console_view:
+        std::sync::OnceLock<(Arc<crate::chardev::ConsoleBuffer>, crate::chardev::InputFn)>,
 }
+
+/// The devices every VM has: name, kind, and where it is.
+const FIXED_DEVICES: &[(&str, &str, &str)] = &[
+    (
+        "pvpanic0",
+        "pvpanic",
+        "I/O 0x505 (ACPI QEMU0001): the guest reports a panic",
+    ),
+    (
+        "power0",
+        "ACPI power button",
+        "GED (ACPI0013) at I/O 0x610, GSI 9; PM registers at I/O 0x600",
+    ),
+];
+
+/// The consoles by name; only serial0 so far.
+const CONSOLES: &[&str] = &["serial0"];
 
 /// One event, as subscribers receive it.
 #[derive(Debug, Clone)]
@@ -216,10 +235,8 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
                     continue;
                 }
             }
-            let (reader, writer) = stream.into_split();
-            let network = twoparty::VatNetwork::new(reader.compat(), writer.compat_write(), Side::Server, Default::default());
             let client: vmm::Client = capnp_rpc::new_client(VmmServer { shared: shared.clone(), events: events.clone() });
-            let rpc = RpcSystem::new(Box::new(network), Some(client.client));
+            let rpc = vmm_proto::rpc::server(stream, client.client);
             tokio::task::spawn_local(async move {
                 if let Err(e) = rpc.await {
                     log::warn!("API: connection closed: {e}");
@@ -227,6 +244,20 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
             });
         }
     });
+}
+
+/// Where an attached viewer's keystrokes go: the guest's console input.
+struct ViewerInput(crate::chardev::InputFn);
+
+impl vmm_capnp::byte_sink::Server for ViewerInput {
+    async fn write(
+        self: capnp::capability::Rc<Self>,
+        params: vmm_capnp::byte_sink::WriteParams,
+        _: vmm_capnp::byte_sink::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        (self.0)(params.get()?.get_data()?);
+        Ok(())
+    }
 }
 
 struct VmmServer {
@@ -250,11 +281,38 @@ impl VmmServer {
     }
 }
 
+/// Checks a console name from a request ("" is serial0).
+fn console_name(name: capnp::text::Reader<'_>) -> Result<(), capnp::Error> {
+    let name = name
+        .to_str()
+        .map_err(|e| capnp::Error::failed(e.to_string()))?;
+    if name.is_empty() || CONSOLES.contains(&name) {
+        return Ok(());
+    }
+    let all: Vec<String> = FIXED_DEVICES
+        .iter()
+        .map(|d| d.0)
+        .chain(CONSOLES.iter().copied())
+        .map(String::from)
+        .collect();
+    Err(capnp::Error::failed(if all.iter().any(|d| d == name) {
+        format!(
+            "device {name:?} is not a console; the consoles are: {}",
+            CONSOLES.join(", ")
+        )
+    } else {
+        format!(
+            "no device {name:?}; this VM has {} (vmmctl devices lists them)",
+            all.join(", ")
+        )
+    }))
+}
+
 impl VmmServer {
     fn console(&self, control: crate::chardev::Control) -> Result<(), capnp::Error> {
         let sender = self.shared.console.lock().unwrap().clone().ok_or_else(|| {
             capnp::Error::failed(
-                "the console is on stdio in vmm-core; start the VM with --serial chardevd,... to give it a backend".into(),
+                "the console is on stdio inside vmm-core (--serial direct); start the VM with another --serial to serve it through chardevd".into(),
             )
         })?;
         sender
@@ -320,11 +378,67 @@ impl vmm::Server for VmmServer {
         self.ask(Request::Reboot).await
     }
 
+    async fn devices(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::DevicesParams,
+        mut results: vmm::DevicesResults,
+    ) -> Result<(), capnp::Error> {
+        let serial = match self.shared.console_view.get() {
+            Some((buffer, _)) => format!(
+                "COM1 (I/O 0x3f8, IRQ 4); chardevd: {}",
+                buffer.description.lock().unwrap()
+            ),
+            None => "COM1 (I/O 0x3f8, IRQ 4); stdio inside vmm-core (--serial direct)".into(),
+        };
+        let mut all = vec![("serial0", "8250 UART", serial)];
+        all.extend(FIXED_DEVICES.iter().map(|d| (d.0, d.1, d.2.to_string())));
+        let mut list = results.get().init_devices(all.len() as u32);
+        for (i, (name, kind, detail)) in all.iter().enumerate() {
+            let mut d = list.reborrow().get(i as u32);
+            d.set_name(*name);
+            d.set_kind(*kind);
+            d.set_detail(detail);
+        }
+        Ok(())
+    }
+
+    async fn console_attach(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::ConsoleAttachParams,
+        mut results: vmm::ConsoleAttachResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        console_name(p.get_device()?)?;
+        let sink = p.get_output()?;
+        let (buffer, input) = self.shared.console_view.get().ok_or_else(|| {
+            capnp::Error::failed(
+                "the console is on stdio inside vmm-core (--serial direct); start the VM with another --serial to attach to it".into(),
+            )
+        })?;
+        let mut attached = buffer.attach();
+        tokio::task::spawn_local(async move {
+            while let Some(chunk) = attached.output.recv().await {
+                let mut req = sink.write_request();
+                req.get().set_data(&chunk);
+                let sent = req.send().promise.await;
+                attached.done(chunk.len());
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        results
+            .get()
+            .set_input(capnp_rpc::new_client(ViewerInput(input.clone())));
+        Ok(())
+    }
+
     async fn console_dump(
         self: capnp::capability::Rc<Self>,
-        _: vmm::ConsoleDumpParams,
+        params: vmm::ConsoleDumpParams,
         mut results: vmm::ConsoleDumpResults,
     ) -> Result<(), capnp::Error> {
+        console_name(params.get()?.get_device()?)?;
         let (reply, answer) = oneshot::channel();
         self.console(crate::chardev::Control::DumpRing(reply))?;
         let (data, dropped) = answer
@@ -344,6 +458,7 @@ impl vmm::Server for VmmServer {
     ) -> Result<(), capnp::Error> {
         use crate::chardev::Fault;
         use vmm_proto::vmm_capnp::console_fault;
+        console_name(params.get()?.get_device()?)?;
         let fault = match params.get()?.get_fault()?.which()? {
             console_fault::Clear(()) => Fault::Clear,
             console_fault::DropConnection(()) => Fault::DropConnection,

@@ -3,15 +3,22 @@
 //! socketpair), streams the buffer to it one acknowledged write at a time, and restarts it if
 //! it dies, resending what it had not acknowledged. Bytes are lost only if the buffer
 //! overflows meanwhile (the oldest go first); they are counted and reported.
+//!
+//! chardevd's death is noticed at once: tokio waits on a child through a pidfd (SIGCHLD on
+//! kernels without one), and a helper we only connect to is lost when its connection closes.
+//!
+//! Viewers attached through the API (`vmmctl console`) get a copy of what chardevd took, each
+//! through its own bounded backlog, so a slow viewer skips bytes (and is told) but never slows
+//! the console.
 
 use crate::api::Shared;
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capnp_rpc::twoparty;
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use vmm_proto::chardevd_capnp::{chardevd, device, input_sink};
 
 /// Guest output buffered for chardevd.
@@ -19,13 +26,38 @@ pub const BUFFER_BYTES: usize = 4 << 20;
 const WRITE_CHUNK: usize = 64 << 10;
 /// How long output that follows a quiet spell is gathered before the first write.
 const BATCH_DELAY: Duration = Duration::from_millis(2);
+/// How far an attached viewer may fall behind before it skips bytes.
+pub const VIEWER_BACKLOG: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Null,
+    Stdio,
+    Pty,
     File { path: String, append: bool },
     Ring(u32),
     UnixServer(String),
+    UnixClient { path: String, reconnect_ms: u32 },
+}
+
+/// An attached viewer's end in the supervisor: its queue, and how many bytes it has queued.
+struct Viewer {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    backlog: Arc<AtomicUsize>,
+    skipped: u64,
+}
+
+/// What the API hands an attached viewer: guest output, and the byte count it must give back
+/// (`Attached::done`) once each chunk has reached the viewer.
+pub struct Attached {
+    pub output: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    backlog: Arc<AtomicUsize>,
+}
+
+impl Attached {
+    pub fn done(&self, bytes: usize) {
+        self.backlog.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 /// How vmm-core reaches chardevd.
@@ -66,6 +98,9 @@ pub struct ConsoleBuffer {
     /// Set when the VMM ends: the supervisor stops chardevd and does not restart it.
     stopping: std::sync::atomic::AtomicBool,
     stop: tokio::sync::Notify,
+    viewers: Mutex<Vec<Viewer>>,
+    /// What chardevd says its backend is (e.g. "pty /dev/pts/3"), once it has opened it.
+    pub description: Mutex<String>,
 }
 
 impl ConsoleBuffer {
@@ -80,7 +115,41 @@ impl ConsoleBuffer {
             capacity,
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            viewers: Mutex::new(Vec::new()),
+            description: Mutex::new(String::new()),
         }
+    }
+
+    /// A new viewer: from now on it gets a copy of the output chardevd takes.
+    pub fn attach(&self) -> Attached {
+        let (tx, output) = tokio::sync::mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        self.viewers.lock().unwrap().push(Viewer {
+            tx,
+            backlog: backlog.clone(),
+            skipped: 0,
+        });
+        Attached { output, backlog }
+    }
+
+    /// Copies output that chardevd took to every viewer; a viewer whose backlog is full skips
+    /// it, and is told how much it skipped before the next bytes it gets.
+    fn tee(&self, chunk: &[u8]) {
+        let mut viewers = self.viewers.lock().unwrap();
+        viewers.retain_mut(|v| {
+            if v.backlog.load(Ordering::Acquire) + chunk.len() > VIEWER_BACKLOG {
+                v.skipped += chunk.len() as u64;
+                return !v.tx.is_closed();
+            }
+            let mut bytes = Vec::with_capacity(chunk.len() + 48);
+            if v.skipped > 0 {
+                bytes.extend(format!("\r\n[vmm-core: {} bytes skipped]\r\n", v.skipped).bytes());
+                v.skipped = 0;
+            }
+            bytes.extend_from_slice(chunk);
+            v.backlog.fetch_add(bytes.len(), Ordering::AcqRel);
+            v.tx.send(bytes).is_ok()
+        });
     }
 
     /// Never blocks: when full, the oldest bytes make room and are counted.
@@ -308,6 +377,7 @@ async fn run_helper(
             cmd.arg("--control-fd")
                 .arg("3")
                 .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
                 .kill_on_drop(true);
             // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
             // (without close-on-exec).
@@ -333,19 +403,13 @@ async fn run_helper(
         }
     };
 
-    ours.set_nonblocking(true)
-        .map_err(|e| ChardevError::Rpc(e.to_string()))?;
+    // The side channel goes first (see proto/schema/chardevd.capnp), and with it the
+    // descriptors the backend takes from us.
+    let side = side_channel(&ours, backend)
+        .map_err(|e| ChardevError::Rpc(format!("{who}: cannot hand it descriptors ({e})")))?;
     let stream =
-        tokio::net::UnixStream::from_std(ours).map_err(|e| ChardevError::Rpc(e.to_string()))?;
-    let (reader, writer) = stream.into_split();
-    let network = Box::new(twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Client,
-        Default::default(),
-    ));
-    let mut rpc = RpcSystem::new(network, None);
-    let server: chardevd::Client = rpc.bootstrap(twoparty::VatId::Server);
+        vmm_proto::rpc::tokio_stream(ours).map_err(|e| ChardevError::Rpc(e.to_string()))?;
+    let (rpc, server): (_, chardevd::Client) = vmm_proto::rpc::client(stream);
     let disconnect = rpc.get_disconnector();
     let mut connection = tokio::task::spawn_local(rpc);
 
@@ -357,6 +421,13 @@ async fn run_helper(
         let mut b = p.init_backend();
         match backend {
             Backend::Null => b.set_null(()),
+            Backend::Stdio => b.set_stdio(()),
+            Backend::Pty => b.set_pty(()),
+            Backend::UnixClient { path, reconnect_ms } => {
+                let mut c = b.init_unix_client();
+                c.set_path(path);
+                c.set_reconnect_ms(*reconnect_ms);
+            }
             Backend::File { path, append } => {
                 let mut f = b.init_file();
                 f.set_path(path);
@@ -366,10 +437,15 @@ async fn run_helper(
             Backend::UnixServer(path) => b.set_unix_server(path),
         }
     }
-    let device = match open.send().promise.await {
+    let (device, description) = match open.send().promise.await {
         Ok(reply) => reply
             .get()
-            .and_then(|r| r.get_device())
+            .and_then(|r| {
+                Ok((
+                    r.get_device()?,
+                    r.get_description()?.to_string().unwrap_or_default(),
+                ))
+            })
             .map_err(|e| ChardevError::Rpc(e.to_string()))?,
         Err(e) => {
             if let Some(c) = child.as_mut() {
@@ -383,6 +459,21 @@ async fn run_helper(
             });
         }
     };
+    drop(side);
+    let changed = {
+        let mut d = buffer.description.lock().unwrap();
+        let changed = *d != description;
+        *d = description.clone();
+        changed
+    };
+    if changed {
+        log::info!("serial0: console on {description}");
+        if first.is_none() {
+            shared
+                .events
+                .emit("console-backend", format!("serial0: {description}"));
+        }
+    }
     match (first.take(), dropped_at_death.take()) {
         (Some(tx), _) => {
             log::info!(
@@ -422,6 +513,42 @@ async fn run_helper(
     .await
 }
 
+/// Sends chardevd the side channel on a new control connection, and the descriptors the
+/// backend needs on it; returns our end (to keep until `open` is answered).
+fn side_channel(
+    control: &std::os::unix::net::UnixStream,
+    backend: &Backend,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use vmm_proto::fdpass;
+    let (ours, theirs) = fdpass::seqpacket_pair()?;
+    fdpass::send(
+        control.as_fd(),
+        &[fdpass::SIDE_CHANNEL_PREAMBLE],
+        &[theirs.as_fd()],
+    )?;
+    if *backend == Backend::Stdio {
+        // SAFETY: fds 0 and 1 are vmm-core's standard input and output, open for its whole
+        // life (checked by stdio_open below); they are only borrowed for the send.
+        let (input, output) = unsafe { (BorrowedFd::borrow_raw(0), BorrowedFd::borrow_raw(1)) };
+        stdio_open()?;
+        fdpass::send(ours.as_fd(), b"serial0", &[input, output])?;
+    }
+    Ok(ours)
+}
+
+/// Fails unless fds 0 and 1 are open.
+fn stdio_open() -> std::io::Result<()> {
+    for fd in [0, 1] {
+        // SAFETY: F_GETFD only inspects the descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(std::io::Error::other(format!(
+                "fd {fd} is closed; --serial stdio needs standard input and output (use --serial null)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Streams the buffer to chardevd until it dies.
 async fn pump(
     device: &device::Client,
@@ -450,7 +577,7 @@ async fn pump(
                     continue;
                 }
                 why = child_exit(child) => return Ok(why),
-                _ = &mut *connection => return Ok("the connection closed".into()),
+            _ = &mut *connection => return Ok("the connection closed".into()),
                 _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
             }
         }
@@ -458,7 +585,10 @@ async fn pump(
         req.get().set_data(&chunk);
         tokio::select! {
             reply = req.send().promise => match reply {
-                Ok(_) => buffer.ack(start + chunk.len() as u64),
+                Ok(_) => {
+                    buffer.ack(start + chunk.len() as u64);
+                    buffer.tee(&chunk);
+                }
                 Err(e) => {
                     if let Some(c) = child.as_mut() {
                         let _ = c.kill().await;
@@ -467,7 +597,7 @@ async fn pump(
                 }
             },
             why = child_exit(child) => return Ok(why),
-                _ = &mut *connection => return Ok("the connection closed".into()),
+            _ = &mut *connection => return Ok("the connection closed".into()),
             _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
         }
     }
@@ -563,5 +693,29 @@ mod tests {
         b.ack(start + 4); // "abc" were dropped already; only "d" is left to forget
         let (start, chunk) = b.peek(100);
         assert_eq!((start, chunk.as_slice()), (4, &b"efghijk"[..]));
+    }
+
+    #[test]
+    fn a_slow_viewer_skips_bytes_and_is_told_how_many() {
+        let b = ConsoleBuffer::new(8);
+        let mut v = b.attach();
+        let chunk = vec![b'x'; VIEWER_BACKLOG / 2];
+        b.tee(&chunk);
+        b.tee(&chunk);
+        // The backlog is full: this one is skipped.
+        b.tee(b"lost");
+        let mut got = 0;
+        while let Ok(c) = v.output.try_recv() {
+            got += c.len();
+            v.done(c.len());
+        }
+        assert_eq!(got, VIEWER_BACKLOG);
+        b.tee(b"next");
+        let c = v.output.try_recv().unwrap();
+        assert_eq!(c, b"\r\n[vmm-core: 4 bytes skipped]\r\nnext");
+        // A viewer that went away is forgotten at the next output.
+        drop(v);
+        b.tee(b"more");
+        assert!(b.viewers.lock().unwrap().is_empty());
     }
 }

@@ -39,8 +39,9 @@ pub struct RunArgs {
     /// What a guest reset does: exit (status 0) or restart the guest.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reset: OnReset,
-    /// Where the serial console goes: stdio (in vmm-core), or through the chardevd helper:
-    /// chardevd,file=PATH[,append] | chardevd,ring=BYTES | chardevd,unix=PATH | chardevd,null
+    /// The serial console's backend, served by the chardevd helper: stdio | pty |
+    /// file=PATH[,append] | ring=BYTES | unix=PATH (listen) | unix-connect=PATH[,reconnect=MS] |
+    /// null. `direct` keeps it on stdio inside vmm-core, with no helper (for debugging).
     #[arg(long, value_name = "SPEC", default_value = "stdio")]
     pub serial: String,
     /// The chardevd executable (default: the one next to vmm-core).
@@ -128,7 +129,7 @@ pub enum ConfigError {
     },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
-    #[error("--serial {0}: not a console backend; write stdio, chardevd,file=PATH[,append], chardevd,ring=BYTES, chardevd,unix=PATH or chardevd,null")]
+    #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
 }
 
@@ -289,16 +290,35 @@ fn cmdline_limit(path: &Path, format: KernelFormat) -> usize {
     read().unwrap_or(DEFAULT_CMDLINE_MAX)
 }
 
-/// `stdio`, or `chardevd,` and one backend.
+/// A backend in chardevd, or None for `direct` (stdio inside vmm-core).
 pub fn parse_serial(s: &str) -> Result<Option<crate::chardev::Backend>, ConfigError> {
     use crate::chardev::Backend;
     let bad = || ConfigError::Serial(s.to_string());
-    if s == "stdio" {
+    if s == "direct" {
         return Ok(None);
     }
-    let rest = s.strip_prefix("chardevd,").ok_or_else(bad)?;
+    let rest = s;
     let backend = if rest == "null" {
         Backend::Null
+    } else if rest == "stdio" {
+        Backend::Stdio
+    } else if rest == "pty" {
+        Backend::Pty
+    } else if let Some(spec) = rest.strip_prefix("unix-connect=") {
+        let (path, reconnect_ms) = match spec.split_once(",reconnect=") {
+            Some((p, ms)) => (
+                p,
+                ms.parse::<u32>().ok().filter(|&m| m > 0).ok_or_else(bad)?,
+            ),
+            None => (spec, 500),
+        };
+        if path.is_empty() || path.contains(',') {
+            return Err(bad());
+        }
+        Backend::UnixClient {
+            path: path.to_string(),
+            reconnect_ms,
+        }
     } else if let Some(spec) = rest.strip_prefix("file=") {
         let (path, append) = match spec.strip_suffix(",append") {
             Some(p) => (p, true),
@@ -420,30 +440,50 @@ mod tests {
     #[test]
     fn serial_forms() {
         use crate::chardev::Backend;
-        assert_eq!(parse_serial("stdio").unwrap(), None);
-        assert_eq!(parse_serial("chardevd,null").unwrap(), Some(Backend::Null));
+        assert_eq!(parse_serial("direct").unwrap(), None);
+        assert_eq!(parse_serial("stdio").unwrap(), Some(Backend::Stdio));
+        assert_eq!(parse_serial("pty").unwrap(), Some(Backend::Pty));
+        assert_eq!(parse_serial("null").unwrap(), Some(Backend::Null));
         assert_eq!(
-            parse_serial("chardevd,file=/tmp/c.log,append").unwrap(),
+            parse_serial("file=/tmp/c.log,append").unwrap(),
             Some(Backend::File {
                 path: "/tmp/c.log".into(),
                 append: true
             })
         );
         assert_eq!(
-            parse_serial("chardevd,ring=64K").unwrap(),
+            parse_serial("ring=64K").unwrap(),
             Some(Backend::Ring(65536))
         );
         assert_eq!(
-            parse_serial("chardevd,unix=/run/c.sock").unwrap(),
+            parse_serial("unix=/run/c.sock").unwrap(),
             Some(Backend::UnixServer("/run/c.sock".into()))
         );
+        assert_eq!(
+            parse_serial("unix-connect=/run/c.sock").unwrap(),
+            Some(Backend::UnixClient {
+                path: "/run/c.sock".into(),
+                reconnect_ms: 500
+            })
+        );
+        assert_eq!(
+            parse_serial("unix-connect=/run/c.sock,reconnect=100").unwrap(),
+            Some(Backend::UnixClient {
+                path: "/run/c.sock".into(),
+                reconnect_ms: 100
+            })
+        );
         for bad in [
-            "pty",
-            "chardevd,",
-            "chardevd,file=",
-            "chardevd,ring=0",
-            "chardevd,ring=lots",
-            "chardevd,tcp=1",
+            "",
+            "chardevd,null",
+            "file=",
+            "ring=0",
+            "ring=lots",
+            "tcp=1",
+            "unix-connect=",
+            "unix-connect=/a,reconnect=0",
+            "unix-connect=/a,reconnect=soon",
+            "unix-connect=/a,later",
         ] {
             assert!(
                 matches!(parse_serial(bad), Err(ConfigError::Serial(_))),

@@ -9,7 +9,6 @@ pub mod devices;
 pub mod kvm;
 pub mod logger;
 pub mod memory;
-pub mod terminal;
 pub mod vcpu;
 pub mod vm;
 

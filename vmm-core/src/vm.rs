@@ -9,7 +9,7 @@ use crate::devices::{ged, power, pvpanic, serial, Action, IoBus};
 use crate::kvm::Kvm;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{self, RunState, VcpuContext, VcpuError, VcpuEvent};
-use crate::{terminal, Outcome, StopReason};
+use crate::{Outcome, StopReason};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use std::io::Read;
 use std::os::unix::thread::JoinHandleExt;
@@ -18,6 +18,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use vmm_proto::terminal;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Where the TSS and identity-map pages KVM needs on Intel live: just below the BIOS area at
@@ -143,8 +144,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             .map_err(|e| VmError::Thread("signal", e))?;
     }
     let console = Arc::new(ConsoleInput::default());
-    // The console on stdio (in vmm-core) takes the terminal; through chardevd it does not.
-    let raw = if config.serial.is_none() {
+    // A console on stdio (in vmm-core, or served by chardevd) takes the terminal.
+    let on_stdio = matches!(config.serial, None | Some(chardev::Backend::Stdio));
+    let raw = if on_stdio {
         terminal::RawMode::enter()
     } else {
         None
@@ -172,6 +174,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         started: std::time::Instant::now(),
         events: api::Events::default(),
         console: Mutex::new(None),
+        console_view: std::sync::OnceLock::new(),
     });
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
@@ -184,19 +187,37 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         let _ = console.output.set(buffer.clone());
         // Input from chardevd is queued for a thread of its own: feeding the UART may have to
         // wait (for the guest to read, or for the VM to exist), and the supervisor must not.
-        let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        // Input from the terminal (stdio) has the escape keys; from viewers attached through
+        // the API (their own escape is in vmmctl) and other backends it goes as it is.
+        let (in_tx, in_rx) = std::sync::mpsc::channel::<(Vec<u8>, bool)>();
         let input_to = console.clone();
+        let escapes = raw.is_some();
+        let quit = tx.clone();
         std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
-                for bytes in in_rx {
+                let mut filter = EscapeFilter::default();
+                for (bytes, from_terminal) in in_rx {
+                    let (bytes, escape) = if escapes && from_terminal {
+                        filter.feed(&bytes)
+                    } else {
+                        (bytes, false)
+                    };
                     feed_uart(&input_to, &bytes);
+                    if escape {
+                        let _ = quit.send(VmEvent::ConsoleEscape);
+                    }
                 }
             })
             .map_err(|e| VmError::Thread("console input", e))?;
+        let attached_tx = in_tx.clone();
         let input: chardev::InputFn = Arc::new(move |bytes: &[u8]| {
-            let _ = in_tx.send(bytes.to_vec());
+            let _ = in_tx.send((bytes.to_vec(), true));
         });
+        let attached: chardev::InputFn = Arc::new(move |bytes: &[u8]| {
+            let _ = attached_tx.send((bytes.to_vec(), false));
+        });
+        let _ = shared.console_view.set((buffer.clone(), attached));
         supervisor = Some(chardev::start(
             match &config.chardevd_socket {
                 Some(path) => chardev::Mode::Connect(path.clone()),
@@ -314,36 +335,56 @@ fn wait_for_signals(signals: &[libc::c_int], tx: Sender<VmEvent>) {
     }
 }
 
-/// Feeds stdin to the guest's UART. With a terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends a
-/// literal Ctrl-A. A full FIFO holds input back rather than dropping it.
+/// The terminal's escape keys: Ctrl-A x quits, Ctrl-A Ctrl-A sends a literal Ctrl-A, and
+/// Ctrl-A followed by anything else sends nothing.
+#[derive(Default)]
+struct EscapeFilter {
+    pending: bool,
+}
+
+impl EscapeFilter {
+    /// The bytes for the guest, and whether Ctrl-A x was typed (what follows it is dropped).
+    fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut bytes = Vec::with_capacity(input.len());
+        for &b in input {
+            if self.pending {
+                self.pending = false;
+                match b {
+                    b'x' | b'X' => return (bytes, true),
+                    0x01 => bytes.push(0x01),
+                    _ => {}
+                }
+            } else if b == 0x01 {
+                self.pending = true;
+            } else {
+                bytes.push(b);
+            }
+        }
+        (bytes, false)
+    }
+}
+
+/// Feeds stdin to the guest's UART (--serial direct). With a terminal, the escape keys work
+/// (see EscapeFilter). A full FIFO holds input back rather than dropping it.
 fn console_input(console: Arc<ConsoleInput>, tx: Sender<VmEvent>, escapes: bool) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = [0u8; 64];
-    let mut escape = false;
+    let mut filter = EscapeFilter::default();
     loop {
         let n = match stdin.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut bytes = Vec::with_capacity(n);
-        for &b in &buf[..n] {
-            if escapes && escape {
-                escape = false;
-                match b {
-                    b'x' | b'X' => {
-                        let _ = tx.send(VmEvent::ConsoleEscape);
-                        return;
-                    }
-                    0x01 => bytes.push(0x01),
-                    _ => {}
-                }
-            } else if escapes && b == 0x01 {
-                escape = true;
-            } else {
-                bytes.push(b);
-            }
-        }
+        let (bytes, escape) = if escapes {
+            filter.feed(&buf[..n])
+        } else {
+            (buf[..n].to_vec(), false)
+        };
         feed_uart(&console, &bytes);
+        if escape {
+            let _ = tx.send(VmEvent::ConsoleEscape);
+            return;
+        }
     }
 }
 
@@ -575,5 +616,22 @@ fn stop_vcpus(state: &RunState, threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>>) {
             std::thread::sleep(Duration::from_micros(500));
         }
         let _ = t.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EscapeFilter;
+
+    #[test]
+    fn escape_keys() {
+        let mut f = EscapeFilter::default();
+        assert_eq!(f.feed(b"ab"), (b"ab".to_vec(), false));
+        // Ctrl-A Ctrl-A is a literal Ctrl-A, across calls too.
+        assert_eq!(f.feed(b"c\x01"), (b"c".to_vec(), false));
+        assert_eq!(f.feed(b"\x01d"), (b"\x01d".to_vec(), false));
+        // Ctrl-A and another key send nothing.
+        assert_eq!(f.feed(b"\x01qe"), (b"e".to_vec(), false));
+        assert_eq!(f.feed(b"f\x01xg"), (b"f".to_vec(), true));
     }
 }

@@ -1,12 +1,13 @@
 //! vmmctl: manage a running vmm-core through its API socket (`vmm-core run --api-socket PATH`).
 //! Output is for people by default; `--json` prints one JSON object for programs.
 
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-use vmm_proto::vmm_capnp::{event_sink, vmm, RunState};
+use vmm_proto::vmm_capnp::{byte_sink, event_sink, vmm, RunState};
+
+/// The key that detaches `vmmctl console`: Ctrl-], as in virsh and telnet.
+const ESCAPE: u8 = 0x1d;
 
 #[derive(Parser)]
 #[command(name = "vmmctl", version, about = "Manage a running vmm-core")]
@@ -21,7 +22,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum Command {
     /// What the VM is and its state.
     Info,
@@ -38,15 +39,24 @@ enum Command {
     Reboot,
     /// Print the VM's events as they happen, until it ends.
     Events,
-    /// The serial console: --dump prints what its ring holds (--serial chardevd,ring=SIZE).
+    /// The VM's devices.
+    Devices,
+    /// Attach to the serial console interactively (Ctrl-] detaches); with --dump, print
+    /// what its ring holds (--serial ring=SIZE).
     Console {
         #[arg(long)]
         dump: bool,
+        /// The console (see `vmmctl devices`).
+        #[arg(long, value_name = "NAME", default_value = "serial0")]
+        device: String,
     },
     /// Fault injection on the console's backend in chardevd.
     ConsoleFault {
         #[command(subcommand)]
         rule: FaultRule,
+        /// The console (see `vmmctl devices`).
+        #[arg(long, value_name = "NAME", default_value = "serial0", global = true)]
+        device: String,
     },
 }
 
@@ -111,25 +121,18 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             };
             Failure(2, format!("--socket {path}: {why}"))
         })?;
-    let (reader, writer) = stream.into_split();
-    let network = Box::new(twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Client,
-        Default::default(),
-    ));
-    let mut rpc = RpcSystem::new(network, None);
-    let client: vmm::Client = rpc.bootstrap(twoparty::VatId::Server);
+    let (rpc, client): (_, vmm::Client) = vmm_proto::rpc::client(stream);
     let disconnect = rpc.get_disconnector();
-    let connection = tokio::task::spawn_local(rpc);
+    let mut connection = tokio::task::spawn_local(rpc);
 
-    let name = match cli.command {
+    let name = match &cli.command {
         Command::Info => "info",
         Command::Pause => "pause",
         Command::Resume => "resume",
         Command::Shutdown { .. } => "shutdown",
         Command::Reboot => "reboot",
         Command::Events => "events",
+        Command::Devices => "devices",
         Command::Console { .. } => "console",
         Command::ConsoleFault { .. } => "console-fault",
     };
@@ -140,7 +143,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         };
         Failure(1, format!("{name}: {msg}"))
     };
-    let out = match cli.command {
+    let out = match cli.command.clone() {
         Command::Info => {
             let reply = client.info_request().send().promise.await.map_err(fail)?;
             let info = reply.get().and_then(|r| r.get_info()).map_err(fail)?;
@@ -171,19 +174,61 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             client.reboot_request().send().promise.await.map_err(fail)?;
             done(cli.json, "reset")
         }
-        Command::Console { dump: false } => {
-            return Err(Failure(
-                2,
-                "console: attaching interactively is not built yet; use --dump, or start the VM with --serial chardevd,unix=PATH and connect to PATH".into(),
-            ));
-        }
-        Command::Console { dump: true } => {
+        Command::Devices => {
             let reply = client
-                .console_dump_request()
+                .devices_request()
                 .send()
                 .promise
                 .await
                 .map_err(fail)?;
+            let list = reply.get().and_then(|r| r.get_devices()).map_err(fail)?;
+            let mut lines = Vec::new();
+            for d in list.iter() {
+                let text = |t: capnp::Result<capnp::text::Reader>| {
+                    t.and_then(|t| {
+                        t.to_string()
+                            .map_err(|e| capnp::Error::failed(e.to_string()))
+                    })
+                };
+                let (name, kind, detail) = (
+                    text(d.get_name()).map_err(fail)?,
+                    text(d.get_kind()).map_err(fail)?,
+                    text(d.get_detail()).map_err(fail)?,
+                );
+                lines.push(if cli.json {
+                    format!(
+                        "{{\"name\":{},\"kind\":{},\"detail\":{}}}",
+                        json_str(&name),
+                        json_str(&kind),
+                        json_str(&detail)
+                    )
+                } else {
+                    format!("{name:<10} {kind:<18} {detail}")
+                });
+            }
+            if cli.json {
+                format!("[{}]", lines.join(","))
+            } else {
+                lines.join("\n")
+            }
+        }
+        Command::Console {
+            dump: false,
+            device,
+        } => {
+            let mut req = client.console_attach_request();
+            req.get().set_device(&device);
+            req.get().set_output(capnp_rpc::new_client(Stdout));
+            let reply = req.send().promise.await.map_err(fail)?;
+            let input = reply.get().and_then(|r| r.get_input()).map_err(fail)?;
+            let why = attach(&device, input, &mut connection).await;
+            eprintln!("\r\nvmmctl: {why}");
+            return Ok(String::new());
+        }
+        Command::Console { dump: true, device } => {
+            let mut req = client.console_dump_request();
+            req.get().set_device(&device);
+            let reply = req.send().promise.await.map_err(fail)?;
             let r = reply.get().map_err(fail)?;
             let data = r.get_data().map_err(fail)?;
             if cli.json {
@@ -201,8 +246,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 String::new()
             }
         }
-        Command::ConsoleFault { rule } => {
+        Command::ConsoleFault { rule, device } => {
             let mut req = client.console_fault_request();
+            req.get().set_device(&device);
             {
                 let mut f = req.get().init_fault();
                 match rule {
@@ -229,6 +275,80 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     };
     let _ = disconnect.await;
     Ok(out)
+}
+
+/// Runs an attached console until Ctrl-] or until the VM ends; says which. Standard input
+/// goes to the guest (the terminal in raw mode, so every key does); the VM's output comes to
+/// Stdout. When standard input ends, the console stays attached, showing output.
+async fn attach(
+    device: &str,
+    input: byte_sink::Client,
+    connection: &mut tokio::task::JoinHandle<capnp::Result<()>>,
+) -> String {
+    let raw = vmm_proto::terminal::RawMode::enter();
+    eprintln!(
+        "vmmctl: attached to {device}; the escape key is Ctrl-]{}",
+        if raw.is_some() { "" } else { " (byte 0x1d)" }
+    );
+    let (tx, mut keys) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    // A blocking reader of its own: standard input may be a terminal, a pipe or a file.
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+    let mut stdin_open = true;
+    let why = loop {
+        tokio::select! {
+            keys = keys.recv(), if stdin_open => {
+                let Some(mut bytes) = keys else {
+                    stdin_open = false;
+                    continue;
+                };
+                let escape = bytes.iter().position(|&b| b == ESCAPE);
+                if let Some(at) = escape {
+                    bytes.truncate(at);
+                }
+                if !bytes.is_empty() {
+                    let mut req = input.write_request();
+                    req.get().set_data(&bytes);
+                    if let Err(e) = req.send().promise.await {
+                        break format!("the console closed ({})", e.extra);
+                    }
+                }
+                if escape.is_some() {
+                    break "detached".to_string();
+                }
+            }
+            _ = &mut *connection => break "the console closed: the VM ended".to_string(),
+        }
+    };
+    drop(raw);
+    why
+}
+
+/// Where an attached console's output goes: standard output, as it comes.
+struct Stdout;
+
+impl byte_sink::Server for Stdout {
+    async fn write(
+        self: capnp::capability::Rc<Self>,
+        params: byte_sink::WriteParams,
+        _: byte_sink::WriteResults,
+    ) -> Result<(), capnp::Error> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(params.get()?.get_data()?)
+            .and_then(|()| out.flush())
+            .map_err(|e| capnp::Error::failed(format!("standard output: {e}")))
+    }
 }
 
 /// Receives events from the VMM and prints one line each.

@@ -1,4 +1,4 @@
-//! The console's terminal: raw mode while the VM runs (so keys reach the guest), restored on
+//! A console's terminal: raw mode while a console is attached (so keys reach the guest), restored on
 //! every way out, including a panic.
 
 use std::sync::Mutex;

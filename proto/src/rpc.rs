@@ -1,0 +1,44 @@
+//! A two-party Cap'n Proto RPC system over a Unix stream, as every party of the control plane
+//! sets it up.
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+fn network(
+    stream: tokio::net::UnixStream,
+    side: Side,
+) -> Box<dyn capnp_rpc::VatNetwork<twoparty::VatId>> {
+    let (reader, writer) = stream.into_split();
+    Box::new(twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        side,
+        Default::default(),
+    ))
+}
+
+/// The client side: the RPC system to drive (spawn it on a LocalSet) and the server's
+/// bootstrap capability.
+pub fn client<C: capnp::capability::FromClientHook>(
+    stream: tokio::net::UnixStream,
+) -> (RpcSystem<twoparty::VatId>, C) {
+    let mut rpc = RpcSystem::new(network(stream, Side::Client), None);
+    let bootstrap = rpc.bootstrap(twoparty::VatId::Server);
+    (rpc, bootstrap)
+}
+
+/// The server side, offering `bootstrap` to the client.
+pub fn server(
+    stream: tokio::net::UnixStream,
+    bootstrap: capnp::capability::Client,
+) -> RpcSystem<twoparty::VatId> {
+    RpcSystem::new(network(stream, Side::Server), Some(bootstrap))
+}
+
+/// A std stream made ready for tokio (non-blocking, registered with the running reactor).
+pub fn tokio_stream(
+    stream: std::os::unix::net::UnixStream,
+) -> std::io::Result<tokio::net::UnixStream> {
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
+}
