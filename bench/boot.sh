@@ -15,7 +15,7 @@ runs=${1:-20}
 cpus=${VMM_BENCH_CPUS:-1}
 memory=${VMM_BENCH_MEMORY:-128M}
 
-(cd "$root" && cargo build --release --quiet -p vmm-core)
+(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p vmmctl)
 (cd "$root/tests/guest" && cargo build --release --quiet 2>/dev/null)
 vmm="$root/target/release/vmm-core"
 guest="$root/tests/guest/target/release/test-guest"

@@ -5,5 +5,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
-(cd "$root" && cargo build --release --quiet -p vmm-core)
+(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p vmmctl)
 exec "$root/target/release/vmm-core" run "$@"
