@@ -4,7 +4,8 @@
 #   - process start to the first KVM_RUN (vmm-core only: the VMM's own start-up),
 #   - process start to the guest's ready marker ("tg: ready" on the serial console),
 # the ratio ours/QEMU to the ready marker, and vmm-core's resident memory beyond the guest RAM
-# it touched (VmRSS - RssShmem, sampled at the ready marker).
+# it touched (VmRSS - RssShmem, sampled at the ready marker), and that of its helpers. The
+# console goes through chardevd, as it does by default.
 #
 # QEMU gets -cpu host,-arch-capabilities: QEMU 7.2 aborts on that MSR under KVM-PVM.
 #
@@ -42,6 +43,15 @@ def rss_beyond_guest(pid):
                 fields[k] = int(v.split()[0])
     return fields["VmRSS"] - fields["RssShmem"]
 
+def helpers_rss(pid):
+    """KiB resident in the process's children (vmm-core's chardevd)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            for c in f.read().split():
+                total += rss_beyond_guest(int(c))
+    return total
+
 def boot(argv, want_first_run):
     """Starts argv, returns (ms to first KVM_RUN or None, ms to ready, KiB beyond guest RAM)."""
     t0 = time.time_ns()
@@ -59,6 +69,7 @@ def boot(argv, want_first_run):
         buf += chunk
     t_ready = time.time_ns()
     rss = rss_beyond_guest(p.pid)
+    helpers = helpers_rss(p.pid)
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=30)
     reader.join(timeout=5)
@@ -69,7 +80,7 @@ def boot(argv, want_first_run):
                 first = (int(line.rsplit("=", 1)[1]) - t0) / 1e6
         if first is None:
             sys.exit("error: vmm-core printed no first-KVM_RUN time")
-    return first, (t_ready - t0) / 1e6, rss
+    return first, (t_ready - t0) / 1e6, rss, helpers
 
 ours_cmd = [vmm, "run", "--kernel", guest, "--cpus", cpus, "--memory", memory,
             "--cmdline", cmdline, "--print-boot-times"]
@@ -97,6 +108,7 @@ if theirs:
     print(f"ratio ours/QEMU to ready (medians): {ratio:.3f}")
 rss = [o[2] for o in ours]
 print(f"\nvmm-core resident memory beyond guest RAM (VmRSS - RssShmem), KiB: {stats(rss)}")
+print(f"  and its helpers (chardevd), KiB:                               {stats([o[3] for o in ours])}")
 if theirs:
     print(f"QEMU      resident memory beyond guest RAM (VmRSS - RssShmem), KiB: {stats([t[2] for t in theirs])}")
 PY
