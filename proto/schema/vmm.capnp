@@ -35,6 +35,16 @@ interface Vmm {
   # closing the connection). A viewer that falls more than 1 MiB behind misses bytes; it is
   # told how many in a note in the stream ("[vmm-core: N bytes skipped]").
 
+  setCpus @10 (count :UInt32, timeoutMs :UInt32) -> ();
+  # Hot-adds or hot-removes vCPUs (ACPI CPU hotplug) until `count` are online. Returns once the
+  # guest has taken the new ones, or ejected the removed ones. A removed vCPU's KVM fd is
+  # parked and reused when its id is added again. Refused: more than maxCpus, fewer than 1
+  # (vCPU 0 is the boot CPU), or while another change runs. timeoutMs (0: 10 s): a guest that
+  # does not answer in time gets an error, and the vCPU keeps running.
+
+  cpus @11 () -> (cpus :List(CpuInfo), created :UInt32);
+  # Every possible vCPU, and how many times KVM_CREATE_VCPU was called in this boot.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
@@ -42,6 +52,12 @@ interface Vmm {
 
 interface ByteSink {
   write @0 (data :Data) -> ();
+}
+
+struct CpuInfo {
+  id @0 :UInt32;
+  state @1 :Text;     # running, parked (its KVM fd waits for reuse) or absent
+  reuses @2 :UInt32;  # how many hot-adds reused its parked KVM fd
 }
 
 struct DeviceInfo {
@@ -58,7 +74,8 @@ struct Event {
   timeUnixMs @0 :UInt64;
   kind @1 :Text;
   # started, paused, resumed, reset, power-button, powered-off, guest-reset, guest-panic,
-  # stopped, vcpu-failed, helper-started, helper-died, helper-restarted, console-backend
+  # stopped, vcpu-failed, helper-started, helper-died, helper-restarted, console-backend,
+  # cpu-added, cpu-removed, cpu-change-failed
   detail @2 :Text;
 }
 

@@ -268,7 +268,8 @@ impl TestVm {
         self.captured.0.lock().unwrap().stderr.clone()
     }
 
-    /// Waits until the console shows `marker`; returns the console's line that holds it.
+    /// Waits until the console shows `marker`; returns the console's line that holds it, once
+    /// that line is complete (or the VMM has exited).
     pub fn wait_for(&self, marker: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.captured;
@@ -276,10 +277,10 @@ impl TestVm {
         loop {
             if let Some(pos) = c.stdout.find(marker) {
                 let start = c.stdout[..pos].rfind('\n').map_or(0, |i| i + 1);
-                let end = c.stdout[pos..]
-                    .find('\n')
-                    .map_or(c.stdout.len(), |i| pos + i);
-                return c.stdout[start..end].trim_end().to_string();
+                let end = c.stdout[pos..].find('\n').map(|i| pos + i);
+                if let Some(end) = end.or((c.closed == 2).then_some(c.stdout.len())) {
+                    return c.stdout[start..end].trim_end().to_string();
+                }
             }
             let now = Instant::now();
             if now >= deadline || c.closed == 2 {

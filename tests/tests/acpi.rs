@@ -27,7 +27,7 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
         let tmp = vmm_tests::TempDir::new(&format!("acpi-{max}"));
         let dir = tmp.0.clone();
         let tables = [
-            ("dsdt.dat", vmm_core::boot::acpi::dsdt()),
+            ("dsdt.dat", vmm_core::boot::acpi::dsdt(4)),
             ("facp.dat", vmm_core::boot::acpi::fadt(0x1000)),
             ("apic.dat", vmm_core::boot::acpi::madt(cpus, max)),
         ];
@@ -44,8 +44,15 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
             );
         }
         let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
-        for needle in ["_S5_", "ACPI0013", "_EVT", "PNP0C0C", "PNP0501", "QEMU0001"] {
+        for needle in [
+            "_S5_", "ACPI0013", "_EVT", "PNP0C0C", "PNP0501", "QEMU0001", "ACPI0010", "CSCN",
+            "CTFY",
+        ] {
             assert!(dsl.contains(needle), "the DSDT lacks {needle}:\n{dsl}");
+        }
+        // A processor device per possible vCPU (dsdt(4)), each with _STA, _MAT and _EJ0.
+        for needle in ["\"ACPI0007\"", "Method (_STA", "Name (_MAT", "Method (_EJ0"] {
+            assert_eq!(dsl.matches(needle).count(), 4, "{needle} in:\n{dsl}");
         }
         let out = iasl(&dir, &["-tc", "dsdt.dsl"]);
         assert!(

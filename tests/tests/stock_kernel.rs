@@ -1,4 +1,5 @@
-//! Debian's stock cloud kernel on vmm-core: ACPI, SMP, memory and serial as Linux sees them.
+//! Debian's stock cloud kernel on vmm-core: ACPI (with the CPU hotplug AML), SMP, memory and
+//! serial as Linux sees them.
 //! About 7 minutes on a KVM-PVM host (kernel code is emulated there), under a second on
 //! hardware KVM. Needs the images from scripts/build-images.sh.
 
@@ -28,12 +29,18 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
     let mut vm = TestVm::builder()
         .kernel(&kernel)
         .args(["--initramfs", initramfs.to_str().unwrap()])
-        .cpus("2")
+        // Two more possible vCPUs: their processor devices (ACPI0007, _STA 0) are in the DSDT.
+        .cpus("2,max=4")
         .memory("128M")
         .cmdline(CMDLINE)
         .spawn();
 
     vm.wait_for("smp: Brought up 1 node, 2 CPUs", slow);
+    assert!(
+        vm.stdout().contains("Allowing 4 CPUs, 2 hotplug CPUs"),
+        "the kernel sees the 2 hot-pluggable vCPUs:\n{}",
+        vm.stdout()
+    );
     // "Memory: 83476K/130680K available": all of the 128 MiB but the first page and the
     // EBDA/BIOS area is RAM the kernel manages.
     let line = vm.wait_for("Memory: ", slow);

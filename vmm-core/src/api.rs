@@ -29,8 +29,25 @@ pub enum ApiError {
 pub enum Request {
     Pause,
     Resume,
-    Shutdown { force: bool },
+    Shutdown {
+        force: bool,
+    },
     Reboot,
+    /// Hot-add or hot-remove vCPUs until `count` are online; give up after `timeout_ms`.
+    SetCpus {
+        count: u32,
+        timeout_ms: u32,
+    },
+}
+
+/// One vCPU as `cpus` reports it.
+#[derive(Debug, Clone)]
+pub struct VcpuStatus {
+    pub id: u32,
+    /// running (a thread runs it), parked (its KVM fd waits for reuse), or absent.
+    pub state: &'static str,
+    /// How many times its parked KVM fd was reused by a hot-add.
+    pub reuses: u32,
 }
 
 /// A request and where its answer goes.
@@ -50,6 +67,9 @@ pub struct Status {
     pub kernel: String,
     pub cmdline: String,
     pub boots: u32,
+    pub vcpus: Vec<VcpuStatus>,
+    /// KVM_CREATE_VCPU calls in this boot of the VM.
+    pub vcpus_created: u32,
 }
 
 pub struct Shared {
@@ -376,6 +396,41 @@ impl vmm::Server for VmmServer {
         _: vmm::RebootResults,
     ) -> Result<(), capnp::Error> {
         self.ask(Request::Reboot).await
+    }
+
+    async fn set_cpus(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::SetCpusParams,
+        _: vmm::SetCpusResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let timeout_ms = match p.get_timeout_ms() {
+            0 => 10_000,
+            t => t,
+        };
+        self.ask(Request::SetCpus {
+            count: p.get_count(),
+            timeout_ms,
+        })
+        .await
+    }
+
+    async fn cpus(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::CpusParams,
+        mut results: vmm::CpusResults,
+    ) -> Result<(), capnp::Error> {
+        let s = self.shared.status.lock().unwrap().clone();
+        let mut r = results.get();
+        r.set_created(s.vcpus_created);
+        let mut list = r.init_cpus(s.vcpus.len() as u32);
+        for (i, v) in s.vcpus.iter().enumerate() {
+            let mut c = list.reborrow().get(i as u32);
+            c.set_id(v.id);
+            c.set_state(v.state);
+            c.set_reuses(v.reuses);
+        }
+        Ok(())
     }
 
     async fn devices(

@@ -5,6 +5,7 @@ pub mod api;
 pub mod boot;
 pub mod chardev;
 pub mod config;
+pub mod cpus;
 pub mod devices;
 pub mod kvm;
 pub mod logger;

@@ -5,10 +5,12 @@ use crate::api::{self, ApiRequest, Request};
 use crate::boot::{self, BootError};
 use crate::chardev;
 use crate::config::{OnReset, VmConfig};
+use crate::cpus::{Origin, Vcpus};
+use crate::devices::cpu_hotplug::{self, CpuHotplug, HotplugEvent};
 use crate::devices::{ged, power, pvpanic, serial, Action, IoBus};
 use crate::kvm::Kvm;
 use crate::memory::{Memory, MemoryError};
-use crate::vcpu::{self, RunState, VcpuContext, VcpuError, VcpuEvent};
+use crate::vcpu::{RunState, VcpuError, VcpuEvent};
 use crate::{Outcome, StopReason};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use std::io::Read;
@@ -17,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm_proto::terminal;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -76,6 +78,25 @@ pub enum VmEvent {
     DumpVcpus,
     /// A management API request.
     Api(ApiRequest),
+    /// The guest acted on the CPU hotplug controller.
+    Hotplug(HotplugEvent),
+}
+
+/// A vCPU change that waits for the guest.
+struct CpuChange {
+    /// The vCPUs the guest has yet to take (adding) or eject (removing).
+    waiting: std::collections::BTreeSet<u32>,
+    adding: bool,
+    deadline: Instant,
+    timeout_ms: u32,
+    reply: futures::channel::oneshot::Sender<Result<(), String>>,
+}
+
+fn id_list(ids: &std::collections::BTreeSet<u32>) -> String {
+    ids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The serial device that console input goes to (replaced when the guest restarts), and the
@@ -114,7 +135,7 @@ fn feed_uart(console: &ConsoleInput, bytes: &[u8]) {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -170,6 +191,8 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             kernel: config.kernel.display().to_string(),
             cmdline: config.cmdline.clone(),
             boots: 0,
+            vcpus: Vec::new(),
+            vcpus_created: 0,
         }),
         started: std::time::Instant::now(),
         events: api::Events::default(),
@@ -294,7 +317,9 @@ fn run_guest(
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) => return Ok(Outcome::Reset),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::PowerOff)) => return Ok(Outcome::PowerOff),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
-            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None)) | VmEvent::DumpVcpus => {
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None))
+            | VmEvent::DumpVcpus
+            | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
             VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => {
@@ -431,9 +456,15 @@ fn run_once(
     vm.register_irqfd(&ged_irq, ged::GSI)
         .map_err(|e| VmError::Setup("the GED interrupt", e))?;
     let ged = Arc::new(Mutex::new(ged::Ged::new(ged_irq)));
+    let hotplug = Arc::new(Mutex::new(CpuHotplug::new(
+        config.cpus,
+        config.max_cpus,
+        tx.clone(),
+    )));
 
     let mut bus = IoBus::default();
     bus.insert(ged::PORT, 1, ged.clone());
+    bus.insert(cpu_hotplug::PORT, cpu_hotplug::LEN, hotplug.clone());
     bus.insert(serial::COM1_BASE, 8, uart);
     bus.insert(
         power::SLEEP_CONTROL_PORT,
@@ -452,53 +483,128 @@ fn run_once(
         .fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Setup("CPUID", e))?;
+    let state = Arc::new(RunState::default());
+    let mut vcpus = Vcpus::new(crate::cpus::Common {
+        bus: bus.clone(),
+        mem: memory.guest.clone(),
+        state: state.clone(),
+        events: tx.clone(),
+        pvm: config.pvm,
+        print_boot_times: config.print_boot_times,
+        max: config.max_cpus,
+        base_cpuid,
+    });
+    // Every boot vCPU exists before any runs: the boot vCPU starts the others by IPI.
     let mut fds = Vec::new();
     for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(id as u64)
-            .map_err(|e| VcpuError::Create(id, e))?;
-        vcpu::configure(
-            &fd,
-            id,
-            config.max_cpus,
-            &base_cpuid,
-            (id == 0).then_some(entry),
-        )?;
-        fds.push(fd);
+        fds.push(vcpus.prepare(&vm, id, (id == 0).then_some(entry))?.0);
     }
-
-    let state = Arc::new(RunState::default());
-    let mut threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>> = Vec::new();
     for (id, fd) in fds.into_iter().enumerate() {
-        let ctx = VcpuContext {
-            id: id as u32,
-            bus: bus.clone(),
-            mem: memory.guest.clone(),
-            state: state.clone(),
-            events: tx.clone(),
-            pvm: config.pvm,
-            print_boot_times: config.print_boot_times,
-        };
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, ctx))
+        vcpus
+            .spawn(id as u32, fd)
             .map_err(|e| VmError::Thread("vCPU", e))?;
-        threads.push(handle);
     }
+    publish_vcpus(&vcpus, shared);
 
     let mut paused_clock = None;
+    let mut change: Option<CpuChange> = None;
     let event = loop {
-        match rx
-            .recv()
-            .expect("the signal thread holds a sender for the life of the process")
-        {
+        let next = match &change {
+            Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
+            None => rx
+                .recv()
+                .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        let next = match next {
+            Ok(e) => e,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let c = change.take().expect("a deadline comes from a change");
+                let msg = if c.adding {
+                    format!(
+                        "vCPU {}: the guest did not take it within {} ms; it stays present for the guest to start later",
+                        id_list(&c.waiting),
+                        c.timeout_ms
+                    )
+                } else {
+                    let mut hp = hotplug.lock().unwrap();
+                    for id in &c.waiting {
+                        let slot = &mut hp.slots[*id as usize];
+                        slot.removing = false;
+                        slot.eject_wanted = false;
+                    }
+                    format!(
+                        "vCPU {}: the guest did not eject it within {} ms, so it keeps running (is the CPU offline in the guest, and does it support CPU hot-remove?)",
+                        id_list(&c.waiting),
+                        c.timeout_ms
+                    )
+                };
+                log::warn!("{msg}");
+                shared.events.emit("cpu-change-failed", msg.clone());
+                let _ = c.reply.send(Err(msg));
+                continue;
+            }
+            Err(_) => panic!("the signal thread holds a sender for the life of the process"),
+        };
+        match next {
             VmEvent::DumpVcpus => {
                 state.dump_generation.fetch_add(1, Ordering::AcqRel);
-                kick_vcpus(&threads);
+                kick_vcpus(&vcpus.handles());
+            }
+            VmEvent::Hotplug(event) => {
+                let id = match event {
+                    HotplugEvent::InsertSeen(id) => {
+                        log::info!("vCPU {id}: the guest took it");
+                        shared.events.emit("cpu-added", format!("vCPU {id}"));
+                        id
+                    }
+                    HotplugEvent::Ejected(id) => {
+                        vcpus.park(id);
+                        log::info!("vCPU {id}: the guest ejected it; its KVM fd is parked");
+                        shared.events.emit("cpu-removed", format!("vCPU {id}"));
+                        publish_vcpus(&vcpus, shared);
+                        id
+                    }
+                };
+                if let Some(c) = &mut change {
+                    c.waiting.remove(&id);
+                    if c.waiting.is_empty() {
+                        let _ = change.take().expect("checked").reply.send(Ok(()));
+                    }
+                }
+            }
+            VmEvent::Api(ApiRequest {
+                request: Request::SetCpus { count, timeout_ms },
+                reply,
+            }) => {
+                if change.is_some() {
+                    let _ = reply.send(Err(
+                        "another vCPU change is still waiting for the guest; try again when it is done".into(),
+                    ));
+                    continue;
+                }
+                match start_cpu_change(&vm, &mut vcpus, &hotplug, &ged, count, config) {
+                    Err(msg) => {
+                        let _ = reply.send(Err(msg));
+                    }
+                    Ok((waiting, _)) if waiting.is_empty() => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Ok((waiting, adding)) => {
+                        change = Some(CpuChange {
+                            waiting,
+                            adding,
+                            deadline: Instant::now() + Duration::from_millis(timeout_ms.into()),
+                            timeout_ms,
+                            reply,
+                        });
+                    }
+                }
+                publish_vcpus(&vcpus, shared);
             }
             VmEvent::Api(req) => match req.request {
+                Request::SetCpus { .. } => unreachable!("handled above"),
                 Request::Pause => {
-                    pause_vcpus(&state, &threads);
+                    pause_vcpus(&state, &vcpus.handles());
                     // Stop guest time too, as QEMU does: a guest should not see the pause as
                     // time that passed (or it reports soft lockups).
                     if paused_clock.is_none() {
@@ -545,7 +651,10 @@ fn run_once(
             event => break event,
         }
     };
-    stop_vcpus(&state, threads);
+    stop_vcpus(
+        &state,
+        vcpus.running.into_values().map(|t| t.handle).collect(),
+    );
     // Later events from vCPUs that were stopping anyway are reported, not acted on. Requests
     // from people (API calls, signals, the console escape) carry over: if the guest boots
     // again they apply to it; if the VMM ends, the API caller hears that it stopped.
@@ -555,7 +664,8 @@ fn run_once(
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
                 log::warn!("vCPU {id} while stopping: {msg}")
             }
-            VmEvent::Vcpu(_) => {}
+            // The next boot has its own vCPUs.
+            VmEvent::Vcpu(_) | VmEvent::Hotplug(_) => {}
             other => carried.push(other),
         }
     }
@@ -566,8 +676,88 @@ fn run_once(
     Ok(event)
 }
 
+/// Makes what `info` and `cpus` report match the vCPUs.
+fn publish_vcpus(vcpus: &Vcpus, shared: &api::Shared) {
+    let mut st = shared.status.lock().unwrap();
+    st.vcpus = vcpus.status();
+    st.vcpus_created = vcpus.created;
+    st.cpus = vcpus.running.len() as u32;
+}
+
+/// Starts hot-adding or hot-removing vCPUs until `count` are online: returns the ids the guest
+/// must now take or eject, and whether they are being added; or why the change is refused.
+fn start_cpu_change(
+    vm: &kvm_ioctls::VmFd,
+    vcpus: &mut Vcpus,
+    hotplug: &Mutex<CpuHotplug>,
+    ged: &Mutex<ged::Ged>,
+    count: u32,
+    config: &VmConfig,
+) -> Result<(std::collections::BTreeSet<u32>, bool), String> {
+    let max = config.max_cpus;
+    if count == 0 {
+        return Err("cannot remove vCPU 0, the boot CPU: at least 1 vCPU stays online".into());
+    }
+    if count > max {
+        return Err(format!(
+            "cannot have {count} vCPUs: this VM's maximum is {max} (start it with --cpus N,max=M to allow more)"
+        ));
+    }
+    let online = vcpus.running.len() as u32;
+    let mut ids = std::collections::BTreeSet::new();
+    if count > online {
+        let absent: Vec<u32> = (0..max)
+            .filter(|id| !vcpus.running.contains_key(id))
+            .take((count - online) as usize)
+            .collect();
+        for id in absent {
+            let (fd, origin) = vcpus
+                .prepare(vm, id, None)
+                .map_err(|e| crate::error_chain(&e))?;
+            vcpus
+                .spawn(id, fd)
+                .map_err(|e| format!("vCPU {id}: cannot start its thread: {e}"))?;
+            match origin {
+                Origin::Created => log::info!("vCPU {id}: created; asking the guest to take it"),
+                Origin::Reused(n) => log::info!(
+                    "vCPU {id}: its parked KVM fd reused (time {n}); asking the guest to take it"
+                ),
+            }
+            let mut hp = hotplug.lock().unwrap();
+            let slot = &mut hp.slots[id as usize];
+            slot.enabled = true;
+            slot.inserting = true;
+            ids.insert(id);
+        }
+    } else if count < online {
+        let going: Vec<u32> = vcpus
+            .running
+            .keys()
+            .rev()
+            .copied()
+            .filter(|&id| id != 0)
+            .take((online - count) as usize)
+            .collect();
+        let mut hp = hotplug.lock().unwrap();
+        for id in going {
+            log::info!("vCPU {id}: asking the guest to eject it");
+            let slot = &mut hp.slots[id as usize];
+            slot.removing = true;
+            slot.eject_wanted = true;
+            ids.insert(id);
+        }
+    }
+    if !ids.is_empty() {
+        ged.lock()
+            .unwrap()
+            .notify(ged::EVENT_CPU_HOTPLUG)
+            .map_err(|e| format!("cannot interrupt the guest: {e}"))?;
+    }
+    Ok((ids, count > online))
+}
+
 /// Pauses the VM: every vCPU leaves KVM_RUN and parks. Returns once all are parked.
-fn pause_vcpus(state: &RunState, threads: &[JoinHandle<kvm_ioctls::VcpuFd>]) {
+fn pause_vcpus(state: &RunState, threads: &[&JoinHandle<kvm_ioctls::VcpuFd>]) {
     let mut p = state.pause.lock().unwrap();
     p.paused = true;
     loop {
@@ -593,7 +783,7 @@ fn resume_vcpus(state: &RunState) {
 }
 
 /// Kicks every vCPU out of KVM_RUN once.
-fn kick_vcpus(threads: &[JoinHandle<kvm_ioctls::VcpuFd>]) {
+fn kick_vcpus(threads: &[&JoinHandle<kvm_ioctls::VcpuFd>]) {
     for t in threads.iter().filter(|t| !t.is_finished()) {
         // SAFETY: the thread has not been joined, so its pthread_t is valid.
         unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };

@@ -41,6 +41,12 @@ enum Command {
     Events,
     /// The VM's devices.
     Devices,
+    /// The vCPUs: each one's state (running, parked, absent) and KVM fd reuse count; or
+    /// `cpus set N` to hot-add or hot-remove vCPUs until N are online.
+    Cpus {
+        #[command(subcommand)]
+        action: Option<CpusAction>,
+    },
     /// Attach to the serial console interactively (Ctrl-] detaches); with --dump, print
     /// what its ring holds (--serial ring=SIZE).
     Console {
@@ -57,6 +63,17 @@ enum Command {
         /// The console (see `vmmctl devices`).
         #[arg(long, value_name = "NAME", default_value = "serial0", global = true)]
         device: String,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CpusAction {
+    /// Hot-add or hot-remove vCPUs until COUNT are online; waits for the guest.
+    Set {
+        count: u32,
+        /// How long the guest has to take or eject the vCPUs.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        timeout: f64,
     },
 }
 
@@ -133,6 +150,8 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Reboot => "reboot",
         Command::Events => "events",
         Command::Devices => "devices",
+        Command::Cpus { action: None } => "cpus",
+        Command::Cpus { action: Some(_) } => "cpus set",
         Command::Console { .. } => "console",
         Command::ConsoleFault { .. } => "console-fault",
     };
@@ -173,6 +192,61 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Reboot => {
             client.reboot_request().send().promise.await.map_err(fail)?;
             done(cli.json, "reset")
+        }
+        Command::Cpus {
+            action: Some(CpusAction::Set { count, timeout }),
+        } => {
+            if !(timeout > 0.0 && timeout <= 3600.0) {
+                return Err(Failure(
+                    2,
+                    format!("--timeout {timeout}: give seconds between 0 and 3600"),
+                ));
+            }
+            let mut req = client.set_cpus_request();
+            req.get().set_count(count);
+            req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
+            req.send().promise.await.map_err(fail)?;
+            done(cli.json, &format!("{count} vCPUs online"))
+        }
+        Command::Cpus { action: None } => {
+            let reply = client.cpus_request().send().promise.await.map_err(fail)?;
+            let r = reply.get().map_err(fail)?;
+            let list = r.get_cpus().map_err(fail)?;
+            let mut rows = Vec::new();
+            for c in list.iter() {
+                let state = c
+                    .get_state()
+                    .map_err(fail)?
+                    .to_string()
+                    .map_err(|e| fail(capnp::Error::failed(e.to_string())))?;
+                rows.push((c.get_id(), state, c.get_reuses()));
+            }
+            if cli.json {
+                let items: Vec<String> = rows
+                    .iter()
+                    .map(|(id, state, reuses)| {
+                        format!(
+                            "{{\"id\":{id},\"state\":{},\"reuses\":{reuses}}}",
+                            json_str(state)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{{\"cpus\":[{}],\"created\":{}}}",
+                    items.join(","),
+                    r.get_created()
+                )
+            } else {
+                let mut out = String::from("vCPU  state    KVM fd reuses\n");
+                for (id, state, reuses) in &rows {
+                    out.push_str(&format!("{id:<5} {state:<8} {reuses}\n"));
+                }
+                out.push_str(&format!(
+                    "KVM_CREATE_VCPU calls in this boot: {}",
+                    r.get_created()
+                ));
+                out
+            }
         }
         Command::Devices => {
             let reply = client

@@ -90,10 +90,11 @@ ap32:
 .code64
 ap64:
     LOAD_DATA_SEGMENTS
-    movl $1, %eax
-    lock xaddl %eax, ap_next_slot(%rip)
-    movl %eax, %edi                 /* this AP's slot, 0-based */
-    incl %eax
+    movl $0xfee00020, %esi          /* the local APIC's ID register */
+    movl (%rsi), %eax
+    shrl $24, %eax                  /* this AP's APIC id: its stack, so a CPU that is removed */
+    andl $63, %eax                  /* and added again gets the same one */
+    leal -1(%rax), %edi             /* this AP's slot, 0-based (the BSP is APIC id 0) */
     shll $14, %eax                  /* 16 KiB stacks */
     leaq ap_stacks(%rip), %rsp
     addq %rax, %rsp

@@ -14,6 +14,18 @@ pub fn outw(port: u16, v: u16) {
     unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") v, options(nostack)) }
 }
 
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as for outb.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") v, options(nostack)) }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for outb.
+    unsafe { core::arch::asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack)) };
+    v
+}
+
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for outb.
@@ -62,6 +74,11 @@ pub fn serial_spew(n: u64) {
 pub fn serial_get() -> u8 {
     while inb(COM1 + 5) & 0x01 == 0 {}
     inb(COM1)
+}
+
+/// A byte from COM1 if one is waiting.
+pub fn serial_try_get() -> Option<u8> {
+    (inb(COM1 + 5) & 0x01 != 0).then(|| inb(COM1))
 }
 
 static LOCK: AtomicBool = AtomicBool::new(false);

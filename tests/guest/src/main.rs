@@ -168,6 +168,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             io::outb(GED_PORT, POWER_BUTTON);
             Line::new().s("tg: power button").emit();
         }
+        "hotplug" => hotplug(cmdline, stack_top),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -247,6 +248,94 @@ extern "C" fn user_work(iterations: u64) -> ! {
     USER_RESULT.store(x, Ordering::SeqCst);
     // SAFETY: ud2 is how a user task hands control back (see isr_common).
     unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+/// The VMM's CPU hotplug controller (vmm-core's devices/cpu_hotplug.rs).
+const HP_SELECT: u16 = 0x0cd8;
+const HP_STATUS: u16 = 0x0cdc;
+const HP_COUNT: u16 = 0x0ce0;
+const HP_ENABLED: u8 = 1 << 0;
+const HP_INSERTING: u8 = 1 << 1;
+const HP_REMOVING: u8 = 1 << 2;
+const HP_EJECT: u8 = 1 << 3;
+const GED_PORT: u16 = 0x610;
+const GED_CPU_HOTPLUG: u8 = 1 << 1;
+
+/// CPU hotplug as an ACPI driver does it, on the registers directly: a CPU-bound load (CPL3
+/// work in chunks, summed) runs all the while; between chunks, a GED CPU event is taken by
+/// scanning the controller: inserting CPUs are started, removing ones are offlined and
+/// ejected (or refused, with tg.eject=refuse). A 'q' on the console ends the load.
+fn hotplug(cmdline: &str, stack_top: u64) {
+    let chunk = param(cmdline, "tg.chunk=")
+        .and_then(parse_u64)
+        .unwrap_or(200_000);
+    let refuse = param(cmdline, "tg.eject=") == Some("refuse");
+    let max = io::inl(HP_COUNT);
+    Line::new()
+        .s("tg: hotplug max=")
+        .u(max as u64)
+        .s(" online=")
+        .u(smp::online_count() as u64)
+        .emit();
+    let (mut chunks, mut sum) = (0u64, 0u64);
+    loop {
+        // SAFETY: user_work ends with ud2, which isr_common turns into a return from run_user.
+        unsafe { entry::run_user(user_work as *const () as u64, chunk, stack_top) };
+        sum = sum.wrapping_add(USER_RESULT.load(Ordering::SeqCst));
+        chunks += 1;
+        if io::inb(GED_PORT) & GED_CPU_HOTPLUG != 0 {
+            io::outb(GED_PORT, GED_CPU_HOTPLUG);
+            for id in 0..max {
+                io::outl(HP_SELECT, id);
+                let status = io::inb(HP_STATUS);
+                if status & HP_INSERTING != 0 {
+                    io::outb(HP_STATUS, HP_INSERTING);
+                    let started = smp::start_ap(id);
+                    Line::new()
+                        .s("tg: cpu added apic=")
+                        .u(id as u64)
+                        .s(" started=")
+                        .u(started as u64)
+                        .s(" online=")
+                        .u(smp::online_count() as u64)
+                        .emit();
+                } else if status & HP_REMOVING != 0 {
+                    io::outb(HP_STATUS, HP_REMOVING);
+                    if refuse {
+                        Line::new()
+                            .s("tg: cpu eject refused apic=")
+                            .u(id as u64)
+                            .emit();
+                        continue;
+                    }
+                    smp::set_offline(id);
+                    io::outl(HP_SELECT, id);
+                    io::outb(HP_STATUS, HP_EJECT);
+                    io::outl(HP_SELECT, id);
+                    let gone = io::inb(HP_STATUS) & HP_ENABLED == 0;
+                    Line::new()
+                        .s("tg: cpu removed apic=")
+                        .u(id as u64)
+                        .s(" gone=")
+                        .u(gone as u64)
+                        .s(" online=")
+                        .u(smp::online_count() as u64)
+                        .emit();
+                }
+            }
+        }
+        if io::serial_try_get() == Some(b'q') {
+            break;
+        }
+    }
+    Line::new()
+        .s("tg: load chunks=")
+        .u(chunks)
+        .s(" iterations=")
+        .u(chunk)
+        .s(" sum=")
+        .hex(sum)
+        .emit();
 }
 
 /// The value of `key` (which includes its `=`) on a space-separated command line.

@@ -5,7 +5,7 @@ use crate::acpi::Madt;
 use crate::entry;
 use crate::io::Line;
 use crate::rt::BREAKPOINTS;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const LAPIC: u64 = 0xfee0_0000;
 const ICR_LOW: u64 = 0x300;
@@ -14,6 +14,8 @@ const ICR_HIGH: u64 = 0x310;
 const SIPI_VECTOR: u32 = 0x08;
 
 static ONLINE: AtomicU32 = AtomicU32::new(0);
+/// Which APIC ids (below 64) are online: set by the AP itself, cleared when it is offlined.
+static ONLINE_MASK: AtomicU64 = AtomicU64::new(1);
 
 fn lapic_read(reg: u64) -> u32 {
     // SAFETY: the local APIC's registers are at their architectural address, identity mapped.
@@ -65,8 +67,33 @@ extern "C" fn ap_main(slot: u32) -> ! {
         .s(" slot=")
         .u(slot as u64)
         .emit();
+    ONLINE_MASK.fetch_or(1 << (apic_id & 63), Ordering::SeqCst);
     ONLINE.fetch_add(1, Ordering::SeqCst);
+    // With interrupts off and halted, as an offlined CPU waits: what is ejected from here.
     crate::rt::halt_forever();
+}
+
+/// Starts one CPU (a hot-added one); returns whether it reported in.
+pub fn start_ap(apic_id: u32) -> bool {
+    send_ipi(apic_id, 0x4500); // INIT, level assert
+    send_ipi(apic_id, 0x4600 | SIPI_VECTOR); // start-up
+    let bit = 1u64 << (apic_id & 63);
+    let mut spins = 0u64;
+    while ONLINE_MASK.load(Ordering::SeqCst) & bit == 0 && spins < 3_000_000 {
+        spins += 1;
+    }
+    ONLINE_MASK.load(Ordering::SeqCst) & bit != 0
+}
+
+/// Takes a CPU offline before its eject: it already waits halted with interrupts off, so only
+/// the bookkeeping is left.
+pub fn set_offline(apic_id: u32) {
+    ONLINE_MASK.fetch_and(!(1u64 << (apic_id & 63)), Ordering::SeqCst);
+}
+
+/// How many CPUs are online, this one included.
+pub fn online_count() -> u32 {
+    ONLINE_MASK.load(Ordering::SeqCst).count_ones()
 }
 
 fn has_smap() -> bool {

@@ -3,7 +3,7 @@
 
 use super::{BootError, ACPI_END, ACPI_START};
 use crate::config::VmConfig;
-use crate::devices::{ged, power, pvpanic, serial};
+use crate::devices::{cpu_hotplug, ged, power, pvpanic, serial};
 use crate::memory::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -60,8 +60,9 @@ pub fn madt(cpus: u32, max_cpus: u32) -> Vec<u8> {
     sdt(*b"APIC", 5, *b"VMMMADT ", &b)
 }
 
-/// DSDT: \_S5 for power-off, the COM1 UART and the pvpanic device.
-pub fn dsdt() -> Vec<u8> {
+/// DSDT: \_S5 for power-off, the COM1 UART, the pvpanic device, the GED and power button,
+/// and a processor device per possible vCPU with the CPU hotplug methods.
+pub fn dsdt(max_cpus: u32) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
         "_S5_".into(),
@@ -153,6 +154,13 @@ pub fn dsdt() -> Vec<u8> {
                         ),
                         vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
                     ),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::Zero {}, &aml::Local(0), &ged::EVENT_CPU_HOTPLUG),
+                            &ged::EVENT_CPU_HOTPLUG,
+                        ),
+                        vec![&aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![])],
+                    ),
                 ],
             ),
         ],
@@ -167,7 +175,215 @@ pub fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    cpus_aml(max_cpus, &mut body);
     sdt(*b"DSDT", 6, *b"VMMDSDT ", &body)
+}
+
+/// The processor devices and the CPU hotplug methods, over the controller's registers
+/// (devices/cpu_hotplug.rs):
+/// - CSTA(id): _STA of a vCPU, 0xF when enabled;
+/// - CEJX(id): eject it (its _EJ0, run by the guest once it has offlined the CPU);
+/// - CSCN(): the GED's CPU event: for each vCPU being inserted or removed, notify its device
+///   (device check, or eject request) and clear the bit;
+/// - CTFY(id, code): Notify the processor device `id`.
+fn cpus_aml(max_cpus: u32, body: &mut Vec<u8>) {
+    /// AML already serialised: what a statement's temporaries leave behind.
+    struct Raw(Vec<u8>);
+    impl Aml for Raw {
+        fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+            sink.vec(&self.0);
+        }
+    }
+    fn raw(a: &dyn Aml) -> Raw {
+        let mut v = Vec::new();
+        a.to_aml_bytes(&mut v);
+        Raw(v)
+    }
+
+    let name = |id: u32| format!("C{id:03X}");
+    let csel = aml::Path::new("CSEL");
+    let (cen, cins, crmv, cej) = (
+        aml::Path::new("CEN_"),
+        aml::Path::new("CINS"),
+        aml::Path::new("CRMV"),
+        aml::Path::new("CEJ0"),
+    );
+    let acquire = aml::Acquire::new("CPLK".into(), 0xffff);
+    let release = aml::Release::new("CPLK".into());
+    let max = max_cpus;
+
+    let csta = raw(&aml::Method::new(
+        "CSTA".into(),
+        1,
+        true,
+        vec![
+            &acquire,
+            &aml::Store::new(&csel, &aml::Arg(0)),
+            &aml::Store::new(&aml::Local(0), &aml::Zero {}),
+            &aml::If::new(
+                &aml::Equal::new(&cen, &aml::One {}),
+                vec![&aml::Store::new(&aml::Local(0), &0x0fu8)],
+            ),
+            &release,
+            &aml::Return::new(&aml::Local(0)),
+        ],
+    ));
+    let cej0 = raw(&aml::Method::new(
+        "CEJX".into(),
+        1,
+        true,
+        vec![
+            &acquire,
+            &aml::Store::new(&csel, &aml::Arg(0)),
+            &aml::Store::new(&cej, &aml::One {}),
+            &release,
+        ],
+    ));
+    let notify_insert = aml::MethodCall::new("CTFY".into(), vec![&aml::Local(0), &aml::One {}]);
+    let notify_remove = aml::MethodCall::new("CTFY".into(), vec![&aml::Local(0), &3u8]);
+    let cscn = raw(&aml::Method::new(
+        "CSCN".into(),
+        0,
+        true,
+        vec![
+            &acquire,
+            &aml::Store::new(&aml::Local(0), &aml::Zero {}),
+            &aml::While::new(
+                &aml::LessThan::new(&aml::Local(0), &max),
+                vec![
+                    &aml::Store::new(&csel, &aml::Local(0)),
+                    &aml::If::new(
+                        &aml::Equal::new(&cins, &aml::One {}),
+                        vec![&notify_insert, &aml::Store::new(&cins, &aml::One {})],
+                    ),
+                    &aml::Else::new(vec![&aml::If::new(
+                        &aml::Equal::new(&crmv, &aml::One {}),
+                        vec![&notify_remove, &aml::Store::new(&crmv, &aml::One {})],
+                    )]),
+                    &aml::Add::new(&aml::Local(0), &aml::Local(0), &aml::One {}),
+                ],
+            ),
+            &release,
+        ],
+    ));
+    let paths: Vec<aml::Path> = (0..max).map(|id| aml::Path::new(&name(id))).collect();
+    let ids: Vec<u32> = (0..max).collect();
+    let notifies: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .collect();
+    let tests: Vec<aml::Equal> = ids
+        .iter()
+        .map(|id| aml::Equal::new(&aml::Arg(0), id))
+        .collect();
+    let ifs: Vec<aml::If> = tests
+        .iter()
+        .zip(&notifies)
+        .map(|(t, n)| aml::If::new(t, vec![n]))
+        .collect();
+    let ctfy = aml::Method::new(
+        "CTFY".into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn acpi_tables::Aml).collect(),
+    );
+
+    // Each processor device: _HID ACPI0007, _UID its id (as in the MADT), _STA and _EJ0
+    // through the methods above, and _MAT its MADT entry (enabled), for the guest to map it.
+    let mats: Vec<aml::BufferData> = ids
+        .iter()
+        .map(|&id| {
+            aml::BufferData::new(if id < 255 {
+                vec![0, 8, id as u8, id as u8, 1, 0, 0, 0]
+            } else {
+                let mut e = vec![9, 16, 0, 0];
+                e.extend_from_slice(&id.to_le_bytes());
+                e.extend_from_slice(&1u32.to_le_bytes());
+                e.extend_from_slice(&id.to_le_bytes());
+                e
+            })
+        })
+        .collect();
+    let sta_calls: Vec<aml::MethodCall> = ids
+        .iter()
+        .map(|id| aml::MethodCall::new("CSTA".into(), vec![id]))
+        .collect();
+    let sta_returns: Vec<aml::Return> = sta_calls.iter().map(|c| aml::Return::new(c)).collect();
+    let stas: Vec<aml::Method> = sta_returns
+        .iter()
+        .map(|r| aml::Method::new("_STA".into(), 0, false, vec![r]))
+        .collect();
+    let ej_calls: Vec<aml::MethodCall> = ids
+        .iter()
+        .map(|id| aml::MethodCall::new("CEJX".into(), vec![id]))
+        .collect();
+    let ejs: Vec<aml::Method> = ej_calls
+        .iter()
+        .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
+        .collect();
+    let hid = aml::Name::new("_HID".into(), &"ACPI0007");
+    let uids: Vec<aml::Name> = ids
+        .iter()
+        .map(|id| aml::Name::new("_UID".into(), id))
+        .collect();
+    let mat_names: Vec<aml::Name> = mats
+        .iter()
+        .map(|m| aml::Name::new("_MAT".into(), m))
+        .collect();
+    let devices: Vec<aml::Device> = (0..max as usize)
+        .map(|i| {
+            aml::Device::new(
+                name(i as u32).as_str().into(),
+                vec![&hid, &uids[i], &stas[i], &mat_names[i], &ejs[i]],
+            )
+        })
+        .collect();
+
+    let mut children: Vec<&dyn acpi_tables::Aml> = Vec::new();
+    let container_hid = aml::Name::new("_HID".into(), &"ACPI0010");
+    let container_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
+    let region = aml::OpRegion::new(
+        "PRST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &cpu_hotplug::PORT,
+        &cpu_hotplug::LEN,
+    );
+    let select_field = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"CSEL", 32)],
+    );
+    let status_field = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Reserved(32),
+            aml::FieldEntry::Named(*b"CEN_", 1),
+            aml::FieldEntry::Named(*b"CINS", 1),
+            aml::FieldEntry::Named(*b"CRMV", 1),
+            aml::FieldEntry::Named(*b"CEJ0", 1),
+            aml::FieldEntry::Reserved(4),
+        ],
+    );
+    let mutex = aml::Mutex::new("CPLK".into(), 0);
+    children.extend([
+        &container_hid as &dyn acpi_tables::Aml,
+        &container_cid,
+        &region,
+        &select_field,
+        &status_field,
+        &mutex,
+        &csta,
+        &cej0,
+        &cscn,
+        &ctfy,
+    ]);
+    children.extend(devices.iter().map(|d| d as &dyn acpi_tables::Aml));
+    aml::Device::new("_SB_.CPUS".into(), children).to_aml_bytes(body);
 }
 
 /// FADT for a hardware-reduced platform: power-off through the sleep control register, reset
@@ -203,7 +419,7 @@ pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootErr
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let dsdt = dsdt();
+    let dsdt = dsdt(config.max_cpus);
     let dsdt_addr = align(xsdt_addr + 36 + 8 * 2);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
@@ -239,7 +455,7 @@ mod tests {
 
     #[test]
     fn tables_are_well_formed() {
-        for t in [madt(2, 8), dsdt(), fadt(0x1000)] {
+        for t in [madt(2, 8), dsdt(8), fadt(0x1000)] {
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
                 t.len()
@@ -265,7 +481,7 @@ mod tests {
 
     #[test]
     fn dsdt_has_s5() {
-        let t = dsdt();
+        let t = dsdt(4);
         let pos = t.windows(4).position(|w| w == b"_S5_").unwrap();
         assert_eq!(t[pos + 4], 0x12); // PackageOp
     }

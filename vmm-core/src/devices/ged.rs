@@ -1,6 +1,6 @@
 //! The ACPI Generic Event Device (ACPI0013) of a hardware-reduced platform: one status
 //! register of pending events (write 1 to clear) and an edge interrupt. The DSDT's `_EVT`
-//! reads it and notifies the device concerned; today the power button.
+//! reads it and notifies the device concerned: the power button, or the CPU hotplug scan.
 
 use super::{Action, PioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -9,6 +9,8 @@ pub const PORT: u16 = 0x610;
 pub const GSI: u32 = 9;
 /// Status bit: the power button was pressed.
 pub const EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// Status bit: a vCPU is being added or removed (see cpu_hotplug).
+pub const EVENT_CPU_HOTPLUG: u8 = 1 << 1;
 
 pub struct Ged {
     pending: u8,

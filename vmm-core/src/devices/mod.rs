@@ -1,5 +1,6 @@
 //! Port-I/O devices on the platform and the bus that dispatches vCPU exits to them.
 
+pub mod cpu_hotplug;
 pub mod ged;
 pub mod power;
 pub mod pvpanic;

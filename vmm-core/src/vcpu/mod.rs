@@ -146,18 +146,71 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
     ]
 }
 
+/// A vCPU's state as KVM_CREATE_VCPU made it (power-on: an AP waits for INIT and SIPI), kept
+/// so that a parked vCPU fd can be put back into it when its id is hot-added again.
+pub struct Pristine {
+    regs: kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    fpu: kvm_fpu,
+    lapic: kvm_bindings::kvm_lapic_state,
+    mp_state: kvm_bindings::kvm_mp_state,
+    events: kvm_bindings::kvm_vcpu_events,
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
+}
+
+impl Pristine {
+    /// Reads the state of a vCPU that has just been created.
+    pub fn capture(vcpu: &VcpuFd, id: u32) -> Result<Pristine, VcpuError> {
+        let err = |what| move |e| VcpuError::Setup(id, what, e);
+        Ok(Pristine {
+            regs: vcpu.get_regs().map_err(err("(reading) registers"))?,
+            sregs: vcpu
+                .get_sregs()
+                .map_err(err("(reading) special registers"))?,
+            fpu: vcpu.get_fpu().map_err(err("(reading) the FPU state"))?,
+            lapic: vcpu.get_lapic().map_err(err("(reading) the LAPIC"))?,
+            mp_state: vcpu.get_mp_state().map_err(err("(reading) the MP state"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(err("(reading) vCPU events"))?,
+            xcrs: vcpu.get_xcrs().ok(),
+        })
+    }
+
+    /// Puts a parked vCPU back into its power-on state, before it is configured again.
+    pub fn restore(&self, vcpu: &VcpuFd, id: u32) -> Result<(), VcpuError> {
+        let err = |what| move |e| VcpuError::Setup(id, what, e);
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(err("vCPU events"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(err("special registers"))?;
+        vcpu.set_regs(&self.regs).map_err(err("registers"))?;
+        vcpu.set_fpu(&self.fpu).map_err(err("the FPU state"))?;
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(err("XCRs"))?;
+        }
+        vcpu.set_lapic(&self.lapic).map_err(err("the LAPIC"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(err("the MP state"))?;
+        Ok(())
+    }
+}
+
 /// Sets up a vCPU for boot: CPUID, MSRs, FPU, LAPIC (LINT0 ExtINT, LINT1 NMI), and for the boot
-/// vCPU the entry state.
+/// vCPU the entry state. A reused (parked) vCPU keeps its CPUID, which KVM does not let change
+/// once a vCPU has run.
 pub fn configure(
     vcpu: &VcpuFd,
     id: u32,
     max_cpus: u32,
-    base_cpuid: &CpuId,
+    base_cpuid: Option<&CpuId>,
     entry: Option<Entry>,
 ) -> Result<(), VcpuError> {
     let err = |what| move |e| VcpuError::Setup(id, what, e);
-    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, max_cpus))
-        .map_err(err("CPUID"))?;
+    if let Some(base_cpuid) = base_cpuid {
+        vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, max_cpus))
+            .map_err(err("CPUID"))?;
+    }
 
     let msrs = boot_msrs();
     let msr_list = Msrs::from_entries(&msrs).expect("a handful of MSRs fits");
@@ -270,6 +323,8 @@ enum Next {
 
 pub struct VcpuContext {
     pub id: u32,
+    /// Set (then a kick) to end this vCPU's thread alone: it was hot-removed.
+    pub unplug: Arc<AtomicBool>,
     pub bus: Arc<IoBus>,
     pub mem: GuestMemory,
     pub state: Arc<RunState>,
@@ -283,9 +338,12 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     let id = ctx.id;
     let mut first = true;
     let mut dumped = 0;
-    while !ctx.state.stopping.load(Ordering::Acquire) {
+    let ending = |ctx: &VcpuContext| {
+        ctx.state.stopping.load(Ordering::Acquire) || ctx.unplug.load(Ordering::Acquire)
+    };
+    while !ending(&ctx) {
         ctx.state.park_while_paused();
-        if ctx.state.stopping.load(Ordering::Acquire) {
+        if ending(&ctx) {
             break;
         }
         let dump = ctx.state.dump_generation.load(Ordering::Acquire);

@@ -1,0 +1,181 @@
+//! The CPU hotplug controller: a small port-I/O register block that the DSDT's CPU methods
+//! (and our test guest, directly) use to learn which vCPUs are present and which change.
+//!
+//! | offset | size | read | write |
+//! |---|---|---|---|
+//! | 0 | 4 | the selected vCPU id | select a vCPU |
+//! | 4 | 1 | the selected vCPU's status: bit 0 enabled, bit 1 inserting, bit 2 removing | 1s in bit 1 or 2 clear that bit (the guest has seen the event); bit 3 ejects the vCPU (ACPI _EJ0) |
+//! | 8 | 4 | how many vCPUs the VM can have (`max`) | - |
+//!
+//! A change is signalled through the GED (ged::EVENT_CPU_HOTPLUG). An eject is honoured only
+//! for a vCPU the VMM asked to remove; any other is logged and ignored.
+
+use super::{Action, PioDevice};
+use crate::vm::VmEvent;
+use std::sync::mpsc::Sender;
+
+pub const PORT: u16 = 0x0cd8;
+pub const LEN: u16 = 12;
+pub const STATUS_ENABLED: u8 = 1 << 0;
+pub const STATUS_INSERTING: u8 = 1 << 1;
+pub const STATUS_REMOVING: u8 = 1 << 2;
+pub const STATUS_EJECT: u8 = 1 << 3;
+
+/// What the guest did with the controller, for the VM's main loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotplugEvent {
+    /// The guest saw that this vCPU was inserted.
+    InsertSeen(u32),
+    /// The guest ejected this vCPU, which the VMM had asked to remove.
+    Ejected(u32),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub enabled: bool,
+    pub inserting: bool,
+    pub removing: bool,
+    /// The VMM asked to remove this vCPU and waits for the guest to eject it.
+    pub eject_wanted: bool,
+}
+
+pub struct CpuHotplug {
+    selected: u32,
+    pub slots: Vec<Slot>,
+    events: Sender<VmEvent>,
+}
+
+impl CpuHotplug {
+    /// `max` vCPUs, of which the first `online` are enabled.
+    pub fn new(online: u32, max: u32, events: Sender<VmEvent>) -> CpuHotplug {
+        CpuHotplug {
+            selected: 0,
+            slots: (0..max)
+                .map(|id| Slot {
+                    enabled: id < online,
+                    ..Slot::default()
+                })
+                .collect(),
+            events,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        self.slots.get(self.selected as usize).map_or(0, |s| {
+            (u8::from(s.enabled) * STATUS_ENABLED)
+                | (u8::from(s.inserting) * STATUS_INSERTING)
+                | (u8::from(s.removing) * STATUS_REMOVING)
+        })
+    }
+}
+
+fn put_u32(v: u32, data: &mut [u8]) {
+    for (d, b) in data.iter_mut().zip(v.to_le_bytes()) {
+        *d = b;
+    }
+}
+
+impl PioDevice for CpuHotplug {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            0..=3 => put_u32(self.selected >> (8 * offset), data),
+            4 => data[0] = self.status(),
+            8..=11 => put_u32((self.slots.len() as u32) >> (8 * (offset - 8)), data),
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) -> Action {
+        match offset {
+            0 => {
+                let mut b = [0u8; 4];
+                for (d, s) in b.iter_mut().zip(data) {
+                    *d = *s;
+                }
+                self.selected = u32::from_le_bytes(b);
+            }
+            4 => {
+                let id = self.selected;
+                let v = data[0];
+                let Some(slot) = self.slots.get_mut(id as usize) else {
+                    return Action::None;
+                };
+                if v & STATUS_INSERTING != 0 && slot.inserting {
+                    slot.inserting = false;
+                    let _ = self
+                        .events
+                        .send(VmEvent::Hotplug(HotplugEvent::InsertSeen(id)));
+                }
+                if v & STATUS_REMOVING != 0 {
+                    slot.removing = false;
+                }
+                if v & STATUS_EJECT != 0 {
+                    if slot.eject_wanted && slot.enabled {
+                        slot.enabled = false;
+                        slot.eject_wanted = false;
+                        let _ = self
+                            .events
+                            .send(VmEvent::Hotplug(HotplugEvent::Ejected(id)));
+                    } else {
+                        log::warn!(
+                            "vCPU {id}: the guest ejected it, but no removal of it was asked for; ignored"
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        Action::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn select(c: &mut CpuHotplug, id: u32) -> u8 {
+        c.write(0, &id.to_le_bytes());
+        let mut b = [0u8];
+        c.read(4, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn insert_and_eject_follow_the_protocol() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut c = CpuHotplug::new(1, 4, tx);
+        let mut n = [0u8; 4];
+        c.read(8, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 4);
+        assert_eq!(select(&mut c, 0), STATUS_ENABLED);
+        assert_eq!(select(&mut c, 2), 0);
+
+        c.slots[2].enabled = true;
+        c.slots[2].inserting = true;
+        assert_eq!(select(&mut c, 2), STATUS_ENABLED | STATUS_INSERTING);
+        c.write(4, &[STATUS_INSERTING]);
+        assert_eq!(select(&mut c, 2), STATUS_ENABLED);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(VmEvent::Hotplug(HotplugEvent::InsertSeen(2)))
+        ));
+
+        // An eject nobody asked for is ignored (the check Cloud Hypervisor #8611 lacked).
+        select(&mut c, 0);
+        c.write(4, &[STATUS_EJECT]);
+        assert_eq!(select(&mut c, 0), STATUS_ENABLED);
+        assert!(rx.try_recv().is_err());
+
+        c.slots[2].removing = true;
+        c.slots[2].eject_wanted = true;
+        assert_eq!(select(&mut c, 2), STATUS_ENABLED | STATUS_REMOVING);
+        c.write(4, &[STATUS_REMOVING]);
+        c.write(4, &[STATUS_EJECT]);
+        assert_eq!(select(&mut c, 2), 0);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(VmEvent::Hotplug(HotplugEvent::Ejected(2)))
+        ));
+    }
+}
