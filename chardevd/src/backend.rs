@@ -27,14 +27,17 @@ const PTY_STALL: Duration = Duration::from_secs(1);
 /// Serves `open`; remembers the socket paths it listens on, to remove them when it ends.
 pub struct Server {
     pub sockets: std::rc::Rc<RefCell<Vec<String>>>,
+    /// The same, over every connection (to remove them at a stop by signal).
+    all: crate::Sockets,
     /// The side channel: descriptors from vmm-core (see proto/schema/chardevd.capnp).
     side: OwnedFd,
 }
 
 impl Server {
-    pub fn new(side: OwnedFd) -> Server {
+    pub fn new(side: OwnedFd, all: crate::Sockets) -> Server {
         Server {
             sockets: Default::default(),
+            all,
             side,
         }
     }
@@ -114,6 +117,7 @@ impl chardevd::Server for Server {
                     failed(format!("{name}: socket {path}: cannot listen on it ({e})"))
                 })?;
                 self.sockets.borrow_mut().push(path.clone());
+                self.all.borrow_mut().push(path.clone());
                 start = Some(Box::new(move |dev| {
                     tokio::task::spawn_local(accept_clients(listener, dev));
                 }));

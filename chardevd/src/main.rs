@@ -51,16 +51,16 @@ fn control(args: &Args) -> Result<Control, String> {
             .map_err(|e| format!("--listen {}: cannot listen on it ({e})", path.display()))?;
         return Ok(Control::Listener(l, Some(path.clone())));
     }
-    // systemd socket activation: LISTEN_PID is us and LISTEN_FDS=1 means fd 3 listens.
-    let ours = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    if ours && std::env::var("LISTEN_FDS").as_deref() == Ok("1") {
-        // SAFETY: systemd passed fd 3 to us as a listening socket.
-        return Ok(Control::Listener(
-            unsafe { std::os::unix::net::UnixListener::from_raw_fd(3) },
-            None,
+    // systemd socket activation: one listening socket.
+    let mut fds = vmm_sandbox::systemd::listen_fds();
+    if fds.len() == 1 {
+        let fd = fds.pop().expect("one");
+        return Ok(Control::Listener(fd.into(), None));
+    }
+    if !fds.is_empty() {
+        return Err(format!(
+            "systemd passed {} sockets; chardevd takes one (ListenStream= once in its .socket unit)",
+            fds.len()
         ));
     }
     Err("give --control-fd FD (from vmm-core) or --listen PATH, or start chardevd from a systemd socket unit".into())
@@ -86,8 +86,11 @@ async fn side_channel(stream: &tokio::net::UnixStream) -> Result<OwnedFd, String
     }
 }
 
+/// Socket paths that backends listen on, over every connection: removed when chardevd ends.
+pub type Sockets = std::rc::Rc<std::cell::RefCell<Vec<String>>>;
+
 /// Serves one vmm-core connection until it closes; returns the socket paths it listened on.
-async fn serve(stream: std::os::unix::net::UnixStream) -> Vec<String> {
+async fn serve(stream: std::os::unix::net::UnixStream, all: Sockets) -> Vec<String> {
     let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
         return Vec::new();
     };
@@ -98,11 +101,12 @@ async fn serve(stream: std::os::unix::net::UnixStream) -> Vec<String> {
             return Vec::new();
         }
     };
-    let server = backend::Server::new(side);
+    let server = backend::Server::new(side, all.clone());
     let sockets = server.sockets.clone();
     let client: chardevd::Client = capnp_rpc::new_client(server);
     let _ = vmm_proto::rpc::server(stream, client.client).await;
     let paths = sockets.borrow().clone();
+    all.borrow_mut().retain(|p| !paths.contains(p));
     paths
 }
 
@@ -127,33 +131,76 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        match control {
-            Control::Connection(stream) => {
-                // vmm-core closing the control socket (or dying) is how chardevd is told to end.
-                for path in serve(stream).await {
-                    let _ = std::fs::remove_file(path);
+        let all = Sockets::default();
+        let mut listen_path = None;
+        let work = async {
+            match control {
+                Control::Connection(stream) => {
+                    // vmm-core closing the control socket (or dying) is how chardevd is told to
+                    // end.
+                    for path in serve(stream, all.clone()).await {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    ExitCode::SUCCESS
                 }
-            }
-            Control::Listener(listener, _path) => {
-                if listener.set_nonblocking(true).is_err() {
-                    return ExitCode::from(1);
-                }
-                let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
-                    return ExitCode::from(1);
-                };
-                eprintln!("chardevd: listening for vmm-core");
-                while let Ok((stream, _)) = listener.accept().await {
-                    let Ok(stream) = stream.into_std() else {
-                        continue;
+                Control::Listener(listener, path) => {
+                    listen_path = path;
+                    if listener.set_nonblocking(true).is_err() {
+                        return ExitCode::from(1);
+                    }
+                    let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
+                        return ExitCode::from(1);
                     };
-                    tokio::task::spawn_local(async move {
-                        for path in serve(stream).await {
-                            let _ = std::fs::remove_file(path);
-                        }
-                    });
+                    eprintln!("chardevd: listening for vmm-core");
+                    // Under systemd (Type=notify): it may start what depends on us now.
+                    if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
+                        eprintln!("chardevd: cannot tell systemd it is ready: {e}");
+                    }
+                    while let Ok((stream, _)) = listener.accept().await {
+                        let Ok(stream) = stream.into_std() else {
+                            continue;
+                        };
+                        let all = all.clone();
+                        tokio::task::spawn_local(async move {
+                            for path in serve(stream, all).await {
+                                let _ = std::fs::remove_file(path);
+                            }
+                        });
+                    }
+                    ExitCode::from(1)
                 }
             }
+        };
+        let stop = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => "SIGTERM",
+                        _ = int.recv() => "SIGINT",
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let code = tokio::select! {
+            code = work => code,
+            sig = stop => {
+                // A clean stop: say so, remove every socket we created, exit 0.
+                let _ = vmm_sandbox::systemd::notify("STOPPING=1");
+                eprintln!("chardevd: {sig}: stopping");
+                ExitCode::SUCCESS
+            }
+        };
+        for p in all.borrow().iter() {
+            let _ = std::fs::remove_file(p);
         }
-        ExitCode::SUCCESS
+        if let Some(p) = &listen_path {
+            let _ = std::fs::remove_file(p);
+        }
+        code
     })
 }

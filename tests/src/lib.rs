@@ -115,6 +115,7 @@ pub struct Builder {
     args: Vec<String>,
     kernel: PathBuf,
     stdin: bool,
+    env: Vec<(String, String)>,
 }
 
 impl Builder {
@@ -145,6 +146,12 @@ impl Builder {
         self.arg("--cmdline").arg(c)
     }
 
+    /// Set an environment variable for vmm-core.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
     /// Give vmm-core a pipe as standard input (see `TestVm::write_stdin`), not /dev/null.
     pub fn stdin_piped(mut self) -> Self {
         self.stdin = true;
@@ -157,7 +164,8 @@ impl Builder {
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
-            .args(&self.args);
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut vm = TestVm::spawn_with(cmd, self.stdin);
         vm.cleanup = self
             .args
@@ -176,6 +184,7 @@ impl TestVm {
             args: Vec::new(),
             kernel: test_guest(),
             stdin: false,
+            env: Vec::new(),
         }
     }
 

@@ -255,6 +255,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     }
 
     let result = run_guest(kvm, config, &tx, &rx, &console, &shared);
+    let _ = vmm_sandbox::systemd::notify("STOPPING=1");
     if let Some(buffer) = console.output.get() {
         // Let the last output reach the backend before the VMM exits.
         buffer.wait_drained(Duration::from_secs(2));
@@ -505,6 +506,12 @@ fn run_once(
             .map_err(|e| VmError::Thread("vCPU", e))?;
     }
     publish_vcpus(&vcpus, shared);
+    if shared.status.lock().unwrap().boots == 1 {
+        // Under systemd (Type=notify): the VM runs, with its helpers and API.
+        if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
+            log::warn!("cannot tell systemd the VM is ready: {e}");
+        }
+    }
 
     let mut paused_clock = None;
     let mut change: Option<CpuChange> = None;

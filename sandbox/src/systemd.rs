@@ -1,0 +1,76 @@
+//! systemd's protocols, without libsystemd: `sd_notify` (a datagram to $NOTIFY_SOCKET) and
+//! socket activation ($LISTEN_PID, $LISTEN_FDS: descriptors from 3 on).
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+/// Sends `state` (e.g. "READY=1") to the service manager. Ok(false) when not run by one.
+pub fn notify(state: &str) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes())?,
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(true)
+}
+
+/// The descriptors systemd passed to this process (socket activation), each once: the
+/// variables are removed so that children do not take them too. Empty when there are none.
+pub fn listen_fds() -> Vec<OwnedFd> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    if !ours {
+        return Vec::new();
+    }
+    (3..3 + n.clamp(0, 64))
+        .filter(|&fd| {
+            // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+            unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+        })
+        .map(|fd| {
+            // SAFETY: systemd passed this open descriptor to this process (LISTEN_PID is us),
+            // and nothing else in it owns it. It gets close-on-exec, as it is ours alone.
+            unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                OwnedFd::from_raw_fd(fd)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_reaches_the_socket_in_notify_socket() {
+        let dir = std::env::temp_dir().join(format!("vmm-sandbox-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let server = UnixDatagram::bind(&path).unwrap();
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        assert!(notify("READY=1").unwrap());
+        let mut buf = [0u8; 64];
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::env::remove_var("NOTIFY_SOCKET");
+        assert!(!notify("READY=1").unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

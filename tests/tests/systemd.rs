@@ -1,0 +1,114 @@
+//! Running under systemd: the unit files in systemd/ pass `systemd-analyze verify`, and
+//! vmm-core and chardevd speak sd_notify (READY=1 once they serve, STOPPING=1 on the way out),
+//! with chardevd stopping cleanly on SIGTERM. (Socket activation: tests/chardevd.rs.)
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use vmm_tests::{vmm_core_bin, wait_until, TempDir, TestVm};
+
+const T: Duration = Duration::from_secs(60);
+
+fn notify_socket(tmp: &TempDir) -> (UnixDatagram, String) {
+    let path = tmp.join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    (sock, path.display().to_string())
+}
+
+fn next(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_units() {
+    let tmp = TempDir::new("units");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let bin_dir = vmm_core_bin().parent().unwrap().display().to_string();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&units).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        // An instance of each template (VM "vm1"), run from the build's binaries.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin", &bin_dir);
+        let instance = tmp.join(&name.replace("@.", "@vm1."));
+        std::fs::write(&instance, text).unwrap();
+        files.push(instance);
+    }
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&files)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package) must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "systemd-analyze verify:\n{text}");
+    // Only complaints about the host outside the units (no systemd running here) may remain.
+    let unit_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("vm1.") || l.contains("vmm"))
+        .collect();
+    assert!(unit_lines.is_empty(), "systemd-analyze verify:\n{text}");
+}
+
+#[test]
+fn chardevd_reports_ready_and_stops_cleanly_on_sigterm() {
+    let tmp = TempDir::new("notify-chardevd");
+    let (notify, notify_path) = notify_socket(&tmp);
+    let listen = tmp.join("chardevd.sock");
+    let console = tmp.join("console.sock");
+    let mut chardevd = Command::new(vmm_core_bin().with_file_name("chardevd"))
+        .arg("--listen")
+        .arg(&listen)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(next(&notify), "READY=1");
+    // Ready means serving: a VM uses it at once.
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=idle")
+        .args(["--chardevd-socket", listen.to_str().unwrap()])
+        .args(["--serial", &format!("unix={}", console.display())])
+        .spawn();
+    wait_until(T, "the console socket", || console.exists());
+
+    // SAFETY: kill on the PID of our own child, not yet reaped.
+    unsafe { libc::kill(chardevd.id() as libc::pid_t, libc::SIGTERM) };
+    let status = chardevd.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a clean stop exits 0");
+    assert_eq!(next(&notify), "STOPPING=1");
+    assert!(!listen.exists(), "its listening socket is removed");
+    assert!(!console.exists(), "its backends' sockets are removed");
+    // The VM runs on, trying to reconnect.
+    wait_until(T, "vmm-core to notice", || {
+        vm.stderr().contains("lost chardevd")
+    });
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(T), 143);
+}
+
+#[test]
+fn vmm_core_reports_ready_once_the_guest_runs() {
+    let tmp = TempDir::new("notify-vmm");
+    let (notify, notify_path) = notify_socket(&tmp);
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=idle")
+        .env("NOTIFY_SOCKET", notify_path)
+        .spawn();
+    assert_eq!(next(&notify), "READY=1");
+    vm.wait_for("tg: ready", T);
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(T), 143);
+    assert_eq!(next(&notify), "STOPPING=1");
+}
