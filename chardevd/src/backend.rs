@@ -13,7 +13,7 @@ use capnp::capability::Rc;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,33 +24,32 @@ use vmm_proto::chardevd_capnp::{backend, chardevd, device, fault, input_sink};
 /// How long a pty's reader may stall a write before its bytes are dropped.
 const PTY_STALL: Duration = Duration::from_secs(1);
 
-/// Serves `open`; remembers the socket paths it listens on, to remove them when it ends.
+/// Serves `open`. chardevd opens no host path: what a backend needs comes from vmm-core over
+/// the side channel (see proto/schema/chardevd.capnp).
 pub struct Server {
-    pub sockets: std::rc::Rc<RefCell<Vec<String>>>,
-    /// The same, over every connection (to remove them at a stop by signal).
-    all: crate::Sockets,
-    /// The side channel: descriptors from vmm-core (see proto/schema/chardevd.capnp).
-    side: OwnedFd,
+    side: std::rc::Rc<AsyncFd<OwnedFd>>,
 }
 
 impl Server {
-    pub fn new(side: OwnedFd, all: crate::Sockets) -> Server {
-        Server {
-            sockets: Default::default(),
-            all,
-            side,
-        }
+    pub fn new(side: OwnedFd) -> std::io::Result<Server> {
+        // SAFETY: side is an OwnedFd that the AsyncFd owns from here on: it stays open and
+        // names the same socket for the AsyncFd's whole life.
+        let side = unsafe { AsyncFd::register(side) }.map_err(|e| e.into_parts().1)?;
+        Ok(Server {
+            side: std::rc::Rc::new(side),
+        })
     }
 
     /// The descriptors vmm-core sent for device `name`, just before asking to open it.
     fn take_fds(&self, name: &str, want: usize) -> Result<Vec<OwnedFd>, capnp::Error> {
         let mut buf = [0u8; 256];
-        let (n, fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-            .map_err(|e| {
-                failed(format!(
-                    "{name}: vmm-core sent no descriptors on the side channel ({e})"
-                ))
-            })?;
+        let (n, fds) =
+            vmm_proto::fdpass::recv(self.side.get_ref().as_fd(), &mut buf, libc::MSG_DONTWAIT)
+                .map_err(|e| {
+                    failed(format!(
+                        "{name}: vmm-core sent no descriptors on the side channel ({e})"
+                    ))
+                })?;
         if &buf[..n] != name.as_bytes() || fds.len() != want {
             return Err(failed(format!(
                 "{name}: the side channel carried {} descriptors for {:?}; expected {want} for {name}",
@@ -86,22 +85,12 @@ impl chardevd::Server for Server {
         let (kind, description) = match p.get_backend()?.which()? {
             backend::Null(()) => (Kind::Null, "null".to_string()),
             backend::File(f) => {
-                let f = f?;
-                let path = f
+                let path = f?
                     .get_path()?
                     .to_string()
                     .map_err(|e| failed(e.to_string()))?;
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| failed(format!("{name}: file {path}: cannot open it ({e})")))?;
-                if !f.get_append() {
-                    file.set_len(0).map_err(|e| {
-                        failed(format!("{name}: file {path}: cannot truncate it ({e})"))
-                    })?;
-                }
-                (Kind::File(file), format!("file {path}"))
+                let fd = self.take_fds(&name, 1)?.pop().expect("one descriptor");
+                (Kind::File(std::fs::File::from(fd)), format!("file {path}"))
             }
             backend::Ring(size) => (
                 Kind::Ring {
@@ -112,12 +101,12 @@ impl chardevd::Server for Server {
             ),
             backend::UnixServer(path) => {
                 let path = path?.to_string().map_err(|e| failed(e.to_string()))?;
-                let _ = std::fs::remove_file(&path);
-                let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
-                    failed(format!("{name}: socket {path}: cannot listen on it ({e})"))
-                })?;
-                self.sockets.borrow_mut().push(path.clone());
-                self.all.borrow_mut().push(path.clone());
+                let fd = self.take_fds(&name, 1)?.pop().expect("one descriptor");
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                let listener = listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixListener::from_std(listener))
+                    .map_err(|e| failed(format!("{name}: socket {path}: {e}")))?;
                 start = Some(Box::new(move |dev| {
                     tokio::task::spawn_local(accept_clients(listener, dev));
                 }));
@@ -134,8 +123,9 @@ impl chardevd::Server for Server {
                     .map_err(|e| failed(e.to_string()))?;
                 let every = Duration::from_millis(u64::from(c.get_reconnect_ms().max(10)));
                 let described = format!("unix socket {path} (connecting)");
+                let side = self.side.clone();
                 start = Some(Box::new(move |dev| {
-                    tokio::task::spawn_local(connect_loop(path, every, dev));
+                    tokio::task::spawn_local(connect_loop(side, path, every, dev));
                 }));
                 (Kind::Socket { peer: None }, described)
             }
@@ -167,9 +157,14 @@ impl chardevd::Server for Server {
                     "stdio".to_string(),
                 )
             }
-            backend::Pty(()) => {
-                let (master, path) = open_pty()
-                    .map_err(|e| failed(format!("{name}: pty: cannot open one ({e})")))?;
+            backend::Pty(path) => {
+                let path = path?.to_string().map_err(|e| failed(e.to_string()))?;
+                let master = self.take_fds(&name, 1)?.pop().expect("one descriptor");
+                // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+                unsafe {
+                    let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+                    libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
                 // SAFETY: master is an OwnedFd that the AsyncFd owns from here on: it stays
                 // open and names the same description for the AsyncFd's whole life.
                 let master = unsafe { AsyncFd::register(master) }
@@ -358,14 +353,60 @@ async fn accept_clients(listener: tokio::net::UnixListener, dev: std::rc::Weak<D
     }
 }
 
-/// Keeps a client backend connected: connects, serves the connection until it closes (or a
-/// write to it fails), and tries again every `every`, for as long as the device exists.
-async fn connect_loop(path: String, every: Duration, dev: std::rc::Weak<Device>) {
+/// A connection for a client backend, made by vmm-core (see the side channel).
+async fn broker_connect(
+    side: &AsyncFd<OwnedFd>,
+    name: &str,
+) -> Result<tokio::net::UnixStream, String> {
+    use vmm_proto::fdpass;
+    fdpass::send(
+        side.get_ref().as_fd(),
+        format!("connect {name}").as_bytes(),
+        &[],
+    )
+    .map_err(|e| format!("cannot ask vmm-core: {e}"))?;
+    let mut buf = [0u8; 512];
+    loop {
+        let mut ready = side
+            .readable()
+            .await
+            .map_err(|e| format!("side channel: {e}"))?;
+        match ready.try_io(|fd| fdpass::recv(fd.get_ref().as_fd(), &mut buf, libc::MSG_DONTWAIT)) {
+            Ok(Ok((0, _))) => return Err("vmm-core closed the side channel".into()),
+            Ok(Ok((n, mut fds))) => {
+                if buf[0] == b'!' || fds.len() != 1 {
+                    return Err(String::from_utf8_lossy(&buf[1..n]).into_owned());
+                }
+                let s = std::os::unix::net::UnixStream::from(fds.pop().expect("one"));
+                return s
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixStream::from_std(s))
+                    .map_err(|e| e.to_string());
+            }
+            Ok(Err(e)) => return Err(format!("side channel: {e}")),
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// Keeps a client backend connected: has vmm-core connect, serves the connection until it
+/// closes (or a write to it fails), and tries again every `every`, while the device exists.
+async fn connect_loop(
+    side: std::rc::Rc<AsyncFd<OwnedFd>>,
+    path: String,
+    every: Duration,
+    dev: std::rc::Weak<Device>,
+) {
     let mut connected_before = false;
     loop {
+        let name = match dev.upgrade() {
+            None => return,
+            Some(d) => d.name.clone(),
+        };
+        let connected = broker_connect(&side, &name).await;
         match dev.upgrade() {
             None => return,
-            Some(d) => match tokio::net::UnixStream::connect(&path).await {
+            Some(d) => match connected {
                 Ok(stream) => {
                     eprintln!(
                         "chardevd: {}: {} {path}",
@@ -499,58 +540,6 @@ fn read_input(
             return;
         }
     }
-}
-
-/// A new pseudo-terminal: its master (non-blocking) and the slave's path. The slave is set to
-/// raw mode, so that the program on the other end sees the guest's bytes as they are.
-fn open_pty() -> std::io::Result<(OwnedFd, String)> {
-    let err = std::io::Error::last_os_error;
-    // SAFETY: posix_openpt returns a new descriptor or -1.
-    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if m < 0 {
-        return Err(err());
-    }
-    // SAFETY: m was just opened and is owned by nobody else.
-    let master = unsafe { OwnedFd::from_raw_fd(m) };
-    let mut name = [0 as libc::c_char; 128];
-    // SAFETY: master is a pty master; name is a buffer of the length given.
-    unsafe {
-        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
-            return Err(err());
-        }
-        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
-            return Err(err());
-        }
-    }
-    // SAFETY: ptsname_r wrote a NUL-terminated string into name.
-    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-    // SAFETY: path is a valid C string; open returns a new descriptor or -1.
-    let s = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if s < 0 {
-        return Err(err());
-    }
-    // SAFETY: s was just opened and is owned by nobody else.
-    let slave = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: termios is plain data; tcgetattr/tcsetattr act on the open slave.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
-        }
-    }
-    drop(slave);
-    // SAFETY: F_GETFL/F_SETFL on our own descriptor.
-    unsafe {
-        let fl = libc::fcntl(m, libc::F_GETFL);
-        libc::fcntl(m, libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-    Ok((master, path.to_string_lossy().into_owned()))
 }
 
 /// Writes to a pty's master; returns how many bytes were dropped (nobody has the pty open, or

@@ -86,28 +86,27 @@ async fn side_channel(stream: &tokio::net::UnixStream) -> Result<OwnedFd, String
     }
 }
 
-/// Socket paths that backends listen on, over every connection: removed when chardevd ends.
-pub type Sockets = std::rc::Rc<std::cell::RefCell<Vec<String>>>;
-
-/// Serves one vmm-core connection until it closes; returns the socket paths it listened on.
-async fn serve(stream: std::os::unix::net::UnixStream, all: Sockets) -> Vec<String> {
+/// Serves one vmm-core connection until it closes.
+async fn serve(stream: std::os::unix::net::UnixStream) {
     let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
-        return Vec::new();
+        return;
     };
     let side = match side_channel(&stream).await {
         Ok(fd) => fd,
         Err(e) => {
             eprintln!("chardevd: refused a control connection: {e}; only vmm-core speaks this protocol (see proto/schema/chardevd.capnp)");
-            return Vec::new();
+            return;
         }
     };
-    let server = backend::Server::new(side, all.clone());
-    let sockets = server.sockets.clone();
+    let server = match backend::Server::new(side) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chardevd: refused a control connection: its side channel: {e}");
+            return;
+        }
+    };
     let client: chardevd::Client = capnp_rpc::new_client(server);
     let _ = vmm_proto::rpc::server(stream, client.client).await;
-    let paths = sockets.borrow().clone();
-    all.borrow_mut().retain(|p| !paths.contains(p));
-    paths
 }
 
 fn main() -> ExitCode {
@@ -131,16 +130,13 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let all = Sockets::default();
         let mut listen_path = None;
         let work = async {
             match control {
                 Control::Connection(stream) => {
                     // vmm-core closing the control socket (or dying) is how chardevd is told to
                     // end.
-                    for path in serve(stream, all.clone()).await {
-                        let _ = std::fs::remove_file(path);
-                    }
+                    serve(stream).await;
                     ExitCode::SUCCESS
                 }
                 Control::Listener(listener, path) => {
@@ -160,12 +156,7 @@ fn main() -> ExitCode {
                         let Ok(stream) = stream.into_std() else {
                             continue;
                         };
-                        let all = all.clone();
-                        tokio::task::spawn_local(async move {
-                            for path in serve(stream, all).await {
-                                let _ = std::fs::remove_file(path);
-                            }
-                        });
+                        tokio::task::spawn_local(serve(stream));
                     }
                     ExitCode::from(1)
                 }
@@ -189,15 +180,12 @@ fn main() -> ExitCode {
         let code = tokio::select! {
             code = work => code,
             sig = stop => {
-                // A clean stop: say so, remove every socket we created, exit 0.
+                // A clean stop: say so, remove the socket we listen on, exit 0.
                 let _ = vmm_sandbox::systemd::notify("STOPPING=1");
                 eprintln!("chardevd: {sig}: stopping");
                 ExitCode::SUCCESS
             }
         };
-        for p in all.borrow().iter() {
-            let _ = std::fs::remove_file(p);
-        }
         if let Some(p) = &listen_path {
             let _ = std::fs::remove_file(p);
         }

@@ -3,11 +3,15 @@
 # host input comes back to the guest. vmm-core connects on an inherited socket (or one that
 # systemd listens on) and calls `open` for each device, again after chardevd restarts.
 #
-# The side channel for file descriptors (Cap'n Proto RPC in Rust carries none): on each new
-# control connection, before any RPC message, the client sends one byte (1) with SCM_RIGHTS
-# carrying one descriptor, its end of a SOCK_SEQPACKET socket pair. Before an `open` whose
-# backend takes descriptors from the client (stdio), it sends on that pair one message, the
-# device's name, with SCM_RIGHTS carrying the descriptors (for stdio: input, then output).
+# chardevd opens no host path (so that it can run with an empty root): vmm-core opens what a
+# backend needs and hands it over a side channel for file descriptors (Cap'n Proto RPC in Rust
+# carries none). On each new control connection, before any RPC message, the client sends one
+# byte (1) with SCM_RIGHTS carrying one descriptor, its end of a SOCK_SEQPACKET socket pair.
+# Before an `open` whose backend takes descriptors, it sends on that pair one message, the
+# device's name, with SCM_RIGHTS carrying them: stdio, its input then its output; file, the
+# open file; unixServer, the listening socket; pty, the master. A unixClient backend asks on
+# the pair for each connection: it sends "connect NAME" and gets back NAME with the connected
+# socket, or "!" and why not.
 
 interface Chardevd {
   open @0 (name :Text, backend :Backend, input :InputSink) -> (device :Device, description :Text);
@@ -21,21 +25,22 @@ struct Backend {
     null @0 :Void;
     file @1 :FileBackend;
     ring @2 :UInt32;        # keep the last this many bytes, readable with Device.readRing
-    unixServer @3 :Text;    # listen on this socket path; one client at a time
-    stdio @4 :Void;         # the input and output descriptors sent on the side channel
-    pty @5 :Void;           # a new pseudo-terminal (its path is in open's description)
+    unixServer @3 :Text;    # the listening socket sent on the side channel (its path, for
+                            # people); one client at a time
+    stdio @4 :Void;         # the input and output sent on the side channel
+    pty @5 :Text;           # the pty master sent on the side channel (the slave's path)
     unixClient @6 :UnixClient;
   }
 }
 
 struct UnixClient {
-  path @0 :Text;            # connect to the socket at this path
+  path @0 :Text;            # where vmm-core connects (for people; see the side channel)
   reconnectMs @1 :UInt32;   # when it is not connected, try again this often
 }
 
 struct FileBackend {
-  path @0 :Text;
-  append @1 :Bool;          # false: truncate when opened for the first time
+  path @0 :Text;            # the file sent on the side channel (its path, for people)
+  append @1 :Bool;          # vmm-core truncated it unless this is set
 }
 
 interface Device {

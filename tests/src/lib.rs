@@ -201,6 +201,16 @@ impl TestVm {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        // If the test process dies without dropping us (killed by a timeout), vmm-core goes
+        // too, and its helpers with it.
+        // SAFETY: prctl is async-signal-safe and only sets this child's parent-death signal.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().expect("cannot start vmm-core");
         let stdin = child.stdin.take();
         let captured = Arc::new((Mutex::new(Captured::default()), Condvar::new()));

@@ -69,8 +69,141 @@ pub enum Mode {
     Connect(PathBuf),
 }
 
+/// What a backend needs from the host, opened by vmm-core (chardevd opens no host path, so that
+/// it can run with an empty root): handed to every chardevd start over the side channel.
+/// Kept for the VM's life, so a restarted chardevd gets the same file, listening socket or
+/// pty, and their clients see no change.
+struct Resources {
+    fds: Vec<std::os::fd::OwnedFd>,
+    /// A listening socket's path, removed when the VM ends.
+    socket: Option<PathBuf>,
+    /// The pty's path.
+    pty: Option<String>,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Resources {
+    fn open(backend: &Backend) -> Result<Resources, ChardevError> {
+        let mut r = Resources {
+            fds: Vec::new(),
+            socket: None,
+            pty: None,
+        };
+        match backend {
+            Backend::Null | Backend::Ring(_) | Backend::UnixClient { .. } => {}
+            Backend::Stdio => {
+                for fd in [0, 1] {
+                    // SAFETY: fds 0 and 1 are borrowed only to be duplicated here.
+                    let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+                        .try_clone_to_owned()
+                        .map_err(|e| {
+                            ChardevError::Resource(format!(
+                                "--serial stdio: fd {fd} is not open ({e}); give vmm-core a standard input and output, or use --serial null"
+                            ))
+                        })?;
+                    r.fds.push(dup);
+                }
+            }
+            Backend::File { path, append } => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        ChardevError::Resource(format!(
+                            "--serial file={path}: cannot open it ({e}); check that its directory exists and is writable"
+                        ))
+                    })?;
+                if !append {
+                    file.set_len(0).map_err(|e| {
+                        ChardevError::Resource(format!(
+                            "--serial file={path}: cannot truncate it ({e})"
+                        ))
+                    })?;
+                }
+                r.fds.push(file.into());
+            }
+            Backend::UnixServer(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                    ChardevError::Resource(format!(
+                        "--serial unix={path}: cannot listen on it ({e})"
+                    ))
+                })?;
+                r.socket = Some(PathBuf::from(path));
+                r.fds.push(listener.into());
+            }
+            Backend::Pty => {
+                let (master, path) = open_pty().map_err(|e| {
+                    ChardevError::Resource(format!("--serial pty: cannot open a pty ({e})"))
+                })?;
+                r.fds.push(master);
+                r.pty = Some(path);
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A new pseudo-terminal: its master and the slave's path. The slave is set to raw mode, so
+/// that the program on the other end sees the guest's bytes as they are.
+fn open_pty() -> std::io::Result<(std::os::fd::OwnedFd, String)> {
+    use std::os::fd::FromRawFd;
+    let err = std::io::Error::last_os_error;
+    // SAFETY: posix_openpt returns a new descriptor or -1.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(err());
+    }
+    // SAFETY: m was just opened and is owned by nobody else.
+    let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(m) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: master is a pty master; name is a buffer of the length given.
+    unsafe {
+        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
+            return Err(err());
+        }
+        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(err());
+        }
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated string into name.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    // SAFETY: path is a valid C string; open returns a new descriptor or -1.
+    let s = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if s < 0 {
+        return Err(err());
+    }
+    // SAFETY: s was just opened and is owned by nobody else.
+    let slave = unsafe { std::os::fd::OwnedFd::from_raw_fd(s) };
+    // SAFETY: termios is plain data; tcgetattr/tcsetattr act on the open slave.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    drop(slave);
+    Ok((master, path.to_string_lossy().into_owned()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChardevError {
+    #[error("{0}")]
+    Resource(String),
     #[error("--chardevd-socket {0}: cannot connect ({1}); is chardevd running (chardevd --listen PATH, or its systemd socket)?")]
     Connect(PathBuf, std::io::Error),
     #[error(
@@ -258,6 +391,7 @@ pub fn start(
     input: InputFn,
     shared: Arc<Shared>,
 ) -> Result<Supervisor, ChardevError> {
+    let resources = Resources::open(&backend)?;
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let for_handle = buffer.clone();
     let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
@@ -273,7 +407,7 @@ pub fn start(
                 &rt,
                 supervise(
                     mode,
-                    backend,
+                    (backend, resources),
                     buffer,
                     input,
                     shared,
@@ -295,7 +429,7 @@ pub fn start(
 
 async fn supervise(
     mode: Mode,
-    backend: Backend,
+    (backend, resources): (Backend, Resources),
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
     shared: Arc<Shared>,
@@ -309,6 +443,7 @@ async fn supervise(
         let helper = Helper {
             mode: &mode,
             backend: &backend,
+            resources: &resources,
             buffer: &buffer,
             input: &input,
             shared: &shared,
@@ -350,6 +485,7 @@ async fn supervise(
 struct Helper<'a> {
     mode: &'a Mode,
     backend: &'a Backend,
+    resources: &'a Resources,
     buffer: &'a ConsoleBuffer,
     input: &'a InputFn,
     shared: &'a Shared,
@@ -364,6 +500,7 @@ async fn run_helper(
     let Helper {
         mode,
         backend,
+        resources,
         buffer,
         input,
         shared,
@@ -405,8 +542,12 @@ async fn run_helper(
 
     // The side channel goes first (see proto/schema/chardevd.capnp), and with it the
     // descriptors the backend takes from us.
-    let side = side_channel(&ours, backend)
+    let side = side_channel(&ours, resources)
         .map_err(|e| ChardevError::Rpc(format!("{who}: cannot hand it descriptors ({e})")))?;
+    // SAFETY: side is an OwnedFd that the AsyncFd owns from here on: it stays open and names
+    // the same socket for the AsyncFd's whole life.
+    let side = unsafe { tokio::io::unix::AsyncFd::register(side) }
+        .map_err(|e| ChardevError::Rpc(format!("{who}: side channel: {e}")))?;
     let stream =
         vmm_proto::rpc::tokio_stream(ours).map_err(|e| ChardevError::Rpc(e.to_string()))?;
     let (rpc, server): (_, chardevd::Client) = vmm_proto::rpc::client(stream);
@@ -422,7 +563,7 @@ async fn run_helper(
         match backend {
             Backend::Null => b.set_null(()),
             Backend::Stdio => b.set_stdio(()),
-            Backend::Pty => b.set_pty(()),
+            Backend::Pty => b.set_pty(resources.pty.as_deref().unwrap_or_default()),
             Backend::UnixClient { path, reconnect_ms } => {
                 let mut c = b.init_unix_client();
                 c.set_path(path);
@@ -431,7 +572,7 @@ async fn run_helper(
             Backend::File { path, append } => {
                 let mut f = b.init_file();
                 f.set_path(path);
-                f.set_append(*append || first.is_none());
+                f.set_append(*append);
             }
             Backend::Ring(size) => b.set_ring(*size),
             Backend::UnixServer(path) => b.set_unix_server(path),
@@ -459,7 +600,6 @@ async fn run_helper(
             });
         }
     };
-    drop(side);
     let changed = {
         let mut d = buffer.description.lock().unwrap();
         let changed = *d != description;
@@ -502,7 +642,24 @@ async fn run_helper(
                 .emit("helper-restarted", format!("{who}, {lost} bytes lost"));
         }
     }
-    pump(
+    // chardevd's requests on the side channel are answered while it runs.
+    let side_task = {
+        let backend = backend.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok(mut ready) = side.readable().await {
+                loop {
+                    match serve_side_request(ready.get_inner(), &backend) {
+                        Side::Served => {}
+                        Side::Idle => break,
+                        // chardevd is gone; the next one gets a new channel.
+                        Side::Closed => return,
+                    }
+                }
+                ready.clear_ready();
+            }
+        })
+    };
+    let result = pump(
         &device,
         buffer,
         &mut child,
@@ -510,14 +667,16 @@ async fn run_helper(
         disconnect,
         controls,
     )
-    .await
+    .await;
+    side_task.abort();
+    result
 }
 
-/// Sends chardevd the side channel on a new control connection, and the descriptors the
-/// backend needs on it; returns our end (to keep until `open` is answered).
+/// Sends chardevd the side channel on a new control connection, and on it the descriptors
+/// the backend takes from us; returns our end, which then serves chardevd's requests.
 fn side_channel(
     control: &std::os::unix::net::UnixStream,
-    backend: &Backend,
+    resources: &Resources,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
     use vmm_proto::fdpass;
     let (ours, theirs) = fdpass::seqpacket_pair()?;
@@ -526,27 +685,51 @@ fn side_channel(
         &[fdpass::SIDE_CHANNEL_PREAMBLE],
         &[theirs.as_fd()],
     )?;
-    if *backend == Backend::Stdio {
-        // SAFETY: fds 0 and 1 are vmm-core's standard input and output, open for its whole
-        // life (checked by stdio_open below); they are only borrowed for the send.
-        let (input, output) = unsafe { (BorrowedFd::borrow_raw(0), BorrowedFd::borrow_raw(1)) };
-        stdio_open()?;
-        fdpass::send(ours.as_fd(), b"serial0", &[input, output])?;
+    if !resources.fds.is_empty() {
+        let fds: Vec<BorrowedFd> = resources.fds.iter().map(|f| f.as_fd()).collect();
+        fdpass::send(ours.as_fd(), b"serial0", &fds)?;
     }
     Ok(ours)
 }
 
-/// Fails unless fds 0 and 1 are open.
-fn stdio_open() -> std::io::Result<()> {
-    for fd in [0, 1] {
-        // SAFETY: F_GETFD only inspects the descriptor number.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(std::io::Error::other(format!(
-                "fd {fd} is closed; --serial stdio needs standard input and output (use --serial null)"
-            )));
+/// Answers a request chardevd sent on the side channel: `connect NAME` (a unix-connect
+/// backend asks for a connection to its path) gets `NAME` and the connected socket, or
+/// `!why`.
+enum Side {
+    Served,
+    /// No request is waiting.
+    Idle,
+    /// chardevd closed its end.
+    Closed,
+}
+
+fn serve_side_request(side: &std::os::fd::OwnedFd, backend: &Backend) -> Side {
+    use vmm_proto::fdpass;
+    let mut buf = [0u8; 256];
+    let n = match fdpass::recv(side.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+        Ok((0, _)) => return Side::Closed,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Side::Idle,
+        Err(_) => return Side::Closed,
+        Ok((n, _)) => n,
+    };
+    let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let reply = match (request.strip_prefix("connect "), backend) {
+        (Some(name), Backend::UnixClient { path, .. }) => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => fdpass::send(side.as_fd(), name.as_bytes(), &[s.as_fd()]),
+                Err(e) => fdpass::send(side.as_fd(), format!("!{path}: {e}").as_bytes(), &[]),
+            }
         }
+        _ => fdpass::send(
+            side.as_fd(),
+            format!("!vmm-core does not serve {request:?}").as_bytes(),
+            &[],
+        ),
+    };
+    if let Err(e) = reply {
+        log::debug!("chardevd side channel: cannot answer {request:?}: {e}");
     }
-    Ok(())
+    Side::Served
 }
 
 /// Streams the buffer to chardevd until it dies.

@@ -63,6 +63,7 @@ impl VmError {
                     chardev::ChardevError::Spawn(..)
                         | chardev::ChardevError::Connect(..)
                         | chardev::ChardevError::Backend(_)
+                        | chardev::ChardevError::Resource(_)
                 )
             )
     }

@@ -716,6 +716,11 @@ pub mod backend {
             !self.reader.get_pointer_field(0).is_null()
         }
         #[inline]
+        pub fn has_pty(&self) -> bool {
+            if self.reader.get_data_field::<u16>(0) != 5 { return false; }
+            !self.reader.get_pointer_field(0).is_null()
+        }
+        #[inline]
         pub fn has_unix_client(&self) -> bool {
             if self.reader.get_data_field::<u16>(0) != 6 { return false; }
             !self.reader.get_pointer_field(0).is_null()
@@ -750,7 +755,7 @@ pub mod backend {
                 }
                 5 => {
                     ::core::result::Result::Ok(Pty(
-                        ()
+                        ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
                     ))
                 }
                 6 => {
@@ -859,8 +864,19 @@ pub mod backend {
             self.builder.set_data_field::<u16>(0, 4);
         }
         #[inline]
-        pub fn set_pty(&mut self, _value: ())  {
+        pub fn set_pty(&mut self, value: impl ::capnp::traits::SetterInput<::capnp::text::Owned>)  {
             self.builder.set_data_field::<u16>(0, 5);
+            ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false).unwrap()
+        }
+        #[inline]
+        pub fn init_pty(self, size: u32) -> ::capnp::text::Builder<'a> {
+            self.builder.set_data_field::<u16>(0, 5);
+            self.builder.get_pointer_field(0).init_text(size)
+        }
+        #[inline]
+        pub fn has_pty(&self) -> bool {
+            if self.builder.get_data_field::<u16>(0) != 5 { return false; }
+            !self.builder.is_pointer_field_null(0)
         }
         #[inline]
         pub fn set_unix_client(&mut self, value: crate::chardevd_capnp::unix_client::Reader<'_>) -> ::capnp::Result<()> {
@@ -907,7 +923,7 @@ pub mod backend {
                 }
                 5 => {
                     ::core::result::Result::Ok(Pty(
-                        ()
+                        ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
                     ))
                 }
                 6 => {
@@ -1038,11 +1054,11 @@ pub mod backend {
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(112, 116, 121, 0, 0, 0, 0, 0),
+            ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-            ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+            ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ::capnp::word(117, 110, 105, 120, 67, 108, 105, 101),
@@ -1062,7 +1078,7 @@ pub mod backend {
                 2 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                 3 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
                 4 => <() as ::capnp::introspect::Introspect>::introspect(),
-                5 => <() as ::capnp::introspect::Introspect>::introspect(),
+                5 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
                 6 => <crate::chardevd_capnp::unix_client::Owned as ::capnp::introspect::Introspect>::introspect(),
                 _ => ::capnp::introspect::panic_invalid_field_index(index),
             }
@@ -1082,17 +1098,17 @@ pub mod backend {
         pub(crate) static MEMBERS_BY_NAME : &[u16] = &[1,0,5,2,4,6,3];
         pub(crate) const TYPE_ID: u64 = 0xb384_6050_9d7f_81e7;
     }
-    pub enum Which<A0,A1,A2> {
+    pub enum Which<A0,A1,A2,A3> {
         Null(()),
         File(A0),
         Ring(u32),
         UnixServer(A1),
         Stdio(()),
-        Pty(()),
-        UnixClient(A2),
+        Pty(A2),
+        UnixClient(A3),
     }
-    pub type WhichReader<'a,> = Which<::capnp::Result<crate::chardevd_capnp::file_backend::Reader<'a>>,::capnp::Result<::capnp::text::Reader<'a>>,::capnp::Result<crate::chardevd_capnp::unix_client::Reader<'a>>>;
-    pub type WhichBuilder<'a,> = Which<::capnp::Result<crate::chardevd_capnp::file_backend::Builder<'a>>,::capnp::Result<::capnp::text::Builder<'a>>,::capnp::Result<crate::chardevd_capnp::unix_client::Builder<'a>>>;
+    pub type WhichReader<'a,> = Which<::capnp::Result<crate::chardevd_capnp::file_backend::Reader<'a>>,::capnp::Result<::capnp::text::Reader<'a>>,::capnp::Result<::capnp::text::Reader<'a>>,::capnp::Result<crate::chardevd_capnp::unix_client::Reader<'a>>>;
+    pub type WhichBuilder<'a,> = Which<::capnp::Result<crate::chardevd_capnp::file_backend::Builder<'a>>,::capnp::Result<::capnp::text::Builder<'a>>,::capnp::Result<::capnp::text::Builder<'a>>,::capnp::Result<crate::chardevd_capnp::unix_client::Builder<'a>>>;
 }
 
 pub mod unix_client {
