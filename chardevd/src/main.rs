@@ -24,6 +24,15 @@ struct Args {
     /// With neither option, a socket that systemd passes (LISTEN_FDS) is used.
     #[arg(long, value_name = "PATH")]
     listen: Option<std::path::PathBuf>,
+    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid), to
+    /// debug.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// The uid and gid the sandboxed chardevd runs as.
+    #[arg(long, value_name = "UID", default_value_t = 65534)]
+    uid: u32,
+    #[arg(long, value_name = "GID", default_value_t = 65534)]
+    gid: u32,
 }
 
 /// What chardevd serves: one inherited connection, or a listening socket.
@@ -118,6 +127,38 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.no_sandbox {
+        use std::os::fd::AsRawFd;
+        let mut keep = vec![match &control {
+            Control::Connection(s) => s.as_raw_fd(),
+            Control::Listener(l, _) => l.as_raw_fd(),
+        }];
+        match vmm_sandbox::systemd::prepare_notify() {
+            Ok(fd) => keep.extend(fd),
+            Err(e) => eprintln!("chardevd: cannot reach systemd's notification socket: {e}"),
+        }
+        let jail = vmm_sandbox::jail::Jail {
+            uid: args.uid,
+            gid: args.gid,
+            keep,
+            remove_at_exit: match &control {
+                Control::Listener(_, Some(path)) => vec![path.clone()],
+                _ => Vec::new(),
+            },
+            ..Default::default()
+        };
+        // From here on chardevd runs sandboxed (in the child, if it forked).
+        match vmm_sandbox::jail::enter(&jail) {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "chardevd: not root, so its namespaces and uid are left to the service manager"
+            ),
+            Err(e) => {
+                eprintln!("chardevd: error: cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -131,6 +172,13 @@ fn main() -> ExitCode {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut listen_path = None;
+        // Handlers first, before anyone is told chardevd is ready: as PID 1 of its own PID
+        // namespace, a signal with no handler would not reach it at all.
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
         let work = async {
             match control {
                 Control::Connection(stream) => {
@@ -163,11 +211,7 @@ fn main() -> ExitCode {
             }
         };
         let stop = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
+            match signals {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
                         _ = term.recv() => "SIGTERM",

@@ -1,4 +1,6 @@
-//! Shared by vmm-core and its helpers to run as services: systemd's readiness notification
-//! and socket activation. (The namespace, capability and seccomp sandbox comes here too.)
+//! Shared by vmm-core and its helpers: the sandbox a helper enters before it reads untrusted
+//! input (jail; seccomp comes next), and systemd's protocols (readiness notification, socket
+//! activation).
 
+pub mod jail;
 pub mod systemd;

@@ -6,10 +6,12 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-/// Sends `state` (e.g. "READY=1") to the service manager. Ok(false) when not run by one.
-pub fn notify(state: &str) -> io::Result<bool> {
+/// The notification socket, connected before a sandbox hides $NOTIFY_SOCKET's path.
+static NOTIFIER: std::sync::Mutex<Option<UnixDatagram>> = std::sync::Mutex::new(None);
+
+fn connect() -> io::Result<Option<UnixDatagram>> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(false);
+        return Ok(None);
     };
     let path = path.to_string_lossy().into_owned();
     let addr = match path.strip_prefix('@') {
@@ -17,8 +19,30 @@ pub fn notify(state: &str) -> io::Result<bool> {
         None => SocketAddr::from_pathname(&path)?,
     };
     let sock = UnixDatagram::unbound()?;
-    sock.send_to_addr(state.as_bytes(), &addr)?;
-    Ok(true)
+    sock.connect_addr(&addr)?;
+    Ok(Some(sock))
+}
+
+/// Connects to the service manager's notification socket now (before entering a sandbox);
+/// returns its descriptor, to keep open, when there is one.
+pub fn prepare_notify() -> io::Result<Option<std::os::fd::RawFd>> {
+    use std::os::fd::AsRawFd;
+    let sock = connect()?;
+    let fd = sock.as_ref().map(|s| s.as_raw_fd());
+    *NOTIFIER.lock().unwrap() = sock;
+    Ok(fd)
+}
+
+/// Sends `state` (e.g. "READY=1") to the service manager. Ok(false) when not run by one.
+pub fn notify(state: &str) -> io::Result<bool> {
+    let mut n = NOTIFIER.lock().unwrap();
+    if n.is_none() {
+        *n = connect()?;
+    }
+    match n.as_ref() {
+        Some(sock) => sock.send(state.as_bytes()).map(|_| true),
+        None => Ok(false),
+    }
 }
 
 /// The descriptors systemd passed to this process (socket activation), each once: the
@@ -65,11 +89,14 @@ mod tests {
         let path = dir.join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
         std::env::set_var("NOTIFY_SOCKET", &path);
+        assert!(prepare_notify().unwrap().is_some());
+        // The socket was connected beforehand: the path is no longer needed.
+        std::env::remove_var("NOTIFY_SOCKET");
         assert!(notify("READY=1").unwrap());
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
-        std::env::remove_var("NOTIFY_SOCKET");
+        *NOTIFIER.lock().unwrap() = None;
         assert!(!notify("READY=1").unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }

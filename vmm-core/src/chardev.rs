@@ -63,8 +63,9 @@ impl Attached {
 /// How vmm-core reaches chardevd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
-    /// Start it (this executable) on an inherited socketpair; restart it if it dies.
-    Spawn(PathBuf),
+    /// Start it (this executable) on an inherited socketpair, sandboxed unless the flag is
+    /// false; restart it if it dies.
+    Spawn(PathBuf, bool),
     /// Connect to one that runs already (under systemd); reconnect if the connection drops.
     Connect(PathBuf),
 }
@@ -461,7 +462,7 @@ async fn supervise(
             Ok(status) => status,
             Err(e) => e.to_string(),
         };
-        if matches!(mode, Mode::Spawn(_)) {
+        if matches!(mode, Mode::Spawn(..)) {
             log::warn!("chardevd died ({why}); restarting it");
         } else {
             log::warn!("lost chardevd ({why}); reconnecting");
@@ -506,14 +507,16 @@ async fn run_helper(
         shared,
     } = *helper;
     let (ours, mut child, who) = match mode {
-        Mode::Spawn(binary) => {
+        Mode::Spawn(binary, sandbox) => {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair()
                 .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
             let theirs_fd = theirs.as_raw_fd();
             let mut cmd = tokio::process::Command::new(binary);
-            cmd.arg("--control-fd")
-                .arg("3")
-                .stdin(std::process::Stdio::null())
+            cmd.arg("--control-fd").arg("3");
+            if !sandbox {
+                cmd.arg("--no-sandbox");
+            }
+            cmd.stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .kill_on_drop(true);
             // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
@@ -759,7 +762,7 @@ async fn pump(
                     serve_control(device, c).await;
                     continue;
                 }
-                why = child_exit(child) => return Ok(why),
+                why = child_exit(child) => return Ok(settled(why, connection).await),
             _ = &mut *connection => return Ok("the connection closed".into()),
                 _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
             }
@@ -779,7 +782,7 @@ async fn pump(
                     return Ok(format!("a write failed: {}", e.extra));
                 }
             },
-            why = child_exit(child) => return Ok(why),
+            why = child_exit(child) => return Ok(settled(why, connection).await),
             _ = &mut *connection => return Ok("the connection closed".into()),
             _ = buffer.stop.notified() => return Ok(stop(child, disconnect).await),
         }
@@ -830,6 +833,17 @@ async fn stop(
         }
     }
     "stopped with the VMM".into()
+}
+
+/// Once the chardevd we started has exited, waits (briefly) until its connection is closed too:
+/// a sandboxed chardevd's worker (its child) may outlive it by a moment, and must not write
+/// after its successor has started.
+async fn settled(
+    why: String,
+    connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
+) -> String {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+    why
 }
 
 /// How a chardevd we started ended; never, for one we only connect to.

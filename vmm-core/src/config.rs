@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Start the helpers without their sandbox (namespaces, empty root, no capabilities,
+    /// another uid), to debug.
+    #[arg(long)]
+    pub no_sandbox: bool,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
@@ -89,6 +93,7 @@ pub struct VmConfig {
     pub serial: Option<crate::chardev::Backend>,
     pub chardevd: PathBuf,
     pub chardevd_socket: Option<PathBuf>,
+    pub sandbox: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +216,7 @@ impl VmConfig {
             api_socket: args.api_socket,
             serial: parse_serial(&args.serial)?,
             chardevd_socket: args.chardevd_socket,
+            sandbox: !args.no_sandbox,
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))

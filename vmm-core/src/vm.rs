@@ -245,7 +245,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         supervisor = Some(chardev::start(
             match &config.chardevd_socket {
                 Some(path) => chardev::Mode::Connect(path.clone()),
-                None => chardev::Mode::Spawn(config.chardevd.clone()),
+                None => chardev::Mode::Spawn(config.chardevd.clone(), config.sandbox),
             },
             backend.clone(),
             buffer,
