@@ -7,7 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vmm_tests::{socket_path, vmmctl, vmmctl_bin, wait_until, TestVm};
+use vmm_tests::{process_name, socket_path, vmmctl, vmmctl_bin, wait_until, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -36,13 +36,6 @@ fn text(c: &Arc<Mutex<Vec<u8>>>) -> String {
 
 fn wait_text(c: &Arc<Mutex<Vec<u8>>>, what: &str) {
     wait_until(T, what, || text(c).contains(what));
-}
-
-fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// The default console is served by chardevd on vmm-core's own stdin and stdout (the

@@ -164,6 +164,12 @@ fn refusals_name_the_limit_and_the_vm_keeps_running() {
         err,
         "error: cpus set: cannot have 3 vCPUs: this VM's maximum is 2 (start it with --cpus N,max=M to allow more)\n"
     );
+    let (code, _, err) = vmmctl(&sock, &["cpus", "set", "2", "--timeout", "0"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "error: --timeout 0: give seconds above 0, up to 3600\n"
+    );
     let (code, _, err) = vmmctl(&sock, &["cpus", "set", "0"]);
     assert_eq!(code, 1);
     assert_eq!(

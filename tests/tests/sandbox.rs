@@ -3,7 +3,7 @@
 //! runs as started (for debugging).
 
 use std::time::Duration;
-use vmm_tests::{socket_path, vmmctl, wait_until, TestVm};
+use vmm_tests::{children_of, process_name, socket_path, vmmctl, wait_until, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -24,30 +24,18 @@ fn ns(pid: &str, kind: &str) -> String {
         .to_string()
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out
-}
-
 /// vmm-core's chardevd, and the sandboxed process inside it (if it forked into one).
 fn chardevd(vm: &TestVm) -> (u32, Option<u32>) {
     let mut found = None;
     wait_until(T, "chardevd", || {
-        found = vm.children().into_iter().find(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "chardevd")
-        });
+        found = vm
+            .children()
+            .into_iter()
+            .find(|&p| process_name(p) == "chardevd");
         found.is_some()
     });
     let outer = found.unwrap();
-    (outer, children(outer).first().copied())
+    (outer, children_of(outer).first().copied())
 }
 
 #[test]

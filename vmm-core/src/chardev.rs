@@ -384,14 +384,15 @@ impl Drop for Supervisor {
     }
 }
 
-/// Starts the supervisor; returns once chardevd runs and accepted the backend (or why not).
+/// Starts the supervisor, which starts chardevd; `Ready` says when it runs and accepted the
+/// backend (or why not).
 pub fn start(
     mode: Mode,
     backend: Backend,
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
     shared: Arc<Shared>,
-) -> Result<Supervisor, ChardevError> {
+) -> Result<(Supervisor, Ready), ChardevError> {
     let resources = Resources::open(&backend)?;
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let for_handle = buffer.clone();
@@ -418,14 +419,26 @@ pub fn start(
             );
         })
         .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
-    first_rx
-        .recv()
-        .unwrap_or_else(|_| Err(ChardevError::Rpc("the supervisor ended".into())))?;
-    Ok(Supervisor {
-        buffer: for_handle,
-        control,
-        thread: Some(thread),
-    })
+    Ok((
+        Supervisor {
+            buffer: for_handle,
+            control,
+            thread: Some(thread),
+        },
+        Ready(first_rx),
+    ))
+}
+
+/// Whether chardevd came up: the VM waits for it only before its vCPUs run, so that
+/// chardevd starts (and enters its sandbox) while the VM is being built.
+pub struct Ready(std::sync::mpsc::Receiver<Result<(), ChardevError>>);
+
+impl Ready {
+    pub fn wait(self) -> Result<(), ChardevError> {
+        self.0
+            .recv()
+            .unwrap_or_else(|_| Err(ChardevError::Rpc("the supervisor ended".into())))
+    }
 }
 
 async fn supervise(

@@ -106,6 +106,8 @@ fn id_list(ids: &std::collections::BTreeSet<u32>) -> String {
 struct ConsoleInput {
     target: Mutex<Option<Arc<Mutex<serial::SerialDevice>>>>,
     output: std::sync::OnceLock<Arc<chardev::ConsoleBuffer>>,
+    /// chardevd's first start, waited for before the first vCPU runs.
+    helper_ready: Mutex<Option<chardev::Ready>>,
 }
 
 /// Queues input for the guest's UART, holding back while its FIFO is full.
@@ -242,7 +244,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             let _ = attached_tx.send((bytes.to_vec(), false));
         });
         let _ = shared.console_view.set((buffer.clone(), attached));
-        supervisor = Some(chardev::start(
+        let (started, ready) = chardev::start(
             match &config.chardevd_socket {
                 Some(path) => chardev::Mode::Connect(path.clone()),
                 None => chardev::Mode::Spawn(config.chardevd.clone(), config.sandbox),
@@ -251,7 +253,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             buffer,
             input,
             shared.clone(),
-        )?);
+        )?;
+        supervisor = Some(started);
+        *console.helper_ready.lock().unwrap() = Some(ready);
         *shared.console.lock().unwrap() = supervisor.as_ref().map(|s| s.control.clone());
     }
 
@@ -500,6 +504,12 @@ fn run_once(
     let mut fds = Vec::new();
     for id in 0..config.cpus {
         fds.push(vcpus.prepare(&vm, id, (id == 0).then_some(entry))?.0);
+    }
+    // chardevd started while the VM was built; a helper that cannot serve stops the VM here,
+    // before any guest code runs.
+    let ready = console.helper_ready.lock().unwrap().take();
+    if let Some(ready) = ready {
+        ready.wait()?;
     }
     for (id, fd) in fds.into_iter().enumerate() {
         vcpus

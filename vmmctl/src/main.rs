@@ -119,6 +119,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> Result<String, Failure> {
+    if let Command::Cpus {
+        action: Some(CpusAction::Set { timeout, .. }),
+    } = &cli.command
+    {
+        if !(*timeout > 0.0 && *timeout <= 3600.0) {
+            return Err(Failure(
+                2,
+                format!("--timeout {timeout}: give seconds above 0, up to 3600"),
+            ));
+        }
+    }
     let path = cli.socket.display().to_string();
     let stream = tokio::net::UnixStream::connect(&cli.socket)
         .await
@@ -196,12 +207,6 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Cpus {
             action: Some(CpusAction::Set { count, timeout }),
         } => {
-            if !(timeout > 0.0 && timeout <= 3600.0) {
-                return Err(Failure(
-                    2,
-                    format!("--timeout {timeout}: give seconds between 0 and 3600"),
-                ));
-            }
             let mut req = client.set_cpus_request();
             req.get().set_count(count);
             req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
