@@ -81,7 +81,11 @@ fn chardevd_reports_ready_and_stops_cleanly_on_sigterm() {
         .args(["--chardevd-socket", listen.to_str().unwrap()])
         .args(["--serial", &format!("unix={}", console.display())])
         .spawn();
-    wait_until(T, "the console socket", || console.exists());
+    // vmm-core makes the console's socket itself; wait until it has connected to chardevd.
+    wait_until(T, "vmm-core connected", || {
+        vm.stderr().contains("connected to chardevd at")
+    });
+    assert!(console.exists());
 
     // SAFETY: kill on the PID of our own child, not yet reaped.
     unsafe { libc::kill(chardevd.id() as libc::pid_t, libc::SIGTERM) };

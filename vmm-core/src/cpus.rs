@@ -11,12 +11,10 @@ use crate::vm::VmEvent;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::collections::BTreeMap;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 pub struct VcpuThread {
     pub handle: JoinHandle<VcpuFd>,
@@ -133,12 +131,7 @@ impl Vcpus {
             return;
         };
         t.unplug.store(true, Ordering::Release);
-        while !t.handle.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { libc::pthread_kill(t.handle.as_pthread_t(), crate::vm::kick_signal()) };
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        match t.handle.join() {
+        match crate::vm::end_vcpu_thread(t.handle) {
             Ok(fd) => {
                 self.parked.insert(id, fd);
             }

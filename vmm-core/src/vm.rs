@@ -138,7 +138,7 @@ fn feed_uart(console: &ConsoleInput, bytes: &[u8]) {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-pub(crate) fn kick_signal() -> libc::c_int {
+fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -590,37 +590,34 @@ fn run_once(
                     }
                 }
             }
-            VmEvent::Api(ApiRequest {
-                request: Request::SetCpus { count, timeout_ms },
-                reply,
-            }) => {
-                if change.is_some() {
-                    let _ = reply.send(Err(
-                        "another vCPU change is still waiting for the guest; try again when it is done".into(),
-                    ));
-                    continue;
-                }
-                match start_cpu_change(&vm, &mut vcpus, &hotplug, &ged, count, config) {
-                    Err(msg) => {
-                        let _ = reply.send(Err(msg));
-                    }
-                    Ok((waiting, _)) if waiting.is_empty() => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    Ok((waiting, adding)) => {
-                        change = Some(CpuChange {
-                            waiting,
-                            adding,
-                            deadline: Instant::now() + Duration::from_millis(timeout_ms.into()),
-                            timeout_ms,
-                            reply,
-                        });
-                    }
-                }
-                publish_vcpus(&vcpus, shared);
-            }
             VmEvent::Api(req) => match req.request {
-                Request::SetCpus { .. } => unreachable!("handled above"),
+                Request::SetCpus { count, timeout_ms } => {
+                    let reply = req.reply;
+                    if change.is_some() {
+                        let _ = reply.send(Err(
+                            "another vCPU change is still waiting for the guest; try again when it is done".into(),
+                        ));
+                        continue;
+                    }
+                    match start_cpu_change(&vm, &mut vcpus, &hotplug, &ged, count, config) {
+                        Err(msg) => {
+                            let _ = reply.send(Err(msg));
+                        }
+                        Ok((waiting, _)) if waiting.is_empty() => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Ok((waiting, adding)) => {
+                            change = Some(CpuChange {
+                                waiting,
+                                adding,
+                                deadline: Instant::now() + Duration::from_millis(timeout_ms.into()),
+                                timeout_ms,
+                                reply,
+                            });
+                        }
+                    }
+                    publish_vcpus(&vcpus, shared);
+                }
                 Request::Pause => {
                     pause_vcpus(&state, &vcpus.handles());
                     // Stop guest time too, as QEMU does: a guest should not see the pause as
@@ -818,13 +815,21 @@ fn stop_vcpus(state: &RunState, threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>>) {
         state.pause_changed.notify_all();
     }
     for t in threads {
-        while !t.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        let _ = t.join();
+        let _ = end_vcpu_thread(t);
     }
+}
+
+/// Kicks a vCPU thread out of KVM_RUN until it has ended (its stop flag must be set; a kick
+/// that lands just before KVM_RUN is repeated), and joins it.
+pub(crate) fn end_vcpu_thread(
+    t: JoinHandle<kvm_ioctls::VcpuFd>,
+) -> std::thread::Result<kvm_ioctls::VcpuFd> {
+    while !t.is_finished() {
+        // SAFETY: the thread has not been joined, so its pthread_t is valid.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    t.join()
 }
 
 #[cfg(test)]
