@@ -51,6 +51,14 @@ pub struct RunArgs {
     /// instead of starting one; reconnect if the connection drops.
     #[arg(long, value_name = "PATH", conflicts_with = "chardevd")]
     pub chardevd_socket: Option<PathBuf>,
+    /// A disk, served by a blockd helper over vhost-user-blk (repeat for more):
+    /// path=FILE[,readonly=on][,queues=N][,serial=ID], or socket=PATH[,queues=N] for a
+    /// vhost-user-blk backend that runs already.
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// The blockd executable (default: the one next to vmm-core).
+    #[arg(long, value_name = "PATH")]
+    pub blockd: Option<PathBuf>,
     /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -94,6 +102,8 @@ pub struct VmConfig {
     pub chardevd: PathBuf,
     pub chardevd_socket: Option<PathBuf>,
     pub sandbox: bool,
+    pub disks: Vec<crate::block::DiskSpec>,
+    pub blockd: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +144,8 @@ pub enum ConfigError {
     },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("{0}")]
+    Disk(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
 }
@@ -217,6 +229,13 @@ impl VmConfig {
             serial: parse_serial(&args.serial)?,
             chardevd_socket: args.chardevd_socket,
             sandbox: !args.no_sandbox,
+            disks: args
+                .disk
+                .iter()
+                .map(|d| crate::block::parse_disk(d))
+                .collect::<Result<_, _>>()
+                .map_err(ConfigError::Disk)?,
+            blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))
@@ -417,6 +436,13 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemoryUnaligned(s.to_string()));
     }
     Ok(bytes)
+}
+
+/// A helper executable next to vmm-core's own.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .map(|p| p.with_file_name(name))
+        .unwrap_or_else(|_| PathBuf::from(name))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! interrupts, ACPI and the devices the platform needs. See ARCHITECTURE.md.
 
 pub mod api;
+pub mod block;
 pub mod boot;
 pub mod chardev;
 pub mod config;
@@ -10,7 +11,9 @@ pub mod devices;
 pub mod kvm;
 pub mod logger;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::fmt;

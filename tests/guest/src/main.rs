@@ -7,6 +7,7 @@
 #![no_main]
 
 mod acpi;
+mod blk;
 mod entry;
 mod io;
 mod rt;
@@ -169,6 +170,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             Line::new().s("tg: power button").emit();
         }
         "hotplug" => hotplug(cmdline, stack_top),
+        "blk" => blk_scenario(cmdline, stack_top),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -336,6 +338,246 @@ fn hotplug(cmdline: &str, stack_top: u64) {
         .s(" sum=")
         .hex(sum)
         .emit();
+}
+
+/// A pattern job for CPL3 (native speed): fill `words` words at `buf` with the pattern of
+/// disk word `first_word` on (op 0), count words that differ from it (op 1), or count words
+/// that are not zero (op 2).
+#[repr(C)]
+struct Job {
+    op: u64,
+    buf: u64,
+    words: u64,
+    first_word: u64,
+    seed: u64,
+}
+
+static mut JOB: Job = Job {
+    op: 0,
+    buf: 0,
+    words: 0,
+    first_word: 0,
+    seed: 0,
+};
+
+extern "C" fn user_job(arg: u64) -> ! {
+    // SAFETY: arg is the address of JOB, which the kernel side does not touch meanwhile.
+    let j = unsafe { &*(arg as *const Job) };
+    let p = j.buf as *mut u64;
+    let mut bad = 0u64;
+    let mut i = 0;
+    while i < j.words {
+        let w = (j.first_word + i).wrapping_add(j.seed).wrapping_mul(blk::K);
+        // SAFETY: buf..buf+8*words is the DMA data buffer.
+        unsafe {
+            match j.op {
+                0 => core::ptr::write_volatile(p.add(i as usize), w),
+                1 => bad += (core::ptr::read_volatile(p.add(i as usize)) != w) as u64,
+                _ => bad += (core::ptr::read_volatile(p.add(i as usize)) != 0) as u64,
+            }
+        }
+        i += 1;
+    }
+    USER_RESULT.store(bad, Ordering::SeqCst);
+    // SAFETY: ud2 is how a user task hands control back (see isr_common).
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
+}
+
+fn pattern_job(op: u64, words: u64, first_word: u64, seed: u64, stack_top: u64) -> u64 {
+    // SAFETY: no user task runs now, so JOB is ours to write.
+    unsafe {
+        JOB = Job {
+            op,
+            buf: blk::data_buf() as u64,
+            words,
+            first_word,
+            seed,
+        };
+    }
+    let arg = core::ptr::addr_of!(JOB) as u64;
+    // SAFETY: user_job ends with ud2, which isr_common turns into a return from run_user.
+    unsafe { entry::run_user(user_job as *const () as u64, arg, stack_top) };
+    USER_RESULT.load(Ordering::SeqCst)
+}
+
+/// Zeroed ranges (first sector, sectors) of the `blk` scenario: discard, write-zeroes, and
+/// write-zeroes with unmap. The host's check (tests/tests/block.rs) knows them too.
+const ZERO_RANGES: [(u64, u32); 3] = [(8, 16), (40, 16), (80, 16)];
+
+/// The virtio-blk scenario (see blk.rs for the parameters).
+fn blk_scenario(cmdline: &str, stack_top: u64) {
+    let seed = param(cmdline, "tg.blk.seed=").and_then(parse_u64).unwrap_or(1);
+    let host = param(cmdline, "tg.blk.host=").and_then(parse_u64);
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    let n = blk::probe(&mut disks);
+    Line::new().s("tg: blk disks=").u(n as u64).emit();
+    let buf = blk::data_buf() as u64;
+    let chunk = blk::CHUNK as u64;
+    for d in disks.iter_mut().flatten() {
+        let name = d.index as u64;
+        let mut id = [0u8; 20];
+        let (id_status, id_len) = d.get_id(&mut id).unwrap_or((0xff, 0));
+        Line::new()
+            .s("tg: blk")
+            .u(name)
+            .s(" slot=")
+            .u(d.slot as u64)
+            .s(" capacity=")
+            .u(d.capacity)
+            .s(" queues=")
+            .u(d.queues as u64)
+            .s(" ro=")
+            .u(d.read_only() as u64)
+            .s(" features=")
+            .hex(d.features)
+            .s(" id-status=")
+            .u(id_status as u64)
+            .s(" id=")
+            .s(core::str::from_utf8(&id[..id_len]).unwrap_or("?"))
+            .emit();
+        let bytes = d.capacity * 512;
+        let chunks = bytes / chunk;
+        let queues = d.queues as usize;
+        let mut counts = (0u64, 0u64);
+        if let Some(hs) = host {
+            let mut bad = 0;
+            for c in 0..chunks {
+                tally(&mut counts, d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+                bad += pattern_job(1, chunk / 8, c * chunk / 8, hs, stack_top);
+            }
+            Line::new()
+                .s("tg: blk")
+                .u(name)
+                .s(" host-pattern bad-words=")
+                .u(bad)
+                .s(" errors=")
+                .u(counts.0)
+                .emit();
+        }
+        if d.read_only() {
+            pattern_job(0, 512 / 8, 0, seed, stack_top);
+            let w = d.write(0, 0, buf, 512);
+            let z = d.zero(false, false, 0, 8);
+            let r = d.read(0, 0, buf, 512);
+            Line::new()
+                .s("tg: blk")
+                .u(name)
+                .s(" ro write-status=")
+                .u(w.map_or(0xff, |r| r.0) as u64)
+                .s(" write-zeroes-status=")
+                .u(z.map_or(0xff, |r| r.0) as u64)
+                .s(" read-status=")
+                .u(r.map_or(0xff, |r| r.0) as u64)
+                .emit();
+        } else {
+            for c in 0..chunks {
+                pattern_job(0, chunk / 8, c * chunk / 8, seed, stack_top);
+                tally(&mut counts, d.write((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+            }
+            tally(&mut counts, d.flush(0));
+            let mut bad = 0;
+            for c in 0..chunks {
+                // Poison the buffer first, so that a read that moves no data cannot pass.
+                pattern_job(0, chunk / 8, 0, seed ^ 0xdead, stack_top);
+                tally(&mut counts, d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+                bad += pattern_job(1, chunk / 8, c * chunk / 8, seed, stack_top);
+            }
+            Line::new()
+                .s("tg: blk")
+                .u(name)
+                .s(" pattern written-bytes=")
+                .u(chunks * chunk)
+                .s(" bad-words=")
+                .u(bad)
+                .s(" errors=")
+                .u(counts.0)
+                .s(" timeouts=")
+                .u(counts.1)
+                .emit();
+            // Discard, write-zeroes, write-zeroes with unmap; then every word of the first
+            // chunk must be zero inside those ranges and the pattern outside them.
+            let mut zs = [0xffu8; 3];
+            for (i, (sector, n)) in ZERO_RANGES.iter().enumerate() {
+                let r = d.zero(i == 0, i == 2, *sector, *n);
+                zs[i] = r.map_or(0xff, |r| r.0);
+            }
+            tally(&mut counts, d.read(0, 0, buf, chunk as u32));
+            let (mut nonzero, mut wrong) = (0u64, 0u64);
+            let mut word = 0u64;
+            for (sector, n) in ZERO_RANGES {
+                let first = sector * 64;
+                if first > word {
+                    wrong += pattern_job_at(1, word, first - word, seed, stack_top);
+                }
+                nonzero += pattern_job_at(2, first, u64::from(n) * 64, seed, stack_top);
+                word = first + u64::from(n) * 64;
+            }
+            wrong += pattern_job_at(1, word, chunk / 8 - word, seed, stack_top);
+            Line::new()
+                .s("tg: blk")
+                .u(name)
+                .s(" zeroes discard=")
+                .u(zs[0] as u64)
+                .s(" write-zeroes=")
+                .u(zs[1] as u64)
+                .s(" write-zeroes-unmap=")
+                .u(zs[2] as u64)
+                .s(" nonzero-words=")
+                .u(nonzero)
+                .s(" pattern-bad-words=")
+                .u(wrong)
+                .emit();
+            // A request beyond the end of the disk must fail, and the disk keep working.
+            let beyond = d.read(0, d.capacity, buf, 512);
+            let after = d.read(0, 0, buf, 512);
+            Line::new()
+                .s("tg: blk")
+                .u(name)
+                .s(" beyond-end status=")
+                .u(beyond.map_or(0xff, |r| r.0) as u64)
+                .s(" then-read status=")
+                .u(after.map_or(0xff, |r| r.0) as u64)
+                .emit();
+        }
+        let mut line = Line::new().s("tg: blk").u(name).s(" queue-requests");
+        for q in 0..queues {
+            line = line.s(" ").u(d.requests[q]);
+        }
+        line = line.s(" msix");
+        for q in 0..queues {
+            line = line.s(" ").u(d.irq_seen(q) as u64);
+        }
+        line.emit();
+    }
+    Line::new().s("tg: blk done").emit();
+}
+
+/// Counts a request's failure: (error statuses, requests never answered).
+fn tally(counts: &mut (u64, u64), r: Option<(u8, u32)>) {
+    match r {
+        Some((0, _)) => {}
+        Some(_) => counts.0 += 1,
+        None => counts.1 += 1,
+    }
+}
+
+/// A pattern job on part of the data buffer: `words` words from buffer word `at`, which hold
+/// disk words `at`.. (the buffer holds the disk's first chunk).
+fn pattern_job_at(op: u64, at: u64, words: u64, seed: u64, stack_top: u64) -> u64 {
+    // SAFETY: no user task runs now, so JOB is ours to write.
+    unsafe {
+        JOB = Job {
+            op,
+            buf: blk::data_buf() as u64 + at * 8,
+            words,
+            first_word: at,
+            seed,
+        };
+    }
+    let arg = core::ptr::addr_of!(JOB) as u64;
+    // SAFETY: user_job ends with ud2, which isr_common turns into a return from run_user.
+    unsafe { entry::run_user(user_job as *const () as u64, arg, stack_top) };
+    USER_RESULT.load(Ordering::SeqCst)
 }
 
 /// The value of `key` (which includes its `=`) on a space-separated command line.

@@ -175,8 +175,66 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    pci_aml(&mut body);
     cpus_aml(max_cpus, &mut body);
     sdt(*b"DSDT", 6, *b"VMMDSDT ", &body)
+}
+
+/// The PCI root bridge (bus 0: config ports 0xCF8-0xCFF, the I/O space around them and the 32-bit
+/// MMIO window BARs are assigned from), and a motherboard device that reserves the ECAM area,
+/// which Linux wants before it trusts MCFG.
+fn pci_aml(body: &mut Vec<u8>) {
+    use crate::pci::{ECAM_BASE, ECAM_SIZE, MEM32_BASE, MEM32_END};
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_UID".into(), &aml::Zero {}),
+            &aml::Name::new("_SEG".into(), &aml::Zero {}),
+            &aml::Name::new("_BBN".into(), &aml::Zero {}),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+                    &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
+                    &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        MEM32_BASE as u32,
+                        MEM32_END as u32,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+    aml::Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::Zero {}),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    ECAM_BASE as u32,
+                    ECAM_SIZE as u32,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// MCFG: ECAM for segment 0, bus 0.
+pub fn mcfg() -> Vec<u8> {
+    let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, *b"VMMMCFG ", 1);
+    m.add_ecam(crate::pci::ECAM_BASE, 0, 0, 0);
+    table_bytes(&m)
 }
 
 /// The processor devices and the CPU hotplug methods, over the controller's registers
@@ -420,17 +478,20 @@ pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootErr
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     let dsdt = dsdt(config.max_cpus);
-    let dsdt_addr = align(xsdt_addr + 36 + 8 * 2);
+    let dsdt_addr = align(xsdt_addr + 36 + 8 * 3);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
     let madt = madt(config.cpus, config.max_cpus);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align(madt_addr + madt.len() as u64);
+    let mcfg = mcfg();
+    let end = mcfg_addr + mcfg.len() as u64;
     assert!(end <= ACPI_END, "ACPI tables overflow the BIOS area");
 
     let mut xsdt = XSDT::new(OEM_ID, *b"VMMXSDT ", 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
 
     let w = |what, data: &[u8], addr| {
@@ -442,6 +503,7 @@ pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootErr
     w("the DSDT", &dsdt, dsdt_addr)?;
     w("the FADT", &fadt, fadt_addr)?;
     w("the MADT", &madt, madt_addr)?;
+    w("the MCFG", &mcfg, mcfg_addr)?;
     Ok(rsdp_addr)
 }
 

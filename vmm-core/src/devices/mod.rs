@@ -28,6 +28,11 @@ pub type SharedDevice = Arc<Mutex<dyn PioDevice>>;
 #[derive(Default)]
 pub struct IoBus {
     ranges: Vec<(u16, u16, SharedDevice)>,
+    /// MMIO exits go to the PCI bus (ECAM and BARs).
+    pub pci: Option<Arc<crate::pci::PciBus>>,
+    /// Exits handled, for the API and the no-exit-per-I/O check.
+    pub pio_exits: std::sync::atomic::AtomicU64,
+    pub mmio_exits: std::sync::atomic::AtomicU64,
 }
 
 impl IoBus {
@@ -49,7 +54,21 @@ impl IoBus {
             .map(|(b, _, d)| (port - b, d))
     }
 
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.mmio_exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pci.as_ref().is_some_and(|p| p.mmio_read(addr, data))
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.mmio_exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pci.as_ref().is_some_and(|p| p.mmio_write(addr, data))
+    }
+
     pub fn read(&self, port: u16, data: &mut [u8]) {
+        self.pio_exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.find(port) {
             Some((off, dev)) => dev.lock().unwrap().read(off, data),
             None => data.fill(0xff),
@@ -57,6 +76,8 @@ impl IoBus {
     }
 
     pub fn write(&self, port: u16, data: &[u8]) -> Action {
+        self.pio_exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.find(port) {
             Some((off, dev)) => dev.lock().unwrap().write(off, data),
             None => Action::None,

@@ -370,12 +370,16 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
                     action => Next::Stop(VcpuEvent::Action(id, action)),
                 },
                 VcpuExit::MmioRead(addr, data) => {
-                    log::debug!("vCPU {id}: read of unclaimed MMIO {addr:#x}");
-                    data.fill(0xff);
+                    if !ctx.bus.mmio_read(addr, data) {
+                        log::debug!("vCPU {id}: read of unclaimed MMIO {addr:#x}");
+                        data.fill(0xff);
+                    }
                     Next::Continue
                 }
-                VcpuExit::MmioWrite(addr, _) => {
-                    log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !ctx.bus.mmio_write(addr, data) {
+                        log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
+                    }
                     Next::Continue
                 }
                 VcpuExit::Hlt | VcpuExit::Intr => Next::Continue,

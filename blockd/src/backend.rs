@@ -1,0 +1,222 @@
+//! The vhost-user-blk device: our own `VhostUserBackend` (the `&self` trait), so each queue's
+//! worker thread takes only its own vring's lock and the queues run in parallel (the crate's
+//! `RwLock<T>` wrapper would serialise them on one write lock).
+
+use crate::disk::{self, Disk};
+use crate::request::{self, Chain};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub type Vring = VringRwLock<Memory>;
+
+/// Features the frontend must see for the vhost-user protocol extensions.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// One connection's device. Cloned into each worker thread; the clones share everything.
+#[derive(Clone)]
+pub struct Backend(Arc<Inner>);
+
+pub struct Inner {
+    disk: Arc<Disk>,
+    mem: RwLock<Option<Memory>>,
+    event_idx: AtomicBool,
+    exits: Mutex<Vec<EventNotifier>>,
+    /// Rate limit for complaints about a guest's malformed requests.
+    last_complaint: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(disk: Arc<Disk>) -> Backend {
+        Backend(Arc::new(Inner {
+            disk,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            exits: Mutex::new(Vec::new()),
+            last_complaint: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }))
+    }
+
+    /// Ends every worker thread (after the connection closed).
+    pub fn stop_workers(&self) {
+        for n in self.0.exits.lock().unwrap().drain(..) {
+            let _ = n.notify();
+        }
+    }
+
+    fn complain(&self, queue: usize, why: &str) {
+        let mut last = self.0.last_complaint.lock().unwrap();
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            self.0.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let more = self.0.suppressed.swap(0, Ordering::Relaxed);
+        let more = if more > 0 {
+            format!(" ({more} more since the last report)")
+        } else {
+            String::new()
+        };
+        log::warn!("queue {queue}: the guest's request failed: {why}{more}");
+    }
+
+    fn process_queue(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
+        let Some(atomic) = self.0.mem.read().unwrap().clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            loop {
+                // Pop one chain at a time, so that the vring lock is not held during I/O
+                // (the frontend's control path may need it).
+                let next = {
+                    let mut state = vring.get_mut();
+                    let queue_ref = state.get_queue_mut();
+                    match queue_ref.iter(&*mem) {
+                        Ok(mut it) => it.next().map(|chain| {
+                            let head = chain.head_index();
+                            (head, Chain::from_descriptors(chain))
+                        }),
+                        Err(e) => {
+                            self.complain(queue, &format!("the available ring is corrupt ({e})"));
+                            None
+                        }
+                    }
+                };
+                let Some((head, chain)) = next else { break };
+                let (done, why) = request::execute(&self.0.disk, &*mem, chain);
+                if let Some(why) = why {
+                    self.complain(queue, &why);
+                }
+                if let Err(e) = vring.add_used(head, done.used) {
+                    self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+                }
+                let notify = if event_idx {
+                    vring.needs_notification().unwrap_or(true)
+                } else {
+                    true
+                };
+                if notify {
+                    vring.signal_used_queue()?;
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications; if the driver added buffers meanwhile, go again.
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.0.disk.options.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.0.disk.options.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.0.disk.features() | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without VIRTIO_BLK_F_CONFIG_WCE acked, the cache mode is whatever blockd was told.
+        if features & disk::F_CONFIG_WCE == 0 {
+            self.0.disk.set_writeback(true);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.0.disk.config();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        c[start..end].to_vec()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == disk::CONFIG_WRITEBACK && buf.len() == 1 {
+            self.0.disk.set_writeback(buf[0] != 0);
+            return Ok(());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "only the writeback byte (offset {}) of the config space is writable",
+                disk::CONFIG_WRITEBACK
+            ),
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *self.0.mem.write().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    /// One worker thread per queue.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        let keep = notifier.try_clone().ok()?;
+        self.0.exits.lock().unwrap().push(keep);
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        // Errors here would end the worker thread for good; a guest's bad queue only gets logged.
+        if let Err(e) = self.process_queue(vring, thread_id) {
+            log::warn!("queue {thread_id}: cannot signal the guest: {e}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,356 @@
+//! A disk image as blockd serves it: its size, its virtio-blk configuration space, and the
+//! I/O calls on the image file (positioned vectored reads and writes, flush, discard and
+//! write-zeroes).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+
+// virtio-blk feature bits (virtio 1.2, 5.2.3).
+pub const F_SIZE_MAX: u64 = 1 << 1;
+pub const F_SEG_MAX: u64 = 1 << 2;
+pub const F_RO: u64 = 1 << 5;
+pub const F_BLK_SIZE: u64 = 1 << 6;
+pub const F_FLUSH: u64 = 1 << 9;
+pub const F_TOPOLOGY: u64 = 1 << 10;
+pub const F_CONFIG_WCE: u64 = 1 << 11;
+pub const F_MQ: u64 = 1 << 12;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// The largest single data segment and request we accept.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Discard and write-zeroes: at most this many sectors per segment, and segments per request.
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> SECTOR_SHIFT;
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Offset of `writeback` in virtio_blk_config.
+pub const CONFIG_WRITEBACK: usize = 32;
+pub const CONFIG_SIZE: usize = 60;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub readonly: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    /// Every write is durable when it completes (as with a guest that turned the write cache off).
+    pub writethrough: bool,
+    /// GET_ID's answer, at most 20 bytes.
+    pub serial: String,
+}
+
+/// Per-operation counters.
+#[derive(Default)]
+pub struct OpStats {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub read: OpStats,
+    pub write: OpStats,
+    pub flush: OpStats,
+    pub discard: OpStats,
+    pub write_zeroes: OpStats,
+    pub get_id: OpStats,
+    /// Requests refused before any I/O: malformed chains, bad sectors, unknown types.
+    pub invalid: AtomicU64,
+}
+
+pub struct Disk {
+    file: File,
+    /// Size in bytes, a whole number of sectors.
+    pub size: u64,
+    pub options: Options,
+    writethrough: AtomicBool,
+    pub stats: Stats,
+}
+
+impl Disk {
+    pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
+        let len = file.metadata()?.len();
+        let size = len & !(SECTOR_SIZE - 1);
+        if size != len {
+            log::warn!(
+                "the image is {len} bytes, not a whole number of 512-byte sectors; the last {} bytes are not served",
+                len - size
+            );
+        }
+        Ok(Disk {
+            file,
+            size,
+            writethrough: AtomicBool::new(options.writethrough),
+            options,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_EVENT_IDX
+            | F_INDIRECT_DESC
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_TOPOLOGY
+            | F_CONFIG_WCE
+            | F_MQ;
+        if self.options.readonly {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    pub fn writethrough(&self) -> bool {
+        self.writethrough.load(Ordering::Relaxed)
+    }
+
+    /// The guest writes `writeback` (with VIRTIO_BLK_F_CONFIG_WCE): 0 makes every write durable.
+    pub fn set_writeback(&self, on: bool) {
+        self.writethrough
+            .store(!on || self.options.writethrough, Ordering::Relaxed);
+    }
+
+    /// struct virtio_blk_config, little-endian.
+    pub fn config(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        let put = |c: &mut [u8; CONFIG_SIZE], off: usize, bytes: &[u8]| {
+            c[off..off + bytes.len()].copy_from_slice(bytes)
+        };
+        put(&mut c, 0, &(self.size >> SECTOR_SHIFT).to_le_bytes());
+        put(&mut c, 8, &SIZE_MAX.to_le_bytes());
+        // Two descriptors go to the header and the status.
+        put(
+            &mut c,
+            12,
+            &(u32::from(self.options.queue_size) - 2).to_le_bytes(),
+        );
+        put(&mut c, 20, &(SECTOR_SIZE as u32).to_le_bytes());
+        // Topology: 512-byte physical blocks, no alignment offset, min_io 1 sector, opt_io 0.
+        put(&mut c, 26, &1u16.to_le_bytes());
+        c[CONFIG_WRITEBACK] = u8::from(!self.writethrough());
+        put(&mut c, 34, &self.options.queues.to_le_bytes());
+        if !self.options.readonly {
+            put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(&mut c, 40, &MAX_DISCARD_SEG.to_le_bytes());
+            put(&mut c, 44, &1u32.to_le_bytes());
+            put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(&mut c, 52, &MAX_DISCARD_SEG.to_le_bytes());
+            c[56] = 1;
+        }
+        c
+    }
+
+    /// Whether `len` bytes at `offset` lie inside the disk.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Reads into (or, with `write`, writes from) the buffers, all of them, at `offset`.
+    pub fn rw(
+        &self,
+        iovs: &mut [libc::iovec],
+        mut offset: u64,
+        write: bool,
+    ) -> std::io::Result<u64> {
+        let flags = if write && self.writethrough() {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        let mut done = 0u64;
+        let mut iovs = &mut iovs[..];
+        while !iovs.is_empty() {
+            let n = iovs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            // SAFETY: every iovec names guest memory (or a local buffer) that stays mapped for
+            // this call, and n is at most their number.
+            let r = unsafe {
+                if write {
+                    libc::pwritev2(
+                        self.file.as_raw_fd(),
+                        iovs.as_ptr(),
+                        n,
+                        offset as i64,
+                        flags,
+                    )
+                } else {
+                    libc::preadv2(self.file.as_raw_fd(), iovs.as_ptr(), n, offset as i64, 0)
+                }
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the image ended early",
+                ));
+            }
+            let mut r = r as usize;
+            done += r as u64;
+            offset += r as u64;
+            while r > 0 && !iovs.is_empty() {
+                if r >= iovs[0].iov_len {
+                    r -= iovs[0].iov_len;
+                    iovs = &mut iovs[1..];
+                } else {
+                    iovs[0].iov_base = (iovs[0].iov_base as usize + r) as *mut libc::c_void;
+                    iovs[0].iov_len -= r;
+                    r = 0;
+                }
+            }
+            while !iovs.is_empty() && iovs[0].iov_len == 0 {
+                iovs = &mut iovs[1..];
+            }
+        }
+        Ok(done)
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates the range: it reads back as zeroes and the file gets sparse there.
+    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Zeroes the range; with `unmap` it may be deallocated too.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_buffers(offset, len)
+            }
+            r => r,
+        }?;
+        if self.writethrough() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> std::io::Result<()> {
+        let zeroes = vec![0u8; 1 << 20];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeroes.len() as u64) as usize;
+            let mut iov = [libc::iovec {
+                iov_base: zeroes.as_ptr() as *mut libc::c_void,
+                iov_len: n,
+            }];
+            self.rw(&mut iov, offset, true)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: fallocate on our own fd with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn disk(bytes: &[u8], readonly: bool) -> (Disk, File) {
+        let mut f = tempfile();
+        f.write_all(bytes).unwrap();
+        let d = Disk::new(
+            f.try_clone().unwrap(),
+            Options {
+                readonly,
+                queues: 2,
+                queue_size: 128,
+                writethrough: false,
+                serial: "s".into(),
+            },
+        )
+        .unwrap();
+        (d, f)
+    }
+
+    fn tempfile() -> File {
+        let name = c"blockd-test";
+        // SAFETY: a valid name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nobody else owns.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn config_space_describes_the_disk() {
+        let (d, _) = disk(&[0u8; 4096 + 100], false);
+        assert_eq!(d.size, 4096);
+        let c = d.config();
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 8);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+        assert_eq!(c[CONFIG_WRITEBACK], 1);
+        assert_eq!(c[56], 1);
+        assert!(d.features() & F_DISCARD != 0 && d.features() & F_RO == 0);
+        let (r, _) = disk(&[0u8; 512], true);
+        assert!(r.features() & F_RO != 0 && r.features() & F_DISCARD == 0);
+    }
+
+    #[test]
+    fn vectored_io_and_zeroing() {
+        let (d, mut f) = disk(&[7u8; 8192], false);
+        let a = [1u8; 100];
+        let b = [2u8; 412];
+        let mut iov = [
+            libc::iovec {
+                iov_base: a.as_ptr() as *mut _,
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            },
+        ];
+        assert_eq!(d.rw(&mut iov, 512, true).unwrap(), 512);
+        d.write_zeroes(4096, 512, false).unwrap();
+        d.discard(4608, 512).unwrap();
+        let mut all = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut all).unwrap();
+        assert!(all[..512].iter().all(|&x| x == 7));
+        assert!(all[512..612].iter().all(|&x| x == 1));
+        assert!(all[612..1024].iter().all(|&x| x == 2));
+        assert!(all[4096..5120].iter().all(|&x| x == 0));
+        assert!(all[5120..].iter().all(|&x| x == 7));
+        assert!(d.contains(8192 - 512, 512) && !d.contains(8192 - 511, 512));
+        assert!(!d.contains(u64::MAX, 2));
+    }
+}

@@ -1,0 +1,619 @@
+//! virtio-blk requests: parsed from a descriptor chain that a guest may have built to harm us,
+//! checked, and executed straight on guest memory (the data never passes through a buffer).
+//!
+//! A request is a 16-byte header (type, reserved, sector) in device-readable memory, the data,
+//! and a one-byte status in the last device-writable byte. The spec fixes no framing, so the
+//! header and the status may be split over descriptors however the driver likes.
+
+use crate::disk::{self, Disk, SECTOR_SHIFT};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+pub const ID_BYTES: usize = 20;
+const HEADER: usize = 16;
+const SEGMENT: usize = 16;
+const WZ_FLAG_UNMAP: u32 = 1;
+
+/// A contiguous piece of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seg {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The chain, split into what the device reads and what it writes.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub readable: Vec<Seg>,
+    pub writable: Vec<Seg>,
+    /// A readable descriptor after a writable one (a spec violation).
+    pub misordered: bool,
+}
+
+impl Chain {
+    pub fn from_descriptors(descs: impl Iterator<Item = Descriptor>) -> Chain {
+        let mut c = Chain::default();
+        for d in descs {
+            let seg = Seg {
+                addr: d.addr().0,
+                len: u64::from(d.len()),
+            };
+            if d.is_write_only() {
+                c.writable.push(seg);
+            } else {
+                if !c.writable.is_empty() {
+                    c.misordered = true;
+                }
+                c.readable.push(seg);
+            }
+        }
+        c
+    }
+}
+
+/// Takes `n` bytes off the front of a list of segments.
+fn take(segs: &mut Vec<Seg>, mut n: u64) -> Option<Vec<Seg>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while n > 0 {
+        let s = segs.get_mut(i)?;
+        let k = s.len.min(n);
+        out.push(Seg {
+            addr: s.addr,
+            len: k,
+        });
+        s.addr = s.addr.checked_add(k)?;
+        s.len -= k;
+        n -= k;
+        if s.len == 0 {
+            i += 1;
+        }
+    }
+    segs.drain(..i);
+    Some(out)
+}
+
+/// Takes `n` bytes off the end.
+fn take_back(segs: &mut Vec<Seg>, mut n: u64) -> Option<Vec<Seg>> {
+    let mut out = Vec::new();
+    while n > 0 {
+        let s = segs.last_mut()?;
+        let k = s.len.min(n);
+        out.insert(
+            0,
+            Seg {
+                addr: s.addr + s.len - k,
+                len: k,
+            },
+        );
+        s.len -= k;
+        n -= k;
+        if s.len == 0 {
+            segs.pop();
+        }
+    }
+    Some(out)
+}
+
+fn total(segs: &[Seg]) -> u64 {
+    segs.iter().map(|s| s.len).sum()
+}
+
+fn read_bytes<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], out: &mut [u8]) -> bool {
+    let mut at = 0;
+    for s in segs {
+        let n = s.len as usize;
+        if mem
+            .read_slice(&mut out[at..at + n], GuestAddress(s.addr))
+            .is_err()
+        {
+            return false;
+        }
+        at += n;
+    }
+    true
+}
+
+fn write_bytes<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], mut data: &[u8]) -> bool {
+    for s in segs {
+        let n = (s.len as usize).min(data.len());
+        if mem.write_slice(&data[..n], GuestAddress(s.addr)).is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    true
+}
+
+/// The outcome of one request: the status written, and the bytes written into the chain
+/// (the used length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub status: u8,
+    pub used: u32,
+}
+
+/// Why a request failed, for the log (rate-limited by the caller).
+pub type Why = Option<String>;
+
+/// Parses and executes one request. Never panics and never touches memory outside the guest's
+/// RAM, whatever the chain holds.
+pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) -> (Done, Why) {
+    // The status byte is the last writable byte; without one there is nothing to answer on.
+    let Some(status_seg) = take_back(&mut chain.writable, 1) else {
+        disk.stats
+            .invalid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return (
+            Done {
+                status: S_IOERR,
+                used: 0,
+            },
+            Some("the chain has no writable status byte".into()),
+        );
+    };
+    let (status, data_in, why) = run(disk, mem, &mut chain);
+    let ok = write_bytes(mem, &status_seg, &[status]);
+    let used = if ok { data_in as u32 + 1 } else { 0 };
+    (Done { status, used }, why)
+}
+
+fn run<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: &mut Chain) -> (u8, u64, Why) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let invalid = |why: String| {
+        disk.stats.invalid.fetch_add(1, Relaxed);
+        (S_IOERR, 0, Some(why))
+    };
+    if chain.misordered {
+        return invalid("a device-readable descriptor follows a writable one".into());
+    }
+    let Some(hdr_segs) = take(&mut chain.readable, HEADER as u64) else {
+        return invalid("the request header is shorter than 16 bytes".into());
+    };
+    let mut hdr = [0u8; HEADER];
+    if !read_bytes(mem, &hdr_segs, &mut hdr) {
+        return invalid("the request header is outside guest memory".into());
+    }
+    let kind = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+    let readonly = disk.options.readonly;
+    match kind {
+        T_IN | T_OUT => {
+            let write = kind == T_OUT;
+            let segs = if write {
+                &chain.readable
+            } else {
+                &chain.writable
+            };
+            let len = total(segs);
+            let stats = if write {
+                &disk.stats.write
+            } else {
+                &disk.stats.read
+            };
+            stats.requests.fetch_add(1, Relaxed);
+            if len % disk::SECTOR_SIZE != 0 || len > u64::from(u32::MAX) {
+                stats.errors.fetch_add(1, Relaxed);
+                return invalid(format!(
+                    "a data length of {len} bytes is not a whole number of sectors"
+                ));
+            }
+            let Some(offset) = sector.checked_mul(disk::SECTOR_SIZE) else {
+                stats.errors.fetch_add(1, Relaxed);
+                return invalid(format!("sector {sector} is beyond the disk"));
+            };
+            if !disk.contains(offset, len) {
+                stats.errors.fetch_add(1, Relaxed);
+                return invalid(format!(
+                    "sectors {sector}+{} are beyond the disk's {}",
+                    len >> SECTOR_SHIFT,
+                    disk.size >> SECTOR_SHIFT
+                ));
+            }
+            if write && readonly {
+                stats.errors.fetch_add(1, Relaxed);
+                return (S_IOERR, 0, Some("a write to a read-only disk".into()));
+            }
+            let mut iovs = Vec::with_capacity(segs.len());
+            for s in segs.iter() {
+                for slice in mem.get_slices(GuestAddress(s.addr), s.len as usize) {
+                    match slice {
+                        Ok(v) => iovs.push(libc::iovec {
+                            iov_base: v.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                            iov_len: v.len(),
+                        }),
+                        Err(_) => {
+                            stats.errors.fetch_add(1, Relaxed);
+                            return invalid(format!(
+                                "a data buffer at {:#x}+{:#x} is outside guest memory",
+                                s.addr, s.len
+                            ));
+                        }
+                    }
+                }
+            }
+            match disk.rw(&mut iovs, offset, write) {
+                Ok(n) => {
+                    stats.bytes.fetch_add(n, Relaxed);
+                    (S_OK, if write { 0 } else { n }, None)
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, Relaxed);
+                    (S_IOERR, 0, Some(format!("I/O error at byte {offset}: {e}")))
+                }
+            }
+        }
+        T_FLUSH => {
+            disk.stats.flush.requests.fetch_add(1, Relaxed);
+            match disk.flush() {
+                Ok(()) => (S_OK, 0, None),
+                Err(e) => {
+                    disk.stats.flush.errors.fetch_add(1, Relaxed);
+                    (S_IOERR, 0, Some(format!("flush: {e}")))
+                }
+            }
+        }
+        T_GET_ID => {
+            disk.stats.get_id.requests.fetch_add(1, Relaxed);
+            let mut id = [0u8; ID_BYTES];
+            let serial = disk.options.serial.as_bytes();
+            let n = serial.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&serial[..n]);
+            let room = total(&chain.writable).min(ID_BYTES as u64) as usize;
+            if !write_bytes(mem, &chain.writable, &id[..room]) {
+                return invalid("the GET_ID buffer is outside guest memory".into());
+            }
+            (S_OK, room as u64, None)
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            let discard = kind == T_DISCARD;
+            let stats = if discard {
+                &disk.stats.discard
+            } else {
+                &disk.stats.write_zeroes
+            };
+            stats.requests.fetch_add(1, Relaxed);
+            if readonly {
+                stats.errors.fetch_add(1, Relaxed);
+                return (
+                    S_IOERR,
+                    0,
+                    Some("discard or write-zeroes on a read-only disk".into()),
+                );
+            }
+            let len = total(&chain.readable);
+            let count = len / SEGMENT as u64;
+            if len % SEGMENT as u64 != 0 || count == 0 || count > u64::from(disk::MAX_DISCARD_SEG) {
+                stats.errors.fetch_add(1, Relaxed);
+                return invalid(format!(
+                    "{len} bytes of discard/write-zeroes segments; expected 1 to {} segments of 16 bytes",
+                    disk::MAX_DISCARD_SEG
+                ));
+            }
+            let mut raw = vec![0u8; len as usize];
+            if !read_bytes(mem, &chain.readable, &mut raw) {
+                return invalid("discard/write-zeroes segments outside guest memory".into());
+            }
+            // Check every segment before acting on any.
+            let mut ranges = Vec::new();
+            for seg in raw.chunks_exact(SEGMENT) {
+                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+                let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+                let allowed = if discard { 0 } else { WZ_FLAG_UNMAP };
+                if flags & !allowed != 0 {
+                    stats.errors.fetch_add(1, Relaxed);
+                    disk.stats.invalid.fetch_add(1, Relaxed);
+                    return (
+                        S_UNSUPP,
+                        0,
+                        Some(format!("unsupported segment flags {flags:#x}")),
+                    );
+                }
+                let offset = sector.checked_mul(disk::SECTOR_SIZE);
+                let bytes = u64::from(sectors) << SECTOR_SHIFT;
+                match offset {
+                    Some(o) if sectors <= disk::MAX_DISCARD_SECTORS && disk.contains(o, bytes) => {
+                        ranges.push((o, bytes, flags & WZ_FLAG_UNMAP != 0))
+                    }
+                    _ => {
+                        stats.errors.fetch_add(1, Relaxed);
+                        return invalid(format!(
+                            "sectors {sector}+{sectors} are beyond the disk or the per-segment limit"
+                        ));
+                    }
+                }
+            }
+            for (offset, bytes, unmap) in ranges {
+                let r = if discard {
+                    disk.discard(offset, bytes)
+                } else {
+                    disk.write_zeroes(offset, bytes, unmap)
+                };
+                if let Err(e) = r {
+                    stats.errors.fetch_add(1, Relaxed);
+                    return (S_IOERR, 0, Some(format!("at byte {offset}: {e}")));
+                }
+                stats.bytes.fetch_add(bytes, Relaxed);
+            }
+            (S_OK, 0, None)
+        }
+        other => {
+            disk.stats.invalid.fetch_add(1, Relaxed);
+            (S_UNSUPP, 0, Some(format!("unknown request type {other}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::Options;
+    use std::io::{Read, Seek, Write};
+    use vm_memory::GuestMemoryMmap;
+
+    fn setup(readonly: bool) -> (Disk, std::fs::File, GuestMemoryMmap) {
+        let name = c"blockd-test";
+        // SAFETY: a valid name; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nobody else owns.
+        let mut f: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        f.write_all(&[0x55u8; 64 * 512]).unwrap();
+        let d = Disk::new(
+            f.try_clone().unwrap(),
+            Options {
+                readonly,
+                queues: 1,
+                queue_size: 64,
+                writethrough: false,
+                serial: "blockd-serial-0123456789".into(),
+            },
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        (d, f, mem)
+    }
+
+    fn header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn seg(addr: u64, len: u64) -> Seg {
+        Seg { addr, len }
+    }
+
+    #[test]
+    fn write_then_read_with_split_header_and_status() {
+        let (d, mut f, mem) = setup(false);
+        header(&mem, 0x1000, T_OUT, 3);
+        mem.write_slice(&[0xabu8; 1024], GuestAddress(0x2000))
+            .unwrap();
+        // The header split 5 + 11, data over two descriptors, status alone.
+        let chain = Chain {
+            readable: vec![
+                seg(0x1000, 5),
+                seg(0x1005, 11),
+                seg(0x2000, 300),
+                seg(0x212c, 724),
+            ],
+            writable: vec![seg(0x3000, 1)],
+            misordered: false,
+        };
+        let (done, why) = execute(&d, &mem, chain);
+        assert_eq!((done.status, done.used, why), (S_OK, 1, None));
+        let mut all = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut all).unwrap();
+        assert!(all[3 * 512..5 * 512].iter().all(|&b| b == 0xab));
+        assert!(all[..3 * 512].iter().all(|&b| b == 0x55));
+
+        header(&mem, 0x1000, T_IN, 2);
+        // Data and status share the last descriptor.
+        let chain = Chain {
+            readable: vec![seg(0x1000, 16)],
+            writable: vec![seg(0x4000, 1024 + 1)],
+            misordered: false,
+        };
+        let (done, _) = execute(&d, &mem, chain);
+        assert_eq!((done.status, done.used), (S_OK, 1025));
+        let mut back = [0u8; 1025];
+        mem.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0x55));
+        assert!(back[512..1024].iter().all(|&b| b == 0xab));
+        assert_eq!(back[1024], S_OK);
+    }
+
+    #[test]
+    fn malformed_requests_get_errors_not_crashes() {
+        let (d, _f, mem) = setup(false);
+        let status = |chain: Chain| {
+            let (done, why) = execute(&d, &mem, chain);
+            assert!(why.is_some() || done.status == S_OK);
+            done.status
+        };
+        // Beyond the end of the disk.
+        header(&mem, 0x1000, T_IN, 63);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0x4000, 1024), seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_IOERR
+        );
+        // Sector overflow.
+        header(&mem, 0x1000, T_OUT, u64::MAX);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16), seg(0x2000, 512)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_IOERR
+        );
+        // Data outside guest memory.
+        header(&mem, 0x1000, T_IN, 0);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0xffff_0000, 512), seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_IOERR
+        );
+        // Short header, odd lengths, unknown type, misordered chain.
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 8)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_IOERR
+        );
+        header(&mem, 0x1000, T_OUT, 0);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16), seg(0x2000, 100)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_IOERR
+        );
+        header(&mem, 0x1000, 77, 0);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false
+            }),
+            S_UNSUPP
+        );
+        header(&mem, 0x1000, T_FLUSH, 0);
+        assert_eq!(
+            status(Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: true
+            }),
+            S_IOERR
+        );
+        // No status byte at all: nothing is written.
+        let (done, _) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(done.used, 0);
+        // Status outside memory.
+        let (done, _) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0xffff_ffff_0000, 1)],
+                misordered: false,
+            },
+        );
+        assert_eq!(done.used, 0);
+        assert!(d.stats.invalid.load(std::sync::atomic::Ordering::Relaxed) >= 7);
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_zeroing() {
+        let (d, mut f, mem) = setup(true);
+        header(&mem, 0x1000, T_OUT, 0);
+        mem.write_slice(&[1u8; 512], GuestAddress(0x2000)).unwrap();
+        let (done, _) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16), seg(0x2000, 512)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false,
+            },
+        );
+        assert_eq!(done.status, S_IOERR);
+        let mut all = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut all).unwrap();
+        assert!(all.iter().all(|&b| b == 0x55));
+    }
+
+    #[test]
+    fn get_id_discard_and_write_zeroes() {
+        let (d, mut f, mem) = setup(false);
+        header(&mem, 0x1000, T_GET_ID, 0);
+        let (done, _) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(0x4000, 20), seg(0x5000, 1)],
+                misordered: false,
+            },
+        );
+        assert_eq!((done.status, done.used), (S_OK, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&id, b"blockd-serial-012345");
+
+        let mut segs = Vec::new();
+        for (sector, n, flags) in [(0u64, 2u32, 0u32), (10, 1, 0)] {
+            segs.extend_from_slice(&sector.to_le_bytes());
+            segs.extend_from_slice(&n.to_le_bytes());
+            segs.extend_from_slice(&flags.to_le_bytes());
+        }
+        mem.write_slice(&segs, GuestAddress(0x2000)).unwrap();
+        for kind in [T_DISCARD, T_WRITE_ZEROES] {
+            header(&mem, 0x1000, kind, 0);
+            let (done, why) = execute(
+                &d,
+                &mem,
+                Chain {
+                    readable: vec![seg(0x1000, 16), seg(0x2000, 32)],
+                    writable: vec![seg(0x5000, 1)],
+                    misordered: false,
+                },
+            );
+            assert_eq!(done.status, S_OK, "{why:?}");
+        }
+        let mut all = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut all).unwrap();
+        assert!(all[..1024].iter().all(|&b| b == 0));
+        assert!(all[1024..5120].iter().all(|&b| b == 0x55));
+        assert!(all[5120..5632].iter().all(|&b| b == 0));
+        // An unmap flag on discard is not allowed.
+        mem.write_slice(&1u32.to_le_bytes(), GuestAddress(0x2000 + 12))
+            .unwrap();
+        header(&mem, 0x1000, T_DISCARD, 0);
+        let (done, _) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16), seg(0x2000, 16)],
+                writable: vec![seg(0x5000, 1)],
+                misordered: false,
+            },
+        );
+        assert_eq!(done.status, S_UNSUPP);
+    }
+}

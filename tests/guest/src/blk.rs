@@ -1,0 +1,449 @@
+//! A virtio-blk driver over the modern virtio-pci transport, as small as a test needs: PCI
+//! enumeration through the type-1 ports, the virtio capabilities, MSI-X (vectors are set up and
+//! their arrival checked in the LAPIC's IRR; completions are polled, interrupts stay off), split
+//! virtqueues, and every request type.
+//!
+//! Scenario `blk` (tg.blk.* parameters):
+//! - `tg.blk.seed=N`: the pattern's seed; each 8-byte word at disk byte offset `o` is
+//!   `(o / 8 + seed) * 0x9E3779B97F4A7C15` (wrapping), which the host computes too;
+//! - `tg.blk.check=1`: first verify that the disk holds the host's pattern (seed `tg.blk.host=N`);
+//! - then, on each writable disk: write the pattern over the whole disk, flush, read it back and
+//!   verify; discard and write-zeroes two ranges and read back zeroes; on read-only disks try one
+//!   write and report its status.
+
+use crate::io::{inl, outl, Line};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+const VIRTIO_VENDOR: u32 = 0x1af4;
+const VIRTIO_BLK_MODERN: u32 = 0x1042;
+const QUEUE_SIZE: u16 = 64;
+const MAX_QUEUES: usize = 4;
+const MAX_DISKS: usize = 4;
+pub const CHUNK: usize = 64 * 1024;
+pub const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_TOPOLOGY: u64 = 1 << 10;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+
+const LAPIC: u64 = 0xfee0_0000;
+const MSI_VECTOR_BASE: u32 = 0x40;
+
+#[repr(C, align(4096))]
+struct QueueMem {
+    desc: [[u64; 2]; QUEUE_SIZE as usize],
+    /// flags, idx, ring[64], used_event
+    avail: [u16; 3 + QUEUE_SIZE as usize],
+    _pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
+    /// flags+idx (one u32), then (id, len) pairs, then avail_event.
+    used: [u32; 2 + 2 * QUEUE_SIZE as usize],
+}
+
+#[repr(C, align(4096))]
+struct Dma {
+    queues: [[QueueMem; MAX_QUEUES]; MAX_DISKS],
+    /// Per disk and queue: header (16), status (1), id (20), discard segments (32).
+    small: [[[u8; 128]; MAX_QUEUES]; MAX_DISKS],
+    data: [u8; CHUNK],
+}
+
+static mut DMA: Dma = Dma {
+    queues: [const {
+        [const {
+            QueueMem {
+                desc: [[0; 2]; QUEUE_SIZE as usize],
+                avail: [0; 3 + QUEUE_SIZE as usize],
+                _pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
+                used: [0; 2 + 2 * QUEUE_SIZE as usize],
+            }
+        }; MAX_QUEUES]
+    }; MAX_DISKS],
+    small: [[[0; 128]; MAX_QUEUES]; MAX_DISKS],
+    data: [0; CHUNK],
+};
+
+fn dma() -> *mut Dma {
+    core::ptr::addr_of_mut!(DMA)
+}
+
+/// The data buffer, shared by all disks (requests are synchronous).
+pub fn data_buf() -> *mut u8 {
+    // SAFETY: only the address is taken.
+    unsafe { core::ptr::addr_of_mut!((*dma()).data) as *mut u8 }
+}
+
+fn cfg_addr(slot: u8, reg: u8) -> u32 {
+    0x8000_0000 | (u32::from(slot) << 11) | u32::from(reg & 0xfc)
+}
+
+fn cfg_read(slot: u8, reg: u8) -> u32 {
+    outl(0xcf8, cfg_addr(slot, reg));
+    inl(0xcfc)
+}
+
+fn cfg_write(slot: u8, reg: u8, v: u32) {
+    outl(0xcf8, cfg_addr(slot, reg));
+    outl(0xcfc, v);
+}
+
+fn r8(a: u64) -> u8 {
+    // SAFETY: a device register in a BAR (identity mapped).
+    unsafe { read_volatile(a as *const u8) }
+}
+fn r16(a: u64) -> u16 {
+    // SAFETY: as r8.
+    unsafe { read_volatile(a as *const u16) }
+}
+fn r32(a: u64) -> u32 {
+    // SAFETY: as r8.
+    unsafe { read_volatile(a as *const u32) }
+}
+fn w8(a: u64, v: u8) {
+    // SAFETY: as r8.
+    unsafe { write_volatile(a as *mut u8, v) }
+}
+fn w16(a: u64, v: u16) {
+    // SAFETY: as r8.
+    unsafe { write_volatile(a as *mut u16, v) }
+}
+fn w32(a: u64, v: u32) {
+    // SAFETY: as r8.
+    unsafe { write_volatile(a as *mut u32, v) }
+}
+fn w64(a: u64, v: u64) {
+    w32(a, v as u32);
+    w32(a + 4, (v >> 32) as u32);
+}
+
+pub struct Disk {
+    pub index: usize,
+    pub slot: u8,
+    common: u64,
+    notify: u64,
+    notify_mult: u32,
+    device: u64,
+    pub features: u64,
+    pub capacity: u64,
+    pub queues: u16,
+    notify_off: [u16; MAX_QUEUES],
+    last_used: [u16; MAX_QUEUES],
+    next_avail: [u16; MAX_QUEUES],
+    pub requests: [u64; MAX_QUEUES],
+    pub msix_table: u64,
+}
+
+/// Finds every virtio-blk function on bus 0 and brings it up.
+pub fn probe(found: &mut [Option<Disk>; MAX_DISKS]) -> usize {
+    // Software-enable the LAPIC (spurious vector register), or it takes no fixed interrupts:
+    // MSI-X messages then show up in its IRR (interrupts stay off, so they stay pending there).
+    w32(LAPIC + 0xf0, r32(LAPIC + 0xf0) | 0x1ff);
+    let mut n = 0;
+    for slot in 0..32u8 {
+        let id = cfg_read(slot, 0);
+        if id == 0xffff_ffff {
+            continue;
+        }
+        Line::new()
+            .s("tg: pci 00:")
+            .hex(slot as u64)
+            .s(" id=")
+            .hex(id as u64)
+            .s(" class=")
+            .hex((cfg_read(slot, 8) >> 8) as u64)
+            .emit();
+        if id & 0xffff != VIRTIO_VENDOR || id >> 16 != VIRTIO_BLK_MODERN || n == MAX_DISKS {
+            continue;
+        }
+        match init(n, slot) {
+            Ok(d) => {
+                found[n] = Some(d);
+                n += 1;
+            }
+            Err(why) => Line::new().s("tg: error blk init ").s(why).emit(),
+        }
+    }
+    n
+}
+
+fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
+    // Memory space and bus mastering on.
+    let cmd = cfg_read(slot, 4);
+    cfg_write(slot, 4, (cmd & 0xffff) | 0x6);
+    let bar0 = u64::from(cfg_read(slot, 0x10) & !0xf);
+    let mut d = Disk {
+        index,
+        slot,
+        common: 0,
+        notify: 0,
+        notify_mult: 0,
+        device: 0,
+        features: 0,
+        capacity: 0,
+        queues: 0,
+        notify_off: [0; MAX_QUEUES],
+        last_used: [0; MAX_QUEUES],
+        next_avail: [0; MAX_QUEUES],
+        requests: [0; MAX_QUEUES],
+        msix_table: 0,
+    };
+    let mut msix_cap = 0u8;
+    let mut cap = (cfg_read(slot, 0x34) & 0xff) as u8;
+    let mut guard = 0;
+    while cap != 0 && guard < 48 {
+        guard += 1;
+        let head = cfg_read(slot, cap);
+        let id = head & 0xff;
+        let next = ((head >> 8) & 0xff) as u8;
+        if id == 0x09 {
+            let cfg_type = (head >> 24) & 0xff;
+            let offset = u64::from(cfg_read(slot, cap + 8));
+            match cfg_type {
+                1 => d.common = bar0 + offset,
+                2 => {
+                    d.notify = bar0 + offset;
+                    d.notify_mult = cfg_read(slot, cap + 16);
+                }
+                4 => d.device = bar0 + offset,
+                _ => {}
+            }
+        } else if id == 0x11 {
+            msix_cap = cap;
+        }
+        cap = next;
+    }
+    if d.common == 0 || d.notify == 0 || d.device == 0 {
+        return Err("missing-virtio-capabilities");
+    }
+    let c = d.common;
+    w8(c + 0x14, 0);
+    w8(c + 0x14, 1); // ACKNOWLEDGE
+    w8(c + 0x14, 1 | 2); // DRIVER
+    w32(c, 0);
+    let lo = u64::from(r32(c + 4));
+    w32(c, 1);
+    let hi = u64::from(r32(c + 4));
+    let offered = lo | (hi << 32);
+    let wanted = F_VERSION_1
+        | F_RO
+        | F_BLK_SIZE
+        | F_FLUSH
+        | F_TOPOLOGY
+        | F_MQ
+        | F_DISCARD
+        | F_WRITE_ZEROES
+        | F_SEG_MAX
+        | F_SIZE_MAX
+        | F_EVENT_IDX;
+    d.features = offered & wanted;
+    if d.features & F_VERSION_1 == 0 {
+        return Err("no-version-1");
+    }
+    w32(c + 8, 0);
+    w32(c + 0xc, d.features as u32);
+    w32(c + 8, 1);
+    w32(c + 0xc, (d.features >> 32) as u32);
+    w8(c + 0x14, 1 | 2 | 8);
+    if r8(c + 0x14) & 8 == 0 {
+        return Err("features-refused");
+    }
+    d.capacity = r32(d.device) as u64 | (u64::from(r32(d.device + 4)) << 32);
+    let num_queues = r16(c + 0x12);
+    d.queues = if d.features & F_MQ != 0 {
+        r16(d.device + 34).min(num_queues)
+    } else {
+        1
+    }
+    .min(MAX_QUEUES as u16);
+
+    // MSI-X: one vector per queue, aimed at the BSP's LAPIC.
+    if msix_cap != 0 {
+        let table = cfg_read(slot, msix_cap + 4);
+        d.msix_table = bar0 + u64::from(table & !7);
+        for v in 0..d.queues as u64 {
+            let e = d.msix_table + 16 * v;
+            w32(e, LAPIC as u32);
+            w32(e + 4, 0);
+            w32(e + 8, MSI_VECTOR_BASE + v as u32);
+            w32(e + 12, 0);
+        }
+        let mc = cfg_read(slot, msix_cap);
+        cfg_write(slot, msix_cap, mc | (1 << 31));
+    }
+
+    for q in 0..d.queues {
+        w16(c + 0x16, q);
+        let max = r16(c + 0x18);
+        if max < QUEUE_SIZE {
+            return Err("queue-too-small");
+        }
+        w16(c + 0x18, QUEUE_SIZE);
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[index][q as usize]) };
+        // SAFETY: as above.
+        let (desc, avail, used) = unsafe {
+            (
+                core::ptr::addr_of_mut!((*qm).desc) as u64,
+                core::ptr::addr_of_mut!((*qm).avail) as u64,
+                core::ptr::addr_of_mut!((*qm).used) as u64,
+            )
+        };
+        w64(c + 0x20, desc);
+        w64(c + 0x28, avail);
+        w64(c + 0x30, used);
+        if msix_cap != 0 {
+            w16(c + 0x1a, q);
+            if r16(c + 0x1a) != q {
+                return Err("msix-vector-refused");
+            }
+        }
+        d.notify_off[q as usize] = r16(c + 0x1e);
+        w16(c + 0x1c, 1);
+    }
+    w8(c + 0x14, 1 | 2 | 4 | 8); // DRIVER_OK
+    if r8(c + 0x14) & 0x40 != 0 {
+        return Err("device-needs-reset");
+    }
+    Ok(d)
+}
+
+/// A buffer of a request: (address, length, device-writable).
+type Buf = (u64, u32, bool);
+
+impl Disk {
+    fn small(&self, q: usize) -> u64 {
+        // SAFETY: only the address is taken.
+        unsafe { core::ptr::addr_of_mut!((*dma()).small[self.index][q]) as u64 }
+    }
+
+    /// Sends one request on queue `q` and polls for its completion. Returns the status byte
+    /// and the used length, or None if the device never answered.
+    pub fn request(&mut self, q: usize, kind: u32, sector: u64, bufs: &[Buf]) -> Option<(u8, u32)> {
+        let small = self.small(q);
+        let hdr = small;
+        let status = small + 16;
+        w32(hdr, kind);
+        w32(hdr + 4, 0);
+        w64(hdr + 8, sector);
+        w8(status, 0xff);
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
+        let mut chain: [Buf; 6] = [(0, 0, false); 6];
+        chain[0] = (hdr, 16, false);
+        let n = bufs.len().min(4);
+        chain[1..1 + n].copy_from_slice(&bufs[..n]);
+        chain[1 + n] = (status, 1, true);
+        let total = n + 2;
+        let head = 0u16;
+        for (i, (addr, len, writable)) in chain[..total].iter().enumerate() {
+            let flags = if i + 1 < total { DESC_NEXT } else { 0 } | if *writable { DESC_WRITE } else { 0 };
+            let next = (i + 1) as u64;
+            // SAFETY: the descriptor table is ours until the device takes the chain.
+            unsafe {
+                let d = core::ptr::addr_of_mut!((*qm).desc[i]);
+                write_volatile(d as *mut u64, *addr);
+                write_volatile((d as *mut u64).add(1), u64::from(*len) | (u64::from(flags) << 32) | (next << 48));
+            }
+        }
+        let idx = self.next_avail[q];
+        // SAFETY: the available ring is the driver's to write.
+        unsafe {
+            let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
+            write_volatile(avail.add(2 + (idx % QUEUE_SIZE) as usize), head);
+            fence(Ordering::SeqCst);
+            write_volatile(avail.add(1), idx.wrapping_add(1));
+        }
+        self.next_avail[q] = idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        // Always kick (a driver may; EVENT_IDX only lets it skip some).
+        w16(
+            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
+            q as u16,
+        );
+        let mut spins = 0u64;
+        loop {
+            if used_idx(qm) != self.last_used[q] {
+                break;
+            }
+            spins += 1;
+            if spins > 200_000_000 {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        fence(Ordering::SeqCst);
+        let slot = (self.last_used[q] % QUEUE_SIZE) as usize;
+        // SAFETY: the device has published this used element.
+        let len = unsafe { read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot + 1)) };
+        self.last_used[q] = self.last_used[q].wrapping_add(1);
+        self.requests[q] += 1;
+        Some((r8(status), len))
+    }
+
+    pub fn read(&mut self, q: usize, sector: u64, buf: u64, len: u32) -> Option<(u8, u32)> {
+        self.request(q, T_IN, sector, &[(buf, len, true)])
+    }
+
+    pub fn write(&mut self, q: usize, sector: u64, buf: u64, len: u32) -> Option<(u8, u32)> {
+        self.request(q, T_OUT, sector, &[(buf, len, false)])
+    }
+
+    pub fn flush(&mut self, q: usize) -> Option<(u8, u32)> {
+        self.request(q, T_FLUSH, 0, &[])
+    }
+
+    /// GET_ID: the serial, up to 20 bytes, into `out`; returns its length.
+    pub fn get_id(&mut self, out: &mut [u8; 20]) -> Option<(u8, usize)> {
+        let buf = self.small(0) + 32;
+        let (status, used) = self.request(0, T_GET_ID, 0, &[(buf, 20, true)])?;
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = r8(buf + i as u64);
+        }
+        let n = out.iter().position(|&b| b == 0).unwrap_or(20).min(used.saturating_sub(1) as usize);
+        Some((status, n))
+    }
+
+    /// DISCARD or WRITE_ZEROES (with or without UNMAP) of one range.
+    pub fn zero(&mut self, kind_discard: bool, unmap: bool, sector: u64, sectors: u32) -> Option<(u8, u32)> {
+        let seg = self.small(0) + 64;
+        w64(seg, sector);
+        w32(seg + 8, sectors);
+        w32(seg + 12, u32::from(unmap));
+        let kind = if kind_discard { T_DISCARD } else { T_WRITE_ZEROES };
+        self.request(0, kind, 0, &[(seg, 16, false)])
+    }
+
+    /// Whether an MSI-X interrupt for queue q's vector is pending in the BSP's LAPIC.
+    pub fn irq_seen(&self, q: usize) -> bool {
+        let v = MSI_VECTOR_BASE + q as u32;
+        let irr = r32(LAPIC + 0x200 + u64::from(v / 32) * 0x10);
+        irr & (1 << (v % 32)) != 0
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.features & F_RO != 0
+    }
+}
+
+fn used_idx(qm: *mut QueueMem) -> u16 {
+    // SAFETY: the used ring's idx (the second u16) is written by the device; read it volatile.
+    unsafe { read_volatile((core::ptr::addr_of!((*qm).used) as *const u16).add(1)) }
+}

@@ -1,0 +1,37 @@
+//! virtio devices: the modern virtio-pci transport, and the vhost-user devices behind it.
+
+pub mod pci;
+pub mod vhost_user_blk;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// A queue as the driver set it up, handed to the device when the driver is ready.
+pub struct QueueSetup<'a> {
+    pub index: u16,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub kick: &'a EventFd,
+    pub call: &'a EventFd,
+}
+
+/// What a virtio device does behind the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2 is block).
+    fn device_type(&self) -> u16;
+    fn num_queues(&self) -> u16;
+    fn max_queue_size(&self) -> u16;
+    /// The features offered to the driver.
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start the queues.
+    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String>;
+    /// The driver reset the device: stop the queues.
+    fn reset(&mut self);
+    /// A name for the log ("disk0").
+    fn name(&self) -> &str;
+}

@@ -1,0 +1,235 @@
+//! A virtio-blk device whose queues are served by a vhost-user backend (blockd, or any
+//! compliant vhost-user-blk backend). vmm-core negotiates, hands over the guest RAM memfd, the
+//! vring addresses, and the kick and call eventfds; the data path then bypasses it.
+
+use super::{QueueSetup, VirtioDevice};
+use crate::memory::GuestMemory;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const CONFIG_SIZE: usize = 60;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+
+pub struct VhostUserBlk {
+    name: String,
+    socket: PathBuf,
+    frontend: Frontend,
+    /// The backend's virtio features (without the vhost-user protocol bit).
+    features: u64,
+    config: Vec<u8>,
+    queues: u16,
+    queue_size: u16,
+    mem: GuestMemory,
+    memfd: std::fs::File,
+    started: Vec<usize>,
+}
+
+fn err(socket: &Path, what: &str, e: impl std::fmt::Display) -> String {
+    format!("vhost-user backend at {}: {what}: {e}", socket.display())
+}
+
+impl VhostUserBlk {
+    /// Connects and learns what the backend offers: features, queue count, config space.
+    pub fn connect(
+        name: &str,
+        socket: &Path,
+        queues: u16,
+        mem: GuestMemory,
+        memfd: std::fs::File,
+    ) -> Result<VhostUserBlk, String> {
+        let mut fe = Frontend::connect(socket, u64::from(queues))
+            .map_err(|e| err(socket, "cannot connect", e))?;
+        fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
+        let features = fe
+            .get_features()
+            .map_err(|e| err(socket, "GET_FEATURES", e))?;
+        if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+            return Err(err(
+                socket,
+                "features",
+                "no VHOST_USER_F_PROTOCOL_FEATURES; a vhost-user-blk backend needs CONFIG",
+            ));
+        }
+        let offered = fe
+            .get_protocol_features()
+            .map_err(|e| err(socket, "GET_PROTOCOL_FEATURES", e))?;
+        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
+        }
+        fe.set_protocol_features(offered & wanted)
+            .map_err(|e| err(socket, "SET_PROTOCOL_FEATURES", e))?;
+        let backend_queues = if offered.contains(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num()
+                .map_err(|e| err(socket, "GET_QUEUE_NUM", e))?
+        } else {
+            1
+        };
+        if backend_queues < u64::from(queues) {
+            return Err(err(
+                socket,
+                "queues",
+                format!("it serves {backend_queues} queue(s), {queues} were asked for"),
+            ));
+        }
+        let (_, config) = fe
+            .get_config(
+                0,
+                CONFIG_SIZE as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &[0u8; CONFIG_SIZE],
+            )
+            .map_err(|e| err(socket, "GET_CONFIG", e))?;
+        let mut config = config.to_vec();
+        // The guest sees the queue count vmm-core was asked for.
+        config[34..36].copy_from_slice(&queues.to_le_bytes());
+        let mut features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
+        if queues == 1 {
+            features &= !VIRTIO_BLK_F_MQ;
+        }
+        Ok(VhostUserBlk {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            frontend: fe,
+            features,
+            config,
+            queues,
+            queue_size: 256,
+            mem,
+            memfd,
+            started: Vec::new(),
+        })
+    }
+
+    fn host_address(&self, gpa: u64, len: u64, what: &str, q: u16) -> Result<u64, String> {
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(gpa), len as usize)
+            .map_err(|_| {
+                format!("queue {q}'s {what} at {gpa:#x} (+{len:#x}) is not in guest RAM")
+            })?;
+        Ok(slice.ptr_guard().as_ptr() as u64)
+    }
+
+    fn e(&self, what: &str, e: impl std::fmt::Display) -> String {
+        err(&self.socket, what, e)
+    }
+}
+
+impl VirtioDevice for VhostUserBlk {
+    fn device_type(&self) -> u16 {
+        2
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let off = offset as usize;
+        if off + data.len() > self.config.len() {
+            return;
+        }
+        if let Err(e) =
+            self.frontend
+                .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
+        {
+            log::warn!("{}: {}", self.name, self.e("SET_CONFIG", e));
+            return;
+        }
+        self.config[off..off + data.len()].copy_from_slice(data);
+    }
+
+    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String> {
+        self.frontend
+            .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES)
+            .map_err(|e| self.e("SET_FEATURES", e))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+                mmap_handle: self.memfd.as_raw_fd(),
+            })
+            .collect();
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(|e| self.e("SET_MEM_TABLE", e))?;
+        for q in queues {
+            let i = usize::from(q.index);
+            let n = u64::from(q.size);
+            let config = VringConfigData {
+                queue_max_size: self.queue_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_address(q.desc, 16 * n, "descriptor table", q.index)?,
+                avail_ring_addr: self.host_address(
+                    q.avail,
+                    6 + 2 * n,
+                    "available ring",
+                    q.index,
+                )?,
+                used_ring_addr: self.host_address(q.used, 6 + 8 * n, "used ring", q.index)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(|e| self.e("SET_VRING_NUM", e))?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .map_err(|e| self.e("SET_VRING_ADDR", e))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(|e| self.e("SET_VRING_BASE", e))?;
+            self.frontend
+                .set_vring_call(i, q.call)
+                .map_err(|e| self.e("SET_VRING_CALL", e))?;
+            self.frontend
+                .set_vring_kick(i, q.kick)
+                .map_err(|e| self.e("SET_VRING_KICK", e))?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(|e| self.e("SET_VRING_ENABLE", e))?;
+            self.started.push(i);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for i in std::mem::take(&mut self.started) {
+            if let Err(e) = self.frontend.set_vring_enable(i, false) {
+                log::warn!("{}: {}", self.name, self.e("SET_VRING_ENABLE", e));
+            }
+            // GET_VRING_BASE stops the ring in the backend.
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                log::warn!("{}: {}", self.name, self.e("GET_VRING_BASE", e));
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
