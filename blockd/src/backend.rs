@@ -146,7 +146,12 @@ impl VhostUserBackend for Backend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // REPLY_ACK and CONFIGURE_MEM_SLOTS are what libblkio (and so QEMU's block layer
+        // tooling) requires of a vhost-user-blk backend.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

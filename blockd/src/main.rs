@@ -4,11 +4,13 @@
 
 mod backend;
 mod disk;
+mod image;
 mod request;
 
 use clap::Parser;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use vhost::vhost_user::Listener;
@@ -38,6 +40,12 @@ struct Args {
     /// Largest queue size the guest may choose (a power of two).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// The image format: raw or qcow2.
+    #[arg(long, default_value = "raw")]
+    format: image::Format,
+    /// Open --image with O_DIRECT (bypass the host page cache, as QEMU's cache.direct=on).
+    #[arg(long)]
+    direct: bool,
     /// Make every write durable before it completes, whatever the guest's cache setting.
     #[arg(long)]
     writethrough: bool,
@@ -103,6 +111,7 @@ fn run(args: Args) -> Result<(), String> {
         (Some(path), _) => std::fs::OpenOptions::new()
             .read(true)
             .write(!args.readonly)
+            .custom_flags(if args.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| {
                 format!(
@@ -123,6 +132,7 @@ fn run(args: Args) -> Result<(), String> {
         queue_size: args.queue_size,
         writethrough: args.writethrough,
         serial: args.serial.clone(),
+        format: args.format,
     };
     let disk = Arc::new(disk::Disk::new(file, options).map_err(|e| format!("the image: {e}"))?);
     let mut listener = match (&args.socket, args.listen_fd) {
@@ -135,6 +145,7 @@ fn run(args: Args) -> Result<(), String> {
         }
         (None, None) => unreachable!("clap requires one"),
     };
+    stop_on_signals(disk.clone());
     log::info!(
         "serving {} bytes{}, {} queue(s)",
         disk.size,
@@ -153,6 +164,12 @@ fn run(args: Args) -> Result<(), String> {
         let r = daemon.wait();
         backend.stop_workers();
         drop(daemon);
+        // Whatever the guest left in caches (qcow2 metadata above all) goes to the image now.
+        if !disk.options.readonly {
+            if let Err(e) = disk.flush() {
+                log::warn!("cannot flush the image after the frontend left: {e}");
+            }
+        }
         match r {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -169,6 +186,34 @@ fn run(args: Args) -> Result<(), String> {
 /// An empty guest memory until the frontend sends its table.
 fn no_memory() -> backend::Memory {
     vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new())
+}
+
+/// SIGTERM and SIGINT flush the image and end blockd with status 0 (systemd's and vmm-core's
+/// way to stop it). The signals are blocked here, before any other thread exists, and taken by
+/// one thread with sigwait.
+fn stop_on_signals(disk: Arc<disk::Disk>) {
+    // SAFETY: sigset manipulation on a local set, then masking this (the only) thread's signals.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on a valid set; sig receives the signal number.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        if !disk.options.readonly {
+            if let Err(e) = disk.flush() {
+                log::warn!("cannot flush the image before exiting: {e}");
+                std::process::exit(1);
+            }
+        }
+        log::info!("stopping (signal {sig}); the image is flushed");
+        std::process::exit(0);
+    });
 }
 
 fn check_fd(fd: i32, what: &str) -> Result<(), String> {

@@ -379,6 +379,7 @@ mod tests {
                 queue_size: 64,
                 writethrough: false,
                 serial: "blockd-serial-0123456789".into(),
+                format: crate::image::Format::Raw,
             },
         )
         .unwrap();

@@ -36,6 +36,11 @@ pub fn vmmctl_bin() -> PathBuf {
     vmm_core_bin().with_file_name("vmmctl")
 }
 
+/// blockd from the same target directory as vmm-core.
+pub fn blockd_bin() -> PathBuf {
+    vmm_core_bin().with_file_name("blockd")
+}
+
 /// Runs `vmmctl --socket SOCKET ARGS`; returns (exit code, stdout, stderr).
 pub fn vmmctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vmmctl_bin())

@@ -274,3 +274,37 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }
+
+#[test]
+fn disk_that_cannot_be_opened() {
+    expect(
+        &[
+            "--kernel",
+            &guest(),
+            "--disk",
+            "path=/nonexistent/dir/disk.img",
+        ],
+        &[
+            "--disk path=/nonexistent/dir/disk.img",
+            "cannot open it",
+            "readonly=on",
+        ],
+    );
+}
+
+#[test]
+fn malformed_disk_specs() {
+    for (spec, wanted) in [
+        ("path=/x.img,queues=0", "queues=0"),
+        ("path=/x.img,queues=99", "from 1 to 16"),
+        ("path=/x.img,readonly=perhaps", "readonly=on or off"),
+        ("/x.img", "not key=value"),
+        ("readonly=on", "no path= or socket="),
+        ("path=/x.img,size=1G", "unknown or empty key \"size\""),
+    ] {
+        expect(
+            &["--kernel", &guest(), "--disk", spec],
+            &[&format!("--disk {spec}"), wanted],
+        );
+    }
+}

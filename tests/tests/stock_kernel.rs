@@ -4,7 +4,7 @@
 //! hardware KVM. Needs the images from scripts/build-images.sh.
 
 use std::time::Duration;
-use vmm_tests::{host_is_pvm, images_dir, TestVm};
+use vmm_tests::{host_is_pvm, images_dir, TempDir, TestVm};
 
 /// GUEST.md's command line for a slow, emulated boot, and poweroff at the end. Two more
 /// initcalls are skipped: cubictcp_register parses the whole vmlinux BTF (170 s of emulated
@@ -26,6 +26,10 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         initramfs.display()
     );
     let slow = Duration::from_secs(20 * 60);
+    // A disk on the PCI bus (virtio-blk over vhost-user, served by blockd).
+    let dir = TempDir::new("stock-disk");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut vm = TestVm::builder()
         .kernel(&kernel)
         .args(["--initramfs", initramfs.to_str().unwrap()])
@@ -33,6 +37,8 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         .cpus("2,max=4")
         .memory("128M")
         .cmdline(CMDLINE)
+        .arg("--disk")
+        .arg(format!("path={},queues=2", disk.display()))
         .spawn();
 
     vm.wait_for("smp: Brought up 1 node, 2 CPUs", slow);
@@ -56,6 +62,22 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         vm.stdout().contains("ACPI: APIC 0x"),
         "the kernel found our MADT"
     );
+    // Linux's PCI core takes our root bridge (_CRS windows), ECAM (MCFG, reserved by the
+    // motherboard device), and finds the virtio-blk function with its BAR where we put it.
+    vm.wait_for("PCI host bridge to bus 0000:00", slow);
+    let line = vm.wait_for("pci 0000:00:01.0: BAR 0", slow);
+    assert!(line.contains("[mem 0xc0000000-0xc0007fff]"), "{line}");
+    let console = vm.stdout();
+    for want in [
+        "PCI: MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved in ACPI motherboard resources",
+        "root bus resource [mem 0xc0000000-0xdfffffff window]",
+        "pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000",
+    ] {
+        assert!(
+            console.contains(want),
+            "{want:?} not in the kernel log:\n{console}"
+        );
+    }
     vm.wait_for("Run /init as init process", slow);
     // ACPICA inside Linux interpreted our DSDT without complaint.
     let console = vm.stdout();

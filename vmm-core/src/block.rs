@@ -17,19 +17,25 @@ pub struct DiskSpec {
     pub readonly: bool,
     pub queues: u16,
     pub serial: Option<String>,
+    /// raw or qcow2.
+    pub format: String,
+    /// Open the image with O_DIRECT.
+    pub direct: bool,
 }
 
 pub const MAX_QUEUES: u16 = 16;
 
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let usage = "write path=FILE[,readonly=on][,queues=N][,serial=ID] or socket=PATH[,queues=N]";
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on] or socket=PATH[,queues=N]";
     let mut d = DiskSpec {
         path: None,
         socket: None,
         readonly: false,
         queues: 1,
         serial: None,
+        format: "raw".into(),
+        direct: false,
     };
     for part in s.split(',') {
         let (k, v) = part
@@ -58,6 +64,21 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                         format!("--disk {s}: queues={v}; write a number from 1 to {MAX_QUEUES}")
                     })?
             }
+            "format" => match v {
+                "raw" | "qcow2" => d.format = v.to_string(),
+                _ => {
+                    return Err(format!(
+                        "--disk {s}: format={v}; write format=raw or format=qcow2"
+                    ))
+                }
+            },
+            "direct" => {
+                d.direct = match v {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(format!("--disk {s}: direct={v}; write direct=on or off")),
+                }
+            }
             "serial" => {
                 if v.len() > 20 {
                     return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
@@ -70,9 +91,11 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     match (&d.path, &d.socket) {
         (None, None) => Err(format!("--disk {s}: no path= or socket=; {usage}")),
         (Some(_), Some(_)) => Err(format!("--disk {s}: path= and socket= together; give one")),
-        (None, Some(_)) if d.readonly || d.serial.is_some() => Err(format!(
-            "--disk {s}: readonly= and serial= are the backend's own settings with socket="
-        )),
+        (None, Some(_)) if d.readonly || d.serial.is_some() || d.direct || d.format != "raw" => {
+            Err(format!(
+                "--disk {s}: readonly=, serial=, format= and direct= are the backend's own settings with socket="
+            ))
+        }
         _ => Ok(d),
     }
 }
@@ -86,8 +109,30 @@ pub struct DiskBackend {
 }
 
 impl Drop for DiskBackend {
+    /// SIGTERM (blockd flushes the image and exits), then SIGKILL if it takes over 10 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill on the PID of our own child, which has not been reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            log::warn!("{}: blockd ended with {status}", self.name);
+                        }
+                        return;
+                    }
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    _ => break,
+                }
+            }
+            log::warn!(
+                "{}: blockd did not stop within 10 s of SIGTERM; killing it",
+                self.name
+            );
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -143,9 +188,11 @@ pub fn start(
             continue;
         }
         let path = d.path.as_ref().expect("parse_disk gives path or socket");
+        use std::os::unix::fs::OpenOptionsExt;
         let image = std::fs::OpenOptions::new()
             .read(true)
             .write(!d.readonly)
+            .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| {
                 format!(
@@ -162,6 +209,8 @@ pub fn start(
             .arg(d.queues.to_string())
             .arg("--serial")
             .arg(d.serial.clone().unwrap_or_else(|| name.clone()))
+            .arg("--format")
+            .arg(&d.format)
             .stdin(std::process::Stdio::null());
         if d.readonly {
             cmd.arg("--readonly");
@@ -207,7 +256,10 @@ mod tests {
 
     #[test]
     fn disk_specs() {
-        let d = parse_disk("path=/x.img,readonly=on,queues=2,serial=abc").unwrap();
+        let d = parse_disk("path=/x.img,readonly=on,queues=2,serial=abc,format=qcow2,direct=on")
+            .unwrap();
+        assert_eq!(d.format, "qcow2");
+        assert!(d.direct);
         assert_eq!(d.path.as_deref(), Some(Path::new("/x.img")));
         assert!(d.readonly);
         assert_eq!(d.queues, 2);
@@ -221,6 +273,7 @@ mod tests {
             "path=/x,socket=/y",
             "path=/x,colour=red",
             "socket=/s,readonly=on",
+            "path=/x,format=vmdk",
         ] {
             let e = parse_disk(bad).unwrap_err();
             assert!(e.starts_with("--disk "), "{e}");

@@ -41,6 +41,10 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
+const F_CONFIG_WCE: u64 = 1 << 11;
+
+/// Negotiate VIRTIO_BLK_F_CONFIG_WCE (set before `probe`).
+pub static WANT_WCE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 const DESC_NEXT: u16 = 1;
 const DESC_WRITE: u16 = 2;
@@ -252,7 +256,8 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         | F_WRITE_ZEROES
         | F_SEG_MAX
         | F_SIZE_MAX
-        | F_EVENT_IDX;
+        | F_EVENT_IDX
+        | if WANT_WCE.load(Ordering::Relaxed) { F_CONFIG_WCE } else { 0 };
     d.features = offered & wanted;
     if d.features & F_VERSION_1 == 0 {
         return Err("no-version-1");
@@ -363,39 +368,9 @@ impl Disk {
                 write_volatile((d as *mut u64).add(1), u64::from(*len) | (u64::from(flags) << 32) | (next << 48));
             }
         }
-        let idx = self.next_avail[q];
-        // SAFETY: the available ring is the driver's to write.
-        unsafe {
-            let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
-            write_volatile(avail.add(2 + (idx % QUEUE_SIZE) as usize), head);
-            fence(Ordering::SeqCst);
-            write_volatile(avail.add(1), idx.wrapping_add(1));
-        }
-        self.next_avail[q] = idx.wrapping_add(1);
-        fence(Ordering::SeqCst);
-        // Always kick (a driver may; EVENT_IDX only lets it skip some).
-        w16(
-            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
-            q as u16,
-        );
-        let mut spins = 0u64;
-        loop {
-            if used_idx(qm) != self.last_used[q] {
-                break;
-            }
-            spins += 1;
-            if spins > 200_000_000 {
-                return None;
-            }
-            core::hint::spin_loop();
-        }
-        fence(Ordering::SeqCst);
-        let slot = (self.last_used[q] % QUEUE_SIZE) as usize;
-        // SAFETY: the device has published this used element.
-        let len = unsafe { read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot + 1)) };
-        self.last_used[q] = self.last_used[q].wrapping_add(1);
-        self.requests[q] += 1;
-        Some((r8(status), len))
+        let _ = head;
+        let r = self.push_and_wait(q, qm, 200_000_000)?;
+        Some((r8(status), r.1))
     }
 
     pub fn read(&mut self, q: usize, sector: u64, buf: u64, len: u32) -> Option<(u8, u32)> {
@@ -429,6 +404,74 @@ impl Disk {
         w32(seg + 12, u32::from(unmap));
         let kind = if kind_discard { T_DISCARD } else { T_WRITE_ZEROES };
         self.request(0, kind, 0, &[(seg, 16, false)])
+    }
+
+    /// Sends a chain exactly as given: (address, length, flags, next) per descriptor, head 0.
+    /// The header (if the chain points at it) is `kind`/`sector` and the status byte the one
+    /// after it. Returns (status byte, used length), or None if no answer came.
+    pub fn request_raw(&mut self, kind: u32, sector: u64, descs: &[(u64, u32, u16, u16)]) -> Option<(u8, u32)> {
+        let q = 0;
+        let small = self.small(q);
+        w32(small, kind);
+        w32(small + 4, 0);
+        w64(small + 8, sector);
+        w8(small + 16, 0xff);
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
+        for (i, (addr, len, flags, next)) in descs.iter().enumerate().take(QUEUE_SIZE as usize) {
+            // SAFETY: the descriptor table is ours until the device takes the chain.
+            unsafe {
+                let d = core::ptr::addr_of_mut!((*qm).desc[i]) as *mut u64;
+                write_volatile(d, *addr);
+                write_volatile(d.add(1), u64::from(*len) | (u64::from(*flags) << 32) | (u64::from(*next) << 48));
+            }
+        }
+        self.push_and_wait(q, qm, 20_000_000)
+    }
+
+    /// The header and status buffers of queue 0 (for crafted chains).
+    pub fn header_and_status(&self) -> (u64, u64) {
+        let s = self.small(0);
+        (s, s + 16)
+    }
+
+    fn push_and_wait(&mut self, q: usize, qm: *mut QueueMem, max_spins: u64) -> Option<(u8, u32)> {
+        let idx = self.next_avail[q];
+        // SAFETY: the available ring is the driver's to write.
+        unsafe {
+            let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
+            write_volatile(avail.add(2 + (idx % QUEUE_SIZE) as usize), 0);
+            fence(Ordering::SeqCst);
+            write_volatile(avail.add(1), idx.wrapping_add(1));
+        }
+        self.next_avail[q] = idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        w16(
+            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
+            q as u16,
+        );
+        let mut spins = 0u64;
+        while used_idx(qm) == self.last_used[q] {
+            spins += 1;
+            if spins > max_spins {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        fence(Ordering::SeqCst);
+        let slot = (self.last_used[q] % QUEUE_SIZE) as usize;
+        // SAFETY: the device has published this used element.
+        let len = unsafe { read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot + 1)) };
+        self.last_used[q] = self.last_used[q].wrapping_add(1);
+        self.requests[q] += 1;
+        Some((r8(self.small(q) + 16), len))
+    }
+
+    /// Turns the device's write cache off (VIRTIO_BLK_F_CONFIG_WCE): every write is then
+    /// durable when it completes. Returns the writeback byte read back.
+    pub fn write_through(&mut self) -> u8 {
+        w8(self.device + 32, 0);
+        r8(self.device + 32)
     }
 
     /// Whether an MSI-X interrupt for queue q's vector is pending in the BSP's LAPIC.

@@ -171,6 +171,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         }
         "hotplug" => hotplug(cmdline, stack_top),
         "blk" => blk_scenario(cmdline, stack_top),
+        "blk-bad" => blk_bad(stack_top),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -408,6 +409,9 @@ const ZERO_RANGES: [(u64, u32); 3] = [(8, 16), (40, 16), (80, 16)];
 fn blk_scenario(cmdline: &str, stack_top: u64) {
     let seed = param(cmdline, "tg.blk.seed=").and_then(parse_u64).unwrap_or(1);
     let host = param(cmdline, "tg.blk.host=").and_then(parse_u64);
+    let write_through = param(cmdline, "tg.blk.wce=") == Some("0");
+    let halt_after_write = param(cmdline, "tg.blk.halt-after-write=") == Some("1");
+    blk::WANT_WCE.store(write_through, Ordering::Relaxed);
     let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
     let n = blk::probe(&mut disks);
     Line::new().s("tg: blk disks=").u(n as u64).emit();
@@ -470,9 +474,27 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
                 .u(r.map_or(0xff, |r| r.0) as u64)
                 .emit();
         } else {
+            if write_through {
+                let wb = d.write_through();
+                Line::new().s("tg: blk").u(name).s(" writeback=").u(wb as u64).emit();
+            }
             for c in 0..chunks {
                 pattern_job(0, chunk / 8, c * chunk / 8, seed, stack_top);
                 tally(&mut counts, d.write((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+            }
+            if halt_after_write {
+                // No flush: with the write cache off, each write was durable when it completed.
+                Line::new()
+                    .s("tg: blk")
+                    .u(name)
+                    .s(" written-unflushed bytes=")
+                    .u(chunks * chunk)
+                    .s(" errors=")
+                    .u(counts.0)
+                    .s(" timeouts=")
+                    .u(counts.1)
+                    .emit();
+                rt::halt_forever();
             }
             tally(&mut counts, d.flush(0));
             let mut bad = 0;
@@ -550,6 +572,71 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
         line.emit();
     }
     Line::new().s("tg: blk done").emit();
+}
+
+/// Malformed requests, as a hostile driver would send them; each must get an answer (or at
+/// least not hurt the device), and a good request must work afterwards.
+fn blk_bad(stack_top: u64) {
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    blk::probe(&mut disks);
+    let Some(d) = disks[0].as_mut() else {
+        Line::new().s("tg: error no disk").emit();
+        return;
+    };
+    let (hdr, status) = d.header_and_status();
+    let buf = blk::data_buf() as u64;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let outside = 0xffff_f000_0000u64;
+    let cap = d.capacity;
+    // (name, type, sector, chain)
+    let cases: [(&str, u32, u64, &[(u64, u32, u16, u16)]); 11] = [
+        ("header-outside-ram", 0, 0, &[(outside, 16, NEXT, 1), (status, 1, WRITE, 0)]),
+        ("data-outside-ram", 0, 0, &[(hdr, 16, NEXT, 1), (outside, 512, NEXT | WRITE, 2), (status, 1, WRITE, 0)]),
+        ("short-header", 0, 0, &[(hdr, 8, NEXT, 1), (status, 1, WRITE, 0)]),
+        ("odd-length", 1, 0, &[(hdr, 16, NEXT, 1), (buf, 100, NEXT, 2), (status, 1, WRITE, 0)]),
+        ("unknown-type", 77, 0, &[(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)]),
+        ("beyond-capacity", 0, cap, &[(hdr, 16, NEXT, 1), (buf, 512, NEXT | WRITE, 2), (status, 1, WRITE, 0)]),
+        ("sector-overflow", 1, u64::MAX / 8, &[(hdr, 16, NEXT, 1), (buf, 512, NEXT, 2), (status, 1, WRITE, 0)]),
+        ("no-status", 0, 0, &[(hdr, 16, 0, 0)]),
+        ("self-loop", 0, 0, &[(hdr, 16, NEXT, 1), (status, 1, WRITE | NEXT, 1)]),
+        ("next-out-of-range", 0, 0, &[(hdr, 16, NEXT, 200), (status, 1, WRITE, 0)]),
+        ("bad-indirect", 0, 0, &[(outside, 64, INDIRECT, 0)]),
+    ];
+    let mut answered = 0;
+    for (name, kind, sector, chain) in cases.iter() {
+        let r = d.request_raw(*kind, *sector, chain);
+        if r.is_some() {
+            answered += 1;
+        }
+        Line::new()
+            .s("tg: blk-bad case=")
+            .s(name)
+            .s(" answered=")
+            .u(r.is_some() as u64)
+            .s(" status=")
+            .u(r.map_or(0xff, |r| r.0) as u64)
+            .s(" used=")
+            .u(r.map_or(0, |r| r.1) as u64)
+            .emit();
+    }
+    // Still serving: a good write and read of one chunk.
+    pattern_job(0, blk::CHUNK as u64 / 8, 0, 5, stack_top);
+    let w = d.write(0, 0, buf, blk::CHUNK as u32);
+    pattern_job(0, blk::CHUNK as u64 / 8, 0, 6, stack_top);
+    let r = d.read(0, 0, buf, blk::CHUNK as u32);
+    let bad = pattern_job(1, blk::CHUNK as u64 / 8, 0, 5, stack_top);
+    Line::new()
+        .s("tg: blk-bad answered=")
+        .u(answered)
+        .s(" after write-status=")
+        .u(w.map_or(0xff, |r| r.0) as u64)
+        .s(" read-status=")
+        .u(r.map_or(0xff, |r| r.0) as u64)
+        .s(" bad-words=")
+        .u(bad)
+        .emit();
 }
 
 /// Counts a request's failure: (error statuses, requests never answered).

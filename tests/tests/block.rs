@@ -1,0 +1,377 @@
+//! Disks over vhost-user-blk: the test guest's virtio-pci block driver talks to blockd through
+//! shared memory, KVM ioeventfds and irqfds; what it wrote is checked in the image files.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+use vmm_tests::{process_name, wait_until, TempDir, TestVm};
+
+const T: Duration = Duration::from_secs(90);
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The `blk` scenario's zeroed ranges (first sector, sectors): discard, write-zeroes,
+/// write-zeroes with unmap (tests/guest/src/main.rs).
+const ZERO_RANGES: [(u64, u64); 3] = [(8, 16), (40, 16), (80, 16)];
+
+fn pattern(bytes: u64, seed: u64) -> Vec<u8> {
+    (0..bytes / 8)
+        .flat_map(|w| (w.wrapping_add(seed)).wrapping_mul(K).to_le_bytes())
+        .collect()
+}
+
+fn write_image(path: &Path, bytes: u64, seed: u64) {
+    std::fs::write(path, pattern(bytes, seed)).unwrap();
+}
+
+/// Checks the guest's pattern in an image, with the zeroed ranges zero.
+fn check_guest_pattern(path: &Path, seed: u64) {
+    let data = std::fs::read(path).unwrap();
+    let mut want = pattern(data.len() as u64, seed);
+    for (sector, n) in ZERO_RANGES {
+        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
+    }
+    let first_bad = data.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(
+        first_bad,
+        None,
+        "{}: the image differs from the guest's pattern",
+        path.display()
+    );
+}
+
+fn field(vm: &TestVm, prefix: &str, key: &str) -> String {
+    vm.field(prefix, key)
+        .unwrap_or_else(|| panic!("no {key}= on the console line {prefix:?}:\n{}", vm.stdout()))
+}
+
+fn blockd_pids(vm: &TestVm) -> Vec<u32> {
+    vm.children()
+        .into_iter()
+        .filter(|p| process_name(*p) == "blockd")
+        .collect()
+}
+
+/// Whether `offset` starts a hole in the file (SEEK_HOLE finds a hole right there).
+fn hole_at(path: &Path, offset: u64) -> bool {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek on our own open fd.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as i64, libc::SEEK_HOLE) };
+    r == offset as i64
+}
+
+#[test]
+fn two_disks_two_queues_pattern_zeroes_sparse_and_a_read_only_disk() {
+    let dir = TempDir::new("block-pattern");
+    let (d0, d1, d2) = (dir.join("d0.img"), dir.join("d1.img"), dir.join("ro.img"));
+    // The host writes a pattern (seed 99) that the guest checks first.
+    write_image(&d0, 8 << 20, 99);
+    write_image(&d1, 2 << 20, 99);
+    write_image(&d2, 1 << 20, 99);
+    let ro_before = std::fs::read(&d2).unwrap();
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=7 tg.blk.host=99")
+        .arg("--disk")
+        .arg(format!("path={},queues=2", d0.display()))
+        .arg("--disk")
+        .arg(format!("path={},queues=2,serial=second-disk", d1.display()))
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", d2.display()))
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let out = vm.stdout();
+    assert!(out.contains("tg: blk disks=3"), "{out}");
+    assert!(out.contains("tg: blk done"), "{out}");
+
+    // What the guest saw.
+    for (i, id, queues) in [
+        (0, "disk0", "2"),
+        (1, "second-disk", "2"),
+        (2, "disk2", "1"),
+    ] {
+        let p = format!("tg: blk{i} slot=");
+        assert_eq!(field(&vm, &p, "id"), id);
+        assert_eq!(field(&vm, &p, "queues"), queues);
+        assert_eq!(field(&vm, &p, "id-status"), "0");
+        let h = format!("tg: blk{i} host-pattern");
+        assert_eq!(field(&vm, &h, "bad-words"), "0", "{out}");
+        assert_eq!(field(&vm, &h, "errors"), "0", "{out}");
+    }
+    assert_eq!(field(&vm, "tg: blk0 slot=", "capacity"), "16384");
+    for i in 0..2 {
+        let p = format!("tg: blk{i} pattern");
+        for k in ["bad-words", "errors", "timeouts"] {
+            assert_eq!(field(&vm, &p, k), "0", "{k}: {out}");
+        }
+        let z = format!("tg: blk{i} zeroes");
+        for k in [
+            "discard",
+            "write-zeroes",
+            "write-zeroes-unmap",
+            "nonzero-words",
+            "pattern-bad-words",
+        ] {
+            assert_eq!(field(&vm, &z, k), "0", "{k}: {out}");
+        }
+        // A request past the end fails with IOERR, and the disk keeps working.
+        let b = format!("tg: blk{i} beyond-end");
+        assert_eq!(field(&vm, &b, "status"), "1");
+        assert!(out.contains(&format!(
+            "tg: blk{i} beyond-end status=1 then-read status=0"
+        )));
+        // Both queues carried requests, and each queue's MSI-X vector reached the LAPIC.
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("tg: blk{i} queue-requests")))
+            .unwrap();
+        let nums: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert_eq!(nums.len(), 4, "{line}");
+        assert!(nums[0] > 10 && nums[1] > 10, "{line}");
+        assert_eq!(&nums[2..], &[1, 1], "MSI-X not seen: {line}");
+    }
+    assert!(
+        out.contains("tg: blk2 ro write-status=1 write-zeroes-status=1 read-status=0"),
+        "{out}"
+    );
+
+    // What reached the disks.
+    check_guest_pattern(&d0, 7);
+    check_guest_pattern(&d1, 7);
+    assert!(
+        std::fs::read(&d2).unwrap() == ro_before,
+        "the read-only image changed"
+    );
+    // Discard and write-zeroes with unmap leave holes; plain write-zeroes may not.
+    assert!(hole_at(&d0, 8 * 512), "no hole where the guest discarded");
+    assert!(
+        hole_at(&d0, 80 * 512),
+        "no hole after write-zeroes with unmap"
+    );
+
+    // The data path bypassed vmm-core: no queue kick reached it, and it handled far fewer
+    // MMIO exits than there were requests.
+    let err = vm.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.contains("exits handled by vmm-core this boot"))
+        .unwrap_or_else(|| panic!("no exit counts in the log:\n{err}"));
+    assert!(
+        line.ends_with("disk0 0, disk1 0, disk2 0"),
+        "kicks reached vmm-core: {line}"
+    );
+    let mmio: u64 = line
+        .split(" port I/O, ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let requests: u64 = out
+        .lines()
+        .filter(|l| l.contains(" queue-requests "))
+        .flat_map(|l| {
+            l.split(" msix")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .filter_map(|w| w.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(requests > 400, "{requests} requests");
+    assert!(
+        mmio * 3 < requests,
+        "{mmio} MMIO exits for {requests} requests: the data path goes through vmm-core"
+    );
+}
+
+#[test]
+fn writes_with_the_cache_off_are_in_the_file_after_blockd_is_killed() {
+    let dir = TempDir::new("block-fua");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
+    let vm = TestVm::builder()
+        .cmdline(
+            "console=ttyS0 tg.scenario=blk tg.blk.seed=3 tg.blk.wce=0 tg.blk.halt-after-write=1",
+        )
+        .arg("--disk")
+        .arg(format!("path={}", img.display()))
+        .spawn();
+    vm.wait_for("tg: blk0 written-unflushed", T);
+    assert_eq!(field(&vm, "tg: blk0 writeback=", "writeback"), "0");
+    assert_eq!(field(&vm, "tg: blk0 written-unflushed", "errors"), "0");
+    // The moment the guest has its completions, blockd dies without any chance to flush.
+    let pids = blockd_pids(&vm);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill on the PID of blockd, which our vmm-core started.
+    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    wait_until(Duration::from_secs(10), "blockd to die", || {
+        // Gone, or a zombie that vmm-core has not reaped yet.
+        std::fs::read_to_string(format!("/proc/{}/stat", pids[0])).map_or(true, |s| {
+            s.rsplit(") ").next().is_some_and(|r| r.starts_with('Z'))
+        })
+    });
+    let mut data = Vec::new();
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    assert!(
+        data == pattern(2 << 20, 3),
+        "completed writes are missing from the image"
+    );
+}
+
+#[test]
+fn malformed_descriptor_chains_get_errors_and_blockd_keeps_serving() {
+    let dir = TempDir::new("block-bad");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk-bad")
+        .arg("--disk")
+        .arg(format!("path={}", img.display()))
+        .spawn();
+    vm.wait_for("tg: blk-bad answered=", T);
+    let before = blockd_pids(&vm);
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    let out = vm.stdout();
+    // (case, status): IOERR for what is malformed, UNSUPP for an unknown type, and no status
+    // at all where the chain has no writable byte to put one in.
+    for (case, status) in [
+        ("header-outside-ram", "1"),
+        ("data-outside-ram", "1"),
+        ("short-header", "1"),
+        ("odd-length", "1"),
+        ("unknown-type", "2"),
+        ("beyond-capacity", "1"),
+        ("sector-overflow", "1"),
+        ("no-status", "255"),
+        ("next-out-of-range", "255"),
+        ("bad-indirect", "255"),
+    ] {
+        let p = format!("tg: blk-bad case={case} ");
+        assert_eq!(field(&vm, &p, "answered"), "1", "{case}: {out}");
+        assert_eq!(field(&vm, &p, "status"), status, "{case}: {out}");
+    }
+    assert!(
+        out.contains("tg: blk-bad answered=11 after write-status=0 read-status=0 bad-words=0"),
+        "{out}"
+    );
+    assert_eq!(before.len(), 1, "blockd died: {}", vm.stderr());
+    assert!(vm
+        .stderr()
+        .contains("blockd: warn: queue 0: the guest's request failed"));
+    // The good write after the bad ones reached the image.
+    let mut f = std::fs::File::open(&img).unwrap();
+    let mut first = vec![0u8; 65536];
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_exact(&mut first).unwrap();
+    assert!(first == pattern(65536, 5));
+}
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}; install qemu-utils (scripts/setup.sh does)"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn qcow2_pattern_round_trip_and_qemu_img_check_is_clean() {
+    let dir = TempDir::new("block-qcow2");
+    let img = dir.join("disk.qcow2");
+    let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    assert!(ok, "{out}");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=11")
+        .arg("--disk")
+        .arg(format!("path={},format=qcow2,queues=2", img.display()))
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let out = vm.stdout();
+    assert_eq!(field(&vm, "tg: blk0 slot=", "capacity"), "16384", "{out}");
+    for k in ["bad-words", "errors", "timeouts"] {
+        assert_eq!(field(&vm, "tg: blk0 pattern", k), "0", "{k}: {out}");
+    }
+    for k in [
+        "discard",
+        "write-zeroes",
+        "write-zeroes-unmap",
+        "nonzero-words",
+        "pattern-bad-words",
+    ] {
+        assert_eq!(field(&vm, "tg: blk0 zeroes", k), "0", "{k}: {out}");
+    }
+    // blockd flushed its metadata when the VM ended: the image is consistent...
+    let (ok, check) = qemu_img(&["check", img.to_str().unwrap()]);
+    assert!(ok && check.contains("No errors were found"), "{check}");
+    // ...and holds what the guest wrote.
+    let raw = dir.join("disk.raw");
+    let (ok, conv) = qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(ok, "{conv}");
+    check_guest_pattern(&raw, 11);
+}
+
+/// libblkio's virtio-blk-vhost-user driver, an independent vhost-user-blk client, writes and
+/// verifies a pattern through blockd; the host then finds it in the image.
+#[test]
+fn blkio_client_writes_and_verifies_through_blockd() {
+    let dir = TempDir::new("block-blkio");
+    let img = dir.join("disk.img");
+    let sock = dir.join("blockd.sock");
+    std::fs::write(&img, vec![0xa5u8; 16 << 20]).unwrap();
+    let mut blockd = std::process::Command::new(vmm_tests::blockd_bin())
+        .args([
+            "--image",
+            img.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ])
+        .args(["--queues", "2", "--once"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "blockd's socket", || sock.exists());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkio-bench"))
+        .args([
+            "--driver",
+            "virtio-blk-vhost-user",
+            "--path",
+            sock.to_str().unwrap(),
+        ])
+        .args(["verify", "--seed", "21"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("verify capacity=16777216 bad-words=0 zeroes=ok"),
+        "{text}"
+    );
+    // blockd (--once) ends when the client disconnects, having flushed.
+    let status = blockd.wait().unwrap();
+    assert!(status.success(), "blockd: {status}");
+    let data = std::fs::read(&img).unwrap();
+    let mut want = pattern(16 << 20, 21);
+    want[..4096].fill(0);
+    want[8192..12288].fill(0);
+    assert!(
+        data == want,
+        "the image does not hold what the client wrote"
+    );
+}
