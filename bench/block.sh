@@ -15,7 +15,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-5}
 mib=${2:-1024}
-(cd "$root" && cargo build --release --quiet -p blockd -p vmm-tests --bin blkio-bench)
+(cd "$root" && cargo build --release --quiet -p blockd && cargo build --release --quiet -p vmm-tests --bin blkio-bench)
 echo "command: bench/block.sh $secs $mib"
 echo "host: $(uname -r), $(nproc) CPUs; image ${mib} MiB on $(df -T /var/tmp | awk 'NR==2{print $2}')"
 exec python3 - "$secs" "$mib" "$root/target/release" <<'PY'

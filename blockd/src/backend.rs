@@ -3,6 +3,7 @@
 //! `RwLock<T>` wrapper would serialise them on one write lock).
 
 use crate::disk::{self, Disk};
+use crate::engine::{self, Engine};
 use crate::request::{self, Chain};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,6 +29,8 @@ pub struct Backend(Arc<Inner>);
 
 pub struct Inner {
     disk: Arc<Disk>,
+    /// One io_uring engine per queue (None: synchronous I/O).
+    engines: Vec<Mutex<Option<Engine>>>,
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
     exits: Mutex<Vec<EventNotifier>>,
@@ -38,7 +41,19 @@ pub struct Inner {
 
 impl Backend {
     pub fn new(disk: Arc<Disk>) -> Backend {
+        let engines = (0..disk.options.queues)
+            .map(|q| {
+                Mutex::new(match Engine::new(u32::from(disk.options.queue_size)) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        log::warn!("queue {q}: no io_uring ({e}); its I/O is synchronous");
+                        None
+                    }
+                })
+            })
+            .collect();
         Backend(Arc::new(Inner {
+            engines,
             disk,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
@@ -46,6 +61,61 @@ impl Backend {
             last_complaint: Mutex::new(None),
             suppressed: AtomicU64::new(0),
         }))
+    }
+
+    /// The epoll event id of the engines' completion eventfds.
+    pub fn engine_event_id(&self) -> u64 {
+        u64::from(self.0.disk.options.queues) + 1
+    }
+
+    /// Queue `q`'s engine's completion eventfd, to register with its worker's epoll loop.
+    pub fn engine_fd(&self, q: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.0.engines[q]
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|e| e.event.as_raw_fd())
+    }
+
+    /// Answers the guest for every transfer the engine completed.
+    fn reap(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
+        let Some(atomic) = self.0.mem.read().unwrap().clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut done = Vec::new();
+        if let Some(e) = self.0.engines[queue].lock().unwrap().as_mut() {
+            e.reap(&mut done);
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        for (head, pending, result) in done {
+            let result = match result {
+                Ok(n) if n < pending.io.len && n > 0 => {
+                    engine::complete_short(&self.0.disk, &pending, n)
+                }
+                r => r,
+            };
+            let (d, why) = pending.finish(&self.0.disk, &*mem, result);
+            if let Some(why) = why {
+                self.complain(queue, &why);
+            }
+            if let Err(e) = vring.add_used(head, d.used) {
+                self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+            }
+        }
+        let notify = if event_idx {
+            vring.needs_notification().unwrap_or(true)
+        } else {
+            true
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
     }
 
     /// Ends every worker thread (after the connection closed).
@@ -78,6 +148,9 @@ impl Backend {
         };
         let mem = atomic.memory();
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        let has_engine = self.0.engines[queue].lock().unwrap().is_some();
+        // Reads and writes for the engine, submitted together once the queue is drained.
+        let mut batch: Vec<(u16, request::Pending)> = Vec::new();
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -100,21 +173,17 @@ impl Backend {
                     }
                 };
                 let Some((head, chain)) = next else { break };
-                let (done, why) = request::execute(&self.0.disk, &*mem, chain);
-                if let Some(why) = why {
-                    self.complain(queue, &why);
-                }
-                if let Err(e) = vring.add_used(head, done.used) {
-                    self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
-                }
-                let notify = if event_idx {
-                    vring.needs_notification().unwrap_or(true)
-                } else {
-                    true
+                let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
+                    request::Prepared::Done(d, why) => (d, why),
+                    request::Prepared::Io(p) => {
+                        if has_engine && self.0.disk.plain_io(&p.io.iovs, p.io.offset) {
+                            batch.push((head, p));
+                            continue;
+                        }
+                        self.sync_io(&p, &*mem)
+                    }
                 };
-                if notify {
-                    vring.signal_used_queue()?;
-                }
+                self.answer(vring, queue, head, done, why, event_idx)?;
             }
             if !event_idx {
                 break;
@@ -124,6 +193,64 @@ impl Backend {
                 Ok(true) => continue,
                 _ => break,
             }
+        }
+        let mut eng = self.0.engines[queue].lock().unwrap();
+        if let Some(e) = eng.as_mut() {
+            if batch.len() == 1 && e.idle() {
+                // A lone request (queue depth 1): doing it here saves two wake-ups per
+                // request, the ring's submission and its completion eventfd.
+                drop(eng);
+                let (head, p) = batch.pop().unwrap();
+                let (done, why) = self.sync_io(&p, &*mem);
+                return self.answer(vring, queue, head, done, why, event_idx);
+            }
+            for (head, p) in batch {
+                if let Err((head, p)) = e.push(&self.0.disk, head, p) {
+                    let (done, why) = self.sync_io(&p, &*mem);
+                    self.answer(vring, queue, head, done, why, event_idx)?;
+                }
+            }
+            e.submit()?;
+        }
+        drop(eng);
+        // Completions that are there already are answered at once.
+        self.reap(vring, queue)
+    }
+
+    fn sync_io(
+        &self,
+        p: &request::Pending,
+        mem: &GuestMemoryMmap<()>,
+    ) -> (request::Done, request::Why) {
+        let r = self
+            .0
+            .disk
+            .rw(&mut p.io.iovs.clone(), p.io.offset, p.io.write);
+        p.finish(&self.0.disk, mem, r)
+    }
+
+    fn answer(
+        &self,
+        vring: &Vring,
+        queue: usize,
+        head: u16,
+        done: request::Done,
+        why: request::Why,
+        event_idx: bool,
+    ) -> std::io::Result<()> {
+        if let Some(why) = why {
+            self.complain(queue, &why);
+        }
+        if let Err(e) = vring.add_used(head, done.used) {
+            self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+        }
+        let notify = if event_idx {
+            vring.needs_notification().unwrap_or(true)
+        } else {
+            true
+        };
+        if notify {
+            vring.signal_used_queue()?;
         }
         Ok(())
     }
@@ -213,6 +340,14 @@ impl VhostUserBackend for Backend {
         thread_id: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
+            return Ok(());
+        }
+        if u64::from(device_event) == self.engine_event_id() {
+            if let Some(vring) = vrings.first() {
+                if let Err(e) = self.reap(vring, thread_id) {
+                    log::warn!("queue {thread_id}: cannot signal the guest: {e}");
+                }
+            }
             return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {

@@ -320,6 +320,31 @@ impl Disk {
         Ok(done)
     }
 
+    /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
+    /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
+    pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
+        let aligned = |v: usize| v % DIRECT_ALIGN == 0;
+        self.qcow2.is_none()
+            && (!self.direct
+                || (aligned(offset as usize)
+                    && iovs
+                        .iter()
+                        .all(|v| aligned(v.iov_base as usize) && aligned(v.iov_len))))
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// preadv2/pwritev2 flags for a write now: RWF_DSYNC when writes must be durable.
+    pub fn write_flags(&self) -> i32 {
+        if self.writethrough() {
+            libc::RWF_DSYNC
+        } else {
+            0
+        }
+    }
+
     pub fn flush(&self) -> std::io::Result<()> {
         match &self.qcow2 {
             Some(q) => q.flush(),

@@ -4,6 +4,7 @@
 
 mod backend;
 mod disk;
+mod engine;
 mod image;
 mod request;
 
@@ -157,6 +158,18 @@ fn run(args: Args) -> Result<(), String> {
         let mut daemon =
             VhostUserDaemon::new("blockd-vhost".to_string(), backend.clone(), no_memory())
                 .map_err(|e| format!("cannot start the vhost-user device: {e}"))?;
+        // Each queue's worker also waits for its io_uring's completions.
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.engine_fd(q) {
+                handler
+                    .register_listener(
+                        fd,
+                        vmm_sys_util::epoll::EventSet::IN,
+                        backend.engine_event_id(),
+                    )
+                    .map_err(|e| format!("queue {q}: cannot watch its io_uring: {e}"))?;
+            }
+        }
         daemon
             .start(&mut listener)
             .map_err(|e| format!("cannot accept a frontend: {e}"))?;

@@ -147,15 +147,48 @@ pub struct Done {
 /// Why a request failed, for the log (rate-limited by the caller).
 pub type Why = Option<String>;
 
-/// Parses and executes one request. Never panics and never touches memory outside the guest's
-/// RAM, whatever the chain holds.
-pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) -> (Done, Why) {
+/// A read or write ready to go to the image: the guest's buffers as iovecs (pointers into the
+/// guest RAM mapping, checked to lie inside it).
+pub struct Io {
+    pub write: bool,
+    pub iovs: Vec<libc::iovec>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A request whose data transfer is still to be done (by the caller, synchronously or through
+/// io_uring), then finished with `finish`.
+pub struct Pending {
+    pub io: Io,
+    status: Vec<Seg>,
+}
+
+pub enum Prepared {
+    /// Answered already (everything but reads and writes, and every malformed request).
+    Done(Done, Why),
+    Io(Pending),
+}
+
+enum Step {
+    Status(u8, u64, Why),
+    Io(Io),
+}
+
+fn answer<M: GuestMemoryBackend>(mem: &M, status_seg: &[Seg], status: u8, data_in: u64) -> Done {
+    let ok = write_bytes(mem, status_seg, &[status]);
+    let used = if ok { data_in as u32 + 1 } else { 0 };
+    Done { status, used }
+}
+
+/// Parses a request and does it, unless it is a read or write (see `Pending`). Never panics
+/// and never touches memory outside the guest's RAM, whatever the chain holds.
+pub fn prepare<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) -> Prepared {
     // The status byte is the last writable byte; without one there is nothing to answer on.
     let Some(status_seg) = take_back(&mut chain.writable, 1) else {
         disk.stats
             .invalid
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return (
+        return Prepared::Done(
             Done {
                 status: S_IOERR,
                 used: 0,
@@ -163,13 +196,90 @@ pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) ->
             Some("the chain has no writable status byte".into()),
         );
     };
-    let (status, data_in, why) = run(disk, mem, &mut chain);
-    let ok = write_bytes(mem, &status_seg, &[status]);
-    let used = if ok { data_in as u32 + 1 } else { 0 };
-    (Done { status, used }, why)
+    match run(disk, mem, &mut chain) {
+        Step::Status(status, data_in, why) => {
+            Prepared::Done(answer(mem, &status_seg, status, data_in), why)
+        }
+        Step::Io(io) => Prepared::Io(Pending {
+            io,
+            status: status_seg,
+        }),
+    }
 }
 
-fn run<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: &mut Chain) -> (u8, u64, Why) {
+impl Pending {
+    /// Records the transfer's result and answers the guest.
+    pub fn finish<M: GuestMemoryBackend>(
+        &self,
+        disk: &Disk,
+        mem: &M,
+        result: std::io::Result<u64>,
+    ) -> (Done, Why) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = if self.io.write {
+            &disk.stats.write
+        } else {
+            &disk.stats.read
+        };
+        let (status, data_in, why) = match result {
+            Ok(n) if n == self.io.len => {
+                stats.bytes.fetch_add(n, Relaxed);
+                (S_OK, if self.io.write { 0 } else { n }, None)
+            }
+            Ok(n) => {
+                stats.errors.fetch_add(1, Relaxed);
+                (
+                    S_IOERR,
+                    0,
+                    Some(format!(
+                        "short transfer at byte {}: {n} of {} bytes",
+                        self.io.offset, self.io.len
+                    )),
+                )
+            }
+            Err(e) => {
+                stats.errors.fetch_add(1, Relaxed);
+                (
+                    S_IOERR,
+                    0,
+                    Some(format!("I/O error at byte {}: {e}", self.io.offset)),
+                )
+            }
+        };
+        (answer(mem, &self.status, status, data_in), why)
+    }
+}
+
+/// Parses and executes one request synchronously.
+#[cfg(test)]
+pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: Chain) -> (Done, Why) {
+    match prepare(disk, mem, chain) {
+        Prepared::Done(done, why) => (done, why),
+        Prepared::Io(mut p) => {
+            let r = disk.rw(&mut p.io.iovs.clone(), p.io.offset, p.io.write);
+            p.io.iovs.clear();
+            p.finish(disk, mem, r)
+        }
+    }
+}
+
+fn run<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: &mut Chain) -> Step {
+    let mut io = None;
+    let (status, data_in, why) = parse(disk, mem, chain, &mut io);
+    match io {
+        Some(io) => Step::Io(io),
+        None => Step::Status(status, data_in, why),
+    }
+}
+
+/// Checks the request and does it, except the data transfer of a read or write, which it
+/// leaves in `io` (the status it returns then means nothing).
+fn parse<M: GuestMemoryBackend>(
+    disk: &Disk,
+    mem: &M,
+    chain: &mut Chain,
+    io: &mut Option<Io>,
+) -> (u8, u64, Why) {
     use std::sync::atomic::Ordering::Relaxed;
     let invalid = |why: String| {
         disk.stats.invalid.fetch_add(1, Relaxed);
@@ -243,16 +353,13 @@ fn run<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: &mut Chain) -> (u8, u
                     }
                 }
             }
-            match disk.rw(&mut iovs, offset, write) {
-                Ok(n) => {
-                    stats.bytes.fetch_add(n, Relaxed);
-                    (S_OK, if write { 0 } else { n }, None)
-                }
-                Err(e) => {
-                    stats.errors.fetch_add(1, Relaxed);
-                    (S_IOERR, 0, Some(format!("I/O error at byte {offset}: {e}")))
-                }
-            }
+            *io = Some(Io {
+                write,
+                iovs,
+                offset,
+                len,
+            });
+            (S_OK, 0, None)
         }
         T_FLUSH => {
             disk.stats.flush.requests.fetch_add(1, Relaxed);
