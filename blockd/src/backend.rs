@@ -180,7 +180,7 @@ impl Backend {
                             batch.push((head, p));
                             continue;
                         }
-                        self.sync_io(&p, &*mem)
+                        self.sync_io(&p, &mem)
                     }
                 };
                 self.answer(vring, queue, head, done, why, event_idx)?;
@@ -201,12 +201,12 @@ impl Backend {
                 // request, the ring's submission and its completion eventfd.
                 drop(eng);
                 let (head, p) = batch.pop().unwrap();
-                let (done, why) = self.sync_io(&p, &*mem);
+                let (done, why) = self.sync_io(&p, &mem);
                 return self.answer(vring, queue, head, done, why, event_idx);
             }
             for (head, p) in batch {
                 if let Err((head, p)) = e.push(&self.0.disk, head, p) {
-                    let (done, why) = self.sync_io(&p, &*mem);
+                    let (done, why) = self.sync_io(&p, &mem);
                     self.answer(vring, queue, head, done, why, event_idx)?;
                 }
             }
