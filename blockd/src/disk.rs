@@ -47,12 +47,29 @@ pub struct Options {
     pub format: crate::image::Format,
 }
 
+/// Latency histogram bounds, in microseconds (a last bucket holds everything above).
+pub const LATENCY_BOUNDS_US: [u64; 13] = [
+    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+];
+
 /// Per-operation counters.
 #[derive(Default)]
 pub struct OpStats {
     pub requests: AtomicU64,
     pub bytes: AtomicU64,
     pub errors: AtomicU64,
+    pub latency: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+}
+
+impl OpStats {
+    pub fn record_latency(&self, since: std::time::Instant) {
+        let us = since.elapsed().as_micros() as u64;
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -69,6 +86,7 @@ pub struct Stats {
 
 pub struct Disk {
     file: File,
+    pub format: crate::image::Format,
     qcow2: Option<crate::image::Qcow2Image>,
     /// The image is open with O_DIRECT: unaligned requests go through an aligned bounce buffer.
     direct: bool,
@@ -77,6 +95,32 @@ pub struct Disk {
     pub options: Options,
     writethrough: AtomicBool,
     pub stats: Stats,
+}
+
+/// Every writable disk of this process, for a flush at exit.
+static WRITABLE: std::sync::Mutex<Vec<std::sync::Weak<Disk>>> = std::sync::Mutex::new(Vec::new());
+
+/// Flushes every writable disk still in use.
+pub fn flush_all() -> std::io::Result<()> {
+    let disks: Vec<_> = WRITABLE
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    for d in disks {
+        d.flush()?;
+    }
+    Ok(())
+}
+
+/// Registers a disk for `flush_all`.
+pub fn register(disk: &std::sync::Arc<Disk>) {
+    if !disk.options.readonly {
+        let mut w = WRITABLE.lock().unwrap();
+        w.retain(|d| d.strong_count() > 0);
+        w.push(std::sync::Arc::downgrade(disk));
+    }
 }
 
 impl Disk {
@@ -110,6 +154,7 @@ impl Disk {
         // SAFETY: F_GETFL only reads the descriptor's flags.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         Ok(Disk {
+            format: options.format,
             direct: flags >= 0 && flags & libc::O_DIRECT != 0,
             file,
             qcow2,
@@ -137,6 +182,10 @@ impl Disk {
             f |= F_DISCARD | F_WRITE_ZEROES;
         }
         f
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     pub fn writethrough(&self) -> bool {

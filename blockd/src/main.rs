@@ -5,8 +5,10 @@
 mod backend;
 mod disk;
 mod engine;
+mod exports;
 mod image;
 mod request;
+mod rpc;
 
 use clap::Parser;
 use std::fs::File;
@@ -15,19 +17,26 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "vhost-user-blk backend for vmm-core")]
 struct Args {
-    /// The disk image (raw).
-    #[arg(long, value_name = "PATH", required_unless_present = "image_fd")]
+    /// Serve the control API (proto/schema/blockd.capnp) on this inherited, connected socket,
+    /// as vmm-core starts blockd; exports are added over it. blockd ends when it closes.
+    #[arg(long, value_name = "FD", conflicts_with_all = ["image", "image_fd", "listen"])]
+    control_fd: Option<i32>,
+    /// Serve the control API on this Unix socket path (mode 0600), or on the socket systemd
+    /// passes (LISTEN_FDS) when the path is "systemd".
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["image", "image_fd"])]
+    listen: Option<PathBuf>,
+    /// One export, from the command line: the disk image.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["image_fd", "control_fd", "listen"])]
     image: Option<PathBuf>,
     /// The disk image as an inherited file descriptor (vmm-core opens it).
     #[arg(long, value_name = "FD", conflicts_with = "image")]
     image_fd: Option<i32>,
     /// Listen for the vhost-user frontend on this Unix socket path.
-    #[arg(long, value_name = "PATH", required_unless_present = "listen_fd")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["listen_fd", "control_fd", "listen"])]
     socket: Option<PathBuf>,
     /// Listen on an inherited, bound and listening Unix socket.
     #[arg(long, value_name = "FD", conflicts_with = "socket")]
@@ -108,6 +117,9 @@ fn run(args: Args) -> Result<(), String> {
             request::ID_BYTES
         ));
     }
+    if args.control_fd.is_some() || args.listen.is_some() {
+        return control_mode(&args);
+    }
     let file = match (&args.image, args.image_fd) {
         (Some(path), _) => std::fs::OpenOptions::new()
             .read(true)
@@ -136,7 +148,7 @@ fn run(args: Args) -> Result<(), String> {
         format: args.format,
     };
     let disk = Arc::new(disk::Disk::new(file, options).map_err(|e| format!("the image: {e}"))?);
-    let mut listener = match (&args.socket, args.listen_fd) {
+    let listener = match (&args.socket, args.listen_fd) {
         (Some(path), _) => Listener::new(path, true)
             .map_err(|e| format!("--socket {}: cannot listen there ({e})", path.display()))?,
         (None, Some(fd)) => {
@@ -146,65 +158,89 @@ fn run(args: Args) -> Result<(), String> {
         }
         (None, None) => unreachable!("clap requires one"),
     };
-    stop_on_signals(disk.clone());
-    log::info!(
-        "serving {} bytes{}, {} queue(s)",
-        disk.size,
-        if args.readonly { " read-only" } else { "" },
-        args.queues
-    );
-    loop {
-        let backend = backend::Backend::new(disk.clone());
-        let mut daemon =
-            VhostUserDaemon::new("blockd-vhost".to_string(), backend.clone(), no_memory())
-                .map_err(|e| format!("cannot start the vhost-user device: {e}"))?;
-        // Each queue's worker also waits for its io_uring's completions.
-        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = backend.engine_fd(q) {
-                handler
-                    .register_listener(
-                        fd,
-                        vmm_sys_util::epoll::EventSet::IN,
-                        backend.engine_event_id(),
-                    )
-                    .map_err(|e| format!("queue {q}: cannot watch its io_uring: {e}"))?;
-            }
-        }
-        daemon
-            .start(&mut listener)
-            .map_err(|e| format!("cannot accept a frontend: {e}"))?;
-        log::info!("frontend connected");
-        let r = daemon.wait();
-        backend.stop_workers();
-        drop(daemon);
-        // Whatever the guest left in caches (qcow2 metadata above all) goes to the image now.
-        if !disk.options.readonly {
-            if let Err(e) = disk.flush() {
-                log::warn!("cannot flush the image after the frontend left: {e}");
-            }
-        }
-        match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("frontend connection ended: {e}"),
-        }
-        if args.once {
-            return Ok(());
-        }
-    }
+    stop_on_signals();
+    let image = args
+        .image
+        .as_ref()
+        .map_or_else(|| "(inherited)".to_string(), |p| p.display().to_string());
+    let socket = args
+        .socket
+        .as_ref()
+        .map_or_else(|| "(inherited)".to_string(), |p| p.display().to_string());
+    let export = exports::Export::start("disk", &image, &socket, disk, listener, args.once)
+        .map_err(|e| format!("cannot start the export's thread: {e}"))?;
+    // The export runs until the process ends (or, with --once, until its frontend leaves).
+    export.join();
+    Ok(())
 }
 
-/// An empty guest memory until the frontend sends its table.
-fn no_memory() -> backend::Memory {
-    vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new())
+/// Serves the control API: exports come and go over RPC.
+fn control_mode(args: &Args) -> Result<(), String> {
+    stop_on_signals();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the RPC runtime: {e}"))?;
+    let local = tokio::task::LocalSet::new();
+    let exports: rpc::Exports = Default::default();
+    let queue_size = args.queue_size;
+    if let Some(fd) = args.control_fd {
+        check_fd(fd, "--control-fd")?;
+        // SAFETY: an inherited connected socket that nothing else in this process owns.
+        let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        local.block_on(&rt, rpc::serve(stream, exports.clone(), queue_size));
+        // vmm-core is gone: stop every export (each flushes its image).
+        exports.borrow_mut().clear();
+        return Ok(());
+    }
+    let path = args.listen.clone().expect("control mode has one of them");
+    let listener = if path.as_os_str() == "systemd" {
+        let mut fds = vmm_sandbox::systemd::listen_fds();
+        if fds.len() != 1 {
+            return Err(format!(
+                "--listen systemd: systemd passed {} sockets; blockd takes one",
+                fds.len()
+            ));
+        }
+        std::os::unix::net::UnixListener::from(fds.pop().expect("one"))
+    } else {
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("--listen {}: cannot listen there ({e})", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        l
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--listen: {e}"))?;
+    let _ = vmm_sandbox::systemd::notify("READY=1");
+    local.block_on(&rt, async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("cannot use the control socket: {e}");
+                return;
+            }
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let Ok(std) = stream.into_std() else { continue };
+                    let _ = std.set_nonblocking(false);
+                    tokio::task::spawn_local(rpc::serve(std, exports.clone(), queue_size));
+                }
+                Err(e) => log::warn!("control socket: {e}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// SIGTERM and SIGINT flush the image and end blockd with status 0 (systemd's and vmm-core's
 /// way to stop it). The signals are blocked here, before any other thread exists, and taken by
 /// one thread with sigwait.
-fn stop_on_signals(disk: Arc<disk::Disk>) {
+fn stop_on_signals() {
     // SAFETY: sigset manipulation on a local set, then masking this (the only) thread's signals.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -218,13 +254,11 @@ fn stop_on_signals(disk: Arc<disk::Disk>) {
         let mut sig = 0;
         // SAFETY: waits on a valid set; sig receives the signal number.
         unsafe { libc::sigwait(&set, &mut sig) };
-        if !disk.options.readonly {
-            if let Err(e) = disk.flush() {
-                log::warn!("cannot flush the image before exiting: {e}");
-                std::process::exit(1);
-            }
+        if let Err(e) = disk::flush_all() {
+            log::warn!("cannot flush an image before exiting: {e}");
+            std::process::exit(1);
         }
-        log::info!("stopping (signal {sig}); the image is flushed");
+        log::info!("stopping (signal {sig}); the images are flushed");
         std::process::exit(0);
     });
 }

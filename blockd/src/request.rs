@@ -161,6 +161,7 @@ pub struct Io {
 pub struct Pending {
     pub io: Io,
     status: Vec<Seg>,
+    start: std::time::Instant,
 }
 
 pub enum Prepared {
@@ -183,6 +184,7 @@ fn answer<M: GuestMemoryBackend>(mem: &M, status_seg: &[Seg], status: u8, data_i
 /// Parses a request and does it, unless it is a read or write (see `Pending`). Never panics
 /// and never touches memory outside the guest's RAM, whatever the chain holds.
 pub fn prepare<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) -> Prepared {
+    let start = std::time::Instant::now();
     // The status byte is the last writable byte; without one there is nothing to answer on.
     let Some(status_seg) = take_back(&mut chain.writable, 1) else {
         disk.stats
@@ -203,6 +205,7 @@ pub fn prepare<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) ->
         Step::Io(io) => Prepared::Io(Pending {
             io,
             status: status_seg,
+            start,
         }),
     }
 }
@@ -221,6 +224,7 @@ impl Pending {
         } else {
             &disk.stats.read
         };
+        stats.record_latency(self.start);
         let (status, data_in, why) = match result {
             Ok(n) if n == self.io.len => {
                 stats.bytes.fetch_add(n, Relaxed);
@@ -363,7 +367,10 @@ fn parse<M: GuestMemoryBackend>(
         }
         T_FLUSH => {
             disk.stats.flush.requests.fetch_add(1, Relaxed);
-            match disk.flush() {
+            let start = std::time::Instant::now();
+            let r = disk.flush();
+            disk.stats.flush.record_latency(start);
+            match r {
                 Ok(()) => (S_OK, 0, None),
                 Err(e) => {
                     disk.stats.flush.errors.fetch_add(1, Relaxed);
@@ -442,6 +449,7 @@ fn parse<M: GuestMemoryBackend>(
                     }
                 }
             }
+            let start = std::time::Instant::now();
             for (offset, bytes, unmap) in ranges {
                 let r = if discard {
                     disk.discard(offset, bytes)
@@ -454,6 +462,7 @@ fn parse<M: GuestMemoryBackend>(
                 }
                 stats.bytes.fetch_add(bytes, Relaxed);
             }
+            stats.record_latency(start);
             (S_OK, 0, None)
         }
         other => {

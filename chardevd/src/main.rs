@@ -6,7 +6,7 @@
 mod backend;
 
 use clap::Parser;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 use vmm_proto::chardevd_capnp::chardevd;
 
@@ -75,32 +75,12 @@ fn control(args: &Args) -> Result<Control, String> {
     Err("give --control-fd FD (from vmm-core) or --listen PATH, or start chardevd from a systemd socket unit".into())
 }
 
-/// The side channel that a new control connection carries first (see chardevd.capnp).
-async fn side_channel(stream: &tokio::net::UnixStream) -> Result<OwnedFd, String> {
-    let recv = stream.async_io(tokio::io::Interest::READABLE, || {
-        let mut byte = [0u8; 1];
-        vmm_proto::fdpass::recv(stream.as_fd(), &mut byte, libc::MSG_DONTWAIT)
-            .map(|(n, fds)| (n, byte[0], fds))
-    });
-    match tokio::time::timeout(std::time::Duration::from_secs(10), recv).await {
-        Err(_) => Err("it sent nothing for 10 s".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok((1, vmm_proto::fdpass::SIDE_CHANNEL_PREAMBLE, mut fds))) if fds.len() == 1 => {
-            Ok(fds.pop().expect("one descriptor"))
-        }
-        Ok(Ok((n, b, fds))) => Err(format!(
-            "it began with {n} byte(s) ({b:#04x}) and {} descriptor(s), not the side channel",
-            fds.len()
-        )),
-    }
-}
-
 /// Serves one vmm-core connection until it closes.
 async fn serve(stream: std::os::unix::net::UnixStream) {
     let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
         return;
     };
-    let side = match side_channel(&stream).await {
+    let side = match vmm_proto::rpc::accept_side_channel(&stream).await {
         Ok(fd) => fd,
         Err(e) => {
             eprintln!("chardevd: refused a control connection: {e}; only vmm-core speaks this protocol (see proto/schema/chardevd.capnp)");

@@ -2,6 +2,8 @@
 # The management API of vmm-core, served on --api-socket (a Unix socket, mode 0600, peers
 # checked with SO_PEERCRED). vmmctl speaks it; so can any orchestrator, from this file alone.
 
+using Blockd = import "blockd.capnp";
+
 interface Vmm {
   info @0 () -> (info :VmInfo);
   # What the VM is and what state it is in.
@@ -44,6 +46,9 @@ interface Vmm {
 
   cpus @11 () -> (cpus :List(CpuInfo), created :UInt32);
   # Every possible vCPU, and how many times KVM_CREATE_VCPU was called in this boot.
+
+  disks @12 () -> (disks :List(Blockd.ExportInfo));
+  # The VM's disks as blockd serves them, with their statistics.
 
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink

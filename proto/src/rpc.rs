@@ -42,3 +42,28 @@ pub fn tokio_stream(
     stream.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(stream)
 }
+
+/// The server's side of a new control connection's side channel (see chardevd.capnp and
+/// blockd.capnp): the first message, one byte (1) with one descriptor, the client's end of a
+/// SOCK_SEQPACKET pair that carries file descriptors from then on.
+pub async fn accept_side_channel(
+    stream: &tokio::net::UnixStream,
+) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::AsFd;
+    let recv = stream.async_io(tokio::io::Interest::READABLE, || {
+        let mut byte = [0u8; 1];
+        crate::fdpass::recv(stream.as_fd(), &mut byte, libc::MSG_DONTWAIT)
+            .map(|(n, fds)| (n, byte[0], fds))
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(10), recv).await {
+        Err(_) => Err("it sent nothing for 10 s".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok((1, crate::fdpass::SIDE_CHANNEL_PREAMBLE, mut fds))) if fds.len() == 1 => {
+            Ok(fds.pop().expect("one descriptor"))
+        }
+        Ok(Ok((n, b, fds))) => Err(format!(
+            "it began with {n} byte(s) ({b:#04x}) and {} descriptor(s), not the side channel",
+            fds.len()
+        )),
+    }
+}

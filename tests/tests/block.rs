@@ -375,3 +375,73 @@ fn blkio_client_writes_and_verifies_through_blockd() {
         "the image does not hold what the client wrote"
     );
 }
+
+#[test]
+fn vmmctl_disk_list_and_stats_count_what_the_guest_did() {
+    let dir = TempDir::new("block-stats");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let sock = vmm_tests::socket_path("block-stats");
+    let vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=4 tg.blk.halt-after-write=1")
+        .arg("--disk")
+        .arg(format!("path={},queues=2", img.display()))
+        .arg("--api-socket")
+        .arg(sock.to_str().unwrap())
+        .spawn();
+    vm.wait_for("tg: blk0 written-unflushed", T);
+    let (code, out, err) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("disk0"), "{out}");
+    assert!(
+        out.contains("4.0 MiB") && out.contains("queues=2") && out.contains("connected"),
+        "{out}"
+    );
+    assert!(out.contains(img.to_str().unwrap()), "{out}");
+
+    let (code, json, err) = vmm_tests::vmmctl(&sock, &["--json", "disk", "stats", "disk0"]);
+    assert_eq!(code, 0, "{err}");
+    // The guest wrote 4 MiB in 64 KiB requests (after its GET_ID).
+    let write = json
+        .split("{\"op\":\"write\",")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{json}"));
+    let num = |key: &str| -> u64 {
+        write
+            .split(&format!("\"{key}\":"))
+            .nth(1)
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {json}"))
+    };
+    assert_eq!(num("requests"), 64, "{json}");
+    assert_eq!(num("bytes"), 4 << 20, "{json}");
+    assert_eq!(num("errors"), 0, "{json}");
+    let latency = write
+        .split("\"latency\":[")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    let counted: u64 = latency
+        .split("\"count\":")
+        .skip(1)
+        .map(|s| s.split('}').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        counted, 64,
+        "every write is in the latency histogram: {latency}"
+    );
+    assert!(json.contains("\"op\":\"get-id\",\"requests\":1"), "{json}");
+
+    let (code, human, _) = vmm_tests::vmmctl(&sock, &["disk", "stats"]);
+    assert_eq!(code, 0);
+    assert!(human.contains("write cache on"), "{human}");
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "stats", "disk7"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no disk \"disk7\"; this VM has disk0"),
+        "{err}"
+    );
+}

@@ -73,6 +73,8 @@ pub struct Status {
 }
 
 pub struct Shared {
+    /// The VM's disks' blockd (statistics for `disks`).
+    pub blockd: Mutex<Option<crate::block::Blockd>>,
     pub status: Mutex<Status>,
     pub started: Instant,
     pub events: Events,
@@ -453,6 +455,53 @@ impl vmm::Server for VmmServer {
             d.set_name(*name);
             d.set_kind(*kind);
             d.set_detail(detail);
+        }
+        Ok(())
+    }
+
+    async fn disks(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::DisksParams,
+        mut results: vmm::DisksResults,
+    ) -> Result<(), capnp::Error> {
+        let shared = self.shared.clone();
+        // blockd answers through its client thread; wait for it off this thread.
+        let list =
+            tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
+                Some(b) => b.list(),
+                None => Ok(Vec::new()),
+            })
+            .await
+            .map_err(|e| capnp::Error::failed(e.to_string()))?
+            .map_err(capnp::Error::failed)?;
+        let mut out = results.get().init_disks(list.len() as u32);
+        for (i, d) in list.iter().enumerate() {
+            let mut x = out.reborrow().get(i as u32);
+            x.set_name(&d.name);
+            x.set_image(&d.image);
+            x.set_format(&d.format);
+            x.set_readonly(d.readonly);
+            x.set_queues(d.queues);
+            x.set_size(d.size);
+            x.set_socket(&d.socket);
+            x.set_connected(d.connected);
+            x.set_writeback(d.writeback);
+            x.set_direct(d.direct);
+            x.set_invalid(d.invalid);
+            let mut ops = x.init_ops(d.ops.len() as u32);
+            for (j, o) in d.ops.iter().enumerate() {
+                let mut y = ops.reborrow().get(j as u32);
+                y.set_op(&o.op);
+                y.set_requests(o.requests);
+                y.set_bytes(o.bytes);
+                y.set_errors(o.errors);
+                let mut b = y.init_latency(o.latency.len() as u32);
+                for (k, (up, n)) in o.latency.iter().enumerate() {
+                    let mut z = b.reborrow().get(k as u32);
+                    z.set_up_to_us(*up);
+                    z.set_count(*n);
+                }
+            }
         }
         Ok(())
     }

@@ -100,43 +100,14 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     }
 }
 
-/// A disk's backend: blockd started by us, or a socket given.
+/// A disk's vhost-user backend: an export of the VM's blockd, or a socket given.
 pub struct DiskBackend {
     pub name: String,
     pub socket: PathBuf,
     pub queues: u16,
-    child: Option<std::process::Child>,
-}
-
-impl Drop for DiskBackend {
-    /// SIGTERM (blockd flushes the image and exits), then SIGKILL if it takes over 10 s.
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill on the PID of our own child, which has not been reaped.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                match c.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() {
-                            log::warn!("{}: blockd ended with {status}", self.name);
-                        }
-                        return;
-                    }
-                    Ok(None) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(5))
-                    }
-                    _ => break,
-                }
-            }
-            log::warn!(
-                "{}: blockd did not stop within 10 s of SIGTERM; killing it",
-                self.name
-            );
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    /// Where it came from, for `vmmctl disk list` (the image's path, or "vhost-user socket").
+    pub image: String,
+    pub external: bool,
 }
 
 /// The private directory that holds blockd's sockets; removed with everything in it.
@@ -169,21 +140,135 @@ impl Drop for RunDir {
     }
 }
 
-/// Opens each disk's image and starts its blockd.
+/// One operation's statistics, as blockd reports them.
+#[derive(Debug, Clone, Default)]
+pub struct OpInfo {
+    pub op: String,
+    pub requests: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    /// (upper bound in microseconds, 0 for the last bucket; count)
+    pub latency: Vec<(u64, u64)>,
+}
+
+/// A disk as `vmmctl disk list` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct DiskInfo {
+    pub name: String,
+    pub image: String,
+    pub format: String,
+    pub readonly: bool,
+    pub queues: u16,
+    pub size: u64,
+    pub socket: String,
+    pub connected: bool,
+    pub writeback: bool,
+    pub direct: bool,
+    pub invalid: u64,
+    pub ops: Vec<OpInfo>,
+}
+
+enum Command {
+    List(std::sync::mpsc::Sender<Result<Vec<DiskInfo>, String>>),
+}
+
+/// The VM's blockd: started with the VM, one export per `path=` disk, ended with the VM
+/// (closing its control connection makes it flush every image and exit).
+pub struct Blockd {
+    commands: Option<tokio::sync::mpsc::UnboundedSender<Command>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    child: Option<std::process::Child>,
+    external: Vec<DiskInfo>,
+}
+
+impl Blockd {
+    /// Every disk with blockd's statistics (and the external ones, without).
+    pub fn list(&self) -> Result<Vec<DiskInfo>, String> {
+        let mut out = Vec::new();
+        if let Some(c) = &self.commands {
+            let (tx, rx) = std::sync::mpsc::channel();
+            c.send(Command::List(tx))
+                .map_err(|_| "blockd is not running".to_string())?;
+            out = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .map_err(|_| "blockd did not answer within 5 s".to_string())??;
+        }
+        out.extend(self.external.iter().cloned());
+        Ok(out)
+    }
+}
+
+impl Drop for Blockd {
+    fn drop(&mut self) {
+        self.commands.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(mut c) = self.child.take() {
+            // With its control connection closed, blockd flushes every image and exits; give
+            // it 10 s (SIGTERM half-way, which also flushes), then kill it.
+            let start = std::time::Instant::now();
+            let mut termed = false;
+            loop {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            log::warn!("blockd ended with {status}");
+                        }
+                        return;
+                    }
+                    Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                        if !termed && start.elapsed() > std::time::Duration::from_secs(5) {
+                            // SAFETY: kill on the PID of our own child, not yet reaped.
+                            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+                            termed = true;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    _ => break,
+                }
+            }
+            log::warn!("blockd did not stop within 10 s; killing it");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What vmm-core opened for one export: handed to blockd on the side channel.
+struct Opened {
+    name: String,
+    spec: DiskSpec,
+    image: std::fs::File,
+    listener: std::os::unix::net::UnixListener,
+    socket: PathBuf,
+}
+
+/// Opens each disk's image and listening socket, starts blockd, and adds the exports.
 pub fn start(
     disks: &[DiskSpec],
     blockd: &Path,
     dir: Option<&RunDir>,
-) -> Result<Vec<DiskBackend>, String> {
-    let mut out = Vec::new();
+) -> Result<(Vec<DiskBackend>, Blockd), String> {
+    let mut backends = Vec::new();
+    let mut opened = Vec::new();
+    let mut external = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let name = format!("disk{i}");
         if let Some(socket) = &d.socket {
-            out.push(DiskBackend {
-                name,
+            backends.push(DiskBackend {
+                name: name.clone(),
                 socket: socket.clone(),
                 queues: d.queues,
-                child: None,
+                image: "vhost-user socket".into(),
+                external: true,
+            });
+            external.push(DiskInfo {
+                name,
+                image: "(an external vhost-user-blk backend)".into(),
+                queues: d.queues,
+                socket: socket.display().to_string(),
+                ..Default::default()
             });
             continue;
         }
@@ -204,50 +289,205 @@ pub fn start(
         let socket = dir.0.join(format!("{name}.sock"));
         let listener = std::os::unix::net::UnixListener::bind(&socket)
             .map_err(|e| format!("{name}: cannot listen on {} ({e})", socket.display()))?;
-        let mut cmd = std::process::Command::new(blockd);
-        cmd.args(["--listen-fd", "3", "--image-fd", "4", "--queues"])
-            .arg(d.queues.to_string())
-            .arg("--serial")
-            .arg(d.serial.clone().unwrap_or_else(|| name.clone()))
-            .arg("--format")
-            .arg(&d.format)
-            .stdin(std::process::Stdio::null());
-        if d.readonly {
-            cmd.arg("--readonly");
-        }
-        let (lfd, ifd) = (listener.as_raw_fd(), image.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (dup2, prctl): the listener becomes fd 3 and
-        // the image fd 4, both without close-on-exec, and blockd dies with vmm-core.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Move them out of the way first, in case either already sits at 3 or 4.
-                let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);
-                let i = libc::fcntl(ifd, libc::F_DUPFD_CLOEXEC, 10);
-                if l < 0 || i < 0 || libc::dup2(l, 3) < 0 || libc::dup2(i, 4) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("{name}: cannot start {} ({e})", blockd.display()))?;
-        log::info!(
-            "{name}: {}{} served by blockd (pid {}), {} queue(s)",
-            path.display(),
-            if d.readonly { " (read-only)" } else { "" },
-            child.id(),
-            d.queues
-        );
-        out.push(DiskBackend {
-            name,
-            socket,
+        backends.push(DiskBackend {
+            name: name.clone(),
+            socket: socket.clone(),
             queues: d.queues,
-            child: Some(child),
+            image: path.display().to_string(),
+            external: false,
+        });
+        opened.push(Opened {
+            name,
+            spec: d.clone(),
+            image,
+            listener,
+            socket,
         });
     }
-    Ok(out)
+    let mut handle = Blockd {
+        commands: None,
+        thread: None,
+        child: None,
+        external,
+    };
+    if opened.is_empty() {
+        return Ok((backends, handle));
+    }
+
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("blockd: cannot make its control socket ({e})"))?;
+    let mut cmd = std::process::Command::new(blockd);
+    cmd.args(["--control-fd", "3"])
+        .stdin(std::process::Stdio::null());
+    let tfd = theirs.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl): the control socket becomes
+    // fd 3 without close-on-exec, and blockd dies with vmm-core.
+    unsafe {
+        cmd.pre_exec(move || {
+            let t = libc::fcntl(tfd, libc::F_DUPFD_CLOEXEC, 10);
+            if t < 0 || libc::dup2(t, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start blockd ({}): {e}", blockd.display()))?;
+    drop(theirs);
+    log::info!("started blockd (pid {})", child.id());
+    handle.child = Some(child);
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("blockd-client".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, client(ours, opened, ready_tx, rx));
+        })
+        .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
+    handle.thread = Some(thread);
+    handle.commands = Some(commands);
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((backends, handle)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("blockd: its client thread ended".into()),
+    }
+}
+
+async fn client(
+    control: std::os::unix::net::UnixStream,
+    opened: Vec<Opened>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+) {
+    use std::os::fd::AsFd;
+    use vmm_proto::blockd_capnp::blockd;
+    use vmm_proto::fdpass;
+    let setup = || -> std::io::Result<std::os::fd::OwnedFd> {
+        let (side, theirs) = fdpass::seqpacket_pair()?;
+        fdpass::send(
+            control.as_fd(),
+            &[fdpass::SIDE_CHANNEL_PREAMBLE],
+            &[theirs.as_fd()],
+        )?;
+        Ok(side)
+    };
+    let side = match setup() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(format!("blockd: cannot set up its side channel ({e})")));
+            return;
+        }
+    };
+    let stream = match vmm_proto::rpc::tokio_stream(control) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(format!("blockd: {e}")));
+            return;
+        }
+    };
+    let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
+    let connection = tokio::task::spawn_local(rpc);
+    for o in &opened {
+        if let Err(e) = fdpass::send(
+            side.as_fd(),
+            o.name.as_bytes(),
+            &[o.image.as_fd(), o.listener.as_fd()],
+        ) {
+            let _ = ready.send(Err(format!(
+                "{}: cannot hand blockd its image ({e})",
+                o.name
+            )));
+            return;
+        }
+        let mut req = server.add_request();
+        {
+            let mut e = req.get().init_export();
+            e.set_name(&o.name);
+            e.set_image(
+                o.spec
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            );
+            e.set_format(&o.spec.format);
+            e.set_readonly(o.spec.readonly);
+            e.set_queues(o.spec.queues);
+            e.set_serial(o.spec.serial.as_deref().unwrap_or(&o.name));
+            e.set_socket(o.socket.display().to_string());
+            e.set_fds_on_side_channel(true);
+        }
+        if let Err(e) = req.send().promise.await {
+            let msg = e.extra.trim_start_matches("remote exception: ").to_string();
+            let _ = ready.send(Err(format!(
+                "--disk {}: blockd refused it: {msg}",
+                o.spec
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )));
+            return;
+        }
+    }
+    // blockd has its own copies now.
+    drop(opened);
+    let _ = ready.send(Ok(()));
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            Command::List(reply) => {
+                let r = server.list_request().send().promise.await;
+                let out = r
+                    .and_then(|r| {
+                        let list = r.get()?.get_exports()?;
+                        let mut v = Vec::new();
+                        for x in list.iter() {
+                            let mut ops = Vec::new();
+                            for o in x.get_ops()?.iter() {
+                                ops.push(OpInfo {
+                                    op: o.get_op()?.to_string()?,
+                                    requests: o.get_requests(),
+                                    bytes: o.get_bytes(),
+                                    errors: o.get_errors(),
+                                    latency: o
+                                        .get_latency()?
+                                        .iter()
+                                        .map(|b| (b.get_up_to_us(), b.get_count()))
+                                        .collect(),
+                                });
+                            }
+                            v.push(DiskInfo {
+                                name: x.get_name()?.to_string()?,
+                                image: x.get_image()?.to_string()?,
+                                format: x.get_format()?.to_string()?,
+                                readonly: x.get_readonly(),
+                                queues: x.get_queues(),
+                                size: x.get_size(),
+                                socket: x.get_socket()?.to_string()?,
+                                connected: x.get_connected(),
+                                writeback: x.get_writeback(),
+                                direct: x.get_direct(),
+                                invalid: x.get_invalid(),
+                                ops,
+                            });
+                        }
+                        Ok(v)
+                    })
+                    .map_err(|e| format!("blockd: {e}"));
+                let _ = reply.send(out);
+            }
+        }
+    }
+    // The VM ends: closing the connection stops blockd.
+    connection.abort();
 }
 
 #[cfg(test)]

@@ -207,6 +207,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         events: api::Events::default(),
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
+        blockd: Mutex::new(None),
     });
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
@@ -223,8 +224,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     } else {
         None
     };
-    let disks = crate::block::start(&config.disks, &config.blockd, run_dir.as_ref())
+    let (disks, blockd) = crate::block::start(&config.disks, &config.blockd, run_dir.as_ref())
         .map_err(VmError::Disk)?;
+    *shared.blockd.lock().unwrap() = Some(blockd);
 
     let mut supervisor = None;
     if let Some(backend) = &config.serial {
@@ -280,6 +282,8 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
     let result = run_guest(kvm, config, &tx, &rx, &console, &shared, &disks);
     drop(disks);
+    // Ends blockd (it flushes the images), then removes its sockets' directory.
+    shared.blockd.lock().unwrap().take();
     drop(run_dir);
     let _ = vmm_sandbox::systemd::notify("STOPPING=1");
     if let Some(buffer) = console.output.get() {

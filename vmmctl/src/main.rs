@@ -56,6 +56,12 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = "serial0")]
         device: String,
     },
+    /// The VM's disks (served by blockd): `disk list`, or `disk stats [NAME]` for each
+    /// operation's requests, bytes, errors and latency histogram.
+    Disk {
+        #[command(subcommand)]
+        action: DiskAction,
+    },
     /// Fault injection on the console's backend in chardevd.
     ConsoleFault {
         #[command(subcommand)]
@@ -75,6 +81,14 @@ enum CpusAction {
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
         timeout: f64,
     },
+}
+
+#[derive(Subcommand, Clone)]
+enum DiskAction {
+    /// Each disk: image, format, size, queues, and whether a frontend is connected.
+    List,
+    /// Statistics per operation, for every disk or the one named.
+    Stats { name: Option<String> },
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -165,6 +179,12 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Cpus { action: Some(_) } => "cpus set",
         Command::Console { .. } => "console",
         Command::ConsoleFault { .. } => "console-fault",
+        Command::Disk {
+            action: DiskAction::List,
+        } => "disk list",
+        Command::Disk {
+            action: DiskAction::Stats { .. },
+        } => "disk stats",
     };
     let fail = |e: capnp::Error| {
         let msg = match e.kind {
@@ -252,6 +272,34 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 ));
                 out
             }
+        }
+        Command::Disk { action } => {
+            let reply = client.disks_request().send().promise.await.map_err(fail)?;
+            let list = reply.get().and_then(|r| r.get_disks()).map_err(fail)?;
+            let only = match &action {
+                DiskAction::Stats { name } => name.clone(),
+                DiskAction::List => None,
+            };
+            if let Some(n) = &only {
+                let mut names = Vec::new();
+                for d in list.iter() {
+                    names.push(text(d.get_name()).map_err(fail)?);
+                }
+                if !names.contains(n) {
+                    return Err(Failure(
+                        1,
+                        format!(
+                            "disk stats: no disk {n:?}; this VM has {}",
+                            if names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            format_disks(&list, &action, only.as_deref(), cli.json).map_err(fail)?
         }
         Command::Devices => {
             let reply = client
@@ -536,6 +584,156 @@ fn json_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+fn text(t: capnp::Result<capnp::text::Reader>) -> capnp::Result<String> {
+    t.and_then(|t| {
+        t.to_string()
+            .map_err(|e| capnp::Error::failed(e.to_string()))
+    })
+}
+
+/// `disk list` and `disk stats`, for people or (--json) programs.
+fn format_disks(
+    list: &capnp::struct_list::Reader<vmm_proto::blockd_capnp::export_info::Owned>,
+    action: &DiskAction,
+    only: Option<&str>,
+    json: bool,
+) -> capnp::Result<String> {
+    let mut out = Vec::new();
+    for d in list.iter() {
+        let name = text(d.get_name())?;
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let (image, format, socket) = (
+            text(d.get_image())?,
+            text(d.get_format())?,
+            text(d.get_socket())?,
+        );
+        let mut ops = Vec::new();
+        for o in d.get_ops()?.iter() {
+            let buckets: Vec<(u64, u64)> = o
+                .get_latency()?
+                .iter()
+                .map(|b| (b.get_up_to_us(), b.get_count()))
+                .collect();
+            ops.push((
+                text(o.get_op())?,
+                o.get_requests(),
+                o.get_bytes(),
+                o.get_errors(),
+                buckets,
+            ));
+        }
+        if json {
+            let ops_json: Vec<String> = ops
+                .iter()
+                .map(|(op, r, b, e, lat)| {
+                    let l: Vec<String> = lat
+                        .iter()
+                        .map(|(up, n)| format!("{{\"up_to_us\":{up},\"count\":{n}}}"))
+                        .collect();
+                    format!(
+                        "{{\"op\":{},\"requests\":{r},\"bytes\":{b},\"errors\":{e},\"latency\":[{}]}}",
+                        json_str(op),
+                        l.join(",")
+                    )
+                })
+                .collect();
+            out.push(format!(
+                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"ops\":[{}]}}",
+                json_str(&name),
+                json_str(&image),
+                json_str(&format),
+                d.get_readonly(),
+                d.get_queues(),
+                d.get_size(),
+                json_str(&socket),
+                d.get_connected(),
+                d.get_writeback(),
+                d.get_direct(),
+                d.get_invalid(),
+                ops_json.join(",")
+            ));
+            continue;
+        }
+        match action {
+            DiskAction::List => out.push(format!(
+                "{name:<8} {format:<6} {:>10} {}{} queues={} {} {image}",
+                human(d.get_size()),
+                if d.get_readonly() { "ro" } else { "rw" },
+                if d.get_direct() { ",direct" } else { "" },
+                d.get_queues(),
+                if d.get_connected() {
+                    "connected"
+                } else {
+                    "idle"
+                },
+            )),
+            DiskAction::Stats { .. } => {
+                let mut t = format!(
+                    "{name}: {image} ({format}), write cache {}, {} malformed request(s)\n",
+                    if d.get_writeback() { "on" } else { "off" },
+                    d.get_invalid()
+                );
+                t.push_str("  op            requests        bytes  errors  latency (count up to each bound)\n");
+                for (op, r, b, e, lat) in &ops {
+                    let hist: Vec<String> = lat
+                        .iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(up, n)| {
+                            if *up == 0 {
+                                format!(">{}:{n}", us(lat[lat.len().saturating_sub(2)].0))
+                            } else {
+                                format!("{}:{n}", us(*up))
+                            }
+                        })
+                        .collect();
+                    t.push_str(&format!(
+                        "  {op:<12} {r:>10} {:>12} {e:>7}  {}\n",
+                        human(*b),
+                        if hist.is_empty() {
+                            "-".to_string()
+                        } else {
+                            hist.join(" ")
+                        }
+                    ));
+                }
+                out.push(t.trim_end().to_string());
+            }
+        }
+    }
+    Ok(if json {
+        format!("[{}]", out.join(","))
+    } else if out.is_empty() {
+        "no disks".to_string()
+    } else {
+        out.join("\n")
+    })
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn us(v: u64) -> String {
+    if v >= 1000 {
+        format!("{}ms", v / 1000)
+    } else {
+        format!("{v}us")
+    }
 }
 
 #[cfg(test)]

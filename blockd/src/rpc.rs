@@ -1,0 +1,247 @@
+//! The control API (proto/schema/blockd.capnp): named exports, added and removed at run time.
+
+use crate::disk::{self, Disk};
+use crate::exports::{self, Export};
+use crate::image::Format;
+use capnp::capability::Rc as CapRc;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use vhost::vhost_user::Listener;
+use vmm_proto::blockd_capnp::blockd;
+
+/// The exports, shared by every control connection.
+pub type Exports = Rc<RefCell<BTreeMap<String, Export>>>;
+
+pub struct Server {
+    exports: Exports,
+    /// The connection's side channel (descriptors for `add`).
+    side: Option<OwnedFd>,
+    queue_size: u16,
+}
+
+impl Server {
+    pub fn new(exports: Exports, side: Option<OwnedFd>, queue_size: u16) -> Server {
+        Server {
+            exports,
+            side,
+            queue_size,
+        }
+    }
+}
+
+fn failed(msg: String) -> capnp::Error {
+    capnp::Error::failed(msg)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Waits (up to 5 s) for the side channel's message for export `name`: its image and socket.
+fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), String> {
+    let mut pfd = libc::pollfd {
+        fd: side.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    if r <= 0 {
+        return Err("no descriptors came on the side channel within 5 s".into());
+    }
+    let mut buf = [0u8; 128];
+    let (n, mut fds) = vmm_proto::fdpass::recv(side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+        .map_err(|e| format!("the side channel: {e}"))?;
+    if &buf[..n] != name.as_bytes() || fds.len() != 2 {
+        return Err(format!(
+            "the side channel carried {:?} with {} descriptor(s); expected {name:?} with the image and the listening socket",
+            String::from_utf8_lossy(&buf[..n]),
+            fds.len()
+        ));
+    }
+    let listener = fds.pop().expect("two");
+    let image = File::from(fds.pop().expect("two"));
+    Ok((image, listener))
+}
+
+impl blockd::Server for Server {
+    async fn add(
+        self: CapRc<Self>,
+        params: blockd::AddParams,
+        mut results: blockd::AddResults,
+    ) -> Result<(), capnp::Error> {
+        let e = params.get()?.get_export()?;
+        let name = e.get_name()?.to_str()?.to_string();
+        if !valid_name(&name) {
+            return Err(failed(format!(
+                "export name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if self.exports.borrow().contains_key(&name) {
+            return Err(failed(format!(
+                "export {name} exists already; remove it first or pick another name"
+            )));
+        }
+        let format: Format = match e.get_format()?.to_str()? {
+            "" => Format::Raw,
+            f => f
+                .parse()
+                .map_err(|m| failed(format!("export {name}: format {m}")))?,
+        };
+        let queues = e.get_queues().max(1);
+        if queues > 64 {
+            return Err(failed(format!(
+                "export {name}: {queues} queues; at most 64"
+            )));
+        }
+        let serial = e.get_serial()?.to_str()?.to_string();
+        if serial.len() > crate::request::ID_BYTES {
+            return Err(failed(format!(
+                "export {name}: serial {serial:?} is longer than 20 bytes"
+            )));
+        }
+        let image = e.get_image()?.to_str()?.to_string();
+        let socket = e.get_socket()?.to_str()?.to_string();
+        let readonly = e.get_readonly();
+        let (file, listener) = if e.get_fds_on_side_channel() {
+            let side = self.side.as_ref().ok_or_else(|| {
+                failed(format!(
+                    "export {name}: fdsOnSideChannel, but this connection has no side channel"
+                ))
+            })?;
+            let (file, l) =
+                take_fds(side, &name).map_err(|m| failed(format!("export {name}: {m}")))?;
+            // SAFETY: a listening socket received for this export, owned from here on.
+            let listener = unsafe {
+                <Listener as std::os::fd::FromRawFd>::from_raw_fd(
+                    std::os::fd::IntoRawFd::into_raw_fd(l),
+                )
+            };
+            (file, listener)
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .open(&image)
+                .map_err(|err| failed(format!("export {name}: cannot open {image} ({err})")))?;
+            if socket.is_empty() {
+                return Err(failed(format!(
+                    "export {name}: give the socket path to listen on"
+                )));
+            }
+            let listener = Listener::new(&socket, true).map_err(|err| {
+                failed(format!("export {name}: cannot listen on {socket} ({err})"))
+            })?;
+            (file, listener)
+        };
+        let options = disk::Options {
+            readonly,
+            queues,
+            queue_size: self.queue_size,
+            writethrough: e.get_writethrough(),
+            serial: if serial.is_empty() {
+                name.clone()
+            } else {
+                serial
+            },
+            format,
+        };
+        let disk = Arc::new(
+            Disk::new(file, options)
+                .map_err(|err| failed(format!("export {name}: {image}: {err}")))?,
+        );
+        let export = Export::start(&name, &image, &socket, disk, listener, false)
+            .map_err(|err| failed(format!("export {name}: cannot start its thread ({err})")))?;
+        self.exports.borrow_mut().insert(name, export);
+        results.get().set_socket(&socket);
+        Ok(())
+    }
+
+    async fn remove(
+        self: CapRc<Self>,
+        params: blockd::RemoveParams,
+        _: blockd::RemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let name = params.get()?.get_name()?.to_str()?.to_string();
+        let export = self
+            .exports
+            .borrow_mut()
+            .remove(&name)
+            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
+        export.control.stop();
+        drop(export);
+        log::info!("export {name}: removed");
+        Ok(())
+    }
+
+    async fn list(
+        self: CapRc<Self>,
+        _: blockd::ListParams,
+        mut results: blockd::ListResults,
+    ) -> Result<(), capnp::Error> {
+        let exports = self.exports.borrow();
+        let mut list = results.get().init_exports(exports.len() as u32);
+        for (i, x) in exports.values().enumerate() {
+            fill_info(list.reborrow().get(i as u32), x);
+        }
+        Ok(())
+    }
+}
+
+pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Export) {
+    let d = &x.disk;
+    info.set_name(&x.name);
+    info.set_image(&x.image);
+    info.set_format(match d.format {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    });
+    info.set_readonly(d.options.readonly);
+    info.set_queues(d.options.queues);
+    info.set_size(d.size);
+    info.set_socket(&x.socket);
+    info.set_connected(x.control.connected.load(Ordering::Acquire));
+    info.set_writeback(!d.writethrough());
+    info.set_direct(d.is_direct());
+    info.set_invalid(d.stats.invalid.load(Ordering::Relaxed));
+    let ops = exports::op_stats(d);
+    let mut list = info.init_ops(ops.len() as u32);
+    for (i, (op, s)) in ops.iter().enumerate() {
+        let mut o = list.reborrow().get(i as u32);
+        o.set_op(op);
+        o.set_requests(s.requests.load(Ordering::Relaxed));
+        o.set_bytes(s.bytes.load(Ordering::Relaxed));
+        o.set_errors(s.errors.load(Ordering::Relaxed));
+        let mut buckets = o.init_latency(s.latency.len() as u32);
+        for (j, c) in s.latency.iter().enumerate() {
+            let mut b = buckets.reborrow().get(j as u32);
+            b.set_up_to_us(disk::LATENCY_BOUNDS_US.get(j).copied().unwrap_or(0));
+            b.set_count(c.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Serves one control connection until it closes.
+pub async fn serve(stream: std::os::unix::net::UnixStream, exports: Exports, queue_size: u16) {
+    let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
+        return;
+    };
+    let side = match vmm_proto::rpc::accept_side_channel(&stream).await {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("refused a control connection: {e}; see proto/schema/blockd.capnp");
+            return;
+        }
+    };
+    let client: blockd::Client = capnp_rpc::new_client(Server::new(exports, side, queue_size));
+    let _ = vmm_proto::rpc::server(stream, client.client).await;
+}

@@ -1,0 +1,62 @@
+@0xdba0c8930c6c307a;
+# blockd serves disk images as named vhost-user-blk exports. vmm-core (or an orchestrator)
+# connects on a control socket, adds an export per disk and gets back the vhost-user socket
+# that the VMM's frontend then connects to; the block data never passes through this RPC.
+#
+# File descriptors travel on a side channel, as for chardevd (see chardevd.capnp): on each new
+# control connection, before any RPC message, the client sends one byte (1) with SCM_RIGHTS
+# carrying its end of a SOCK_SEQPACKET pair. For an `add` with fdsOnSideChannel, the client
+# first sends on that pair one message, the export's name, with SCM_RIGHTS carrying the open
+# image and the bound, listening vhost-user socket. blockd then opens no host path at all.
+
+interface Blockd {
+  add @0 (export :Export) -> (socket :Text);
+  # Serves an image; returns the vhost-user socket's path.
+
+  remove @1 (name :Text) -> ();
+  # Stops serving it (a connected frontend is disconnected) and flushes the image.
+
+  list @2 () -> (exports :List(ExportInfo));
+  # Every export, with its statistics.
+}
+
+struct Export {
+  name @0 :Text;
+  image @1 :Text;             # the image's path (blockd opens it, unless fdsOnSideChannel)
+  format @2 :Text;            # raw | qcow2
+  readonly @3 :Bool;
+  queues @4 :UInt16;          # request queues, one worker each
+  serial @5 :Text;            # GET_ID, at most 20 bytes
+  socket @6 :Text;            # where to listen (blockd binds it, unless fdsOnSideChannel)
+  fdsOnSideChannel @7 :Bool;
+  writethrough @8 :Bool;      # every write durable before it completes
+}
+
+struct ExportInfo {
+  name @0 :Text;
+  image @1 :Text;
+  format @2 :Text;
+  readonly @3 :Bool;
+  queues @4 :UInt16;
+  size @5 :UInt64;            # bytes
+  socket @6 :Text;
+  connected @7 :Bool;         # a frontend is connected now
+  writeback @8 :Bool;         # the write cache is on (the guest may turn it off)
+  direct @9 :Bool;            # the image is open with O_DIRECT
+  ops @10 :List(OpStats);
+  invalid @11 :UInt64;        # requests refused as malformed
+}
+
+struct OpStats {
+  op @0 :Text;                # read, write, flush, discard, write-zeroes, get-id
+  requests @1 :UInt64;
+  bytes @2 :UInt64;
+  errors @3 :UInt64;
+  latency @4 :List(Bucket);   # request latency inside blockd, from pop to completion
+}
+
+struct Bucket {
+  upToUs @0 :UInt64;          # the bucket holds latencies up to this many microseconds (the
+                              # last bucket's bound is 0: everything above)
+  count @1 :UInt64;
+}
