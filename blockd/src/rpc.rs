@@ -245,3 +245,104 @@ pub async fn serve(stream: std::os::unix::net::UnixStream, exports: Exports, que
     let client: blockd::Client = capnp_rpc::new_client(Server::new(exports, side, queue_size));
     let _ = vmm_proto::rpc::server(stream, client.client).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// add (blockd opens the path), list, a bad add, remove, list: over a real socket pair.
+    #[test]
+    fn exports_come_and_go_over_rpc() {
+        let dir = std::env::temp_dir().join(format!("blockd-rpc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("d.img");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let vsock = dir.join("d.sock");
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let exports: Exports = Default::default();
+            tokio::task::LocalSet::new().block_on(&rt, serve(theirs, exports.clone(), 64));
+            let left = exports.borrow().len();
+            left
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (image_s, vsock_s) = (image.display().to_string(), vsock.display().to_string());
+        tokio::task::LocalSet::new().block_on(&rt, async move {
+            let (side, theirs_side) = vmm_proto::fdpass::seqpacket_pair().unwrap();
+            vmm_proto::fdpass::send(
+                ours.as_fd(),
+                &[vmm_proto::fdpass::SIDE_CHANNEL_PREAMBLE],
+                &[theirs_side.as_fd()],
+            )
+            .unwrap();
+            let stream = vmm_proto::rpc::tokio_stream(ours).unwrap();
+            let (rpc, client): (_, blockd::Client) = vmm_proto::rpc::client(stream);
+            let conn = tokio::task::spawn_local(rpc);
+            let add = |name: &str, image: &str| {
+                let mut r = client.add_request();
+                let mut e = r.get().init_export();
+                e.set_name(name);
+                e.set_image(image);
+                e.set_socket(&vsock_s);
+                e.set_queues(2);
+                r
+            };
+            let reply = add("d0", &image_s).send().promise.await.unwrap();
+            assert_eq!(
+                reply.get().unwrap().get_socket().unwrap().to_str().unwrap(),
+                vsock_s
+            );
+            let err = match add("d0", &image_s).send().promise.await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("a second d0 was accepted"),
+            };
+            assert!(err.contains("export d0 exists already"), "{err}");
+            let err = match add("bad name", &image_s).send().promise.await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("a bad name was accepted"),
+            };
+            assert!(err.contains("use 1 to 64 letters"), "{err}");
+            let err = match add("d1", "/nonexistent/x.img").send().promise.await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("a missing image was accepted"),
+            };
+            assert!(
+                err.contains("export d1: cannot open /nonexistent/x.img"),
+                "{err}"
+            );
+
+            let list = client.list_request().send().promise.await.unwrap();
+            let exports = list.get().unwrap().get_exports().unwrap();
+            assert_eq!(exports.len(), 1);
+            let x = exports.get(0);
+            assert_eq!(x.get_name().unwrap().to_str().unwrap(), "d0");
+            assert_eq!(x.get_size(), 1 << 20);
+            assert_eq!(x.get_queues(), 2);
+            assert!(!x.get_connected());
+            assert_eq!(x.get_ops().unwrap().len(), 6);
+
+            let mut rm = client.remove_request();
+            rm.get().set_name("d0");
+            rm.send().promise.await.unwrap();
+            let list = client.list_request().send().promise.await.unwrap();
+            assert_eq!(list.get().unwrap().get_exports().unwrap().len(), 0);
+            let mut rm = client.remove_request();
+            rm.get().set_name("d0");
+            let err = rm.send().promise.await.err().unwrap().to_string();
+            assert!(err.contains("no export \"d0\""), "{err}");
+            drop(side);
+            drop(client);
+            conn.abort();
+        });
+        assert_eq!(server.join().unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -257,7 +257,11 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         | F_SEG_MAX
         | F_SIZE_MAX
         | F_EVENT_IDX
-        | if WANT_WCE.load(Ordering::Relaxed) { F_CONFIG_WCE } else { 0 };
+        | if WANT_WCE.load(Ordering::Relaxed) {
+            F_CONFIG_WCE
+        } else {
+            0
+        };
     d.features = offered & wanted;
     if d.features & F_VERSION_1 == 0 {
         return Err("no-version-1");
@@ -330,6 +334,9 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
     Ok(d)
 }
 
+/// A descriptor as a crafted chain gives it: (address, length, flags, next).
+pub type RawDesc = (u64, u32, u16, u16);
+
 /// A buffer of a request: (address, length, device-writable).
 type Buf = (u64, u32, bool);
 
@@ -359,13 +366,17 @@ impl Disk {
         let total = n + 2;
         let head = 0u16;
         for (i, (addr, len, writable)) in chain[..total].iter().enumerate() {
-            let flags = if i + 1 < total { DESC_NEXT } else { 0 } | if *writable { DESC_WRITE } else { 0 };
+            let flags =
+                if i + 1 < total { DESC_NEXT } else { 0 } | if *writable { DESC_WRITE } else { 0 };
             let next = (i + 1) as u64;
             // SAFETY: the descriptor table is ours until the device takes the chain.
             unsafe {
                 let d = core::ptr::addr_of_mut!((*qm).desc[i]);
                 write_volatile(d as *mut u64, *addr);
-                write_volatile((d as *mut u64).add(1), u64::from(*len) | (u64::from(flags) << 32) | (next << 48));
+                write_volatile(
+                    (d as *mut u64).add(1),
+                    u64::from(*len) | (u64::from(flags) << 32) | (next << 48),
+                );
             }
         }
         let _ = head;
@@ -392,24 +403,38 @@ impl Disk {
         for (i, b) in out.iter_mut().enumerate() {
             *b = r8(buf + i as u64);
         }
-        let n = out.iter().position(|&b| b == 0).unwrap_or(20).min(used.saturating_sub(1) as usize);
+        let n = out
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(20)
+            .min(used.saturating_sub(1) as usize);
         Some((status, n))
     }
 
     /// DISCARD or WRITE_ZEROES (with or without UNMAP) of one range.
-    pub fn zero(&mut self, kind_discard: bool, unmap: bool, sector: u64, sectors: u32) -> Option<(u8, u32)> {
+    pub fn zero(
+        &mut self,
+        kind_discard: bool,
+        unmap: bool,
+        sector: u64,
+        sectors: u32,
+    ) -> Option<(u8, u32)> {
         let seg = self.small(0) + 64;
         w64(seg, sector);
         w32(seg + 8, sectors);
         w32(seg + 12, u32::from(unmap));
-        let kind = if kind_discard { T_DISCARD } else { T_WRITE_ZEROES };
+        let kind = if kind_discard {
+            T_DISCARD
+        } else {
+            T_WRITE_ZEROES
+        };
         self.request(0, kind, 0, &[(seg, 16, false)])
     }
 
     /// Sends a chain exactly as given: (address, length, flags, next) per descriptor, head 0.
     /// The header (if the chain points at it) is `kind`/`sector` and the status byte the one
     /// after it. Returns (status byte, used length), or None if no answer came.
-    pub fn request_raw(&mut self, kind: u32, sector: u64, descs: &[(u64, u32, u16, u16)]) -> Option<(u8, u32)> {
+    pub fn request_raw(&mut self, kind: u32, sector: u64, descs: &[RawDesc]) -> Option<(u8, u32)> {
         let q = 0;
         let small = self.small(q);
         w32(small, kind);
@@ -423,7 +448,10 @@ impl Disk {
             unsafe {
                 let d = core::ptr::addr_of_mut!((*qm).desc[i]) as *mut u64;
                 write_volatile(d, *addr);
-                write_volatile(d.add(1), u64::from(*len) | (u64::from(*flags) << 32) | (u64::from(*next) << 48));
+                write_volatile(
+                    d.add(1),
+                    u64::from(*len) | (u64::from(*flags) << 32) | (u64::from(*next) << 48),
+                );
             }
         }
         self.push_and_wait(q, qm, 20_000_000)
@@ -461,7 +489,9 @@ impl Disk {
         fence(Ordering::SeqCst);
         let slot = (self.last_used[q] % QUEUE_SIZE) as usize;
         // SAFETY: the device has published this used element.
-        let len = unsafe { read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot + 1)) };
+        let len = unsafe {
+            read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot + 1))
+        };
         self.last_used[q] = self.last_used[q].wrapping_add(1);
         self.requests[q] += 1;
         Some((r8(self.small(q) + 16), len))

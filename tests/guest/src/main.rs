@@ -186,6 +186,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             smp::cmpxchg16b();
             Line::new().s("tg: bad-insn executed").emit();
         }
+        "poweroff" => blk_look(),
         _ => {}
     }
     Line::new().s("tg: poweroff").emit();
@@ -407,7 +408,9 @@ const ZERO_RANGES: [(u64, u32); 3] = [(8, 16), (40, 16), (80, 16)];
 
 /// The virtio-blk scenario (see blk.rs for the parameters).
 fn blk_scenario(cmdline: &str, stack_top: u64) {
-    let seed = param(cmdline, "tg.blk.seed=").and_then(parse_u64).unwrap_or(1);
+    let seed = param(cmdline, "tg.blk.seed=")
+        .and_then(parse_u64)
+        .unwrap_or(1);
     let host = param(cmdline, "tg.blk.host=").and_then(parse_u64);
     let write_through = param(cmdline, "tg.blk.wce=") == Some("0");
     let halt_after_write = param(cmdline, "tg.blk.halt-after-write=") == Some("1");
@@ -446,7 +449,10 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
         if let Some(hs) = host {
             let mut bad = 0;
             for c in 0..chunks {
-                tally(&mut counts, d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+                tally(
+                    &mut counts,
+                    d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32),
+                );
                 bad += pattern_job(1, chunk / 8, c * chunk / 8, hs, stack_top);
             }
             Line::new()
@@ -476,11 +482,19 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
         } else {
             if write_through {
                 let wb = d.write_through();
-                Line::new().s("tg: blk").u(name).s(" writeback=").u(wb as u64).emit();
+                Line::new()
+                    .s("tg: blk")
+                    .u(name)
+                    .s(" writeback=")
+                    .u(wb as u64)
+                    .emit();
             }
             for c in 0..chunks {
                 pattern_job(0, chunk / 8, c * chunk / 8, seed, stack_top);
-                tally(&mut counts, d.write((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+                tally(
+                    &mut counts,
+                    d.write((c as usize) % queues, c * chunk / 512, buf, chunk as u32),
+                );
             }
             if halt_after_write {
                 // No flush: with the write cache off, each write was durable when it completed.
@@ -501,7 +515,10 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
             for c in 0..chunks {
                 // Poison the buffer first, so that a read that moves no data cannot pass.
                 pattern_job(0, chunk / 8, 0, seed ^ 0xdead, stack_top);
-                tally(&mut counts, d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32));
+                tally(
+                    &mut counts,
+                    d.read((c as usize) % queues, c * chunk / 512, buf, chunk as u32),
+                );
                 bad += pattern_job(1, chunk / 8, c * chunk / 8, seed, stack_top);
             }
             Line::new()
@@ -574,6 +591,35 @@ fn blk_scenario(cmdline: &str, stack_top: u64) {
     Line::new().s("tg: blk done").emit();
 }
 
+/// What the default scenario does with disks: reads each one's serial and first sector,
+/// writing nothing.
+fn blk_look() {
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    if blk::probe(&mut disks) == 0 {
+        return;
+    }
+    let buf = blk::data_buf() as u64;
+    for d in disks.iter_mut().flatten() {
+        let mut id = [0u8; 20];
+        let (id_status, n) = d.get_id(&mut id).unwrap_or((0xff, 0));
+        let r = d.read(0, 0, buf, 512);
+        Line::new()
+            .s("tg: blk")
+            .u(d.index as u64)
+            .s(" capacity=")
+            .u(d.capacity)
+            .s(" ro=")
+            .u(d.read_only() as u64)
+            .s(" id-status=")
+            .u(id_status as u64)
+            .s(" id=")
+            .s(core::str::from_utf8(&id[..n]).unwrap_or("?"))
+            .s(" read-status=")
+            .u(r.map_or(0xff, |r| r.0) as u64)
+            .emit();
+    }
+}
+
 /// Malformed requests, as a hostile driver would send them; each must get an answer (or at
 /// least not hurt the device), and a good request must work afterwards.
 fn blk_bad(stack_top: u64) {
@@ -591,17 +637,78 @@ fn blk_bad(stack_top: u64) {
     let outside = 0xffff_f000_0000u64;
     let cap = d.capacity;
     // (name, type, sector, chain)
-    let cases: [(&str, u32, u64, &[(u64, u32, u16, u16)]); 11] = [
-        ("header-outside-ram", 0, 0, &[(outside, 16, NEXT, 1), (status, 1, WRITE, 0)]),
-        ("data-outside-ram", 0, 0, &[(hdr, 16, NEXT, 1), (outside, 512, NEXT | WRITE, 2), (status, 1, WRITE, 0)]),
-        ("short-header", 0, 0, &[(hdr, 8, NEXT, 1), (status, 1, WRITE, 0)]),
-        ("odd-length", 1, 0, &[(hdr, 16, NEXT, 1), (buf, 100, NEXT, 2), (status, 1, WRITE, 0)]),
-        ("unknown-type", 77, 0, &[(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)]),
-        ("beyond-capacity", 0, cap, &[(hdr, 16, NEXT, 1), (buf, 512, NEXT | WRITE, 2), (status, 1, WRITE, 0)]),
-        ("sector-overflow", 1, u64::MAX / 8, &[(hdr, 16, NEXT, 1), (buf, 512, NEXT, 2), (status, 1, WRITE, 0)]),
+    let cases: [(&str, u32, u64, &[blk::RawDesc]); 11] = [
+        (
+            "header-outside-ram",
+            0,
+            0,
+            &[(outside, 16, NEXT, 1), (status, 1, WRITE, 0)],
+        ),
+        (
+            "data-outside-ram",
+            0,
+            0,
+            &[
+                (hdr, 16, NEXT, 1),
+                (outside, 512, NEXT | WRITE, 2),
+                (status, 1, WRITE, 0),
+            ],
+        ),
+        (
+            "short-header",
+            0,
+            0,
+            &[(hdr, 8, NEXT, 1), (status, 1, WRITE, 0)],
+        ),
+        (
+            "odd-length",
+            1,
+            0,
+            &[
+                (hdr, 16, NEXT, 1),
+                (buf, 100, NEXT, 2),
+                (status, 1, WRITE, 0),
+            ],
+        ),
+        (
+            "unknown-type",
+            77,
+            0,
+            &[(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)],
+        ),
+        (
+            "beyond-capacity",
+            0,
+            cap,
+            &[
+                (hdr, 16, NEXT, 1),
+                (buf, 512, NEXT | WRITE, 2),
+                (status, 1, WRITE, 0),
+            ],
+        ),
+        (
+            "sector-overflow",
+            1,
+            u64::MAX / 8,
+            &[
+                (hdr, 16, NEXT, 1),
+                (buf, 512, NEXT, 2),
+                (status, 1, WRITE, 0),
+            ],
+        ),
         ("no-status", 0, 0, &[(hdr, 16, 0, 0)]),
-        ("self-loop", 0, 0, &[(hdr, 16, NEXT, 1), (status, 1, WRITE | NEXT, 1)]),
-        ("next-out-of-range", 0, 0, &[(hdr, 16, NEXT, 200), (status, 1, WRITE, 0)]),
+        (
+            "self-loop",
+            0,
+            0,
+            &[(hdr, 16, NEXT, 1), (status, 1, WRITE | NEXT, 1)],
+        ),
+        (
+            "next-out-of-range",
+            0,
+            0,
+            &[(hdr, 16, NEXT, 200), (status, 1, WRITE, 0)],
+        ),
         ("bad-indirect", 0, 0, &[(outside, 64, INDIRECT, 0)]),
     ];
     let mut answered = 0;
