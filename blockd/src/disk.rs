@@ -249,7 +249,7 @@ impl Disk {
             }
             return Ok(n);
         }
-        let aligned = |v: usize| v % DIRECT_ALIGN == 0;
+        let aligned = |v: usize| v.is_multiple_of(DIRECT_ALIGN);
         if self.direct
             && !(aligned(offset as usize)
                 && iovs
@@ -372,7 +372,7 @@ impl Disk {
     /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
     /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
     pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
-        let aligned = |v: usize| v % DIRECT_ALIGN == 0;
+        let aligned = |v: usize| v.is_multiple_of(DIRECT_ALIGN);
         self.qcow2.is_none()
             && (!self.direct
                 || (aligned(offset as usize)

@@ -30,13 +30,13 @@ struct Args {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["image", "image_fd"])]
     listen: Option<PathBuf>,
     /// One export, from the command line: the disk image.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["image_fd", "control_fd", "listen"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["image_fd", "control_fd", "listen", "print_seccomp"])]
     image: Option<PathBuf>,
     /// The disk image as an inherited file descriptor (vmm-core opens it).
     #[arg(long, value_name = "FD", conflicts_with = "image")]
     image_fd: Option<i32>,
     /// Listen for the vhost-user frontend on this Unix socket path.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["listen_fd", "control_fd", "listen"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["listen_fd", "control_fd", "listen", "print_seccomp"])]
     socket: Option<PathBuf>,
     /// Listen on an inherited, bound and listening Unix socket.
     #[arg(long, value_name = "FD", conflicts_with = "socket")]
@@ -65,6 +65,82 @@ struct Args {
     /// Serve one frontend connection, then exit.
     #[arg(long)]
     once: bool,
+    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid,
+    /// seccomp), to debug.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// The uid and gid the sandboxed blockd runs as.
+    #[arg(long, value_name = "UID", default_value_t = 65534)]
+    uid: u32,
+    #[arg(long, value_name = "GID", default_value_t = 65534)]
+    gid: u32,
+    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
+    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    seccomp: vmm_sandbox::seccomp::Mode,
+    /// Print the seccomp allowlist, a system call a line with its reason, and exit.
+    #[arg(long)]
+    print_seccomp: bool,
+}
+
+/// blockd's system calls beyond the common base.
+fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::allow;
+    vec![
+        allow("pread64", "image reads"),
+        allow("pwrite64", "image writes"),
+        allow("preadv", "image reads into guest buffers"),
+        allow("pwritev", "image writes from guest buffers"),
+        allow("preadv2", "image reads into guest buffers"),
+        allow(
+            "pwritev2",
+            "image writes (RWF_DSYNC when the write cache is off)",
+        ),
+        allow("fdatasync", "FLUSH, and writes with the cache off"),
+        allow("fsync", "qcow2 metadata made durable"),
+        allow(
+            "fallocate",
+            "discard and write-zeroes (punch hole, zero range)",
+        ),
+        allow("lseek", "the image's size"),
+        allow("fstat", "the image's size and flags"),
+        allow("newfstatat", "the image's size (glibc's fstat)"),
+        allow("statx", "the image's size (std's metadata)"),
+        allow(
+            "fstatfs",
+            "the image's filesystem (imago aligns qcow2 I/O to it)",
+        ),
+        allow("io_uring_setup", "the I/O engine: one ring per queue"),
+        allow("io_uring_enter", "the I/O engine: submit and reap"),
+        allow(
+            "io_uring_register",
+            "the I/O engine: its completion eventfd",
+        ),
+        allow("pipe2", "tokio's signal pipe"),
+    ]
+}
+
+/// Enters the sandbox, keeping only `keep` (and stdio) open.
+fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<(), String> {
+    if args.no_sandbox {
+        return Ok(());
+    }
+    let jail = vmm_sandbox::jail::Jail {
+        uid: args.uid,
+        gid: args.gid,
+        keep,
+        // Guest RAM is mapped here, so the address space is not bounded; the descriptors
+        // (per queue: kick, call, ring, epoll) are many.
+        max_fds: 4096,
+        max_address_space: u64::MAX,
+        remove_at_exit,
+        ..Default::default()
+    };
+    let line = vmm_sandbox::confine("blockd", &jail, allowlist(), args.seccomp).map_err(|e| {
+        format!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)")
+    })?;
+    log::info!("{line}");
+    Ok(())
 }
 
 fn main() {
@@ -104,6 +180,12 @@ fn log_init() {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if args.print_seccomp {
+        let mut list = vmm_sandbox::seccomp::base();
+        list.extend(allowlist());
+        print!("{}", vmm_sandbox::seccomp::describe(&list));
+        return Ok(());
+    }
     if !args.queue_size.is_power_of_two() || args.queue_size < 4 {
         return Err(format!(
             "--queue-size {}: must be a power of two, at least 4",
@@ -149,7 +231,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let disk = Arc::new(disk::Disk::new(file, options).map_err(|e| format!("the image: {e}"))?);
     let listener = match (&args.socket, args.listen_fd) {
-        (Some(path), _) => Listener::new(path, true)
+        (Some(path), _) => bind_listener(path)
             .map_err(|e| format!("--socket {}: cannot listen there ({e})", path.display()))?,
         (None, Some(fd)) => {
             check_fd(fd, "--listen-fd")?;
@@ -158,6 +240,11 @@ fn run(args: Args) -> Result<(), String> {
         }
         (None, None) => unreachable!("clap requires one"),
     };
+    {
+        use std::os::fd::AsRawFd;
+        let keep = vec![disk.raw_fd(), listener.as_raw_fd()];
+        confine(&args, keep, args.socket.iter().cloned().collect())?;
+    }
     stop_on_signals();
     let image = args
         .image
@@ -176,6 +263,23 @@ fn run(args: Args) -> Result<(), String> {
 
 /// Serves the control API: exports come and go over RPC.
 fn control_mode(args: &Args) -> Result<(), String> {
+    let control = control_socket(args)?;
+    {
+        use std::os::fd::AsRawFd;
+        let mut keep = vec![match &control {
+            ControlSocket::Connection(s) => s.as_raw_fd(),
+            ControlSocket::Listener(l) => l.as_raw_fd(),
+        }];
+        match vmm_sandbox::systemd::prepare_notify() {
+            Ok(fd) => keep.extend(fd),
+            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
+        }
+        let remove = match &args.listen {
+            Some(p) if p.as_os_str() != "systemd" => vec![p.clone()],
+            _ => Vec::new(),
+        };
+        confine(args, keep, remove)?;
+    }
     stop_on_signals();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -184,36 +288,15 @@ fn control_mode(args: &Args) -> Result<(), String> {
     let local = tokio::task::LocalSet::new();
     let exports: rpc::Exports = Default::default();
     let queue_size = args.queue_size;
-    if let Some(fd) = args.control_fd {
-        check_fd(fd, "--control-fd")?;
-        // SAFETY: an inherited connected socket that nothing else in this process owns.
-        let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        local.block_on(&rt, rpc::serve(stream, exports.clone(), queue_size));
-        // vmm-core is gone: stop every export (each flushes its image).
-        exports.borrow_mut().clear();
-        return Ok(());
-    }
-    let path = args.listen.clone().expect("control mode has one of them");
-    let listener = if path.as_os_str() == "systemd" {
-        let mut fds = vmm_sandbox::systemd::listen_fds();
-        if fds.len() != 1 {
-            return Err(format!(
-                "--listen systemd: systemd passed {} sockets; blockd takes one",
-                fds.len()
-            ));
+    let listener = match control {
+        ControlSocket::Connection(stream) => {
+            local.block_on(&rt, rpc::serve(stream, exports.clone(), queue_size));
+            // vmm-core is gone: stop every export (each flushes its image).
+            exports.borrow_mut().clear();
+            return Ok(());
         }
-        std::os::unix::net::UnixListener::from(fds.pop().expect("one"))
-    } else {
-        let _ = std::fs::remove_file(&path);
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| format!("--listen {}: cannot listen there ({e})", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        l
+        ControlSocket::Listener(l) => l,
     };
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("--listen: {e}"))?;
     let _ = vmm_sandbox::systemd::notify("READY=1");
     local.block_on(&rt, async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
@@ -237,12 +320,59 @@ fn control_mode(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+enum ControlSocket {
+    Connection(std::os::unix::net::UnixStream),
+    Listener(std::os::unix::net::UnixListener),
+}
+
+/// The control connection (--control-fd) or listening socket (--listen).
+fn control_socket(args: &Args) -> Result<ControlSocket, String> {
+    if let Some(fd) = args.control_fd {
+        check_fd(fd, "--control-fd")?;
+        // SAFETY: an inherited connected socket that nothing else in this process owns.
+        let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+        return Ok(ControlSocket::Connection(stream));
+    }
+    let path = args.listen.clone().expect("control mode has one of them");
+    let listener = if path.as_os_str() == "systemd" {
+        let mut fds = vmm_sandbox::systemd::listen_fds();
+        if fds.len() != 1 {
+            return Err(format!(
+                "--listen systemd: systemd passed {} sockets; blockd takes one",
+                fds.len()
+            ));
+        }
+        std::os::unix::net::UnixListener::from(fds.pop().expect("one"))
+    } else {
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("--listen {}: cannot listen there ({e})", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        l
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--listen: {e}"))?;
+    Ok(ControlSocket::Listener(listener))
+}
+
 /// SIGTERM and SIGINT flush the image and end blockd with status 0 (systemd's and vmm-core's
 /// way to stop it). The signals are blocked here, before any other thread exists, and taken by
 /// one thread with sigwait.
 fn stop_on_signals() {
-    // SAFETY: sigset manipulation on a local set, then masking this (the only) thread's signals.
+    extern "C" fn unused(_: libc::c_int) {}
+    // SAFETY: a handler is installed only so that the signals count as handled: as PID 1 of
+    // its own PID namespace, blockd would otherwise never receive them. They stay blocked in
+    // every thread and are taken by sigwait, so the handler never runs. Then sigset
+    // manipulation on a local set, and masking this (the only) thread's signals.
     let set = unsafe {
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = unused as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
@@ -261,6 +391,15 @@ fn stop_on_signals() {
         log::info!("stopping (signal {sig}); the images are flushed");
         std::process::exit(0);
     });
+}
+
+/// A listening vhost-user socket at `path` (replacing a stale one). The path is not removed
+/// when the listener goes: a sandboxed blockd cannot reach it then (the jail removes it).
+pub fn bind_listener(path: &std::path::Path) -> std::io::Result<Listener> {
+    let _ = std::fs::remove_file(path);
+    Ok(Listener::from(std::os::unix::net::UnixListener::bind(
+        path,
+    )?))
 }
 
 fn check_fd(fd: i32, what: &str) -> Result<(), String> {

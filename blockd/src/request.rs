@@ -317,7 +317,7 @@ fn parse<M: GuestMemoryBackend>(
                 &disk.stats.read
             };
             stats.requests.fetch_add(1, Relaxed);
-            if len % disk::SECTOR_SIZE != 0 || len > u64::from(u32::MAX) {
+            if !len.is_multiple_of(disk::SECTOR_SIZE) || len > u64::from(u32::MAX) {
                 stats.errors.fetch_add(1, Relaxed);
                 return invalid(format!(
                     "a data length of {len} bytes is not a whole number of sectors"
@@ -408,7 +408,10 @@ fn parse<M: GuestMemoryBackend>(
             }
             let len = total(&chain.readable);
             let count = len / SEGMENT as u64;
-            if len % SEGMENT as u64 != 0 || count == 0 || count > u64::from(disk::MAX_DISCARD_SEG) {
+            if !len.is_multiple_of(SEGMENT as u64)
+                || count == 0
+                || count > u64::from(disk::MAX_DISCARD_SEG)
+            {
                 stats.errors.fetch_add(1, Relaxed);
                 return invalid(format!(
                     "{len} bytes of discard/write-zeroes segments; expected 1 to {} segments of 16 bytes",

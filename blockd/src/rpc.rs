@@ -138,7 +138,7 @@ impl blockd::Server for Server {
                     "export {name}: give the socket path to listen on"
                 )));
             }
-            let listener = Listener::new(&socket, true).map_err(|err| {
+            let listener = crate::bind_listener(std::path::Path::new(&socket)).map_err(|err| {
                 failed(format!("export {name}: cannot listen on {socket} ({err})"))
             })?;
             (file, listener)
@@ -183,6 +183,14 @@ impl blockd::Server for Server {
         Ok(())
     }
 
+    async fn inject_fault(
+        self: CapRc<Self>,
+        params: blockd::InjectFaultParams,
+        _: blockd::InjectFaultResults,
+    ) -> Result<(), capnp::Error> {
+        self.fault(params).await
+    }
+
     async fn list(
         self: CapRc<Self>,
         _: blockd::ListParams,
@@ -192,6 +200,24 @@ impl blockd::Server for Server {
         let mut list = results.get().init_exports(exports.len() as u32);
         for (i, x) in exports.values().enumerate() {
             fill_info(list.reborrow().get(i as u32), x);
+        }
+        Ok(())
+    }
+}
+
+impl Server {
+    async fn fault(&self, params: blockd::InjectFaultParams) -> Result<(), capnp::Error> {
+        use vmm_proto::blockd_capnp::fault;
+        match params.get()?.get_fault()?.which()? {
+            // There are no rules yet to clear (I/O fault rules come with issue 5).
+            fault::Clear(()) => {}
+            fault::ForbiddenSyscall(()) => {
+                // Answer first, then make the call.
+                tokio::task::spawn_local(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    vmm_sandbox::seccomp::forbidden_call();
+                });
+            }
         }
         Ok(())
     }

@@ -672,6 +672,13 @@ impl device::Server for Device {
         match params.get()?.get_fault()?.which()? {
             fault::Clear(()) => self.delay_ms.set(0),
             fault::DelayWritesMs(ms) => self.delay_ms.set(ms),
+            fault::ForbiddenSyscall(()) => {
+                // Answer first, then make the call.
+                tokio::task::spawn_local(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    vmm_sandbox::seccomp::forbidden_call();
+                });
+            }
             fault::DropConnection(()) => match &mut *self.kind.borrow_mut() {
                 // Dropping the write half shuts the connection down; the peer sees EOF.
                 Kind::Socket { peer } => {

@@ -33,6 +33,28 @@ struct Args {
     uid: u32,
     #[arg(long, value_name = "GID", default_value_t = 65534)]
     gid: u32,
+    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
+    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    seccomp: vmm_sandbox::seccomp::Mode,
+    /// Print the seccomp allowlist, a system call a line with its reason, and exit.
+    #[arg(long)]
+    print_seccomp: bool,
+}
+
+/// chardevd's system calls beyond the common base.
+fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::allow;
+    vec![
+        allow("pwrite64", "file backends written at an offset"),
+        allow("lseek", "file backends in append mode"),
+        allow("fstat", "the type of a received descriptor"),
+        allow(
+            "newfstatat",
+            "the type of a received descriptor (glibc's fstat)",
+        ),
+        allow("pipe2", "tokio's signal pipe"),
+    ]
 }
 
 /// What chardevd serves: one inherited connection, or a listening socket.
@@ -100,6 +122,12 @@ async fn serve(stream: std::os::unix::net::UnixStream) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_seccomp {
+        let mut list = vmm_sandbox::seccomp::base();
+        list.extend(allowlist());
+        print!("{}", vmm_sandbox::seccomp::describe(&list));
+        return ExitCode::SUCCESS;
+    }
     let control = match control(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -128,11 +156,8 @@ fn main() -> ExitCode {
             ..Default::default()
         };
         // From here on chardevd runs sandboxed (in the child, if it forked).
-        match vmm_sandbox::jail::enter(&jail) {
-            Ok(true) => {}
-            Ok(false) => eprintln!(
-                "chardevd: not root, so its namespaces and uid are left to the service manager"
-            ),
+        match vmm_sandbox::confine("chardevd", &jail, allowlist(), args.seccomp) {
+            Ok(_) => {}
             Err(e) => {
                 eprintln!("chardevd: error: cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
                 return ExitCode::from(1);
@@ -150,8 +175,9 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
+    let no_sandbox = args.no_sandbox;
     local.block_on(&rt, async move {
-        let mut listen_path = None;
+        let mut listen_path: Option<std::path::PathBuf> = None;
         // Handlers first, before anyone is told chardevd is ready: as PID 1 of its own PID
         // namespace, a signal with no handler would not reach it at all.
         use tokio::signal::unix::{signal, SignalKind};
@@ -210,7 +236,8 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         };
-        if let Some(p) = &listen_path {
+        // Sandboxed, the path is out of reach; the jail's waiting parent removes it.
+        if let Some(p) = listen_path.filter(|_| no_sandbox) {
             let _ = std::fs::remove_file(p);
         }
         code

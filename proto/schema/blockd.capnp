@@ -18,6 +18,17 @@ interface Blockd {
 
   list @2 () -> (exports :List(ExportInfo));
   # Every export, with its statistics.
+
+  injectFault @3 (fault :Fault) -> ();
+  # Fault injection for users' tests; see Fault.
+}
+
+struct Fault {
+  union {
+    clear @0 :Void;             # remove every rule
+    forbiddenSyscall @1 :Void;  # blockd makes a system call outside its seccomp allowlist
+                                # (after answering), to test that it dies and is reported
+  }
 }
 
 struct Export {

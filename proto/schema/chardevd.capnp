@@ -64,6 +64,8 @@ struct Fault {
     dropConnection @1 :Void;    # cut the socket backend's connection now (a client
                                 # backend then reconnects)
     delayWritesMs @2 :UInt32;   # every write waits this long before the backend takes it
+    forbiddenSyscall @3 :Void;  # chardevd makes a system call outside its seccomp allowlist
+                                # (after answering), to test that it dies and is reported
   }
 }
 

@@ -50,6 +50,9 @@ interface Vmm {
   disks @12 () -> (disks :List(Blockd.ExportInfo));
   # The VM's disks as blockd serves them, with their statistics.
 
+  diskFault @13 (fault :Blockd.Fault) -> ();
+  # Fault injection in the VM's blockd, for users' fault tests.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
@@ -106,5 +109,6 @@ struct ConsoleFault {
     clear @0 :Void;             # remove every rule
     dropConnection @1 :Void;    # disconnect the backend's client now
     delayWritesMs @2 :UInt32;   # every write to the backend waits this long first
+    forbiddenSyscall @3 :Void;  # chardevd makes a forbidden system call (seccomp test)
   }
 }

@@ -459,6 +459,26 @@ impl vmm::Server for VmmServer {
         Ok(())
     }
 
+    async fn disk_fault(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskFaultParams,
+        _: vmm::DiskFaultResults,
+    ) -> Result<(), capnp::Error> {
+        use vmm_proto::blockd_capnp::fault;
+        let f = match params.get()?.get_fault()?.which()? {
+            fault::ForbiddenSyscall(()) => crate::block::Fault::ForbiddenSyscall,
+            fault::Clear(()) => crate::block::Fault::Clear,
+        };
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
+            Some(b) => b.fault(f),
+            None => Err("this VM has no disks served by blockd".to_string()),
+        })
+        .await
+        .map_err(|e| capnp::Error::failed(e.to_string()))?
+        .map_err(capnp::Error::failed)
+    }
+
     async fn disks(
         self: capnp::capability::Rc<Self>,
         _: vmm::DisksParams,
@@ -567,6 +587,7 @@ impl vmm::Server for VmmServer {
             console_fault::Clear(()) => Fault::Clear,
             console_fault::DropConnection(()) => Fault::DropConnection,
             console_fault::DelayWritesMs(ms) => Fault::DelayWritesMs(ms),
+            console_fault::ForbiddenSyscall(()) => Fault::ForbiddenSyscall,
         };
         let (reply, answer) = oneshot::channel();
         self.console(crate::chardev::Control::Fault(fault, reply))?;

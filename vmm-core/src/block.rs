@@ -168,8 +168,16 @@ pub struct DiskInfo {
     pub ops: Vec<OpInfo>,
 }
 
+/// Fault injection in blockd (see proto/schema/blockd.capnp).
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    Clear,
+    ForbiddenSyscall,
+}
+
 enum Command {
     List(std::sync::mpsc::Sender<Result<Vec<DiskInfo>, String>>),
+    Fault(Fault, std::sync::mpsc::Sender<Result<(), String>>),
 }
 
 /// The VM's blockd: started with the VM, one export per `path=` disk, ended with the VM
@@ -195,6 +203,20 @@ impl Blockd {
         }
         out.extend(self.external.iter().cloned());
         Ok(out)
+    }
+}
+
+impl Blockd {
+    pub fn fault(&self, fault: Fault) -> Result<(), String> {
+        let c = self
+            .commands
+            .as_ref()
+            .ok_or_else(|| "this VM has no disks served by blockd".to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.send(Command::Fault(fault, tx))
+            .map_err(|_| "blockd is not running".to_string())?;
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .map_err(|_| "blockd did not answer within 5 s".to_string())?
     }
 }
 
@@ -245,10 +267,13 @@ struct Opened {
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
+/// `sandbox`: the seccomp mode (kill or log) for a sandboxed blockd, or None for no sandbox.
 pub fn start(
     disks: &[DiskSpec],
     blockd: &Path,
     dir: Option<&RunDir>,
+    sandbox: Option<&str>,
+    report: crate::helpers::SeccompReport,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
@@ -317,8 +342,15 @@ pub fn start(
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| format!("blockd: cannot make its control socket ({e})"))?;
     let mut cmd = std::process::Command::new(blockd);
+    let stderr = crate::helpers::stderr_pipe("blockd", report)
+        .map_err(|e| format!("blockd: cannot make its stderr pipe ({e})"))?;
     cmd.args(["--control-fd", "3"])
-        .stdin(std::process::Stdio::null());
+        .stdin(std::process::Stdio::null())
+        .stderr(stderr);
+    match sandbox {
+        Some(mode) => cmd.args(["--seccomp", mode]),
+        None => cmd.arg("--no-sandbox"),
+    };
     let tfd = theirs.as_raw_fd();
     // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl): the control socket becomes
     // fd 3 without close-on-exec, and blockd dies with vmm-core.
@@ -483,6 +515,20 @@ async fn client(
                     })
                     .map_err(|e| format!("blockd: {e}"));
                 let _ = reply.send(out);
+            }
+            Command::Fault(fault, reply) => {
+                let mut req = server.inject_fault_request();
+                match fault {
+                    Fault::Clear => req.get().init_fault().set_clear(()),
+                    Fault::ForbiddenSyscall => req.get().init_fault().set_forbidden_syscall(()),
+                }
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("blockd: {e}"));
+                let _ = reply.send(r);
             }
         }
     }

@@ -65,7 +65,7 @@ impl Attached {
 pub enum Mode {
     /// Start it (this executable) on an inherited socketpair, sandboxed unless the flag is
     /// false; restart it if it dies.
-    Spawn(PathBuf, bool),
+    Spawn(PathBuf, Option<String>),
     /// Connect to one that runs already (under systemd); reconnect if the connection drops.
     Connect(PathBuf),
 }
@@ -351,6 +351,7 @@ pub enum Fault {
     Clear,
     DropConnection,
     DelayWritesMs(u32),
+    ForbiddenSyscall,
 }
 
 /// What the management API asks of the device in chardevd.
@@ -502,7 +503,7 @@ struct Helper<'a> {
     resources: &'a Resources,
     buffer: &'a ConsoleBuffer,
     input: &'a InputFn,
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
 }
 
 async fn run_helper(
@@ -526,11 +527,22 @@ async fn run_helper(
             let theirs_fd = theirs.as_raw_fd();
             let mut cmd = tokio::process::Command::new(binary);
             cmd.arg("--control-fd").arg("3");
-            if !sandbox {
-                cmd.arg("--no-sandbox");
+            match sandbox {
+                Some(seccomp) => {
+                    cmd.arg("--seccomp").arg(seccomp);
+                }
+                None => {
+                    cmd.arg("--no-sandbox");
+                }
             }
+            let stderr = crate::helpers::stderr_pipe(
+                "chardevd",
+                crate::helpers::seccomp_reporter(shared.clone()),
+            )
+            .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
             cmd.stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
+                .stderr(stderr)
                 .kill_on_drop(true);
             // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
             // (without close-on-exec).
@@ -823,6 +835,7 @@ async fn serve_control(device: &device::Client, control: Control) {
                     Fault::Clear => f.set_clear(()),
                     Fault::DropConnection => f.set_drop_connection(()),
                     Fault::DelayWritesMs(ms) => f.set_delay_writes_ms(ms),
+                    Fault::ForbiddenSyscall => f.set_forbidden_syscall(()),
                 }
             }
             let _ = reply.send(req.send().promise.await.map(|_| ()).map_err(msg));

@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// another uid), to debug.
     #[arg(long)]
     pub no_sandbox: bool,
+    /// What a helper's system call outside its seccomp allowlist does: kill (the helper
+    /// reports it, vmm-core logs it and emits an event, and the helper dies by SIGSYS) or log
+    /// (the kernel logs it and lets it through: for developing allowlists).
+    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["kill", "log"])]
+    pub seccomp: String,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
@@ -102,6 +107,8 @@ pub struct VmConfig {
     pub chardevd: PathBuf,
     pub chardevd_socket: Option<PathBuf>,
     pub sandbox: bool,
+    /// kill or log.
+    pub seccomp: String,
     pub disks: Vec<crate::block::DiskSpec>,
     pub blockd: PathBuf,
 }
@@ -229,6 +236,7 @@ impl VmConfig {
             serial: parse_serial(&args.serial)?,
             chardevd_socket: args.chardevd_socket,
             sandbox: !args.no_sandbox,
+            seccomp: args.seccomp,
             disks: args
                 .disk
                 .iter()

@@ -8,6 +8,7 @@ pub mod chardev;
 pub mod config;
 pub mod cpus;
 pub mod devices;
+pub mod helpers;
 pub mod kvm;
 pub mod logger;
 pub mod memory;

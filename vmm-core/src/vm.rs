@@ -224,8 +224,14 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     } else {
         None
     };
-    let (disks, blockd) = crate::block::start(&config.disks, &config.blockd, run_dir.as_ref())
-        .map_err(VmError::Disk)?;
+    let (disks, blockd) = crate::block::start(
+        &config.disks,
+        &config.blockd,
+        run_dir.as_ref(),
+        config.sandbox.then_some(config.seccomp.as_str()),
+        crate::helpers::seccomp_reporter(shared.clone()),
+    )
+    .map_err(VmError::Disk)?;
     *shared.blockd.lock().unwrap() = Some(blockd);
 
     let mut supervisor = None;
@@ -268,7 +274,10 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         let (started, ready) = chardev::start(
             match &config.chardevd_socket {
                 Some(path) => chardev::Mode::Connect(path.clone()),
-                None => chardev::Mode::Spawn(config.chardevd.clone(), config.sandbox),
+                None => chardev::Mode::Spawn(
+                    config.chardevd.clone(),
+                    config.sandbox.then(|| config.seccomp.clone()),
+                ),
             },
             backend.clone(),
             buffer,

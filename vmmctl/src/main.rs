@@ -89,6 +89,15 @@ enum DiskAction {
     List,
     /// Statistics per operation, for every disk or the one named.
     Stats { name: Option<String> },
+    /// Fault injection in blockd: `forbidden-syscall` makes it call something outside its
+    /// seccomp allowlist (it dies and vmm-core reports it).
+    Fault { rule: DiskFault },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum DiskFault {
+    Clear,
+    ForbiddenSyscall,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -99,6 +108,9 @@ enum FaultRule {
     DropConnection,
     /// Make every write to the backend wait MS milliseconds first.
     DelayWrites { ms: u32 },
+    /// Make chardevd call something outside its seccomp allowlist (it dies, is reported and
+    /// restarted).
+    ForbiddenSyscall,
 }
 
 /// An error and the exit status it maps to: 2 for a socket we cannot use, 1 for a refused or
@@ -185,6 +197,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Disk {
             action: DiskAction::Stats { .. },
         } => "disk stats",
+        Command::Disk {
+            action: DiskAction::Fault { .. },
+        } => "disk fault",
     };
     let fail = |e: capnp::Error| {
         let msg = match e.kind {
@@ -273,12 +288,23 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 out
             }
         }
+        Command::Disk {
+            action: DiskAction::Fault { rule },
+        } => {
+            let mut req = client.disk_fault_request();
+            match rule {
+                DiskFault::Clear => req.get().init_fault().set_clear(()),
+                DiskFault::ForbiddenSyscall => req.get().init_fault().set_forbidden_syscall(()),
+            }
+            req.send().promise.await.map_err(fail)?;
+            done(cli.json, "done")
+        }
         Command::Disk { action } => {
             let reply = client.disks_request().send().promise.await.map_err(fail)?;
             let list = reply.get().and_then(|r| r.get_disks()).map_err(fail)?;
             let only = match &action {
                 DiskAction::Stats { name } => name.clone(),
-                DiskAction::List => None,
+                _ => None,
             };
             if let Some(n) = &only {
                 let mut names = Vec::new();
@@ -382,6 +408,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     FaultRule::Clear => f.set_clear(()),
                     FaultRule::DropConnection => f.set_drop_connection(()),
                     FaultRule::DelayWrites { ms } => f.set_delay_writes_ms(ms),
+                    FaultRule::ForbiddenSyscall => f.set_forbidden_syscall(()),
                 }
             }
             req.send().promise.await.map_err(fail)?;
@@ -671,7 +698,7 @@ fn format_disks(
                     "idle"
                 },
             )),
-            DiskAction::Stats { .. } => {
+            DiskAction::Stats { .. } | DiskAction::Fault { .. } => {
                 let mut t = format!(
                     "{name}: {image} ({format}), write cache {}, {} malformed request(s)\n",
                     if d.get_writeback() { "on" } else { "off" },
