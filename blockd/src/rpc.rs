@@ -19,6 +19,9 @@ pub type Exports = Rc<RefCell<BTreeMap<String, Export>>>;
 
 pub struct Server {
     exports: Exports,
+    /// The exports this connection added: they end with it (the client that added them is
+    /// gone), so that a restarted vmm-core adds them again.
+    mine: RefCell<Vec<String>>,
     /// The connection's side channel (descriptors for `add`).
     side: Option<OwnedFd>,
     queue_size: u16,
@@ -28,6 +31,7 @@ impl Server {
     pub fn new(exports: Exports, side: Option<OwnedFd>, queue_size: u16) -> Server {
         Server {
             exports,
+            mine: RefCell::new(Vec::new()),
             side,
             queue_size,
         }
@@ -161,7 +165,8 @@ impl blockd::Server for Server {
         );
         let export = Export::start(&name, &image, &socket, disk, listener, false)
             .map_err(|err| failed(format!("export {name}: cannot start its thread ({err})")))?;
-        self.exports.borrow_mut().insert(name, export);
+        self.exports.borrow_mut().insert(name.clone(), export);
+        self.mine.borrow_mut().push(name);
         results.get().set_socket(&socket);
         Ok(())
     }
@@ -268,8 +273,17 @@ pub async fn serve(stream: std::os::unix::net::UnixStream, exports: Exports, que
             return;
         }
     };
-    let client: blockd::Client = capnp_rpc::new_client(Server::new(exports, side, queue_size));
+    let server = std::rc::Rc::new(Server::new(exports.clone(), side, queue_size));
+    let client: blockd::Client = capnp_rpc::new_client_from_rc(server.clone());
     let _ = vmm_proto::rpc::server(stream, client.client).await;
+    // The client is gone: so are the exports it added (each flushes its image).
+    for name in server.mine.borrow_mut().drain(..) {
+        if let Some(x) = exports.borrow_mut().remove(&name) {
+            x.control.stop();
+            drop(x);
+            log::info!("export {name}: removed with the connection that added it");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -445,3 +445,40 @@ fn vmmctl_disk_list_and_stats_count_what_the_guest_did() {
         "{err}"
     );
 }
+
+/// systemd socket activation: blockd takes the listening socket systemd passes (LISTEN_FDS),
+/// here from systemd-socket-activate; vmm-core adds its disk to that blockd.
+#[test]
+fn blockd_serves_a_socket_passed_by_systemd() {
+    let dir = TempDir::new("block-activate");
+    let listen = dir.join("blockd.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
+    let mut activator = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&listen)
+        .arg(vmm_tests::blockd_bin())
+        .args(["--listen", "systemd"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package) must be installed");
+    wait_until(T, "the activation socket", || listen.exists());
+    for seed in [31, 32] {
+        // Twice: a second VM (or a restarted vmm-core) adds its disk again.
+        let mut vm = TestVm::builder()
+            .cmdline(&format!("console=ttyS0 tg.scenario=blk tg.blk.seed={seed}"))
+            .args(["--blockd-socket", listen.to_str().unwrap()])
+            .args(["--disk", &format!("path={}", img.display())])
+            .spawn();
+        assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+        assert!(
+            vm.stderr().contains("connected to blockd at"),
+            "{}",
+            vm.stderr()
+        );
+        assert_eq!(field(&vm, "tg: blk0 pattern", "bad-words"), "0");
+        check_guest_pattern(&img, seed);
+    }
+    activator.kill().unwrap();
+    activator.wait().unwrap();
+}

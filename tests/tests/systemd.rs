@@ -41,7 +41,7 @@ fn systemd_analyze_verify_accepts_the_units() {
         files.push(instance);
     }
     files.sort();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 5, "{files:?}");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&files)

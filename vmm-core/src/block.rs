@@ -267,12 +267,18 @@ struct Opened {
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
-/// `sandbox`: the seccomp mode (kill or log) for a sandboxed blockd, or None for no sandbox.
+/// How vmm-core gets its blockd: it starts one, or connects to one that runs already (systemd's).
+pub enum Mode<'a> {
+    /// The executable, and the seccomp mode (kill or log) or None for no sandbox.
+    Spawn(&'a Path, Option<&'a str>),
+    /// blockd's control socket (`blockd --listen`, or its systemd socket unit).
+    Connect(&'a Path),
+}
+
 pub fn start(
     disks: &[DiskSpec],
-    blockd: &Path,
+    mode: Mode,
     dir: Option<&RunDir>,
-    sandbox: Option<&str>,
     report: crate::helpers::SeccompReport,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
@@ -339,6 +345,52 @@ pub fn start(
         return Ok((backends, handle));
     }
 
+    let ours = match mode {
+        Mode::Connect(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+                format!(
+                    "--blockd-socket {}: cannot connect ({e}); is blockd (or its socket unit) running?",
+                    path.display()
+                )
+            })?;
+            log::info!("connected to blockd at {}", path.display());
+            s
+        }
+        Mode::Spawn(blockd, sandbox) => {
+            let (ours, child) = spawn(blockd, sandbox, report)?;
+            handle.child = Some(child);
+            ours
+        }
+    };
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("blockd-client".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, client(ours, opened, ready_tx, rx));
+        })
+        .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
+    handle.thread = Some(thread);
+    handle.commands = Some(commands);
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((backends, handle)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("blockd: its client thread ended".into()),
+    }
+}
+
+/// Starts blockd with a connected control socket as its fd 3.
+fn spawn(
+    blockd: &Path,
+    sandbox: Option<&str>,
+    report: crate::helpers::SeccompReport,
+) -> Result<(std::os::unix::net::UnixStream, std::process::Child), String> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| format!("blockd: cannot make its control socket ({e})"))?;
     let mut cmd = std::process::Command::new(blockd);
@@ -369,28 +421,7 @@ pub fn start(
         .map_err(|e| format!("cannot start blockd ({}): {e}", blockd.display()))?;
     drop(theirs);
     log::info!("started blockd (pid {})", child.id());
-    handle.child = Some(child);
-
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
-    let thread = std::thread::Builder::new()
-        .name("blockd-client".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, client(ours, opened, ready_tx, rx));
-        })
-        .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
-    handle.thread = Some(thread);
-    handle.commands = Some(commands);
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok((backends, handle)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err("blockd: its client thread ended".into()),
-    }
+    Ok((ours, child))
 }
 
 async fn client(

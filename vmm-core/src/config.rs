@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// The blockd executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
     pub blockd: Option<PathBuf>,
+    /// Use a blockd that runs already (blockd --listen PATH, or its systemd socket) instead
+    /// of starting one: vmm-core adds the VM's disks to it as exports.
+    #[arg(long, value_name = "PATH", conflicts_with = "blockd")]
+    pub blockd_socket: Option<PathBuf>,
     /// Serve the management API (vmmctl) on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -111,6 +115,7 @@ pub struct VmConfig {
     pub seccomp: String,
     pub disks: Vec<crate::block::DiskSpec>,
     pub blockd: PathBuf,
+    pub blockd_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +249,7 @@ impl VmConfig {
                 .collect::<Result<_, _>>()
                 .map_err(ConfigError::Disk)?,
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
+            blockd_socket: args.blockd_socket,
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))

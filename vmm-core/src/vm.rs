@@ -224,11 +224,17 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     } else {
         None
     };
+    let mode = match &config.blockd_socket {
+        Some(path) => crate::block::Mode::Connect(path),
+        None => crate::block::Mode::Spawn(
+            &config.blockd,
+            config.sandbox.then_some(config.seccomp.as_str()),
+        ),
+    };
     let (disks, blockd) = crate::block::start(
         &config.disks,
-        &config.blockd,
+        mode,
         run_dir.as_ref(),
-        config.sandbox.then_some(config.seccomp.as_str()),
         crate::helpers::seccomp_reporter(shared.clone()),
     )
     .map_err(VmError::Disk)?;
