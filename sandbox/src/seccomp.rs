@@ -248,8 +248,8 @@ pub fn describe(list: &[Allow]) -> String {
 /// Who the SIGSYS reporter names (set once, before the filter).
 static WHO: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Installs the SIGSYS reporter and the filter on this (only) thread. Returns how many system
-/// calls the allowlist has.
+/// Installs the SIGSYS reporter (process-wide) and the filter on the calling thread (threads
+/// it creates later inherit it). Returns how many system calls the allowlist has.
 pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, String> {
     let map = rules(list)?;
     let n = map.len();

@@ -239,3 +239,36 @@ fn blockd_killed_by_seccomp_is_reported_and_the_vm_survives() {
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }
+
+/// vmm-core's vCPU threads run under their own seccomp filter (KVM ioctls, the transport's
+/// vhost-user messages and eventfds, memory, signals): /proc shows it per thread.
+#[test]
+fn vcpu_threads_run_under_their_own_seccomp_filter() {
+    let sock = socket_path("seccomp-vcpu");
+    let mut vm = TestVm::builder()
+        .cpus("2")
+        .cmdline("tg.scenario=idle")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    let pid = vm.pid();
+    let mut vcpus = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        let seccomp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        if comm.starts_with("vcpu") {
+            vcpus += 1;
+            assert_eq!(seccomp, "2", "{comm}");
+        }
+    }
+    assert_eq!(vcpus, 2);
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}

@@ -73,7 +73,7 @@ pub struct RunArgs {
     /// What a helper's system call outside its seccomp allowlist does: kill (the helper
     /// reports it, vmm-core logs it and emits an event, and the helper dies by SIGSYS) or log
     /// (the kernel logs it and lets it through: for developing allowlists).
-    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["kill", "log"])]
+    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["kill", "log"], env = "VMM_SECCOMP")]
     pub seccomp: String,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]

@@ -31,6 +31,7 @@ pub struct Common {
     pub print_boot_times: bool,
     pub max: u32,
     pub base_cpuid: CpuId,
+    pub seccomp: Option<vmm_sandbox::seccomp::Mode>,
 }
 
 pub struct Vcpus {
@@ -110,6 +111,7 @@ impl Vcpus {
         let c = &self.common;
         let ctx = VcpuContext {
             id,
+            seccomp: c.seccomp,
             unplug: unplug.clone(),
             bus: c.bus.clone(),
             mem: c.mem.clone(),

@@ -571,6 +571,9 @@ fn run_once(
         print_boot_times: config.print_boot_times,
         max: config.max_cpus,
         base_cpuid,
+        seccomp: config
+            .sandbox
+            .then(|| config.seccomp.parse().expect("clap checked it")),
     });
     // Every boot vCPU exists before any runs: the boot vCPU starts the others by IPI.
     let mut fds = Vec::new();

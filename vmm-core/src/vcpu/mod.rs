@@ -323,6 +323,8 @@ enum Next {
 
 pub struct VcpuContext {
     pub id: u32,
+    /// The vCPU thread's seccomp filter (None: --no-sandbox).
+    pub seccomp: Option<vmm_sandbox::seccomp::Mode>,
     /// Set (then a kick) to end this vCPU's thread alone: it was hot-removed.
     pub unplug: Arc<AtomicBool>,
     pub bus: Arc<IoBus>,
@@ -334,8 +336,75 @@ pub struct VcpuContext {
 }
 
 /// Runs the vCPU until the VM stops or this vCPU asks it to.
+/// What a vCPU thread may call once it runs guest code: KVM ioctls, the virtio-pci transport's
+/// work (vhost-user messages, eventfds), the log and console, memory and signals.
+pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::{allow, allow_if, Cond};
+    let no_exec = vec![vec![Cond::Masked(2, libc::PROT_EXEC as u64, 0)]];
+    vec![
+        allow_if(
+            "ioctl",
+            "KVM ioctls (type 0xAE) only: KVM_RUN, registers, irqfds, ioeventfds, GSI routing",
+            vec![vec![Cond::Masked(1, 0xff00, 0xae00)]],
+        ),
+        allow(
+            "read",
+            "draining eventfds when the guest resets a virtio device",
+        ),
+        allow("write", "the log, the console (--serial direct), eventfds"),
+        allow(
+            "sendmsg",
+            "vhost-user messages when the guest starts or resets a disk",
+        ),
+        allow("recvmsg", "vhost-user replies"),
+        allow("close", "descriptors of a device the guest reset"),
+        allow("futex", "locks, condition variables and channels"),
+        allow_if("mmap", "the allocator, never executable", no_exec.clone()),
+        allow_if("mprotect", "the allocator, never executable", no_exec),
+        allow("munmap", "the allocator"),
+        allow("mremap", "the allocator"),
+        allow("madvise", "the allocator returns memory"),
+        allow("brk", "the allocator"),
+        allow("rt_sigprocmask", "signal masks"),
+        allow("rt_sigreturn", "the kick signal's handler returns"),
+        allow(
+            "sigaltstack",
+            "the thread ends (Rust's stack-overflow guard)",
+        ),
+        allow("sched_yield", "spinning locks"),
+        allow("clock_gettime", "time (when the vDSO cannot)"),
+        allow("getpid", "logging"),
+        allow("gettid", "logging"),
+        allow(
+            "exit",
+            "the thread ends (the VM stops, or the vCPU is hot-removed)",
+        ),
+        allow("exit_group", "the process ends"),
+        allow(
+            "restart_syscall",
+            "a call interrupted by the kick signal resumes",
+        ),
+        allow_if(
+            "seccomp",
+            "SECCOMP_SET_MODE_FILTER only: the SIGSYS reporter's kill-all filter",
+            vec![vec![Cond::Eq(0, 1)]],
+        ),
+    ]
+}
+
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
     let id = ctx.id;
+    if let Some(mode) = ctx.seccomp {
+        if let Err(e) =
+            vmm_sandbox::seccomp::install("vmm-core (a vCPU thread)", &allowlist(), mode)
+        {
+            let _ = ctx.events.send(crate::vm::VmEvent::Vcpu(VcpuEvent::Failed(
+                id,
+                format!("cannot install the vCPU thread's seccomp filter: {e}"),
+            )));
+            return vcpu;
+        }
+    }
     let mut first = true;
     let mut dumped = 0;
     let ending = |ctx: &VcpuContext| {
