@@ -16,11 +16,6 @@ pub fn confine(
     mode: seccomp::Mode,
 ) -> Result<String, String> {
     let privileged = jail::enter(jail)?;
-    // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online) the first time
-    // a thread needs an arena of its own, unless the arena count is fixed: fix it, so that
-    // no path is ever opened under the filter.
-    // SAFETY: mallopt only sets an allocator parameter.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
     let mut list = seccomp::base();
     list.extend(extra);
     let n = seccomp::install(who, &list, mode)?;

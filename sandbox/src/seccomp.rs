@@ -264,6 +264,11 @@ pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, S
     )
     .map_err(|e| format!("seccomp: {e}"))?;
     let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e}"))?;
+    // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online) the first time
+    // a thread needs an arena of its own, unless the arena count is fixed: fix it, so that
+    // no path is ever opened under a filter.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
     // A leaked, NUL-terminated copy for the handler.
     let name: &'static mut [u8] = Box::leak(format!("{who}\0").into_bytes().into_boxed_slice());
     WHO.store(name.as_mut_ptr(), Ordering::Release);

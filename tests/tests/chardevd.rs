@@ -99,9 +99,15 @@ fn a_line_written_to_a_unix_socket_backend_reaches_the_guest_and_is_echoed() {
     wait_until(T, "the console socket", || sock.exists());
     let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     client.set_read_timeout(Some(T)).unwrap();
-    client.write_all(b"ping from the host\r").unwrap();
     let mut reader = BufReader::new(client.try_clone().unwrap());
     let mut line = String::new();
+    // Type only once the guest reads its console (before, its UART reset would eat the line).
+    while !line.contains("tg: ready") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the console closed");
+    }
+    client.write_all(b"ping from the host\r").unwrap();
     while !line.contains("tg: echo") {
         line.clear();
         reader.read_line(&mut line).unwrap();

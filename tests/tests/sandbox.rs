@@ -241,9 +241,10 @@ fn blockd_killed_by_seccomp_is_reported_and_the_vm_survives() {
 }
 
 /// vmm-core's vCPU threads run under their own seccomp filter (KVM ioctls, the transport's
-/// vhost-user messages and eventfds, memory, signals): /proc shows it per thread.
+/// vhost-user messages and eventfds, memory, signals), and its API thread under another:
+/// /proc shows it per thread.
 #[test]
-fn vcpu_threads_run_under_their_own_seccomp_filter() {
+fn vcpu_and_api_threads_run_under_their_own_seccomp_filters() {
     let sock = socket_path("seccomp-vcpu");
     let mut vm = TestVm::builder()
         .cpus("2")
@@ -253,6 +254,7 @@ fn vcpu_threads_run_under_their_own_seccomp_filter() {
     vm.wait_for("tg: ready", T);
     let pid = vm.pid();
     let mut vcpus = 0;
+    let mut api = false;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid = task.unwrap().file_name().to_string_lossy().into_owned();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
@@ -267,8 +269,17 @@ fn vcpu_threads_run_under_their_own_seccomp_filter() {
             vcpus += 1;
             assert_eq!(seccomp, "2", "{comm}");
         }
+        if comm.trim() == "api" {
+            api = true;
+            assert_eq!(seccomp, "2", "the API thread");
+        }
     }
     assert_eq!(vcpus, 2);
+    assert!(api, "no API thread");
+    // And the API still serves under its filter.
+    let (code, out, _) = vmmctl(&sock, &["info"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("running"), "{out}");
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }

@@ -184,10 +184,24 @@ impl Drop for ApiSocket {
 }
 
 /// Binds the socket (mode 0600) and starts serving it on its own thread.
+/// The API thread's system calls beyond the helpers' common base (it is, like them, a tokio
+/// server on Unix sockets).
+pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::allow;
+    vec![
+        allow(
+            "geteuid",
+            "peers with another uid are refused (SO_PEERCRED)",
+        ),
+        allow("pipe2", "tokio's signal pipe"),
+    ]
+}
+
 pub fn start(
     path: &Path,
     shared: Arc<Shared>,
     events: Sender<VmEvent>,
+    seccomp: Option<vmm_sandbox::seccomp::Mode>,
 ) -> Result<ApiSocket, ApiError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -211,7 +225,19 @@ pub fn start(
         .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serve(listener, shared, events))
+        .spawn(move || {
+            if let Some(mode) = seccomp {
+                let mut list = vmm_sandbox::seccomp::base();
+                list.extend(allowlist());
+                if let Err(e) =
+                    vmm_sandbox::seccomp::install("vmm-core (the API thread)", &list, mode)
+                {
+                    log::error!("API: cannot install its seccomp filter ({e}); it does not serve");
+                    return;
+                }
+            }
+            serve(listener, shared, events)
+        })
         .map_err(ApiError::Thread)?;
     Ok(guard)
 }

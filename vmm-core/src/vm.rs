@@ -210,7 +210,14 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         blockd: Mutex::new(None),
     });
     let _api = match &config.api_socket {
-        Some(path) => Some(api::start(path, shared.clone(), tx.clone())?),
+        Some(path) => Some(api::start(
+            path,
+            shared.clone(),
+            tx.clone(),
+            config
+                .sandbox
+                .then(|| config.seccomp.parse().expect("clap checked it")),
+        )?),
         None => None,
     };
 
