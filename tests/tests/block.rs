@@ -482,3 +482,27 @@ fn blockd_serves_a_socket_passed_by_systemd() {
     activator.kill().unwrap();
     activator.wait().unwrap();
 }
+
+/// The same disk path with the helpers' sandbox off (--no-sandbox, for debugging): blockd runs
+/// as started, and the data is the same.
+#[test]
+fn disks_work_the_same_with_the_sandbox_off() {
+    let dir = TempDir::new("block-nosandbox");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=41")
+        .arg("--no-sandbox")
+        .args(["--disk", &format!("path={},queues=2", img.display())])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    assert!(
+        !vm.stderr().contains("blockd: info: sandboxed"),
+        "{}",
+        vm.stderr()
+    );
+    for k in ["bad-words", "errors", "timeouts"] {
+        assert_eq!(field(&vm, "tg: blk0 pattern", k), "0", "{k}");
+    }
+    check_guest_pattern(&img, 41);
+}
