@@ -8,11 +8,13 @@ say() { echo "setup: $*" >&2; }
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 if ! command -v apt-get >/dev/null; then
-    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools and qemu-utils by hand"
+    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools, qemu-utils and qemu-system-common by hand"
     exit 1
 fi
 # qemu-utils: qemu-img, which the qcow2 tests use to create and check images.
-packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils)
+# qemu-system-common: qemu-storage-daemon, the independent vhost-user-blk backend that the
+# interoperability test drives with vmm-core's frontend (and bench/block.sh compares with).
+packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -506,3 +506,62 @@ fn disks_work_the_same_with_the_sandbox_off() {
     }
     check_guest_pattern(&img, 41);
 }
+
+/// vmm-core's vhost-user frontend drives another vhost-user-blk backend, QEMU's:
+/// qemu-storage-daemon exports a raw file, and the guest's pattern lands in it.
+#[test]
+fn vmm_core_drives_qemu_storage_daemons_vhost_user_blk_export() {
+    let dir = TempDir::new("block-qsd");
+    let img = dir.join("disk.img");
+    let sock = dir.join("qsd.sock");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let mut qsd = std::process::Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=file,node-name=file0,filename={},discard=unmap",
+                img.display()
+            ),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=exp0,node-name=file0,writable=on,num-queues=2,addr.type=unix,addr.path={}",
+                sock.display()
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon (Debian's qemu-system-common; scripts/setup.sh installs it)");
+    wait_until(T, "qemu-storage-daemon's socket", || sock.exists());
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=51")
+        .args(["--disk", &format!("socket={},queues=2", sock.display())])
+        .spawn();
+    let code = vm.wait_exit(T);
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    assert_eq!(code, 0, "{}\n{}", vm.stdout(), vm.stderr());
+    assert_eq!(field(&vm, "tg: blk0 slot=", "queues"), "2");
+    for k in ["bad-words", "errors", "timeouts"] {
+        assert_eq!(
+            field(&vm, "tg: blk0 pattern", k),
+            "0",
+            "{k}: {}",
+            vm.stdout()
+        );
+    }
+    for k in [
+        "discard",
+        "write-zeroes",
+        "nonzero-words",
+        "pattern-bad-words",
+    ] {
+        assert_eq!(
+            field(&vm, "tg: blk0 zeroes", k),
+            "0",
+            "{k}: {}",
+            vm.stdout()
+        );
+    }
+    check_guest_pattern(&img, 51);
+}
