@@ -233,6 +233,13 @@ fn blockd_killed_by_seccomp_is_reported_and_the_vm_survives() {
         "{}",
         vm.stderr()
     );
+    wait_until(T, "vmm-core to notice the lost blockd", || {
+        vm.stderr()
+            .contains("lost blockd: the VM's disks stop answering")
+    });
+    let (code, _, err) = vmmctl(&sock, &["disk", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("blockd is not running"), "{err}");
     let (code, out, _) = vmmctl(&sock, &["info"]);
     assert_eq!(code, 0);
     assert!(out.contains("running"), "{out}");

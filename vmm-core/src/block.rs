@@ -280,6 +280,7 @@ pub fn start(
     mode: Mode,
     dir: Option<&RunDir>,
     report: crate::helpers::SeccompReport,
+    on_death: Box<dyn Fn() + Send>,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
@@ -373,7 +374,7 @@ pub fn start(
                 .build()
                 .expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, client(ours, opened, ready_tx, rx));
+            local.block_on(&rt, client(ours, opened, ready_tx, rx, on_death));
         })
         .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
     handle.thread = Some(thread);
@@ -429,6 +430,7 @@ async fn client(
     opened: Vec<Opened>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    on_death: Box<dyn Fn() + Send>,
 ) {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
@@ -457,7 +459,7 @@ async fn client(
         }
     };
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
-    let connection = tokio::task::spawn_local(rpc);
+    let mut connection = tokio::task::spawn_local(rpc);
     for o in &opened {
         if let Err(e) = fdpass::send(
             side.as_fd(),
@@ -504,7 +506,26 @@ async fn client(
     // blockd has its own copies now.
     drop(opened);
     let _ = ready.send(Ok(()));
-    while let Some(cmd) = commands.recv().await {
+    loop {
+        let cmd = tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(c) => c,
+                None => break,
+            },
+            _ = &mut connection => {
+                // blockd is gone while the VM runs: its disks stop answering.
+                on_death();
+                // Still answer requests (with errors) until the VM ends.
+                while let Some(cmd) = commands.recv().await {
+                    let why = "blockd is not running (it died; restarting it is not built yet)".to_string();
+                    match cmd {
+                        Command::List(reply) => { let _ = reply.send(Err(why)); }
+                        Command::Fault(_, reply) => { let _ = reply.send(Err(why)); }
+                    }
+                }
+                return;
+            }
+        };
         match cmd {
             Command::List(reply) => {
                 let r = server.list_request().send().promise.await;

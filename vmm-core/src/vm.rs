@@ -243,6 +243,15 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         mode,
         run_dir.as_ref(),
         crate::helpers::seccomp_reporter(shared.clone()),
+        {
+            let shared = shared.clone();
+            Box::new(move || {
+                log::error!(
+                    "lost blockd: the VM's disks stop answering (restarting blockd with its requests in flight is not built yet)"
+                );
+                shared.events.emit("helper-died", "blockd".to_string());
+            })
+        },
     )
     .map_err(VmError::Disk)?;
     *shared.blockd.lock().unwrap() = Some(blockd);
