@@ -374,8 +374,15 @@ impl TestVm {
 }
 
 impl Drop for TestVm {
+    /// A VM the test left running gets SIGTERM first, so that vmm-core ends its helpers and
+    /// removes what it made (sockets, its run directory); SIGKILL after 10 s.
     fn drop(&mut self) {
         if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
