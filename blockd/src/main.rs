@@ -181,8 +181,7 @@ fn log_init() {
 
 fn run(args: Args) -> Result<(), String> {
     if args.print_seccomp {
-        let mut list = vmm_sandbox::seccomp::base();
-        list.extend(allowlist());
+        let list = vmm_sandbox::seccomp::with_base(allowlist());
         print!("{}", vmm_sandbox::seccomp::describe(&list));
         return Ok(());
     }

@@ -123,8 +123,7 @@ async fn serve(stream: std::os::unix::net::UnixStream) {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.print_seccomp {
-        let mut list = vmm_sandbox::seccomp::base();
-        list.extend(allowlist());
+        let list = vmm_sandbox::seccomp::with_base(allowlist());
         print!("{}", vmm_sandbox::seccomp::describe(&list));
         return ExitCode::SUCCESS;
     }

@@ -16,9 +16,7 @@ pub fn confine(
     mode: seccomp::Mode,
 ) -> Result<String, String> {
     let privileged = jail::enter(jail)?;
-    let mut list = seccomp::base();
-    list.extend(extra);
-    let n = seccomp::install(who, &list, mode)?;
+    let n = seccomp::install(who, &seccomp::with_base(extra), mode)?;
     Ok(format!(
         "sandboxed: {}seccomp allowlist of {n} system calls ({} mode)",
         if privileged {

@@ -201,6 +201,13 @@ pub fn base() -> Vec<Allow> {
     ]
 }
 
+/// The common base with a filter's own calls added.
+pub fn with_base(extra: Vec<Allow>) -> Vec<Allow> {
+    let mut list = base();
+    list.extend(extra);
+    list
+}
+
 fn rules(list: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for a in list {

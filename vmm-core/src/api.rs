@@ -227,8 +227,7 @@ pub fn start(
         .name("api".into())
         .spawn(move || {
             if let Some(mode) = seccomp {
-                let mut list = vmm_sandbox::seccomp::base();
-                list.extend(allowlist());
+                let list = vmm_sandbox::seccomp::with_base(allowlist());
                 if let Err(e) =
                     vmm_sandbox::seccomp::install("vmm-core (the API thread)", &list, mode)
                 {

@@ -44,17 +44,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         match k {
             "path" if !v.is_empty() => d.path = Some(PathBuf::from(v)),
             "socket" if !v.is_empty() => d.socket = Some(PathBuf::from(v)),
-            "readonly" => {
-                d.readonly = match v {
-                    "on" | "true" | "yes" => true,
-                    "off" | "false" | "no" => false,
-                    _ => {
-                        return Err(format!(
-                            "--disk {s}: readonly={v}; write readonly=on or off"
-                        ))
-                    }
-                }
-            }
+            "readonly" => d.readonly = on_off(s, k, v)?,
             "queues" => {
                 d.queues = v
                     .parse::<u16>()
@@ -72,13 +62,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                     ))
                 }
             },
-            "direct" => {
-                d.direct = match v {
-                    "on" | "true" | "yes" => true,
-                    "off" | "false" | "no" => false,
-                    _ => return Err(format!("--disk {s}: direct={v}; write direct=on or off")),
-                }
-            }
+            "direct" => d.direct = on_off(s, k, v)?,
             "serial" => {
                 if v.len() > 20 {
                     return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
@@ -97,6 +81,15 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             ))
         }
         _ => Ok(d),
+    }
+}
+
+/// An on/off value of `--disk SPEC`'s key.
+fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("--disk {spec}: {key}={v}; write {key}=on or off")),
     }
 }
 
