@@ -252,8 +252,25 @@ pub fn describe(list: &[Allow]) -> String {
     out
 }
 
-/// Who the SIGSYS reporter names (set once, before the filter).
+/// Who the SIGSYS reporter names: the process (set by its first filter, or by
+/// `set_process_name`), and, where a thread installed a filter of its own, that thread's role.
 static WHO: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+thread_local! {
+    static THREAD_WHO: std::cell::Cell<*const u8> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+/// The SIGSYS reporter is process-wide and installed once, before the first filter: later
+/// filters (other threads') must not need rt_sigaction(SIGSYS), which every filter forbids.
+static HANDLER: std::sync::Once = std::sync::Once::new();
+
+fn leak_name(who: &str) -> *mut u8 {
+    let name: &'static mut [u8] = Box::leak(format!("{who}\0").into_bytes().into_boxed_slice());
+    name.as_mut_ptr()
+}
+
+/// Names the process in SIGSYS reports from threads without a role of their own.
+pub fn set_process_name(who: &str) {
+    WHO.store(leak_name(who), Ordering::Release);
+}
 
 /// Installs the SIGSYS reporter (process-wide) and the filter on the calling thread (threads
 /// it creates later inherit it). Returns how many system calls the allowlist has.
@@ -276,23 +293,33 @@ pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, S
     // no path is ever opened under a filter.
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
-    // A leaked, NUL-terminated copy for the handler.
-    let name: &'static mut [u8] = Box::leak(format!("{who}\0").into_bytes().into_boxed_slice());
-    WHO.store(name.as_mut_ptr(), Ordering::Release);
-    // SAFETY: a zeroed sigaction with our handler (an extern "C" fn with the SA_SIGINFO
-    // signature).
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = report_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
-            return Err(format!(
-                "seccomp: the SIGSYS handler: {}",
-                std::io::Error::last_os_error()
-            ));
+    // Leaked, NUL-terminated copies for the handler.
+    let name = leak_name(who);
+    THREAD_WHO.with(|w| w.set(name));
+    let _ = WHO.compare_exchange(
+        std::ptr::null_mut(),
+        name,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    let mut handler = Ok(());
+    HANDLER.call_once(|| {
+        // SAFETY: a zeroed sigaction with our handler (an extern "C" fn with the SA_SIGINFO
+        // signature).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = report_sigsys as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
+                handler = Err(format!(
+                    "seccomp: the SIGSYS handler: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
         }
-    }
+    });
+    handler?;
     seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))?;
     Ok(n)
 }
@@ -325,7 +352,12 @@ extern "C" fn report_sigsys(
             }
         }
     };
-    let who = WHO.load(Ordering::Acquire);
+    // The thread's own role if it has one (a const-initialised thread-local: no allocation),
+    // else the process.
+    let mut who = THREAD_WHO.with(|w| w.get()) as *mut u8;
+    if who.is_null() {
+        who = WHO.load(Ordering::Acquire);
+    }
     if !who.is_null() {
         // SAFETY: WHO points at a leaked NUL-terminated string.
         let who = unsafe { std::ffi::CStr::from_ptr(who as *const libc::c_char) };

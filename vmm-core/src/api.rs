@@ -188,13 +188,10 @@ impl Drop for ApiSocket {
 /// server on Unix sockets).
 pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
     use vmm_sandbox::seccomp::allow;
-    vec![
-        allow(
-            "geteuid",
-            "peers with another uid are refused (SO_PEERCRED)",
-        ),
-        allow("pipe2", "tokio's signal pipe"),
-    ]
+    vec![allow(
+        "geteuid",
+        "peers with another uid are refused (SO_PEERCRED)",
+    )]
 }
 
 pub fn start(
@@ -242,8 +239,12 @@ pub fn start(
 }
 
 fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events: Sender<VmEvent>) {
+    // I/O and timers only: with the signal (and so process) driver, this runtime would also reap
+    // other runtimes' dropped children on SIGCHLD (tokio's orphan queue is process-wide),
+    // calling wait4 under a filter that rightly does not allow it.
     let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+        .enable_io()
+        .enable_time()
         .build()
     {
         Ok(rt) => rt,

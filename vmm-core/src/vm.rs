@@ -54,6 +54,8 @@ pub enum VmError {
     /// A disk's image or backend (a user error: exit 2).
     #[error("{0}")]
     Disk(String),
+    #[error("cannot install the main thread's seccomp filter ({0}); run with --no-sandbox to debug without it")]
+    Seccomp(String),
     /// A disk's backend failed during set-up of a boot.
     #[error("{0}")]
     DiskSetup(String),
@@ -148,8 +150,78 @@ fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+/// The main thread's system calls beyond the common base: building the VM and its devices at
+/// each boot, stopping it, and ending the helpers. A superset of the vCPU threads' list, since
+/// vCPU threads start under this filter and add their own.
+pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::{allow, allow_if, Cond};
+    let o_dir = (libc::O_DIRECTORY | libc::O_CREAT | libc::O_ACCMODE) as u64;
+    vec![
+        allow_if(
+            "ioctl",
+            "KVM ioctls (type 0xAE): the VM, its memory, vCPUs, irqfds, ioeventfds, GSI routing",
+            vec![vec![Cond::Masked(1, 0xff00, 0xae00)]],
+        ),
+        allow_if(
+            "ioctl",
+            "the terminal's mode, restored at the end (TCGETS, TCSETS*)",
+            [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
+                .iter()
+                .map(|c| vec![Cond::Eq(1, *c)])
+                .collect(),
+        ),
+        allow("memfd_create", "guest RAM, created at each boot"),
+        allow("ftruncate", "sizing guest RAM"),
+        allow("lseek", "rewinding the kernel and initramfs at each boot"),
+        allow("pread64", "reading the kernel (ELF segments)"),
+        allow_if(
+            "socket",
+            "AF_UNIX only: connecting to the disks' vhost-user sockets at each boot",
+            vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]],
+        ),
+        allow("connect", "the disks' vhost-user sockets"),
+        allow("tgkill", "kicking vCPU threads out of KVM_RUN"),
+        allow_if(
+            "prctl",
+            "PR_SET_NO_NEW_PRIVS: a vCPU thread installs its own filter",
+            vec![vec![Cond::Eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]],
+        ),
+        allow("wait4", "reaping blockd when the VM ends"),
+        allow(
+            "kill",
+            "ending blockd (SIGTERM, then SIGKILL) when it does not exit by itself",
+        ),
+        allow_if(
+            "openat",
+            "directories only, read-only: removing the disks' socket directory at the end",
+            vec![vec![Cond::Masked(2, o_dir, libc::O_DIRECTORY as u64)]],
+        ),
+        allow("getdents64", "listing that directory"),
+        allow("unlinkat", "removing the sockets and the directory"),
+        allow("unlink", "removing the API socket at the end"),
+        allow(
+            "newfstatat",
+            "removing the directory (std checks each entry)",
+        ),
+        allow("statx", "metadata of open files"),
+    ]
+}
+
+/// What every boot of the guest uses, opened or started once.
+struct Resources<'a> {
+    boot: &'a boot::BootFiles,
+    disks: &'a [crate::block::DiskBackend],
+}
+
 /// Runs the VM until it ends; restarts it on reset when asked to.
 pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
+    vmm_sandbox::seccomp::set_process_name("vmm-core");
+    crate::helpers::set_thread_filters(
+        config
+            .sandbox
+            .then(|| config.seccomp.parse().expect("clap checked it")),
+    );
+    let boot_files = boot::BootFiles::open(config)?;
     // Termination signals (and SIGUSR1) are taken by one thread with sigwait; block them before any thread
     // exists so that every thread inherits the mask.
     let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
@@ -170,7 +242,10 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         let tx = tx.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || wait_for_signals(&stop_signals, tx))
+            .spawn(move || {
+                crate::helpers::filter_service_thread("vmm-core (the signal thread)");
+                wait_for_signals(&stop_signals, tx)
+            })
             .map_err(|e| VmError::Thread("signal", e))?;
     }
     let console = Arc::new(ConsoleInput::default());
@@ -185,7 +260,10 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         let (console, tx, escapes) = (console.clone(), tx.clone(), raw.is_some());
         std::thread::Builder::new()
             .name("console-in".into())
-            .spawn(move || console_input(console, tx, escapes))
+            .spawn(move || {
+                crate::helpers::filter_service_thread("vmm-core (the console input thread)");
+                console_input(console, tx, escapes)
+            })
             .map_err(|e| VmError::Thread("console input", e))?;
     }
     if raw.is_some() {
@@ -271,6 +349,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
+                crate::helpers::filter_service_thread("vmm-core (the console input thread)");
                 let mut filter = EscapeFilter::default();
                 for (bytes, from_terminal) in in_rx {
                     let (bytes, escape) = if escapes && from_terminal {
@@ -311,7 +390,27 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         *shared.console.lock().unwrap() = supervisor.as_ref().map(|s| s.control.clone());
     }
 
-    let result = run_guest(kvm, config, &tx, &rx, &console, &shared, &disks);
+    // Set-up is over: the helpers run, the API serves, the boot files are open. From here the
+    // main thread builds the guest (again at each reset), waits for its events and, at the end,
+    // stops the helpers, under a filter of its own; the vCPU threads it starts inherit it and
+    // add theirs.
+    // A filter that cannot be installed ends the VM before the guest runs, through the same
+    // clean-up as any other end.
+    let filtered = match config.sandbox {
+        true => {
+            let mode = config.seccomp.parse().expect("clap checked it");
+            let list = vmm_sandbox::seccomp::with_base(main_allowlist());
+            vmm_sandbox::seccomp::install("vmm-core (the main thread)", &list, mode)
+                .map(|_| ())
+                .map_err(VmError::Seccomp)
+        }
+        false => Ok(()),
+    };
+    let res = Resources {
+        boot: &boot_files,
+        disks: &disks,
+    };
+    let result = filtered.and_then(|()| run_guest(kvm, config, &tx, &rx, &console, &shared, &res));
     drop(disks);
     // Ends blockd (it flushes the images), then removes its sockets' directory.
     shared.blockd.lock().unwrap().take();
@@ -347,7 +446,7 @@ fn run_guest(
     rx: &Receiver<VmEvent>,
     console: &ConsoleInput,
     shared: &api::Shared,
-    disks: &[crate::block::DiskBackend],
+    res: &Resources,
 ) -> Result<Outcome, VmError> {
     loop {
         let boot = {
@@ -357,7 +456,7 @@ fn run_guest(
             st.boots
         };
         shared.events.emit("started", format!("boot {boot}"));
-        match run_once(kvm, config, tx, rx, console, shared, disks)? {
+        match run_once(kvm, config, tx, rx, console, shared, res)? {
             VmEvent::Api(ApiRequest {
                 request: Request::Reboot,
                 ..
@@ -484,8 +583,9 @@ fn run_once(
     rx: &Receiver<VmEvent>,
     console: &ConsoleInput,
     shared: &api::Shared,
-    disks: &[crate::block::DiskBackend],
+    res: &Resources,
 ) -> Result<VmEvent, VmError> {
+    let disks = res.disks;
     // Memory is created before the VM so that it is dropped after it.
     let memory = Memory::new(config.memory)?;
     let vm = Arc::new(kvm.fd.create_vm().map_err(VmError::CreateVm)?);
@@ -501,7 +601,7 @@ fn run_once(
         .map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
     memory.register(&vm)?;
 
-    let entry = boot::load(&memory.guest, config)?;
+    let entry = boot::load(&memory.guest, config, res.boot)?;
     log::debug!("guest entry: {entry:?}");
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;

@@ -118,11 +118,46 @@ pub fn e820_map(mem_size: u64) -> Vec<E820> {
     map
 }
 
+/// The kernel and the initramfs (with its size), opened once at start-up: every boot, reboots
+/// included, reads them through these descriptors, so vmm-core's main thread opens no path
+/// once it is filtered.
+pub struct BootFiles {
+    kernel: File,
+    initramfs: Option<(File, u64)>,
+}
+
+impl BootFiles {
+    pub fn open(config: &VmConfig) -> Result<BootFiles, BootError> {
+        let kernel = File::open(&config.kernel)
+            .map_err(|e| BootError::KernelOpen(config.kernel.clone(), e))?;
+        let initramfs = match &config.initramfs {
+            Some(path) => {
+                let f = File::open(path).map_err(|e| BootError::Initramfs(path.clone(), e))?;
+                let size = f
+                    .metadata()
+                    .map_err(|e| BootError::Initramfs(path.clone(), e))?
+                    .len();
+                Some((f, size))
+            }
+            None => None,
+        };
+        Ok(BootFiles { kernel, initramfs })
+    }
+}
+
+/// A descriptor of `f` positioned at its start (a dup shares the offset, so it is rewound).
+fn rewound(f: &File) -> std::io::Result<File> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = f.try_clone()?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
+}
+
 /// Loads kernel, initramfs and command line, writes the boot protocol's structures and the ACPI
 /// tables, and says how to enter the guest.
-pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
+pub fn load(mem: &GuestMemory, config: &VmConfig, files: &BootFiles) -> Result<Entry, BootError> {
     let kpath = &config.kernel;
-    let mut kfile = File::open(kpath).map_err(|e| BootError::KernelOpen(kpath.clone(), e))?;
+    let mut kfile = rewound(&files.kernel).map_err(|e| BootError::KernelOpen(kpath.clone(), e))?;
     let kerr = |e| BootError::Kernel(kpath.clone(), e);
     let (result, entry) = match config.kernel_format {
         KernelFormat::Elf => {
@@ -152,8 +187,8 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
         .map_err(|e| BootError::GuestWrite("the command line", e))?;
 
     let low_ram_end = ram_ranges(config.memory)[0].1;
-    let initrd = match &config.initramfs {
-        Some(path) => {
+    let initrd = match (&config.initramfs, &files.initramfs) {
+        (Some(path), Some((file, size))) => {
             let max_addr = result
                 .setup_header
                 .map(|h| h.initrd_addr_max as u64 + 1)
@@ -163,11 +198,12 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
             Some(load_initramfs(
                 mem,
                 path,
+                (file, *size),
                 result.kernel_end.max(HIMEM_START),
                 max_addr,
             )?)
         }
-        None => None,
+        _ => None,
     };
 
     let rsdp = acpi::write_tables(mem, config)?;
@@ -184,14 +220,13 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<Entry, BootError> {
 
 fn load_initramfs(
     mem: &GuestMemory,
-    path: &PathBuf,
+    path: &std::path::Path,
+    (file, size): (&File, u64),
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let data = std::fs::read(path).map_err(|e| BootError::Initramfs(path.clone(), e))?;
-    let size = data.len() as u64;
     let too_big = || BootError::InitramfsTooBig {
-        path: path.clone(),
+        path: path.to_path_buf(),
         size,
         kernel_end,
         limit,
@@ -200,7 +235,8 @@ fn load_initramfs(
     if addr < kernel_end {
         return Err(too_big());
     }
-    mem.write_slice(&data, GuestAddress(addr))
+    let mut f = rewound(file).map_err(|e| BootError::Initramfs(path.to_path_buf(), e))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|e| BootError::GuestWrite("the initramfs", e))?;
     Ok((addr, size))
 }
