@@ -5,6 +5,8 @@
 use crate::disk::{self, Disk};
 use crate::engine::{self, Engine};
 use crate::request::{self, Chain};
+use crate::throttle::{Admit, Member, Timer};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -27,6 +29,18 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 #[derive(Clone)]
 pub struct Backend(Arc<Inner>);
 
+/// A queue's requests that wait for the throttle, and its place in the disk's group.
+#[derive(Default)]
+struct Held {
+    queue: VecDeque<(u16, request::Pending)>,
+    member: Option<Member>,
+}
+
+// SAFETY: as for the engine: the held requests' iovecs point into the guest RAM mapping, which
+// outlives them (they are dropped with the connection's backend), and a queue's held requests
+// are only ever touched by that queue's worker thread (the mutex is uncontended).
+unsafe impl Send for Held {}
+
 pub struct Inner {
     disk: Arc<Disk>,
     /// One io_uring engine per queue (None: synchronous I/O).
@@ -34,13 +48,17 @@ pub struct Inner {
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
     exits: Mutex<Vec<EventNotifier>>,
+    /// Per queue: the timer that wakes it when throttled requests may go.
+    timers: Vec<Arc<Timer>>,
+    /// Per queue: reads and writes held back by the throttle, in order.
+    held: Vec<Mutex<Held>>,
     /// Rate limit for complaints about a guest's malformed requests.
     last_complaint: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl Backend {
-    pub fn new(disk: Arc<Disk>) -> Backend {
+    pub fn new(disk: Arc<Disk>) -> std::io::Result<Backend> {
         let engines = (0..disk.options.queues)
             .map(|q| {
                 Mutex::new(match Engine::new(u32::from(disk.options.queue_size)) {
@@ -52,15 +70,34 @@ impl Backend {
                 })
             })
             .collect();
-        Backend(Arc::new(Inner {
+        let timers = (0..disk.options.queues)
+            .map(|_| Timer::new().map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        *disk.timers.lock().unwrap() = timers.clone();
+        let held = (0..disk.options.queues)
+            .map(|_| Mutex::new(Held::default()))
+            .collect();
+        Ok(Backend(Arc::new(Inner {
             engines,
+            timers,
+            held,
             disk,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             exits: Mutex::new(Vec::new()),
             last_complaint: Mutex::new(None),
             suppressed: AtomicU64::new(0),
-        }))
+        })))
+    }
+
+    /// The epoll event id of the queues' throttle timers.
+    pub fn timer_event_id(&self) -> u64 {
+        u64::from(self.0.disk.options.queues) + 2
+    }
+
+    /// Queue `q`'s throttle timer, to register with its worker's epoll loop.
+    pub fn timer_fd(&self, q: usize) -> std::os::fd::RawFd {
+        self.0.timers[q].raw_fd()
     }
 
     /// The epoll event id of the engines' completion eventfds.
@@ -151,6 +188,29 @@ impl Backend {
         let has_engine = self.0.engines[queue].lock().unwrap().is_some();
         // Reads and writes for the engine, submitted together once the queue is drained.
         let mut batch: Vec<(u16, request::Pending)> = Vec::new();
+        // The throttle: this queue's membership follows the disk's group.
+        let group = self.0.disk.throttle.lock().unwrap().clone();
+        let throttled = group.is_some();
+        let timer = &self.0.timers[queue];
+        // Whether the throttle lets `p` go now (and counts it); if not, the timer is armed
+        // for when it may, or the group wakes this queue for its turn.
+        let admitted = |held: &Held, p: &request::Pending| match &held.member {
+            None => true,
+            Some(m) => match m.admit(p.io.write, p.io.len) {
+                Admit::Go => true,
+                Admit::Wait(Some(d)) => {
+                    timer.arm(d);
+                    false
+                }
+                Admit::Wait(None) => false,
+            },
+        };
+        let mut held = self.0.held[queue].lock().unwrap();
+        match (&held.member, group) {
+            (Some(m), Some(g)) if Arc::ptr_eq(&m.group, &g) => {}
+            (_, Some(g)) => held.member = Some(g.join(self.0.timers[queue].clone())),
+            (_, None) => held.member = None,
+        }
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -176,6 +236,10 @@ impl Backend {
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
                     request::Prepared::Io(p) => {
+                        if !held.queue.is_empty() || (throttled && !admitted(&held, &p)) {
+                            held.queue.push_back((head, p));
+                            continue;
+                        }
                         if has_engine && self.0.disk.plain_io(&p.io.iovs, p.io.offset) {
                             batch.push((head, p));
                             continue;
@@ -194,6 +258,20 @@ impl Backend {
                 _ => break,
             }
         }
+        // Held requests go, in order, as far as the throttle lets them.
+        while let Some((_, p)) = held.queue.front() {
+            if !admitted(&held, p) {
+                break;
+            }
+            let (head, p) = held.queue.pop_front().expect("checked");
+            if has_engine && self.0.disk.plain_io(&p.io.iovs, p.io.offset) {
+                batch.push((head, p));
+            } else {
+                let (done, why) = self.sync_io(&p, &mem);
+                self.answer(vring, queue, head, done, why, event_idx)?;
+            }
+        }
+        drop(held);
         let mut eng = self.0.engines[queue].lock().unwrap();
         if let Some(e) = eng.as_mut() {
             if batch.len() == 1 && e.idle() {
@@ -340,6 +418,16 @@ impl VhostUserBackend for Backend {
         thread_id: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
+            return Ok(());
+        }
+        if u64::from(device_event) == self.timer_event_id() {
+            // Throttled requests of this worker's queue may go now.
+            self.0.timers[thread_id].clear();
+            if let Some(vring) = vrings.first() {
+                if let Err(e) = self.process_queue(vring, thread_id) {
+                    log::warn!("queue {thread_id}: cannot signal the guest: {e}");
+                }
+            }
             return Ok(());
         }
         if u64::from(device_event) == self.engine_event_id() {

@@ -95,6 +95,10 @@ pub struct Disk {
     pub options: Options,
     writethrough: AtomicBool,
     pub stats: Stats,
+    /// The throttle group the export's requests go through, if any.
+    pub throttle: std::sync::Mutex<Option<std::sync::Arc<crate::throttle::Group>>>,
+    /// The connected frontend's queue timers: a throttle change wakes them.
+    pub timers: std::sync::Mutex<Vec<std::sync::Arc<crate::throttle::Timer>>>,
 }
 
 /// Every writable disk of this process, for a flush at exit.
@@ -162,6 +166,8 @@ impl Disk {
             writethrough: AtomicBool::new(options.writethrough),
             options,
             stats: Stats::default(),
+            throttle: std::sync::Mutex::new(None),
+            timers: std::sync::Mutex::new(Vec::new()),
         })
     }
 

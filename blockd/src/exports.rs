@@ -98,7 +98,13 @@ impl Drop for Export {
 fn serve(name: &str, disk: Arc<Disk>, mut listener: Listener, control: &Control, once: bool) {
     *control.listener_fd.lock().unwrap() = Some(listener.as_raw_fd());
     while !control.removed.load(Ordering::Acquire) {
-        let backend = backend::Backend::new(disk.clone());
+        let backend = match backend::Backend::new(disk.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("export {name}: cannot make the queues' throttle timers: {e}");
+                return;
+            }
+        };
         let mut daemon =
             match VhostUserDaemon::new(format!("blockd-{name}"), backend.clone(), no_memory()) {
                 Ok(d) => d,
@@ -118,6 +124,16 @@ fn serve(name: &str, disk: Arc<Disk>, mut listener: Listener, control: &Control,
                     log::warn!("export {name}: queue {q}: cannot watch its io_uring: {e}");
                     return;
                 }
+            }
+        }
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Err(e) = handler.register_listener(
+                backend.timer_fd(q),
+                vmm_sys_util::epoll::EventSet::IN,
+                backend.timer_event_id(),
+            ) {
+                log::warn!("export {name}: queue {q}: cannot watch its throttle timer: {e}");
+                return;
             }
         }
         if let Err(e) = daemon.start(&mut listener) {

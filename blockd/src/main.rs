@@ -9,6 +9,7 @@ mod exports;
 mod image;
 mod request;
 mod rpc;
+mod throttle;
 
 use clap::Parser;
 use std::fs::File;
@@ -117,6 +118,11 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "the I/O engine: its completion eventfd",
         ),
         allow("pipe2", "tokio's signal pipe"),
+        allow("timerfd_create", "each queue's throttle timer"),
+        allow(
+            "timerfd_settime",
+            "arming it for when throttled requests may go",
+        ),
     ]
 }
 

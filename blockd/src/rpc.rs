@@ -3,6 +3,7 @@
 use crate::disk::{self, Disk};
 use crate::exports::{self, Export};
 use crate::image::Format;
+use crate::throttle;
 use capnp::capability::Rc as CapRc;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -166,7 +167,9 @@ impl blockd::Server for Server {
         let export = Export::start(&name, &image, &socket, disk, listener, false)
             .map_err(|err| failed(format!("export {name}: cannot start its thread ({err})")))?;
         self.exports.borrow_mut().insert(name.clone(), export);
-        self.mine.borrow_mut().push(name);
+        if !e.get_persist() {
+            self.mine.borrow_mut().push(name);
+        }
         results.get().set_socket(&socket);
         Ok(())
     }
@@ -194,6 +197,68 @@ impl blockd::Server for Server {
         _: blockd::InjectFaultResults,
     ) -> Result<(), capnp::Error> {
         self.fault(params).await
+    }
+
+    async fn set_throttle(
+        self: CapRc<Self>,
+        params: blockd::SetThrottleParams,
+        _: blockd::SetThrottleResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_str()?.to_string();
+        let t = p.get_throttle()?;
+        let spec = vmm_proto::throttle::Spec::read(t)?;
+        let group = spec.group.clone();
+        let limits = throttle::Limits::from_spec(&spec);
+        limits
+            .validate()
+            .map_err(|m| failed(format!("export {name}: throttle: {m}")))?;
+        let exports = self.exports.borrow();
+        let x = exports
+            .get(&name)
+            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
+        let current = x.disk.throttle.lock().unwrap().clone();
+        let next = if group.is_empty() {
+            match current {
+                _ if limits.is_off() => None,
+                // The export's own budget: new limits, levels kept.
+                Some(g) if g.name.is_empty() => {
+                    g.set_limits(limits);
+                    Some(g)
+                }
+                _ => Some(throttle::Group::new("", limits)),
+            }
+        } else {
+            if !valid_name(&group) {
+                return Err(failed(format!(
+                    "throttle group {group:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            match throttle::named(&group) {
+                Some(g) => {
+                    if !limits.is_off() {
+                        g.set_limits(limits);
+                    }
+                    Some(g)
+                }
+                None if limits.is_off() => {
+                    return Err(failed(format!(
+                        "throttle group {group} does not exist; give it limits to create it"
+                    )))
+                }
+                None => Some(throttle::create(&group, limits)),
+            }
+        };
+        match &next {
+            None => log::info!("export {name}: throttling off"),
+            Some(g) => log::info!("export {name}: throttled: {}", g.limits().to_spec(&g.name)),
+        }
+        *x.disk.throttle.lock().unwrap() = next;
+        // Requests held under the old settings are looked at again now.
+        for t in x.disk.timers.lock().unwrap().iter() {
+            t.arm(std::time::Duration::ZERO);
+        }
+        Ok(())
     }
 
     async fn list(
@@ -229,6 +294,11 @@ impl Server {
 }
 
 pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Export) {
+    if let Some(g) = x.disk.throttle.lock().unwrap().clone() {
+        g.limits()
+            .to_spec(&g.name)
+            .write(info.reborrow().init_throttle());
+    }
     let d = &x.disk;
     info.set_name(&x.name);
     info.set_image(&x.image);

@@ -21,6 +21,28 @@ interface Blockd {
 
   injectFault @3 (fault :Fault) -> ();
   # Fault injection for users' tests; see Fault.
+
+  setThrottle @4 (name :Text, throttle :Throttle) -> ();
+  # Throttles export `name` at run time (effective at once). With a group name, the export
+  # joins that group: all its members share one budget, round-robin between them. The
+  # limits given become the group's; with none given, an existing group's are kept. With
+  # neither a group nor limits, the export is no longer throttled.
+}
+
+struct Limit {
+  avg @0 :UInt64;             # units (bytes or requests) per second; 0: no limit
+  max @1 :UInt64;             # burst rate; 0: bursts of avg/10 units only
+  burstLength @2 :UInt64;     # seconds the burst rate may last (1 if 0)
+}
+
+struct Throttle {
+  group @0 :Text;             # the group's name (empty: the export's own budget)
+  bpsTotal @1 :Limit;         # QEMU's throttling.bps-total, and so on
+  bpsRead @2 :Limit;
+  bpsWrite @3 :Limit;
+  iopsTotal @4 :Limit;
+  iopsRead @5 :Limit;
+  iopsWrite @6 :Limit;
 }
 
 struct Fault {
@@ -41,6 +63,8 @@ struct Export {
   socket @6 :Text;            # where to listen (blockd binds it, unless fdsOnSideChannel)
   fdsOnSideChannel @7 :Bool;
   writethrough @8 :Bool;      # every write durable before it completes
+  persist @9 :Bool;           # outlives the control connection that added it (an operator's
+                              # export); without it, an export ends with that connection
 }
 
 struct ExportInfo {
@@ -56,6 +80,7 @@ struct ExportInfo {
   direct @9 :Bool;            # the image is open with O_DIRECT
   ops @10 :List(OpStats);
   invalid @11 :UInt64;        # requests refused as malformed
+  throttle @12 :Throttle;     # its group and the group's limits (all limits 0: not throttled)
 }
 
 struct OpStats {

@@ -53,6 +53,9 @@ interface Vmm {
   diskFault @13 (fault :Blockd.Fault) -> ();
   # Fault injection in the VM's blockd, for users' fault tests.
 
+  diskThrottle @14 (name :Text, throttle :Blockd.Throttle) -> ();
+  # Throttles the disk at run time (see Blockd.setThrottle).
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

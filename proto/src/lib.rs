@@ -10,3 +10,4 @@ pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generat
 pub mod fdpass;
 pub mod rpc;
 pub mod terminal;
+pub mod throttle;

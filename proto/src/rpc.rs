@@ -67,3 +67,18 @@ pub async fn accept_side_channel(
         )),
     }
 }
+
+/// The client's side of a new control connection's side channel: sends the preamble with
+/// the server's end of a new SOCK_SEQPACKET pair, and returns ours.
+pub fn open_side_channel(
+    stream: &std::os::unix::net::UnixStream,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsFd;
+    let (ours, theirs) = crate::fdpass::seqpacket_pair()?;
+    crate::fdpass::send(
+        stream.as_fd(),
+        &[crate::fdpass::SIDE_CHANNEL_PREAMBLE],
+        &[theirs.as_fd()],
+    )?;
+    Ok(ours)
+}

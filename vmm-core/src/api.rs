@@ -183,17 +183,24 @@ impl Drop for ApiSocket {
     }
 }
 
-/// Binds the socket (mode 0600) and starts serving it on its own thread.
 /// The API thread's system calls beyond the helpers' common base (it is, like them, a tokio
 /// server on Unix sockets).
 pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
     use vmm_sandbox::seccomp::allow;
-    vec![allow(
-        "geteuid",
-        "peers with another uid are refused (SO_PEERCRED)",
-    )]
+    vec![
+        allow(
+            "geteuid",
+            "peers with another uid are refused (SO_PEERCRED)",
+        ),
+        allow("pipe2", "tokio's signal pipe"),
+        allow(
+            "wait4",
+            "tokio's process driver (part of its I/O driver) reaps, on SIGCHLD, children another runtime of vmm-core dropped (its orphan queue is process-wide)",
+        ),
+    ]
 }
 
+/// Binds the socket (mode 0600) and starts serving it on its own thread.
 pub fn start(
     path: &Path,
     shared: Arc<Shared>,
@@ -239,12 +246,8 @@ pub fn start(
 }
 
 fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events: Sender<VmEvent>) {
-    // I/O and timers only: with the signal (and so process) driver, this runtime would also reap
-    // other runtimes' dropped children on SIGCHLD (tokio's orphan queue is process-wide),
-    // calling wait4 under a filter that rightly does not allow it.
     let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
+        .enable_all()
         .build()
     {
         Ok(rt) => rt,
@@ -505,6 +508,24 @@ impl vmm::Server for VmmServer {
         .map_err(capnp::Error::failed)
     }
 
+    async fn disk_throttle(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskThrottleParams,
+        _: vmm::DiskThrottleResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let spec = vmm_proto::throttle::Spec::read(p.get_throttle()?)?;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
+            Some(b) => b.throttle(&name, spec),
+            None => Err("this VM has no disks served by blockd".to_string()),
+        })
+        .await
+        .map_err(|e| capnp::Error::failed(e.to_string()))?
+        .map_err(capnp::Error::failed)
+    }
+
     async fn disks(
         self: capnp::capability::Rc<Self>,
         _: vmm::DisksParams,
@@ -534,6 +555,7 @@ impl vmm::Server for VmmServer {
             x.set_writeback(d.writeback);
             x.set_direct(d.direct);
             x.set_invalid(d.invalid);
+            d.throttle.write(x.reborrow().init_throttle());
             let mut ops = x.init_ops(d.ops.len() as u32);
             for (j, o) in d.ops.iter().enumerate() {
                 let mut y = ops.reborrow().get(j as u32);

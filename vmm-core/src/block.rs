@@ -159,6 +159,7 @@ pub struct DiskInfo {
     pub direct: bool,
     pub invalid: u64,
     pub ops: Vec<OpInfo>,
+    pub throttle: vmm_proto::throttle::Spec,
 }
 
 /// Fault injection in blockd (see proto/schema/blockd.capnp).
@@ -171,6 +172,11 @@ pub enum Fault {
 enum Command {
     List(std::sync::mpsc::Sender<Result<Vec<DiskInfo>, String>>),
     Fault(Fault, std::sync::mpsc::Sender<Result<(), String>>),
+    Throttle(
+        String,
+        vmm_proto::throttle::Spec,
+        std::sync::mpsc::Sender<Result<(), String>>,
+    ),
 }
 
 /// The VM's blockd: started with the VM, one export per `path=` disk, ended with the VM
@@ -200,16 +206,33 @@ impl Blockd {
 }
 
 impl Blockd {
-    pub fn fault(&self, fault: Fault) -> Result<(), String> {
+    /// Sends a command to the client thread and waits (5 s at most) for blockd's answer.
+    fn ask(
+        &self,
+        cmd: impl FnOnce(std::sync::mpsc::Sender<Result<(), String>>) -> Command,
+    ) -> Result<(), String> {
         let c = self
             .commands
             .as_ref()
             .ok_or_else(|| "this VM has no disks served by blockd".to_string())?;
         let (tx, rx) = std::sync::mpsc::channel();
-        c.send(Command::Fault(fault, tx))
+        c.send(cmd(tx))
             .map_err(|_| "blockd is not running".to_string())?;
         rx.recv_timeout(std::time::Duration::from_secs(5))
             .map_err(|_| "blockd did not answer within 5 s".to_string())?
+    }
+
+    pub fn fault(&self, fault: Fault) -> Result<(), String> {
+        self.ask(|tx| Command::Fault(fault, tx))
+    }
+
+    pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), String> {
+        if self.external.iter().any(|d| d.name == name) {
+            return Err(format!(
+                "disk {name} is served by a backend of its own (socket=); throttle it there"
+            ));
+        }
+        self.ask(|tx| Command::Throttle(name.to_string(), spec, tx))
     }
 }
 
@@ -428,16 +451,7 @@ async fn client(
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
     use vmm_proto::fdpass;
-    let setup = || -> std::io::Result<std::os::fd::OwnedFd> {
-        let (side, theirs) = fdpass::seqpacket_pair()?;
-        fdpass::send(
-            control.as_fd(),
-            &[fdpass::SIDE_CHANNEL_PREAMBLE],
-            &[theirs.as_fd()],
-        )?;
-        Ok(side)
-    };
-    let side = match setup() {
+    let side = match vmm_proto::rpc::open_side_channel(&control) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(format!("blockd: cannot set up its side channel ({e})")));
@@ -513,7 +527,7 @@ async fn client(
                     let why = "blockd is not running (it died; restarting it is not built yet)".to_string();
                     match cmd {
                         Command::List(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Fault(_, reply) => { let _ = reply.send(Err(why)); }
+                        Command::Fault(_, reply) | Command::Throttle(_, _, reply) => { let _ = reply.send(Err(why)); }
                     }
                 }
                 return;
@@ -554,6 +568,7 @@ async fn client(
                                 direct: x.get_direct(),
                                 invalid: x.get_invalid(),
                                 ops,
+                                throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
                             });
                         }
                         Ok(v)
@@ -573,6 +588,18 @@ async fn client(
                     .await
                     .map(|_| ())
                     .map_err(|e| format!("blockd: {e}"));
+                let _ = reply.send(r);
+            }
+            Command::Throttle(name, spec, reply) => {
+                let mut req = server.set_throttle_request();
+                req.get().set_name(&name);
+                spec.write(req.get().init_throttle());
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.extra.trim_start_matches("remote exception: ").to_string());
                 let _ = reply.send(r);
             }
         }

@@ -11,10 +11,15 @@ const ESCAPE: u8 = 0x1d;
 
 #[derive(Parser)]
 #[command(name = "vmmctl", version, about = "Manage a running vmm-core")]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "blockd"])))]
 struct Cli {
     /// The VM's API socket (vmm-core run --api-socket PATH).
     #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
+    /// Talk to a blockd directly, on its control socket (blockd --listen PATH): for its
+    /// `disk` commands, over every export it serves (of several VMs, or of other frontends).
+    #[arg(long, value_name = "PATH")]
+    blockd: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long)]
     json: bool,
@@ -92,6 +97,30 @@ enum DiskAction {
     /// Fault injection in blockd: `forbidden-syscall` makes it call something outside its
     /// seccomp allowlist (it dies and vmm-core reports it).
     Fault { rule: DiskFault },
+    /// Throttle a disk at run time, with QEMU's limits: SPEC is `iops=200`,
+    /// `bps-wr=10485760,bps-wr-max=20971520,bps-wr-max-length=5`, `group=NAME,iops=400` (the
+    /// group's disks share the budget), `group=NAME` (join with the group's limits), or `off`.
+    /// Limits: bps, bps-rd, bps-wr, iops, iops-rd, iops-wr, each also with -max (burst rate)
+    /// and -max-length (seconds).
+    Throttle { name: String, spec: String },
+    /// (--blockd) Serve an image as a new export, until `disk remove`.
+    Add {
+        name: String,
+        /// The image (vmmctl opens it and hands blockd the descriptor).
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        /// Where the vhost-user frontend connects (vmmctl binds it).
+        #[arg(long, value_name = "PATH")]
+        vhost_socket: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        #[arg(long)]
+        readonly: bool,
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+    },
+    /// (--blockd) Stop serving an export.
+    Remove { name: String },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -145,6 +174,19 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> Result<String, Failure> {
+    if let Some(path) = &cli.blockd {
+        return match &cli.command {
+            Command::Disk { action } => blockd_direct(path, action, cli.json).await,
+            _ => Err(Failure(
+                2,
+                "--blockd serves the `disk` commands only; use --socket for the VM's own".into(),
+            )),
+        };
+    }
+    let socket = cli
+        .socket
+        .as_ref()
+        .expect("clap requires --socket or --blockd");
     if let Command::Cpus {
         action: Some(CpusAction::Set { timeout, .. }),
     } = &cli.command
@@ -156,25 +198,22 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             ));
         }
     }
-    let path = cli.socket.display().to_string();
-    let stream = tokio::net::UnixStream::connect(&cli.socket)
-        .await
-        .map_err(|e| {
-            let why = match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "no such socket; is vmm-core running with --api-socket at this path?"
-                        .to_string()
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "permission denied; run as the VM's user or root".to_string()
-                }
-                std::io::ErrorKind::ConnectionRefused => {
-                    "nothing is listening; the VMM has exited".to_string()
-                }
-                _ => e.to_string(),
-            };
-            Failure(2, format!("--socket {path}: {why}"))
-        })?;
+    let path = socket.display().to_string();
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such socket; is vmm-core running with --api-socket at this path?".to_string()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied; run as the VM's user or root".to_string()
+            }
+            std::io::ErrorKind::ConnectionRefused => {
+                "nothing is listening; the VMM has exited".to_string()
+            }
+            _ => e.to_string(),
+        };
+        Failure(2, format!("--socket {path}: {why}"))
+    })?;
     let (rpc, client): (_, vmm::Client) = vmm_proto::rpc::client(stream);
     let disconnect = rpc.get_disconnector();
     let mut connection = tokio::task::spawn_local(rpc);
@@ -200,6 +239,17 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Disk {
             action: DiskAction::Fault { .. },
         } => "disk fault",
+        Command::Disk {
+            action: DiskAction::Throttle { .. },
+        } => "disk throttle",
+        Command::Disk {
+            action: DiskAction::Add { .. } | DiskAction::Remove { .. },
+        } => {
+            return Err(Failure(
+                2,
+                "disk add and disk remove are for a blockd of its own (--blockd PATH); a VM's disks are given with vmm-core's --disk".into(),
+            ))
+        }
     };
     let fail = |e: capnp::Error| {
         let msg = match e.kind {
@@ -298,6 +348,17 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             }
             req.send().promise.await.map_err(fail)?;
             done(cli.json, "done")
+        }
+        Command::Disk {
+            action: DiskAction::Throttle { name, spec },
+        } => {
+            let spec = vmm_proto::throttle::Spec::parse(&spec)
+                .map_err(|m| Failure(2, format!("disk throttle {name}: {m}")))?;
+            let mut req = client.disk_throttle_request();
+            req.get().set_name(&name);
+            spec.write(req.get().init_throttle());
+            req.send().promise.await.map_err(fail)?;
+            done(cli.json, &format!("{name}: throttle {spec}"))
         }
         Command::Disk { action } => {
             let reply = client.disks_request().send().promise.await.map_err(fail)?;
@@ -638,6 +699,7 @@ fn format_disks(
             text(d.get_format())?,
             text(d.get_socket())?,
         );
+        let throttle = vmm_proto::throttle::Spec::read(d.get_throttle()?)?;
         let mut ops = Vec::new();
         for o in d.get_ops()?.iter() {
             let buckets: Vec<(u64, u64)> = o
@@ -669,7 +731,7 @@ fn format_disks(
                 })
                 .collect();
             out.push(format!(
-                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"ops\":[{}]}}",
+                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"throttle\":{},\"ops\":[{}]}}",
                 json_str(&name),
                 json_str(&image),
                 json_str(&format),
@@ -681,13 +743,18 @@ fn format_disks(
                 d.get_writeback(),
                 d.get_direct(),
                 d.get_invalid(),
+                json_str(&throttle.to_string()),
                 ops_json.join(",")
             ));
             continue;
         }
         match action {
-            DiskAction::List => out.push(format!(
-                "{name:<8} {format:<6} {:>10} {}{} queues={} {} {image}",
+            DiskAction::List
+            | DiskAction::Fault { .. }
+            | DiskAction::Throttle { .. }
+            | DiskAction::Add { .. }
+            | DiskAction::Remove { .. } => out.push(format!(
+                "{name:<8} {format:<6} {:>10} {}{} queues={} {} throttle={throttle} {image}",
                 human(d.get_size()),
                 if d.get_readonly() { "ro" } else { "rw" },
                 if d.get_direct() { ",direct" } else { "" },
@@ -698,7 +765,7 @@ fn format_disks(
                     "idle"
                 },
             )),
-            DiskAction::Stats { .. } | DiskAction::Fault { .. } => {
+            DiskAction::Stats { .. } => {
                 let mut t = format!(
                     "{name}: {image} ({format}), write cache {}, {} malformed request(s)\n",
                     if d.get_writeback() { "on" } else { "off" },
@@ -760,6 +827,135 @@ fn us(v: u64) -> String {
         format!("{}ms", v / 1000)
     } else {
         format!("{v}us")
+    }
+}
+
+/// The `disk` commands straight to a blockd's control socket (--blockd).
+async fn blockd_direct(
+    path: &std::path::Path,
+    action: &DiskAction,
+    json: bool,
+) -> Result<String, Failure> {
+    use std::os::fd::AsFd;
+    use vmm_proto::blockd_capnp::blockd;
+    let shown = path.display().to_string();
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such socket; is blockd running with --listen at this path?".to_string()
+            }
+            std::io::ErrorKind::ConnectionRefused => {
+                "nothing is listening; blockd has exited".into()
+            }
+            _ => e.to_string(),
+        };
+        Failure(2, format!("--blockd {shown}: {why}"))
+    })?;
+    let side = vmm_proto::rpc::open_side_channel(&stream).map_err(|e| {
+        Failure(
+            2,
+            format!("--blockd {shown}: cannot open the side channel ({e})"),
+        )
+    })?;
+    let stream = vmm_proto::rpc::tokio_stream(stream)
+        .map_err(|e| Failure(2, format!("--blockd {shown}: {e}")))?;
+    let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
+    let _connection = tokio::task::spawn_local(rpc);
+    let fail = |e: capnp::Error| {
+        let msg = match e.kind {
+            capnp::ErrorKind::Disconnected => {
+                format!("--blockd {shown}: blockd closed the connection")
+            }
+            _ => e.extra.trim_start_matches("remote exception: ").to_string(),
+        };
+        Failure(1, format!("disk: {msg}"))
+    };
+    match action {
+        DiskAction::Add {
+            name,
+            image,
+            vhost_socket,
+            format,
+            readonly,
+            queues,
+        } => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .open(image)
+                .map_err(|e| {
+                    Failure(
+                        2,
+                        format!("--image {}: cannot open it ({e})", image.display()),
+                    )
+                })?;
+            let _ = std::fs::remove_file(vhost_socket);
+            let listener = std::os::unix::net::UnixListener::bind(vhost_socket).map_err(|e| {
+                Failure(
+                    2,
+                    format!(
+                        "--vhost-socket {}: cannot listen there ({e})",
+                        vhost_socket.display()
+                    ),
+                )
+            })?;
+            vmm_proto::fdpass::send(
+                side.as_fd(),
+                name.as_bytes(),
+                &[file.as_fd(), listener.as_fd()],
+            )
+            .map_err(|e| Failure(1, format!("disk add: cannot hand blockd the image ({e})")))?;
+            let mut req = server.add_request();
+            {
+                let mut e = req.get().init_export();
+                e.set_name(name);
+                e.set_image(image.display().to_string());
+                e.set_format(format);
+                e.set_readonly(*readonly);
+                e.set_queues(*queues);
+                e.set_socket(vhost_socket.display().to_string());
+                e.set_fds_on_side_channel(true);
+                e.set_persist(true);
+            }
+            req.send().promise.await.map_err(fail)?;
+            Ok(done(
+                json,
+                &format!("{name}: served on {}", vhost_socket.display()),
+            ))
+        }
+        DiskAction::Remove { name } => {
+            let mut req = server.remove_request();
+            req.get().set_name(name);
+            req.send().promise.await.map_err(fail)?;
+            Ok(done(json, &format!("{name}: removed")))
+        }
+        DiskAction::Throttle { name, spec } => {
+            let spec = vmm_proto::throttle::Spec::parse(spec)
+                .map_err(|m| Failure(2, format!("disk throttle {name}: {m}")))?;
+            let mut req = server.set_throttle_request();
+            req.get().set_name(name);
+            spec.write(req.get().init_throttle());
+            req.send().promise.await.map_err(fail)?;
+            Ok(done(json, &format!("{name}: throttle {spec}")))
+        }
+        DiskAction::Fault { rule } => {
+            let mut req = server.inject_fault_request();
+            match rule {
+                DiskFault::Clear => req.get().init_fault().set_clear(()),
+                DiskFault::ForbiddenSyscall => req.get().init_fault().set_forbidden_syscall(()),
+            }
+            req.send().promise.await.map_err(fail)?;
+            Ok(done(json, "done"))
+        }
+        DiskAction::List | DiskAction::Stats { .. } => {
+            let reply = server.list_request().send().promise.await.map_err(fail)?;
+            let list = reply.get().and_then(|r| r.get_exports()).map_err(fail)?;
+            let only = match action {
+                DiskAction::Stats { name } => name.clone(),
+                _ => None,
+            };
+            format_disks(&list, action, only.as_deref(), json).map_err(fail)
+        }
     }
 }
 

@@ -1,0 +1,135 @@
+//! Throttle settings as people write them (QEMU's names, comma-separated), and as the
+//! blockd schema carries them (`Blockd.Throttle`): `iops=200`, `bps-wr=10485760,bps-wr-max=20971520,
+//! bps-wr-max-length=5`, `group=tenant1,iops=400`, or `off`.
+
+use crate::blockd_capnp::{limit, throttle};
+
+/// The six limits' names, in the schema's order.
+pub const NAMES: [&str; 6] = ["bps", "bps-rd", "bps-wr", "iops", "iops-rd", "iops-wr"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// Empty: the export's own budget.
+    pub group: String,
+    /// Per limit (NAMES order): average, burst rate, burst length in seconds.
+    pub limits: [[u64; 3]; 6],
+}
+
+impl Spec {
+    pub fn is_off(&self) -> bool {
+        self.limits.iter().all(|l| l[0] == 0)
+    }
+
+    /// Parses `KEY=VALUE,...`; `off` turns throttling off.
+    pub fn parse(s: &str) -> Result<Spec, String> {
+        let mut spec = Spec::default();
+        if s.trim() == "off" {
+            return Ok(spec);
+        }
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("{part:?}: write KEY=VALUE, e.g. iops=200 (or just `off`)")
+            })?;
+            if key == "group" {
+                spec.group = value.to_string();
+                continue;
+            }
+            let (base, field) = if let Some(b) = key.strip_suffix("-max-length") {
+                (b, 2)
+            } else if let Some(b) = key.strip_suffix("-max") {
+                (b, 1)
+            } else {
+                (key, 0)
+            };
+            let i = NAMES.iter().position(|n| *n == base).ok_or_else(|| {
+                format!(
+                    "{key}: no such limit; use {} (each also with -max and -max-length), or group",
+                    NAMES.join(", ")
+                )
+            })?;
+            spec.limits[i][field] = value
+                .parse()
+                .map_err(|_| format!("{key}={value}: give a whole number"))?;
+        }
+        Ok(spec)
+    }
+
+    pub fn write(&self, mut t: throttle::Builder) {
+        t.set_group(&self.group);
+        let set = |mut b: limit::Builder, l: [u64; 3]| {
+            b.set_avg(l[0]);
+            b.set_max(l[1]);
+            b.set_burst_length(l[2]);
+        };
+        set(t.reborrow().init_bps_total(), self.limits[0]);
+        set(t.reborrow().init_bps_read(), self.limits[1]);
+        set(t.reborrow().init_bps_write(), self.limits[2]);
+        set(t.reborrow().init_iops_total(), self.limits[3]);
+        set(t.reborrow().init_iops_read(), self.limits[4]);
+        set(t.reborrow().init_iops_write(), self.limits[5]);
+    }
+
+    pub fn read(t: throttle::Reader) -> capnp::Result<Spec> {
+        let get = |r: limit::Reader| [r.get_avg(), r.get_max(), r.get_burst_length()];
+        Ok(Spec {
+            group: t.get_group()?.to_string()?,
+            limits: [
+                get(t.get_bps_total()?),
+                get(t.get_bps_read()?),
+                get(t.get_bps_write()?),
+                get(t.get_iops_total()?),
+                get(t.get_iops_read()?),
+                get(t.get_iops_write()?),
+            ],
+        })
+    }
+}
+
+impl std::fmt::Display for Spec {
+    /// The same syntax back: `group=g iops=200`, or `off`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_off() && self.group.is_empty() {
+            return write!(f, "off");
+        }
+        let mut parts = Vec::new();
+        if !self.group.is_empty() {
+            parts.push(format!("group={}", self.group));
+        }
+        for (l, name) in self.limits.iter().zip(NAMES) {
+            if l[0] > 0 {
+                parts.push(format!("{name}={}", l[0]));
+            }
+            if l[1] > 0 {
+                parts.push(format!("{name}-max={}", l[1]));
+            }
+            if l[2] > 1 {
+                parts.push(format!("{name}-max-length={}", l[2]));
+            }
+        }
+        write!(f, "{}", parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let s = Spec::parse("group=g,iops=200,bps-wr=1000,bps-wr-max=2000,bps-wr-max-length=5")
+            .unwrap();
+        assert_eq!(s.group, "g");
+        assert_eq!(s.limits[3], [200, 0, 0]);
+        assert_eq!(s.limits[2], [1000, 2000, 5]);
+        assert_eq!(
+            s.to_string(),
+            "group=g,bps-wr=1000,bps-wr-max=2000,bps-wr-max-length=5,iops=200"
+        );
+        assert!(Spec::parse("off").unwrap().is_off());
+        assert!(Spec::parse("iops=x").unwrap_err().contains("whole number"));
+        assert!(Spec::parse("iops-total=5")
+            .unwrap_err()
+            .contains("no such limit"));
+        assert!(Spec::parse("iops").unwrap_err().contains("KEY=VALUE"));
+    }
+}
