@@ -4,6 +4,7 @@
 
 use crate::disk::{self, Disk};
 use crate::engine::{self, Engine};
+use crate::faults;
 use crate::request::{self, Chain};
 use crate::throttle::{Admit, Member, Timer};
 use std::collections::VecDeque;
@@ -34,6 +35,26 @@ pub struct Backend(Arc<Inner>);
 struct Held {
     queue: VecDeque<(u16, request::Pending)>,
     member: Option<Member>,
+    /// Requests a fault rule delays, with when they may go.
+    delayed: Vec<(Instant, u16, request::Pending)>,
+    /// Requests that failed while the error policy stops the export: retried at resume.
+    failed: VecDeque<(u16, request::Pending)>,
+}
+
+/// A worker's queue while it answers requests.
+struct Q<'a> {
+    vring: &'a Vring,
+    queue: usize,
+    event_idx: bool,
+    mem: &'a GuestMemoryMmap<()>,
+}
+
+/// What the fault rules made of a request.
+enum Injected {
+    Go(request::Pending),
+    /// Delayed: it waits in the queue's delayed list.
+    Held,
+    Failed(request::Pending, i32),
 }
 
 // SAFETY: as for the engine: the held requests' iovecs point into the guest RAM mapping, which
@@ -42,6 +63,8 @@ struct Held {
 unsafe impl Send for Held {}
 
 pub struct Inner {
+    /// The export's name (fault rules may name it).
+    name: String,
     disk: Arc<Disk>,
     /// One io_uring engine per queue (None: synchronous I/O).
     engines: Vec<Mutex<Option<Engine>>>,
@@ -58,7 +81,7 @@ pub struct Inner {
 }
 
 impl Backend {
-    pub fn new(disk: Arc<Disk>) -> std::io::Result<Backend> {
+    pub fn new(name: &str, disk: Arc<Disk>) -> std::io::Result<Backend> {
         let engines = (0..disk.options.queues)
             .map(|q| {
                 Mutex::new(match Engine::new(u32::from(disk.options.queue_size)) {
@@ -78,6 +101,7 @@ impl Backend {
             .map(|_| Mutex::new(Held::default()))
             .collect();
         Ok(Backend(Arc::new(Inner {
+            name: name.to_string(),
             engines,
             timers,
             held,
@@ -129,6 +153,13 @@ impl Backend {
             return Ok(());
         }
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        let q = Q {
+            vring,
+            queue,
+            event_idx,
+            mem: &mem,
+        };
+        let mut held = self.0.held[queue].lock().unwrap();
         for (head, pending, result) in done {
             let result = match result {
                 Ok(n) if n < pending.io.len && n > 0 => {
@@ -136,14 +167,16 @@ impl Backend {
                 }
                 r => r,
             };
-            let (d, why) = pending.finish(&self.0.disk, &*mem, result);
-            if let Some(why) = why {
-                self.complain(queue, &why);
-            }
-            if let Err(e) = vring.add_used(head, d.used) {
-                self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+            if let Some((d, why)) = self.settle(&q, head, pending, result, &mut held.failed) {
+                if let Some(why) = why {
+                    self.complain(queue, &why);
+                }
+                if let Err(e) = vring.add_used(head, d.used) {
+                    self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+                }
             }
         }
+        drop(held);
         let notify = if event_idx {
             vring.needs_notification().unwrap_or(true)
         } else {
@@ -195,6 +228,8 @@ impl Backend {
         // Whether the throttle lets `p` go now (and counts it); if not, the timer is armed
         // for when it may, or the group wakes this queue for its turn.
         let admitted = |held: &Held, p: &request::Pending| match &held.member {
+            // Flushes carry no data and are not throttled (as in QEMU).
+            _ if p.io.flush => true,
             None => true,
             Some(m) => match m.admit(p.io.write, p.io.len) {
                 Admit::Go => true,
@@ -205,11 +240,43 @@ impl Backend {
                 Admit::Wait(None) => false,
             },
         };
+        let q = Q {
+            vring,
+            queue,
+            event_idx,
+            mem: &mem,
+        };
         let mut held = self.0.held[queue].lock().unwrap();
         match (&held.member, group) {
             (Some(m), Some(g)) if Arc::ptr_eq(&m.group, &g) => {}
             (_, Some(g)) => held.member = Some(g.join(self.0.timers[queue].clone())),
             (_, None) => held.member = None,
+        }
+        // Stopped by the error policy: nothing moves until `resume`.
+        if self.0.disk.stopped.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        // Resumed: what failed is retried first, in order, through the fault rules again.
+        if !held.failed.is_empty() {
+            let failed: Vec<_> = held.failed.drain(..).collect();
+            self.0
+                .disk
+                .held_failed
+                .fetch_sub(failed.len() as u32, Ordering::AcqRel);
+            let mut retry = Vec::new();
+            for (head, p) in failed {
+                match self.inject(head, p, &mut held.delayed) {
+                    Injected::Go(p) => retry.push((head, p)),
+                    Injected::Held => {}
+                    Injected::Failed(p, errno) => {
+                        let e = std::io::Error::from_raw_os_error(errno);
+                        self.complete(&q, head, p, Err(e), &mut held.failed)?;
+                    }
+                }
+            }
+            for r in retry.into_iter().rev() {
+                held.queue.push_front(r);
+            }
         }
         loop {
             if event_idx {
@@ -236,15 +303,26 @@ impl Backend {
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
                     request::Prepared::Io(p) => {
+                        let p = match self.inject(head, p, &mut held.delayed) {
+                            Injected::Go(p) => p,
+                            Injected::Held => continue,
+                            Injected::Failed(p, errno) => {
+                                let e = std::io::Error::from_raw_os_error(errno);
+                                self.complete(&q, head, p, Err(e), &mut held.failed)?;
+                                continue;
+                            }
+                        };
                         if !held.queue.is_empty() || (throttled && !admitted(&held, &p)) {
                             held.queue.push_back((head, p));
                             continue;
                         }
-                        if has_engine && self.0.disk.plain_io(&p.io.iovs, p.io.offset) {
+                        if has_engine && self.for_engine(&p) {
                             batch.push((head, p));
                             continue;
                         }
-                        self.sync_io(&p, &mem)
+                        let r = p.io.run(&self.0.disk);
+                        self.complete(&q, head, p, r, &mut held.failed)?;
+                        continue;
                     }
                 };
                 self.answer(vring, queue, head, done, why, event_idx)?;
@@ -258,17 +336,33 @@ impl Backend {
                 _ => break,
             }
         }
+        // Delayed requests whose time has come join the held ones.
+        if !held.delayed.is_empty() {
+            let now = Instant::now();
+            let mut i = 0;
+            while i < held.delayed.len() {
+                if held.delayed[i].0 <= now {
+                    let (_, head, p) = held.delayed.swap_remove(i);
+                    held.queue.push_back((head, p));
+                } else {
+                    i += 1;
+                }
+            }
+            if let Some(next) = held.delayed.iter().map(|d| d.0).min() {
+                timer.arm(next.saturating_duration_since(now));
+            }
+        }
         // Held requests go, in order, as far as the throttle lets them.
         while let Some((_, p)) = held.queue.front() {
             if !admitted(&held, p) {
                 break;
             }
             let (head, p) = held.queue.pop_front().expect("checked");
-            if has_engine && self.0.disk.plain_io(&p.io.iovs, p.io.offset) {
+            if has_engine && self.for_engine(&p) {
                 batch.push((head, p));
             } else {
-                let (done, why) = self.sync_io(&p, &mem);
-                self.answer(vring, queue, head, done, why, event_idx)?;
+                let r = p.io.run(&self.0.disk);
+                self.complete(&q, head, p, r, &mut held.failed)?;
             }
         }
         drop(held);
@@ -279,13 +373,15 @@ impl Backend {
                 // request, the ring's submission and its completion eventfd.
                 drop(eng);
                 let (head, p) = batch.pop().unwrap();
-                let (done, why) = self.sync_io(&p, &mem);
-                return self.answer(vring, queue, head, done, why, event_idx);
+                let r = p.io.run(&self.0.disk);
+                let mut held = self.0.held[queue].lock().unwrap();
+                return self.complete(&q, head, p, r, &mut held.failed);
             }
             for (head, p) in batch {
                 if let Err((head, p)) = e.push(&self.0.disk, head, p) {
-                    let (done, why) = self.sync_io(&p, &mem);
-                    self.answer(vring, queue, head, done, why, event_idx)?;
+                    let r = p.io.run(&self.0.disk);
+                    let mut held = self.0.held[queue].lock().unwrap();
+                    self.complete(&q, head, p, r, &mut held.failed)?;
                 }
             }
             e.submit()?;
@@ -295,16 +391,106 @@ impl Backend {
         self.reap(vring, queue)
     }
 
-    fn sync_io(
+    /// Applies the fault rules to a request about to be done.
+    fn inject(
         &self,
-        p: &request::Pending,
-        mem: &GuestMemoryMmap<()>,
-    ) -> (request::Done, request::Why) {
-        let r = self
-            .0
-            .disk
-            .rw(&mut p.io.iovs.clone(), p.io.offset, p.io.write);
-        p.finish(&self.0.disk, mem, r)
+        head: u16,
+        p: request::Pending,
+        delayed: &mut Vec<(Instant, u16, request::Pending)>,
+    ) -> Injected {
+        let op = if p.io.flush {
+            faults::Op::Flush
+        } else if p.io.write {
+            faults::Op::Write
+        } else {
+            faults::Op::Read
+        };
+        match faults::check(&self.0.name, op, p.io.offset, p.io.len) {
+            None => Injected::Go(p),
+            Some((_, faults::Action::Errno(e))) => Injected::Failed(p, e),
+            Some((_, faults::Action::Delay(d))) => {
+                delayed.push((Instant::now() + d, head, p));
+                Injected::Held
+            }
+            Some((id, faults::Action::Exit)) => {
+                log::error!(
+                    "export {}: fault rule {id}: blockd exits at this {op:?}, as asked",
+                    self.0.name
+                );
+                // SAFETY: _exit ends the process at once, without unwinding or flushing:
+                // a crash at a chosen moment, which is what the rule asks for.
+                unsafe { libc::_exit(70) }
+            }
+        }
+    }
+
+    /// Whether the engine can take `p` (a plain read or write).
+    fn for_engine(&self, p: &request::Pending) -> bool {
+        !p.io.flush && self.0.disk.plain_io(&p.io.iovs, p.io.offset)
+    }
+
+    /// Applies the error policy to a finished transfer: None when the export stops and holds
+    /// the request (in `failed`), else the answer for the guest.
+    fn settle(
+        &self,
+        q: &Q,
+        head: u16,
+        p: request::Pending,
+        result: std::io::Result<u64>,
+        failed: &mut VecDeque<(u16, request::Pending)>,
+    ) -> Option<(request::Done, request::Why)> {
+        let result = match result {
+            Err(e) => {
+                let disk = &self.0.disk;
+                let policy = if p.io.write || p.io.flush {
+                    disk.options.write_error
+                } else {
+                    disk.options.read_error
+                };
+                let what = if p.io.flush {
+                    "a flush".to_string()
+                } else {
+                    format!(
+                        "a {} of {} bytes at byte {}",
+                        if p.io.write { "write" } else { "read" },
+                        p.io.len,
+                        p.io.offset
+                    )
+                };
+                if policy.stops_on(&e) {
+                    disk.stop(&self.0.name, format!("{what} failed: {e}"));
+                    disk.held_failed.fetch_add(1, Ordering::AcqRel);
+                    failed.push_back((head, p));
+                    return None;
+                }
+                if policy == crate::disk::Policy::Ignore {
+                    self.complain(
+                        q.queue,
+                        &format!("{what} failed: {e}; ignored, as the error policy says"),
+                    );
+                    Ok(p.io.len)
+                } else {
+                    Err(e)
+                }
+            }
+            ok => ok,
+        };
+        Some(p.finish(&self.0.disk, q.mem, result))
+    }
+
+    /// Answers the guest for a finished transfer, unless the error policy holds it.
+    fn complete(
+        &self,
+        q: &Q,
+        head: u16,
+        p: request::Pending,
+        result: std::io::Result<u64>,
+        failed: &mut VecDeque<(u16, request::Pending)>,
+    ) -> std::io::Result<()> {
+        match self.settle(q, head, p, result, failed) {
+            Some((done, why)) => self.answer(q.vring, q.queue, head, done, why, q.event_idx),
+            None => Ok(()),
+        }
     }
 
     fn answer(

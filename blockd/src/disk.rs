@@ -45,7 +45,63 @@ pub struct Options {
     /// GET_ID's answer, at most 20 bytes.
     pub serial: String,
     pub format: crate::image::Format,
+    /// What an I/O error on a read does (QEMU's rerror), and on a write or flush (werror).
+    pub read_error: Policy,
+    pub write_error: Policy,
 }
+
+/// What an I/O error does to the request, as QEMU's rerror/werror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The guest gets IOERR.
+    #[default]
+    Report,
+    /// The request completes as if it had worked.
+    Ignore,
+    /// The export holds the request and stops; the watcher is told, `resume` retries it.
+    Stop,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Policy, String> {
+        match s {
+            "" | "report" => Ok(Policy::Report),
+            "ignore" => Ok(Policy::Ignore),
+            "stop" => Ok(Policy::Stop),
+            "enospc" => Ok(Policy::Enospc),
+            _ => Err(format!("{s}: write report, ignore, stop or enospc")),
+        }
+    }
+}
+
+impl Policy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Policy::Report => "report",
+            Policy::Ignore => "ignore",
+            Policy::Stop => "stop",
+            Policy::Enospc => "enospc",
+        }
+    }
+
+    /// Whether an error `e` stops the export under this policy.
+    pub fn stops_on(&self, e: &std::io::Error) -> bool {
+        match self {
+            Policy::Stop => true,
+            Policy::Enospc => e.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
+    }
+}
+
+/// Where exports report that they stopped on an I/O error: (export, reason). Set by the
+/// control server when a client watches.
+pub static STOP_REPORTS: std::sync::Mutex<
+    Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+> = std::sync::Mutex::new(None);
 
 /// Latency histogram bounds, in microseconds (a last bucket holds everything above).
 pub const LATENCY_BOUNDS_US: [u64; 13] = [
@@ -99,6 +155,10 @@ pub struct Disk {
     pub throttle: std::sync::Mutex<Option<std::sync::Arc<crate::throttle::Group>>>,
     /// The connected frontend's queue timers: a throttle change wakes them.
     pub timers: std::sync::Mutex<Vec<std::sync::Arc<crate::throttle::Timer>>>,
+    /// Why the export stopped on an I/O error (error policy stop or enospc); None: it serves.
+    pub stopped: std::sync::Mutex<Option<String>>,
+    /// Requests held since it stopped, retried at resume.
+    pub held_failed: std::sync::atomic::AtomicU32,
 }
 
 /// Every writable disk of this process, for a flush at exit.
@@ -128,6 +188,27 @@ pub fn register(disk: &std::sync::Arc<Disk>) {
 }
 
 impl Disk {
+    /// Stops the export on an I/O error: the first reason is kept and reported.
+    pub fn stop(&self, export: &str, reason: String) {
+        let mut s = self.stopped.lock().unwrap();
+        if s.is_none() {
+            log::error!("export {export}: stopped: {reason}; `resume` retries it");
+            *s = Some(reason.clone());
+            if let Some(tx) = STOP_REPORTS.lock().unwrap().as_ref() {
+                let _ = tx.send((export.to_string(), reason));
+            }
+        }
+    }
+
+    /// Serves again; the queues retry what they hold. Returns how many requests they hold.
+    pub fn resume(&self) -> u32 {
+        *self.stopped.lock().unwrap() = None;
+        for t in self.timers.lock().unwrap().iter() {
+            t.arm(std::time::Duration::ZERO);
+        }
+        self.held_failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
         let qcow2 = match options.format {
             crate::image::Format::Raw => {
@@ -168,6 +249,8 @@ impl Disk {
             stats: Stats::default(),
             throttle: std::sync::Mutex::new(None),
             timers: std::sync::Mutex::new(Vec::new()),
+            stopped: std::sync::Mutex::new(None),
+            held_failed: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -491,6 +574,8 @@ mod tests {
                 writethrough: false,
                 serial: "s".into(),
                 format: crate::image::Format::Raw,
+                read_error: Default::default(),
+                write_error: Default::default(),
             },
         )
         .unwrap();
@@ -530,6 +615,8 @@ mod tests {
                 writethrough: false,
                 serial: "s".into(),
                 format: crate::image::Format::Raw,
+                read_error: Default::default(),
+                write_error: Default::default(),
             },
         )
         .unwrap();

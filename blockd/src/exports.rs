@@ -98,7 +98,7 @@ impl Drop for Export {
 fn serve(name: &str, disk: Arc<Disk>, mut listener: Listener, control: &Control, once: bool) {
     *control.listener_fd.lock().unwrap() = Some(listener.as_raw_fd());
     while !control.removed.load(Ordering::Acquire) {
-        let backend = match backend::Backend::new(disk.clone()) {
+        let backend = match backend::Backend::new(name, disk.clone()) {
             Ok(b) => b,
             Err(e) => {
                 log::warn!("export {name}: cannot make the queues' throttle timers: {e}");

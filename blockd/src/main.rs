@@ -6,6 +6,7 @@ mod backend;
 mod disk;
 mod engine;
 mod exports;
+mod faults;
 mod image;
 mod request;
 mod rpc;
@@ -63,6 +64,13 @@ struct Args {
     /// The disk's serial number (GET_ID), at most 20 bytes.
     #[arg(long, default_value = "blockd")]
     serial: String,
+    /// What an I/O error on a read does: report (the guest gets IOERR), ignore, stop (hold
+    /// it until resumed over RPC), enospc (stop on ENOSPC only). QEMU's rerror.
+    #[arg(long, value_name = "POLICY", default_value = "report")]
+    read_error: disk::Policy,
+    /// The same for writes and flushes (QEMU's werror).
+    #[arg(long, value_name = "POLICY", default_value = "report")]
+    write_error: disk::Policy,
     /// Serve one frontend connection, then exit.
     #[arg(long)]
     once: bool,
@@ -166,11 +174,14 @@ fn log_init() {
         }
         fn log(&self, r: &log::Record) {
             if self.enabled(r.metadata()) && r.target().starts_with("blockd") {
-                eprintln!(
-                    "blockd: {}: {}",
+                // One write a line, so that lines from threads do not interleave and a line
+                // is whole even if the process ends right after (an exit fault rule).
+                let line = format!(
+                    "blockd: {}: {}\n",
                     r.level().as_str().to_lowercase(),
                     r.args()
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             }
         }
         fn flush(&self) {}
@@ -233,6 +244,8 @@ fn run(args: Args) -> Result<(), String> {
         writethrough: args.writethrough,
         serial: args.serial.clone(),
         format: args.format,
+        read_error: args.read_error,
+        write_error: args.write_error,
     };
     let disk = Arc::new(disk::Disk::new(file, options).map_err(|e| format!("the image: {e}"))?);
     let listener = match (&args.socket, args.listen_fd) {

@@ -151,9 +151,22 @@ pub type Why = Option<String>;
 /// guest RAM mapping, checked to lie inside it).
 pub struct Io {
     pub write: bool,
+    /// A FLUSH: no data; `write` is false and `len` 0.
+    pub flush: bool,
     pub iovs: Vec<libc::iovec>,
     pub offset: u64,
     pub len: u64,
+}
+
+impl Io {
+    /// Does the transfer (or the flush) synchronously.
+    pub fn run(&self, disk: &Disk) -> std::io::Result<u64> {
+        if self.flush {
+            disk.flush().map(|()| 0)
+        } else {
+            disk.rw(&mut self.iovs.clone(), self.offset, self.write)
+        }
+    }
 }
 
 /// A request whose data transfer is still to be done (by the caller, synchronously or through
@@ -219,7 +232,9 @@ impl Pending {
         result: std::io::Result<u64>,
     ) -> (Done, Why) {
         use std::sync::atomic::Ordering::Relaxed;
-        let stats = if self.io.write {
+        let stats = if self.io.flush {
+            &disk.stats.flush
+        } else if self.io.write {
             &disk.stats.write
         } else {
             &disk.stats.read
@@ -243,11 +258,12 @@ impl Pending {
             }
             Err(e) => {
                 stats.errors.fetch_add(1, Relaxed);
-                (
-                    S_IOERR,
-                    0,
-                    Some(format!("I/O error at byte {}: {e}", self.io.offset)),
-                )
+                let why = if self.io.flush {
+                    format!("flush: {e}")
+                } else {
+                    format!("I/O error at byte {}: {e}", self.io.offset)
+                };
+                (S_IOERR, 0, Some(why))
             }
         };
         (answer(mem, &self.status, status, data_in), why)
@@ -260,7 +276,7 @@ pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: Chain) -> (Do
     match prepare(disk, mem, chain) {
         Prepared::Done(done, why) => (done, why),
         Prepared::Io(mut p) => {
-            let r = disk.rw(&mut p.io.iovs.clone(), p.io.offset, p.io.write);
+            let r = p.io.run(disk);
             p.io.iovs.clear();
             p.finish(disk, mem, r)
         }
@@ -359,6 +375,7 @@ fn parse<M: GuestMemoryBackend>(
             }
             *io = Some(Io {
                 write,
+                flush: false,
                 iovs,
                 offset,
                 len,
@@ -366,17 +383,16 @@ fn parse<M: GuestMemoryBackend>(
             (S_OK, 0, None)
         }
         T_FLUSH => {
+            // Done by the caller, like a transfer (fault rules and the error policy apply).
             disk.stats.flush.requests.fetch_add(1, Relaxed);
-            let start = std::time::Instant::now();
-            let r = disk.flush();
-            disk.stats.flush.record_latency(start);
-            match r {
-                Ok(()) => (S_OK, 0, None),
-                Err(e) => {
-                    disk.stats.flush.errors.fetch_add(1, Relaxed);
-                    (S_IOERR, 0, Some(format!("flush: {e}")))
-                }
-            }
+            *io = Some(Io {
+                write: false,
+                flush: true,
+                iovs: Vec::new(),
+                offset: 0,
+                len: 0,
+            });
+            (S_OK, 0, None)
         }
         T_GET_ID => {
             disk.stats.get_id.requests.fetch_add(1, Relaxed);
@@ -499,6 +515,8 @@ mod tests {
                 writethrough: false,
                 serial: "blockd-serial-0123456789".into(),
                 format: crate::image::Format::Raw,
+                read_error: Default::default(),
+                write_error: Default::default(),
             },
         )
         .unwrap();

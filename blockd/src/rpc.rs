@@ -159,6 +159,16 @@ impl blockd::Server for Server {
                 serial
             },
             format,
+            read_error: e
+                .get_read_error()?
+                .to_str()?
+                .parse()
+                .map_err(|m| failed(format!("export {name}: readError {m}")))?,
+            write_error: e
+                .get_write_error()?
+                .to_str()?
+                .parse()
+                .map_err(|m| failed(format!("export {name}: writeError {m}")))?,
         };
         let disk = Arc::new(
             Disk::new(file, options)
@@ -261,6 +271,149 @@ impl blockd::Server for Server {
         Ok(())
     }
 
+    async fn add_fault_rule(
+        self: CapRc<Self>,
+        params: blockd::AddFaultRuleParams,
+        mut results: blockd::AddFaultRuleResults,
+    ) -> Result<(), capnp::Error> {
+        use vmm_proto::blockd_capnp::fault_rule::action;
+        let r = params.get()?.get_rule()?;
+        let rule = crate::faults::Rule {
+            id: 0,
+            export: r.get_export()?.to_string()?,
+            read: r.get_read(),
+            write: r.get_write(),
+            flush: r.get_flush(),
+            start: r.get_start(),
+            end: r.get_end(),
+            action: match r.get_action().which()? {
+                action::Errno(e) => crate::faults::Action::Errno(e),
+                action::DelayMs(ms) => {
+                    crate::faults::Action::Delay(std::time::Duration::from_millis(ms.into()))
+                }
+                action::Exit(()) => crate::faults::Action::Exit,
+            },
+            once: r.get_once(),
+            probability: r.get_probability(),
+            hits: Default::default(),
+        };
+        crate::faults::validate(&rule).map_err(|m| failed(format!("fault rule: {m}")))?;
+        if !rule.export.is_empty() && !self.exports.borrow().contains_key(&rule.export) {
+            return Err(failed(format!(
+                "fault rule: no export {:?} (list shows what there is)",
+                rule.export
+            )));
+        }
+        let id = crate::faults::add(rule);
+        log::info!("fault rule {id} added");
+        results.get().set_id(id);
+        Ok(())
+    }
+
+    async fn remove_fault_rule(
+        self: CapRc<Self>,
+        params: blockd::RemoveFaultRuleParams,
+        _: blockd::RemoveFaultRuleResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id();
+        if !crate::faults::remove(id) {
+            return Err(failed(format!(
+                "no fault rule {id} (listFaultRules shows what there is)"
+            )));
+        }
+        log::info!("fault rule {id} removed");
+        Ok(())
+    }
+
+    async fn list_fault_rules(
+        self: CapRc<Self>,
+        _: blockd::ListFaultRulesParams,
+        mut results: blockd::ListFaultRulesResults,
+    ) -> Result<(), capnp::Error> {
+        let rules = crate::faults::list();
+        let mut out = results.get().init_rules(rules.len() as u32);
+        for (i, r) in rules.iter().enumerate() {
+            let mut b = out.reborrow().get(i as u32);
+            b.set_id(r.id);
+            b.set_export(&r.export);
+            b.set_read(r.read);
+            b.set_write(r.write);
+            b.set_flush(r.flush);
+            b.set_start(r.start);
+            b.set_end(r.end);
+            match r.action {
+                crate::faults::Action::Errno(e) => b.reborrow().init_action().set_errno(e),
+                crate::faults::Action::Delay(d) => b
+                    .reborrow()
+                    .init_action()
+                    .set_delay_ms(d.as_millis().min(u32::MAX.into()) as u32),
+                crate::faults::Action::Exit => b.reborrow().init_action().set_exit(()),
+            }
+            b.set_once(r.once);
+            b.set_probability(r.probability);
+            b.set_hits(r.hits.load(Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    async fn watch(
+        self: CapRc<Self>,
+        params: blockd::WatchParams,
+        _: blockd::WatchResults,
+    ) -> Result<(), capnp::Error> {
+        let watcher = params.get()?.get_watcher()?;
+        WATCHERS.with(|w| w.borrow_mut().push(watcher));
+        let mut reports = crate::disk::STOP_REPORTS.lock().unwrap();
+        if reports.is_none() {
+            // One task tells every watcher (of any connection) about each stop.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+            *reports = Some(tx);
+            tokio::task::spawn_local(async move {
+                while let Some((export, reason)) = rx.recv().await {
+                    let watchers = WATCHERS.with(|w| w.borrow().clone());
+                    let mut alive = Vec::new();
+                    for w in watchers {
+                        let mut req = w.stopped_request();
+                        req.get().set_export(&export);
+                        req.get().set_reason(&reason);
+                        if req.send().promise.await.is_ok() {
+                            alive.push(w);
+                        }
+                    }
+                    WATCHERS.with(|w| *w.borrow_mut() = alive);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn resume(
+        self: CapRc<Self>,
+        params: blockd::ResumeParams,
+        mut results: blockd::ResumeResults,
+    ) -> Result<(), capnp::Error> {
+        let name = params.get()?.get_name()?.to_string()?;
+        let exports = self.exports.borrow();
+        if !name.is_empty() && !exports.contains_key(&name) {
+            return Err(failed(format!(
+                "no export {name:?} (list shows what there is)"
+            )));
+        }
+        let mut retried = 0;
+        for (n, x) in exports.iter() {
+            if name.is_empty() || *n == name {
+                let was = x.disk.stopped.lock().unwrap().is_some();
+                let held = x.disk.resume();
+                if was {
+                    log::info!("export {n}: resumed; retrying {held} request(s)");
+                }
+                retried += held;
+            }
+        }
+        results.get().set_retried(retried);
+        Ok(())
+    }
+
     async fn list(
         self: CapRc<Self>,
         _: blockd::ListParams,
@@ -279,8 +432,7 @@ impl Server {
     async fn fault(&self, params: blockd::InjectFaultParams) -> Result<(), capnp::Error> {
         use vmm_proto::blockd_capnp::fault;
         match params.get()?.get_fault()?.which()? {
-            // There are no rules yet to clear (I/O fault rules come with issue 5).
-            fault::Clear(()) => {}
+            fault::Clear(()) => crate::faults::clear(),
             fault::ForbiddenSyscall(()) => {
                 // Answer first, then make the call.
                 tokio::task::spawn_local(async {
@@ -293,7 +445,18 @@ impl Server {
     }
 }
 
+thread_local! {
+    /// Who is told when an export stops on an I/O error (see `watch`).
+    static WATCHERS: RefCell<Vec<vmm_proto::blockd_capnp::watcher::Client>> =
+        const { RefCell::new(Vec::new()) };
+}
+
 pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Export) {
+    if let Some(why) = x.disk.stopped.lock().unwrap().as_ref() {
+        info.set_stopped(why);
+    }
+    info.set_read_error(x.disk.options.read_error.as_str());
+    info.set_write_error(x.disk.options.write_error.as_str());
     if let Some(g) = x.disk.throttle.lock().unwrap().clone() {
         g.limits()
             .to_spec(&g.name)

@@ -175,8 +175,9 @@ impl Bucket {
     }
 }
 
-/// A queue's wake-up: a timerfd its worker's epoll loop watches.
-pub struct Timer(OwnedFd);
+/// A queue's wake-up: a timerfd its worker's epoll loop watches. Armed for the earliest of
+/// what it is asked (throttled and delayed requests share it).
+pub struct Timer(OwnedFd, Mutex<Option<Instant>>);
 
 impl Timer {
     pub fn new() -> std::io::Result<Timer> {
@@ -191,12 +192,18 @@ impl Timer {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: a new descriptor that nothing else owns.
-        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }, Mutex::new(None)))
     }
 
     /// Fires after `d` (at once for zero).
     pub fn arm(&self, d: Duration) {
         let d = d.max(Duration::from_nanos(1));
+        let at = Instant::now() + d;
+        let mut armed = self.1.lock().unwrap();
+        if armed.is_some_and(|t| t <= at) {
+            return;
+        }
+        *armed = Some(at);
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
                 tv_sec: 0,
@@ -213,6 +220,7 @@ impl Timer {
 
     /// Clears a fired timer (its epoll readiness).
     pub fn clear(&self) {
+        *self.1.lock().unwrap() = None;
         let mut n = 0u64;
         // SAFETY: reads 8 bytes into a u64 from our own non-blocking timerfd.
         unsafe {

@@ -27,6 +27,41 @@ interface Blockd {
   # joins that group: all its members share one budget, round-robin between them. The
   # limits given become the group's; with none given, an existing group's are kept. With
   # neither a group nor limits, the export is no longer throttled.
+
+  addFaultRule @5 (rule :FaultRule) -> (id :UInt32);
+  # Adds an I/O fault rule (like QEMU's blkdebug); returns its id.
+
+  removeFaultRule @6 (id :UInt32) -> ();
+  listFaultRules @7 () -> (rules :List(FaultRule));
+
+  watch @8 (watcher :Watcher) -> ();
+  # Tells `watcher` whenever an export stops on an I/O error (error policy stop or enospc).
+  # vmm-core watches, and pauses the VM.
+
+  resume @9 (name :Text) -> (retried :UInt32);
+  # Retries the requests a stopped export holds and serves again (empty name: every export).
+}
+
+interface Watcher {
+  stopped @0 (export :Text, reason :Text) -> ();
+}
+
+struct FaultRule {
+  id @0 :UInt32;              # given by blockd
+  export @1 :Text;            # empty: every export
+  read @2 :Bool;              # which requests it matches
+  write @3 :Bool;
+  flush @4 :Bool;
+  start @5 :UInt64;           # reads and writes must overlap bytes [start, end)
+  end @6 :UInt64;             # 0: to the end of the disk
+  action :union {
+    errno @7 :Int32;          # fail the request with this errno (5 EIO, 28 ENOSPC, ...)
+    delayMs @8 :UInt32;       # do it after this many milliseconds
+    exit @9 :Void;            # blockd exits at once (a crash at a chosen moment)
+  }
+  once @10 :Bool;             # fire once, then the rule goes
+  probability @11 :Float64;   # between 0 and 1: the chance it fires; 0 or 1: always
+  hits @12 :UInt64;           # how many times it fired (listFaultRules)
 }
 
 struct Limit {
@@ -65,6 +100,12 @@ struct Export {
   writethrough @8 :Bool;      # every write durable before it completes
   persist @9 :Bool;           # outlives the control connection that added it (an operator's
                               # export); without it, an export ends with that connection
+  readError @10 :Text;        # what an I/O error on a read does, as QEMU's rerror: report
+                              # (the guest gets IOERR; the default), ignore (the request
+                              # completes as if it worked), stop (the export holds it and
+                              # stops, the watcher is told; `resume` retries it), enospc (stop
+                              # on ENOSPC, report anything else)
+  writeError @11 :Text;       # the same for writes and flushes (QEMU's werror)
 }
 
 struct ExportInfo {
@@ -81,6 +122,9 @@ struct ExportInfo {
   ops @10 :List(OpStats);
   invalid @11 :UInt64;        # requests refused as malformed
   throttle @12 :Throttle;     # its group and the group's limits (all limits 0: not throttled)
+  stopped @13 :Text;          # why it stopped on an I/O error (empty: it serves)
+  readError @14 :Text;        # its error policies
+  writeError @15 :Text;
 }
 
 struct OpStats {

@@ -56,6 +56,11 @@ interface Vmm {
   diskThrottle @14 (name :Text, throttle :Blockd.Throttle) -> ();
   # Throttles the disk at run time (see Blockd.setThrottle).
 
+  diskFaultAdd @15 (rule :Blockd.FaultRule) -> (id :UInt32);
+  diskFaultRemove @16 (id :UInt32) -> ();
+  diskFaultRules @17 () -> (rules :List(Blockd.FaultRule));
+  # I/O fault rules in the VM's blockd (see Blockd.addFaultRule).
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

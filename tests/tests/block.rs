@@ -565,3 +565,266 @@ fn vmm_core_drives_qemu_storage_daemons_vhost_user_blk_export() {
     }
     check_guest_pattern(&img, 51);
 }
+
+/// `vmmctl --blockd SOCKET ARGS` against a blockd of the test's own.
+fn blockd_ctl(ctl: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(vmm_tests::vmmctl_bin())
+        .arg("--blockd")
+        .arg(ctl)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// QEMU's werror=enospc: an injected ENOSPC on the guest's writes stops the disk, and the VM
+/// pauses with an event naming the disk and the reason. `vmmctl resume` retries the write:
+/// while the rule stays it fails again and the VM pauses again; once the rule is removed the
+/// write completes, the guest sees no error, and the image holds exactly its pattern.
+#[test]
+fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
+    let dir = TempDir::new("block-enospc");
+    let ctl = dir.join("blockd.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let _blockd = Terminated(
+        std::process::Command::new(vmm_tests::blockd_bin())
+            .arg("--listen")
+            .arg(&ctl)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "blockd's control socket", || ctl.exists());
+    // The rule is there before the guest writes: ENOSPC on any write touching 1 MiB + 4 KiB.
+    let (code, out, err) = blockd_ctl(
+        &ctl,
+        &[
+            "disk",
+            "fault",
+            "add",
+            "--ops",
+            "write",
+            "--range",
+            "1048576-1052672",
+            "--errno",
+            "ENOSPC",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out
+        .trim()
+        .trim_start_matches("fault rule ")
+        .trim_end_matches(" added");
+    let sock = vmm_tests::socket_path("block-enospc");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=61")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--blockd-socket", ctl.to_str().unwrap()])
+        .arg("--disk")
+        .arg(format!("path={},werror=enospc", img.display()))
+        .spawn();
+    let paused = |n: usize| {
+        wait_until(T, "the VM to pause on the disk's error", || {
+            vm.stderr()
+                .matches("the VM is paused (its error policy is stop)")
+                .count()
+                >= n
+                && vmm_tests::vmmctl(&sock, &["info"]).1.contains("paused")
+        })
+    };
+    paused(1);
+    let log = vm.stderr();
+    assert!(
+        log.contains("disk0: a write of ")
+            && log.contains("failed: No space left on device (os error 28); the VM is paused"),
+        "{log}"
+    );
+    let (_, list, _) = blockd_ctl(&ctl, &["disk", "list"]);
+    assert!(
+        list.contains(
+            "STOPPED: a write of 65536 bytes at byte 1048576 failed: No space left on device"
+        ),
+        "{list}"
+    );
+    let (_, rules, _) = vmm_tests::vmmctl(&sock, &["disk", "fault", "list"]);
+    assert!(
+        rules.contains("write") && rules.contains("errno=ENOSPC") && rules.contains("hits=1"),
+        "{rules}"
+    );
+    // Resumed with the rule still there: the retried write fails again; the VM pauses again.
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["resume"]);
+    assert_eq!(code, 0, "{err}");
+    paused(2);
+    // The cause goes; resume completes the write and the guest carries on to the end.
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let out = vm.stdout();
+    for k in ["bad-words", "errors", "timeouts"] {
+        assert_eq!(field(&vm, "tg: blk0 pattern", k), "0", "{k}: {out}");
+    }
+    assert!(
+        vm.stderr().contains("retrying 1 request(s)"),
+        "{}",
+        vm.stderr()
+    );
+    check_guest_pattern(&img, 61);
+}
+
+/// A helper process this test started: SIGTERM and reaped when the test ends, passed or not.
+struct Terminated(std::process::Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: SIGTERM to a child this test started and has not reaped (try_wait just
+            // found it running, so its PID is still its own).
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Fault rules (blkdebug's kind) with the default error policy, report: a flush failed once
+/// with EIO reaches the guest as one I/O error and nothing else changes; a read delayed by
+/// 200 ms shows in blockd's latency histogram; once-rules are gone after firing.
+#[test]
+fn fault_rules_fail_and_delay_requests_and_the_guest_sees_the_error() {
+    let dir = TempDir::new("block-faults");
+    let ctl = dir.join("blockd.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
+    let _blockd = Terminated(
+        std::process::Command::new(vmm_tests::blockd_bin())
+            .arg("--listen")
+            .arg(&ctl)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "blockd's control socket", || ctl.exists());
+    for rule in [
+        &["--ops", "flush", "--errno", "EIO", "--once"][..],
+        &[
+            "--ops",
+            "read",
+            "--range",
+            "0-4096",
+            "--delay-ms",
+            "200",
+            "--once",
+        ][..],
+    ] {
+        let (code, _, err) = blockd_ctl(&ctl, &[&["disk", "fault", "add"][..], rule].concat());
+        assert_eq!(code, 0, "{err}");
+    }
+    let (_, rules, _) = blockd_ctl(&ctl, &["disk", "fault", "list"]);
+    assert_eq!(rules.lines().count(), 3, "{rules}");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=71")
+        .args(["--blockd-socket", ctl.to_str().unwrap()])
+        .arg("--disk")
+        .arg(format!("path={}", img.display()))
+        .spawn();
+    // The guest keeps its disk open until it powers off; look at blockd's figures meanwhile.
+    vm.wait_for("tg: blk0 pattern", T);
+    let (_, stats, _) = blockd_ctl(&ctl, &["disk", "stats"]);
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    assert_eq!(
+        field(&vm, "tg: blk0 pattern", "errors"),
+        "1",
+        "{}",
+        vm.stdout()
+    );
+    assert_eq!(field(&vm, "tg: blk0 pattern", "bad-words"), "0");
+    let flush = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("flush"))
+        .unwrap();
+    let cols: Vec<&str> = flush.split_whitespace().collect();
+    assert_eq!(cols[4], "1", "flush errors: {stats}");
+    let read = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("read"))
+        .unwrap();
+    assert!(read.contains(">100ms:1"), "the delayed read: {stats}");
+    let (_, rules, _) = blockd_ctl(&ctl, &["disk", "fault", "list"]);
+    assert_eq!(rules.trim(), "no fault rules");
+    check_guest_pattern(&img, 71);
+}
+
+/// An exit rule: blockd ends at the first matching request (a crash at a chosen moment, for
+/// crash tests), and says which rule did it.
+#[test]
+fn an_exit_rule_ends_blockd_at_the_next_write() {
+    let dir = TempDir::new("block-exit-rule");
+    let ctl = dir.join("blockd.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let log = dir.join("blockd.log");
+    let mut blockd = Terminated(
+        std::process::Command::new(vmm_tests::blockd_bin())
+            .arg("--listen")
+            .arg(&ctl)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "blockd's control socket", || ctl.exists());
+    let vhost = dir.join("d0.sock");
+    for args in [
+        &[
+            "disk",
+            "add",
+            "d0",
+            "--image",
+            img.to_str().unwrap(),
+            "--vhost-socket",
+            vhost.to_str().unwrap(),
+        ][..],
+        &[
+            "disk", "fault", "add", "--disk", "d0", "--ops", "write", "--exit",
+        ][..],
+    ] {
+        let (code, _, err) = blockd_ctl(&ctl, args);
+        assert_eq!(code, 0, "{err}");
+    }
+    // libblkio's client waits for its write for ever once blockd is gone; it is ended below.
+    let _client = Terminated(
+        std::process::Command::new(env!("CARGO_BIN_EXE_blkio-bench"))
+            .args(["--driver", "virtio-blk-vhost-user", "--path"])
+            .arg(&vhost)
+            .args([
+                "run",
+                "--workload",
+                "randwrite",
+                "--bs",
+                "4096",
+                "--qd",
+                "1",
+            ])
+            .args(["--seconds", "2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut status = None;
+    wait_until(T, "blockd to exit", || {
+        status = blockd.0.try_wait().unwrap();
+        status.is_some()
+    });
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.unwrap().code(), Some(70), "{err}");
+    assert!(
+        err.contains("export d0: fault rule 1: blockd exits at this Write, as asked"),
+        "{err}"
+    );
+}

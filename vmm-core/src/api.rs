@@ -372,6 +372,23 @@ impl VmmServer {
     }
 }
 
+impl VmmServer {
+    /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread).
+    async fn on_blockd<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::block::Blockd) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, capnp::Error> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
+            Some(b) => f(b),
+            None => Err("this VM has no disks served by blockd".to_string()),
+        })
+        .await
+        .map_err(|e| capnp::Error::failed(e.to_string()))?
+        .map_err(capnp::Error::failed)
+    }
+}
+
 impl vmm::Server for VmmServer {
     async fn info(
         self: capnp::capability::Rc<Self>,
@@ -524,6 +541,39 @@ impl vmm::Server for VmmServer {
         .await
         .map_err(|e| capnp::Error::failed(e.to_string()))?
         .map_err(capnp::Error::failed)
+    }
+
+    async fn disk_fault_add(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskFaultAddParams,
+        mut results: vmm::DiskFaultAddResults,
+    ) -> Result<(), capnp::Error> {
+        let rule = vmm_proto::faults::Rule::read_from(params.get()?.get_rule()?)?;
+        let id = self.on_blockd(move |b| b.add_rule(rule)).await?;
+        results.get().set_id(id);
+        Ok(())
+    }
+
+    async fn disk_fault_remove(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskFaultRemoveParams,
+        _: vmm::DiskFaultRemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id();
+        self.on_blockd(move |b| b.remove_rule(id)).await
+    }
+
+    async fn disk_fault_rules(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::DiskFaultRulesParams,
+        mut results: vmm::DiskFaultRulesResults,
+    ) -> Result<(), capnp::Error> {
+        let rules = self.on_blockd(|b| b.rules()).await?;
+        let mut out = results.get().init_rules(rules.len() as u32);
+        for (i, r) in rules.iter().enumerate() {
+            r.write_to(out.reborrow().get(i as u32));
+        }
+        Ok(())
     }
 
     async fn disks(

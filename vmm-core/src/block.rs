@@ -21,13 +21,17 @@ pub struct DiskSpec {
     pub format: String,
     /// Open the image with O_DIRECT.
     pub direct: bool,
+    /// The error policies for reads and for writes (QEMU's rerror, werror): report, ignore,
+    /// stop or enospc.
+    pub rerror: String,
+    pub werror: String,
 }
 
 pub const MAX_QUEUES: u16 = 16;
 
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on] or socket=PATH[,queues=N]";
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY] or socket=PATH[,queues=N]";
     let mut d = DiskSpec {
         path: None,
         socket: None,
@@ -36,6 +40,8 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         serial: None,
         format: "raw".into(),
         direct: false,
+        rerror: "report".into(),
+        werror: "report".into(),
     };
     for part in s.split(',') {
         let (k, v) = part
@@ -63,6 +69,18 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                 }
             },
             "direct" => d.direct = on_off(s, k, v)?,
+            "rerror" | "werror" => {
+                if !["report", "ignore", "stop", "enospc"].contains(&v) {
+                    return Err(format!(
+                        "--disk {s}: {k}={v}: write report (the guest gets an I/O error), ignore, stop (pause the VM until vmmctl resume) or enospc (stop on a full disk only)"
+                    ));
+                }
+                if k == "rerror" {
+                    d.rerror = v.to_string()
+                } else {
+                    d.werror = v.to_string()
+                }
+            }
             "serial" => {
                 if v.len() > 20 {
                     return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
@@ -177,6 +195,33 @@ enum Command {
         vmm_proto::throttle::Spec,
         std::sync::mpsc::Sender<Result<(), String>>,
     ),
+    AddRule(
+        vmm_proto::faults::Rule,
+        std::sync::mpsc::Sender<Result<u32, String>>,
+    ),
+    RemoveRule(u32, std::sync::mpsc::Sender<Result<(), String>>),
+    ListRules(std::sync::mpsc::Sender<Result<Vec<vmm_proto::faults::Rule>, String>>),
+    /// Retry what stopped exports hold; how many requests that is.
+    Resume(std::sync::mpsc::Sender<Result<u32, String>>),
+}
+
+/// Called with (disk, reason) when blockd stops a disk on an I/O error (error policy stop or
+/// enospc).
+pub type OnStop = Box<dyn Fn(String, String) + Send>;
+
+/// blockd's stop reports, passed on.
+struct StopWatcher(std::rc::Rc<OnStop>);
+
+impl vmm_proto::blockd_capnp::watcher::Server for StopWatcher {
+    async fn stopped(
+        self: capnp::capability::Rc<Self>,
+        params: vmm_proto::blockd_capnp::watcher::StoppedParams,
+        _: vmm_proto::blockd_capnp::watcher::StoppedResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        (self.0)(p.get_export()?.to_string()?, p.get_reason()?.to_string()?);
+        Ok(())
+    }
 }
 
 /// The VM's blockd: started with the VM, one export per `path=` disk, ended with the VM
@@ -207,10 +252,10 @@ impl Blockd {
 
 impl Blockd {
     /// Sends a command to the client thread and waits (5 s at most) for blockd's answer.
-    fn ask(
+    fn ask<T>(
         &self,
-        cmd: impl FnOnce(std::sync::mpsc::Sender<Result<(), String>>) -> Command,
-    ) -> Result<(), String> {
+        cmd: impl FnOnce(std::sync::mpsc::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
         let c = self
             .commands
             .as_ref()
@@ -224,6 +269,26 @@ impl Blockd {
 
     pub fn fault(&self, fault: Fault) -> Result<(), String> {
         self.ask(|tx| Command::Fault(fault, tx))
+    }
+
+    pub fn add_rule(&self, rule: vmm_proto::faults::Rule) -> Result<u32, String> {
+        self.ask(|tx| Command::AddRule(rule, tx))
+    }
+
+    pub fn remove_rule(&self, id: u32) -> Result<(), String> {
+        self.ask(|tx| Command::RemoveRule(id, tx))
+    }
+
+    pub fn rules(&self) -> Result<Vec<vmm_proto::faults::Rule>, String> {
+        self.ask(Command::ListRules)
+    }
+
+    /// Retries what stopped disks hold (after `vmmctl resume`); a VM without blockd has none.
+    pub fn resume(&self) -> Result<u32, String> {
+        if self.commands.is_none() {
+            return Ok(0);
+        }
+        self.ask(Command::Resume)
     }
 
     pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), String> {
@@ -297,6 +362,7 @@ pub fn start(
     dir: Option<&RunDir>,
     report: crate::helpers::SeccompReport,
     on_death: Box<dyn Fn() + Send>,
+    on_stop: OnStop,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
@@ -390,7 +456,7 @@ pub fn start(
                 .build()
                 .expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, client(ours, opened, ready_tx, rx, on_death));
+            local.block_on(&rt, client(ours, opened, ready_tx, rx, on_death, on_stop));
         })
         .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
     handle.thread = Some(thread);
@@ -441,12 +507,18 @@ fn spawn(
     Ok((ours, child))
 }
 
+/// blockd's error message, without capnp's prefix.
+fn remote(e: capnp::Error) -> String {
+    e.extra.trim_start_matches("remote exception: ").to_string()
+}
+
 async fn client(
     control: std::os::unix::net::UnixStream,
     opened: Vec<Opened>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     on_death: Box<dyn Fn() + Send>,
+    on_stop: OnStop,
 ) {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
@@ -494,6 +566,8 @@ async fn client(
             e.set_readonly(o.spec.readonly);
             e.set_queues(o.spec.queues);
             e.set_serial(o.spec.serial.as_deref().unwrap_or(&o.name));
+            e.set_read_error(&o.spec.rerror);
+            e.set_write_error(&o.spec.werror);
             e.set_socket(o.socket.display().to_string());
             e.set_fds_on_side_channel(true);
         }
@@ -512,6 +586,16 @@ async fn client(
     }
     // blockd has its own copies now.
     drop(opened);
+    // Stops on I/O errors (error policy) come back through a watcher.
+    let mut req = server.watch_request();
+    req.get()
+        .set_watcher(capnp_rpc::new_client(StopWatcher(std::rc::Rc::new(
+            on_stop,
+        ))));
+    if let Err(e) = req.send().promise.await {
+        let _ = ready.send(Err(format!("blockd: cannot watch its disks: {e}")));
+        return;
+    }
     let _ = ready.send(Ok(()));
     loop {
         let cmd = tokio::select! {
@@ -527,7 +611,10 @@ async fn client(
                     let why = "blockd is not running (it died; restarting it is not built yet)".to_string();
                     match cmd {
                         Command::List(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Fault(_, reply) | Command::Throttle(_, _, reply) => { let _ = reply.send(Err(why)); }
+                        Command::Fault(_, reply) | Command::Throttle(_, _, reply) | Command::RemoveRule(_, reply) => { let _ = reply.send(Err(why)); }
+                        Command::AddRule(_, reply) => { let _ = reply.send(Err(why)); }
+                        Command::ListRules(reply) => { let _ = reply.send(Err(why)); }
+                        Command::Resume(reply) => { let _ = reply.send(Err(why)); }
                     }
                 }
                 return;
@@ -590,16 +677,55 @@ async fn client(
                     .map_err(|e| format!("blockd: {e}"));
                 let _ = reply.send(r);
             }
-            Command::Throttle(name, spec, reply) => {
-                let mut req = server.set_throttle_request();
-                req.get().set_name(&name);
-                spec.write(req.get().init_throttle());
+            Command::AddRule(rule, reply) => {
+                let mut req = server.add_fault_rule_request();
+                rule.write_to(req.get().init_rule());
                 let r = req
                     .send()
                     .promise
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.extra.trim_start_matches("remote exception: ").to_string());
+                    .and_then(|r| Ok(r.get()?.get_id()))
+                    .map_err(remote);
+                let _ = reply.send(r);
+            }
+            Command::RemoveRule(id, reply) => {
+                let mut req = server.remove_fault_rule_request();
+                req.get().set_id(id);
+                let r = req.send().promise.await.map(|_| ()).map_err(remote);
+                let _ = reply.send(r);
+            }
+            Command::ListRules(reply) => {
+                let r = server
+                    .list_fault_rules_request()
+                    .send()
+                    .promise
+                    .await
+                    .and_then(|r| {
+                        r.get()?
+                            .get_rules()?
+                            .iter()
+                            .map(vmm_proto::faults::Rule::read_from)
+                            .collect::<capnp::Result<Vec<_>>>()
+                    })
+                    .map_err(remote);
+                let _ = reply.send(r);
+            }
+            Command::Resume(reply) => {
+                let mut req = server.resume_request();
+                req.get().set_name("");
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .and_then(|r| Ok(r.get()?.get_retried()))
+                    .map_err(remote);
+                let _ = reply.send(r);
+            }
+            Command::Throttle(name, spec, reply) => {
+                let mut req = server.set_throttle_request();
+                req.get().set_name(&name);
+                spec.write(req.get().init_throttle());
+                let r = req.send().promise.await.map(|_| ()).map_err(remote);
                 let _ = reply.send(r);
             }
         }

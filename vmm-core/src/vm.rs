@@ -89,6 +89,8 @@ pub enum VmEvent {
     Api(ApiRequest),
     /// The guest acted on the CPU hotplug controller.
     Hotplug(HotplugEvent),
+    /// blockd stopped a disk on an I/O error (its error policy): (disk, reason).
+    DiskStopped(String, String),
 }
 
 /// A vCPU change that waits for the guest.
@@ -330,6 +332,12 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
                 shared.events.emit("helper-died", "blockd".to_string());
             })
         },
+        {
+            let tx = tx.clone();
+            Box::new(move |disk, reason| {
+                let _ = tx.send(VmEvent::DiskStopped(disk, reason));
+            })
+        },
     )
     .map_err(VmError::Disk)?;
     *shared.blockd.lock().unwrap() = Some(blockd);
@@ -481,6 +489,7 @@ fn run_guest(
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::None))
             | VmEvent::DumpVcpus
+            | VmEvent::DiskStopped(..)
             | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
@@ -716,6 +725,18 @@ fn run_once(
     }
 
     let mut paused_clock = None;
+    // Stops every vCPU, and guest time too, as QEMU does: a guest should not see the pause as
+    // time that passed (or it reports soft lockups).
+    let pause = |paused_clock: &mut Option<kvm_bindings::kvm_clock_data>, vcpus: &Vcpus| {
+        pause_vcpus(&state, &vcpus.handles());
+        if paused_clock.is_none() {
+            match vm.get_clock() {
+                Ok(clock) => *paused_clock = Some(clock),
+                Err(e) => log::warn!("cannot read kvmclock at pause: {e}"),
+            }
+        }
+        shared.status.lock().unwrap().paused = true;
+    };
     let mut change: Option<CpuChange> = None;
     let event = loop {
         let next = match &change {
@@ -755,6 +776,19 @@ fn run_once(
             Err(_) => panic!("the signal thread holds a sender for the life of the process"),
         };
         match next {
+            VmEvent::DiskStopped(disk, reason) => {
+                // As QEMU's werror/rerror=stop: the VM pauses until someone resumes it.
+                pause(&mut paused_clock, &vcpus);
+                log::error!(
+                    "{disk}: {reason}; the VM is paused (its error policy is stop); fix the cause, then `vmmctl resume` retries the request"
+                );
+                shared
+                    .events
+                    .emit("disk-stopped", format!("{disk}: {reason}"));
+                shared
+                    .events
+                    .emit("paused", format!("{disk} stopped on an I/O error"));
+            }
             VmEvent::DumpVcpus => {
                 state.dump_generation.fetch_add(1, Ordering::AcqRel);
                 kick_vcpus(&vcpus.handles());
@@ -810,16 +844,7 @@ fn run_once(
                     publish_vcpus(&vcpus, shared);
                 }
                 Request::Pause => {
-                    pause_vcpus(&state, &vcpus.handles());
-                    // Stop guest time too, as QEMU does: a guest should not see the pause as
-                    // time that passed (or it reports soft lockups).
-                    if paused_clock.is_none() {
-                        match vm.get_clock() {
-                            Ok(clock) => paused_clock = Some(clock),
-                            Err(e) => log::warn!("cannot read kvmclock at pause: {e}"),
-                        }
-                    }
-                    shared.status.lock().unwrap().paused = true;
+                    pause(&mut paused_clock, &vcpus);
                     log::info!("paused through the management API");
                     shared.events.emit("paused", "");
                     let _ = req.reply.send(Ok(()));
@@ -833,6 +858,16 @@ fn run_once(
                     }
                     resume_vcpus(&state);
                     shared.status.lock().unwrap().paused = false;
+                    // Disks that stopped on an I/O error retry what they hold.
+                    let retried = match shared.blockd.lock().unwrap().as_ref() {
+                        Some(b) => b.resume(),
+                        None => Ok(0),
+                    };
+                    match retried {
+                        Ok(0) => {}
+                        Ok(n) => log::info!("disks: retrying {n} request(s) that stopped the VM"),
+                        Err(e) => log::warn!("disks: cannot have blockd retry: {e}"),
+                    }
                     log::info!("resumed through the management API");
                     shared.events.emit("resumed", "");
                     let _ = req.reply.send(Ok(()));

@@ -94,9 +94,16 @@ enum DiskAction {
     List,
     /// Statistics per operation, for every disk or the one named.
     Stats { name: Option<String> },
-    /// Fault injection in blockd: `forbidden-syscall` makes it call something outside its
-    /// seccomp allowlist (it dies and vmm-core reports it).
-    Fault { rule: DiskFault },
+    /// Fault injection in blockd, like QEMU's blkdebug: `fault add` a rule that fails, delays
+    /// or crashes on matching requests; `fault list`, `fault remove ID`, `fault clear`;
+    /// `fault forbidden-syscall` makes blockd call something outside its seccomp allowlist.
+    Fault {
+        #[command(subcommand)]
+        rule: DiskFault,
+    },
+    /// (--blockd) Retry what stopped exports hold (error policy stop) and serve again; for a
+    /// VM's disks, `vmmctl resume` does this.
+    Resume { name: Option<String> },
     /// Throttle a disk at run time, with QEMU's limits: SPEC is `iops=200`,
     /// `bps-wr=10485760,bps-wr-max=20971520,bps-wr-max-length=5`, `group=NAME,iops=400` (the
     /// group's disks share the budget), `group=NAME` (join with the group's limits), or `off`.
@@ -123,10 +130,122 @@ enum DiskAction {
     Remove { name: String },
 }
 
-#[derive(clap::ValueEnum, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum DiskFault {
+    /// Remove every rule.
     Clear,
+    /// blockd makes a system call outside its seccomp allowlist (it dies, and is reported).
     ForbiddenSyscall,
+    /// Add a rule: matching requests fail with --errno, wait --delay-ms, or make blockd
+    /// --exit (a crash at a chosen moment).
+    Add {
+        /// Which requests: read, write, flush (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        ops: Vec<FaultOp>,
+        /// Only requests overlapping these bytes: START-END or START- (to the end).
+        #[arg(long, value_name = "START-END")]
+        range: Option<String>,
+        /// Only this disk (default: every disk).
+        #[arg(long, value_name = "NAME")]
+        disk: Option<String>,
+        /// Fail them with this errno: a number or EIO, ENOSPC, EROFS, EINVAL, ENOMEM, EDQUOT.
+        #[arg(long, group = "action")]
+        errno: Option<String>,
+        /// Do them this many milliseconds late.
+        #[arg(long, group = "action")]
+        delay_ms: Option<u32>,
+        /// blockd exits at the first one.
+        #[arg(long, group = "action")]
+        exit: bool,
+        /// Fire once, then the rule goes.
+        #[arg(long)]
+        once: bool,
+        /// The chance (0 to 1) that a matching request fires the rule.
+        #[arg(long)]
+        probability: Option<f64>,
+    },
+    /// The rules, with how many times each fired.
+    List,
+    /// Remove rule ID.
+    Remove { id: u32 },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
+enum FaultOp {
+    Read,
+    Write,
+    Flush,
+}
+
+/// The rule `disk fault add` describes.
+fn fault_rule(f: &DiskFault) -> Result<vmm_proto::faults::Rule, Failure> {
+    let DiskFault::Add {
+        ops,
+        range,
+        disk,
+        errno,
+        delay_ms,
+        exit,
+        once,
+        probability,
+    } = f
+    else {
+        unreachable!("only for add")
+    };
+    let bad = |m: String| Failure(2, format!("disk fault add: {m}"));
+    let (start, end) = match range {
+        None => (0, 0),
+        Some(r) => {
+            let (a, b) = r
+                .split_once('-')
+                .ok_or_else(|| bad(format!("--range {r}: write START-END or START- (bytes)")))?;
+            let num = |x: &str| {
+                x.parse::<u64>()
+                    .map_err(|_| bad(format!("--range {r}: {x:?} is not a byte offset")))
+            };
+            (num(a)?, if b.is_empty() { 0 } else { num(b)? })
+        }
+    };
+    let action = match (errno, delay_ms, exit) {
+        (Some(e), _, _) => {
+            vmm_proto::faults::Action::Errno(vmm_proto::faults::parse_errno(e).map_err(bad)?)
+        }
+        (_, Some(ms), _) => vmm_proto::faults::Action::DelayMs(*ms),
+        (_, _, true) => vmm_proto::faults::Action::Exit,
+        _ => return Err(bad("give --errno E, --delay-ms N or --exit".into())),
+    };
+    Ok(vmm_proto::faults::Rule {
+        id: 0,
+        export: disk.clone().unwrap_or_default(),
+        read: ops.contains(&FaultOp::Read),
+        write: ops.contains(&FaultOp::Write),
+        flush: ops.contains(&FaultOp::Flush),
+        start,
+        end,
+        action,
+        once: *once,
+        probability: probability.unwrap_or(0.0),
+        hits: 0,
+    })
+}
+
+fn format_rules(rules: &[vmm_proto::faults::Rule], json: bool) -> String {
+    if json {
+        let items: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{{\"id\":{},\"rule\":{}}}", r.id, json_str(&r.to_string())))
+            .collect();
+        return format!("[{}]", items.join(","));
+    }
+    if rules.is_empty() {
+        return "no fault rules".into();
+    }
+    let mut out =
+        String::from("id   disk     ops              range                action         when\n");
+    for r in rules {
+        out.push_str(&format!("{r}\n"));
+    }
+    out.trim_end().to_string()
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -243,6 +362,14 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             action: DiskAction::Throttle { .. },
         } => "disk throttle",
         Command::Disk {
+            action: DiskAction::Resume { .. },
+        } => {
+            return Err(Failure(
+                2,
+                "disk resume is for a blockd of its own (--blockd PATH); for a VM, `vmmctl resume` resumes it and retries its disks".into(),
+            ))
+        }
+        Command::Disk {
             action: DiskAction::Add { .. } | DiskAction::Remove { .. },
         } => {
             return Err(Failure(
@@ -340,15 +467,49 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         }
         Command::Disk {
             action: DiskAction::Fault { rule },
-        } => {
-            let mut req = client.disk_fault_request();
-            match rule {
-                DiskFault::Clear => req.get().init_fault().set_clear(()),
-                DiskFault::ForbiddenSyscall => req.get().init_fault().set_forbidden_syscall(()),
+        } => match rule {
+            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
+                let mut req = client.disk_fault_request();
+                match rule {
+                    DiskFault::Clear => req.get().init_fault().set_clear(()),
+                    _ => req.get().init_fault().set_forbidden_syscall(()),
+                }
+                req.send().promise.await.map_err(fail)?;
+                done(cli.json, "done")
             }
-            req.send().promise.await.map_err(fail)?;
-            done(cli.json, "done")
-        }
+            DiskFault::Add { .. } => {
+                let r = fault_rule(&rule)?;
+                let mut req = client.disk_fault_add_request();
+                r.write_to(req.get().init_rule());
+                let reply = req.send().promise.await.map_err(fail)?;
+                let id = reply.get().map_err(fail)?.get_id();
+                done(cli.json, &format!("fault rule {id} added"))
+            }
+            DiskFault::Remove { id } => {
+                let mut req = client.disk_fault_remove_request();
+                req.get().set_id(id);
+                req.send().promise.await.map_err(fail)?;
+                done(cli.json, &format!("fault rule {id} removed"))
+            }
+            DiskFault::List => {
+                let reply = client
+                    .disk_fault_rules_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(fail)?;
+                let rules = reply
+                    .get()
+                    .and_then(|r| r.get_rules())
+                    .and_then(|l| {
+                        l.iter()
+                            .map(vmm_proto::faults::Rule::read_from)
+                            .collect::<capnp::Result<Vec<_>>>()
+                    })
+                    .map_err(fail)?;
+                format_rules(&rules, cli.json)
+            }
+        },
         Command::Disk {
             action: DiskAction::Throttle { name, spec },
         } => {
@@ -753,8 +914,9 @@ fn format_disks(
             | DiskAction::Fault { .. }
             | DiskAction::Throttle { .. }
             | DiskAction::Add { .. }
+            | DiskAction::Resume { .. }
             | DiskAction::Remove { .. } => out.push(format!(
-                "{name:<8} {format:<6} {:>10} {}{} queues={} {} throttle={throttle} {image}",
+                "{name:<8} {format:<6} {:>10} {}{} queues={} {} throttle={throttle} {image}{}",
                 human(d.get_size()),
                 if d.get_readonly() { "ro" } else { "rw" },
                 if d.get_direct() { ",direct" } else { "" },
@@ -763,6 +925,10 @@ fn format_disks(
                     "connected"
                 } else {
                     "idle"
+                },
+                match text(d.get_stopped())? {
+                    why if why.is_empty() => String::new(),
+                    why => format!(" STOPPED: {why}"),
                 },
             )),
             DiskAction::Stats { .. } => {
@@ -938,14 +1104,55 @@ async fn blockd_direct(
             req.send().promise.await.map_err(fail)?;
             Ok(done(json, &format!("{name}: throttle {spec}")))
         }
-        DiskAction::Fault { rule } => {
-            let mut req = server.inject_fault_request();
-            match rule {
-                DiskFault::Clear => req.get().init_fault().set_clear(()),
-                DiskFault::ForbiddenSyscall => req.get().init_fault().set_forbidden_syscall(()),
+        DiskAction::Fault { rule } => match rule {
+            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
+                let mut req = server.inject_fault_request();
+                match rule {
+                    DiskFault::Clear => req.get().init_fault().set_clear(()),
+                    _ => req.get().init_fault().set_forbidden_syscall(()),
+                }
+                req.send().promise.await.map_err(fail)?;
+                Ok(done(json, "done"))
             }
-            req.send().promise.await.map_err(fail)?;
-            Ok(done(json, "done"))
+            DiskFault::Add { .. } => {
+                let r = fault_rule(rule)?;
+                let mut req = server.add_fault_rule_request();
+                r.write_to(req.get().init_rule());
+                let reply = req.send().promise.await.map_err(fail)?;
+                let id = reply.get().map_err(fail)?.get_id();
+                Ok(done(json, &format!("fault rule {id} added")))
+            }
+            DiskFault::Remove { id } => {
+                let mut req = server.remove_fault_rule_request();
+                req.get().set_id(*id);
+                req.send().promise.await.map_err(fail)?;
+                Ok(done(json, &format!("fault rule {id} removed")))
+            }
+            DiskFault::List => {
+                let reply = server
+                    .list_fault_rules_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(fail)?;
+                let rules = reply
+                    .get()
+                    .and_then(|r| r.get_rules())
+                    .and_then(|l| {
+                        l.iter()
+                            .map(vmm_proto::faults::Rule::read_from)
+                            .collect::<capnp::Result<Vec<_>>>()
+                    })
+                    .map_err(fail)?;
+                Ok(format_rules(&rules, json))
+            }
+        },
+        DiskAction::Resume { name } => {
+            let mut req = server.resume_request();
+            req.get().set_name(name.as_deref().unwrap_or(""));
+            let reply = req.send().promise.await.map_err(fail)?;
+            let n = reply.get().map_err(fail)?.get_retried();
+            Ok(done(json, &format!("resumed; retrying {n} request(s)")))
         }
         DiskAction::List | DiskAction::Stats { .. } => {
             let reply = server.list_request().send().promise.await.map_err(fail)?;
