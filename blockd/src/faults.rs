@@ -45,6 +45,51 @@ static ANY: AtomicBool = AtomicBool::new(false);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 static SEED: AtomicU64 = AtomicU64::new(0);
 
+impl Rule {
+    /// A rule as the schema carries it (its id and hits are blockd's).
+    pub fn from_wire(r: vmm_proto::faults::Rule) -> Rule {
+        use vmm_proto::faults::Action as A;
+        Rule {
+            id: 0,
+            export: r.export,
+            read: r.read,
+            write: r.write,
+            flush: r.flush,
+            start: r.start,
+            end: r.end,
+            action: match r.action {
+                A::Errno(e) => Action::Errno(e),
+                A::DelayMs(ms) => Action::Delay(Duration::from_millis(ms.into())),
+                A::Exit => Action::Exit,
+            },
+            once: r.once,
+            probability: r.probability,
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    pub fn to_wire(&self) -> vmm_proto::faults::Rule {
+        use vmm_proto::faults::Action as A;
+        vmm_proto::faults::Rule {
+            id: self.id,
+            export: self.export.clone(),
+            read: self.read,
+            write: self.write,
+            flush: self.flush,
+            start: self.start,
+            end: self.end,
+            action: match self.action {
+                Action::Errno(e) => A::Errno(e),
+                Action::Delay(d) => A::DelayMs(d.as_millis().min(u32::MAX.into()) as u32),
+                Action::Exit => A::Exit,
+            },
+            once: self.once,
+            probability: self.probability,
+            hits: self.hits.load(Ordering::Relaxed),
+        }
+    }
+}
+
 pub fn validate(r: &Rule) -> Result<(), String> {
     if !(r.read || r.write || r.flush) {
         return Err("the rule matches no operation; give read, write and/or flush".into());

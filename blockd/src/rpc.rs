@@ -276,27 +276,9 @@ impl blockd::Server for Server {
         params: blockd::AddFaultRuleParams,
         mut results: blockd::AddFaultRuleResults,
     ) -> Result<(), capnp::Error> {
-        use vmm_proto::blockd_capnp::fault_rule::action;
-        let r = params.get()?.get_rule()?;
-        let rule = crate::faults::Rule {
-            id: 0,
-            export: r.get_export()?.to_string()?,
-            read: r.get_read(),
-            write: r.get_write(),
-            flush: r.get_flush(),
-            start: r.get_start(),
-            end: r.get_end(),
-            action: match r.get_action().which()? {
-                action::Errno(e) => crate::faults::Action::Errno(e),
-                action::DelayMs(ms) => {
-                    crate::faults::Action::Delay(std::time::Duration::from_millis(ms.into()))
-                }
-                action::Exit(()) => crate::faults::Action::Exit,
-            },
-            once: r.get_once(),
-            probability: r.get_probability(),
-            hits: Default::default(),
-        };
+        let rule = crate::faults::Rule::from_wire(vmm_proto::faults::Rule::read_from(
+            params.get()?.get_rule()?,
+        )?);
         crate::faults::validate(&rule).map_err(|m| failed(format!("fault rule: {m}")))?;
         if !rule.export.is_empty() && !self.exports.borrow().contains_key(&rule.export) {
             return Err(failed(format!(
@@ -333,25 +315,7 @@ impl blockd::Server for Server {
         let rules = crate::faults::list();
         let mut out = results.get().init_rules(rules.len() as u32);
         for (i, r) in rules.iter().enumerate() {
-            let mut b = out.reborrow().get(i as u32);
-            b.set_id(r.id);
-            b.set_export(&r.export);
-            b.set_read(r.read);
-            b.set_write(r.write);
-            b.set_flush(r.flush);
-            b.set_start(r.start);
-            b.set_end(r.end);
-            match r.action {
-                crate::faults::Action::Errno(e) => b.reborrow().init_action().set_errno(e),
-                crate::faults::Action::Delay(d) => b
-                    .reborrow()
-                    .init_action()
-                    .set_delay_ms(d.as_millis().min(u32::MAX.into()) as u32),
-                crate::faults::Action::Exit => b.reborrow().init_action().set_exit(()),
-            }
-            b.set_once(r.once);
-            b.set_probability(r.probability);
-            b.set_hits(r.hits.load(Ordering::Relaxed));
+            r.to_wire().write_to(out.reborrow().get(i as u32));
         }
         Ok(())
     }

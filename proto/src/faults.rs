@@ -24,6 +24,11 @@ pub struct Rule {
     pub hits: u64,
 }
 
+/// Every rule of a list.
+pub fn read_list(list: capnp::struct_list::Reader<fault_rule::Owned>) -> capnp::Result<Vec<Rule>> {
+    list.iter().map(Rule::read_from).collect()
+}
+
 impl Rule {
     pub fn read_from(r: fault_rule::Reader) -> capnp::Result<Rule> {
         use fault_rule::action;

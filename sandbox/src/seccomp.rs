@@ -238,7 +238,7 @@ pub fn describe(list: &[Allow]) -> String {
     names.sort_by_key(|a| a.name);
     names.dedup_by_key(|a| a.name);
     let mut out = format!(
-        "{} system calls allowed; anything else kills the helper\n",
+        "{} system calls allowed; anything else kills the process\n",
         names.len()
     );
     for a in names {

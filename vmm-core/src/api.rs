@@ -515,14 +515,7 @@ impl vmm::Server for VmmServer {
             fault::ForbiddenSyscall(()) => crate::block::Fault::ForbiddenSyscall,
             fault::Clear(()) => crate::block::Fault::Clear,
         };
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
-            Some(b) => b.fault(f),
-            None => Err("this VM has no disks served by blockd".to_string()),
-        })
-        .await
-        .map_err(|e| capnp::Error::failed(e.to_string()))?
-        .map_err(capnp::Error::failed)
+        self.on_blockd(move |b| b.fault(f)).await
     }
 
     async fn disk_throttle(
@@ -533,14 +526,7 @@ impl vmm::Server for VmmServer {
         let p = params.get()?;
         let name = p.get_name()?.to_string()?;
         let spec = vmm_proto::throttle::Spec::read(p.get_throttle()?)?;
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
-            Some(b) => b.throttle(&name, spec),
-            None => Err("this VM has no disks served by blockd".to_string()),
-        })
-        .await
-        .map_err(|e| capnp::Error::failed(e.to_string()))?
-        .map_err(capnp::Error::failed)
+        self.on_blockd(move |b| b.throttle(&name, spec)).await
     }
 
     async fn disk_fault_add(

@@ -700,13 +700,7 @@ async fn client(
                     .send()
                     .promise
                     .await
-                    .and_then(|r| {
-                        r.get()?
-                            .get_rules()?
-                            .iter()
-                            .map(vmm_proto::faults::Rule::read_from)
-                            .collect::<capnp::Result<Vec<_>>>()
-                    })
+                    .and_then(|r| vmm_proto::faults::read_list(r.get()?.get_rules()?))
                     .map_err(remote);
                 let _ = reply.send(r);
             }

@@ -18,13 +18,39 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest powers off, resets or panics.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print the seccomp allowlist of each of vmm-core's thread roles (a system call a line,
+    /// with its reason), and exit.
+    PrintSeccomp,
 }
 
 fn main() -> ExitCode {
     logger::init();
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => *args,
+        Command::PrintSeccomp => {
+            use vmm_sandbox::seccomp::{base, describe, with_base};
+            for (role, list) in [
+                (
+                    "the main thread (builds the VM at each boot, ends the helpers)",
+                    with_base(vmm_core::vm::main_allowlist()),
+                ),
+                (
+                    "each vCPU thread (on top of the main thread's, which it starts under)",
+                    vmm_core::vcpu::allowlist(),
+                ),
+                ("the API thread", with_base(vmm_core::api::allowlist())),
+                (
+                    "the service threads (signals, console input, helpers' stderr)",
+                    base(),
+                ),
+            ] {
+                println!("# {role}: {}", describe(&list));
+            }
+            return ExitCode::SUCCESS;
+        }
+    };
     match vmm_core::run(args) {
         Ok(outcome) => {
             log::info!("{outcome}");

@@ -501,11 +501,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 let rules = reply
                     .get()
                     .and_then(|r| r.get_rules())
-                    .and_then(|l| {
-                        l.iter()
-                            .map(vmm_proto::faults::Rule::read_from)
-                            .collect::<capnp::Result<Vec<_>>>()
-                    })
+                    .and_then(vmm_proto::faults::read_list)
                     .map_err(fail)?;
                 format_rules(&rules, cli.json)
             }
@@ -1138,11 +1134,7 @@ async fn blockd_direct(
                 let rules = reply
                     .get()
                     .and_then(|r| r.get_rules())
-                    .and_then(|l| {
-                        l.iter()
-                            .map(vmm_proto::faults::Rule::read_from)
-                            .collect::<capnp::Result<Vec<_>>>()
-                    })
+                    .and_then(vmm_proto::faults::read_list)
                     .map_err(fail)?;
                 Ok(format_rules(&rules, json))
             }
