@@ -8,6 +8,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -119,6 +120,8 @@ pub struct DiskBackend {
     /// Where it came from, for `vmmctl disk list` (the image's path, or "vhost-user socket").
     pub image: String,
     pub external: bool,
+    /// Its transport in the running boot, for reconnecting after blockd restarts.
+    pub device: DeviceSlot,
 }
 
 /// The private directory that holds blockd's sockets; removed with everything in it.
@@ -229,7 +232,8 @@ impl vmm_proto::blockd_capnp::watcher::Server for StopWatcher {
 pub struct Blockd {
     commands: Option<tokio::sync::mpsc::UnboundedSender<Command>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    child: Option<std::process::Child>,
+    /// The blockd vmm-core started (the latest, after restarts).
+    child: Arc<std::sync::Mutex<Option<std::process::Child>>>,
     external: Vec<DiskInfo>,
 }
 
@@ -307,35 +311,41 @@ impl Drop for Blockd {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some(mut c) = self.child.take() {
-            // With its control connection closed, blockd flushes every image and exits; give
-            // it 10 s (SIGTERM half-way, which also flushes), then kill it.
-            let start = std::time::Instant::now();
-            let mut termed = false;
-            loop {
-                match c.try_wait() {
-                    Ok(Some(status)) => {
-                        if !status.success() {
-                            log::warn!("blockd ended with {status}");
-                        }
-                        return;
-                    }
-                    Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
-                        if !termed && start.elapsed() > std::time::Duration::from_secs(5) {
-                            // SAFETY: kill on the PID of our own child, not yet reaped.
-                            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-                            termed = true;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(5))
-                    }
-                    _ => break,
+        end_child(&self.child);
+    }
+}
+
+/// Waits for the blockd vmm-core started to exit (its control connection closed, so it
+/// flushes every image and exits): 10 s, SIGTERM half-way (which also flushes), then SIGKILL.
+/// Called by the thread that started it: a child with PR_SET_PDEATHSIG dies with the thread
+/// that forked it, so that thread must outlive it.
+fn end_child(slot: &std::sync::Mutex<Option<std::process::Child>>) {
+    let child = slot.lock().unwrap().take();
+    let Some(mut c) = child else { return };
+    let start = std::time::Instant::now();
+    let mut termed = false;
+    loop {
+        match c.try_wait() {
+            Ok(Some(status)) => {
+                if !status.success() {
+                    log::warn!("blockd ended with {status}");
                 }
+                return;
             }
-            log::warn!("blockd did not stop within 10 s; killing it");
-            let _ = c.kill();
-            let _ = c.wait();
+            Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                if !termed && start.elapsed() > std::time::Duration::from_secs(5) {
+                    // SAFETY: kill on the PID of our own child, not yet reaped.
+                    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+                    termed = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => break,
         }
     }
+    log::warn!("blockd did not stop within 10 s; killing it");
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 /// What vmm-core opened for one export: handed to blockd on the side channel.
@@ -361,8 +371,7 @@ pub fn start(
     mode: Mode,
     dir: Option<&RunDir>,
     report: crate::helpers::SeccompReport,
-    on_death: Box<dyn Fn() + Send>,
-    on_stop: OnStop,
+    hooks: Hooks,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
@@ -376,6 +385,7 @@ pub fn start(
                 queues: d.queues,
                 image: "vhost-user socket".into(),
                 external: true,
+                device: DeviceSlot::default(),
             });
             external.push(DiskInfo {
                 name,
@@ -409,6 +419,7 @@ pub fn start(
             queues: d.queues,
             image: path.display().to_string(),
             external: false,
+            device: DeviceSlot::default(),
         });
         opened.push(Opened {
             name,
@@ -421,30 +432,65 @@ pub fn start(
     let mut handle = Blockd {
         commands: None,
         thread: None,
-        child: None,
+        child: Arc::default(),
         external,
     };
     if opened.is_empty() {
         return Ok((backends, handle));
     }
 
-    let ours = match mode {
+    let respawn: Respawn = match mode {
         Mode::Connect(path) => {
-            let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-                format!(
-                    "--blockd-socket {}: cannot connect ({e}); is blockd (or its socket unit) running?",
-                    path.display()
-                )
-            })?;
-            log::info!("connected to blockd at {}", path.display());
-            s
+            let path = path.to_path_buf();
+            Box::new(move || {
+                let s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+                    format!(
+                        "--blockd-socket {}: cannot connect ({e}); is blockd (or its socket unit) running?",
+                        path.display()
+                    )
+                })?;
+                log::info!("connected to blockd at {}", path.display());
+                Ok(s)
+            })
         }
         Mode::Spawn(blockd, sandbox) => {
-            let (ours, child) = spawn(blockd, sandbox, report)?;
-            handle.child = Some(child);
-            ours
+            let (blockd, sandbox) = (blockd.to_path_buf(), sandbox.map(str::to_string));
+            let child = handle.child.clone();
+            Box::new(move || {
+                let (ours, new) = spawn(&blockd, sandbox.as_deref(), report.clone())?;
+                if let Some(mut old) = child.lock().unwrap().replace(new) {
+                    // The one that died (its connection ended): reap it, giving it a moment
+                    // to exit by itself (a sandboxed blockd's outer process reports how its
+                    // inner one died), then making sure.
+                    let start = std::time::Instant::now();
+                    let status = loop {
+                        match old.try_wait() {
+                            Ok(Some(status)) => break Some(status),
+                            Ok(None) if start.elapsed() < std::time::Duration::from_secs(2) => {
+                                std::thread::sleep(std::time::Duration::from_millis(5))
+                            }
+                            _ => break None,
+                        }
+                    };
+                    match status {
+                        Some(status) => log::info!("the blockd that died ended with {status}"),
+                        None => {
+                            let _ = old.kill();
+                            let _ = old.wait();
+                        }
+                    }
+                }
+                Ok(ours)
+            })
         }
     };
+    let ours = respawn()?;
+    let child = handle.child.clone();
+    let devices: Vec<(String, DeviceSlot)> = backends
+        .iter()
+        .filter(|b| !b.external)
+        .map(|b| (b.name.clone(), b.device.clone()))
+        .collect();
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -456,7 +502,21 @@ pub fn start(
                 .build()
                 .expect("tokio runtime");
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, client(ours, opened, ready_tx, rx, on_death, on_stop));
+            local.block_on(
+                &rt,
+                client(
+                    ours,
+                    opened,
+                    ready_tx,
+                    rx,
+                    hooks,
+                    Restart {
+                        respawn,
+                        devices,
+                        child,
+                    },
+                ),
+            );
         })
         .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
     handle.thread = Some(thread);
@@ -512,45 +572,59 @@ fn remote(e: capnp::Error) -> String {
     e.extra.trim_start_matches("remote exception: ").to_string()
 }
 
-async fn client(
+/// What the client thread does when blockd dies and comes back.
+pub struct Hooks {
+    /// blockd died (its control connection ended).
+    pub on_death: Box<dyn Fn() + Send>,
+    /// It is back and the disks reconnected: (what the log says).
+    pub on_restart: Box<dyn Fn(String) + Send>,
+    pub on_stop: OnStop,
+}
+
+/// Starts another blockd (or reconnects to systemd's) and returns its control connection.
+type Respawn = Box<dyn Fn() -> Result<std::os::unix::net::UnixStream, String> + Send>;
+
+/// What the client thread needs to bring blockd back.
+struct Restart {
+    respawn: Respawn,
+    /// The disks to reconnect.
+    devices: Vec<(String, DeviceSlot)>,
+    /// The blockd vmm-core started (None when it connects to systemd's).
+    child: Arc<std::sync::Mutex<Option<std::process::Child>>>,
+}
+
+/// The transports of the disks blockd serves, set at each boot, to reconnect after a restart.
+pub type DeviceSlot =
+    Arc<std::sync::Mutex<Option<std::sync::Weak<std::sync::Mutex<crate::virtio::pci::VirtioPci>>>>>;
+
+/// Sets blockd up on a new control connection: the side channel, the exports (with the
+/// images and listening sockets vmm-core keeps), and the watcher.
+async fn attach(
     control: std::os::unix::net::UnixStream,
-    opened: Vec<Opened>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
-    on_death: Box<dyn Fn() + Send>,
-    on_stop: OnStop,
-) {
+    opened: &[Opened],
+    on_stop: &std::rc::Rc<OnStop>,
+) -> Result<
+    (
+        vmm_proto::blockd_capnp::blockd::Client,
+        tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    ),
+    String,
+> {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
     use vmm_proto::fdpass;
-    let side = match vmm_proto::rpc::open_side_channel(&control) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(format!("blockd: cannot set up its side channel ({e})")));
-            return;
-        }
-    };
-    let stream = match vmm_proto::rpc::tokio_stream(control) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(format!("blockd: {e}")));
-            return;
-        }
-    };
+    let side = vmm_proto::rpc::open_side_channel(&control)
+        .map_err(|e| format!("blockd: cannot set up its side channel ({e})"))?;
+    let stream = vmm_proto::rpc::tokio_stream(control).map_err(|e| format!("blockd: {e}"))?;
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
-    let mut connection = tokio::task::spawn_local(rpc);
-    for o in &opened {
-        if let Err(e) = fdpass::send(
+    let connection = tokio::task::spawn_local(rpc);
+    for o in opened {
+        fdpass::send(
             side.as_fd(),
             o.name.as_bytes(),
             &[o.image.as_fd(), o.listener.as_fd()],
-        ) {
-            let _ = ready.send(Err(format!(
-                "{}: cannot hand blockd its image ({e})",
-                o.name
-            )));
-            return;
-        }
+        )
+        .map_err(|e| format!("{}: cannot hand blockd its image ({e})", o.name))?;
         let mut req = server.add_request();
         {
             let mut e = req.get().init_export();
@@ -572,53 +646,165 @@ async fn client(
             e.set_fds_on_side_channel(true);
         }
         if let Err(e) = req.send().promise.await {
-            let msg = e.extra.trim_start_matches("remote exception: ").to_string();
-            let _ = ready.send(Err(format!(
-                "--disk {}: blockd refused it: {msg}",
+            return Err(format!(
+                "--disk {}: blockd refused it: {}",
                 o.spec
                     .path
                     .as_ref()
                     .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            )));
-            return;
+                    .unwrap_or_default(),
+                remote(e)
+            ));
         }
     }
-    // blockd has its own copies now.
-    drop(opened);
     // Stops on I/O errors (error policy) come back through a watcher.
     let mut req = server.watch_request();
     req.get()
-        .set_watcher(capnp_rpc::new_client(StopWatcher(std::rc::Rc::new(
-            on_stop,
-        ))));
-    if let Err(e) = req.send().promise.await {
-        let _ = ready.send(Err(format!("blockd: cannot watch its disks: {e}")));
-        return;
+        .set_watcher(capnp_rpc::new_client(StopWatcher(on_stop.clone())));
+    req.send()
+        .promise
+        .await
+        .map_err(|e| format!("blockd: cannot watch its disks: {}", remote(e)))?;
+    Ok((server, connection))
+}
+
+/// Answers a command without blockd.
+fn refuse(cmd: Command, why: &str) {
+    let why = why.to_string();
+    match cmd {
+        Command::List(reply) => {
+            let _ = reply.send(Err(why));
+        }
+        Command::Fault(_, reply)
+        | Command::Throttle(_, _, reply)
+        | Command::RemoveRule(_, reply) => {
+            let _ = reply.send(Err(why));
+        }
+        Command::AddRule(_, reply) => {
+            let _ = reply.send(Err(why));
+        }
+        Command::ListRules(reply) => {
+            let _ = reply.send(Err(why));
+        }
+        Command::Resume(reply) => {
+            let _ = reply.send(Err(why));
+        }
     }
-    let _ = ready.send(Ok(()));
+}
+
+/// Talks to blockd for the life of the VM. When blockd dies, it starts another (with backoff,
+/// for as long as the VM lives), adds the exports again and reconnects every disk.
+async fn client(
+    first: std::os::unix::net::UnixStream,
+    opened: Vec<Opened>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    hooks: Hooks,
+    restart: Restart,
+) {
+    let Restart {
+        respawn,
+        devices,
+        child,
+    } = restart;
+    let on_stop = std::rc::Rc::new(hooks.on_stop);
+    let mut control = Some(first);
+    let mut restarts = 0u32;
+    loop {
+        let attached = match control.take() {
+            Some(c) => attach(c, &opened, &on_stop).await,
+            None => Err("no connection".into()),
+        };
+        match attached {
+            Err(e) if restarts == 0 => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+            Err(e) => log::warn!("restarted blockd, but {e}; trying again"),
+            Ok((server, mut connection)) => {
+                if restarts == 0 {
+                    let _ = ready.send(Ok(()));
+                } else {
+                    let mut done = Vec::new();
+                    for (name, slot) in &devices {
+                        let dev = slot.lock().unwrap().as_ref().and_then(|w| w.upgrade());
+                        let Some(dev) = dev else { continue };
+                        let r = dev.lock().unwrap().reconnect();
+                        match r {
+                            Ok(()) => done.push(name.clone()),
+                            Err(e) => {
+                                log::error!("{name}: cannot reconnect to the restarted blockd: {e}")
+                            }
+                        }
+                    }
+                    (hooks.on_restart)(format!(
+                        "restarted blockd (restart {restarts}); disks reconnected: {}",
+                        if done.is_empty() {
+                            "none yet in use".to_string()
+                        } else {
+                            done.join(", ")
+                        }
+                    ));
+                }
+                if serve(&server, &mut connection, &mut commands).await {
+                    // The VM ends: closing the connection stops blockd; a blockd this thread
+                    // started must end before the thread does (see end_child).
+                    connection.abort();
+                    let _ = connection.await;
+                    drop(server);
+                    end_child(&child);
+                    return;
+                }
+                (hooks.on_death)();
+            }
+        }
+        // blockd is gone while the VM runs: start another, waiting longer after each failure
+        // (up to 5 s), for as long as the VM lives. Meanwhile the disks stall and API calls
+        // are refused.
+        let mut delay = std::time::Duration::from_millis(20);
+        loop {
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = commands.recv() => match cmd {
+                        Some(c) => refuse(c, "blockd is restarting; try again in a moment"),
+                        None => return,
+                    },
+                }
+            }
+            match respawn() {
+                Ok(c) => {
+                    control = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                    log::warn!(
+                        "cannot restart blockd ({e}); trying again in {} ms",
+                        delay.as_millis()
+                    );
+                }
+            }
+        }
+        restarts += 1;
+    }
+}
+
+/// Serves the API's commands until the VM ends (true) or blockd's connection ends (false).
+async fn serve(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
+) -> bool {
     loop {
         let cmd = tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(c) => c,
-                None => break,
+                None => return true,
             },
-            _ = &mut connection => {
-                // blockd is gone while the VM runs: its disks stop answering.
-                on_death();
-                // Still answer requests (with errors) until the VM ends.
-                while let Some(cmd) = commands.recv().await {
-                    let why = "blockd is not running (it died; restarting it is not built yet)".to_string();
-                    match cmd {
-                        Command::List(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Fault(_, reply) | Command::Throttle(_, _, reply) | Command::RemoveRule(_, reply) => { let _ = reply.send(Err(why)); }
-                        Command::AddRule(_, reply) => { let _ = reply.send(Err(why)); }
-                        Command::ListRules(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Resume(reply) => { let _ = reply.send(Err(why)); }
-                    }
-                }
-                return;
-            }
+            _ = &mut *connection => return false,
         };
         match cmd {
             Command::List(reply) => {
@@ -724,8 +910,6 @@ async fn client(
             }
         }
     }
-    // The VM ends: closing the connection stops blockd.
-    connection.abort();
 }
 
 #[cfg(test)]

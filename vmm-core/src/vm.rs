@@ -323,20 +323,29 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         mode,
         run_dir.as_ref(),
         crate::helpers::seccomp_reporter(shared.clone()),
-        {
-            let shared = shared.clone();
-            Box::new(move || {
-                log::error!(
-                    "lost blockd: the VM's disks stop answering (restarting blockd with its requests in flight is not built yet)"
-                );
-                shared.events.emit("helper-died", "blockd".to_string());
-            })
-        },
-        {
-            let tx = tx.clone();
-            Box::new(move |disk, reason| {
-                let _ = tx.send(VmEvent::DiskStopped(disk, reason));
-            })
+        crate::block::Hooks {
+            on_death: {
+                let shared = shared.clone();
+                Box::new(move || {
+                    log::error!(
+                        "lost blockd: the VM's disks stall until it is back; restarting it"
+                    );
+                    shared.events.emit("helper-died", "blockd".to_string());
+                })
+            },
+            on_restart: {
+                let shared = shared.clone();
+                Box::new(move |what| {
+                    log::warn!("{what}");
+                    shared.events.emit("helper-restarted", "blockd".to_string());
+                })
+            },
+            on_stop: {
+                let tx = tx.clone();
+                Box::new(move |disk, reason| {
+                    let _ = tx.send(VmEvent::DiskStopped(disk, reason));
+                })
+            },
         },
     )
     .map_err(VmError::Disk)?;
@@ -652,7 +661,9 @@ fn run_once(
         let transport = crate::virtio::pci::VirtioPci::new(Box::new(dev), routing.clone())
             .map_err(VmError::EventFd)?;
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
-        let slot = pci.add(Arc::new(Mutex::new(transport))).ok_or_else(|| {
+        let transport = Arc::new(Mutex::new(transport));
+        *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
+        let slot = pci.add(transport).ok_or_else(|| {
             VmError::DiskSetup(format!("{}: no free PCI slot or BAR space", d.name))
         })?;
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);

@@ -172,6 +172,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "hotplug" => hotplug(cmdline, stack_top),
         "blk" => blk_scenario(cmdline, stack_top),
         "blk-bad" => blk_bad(stack_top),
+        "blk-seq" => blk_seq(cmdline),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -618,6 +619,71 @@ fn blk_look() {
             .u(r.map_or(0xff, |r| r.0) as u64)
             .emit();
     }
+}
+
+/// The crash test's writer: `tg.seq.count` blocks of 4 KiB, block N at byte N*4096 (wrapping
+/// over the disk), with the write cache off so that each write is durable when it completes
+/// (as FUA). A block holds a magic, its sequence number, a checksum, and words derived from the
+/// sequence number (the host's check in tests/tests/block.rs knows the layout). Each
+/// completed write is logged as "tg: ack N"; a summary line ends the run.
+fn blk_seq(cmdline: &str) {
+    const MAGIC: u64 = 0x5345_515f_424c_4b21;
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let count = param(cmdline, "tg.seq.count=")
+        .and_then(parse_u64)
+        .unwrap_or(1000);
+    blk::WANT_WCE.store(true, Ordering::Relaxed);
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    if blk::probe(&mut disks) == 0 {
+        Line::new().s("tg: seq no disk").emit();
+        return;
+    }
+    let d = disks[0].as_mut().expect("probe found one");
+    let wb = d.write_through();
+    let blocks = d.capacity / 8;
+    let buf = blk::data_buf() as *mut u64;
+    let (mut errors, mut timeouts) = (0u64, 0u64);
+    for seq in 0..count {
+        let mut sum = 0u64;
+        for j in 3..512u64 {
+            let w = ((seq << 32) | j).wrapping_mul(K);
+            sum = sum.rotate_left(5) ^ w;
+            // SAFETY: the DMA data buffer holds at least 4 KiB (blk::CHUNK).
+            unsafe { buf.add(j as usize).write_volatile(w) };
+        }
+        // SAFETY: as above.
+        unsafe {
+            buf.write_volatile(MAGIC);
+            buf.add(1).write_volatile(seq);
+            buf.add(2).write_volatile(sum);
+        }
+        match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
+            Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
+            Some((status, _)) => {
+                errors += 1;
+                Line::new()
+                    .s("tg: seq error ")
+                    .u(seq)
+                    .s(" status=")
+                    .u(status as u64)
+                    .emit();
+            }
+            None => {
+                timeouts += 1;
+                Line::new().s("tg: seq timeout ").u(seq).emit();
+            }
+        }
+    }
+    Line::new()
+        .s("tg: seq done count=")
+        .u(count)
+        .s(" writeback=")
+        .u(wb as u64)
+        .s(" errors=")
+        .u(errors)
+        .s(" timeouts=")
+        .u(timeouts)
+        .emit();
 }
 
 /// Malformed requests, as a hostile driver would send them; each must get an answer (or at

@@ -358,6 +358,11 @@ pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
         ),
         allow("recvmsg", "vhost-user replies"),
         allow("close", "descriptors of a device the guest reset"),
+        allow_if(
+            "fcntl",
+            "F_DUPFD_CLOEXEC only: a disk the guest starts keeps its queues' eventfds, to set up a restarted blockd",
+            vec![vec![Cond::Eq(1, libc::F_DUPFD_CLOEXEC as u64)]],
+        ),
         allow("futex", "locks, condition variables and channels"),
         allow_if("mmap", "the allocator, never executable", no_exec.clone()),
         allow_if("mprotect", "the allocator, never executable", no_exec),

@@ -34,4 +34,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// A name for the log ("disk0").
     fn name(&self) -> &str;
+    /// The device's backend came back after a crash: set it up again as it was (queues that
+    /// run go on from where the guest's used rings are).
+    fn reconnect(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -74,6 +74,11 @@ pub struct VirtioPci {
 }
 
 impl VirtioPci {
+    /// The device's backend restarted: set it up again as the driver left it.
+    pub fn reconnect(&mut self) -> Result<(), String> {
+        self.device.reconnect()
+    }
+
     pub fn new(device: Box<dyn VirtioDevice>, routing: Arc<Routing>) -> std::io::Result<VirtioPci> {
         let kind = device.device_type();
         let n = device.num_queues();

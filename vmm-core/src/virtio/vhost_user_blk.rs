@@ -27,10 +27,82 @@ pub struct VhostUserBlk {
     mem: GuestMemory,
     memfd: std::fs::File,
     started: Vec<usize>,
+    /// What the driver started the device with (features, queues with their eventfds), to
+    /// set a restarted backend up again.
+    active: Option<(u64, Vec<Ring>)>,
 }
+
+/// A started queue, as the backend needs it.
+struct Ring {
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: vmm_sys_util::eventfd::EventFd,
+    call: vmm_sys_util::eventfd::EventFd,
+}
+
+/// virtio-blk's config byte for the write cache (VIRTIO_BLK_F_CONFIG_WCE).
+const CONFIG_WRITEBACK: usize = 32;
 
 fn err(socket: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!("vhost-user backend at {}: {what}: {e}", socket.display())
+}
+
+/// Connects, negotiates the protocol, and learns the backend's features and config space.
+fn handshake(socket: &Path, queues: u16) -> Result<(Frontend, u64, Vec<u8>), String> {
+    let mut fe = Frontend::connect(socket, u64::from(queues))
+        .map_err(|e| err(socket, "cannot connect", e))?;
+    fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
+    let features = fe
+        .get_features()
+        .map_err(|e| err(socket, "GET_FEATURES", e))?;
+    if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+        return Err(err(
+            socket,
+            "features",
+            "no VHOST_USER_F_PROTOCOL_FEATURES; a vhost-user-blk backend needs CONFIG",
+        ));
+    }
+    let offered = fe
+        .get_protocol_features()
+        .map_err(|e| err(socket, "GET_PROTOCOL_FEATURES", e))?;
+    let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+    if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
+    }
+    fe.set_protocol_features(offered & wanted)
+        .map_err(|e| err(socket, "SET_PROTOCOL_FEATURES", e))?;
+    let backend_queues = if offered.contains(VhostUserProtocolFeatures::MQ) {
+        fe.get_queue_num()
+            .map_err(|e| err(socket, "GET_QUEUE_NUM", e))?
+    } else {
+        1
+    };
+    if backend_queues < u64::from(queues) {
+        return Err(err(
+            socket,
+            "queues",
+            format!("it serves {backend_queues} queue(s), {queues} were asked for"),
+        ));
+    }
+    let (_, config) = fe
+        .get_config(
+            0,
+            CONFIG_SIZE as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &[0u8; CONFIG_SIZE],
+        )
+        .map_err(|e| err(socket, "GET_CONFIG", e))?;
+    let mut config = config.to_vec();
+    // The guest sees the queue count vmm-core was asked for.
+    config[34..36].copy_from_slice(&queues.to_le_bytes());
+    let mut features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
+    if queues == 1 {
+        features &= !VIRTIO_BLK_F_MQ;
+    }
+    Ok((fe, features, config))
 }
 
 impl VhostUserBlk {
@@ -42,56 +114,7 @@ impl VhostUserBlk {
         mem: GuestMemory,
         memfd: std::fs::File,
     ) -> Result<VhostUserBlk, String> {
-        let mut fe = Frontend::connect(socket, u64::from(queues))
-            .map_err(|e| err(socket, "cannot connect", e))?;
-        fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
-        let features = fe
-            .get_features()
-            .map_err(|e| err(socket, "GET_FEATURES", e))?;
-        if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
-            return Err(err(
-                socket,
-                "features",
-                "no VHOST_USER_F_PROTOCOL_FEATURES; a vhost-user-blk backend needs CONFIG",
-            ));
-        }
-        let offered = fe
-            .get_protocol_features()
-            .map_err(|e| err(socket, "GET_PROTOCOL_FEATURES", e))?;
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
-        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
-        }
-        fe.set_protocol_features(offered & wanted)
-            .map_err(|e| err(socket, "SET_PROTOCOL_FEATURES", e))?;
-        let backend_queues = if offered.contains(VhostUserProtocolFeatures::MQ) {
-            fe.get_queue_num()
-                .map_err(|e| err(socket, "GET_QUEUE_NUM", e))?
-        } else {
-            1
-        };
-        if backend_queues < u64::from(queues) {
-            return Err(err(
-                socket,
-                "queues",
-                format!("it serves {backend_queues} queue(s), {queues} were asked for"),
-            ));
-        }
-        let (_, config) = fe
-            .get_config(
-                0,
-                CONFIG_SIZE as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &[0u8; CONFIG_SIZE],
-            )
-            .map_err(|e| err(socket, "GET_CONFIG", e))?;
-        let mut config = config.to_vec();
-        // The guest sees the queue count vmm-core was asked for.
-        config[34..36].copy_from_slice(&queues.to_le_bytes());
-        let mut features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
-        if queues == 1 {
-            features &= !VIRTIO_BLK_F_MQ;
-        }
+        let (fe, features, config) = handshake(socket, queues)?;
         Ok(VhostUserBlk {
             name: name.to_string(),
             socket: socket.to_path_buf(),
@@ -103,7 +126,72 @@ impl VhostUserBlk {
             mem,
             memfd,
             started: Vec::new(),
+            active: None,
         })
+    }
+
+    /// Hands the backend guest memory and the rings; each ring starts at `base(ring)`.
+    fn start_rings(
+        &mut self,
+        features: u64,
+        rings: &[Ring],
+        base: impl Fn(&Ring) -> u16,
+    ) -> Result<(), String> {
+        self.frontend
+            .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES)
+            .map_err(|e| self.e("SET_FEATURES", e))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+                mmap_handle: self.memfd.as_raw_fd(),
+            })
+            .collect();
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(|e| self.e("SET_MEM_TABLE", e))?;
+        for q in rings {
+            let i = usize::from(q.index);
+            let n = u64::from(q.size);
+            let config = VringConfigData {
+                queue_max_size: self.queue_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.host_address(q.desc, 16 * n, "descriptor table", q.index)?,
+                avail_ring_addr: self.host_address(
+                    q.avail,
+                    6 + 2 * n,
+                    "available ring",
+                    q.index,
+                )?,
+                used_ring_addr: self.host_address(q.used, 6 + 8 * n, "used ring", q.index)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(|e| self.e("SET_VRING_NUM", e))?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .map_err(|e| self.e("SET_VRING_ADDR", e))?;
+            self.frontend
+                .set_vring_base(i, base(q))
+                .map_err(|e| self.e("SET_VRING_BASE", e))?;
+            self.frontend
+                .set_vring_call(i, &q.call)
+                .map_err(|e| self.e("SET_VRING_CALL", e))?;
+            self.frontend
+                .set_vring_kick(i, &q.kick)
+                .map_err(|e| self.e("SET_VRING_KICK", e))?;
+            self.frontend
+                .set_vring_enable(i, true)
+                .map_err(|e| self.e("SET_VRING_ENABLE", e))?;
+            self.started.push(i);
+        }
+        Ok(())
     }
 
     fn host_address(&self, gpa: u64, len: u64, what: &str, q: u16) -> Result<u64, String> {
@@ -160,64 +248,77 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String> {
-        self.frontend
-            .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES)
-            .map_err(|e| self.e("SET_FEATURES", e))?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = self
-            .mem
+        let rings = queues
             .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
-                mmap_handle: self.memfd.as_raw_fd(),
+            .map(|q| {
+                Ok(Ring {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: q
+                        .kick
+                        .try_clone()
+                        .map_err(|e| self.e("the kick eventfd", e))?,
+                    call: q
+                        .call
+                        .try_clone()
+                        .map_err(|e| self.e("the call eventfd", e))?,
+                })
             })
-            .collect();
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(|e| self.e("SET_MEM_TABLE", e))?;
-        for q in queues {
-            let i = usize::from(q.index);
-            let n = u64::from(q.size);
-            let config = VringConfigData {
-                queue_max_size: self.queue_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: self.host_address(q.desc, 16 * n, "descriptor table", q.index)?,
-                avail_ring_addr: self.host_address(
-                    q.avail,
-                    6 + 2 * n,
-                    "available ring",
-                    q.index,
-                )?,
-                used_ring_addr: self.host_address(q.used, 6 + 8 * n, "used ring", q.index)?,
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_num(i, q.size)
-                .map_err(|e| self.e("SET_VRING_NUM", e))?;
-            self.frontend
-                .set_vring_addr(i, &config)
-                .map_err(|e| self.e("SET_VRING_ADDR", e))?;
-            self.frontend
-                .set_vring_base(i, 0)
-                .map_err(|e| self.e("SET_VRING_BASE", e))?;
-            self.frontend
-                .set_vring_call(i, q.call)
-                .map_err(|e| self.e("SET_VRING_CALL", e))?;
-            self.frontend
-                .set_vring_kick(i, q.kick)
-                .map_err(|e| self.e("SET_VRING_KICK", e))?;
-            self.frontend
-                .set_vring_enable(i, true)
-                .map_err(|e| self.e("SET_VRING_ENABLE", e))?;
-            self.started.push(i);
-        }
+            .collect::<Result<Vec<_>, String>>()?;
+        self.start_rings(features, &rings, |_| 0)?;
+        self.active = Some((features, rings));
         Ok(())
     }
 
+    fn reconnect(&mut self) -> Result<(), String> {
+        let (fe, features, config) = handshake(&self.socket, self.queues)?;
+        if features != self.features {
+            return Err(self.e(
+                "features",
+                format!(
+                    "the restarted backend offers {features:#x}, not {:#x} as before",
+                    self.features
+                ),
+            ));
+        }
+        self.frontend = fe;
+        self.started.clear();
+        // The guest's write-cache setting, which the new backend does not know.
+        let wce = self.config[CONFIG_WRITEBACK];
+        if config[CONFIG_WRITEBACK] != wce {
+            self.frontend
+                .set_config(
+                    CONFIG_WRITEBACK as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &[wce],
+                )
+                .map_err(|e| self.e("SET_CONFIG", e))?;
+        }
+        let Some((features, rings)) = self.active.take() else {
+            // The driver has not started the device: nothing more to set up.
+            return Ok(());
+        };
+        // Each ring goes on from the guest's used index: a request the dead backend took but
+        // did not complete is taken again (a completed one is in the used ring already).
+        let mem = self.mem.clone();
+        let used_idx = |r: &Ring| {
+            use vm_memory::Bytes;
+            mem.read_obj::<u16>(GuestAddress(r.used + 2)).unwrap_or(0)
+        };
+        let result = self.start_rings(features, &rings, used_idx);
+        // Requests the guest queued while the backend was away: make the backend look.
+        for r in &rings {
+            let _ = r.kick.write(1);
+        }
+        self.active = Some((features, rings));
+        result
+    }
+
     fn reset(&mut self) {
+        self.active = None;
         for i in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.set_vring_enable(i, false) {
                 log::warn!("{}: {}", self.name, self.e("SET_VRING_ENABLE", e));
