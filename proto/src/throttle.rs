@@ -88,7 +88,7 @@ impl Spec {
 impl std::fmt::Display for Spec {
     /// The same syntax back: `group=g iops=200`, or `off`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.is_off() && self.group.is_empty() {
+        if self.limits.iter().flatten().all(|v| *v == 0) && self.group.is_empty() {
             return write!(f, "off");
         }
         let mut parts = Vec::new();

@@ -250,9 +250,15 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
     let mut vm = vmm_tests::TestVm::builder()
         .cmdline("tg.scenario=idle")
         .args(["--api-socket", sock.to_str().unwrap()])
-        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--disk",
+            &format!("path={},throttle.iops=100,throttle.group=vm", img.display()),
+        ])
         .spawn();
     vm.wait_for("tg: ready", T);
+    // The throttle given at start.
+    let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
+    assert!(out.contains("throttle=group=vm,iops=100 "), "{out}");
     let (code, out, err) = vmm_tests::vmmctl(
         &sock,
         &[
@@ -267,6 +273,22 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
         out.contains("disk0: throttle bps=1048576,bps-max=4194304,bps-max-length=3"),
         "{out}"
     );
+    let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
+    assert!(
+        out.contains("throttle=bps=1048576,bps-max=4194304,bps-max-length=3 "),
+        "{out}"
+    );
+    // blockd dies; the one vmm-core starts in its place gets the disk's throttle as it was.
+    let blockd: Vec<u32> = vmm_tests::children_of(vm.pid())
+        .into_iter()
+        .filter(|p| vmm_tests::process_name(*p) == "blockd")
+        .collect();
+    assert_eq!(blockd.len(), 1, "{blockd:?}");
+    // SAFETY: SIGKILL to the blockd our vmm-core started (its child, by PID).
+    unsafe { libc::kill(blockd[0] as libc::pid_t, libc::SIGKILL) };
+    wait_until(T, "blockd's restart", || {
+        vm.stderr().contains("restarted blockd (restart 1)")
+    });
     let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
     assert!(
         out.contains("throttle=bps=1048576,bps-max=4194304,bps-max-length=3 "),

@@ -26,13 +26,15 @@ pub struct DiskSpec {
     /// stop or enospc.
     pub rerror: String,
     pub werror: String,
+    /// blockd's throttle at start (`throttle.iops=200,throttle.group=g`, QEMU's names).
+    pub throttle: Option<vmm_proto::throttle::Spec>,
 }
 
 pub const MAX_QUEUES: u16 = 16;
 
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY] or socket=PATH[,queues=N]";
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME] or socket=PATH[,queues=N]";
     let mut d = DiskSpec {
         path: None,
         socket: None,
@@ -43,11 +45,17 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         direct: false,
         rerror: "report".into(),
         werror: "report".into(),
+        throttle: None,
     };
+    let mut throttle = Vec::new();
     for part in s.split(',') {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| format!("--disk {s}: \"{part}\" is not key=value; {usage}"))?;
+        if let Some(key) = k.strip_prefix("throttle.") {
+            throttle.push(format!("{key}={v}"));
+            continue;
+        }
         match k {
             "path" if !v.is_empty() => d.path = Some(PathBuf::from(v)),
             "socket" if !v.is_empty() => d.socket = Some(PathBuf::from(v)),
@@ -90,6 +98,16 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             }
             _ => return Err(format!("--disk {s}: unknown or empty key \"{k}\"; {usage}")),
         }
+    }
+    if !throttle.is_empty() {
+        let spec = vmm_proto::throttle::Spec::parse(&throttle.join(","))
+            .map_err(|m| format!("--disk {s}: throttle.{m}"))?;
+        if d.socket.is_some() {
+            return Err(format!(
+                "--disk {s}: throttle.* is blockd's; a socket= backend throttles by itself"
+            ));
+        }
+        d.throttle = Some(spec);
     }
     match (&d.path, &d.socket) {
         (None, None) => Err(format!("--disk {s}: no path= or socket=; {usage}")),
@@ -603,6 +621,7 @@ async fn attach(
     control: std::os::unix::net::UnixStream,
     opened: &[Opened],
     on_stop: &std::rc::Rc<OnStop>,
+    throttles: &std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
 ) -> Result<
     (
         vmm_proto::blockd_capnp::blockd::Client,
@@ -657,6 +676,19 @@ async fn attach(
             ));
         }
     }
+    // The disks' throttles: from --disk, as changed since (a restarted blockd gets them
+    // again). Those with limits go first, so that a group exists before a member joins it.
+    let mut ordered: Vec<_> = throttles.iter().collect();
+    ordered.sort_by_key(|(_, t)| t.is_off());
+    for (name, spec) in ordered {
+        let mut req = server.set_throttle_request();
+        req.get().set_name(name);
+        spec.write(req.get().init_throttle());
+        req.send()
+            .promise
+            .await
+            .map_err(|e| format!("{name}: blockd refused its throttle {spec}: {}", remote(e)))?;
+    }
     // Stops on I/O errors (error policy) come back through a watcher.
     let mut req = server.watch_request();
     req.get()
@@ -708,11 +740,15 @@ async fn client(
         child,
     } = restart;
     let on_stop = std::rc::Rc::new(hooks.on_stop);
+    let mut throttles: std::collections::BTreeMap<String, vmm_proto::throttle::Spec> = opened
+        .iter()
+        .filter_map(|o| o.spec.throttle.clone().map(|t| (o.name.clone(), t)))
+        .collect();
     let mut control = Some(first);
     let mut restarts = 0u32;
     loop {
         let attached = match control.take() {
-            Some(c) => attach(c, &opened, &on_stop).await,
+            Some(c) => attach(c, &opened, &on_stop, &throttles).await,
             None => Err("no connection".into()),
         };
         match attached {
@@ -746,7 +782,7 @@ async fn client(
                         }
                     ));
                 }
-                if serve(&server, &mut connection, &mut commands).await {
+                if serve(&server, &mut connection, &mut commands, &mut throttles).await {
                     // The VM ends: closing the connection stops blockd; a blockd this thread
                     // started must end before the thread does (see end_child).
                     connection.abort();
@@ -797,6 +833,7 @@ async fn serve(
     server: &vmm_proto::blockd_capnp::blockd::Client,
     connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
     commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
+    throttles: &mut std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
 ) -> bool {
     loop {
         let cmd = tokio::select! {
@@ -906,10 +943,40 @@ async fn serve(
                 req.get().set_name(&name);
                 spec.write(req.get().init_throttle());
                 let r = req.send().promise.await.map(|_| ()).map_err(remote);
+                if r.is_ok() {
+                    remember_throttle(throttles, name, spec);
+                }
                 let _ = reply.send(r);
             }
         }
     }
+}
+
+/// Keeps a disk's throttle as blockd now has it, to give a restarted blockd: a disk that
+/// joined a group without limits gets the group's limits as another disk set them.
+fn remember_throttle(
+    throttles: &mut std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
+    name: String,
+    mut spec: vmm_proto::throttle::Spec,
+) {
+    if spec.is_off() {
+        if spec.group.is_empty() {
+            throttles.remove(&name);
+            return;
+        }
+        if let Some(other) = throttles
+            .values()
+            .find(|t| t.group == spec.group && !t.is_off())
+        {
+            spec.limits = other.limits;
+        }
+    } else if !spec.group.is_empty() {
+        // New limits for the group are every member's.
+        for t in throttles.values_mut().filter(|t| t.group == spec.group) {
+            t.limits = spec.limits;
+        }
+    }
+    throttles.insert(name, spec);
 }
 
 #[cfg(test)]
