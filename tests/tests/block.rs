@@ -651,6 +651,11 @@ fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
         ),
         "{list}"
     );
+    // vmm-core's view says the same.
+    let (_, list, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
+    assert!(list.contains("STOPPED: a write of 65536 bytes"), "{list}");
+    let (_, json, _) = vmm_tests::vmmctl(&sock, &["--json", "disk", "list"]);
+    assert!(json.contains("\"write_error\":\"enospc\""), "{json}");
     let (_, rules, _) = vmm_tests::vmmctl(&sock, &["disk", "fault", "list"]);
     assert!(
         rules.contains("write") && rules.contains("errno=ENOSPC") && rules.contains("hits=1"),

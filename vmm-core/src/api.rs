@@ -592,6 +592,9 @@ impl vmm::Server for VmmServer {
             x.set_direct(d.direct);
             x.set_invalid(d.invalid);
             d.throttle.write(x.reborrow().init_throttle());
+            x.set_stopped(&d.stopped);
+            x.set_read_error(&d.read_error);
+            x.set_write_error(&d.write_error);
             let mut ops = x.init_ops(d.ops.len() as u32);
             for (j, o) in d.ops.iter().enumerate() {
                 let mut y = ops.reborrow().get(j as u32);

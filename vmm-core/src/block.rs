@@ -199,6 +199,10 @@ pub struct DiskInfo {
     pub invalid: u64,
     pub ops: Vec<OpInfo>,
     pub throttle: vmm_proto::throttle::Spec,
+    /// Why blockd stopped it on an I/O error (empty: it serves), and its error policies.
+    pub stopped: String,
+    pub read_error: String,
+    pub write_error: String,
 }
 
 /// Fault injection in blockd (see proto/schema/blockd.capnp).
@@ -879,6 +883,9 @@ async fn serve(
                                 invalid: x.get_invalid(),
                                 ops,
                                 throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
+                                stopped: x.get_stopped()?.to_string()?,
+                                read_error: x.get_read_error()?.to_string()?,
+                                write_error: x.get_write_error()?.to_string()?,
                             });
                         }
                         Ok(v)

@@ -888,7 +888,7 @@ fn format_disks(
                 })
                 .collect();
             out.push(format!(
-                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"throttle\":{},\"ops\":[{}]}}",
+                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"throttle\":{},\"stopped\":{},\"read_error\":{},\"write_error\":{},\"ops\":[{}]}}",
                 json_str(&name),
                 json_str(&image),
                 json_str(&format),
@@ -901,6 +901,9 @@ fn format_disks(
                 d.get_direct(),
                 d.get_invalid(),
                 json_str(&throttle.to_string()),
+                json_str(&text(d.get_stopped())?),
+                json_str(&text(d.get_read_error())?),
+                json_str(&text(d.get_write_error())?),
                 ops_json.join(",")
             ));
             continue;
