@@ -921,3 +921,77 @@ fn blockd_killed_ten_times_loses_no_acknowledged_write() {
     }
     assert_eq!(acked, COUNT, "acknowledged blocks");
 }
+
+/// rerror=stop on the read side: an EIO on a read stops the disk and pauses the VM; with the
+/// rule removed, resume retries the read, and the guest reads back exactly what it wrote.
+#[test]
+fn a_read_error_with_rerror_stop_pauses_until_resume_retries_it() {
+    let dir = TempDir::new("block-rerror");
+    let ctl = dir.join("blockd.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
+    let _blockd = Terminated(
+        std::process::Command::new(vmm_tests::blockd_bin())
+            .arg("--listen")
+            .arg(&ctl)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "blockd's control socket", || ctl.exists());
+    // Reads of the guest's second chunk fail (its first read of the disk, after writing).
+    let (code, out, err) = blockd_ctl(
+        &ctl,
+        &[
+            "disk",
+            "fault",
+            "add",
+            "--ops",
+            "read",
+            "--range",
+            "65536-69632",
+            "--errno",
+            "EIO",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = out
+        .trim()
+        .trim_start_matches("fault rule ")
+        .trim_end_matches(" added");
+    let sock = vmm_tests::socket_path("block-rerror");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=81")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--blockd-socket", ctl.to_str().unwrap()])
+        .arg("--disk")
+        .arg(format!("path={},rerror=stop", img.display()))
+        .spawn();
+    wait_until(T, "the VM to pause on the read error", || {
+        vm.stderr()
+            .contains("the VM is paused (its error policy is stop)")
+            && vmm_tests::vmmctl(&sock, &["info"]).1.contains("paused")
+    });
+    assert!(
+        vm.stderr().contains("disk0: a read of ")
+            && vm
+                .stderr()
+                .contains("failed: Input/output error (os error 5)"),
+        "{}",
+        vm.stderr()
+    );
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    for k in ["bad-words", "errors", "timeouts"] {
+        assert_eq!(
+            field(&vm, "tg: blk0 pattern", k),
+            "0",
+            "{k}: {}",
+            vm.stdout()
+        );
+    }
+    check_guest_pattern(&img, 81);
+}

@@ -990,6 +990,27 @@ fn remember_throttle(
 mod tests {
     use super::*;
 
+    /// What a restarted blockd gets: every disk's throttle as blockd last had it, group
+    /// members with the group's limits.
+    #[test]
+    fn throttles_are_remembered_as_blockd_has_them() {
+        use vmm_proto::throttle::Spec;
+        let mut t = std::collections::BTreeMap::new();
+        let parse = |s: &str| Spec::parse(s).unwrap();
+        remember_throttle(&mut t, "disk1".into(), parse("group=g,iops=400"));
+        // disk0 joins without limits: it is kept with the group's.
+        remember_throttle(&mut t, "disk0".into(), parse("group=g"));
+        assert_eq!(t["disk0"], parse("group=g,iops=400"));
+        // New limits for the group are every member's.
+        remember_throttle(&mut t, "disk0".into(), parse("group=g,iops=100"));
+        assert_eq!(t["disk1"], parse("group=g,iops=100"));
+        remember_throttle(&mut t, "disk1".into(), parse("off"));
+        assert!(!t.contains_key("disk1"));
+        assert_eq!(t.len(), 1);
+        let d = parse_disk("path=/x.img,throttle.iops=5,throttle.group=a").unwrap();
+        assert_eq!(d.throttle, Some(parse("group=a,iops=5")));
+    }
+
     #[test]
     fn disk_specs() {
         let d = parse_disk("path=/x.img,readonly=on,queues=2,serial=abc,format=qcow2,direct=on")
