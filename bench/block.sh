@@ -10,18 +10,22 @@
 # write at depth 4. Prints IOPS, MB/s, p50/p99 latency, and the ratios ours/qsd and
 # ours/ceiling.
 #
-# usage: bench/block.sh [SECONDS_PER_RUN] [IMAGE_MIB]     (default 5 and 1024)
+# Both servers run throughout; each round measures every workload on each target in turn, the
+# order rotating, and the table shows medians over the rounds.
+#
+# usage: bench/block.sh [SECONDS_PER_RUN] [IMAGE_MIB] [ROUNDS]     (default 5, 1024 and 3)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-5}
 mib=${2:-1024}
+rounds=${3:-3}
 (cd "$root" && cargo build --release --quiet -p blockd && cargo build --release --quiet -p vmm-tests --bin blkio-bench)
-echo "command: bench/block.sh $secs $mib"
+echo "command: bench/block.sh $secs $mib $rounds"
 echo "host: $(uname -r), $(nproc) CPUs; image ${mib} MiB on $(df -T /var/tmp | awk 'NR==2{print $2}')"
-exec python3 - "$secs" "$mib" "$root/target/release" <<'PY'
-import os, shutil, signal, subprocess, sys, tempfile, time
+exec python3 - "$secs" "$mib" "$rounds" "$root/target/release" <<'PY'
+import os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
-secs, mib, bindir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+secs, mib, rounds, bindir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 tmp = tempfile.mkdtemp(prefix="vmm-bench-block-", dir="/var/tmp")
 img = os.path.join(tmp, "disk.raw")
 procs = []
@@ -53,16 +57,14 @@ try:
     workloads = [("randread", 4096, 32), ("randwrite", 4096, 32), ("randread", 4096, 1),
                  ("randwrite", 4096, 1), ("read", 1 << 20, 4), ("write", 1 << 20, 4)]
 
-    def bench(driver, path, direct=False):
-        out = {}
-        for w, bs, qd in workloads:
-            cmd = [f"{bindir}/blkio-bench", "--driver", driver, "--path", path]
-            if direct:
-                cmd.append("--direct")
-            cmd += ["run", "--workload", w, "--bs", str(bs), "--qd", str(qd), "--seconds", secs]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-            out[(w, bs, qd)] = dict(kv.split("=") for kv in line.split())
-        return out
+    def one(driver, path, key, direct=False):
+        w, bs, qd = key
+        cmd = [f"{bindir}/blkio-bench", "--driver", driver, "--path", path]
+        if direct:
+            cmd.append("--direct")
+        cmd += ["run", "--workload", w, "--bs", str(bs), "--qd", str(qd), "--seconds", secs]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+        return dict(kv.split("=") for kv in line.split())
 
     def served(argv, sock, what):
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -71,25 +73,38 @@ try:
         wait_socket(sock, p, what)
         return p
 
-    results = {}
+    # Both servers run for the whole measurement, and each round measures every workload
+    # on each target in turn (the order rotating), so that drift on the host (page cache,
+    # the disk's own state, other load) hits them alike; medians over the rounds are shown.
+    targets = {}
     sock = os.path.join(tmp, "blockd.sock")
-    p = served([f"{bindir}/blockd", "--image", img, "--socket", sock, "--direct"], sock, "blockd")
-    results["blockd"] = bench("virtio-blk-vhost-user", sock)
-    p.terminate(); p.wait()
-
+    served([f"{bindir}/blockd", "--image", img, "--socket", sock, "--direct"], sock, "blockd")
+    targets["blockd"] = ("virtio-blk-vhost-user", sock, False)
     qsd = shutil.which("qemu-storage-daemon")
     if qsd:
-        sock = os.path.join(tmp, "qsd.sock")
-        p = served([qsd, "--blockdev",
-                    f"driver=file,node-name=file0,filename={img},cache.direct=on,aio=native",
-                    "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,writable=on,"
-                    f"addr.type=unix,addr.path={sock}"], sock, "qemu-storage-daemon")
-        results["qsd"] = bench("virtio-blk-vhost-user", sock)
-        p.terminate(); p.wait()
+        qsock = os.path.join(tmp, "qsd.sock")
+        served([qsd, "--blockdev",
+                f"driver=file,node-name=file0,filename={img},cache.direct=on,aio=native",
+                "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,writable=on,"
+                f"addr.type=unix,addr.path={qsock}"], qsock, "qemu-storage-daemon")
+        targets["qsd"] = ("virtio-blk-vhost-user", qsock, False)
     else:
         print("qemu-storage-daemon is not installed (apt-get install qemu-system-common): no qsd column")
+    targets["io_uring"] = ("io_uring", img, True)
 
-    results["io_uring"] = bench("io_uring", img, direct=True)
+    runs = {t: {k: [] for k in workloads} for t in targets}
+    names = list(targets)
+    for r in range(rounds):
+        for k, key in enumerate(workloads):
+            order = names[(r + k) % len(names):] + names[:(r + k) % len(names)]
+            for t in order:
+                driver, path, direct = targets[t]
+                runs[t][key].append(one(driver, path, key, direct))
+    med = lambda xs: statistics.median(xs)
+    results = {t: {key: {m: med([float(x[m]) for x in runs[t][key]])
+                         for m in ("iops", "mbps", "p50_us", "p99_us")}
+                   for key in workloads} for t in targets}
+    print(f"medians of {rounds} round(s) of {secs} s per workload and target")
 
     cols = [c for c in ("blockd", "qsd", "io_uring") if c in results]
     print()
@@ -101,10 +116,10 @@ try:
         row = f"{name:<22}"
         for c in cols:
             r = results[c][key]
-            row += f"{float(r['iops']):>14.0f}{float(r['mbps']):>12.1f}{r['p50_us'] + '/' + r['p99_us']:>18}"
-        ours = float(results["blockd"][key]["iops"])
-        row += f"{ours / float(results['qsd'][key]['iops']):>10.2f}" if "qsd" in results else f"{'-':>10}"
-        row += f"{ours / float(results['io_uring'][key]['iops']):>10.2f}"
+            row += f"{r['iops']:>14.0f}{r['mbps']:>12.1f}{r['p50_us']:>9.1f}/{r['p99_us']:<8.1f}"
+        ours = results["blockd"][key]["iops"]
+        row += f"{ours / results['qsd'][key]['iops']:>10.2f}" if "qsd" in results else f"{'-':>10}"
+        row += f"{ours / results['io_uring'][key]['iops']:>10.2f}"
         print(row)
 finally:
     cleanup()
