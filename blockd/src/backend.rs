@@ -408,8 +408,8 @@ impl Backend {
         match faults::check(&self.0.name, op, p.io.offset, p.io.len) {
             None => Injected::Go(p),
             Some((_, faults::Action::Errno(e))) => Injected::Failed(p, e),
-            Some((_, faults::Action::Delay(d))) => {
-                delayed.push((Instant::now() + d, head, p));
+            Some((_, faults::Action::DelayMs(ms))) => {
+                delayed.push((Instant::now() + Duration::from_millis(ms.into()), head, p));
                 Injected::Held
             }
             Some((id, faults::Action::Exit)) => {

@@ -5,31 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+pub use vmm_proto::faults::{Action, Rule};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Errno(i32),
-    Delay(Duration),
-    Exit,
-}
-
-#[derive(Debug)]
-pub struct Rule {
-    pub id: u32,
-    /// Empty: every export.
-    pub export: String,
-    pub read: bool,
-    pub write: bool,
-    pub flush: bool,
-    /// The byte range [start, end) a read or write must overlap (end 0: to the end).
-    pub start: u64,
-    pub end: u64,
-    pub action: Action,
-    pub once: bool,
-    /// In (0, 1): the chance that a matching request fires the rule; otherwise always.
-    pub probability: f64,
-    pub hits: AtomicU64,
+/// A rule blockd holds: as the schema carries it (its id set), and how often it fired.
+struct Held {
+    rule: Rule,
+    hits: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,56 +20,11 @@ pub enum Op {
     Flush,
 }
 
-static RULES: Mutex<Vec<Arc<Rule>>> = Mutex::new(Vec::new());
+static RULES: Mutex<Vec<Arc<Held>>> = Mutex::new(Vec::new());
 /// Whether there is any rule: the hot path checks only this.
 static ANY: AtomicBool = AtomicBool::new(false);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 static SEED: AtomicU64 = AtomicU64::new(0);
-
-impl Rule {
-    /// A rule as the schema carries it (its id and hits are blockd's).
-    pub fn from_wire(r: vmm_proto::faults::Rule) -> Rule {
-        use vmm_proto::faults::Action as A;
-        Rule {
-            id: 0,
-            export: r.export,
-            read: r.read,
-            write: r.write,
-            flush: r.flush,
-            start: r.start,
-            end: r.end,
-            action: match r.action {
-                A::Errno(e) => Action::Errno(e),
-                A::DelayMs(ms) => Action::Delay(Duration::from_millis(ms.into())),
-                A::Exit => Action::Exit,
-            },
-            once: r.once,
-            probability: r.probability,
-            hits: AtomicU64::new(0),
-        }
-    }
-
-    pub fn to_wire(&self) -> vmm_proto::faults::Rule {
-        use vmm_proto::faults::Action as A;
-        vmm_proto::faults::Rule {
-            id: self.id,
-            export: self.export.clone(),
-            read: self.read,
-            write: self.write,
-            flush: self.flush,
-            start: self.start,
-            end: self.end,
-            action: match self.action {
-                Action::Errno(e) => A::Errno(e),
-                Action::Delay(d) => A::DelayMs(d.as_millis().min(u32::MAX.into()) as u32),
-                Action::Exit => A::Exit,
-            },
-            once: self.once,
-            probability: self.probability,
-            hits: self.hits.load(Ordering::Relaxed),
-        }
-    }
-}
 
 pub fn validate(r: &Rule) -> Result<(), String> {
     if !(r.read || r.write || r.flush) {
@@ -119,9 +55,13 @@ pub fn validate(r: &Rule) -> Result<(), String> {
 /// Adds a rule (checked with `validate`); returns its id.
 pub fn add(mut rule: Rule) -> u32 {
     rule.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    rule.hits = 0;
     let id = rule.id;
     let mut rules = RULES.lock().unwrap();
-    rules.push(Arc::new(rule));
+    rules.push(Arc::new(Held {
+        rule,
+        hits: AtomicU64::new(0),
+    }));
     ANY.store(true, Ordering::Release);
     id
 }
@@ -129,7 +69,7 @@ pub fn add(mut rule: Rule) -> u32 {
 pub fn remove(id: u32) -> bool {
     let mut rules = RULES.lock().unwrap();
     let before = rules.len();
-    rules.retain(|r| r.id != id);
+    rules.retain(|r| r.rule.id != id);
     ANY.store(!rules.is_empty(), Ordering::Release);
     rules.len() != before
 }
@@ -139,8 +79,17 @@ pub fn clear() {
     ANY.store(false, Ordering::Release);
 }
 
-pub fn list() -> Vec<Arc<Rule>> {
-    RULES.lock().unwrap().clone()
+/// The rules, with how often each fired.
+pub fn list() -> Vec<Rule> {
+    RULES
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| Rule {
+            hits: h.hits.load(Ordering::Relaxed),
+            ..h.rule.clone()
+        })
+        .collect()
 }
 
 /// A cheap pseudo-random number in [0, 1) (xorshift; fault tests need no more).
@@ -165,7 +114,8 @@ pub fn check(export: &str, op: Op, offset: u64, len: u64) -> Option<(u32, Action
         return None;
     }
     let mut rules = RULES.lock().unwrap();
-    let i = rules.iter().position(|r| {
+    let i = rules.iter().position(|h| {
+        let r = &h.rule;
         let op_ok = match op {
             Op::Read => r.read,
             Op::Write => r.write,
@@ -178,13 +128,13 @@ pub fn check(export: &str, op: Op, offset: u64, len: u64) -> Option<(u32, Action
             && (r.export.is_empty() || r.export == export)
             && (r.probability <= 0.0 || r.probability >= 1.0 || chance() < r.probability)
     })?;
-    let r = rules[i].clone();
-    r.hits.fetch_add(1, Ordering::Relaxed);
-    if r.once {
+    let h = rules[i].clone();
+    h.hits.fetch_add(1, Ordering::Relaxed);
+    if h.rule.once {
         rules.remove(i);
         ANY.store(!rules.is_empty(), Ordering::Release);
     }
-    Some((r.id, r.action))
+    Some((h.rule.id, h.rule.action))
 }
 
 #[cfg(test)]
@@ -203,7 +153,7 @@ mod tests {
             action,
             once,
             probability: 0.0,
-            hits: AtomicU64::new(0),
+            hits: 0,
         }
     }
 
@@ -223,9 +173,7 @@ mod tests {
         let id = add(rule(Action::Exit, false));
         assert!(check("t-faults", Op::Write, 8000, 512).is_some());
         assert!(check("t-faults", Op::Write, 8000, 512).is_some());
-        assert!(list()
-            .iter()
-            .any(|r| r.id == id && r.hits.load(Ordering::Relaxed) == 2));
+        assert!(list().iter().any(|r| r.id == id && r.hits == 2));
         assert!(remove(id));
         let mut bad = rule(Action::Errno(0), false);
         assert!(validate(&bad).unwrap_err().contains("errno 0"));

@@ -276,9 +276,7 @@ impl blockd::Server for Server {
         params: blockd::AddFaultRuleParams,
         mut results: blockd::AddFaultRuleResults,
     ) -> Result<(), capnp::Error> {
-        let rule = crate::faults::Rule::from_wire(vmm_proto::faults::Rule::read_from(
-            params.get()?.get_rule()?,
-        )?);
+        let rule = vmm_proto::faults::Rule::read_from(params.get()?.get_rule()?)?;
         crate::faults::validate(&rule).map_err(|m| failed(format!("fault rule: {m}")))?;
         if !rule.export.is_empty() && !self.exports.borrow().contains_key(&rule.export) {
             return Err(failed(format!(
@@ -315,7 +313,7 @@ impl blockd::Server for Server {
         let rules = crate::faults::list();
         let mut out = results.get().init_rules(rules.len() as u32);
         for (i, r) in rules.iter().enumerate() {
-            r.to_wire().write_to(out.reborrow().get(i as u32));
+            r.write_to(out.reborrow().get(i as u32));
         }
         Ok(())
     }

@@ -566,6 +566,32 @@ fn vmm_core_drives_qemu_storage_daemons_vhost_user_blk_export() {
     check_guest_pattern(&img, 51);
 }
 
+/// A blockd of the test's own, serving its export API on a control socket in `dir` (its
+/// stderr to `stderr`), ended with the test; and that socket.
+fn own_blockd(dir: &TempDir, stderr: std::process::Stdio) -> (Terminated, std::path::PathBuf) {
+    let ctl = dir.join("blockd.sock");
+    let blockd = Terminated(
+        std::process::Command::new(vmm_tests::blockd_bin())
+            .arg("--listen")
+            .arg(&ctl)
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(T, "blockd's control socket", || ctl.exists());
+    (blockd, ctl)
+}
+
+/// `vmmctl --blockd CTL disk fault add ARGS`; the new rule's id.
+fn add_rule(ctl: &Path, args: &[&str]) -> String {
+    let (code, out, err) = blockd_ctl(ctl, &[&["disk", "fault", "add"][..], args].concat());
+    assert_eq!(code, 0, "{err}");
+    out.trim()
+        .trim_start_matches("fault rule ")
+        .trim_end_matches(" added")
+        .to_string()
+}
+
 /// `vmmctl --blockd SOCKET ARGS` against a blockd of the test's own.
 fn blockd_ctl(ctl: &Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(vmm_tests::vmmctl_bin())
@@ -588,25 +614,13 @@ fn blockd_ctl(ctl: &Path, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
     let dir = TempDir::new("block-enospc");
-    let ctl = dir.join("blockd.sock");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-    let _blockd = Terminated(
-        std::process::Command::new(vmm_tests::blockd_bin())
-            .arg("--listen")
-            .arg(&ctl)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(T, "blockd's control socket", || ctl.exists());
+    let (_blockd, ctl) = own_blockd(&dir, std::process::Stdio::piped());
     // The rule is there before the guest writes: ENOSPC on any write touching 1 MiB + 4 KiB.
-    let (code, out, err) = blockd_ctl(
+    let id = add_rule(
         &ctl,
         &[
-            "disk",
-            "fault",
-            "add",
             "--ops",
             "write",
             "--range",
@@ -615,11 +629,6 @@ fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
             "ENOSPC",
         ],
     );
-    assert_eq!(code, 0, "{err}");
-    let id = out
-        .trim()
-        .trim_start_matches("fault rule ")
-        .trim_end_matches(" added");
     let sock = vmm_tests::socket_path("block-enospc");
     let mut vm = TestVm::builder()
         .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=61")
@@ -666,7 +675,7 @@ fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
     assert_eq!(code, 0, "{err}");
     paused(2);
     // The cause goes; resume completes the write and the guest carries on to the end.
-    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", id]);
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", &id]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = vmm_tests::vmmctl(&sock, &["resume"]);
     assert_eq!(code, 0, "{err}");
@@ -703,18 +712,9 @@ impl Drop for Terminated {
 #[test]
 fn fault_rules_fail_and_delay_requests_and_the_guest_sees_the_error() {
     let dir = TempDir::new("block-faults");
-    let ctl = dir.join("blockd.sock");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
-    let _blockd = Terminated(
-        std::process::Command::new(vmm_tests::blockd_bin())
-            .arg("--listen")
-            .arg(&ctl)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(T, "blockd's control socket", || ctl.exists());
+    let (_blockd, ctl) = own_blockd(&dir, std::process::Stdio::null());
     for rule in [
         &["--ops", "flush", "--errno", "EIO", "--once"][..],
         &[
@@ -727,8 +727,7 @@ fn fault_rules_fail_and_delay_requests_and_the_guest_sees_the_error() {
             "--once",
         ][..],
     ] {
-        let (code, _, err) = blockd_ctl(&ctl, &[&["disk", "fault", "add"][..], rule].concat());
-        assert_eq!(code, 0, "{err}");
+        add_rule(&ctl, rule);
     }
     let (_, rules, _) = blockd_ctl(&ctl, &["disk", "fault", "list"]);
     assert_eq!(rules.lines().count(), 3, "{rules}");
@@ -770,19 +769,10 @@ fn fault_rules_fail_and_delay_requests_and_the_guest_sees_the_error() {
 #[test]
 fn an_exit_rule_ends_blockd_at_the_next_write() {
     let dir = TempDir::new("block-exit-rule");
-    let ctl = dir.join("blockd.sock");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let log = dir.join("blockd.log");
-    let mut blockd = Terminated(
-        std::process::Command::new(vmm_tests::blockd_bin())
-            .arg("--listen")
-            .arg(&ctl)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(T, "blockd's control socket", || ctl.exists());
+    let (mut blockd, ctl) = own_blockd(&dir, std::fs::File::create(&log).unwrap().into());
     let vhost = dir.join("d0.sock");
     for args in [
         &[
@@ -927,38 +917,14 @@ fn blockd_killed_ten_times_loses_no_acknowledged_write() {
 #[test]
 fn a_read_error_with_rerror_stop_pauses_until_resume_retries_it() {
     let dir = TempDir::new("block-rerror");
-    let ctl = dir.join("blockd.sock");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 2 << 20]).unwrap();
-    let _blockd = Terminated(
-        std::process::Command::new(vmm_tests::blockd_bin())
-            .arg("--listen")
-            .arg(&ctl)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(T, "blockd's control socket", || ctl.exists());
+    let (_blockd, ctl) = own_blockd(&dir, std::process::Stdio::null());
     // Reads of the guest's second chunk fail (its first read of the disk, after writing).
-    let (code, out, err) = blockd_ctl(
+    let id = add_rule(
         &ctl,
-        &[
-            "disk",
-            "fault",
-            "add",
-            "--ops",
-            "read",
-            "--range",
-            "65536-69632",
-            "--errno",
-            "EIO",
-        ],
+        &["--ops", "read", "--range", "65536-69632", "--errno", "EIO"],
     );
-    assert_eq!(code, 0, "{err}");
-    let id = out
-        .trim()
-        .trim_start_matches("fault rule ")
-        .trim_end_matches(" added");
     let sock = vmm_tests::socket_path("block-rerror");
     let mut vm = TestVm::builder()
         .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=81")
@@ -980,7 +946,7 @@ fn a_read_error_with_rerror_stop_pauses_until_resume_retries_it() {
         "{}",
         vm.stderr()
     );
-    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", id]);
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "fault", "remove", &id]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = vmm_tests::vmmctl(&sock, &["resume"]);
     assert_eq!(code, 0, "{err}");

@@ -262,15 +262,10 @@ pub struct Blockd {
 impl Blockd {
     /// Every disk with blockd's statistics (and the external ones, without).
     pub fn list(&self) -> Result<Vec<DiskInfo>, String> {
-        let mut out = Vec::new();
-        if let Some(c) = &self.commands {
-            let (tx, rx) = std::sync::mpsc::channel();
-            c.send(Command::List(tx))
-                .map_err(|_| "blockd is not running".to_string())?;
-            out = rx
-                .recv_timeout(std::time::Duration::from_secs(5))
-                .map_err(|_| "blockd did not answer within 5 s".to_string())??;
-        }
+        let mut out = match self.commands {
+            Some(_) => self.ask(Command::List)?,
+            None => Vec::new(),
+        };
         out.extend(self.external.iter().cloned());
         Ok(out)
     }

@@ -177,6 +177,14 @@ enum FaultOp {
     Flush,
 }
 
+/// `disk fault clear` and `disk fault forbidden-syscall` as blockd's Fault.
+fn set_fault(mut f: vmm_proto::blockd_capnp::fault::Builder, rule: &DiskFault) {
+    match rule {
+        DiskFault::Clear => f.set_clear(()),
+        _ => f.set_forbidden_syscall(()),
+    }
+}
+
 /// The rule `disk fault add` describes.
 fn fault_rule(f: &DiskFault) -> Result<vmm_proto::faults::Rule, Failure> {
     let DiskFault::Add {
@@ -470,10 +478,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         } => match rule {
             DiskFault::Clear | DiskFault::ForbiddenSyscall => {
                 let mut req = client.disk_fault_request();
-                match rule {
-                    DiskFault::Clear => req.get().init_fault().set_clear(()),
-                    _ => req.get().init_fault().set_forbidden_syscall(()),
-                }
+                set_fault(req.get().init_fault(), &rule);
                 req.send().promise.await.map_err(fail)?;
                 done(cli.json, "done")
             }
@@ -1106,10 +1111,7 @@ async fn blockd_direct(
         DiskAction::Fault { rule } => match rule {
             DiskFault::Clear | DiskFault::ForbiddenSyscall => {
                 let mut req = server.inject_fault_request();
-                match rule {
-                    DiskFault::Clear => req.get().init_fault().set_clear(()),
-                    _ => req.get().init_fault().set_forbidden_syscall(()),
-                }
+                set_fault(req.get().init_fault(), rule);
                 req.send().promise.await.map_err(fail)?;
                 Ok(done(json, "done"))
             }
