@@ -1,30 +1,22 @@
-//! The vhost-user-blk device: our own `VhostUserBackend` (the `&self` trait), so each queue's
-//! worker thread takes only its own vring's lock and the queues run in parallel (the crate's
-//! `RwLock<T>` wrapper would serialise them on one write lock).
+//! The vhost-user-blk device behind one frontend connection. Each queue's worker thread (see
+//! `connection`) takes only its own vring's lock, so the queues run in parallel.
 
 use crate::disk::{self, Disk};
 use crate::engine::{self, Engine};
 use crate::faults;
+use crate::inflight::QueueLog;
 use crate::request::{self, Chain};
 use crate::throttle::{Admit, Member, Timer};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub type Vring = VringRwLock<Memory>;
-
-/// Features the frontend must see for the vhost-user protocol extensions.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// One connection's device. Cloned into each worker thread; the clones share everything.
 #[derive(Clone)]
@@ -70,7 +62,9 @@ pub struct Inner {
     engines: Vec<Mutex<Option<Engine>>>,
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
-    exits: Mutex<Vec<EventNotifier>>,
+    /// Per queue: its part of the frontend's inflight area (INFLIGHT_SHMFD), once the ring
+    /// started with one.
+    logs: Vec<Mutex<Option<QueueLog>>>,
     /// Per queue: the timer that wakes it when throttled requests may go.
     timers: Vec<Arc<Timer>>,
     /// Per queue: reads and writes held back by the throttle, in order.
@@ -100,6 +94,7 @@ impl Backend {
         let held = (0..disk.options.queues)
             .map(|_| Mutex::new(Held::default()))
             .collect();
+        let logs = (0..disk.options.queues).map(|_| Mutex::new(None)).collect();
         Ok(Backend(Arc::new(Inner {
             name: name.to_string(),
             engines,
@@ -108,25 +103,15 @@ impl Backend {
             disk,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
-            exits: Mutex::new(Vec::new()),
+            logs,
             last_complaint: Mutex::new(None),
             suppressed: AtomicU64::new(0),
         })))
     }
 
-    /// The epoll event id of the queues' throttle timers.
-    pub fn timer_event_id(&self) -> u64 {
-        u64::from(self.0.disk.options.queues) + 2
-    }
-
     /// Queue `q`'s throttle timer, to register with its worker's epoll loop.
     pub fn timer_fd(&self, q: usize) -> std::os::fd::RawFd {
         self.0.timers[q].raw_fd()
-    }
-
-    /// The epoll event id of the engines' completion eventfds.
-    pub fn engine_event_id(&self) -> u64 {
-        u64::from(self.0.disk.options.queues) + 1
     }
 
     /// Queue `q`'s engine's completion eventfd, to register with its worker's epoll loop.
@@ -171,9 +156,7 @@ impl Backend {
                 if let Some(why) = why {
                     self.complain(queue, &why);
                 }
-                if let Err(e) = vring.add_used(head, d.used) {
-                    self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
-                }
+                self.put_used(vring, queue, head, d.used);
             }
         }
         drop(held);
@@ -188,10 +171,98 @@ impl Backend {
         Ok(())
     }
 
-    /// Ends every worker thread (after the connection closed).
-    pub fn stop_workers(&self) {
-        for n in self.0.exits.lock().unwrap().drain(..) {
-            let _ = n.notify();
+    /// Hands queue `q` its part of the inflight area (None: not tracked).
+    pub fn set_log(&self, q: usize, log: Option<QueueLog>) {
+        *self.0.logs[q].lock().unwrap() = log;
+    }
+
+    /// Returns a descriptor to the guest, with the inflight area kept in step: the head is
+    /// named before the used index moves and cleared after, so that a crash in between is
+    /// repaired at the next start.
+    fn put_used(&self, vring: &Vring, queue: usize, head: u16, len: u32) {
+        let log = self.0.logs[queue].lock().unwrap();
+        if let Some(l) = log.as_ref() {
+            l.answering(head);
+        }
+        if let Err(e) = vring.add_used(head, len) {
+            self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
+            return;
+        }
+        if let Some(l) = log.as_ref() {
+            l.answered(head, vring.get_ref().get_queue().next_used());
+        }
+    }
+
+    /// The next request: first what a previous blockd left in flight, then the available
+    /// ring. Each is marked in flight as it is taken.
+    fn next_request(
+        &self,
+        vring: &Vring,
+        queue: usize,
+        mem: &GuestMemoryMmap<()>,
+    ) -> Option<(u16, Chain)> {
+        let mut log = self.0.logs[queue].lock().unwrap();
+        loop {
+            let resubmit = log.as_mut().and_then(|l| l.take_resubmit());
+            let next = match resubmit {
+                Some(head) => {
+                    let (table, size) = {
+                        let state = vring.get_ref();
+                        let q = state.get_queue();
+                        (q.desc_table(), q.size())
+                    };
+                    match Chain::at_head(mem, GuestAddress(table), size, head) {
+                        Ok(chain) => Some((head, chain)),
+                        Err(e) => {
+                            // The guest rewrote a descriptor it had not got back: nothing to
+                            // resubmit, and no status byte to answer on.
+                            self.complain(queue, &format!("cannot resubmit: {e}"));
+                            drop(log);
+                            self.put_used(vring, queue, head, 0);
+                            log = self.0.logs[queue].lock().unwrap();
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    let mut state = vring.get_mut();
+                    match state.get_queue_mut().iter(mem) {
+                        Ok(mut it) => it.next().map(|chain| {
+                            let head = chain.head_index();
+                            (head, Chain::from_descriptors(chain))
+                        }),
+                        Err(e) => {
+                            self.complain(queue, &format!("the available ring is corrupt ({e})"));
+                            None
+                        }
+                    }
+                }
+            };
+            if let (Some((head, _)), Some(l)) = (&next, log.as_mut()) {
+                l.begin(*head);
+            }
+            return next;
+        }
+    }
+
+    /// The queue was kicked (or woken): take its requests.
+    pub fn on_kick(&self, vring: &Vring, q: usize) {
+        // Errors here would end the worker for good; a guest's bad queue only gets logged.
+        if let Err(e) = self.process_queue(vring, q) {
+            log::warn!("queue {q}: cannot signal the guest: {e}");
+        }
+    }
+
+    /// The queue's throttle timer fired: held requests may go now.
+    pub fn on_timer(&self, vring: &Vring, q: usize) {
+        self.0.timers[q].clear();
+        self.on_kick(vring, q);
+    }
+
+    /// The queue's io_uring completed transfers.
+    pub fn on_engine(&self, vring: &Vring, q: usize) {
+        if let Err(e) = self.reap(vring, q) {
+            log::warn!("queue {q}: cannot signal the guest: {e}");
         }
     }
 
@@ -285,20 +356,7 @@ impl Backend {
             loop {
                 // Pop one chain at a time, so that the vring lock is not held during I/O
                 // (the frontend's control path may need it).
-                let next = {
-                    let mut state = vring.get_mut();
-                    let queue_ref = state.get_queue_mut();
-                    match queue_ref.iter(&*mem) {
-                        Ok(mut it) => it.next().map(|chain| {
-                            let head = chain.head_index();
-                            (head, Chain::from_descriptors(chain))
-                        }),
-                        Err(e) => {
-                            self.complain(queue, &format!("the available ring is corrupt ({e})"));
-                            None
-                        }
-                    }
-                };
+                let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
@@ -505,9 +563,7 @@ impl Backend {
         if let Some(why) = why {
             self.complain(queue, &why);
         }
-        if let Err(e) = vring.add_used(head, done.used) {
-            self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
-        }
+        self.put_used(vring, queue, head, done.used);
         let notify = if event_idx {
             vring.needs_notification().unwrap_or(true)
         } else {
@@ -520,50 +576,40 @@ impl Backend {
     }
 }
 
-impl VhostUserBackend for Backend {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
+/// What the protocol handler (`connection`) asks of the device.
+impl Backend {
+    pub fn num_queues(&self) -> usize {
         usize::from(self.0.disk.options.queues)
     }
 
-    fn max_queue_size(&self) -> usize {
+    pub fn max_queue_size(&self) -> usize {
         usize::from(self.0.disk.options.queue_size)
     }
 
-    fn features(&self) -> u64 {
-        self.0.disk.features() | VHOST_USER_F_PROTOCOL_FEATURES
+    /// The virtio features (without vhost-user's protocol bit).
+    pub fn features(&self) -> u64 {
+        self.0.disk.features()
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // REPLY_ACK and CONFIGURE_MEM_SLOTS are what libblkio (and so QEMU's block layer
-        // tooling) requires of a vhost-user-blk backend.
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
+    pub fn set_event_idx(&self, enabled: bool) {
         self.0.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    fn acked_features(&self, features: u64) {
+    pub fn acked_features(&self, features: u64) {
         // Without VIRTIO_BLK_F_CONFIG_WCE acked, the cache mode is whatever blockd was told.
         if features & disk::F_CONFIG_WCE == 0 {
             self.0.disk.set_writeback(true);
         }
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.0.disk.config();
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());
         c[start..end].to_vec()
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
         // Only `writeback` is writable (VIRTIO_BLK_F_CONFIG_WCE).
         if offset as usize == disk::CONFIG_WRITEBACK && buf.len() == 1 {
             self.0.disk.set_writeback(buf[0] != 0);
@@ -578,59 +624,7 @@ impl VhostUserBackend for Backend {
         ))
     }
 
-    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+    pub fn update_memory(&self, mem: Memory) {
         *self.0.mem.write().unwrap() = Some(mem);
-        Ok(())
-    }
-
-    /// One worker thread per queue.
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        let keep = notifier.try_clone().ok()?;
-        self.0.exits.lock().unwrap().push(keep);
-        Some((consumer, notifier))
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Ok(());
-        }
-        if u64::from(device_event) == self.timer_event_id() {
-            // Throttled requests of this worker's queue may go now.
-            self.0.timers[thread_id].clear();
-            if let Some(vring) = vrings.first() {
-                if let Err(e) = self.process_queue(vring, thread_id) {
-                    log::warn!("queue {thread_id}: cannot signal the guest: {e}");
-                }
-            }
-            return Ok(());
-        }
-        if u64::from(device_event) == self.engine_event_id() {
-            if let Some(vring) = vrings.first() {
-                if let Err(e) = self.reap(vring, thread_id) {
-                    log::warn!("queue {thread_id}: cannot signal the guest: {e}");
-                }
-            }
-            return Ok(());
-        }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Ok(());
-        };
-        // Errors here would end the worker thread for good; a guest's bad queue only gets logged.
-        if let Err(e) = self.process_queue(vring, thread_id) {
-            log::warn!("queue {thread_id}: cannot signal the guest: {e}");
-        }
-        Ok(())
     }
 }

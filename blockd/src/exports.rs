@@ -2,19 +2,21 @@
 //! frontends one after another until the export is removed.
 
 use crate::backend;
+use crate::connection::Handler;
 use crate::disk::{self, Disk};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost::vhost_user::{BackendListener, Listener};
 
 /// What `remove` needs to stop an export's thread.
 #[derive(Default)]
 pub struct Control {
     pub removed: AtomicBool,
     pub connected: AtomicBool,
-    shutdown: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The connected frontend's socket, to cut it.
+    conn: Mutex<Option<UnixStream>>,
     listener_fd: Mutex<Option<std::os::fd::RawFd>>,
 }
 
@@ -27,8 +29,8 @@ impl Control {
             // open until it sees `removed`; it wakes the thread's accept.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
-        if let Some(h) = self.shutdown.lock().unwrap().as_ref() {
-            h.shutdown();
+        if let Some(c) = self.conn.lock().unwrap().as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -105,51 +107,41 @@ fn serve(name: &str, disk: Arc<Disk>, mut listener: Listener, control: &Control,
                 return;
             }
         };
-        let mut daemon =
-            match VhostUserDaemon::new(format!("blockd-{name}"), backend.clone(), no_memory()) {
-                Ok(d) => d,
-                Err(e) => {
-                    log::warn!("export {name}: cannot start the vhost-user device: {e}");
-                    return;
-                }
-            };
-        // Each queue's worker also waits for its io_uring's completions.
-        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some(fd) = backend.engine_fd(q) {
-                if let Err(e) = handler.register_listener(
-                    fd,
-                    vmm_sys_util::epoll::EventSet::IN,
-                    backend.engine_event_id(),
-                ) {
-                    log::warn!("export {name}: queue {q}: cannot watch its io_uring: {e}");
-                    return;
-                }
-            }
-        }
-        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Err(e) = handler.register_listener(
-                backend.timer_fd(q),
-                vmm_sys_util::epoll::EventSet::IN,
-                backend.timer_event_id(),
-            ) {
-                log::warn!("export {name}: queue {q}: cannot watch its throttle timer: {e}");
+        let handler = match Handler::new(name, backend, no_memory()) {
+            Ok(h) => Arc::new(Mutex::new(h)),
+            Err(e) => {
+                log::warn!("export {name}: cannot start the queues' workers: {e}");
                 return;
             }
-        }
-        if let Err(e) = daemon.start(&mut listener) {
-            if !control.removed.load(Ordering::Acquire) {
-                log::warn!("export {name}: cannot accept a frontend: {e}");
+        };
+        let accepted =
+            BackendListener::new(&mut listener, handler.clone()).and_then(|mut l| loop {
+                if let Some(r) = l.accept()? {
+                    break Ok(r);
+                }
+            });
+        let mut requests = match accepted {
+            Ok(r) => r,
+            Err(e) => {
+                if !control.removed.load(Ordering::Acquire) {
+                    log::warn!("export {name}: cannot accept a frontend: {e}");
+                }
+                return;
             }
-            return;
-        }
-        *control.shutdown.lock().unwrap() = daemon.shutdown_handle();
+        };
+        *control.conn.lock().unwrap() = requests.try_clone_connection().ok();
         control.connected.store(true, Ordering::Release);
         log::info!("export {name}: frontend connected");
-        let r = daemon.wait();
+        let r = loop {
+            if let Err(e) = requests.handle_request() {
+                break e;
+            }
+        };
         control.connected.store(false, Ordering::Release);
-        *control.shutdown.lock().unwrap() = None;
-        backend.stop_workers();
-        drop(daemon);
+        *control.conn.lock().unwrap() = None;
+        drop(requests);
+        handler.lock().unwrap().stop();
+        drop(handler);
         // Whatever the guest left in caches (qcow2 metadata above all) goes to the image now.
         if !disk.options.readonly {
             if let Err(e) = disk.flush() {
@@ -157,14 +149,13 @@ fn serve(name: &str, disk: Arc<Disk>, mut listener: Listener, control: &Control,
             }
         }
         match r {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("export {name}: frontend disconnected"),
-            Err(e) if control.removed.load(Ordering::Acquire) => {
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage => {
+                log::info!("export {name}: frontend disconnected")
+            }
+            e if control.removed.load(Ordering::Acquire) => {
                 log::info!("export {name}: removed ({e})")
             }
-            Err(e) => log::warn!("export {name}: frontend connection ended: {e}"),
+            e => log::warn!("export {name}: frontend connection ended: {e}"),
         }
         if once {
             return;

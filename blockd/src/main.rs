@@ -3,11 +3,13 @@
 //! sets the device up.
 
 mod backend;
+mod connection;
 mod disk;
 mod engine;
 mod exports;
 mod faults;
 mod image;
+mod inflight;
 mod request;
 mod rpc;
 mod throttle;
@@ -126,6 +128,11 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "the I/O engine: its completion eventfd",
         ),
         allow("pipe2", "tokio's signal pipe"),
+        allow(
+            "memfd_create",
+            "the inflight area a frontend asks for (GET_INFLIGHT_FD)",
+        ),
+        allow("ftruncate", "sizing the inflight area"),
         allow("timerfd_create", "each queue's throttle timer"),
         allow(
             "timerfd_settime",

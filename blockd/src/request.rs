@@ -60,6 +60,69 @@ impl Chain {
         }
         c
     }
+
+    /// The chain that starts at descriptor `head` of the table at `table` (`size` entries),
+    /// following indirect tables, with the checks virtio-queue's iterator makes: every index in
+    /// range, no loop, no indirect table inside another, and an indirect table's length a
+    /// multiple of 16. Used for requests a restarted blockd resubmits, which do not come from
+    /// the available ring.
+    pub fn at_head<M: GuestMemoryBackend>(
+        mem: &M,
+        table: GuestAddress,
+        size: u16,
+        head: u16,
+    ) -> Result<Chain, String> {
+        let read = |table: GuestAddress, i: u16| -> Result<Descriptor, String> {
+            let at = table
+                .0
+                .checked_add(u64::from(i) * SEGMENT as u64)
+                .ok_or_else(|| format!("descriptor {i}'s address overflows"))?;
+            mem.read_obj::<Descriptor>(GuestAddress(at))
+                .map_err(|e| format!("descriptor {i} at {at:#x} is not in guest memory ({e})"))
+        };
+        if head >= size {
+            return Err(format!(
+                "head {head} is beyond the ring's {size} descriptors"
+            ));
+        }
+        let mut out = Vec::new();
+        let (mut table, mut size, mut i, mut indirect) = (table, size, head, false);
+        // Descriptors read from the current table: more than it holds means a loop.
+        let mut steps = 0usize;
+        loop {
+            if steps >= usize::from(size) {
+                return Err(format!("the chain at head {head} loops"));
+            }
+            steps += 1;
+            let d = read(table, i)?;
+            if d.refers_to_indirect_table() {
+                if indirect {
+                    return Err(format!("the chain at head {head} nests indirect tables"));
+                }
+                let len = d.len() as usize;
+                if len == 0 || !len.is_multiple_of(SEGMENT) || len / SEGMENT > usize::from(u16::MAX)
+                {
+                    return Err(format!(
+                        "the chain at head {head} has an indirect table of {len} bytes"
+                    ));
+                }
+                (table, size, i, indirect) = (d.addr(), (len / SEGMENT) as u16, 0, true);
+                steps = 0;
+                continue;
+            }
+            out.push(d);
+            if !d.has_next() {
+                break;
+            }
+            i = d.next();
+            if i >= size {
+                return Err(format!(
+                    "the chain at head {head} points to descriptor {i} of {size}"
+                ));
+            }
+        }
+        Ok(Chain::from_descriptors(out.into_iter()))
+    }
 }
 
 /// Takes `n` bytes off the front of a list of segments.

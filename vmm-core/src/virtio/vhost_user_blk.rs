@@ -6,7 +6,9 @@ use super::{QueueSetup, VirtioDevice};
 use crate::memory::GuestMemory;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -30,6 +32,11 @@ pub struct VhostUserBlk {
     /// What the driver started the device with (features, queues with their eventfds), to
     /// set a restarted backend up again.
     active: Option<(u64, Vec<Ring>)>,
+    /// Whether the backend keeps an inflight area (INFLIGHT_SHMFD).
+    tracks_inflight: bool,
+    /// The backend's inflight area while the device runs: handed back to a restarted
+    /// backend so that it resubmits what its predecessor had taken.
+    inflight: Option<(VhostUserInflight, std::fs::File)>,
 }
 
 /// A started queue, as the backend needs it.
@@ -50,8 +57,16 @@ fn err(socket: &Path, what: &str, e: impl std::fmt::Display) -> String {
     format!("vhost-user backend at {}: {what}: {e}", socket.display())
 }
 
+/// What the handshake learnt.
+struct Shake {
+    frontend: Frontend,
+    features: u64,
+    config: Vec<u8>,
+    tracks_inflight: bool,
+}
+
 /// Connects, negotiates the protocol, and learns the backend's features and config space.
-fn handshake(socket: &Path, queues: u16) -> Result<(Frontend, u64, Vec<u8>), String> {
+fn handshake(socket: &Path, queues: u16) -> Result<Shake, String> {
     let mut fe = Frontend::connect(socket, u64::from(queues))
         .map_err(|e| err(socket, "cannot connect", e))?;
     fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
@@ -68,7 +83,9 @@ fn handshake(socket: &Path, queues: u16) -> Result<(Frontend, u64, Vec<u8>), Str
     let offered = fe
         .get_protocol_features()
         .map_err(|e| err(socket, "GET_PROTOCOL_FEATURES", e))?;
-    let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+    let wanted = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
     }
@@ -102,7 +119,12 @@ fn handshake(socket: &Path, queues: u16) -> Result<(Frontend, u64, Vec<u8>), Str
     if queues == 1 {
         features &= !VIRTIO_BLK_F_MQ;
     }
-    Ok((fe, features, config))
+    Ok(Shake {
+        frontend: fe,
+        features,
+        config,
+        tracks_inflight: offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+    })
 }
 
 impl VhostUserBlk {
@@ -114,13 +136,15 @@ impl VhostUserBlk {
         mem: GuestMemory,
         memfd: std::fs::File,
     ) -> Result<VhostUserBlk, String> {
-        let (fe, features, config) = handshake(socket, queues)?;
+        let shake = handshake(socket, queues)?;
         Ok(VhostUserBlk {
             name: name.to_string(),
             socket: socket.to_path_buf(),
-            frontend: fe,
-            features,
-            config,
+            frontend: shake.frontend,
+            features: shake.features,
+            config: shake.config,
+            tracks_inflight: shake.tracks_inflight,
+            inflight: None,
             queues,
             queue_size: 256,
             mem,
@@ -154,6 +178,27 @@ impl VhostUserBlk {
         self.frontend
             .set_mem_table(&regions)
             .map_err(|e| self.e("SET_MEM_TABLE", e))?;
+        if self.tracks_inflight {
+            // The area comes from the backend at the device's first start and goes back to
+            // it (or to its successor) before the rings at every start.
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.queues,
+                    queue_size: self.queue_size,
+                };
+                let got = self
+                    .frontend
+                    .get_inflight_fd(&ask)
+                    .map_err(|e| self.e("GET_INFLIGHT_FD", e))?;
+                self.inflight = Some(got);
+            }
+            let (area, file) = self.inflight.as_ref().expect("set above");
+            self.frontend
+                .set_inflight_fd(area, file.as_raw_fd())
+                .map_err(|e| self.e("SET_INFLIGHT_FD", e))?;
+        }
         for q in rings {
             let i = usize::from(q.index);
             let n = u64::from(q.size);
@@ -274,7 +319,12 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn reconnect(&mut self) -> Result<(), String> {
-        let (fe, features, config) = handshake(&self.socket, self.queues)?;
+        let Shake {
+            frontend: fe,
+            features,
+            config,
+            tracks_inflight,
+        } = handshake(&self.socket, self.queues)?;
         if features != self.features {
             return Err(self.e(
                 "features",
@@ -286,6 +336,11 @@ impl VirtioDevice for VhostUserBlk {
         }
         self.frontend = fe;
         self.started.clear();
+        if tracks_inflight != self.tracks_inflight {
+            // A different backend: its predecessor's area means nothing to it.
+            self.inflight = None;
+            self.tracks_inflight = tracks_inflight;
+        }
         // The guest's write-cache setting, which the new backend does not know.
         let wce = self.config[CONFIG_WRITEBACK];
         if config[CONFIG_WRITEBACK] != wce {
@@ -302,7 +357,9 @@ impl VirtioDevice for VhostUserBlk {
             return Ok(());
         };
         // Each ring goes on from the guest's used index: a request the dead backend took but
-        // did not complete is taken again (a completed one is in the used ring already).
+        // did not complete is taken again (a completed one is in the used ring already). A
+        // backend with the inflight area finds those requests there instead, in the order they
+        // were taken, which also holds when they completed out of order.
         let mem = self.mem.clone();
         let used_idx = |r: &Ring| {
             use vm_memory::Bytes;
@@ -319,6 +376,8 @@ impl VirtioDevice for VhostUserBlk {
 
     fn reset(&mut self) {
         self.active = None;
+        // The next start gets a fresh area: nothing of the old rings is to be resubmitted.
+        self.inflight = None;
         for i in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.set_vring_enable(i, false) {
                 log::warn!("{}: {}", self.name, self.e("SET_VRING_ENABLE", e));
