@@ -824,15 +824,50 @@ fn an_exit_rule_ends_blockd_at_the_next_write() {
     );
 }
 
+const SEQ_MAGIC: u64 = 0x5345_515f_424c_4b21;
+
+/// The sequence numbers the guest logged as acknowledged, in the order it logged them.
+fn seq_acks(out: &str) -> Vec<u64> {
+    // Only whole lines: the last one may still be arriving.
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.strip_prefix("tg: ack "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}
+
+/// Every acknowledged block of the guest's `blk-seq` run is in the image with its magic,
+/// sequence number, words and checksum; returns how many were checked.
+fn check_seq_blocks(img: &Path, out: &str) -> u64 {
+    let data = std::fs::read(img).unwrap();
+    let mut acked = 0;
+    for seq in seq_acks(out) {
+        let block = &data[(seq as usize) * 4096..(seq as usize + 1) * 4096];
+        let word = |j: usize| u64::from_le_bytes(block[j * 8..j * 8 + 8].try_into().unwrap());
+        assert_eq!(word(0), SEQ_MAGIC, "block {seq}: no magic");
+        assert_eq!(word(1), seq, "block {seq}: wrong sequence number");
+        let mut sum = 0u64;
+        for j in 3..512u64 {
+            let w = ((seq << 32) | j).wrapping_mul(K);
+            assert_eq!(word(j as usize), w, "block {seq}: word {j}");
+            sum = sum.rotate_left(5) ^ w;
+        }
+        assert_eq!(word(2), sum, "block {seq}: checksum");
+        acked += 1;
+    }
+    acked
+}
+
 /// The crash test: the guest writes 2000 sequence-numbered, checksummed 4 KiB blocks with its
-/// write cache off (each write durable when it completes, as FUA) and logs each acknowledged
-/// one. Meanwhile blockd is killed with SIGKILL ten times at random moments; vmm-core starts
-/// another each time, adds the export again and reconnects the disk, whose rings go on from
-/// the guest's used index. Every acknowledged block is then on disk with the right sequence
-/// number and checksum, and the guest saw no I/O error and no timeout, only stalls.
+/// write cache off (each write durable when it completes, as FUA), eight at a time so that
+/// blockd completes them out of order, and logs each acknowledged one. Meanwhile blockd is
+/// killed with SIGKILL ten times at random moments; vmm-core starts another each time, adds
+/// the export again and reconnects the disk, handing it the inflight area, from which it
+/// resubmits what its predecessor had taken. Every acknowledged block is then on disk with the
+/// right sequence number and checksum, and the guest saw no I/O error and no timeout, only
+/// stalls.
 #[test]
 fn blockd_killed_ten_times_loses_no_acknowledged_write() {
-    const MAGIC: u64 = 0x5345_515f_424c_4b21;
     const COUNT: u64 = 2000;
     let dir = TempDir::new("block-crash");
     let img = dir.join("disk.img");
@@ -842,7 +877,7 @@ fn blockd_killed_ten_times_loses_no_acknowledged_write() {
         .unwrap();
     let mut vm = TestVm::builder()
         .cmdline(&format!(
-            "console=ttyS0 tg.scenario=blk-seq tg.seq.count={COUNT}"
+            "console=ttyS0 tg.scenario=blk-seq tg.seq.count={COUNT} tg.seq.depth=8"
         ))
         .arg("--disk")
         .arg(format!("path={}", img.display()))
@@ -880,7 +915,7 @@ fn blockd_killed_ten_times_loses_no_acknowledged_write() {
     let out = vm.stdout();
     assert!(
         out.contains(&format!(
-            "tg: seq done count={COUNT} writeback=0 errors=0 timeouts=0"
+            "tg: seq done count={COUNT} depth=8 writeback=0 errors=0 timeouts=0"
         )),
         "{out}"
     );
@@ -889,27 +924,106 @@ fn blockd_killed_ten_times_loses_no_acknowledged_write() {
         killed.windows(2).all(|w| w[0] <= w[1]) && killed[9] < COUNT as usize,
         "acks at each kill: {killed:?}"
     );
-    let data = std::fs::read(&img).unwrap();
-    let mut acked = 0;
-    for line in out.lines() {
-        let Some(seq) = line.strip_prefix("tg: ack ") else {
-            continue;
-        };
-        let seq: u64 = seq.trim().parse().unwrap();
-        let block = &data[(seq as usize) * 4096..(seq as usize + 1) * 4096];
-        let word = |j: usize| u64::from_le_bytes(block[j * 8..j * 8 + 8].try_into().unwrap());
-        assert_eq!(word(0), MAGIC, "block {seq}: no magic");
-        assert_eq!(word(1), seq, "block {seq}: wrong sequence number");
-        let mut sum = 0u64;
-        for j in 3..512u64 {
-            let w = ((seq << 32) | j).wrapping_mul(K);
-            assert_eq!(word(j as usize), w, "block {seq}: word {j}");
-            sum = sum.rotate_left(5) ^ w;
-        }
-        assert_eq!(word(2), sum, "block {seq}: checksum");
-        acked += 1;
-    }
-    assert_eq!(acked, COUNT, "acknowledged blocks");
+    let mut acks = seq_acks(&out);
+    assert_eq!(check_seq_blocks(&img, &out), COUNT, "acknowledged blocks");
+    acks.sort_unstable();
+    acks.dedup();
+    assert_eq!(acks.len() as u64, COUNT, "each block acknowledged once");
+    eprintln!(
+        "resubmissions after the ten kills: {}",
+        vm.stderr().matches("left in flight").count()
+    );
+}
+
+/// Out-of-order completion across a crash: of a batch of eight writes, a fault rule holds the
+/// fourth back while the other seven complete; blockd is killed then. The restarted blockd
+/// finds exactly that one request in the inflight area and resubmits it (going on from the
+/// guest's used index alone would take one of the completed writes again and lose the held
+/// one). The guest sees each write completed once, with no error.
+#[test]
+fn a_restarted_blockd_resubmits_exactly_what_was_in_flight() {
+    const COUNT: u64 = 200;
+    let dir = TempDir::new("block-inflight");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let sock = vmm_tests::socket_path("block-inflight");
+    let mut vm = TestVm::builder()
+        .cmdline(&format!(
+            "console=ttyS0 tg.scenario=blk-seq tg.seq.count={COUNT} tg.seq.depth=8"
+        ))
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .arg("--disk")
+        .arg(format!("path={}", img.display()))
+        .spawn();
+    wait_until(T, "the guest's first acknowledged writes", || {
+        seq_acks(&vm.stdout()).len() >= 16
+    });
+    // The fourth write of a batch at least two ahead waits ten minutes.
+    let now = seq_acks(&vm.stdout()).len() as u64;
+    let batch = (now / 8 + 3) * 8;
+    let held = batch + 3;
+    assert!(batch + 8 <= COUNT);
+    let range = format!("{}-{}", held * 4096, (held + 1) * 4096);
+    let (code, _, err) = vmm_tests::vmmctl(
+        &sock,
+        &[
+            "disk",
+            "fault",
+            "add",
+            "--disk",
+            "disk0",
+            "--ops",
+            "write",
+            "--range",
+            &range,
+            "--delay-ms",
+            "600000",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_until(T, "the held write's batch to complete but for it", || {
+        let acks = seq_acks(&vm.stdout());
+        (batch..batch + 8).all(|s| s == held || acks.contains(&s))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !seq_acks(&vm.stdout()).contains(&held),
+        "write {held} completed despite its delay rule"
+    );
+    let pids = blockd_pids(&vm);
+    assert_eq!(pids.len(), 1, "blockd processes: {pids:?}");
+    // SAFETY: SIGKILL to the blockd our vmm-core started (its child, by PID).
+    unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let (out, log) = (vm.stdout(), vm.stderr());
+    assert!(
+        log.contains("restarted blockd (restart 1); disks reconnected: disk0"),
+        "{log}"
+    );
+    assert!(
+        out.contains(&format!(
+            "tg: seq done count={COUNT} depth=8 writeback=0 errors=0 timeouts=0"
+        )),
+        "{out}"
+    );
+    let acks = seq_acks(&out);
+    // The held write was acknowledged after the rest of its batch, once.
+    let pos = |s: u64| acks.iter().position(|&a| a == s).unwrap();
+    assert!(pos(held) > pos(batch + 7), "ack order: {acks:?}");
+    let mut sorted = acks.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, (0..COUNT).collect::<Vec<_>>(), "acks: {acks:?}");
+    assert_eq!(check_seq_blocks(&img, &out), COUNT);
+    assert_eq!(
+        log.matches("queue 0: resubmitting 1 request(s) left in flight")
+            .count(),
+        1,
+        "{log}"
+    );
 }
 
 /// rerror=stop on the read side: an EIO on a read stops the disk and pauses the VM; with the

@@ -21,6 +21,8 @@ const QUEUE_SIZE: u16 = 64;
 const MAX_QUEUES: usize = 4;
 const MAX_DISKS: usize = 4;
 pub const CHUNK: usize = 64 * 1024;
+/// Most writes `write_batch` puts in flight at once (3 descriptors each).
+pub const BATCH: usize = 8;
 pub const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
 const T_IN: u32 = 0;
@@ -67,6 +69,8 @@ struct Dma {
     queues: [[QueueMem; MAX_QUEUES]; MAX_DISKS],
     /// Per disk and queue: header (16), status (1), id (20), discard segments (32).
     small: [[[u8; 128]; MAX_QUEUES]; MAX_DISKS],
+    /// Per disk: header (16) and status (1) of each write of a batch.
+    batch: [[[u8; 32]; BATCH]; MAX_DISKS],
     data: [u8; CHUNK],
 }
 
@@ -82,6 +86,7 @@ static mut DMA: Dma = Dma {
         }; MAX_QUEUES]
     }; MAX_DISKS],
     small: [[[0; 128]; MAX_QUEUES]; MAX_DISKS],
+    batch: [[[0; 32]; BATCH]; MAX_DISKS],
     data: [0; CHUNK],
 };
 
@@ -455,6 +460,93 @@ impl Disk {
             }
         }
         self.push_and_wait(q, qm, 20_000_000)
+    }
+
+    /// Writes 4 KiB blocks all at once on queue `q`: block `i` from `buf + 4096 * i` to sector
+    /// `sectors[i]` (at most BATCH). The device may complete them in any order; `done(i,
+    /// status)` is called as each completes. Returns how many completed before the timeout.
+    pub fn write_batch(
+        &mut self,
+        q: usize,
+        sectors: &[u64],
+        buf: u64,
+        mut done: impl FnMut(usize, u8),
+    ) -> usize {
+        let n = sectors.len().min(BATCH);
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
+        // SAFETY: as above.
+        let small = unsafe { core::ptr::addr_of_mut!((*dma()).batch[self.index]) } as u64;
+        let idx = self.next_avail[q];
+        for (i, &sector) in sectors[..n].iter().enumerate() {
+            let hdr = small + 32 * i as u64;
+            w32(hdr, T_OUT);
+            w32(hdr + 4, 0);
+            w64(hdr + 8, sector);
+            w8(hdr + 16, 0xff);
+            let chain = [
+                (hdr, 16u64, DESC_NEXT),
+                (buf + 4096 * i as u64, 4096, DESC_NEXT),
+                (hdr + 16, 1, DESC_WRITE),
+            ];
+            for (k, (addr, len, flags)) in chain.iter().enumerate() {
+                let d = 3 * i + k;
+                let next = (d + 1) as u64;
+                // SAFETY: the descriptor table is ours until the device takes the chains.
+                unsafe {
+                    let p = core::ptr::addr_of_mut!((*qm).desc[d]) as *mut u64;
+                    write_volatile(p, *addr);
+                    write_volatile(p.add(1), len | (u64::from(*flags) << 32) | (next << 48));
+                }
+            }
+            // SAFETY: the available ring is the driver's to write.
+            unsafe {
+                let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
+                let slot = (idx.wrapping_add(i as u16) % QUEUE_SIZE) as usize;
+                write_volatile(avail.add(2 + slot), (3 * i) as u16);
+            }
+        }
+        fence(Ordering::SeqCst);
+        // SAFETY: as above; one index update publishes the whole batch.
+        unsafe {
+            let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
+            write_volatile(avail.add(1), idx.wrapping_add(n as u16));
+        }
+        self.next_avail[q] = idx.wrapping_add(n as u16);
+        fence(Ordering::SeqCst);
+        w16(
+            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
+            q as u16,
+        );
+        let mut got = 0;
+        while got < n {
+            let mut spins = 0u64;
+            while used_idx(qm) == self.last_used[q] {
+                spins += 1;
+                if spins > 200_000_000 {
+                    return got;
+                }
+                core::hint::spin_loop();
+            }
+            fence(Ordering::SeqCst);
+            let slot = (self.last_used[q] % QUEUE_SIZE) as usize;
+            // SAFETY: the device has published this used element.
+            let id = unsafe {
+                read_volatile((core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * slot))
+            } as usize;
+            self.last_used[q] = self.last_used[q].wrapping_add(1);
+            self.requests[q] += 1;
+            let i = id / 3;
+            let status = if id % 3 == 0 && i < n {
+                r8(small + 32 * i as u64 + 16)
+            } else {
+                // Not a head this batch used: the device is broken.
+                0xfe
+            };
+            done(i, status);
+            got += 1;
+        }
+        got
     }
 
     /// The header and status buffers of queue 0 (for crafted chains).

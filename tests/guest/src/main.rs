@@ -632,6 +632,11 @@ fn blk_seq(cmdline: &str) {
     let count = param(cmdline, "tg.seq.count=")
         .and_then(parse_u64)
         .unwrap_or(1000);
+    // Writes in flight at once: 1 waits for each; more lets blockd complete them out of order.
+    let depth = param(cmdline, "tg.seq.depth=")
+        .and_then(parse_u64)
+        .unwrap_or(1)
+        .clamp(1, blk::BATCH as u64);
     blk::WANT_WCE.store(true, Ordering::Relaxed);
     let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
     if blk::probe(&mut disks) == 0 {
@@ -642,41 +647,81 @@ fn blk_seq(cmdline: &str) {
     let wb = d.write_through();
     let blocks = d.capacity / 8;
     let buf = blk::data_buf() as *mut u64;
-    let (mut errors, mut timeouts) = (0u64, 0u64);
-    for seq in 0..count {
+    // Block `seq`: magic, seq, checksum, then words the host can compute.
+    let fill = |at: *mut u64, seq: u64| {
         let mut sum = 0u64;
         for j in 3..512u64 {
             let w = ((seq << 32) | j).wrapping_mul(K);
             sum = sum.rotate_left(5) ^ w;
-            // SAFETY: the DMA data buffer holds at least 4 KiB (blk::CHUNK).
-            unsafe { buf.add(j as usize).write_volatile(w) };
+            // SAFETY: `at` is a 4 KiB block of the DMA data buffer.
+            unsafe { at.add(j as usize).write_volatile(w) };
         }
         // SAFETY: as above.
         unsafe {
-            buf.write_volatile(MAGIC);
-            buf.add(1).write_volatile(seq);
-            buf.add(2).write_volatile(sum);
+            at.write_volatile(MAGIC);
+            at.add(1).write_volatile(seq);
+            at.add(2).write_volatile(sum);
         }
-        match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
-            Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
-            Some((status, _)) => {
+    };
+    let (mut errors, mut timeouts) = (0u64, 0u64);
+    let mut seq = 0;
+    while seq < count {
+        if depth == 1 {
+            fill(buf, seq);
+            match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
+                Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
+                Some((status, _)) => {
+                    errors += 1;
+                    Line::new()
+                        .s("tg: seq error ")
+                        .u(seq)
+                        .s(" status=")
+                        .u(status as u64)
+                        .emit();
+                }
+                None => {
+                    timeouts += 1;
+                    Line::new().s("tg: seq timeout ").u(seq).emit();
+                }
+            }
+            seq += 1;
+            continue;
+        }
+        let n = depth.min(count - seq) as usize;
+        let mut sectors = [0u64; blk::BATCH];
+        for (i, s) in sectors[..n].iter_mut().enumerate() {
+            let this = seq + i as u64;
+            // SAFETY: block i of the data buffer (BATCH blocks of 4 KiB fit in CHUNK).
+            fill(unsafe { buf.add(512 * i) }, this);
+            *s = (this % blocks) * 8;
+        }
+        let got = d.write_batch(0, &sectors[..n], buf as u64, |i, status| {
+            let this = seq + i as u64;
+            if status == 0 {
+                Line::new().s("tg: ack ").u(this).emit();
+            } else {
                 errors += 1;
                 Line::new()
                     .s("tg: seq error ")
-                    .u(seq)
+                    .u(this)
                     .s(" status=")
                     .u(status as u64)
                     .emit();
             }
-            None => {
-                timeouts += 1;
-                Line::new().s("tg: seq timeout ").u(seq).emit();
-            }
+        });
+        if got < n {
+            // The ring's state is unknown now: stop here.
+            timeouts += (n - got) as u64;
+            Line::new().s("tg: seq timeout ").u(seq).emit();
+            break;
         }
+        seq += n as u64;
     }
     Line::new()
         .s("tg: seq done count=")
         .u(count)
+        .s(" depth=")
+        .u(depth)
         .s(" writeback=")
         .u(wb as u64)
         .s(" errors=")
