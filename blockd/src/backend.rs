@@ -247,6 +247,13 @@ impl Backend {
 
     /// The queue was kicked (or woken): take its requests.
     pub fn on_kick(&self, vring: &Vring, q: usize) {
+        {
+            // A stopped or disabled ring is not looked at (a timer may fire after the stop).
+            let state = vring.get_ref();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return;
+            }
+        }
         // Errors here would end the worker for good; a guest's bad queue only gets logged.
         if let Err(e) = self.process_queue(vring, q) {
             log::warn!("queue {q}: cannot signal the guest: {e}");
