@@ -10,6 +10,7 @@ pub mod cpus;
 pub mod devices;
 pub mod helpers;
 pub mod kvm;
+pub mod kvm_state;
 pub mod logger;
 pub mod memory;
 pub mod pci;

@@ -2,6 +2,7 @@
 //! entry state, and the KVM_RUN loop that dispatches exits.
 
 mod pvm;
+pub mod state;
 
 use crate::boot::{self, Entry};
 use crate::devices::{Action, IoBus};
