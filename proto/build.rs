@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-const SCHEMAS: &[&str] = &["vmm", "chardevd", "blockd"];
+const SCHEMAS: &[&str] = &["vmm", "chardevd", "blockd", "state"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -1,5 +1,5 @@
 //! A vCPU's whole state, as live migration and snapshots need it: saved from a paused vCPU and
-//! restored into a new one (issue 7's first part; the stream format is still to come).
+//! restored into a new one, through its typed form in proto/schema/state.capnp.
 //!
 //! What is saved: general and special registers, the XSAVE area (which holds the FPU, SSE and
 //! AVX state; the legacy FPU call is used only where KVM has no XSAVE), the XCRs, every MSR that
@@ -12,10 +12,11 @@
 
 use super::VcpuError;
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_dtable, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use vmm_proto::state_capnp;
 
 /// MSRs read or written per ioctl.
 const MSR_CHUNK: usize = 64;
@@ -162,10 +163,527 @@ impl VcpuState {
     }
 }
 
+/// The host's XSAVE layout for component `feature` (CPUID leaf 0xD): (offset, size) in the
+/// standard (non-compacted) format KVM_GET_XSAVE uses.
+fn xsave_component(feature: u8) -> (usize, usize) {
+    // Leaf 0xD sub-leaf n >= 2 describes state component n (all zero if the CPU lacks it).
+    let r = std::arch::x86_64::__cpuid_count(0xd, u32::from(feature));
+    (r.ebx as usize, r.eax as usize)
+}
+
+const XSAVE_BYTES: usize = 4096;
+const XSAVE_HEADER: usize = 512;
+
+fn xsave_bytes(x: &kvm_xsave) -> [u8; XSAVE_BYTES] {
+    let mut b = [0u8; XSAVE_BYTES];
+    for (i, w) in x.region.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b[at..at + N].try_into().expect("in range")
+}
+
+fn write_segment(mut b: state_capnp::segment::Builder, s: &kvm_segment) {
+    b.set_base(s.base);
+    b.set_limit(s.limit);
+    b.set_selector(s.selector);
+    b.set_type(s.type_);
+    b.set_present(s.present != 0);
+    b.set_dpl(s.dpl);
+    b.set_db(s.db != 0);
+    b.set_s(s.s != 0);
+    b.set_l(s.l != 0);
+    b.set_g(s.g != 0);
+    b.set_avl(s.avl != 0);
+    b.set_unusable(s.unusable != 0);
+}
+
+fn read_segment(r: capnp::Result<state_capnp::segment::Reader>) -> capnp::Result<kvm_segment> {
+    let r = r?;
+    Ok(kvm_segment {
+        base: r.get_base(),
+        limit: r.get_limit(),
+        selector: r.get_selector(),
+        type_: r.get_type(),
+        present: r.get_present().into(),
+        dpl: r.get_dpl(),
+        db: r.get_db().into(),
+        s: r.get_s().into(),
+        l: r.get_l().into(),
+        g: r.get_g().into(),
+        avl: r.get_avl().into(),
+        unusable: r.get_unusable().into(),
+        padding: 0,
+    })
+}
+
+/// Copies `data` into `out`, which must be exactly as long.
+fn exact(out: &mut [u8], data: &[u8], what: &str) -> Result<(), String> {
+    if data.len() != out.len() {
+        return Err(format!(
+            "{what} is {} bytes, {} expected",
+            data.len(),
+            out.len()
+        ));
+    }
+    out.copy_from_slice(data);
+    Ok(())
+}
+
+impl VcpuState {
+    /// Writes the state into its Cap'n Proto form.
+    pub fn write(&self, mut b: state_capnp::vcpu_state::Builder) {
+        b.set_id(self.id);
+        b.set_mp_state(self.mp_state.mp_state);
+        {
+            let mut r = b.reborrow().init_regs();
+            let g = &self.regs;
+            r.set_rax(g.rax);
+            r.set_rbx(g.rbx);
+            r.set_rcx(g.rcx);
+            r.set_rdx(g.rdx);
+            r.set_rsi(g.rsi);
+            r.set_rdi(g.rdi);
+            r.set_rsp(g.rsp);
+            r.set_rbp(g.rbp);
+            r.set_r8(g.r8);
+            r.set_r9(g.r9);
+            r.set_r10(g.r10);
+            r.set_r11(g.r11);
+            r.set_r12(g.r12);
+            r.set_r13(g.r13);
+            r.set_r14(g.r14);
+            r.set_r15(g.r15);
+            r.set_rip(g.rip);
+            r.set_rflags(g.rflags);
+        }
+        {
+            let s = &self.sregs;
+            let mut r = b.reborrow().init_sregs();
+            write_segment(r.reborrow().init_cs(), &s.cs);
+            write_segment(r.reborrow().init_ds(), &s.ds);
+            write_segment(r.reborrow().init_es(), &s.es);
+            write_segment(r.reborrow().init_fs(), &s.fs);
+            write_segment(r.reborrow().init_gs(), &s.gs);
+            write_segment(r.reborrow().init_ss(), &s.ss);
+            write_segment(r.reborrow().init_tr(), &s.tr);
+            write_segment(r.reborrow().init_ldt(), &s.ldt);
+            let mut t = r.reborrow().init_gdt();
+            t.set_base(s.gdt.base);
+            t.set_limit(s.gdt.limit);
+            let mut t = r.reborrow().init_idt();
+            t.set_base(s.idt.base);
+            t.set_limit(s.idt.limit);
+            r.set_cr0(s.cr0);
+            r.set_cr2(s.cr2);
+            r.set_cr3(s.cr3);
+            r.set_cr4(s.cr4);
+            r.set_cr8(s.cr8);
+            r.set_efer(s.efer);
+            r.set_apic_base(s.apic_base);
+            let mut l = r.init_interrupt_bitmap(s.interrupt_bitmap.len() as u32);
+            for (i, w) in s.interrupt_bitmap.iter().enumerate() {
+                l.set(i as u32, *w);
+            }
+        }
+        match &self.fpu {
+            Fpu::Xsave(x) => {
+                let bytes = xsave_bytes(x);
+                let mut r = b.reborrow().init_fpu().init_xsave();
+                r.set_fcw(u16::from_le_bytes(le(&bytes, 0)));
+                r.set_fsw(u16::from_le_bytes(le(&bytes, 2)));
+                r.set_ftw(bytes[4]);
+                r.set_fop(u16::from_le_bytes(le(&bytes, 6)));
+                r.set_fip(u64::from_le_bytes(le(&bytes, 8)));
+                r.set_fdp(u64::from_le_bytes(le(&bytes, 16)));
+                r.set_mxcsr(u32::from_le_bytes(le(&bytes, 24)));
+                r.set_mxcsr_mask(u32::from_le_bytes(le(&bytes, 28)));
+                r.set_st(&bytes[32..160]);
+                r.set_xmm(&bytes[160..416]);
+                let xstate_bv = u64::from_le_bytes(le(&bytes, XSAVE_HEADER));
+                r.set_xstate_bv(xstate_bv);
+                r.set_xcomp_bv(u64::from_le_bytes(le(&bytes, XSAVE_HEADER + 8)));
+                // Components 0 and 1 (x87, SSE) are the legacy region; the others are saved
+                // when in use (a clear bit means the component is in its initial state).
+                let present: Vec<(u8, usize, usize)> = (2..64u8)
+                    .filter(|f| xstate_bv & (1 << f) != 0)
+                    .map(|f| {
+                        let (off, size) = xsave_component(f);
+                        (f, off, size)
+                    })
+                    .filter(|&(_, off, size)| size > 0 && off + size <= XSAVE_BYTES)
+                    .collect();
+                let mut l = r.init_components(present.len() as u32);
+                for (i, (f, off, size)) in present.into_iter().enumerate() {
+                    let mut c = l.reborrow().get(i as u32);
+                    c.set_feature(f);
+                    c.set_data(&bytes[off..off + size]);
+                }
+            }
+            Fpu::Legacy(f) => {
+                let mut r = b.reborrow().init_fpu().init_legacy();
+                r.set_fcw(f.fcw);
+                r.set_fsw(f.fsw);
+                r.set_ftwx(f.ftwx);
+                r.set_last_opcode(f.last_opcode);
+                r.set_last_ip(f.last_ip);
+                r.set_last_dp(f.last_dp);
+                r.set_mxcsr(f.mxcsr);
+                r.set_fpr(f.fpr.as_flattened());
+                r.set_xmm(f.xmm.as_flattened());
+            }
+        }
+        if let Some(x) = &self.xcrs {
+            let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+            let mut l = b.reborrow().init_xcrs(n as u32);
+            for (i, xcr) in x.xcrs[..n].iter().enumerate() {
+                let mut e = l.reborrow().get(i as u32);
+                e.set_index(xcr.xcr);
+                e.set_value(xcr.value);
+            }
+        }
+        {
+            let d = &self.debug_regs;
+            let mut r = b.reborrow().init_debug_regs();
+            let mut l = r.reborrow().init_db(4);
+            for (i, v) in d.db.iter().enumerate() {
+                l.set(i as u32, *v);
+            }
+            r.set_dr6(d.dr6);
+            r.set_dr7(d.dr7);
+            r.set_flags(d.flags);
+        }
+        let lapic: Vec<u8> = self.lapic.regs.iter().map(|&c| c as u8).collect();
+        b.set_lapic(&lapic);
+        let mut l = b.reborrow().init_msrs(self.msrs.len() as u32);
+        for (i, m) in self.msrs.iter().enumerate() {
+            let mut e = l.reborrow().get(i as u32);
+            e.set_index(m.index);
+            e.set_data(m.data);
+        }
+        let e = &self.events;
+        let mut r = b.init_events();
+        r.set_exception_injected(e.exception.injected != 0);
+        r.set_exception_nr(e.exception.nr);
+        r.set_exception_has_error_code(e.exception.has_error_code != 0);
+        r.set_exception_pending(e.exception.pending != 0);
+        r.set_exception_error_code(e.exception.error_code);
+        r.set_exception_has_payload(e.exception_has_payload != 0);
+        r.set_exception_payload(e.exception_payload);
+        r.set_interrupt_injected(e.interrupt.injected != 0);
+        r.set_interrupt_nr(e.interrupt.nr);
+        r.set_interrupt_soft(e.interrupt.soft != 0);
+        r.set_interrupt_shadow(e.interrupt.shadow);
+        r.set_nmi_injected(e.nmi.injected != 0);
+        r.set_nmi_pending(e.nmi.pending != 0);
+        r.set_nmi_masked(e.nmi.masked != 0);
+        r.set_sipi_vector(e.sipi_vector);
+        r.set_flags(e.flags);
+        r.set_smi_smm(e.smi.smm != 0);
+        r.set_smi_pending(e.smi.pending != 0);
+        r.set_smi_inside_nmi(e.smi.smm_inside_nmi != 0);
+        r.set_latched_init(e.smi.latched_init);
+        r.set_triple_fault_pending(e.triple_fault.pending != 0);
+    }
+
+    /// Reads the state back, checking what a stream from elsewhere could get wrong: sizes of
+    /// the LAPIC page, the FPU registers and each XSAVE component (against this host's CPUID).
+    pub fn read(r: state_capnp::vcpu_state::Reader) -> Result<VcpuState, String> {
+        let id = r.get_id();
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: capnp::Error| format!("vCPU {id}: {what}: {err}")
+        };
+        let g = r.get_regs().map_err(e("registers"))?;
+        let regs = kvm_regs {
+            rax: g.get_rax(),
+            rbx: g.get_rbx(),
+            rcx: g.get_rcx(),
+            rdx: g.get_rdx(),
+            rsi: g.get_rsi(),
+            rdi: g.get_rdi(),
+            rsp: g.get_rsp(),
+            rbp: g.get_rbp(),
+            r8: g.get_r8(),
+            r9: g.get_r9(),
+            r10: g.get_r10(),
+            r11: g.get_r11(),
+            r12: g.get_r12(),
+            r13: g.get_r13(),
+            r14: g.get_r14(),
+            r15: g.get_r15(),
+            rip: g.get_rip(),
+            rflags: g.get_rflags(),
+        };
+        let s = r.get_sregs().map_err(e("special registers"))?;
+        let seg = |x| read_segment(x).map_err(e("a segment register"));
+        let dt = |t: capnp::Result<state_capnp::descriptor_table::Reader>| {
+            t.map(|t| kvm_dtable {
+                base: t.get_base(),
+                limit: t.get_limit(),
+                padding: [0; 3],
+            })
+            .map_err(e("a descriptor table"))
+        };
+        let mut interrupt_bitmap = [0u64; 4];
+        let bits = s
+            .get_interrupt_bitmap()
+            .map_err(e("the interrupt bitmap"))?;
+        if bits.len() as usize != interrupt_bitmap.len() {
+            return Err(format!(
+                "vCPU {id}: the interrupt bitmap has {} words, 4 expected",
+                bits.len()
+            ));
+        }
+        for (i, w) in interrupt_bitmap.iter_mut().enumerate() {
+            *w = bits.get(i as u32);
+        }
+        let sregs = kvm_sregs {
+            cs: seg(s.get_cs())?,
+            ds: seg(s.get_ds())?,
+            es: seg(s.get_es())?,
+            fs: seg(s.get_fs())?,
+            gs: seg(s.get_gs())?,
+            ss: seg(s.get_ss())?,
+            tr: seg(s.get_tr())?,
+            ldt: seg(s.get_ldt())?,
+            gdt: dt(s.get_gdt())?,
+            idt: dt(s.get_idt())?,
+            cr0: s.get_cr0(),
+            cr2: s.get_cr2(),
+            cr3: s.get_cr3(),
+            cr4: s.get_cr4(),
+            cr8: s.get_cr8(),
+            efer: s.get_efer(),
+            apic_base: s.get_apic_base(),
+            interrupt_bitmap,
+        };
+        use state_capnp::vcpu_state::fpu::Which;
+        let fpu = match r.get_fpu().which().map_err(|_| {
+            format!("vCPU {id}: the FPU state is of a kind this build does not know")
+        })? {
+            Which::Xsave(x) => {
+                let x = x.map_err(e("the XSAVE area"))?;
+                let mut bytes = [0u8; XSAVE_BYTES];
+                bytes[0..2].copy_from_slice(&x.get_fcw().to_le_bytes());
+                bytes[2..4].copy_from_slice(&x.get_fsw().to_le_bytes());
+                bytes[4] = x.get_ftw();
+                bytes[6..8].copy_from_slice(&x.get_fop().to_le_bytes());
+                bytes[8..16].copy_from_slice(&x.get_fip().to_le_bytes());
+                bytes[16..24].copy_from_slice(&x.get_fdp().to_le_bytes());
+                bytes[24..28].copy_from_slice(&x.get_mxcsr().to_le_bytes());
+                bytes[28..32].copy_from_slice(&x.get_mxcsr_mask().to_le_bytes());
+                let st = x.get_st().map_err(e("ST registers"))?;
+                exact(
+                    &mut bytes[32..160],
+                    st,
+                    &format!("vCPU {id}: the ST registers"),
+                )?;
+                let xmm = x.get_xmm().map_err(e("XMM registers"))?;
+                exact(
+                    &mut bytes[160..416],
+                    xmm,
+                    &format!("vCPU {id}: the XMM registers"),
+                )?;
+                let xstate_bv = x.get_xstate_bv();
+                bytes[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&xstate_bv.to_le_bytes());
+                bytes[XSAVE_HEADER + 8..XSAVE_HEADER + 16]
+                    .copy_from_slice(&x.get_xcomp_bv().to_le_bytes());
+                for c in x.get_components().map_err(e("XSAVE components"))? {
+                    let f = c.get_feature();
+                    let data = c.get_data().map_err(e("an XSAVE component"))?;
+                    let (off, size) = xsave_component(f);
+                    if !(2..64).contains(&f) || size == 0 || off + size > XSAVE_BYTES {
+                        return Err(format!(
+                            "vCPU {id}: XSAVE component {f} has no place on this host (its CPU lacks the feature)"
+                        ));
+                    }
+                    exact(
+                        &mut bytes[off..off + size],
+                        data,
+                        &format!("vCPU {id}: XSAVE component {f}"),
+                    )?;
+                }
+                let mut area = kvm_xsave::default();
+                for (i, w) in area.region.iter_mut().enumerate() {
+                    *w = u32::from_le_bytes(le(&bytes, i * 4));
+                }
+                Fpu::Xsave(Box::new(area))
+            }
+            Which::Legacy(f) => {
+                let f = f.map_err(e("the FPU state"))?;
+                let mut fpu = kvm_fpu {
+                    fcw: f.get_fcw(),
+                    fsw: f.get_fsw(),
+                    ftwx: f.get_ftwx(),
+                    last_opcode: f.get_last_opcode(),
+                    last_ip: f.get_last_ip(),
+                    last_dp: f.get_last_dp(),
+                    mxcsr: f.get_mxcsr(),
+                    ..Default::default()
+                };
+                let fpr = f.get_fpr().map_err(e("FPU registers"))?;
+                exact(
+                    fpu.fpr.as_flattened_mut(),
+                    fpr,
+                    &format!("vCPU {id}: the FPU registers"),
+                )?;
+                let xmm = f.get_xmm().map_err(e("XMM registers"))?;
+                exact(
+                    fpu.xmm.as_flattened_mut(),
+                    xmm,
+                    &format!("vCPU {id}: the XMM registers"),
+                )?;
+                Fpu::Legacy(Box::new(fpu))
+            }
+        };
+        let list = r.get_xcrs().map_err(e("XCRs"))?;
+        let xcrs = if list.is_empty() {
+            None
+        } else {
+            let mut x = kvm_xcrs::default();
+            if list.len() as usize > x.xcrs.len() {
+                return Err(format!("vCPU {id}: {} XCRs, at most 16", list.len()));
+            }
+            x.nr_xcrs = list.len();
+            for (slot, xcr) in x.xcrs.iter_mut().zip(list.iter()) {
+                slot.xcr = xcr.get_index();
+                slot.value = xcr.get_value();
+            }
+            Some(x)
+        };
+        let d = r.get_debug_regs().map_err(e("debug registers"))?;
+        let db = d.get_db().map_err(e("debug registers"))?;
+        if db.len() != 4 {
+            return Err(format!(
+                "vCPU {id}: {} debug address registers, 4 expected",
+                db.len()
+            ));
+        }
+        let debug_regs = kvm_debugregs {
+            db: [db.get(0), db.get(1), db.get(2), db.get(3)],
+            dr6: d.get_dr6(),
+            dr7: d.get_dr7(),
+            flags: d.get_flags(),
+            ..Default::default()
+        };
+        let page = r.get_lapic().map_err(e("the LAPIC"))?;
+        let mut lapic = kvm_lapic_state::default();
+        if page.len() != lapic.regs.len() {
+            return Err(format!(
+                "vCPU {id}: the LAPIC page is {} bytes, {} expected",
+                page.len(),
+                lapic.regs.len()
+            ));
+        }
+        for (d, s) in lapic.regs.iter_mut().zip(page) {
+            *d = *s as std::os::raw::c_char;
+        }
+        let msrs = r
+            .get_msrs()
+            .map_err(e("MSRs"))?
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.get_index(),
+                data: m.get_data(),
+                ..Default::default()
+            })
+            .collect();
+        let v = r.get_events().map_err(e("pending events"))?;
+        let mut events = kvm_vcpu_events::default();
+        events.exception.injected = v.get_exception_injected().into();
+        events.exception.nr = v.get_exception_nr();
+        events.exception.has_error_code = v.get_exception_has_error_code().into();
+        events.exception.pending = v.get_exception_pending().into();
+        events.exception.error_code = v.get_exception_error_code();
+        events.exception_has_payload = v.get_exception_has_payload().into();
+        events.exception_payload = v.get_exception_payload();
+        events.interrupt.injected = v.get_interrupt_injected().into();
+        events.interrupt.nr = v.get_interrupt_nr();
+        events.interrupt.soft = v.get_interrupt_soft().into();
+        events.interrupt.shadow = v.get_interrupt_shadow();
+        events.nmi.injected = v.get_nmi_injected().into();
+        events.nmi.pending = v.get_nmi_pending().into();
+        events.nmi.masked = v.get_nmi_masked().into();
+        events.sipi_vector = v.get_sipi_vector();
+        events.flags = v.get_flags();
+        events.smi.smm = v.get_smi_smm().into();
+        events.smi.pending = v.get_smi_pending().into();
+        events.smi.smm_inside_nmi = v.get_smi_inside_nmi().into();
+        events.smi.latched_init = v.get_latched_init();
+        events.triple_fault.pending = v.get_triple_fault_pending().into();
+        Ok(VcpuState {
+            id,
+            mp_state: kvm_mp_state {
+                mp_state: r.get_mp_state(),
+            },
+            regs,
+            sregs,
+            fpu,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+    fn encode(state: &VcpuState) -> Vec<u8> {
+        let mut msg = capnp::message::Builder::new_default();
+        state.write(msg.init_root());
+        capnp::serialize::write_message_to_words(&msg)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<VcpuState, String> {
+        let reader = capnp::serialize::read_message_from_flat_slice(
+            &mut &bytes[..],
+            capnp::message::ReaderOptions::new(),
+        )
+        .unwrap();
+        VcpuState::read(reader.get_root().unwrap())
+    }
+
+    /// A stream whose parts have the wrong size, or name an XSAVE component this CPU lacks,
+    /// is refused with an error that names the part.
+    #[test]
+    fn a_wrong_sized_or_foreign_part_is_refused() {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm");
+        let (_vm, a) = vm_with_vcpu(&kvm);
+        let saved = VcpuState::save(&a, 3, &[]).unwrap();
+        let mut msg = capnp::message::Builder::new_default();
+        saved.write(msg.init_root::<state_capnp::vcpu_state::Builder>());
+        msg.get_root::<state_capnp::vcpu_state::Builder>()
+            .unwrap()
+            .set_lapic(&[0u8; 100]);
+        let e = decode(&capnp::serialize::write_message_to_words(&msg))
+            .err()
+            .unwrap();
+        assert_eq!(e, "vCPU 3: the LAPIC page is 100 bytes, 1024 expected");
+        let mut msg = capnp::message::Builder::new_default();
+        saved.write(msg.init_root::<state_capnp::vcpu_state::Builder>());
+        let root = msg.get_root::<state_capnp::vcpu_state::Builder>().unwrap();
+        if let Ok(state_capnp::vcpu_state::fpu::Which::Xsave(Ok(x))) = root.get_fpu().which() {
+            let mut c = x.init_components(1).get(0);
+            c.set_feature(63);
+            c.set_data(&[1, 2, 3]);
+            let e = decode(&capnp::serialize::write_message_to_words(&msg))
+                .err()
+                .unwrap();
+            assert!(
+                e.contains("XSAVE component 63 has no place on this host"),
+                "{e}"
+            );
+        }
+    }
 
     fn vm_with_vcpu(kvm: &Kvm) -> (kvm_ioctls::VmFd, VcpuFd) {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM");
@@ -208,19 +726,34 @@ mod tests {
         }])
         .unwrap();
         assert_eq!(a.set_msrs(&m).unwrap(), 1);
+        // The upper halves of the YMM registers (XSAVE component 2), where the CPU has AVX.
+        let (avx_at, avx_len) = xsave_component(2);
+        let with_avx = avx_len == 256;
+        if with_avx {
+            let mut x = a.get_xsave().unwrap();
+            let mut bytes = xsave_bytes(&x);
+            for (i, b) in bytes[avx_at..avx_at + avx_len].iter_mut().enumerate() {
+                *b = i as u8 ^ 0x5a;
+            }
+            bytes[XSAVE_HEADER] |= 1 << 2;
+            for (i, w) in x.region.iter_mut().enumerate() {
+                *w = u32::from_le_bytes(le(&bytes, i * 4));
+            }
+            // SAFETY: a 4 KiB area read from this vCPU with one component filled in.
+            unsafe { a.set_xsave(&x) }.unwrap();
+        }
         let saved = VcpuState::save(&a, 0, &msrs).unwrap();
         eprintln!(
-            "{} MSRs saved; {}",
+            "{} MSRs saved; XSAVE: {}; AVX state set: {with_avx}",
             saved.msrs.len(),
-            if matches!(saved.fpu, Fpu::Xsave(_)) {
-                "XSAVE"
-            } else {
-                "legacy FPU"
-            }
+            matches!(saved.fpu, Fpu::Xsave(_))
         );
 
+        // Through the stream's form: a Cap'n Proto message, as bytes.
+        let bytes = encode(&saved);
+        let decoded = decode(&bytes).unwrap();
         let (_vm2, b) = vm_with_vcpu(&kvm);
-        saved.restore(&b).unwrap();
+        decoded.restore(&b).unwrap();
         let back = VcpuState::save(&b, 0, &msrs).unwrap();
         assert_eq!(back.regs.rax, 0x1234_5678_9abc_def0);
         assert_eq!(back.regs.r15, 0x0fed_cba9_8765_4321);
@@ -247,7 +780,14 @@ mod tests {
             }
         }
         match (&saved.fpu, &back.fpu) {
-            (Fpu::Xsave(s), Fpu::Xsave(r)) => assert_eq!(s.region[..], r.region[..]),
+            (Fpu::Xsave(s), Fpu::Xsave(r)) => {
+                assert_eq!(s.region[..], r.region[..]);
+                if with_avx {
+                    let b = xsave_bytes(r);
+                    assert_eq!(b[avx_at + 7], 7 ^ 0x5a, "YMM7's upper half came back");
+                    assert_ne!(b[XSAVE_HEADER] & (1 << 2), 0);
+                }
+            }
             (Fpu::Legacy(s), Fpu::Legacy(r)) => assert_eq!(s.mxcsr, r.mxcsr),
             _ => panic!("the FPU state changed kind"),
         }

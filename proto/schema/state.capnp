@@ -1,0 +1,197 @@
+@0xd117a17d7d200a2b;
+# What a running VM is, for snapshots and live migration: typed, so that a stream from another
+# build or host is checked field by field rather than copied as kernel structs. Each part is
+# saved and restored next to its owner (vmm-core/src/vcpu/state.rs, vmm-core/src/kvm_state.rs).
+#
+# Versioning: fields are only ever added (Cap'n Proto reads older and newer structs), and
+# `format` in the stream's header says which generation wrote it; a reader refuses a
+# generation it does not know.
+
+struct VcpuState {
+  id @0 :UInt32;
+  mpState @1 :UInt32;          # KVM_MP_STATE_*: RUNNABLE, UNINITIALIZED (an AP before SIPI), HALTED...
+  regs @2 :Regs;
+  sregs @3 :Sregs;
+  fpu :union {
+    xsave @4 :Xsave;
+    legacy @5 :LegacyFpu;      # hosts without XSAVE
+  }
+  xcrs @6 :List(Xcr);          # empty when the host has none
+  debugRegs @7 :DebugRegs;
+  lapic @8 :Data;              # the LAPIC's 1 KiB register page, in the LAPIC's own layout
+  msrs @9 :List(Msr);
+  events @10 :Events;
+}
+
+struct Regs {
+  rax @0 :UInt64;  rbx @1 :UInt64;  rcx @2 :UInt64;  rdx @3 :UInt64;
+  rsi @4 :UInt64;  rdi @5 :UInt64;  rsp @6 :UInt64;  rbp @7 :UInt64;
+  r8 @8 :UInt64;   r9 @9 :UInt64;   r10 @10 :UInt64; r11 @11 :UInt64;
+  r12 @12 :UInt64; r13 @13 :UInt64; r14 @14 :UInt64; r15 @15 :UInt64;
+  rip @16 :UInt64; rflags @17 :UInt64;
+}
+
+struct Segment {
+  base @0 :UInt64;
+  limit @1 :UInt32;
+  selector @2 :UInt16;
+  type @3 :UInt8;
+  present @4 :Bool;
+  dpl @5 :UInt8;
+  db @6 :Bool;
+  s @7 :Bool;
+  l @8 :Bool;
+  g @9 :Bool;
+  avl @10 :Bool;
+  unusable @11 :Bool;
+}
+
+struct DescriptorTable {
+  base @0 :UInt64;
+  limit @1 :UInt16;
+}
+
+struct Sregs {
+  cs @0 :Segment; ds @1 :Segment; es @2 :Segment; fs @3 :Segment;
+  gs @4 :Segment; ss @5 :Segment; tr @6 :Segment; ldt @7 :Segment;
+  gdt @8 :DescriptorTable;
+  idt @9 :DescriptorTable;
+  cr0 @10 :UInt64; cr2 @11 :UInt64; cr3 @12 :UInt64; cr4 @13 :UInt64; cr8 @14 :UInt64;
+  efer @15 :UInt64;
+  apicBase @16 :UInt64;
+  interruptBitmap @17 :List(UInt64);   # the pending external interrupt, one bit per vector
+}
+
+# The XSAVE area, taken apart: the legacy FXSAVE region's fields, the header, and each state
+# component by its feature number, so that a host whose CPU lays components out at other
+# offsets places them where its own CPUID (leaf 0xD) says.
+struct Xsave {
+  fcw @0 :UInt16;
+  fsw @1 :UInt16;
+  ftw @2 :UInt8;                # abridged tag word
+  fop @3 :UInt16;
+  fip @4 :UInt64;
+  fdp @5 :UInt64;
+  mxcsr @6 :UInt32;
+  mxcsrMask @7 :UInt32;
+  st @8 :Data;                  # ST0-ST7 / MM0-MM7, 16 bytes each
+  xmm @9 :Data;                 # XMM0-XMM15, 16 bytes each
+  xstateBv @10 :UInt64;
+  xcompBv @11 :UInt64;
+  components @12 :List(XsaveComponent);
+}
+
+struct XsaveComponent {
+  feature @0 :UInt8;            # the XCR0 bit: 2 AVX, 5-7 AVX-512, 9 PKRU...
+  data @1 :Data;
+}
+
+struct LegacyFpu {
+  fcw @0 :UInt16;
+  fsw @1 :UInt16;
+  ftwx @2 :UInt8;
+  lastOpcode @3 :UInt16;
+  lastIp @4 :UInt64;
+  lastDp @5 :UInt64;
+  mxcsr @6 :UInt32;
+  fpr @7 :Data;                 # 8 x 16 bytes
+  xmm @8 :Data;                 # 16 x 16 bytes
+}
+
+struct Xcr {
+  index @0 :UInt32;
+  value @1 :UInt64;
+}
+
+struct DebugRegs {
+  db @0 :List(UInt64);          # DR0-DR3
+  dr6 @1 :UInt64;
+  dr7 @2 :UInt64;
+  flags @3 :UInt64;
+}
+
+struct Msr {
+  index @0 :UInt32;
+  data @1 :UInt64;
+}
+
+struct Events {
+  exceptionInjected @0 :Bool;
+  exceptionNr @1 :UInt8;
+  exceptionHasErrorCode @2 :Bool;
+  exceptionPending @3 :Bool;
+  exceptionErrorCode @4 :UInt32;
+  exceptionHasPayload @5 :Bool;
+  exceptionPayload @6 :UInt64;
+  interruptInjected @7 :Bool;
+  interruptNr @8 :UInt8;
+  interruptSoft @9 :Bool;
+  interruptShadow @10 :UInt8;
+  nmiInjected @11 :Bool;
+  nmiPending @12 :Bool;
+  nmiMasked @13 :Bool;
+  sipiVector @14 :UInt32;
+  flags @15 :UInt32;            # KVM_VCPUEVENT_VALID_*: which of the fields are meant
+  smiSmm @16 :Bool;
+  smiPending @17 :Bool;
+  smiInsideNmi @18 :Bool;
+  latchedInit @19 :UInt8;
+  tripleFaultPending @20 :Bool;
+}
+
+# The in-kernel irqchip, PIT and kvmclock.
+struct KvmState {
+  picMaster @0 :Pic;
+  picSlave @1 :Pic;
+  ioapic @2 :Ioapic;
+  pit @3 :Pit;
+  clockNs @4 :UInt64;           # kvmclock, in guest nanoseconds
+}
+
+struct Pic {
+  lastIrr @0 :UInt8;
+  irr @1 :UInt8;
+  imr @2 :UInt8;
+  isr @3 :UInt8;
+  priorityAdd @4 :UInt8;
+  irqBase @5 :UInt8;
+  readRegSelect @6 :UInt8;
+  poll @7 :UInt8;
+  specialMask @8 :UInt8;
+  initState @9 :UInt8;
+  autoEoi @10 :UInt8;
+  rotateOnAutoEoi @11 :UInt8;
+  specialFullyNestedMode @12 :UInt8;
+  init4 @13 :UInt8;
+  elcr @14 :UInt8;
+  elcrMask @15 :UInt8;
+}
+
+struct Ioapic {
+  baseAddress @0 :UInt64;
+  ioregsel @1 :UInt32;
+  id @2 :UInt32;
+  irr @3 :UInt32;
+  redirection @4 :List(UInt64);   # the 24 redirection table entries
+}
+
+struct Pit {
+  channels @0 :List(PitChannel);  # 3
+  flags @1 :UInt32;
+}
+
+struct PitChannel {
+  count @0 :UInt32;
+  latchedCount @1 :UInt16;
+  countLatched @2 :UInt8;
+  statusLatched @3 :UInt8;
+  status @4 :UInt8;
+  readState @5 :UInt8;
+  writeState @6 :UInt8;
+  writeLatch @7 :UInt8;
+  rwMode @8 :UInt8;
+  mode @9 :UInt8;
+  bcd @10 :UInt8;
+  gate @11 :UInt8;
+  countLoadTime @12 :Int64;
+}
