@@ -1,0 +1,630 @@
+//! The migration stream: what a live migration sends and what a snapshot file holds.
+//!
+//! ```text
+//! header   "VMMSTATE" | format u32 | page size u32 | config length u32 | config | crc32 u32
+//! section  kind u8 | payload length u64 | payload | crc32 u32 (of kind, length and payload)
+//!   RAM     gpa u64 | pages (a run of non-zero pages)
+//!   ZERO    gpa u64 | page count u64 (pages that became zero since they were sent)
+//!   DEVICE  name length u16 | name | state (Cap'n Proto, proto/schema/state.capnp)
+//!   END     sections u64 | RAM pages u64 | zero pages u64 (what came before, to be checked)
+//! ```
+//!
+//! All integers are little-endian. The config is the VM's shape (RAM regions and vCPU count):
+//! a destination of another shape refuses the stream before it takes any of it. The reader
+//! checks everything: magic, format, every checksum, every length against a bound, every RAM
+//! range against the config, and the counts at the end, so a truncated, corrupt, wrong-version
+//! or mismatched stream is refused with an error that says which and where. A caller applies
+//! device state only once `Section::End` has been read (from `Reader::section`).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+pub const MAGIC: &[u8; 8] = b"VMMSTATE";
+/// The stream format this build writes and reads.
+pub const FORMAT: u32 = 1;
+pub const PAGE: usize = 4096;
+/// Pages per RAM section (4 MiB).
+const RUN: usize = 1024;
+/// The largest payload a reader accepts, so that a corrupt length cannot exhaust memory.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+const MAX_CONFIG: u32 = 1 << 16;
+
+const RAM: u8 = 1;
+const ZERO: u8 = 2;
+const DEVICE: u8 = 3;
+const END: u8 = 0xff;
+
+/// The VM's shape: a stream only goes into a VM of the same shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Guest RAM regions: (guest physical address, bytes), page-aligned, in order.
+    pub regions: Vec<(u64, u64)>,
+    pub vcpus: u32,
+}
+
+impl Config {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + 16 * self.regions.len());
+        b.extend_from_slice(&self.vcpus.to_le_bytes());
+        b.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
+        for (gpa, size) in &self.regions {
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&size.to_le_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Config> {
+        let vcpus = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
+        let n = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?) as usize;
+        if b.len() != 8 + 16 * n {
+            return None;
+        }
+        let regions = (0..n)
+            .map(|i| {
+                let at = 8 + 16 * i;
+                (
+                    u64::from_le_bytes(b[at..at + 8].try_into().unwrap()),
+                    u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap()),
+                )
+            })
+            .collect();
+        Some(Config { regions, vcpus })
+    }
+
+    /// Whether `pages` pages at `gpa` lie inside one region.
+    fn holds(&self, gpa: u64, pages: u64) -> bool {
+        let Some(len) = pages.checked_mul(PAGE as u64) else {
+            return false;
+        };
+        gpa.is_multiple_of(PAGE as u64)
+            && self.regions.iter().any(|&(start, size)| {
+                gpa >= start && gpa.checked_add(len).is_some_and(|end| end <= start + size)
+            })
+    }
+
+    fn ram_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let ram = self.ram_bytes();
+        let (n, unit) = if ram.is_multiple_of(1 << 20) {
+            (ram >> 20, "MiB")
+        } else {
+            (ram >> 10, "KiB")
+        };
+        write!(
+            f,
+            "{} vCPU(s) and {n} {unit} of RAM in {} region(s)",
+            self.vcpus,
+            self.regions.len()
+        )
+    }
+}
+
+#[derive(Debug)]
+pub enum StreamError {
+    NotAStream,
+    Format(u32),
+    Truncated { at: u64, inside: String },
+    Checksum { at: u64, what: String },
+    Bad { at: u64, why: String },
+    Mismatch { theirs: Config, ours: Config },
+    Io(io::Error),
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            StreamError::NotAStream => write!(
+                f,
+                "not a VM state stream (no VMMSTATE magic at its start); give a snapshot file or migration stream that migrated wrote"
+            ),
+            StreamError::Format(v) => write!(
+                f,
+                "the stream is in format {v}, this build reads format {FORMAT}; use a migrated of the release that wrote it"
+            ),
+            StreamError::Truncated { at, inside } => write!(
+                f,
+                "the stream ends at byte {at}, inside {inside}; the transfer was cut or the file is incomplete"
+            ),
+            StreamError::Checksum { at, what } => write!(
+                f,
+                "{what} at byte {at} fails its checksum; the stream is corrupt"
+            ),
+            StreamError::Bad { at, why } => write!(f, "byte {at}: {why}; the stream is corrupt"),
+            StreamError::Mismatch { theirs, ours } => write!(
+                f,
+                "the stream is of a VM with {theirs}, this VM has {ours}; start the destination with the same --memory and --cpus"
+            ),
+            StreamError::Io(e) => write!(f, "cannot read the stream: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// What to do with all-zero pages in `Writer::ram`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeros {
+    /// Leave them out: the destination's RAM is zero there already (a snapshot, or the first
+    /// pass of a migration).
+    Skip,
+    /// Send them as ZERO runs: they may have held data the destination has (a later pass).
+    Send,
+}
+
+/// Writes a stream.
+pub struct Writer<W: Write> {
+    w: W,
+    config: Config,
+    sections: u64,
+    ram_pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+impl<W: Write> Writer<W> {
+    /// Starts a stream for a VM of shape `config` (writes the header).
+    pub fn new(mut w: W, config: &Config) -> io::Result<Writer<W>> {
+        let cfg = config.encode();
+        let mut h = Vec::with_capacity(24 + cfg.len());
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&FORMAT.to_le_bytes());
+        h.extend_from_slice(&(PAGE as u32).to_le_bytes());
+        h.extend_from_slice(&(cfg.len() as u32).to_le_bytes());
+        h.extend_from_slice(&cfg);
+        let crc = crc32fast::hash(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        w.write_all(&h)?;
+        Ok(Writer {
+            w,
+            config: config.clone(),
+            sections: 0,
+            ram_pages: 0,
+            zero_pages: 0,
+            bytes: h.len() as u64,
+        })
+    }
+
+    fn section(&mut self, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let mut head = [0u8; 9];
+        head[0] = kind;
+        head[1..].copy_from_slice(&len.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        self.w.write_all(&head)?;
+        for p in parts {
+            crc.update(p);
+            self.w.write_all(p)?;
+        }
+        self.w.write_all(&crc.finalize().to_le_bytes())?;
+        self.sections += 1;
+        self.bytes += 13 + len;
+        Ok(())
+    }
+
+    /// Guest RAM at `gpa` (page-aligned, whole pages): runs of non-zero pages as RAM sections,
+    /// zero pages skipped or sent as ZERO runs.
+    pub fn ram(&mut self, gpa: u64, data: &[u8], zeros: Zeros) -> io::Result<()> {
+        if !gpa.is_multiple_of(PAGE as u64) || !data.len().is_multiple_of(PAGE) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("RAM at {gpa:#x} (+{:#x}) is not whole pages", data.len()),
+            ));
+        }
+        if !self.config.holds(gpa, (data.len() / PAGE) as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "RAM at {gpa:#x} (+{:#x}) is outside the VM's regions",
+                    data.len()
+                ),
+            ));
+        }
+        let zero = |p: &[u8]| p.iter().all(|&b| b == 0);
+        let pages: Vec<&[u8]> = data.chunks(PAGE).collect();
+        let mut i = 0;
+        while i < pages.len() {
+            let is_zero = zero(pages[i]);
+            let mut j = i + 1;
+            while j < pages.len() && j - i < RUN && zero(pages[j]) == is_zero {
+                j += 1;
+            }
+            let at = gpa + (i * PAGE) as u64;
+            if !is_zero {
+                self.section(RAM, &[&at.to_le_bytes(), &data[i * PAGE..j * PAGE]])?;
+                self.ram_pages += (j - i) as u64;
+            } else if zeros == Zeros::Send {
+                self.section(ZERO, &[&at.to_le_bytes(), &((j - i) as u64).to_le_bytes()])?;
+                self.zero_pages += (j - i) as u64;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// A device's state, under its name.
+    pub fn device(&mut self, name: &str, state: &[u8]) -> io::Result<()> {
+        let n = u16::try_from(name.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "device name too long"))?;
+        self.section(DEVICE, &[&n.to_le_bytes(), name.as_bytes(), state])
+    }
+
+    /// Ends the stream; returns the sink and the bytes written.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        let (s, r, z) = (self.sections, self.ram_pages, self.zero_pages);
+        self.section(END, &[&s.to_le_bytes(), &r.to_le_bytes(), &z.to_le_bytes()])?;
+        self.w.flush()?;
+        Ok((self.w, self.bytes))
+    }
+}
+
+/// One section, as the reader hands it out.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Section<'a> {
+    Ram { gpa: u64, data: &'a [u8] },
+    Zero { gpa: u64, pages: u64 },
+    Device { name: &'a str, state: &'a [u8] },
+    End,
+}
+
+/// Reads and checks a stream.
+pub struct Reader<R: Read> {
+    r: R,
+    config: Config,
+    at: u64,
+    sections: u64,
+    ram_pages: u64,
+    zero_pages: u64,
+    ended: bool,
+    buf: Vec<u8>,
+}
+
+/// Reads exactly `buf.len()` bytes; a short read is a truncation inside `inside`.
+fn fill<R: Read>(r: &mut R, buf: &mut [u8], at: u64, inside: &str) -> Result<(), StreamError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(StreamError::Truncated {
+                    at: at + got as u64,
+                    inside: inside.to_string(),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StreamError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        RAM => "a RAM section",
+        ZERO => "a zero-pages section",
+        DEVICE => "a device section",
+        END => "the end marker",
+        _ => "a section",
+    }
+}
+
+impl<R: Read> Reader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut r: R) -> Result<Reader<R>, StreamError> {
+        let mut h = [0u8; 20];
+        match fill(&mut r, &mut h, 0, "the header") {
+            Err(StreamError::Truncated { .. }) if !h.starts_with(MAGIC) => {
+                return Err(StreamError::NotAStream)
+            }
+            r => r?,
+        }
+        if &h[..8] != MAGIC {
+            return Err(StreamError::NotAStream);
+        }
+        let format = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if format != FORMAT {
+            return Err(StreamError::Format(format));
+        }
+        let page = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let cfg_len = u32::from_le_bytes(h[16..20].try_into().unwrap());
+        if page as usize != PAGE || cfg_len > MAX_CONFIG {
+            return Err(StreamError::Bad {
+                at: 12,
+                why: format!("a page size of {page} and a config of {cfg_len} bytes"),
+            });
+        }
+        let mut rest = vec![0u8; cfg_len as usize + 4];
+        fill(&mut r, &mut rest, 20, "the header")?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        crc.update(&rest[..cfg_len as usize]);
+        let want = u32::from_le_bytes(rest[cfg_len as usize..].try_into().unwrap());
+        if crc.finalize() != want {
+            return Err(StreamError::Checksum {
+                at: 0,
+                what: "the header".into(),
+            });
+        }
+        let config = Config::decode(&rest[..cfg_len as usize]).ok_or_else(|| StreamError::Bad {
+            at: 20,
+            why: "the header's VM config does not parse".into(),
+        })?;
+        Ok(Reader {
+            r,
+            config,
+            at: 24 + u64::from(cfg_len),
+            sections: 0,
+            ram_pages: 0,
+            zero_pages: 0,
+            ended: false,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The shape of the VM the stream is of.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Refuses a stream of a VM of another shape than `ours`.
+    pub fn check_config(&self, ours: &Config) -> Result<(), StreamError> {
+        if &self.config != ours {
+            return Err(StreamError::Mismatch {
+                theirs: self.config.clone(),
+                ours: ours.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The next section, checked. After `Section::End` the stream is complete and consistent.
+    pub fn section(&mut self) -> Result<Section<'_>, StreamError> {
+        if self.ended {
+            return Ok(Section::End);
+        }
+        let start = self.at;
+        let n = self.sections + 1;
+        let mut head = [0u8; 9];
+        fill(
+            &mut self.r,
+            &mut head,
+            start,
+            &format!("the head of section {n}"),
+        )?;
+        let kind = head[0];
+        let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+        let bad = |why: String| StreamError::Bad { at: start, why };
+        if !matches!(kind, RAM | ZERO | DEVICE | END) {
+            return Err(bad(format!("section {n} is of unknown kind {kind:#x}")));
+        }
+        if len > MAX_PAYLOAD + 8 {
+            return Err(bad(format!(
+                "section {n} claims {len} bytes, more than the {MAX_PAYLOAD} a section may have"
+            )));
+        }
+        let what = format!("section {n} ({})", kind_name(kind));
+        self.buf.resize(len as usize + 4, 0);
+        fill(&mut self.r, &mut self.buf, start + 9, &what)?;
+        let (payload, tail) = self.buf.split_at(len as usize);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(payload);
+        if crc.finalize() != u32::from_le_bytes(tail.try_into().unwrap()) {
+            return Err(StreamError::Checksum { at: start, what });
+        }
+        self.at = start + 13 + len;
+        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let section = match kind {
+            RAM => {
+                if payload.len() < 8 + PAGE || !(payload.len() - 8).is_multiple_of(PAGE) {
+                    return Err(bad(format!("{what} holds {len} bytes, not whole pages")));
+                }
+                let gpa = u64_at(payload, 0);
+                let pages = ((payload.len() - 8) / PAGE) as u64;
+                if !self.config.holds(gpa, pages) {
+                    return Err(bad(format!(
+                        "{what}: {pages} page(s) at {gpa:#x} are outside the VM's RAM"
+                    )));
+                }
+                self.ram_pages += pages;
+                Section::Ram {
+                    gpa,
+                    data: &payload[8..],
+                }
+            }
+            ZERO => {
+                if payload.len() != 16 {
+                    return Err(bad(format!("{what} holds {len} bytes, 16 expected")));
+                }
+                let (gpa, pages) = (u64_at(payload, 0), u64_at(payload, 8));
+                if pages == 0 || !self.config.holds(gpa, pages) {
+                    return Err(bad(format!(
+                        "{what}: {pages} page(s) at {gpa:#x} are outside the VM's RAM"
+                    )));
+                }
+                self.zero_pages += pages;
+                Section::Zero { gpa, pages }
+            }
+            DEVICE => {
+                let name_len = payload
+                    .get(..2)
+                    .map(|b| u16::from_le_bytes(b.try_into().unwrap()) as usize);
+                let name = name_len
+                    .and_then(|l| payload.get(2..2 + l))
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| bad(format!("{what} has no readable device name")))?;
+                Section::Device {
+                    name,
+                    state: &payload[2 + name.len()..],
+                }
+            }
+            _ => {
+                if payload.len() != 24 {
+                    return Err(bad(format!("{what} holds {len} bytes, 24 expected")));
+                }
+                let counts = (u64_at(payload, 0), u64_at(payload, 8), u64_at(payload, 16));
+                let seen = (self.sections, self.ram_pages, self.zero_pages);
+                if counts != seen {
+                    return Err(bad(format!(
+                        "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
+                        counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
+                    )));
+                }
+                self.ended = true;
+                Section::End
+            }
+        };
+        self.sections += 1;
+        Ok(section)
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            regions: vec![(0, 64 * PAGE as u64), (1 << 32, 16 * PAGE as u64)],
+            vcpus: 2,
+        }
+    }
+
+    /// A small stream: RAM with zero and non-zero runs in both regions, a later pass with
+    /// zero pages sent, and two devices.
+    fn sample() -> Vec<u8> {
+        let mut ram = vec![0u8; 64 * PAGE];
+        for p in [1usize, 2, 3, 10, 63] {
+            ram[p * PAGE..(p + 1) * PAGE].fill(p as u8);
+        }
+        let mut w = Writer::new(Vec::new(), &config()).unwrap();
+        w.ram(0, &ram, Zeros::Skip).unwrap();
+        w.ram(1 << 32, &[7u8; 2 * PAGE], Zeros::Skip).unwrap();
+        w.ram(5 * PAGE as u64, &vec![0u8; 3 * PAGE], Zeros::Send)
+            .unwrap();
+        w.device("vcpu0", b"state of vcpu 0").unwrap();
+        w.device("serial0", b"").unwrap();
+        let (bytes, n) = w.finish().unwrap();
+        assert_eq!(n, bytes.len() as u64);
+        bytes
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<String>, StreamError> {
+        let mut r = Reader::new(bytes)?;
+        r.check_config(&config())?;
+        let mut out = Vec::new();
+        loop {
+            match r.section()? {
+                Section::Ram { gpa, data } => {
+                    out.push(format!("ram {gpa:#x} {} {}", data.len() / PAGE, data[0]))
+                }
+                Section::Zero { gpa, pages } => out.push(format!("zero {gpa:#x} {pages}")),
+                Section::Device { name, state } => {
+                    out.push(format!("device {name} {}", String::from_utf8_lossy(state)))
+                }
+                Section::End => return Ok(out),
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_elides_zero_pages() {
+        let bytes = sample();
+        let got = read_all(&bytes).unwrap();
+        assert_eq!(
+            got,
+            [
+                "ram 0x1000 3 1",
+                "ram 0xa000 1 10",
+                "ram 0x3f000 1 63",
+                "ram 0x100000000 2 7",
+                "zero 0x5000 3",
+                "device vcpu0 state of vcpu 0",
+                "device serial0 ",
+            ]
+        );
+        // 5 + 2 data pages and the overhead, not the 80 pages of RAM.
+        assert!(bytes.len() < 8 * PAGE, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = sample();
+        for cut in 0..bytes.len() {
+            let e = read_all(&bytes[..cut]).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, StreamError::Truncated { .. } | StreamError::NotAStream),
+                "cut at {cut}: {msg}"
+            );
+            if cut >= 8 {
+                assert!(msg.contains("the transfer was cut"), "cut at {cut}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let bytes = sample();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            let e = read_all(&b).unwrap_err();
+            assert!(
+                !matches!(e, StreamError::Io(_)),
+                "flip at {i} not caught as corrupt: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn clear_errors_for_other_formats_shapes_and_files() {
+        let mut b = sample();
+        b[8] = 2;
+        let e = read_all(&b).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the stream is in format 2, this build reads format 1; use a migrated of the release that wrote it"
+        );
+        let e = read_all(b"#!/bin/sh\necho not a snapshot\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("not a VM state stream"), "{e}");
+        let good = sample();
+        let r = Reader::new(&good[..]).unwrap();
+        let ours = Config {
+            regions: vec![(0, 128 * PAGE as u64)],
+            vcpus: 2,
+        };
+        assert_eq!(
+            r.check_config(&ours).unwrap_err().to_string(),
+            "the stream is of a VM with 2 vCPU(s) and 320 KiB of RAM in 2 region(s), this VM has 2 vCPU(s) and 512 KiB of RAM in 1 region(s); start the destination with the same --memory and --cpus"
+        );
+        let mut b = sample();
+        // A byte of the end marker's counts.
+        let end = b.len() - 4 - 24 + 3;
+        b[end] ^= 0x42;
+        let e = read_all(&b).unwrap_err().to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+    }
+
+    #[test]
+    fn the_writer_refuses_ram_outside_the_vm() {
+        let mut w = Writer::new(Vec::new(), &config()).unwrap();
+        let e = w
+            .ram(64 * PAGE as u64, &[1u8; PAGE], Zeros::Skip)
+            .unwrap_err();
+        assert!(e.to_string().contains("outside the VM's regions"), "{e}");
+    }
+}
