@@ -195,3 +195,37 @@ struct PitChannel {
   gate @11 :UInt8;
   countLoadTime @12 :Int64;
 }
+
+# vmm-core's own devices.
+
+# The 8250 UART (vm-superio's registers, and the bytes the guest has not read yet).
+struct Serial {
+  baudDivisorLow @0 :UInt8;
+  baudDivisorHigh @1 :UInt8;
+  interruptEnable @2 :UInt8;
+  interruptIdentification @3 :UInt8;
+  lineControl @4 :UInt8;
+  lineStatus @5 :UInt8;
+  modemControl @6 :UInt8;
+  modemStatus @7 :UInt8;
+  scratch @8 :UInt8;
+  inBuffer @9 :Data;
+}
+
+# The ACPI Generic Event Device: the events the guest has not acknowledged.
+struct Ged {
+  pending @0 :UInt8;
+}
+
+# The CPU hotplug controller: the selected vCPU and each vCPU slot's status.
+struct CpuHotplug {
+  selected @0 :UInt32;
+  slots @1 :List(CpuSlot);
+}
+
+struct CpuSlot {
+  enabled @0 :Bool;
+  inserting @1 :Bool;
+  removing @2 :Bool;
+  ejectWanted @3 :Bool;
+}

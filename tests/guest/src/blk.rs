@@ -537,7 +537,7 @@ impl Disk {
             self.last_used[q] = self.last_used[q].wrapping_add(1);
             self.requests[q] += 1;
             let i = id / 3;
-            let status = if id % 3 == 0 && i < n {
+            let status = if id.is_multiple_of(3) && i < n {
                 r8(small + 32 * i as u64 + 16)
             } else {
                 // Not a head this batch used: the device is broken.

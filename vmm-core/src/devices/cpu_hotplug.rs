@@ -69,6 +69,47 @@ impl CpuHotplug {
     }
 }
 
+impl CpuHotplug {
+    pub fn save(&self, mut b: vmm_proto::state_capnp::cpu_hotplug::Builder) {
+        b.set_selected(self.selected);
+        let mut l = b.init_slots(self.slots.len() as u32);
+        for (i, s) in self.slots.iter().enumerate() {
+            let mut e = l.reborrow().get(i as u32);
+            e.set_enabled(s.enabled);
+            e.set_inserting(s.inserting);
+            e.set_removing(s.removing);
+            e.set_eject_wanted(s.eject_wanted);
+        }
+    }
+
+    /// Puts a saved state into a controller made for the same `--max-cpus`.
+    pub fn restore(
+        &mut self,
+        r: vmm_proto::state_capnp::cpu_hotplug::Reader,
+    ) -> Result<(), String> {
+        let slots = r
+            .get_slots()
+            .map_err(|e| format!("the CPU hotplug controller's state: {e}"))?;
+        if slots.len() as usize != self.slots.len() {
+            return Err(format!(
+                "the CPU hotplug controller's state is for {} vCPUs, this VM has --max-cpus {}",
+                slots.len(),
+                self.slots.len()
+            ));
+        }
+        for (s, e) in self.slots.iter_mut().zip(slots.iter()) {
+            *s = Slot {
+                enabled: e.get_enabled(),
+                inserting: e.get_inserting(),
+                removing: e.get_removing(),
+                eject_wanted: e.get_eject_wanted(),
+            };
+        }
+        self.selected = r.get_selected();
+        Ok(())
+    }
+}
+
 fn put_u32(v: u32, data: &mut [u8]) {
     for (d, b) in data.iter_mut().zip(v.to_le_bytes()) {
         *d = b;
@@ -139,6 +180,42 @@ mod tests {
         let mut b = [0u8];
         c.read(4, &mut b);
         b[0]
+    }
+
+    /// The selection and every slot go through the saved form; a VM with another
+    /// --max-cpus refuses the state.
+    #[test]
+    fn state_survives_save_and_restore() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut a = CpuHotplug::new(2, 4, tx.clone());
+        a.slots[3].enabled = true;
+        a.slots[3].inserting = true;
+        a.slots[1].eject_wanted = true;
+        a.slots[1].removing = true;
+        a.write(0, &3u32.to_le_bytes());
+        let mut msg = capnp::message::Builder::new_default();
+        a.save(msg.init_root());
+        let bytes = capnp::serialize::write_message_to_words(&msg);
+        let reader = capnp::serialize::read_message_from_flat_slice(
+            &mut &bytes[..],
+            capnp::message::ReaderOptions::new(),
+        )
+        .unwrap();
+        let mut b = CpuHotplug::new(1, 4, tx.clone());
+        b.restore(reader.get_root().unwrap()).unwrap();
+        assert_eq!(b.slots, a.slots);
+        let mut r = [0u8];
+        b.read(4, &mut r);
+        assert_eq!(
+            r[0],
+            STATUS_ENABLED | STATUS_INSERTING,
+            "vCPU 3 stays selected"
+        );
+        let mut c = CpuHotplug::new(1, 8, tx);
+        assert_eq!(
+            c.restore(reader.get_root().unwrap()).unwrap_err(),
+            "the CPU hotplug controller's state is for 4 vCPUs, this VM has --max-cpus 8"
+        );
     }
 
     #[test]

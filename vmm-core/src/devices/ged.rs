@@ -29,6 +29,16 @@ impl Ged {
     }
 }
 
+impl Ged {
+    pub fn save(&self, mut b: vmm_proto::state_capnp::ged::Builder) {
+        b.set_pending(self.pending);
+    }
+
+    pub fn restore(&mut self, r: vmm_proto::state_capnp::ged::Reader) {
+        self.pending = r.get_pending();
+    }
+}
+
 impl PioDevice for Ged {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
         data.fill(0);
