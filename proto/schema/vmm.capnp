@@ -59,6 +59,11 @@ interface Vmm {
   diskFaultAdd @15 (rule :Blockd.FaultRule) -> (id :UInt32);
   diskFaultRemove @16 (id :UInt32) -> ();
   diskFaultRules @17 () -> (rules :List(Blockd.FaultRule));
+
+  # How fast the guest writes to its RAM: KVM's dirty log is on for `ms` milliseconds and the
+  # pages written meanwhile are counted (as QEMU's calc-dirty-rate in dirty-bitmap mode).
+  # Live migration's pre-copy rests on the same log.
+  dirtyRate @18 (ms :UInt32) -> (pages :UInt64, ms :UInt32, pageSize :UInt32);
   # I/O fault rules in the VM's blockd (see Blockd.addFaultRule).
 
   events @5 (sink :EventSink) -> ();

@@ -38,6 +38,11 @@ pub enum Request {
         count: u32,
         timeout_ms: u32,
     },
+    /// KVM's dirty log on (and cleared), or off: turning it off stores how many pages the
+    /// guest wrote meanwhile in `Status::dirty_pages`.
+    DirtyLog {
+        on: bool,
+    },
 }
 
 /// One vCPU as `cpus` reports it.
@@ -70,6 +75,8 @@ pub struct Status {
     pub vcpus: Vec<VcpuStatus>,
     /// KVM_CREATE_VCPU calls in this boot of the VM.
     pub vcpus_created: u32,
+    /// Pages the guest wrote while the dirty log was last on (`dirtyRate`).
+    pub dirty_pages: u64,
 }
 
 pub struct Shared {
@@ -419,6 +426,34 @@ impl vmm::Server for VmmServer {
         _: vmm::PauseResults,
     ) -> Result<(), capnp::Error> {
         self.ask(Request::Pause).await
+    }
+
+    async fn dirty_rate(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DirtyRateParams,
+        mut results: vmm::DirtyRateResults,
+    ) -> Result<(), capnp::Error> {
+        let ms = match params.get()?.get_ms() {
+            0 => 1000,
+            ms if ms > 60_000 => {
+                return Err(capnp::Error::failed(format!(
+                    "dirty-rate --ms {ms}: at most 60000 (a minute)"
+                )))
+            }
+            ms => ms,
+        };
+        self.ask(Request::DirtyLog { on: true }).await?;
+        let start = Instant::now();
+        tokio::time::sleep(std::time::Duration::from_millis(ms.into())).await;
+        let off = self.ask(Request::DirtyLog { on: false }).await;
+        let elapsed = start.elapsed().as_millis() as u32;
+        off?;
+        let pages = self.shared.status.lock().unwrap().dirty_pages;
+        let mut r = results.get();
+        r.set_pages(pages);
+        r.set_ms(elapsed);
+        r.set_page_size(4096);
+        Ok(())
     }
 
     async fn resume(

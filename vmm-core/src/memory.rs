@@ -24,6 +24,8 @@ pub enum MemoryError {
     Map(#[source] vm_memory::mmap::FromRangesError),
     #[error("cannot register guest RAM with KVM")]
     Register(#[source] kvm_ioctls::Error),
+    #[error("cannot read KVM's dirty log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
 }
 
 /// The guest-physical ranges of RAM for a given size: (start, length, offset in the memfd).
@@ -73,13 +75,46 @@ impl Memory {
 
     /// Registers every region as a KVM memory slot.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        self.register_with(vm, 0)
+    }
+
+    /// Turns KVM's dirty log on or off for every slot (KVM_MEM_LOG_DIRTY_PAGES); the guest
+    /// runs on meanwhile.
+    pub fn log_dirty(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+        self.register_with(
+            vm,
+            if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        )
+    }
+
+    /// How many pages the guest wrote since the last call (or since logging began); the log
+    /// starts over.
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<u64, MemoryError> {
+        let mut pages = 0u64;
+        for (slot, region) in self.guest.iter().enumerate() {
+            let bitmap = vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(MemoryError::DirtyLog)?;
+            pages += bitmap
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>();
+        }
+        Ok(pages)
+    }
+
+    fn register_with(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {
         for (slot, region) in self.guest.iter().enumerate() {
             let mem_region = kvm_bindings::kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-                flags: 0,
+                flags,
             };
             // SAFETY: the mapping is valid for memory_size bytes and outlives the VM: Memory
             // is dropped after the VM fd (see vm::run).

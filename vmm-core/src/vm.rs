@@ -282,6 +282,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             boots: 0,
             vcpus: Vec::new(),
             vcpus_created: 0,
+            dirty_pages: 0,
         }),
         started: std::time::Instant::now(),
         events: api::Events::default(),
@@ -853,6 +854,25 @@ fn run_once(
                         }
                     }
                     publish_vcpus(&vcpus, shared);
+                }
+                Request::DirtyLog { on } => {
+                    let r = if on {
+                        memory
+                            .log_dirty(&vm, true)
+                            .and_then(|()| memory.take_dirty(&vm).map(|_| ()))
+                    } else {
+                        memory.take_dirty(&vm).and_then(|pages| {
+                            shared.status.lock().unwrap().dirty_pages = pages;
+                            memory.log_dirty(&vm, false)
+                        })
+                    };
+                    let _ = req.reply.send(r.map_err(|e| {
+                        let e: &dyn std::error::Error = &e;
+                        match e.source() {
+                            Some(s) => format!("{e}: {s}"),
+                            None => e.to_string(),
+                        }
+                    }));
                 }
                 Request::Pause => {
                     pause(&mut paused_clock, &vcpus);

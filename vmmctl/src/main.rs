@@ -46,6 +46,12 @@ enum Command {
     Events,
     /// The VM's devices.
     Devices,
+    /// How fast the guest writes to its RAM: pages written during --ms milliseconds (KVM's
+    /// dirty log, as QEMU's calc-dirty-rate), and MiB/s.
+    DirtyRate {
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        ms: u32,
+    },
     /// The vCPUs: each one's state (running, parked, absent) and KVM fd reuse count; or
     /// `cpus set N` to hot-add or hot-remove vCPUs until N are online.
     Cpus {
@@ -353,6 +359,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Reboot => "reboot",
         Command::Events => "events",
         Command::Devices => "devices",
+        Command::DirtyRate { .. } => "dirty-rate",
         Command::Cpus { action: None } => "cpus",
         Command::Cpus { action: Some(_) } => "cpus set",
         Command::Console { .. } => "console",
@@ -402,6 +409,22 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Pause => {
             client.pause_request().send().promise.await.map_err(fail)?;
             done(cli.json, "paused")
+        }
+        Command::DirtyRate { ms } => {
+            let mut req = client.dirty_rate_request();
+            req.get().set_ms(ms);
+            let reply = req.send().promise.await.map_err(fail)?;
+            let r = reply.get().map_err(fail)?;
+            let (pages, ms, page) = (r.get_pages(), r.get_ms().max(1), r.get_page_size());
+            let mib_s =
+                (pages * u64::from(page)) as f64 / (1 << 20) as f64 * 1000.0 / f64::from(ms);
+            if cli.json {
+                format!(
+                    "{{\"pages\":{pages},\"page_size\":{page},\"ms\":{ms},\"mib_per_s\":{mib_s:.1}}}"
+                )
+            } else {
+                format!("{pages} pages of {page} bytes written in {ms} ms: {mib_s:.1} MiB/s")
+            }
         }
         Command::Resume => {
             client.resume_request().send().promise.await.map_err(fail)?;

@@ -173,6 +173,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk" => blk_scenario(cmdline, stack_top),
         "blk-bad" => blk_bad(stack_top),
         "blk-seq" => blk_seq(cmdline),
+        "dirty" => dirty(cmdline, stack_top),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -343,6 +344,26 @@ fn hotplug(cmdline: &str, stack_top: u64) {
         .emit();
 }
 
+/// Live migration's load: fills `tg.dirty.mib` MiB (default 8) at 64 MiB with non-zero words
+/// at CPL3 (native speed), then rewrites them pass after pass, forever, each pass with its own
+/// words. Reports "tg: dirty filled mib=N" once, then "tg: dirty pass N" every 16 passes.
+fn dirty(cmdline: &str, stack_top: u64) {
+    const BASE: u64 = 64 << 20;
+    let mib = param(cmdline, "tg.dirty.mib=")
+        .and_then(parse_u64)
+        .unwrap_or(8);
+    let mut pass = 0u64;
+    loop {
+        pass += 1;
+        user_pattern(0, BASE, mib << 17, 0, pass, stack_top);
+        if pass == 1 {
+            Line::new().s("tg: dirty filled mib=").u(mib).emit();
+        } else if pass.is_multiple_of(16) {
+            Line::new().s("tg: dirty pass ").u(pass).emit();
+        }
+    }
+}
+
 /// A pattern job for CPL3 (native speed): fill `words` words at `buf` with the pattern of
 /// disk word `first_word` on (op 0), count words that differ from it (op 1), or count words
 /// that are not zero (op 2).
@@ -387,11 +408,23 @@ extern "C" fn user_job(arg: u64) -> ! {
 }
 
 fn pattern_job(op: u64, words: u64, first_word: u64, seed: u64, stack_top: u64) -> u64 {
+    user_pattern(
+        op,
+        blk::data_buf() as u64,
+        words,
+        first_word,
+        seed,
+        stack_top,
+    )
+}
+
+/// A pattern job (see `user_job`) on any identity-mapped buffer.
+fn user_pattern(op: u64, buf: u64, words: u64, first_word: u64, seed: u64, stack_top: u64) -> u64 {
     // SAFETY: no user task runs now, so JOB is ours to write.
     unsafe {
         JOB = Job {
             op,
-            buf: blk::data_buf() as u64,
+            buf,
             words,
             first_word,
             seed,
