@@ -270,12 +270,7 @@ mod tests {
         // Through the stream's form: a Cap'n Proto message, as bytes.
         let mut msg = capnp::message::Builder::new_default();
         saved.write(msg.init_root());
-        let bytes = capnp::serialize::write_message_to_words(&msg);
-        let reader = capnp::serialize::read_message_from_flat_slice(
-            &mut &bytes[..],
-            capnp::message::ReaderOptions::new(),
-        )
-        .unwrap();
+        let reader = crate::test_util::through_bytes(&msg);
         let decoded = KvmState::read(reader.get_root().unwrap()).unwrap();
 
         let b = vm(&kvm);

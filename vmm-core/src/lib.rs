@@ -132,3 +132,16 @@ pub fn run(args: config::RunArgs) -> Result<Outcome, Error> {
     let kvm = kvm::Kvm::open_checked(&config)?;
     Ok(vm::run(&kvm, &config)?)
 }
+
+/// What the state tests share.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// A message as a restore gets it: written out as bytes (as in a stream) and read back.
+    pub fn through_bytes(
+        msg: &capnp::message::Builder<capnp::message::HeapAllocator>,
+    ) -> capnp::message::Reader<capnp::serialize::OwnedSegments> {
+        let bytes = capnp::serialize::write_message_to_words(msg);
+        capnp::serialize::read_message(&mut &bytes[..], capnp::message::ReaderOptions::new())
+            .expect("a message just written reads back")
+    }
+}

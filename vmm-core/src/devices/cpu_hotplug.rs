@@ -195,12 +195,7 @@ mod tests {
         a.write(0, &3u32.to_le_bytes());
         let mut msg = capnp::message::Builder::new_default();
         a.save(msg.init_root());
-        let bytes = capnp::serialize::write_message_to_words(&msg);
-        let reader = capnp::serialize::read_message_from_flat_slice(
-            &mut &bytes[..],
-            capnp::message::ReaderOptions::new(),
-        )
-        .unwrap();
+        let reader = crate::test_util::through_bytes(&msg);
         let mut b = CpuHotplug::new(1, 4, tx.clone());
         b.restore(reader.get_root().unwrap()).unwrap();
         assert_eq!(b.slots, a.slots);

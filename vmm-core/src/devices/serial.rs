@@ -163,12 +163,7 @@ mod tests {
         assert_eq!(a.enqueue(b"hi"), 2);
         let mut msg = capnp::message::Builder::new_default();
         a.save(msg.init_root());
-        let bytes = capnp::serialize::write_message_to_words(&msg);
-        let reader = capnp::serialize::read_message_from_flat_slice(
-            &mut &bytes[..],
-            capnp::message::ReaderOptions::new(),
-        )
-        .unwrap();
+        let reader = crate::test_util::through_bytes(&msg);
 
         let out = Shared::default();
         let mut b = SerialDevice::restored(
