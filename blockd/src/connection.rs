@@ -159,18 +159,12 @@ impl Handler {
             let kick = state.get_kick().as_ref().map(|k| k.as_raw_fd());
             (kick, state.get_queue().ready() && state.is_enabled())
         };
-        let w = &mut self.workers[q];
         let want = if live { kick } else { None };
-        if w.kick == want {
+        if self.workers[q].kick == want {
             return Ok(());
         }
-        if let Some(old) = w.kick.take() {
-            let _ = w.epoll.ctl(
-                ControlOperation::Delete,
-                old,
-                EpollEvent::new(EventSet::IN, EV_KICK),
-            );
-        }
+        self.forget_kick(q);
+        let w = &mut self.workers[q];
         if let Some(fd) = want {
             w.epoll
                 .ctl(
@@ -257,10 +251,9 @@ impl Handler {
         })
     }
 
-    fn publish(&mut self, mem: GuestMemoryMmap<()>) -> Result<()> {
+    fn publish(&mut self, mem: GuestMemoryMmap<()>) {
         self.mem.lock().unwrap().replace(mem);
         self.backend.update_memory(self.mem.clone());
-        Ok(())
     }
 }
 
@@ -380,7 +373,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         regions.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
         let mem = GuestMemoryMmap::from_regions(regions).map_err(failed)?;
-        self.publish(mem)?;
+        self.publish(mem);
         self.mappings = mappings;
         Ok(None)
     }
@@ -565,7 +558,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             use vm_memory::GuestAddressSpace;
             self.mem.memory().insert_region(r).map_err(failed)?
         };
-        self.publish(mem)?;
+        self.publish(mem);
         self.mappings.push(Mapping {
             va: region.user_addr,
             size: region.memory_size,
@@ -582,7 +575,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
                 .map_err(failed)?
         };
-        self.publish(mem)?;
+        self.publish(mem);
         self.mappings
             .retain(|m| !(m.gpa == region.guest_phys_addr && m.size == region.memory_size));
         Ok(())

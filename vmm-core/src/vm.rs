@@ -866,13 +866,7 @@ fn run_once(
                             memory.log_dirty(&vm, false)
                         })
                     };
-                    let _ = req.reply.send(r.map_err(|e| {
-                        let e: &dyn std::error::Error = &e;
-                        match e.source() {
-                            Some(s) => format!("{e}: {s}"),
-                            None => e.to_string(),
-                        }
-                    }));
+                    let _ = req.reply.send(r.map_err(|e| crate::error_chain(&e)));
                 }
                 Request::Pause => {
                     pause(&mut paused_clock, &vcpus);

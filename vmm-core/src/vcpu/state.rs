@@ -93,13 +93,12 @@ impl VcpuState {
             let mut m = Msrs::from_entries(&entries).expect("a chunk fits");
             let n = vcpu.get_msrs(&mut m).map_err(err("(saving) MSRs"))?;
             if n != chunk.len() {
-                let failed = chunk[n];
+                log::error!("vCPU {id}: MSR {:#x} cannot be read", chunk[n]);
                 return Err(VcpuError::Setup(
                     id,
                     "(saving) MSRs",
                     kvm_ioctls::Error::new(libc::EINVAL),
-                ))
-                .inspect_err(|_| log::error!("vCPU {id}: MSR {failed:#x} cannot be read"));
+                ));
             }
             msrs.extend_from_slice(&m.as_slice()[..n]);
         }
