@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-const SCHEMAS: &[&str] = &["vmm", "chardevd", "blockd", "state"];
+const SCHEMAS: &[&str] = &["vmm", "chardevd", "blockd", "state", "migrated"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

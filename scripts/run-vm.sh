@@ -7,7 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
-(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p blockd -p vmmctl)
+(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p blockd -p migrated -p vmmctl)
 disk=()
 if [[ " $* " != *" --disk "* ]]; then
     images=${VMM_IMAGES_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm/images}

@@ -1,5 +1,6 @@
-//! migrated's command line. Built so far: `migrated inspect FILE`, which reads a snapshot file
-//! or a saved migration stream through every check a restore makes and prints what it holds.
+//! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so), and
+//! `migrated inspect FILE`, which reads a snapshot file or a saved migration stream through
+//! every check a restore makes and prints what it holds.
 
 use clap::{Parser, Subcommand};
 use migrated::stream::{Reader, Section};
@@ -17,12 +18,19 @@ struct Args {
 enum Command {
     /// Check a snapshot file (or a saved stream) as a restore would, and print its contents.
     Inspect { file: PathBuf },
+    /// Serve vmm-core's control connection (an inherited, connected Unix socket).
+    Serve {
+        #[arg(long)]
+        control_fd: i32,
+    },
 }
 
 fn main() {
     let args = Args::parse();
+    log_init();
     let r = match args.command {
         Command::Inspect { file } => inspect(&file),
+        Command::Serve { control_fd } => serve(control_fd),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -59,4 +67,44 @@ fn inspect(path: &std::path::Path) -> Result<(), String> {
     }
     println!("{} bytes, every checksum good, complete", r.position());
     Ok(())
+}
+
+fn serve(fd: i32) -> Result<(), String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--control-fd {fd}: not an open descriptor"));
+    }
+    // SAFETY: an inherited connected socket that nothing else in this process owns.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the RPC runtime: {e}"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, migrated::server::serve(stream));
+    Ok(())
+}
+
+fn log_init() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= log::max_level()
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) && r.target().starts_with("migrated") {
+                let line = format!(
+                    "migrated: {}: {}\n",
+                    r.level().as_str().to_lowercase(),
+                    r.args()
+                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
 }

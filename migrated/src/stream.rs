@@ -248,6 +248,16 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// RAM pages and zero pages sent so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.ram_pages, self.zero_pages)
+    }
+
     /// A device's state, under its name.
     pub fn device(&mut self, name: &str, state: &[u8]) -> io::Result<()> {
         let n = u16::try_from(name.len())

@@ -229,3 +229,66 @@ struct CpuSlot {
   removing @2 :Bool;
   ejectWanted @3 :Bool;
 }
+
+# A PCI function's configuration space: its 256 bytes and where the guest put its BARs.
+struct PciConfig {
+  bytes @0 :Data;
+  bars @1 :List(PciBar);
+}
+
+struct PciBar {
+  index @0 :UInt8;
+  addr @1 :UInt64;
+  size @2 :UInt64;
+}
+
+# A virtio-pci (modern) function: the transport's registers, its queues and MSI-X table, and
+# where each ring's backend goes on.
+struct VirtioPci {
+  slot @0 :UInt8;
+  name @1 :Text;                 # the device (a disk's name); the destination must have it
+  config @2 :PciConfig;
+  deviceFeatureSelect @3 :UInt32;
+  driverFeatureSelect @4 :UInt32;
+  driverFeatures @5 :UInt64;
+  status @6 :UInt8;
+  configVector @7 :UInt16;
+  queueSelect @8 :UInt16;
+  queues @9 :List(VirtioQueue);
+  msix @10 :List(MsixEntry);
+  msixEnabled @11 :Bool;
+  msixMasked @12 :Bool;
+  active @13 :Bool;              # DRIVER_OK reached and the backend started
+  deviceConfig @14 :Data;        # the device's configuration space as the guest last set it
+}
+
+struct VirtioQueue {
+  size @0 :UInt16;
+  vector @1 :UInt16;
+  enabled @2 :Bool;
+  desc @3 :UInt64;
+  avail @4 :UInt64;
+  used @5 :UInt64;
+  # The next available-ring index the backend takes (GET_VRING_BASE once its requests in
+  # flight completed, so it equals the used index).
+  base @6 :UInt16;
+}
+
+struct MsixEntry {
+  addr @0 :UInt64;
+  data @1 :UInt32;
+  masked @2 :Bool;
+}
+
+# The whole VM's state, taken while it is paused; RAM travels in the stream's RAM sections.
+struct VmState {
+  memory @0 :UInt64;
+  maxCpus @1 :UInt32;
+  vcpus @2 :List(VcpuState);
+  kvm @3 :KvmState;
+  serial @4 :Serial;
+  ged @5 :Ged;
+  cpuHotplug @6 :CpuHotplug;
+  pci @7 :List(VirtioPci);
+  paused @8 :Bool;               # paused by the user (a restore stays paused too)
+}

@@ -66,6 +66,13 @@ interface Vmm {
   dirtyRate @18 (ms :UInt32) -> (pages :UInt64, ms :UInt32, pageSize :UInt32);
   # I/O fault rules in the VM's blockd (see Blockd.addFaultRule).
 
+  # Live migration to tcp:HOST:PORT or unix:PATH (pre-copy), or a snapshot to file:PATH.
+  # Returns once it is over: the VM runs on the destination (this vmm-core exits), or, on
+  # failure, it goes on here and the error says why. vmm-core's migrated helper moves RAM.
+  migrate @19 (uri :Text, options :MigrateOptions) -> ();
+  migrateStatus @20 () -> (status :MigrationStatus);
+  migrateCancel @21 () -> ();
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).
@@ -124,4 +131,25 @@ struct ConsoleFault {
     delayWritesMs @2 :UInt32;   # every write to the backend waits this long first
     forbiddenSyscall @3 :Void;  # chardevd makes a forbidden system call (seccomp test)
   }
+}
+
+struct MigrateOptions {
+  downtimeMs @0 :UInt32;      # the longest pause allowed at the end (0: 300 ms, as QEMU)
+  bandwidth @1 :UInt64;       # bytes per second (0: no limit)
+}
+
+struct MigrationStatus {
+  phase @0 :Text;             # none, setup, pre-copy, stop-and-copy, completed, failed, cancelled
+  uri @1 :Text;
+  passes @2 :UInt32;
+  bytes @3 :UInt64;           # stream bytes sent
+  ramBytes @4 :UInt64;        # guest RAM covered (zero pages count without being sent)
+  dirtyPages @5 :UInt64;      # pages dirty after the last pass
+  dirtyRate @6 :UInt64;       # pages per second during the last pass
+  bandwidth @7 :UInt64;       # bytes per second in the last pass
+  expectedDowntimeMs @8 :UInt64;
+  downtimeMs @9 :UInt64;      # when completed
+  totalMs @10 :UInt64;
+  error @11 :Text;
+  memoryBytes @12 :UInt64;    # the VM's RAM, to draw progress against
 }

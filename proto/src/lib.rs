@@ -4,6 +4,7 @@ capnp::generated_code!(pub mod vmm_capnp);
 capnp::generated_code!(pub mod chardevd_capnp);
 capnp::generated_code!(pub mod blockd_capnp);
 capnp::generated_code!(pub mod state_capnp);
+capnp::generated_code!(pub mod migrated_capnp);
 
 /// Where the generated code is vendored, so that a build without `capnp` still works.
 pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generated");

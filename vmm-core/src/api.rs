@@ -91,6 +91,10 @@ pub struct Shared {
     /// console is served by chardevd.
     pub console_view:
         std::sync::OnceLock<(Arc<crate::chardev::ConsoleBuffer>, crate::chardev::InputFn)>,
+    /// migrated, started with the VM.
+    pub migrated: std::sync::OnceLock<Arc<crate::migration::Migrated>>,
+    /// The current or last migration's progress.
+    pub migration: crate::migration::Progress,
 }
 
 /// The devices every VM has: name, kind, and where it is.
@@ -453,6 +457,118 @@ impl vmm::Server for VmmServer {
         r.set_pages(pages);
         r.set_ms(elapsed);
         r.set_page_size(4096);
+        Ok(())
+    }
+
+    async fn migrate(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::MigrateParams,
+        _: vmm::MigrateResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = p.get_uri()?.to_str()?.to_string();
+        let o = p.get_options()?;
+        let failed = |m: String| capnp::Error::failed(m);
+        let ok_kind = ["tcp:", "unix:", "file:"]
+            .iter()
+            .any(|k| uri.starts_with(k));
+        if !ok_kind {
+            return Err(failed(format!(
+                "migrate {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, or file:PATH for a snapshot"
+            )));
+        }
+        let m = self
+            .shared
+            .migrated
+            .get()
+            .cloned()
+            .ok_or_else(|| failed("migrated is not running".into()))?;
+        {
+            let mut st = self.shared.migration.lock().unwrap();
+            if matches!(st.phase.as_str(), "setup" | "pre-copy" | "stop-and-copy") {
+                return Err(failed(format!(
+                    "a migration to {} is under way; wait for it or `vmmctl migrate cancel`",
+                    st.uri
+                )));
+            }
+            st.phase = "setup".into();
+        }
+        let (memory, max_cpus) = {
+            let s = self.shared.status.lock().unwrap();
+            (s.memory, s.max_cpus)
+        };
+        let opts = crate::migration::Options {
+            uri,
+            downtime_ms: match o.get_downtime_ms() {
+                0 => crate::migration::DEFAULT_DOWNTIME_MS,
+                ms => ms.into(),
+            },
+            bandwidth: o.get_bandwidth(),
+            max_passes: 30,
+        };
+        crate::migration::send(
+            &m,
+            &self.events,
+            &self.shared.migration,
+            opts,
+            memory,
+            max_cpus,
+        )
+        .await
+        .map_err(failed)
+    }
+
+    async fn migrate_status(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::MigrateStatusParams,
+        mut results: vmm::MigrateStatusResults,
+    ) -> Result<(), capnp::Error> {
+        let st = self.shared.migration.lock().unwrap().clone();
+        let mut r = results.get().init_status();
+        r.set_phase(if st.phase.is_empty() {
+            "none"
+        } else {
+            st.phase.as_str()
+        });
+        r.set_uri(st.uri.as_str());
+        r.set_passes(st.passes);
+        r.set_bytes(st.bytes);
+        r.set_ram_bytes(st.ram_bytes);
+        r.set_dirty_pages(st.dirty_pages);
+        r.set_dirty_rate(st.dirty_rate_pages);
+        r.set_bandwidth(st.bandwidth);
+        r.set_expected_downtime_ms(st.expected_downtime_ms);
+        r.set_downtime_ms(st.downtime_ms);
+        r.set_total_ms(st.total_ms);
+        r.set_error(st.error.as_str());
+        r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
+        Ok(())
+    }
+
+    async fn migrate_cancel(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::MigrateCancelParams,
+        _: vmm::MigrateCancelResults,
+    ) -> Result<(), capnp::Error> {
+        let phase = self.shared.migration.lock().unwrap().phase.clone();
+        if !matches!(phase.as_str(), "setup" | "pre-copy") {
+            return Err(capnp::Error::failed(format!(
+                "no migration to cancel (the last one is {})",
+                if phase.is_empty() {
+                    "none"
+                } else {
+                    phase.as_str()
+                }
+            )));
+        }
+        let m = self
+            .shared
+            .migrated
+            .get()
+            .cloned()
+            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+        self.shared.migration.lock().unwrap().error = "cancelled".into();
+        crate::migration::cancel(&m).await;
         Ok(())
     }
 

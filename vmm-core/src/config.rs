@@ -75,6 +75,17 @@ pub struct RunArgs {
     /// (the kernel logs it and lets it through: for developing allowlists).
     #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["kill", "log"], env = "VMM_SECCOMP")]
     pub seccomp: String,
+    /// Take the VM from a migration source or a snapshot instead of booting: tcp:HOST:PORT or
+    /// unix:PATH (listen for the source), or file:PATH (a snapshot). The rest of the command
+    /// line must describe the same VM (--memory, --cpus, the disks in the same order).
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<String>,
+    /// Restore a snapshot: the same as --incoming file:PATH.
+    #[arg(long, value_name = "file:PATH", conflicts_with = "incoming")]
+    pub restore: Option<String>,
+    /// The migrated executable (default: the one next to vmm-core).
+    #[arg(long, value_name = "PATH")]
+    pub migrated: Option<PathBuf>,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
@@ -116,6 +127,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::block::DiskSpec>,
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
+    pub incoming: Option<String>,
+    pub migrated: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,12 +167,35 @@ pub enum ConfigError {
         max: usize,
         extra: String,
     },
+    #[error("{0}")]
+    Incoming(String),
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
     #[error("{0}")]
     Disk(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
+}
+
+/// A migration channel as migrated takes it; a snapshot file must exist.
+fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
+    let ok = ["tcp:", "unix:", "file:"]
+        .iter()
+        .any(|k| uri.starts_with(k))
+        && uri.split_once(':').is_some_and(|(_, r)| !r.is_empty());
+    if !ok {
+        return Err(ConfigError::Incoming(format!(
+            "{arg} {uri}: not a channel; use tcp:HOST:PORT, unix:PATH or file:PATH"
+        )));
+    }
+    if let Some(p) = uri.strip_prefix("file:") {
+        if let Err(e) = File::open(p) {
+            return Err(ConfigError::Incoming(format!(
+                "{arg} {uri}: cannot open the snapshot ({e}); check the path"
+            )));
+        }
+    }
+    Ok(uri)
 }
 
 /// Where scripts/build-images.sh leaves its output: $VMM_IMAGES_DIR, or ~/.cache/vmm/images.
@@ -199,6 +235,16 @@ impl VmConfig {
             })?;
         }
 
+        let incoming = match (args.incoming, args.restore) {
+            (Some(uri), _) => Some(check_uri("--incoming", uri)?),
+            (None, Some(r)) if !r.starts_with("file:") => {
+                return Err(ConfigError::Incoming(format!(
+                    "--restore {r}: a snapshot is file:PATH; for a live source use --incoming {r}"
+                )))
+            }
+            (None, Some(r)) => Some(check_uri("--restore", r)?),
+            (None, None) => None,
+        };
         let mut cmdline = args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
         if cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -250,6 +296,8 @@ impl VmConfig {
                 .map_err(ConfigError::Disk)?,
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
+            incoming,
+            migrated: args.migrated.unwrap_or_else(|| sibling("migrated")),
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))

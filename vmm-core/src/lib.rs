@@ -13,7 +13,9 @@ pub mod kvm;
 pub mod kvm_state;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod pci;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -41,6 +43,8 @@ pub enum StopReason {
     ConsoleEscape,
     /// `shutdown --force` through the management API.
     Api,
+    /// The VM migrated away: it runs on the destination now.
+    Migrated,
 }
 
 impl Outcome {
@@ -50,7 +54,9 @@ impl Outcome {
         match self {
             Outcome::PowerOff
             | Outcome::Reset
-            | Outcome::Stopped(StopReason::ConsoleEscape | StopReason::Api) => 0,
+            | Outcome::Stopped(
+                StopReason::ConsoleEscape | StopReason::Api | StopReason::Migrated,
+            ) => 0,
             Outcome::Panic => 3,
             Outcome::Stopped(StopReason::Signal(sig)) => 128 + *sig as u8,
         }
@@ -68,6 +74,9 @@ impl fmt::Display for Outcome {
             Outcome::Panic => write!(f, "guest panicked (pvpanic); exiting with status 3"),
             Outcome::Stopped(StopReason::ConsoleEscape) => {
                 write!(f, "stopped by the console escape (Ctrl-A x)")
+            }
+            Outcome::Stopped(StopReason::Migrated) => {
+                write!(f, "the VM migrated; it runs on the destination now")
             }
             Outcome::Stopped(StopReason::Api) => {
                 write!(f, "stopped through the management API (shutdown --force)")

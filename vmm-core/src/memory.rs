@@ -11,6 +11,7 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const HIGH_RAM_START: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+pub const PAGE_SIZE: u64 = 4096;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -105,6 +106,21 @@ impl Memory {
                 .sum::<u64>();
         }
         Ok(pages)
+    }
+
+    /// The pages the guest wrote since the last call, as a bitmap over the memfd's pages
+    /// (the slots lie end to end in it, each a whole number of 64-page words); the log starts
+    /// over.
+    pub fn take_dirty_bitmap(&self, vm: &VmFd) -> Result<Vec<u64>, MemoryError> {
+        let mut all = Vec::new();
+        for (slot, region) in self.guest.iter().enumerate() {
+            let mut bitmap = vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(MemoryError::DirtyLog)?;
+            bitmap.resize((region.len() / PAGE_SIZE).div_ceil(64) as usize, 0);
+            all.extend(bitmap);
+        }
+        Ok(all)
     }
 
     fn register_with(&self, vm: &VmFd, flags: u32) -> Result<(), MemoryError> {

@@ -59,12 +59,20 @@ pub enum VmError {
     /// A disk's backend failed during set-up of a boot.
     #[error("{0}")]
     DiskSetup(String),
+    #[error("{0}")]
+    Migration(String),
+    /// The incoming VM could not be taken (a user error when the stream or its source is).
+    #[error("--incoming {0}: {1}")]
+    Incoming(String, String),
 }
 
 impl VmError {
     pub fn is_user_error(&self) -> bool {
         matches!(self, VmError::Boot(e) if e.is_user_error())
-            || matches!(self, VmError::Api(_) | VmError::Disk(_))
+            || matches!(
+                self,
+                VmError::Api(_) | VmError::Disk(_) | VmError::Incoming(..)
+            )
             || matches!(
                 self,
                 VmError::Chardev(
@@ -91,6 +99,8 @@ pub enum VmEvent {
     Hotplug(HotplugEvent),
     /// blockd stopped a disk on an I/O error (its error policy): (disk, reason).
     DiskStopped(String, String),
+    /// A step of a migration or snapshot.
+    Migration(crate::migration::Request),
 }
 
 /// A vCPU change that waits for the guest.
@@ -213,6 +223,7 @@ pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
     disks: &'a [crate::block::DiskBackend],
+    migrated: Option<&'a crate::migration::Migrated>,
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
@@ -289,6 +300,8 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
         blockd: Mutex::new(None),
+        migrated: std::sync::OnceLock::new(),
+        migration: Default::default(),
     });
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(
@@ -408,6 +421,18 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         *shared.console.lock().unwrap() = supervisor.as_ref().map(|s| s.control.clone());
     }
 
+    // migrated: started now, as the main thread's filter forbids new processes later.
+    let migrated = crate::migration::start(
+        &config.migrated,
+        crate::helpers::seccomp_reporter(shared.clone()),
+        config
+            .sandbox
+            .then(|| config.seccomp.parse().expect("clap checked it")),
+    )
+    .map(Arc::new)
+    .map_err(VmError::Migration)?;
+    let _ = shared.migrated.set(migrated.clone());
+
     // Set-up is over: the helpers run, the API serves, the boot files are open. From here the
     // main thread builds the guest (again at each reset), waits for its events and, at the end,
     // stops the helpers, under a filter of its own; the vCPU threads it starts inherit it and
@@ -427,6 +452,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     let res = Resources {
         boot: &boot_files,
         disks: &disks,
+        migrated: Some(&migrated),
     };
     let result = filtered.and_then(|()| run_guest(kvm, config, &tx, &rx, &console, &shared, &res));
     drop(disks);
@@ -508,6 +534,7 @@ fn run_guest(
             }
             VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => return Err(VmError::VcpuFailed(id, msg)),
             VmEvent::Signal(sig) => return Ok(Outcome::Stopped(StopReason::Signal(sig))),
+            VmEvent::Migration(_) => return Ok(Outcome::Stopped(StopReason::Migrated)),
             VmEvent::ConsoleEscape => return Ok(Outcome::Stopped(StopReason::ConsoleEscape)),
         }
     }
@@ -620,18 +647,34 @@ fn run_once(
         .map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
     memory.register(&vm)?;
 
-    let entry = boot::load(&memory.guest, config, res.boot)?;
-    log::debug!("guest entry: {entry:?}");
+    // A VM coming in (a migration or a snapshot) brings its RAM and state; one that boots
+    // gets the kernel. Only the first boot is incoming: a reset boots the kernel.
+    let incoming = match (&config.incoming, shared.status.lock().unwrap().boots) {
+        (Some(uri), 1) => Some(uri.clone()),
+        _ => None,
+    };
+    let entry = match &incoming {
+        None => {
+            let entry = boot::load(&memory.guest, config, res.boot)?;
+            log::debug!("guest entry: {entry:?}");
+            Some(entry)
+        }
+        Some(_) => None,
+    };
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
         .map_err(|e| VmError::Setup("the serial interrupt", e))?;
-    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
-        serial_irq,
+    let serial_out = || -> Box<dyn std::io::Write + Send> {
         match console.output.get() {
             Some(buffer) => Box::new(chardev::BufferWriter(buffer.clone())),
             None => Box::new(serial::RawStdout),
-        },
+        }
+    };
+    let serial_irq_restore = serial_irq.try_clone().map_err(VmError::EventFd)?;
+    let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
+        serial_irq,
+        serial_out(),
     )));
     *console.target.lock().unwrap() = Some(uart.clone());
 
@@ -649,6 +692,7 @@ fn run_once(
     let routing = Arc::new(crate::pci::msix::Routing::new(vm.clone()));
     let mut pci = crate::pci::PciBus::default();
     let mut kicks_missed = Vec::new();
+    let mut transports = Vec::new();
     for d in disks {
         let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
         let dev = crate::virtio::vhost_user_blk::VhostUserBlk::connect(
@@ -664,9 +708,10 @@ fn run_once(
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
         let transport = Arc::new(Mutex::new(transport));
         *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
-        let slot = pci.add(transport).ok_or_else(|| {
+        let slot = pci.add(transport.clone()).ok_or_else(|| {
             VmError::DiskSetup(format!("{}: no free PCI slot or BAR space", d.name))
         })?;
+        transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
     }
     let pci = Arc::new(pci);
@@ -680,7 +725,7 @@ fn run_once(
     );
     bus.insert(ged::PORT, 1, ged.clone());
     bus.insert(cpu_hotplug::PORT, cpu_hotplug::LEN, hotplug.clone());
-    bus.insert(serial::COM1_BASE, 8, uart);
+    bus.insert(serial::COM1_BASE, 8, uart.clone());
     bus.insert(
         power::SLEEP_CONTROL_PORT,
         power::PORTS,
@@ -712,10 +757,53 @@ fn run_once(
             .sandbox
             .then(|| config.seccomp.parse().expect("clap checked it")),
     });
+    let devices = crate::snapshot::Devices {
+        vm: &vm,
+        uart: &uart,
+        ged: &ged,
+        hotplug: &hotplug,
+        pci: &transports,
+    };
+    let restore = match &incoming {
+        Some(uri) => Some(take_incoming(
+            uri,
+            config,
+            &memory,
+            &devices,
+            res,
+            serial_irq_restore,
+            serial_out(),
+        )?),
+        None => None,
+    };
     // Every boot vCPU exists before any runs: the boot vCPU starts the others by IPI.
     let mut fds = Vec::new();
-    for id in 0..config.cpus {
-        fds.push(vcpus.prepare(&vm, id, (id == 0).then_some(entry))?.0);
+    match &restore {
+        None => {
+            for id in 0..config.cpus {
+                fds.push(
+                    vcpus
+                        .prepare(&vm, id, if id == 0 { entry } else { None })?
+                        .0,
+                );
+            }
+        }
+        Some(r) => {
+            for v in &r.vcpus {
+                let (fd, _) = vcpus.prepare(&vm, v.id, None)?;
+                if let Err(e) = v.restore(&fd) {
+                    let e = crate::error_chain(&e);
+                    let m = res.migrated.expect("an incoming VM has migrated");
+                    let _ = crate::migration::started(m, false, e.clone());
+                    return Err(VmError::Incoming(incoming.clone().unwrap_or_default(), e));
+                }
+                fds.push(fd);
+            }
+        }
+    }
+    if state.msrs.get().is_none() {
+        let msrs = crate::vcpu::state::saveable_msrs(&kvm.fd, &fds[0])?;
+        let _ = state.msrs.set(msrs);
     }
     // chardevd started while the VM was built; a helper that cannot serve stops the VM here,
     // before any guest code runs.
@@ -723,9 +811,36 @@ fn run_once(
     if let Some(ready) = ready {
         ready.wait()?;
     }
-    for (id, fd) in fds.into_iter().enumerate() {
+    let ids: Vec<u32> = match &restore {
+        Some(r) => r.vcpus.iter().map(|v| v.id).collect(),
+        None => (0..config.cpus).collect(),
+    };
+    let mut paused_clock = None;
+    if let Some(r) = &restore {
+        let m = res.migrated.expect("an incoming VM has migrated");
+        // The source must hear that the VM runs here before it does, so that it never runs
+        // in both places: if it cannot be told, this one does not run.
+        crate::migration::started(m, true, String::new())
+            .map_err(|e| VmError::Incoming(incoming.clone().unwrap_or_default(), e))?;
+        if r.paused {
+            // Paused on the source by its user: paused here too, until `vmmctl resume`.
+            state.pause.lock().unwrap().paused = true;
+            shared.status.lock().unwrap().paused = true;
+            paused_clock = vm.get_clock().ok();
+        }
+        log::info!(
+            "--incoming {}: the VM is here ({} vCPU(s)){}",
+            incoming.as_deref().unwrap_or(""),
+            ids.len(),
+            if r.paused { "; paused, as it was" } else { "" }
+        );
+        shared
+            .events
+            .emit("incoming-done", incoming.clone().unwrap_or_default());
+    }
+    for (id, fd) in ids.into_iter().zip(fds) {
         vcpus
-            .spawn(id as u32, fd)
+            .spawn(id, fd)
             .map_err(|e| VmError::Thread("vCPU", e))?;
     }
     publish_vcpus(&vcpus, shared);
@@ -736,7 +851,6 @@ fn run_once(
         }
     }
 
-    let mut paused_clock = None;
     // Stops every vCPU, and guest time too, as QEMU does: a guest should not see the pause as
     // time that passed (or it reports soft lockups).
     let pause = |paused_clock: &mut Option<kvm_bindings::kvm_clock_data>, vcpus: &Vcpus| {
@@ -750,6 +864,10 @@ fn run_once(
         shared.status.lock().unwrap().paused = true;
     };
     let mut change: Option<CpuChange> = None;
+    // Whether a migration paused the VM (and a failed one resumes it), and whether KVM's
+    // dirty log is on for it.
+    let mut migration_paused = false;
+    let mut dirty_logging = false;
     let event = loop {
         let next = match &change {
             Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
@@ -800,6 +918,71 @@ fn run_once(
                 shared
                     .events
                     .emit("paused", format!("{disk} stopped on an I/O error"));
+            }
+            VmEvent::Migration(req) => {
+                use crate::migration::Request as M;
+                let chain = |e: MemoryError| crate::error_chain(&e);
+                match req {
+                    M::Memfd(reply) => {
+                        let _ = reply.send(
+                            memory
+                                .memfd
+                                .try_clone()
+                                .map_err(|e| format!("cannot hand guest RAM to migrated ({e})")),
+                        );
+                    }
+                    M::DirtyLog(on, reply) => {
+                        let r = memory.log_dirty(&vm, on).and_then(|()| {
+                            if on {
+                                memory.take_dirty_bitmap(&vm).map(|_| ())
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        dirty_logging = on && r.is_ok();
+                        let _ = reply.send(r.map_err(chain));
+                    }
+                    M::TakeDirty(reply) => {
+                        let _ = reply.send(memory.take_dirty_bitmap(&vm).map_err(chain));
+                    }
+                    M::Save(reply) => {
+                        let was_paused = shared.status.lock().unwrap().paused;
+                        if !was_paused {
+                            pause(&mut paused_clock, &vcpus);
+                            migration_paused = true;
+                        }
+                        let r = save_vm(&state, &vcpus, &devices, paused_clock, config, was_paused)
+                            .and_then(|st| {
+                                let dirty = match dirty_logging {
+                                    true => Some(memory.take_dirty_bitmap(&vm).map_err(chain)?),
+                                    false => None,
+                                };
+                                Ok(crate::migration::Saved {
+                                    state: st,
+                                    dirty,
+                                    unlogged_writers: transports
+                                        .iter()
+                                        .any(|(_, t)| t.lock().unwrap().is_active()),
+                                })
+                            });
+                        let _ = reply.send(r);
+                    }
+                    M::Continue(reply) => {
+                        resume_queues(&transports);
+                        if std::mem::take(&mut migration_paused) {
+                            if let Some(mut clock) = paused_clock.take() {
+                                clock.flags = 0;
+                                if let Err(e) = vm.set_clock(&clock) {
+                                    log::warn!("cannot restore kvmclock at resume: {e}");
+                                }
+                            }
+                            resume_vcpus(&state);
+                            shared.status.lock().unwrap().paused = false;
+                        }
+                        let _ = reply.send(Ok(()));
+                    }
+                    M::Leave => break VmEvent::Migration(M::Leave),
+                }
             }
             VmEvent::DumpVcpus => {
                 state.dump_generation.fetch_add(1, Ordering::AcqRel);
@@ -881,6 +1064,8 @@ fn run_once(
                             log::warn!("cannot restore kvmclock at resume: {e}");
                         }
                     }
+                    resume_queues(&transports);
+                    migration_paused = false;
                     resume_vcpus(&state);
                     shared.status.lock().unwrap().paused = false;
                     // Disks that stopped on an I/O error retry what they hold.
@@ -953,6 +1138,103 @@ fn run_once(
         );
     }
     Ok(event)
+}
+
+/// Starts the virtio queues a snapshot or migration stopped.
+fn resume_queues(transports: &[(u8, Arc<Mutex<crate::virtio::pci::VirtioPci>>)]) {
+    for (slot, t) in transports {
+        if let Err(e) = t.lock().unwrap().resume_queues() {
+            log::error!("PCI 00:{slot:02x}.0: cannot start its queues again: {e}");
+        }
+    }
+}
+
+/// Saves the paused VM: each vCPU saves its own state on its thread, then the devices.
+fn save_vm(
+    state: &RunState,
+    vcpus: &Vcpus,
+    devices: &crate::snapshot::Devices,
+    clock: Option<kvm_bindings::kvm_clock_data>,
+    config: &VmConfig,
+    paused: bool,
+) -> Result<Vec<u8>, String> {
+    let ids: Vec<u32> = vcpus
+        .running
+        .iter()
+        .filter(|(_, t)| !t.handle.is_finished())
+        .map(|(id, _)| *id)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut p = state.pause.lock().unwrap();
+    p.saved.clear();
+    p.save_generation += 1;
+    state.pause_changed.notify_all();
+    while ids.iter().any(|id| !p.saved.contains_key(id)) {
+        if Instant::now() > deadline {
+            return Err("the vCPUs did not save their state within 10 s".into());
+        }
+        p = state
+            .pause_changed
+            .wait_timeout(p, Duration::from_millis(10))
+            .unwrap()
+            .0;
+    }
+    let mut saved = std::mem::take(&mut p.saved);
+    drop(p);
+    let vcpus = ids
+        .iter()
+        .map(|id| saved.remove(id).expect("checked above"))
+        .collect::<Result<Vec<_>, String>>()?;
+    crate::snapshot::save(
+        devices,
+        &crate::snapshot::Taken {
+            vcpus,
+            clock,
+            memory: config.memory,
+            max_cpus: config.max_cpus,
+            paused,
+        },
+    )
+}
+
+/// Takes an incoming VM (its RAM straight into the memfd, through migrated) and puts its
+/// state into the devices; the vCPUs' state comes back to be put on their fds.
+fn take_incoming(
+    uri: &str,
+    config: &VmConfig,
+    memory: &Memory,
+    devices: &crate::snapshot::Devices,
+    res: &Resources,
+    serial_irq: EventFd,
+    serial_out: Box<dyn std::io::Write + Send>,
+) -> Result<crate::snapshot::Restore, VmError> {
+    let m = res
+        .migrated
+        .ok_or_else(|| VmError::Incoming(uri.into(), "migrated is not running".into()))?;
+    let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
+    log::info!("--incoming {uri}: waiting for the VM");
+    let start = Instant::now();
+    let (bytes, n) = crate::migration::receive(m, uri, memfd, config.memory, config.max_cpus)
+        .map_err(|e| VmError::Incoming(uri.into(), e))?;
+    log::info!(
+        "--incoming {uri}: {} MiB received in {} ms, every check passed",
+        n >> 20,
+        start.elapsed().as_millis()
+    );
+    let restored =
+        crate::snapshot::Restore::read(&bytes, config.memory, config.max_cpus).and_then(|r| {
+            r.apply(devices, |s| {
+                serial::SerialDevice::restored(serial_irq, serial_out, s)
+            })?;
+            Ok(r)
+        });
+    match restored {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let _ = crate::migration::started(m, false, e.clone());
+            Err(VmError::Incoming(uri.into(), e))
+        }
+    }
 }
 
 /// Makes what `info` and `cpus` report match the vCPUs.

@@ -52,6 +52,22 @@ enum Command {
         #[arg(long, default_value_t = 1000, value_name = "MS")]
         ms: u32,
     },
+    /// Live-migrate the VM to tcp:HOST:PORT or unix:PATH (the destination runs
+    /// `vmm-core --incoming URI`); `migrate status` shows the current or last migration,
+    /// `migrate cancel` stops one (the VM goes on here). A progress bar is drawn on a terminal.
+    Migrate {
+        /// tcp:HOST:PORT, unix:PATH, file:PATH (a snapshot), or status / cancel.
+        target: String,
+        /// The longest pause allowed at the end, in ms (default 300, as QEMU).
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u32>,
+    },
+    /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core --restore
+    /// file:PATH` starts it again.
+    Snapshot {
+        /// file:PATH (the file must not exist).
+        uri: String,
+    },
     /// The vCPUs: each one's state (running, parked, absent) and KVM fd reuse count; or
     /// `cpus set N` to hot-add or hot-remove vCPUs until N are online.
     Cpus {
@@ -360,6 +376,10 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Events => "events",
         Command::Devices => "devices",
         Command::DirtyRate { .. } => "dirty-rate",
+        Command::Migrate { target, .. } if target == "status" => "migrate status",
+        Command::Migrate { target, .. } if target == "cancel" => "migrate cancel",
+        Command::Migrate { .. } => "migrate",
+        Command::Snapshot { .. } => "snapshot",
         Command::Cpus { action: None } => "cpus",
         Command::Cpus { action: Some(_) } => "cpus set",
         Command::Console { .. } => "console",
@@ -429,6 +449,55 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Resume => {
             client.resume_request().send().promise.await.map_err(fail)?;
             done(cli.json, "resumed")
+        }
+        Command::Migrate { target, .. } if target == "status" => {
+            let reply = client
+                .migrate_status_request()
+                .send()
+                .promise
+                .await
+                .map_err(fail)?;
+            let st = reply.get().and_then(|r| r.get_status()).map_err(fail)?;
+            format_migration(&st, cli.json).map_err(fail)?
+        }
+        Command::Migrate { target, .. } if target == "cancel" => {
+            client
+                .migrate_cancel_request()
+                .send()
+                .promise
+                .await
+                .map_err(fail)?;
+            done(cli.json, "cancelled; the VM goes on here")
+        }
+        Command::Migrate {
+            target,
+            downtime_ms,
+        } => {
+            if target.starts_with("file:") {
+                return Err(Failure(
+                    2,
+                    format!(
+                        "migrate {target}: a file is a snapshot; use `vmmctl snapshot {target}`"
+                    ),
+                ));
+            }
+            migrate(&client, &target, downtime_ms.unwrap_or(0), cli.json)
+                .await
+                .map_err(fail)?;
+            done(
+                cli.json,
+                &format!("migrated to {target}; the VM runs there now"),
+            )
+        }
+        Command::Snapshot { uri } => {
+            if !uri.starts_with("file:") || uri.len() == 5 {
+                return Err(Failure(
+                    2,
+                    format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
+                ));
+            }
+            migrate(&client, &uri, 0, cli.json).await.map_err(fail)?;
+            done(cli.json, &format!("saved to {uri}"))
         }
         Command::Shutdown { force } => {
             let mut req = client.shutdown_request();
@@ -1184,6 +1253,106 @@ async fn blockd_direct(
             format_disks(&list, action, only.as_deref(), json).map_err(fail)
         }
     }
+}
+
+/// Runs a migration (or snapshot), drawing its progress on a terminal meanwhile.
+async fn migrate(
+    client: &vmm::Client,
+    uri: &str,
+    downtime_ms: u32,
+    json: bool,
+) -> Result<(), capnp::Error> {
+    use std::io::IsTerminal;
+    let mut req = client.migrate_request();
+    req.get().set_uri(uri);
+    req.get().init_options().set_downtime_ms(downtime_ms);
+    let call = req.send().promise;
+    let draw = !json && std::io::stderr().is_terminal();
+    let mut call = std::pin::pin!(call);
+    loop {
+        let tick = tokio::time::sleep(std::time::Duration::from_millis(200));
+        tokio::select! {
+            r = &mut call => {
+                if draw {
+                    eprint!("\r\x1b[K");
+                }
+                r?;
+                return Ok(());
+            }
+            _ = tick, if draw => {
+                if let Ok(reply) = client.migrate_status_request().send().promise.await {
+                    if let Ok(st) = reply.get().and_then(|r| r.get_status()) {
+                        let total = st.get_memory_bytes().max(1);
+                        let done = st.get_ram_bytes().min(total);
+                        let width = 30;
+                        let filled = (done * width / total) as usize;
+                        eprint!(
+                            "\r\x1b[K{:<14} [{}{}] {:>5} MiB sent, pass {}, {} MiB/s",
+                            st.get_phase().ok().and_then(|p| p.to_str().ok()).unwrap_or(""),
+                            "#".repeat(filled),
+                            " ".repeat(width as usize - filled),
+                            st.get_bytes() >> 20,
+                            st.get_passes(),
+                            st.get_bandwidth() >> 20
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn format_migration(
+    st: &vmm_proto::vmm_capnp::migration_status::Reader,
+    json: bool,
+) -> Result<String, capnp::Error> {
+    let text = |t: capnp::Result<capnp::text::Reader>| -> Result<String, capnp::Error> {
+        Ok(t?.to_str()?.to_string())
+    };
+    let (phase, uri, error) = (
+        text(st.get_phase())?,
+        text(st.get_uri())?,
+        text(st.get_error())?,
+    );
+    if json {
+        return Ok(format!(
+            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"error\":{error:?}}}",
+            st.get_passes(),
+            st.get_bytes(),
+            st.get_ram_bytes(),
+            st.get_dirty_pages(),
+            st.get_dirty_rate(),
+            st.get_bandwidth(),
+            st.get_expected_downtime_ms(),
+            st.get_downtime_ms(),
+            st.get_total_ms()
+        ));
+    }
+    let mut out = format!("phase: {phase}");
+    if phase == "none" {
+        return Ok(out);
+    }
+    out += &format!(
+        "\nuri: {uri}\npasses: {}\nsent: {} MiB ({} MiB of RAM)\ndirty: {} pages, {} pages/s\nbandwidth: {} MiB/s\nexpected downtime: {} ms",
+        st.get_passes(),
+        st.get_bytes() >> 20,
+        st.get_ram_bytes() >> 20,
+        st.get_dirty_pages(),
+        st.get_dirty_rate(),
+        st.get_bandwidth() >> 20,
+        st.get_expected_downtime_ms()
+    );
+    if phase == "completed" {
+        out += &format!(
+            "\ndowntime: {} ms\ntotal: {} ms",
+            st.get_downtime_ms(),
+            st.get_total_ms()
+        );
+    }
+    if !error.is_empty() {
+        out += &format!("\nerror: {error}");
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -150,6 +150,61 @@ impl ConfigSpace {
         })
     }
 
+    pub fn save(&self, mut b: vmm_proto::state_capnp::pci_config::Builder) {
+        b.set_bytes(&self.bytes);
+        let bars: Vec<(usize, Bar)> = self
+            .bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.map(|b| (i, b)))
+            .collect();
+        let mut list = b.init_bars(bars.len() as u32);
+        for (k, (i, bar)) in bars.into_iter().enumerate() {
+            let mut e = list.reborrow().get(k as u32);
+            e.set_index(i as u8);
+            e.set_addr(bar.addr);
+            e.set_size(bar.size);
+        }
+    }
+
+    /// Takes a saved configuration space; it must be of the same function (the same BARs and
+    /// read-only bytes), or it is refused and nothing changes.
+    pub fn restore(&mut self, r: vmm_proto::state_capnp::pci_config::Reader) -> Result<(), String> {
+        let bytes = r.get_bytes().map_err(|e| e.to_string())?;
+        if bytes.len() != SIZE {
+            return Err(format!(
+                "its configuration space is {} bytes, {SIZE} expected",
+                bytes.len()
+            ));
+        }
+        for (i, (theirs, ours)) in bytes.iter().zip(self.bytes).enumerate() {
+            if (theirs ^ ours) & !self.wmask[i] != 0 && !(BAR0..BAR0 + 24).contains(&i) {
+                return Err(format!(
+                    "its configuration space differs at read-only byte {i:#x} ({theirs:#04x}, this device has {ours:#04x}): another kind of device"
+                ));
+            }
+        }
+        let mut bars = self.bars;
+        for e in r.get_bars().map_err(|e| e.to_string())?.iter() {
+            let i = usize::from(e.get_index());
+            match bars.get_mut(i).and_then(|b| b.as_mut()) {
+                Some(b) if b.size == e.get_size() && e.get_addr() % b.size == 0 => {
+                    b.addr = e.get_addr()
+                }
+                _ => {
+                    return Err(format!(
+                        "its BAR {i} ({:#x} bytes at {:#x}) does not fit this device's BARs",
+                        e.get_size(),
+                        e.get_addr()
+                    ))
+                }
+            }
+        }
+        self.bytes.copy_from_slice(bytes);
+        self.bars = bars;
+        Ok(())
+    }
+
     /// The BAR's address when the guest has memory decoding on.
     pub fn bar_addr(&self, index: usize) -> Option<u64> {
         if self.command() & COMMAND_MEMORY == 0 {

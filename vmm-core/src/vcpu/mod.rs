@@ -39,6 +39,8 @@ pub struct RunState {
     /// Pausing: vCPUs park here, outside KVM_RUN, until resumed or stopped.
     pub pause: Mutex<Pause>,
     pub pause_changed: Condvar,
+    /// The MSRs a vCPU's state holds (probed once, at boot).
+    pub msrs: std::sync::OnceLock<Vec<u32>>,
 }
 
 #[derive(Default)]
@@ -46,18 +48,34 @@ pub struct Pause {
     pub paused: bool,
     /// How many vCPU threads are parked.
     pub parked: usize,
+    /// Bumped to have every parked vCPU save its state into `saved`.
+    pub save_generation: u64,
+    pub saved: std::collections::BTreeMap<u32, Result<state::VcpuState, String>>,
 }
 
 impl RunState {
     /// Parks the calling vCPU thread while the VM is paused.
-    fn park_while_paused(&self) {
+    /// A parked vCPU saves its state when asked (the fd is this thread's alone).
+    fn park_while_paused(&self, vcpu: &VcpuFd, id: u32) {
         let mut p = self.pause.lock().unwrap();
         if !p.paused {
             return;
         }
         p.parked += 1;
         self.pause_changed.notify_all();
+        let mut seen = p.save_generation;
         while p.paused && !self.stopping.load(Ordering::Acquire) {
+            if p.save_generation != seen {
+                seen = p.save_generation;
+                drop(p);
+                let msrs = self.msrs.get().map(Vec::as_slice).unwrap_or(&[]);
+                let saved =
+                    state::VcpuState::save(vcpu, id, msrs).map_err(|e| crate::error_chain(&e));
+                p = self.pause.lock().unwrap();
+                p.saved.insert(id, saved);
+                self.pause_changed.notify_all();
+                continue;
+            }
             p = self.pause_changed.wait(p).unwrap();
         }
         p.parked -= 1;
@@ -417,7 +435,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
         ctx.state.stopping.load(Ordering::Acquire) || ctx.unplug.load(Ordering::Acquire)
     };
     while !ending(&ctx) {
-        ctx.state.park_while_paused();
+        ctx.state.park_while_paused(&vcpu, id);
         if ending(&ctx) {
             break;
         }

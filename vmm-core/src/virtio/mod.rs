@@ -39,4 +39,18 @@ pub trait VirtioDevice: Send {
     fn reconnect(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// For a snapshot or a migration, with the VM paused: stops the started queues once the
+    /// requests they hold have completed, and returns where each goes on (by queue index).
+    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, String>;
+    /// Starts the queues again, each at its base: after `stop_queues` (the VM goes on) or on
+    /// a destination that restores the device.
+    fn start_queues(
+        &mut self,
+        features: u64,
+        queues: &[QueueSetup],
+        bases: &[(u16, u16)],
+    ) -> Result<(), String>;
+    /// The device's configuration space as the guest set it, and the same put back.
+    fn config_bytes(&self) -> Vec<u8>;
+    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), String>;
 }

@@ -69,6 +69,8 @@ pub struct VirtioPci {
     /// The GSI each queue's call eventfd is an irqfd on.
     irqfds: Vec<Option<u32>>,
     active: bool,
+    /// Where each queue goes on, while a snapshot has the queues stopped.
+    stopped: Option<Vec<(u16, u16)>>,
     /// Notify writes that exited to vmm-core (not taken by an ioeventfd).
     pub notify_exits: Arc<AtomicU64>,
 }
@@ -148,12 +150,185 @@ impl VirtioPci {
             irqfds: vec![None; usize::from(n)],
             active: false,
             notify_exits: Arc::new(AtomicU64::new(0)),
+            stopped: None,
             device,
         })
     }
 
     fn name(&self) -> String {
         self.device.name().to_string()
+    }
+
+    /// Whether the driver started it (its backend serves queues).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The device's name (a disk's).
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    /// The enabled queues, as the device starts them.
+    fn setups<'a>(
+        queues: &[Queue],
+        kicks: &'a [EventFd],
+        calls: &'a [EventFd],
+    ) -> Vec<QueueSetup<'a>> {
+        queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.enabled)
+            .map(|(i, q)| QueueSetup {
+                index: i as u16,
+                size: q.size,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                kick: &kicks[i],
+                call: &calls[i],
+            })
+            .collect()
+    }
+
+    /// Saves the function with the VM paused. Its queues stop once their requests in flight
+    /// have completed, and stay stopped until `resume_queues` (or for good, when the VM
+    /// leaves this process).
+    pub fn save(
+        &mut self,
+        slot: u8,
+        mut b: vmm_proto::state_capnp::virtio_pci::Builder,
+    ) -> Result<(), String> {
+        if self.active && self.stopped.is_none() {
+            self.stopped = Some(self.device.stop_queues()?);
+        }
+        let bases = self.stopped.clone().unwrap_or_default();
+        b.set_slot(slot);
+        b.set_name(self.device.name());
+        self.cfg.save(b.reborrow().init_config());
+        b.set_device_feature_select(self.device_feature_select);
+        b.set_driver_feature_select(self.driver_feature_select);
+        b.set_driver_features(self.driver_features);
+        b.set_status(self.status);
+        b.set_config_vector(self.config_vector);
+        b.set_queue_select(self.queue_select);
+        b.set_active(self.active);
+        b.set_device_config(&self.device.config_bytes());
+        let mut qs = b.reborrow().init_queues(self.queues.len() as u32);
+        for (i, q) in self.queues.iter().enumerate() {
+            let mut e = qs.reborrow().get(i as u32);
+            e.set_size(q.size);
+            e.set_vector(q.vector);
+            e.set_enabled(q.enabled);
+            e.set_desc(q.desc);
+            e.set_avail(q.avail);
+            e.set_used(q.used);
+            let base = bases.iter().find(|(n, _)| usize::from(*n) == i);
+            e.set_base(base.map_or(0, |(_, b)| *b));
+        }
+        b.set_msix_enabled(self.msix.enabled);
+        b.set_msix_masked(self.msix.function_masked);
+        let mut m = b.init_msix(self.msix.entries.len() as u32);
+        for (i, v) in self.msix.entries.iter().enumerate() {
+            let mut e = m.reborrow().get(i as u32);
+            e.set_addr(v.addr);
+            e.set_data(v.data);
+            e.set_masked(v.masked);
+        }
+        Ok(())
+    }
+
+    /// The VM goes on after a snapshot: its queues start again where they stopped.
+    pub fn resume_queues(&mut self) -> Result<(), String> {
+        let Some(bases) = self.stopped.take() else {
+            return Ok(());
+        };
+        let features = self.driver_features;
+        let setups = Self::setups(&self.queues, &self.kicks, &self.calls);
+        let r = self.device.start_queues(features, &setups, &bases);
+        drop(setups);
+        r
+    }
+
+    /// Takes a saved function's state into this (new, unstarted) one, and starts its queues
+    /// where the saved ones stopped.
+    pub fn restore(&mut self, r: vmm_proto::state_capnp::virtio_pci::Reader) -> Result<(), String> {
+        let e = |e: capnp::Error| e.to_string();
+        let queues = r.get_queues().map_err(e)?;
+        let msix = r.get_msix().map_err(e)?;
+        if queues.len() as usize != self.queues.len()
+            || msix.len() as usize != self.msix.entries.len()
+        {
+            return Err(format!(
+                "it has {} queue(s) and {} MSI-X vector(s), this device {} and {}; give the destination's disk the same num-queues",
+                queues.len(),
+                msix.len(),
+                self.queues.len(),
+                self.msix.entries.len()
+            ));
+        }
+        let max = self.device.max_queue_size();
+        let mut qs = Vec::new();
+        let mut bases = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            if q.get_size() > max
+                || (q.get_vector() != NO_VECTOR
+                    && usize::from(q.get_vector()) >= msix.len() as usize)
+            {
+                return Err(format!(
+                    "its queue {i} has size {} and vector {} (this device: at most {max}, {} vectors)",
+                    q.get_size(),
+                    q.get_vector(),
+                    msix.len()
+                ));
+            }
+            qs.push(Queue {
+                size: q.get_size(),
+                vector: q.get_vector(),
+                enabled: q.get_enabled(),
+                desc: q.get_desc(),
+                avail: q.get_avail(),
+                used: q.get_used(),
+            });
+            bases.push((i as u16, q.get_base()));
+        }
+        let unknown = r.get_driver_features() & !self.offered();
+        if unknown != 0 {
+            return Err(format!(
+                "the guest's driver uses features {unknown:#x} that this device's backend does not offer"
+            ));
+        }
+        self.cfg.restore(r.get_config().map_err(e)?)?;
+        self.device
+            .restore_config(r.get_device_config().map_err(e)?)?;
+        self.device_feature_select = r.get_device_feature_select();
+        self.driver_feature_select = r.get_driver_feature_select();
+        self.driver_features = r.get_driver_features();
+        self.status = r.get_status();
+        self.config_vector = r.get_config_vector();
+        self.queue_select = r.get_queue_select();
+        self.queues = qs;
+        self.msix.enabled = r.get_msix_enabled();
+        self.msix.function_masked = r.get_msix_masked();
+        for (i, m) in msix.iter().enumerate() {
+            self.msix.entries[i] = msix::Entry {
+                addr: m.get_addr(),
+                data: m.get_data(),
+                masked: m.get_masked(),
+            };
+            self.route_vector(i);
+        }
+        if r.get_active() {
+            self.set_ioevents(self.cfg.bar_addr(0));
+            let features = self.driver_features;
+            let setups = Self::setups(&self.queues, &self.kicks, &self.calls);
+            let started = self.device.start_queues(features, &setups, &bases);
+            drop(setups);
+            started?;
+            self.active = true;
+            self.update_interrupts();
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -370,21 +545,7 @@ impl VirtioPci {
                 return;
             }
             self.set_ioevents(self.cfg.bar_addr(0));
-            let setups: Vec<QueueSetup> = self
-                .queues
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| q.enabled)
-                .map(|(i, q)| QueueSetup {
-                    index: i as u16,
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: &self.kicks[i],
-                    call: &self.calls[i],
-                })
-                .collect();
+            let setups = Self::setups(&self.queues, &self.kicks, &self.calls);
             let result = self.device.activate(self.driver_features, &setups);
             let started = setups.len();
             drop(setups);

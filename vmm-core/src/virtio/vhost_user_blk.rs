@@ -249,6 +249,30 @@ impl VhostUserBlk {
         Ok(slice.ptr_guard().as_ptr() as u64)
     }
 
+    /// The queues as the backend needs them, with their eventfds.
+    fn rings(&self, queues: &[QueueSetup]) -> Result<Vec<Ring>, String> {
+        queues
+            .iter()
+            .map(|q| {
+                Ok(Ring {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: q
+                        .kick
+                        .try_clone()
+                        .map_err(|e| self.e("the kick eventfd", e))?,
+                    call: q
+                        .call
+                        .try_clone()
+                        .map_err(|e| self.e("the call eventfd", e))?,
+                })
+            })
+            .collect()
+    }
+
     fn e(&self, what: &str, e: impl std::fmt::Display) -> String {
         err(&self.socket, what, e)
     }
@@ -293,26 +317,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String> {
-        let rings = queues
-            .iter()
-            .map(|q| {
-                Ok(Ring {
-                    index: q.index,
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: q
-                        .kick
-                        .try_clone()
-                        .map_err(|e| self.e("the kick eventfd", e))?,
-                    call: q
-                        .call
-                        .try_clone()
-                        .map_err(|e| self.e("the call eventfd", e))?,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let rings = self.rings(queues)?;
         self.start_rings(features, &rings, |_| 0)?;
         self.active = Some((features, rings));
         Ok(())
@@ -372,6 +377,104 @@ impl VirtioDevice for VhostUserBlk {
         }
         self.active = Some((features, rings));
         result
+    }
+
+    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, String> {
+        use vm_memory::Bytes;
+        let Some((_, rings)) = &self.active else {
+            return Ok(Vec::new());
+        };
+        let mut bases = Vec::new();
+        for r in rings {
+            let i = usize::from(r.index);
+            // GET_VRING_BASE stops the ring: the backend takes no more requests, and says
+            // which it would take next. What it took before completes on its own.
+            let next = self
+                .frontend
+                .get_vring_base(i)
+                .map_err(|e| self.e("GET_VRING_BASE", e))? as u16;
+            self.started.retain(|&s| s != i);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let used: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(r.used + 2))
+                    .map_err(|e| format!("queue {i}'s used ring: {e}"))?;
+                if used == next {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "{}: queue {i} still has {} request(s) in flight after 30 s; the backend ({}) is stuck",
+                        self.name,
+                        next.wrapping_sub(used),
+                        self.socket.display()
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            bases.push((r.index, next));
+        }
+        Ok(bases)
+    }
+
+    fn start_queues(
+        &mut self,
+        features: u64,
+        queues: &[QueueSetup],
+        bases: &[(u16, u16)],
+    ) -> Result<(), String> {
+        let rings = self.rings(queues)?;
+        let base = |r: &Ring| {
+            bases
+                .iter()
+                .find(|(i, _)| *i == r.index)
+                .map_or(0, |(_, b)| *b)
+        };
+        let result = self.start_rings(features, &rings, base);
+        // Requests queued while the rings were stopped, and completions whose interrupt the
+        // stopped ring did not send: the backend looks, and the driver looks.
+        for r in &rings {
+            let _ = r.kick.write(1);
+            let _ = r.call.write(1);
+        }
+        self.active = Some((features, rings));
+        result
+    }
+
+    fn config_bytes(&self) -> Vec<u8> {
+        self.config.clone()
+    }
+
+    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() != self.config.len() {
+            return Err(format!(
+                "{}: its configuration space is {} bytes here, {} in the state",
+                self.name,
+                self.config.len(),
+                bytes.len()
+            ));
+        }
+        // Only the write-cache setting is the guest's to change; the rest (capacity,
+        // geometry) is the disk's, and the destination's disk must match.
+        if bytes[..CONFIG_WRITEBACK] != self.config[..CONFIG_WRITEBACK] {
+            return Err(format!(
+                "{}: the disk differs from the one saved (capacity or geometry); start the destination with the same image",
+                self.name
+            ));
+        }
+        let wce = bytes[CONFIG_WRITEBACK];
+        if wce != self.config[CONFIG_WRITEBACK] {
+            self.frontend
+                .set_config(
+                    CONFIG_WRITEBACK as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &[wce],
+                )
+                .map_err(|e| self.e("SET_CONFIG", e))?;
+            self.config[CONFIG_WRITEBACK] = wce;
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

@@ -1,0 +1,409 @@
+//! migrated's control API (proto/schema/migrated.capnp), one connection from vmm-core. The
+//! I/O runs on blocking threads so that the RPC keeps answering (an abort reaches a transfer
+//! that is blocked on the network).
+
+use crate::channel::{self, Stream, Uri};
+use crate::ram::Ram;
+use crate::stream::{Config, Reader, Section, Writer, Zeros, PAGE};
+use capnp::capability::Rc as CapRc;
+use std::io::{BufWriter, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_proto::migrated_capnp::{migrated, shape};
+
+/// How long a destination waits for its source, and a source for the destination's answer.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The device-state section's name.
+pub const VM_SECTION: &str = "vm";
+
+/// The destination's answer after the end marker: it runs the VM, or why it cannot.
+const STARTED: u8 = 1;
+const REFUSED: u8 = 0;
+
+struct Outgoing {
+    uri: Uri,
+    writer: Writer<BufWriter<Box<dyn Stream>>>,
+    ram: Ram,
+    /// Whether the first pass went (later passes send pages that became zero as ZERO runs).
+    passes: u32,
+}
+
+pub struct Server {
+    side: OwnedFd,
+    out: Arc<Mutex<Option<Outgoing>>>,
+    /// Another handle on the outgoing connection, to cut it from `abort`.
+    cut: Arc<Mutex<Option<Box<dyn Stream>>>>,
+    /// The destination's connection, kept for the answer `started` sends back.
+    back: Arc<Mutex<Option<Box<dyn Stream>>>>,
+}
+
+fn failed(msg: String) -> capnp::Error {
+    capnp::Error::failed(msg)
+}
+
+impl Server {
+    pub fn new(side: OwnedFd) -> Server {
+        Server {
+            side,
+            out: Default::default(),
+            cut: Default::default(),
+            back: Default::default(),
+        }
+    }
+
+    /// The memfd vmm-core sent on the side channel for this call.
+    fn memfd(&self) -> Result<OwnedFd, String> {
+        let mut pfd = libc::pollfd {
+            fd: self.side.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
+            return Err("the guest RAM memfd did not come on the side channel within 5 s".into());
+        }
+        let mut buf = [0u8; 16];
+        let (_, mut fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+            .map_err(|e| format!("the side channel: {e}"))?;
+        match fds.len() {
+            1 => Ok(fds.pop().expect("one")),
+            n => Err(format!(
+                "the side channel carried {n} descriptors; expected the guest RAM memfd"
+            )),
+        }
+    }
+}
+
+fn read_shape(s: shape::Reader) -> Result<(Vec<(u64, u64)>, Config), capnp::Error> {
+    let regions: Vec<(u64, u64)> = s
+        .get_regions()?
+        .iter()
+        .map(|r| (r.get_gpa(), r.get_bytes()))
+        .collect();
+    let config = Config {
+        regions: regions.clone(),
+        vcpus: s.get_vcpus(),
+    };
+    Ok((regions, config))
+}
+
+fn read_tls(t: vmm_proto::migrated_capnp::tls::Reader) -> Result<(), capnp::Error> {
+    let creds = t.get_creds()?.to_str()?;
+    if !creds.is_empty() {
+        return Err(failed(format!(
+            "tls-creds {creds}: TLS is not built into migrated yet; migrate without tls-creds"
+        )));
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, capnp::Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| failed(format!("migrated: a worker failed: {e}")))?
+        .map_err(failed)
+}
+
+/// Sends the pages of `bitmap` (or all); returns (bytes, pages, zero pages).
+fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64), String> {
+    let before = o.writer.bytes();
+    let (p0, z0) = o.writer.counts();
+    let zeros = if o.passes == 0 {
+        Zeros::Skip
+    } else {
+        Zeros::Send
+    };
+    let total = (o.ram.len() / PAGE) as u64;
+    let uri = o.uri.clone();
+    let io = |e: std::io::Error| format!("{uri}: the transfer failed ({e})");
+    // Runs of set bits, each within one region.
+    let set = |p: u64| {
+        bitmap.is_none_or(|b| {
+            b.get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        })
+    };
+    let regions = o.ram.regions.clone();
+    let mut buf = Vec::with_capacity(1024 * PAGE);
+    for (gpa, bytes, off) in regions {
+        let first = off / PAGE as u64;
+        let end = first + bytes / PAGE as u64;
+        let mut p = first;
+        while p < end.min(total) {
+            if !set(p) {
+                p += 1;
+                continue;
+            }
+            let mut q = p + 1;
+            while q < end && set(q) && q - p < 1024 {
+                q += 1;
+            }
+            // A copy: the guest may write the pages meanwhile, and what is checksummed
+            // must be what is sent (a page changed later is dirty and goes again).
+            buf.clear();
+            buf.extend_from_slice(
+                &o.ram.bytes()[(p * PAGE as u64) as usize..(q * PAGE as u64) as usize],
+            );
+            o.writer
+                .ram(gpa + (p - first) * PAGE as u64, &buf, zeros)
+                .map_err(io)?;
+            p = q;
+        }
+    }
+    o.passes += 1;
+    let (p1, z1) = o.writer.counts();
+    Ok((o.writer.bytes() - before, p1 - p0, z1 - z0))
+}
+
+/// Takes a whole stream into RAM; returns the device state and the bytes read.
+fn receive(
+    stream: &mut dyn Stream,
+    ram: &mut Ram,
+    ours: &Config,
+) -> Result<(Vec<u8>, u64), String> {
+    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, stream))
+        .map_err(|e| e.to_string())?;
+    r.check_config(ours).map_err(|e| e.to_string())?;
+    let mut state = None;
+    loop {
+        match r.section().map_err(|e| e.to_string())? {
+            Section::Ram { gpa, data } => {
+                let off = ram
+                    .offset(gpa, data.len() as u64)
+                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                ram.bytes_mut()[off..off + data.len()].copy_from_slice(data);
+            }
+            Section::Zero { gpa, pages } => {
+                let n = pages * PAGE as u64;
+                let off = ram.offset(gpa, n).ok_or_else(|| {
+                    format!("zero pages at {gpa:#x} are outside this VM's memory")
+                })?;
+                ram.bytes_mut()[off..off + n as usize].fill(0);
+            }
+            Section::Device { name, state: s } if name == VM_SECTION => {
+                state = Some(s.to_vec());
+            }
+            Section::Device { name, .. } => {
+                return Err(format!(
+                    "the stream has state for a device {name:?} that this build does not know"
+                ))
+            }
+            Section::End => break,
+        }
+    }
+    let state = state.ok_or("the stream ended without the VM's device state")?;
+    Ok((state, r.position()))
+}
+
+impl migrated::Server for Server {
+    async fn open(
+        self: CapRc<Self>,
+        params: migrated::OpenParams,
+        _: migrated::OpenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
+        read_tls(p.get_tls()?)?;
+        let (regions, config) = read_shape(p.get_shape()?)?;
+        let memfd = self.memfd().map_err(failed)?;
+        let (out, cut) = (self.out.clone(), self.cut.clone());
+        blocking(move || {
+            let ram = Ram::map(&memfd, &regions, false)?;
+            let stream = channel::connect(&uri)?;
+            *cut.lock().unwrap() = stream.handle().ok();
+            let writer = Writer::new(BufWriter::with_capacity(1 << 20, stream), &config)
+                .map_err(|e| format!("{uri}: cannot send the header ({e})"))?;
+            log::info!("{uri}: sending a VM with {config}");
+            *out.lock().unwrap() = Some(Outgoing {
+                uri,
+                writer,
+                ram,
+                passes: 0,
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn send_pages(
+        self: CapRc<Self>,
+        params: migrated::SendPagesParams,
+        mut results: migrated::SendPagesResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let bitmap: Option<Vec<u64>> = if p.get_all() {
+            None
+        } else {
+            Some(p.get_bitmap()?.iter().collect())
+        };
+        let out = self.out.clone();
+        let start = Instant::now();
+        let (bytes, pages, zero) = blocking(move || {
+            let mut g = out.lock().unwrap();
+            let o = g.as_mut().ok_or("no migration is open")?;
+            send_pages(o, bitmap.as_deref())
+        })
+        .await?;
+        let mut s = results.get().init_stats();
+        s.set_bytes(bytes);
+        s.set_pages(pages);
+        s.set_zero_pages(zero);
+        s.set_micros(start.elapsed().as_micros() as u64);
+        Ok(())
+    }
+
+    async fn finish(
+        self: CapRc<Self>,
+        params: migrated::FinishParams,
+        mut results: migrated::FinishResults,
+    ) -> Result<(), capnp::Error> {
+        let state = params.get()?.get_state()?.to_vec();
+        let (out, cut) = (self.out.clone(), self.cut.clone());
+        let bytes = blocking(move || {
+            let o = out.lock().unwrap().take().ok_or("no migration is open")?;
+            let uri = o.uri.clone();
+            let io = |e: std::io::Error| format!("{uri}: the transfer failed ({e})");
+            let mut w = o.writer;
+            w.device(VM_SECTION, &state).map_err(io)?;
+            let (buf, bytes) = w.finish().map_err(io)?;
+            let mut stream = buf.into_inner().map_err(|e| io(e.into_error()))?;
+            if !uri.is_live() {
+                // A snapshot: on disk before it is called done.
+                stream.flush().map_err(io)?;
+                drop(stream);
+                if let Uri::File(p) = &uri {
+                    std::fs::File::open(p)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| format!("{uri}: cannot sync it ({e})"))?;
+                }
+                cut.lock().unwrap().take();
+                return Ok(bytes);
+            }
+            // The destination checks the whole stream, restores, and answers.
+            let mut answer = [0u8; 1];
+            let r = stream.read_exact(&mut answer);
+            cut.lock().unwrap().take();
+            match r {
+                Ok(()) if answer[0] == STARTED => Ok(bytes),
+                Ok(()) => {
+                    let mut len = [0u8; 2];
+                    let mut why = String::from("(it gave no reason)");
+                    if stream.read_exact(&mut len).is_ok() {
+                        let mut m = vec![0u8; u16::from_le_bytes(len).into()];
+                        if stream.read_exact(&mut m).is_ok() {
+                            why = String::from_utf8_lossy(&m).into_owned();
+                        }
+                    }
+                    Err(format!("{uri}: the destination refused the VM: {why}"))
+                }
+                Err(e) => Err(format!(
+                    "{uri}: the destination did not confirm it has the VM ({e}); it is not running it"
+                )),
+            }
+        })
+        .await?;
+        results.get().set_bytes(bytes);
+        Ok(())
+    }
+
+    async fn abort(
+        self: CapRc<Self>,
+        _: migrated::AbortParams,
+        _: migrated::AbortResults,
+    ) -> Result<(), capnp::Error> {
+        if let Some(s) = self.cut.lock().unwrap().take() {
+            s.shutdown();
+        }
+        // A transfer blocked on the connection fails now and lets go of it.
+        let out = self.out.clone();
+        blocking(move || {
+            if let Some(o) = out.lock().unwrap().take() {
+                log::info!("{}: the migration was abandoned", o.uri);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn receive(
+        self: CapRc<Self>,
+        params: migrated::ReceiveParams,
+        mut results: migrated::ReceiveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
+        read_tls(p.get_tls()?)?;
+        let (regions, config) = read_shape(p.get_shape()?)?;
+        let memfd = self.memfd().map_err(failed)?;
+        let back = self.back.clone();
+        let (state, bytes) = blocking(move || {
+            let mut ram = Ram::map(&memfd, &regions, true)?;
+            let mut stream = channel::accept(&uri, WAIT)?;
+            let r = receive(stream.as_mut(), &mut ram, &config).map_err(|e| format!("{uri}: {e}"));
+            if uri.is_live() {
+                match &r {
+                    Ok(_) => *back.lock().unwrap() = Some(stream),
+                    Err(e) => refuse(stream.as_mut(), e),
+                }
+            }
+            r
+        })
+        .await?;
+        results.get().set_state(&state);
+        results.get().set_bytes(bytes);
+        Ok(())
+    }
+
+    async fn started(
+        self: CapRc<Self>,
+        params: migrated::StartedParams,
+        _: migrated::StartedResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let (ok, why) = (p.get_ok(), p.get_why()?.to_str()?.to_string());
+        let back = self.back.clone();
+        blocking(move || {
+            let Some(mut s) = back.lock().unwrap().take() else {
+                return Ok(());
+            };
+            if ok {
+                s.write_all(&[STARTED])
+                    .and_then(|()| s.flush())
+                    .map_err(|e| format!("cannot tell the source the VM runs here ({e}); the source may resume it, so this VM must not run"))?;
+            } else {
+                refuse(s.as_mut(), &why);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn refuse(s: &mut dyn Stream, why: &str) {
+    let m = &why.as_bytes()[..why.len().min(4000)];
+    let mut b = vec![REFUSED];
+    b.extend_from_slice(&(m.len() as u16).to_le_bytes());
+    b.extend_from_slice(m);
+    let _ = s.write_all(&b).and_then(|()| s.flush());
+}
+
+/// Serves one control connection (vmm-core's) until it ends.
+pub async fn serve(stream: std::os::unix::net::UnixStream) {
+    let Ok(stream) = vmm_proto::rpc::tokio_stream(stream) else {
+        return;
+    };
+    let side = match vmm_proto::rpc::accept_side_channel(&stream).await {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("refused a control connection: {e}; see proto/schema/migrated.capnp");
+            return;
+        }
+    };
+    let server = std::rc::Rc::new(Server::new(side));
+    let client: migrated::Client = capnp_rpc::new_client_from_rc(server);
+    let _ = vmm_proto::rpc::server(stream, client.client).await;
+}

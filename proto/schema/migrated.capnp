@@ -1,0 +1,57 @@
+@0xb3c0f5e2a4d19e77;
+# vmm-core ↔ migrated: vmm-core drives a migration or snapshot step by step (it owns the VM's
+# pause and state, and KVM's dirty log); migrated owns the channel and moves the RAM itself,
+# reading and writing the guest-RAM memfd it is handed. RAM never passes through vmm-core.
+#
+# Descriptors travel on the side channel (see blockd.capnp): `open` and `receive` each take the
+# guest-RAM memfd that vmm-core sends just before the call.
+
+interface Migrated {
+  # The source: opens the channel to `uri` (tcp:HOST:PORT, unix:PATH, file:PATH) and writes
+  # the stream's header for a VM of this shape.
+  open @0 (uri :Text, tls :Tls, shape :Shape) -> ();
+
+  # Sends the pages whose bits are set (bit n of word w is the 4 KiB page 64w+n of the memfd),
+  # or every page when `all` (zero pages left out). Returns what it sent and how long it took.
+  sendPages @1 (bitmap :List(UInt64), all :Bool) -> (stats :PassStats);
+
+  # The device state, then the end marker; for a live migration, waits until the destination
+  # says it has all of it and will run the VM.
+  finish @2 (state :Data) -> (bytes :UInt64);
+
+  # Drops the outgoing channel: the migration failed or was cancelled; the source goes on.
+  abort @3 () -> ();
+
+  # The destination: takes one whole stream from `uri` into the memfd and returns the device
+  # state once every check has passed (a stream that fails one changes nothing but RAM).
+  receive @4 (uri :Text, tls :Tls, shape :Shape) -> (state :Data, bytes :UInt64);
+
+  # The destination restored the state (ok) or could not (why): the source hears it, and exits
+  # or goes on.
+  started @5 (ok :Bool, why :Text) -> ();
+}
+
+struct Shape {
+  regions @0 :List(Region);     # guest RAM, in memfd order
+  vcpus @1 :UInt32;
+}
+
+struct Region {
+  gpa @0 :UInt64;
+  bytes @1 :UInt64;
+}
+
+# QEMU's names: tls-creds (a directory with ca-cert.pem, server-cert.pem, server-key.pem,
+# client-cert.pem, client-key.pem), tls-hostname, tls-authz. Empty creds: no TLS.
+struct Tls {
+  creds @0 :Text;
+  hostname @1 :Text;
+  authz @2 :List(Text);
+}
+
+struct PassStats {
+  bytes @0 :UInt64;
+  pages @1 :UInt64;
+  zeroPages @2 :UInt64;
+  micros @3 :UInt64;
+}

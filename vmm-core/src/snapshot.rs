@@ -1,0 +1,175 @@
+//! The whole VM's state in one typed message (proto/schema/state.capnp's VmState): taken from a
+//! paused VM, and put into a new one before its vCPUs run. Each part is saved and restored by
+//! its owner; this file only puts the parts together and checks they fit before any applies.
+
+use crate::devices::cpu_hotplug::CpuHotplug;
+use crate::devices::{ged, serial};
+use crate::kvm_state::KvmState;
+use crate::vcpu::state::VcpuState;
+use crate::virtio::pci::VirtioPci;
+use kvm_ioctls::VmFd;
+use std::sync::{Arc, Mutex};
+use vmm_proto::state_capnp::vm_state;
+
+/// The VM's devices, as a save or a restore reaches them.
+pub struct Devices<'a> {
+    pub vm: &'a VmFd,
+    pub uart: &'a Mutex<serial::SerialDevice>,
+    pub ged: &'a Mutex<ged::Ged>,
+    pub hotplug: &'a Mutex<CpuHotplug>,
+    /// The virtio-pci functions, by slot.
+    pub pci: &'a [(u8, Arc<Mutex<VirtioPci>>)],
+}
+
+/// What a save needs besides the devices.
+pub struct Taken {
+    pub vcpus: Vec<VcpuState>,
+    /// kvmclock as it stopped at the pause (None: read it now).
+    pub clock: Option<kvm_bindings::kvm_clock_data>,
+    pub memory: u64,
+    pub max_cpus: u32,
+    pub paused: bool,
+}
+
+/// Saves the paused VM's state (the virtio queues stop here, once what they hold completed).
+pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, String> {
+    let mut kvm = KvmState::save(d.vm).map_err(|e| crate::error_chain(&e))?;
+    if let Some(c) = t.clock {
+        kvm.clock = c;
+    }
+    let mut msg = capnp::message::Builder::new_default();
+    let mut b = msg.init_root::<vm_state::Builder>();
+    b.set_memory(t.memory);
+    b.set_max_cpus(t.max_cpus);
+    b.set_paused(t.paused);
+    {
+        let mut l = b.reborrow().init_vcpus(t.vcpus.len() as u32);
+        for (i, v) in t.vcpus.iter().enumerate() {
+            v.write(l.reborrow().get(i as u32));
+        }
+    }
+    kvm.write(b.reborrow().init_kvm());
+    d.uart.lock().unwrap().save(b.reborrow().init_serial());
+    d.ged.lock().unwrap().save(b.reborrow().init_ged());
+    d.hotplug
+        .lock()
+        .unwrap()
+        .save(b.reborrow().init_cpu_hotplug());
+    let mut l = b.init_pci(d.pci.len() as u32);
+    for (i, (slot, dev)) in d.pci.iter().enumerate() {
+        let mut dev = dev.lock().unwrap();
+        dev.save(*slot, l.reborrow().get(i as u32))
+            .map_err(|e| format!("PCI 00:{slot:02x}.0: {e}"))?;
+    }
+    Ok(capnp::serialize::write_message_to_words(&msg))
+}
+
+/// A saved state, read and checked against this VM's shape before anything is applied.
+pub struct Restore {
+    pub vcpus: Vec<VcpuState>,
+    pub kvm: KvmState,
+    pub paused: bool,
+    msg: capnp::message::Reader<capnp::serialize::OwnedSegments>,
+}
+
+impl Restore {
+    pub fn read(bytes: &[u8], memory: u64, max_cpus: u32) -> Result<Restore, String> {
+        let opts = capnp::message::ReaderOptions {
+            traversal_limit_in_words: Some(64 << 20),
+            nesting_limit: 64,
+        };
+        let msg = capnp::serialize::read_message(&mut &bytes[..], opts)
+            .map_err(|e| format!("the VM's state is not readable: {e}"))?;
+        let (vcpus, kvm, paused) = {
+            let r = msg
+                .get_root::<vm_state::Reader>()
+                .map_err(|e| format!("the VM's state: {e}"))?;
+            if r.get_memory() != memory || r.get_max_cpus() != max_cpus {
+                return Err(format!(
+                    "the state is of a VM with {} MiB and at most {} vCPUs, this one has {} MiB and {}; start it with the same --memory and --cpus",
+                    r.get_memory() >> 20,
+                    r.get_max_cpus(),
+                    memory >> 20,
+                    max_cpus
+                ));
+            }
+            let vcpus = r
+                .get_vcpus()
+                .map_err(|e| format!("the vCPUs' state: {e}"))?
+                .iter()
+                .map(VcpuState::read)
+                .collect::<Result<Vec<_>, String>>()?;
+            if vcpus.is_empty() || vcpus.iter().any(|v| v.id >= max_cpus) {
+                return Err(format!(
+                    "the state has vCPUs {:?}, this VM takes ids below {max_cpus}",
+                    vcpus.iter().map(|v| v.id).collect::<Vec<_>>()
+                ));
+            }
+            let kvm = KvmState::read(r.get_kvm().map_err(|e| format!("the KVM state: {e}"))?)?;
+            (vcpus, kvm, r.get_paused())
+        };
+        Ok(Restore {
+            vcpus,
+            kvm,
+            paused,
+            msg,
+        })
+    }
+
+    /// Puts the VM-wide and device state in place (the vCPUs' comes after, on their fds).
+    pub fn apply(
+        &self,
+        d: &Devices,
+        new_uart: impl FnOnce(
+            vmm_proto::state_capnp::serial::Reader,
+        ) -> Result<serial::SerialDevice, String>,
+    ) -> Result<(), String> {
+        let r = self
+            .msg
+            .get_root::<vm_state::Reader>()
+            .map_err(|e| e.to_string())?;
+        let e = |e: capnp::Error| format!("the VM's state: {e}");
+        let pci = r.get_pci().map_err(e)?;
+        if pci.len() as usize != d.pci.len() {
+            return Err(format!(
+                "the state has {} PCI device(s), this VM {}; give it the same --disk options",
+                pci.len(),
+                d.pci.len()
+            ));
+        }
+        self.kvm.restore(d.vm).map_err(|e| crate::error_chain(&e))?;
+        *d.uart.lock().unwrap() = new_uart(r.get_serial().map_err(e)?)?;
+        d.ged.lock().unwrap().restore(r.get_ged().map_err(e)?);
+        d.hotplug
+            .lock()
+            .unwrap()
+            .restore(r.get_cpu_hotplug().map_err(e)?)?;
+        for p in pci.iter() {
+            let slot = p.get_slot();
+            let name = p
+                .get_name()
+                .map_err(e)?
+                .to_str()
+                .map_err(|e| e.to_string())?;
+            let dev = d
+                .pci
+                .iter()
+                .find(|(s, _)| *s == slot)
+                .map(|(_, d)| d)
+                .ok_or_else(|| {
+                    format!(
+                        "the state has {name} at PCI 00:{slot:02x}.0; this VM has nothing there"
+                    )
+                })?;
+            let mut dev = dev.lock().unwrap();
+            if dev.device_name() != name {
+                return Err(format!(
+                    "PCI 00:{slot:02x}.0 is {name} in the state, {} here; give the disks in the same order",
+                    dev.device_name()
+                ));
+            }
+            dev.restore(p).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+}
