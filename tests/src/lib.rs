@@ -142,6 +142,7 @@ pub struct Builder {
     kernel: PathBuf,
     stdin: bool,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl Builder {
@@ -184,9 +185,22 @@ impl Builder {
         self
     }
 
+    /// Runs vmm-core inside a network namespace (see `NetNs`).
+    pub fn in_netns(mut self, ns: &NetNs) -> Self {
+        self.netns = Some(ns.name.clone());
+        self
+    }
+
     pub fn spawn(self) -> TestVm {
         require_kvm();
-        let mut cmd = Command::new(vmm_core_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(vmm_core_bin());
+                c
+            }
+            None => Command::new(vmm_core_bin()),
+        };
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
@@ -211,6 +225,7 @@ impl TestVm {
             kernel: test_guest(),
             stdin: false,
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -424,4 +439,101 @@ pub fn user_work_reference(iterations: u64) -> u64 {
         x ^= x >> 29;
     }
     x
+}
+
+pub const SEQ_MAGIC: u64 = 0x5345_515f_424c_4b21;
+const SEQ_K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The sequence numbers the guest logged as acknowledged, in the order it logged them.
+pub fn seq_acks(out: &str) -> Vec<u64> {
+    // Only whole lines: the last one may still be arriving.
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.strip_prefix("tg: ack "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}
+
+/// Every acknowledged block of the guest's `blk-seq` run is in the image with its magic,
+/// sequence number, words and checksum; returns how many were checked.
+pub fn check_seq_blocks(img: &Path, out: &str) -> u64 {
+    let data = std::fs::read(img).unwrap();
+    let mut acked = 0;
+    for seq in seq_acks(out) {
+        let block = &data[(seq as usize) * 4096..(seq as usize + 1) * 4096];
+        let word = |j: usize| u64::from_le_bytes(block[j * 8..j * 8 + 8].try_into().unwrap());
+        assert_eq!(word(0), SEQ_MAGIC, "block {seq}: no magic");
+        assert_eq!(word(1), seq, "block {seq}: wrong sequence number");
+        let mut sum = 0u64;
+        for j in 3..512u64 {
+            let w = ((seq << 32) | j).wrapping_mul(SEQ_K);
+            assert_eq!(word(j as usize), w, "block {seq}: word {j}");
+            sum = sum.rotate_left(5) ^ w;
+        }
+        assert_eq!(word(2), sum, "block {seq}: checksum");
+        acked += 1;
+    }
+    acked
+}
+
+/// A network namespace of the test's own, joined to this one by a veth pair: this side has
+/// `10.231.N.1/30`, the namespace `10.231.N.2/30` (N picks the subnet, one per test).
+/// Deleted on drop.
+pub struct NetNs {
+    pub name: String,
+    pub host_addr: String,
+    pub ns_addr: String,
+    veth: String,
+}
+
+impl NetNs {
+    pub fn new(n: u8) -> NetNs {
+        let name = format!("vmmt{}-{n}", std::process::id());
+        let veth = format!("vt{}{n}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (host_addr, ns_addr) = (format!("10.231.{n}.1"), format!("10.231.{n}.2"));
+        let peer = format!("{veth}p");
+        ip(&["netns", "add", &name]);
+        let ns = NetNs {
+            name: name.clone(),
+            host_addr: host_addr.clone(),
+            ns_addr: ns_addr.clone(),
+            veth: veth.clone(),
+        };
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &veth]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ns_addr}/30"),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", &name, "link", "set", &peer, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }

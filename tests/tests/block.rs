@@ -5,7 +5,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
-use vmm_tests::{process_name, wait_until, TempDir, TestVm};
+use vmm_tests::{check_seq_blocks, process_name, seq_acks, wait_until, TempDir, TestVm};
 
 const T: Duration = Duration::from_secs(90);
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -822,40 +822,6 @@ fn an_exit_rule_ends_blockd_at_the_next_write() {
         err.contains("export d0: fault rule 1: blockd exits at this Write, as asked"),
         "{err}"
     );
-}
-
-const SEQ_MAGIC: u64 = 0x5345_515f_424c_4b21;
-
-/// The sequence numbers the guest logged as acknowledged, in the order it logged them.
-fn seq_acks(out: &str) -> Vec<u64> {
-    // Only whole lines: the last one may still be arriving.
-    out.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.strip_prefix("tg: ack "))
-        .map(|n| n.trim().parse().unwrap())
-        .collect()
-}
-
-/// Every acknowledged block of the guest's `blk-seq` run is in the image with its magic,
-/// sequence number, words and checksum; returns how many were checked.
-fn check_seq_blocks(img: &Path, out: &str) -> u64 {
-    let data = std::fs::read(img).unwrap();
-    let mut acked = 0;
-    for seq in seq_acks(out) {
-        let block = &data[(seq as usize) * 4096..(seq as usize + 1) * 4096];
-        let word = |j: usize| u64::from_le_bytes(block[j * 8..j * 8 + 8].try_into().unwrap());
-        assert_eq!(word(0), SEQ_MAGIC, "block {seq}: no magic");
-        assert_eq!(word(1), seq, "block {seq}: wrong sequence number");
-        let mut sum = 0u64;
-        for j in 3..512u64 {
-            let w = ((seq << 32) | j).wrapping_mul(K);
-            assert_eq!(word(j as usize), w, "block {seq}: word {j}");
-            sum = sum.rotate_left(5) ^ w;
-        }
-        assert_eq!(word(2), sum, "block {seq}: checksum");
-        acked += 1;
-    }
-    acked
 }
 
 /// The crash test: the guest writes 2000 sequence-numbered, checksummed 4 KiB blocks with its

@@ -29,12 +29,19 @@ type Job = Box<dyn FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, ()> + Send>;
 /// migrated, as the rest of vmm-core reaches it.
 pub struct Migrated {
     jobs: tokio::sync::mpsc::UnboundedSender<Job>,
-    child: std::sync::Mutex<Option<std::process::Child>>,
+    child: std::sync::Arc<std::sync::Mutex<Option<std::process::Child>>>,
+    /// Set when vmm-core ends it: no restart then.
+    ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// migrated's error message, without capnp's prefix.
 pub fn remote(e: capnp::Error) -> String {
-    e.extra.trim_start_matches("remote exception: ").to_string()
+    match e.kind {
+        capnp::ErrorKind::Disconnected => {
+            "migrated died during the call (it is restarted; try again)".to_string()
+        }
+        _ => e.extra.trim_start_matches("remote exception: ").to_string(),
+    }
 }
 
 impl Migrated {
@@ -53,7 +60,7 @@ impl Migrated {
             .send(job)
             .map_err(|_| "migrated is gone (its client thread ended)".to_string())?;
         rx.await
-            .map_err(|_| "migrated: the call was dropped (the helper died?)".to_string())?
+            .map_err(|_| "migrated died during the call (it is restarted; try again)".to_string())?
     }
 
     /// The same, from a thread that is not async (the main thread).
@@ -70,8 +77,11 @@ impl Migrated {
     }
 }
 
-impl Drop for Migrated {
-    fn drop(&mut self) {
+impl Migrated {
+    /// Ends migrated for good (vmm-core is ending).
+    pub fn end(&self) {
+        self.ending
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -79,12 +89,17 @@ impl Drop for Migrated {
     }
 }
 
-/// Starts migrated with a connected control socket as its fd 3, and its client thread.
-pub fn start(
+impl Drop for Migrated {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Starts migrated with a connected control socket as its fd 3.
+fn spawn(
     exe: &Path,
     report: crate::helpers::SeccompReport,
-    seccomp: Option<vmm_sandbox::seccomp::Mode>,
-) -> Result<Migrated, String> {
+) -> Result<(std::os::unix::net::UnixStream, std::process::Child), String> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| format!("migrated: cannot make its control socket ({e})"))?;
     let stderr = crate::helpers::stderr_pipe("migrated", report)
@@ -110,22 +125,26 @@ pub fn start(
         .spawn()
         .map_err(|e| format!("cannot start migrated ({}): {e}", exe.display()))?;
     drop(theirs);
+    Ok((ours, child))
+}
+
+/// Starts migrated, and the thread that talks to it. That thread is its supervisor (as
+/// blockd's and chardevd's are): when migrated dies it starts another, so the next
+/// migration works; a call that was under way fails and says so.
+pub fn start(
+    exe: &Path,
+    report: crate::helpers::SeccompReport,
+    on_death: Box<dyn Fn(String) + Send>,
+) -> Result<Migrated, String> {
+    let (first, child) = spawn(exe, report.clone())?;
     log::info!("started migrated (pid {})", child.id());
-    let side = vmm_proto::rpc::open_side_channel(&ours)
-        .map_err(|e| format!("migrated: cannot set up its side channel ({e})"))?;
+    let child = std::sync::Arc::new(std::sync::Mutex::new(Some(child)));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+    let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (exe, slot, stop) = (exe.to_path_buf(), child.clone(), ending.clone());
     std::thread::Builder::new()
         .name("migrated-client".into())
         .spawn(move || {
-            if let Some(mode) = seccomp {
-                let list = vmm_sandbox::seccomp::with_base(crate::api::allowlist());
-                if let Err(e) =
-                    vmm_sandbox::seccomp::install("vmm-core (the migrated client)", &list, mode)
-                {
-                    log::error!("the migrated client thread: cannot install its filter ({e})");
-                    return;
-                }
-            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -138,26 +157,81 @@ pub fn start(
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let stream = match vmm_proto::rpc::tokio_stream(ours) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        log::error!("migrated: {e}");
+                let mut control = Some(first);
+                let mut backoff = std::time::Duration::from_millis(100);
+                loop {
+                    let ours = match control.take() {
+                        Some(c) => c,
+                        None => match spawn(&exe, report.clone()) {
+                            Ok((c, child)) => {
+                                log::warn!("migrated: started another (pid {})", child.id());
+                                let old = slot.lock().unwrap().replace(child);
+                                if let Some(mut old) = old {
+                                    let _ = old.wait();
+                                }
+                                c
+                            }
+                            Err(e) => {
+                                log::error!("{e}; trying again in {} ms", backoff.as_millis());
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                                continue;
+                            }
+                        },
+                    };
+                    let side = match vmm_proto::rpc::open_side_channel(&ours) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::error!("migrated: cannot set up its side channel ({e})");
+                            tokio::time::sleep(backoff).await;
+                            continue;
+                        }
+                    };
+                    let stream = match vmm_proto::rpc::tokio_stream(ours) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::error!("migrated: {e}");
+                            tokio::time::sleep(backoff).await;
+                            continue;
+                        }
+                    };
+                    let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
+                    let mut connection = tokio::task::spawn_local(rpc);
+                    let conn = Rc::new(Conn { client, side });
+                    loop {
+                        tokio::select! {
+                            job = rx.recv() => match job {
+                                Some(job) => {
+                                    tokio::task::spawn_local(job(conn.clone()));
+                                }
+                                None => {
+                                    connection.abort();
+                                    return;
+                                }
+                            },
+                            _ = &mut connection => break,
+                        }
+                    }
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
                         return;
                     }
-                };
-                let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
-                let connection = tokio::task::spawn_local(rpc);
-                let conn = Rc::new(Conn { client, side });
-                while let Some(job) = rx.recv().await {
-                    tokio::task::spawn_local(job(conn.clone()));
+                    // migrated is gone: reap it, say so, and start another.
+                    let status = slot
+                        .lock()
+                        .unwrap()
+                        .as_mut()
+                        .and_then(|c| c.wait().ok())
+                        .map_or("it ended".to_string(), |s| s.to_string());
+                    on_death(status);
+                    backoff = std::time::Duration::from_millis(100);
                 }
-                connection.abort();
             });
         })
         .map_err(|e| format!("migrated: cannot start its client thread ({e})"))?;
     Ok(Migrated {
         jobs: tx,
-        child: std::sync::Mutex::new(Some(child)),
+        child,
+        ending,
     })
 }
 

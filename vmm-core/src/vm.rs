@@ -425,9 +425,13 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     let migrated = crate::migration::start(
         &config.migrated,
         crate::helpers::seccomp_reporter(shared.clone()),
-        config
-            .sandbox
-            .then(|| config.seccomp.parse().expect("clap checked it")),
+        {
+            let shared = shared.clone();
+            Box::new(move |status| {
+                log::error!("lost migrated ({status}); a migration under way fails; restarting it");
+                shared.events.emit("helper-died", "migrated".to_string());
+            })
+        },
     )
     .map(Arc::new)
     .map_err(VmError::Migration)?;
@@ -455,6 +459,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         migrated: Some(&migrated),
     };
     let result = filtered.and_then(|()| run_guest(kvm, config, &tx, &rx, &console, &shared, &res));
+    migrated.end();
     drop(disks);
     // Ends blockd (it flushes the images), then removes its sockets' directory.
     shared.blockd.lock().unwrap().take();

@@ -174,6 +174,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk-bad" => blk_bad(stack_top),
         "blk-seq" => blk_seq(cmdline),
         "dirty" => dirty(cmdline, stack_top),
+        "migrate" => migrate_load(cmdline, stack_top),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();
@@ -659,9 +660,89 @@ fn blk_look() {
 /// (as FUA). A block holds a magic, its sequence number, a checksum, and words derived from the
 /// sequence number (the host's check in tests/tests/block.rs knows the layout). Each
 /// completed write is logged as "tg: ack N"; a summary line ends the run.
-fn blk_seq(cmdline: &str) {
+/// Block `seq` of the sequence writers: magic, seq, checksum, then words the host can
+/// compute (tests/src/lib.rs checks them).
+fn seq_block(at: *mut u64, seq: u64) {
     const MAGIC: u64 = 0x5345_515f_424c_4b21;
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut sum = 0u64;
+    for j in 3..512u64 {
+        let w = ((seq << 32) | j).wrapping_mul(K);
+        sum = sum.rotate_left(5) ^ w;
+        // SAFETY: `at` is a 4 KiB block of the DMA data buffer.
+        unsafe { at.add(j as usize).write_volatile(w) };
+    }
+    // SAFETY: as above.
+    unsafe {
+        at.write_volatile(MAGIC);
+        at.add(1).write_volatile(seq);
+        at.add(2).write_volatile(sum);
+    }
+}
+
+/// The migration tests' guest: a counter in memory (the pass number), `tg.dirty.mib` MiB
+/// (default 8) at 64 MiB rewritten at CPL3 each pass with that pass's words after checking
+/// they still hold the previous pass's (so a page a migration lost or left stale is found on
+/// the destination), and, with a disk, a sequence-numbered block written through every
+/// `tg.mig.every` passes (default 8), each acknowledged as "tg: ack N". Every 16 passes:
+/// "tg: mig pass N acked=A"; a bad check: "tg: mig error pass N bad=B" (words wrong).
+fn migrate_load(cmdline: &str, stack_top: u64) {
+    const BASE: u64 = 64 << 20;
+    let mib = param(cmdline, "tg.dirty.mib=")
+        .and_then(parse_u64)
+        .unwrap_or(8);
+    let every = param(cmdline, "tg.mig.every=")
+        .and_then(parse_u64)
+        .unwrap_or(8)
+        .max(1);
+    let words = mib << 17;
+    blk::WANT_WCE.store(true, Ordering::Relaxed);
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    let have_disk = blk::probe(&mut disks) > 0;
+    let mut seq = 0u64;
+    let mut pass = 0u64;
+    loop {
+        pass += 1;
+        if pass > 1 {
+            let bad = user_pattern(1, BASE, words, 0, pass - 1, stack_top);
+            if bad != 0 {
+                Line::new()
+                    .s("tg: mig error pass ")
+                    .u(pass)
+                    .s(" bad=")
+                    .u(bad)
+                    .emit();
+            }
+        }
+        user_pattern(0, BASE, words, 0, pass, stack_top);
+        if have_disk && pass.is_multiple_of(every) {
+            let d = disks[0].as_mut().expect("probed");
+            let blocks = d.capacity / 8;
+            let buf = blk::data_buf() as *mut u64;
+            seq_block(buf, seq);
+            match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
+                Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
+                other => Line::new()
+                    .s("tg: mig error write ")
+                    .u(seq)
+                    .s(" status=")
+                    .u(other.map_or(0x100, |(s, _)| s as u64))
+                    .emit(),
+            }
+            seq += 1;
+        }
+        if pass.is_multiple_of(16) {
+            Line::new()
+                .s("tg: mig pass ")
+                .u(pass)
+                .s(" acked=")
+                .u(seq)
+                .emit();
+        }
+    }
+}
+
+fn blk_seq(cmdline: &str) {
     let count = param(cmdline, "tg.seq.count=")
         .and_then(parse_u64)
         .unwrap_or(1000);
@@ -680,22 +761,7 @@ fn blk_seq(cmdline: &str) {
     let wb = d.write_through();
     let blocks = d.capacity / 8;
     let buf = blk::data_buf() as *mut u64;
-    // Block `seq`: magic, seq, checksum, then words the host can compute.
-    let fill = |at: *mut u64, seq: u64| {
-        let mut sum = 0u64;
-        for j in 3..512u64 {
-            let w = ((seq << 32) | j).wrapping_mul(K);
-            sum = sum.rotate_left(5) ^ w;
-            // SAFETY: `at` is a 4 KiB block of the DMA data buffer.
-            unsafe { at.add(j as usize).write_volatile(w) };
-        }
-        // SAFETY: as above.
-        unsafe {
-            at.write_volatile(MAGIC);
-            at.add(1).write_volatile(seq);
-            at.add(2).write_volatile(sum);
-        }
-    };
+    let fill = seq_block;
     let (mut errors, mut timeouts) = (0u64, 0u64);
     let mut seq = 0;
     while seq < count {
