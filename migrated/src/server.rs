@@ -28,6 +28,24 @@ struct Outgoing {
     ram: Ram,
     /// Whether the first pass went (later passes send pages that became zero as ZERO runs).
     passes: u32,
+    /// Bytes per second (0: no limit), and when the stream began.
+    limit: u64,
+    began: Instant,
+}
+
+impl Outgoing {
+    /// Holds the stream to its bandwidth limit: waits until what was written is what the
+    /// limit allows since the start.
+    fn pace(&self) {
+        if self.limit == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.writer.bytes() as f64 / self.limit as f64);
+        let elapsed = self.began.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
 }
 
 pub struct Server {
@@ -151,6 +169,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
             o.writer
                 .ram(gpa + (p - first) * PAGE as u64, &buf, zeros)
                 .map_err(io)?;
+            o.pace();
             p = q;
         }
     }
@@ -209,6 +228,7 @@ impl migrated::Server for Server {
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
         read_tls(p.get_tls()?)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
+        let limit = p.get_bandwidth();
         let memfd = self.memfd().map_err(failed)?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
@@ -223,6 +243,8 @@ impl migrated::Server for Server {
                 writer,
                 ram,
                 passes: 0,
+                limit,
+                began: Instant::now(),
             });
             Ok(())
         })

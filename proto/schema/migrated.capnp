@@ -9,7 +9,8 @@
 interface Migrated {
   # The source: opens the channel to `uri` (tcp:HOST:PORT, unix:PATH, file:PATH) and writes
   # the stream's header for a VM of this shape.
-  open @0 (uri :Text, tls :Tls, shape :Shape) -> ();
+  open @0 (uri :Text, tls :Tls, shape :Shape, bandwidth :UInt64) -> ();
+  # (bandwidth: bytes per second the stream may use; 0 is no limit)
 
   # Sends the pages whose bits are set (bit n of word w is the 4 KiB page 64w+n of the memfd),
   # or every page when `all` (zero pages left out). Returns what it sent and how long it took.

@@ -158,3 +158,150 @@ fn dst_waits(dst: &TestVm) {
         dst.stderr().contains("waiting for the source on")
     });
 }
+
+/// The RAM a stream holds: (guest address, bytes) of every RAM section, in order.
+fn stream_ram(path: &Path) -> Vec<(u64, Vec<u8>)> {
+    use migrated::stream::{Reader, Section};
+    let f = std::fs::File::open(path).unwrap();
+    let mut r = Reader::new(std::io::BufReader::new(f)).unwrap();
+    let mut ram = Vec::new();
+    loop {
+        match r.section().unwrap() {
+            Section::Ram { gpa, data } => ram.push((gpa, data.to_vec())),
+            Section::End => return ram,
+            _ => {}
+        }
+    }
+}
+
+fn restore(dir: &TempDir, snap: &Path, img: &Path, name: &str) -> (TestVm, std::path::PathBuf) {
+    let sock = dir.join(&format!("{name}.sock"));
+    let vm = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join(&format!("{name}.txt")).display()),
+        ])
+        .args(["--restore", &format!("file:{}", snap.display())])
+        .spawn();
+    (vm, sock)
+}
+
+/// A snapshot of a paused guest, restored twice in new processes (each with a copy of the
+/// disk as it was), gives two identical guests: both come up paused as the original was, with
+/// the same RAM (a snapshot of each is byte for byte the original's RAM), and once resumed
+/// both go on from the same pass and print the same lines. The original goes on too.
+#[test]
+fn a_snapshot_restored_twice_gives_two_identical_guests() {
+    let dir = TempDir::new("snapshot");
+    let img = disk(&dir);
+    let sock = dir.join("src.sock");
+    let src = source(&dir, &img, &sock);
+    assert_eq!(vmmctl(&sock, &["pause"]).0, 0);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_eq!(code, 0, "snapshot: {out}{err}\n{}", src.stderr());
+    // The disk as the snapshot saw it, once for each copy of the guest.
+    for n in ["a", "b"] {
+        std::fs::copy(&img, dir.join(&format!("{n}.img"))).unwrap();
+    }
+    let at = last_pass(&std::fs::read_to_string(dir.join("source.txt")).unwrap());
+    // A second snapshot to the same file is refused; nothing is overwritten.
+    let (code, _, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the file exists"), "{err}");
+    // The original is still paused, and goes on when resumed.
+    let (_, info, _) = vmmctl(&sock, &["info"]);
+    assert!(info.contains("paused"), "{info}");
+    assert_eq!(vmmctl(&sock, &["resume"]).0, 0);
+    wait_until(T, "the original to go on", || {
+        last_pass(&std::fs::read_to_string(dir.join("source.txt")).unwrap()) >= at + 32
+    });
+    drop(src);
+
+    let (a, a_sock) = restore(&dir, &snap, &dir.join("a.img"), "a");
+    let (b, b_sock) = restore(&dir, &snap, &dir.join("b.img"), "b");
+    for (vm, s) in [(&a, &a_sock), (&b, &b_sock)] {
+        wait_until(T, "the restored VM's API", || s.exists());
+        wait_until(T, "the restore", || vm.stderr().contains("the VM is here"));
+        let (_, info, _) = vmmctl(s, &["info"]);
+        assert!(
+            info.contains("paused"),
+            "restored VMs stay paused as saved: {info}"
+        );
+    }
+    // Their RAM is the snapshot's, byte for byte.
+    let original = stream_ram(&snap);
+    for (n, s) in [("a", &a_sock), ("b", &b_sock)] {
+        let again = dir.join(&format!("snap-{n}"));
+        let (code, out, err) = vmmctl(s, &["snapshot", &format!("file:{}", again.display())]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            stream_ram(&again) == original,
+            "restored guest {n}'s RAM differs from the snapshot's"
+        );
+    }
+    for s in [&a_sock, &b_sock] {
+        assert_eq!(vmmctl(s, &["resume"]).0, 0);
+    }
+    let lines = |n: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(&format!("{n}.txt")))
+            .unwrap()
+            .lines()
+            .take(40)
+            .map(str::to_string)
+            .collect()
+    };
+    wait_until(T, "both restored guests to go on", || {
+        lines("a").len() >= 40 && lines("b").len() >= 40
+    });
+    let (la, lb) = (lines("a"), lines("b"));
+    assert_eq!(la, lb, "the two restored guests differ");
+    let first = first_pass(&la.join("\n"));
+    assert!(
+        first > at && first <= at + 16,
+        "the restored guest went on from pass {first}; the snapshot was at {at}"
+    );
+    let all = la.join("\n");
+    assert!(
+        !all.contains("tg: mig error") && !all.contains("tg: ready"),
+        "{all}"
+    );
+    drop((a, b));
+    check_seq_blocks(&dir.join("a.img"), &all);
+}
+
+/// A snapshot with bytes flipped is refused at restore with one line that says where, and
+/// nothing runs.
+#[test]
+fn a_corrupted_snapshot_is_refused() {
+    let dir = TempDir::new("snapshot-bad");
+    let img = disk(&dir);
+    let sock = dir.join("src.sock");
+    let src = source(&dir, &img, &sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    bytes[mid + 1000] ^= 0x01;
+    std::fs::write(&snap, &bytes).unwrap();
+    let (mut vm, _) = restore(&dir, &snap, &img, "bad");
+    assert_eq!(vm.wait_exit(T), 2, "{}", vm.stderr());
+    let err = vm.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{err}"));
+    assert!(
+        line.contains("--incoming file:")
+            && line.contains("fails its checksum; the stream is corrupt"),
+        "{line}"
+    );
+    assert!(!err.contains("the VM is here"), "{err}");
+}

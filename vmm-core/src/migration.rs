@@ -379,6 +379,7 @@ async fn open(
     m: &Migrated,
     memfd: std::fs::File,
     uri: String,
+    bandwidth: u64,
     memory: u64,
     vcpus: u32,
 ) -> Result<(), String> {
@@ -387,6 +388,7 @@ async fn open(
             conn.send_memfd(&memfd)?;
             let mut req = conn.client.open_request();
             req.get().set_uri(uri.as_str());
+            req.get().set_bandwidth(bandwidth);
             req.get().init_tls();
             write_shape(req.get().init_shape(), memory, vcpus);
             req.send().promise.await.map_err(remote)?;
@@ -500,7 +502,7 @@ async fn transfer(
     start: std::time::Instant,
 ) -> Result<u64, String> {
     let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
-    open(m, memfd, opts.uri.clone(), memory, vcpus).await?;
+    open(m, memfd, opts.uri.clone(), opts.bandwidth, memory, vcpus).await?;
     let mut pending: Option<Vec<u64>> = None;
     if live {
         ask(tx, |r| Request::DirtyLog(true, r)).await?;

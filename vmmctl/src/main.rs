@@ -61,6 +61,9 @@ enum Command {
         /// The longest pause allowed at the end, in ms (default 300, as QEMU).
         #[arg(long, value_name = "MS")]
         downtime_ms: Option<u32>,
+        /// The most the stream may use: bytes per second, with K, M or G (e.g. 100M).
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
     },
     /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core --restore
     /// file:PATH` starts it again.
@@ -472,7 +475,13 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Migrate {
             target,
             downtime_ms,
+            bandwidth,
         } => {
+            let bandwidth = match bandwidth.as_deref().map(parse_rate) {
+                None => 0,
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(Failure(2, format!("migrate --bandwidth {e}"))),
+            };
             if target.starts_with("file:") {
                 return Err(Failure(
                     2,
@@ -481,9 +490,15 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     ),
                 ));
             }
-            migrate(&client, &target, downtime_ms.unwrap_or(0), cli.json)
-                .await
-                .map_err(fail)?;
+            migrate(
+                &client,
+                &target,
+                downtime_ms.unwrap_or(0),
+                bandwidth,
+                cli.json,
+            )
+            .await
+            .map_err(fail)?;
             done(
                 cli.json,
                 &format!("migrated to {target}; the VM runs there now"),
@@ -496,7 +511,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
                 ));
             }
-            migrate(&client, &uri, 0, cli.json).await.map_err(fail)?;
+            migrate(&client, &uri, 0, 0, cli.json).await.map_err(fail)?;
             done(cli.json, &format!("saved to {uri}"))
         }
         Command::Shutdown { force } => {
@@ -1255,17 +1270,36 @@ async fn blockd_direct(
     }
 }
 
+/// "100M" as bytes per second (K, M, G are powers of 1024; a bare number is bytes).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    match num.parse::<u64>() {
+        Ok(n) if n > 0 => n.checked_mul(mult).ok_or_else(|| format!("{s}: too large")),
+        _ => Err(format!(
+            "{s}: not a rate; write bytes per second like 100M or 1G"
+        )),
+    }
+}
+
 /// Runs a migration (or snapshot), drawing its progress on a terminal meanwhile.
 async fn migrate(
     client: &vmm::Client,
     uri: &str,
     downtime_ms: u32,
+    bandwidth: u64,
     json: bool,
 ) -> Result<(), capnp::Error> {
     use std::io::IsTerminal;
     let mut req = client.migrate_request();
     req.get().set_uri(uri);
-    req.get().init_options().set_downtime_ms(downtime_ms);
+    let mut o = req.get().init_options();
+    o.set_downtime_ms(downtime_ms);
+    o.set_bandwidth(bandwidth);
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);
