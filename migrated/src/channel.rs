@@ -126,64 +126,84 @@ pub fn connect(uri: &Uri) -> Result<Box<dyn Stream>, String> {
     }
 }
 
-/// The destination's end: listens and takes one connection (within `wait`), or opens the
-/// snapshot file.
-pub fn accept(uri: &Uri, wait: Duration) -> Result<Box<dyn Stream>, String> {
-    let deadline = std::time::Instant::now() + wait;
-    let timed_out = || format!("{uri}: no source connected within {} s", wait.as_secs());
-    match uri {
+/// The destination's end: a listening socket (or the snapshot file to read).
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+    File(Option<std::fs::File>),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Listens on `uri` (or opens the snapshot file).
+pub fn listen(uri: &Uri) -> Result<Listener, String> {
+    let l = match uri {
         Uri::Tcp(addr) => {
             let l =
                 TcpListener::bind(addr).map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
             l.set_nonblocking(true).map_err(|e| format!("{uri}: {e}"))?;
-            log::info!("waiting for the source on {uri}");
-            loop {
-                match l.accept() {
-                    Ok((s, peer)) => {
-                        log::info!("{uri}: the source connected from {peer}");
-                        s.set_nonblocking(false)
-                            .map_err(|e| format!("{uri}: {e}"))?;
-                        let _ = s.set_nodelay(true);
-                        return Ok(Box::new(s));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() > deadline {
-                            return Err(timed_out());
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => return Err(format!("{uri}: {e}")),
-                }
-            }
+            Listener::Tcp(l)
         }
         Uri::Unix(p) => {
             let _ = std::fs::remove_file(p);
             let l =
                 UnixListener::bind(p).map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
             l.set_nonblocking(true).map_err(|e| format!("{uri}: {e}"))?;
-            log::info!("waiting for the source on {uri}");
-            let r = loop {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false)
-                            .map_err(|e| format!("{uri}: {e}"))?;
-                        break Ok(Box::new(s) as Box<dyn Stream>);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() > deadline {
-                            break Err(timed_out());
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => break Err(format!("{uri}: {e}")),
-                }
-            };
-            let _ = std::fs::remove_file(p);
-            r
+            Listener::Unix(l, p.clone())
         }
-        Uri::File(p) => Ok(Box::new(
+        Uri::File(p) => Listener::File(Some(
             std::fs::File::open(p).map_err(|e| format!("{uri}: cannot open it ({e})"))?,
         )),
+    };
+    if uri.is_live() {
+        log::info!("waiting for the source on {uri}");
+    }
+    Ok(l)
+}
+
+impl Listener {
+    /// The next source (waiting until `deadline`), or the file.
+    pub fn accept(
+        &mut self,
+        uri: &Uri,
+        deadline: std::time::Instant,
+    ) -> Result<Box<dyn Stream>, String> {
+        loop {
+            let got: io::Result<Box<dyn Stream>> = match self {
+                Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
+                    log::info!("{uri}: a source connected from {peer}");
+                    s.set_nonblocking(false)?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+                Listener::File(f) => {
+                    return f
+                        .take()
+                        .map(|f| Box::new(f) as Box<dyn Stream>)
+                        .ok_or_else(|| format!("{uri}: the file was read already"))
+                }
+            };
+            match got {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(format!("{uri}: no source connected in time"));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("{uri}: {e}")),
+            }
+        }
     }
 }
 

@@ -3,3 +3,4 @@ pub mod channel;
 pub mod ram;
 pub mod server;
 pub mod stream;
+pub mod tls;

@@ -5,6 +5,7 @@
 use crate::channel::{self, Stream, Uri};
 use crate::ram::Ram;
 use crate::stream::{Config, Reader, Section, Writer, Zeros, PAGE};
+use crate::tls::{self, Tls};
 use capnp::capability::Rc as CapRc;
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -107,14 +108,33 @@ fn read_shape(s: shape::Reader) -> Result<(Vec<(u64, u64)>, Config), capnp::Erro
     Ok((regions, config))
 }
 
-fn read_tls(t: vmm_proto::migrated_capnp::tls::Reader) -> Result<(), capnp::Error> {
+fn read_tls(
+    t: vmm_proto::migrated_capnp::tls::Reader,
+    uri: &Uri,
+) -> Result<Option<Tls>, capnp::Error> {
     let creds = t.get_creds()?.to_str()?;
-    if !creds.is_empty() {
+    if creds.is_empty() {
+        return Ok(None);
+    }
+    if !uri.is_live() {
         return Err(failed(format!(
-            "tls-creds {creds}: TLS is not built into migrated yet; migrate without tls-creds"
+            "{uri}: a snapshot file has no peer to authenticate; TLS is for tcp: and unix: channels"
         )));
     }
-    Ok(())
+    if !std::path::Path::new(creds).is_dir() {
+        return Err(failed(format!(
+            "tls-creds {creds}: not a directory; it holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem"
+        )));
+    }
+    Ok(Some(Tls {
+        creds: creds.into(),
+        hostname: t.get_hostname()?.to_str()?.to_string(),
+        authz: t
+            .get_authz()?
+            .iter()
+            .map(|a| Ok(a?.to_str()?.to_string()))
+            .collect::<Result<_, capnp::Error>>()?,
+    }))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -124,6 +144,17 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| failed(format!("migrated: a worker failed: {e}")))?
         .map_err(failed)
+}
+
+/// A failed write to the destination, said so that it points at the cause.
+fn transfer_failed(uri: &Uri, e: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionReset | BrokenPipe | UnexpectedEof => format!(
+            "{uri}: the destination closed the connection ({e}); it may expect TLS (tls-creds), refuse this source's certificate, or have failed: see its log"
+        ),
+        _ => format!("{uri}: the transfer failed ({e})"),
+    }
 }
 
 /// Sends the pages of `bitmap` (or all); returns (bytes, pages, zero pages).
@@ -137,7 +168,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
     };
     let total = (o.ram.len() / PAGE) as u64;
     let uri = o.uri.clone();
-    let io = |e: std::io::Error| format!("{uri}: the transfer failed ({e})");
+    let io = |e: std::io::Error| transfer_failed(&uri, &e);
     // Runs of set bits, each within one region.
     let set = |p: u64| {
         bitmap.is_none_or(|b| {
@@ -226,15 +257,18 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        read_tls(p.get_tls()?)?;
+        let tls = read_tls(p.get_tls()?, &uri)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let limit = p.get_bandwidth();
         let memfd = self.memfd().map_err(failed)?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
             let ram = Ram::map(&memfd, &regions, false)?;
-            let stream = channel::connect(&uri)?;
+            let mut stream = channel::connect(&uri)?;
             *cut.lock().unwrap() = stream.handle().ok();
+            if let Some(t) = &tls {
+                stream = tls::client(&uri, t, stream)?;
+            }
             let writer = Writer::new(BufWriter::with_capacity(1 << 20, stream), &config)
                 .map_err(|e| format!("{uri}: cannot send the header ({e})"))?;
             log::info!("{uri}: sending a VM with {config}");
@@ -288,7 +322,7 @@ impl migrated::Server for Server {
         let bytes = blocking(move || {
             let o = out.lock().unwrap().take().ok_or("no migration is open")?;
             let uri = o.uri.clone();
-            let io = |e: std::io::Error| format!("{uri}: the transfer failed ({e})");
+            let io = |e: std::io::Error| transfer_failed(&uri, &e);
             let mut w = o.writer;
             w.device(VM_SECTION, &state).map_err(io)?;
             let (buf, bytes) = w.finish().map_err(io)?;
@@ -358,13 +392,27 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        read_tls(p.get_tls()?)?;
+        let tls = read_tls(p.get_tls()?, &uri)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let memfd = self.memfd().map_err(failed)?;
         let back = self.back.clone();
         let (state, bytes) = blocking(move || {
             let mut ram = Ram::map(&memfd, &regions, true)?;
-            let mut stream = channel::accept(&uri, WAIT)?;
+            let deadline = Instant::now() + WAIT;
+            let mut listener = channel::listen(&uri)?;
+            let mut stream = loop {
+                let s = listener.accept(&uri, deadline)?;
+                match &tls {
+                    None => break s,
+                    // A peer that fails the handshake (or tls-authz) is turned away and the
+                    // next one is waited for: a stray connection cannot end the migration.
+                    Some(t) => match tls::server(&uri, t, s) {
+                        Ok(s) => break s,
+                        Err(e) => log::warn!("refused a source: {e}"),
+                    },
+                }
+            };
+            drop(listener);
             let r = receive(stream.as_mut(), &mut ram, &config).map_err(|e| format!("{uri}: {e}"));
             if uri.is_live() {
                 match &r {

@@ -136,6 +136,8 @@ struct ConsoleFault {
 struct MigrateOptions {
   downtimeMs @0 :UInt32;      # the longest pause allowed at the end (0: 300 ms, as QEMU)
   bandwidth @1 :UInt64;       # bytes per second (0: no limit)
+  tlsCreds @2 :Text;          # QEMU's tls-creds: a directory (see migrated.capnp); empty: no TLS
+  tlsHostname @3 :Text;       # QEMU's tls-hostname
 }
 
 struct MigrationStatus {

@@ -537,3 +537,54 @@ impl Drop for NetNs {
             .output();
     }
 }
+
+/// A certificate authority for TLS tests (rcgen, on ring).
+pub struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    fn leaf(&self, cn: &str, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A tls-creds directory (QEMU's layout): this CA, a server certificate for `server_names`
+    /// (CN server.test), and a client certificate with subject CN=`client_cn`.
+    pub fn creds(&self, dir: &Path, server_names: &[&str], client_cn: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let (sc, sk) = self.leaf("server.test", server_names);
+        let (cc, ck) = self.leaf(client_cn, &[]);
+        for (f, t) in [
+            ("ca-cert.pem", &self.pem),
+            ("server-cert.pem", &sc),
+            ("server-key.pem", &sk),
+            ("client-cert.pem", &cc),
+            ("client-key.pem", &ck),
+        ] {
+            std::fs::write(dir.join(f), t).unwrap();
+        }
+        dir.to_path_buf()
+    }
+}

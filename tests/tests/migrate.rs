@@ -7,7 +7,9 @@
 
 use std::path::Path;
 use std::time::Duration;
-use vmm_tests::{check_seq_blocks, vmmctl, wait_until, NetNs, TempDir, TestVm};
+use vmm_tests::{
+    check_seq_blocks, children_of, process_name, vmmctl, wait_until, NetNs, TempDir, TestCa, TestVm,
+};
 
 const T: Duration = Duration::from_secs(60);
 const CMDLINE: &str = "console=ttyS0 tg.scenario=migrate tg.dirty.mib=8 tg.mig.every=4";
@@ -65,10 +67,13 @@ fn migrate_and_check(
     src_sock: &Path,
     dst: TestVm,
     connect: &str,
+    extra: &[&str],
 ) {
     let src_console = dir.join("source.txt");
     let dst_console = dir.join("dest.txt");
-    let (code, out, err) = vmmctl(src_sock, &["migrate", connect]);
+    let mut args = vec!["migrate", connect];
+    args.extend_from_slice(extra);
+    let (code, out, err) = vmmctl(src_sock, &args);
     assert_eq!(
         code,
         0,
@@ -129,7 +134,7 @@ fn migrates_over_tcp_to_another_network_namespace() {
         .args(["--incoming", &listen])
         .spawn();
     dst_waits(&dst);
-    migrate_and_check(&dir, &img, src, &src_sock, dst, &listen);
+    migrate_and_check(&dir, &img, src, &src_sock, dst, &listen, &[]);
 }
 
 #[test]
@@ -150,7 +155,7 @@ fn migrates_over_unix() {
         .args(["--incoming", &uri])
         .spawn();
     dst_waits(&dst);
-    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri);
+    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
 }
 
 fn dst_waits(dst: &TestVm) {
@@ -304,4 +309,241 @@ fn a_corrupted_snapshot_is_refused() {
         "{line}"
     );
     assert!(!err.contains("the VM is here"), "{err}");
+}
+
+/// The destination in a network namespace of its own, TLS with mutual authentication, and
+/// tls-authz letting in the source's certificate subject.
+#[test]
+fn migrates_over_tcp_with_tls_to_another_network_namespace() {
+    let dir = TempDir::new("mig-tls-tcp");
+    let img = disk(&dir);
+    let ns = NetNs::new(2);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &[&ns.ns_addr], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let listen = format!("tcp:{}:4712", ns.ns_addr);
+    let dst = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .in_netns(&ns)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--incoming", &listen])
+        .args(["--tls-creds", d_creds.to_str().unwrap()])
+        .args(["--tls-authz", "CN=source.test"])
+        .spawn();
+    dst_waits(&dst);
+    let creds = s_creds.to_str().unwrap().to_string();
+    migrate_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        &listen,
+        &["--tls-creds", &creds],
+    );
+}
+
+#[test]
+fn migrates_over_unix_with_tls() {
+    let dir = TempDir::new("mig-tls-unix");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let dst = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--incoming", &uri])
+        .args(["--tls-creds", d_creds.to_str().unwrap()])
+        .spawn();
+    dst_waits(&dst);
+    let creds = s_creds.to_str().unwrap().to_string();
+    migrate_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        &uri,
+        &["--tls-creds", &creds, "--tls-hostname", "dest.test"],
+    );
+}
+
+/// The guest still runs on the source: its counter moves.
+fn still_running(dir: &TempDir, sock: &Path) {
+    let (_, info, _) = vmmctl(sock, &["info"]);
+    assert!(info.contains("running"), "{info}");
+    let at = last_pass(&std::fs::read_to_string(dir.join("source.txt")).unwrap());
+    wait_until(T, "the source's guest to go on", || {
+        last_pass(&std::fs::read_to_string(dir.join("source.txt")).unwrap()) >= at + 16
+    });
+}
+
+/// A source with another CA's credentials, one that checks the wrong host name, a
+/// plaintext source, and one whose certificate tls-authz does not list: each is refused
+/// with a message that says why, the source goes on running, and the destination keeps
+/// waiting, so the right source then migrates to it.
+#[test]
+fn tls_refusals_leave_the_source_running() {
+    let dir = TempDir::new("mig-tls-bad");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let other = TestCa::new("another CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["127.0.0.1"], "dest.test");
+    let good = ca.creds(&dir.join("good"), &["x.test"], "source.test");
+    let stranger = other.creds(&dir.join("stranger"), &["x.test"], "source.test");
+    let unlisted = ca.creds(&dir.join("unlisted"), &["x.test"], "intruder.test");
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let listen = "tcp:127.0.0.1:47213";
+    let dst = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--incoming", listen])
+        .args(["--tls-creds", d_creds.to_str().unwrap()])
+        .args(["--tls-authz", "CN=source.test"])
+        .spawn();
+    dst_waits(&dst);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    for (args, says) in [
+        (
+            vec!["--tls-creds".to_string(), path(&stranger)],
+            "not signed by the CA in tls-creds",
+        ),
+        (
+            vec![
+                "--tls-creds".to_string(),
+                path(&good),
+                "--tls-hostname".to_string(),
+                "wrong.test".to_string(),
+            ],
+            "pass tls-hostname with the name in its certificate",
+        ),
+        (vec![], "it may expect TLS"),
+        (
+            vec!["--tls-creds".to_string(), path(&unlisted)],
+            "see its log",
+        ),
+    ] {
+        let mut a = vec!["migrate", listen];
+        a.extend(args.iter().map(String::as_str));
+        let (code, out, err) = vmmctl(&src_sock, &a);
+        assert_eq!(code, 1, "{a:?} should fail: {out}{err}");
+        let line = err.lines().next().unwrap_or("");
+        assert!(line.contains(says), "{a:?}: {line}");
+        assert!(line.contains("the VM goes on here"), "{line}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        still_running(&dir, &src_sock);
+    }
+    // The destination said why for each, and waits on.
+    for says in [
+        "does not speak TLS",
+        "\"CN=intruder.test\" is not in tls-authz",
+    ] {
+        assert!(dst.stderr().contains(says), "{says}: {}", dst.stderr());
+    }
+    let creds = path(&good);
+    migrate_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        listen,
+        &["--tls-creds", &creds],
+    );
+}
+
+/// The pid of a vmm-core's migrated.
+fn migrated_of(vm: &TestVm) -> u32 {
+    let mut found = None;
+    wait_until(T, "migrated", || {
+        found = children_of(vm.pid())
+            .into_iter()
+            .find(|&p| process_name(p) == "migrated");
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+fn destination(dir: &TempDir, img: &Path, uri: &str) -> TestVm {
+    let dst = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--incoming", uri])
+        .spawn();
+    dst_waits(&dst);
+    dst
+}
+
+/// migrated killed in the middle of a transfer, on the source and then on the destination:
+/// each time the migration fails with a message, the source goes on running, and the next
+/// attempt (to a new destination) succeeds.
+#[test]
+fn migrated_killed_mid_transfer_on_either_side_leaves_the_source_running() {
+    let dir = TempDir::new("mig-kill");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    // A slow transfer (4 MiB/s: a few seconds for the first pass) to kill in the middle of.
+    let slow = ["--bandwidth", "4M"];
+    for side in ["source", "destination"] {
+        let mut dst = destination(&dir, &img, &uri);
+        let victim = match side {
+            "source" => migrated_of(&src),
+            _ => migrated_of(&dst),
+        };
+        let sock = src_sock.clone();
+        let uri2 = uri.clone();
+        let run = std::thread::spawn(move || {
+            let mut a = vec!["migrate", uri2.as_str()];
+            a.extend_from_slice(&slow);
+            vmmctl(&sock, &a)
+        });
+        wait_until(T, "the transfer to be under way", || {
+            let (_, st, _) = vmmctl(&src_sock, &["migrate", "status"]);
+            st.contains("phase: pre-copy")
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill on a pid this test found as the VM's own helper.
+        assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+        let (code, out, err) = run.join().unwrap();
+        assert_eq!(code, 1, "{side}: {out}{err}");
+        assert!(err.contains("the VM goes on here"), "{side}: {err}");
+        still_running(&dir, &src_sock);
+        // The destination gives up with an error of its own.
+        assert_ne!(dst.wait_exit(T), 0, "{side}: {}", dst.stderr());
+        if side == "source" {
+            assert!(err.contains("migrated died"), "{err}");
+            wait_until(T, "another migrated", || migrated_of(&src) != victim);
+        }
+    }
+    let dst = destination(&dir, &img, &uri);
+    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
 }

@@ -83,6 +83,14 @@ pub struct RunArgs {
     /// Restore a snapshot: the same as --incoming file:PATH.
     #[arg(long, value_name = "file:PATH", conflicts_with = "incoming")]
     pub restore: Option<String>,
+    /// TLS for --incoming (QEMU's tls-creds): a directory with ca-cert.pem, server-cert.pem
+    /// and server-key.pem; the source must present a certificate signed by the same CA.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<String>,
+    /// With --tls-creds: a source certificate subject to let in, as "CN=name,O=org" (repeat
+    /// for more; QEMU's tls-authz). Without it, any certificate the CA signed is let in.
+    #[arg(long, value_name = "SUBJECT", requires = "tls_creds")]
+    pub tls_authz: Vec<String>,
     /// The migrated executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
     pub migrated: Option<PathBuf>,
@@ -128,6 +136,7 @@ pub struct VmConfig {
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
     pub incoming: Option<String>,
+    pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
 }
 
@@ -297,6 +306,11 @@ impl VmConfig {
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,
+            incoming_tls: crate::migration::TlsOptions {
+                creds: args.tls_creds.unwrap_or_default(),
+                hostname: String::new(),
+                authz: args.tls_authz,
+            },
             migrated: args.migrated.unwrap_or_else(|| sibling("migrated")),
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()

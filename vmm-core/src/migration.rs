@@ -313,6 +313,24 @@ pub struct Options {
     /// Bytes per second; 0 is no limit.
     pub bandwidth: u64,
     pub max_passes: u32,
+    pub tls: TlsOptions,
+}
+
+/// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    pub creds: String,
+    pub hostname: String,
+    pub authz: Vec<String>,
+}
+
+fn write_tls(mut b: vmm_proto::migrated_capnp::tls::Builder, t: &TlsOptions) {
+    b.set_creds(t.creds.as_str());
+    b.set_hostname(t.hostname.as_str());
+    let mut l = b.init_authz(t.authz.len() as u32);
+    for (i, a) in t.authz.iter().enumerate() {
+        l.set(i as u32, a.as_str());
+    }
 }
 
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -379,6 +397,7 @@ async fn open(
     m: &Migrated,
     memfd: std::fs::File,
     uri: String,
+    tls: TlsOptions,
     bandwidth: u64,
     memory: u64,
     vcpus: u32,
@@ -389,7 +408,7 @@ async fn open(
             let mut req = conn.client.open_request();
             req.get().set_uri(uri.as_str());
             req.get().set_bandwidth(bandwidth);
-            req.get().init_tls();
+            write_tls(req.get().init_tls(), &tls);
             write_shape(req.get().init_shape(), memory, vcpus);
             req.send().promise.await.map_err(remote)?;
             Ok(())
@@ -502,7 +521,16 @@ async fn transfer(
     start: std::time::Instant,
 ) -> Result<u64, String> {
     let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
-    open(m, memfd, opts.uri.clone(), opts.bandwidth, memory, vcpus).await?;
+    open(
+        m,
+        memfd,
+        opts.uri.clone(),
+        opts.tls.clone(),
+        opts.bandwidth,
+        memory,
+        vcpus,
+    )
+    .await?;
     let mut pending: Option<Vec<u64>> = None;
     if live {
         ask(tx, |r| Request::DirtyLog(true, r)).await?;
@@ -570,17 +598,19 @@ async fn transfer(
 pub fn receive(
     m: &Migrated,
     uri: &str,
+    tls: &TlsOptions,
     memfd: std::fs::File,
     memory: u64,
     vcpus: u32,
 ) -> Result<(Vec<u8>, u64), String> {
     let uri = uri.to_string();
+    let tls = tls.clone();
     m.call_blocking(move |conn| {
         Box::pin(async move {
             conn.send_memfd(&memfd)?;
             let mut req = conn.client.receive_request();
             req.get().set_uri(uri.as_str());
-            req.get().init_tls();
+            write_tls(req.get().init_tls(), &tls);
             write_shape(req.get().init_shape(), memory, vcpus);
             let r = req.send().promise.await.map_err(remote)?;
             let r = r.get().map_err(remote)?;

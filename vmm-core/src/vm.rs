@@ -1219,8 +1219,15 @@ fn take_incoming(
     let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
     log::info!("--incoming {uri}: waiting for the VM");
     let start = Instant::now();
-    let (bytes, n) = crate::migration::receive(m, uri, memfd, config.memory, config.max_cpus)
-        .map_err(|e| VmError::Incoming(uri.into(), e))?;
+    let (bytes, n) = crate::migration::receive(
+        m,
+        uri,
+        &config.incoming_tls,
+        memfd,
+        config.memory,
+        config.max_cpus,
+    )
+    .map_err(|e| VmError::Incoming(uri.into(), e))?;
     log::info!(
         "--incoming {uri}: {} MiB received in {} ms, every check passed",
         n >> 20,

@@ -64,6 +64,13 @@ enum Command {
         /// The most the stream may use: bytes per second, with K, M or G (e.g. 100M).
         #[arg(long, value_name = "RATE")]
         bandwidth: Option<String>,
+        /// TLS (QEMU's tls-creds): a directory with ca-cert.pem, client-cert.pem and
+        /// client-key.pem; the destination must be started with --tls-creds too.
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<String>,
+        /// The name to check in the destination's certificate (default: the tcp host).
+        #[arg(long, value_name = "NAME", requires = "tls_creds")]
+        tls_hostname: Option<String>,
     },
     /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core --restore
     /// file:PATH` starts it again.
@@ -476,6 +483,8 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             target,
             downtime_ms,
             bandwidth,
+            tls_creds,
+            tls_hostname,
         } => {
             let bandwidth = match bandwidth.as_deref().map(parse_rate) {
                 None => 0,
@@ -490,11 +499,16 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     ),
                 ));
             }
+            let tls = (
+                tls_creds.unwrap_or_default(),
+                tls_hostname.unwrap_or_default(),
+            );
             migrate(
                 &client,
                 &target,
                 downtime_ms.unwrap_or(0),
                 bandwidth,
+                &tls,
                 cli.json,
             )
             .await
@@ -511,7 +525,9 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
                 ));
             }
-            migrate(&client, &uri, 0, 0, cli.json).await.map_err(fail)?;
+            migrate(&client, &uri, 0, 0, &Default::default(), cli.json)
+                .await
+                .map_err(fail)?;
             done(cli.json, &format!("saved to {uri}"))
         }
         Command::Shutdown { force } => {
@@ -1292,6 +1308,7 @@ async fn migrate(
     uri: &str,
     downtime_ms: u32,
     bandwidth: u64,
+    tls: &(String, String),
     json: bool,
 ) -> Result<(), capnp::Error> {
     use std::io::IsTerminal;
@@ -1300,6 +1317,8 @@ async fn migrate(
     let mut o = req.get().init_options();
     o.set_downtime_ms(downtime_ms);
     o.set_bandwidth(bandwidth);
+    o.set_tls_creds(tls.0.as_str());
+    o.set_tls_hostname(tls.1.as_str());
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);

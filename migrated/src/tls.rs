@@ -1,0 +1,468 @@
+//! TLS on a migration channel (rustls on ring), under QEMU's names: `tls-creds` is a
+//! directory with ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and
+//! client-key.pem; `tls-hostname` is the name the source checks in the destination's
+//! certificate (by default the host of a tcp: address); authentication is mutual (the
+//! destination checks the source's certificate against the same CA); `tls-authz` lists the
+//! source certificate subjects the destination lets in (empty: any the CA signed).
+
+use crate::channel::{Stream, Uri};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub creds: PathBuf,
+    pub hostname: String,
+    pub authz: Vec<String>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(dir: &Path, file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let p = dir.join(file);
+    let list = CertificateDer::pem_file_iter(&p)
+        .map_err(|e| format!("tls-creds {}: cannot read {file} ({e})", dir.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "tls-creds {}: {file} is not PEM certificates ({e})",
+                dir.display()
+            )
+        })?;
+    if list.is_empty() {
+        return Err(format!(
+            "tls-creds {}: {file} holds no certificate",
+            dir.display()
+        ));
+    }
+    Ok(list)
+}
+
+fn key(dir: &Path, file: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(dir.join(file)).map_err(|e| {
+        format!(
+            "tls-creds {}: cannot read the key {file} ({e})",
+            dir.display()
+        )
+    })
+}
+
+fn roots(dir: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(dir, "ca-cert.pem")? {
+        roots
+            .add(c)
+            .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", dir.display()))?;
+    }
+    Ok(roots)
+}
+
+/// What a failed handshake means, for people: rustls's own error (inside the io::Error that
+/// `complete_io` returns) tells which check failed.
+fn explain(e: &io::Error, side: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<E>());
+    let hint = match tls {
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => format!(
+            "the {side}'s certificate is not signed by the CA in tls-creds (ca-cert.pem); give both ends the same CA"
+        ),
+        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+            "the destination's certificate is not for this name; pass tls-hostname with the name in its certificate".to_string()
+        }
+        Some(E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => format!("the {side}'s certificate is outside its validity period"),
+        Some(E::NoCertificatesPresented) => {
+            "the source sent no client certificate (client-cert.pem); authentication is mutual".to_string()
+        }
+        Some(E::InvalidMessage(_)) => {
+            format!("the {side} does not speak TLS (is it migrating without tls-creds?)")
+        }
+        Some(E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown)) => {
+            format!("the {side} refused our certificate: it is not signed by the {side}'s CA")
+        }
+        Some(E::AlertReceived(A::CertificateRequired)) => format!(
+            "the {side} wants a client certificate (client-cert.pem); authentication is mutual"
+        ),
+        _ if matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ) =>
+        {
+            format!("the {side} closed the connection during the TLS handshake (it refused our certificate, or does not expect TLS; see its log)")
+        }
+        _ => String::new(),
+    };
+    if hint.is_empty() {
+        format!("TLS handshake failed ({e})")
+    } else {
+        format!("TLS handshake failed ({e}): {hint}")
+    }
+}
+
+struct Wrapped<C, S>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    tls: rustls::StreamOwned<C, Box<dyn Stream>>,
+    raw: Box<dyn Stream>,
+}
+
+impl<C, S> Read for Wrapped<C, S>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.tls.read(b)
+    }
+}
+
+impl<C, S> Write for Wrapped<C, S>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.tls.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tls.flush()
+    }
+}
+
+impl<C, S> Stream for Wrapped<C, S>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>> + Send,
+    S: rustls::SideData,
+{
+    fn shutdown(&self) {
+        self.raw.shutdown()
+    }
+    fn handle(&self) -> io::Result<Box<dyn Stream>> {
+        self.raw.handle()
+    }
+}
+
+/// The source's end: a TLS client that presents client-cert.pem and checks the
+/// destination's certificate against ca-cert.pem for `tls-hostname` (or the tcp host).
+pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
+    let dir = &tls.creds;
+    let name = match (&tls.hostname, uri) {
+        (h, _) if !h.is_empty() => h.clone(),
+        (_, Uri::Tcp(addr)) => addr
+            .rsplit_once(':')
+            .map_or(addr.as_str(), |(h, _)| h)
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+        _ => {
+            return Err(format!(
+                "{uri}: with TLS over a unix socket, pass tls-hostname (the name in the destination's certificate)"
+            ))
+        }
+    };
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|e| format!("tls-hostname {name}: not a host name or address ({e})"))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(certs(dir, "client-cert.pem")?, key(dir, "client-key.pem")?)
+        .map_err(|e| {
+            format!(
+                "tls-creds {}: client-cert.pem and client-key.pem: {e}",
+                dir.display()
+            )
+        })?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name)
+        .map_err(|e| format!("{uri}: {e}"))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut s)
+            .map_err(|e| format!("{uri}: {}", explain(&e, "destination")))?;
+    }
+    let raw = s.handle().map_err(|e| format!("{uri}: {e}"))?;
+    Ok(Box::new(Wrapped {
+        tls: rustls::StreamOwned::new(conn, s),
+        raw,
+    }))
+}
+
+/// The destination's end: a TLS server with server-cert.pem that requires a client
+/// certificate signed by ca-cert.pem, whose subject tls-authz lists (when it lists any).
+pub fn server(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
+    let dir = &tls.creds;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(dir)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", dir.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(dir, "server-cert.pem")?, key(dir, "server-key.pem")?)
+        .map_err(|e| {
+            format!(
+                "tls-creds {}: server-cert.pem and server-key.pem: {e}",
+                dir.display()
+            )
+        })?;
+    // A migration never resumes a session: no tickets, so nothing is written after the
+    // handshake that a source which has gone could break.
+    config.send_tls13_tickets = 0;
+    let mut conn =
+        rustls::ServerConnection::new(Arc::new(config)).map_err(|e| format!("{uri}: {e}"))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut s)
+            .map_err(|e| format!("{uri}: {}", explain(&e, "source")))?;
+    }
+    if !tls.authz.is_empty() {
+        let subject = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| subject(c.as_ref()))
+            .unwrap_or_else(|| "(unreadable)".into());
+        if !tls.authz.iter().any(|a| a == &subject) {
+            return Err(format!(
+                "{uri}: the source's certificate subject {subject:?} is not in tls-authz; refused"
+            ));
+        }
+    }
+    let raw = s.handle().map_err(|e| format!("{uri}: {e}"))?;
+    Ok(Box::new(Wrapped {
+        tls: rustls::StreamOwned::new(conn, s),
+        raw,
+    }))
+}
+
+/// One DER element: (tag, contents, the rest).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&l, b) = b.split_first()?;
+    let (len, b) = if l < 0x80 {
+        (usize::from(l), b)
+    } else {
+        let n = usize::from(l & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |a, &x| (a << 8) | usize::from(x));
+        (len, &b[n..])
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// A certificate's subject as "CN=...,O=..." (attributes in the certificate's order).
+pub fn subject(cert: &[u8]) -> Option<String> {
+    let (_, cert, _) = der(cert)?;
+    let (_, tbs, _) = der(cert)?;
+    let mut rest = tbs;
+    let (tag, _, r) = der(rest)?;
+    if tag == 0xa0 {
+        rest = r; // the version
+    }
+    // serial, signature algorithm, issuer, validity, then the subject
+    for _ in 0..4 {
+        rest = der(rest)?.2;
+    }
+    let (_, mut name, _) = der(rest)?;
+    let mut parts = Vec::new();
+    while !name.is_empty() {
+        let (_, set, r) = der(name)?;
+        name = r;
+        let (_, atv, _) = der(set)?;
+        let (_, oid, r) = der(atv)?;
+        let (_, value, _) = der(r)?;
+        let key = match oid {
+            [0x55, 0x04, 0x03] => "CN".to_string(),
+            [0x55, 0x04, 0x06] => "C".into(),
+            [0x55, 0x04, 0x07] => "L".into(),
+            [0x55, 0x04, 0x08] => "ST".into(),
+            [0x55, 0x04, 0x0a] => "O".into(),
+            [0x55, 0x04, 0x0b] => "OU".into(),
+            other => format!("OID{other:02x?}"),
+        };
+        parts.push(format!("{key}={}", String::from_utf8_lossy(value)));
+    }
+    Some(parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    struct Ca {
+        params: rcgen::CertificateParams,
+        key: rcgen::KeyPair,
+        pem: String,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    fn leaf(ca: &Ca, cn: &str, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names = names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "vmm tests");
+        let issuer = rcgen::Issuer::from_params(&ca.params, &ca.key);
+        (
+            params.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+
+    /// A tls-creds directory: `ca`'s certificate, a server certificate for dest.test and a
+    /// client one with CN=`client`.
+    fn creds(name: &str, ca: &Ca, client: &str) -> Tls {
+        let dir = std::env::temp_dir().join(format!("migrated-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sc, sk) = leaf(ca, "dest", &["dest.test"]);
+        let (cc, ck) = leaf(ca, client, &[]);
+        for (f, t) in [
+            ("ca-cert.pem", &ca.pem),
+            ("server-cert.pem", &sc),
+            ("server-key.pem", &sk),
+            ("client-cert.pem", &cc),
+            ("client-key.pem", &ck),
+        ] {
+            std::fs::write(dir.join(f), t).unwrap();
+        }
+        Tls {
+            creds: dir,
+            hostname: "dest.test".into(),
+            authz: vec![],
+        }
+    }
+
+    /// Runs a handshake between the two; sends a line through when both succeed.
+    fn pair(
+        client_tls: Option<&Tls>,
+        server_tls: &Tls,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let uri = Uri::Unix("/x".into());
+        let (a, b) = UnixStream::pair().unwrap();
+        let st = server_tls.clone();
+        let server = std::thread::spawn(move || {
+            let u = Uri::Unix("/x".into());
+            let mut s = server(&u, &st, Box::new(b))?;
+            let mut got = [0u8; 5];
+            s.read_exact(&mut got).map_err(|e| e.to_string())?;
+            assert_eq!(&got, b"hello");
+            Ok(())
+        });
+        // The client's end stays open until the server is done.
+        let (c, _open) = match client_tls {
+            Some(t) => match client(&uri, t, Box::new(a)) {
+                Ok(mut s) => {
+                    let r = s.write_all(b"hello").and_then(|_| s.flush());
+                    (r.map_err(|e| e.to_string()), Some(s))
+                }
+                Err(e) => (Err(e), None),
+            },
+            None => {
+                let mut a = a;
+                a.write_all(b"hello, this is not TLS at all\n").unwrap();
+                (Ok(()), Some(Box::new(a) as Box<dyn Stream>))
+            }
+        };
+        (c, server.join().unwrap())
+    }
+
+    #[test]
+    fn mutual_tls_passes_data_and_authz_lets_in_the_listed_subject() {
+        let ca = ca("ca");
+        let mut d = creds("ok-d", &ca, "dest");
+        let s = creds("ok-s", &ca, "source");
+        d.authz = vec!["CN=source,O=vmm tests".into()];
+        let (c, sv) = pair(Some(&s), &d);
+        assert_eq!(c, Ok(()));
+        assert_eq!(sv, Ok(()));
+    }
+
+    #[test]
+    fn each_refusal_says_why() {
+        let ca1 = ca("ca");
+        let d = creds("bad-d", &ca1, "dest");
+        // Another CA: the source refuses the destination's certificate.
+        let stranger = creds("bad-stranger", &ca("other"), "source");
+        let (c, sv) = pair(Some(&stranger), &d);
+        assert!(c.unwrap_err().contains("not signed by the CA in tls-creds"));
+        assert!(sv.is_err());
+        // The wrong host name.
+        let mut wrong = creds("bad-name", &ca1, "source");
+        wrong.hostname = "wrong.test".into();
+        let (c, _) = pair(Some(&wrong), &d);
+        assert!(c.unwrap_err().contains("pass tls-hostname"));
+        // Plain bytes to a TLS server.
+        let (_, sv) = pair(None, &d);
+        assert!(sv.unwrap_err().contains("does not speak TLS"));
+        // A subject tls-authz does not list.
+        let mut picky = d.clone();
+        picky.authz = vec!["CN=someone else".into()];
+        let s = creds("bad-authz", &ca1, "source");
+        let (_, sv) = pair(Some(&s), &picky);
+        assert!(sv
+            .unwrap_err()
+            .contains("\"CN=source,O=vmm tests\" is not in tls-authz"));
+        // A directory without the files.
+        let empty = Tls {
+            creds: std::env::temp_dir(),
+            hostname: "dest.test".into(),
+            authz: vec![],
+        };
+        let (a, _b) = UnixStream::pair().unwrap();
+        let e = client(&Uri::Unix("/x".into()), &empty, Box::new(a))
+            .err()
+            .unwrap();
+        assert!(e.contains("cannot read ca-cert.pem"), "{e}");
+        for n in [
+            "ok-d",
+            "ok-s",
+            "bad-d",
+            "bad-stranger",
+            "bad-name",
+            "bad-authz",
+        ] {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("migrated-tls-{}-{n}", std::process::id())),
+            );
+        }
+    }
+
+    #[test]
+    fn subject_reads_a_certificate_s_names_in_order() {
+        let ca = ca("ca");
+        let (pem, _) = leaf(&ca, "source", &[]);
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(
+            subject(der.as_ref()).as_deref(),
+            Some("CN=source,O=vmm tests")
+        );
+        assert_eq!(subject(&[0x30, 0x05, 1, 2]), None);
+    }
+}
