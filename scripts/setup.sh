@@ -15,15 +15,28 @@ fi
 # qemu-system-common: qemu-storage-daemon, the independent vhost-user-blk backend that the
 # interoperability test drives with vmm-core's frontend (and bench/block.sh compares with).
 packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common)
+# Installed for real ("dpkg -s" also answers for a removed package's leftover configuration).
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${packages[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    installed "$p" || missing+=("$p")
 done
 # The image builder asks apt which kernel is current; an empty package list knows none.
 if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
     say "installing ${missing[*]:-nothing new} (apt-get update first)"
     $sudo apt-get update -q >/dev/null
     [ ${#missing[@]} -eq 0 ] || $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+# A qemu-utils newer than the distribution's (e.g. from backports) Breaks its
+# qemu-system-common, so apt removes it to install the latter: install it again, at the
+# distribution's version, so that qemu-img is there.
+gone=()
+for p in "${packages[@]}"; do
+    installed "$p" || gone+=("$p")
+done
+if [ ${#gone[@]} -gt 0 ]; then
+    say "installing ${gone[*]} again (another install removed it)"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${gone[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
     say "error: cargo is missing; install Rust with rustup (https://rustup.rs), then run this again"

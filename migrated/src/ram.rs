@@ -2,10 +2,14 @@
 //! the source, writable on the destination), laid out as the stream's regions.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 pub struct Ram {
     ptr: *mut u8,
     len: usize,
+    /// The memfd itself: for its holes (pages never written) and for writes that allocate
+    /// its pages without a page fault each.
+    file: std::fs::File,
     /// (guest physical address, bytes, offset in the memfd), in memfd order.
     pub regions: Vec<(u64, u64, u64)>,
 }
@@ -63,9 +67,18 @@ impl Ram {
                 r
             })
             .collect();
+        let file = match memfd.try_clone() {
+            Ok(f) => std::fs::File::from(f),
+            Err(e) => {
+                // SAFETY: unmaps the mapping made above, which nothing else refers to.
+                unsafe { libc::munmap(ptr, len as usize) };
+                return Err(format!("the guest RAM descriptor: {e}"));
+            }
+        };
         Ok(Ram {
             ptr: ptr.cast(),
             len: len as usize,
+            file,
             regions,
         })
     }
@@ -101,11 +114,58 @@ impl Ram {
         g + off - o
     }
 
-    /// Writable bytes (the destination's mapping).
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, writable when mapped for the destination, and
-        // lives as long as self; &mut self makes this the only slice.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// The memfd's data as [start, end) byte ranges: the rest are holes, pages nobody has
+    /// written, which read as zeroes (and reading them through the mapping would allocate them).
+    pub fn data_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let len = self.len as i64;
+        let mut out = Vec::new();
+        let mut at = 0i64;
+        while at < len {
+            // SAFETY: lseek on a descriptor we own; the results are checked.
+            let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if start < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `at`
+                }
+                return Err(e);
+            }
+            if start >= len {
+                break;
+            }
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+            if end < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            out.push((start as u64, end.min(len) as u64));
+            at = end;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at memfd offset `off` (the destination): through the file, so that the
+    /// memfd's pages are allocated in one go rather than one page fault at a time.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, off)
+    }
+
+    /// Makes `bytes` at `off` zero by punching a hole (the memory goes back to the host).
+    pub fn zero(&self, off: u64, bytes: u64) -> std::io::Result<()> {
+        // SAFETY: fallocate on a descriptor we own; the result is checked.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                bytes as i64,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

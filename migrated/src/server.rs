@@ -169,6 +169,22 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
     let total = (o.ram.len() / PAGE) as u64;
     let uri = o.uri.clone();
     let io = |e: std::io::Error| transfer_failed(&uri, &e);
+    // The first pass of all RAM: the destination's is zero, so the memfd's holes (never
+    // written) need not even be read.
+    let holes;
+    let bitmap = match (bitmap, zeros) {
+        (None, Zeros::Skip) => {
+            let mut b = vec![0u64; total.div_ceil(64) as usize];
+            for (start, end) in o.ram.data_ranges().map_err(|e| format!("guest RAM: {e}"))? {
+                for p in start / PAGE as u64..end.div_ceil(PAGE as u64).min(total) {
+                    b[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+            holes = b;
+            Some(&holes[..])
+        }
+        (b, _) => b,
+    };
     // Runs of set bits, each within one region.
     let set = |p: u64| {
         bitmap.is_none_or(|b| {
@@ -225,14 +241,16 @@ fn receive(
                 let off = ram
                     .offset(gpa, data.len() as u64)
                     .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
-                ram.bytes_mut()[off..off + data.len()].copy_from_slice(data);
+                ram.write_at(off as u64, data)
+                    .map_err(|e| format!("cannot write guest RAM ({e})"))?;
             }
             Section::Zero { gpa, pages } => {
                 let n = pages * PAGE as u64;
                 let off = ram.offset(gpa, n).ok_or_else(|| {
                     format!("zero pages at {gpa:#x} are outside this VM's memory")
                 })?;
-                ram.bytes_mut()[off..off + n as usize].fill(0);
+                ram.zero(off as u64, n)
+                    .map_err(|e| format!("cannot zero guest RAM ({e})"))?;
             }
             Section::Device { name, state: s } if name == VM_SECTION => {
                 state = Some(s.to_vec());

@@ -69,7 +69,7 @@ interface Vmm {
   # Live migration to tcp:HOST:PORT or unix:PATH (pre-copy), or a snapshot to file:PATH.
   # Returns once it is over: the VM runs on the destination (this vmm-core exits), or, on
   # failure, it goes on here and the error says why. vmm-core's migrated helper moves RAM.
-  migrate @19 (uri :Text, options :MigrateOptions) -> ();
+  migrate @19 (uri :Text, options :MigrateOptions) -> (status :MigrationStatus);  # as it ended
   migrateStatus @20 () -> (status :MigrationStatus);
   migrateCancel @21 () -> ();
 

@@ -81,6 +81,22 @@ fn migrate_and_check(
         src.stderr()
     );
     assert!(out.contains("the VM runs there now"), "{out}");
+    // "... N MiB sent in T ms over P pass(es), the VM paused for D ms": the guest's 8 MiB at
+    // least, and a pause within the whole.
+    let num = |after: &str| -> u64 {
+        let i = out
+            .find(after)
+            .unwrap_or_else(|| panic!("{after:?} in {out}"))
+            + after.len();
+        out[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (mib, total, paused) = (num("now: "), num("MiB sent in "), num("paused for "));
+    assert!(mib >= 8 && paused <= total, "{out}");
     // The source exits by itself, with status 0.
     assert_eq!(src.wait_exit(T), 0, "the source's log:\n{}", src.stderr());
     assert!(
@@ -252,12 +268,14 @@ fn a_snapshot_restored_twice_gives_two_identical_guests() {
     for s in [&a_sock, &b_sock] {
         assert_eq!(vmmctl(s, &["resume"]).0, 0);
     }
+    // Complete lines only: the guest may be writing the next one.
     let lines = |n: &str| -> Vec<String> {
-        std::fs::read_to_string(dir.join(&format!("{n}.txt")))
-            .unwrap()
+        let t = std::fs::read_to_string(dir.join(&format!("{n}.txt"))).unwrap();
+        t.rsplit_once('\n')
+            .map_or("", |(done, _)| done)
             .lines()
             .take(40)
-            .map(str::to_string)
+            .map(|l| l.trim_end_matches('\r').to_string())
             .collect()
     };
     wait_until(T, "both restored guests to go on", || {

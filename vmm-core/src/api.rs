@@ -371,6 +371,28 @@ fn console_name(name: capnp::text::Reader<'_>) -> Result<(), capnp::Error> {
 }
 
 impl VmmServer {
+    /// The current (or last) migration, as `migrateStatus` and `migrate` answer it.
+    fn write_migration(&self, mut r: vmm_proto::vmm_capnp::migration_status::Builder) {
+        let st = self.shared.migration.lock().unwrap().clone();
+        r.set_phase(if st.phase.is_empty() {
+            "none"
+        } else {
+            st.phase.as_str()
+        });
+        r.set_uri(st.uri.as_str());
+        r.set_passes(st.passes);
+        r.set_bytes(st.bytes);
+        r.set_ram_bytes(st.ram_bytes);
+        r.set_dirty_pages(st.dirty_pages);
+        r.set_dirty_rate(st.dirty_rate_pages);
+        r.set_bandwidth(st.bandwidth);
+        r.set_expected_downtime_ms(st.expected_downtime_ms);
+        r.set_downtime_ms(st.downtime_ms);
+        r.set_total_ms(st.total_ms);
+        r.set_error(st.error.as_str());
+        r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
+    }
+
     fn console(&self, control: crate::chardev::Control) -> Result<(), capnp::Error> {
         let sender = self.shared.console.lock().unwrap().clone().ok_or_else(|| {
             capnp::Error::failed(
@@ -463,7 +485,7 @@ impl vmm::Server for VmmServer {
     async fn migrate(
         self: capnp::capability::Rc<Self>,
         params: vmm::MigrateParams,
-        _: vmm::MigrateResults,
+        mut results: vmm::MigrateResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = p.get_uri()?.to_str()?.to_string();
@@ -520,7 +542,9 @@ impl vmm::Server for VmmServer {
             max_cpus,
         )
         .await
-        .map_err(failed)
+        .map_err(failed)?;
+        self.write_migration(results.get().init_status());
+        Ok(())
     }
 
     async fn migrate_status(
@@ -528,25 +552,7 @@ impl vmm::Server for VmmServer {
         _: vmm::MigrateStatusParams,
         mut results: vmm::MigrateStatusResults,
     ) -> Result<(), capnp::Error> {
-        let st = self.shared.migration.lock().unwrap().clone();
-        let mut r = results.get().init_status();
-        r.set_phase(if st.phase.is_empty() {
-            "none"
-        } else {
-            st.phase.as_str()
-        });
-        r.set_uri(st.uri.as_str());
-        r.set_passes(st.passes);
-        r.set_bytes(st.bytes);
-        r.set_ram_bytes(st.ram_bytes);
-        r.set_dirty_pages(st.dirty_pages);
-        r.set_dirty_rate(st.dirty_rate_pages);
-        r.set_bandwidth(st.bandwidth);
-        r.set_expected_downtime_ms(st.expected_downtime_ms);
-        r.set_downtime_ms(st.downtime_ms);
-        r.set_total_ms(st.total_ms);
-        r.set_error(st.error.as_str());
-        r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
+        self.write_migration(results.get().init_status());
         Ok(())
     }
 

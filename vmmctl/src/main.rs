@@ -503,7 +503,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 tls_creds.unwrap_or_default(),
                 tls_hostname.unwrap_or_default(),
             );
-            migrate(
+            let st = migrate(
                 &client,
                 &target,
                 downtime_ms.unwrap_or(0),
@@ -513,10 +513,11 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             )
             .await
             .map_err(fail)?;
-            done(
-                cli.json,
-                &format!("migrated to {target}; the VM runs there now"),
-            )
+            if cli.json {
+                st
+            } else {
+                format!("migrated to {target}; the VM runs there now: {st}")
+            }
         }
         Command::Snapshot { uri } => {
             if !uri.starts_with("file:") || uri.len() == 5 {
@@ -525,10 +526,14 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                     format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
                 ));
             }
-            migrate(&client, &uri, 0, 0, &Default::default(), cli.json)
+            let st = migrate(&client, &uri, 0, 0, &Default::default(), cli.json)
                 .await
                 .map_err(fail)?;
-            done(cli.json, &format!("saved to {uri}"))
+            if cli.json {
+                st
+            } else {
+                format!("saved to {uri}: {st}")
+            }
         }
         Command::Shutdown { force } => {
             let mut req = client.shutdown_request();
@@ -1310,7 +1315,7 @@ async fn migrate(
     bandwidth: u64,
     tls: &(String, String),
     json: bool,
-) -> Result<(), capnp::Error> {
+) -> Result<String, capnp::Error> {
     use std::io::IsTerminal;
     let mut req = client.migrate_request();
     req.get().set_uri(uri);
@@ -1329,8 +1334,18 @@ async fn migrate(
                 if draw {
                     eprint!("\r\x1b[K");
                 }
-                r?;
-                return Ok(());
+                let r = r?;
+                let st = r.get()?.get_status()?;
+                if json {
+                    return format_migration(&st, true);
+                }
+                return Ok(format!(
+                    "{} MiB sent in {} ms over {} pass(es), the VM paused for {} ms",
+                    st.get_bytes() >> 20,
+                    st.get_total_ms(),
+                    st.get_passes(),
+                    st.get_downtime_ms()
+                ));
             }
             _ = tick, if draw => {
                 if let Ok(reply) = client.migrate_status_request().send().promise.await {

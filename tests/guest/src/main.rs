@@ -346,23 +346,42 @@ fn hotplug(cmdline: &str, stack_top: u64) {
 }
 
 /// Live migration's load: fills `tg.dirty.mib` MiB (default 8) at 64 MiB with non-zero words
-/// at CPL3 (native speed), then rewrites them pass after pass, forever, each pass with its own
-/// words. Reports "tg: dirty filled mib=N" once, then "tg: dirty pass N" every 16 passes.
+/// at CPL3 (native speed), then rewrites the first `tg.dirty.hot` MiB of them (default all;
+/// 0: none, the guest idles) pass after pass, forever, each pass with its own words, waiting
+/// `tg.dirty.gap` TSC cycles after each MiB (default 0) for a steady, lower rate. Reports
+/// "tg: dirty filled mib=N" once, then "tg: dirty pass N" every 16 passes.
 fn dirty(cmdline: &str, stack_top: u64) {
     const BASE: u64 = 64 << 20;
-    let mib = param(cmdline, "tg.dirty.mib=")
-        .and_then(parse_u64)
-        .unwrap_or(8);
-    let mut pass = 0u64;
+    let get = |k: &str| param(cmdline, k).and_then(parse_u64);
+    let mib = get("tg.dirty.mib=").unwrap_or(8);
+    let hot = get("tg.dirty.hot=").unwrap_or(mib).min(mib);
+    let gap = get("tg.dirty.gap=").unwrap_or(0);
+    user_pattern(0, BASE, mib << 17, 0, 1, stack_top);
+    Line::new().s("tg: dirty filled mib=").u(mib).emit();
+    if hot == 0 {
+        rt::halt_forever();
+    }
+    let mut pass = 1u64;
     loop {
         pass += 1;
-        user_pattern(0, BASE, mib << 17, 0, pass, stack_top);
-        if pass == 1 {
-            Line::new().s("tg: dirty filled mib=").u(mib).emit();
-        } else if pass.is_multiple_of(16) {
+        for m in 0..hot {
+            user_pattern(0, BASE + (m << 20), 1 << 17, m << 17, pass, stack_top);
+            if gap > 0 {
+                let until = rdtsc() + gap;
+                while rdtsc() < until {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+        if pass.is_multiple_of(16) {
             Line::new().s("tg: dirty pass ").u(pass).emit();
         }
     }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// A pattern job for CPL3 (native speed): fill `words` words at `buf` with the pattern of
