@@ -1,6 +1,13 @@
-//! One channel abstraction: a byte stream to or from `tcp:HOST:PORT`, `unix:PATH` or
-//! `file:PATH`, as QEMU names them. The source connects (or creates the file); the
-//! destination listens (or opens the file) and takes one connection.
+//! One channel abstraction: a byte stream to or from `tcp:HOST:PORT`, `unix:PATH`,
+//! `exec:COMMAND` or `file:PATH`, as QEMU names them. The source connects (or creates the
+//! file, or starts the command); the destination listens (or opens the file, or starts the
+//! command) and takes one connection.
+//!
+//! `exec:COMMAND` runs `sh -c COMMAND` and talks through its standard input and output: the
+//! source writes the stream to its input and reads the destination's answer from its output;
+//! the destination reads the stream from its output and answers on its input. So the command
+//! must carry both directions, e.g. `exec:ssh dst socat - UNIX-CONNECT:/run/vm/mig.sock` on
+//! the source, or `--incoming 'exec:socat - TCP-LISTEN:4444'` on the destination.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +19,7 @@ use std::time::Duration;
 pub enum Uri {
     Tcp(String),
     Unix(PathBuf),
+    Exec(String),
     File(PathBuf),
 }
 
@@ -39,12 +47,13 @@ impl Uri {
                 Ok(Uri::Tcp(rest.to_string()))
             }
             "unix" => Ok(Uri::Unix(PathBuf::from(rest))),
+            "exec" => Ok(Uri::Exec(rest.to_string())),
             "file" => Ok(Uri::File(PathBuf::from(rest))),
-            "fd" | "exec" => Err(format!(
-                "{s:?}: the {kind} channel is not built yet; use tcp:, unix: or file:"
+            "fd" => Err(format!(
+                "{s:?}: the fd channel is not built yet; use tcp:, unix:, exec: or file:"
             )),
             other => Err(format!(
-                "{s:?}: unknown channel kind {other:?}; use tcp:HOST:PORT, unix:PATH or file:PATH"
+                "{s:?}: unknown channel kind {other:?}; use tcp:HOST:PORT, unix:PATH, exec:COMMAND or file:PATH"
             )),
         }
     }
@@ -60,6 +69,7 @@ impl std::fmt::Display for Uri {
         match self {
             Uri::Tcp(a) => write!(f, "tcp:{a}"),
             Uri::Unix(p) => write!(f, "unix:{}", p.display()),
+            Uri::Exec(c) => write!(f, "exec:{c}"),
             Uri::File(p) => write!(f, "file:{}", p.display()),
         }
     }
@@ -111,6 +121,7 @@ pub fn connect(uri: &Uri) -> Result<Box<dyn Stream>, String> {
         Uri::Unix(p) => Ok(Box::new(UnixStream::connect(p).map_err(|e| {
             format!("{uri}: cannot connect ({e}); is the destination started with --incoming {uri}?")
         })?)),
+        Uri::Exec(cmd) => Ok(Box::new(Exec::start(cmd)?)),
         Uri::File(p) => Ok(Box::new(
             std::fs::OpenOptions::new()
                 .write(true)
@@ -130,6 +141,7 @@ pub fn connect(uri: &Uri) -> Result<Box<dyn Stream>, String> {
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+    Exec(Option<String>),
     File(Option<std::fs::File>),
 }
 
@@ -157,6 +169,7 @@ pub fn listen(uri: &Uri) -> Result<Listener, String> {
             l.set_nonblocking(true).map_err(|e| format!("{uri}: {e}"))?;
             Listener::Unix(l, p.clone())
         }
+        Uri::Exec(cmd) => Listener::Exec(Some(cmd.clone())),
         Uri::File(p) => Listener::File(Some(
             std::fs::File::open(p).map_err(|e| format!("{uri}: cannot open it ({e})"))?,
         )),
@@ -186,6 +199,12 @@ impl Listener {
                     s.set_nonblocking(false)?;
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
+                Listener::Exec(cmd) => {
+                    return match cmd.take() {
+                        Some(c) => Ok(Box::new(Exec::start(&c)?)),
+                        None => Err(format!("{uri}: the command's stream was taken already")),
+                    }
+                }
                 Listener::File(f) => {
                     return f
                         .take()
@@ -202,6 +221,135 @@ impl Listener {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => return Err(format!("{uri}: {e}")),
+            }
+        }
+    }
+}
+
+/// `exec:COMMAND`: `sh -c COMMAND` with its standard input and output as the stream (its
+/// standard error goes to migrated's, which vmm-core logs).
+pub struct Exec {
+    child: std::sync::Arc<std::sync::Mutex<std::process::Child>>,
+    input: Option<std::process::ChildStdin>,
+    output: std::process::ChildStdout,
+    command: String,
+}
+
+impl Exec {
+    fn start(command: &str) -> Result<Exec, String> {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        // Its own process group, so that ending it ends what the shell started too.
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", command])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("exec:{command}: cannot start it with /bin/sh ({e})"))?;
+        let (input, output) = (child.stdin.take(), child.stdout.take());
+        let output = output.ok_or_else(|| format!("exec:{command}: no pipe to its output"))?;
+        log::info!("exec:{command}: started (pid {})", child.id());
+        Ok(Exec {
+            child: std::sync::Arc::new(std::sync::Mutex::new(child)),
+            input,
+            output,
+            command: command.to_string(),
+        })
+    }
+}
+
+impl Read for Exec {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.output.read(b)
+    }
+}
+
+impl Write for Exec {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match &mut self.input {
+            Some(i) => i.write(b),
+            None => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.input.as_mut().map_or(Ok(()), |i| i.flush())
+    }
+}
+
+/// Kills the command's process group (the shell and what it started).
+fn kill_group(child: &std::sync::Mutex<std::process::Child>) {
+    let pid = child.lock().unwrap().id() as i32;
+    // SAFETY: a signal to the process group this channel made (its leader is our child,
+    // not yet reaped, so the id is still ours).
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+}
+
+/// Kills the command: a transfer blocked on its pipes then fails.
+struct ExecHandle(std::sync::Arc<std::sync::Mutex<std::process::Child>>);
+
+impl Read for ExecHandle {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+impl Write for ExecHandle {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for ExecHandle {
+    fn shutdown(&self) {
+        kill_group(&self.0);
+    }
+    fn handle(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(ExecHandle(self.0.clone())))
+    }
+}
+
+impl Stream for Exec {
+    fn shutdown(&self) {
+        kill_group(&self.child);
+    }
+    fn handle(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(ExecHandle(self.child.clone())))
+    }
+}
+
+impl Drop for Exec {
+    /// Closes its input (the end of the stream), gives it 5 s to finish, then kills it; it is
+    /// always reaped.
+    fn drop(&mut self) {
+        drop(self.input.take());
+        let mut c = self.child.lock().unwrap();
+        let pid = c.id() as i32;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) => {
+                    if !st.success() {
+                        log::warn!("exec:{}: it ended with {st}", self.command);
+                    }
+                    return;
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    log::warn!(
+                        "exec:{}: still running after the stream; killed",
+                        self.command
+                    );
+                    // SAFETY: as in kill_group: our unreaped child's process group.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    let _ = c.wait();
+                    return;
+                }
             }
         }
     }
@@ -226,6 +374,10 @@ mod tests {
             Uri::Unix("/run/m.sock".into())
         );
         assert_eq!(
+            Uri::parse("exec:gzip -c").unwrap(),
+            Uri::Exec("gzip -c".into())
+        );
+        assert_eq!(
             Uri::parse("file:/tmp/s").unwrap(),
             Uri::File("/tmp/s".into())
         );
@@ -235,10 +387,26 @@ mod tests {
             ("tcp:host:99999", "not a number"),
             ("file:", "needs an address"),
             ("nonsense", "not a channel"),
-            ("exec:gzip", "not built yet"),
+            ("fd:3", "not built yet"),
         ] {
             let e = Uri::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn exec_streams_through_the_command_and_a_handle_ends_it() {
+        let mut e = Exec::start("cat").unwrap();
+        e.write_all(b"through cat").unwrap();
+        e.flush().unwrap();
+        let mut got = [0u8; 11];
+        e.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"through cat");
+        // Another thread's handle kills it: a blocked read ends.
+        let h = e.handle().unwrap();
+        let t = std::thread::spawn(move || e.read(&mut [0u8; 8]));
+        std::thread::sleep(Duration::from_millis(50));
+        h.shutdown();
+        assert_eq!(t.join().unwrap().unwrap(), 0);
     }
 }

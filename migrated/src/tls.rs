@@ -163,7 +163,7 @@ pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn St
             .to_string(),
         _ => {
             return Err(format!(
-                "{uri}: with TLS over a unix socket, pass tls-hostname (the name in the destination's certificate)"
+                "{uri}: with TLS over a channel other than tcp:, pass tls-hostname (the name in the destination's certificate)"
             ))
         }
     };

@@ -412,6 +412,45 @@ fn still_running(dir: &TempDir, sock: &Path) {
     });
 }
 
+/// exec: at both ends (socat over a unix socket), with TLS through the commands' pipes: the
+/// destination reads the stream from its command's output and answers on its input.
+#[test]
+fn migrates_through_exec_commands_with_tls() {
+    let dir = TempDir::new("mig-exec");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let path = dir.join("relay.sock");
+    let incoming = format!("exec:socat - UNIX-LISTEN:{}", path.display());
+    let dst = TestVm::builder()
+        .memory("256M")
+        .cmdline(CMDLINE)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--incoming", &incoming])
+        .args(["--tls-creds", d_creds.to_str().unwrap()])
+        .spawn();
+    dst_waits(&dst);
+    wait_until(T, "socat to listen", || path.exists());
+    let creds = s_creds.to_str().unwrap().to_string();
+    let connect = format!("exec:socat - UNIX-CONNECT:{}", path.display());
+    migrate_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        &connect,
+        &["--tls-creds", &creds, "--tls-hostname", "dest.test"],
+    );
+}
+
 /// A source with another CA's credentials, one that checks the wrong host name, a
 /// plaintext source, and one whose certificate tls-authz does not list: each is refused
 /// with a message that says why, the source goes on running, and the destination keeps

@@ -491,12 +491,12 @@ impl vmm::Server for VmmServer {
         let uri = p.get_uri()?.to_str()?.to_string();
         let o = p.get_options()?;
         let failed = |m: String| capnp::Error::failed(m);
-        let ok_kind = ["tcp:", "unix:", "file:"]
+        let ok_kind = ["tcp:", "unix:", "exec:", "file:"]
             .iter()
             .any(|k| uri.starts_with(k));
         if !ok_kind {
             return Err(failed(format!(
-                "migrate {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, or file:PATH for a snapshot"
+                "migrate {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, exec:COMMAND, or file:PATH for a snapshot"
             )));
         }
         let m = self

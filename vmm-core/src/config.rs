@@ -76,7 +76,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["kill", "log"], env = "VMM_SECCOMP")]
     pub seccomp: String,
     /// Take the VM from a migration source or a snapshot instead of booting: tcp:HOST:PORT or
-    /// unix:PATH (listen for the source), or file:PATH (a snapshot). The rest of the command
+    /// unix:PATH (listen for the source), exec:COMMAND (the stream from the command's output,
+    /// the answer to its input), or file:PATH (a snapshot). The rest of the command
     /// line must describe the same VM (--memory, --cpus, the disks in the same order).
     #[arg(long, value_name = "URI")]
     pub incoming: Option<String>,
@@ -188,13 +189,13 @@ pub enum ConfigError {
 
 /// A migration channel as migrated takes it; a snapshot file must exist.
 fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
-    let ok = ["tcp:", "unix:", "file:"]
+    let ok = ["tcp:", "unix:", "exec:", "file:"]
         .iter()
         .any(|k| uri.starts_with(k))
         && uri.split_once(':').is_some_and(|(_, r)| !r.is_empty());
     if !ok {
         return Err(ConfigError::Incoming(format!(
-            "{arg} {uri}: not a channel; use tcp:HOST:PORT, unix:PATH or file:PATH"
+            "{arg} {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, exec:COMMAND or file:PATH"
         )));
     }
     if let Some(p) = uri.strip_prefix("file:") {

@@ -578,9 +578,16 @@ async fn transfer(
         or(&mut b, saved.dirty.as_deref().unwrap_or(&[]));
         Some(b)
     };
+    let saved_ms = stop.elapsed().as_millis();
     let sent = send_pages(m, last).await?;
+    let last_ms = stop.elapsed().as_millis() - saved_ms;
     let bytes = finish(m, saved.state).await?;
     let downtime = stop.elapsed().as_millis() as u64;
+    log::info!(
+        "stop-and-copy: paused and saved in {saved_ms} ms, the last {} page(s) in {last_ms} ms, the device state and the destination's answer in {} ms",
+        sent.pages,
+        u128::from(downtime) - saved_ms - last_ms
+    );
     set(&|s| {
         s.bytes = bytes;
         s.ram_bytes += sent.pages * crate::memory::PAGE_SIZE;

@@ -52,11 +52,12 @@ enum Command {
         #[arg(long, default_value_t = 1000, value_name = "MS")]
         ms: u32,
     },
-    /// Live-migrate the VM to tcp:HOST:PORT or unix:PATH (the destination runs
+    /// Live-migrate the VM to tcp:HOST:PORT, unix:PATH or exec:COMMAND (the destination runs
     /// `vmm-core --incoming URI`); `migrate status` shows the current or last migration,
     /// `migrate cancel` stops one (the VM goes on here). A progress bar is drawn on a terminal.
     Migrate {
-        /// tcp:HOST:PORT, unix:PATH, file:PATH (a snapshot), or status / cancel.
+        /// tcp:HOST:PORT, unix:PATH, exec:COMMAND (the stream to the command's input, the
+        /// destination's answer from its output), or status / cancel.
         target: String,
         /// The longest pause allowed at the end, in ms (default 300, as QEMU).
         #[arg(long, value_name = "MS")]
