@@ -11,6 +11,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,11 +82,26 @@ pub trait Stream: Read + Write + Send {
     fn shutdown(&self);
     /// Another handle on the same connection (to shut it down from elsewhere).
     fn handle(&self) -> io::Result<Box<dyn Stream>>;
+    /// Bytes written but not yet taken by the peer, where the channel can tell.
+    fn unsent(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// A socket's send queue (TIOCOUTQ: for TCP, what the peer has not acknowledged).
+fn outq(s: &impl AsRawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int into `n`.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0).then_some(n.max(0) as usize)
 }
 
 impl Stream for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn unsent(&self) -> Option<usize> {
+        outq(self)
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
@@ -95,6 +111,9 @@ impl Stream for TcpStream {
 impl Stream for UnixStream {
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn unsent(&self) -> Option<usize> {
+        outq(self)
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
@@ -108,6 +127,26 @@ impl Stream for std::fs::File {
     }
 }
 
+/// The destination's receive buffer, of a fixed, modest size instead of the kernel's
+/// autotuning (which grows it to several MiB on loopback): what is queued in it when the VM
+/// pauses is what the destination has still to take in during the pause. The source, for its
+/// part, waits for its own send queue to drain after each pass (`Stream::unsent`).
+pub const RECEIVE_BUFFER: usize = 1 << 20;
+
+fn bound_buffers(s: &impl AsRawFd) {
+    let size = RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: setsockopt with a c_int option value on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// The source's end: connects, or creates the snapshot file (it must not exist).
 pub fn connect(uri: &Uri) -> Result<Box<dyn Stream>, String> {
     match uri {
@@ -118,9 +157,12 @@ pub fn connect(uri: &Uri) -> Result<Box<dyn Stream>, String> {
             let _ = s.set_nodelay(true);
             Ok(Box::new(s))
         }
-        Uri::Unix(p) => Ok(Box::new(UnixStream::connect(p).map_err(|e| {
-            format!("{uri}: cannot connect ({e}); is the destination started with --incoming {uri}?")
-        })?)),
+        Uri::Unix(p) => {
+            let s = UnixStream::connect(p).map_err(|e| {
+                format!("{uri}: cannot connect ({e}); is the destination started with --incoming {uri}?")
+            })?;
+            Ok(Box::new(s))
+        }
         Uri::Exec(cmd) => Ok(Box::new(Exec::start(cmd)?)),
         Uri::File(p) => Ok(Box::new(
             std::fs::OpenOptions::new()
@@ -159,6 +201,8 @@ pub fn listen(uri: &Uri) -> Result<Listener, String> {
         Uri::Tcp(addr) => {
             let l =
                 TcpListener::bind(addr).map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
+            // Before any connection, so that the window it offers is small from the start.
+            bound_buffers(&l);
             l.set_nonblocking(true).map_err(|e| format!("{uri}: {e}"))?;
             Listener::Tcp(l)
         }
@@ -193,10 +237,12 @@ impl Listener {
                     log::info!("{uri}: a source connected from {peer}");
                     s.set_nonblocking(false)?;
                     let _ = s.set_nodelay(true);
+                    bound_buffers(&s);
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
                 Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
                     s.set_nonblocking(false)?;
+                    bound_buffers(&s);
                     Ok(Box::new(s) as Box<dyn Stream>)
                 }),
                 Listener::Exec(cmd) => {

@@ -221,6 +221,15 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         }
     }
     o.passes += 1;
+    // The pass is over when the destination has it: wait (up to 2 s) for the send queue to
+    // drain, so that the pass's time gives the real bandwidth, and what is still queued when
+    // the VM pauses is little.
+    let w = o.writer.get_mut();
+    w.flush().map_err(io)?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while w.get_ref().unsent().is_some_and(|n| n > 64 << 10) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
     let (p1, z1) = o.writer.counts();
     Ok((o.writer.bytes() - before, p1 - p0, z1 - z0))
 }

@@ -249,6 +249,11 @@ impl<W: Write> Writer<W> {
     }
 
     /// Bytes written so far.
+    /// The stream underneath (to flush it between passes).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
