@@ -51,7 +51,11 @@ mkdir -p "$creds"
 
 echo "command: bench/migrate.sh $rounds"
 echo "host: $(uname -r), $(nproc) CPUs, KVM-PVM: $([ -d /sys/module/kvm_pvm ] && echo yes || echo no)"
-echo "qemu: ${qemu:+$($qemu --version | head -1)}${qemu:-not installed (apt-get install qemu-system-x86 for a side-by-side run)}"
+if [ -n "$qemu" ]; then
+    echo "qemu: $($qemu --version | head -1) ($qemu)"
+else
+    echo "qemu: not installed (apt-get install qemu-system-x86 for a side-by-side run)"
+fi
 
 python3 - "$rounds" "$bin" "$guest" "$qemu" "$work" "$creds" <<'PY'
 import json, os, signal, socket, statistics, subprocess, sys, time

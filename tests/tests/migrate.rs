@@ -138,18 +138,7 @@ fn migrates_over_tcp_to_another_network_namespace() {
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let listen = format!("tcp:{}:4711", ns.ns_addr);
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .in_netns(&ns)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", &listen])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(&dir, &img, &listen, Some(&ns), &[]);
     migrate_and_check(&dir, &img, src, &src_sock, dst, &listen, &[]);
 }
 
@@ -160,17 +149,7 @@ fn migrates_over_unix() {
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", &uri])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(&dir, &img, &uri, None, &[]);
     migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
 }
 
@@ -342,20 +321,18 @@ fn migrates_over_tcp_with_tls_to_another_network_namespace() {
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let listen = format!("tcp:{}:4712", ns.ns_addr);
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .in_netns(&ns)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", &listen])
-        .args(["--tls-creds", d_creds.to_str().unwrap()])
-        .args(["--tls-authz", "CN=source.test"])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(
+        &dir,
+        &img,
+        &listen,
+        Some(&ns),
+        &[
+            "--tls-creds",
+            d_creds.to_str().unwrap(),
+            "--tls-authz",
+            "CN=source.test",
+        ],
+    );
     let creds = s_creds.to_str().unwrap().to_string();
     migrate_and_check(
         &dir,
@@ -378,18 +355,13 @@ fn migrates_over_unix_with_tls() {
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", &uri])
-        .args(["--tls-creds", d_creds.to_str().unwrap()])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(
+        &dir,
+        &img,
+        &uri,
+        None,
+        &["--tls-creds", d_creds.to_str().unwrap()],
+    );
     let creds = s_creds.to_str().unwrap().to_string();
     migrate_and_check(
         &dir,
@@ -425,18 +397,13 @@ fn migrates_through_exec_commands_with_tls() {
     let src = source(&dir, &img, &src_sock);
     let path = dir.join("relay.sock");
     let incoming = format!("exec:socat - UNIX-LISTEN:{}", path.display());
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", &incoming])
-        .args(["--tls-creds", d_creds.to_str().unwrap()])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(
+        &dir,
+        &img,
+        &incoming,
+        None,
+        &["--tls-creds", d_creds.to_str().unwrap()],
+    );
     wait_until(T, "socat to listen", || path.exists());
     let creds = s_creds.to_str().unwrap().to_string();
     let connect = format!("exec:socat - UNIX-CONNECT:{}", path.display());
@@ -468,19 +435,18 @@ fn tls_refusals_leave_the_source_running() {
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let listen = "tcp:127.0.0.1:47213";
-    let dst = TestVm::builder()
-        .memory("256M")
-        .cmdline(CMDLINE)
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", listen])
-        .args(["--tls-creds", d_creds.to_str().unwrap()])
-        .args(["--tls-authz", "CN=source.test"])
-        .spawn();
-    dst_waits(&dst);
+    let dst = destination(
+        &dir,
+        &img,
+        listen,
+        None,
+        &[
+            "--tls-creds",
+            d_creds.to_str().unwrap(),
+            "--tls-authz",
+            "CN=source.test",
+        ],
+    );
     let path = |p: &Path| p.to_str().unwrap().to_string();
     for (args, says) in [
         (
@@ -543,8 +509,9 @@ fn migrated_of(vm: &TestVm) -> u32 {
     found.unwrap()
 }
 
-fn destination(dir: &TempDir, img: &Path, uri: &str) -> TestVm {
-    let dst = TestVm::builder()
+/// A destination for `uri` (in `ns` if given, with `extra` arguments), listening.
+fn destination(dir: &TempDir, img: &Path, uri: &str, ns: Option<&NetNs>, extra: &[&str]) -> TestVm {
+    let mut b = TestVm::builder()
         .memory("256M")
         .cmdline(CMDLINE)
         .args(["--disk", &format!("path={}", img.display())])
@@ -553,7 +520,11 @@ fn destination(dir: &TempDir, img: &Path, uri: &str) -> TestVm {
             &format!("file={}", dir.join("dest.txt").display()),
         ])
         .args(["--incoming", uri])
-        .spawn();
+        .args(extra.iter().copied());
+    if let Some(ns) = ns {
+        b = b.in_netns(ns);
+    }
+    let dst = b.spawn();
     dst_waits(&dst);
     dst
 }
@@ -571,7 +542,7 @@ fn migrated_killed_mid_transfer_on_either_side_leaves_the_source_running() {
     // A slow transfer (4 MiB/s: a few seconds for the first pass) to kill in the middle of.
     let slow = ["--bandwidth", "4M"];
     for side in ["source", "destination"] {
-        let mut dst = destination(&dir, &img, &uri);
+        let mut dst = destination(&dir, &img, &uri, None, &[]);
         let victim = match side {
             "source" => migrated_of(&src),
             _ => migrated_of(&dst),
@@ -601,6 +572,6 @@ fn migrated_killed_mid_transfer_on_either_side_leaves_the_source_running() {
             wait_until(T, "another migrated", || migrated_of(&src) != victim);
         }
     }
-    let dst = destination(&dir, &img, &uri);
+    let dst = destination(&dir, &img, &uri, None, &[]);
     migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
 }
