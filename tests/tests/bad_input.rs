@@ -339,3 +339,31 @@ fn malformed_disk_specs() {
         );
     }
 }
+
+#[test]
+fn migration_channels_and_tls_options() {
+    expect(
+        &["--kernel", &guest(), "--incoming", "fd:5"],
+        &["--incoming fd:5", "not a channel"],
+    );
+    // TLS is for taking a VM in.
+    expect(
+        &["--kernel", &guest(), "--tls-creds", "/tmp"],
+        &["--incoming"],
+    );
+    expect(
+        &["--kernel", &guest(), "--tls-authz", "CN=x"],
+        &["--tls-creds"],
+    );
+    expect(
+        &[
+            "--kernel",
+            &guest(),
+            "--incoming",
+            "tcp:127.0.0.1:1",
+            "--tls-creds",
+            "/nonexistent",
+        ],
+        &["tls-creds /nonexistent: not a directory"],
+    );
+}

@@ -90,7 +90,7 @@ pub struct RunArgs {
     pub tls_creds: Option<String>,
     /// With --tls-creds: a source certificate subject to let in, as "CN=name,O=org" (repeat
     /// for more; QEMU's tls-authz). Without it, any certificate the CA signed is let in.
-    #[arg(long, value_name = "SUBJECT", requires = "tls_creds")]
+    #[arg(long, value_name = "SUBJECT")]
     pub tls_authz: Vec<String>,
     /// The migrated executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
@@ -245,6 +245,20 @@ impl VmConfig {
             })?;
         }
 
+        match (&args.tls_creds, &args.incoming) {
+            (Some(c), None) => {
+                return Err(ConfigError::Incoming(format!(
+                    "--tls-creds {c}: TLS is for a VM coming in; add --incoming tcp:HOST:PORT (or unix:, exec:), or drop it"
+                )))
+            }
+            (None, _) if !args.tls_authz.is_empty() => {
+                return Err(ConfigError::Incoming(format!(
+                    "--tls-authz {}: it lists the sources TLS lets in; add --tls-creds DIR",
+                    args.tls_authz[0]
+                )))
+            }
+            _ => {}
+        }
         let incoming = match (args.incoming, args.restore) {
             (Some(uri), _) => Some(check_uri("--incoming", uri)?),
             (None, Some(r)) if !r.starts_with("file:") => {
