@@ -339,10 +339,25 @@ mod tests {
         )
     }
 
+    fn creds_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("migrated-tls-{}-{name}", std::process::id()))
+    }
+
+    /// Removes the named tls-creds directories when the test ends, passed or not.
+    struct Cleanup(&'static [&'static str]);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for n in self.0 {
+                let _ = std::fs::remove_dir_all(creds_dir(n));
+            }
+        }
+    }
+
     /// A tls-creds directory: `ca`'s certificate, a server certificate for dest.test and a
     /// client one with CN=`client`.
     fn creds(name: &str, ca: &Ca, client: &str) -> Tls {
-        let dir = std::env::temp_dir().join(format!("migrated-tls-{}-{name}", std::process::id()));
+        let dir = creds_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let (sc, sk) = leaf(ca, "dest", &["dest.test"]);
         let (cc, ck) = leaf(ca, client, &[]);
@@ -398,6 +413,7 @@ mod tests {
 
     #[test]
     fn mutual_tls_passes_data_and_authz_lets_in_the_listed_subject() {
+        let _clean = Cleanup(&["ok-d", "ok-s"]);
         let ca = ca("ca");
         let mut d = creds("ok-d", &ca, "dest");
         let s = creds("ok-s", &ca, "source");
@@ -409,6 +425,7 @@ mod tests {
 
     #[test]
     fn each_refusal_says_why() {
+        let _clean = Cleanup(&["bad-d", "bad-stranger", "bad-name", "bad-authz"]);
         let ca1 = ca("ca");
         let d = creds("bad-d", &ca1, "dest");
         // Another CA: the source refuses the destination's certificate.
@@ -443,18 +460,6 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("cannot read ca-cert.pem"), "{e}");
-        for n in [
-            "ok-d",
-            "ok-s",
-            "bad-d",
-            "bad-stranger",
-            "bad-name",
-            "bad-authz",
-        ] {
-            let _ = std::fs::remove_dir_all(
-                std::env::temp_dir().join(format!("migrated-tls-{}-{n}", std::process::id())),
-            );
-        }
     }
 
     #[test]
