@@ -1,5 +1,5 @@
 //! Guest RAM as migrated sees it: the memfd vmm-core hands over, mapped shared (read-only on
-//! the source, writable on the destination), laid out as the stream's regions.
+//! both ends: the destination writes through the memfd itself), laid out as the stream's regions.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -20,7 +20,7 @@ unsafe impl Send for Ram {}
 
 impl Ram {
     /// Maps the memfd: `regions` are (gpa, bytes), laid end to end in it.
-    pub fn map(memfd: &OwnedFd, regions: &[(u64, u64)], writable: bool) -> Result<Ram, String> {
+    pub fn map(memfd: &OwnedFd, regions: &[(u64, u64)]) -> Result<Ram, String> {
         let len: u64 = regions.iter().map(|r| r.1).sum();
         let mut st: libc::stat = unsafe_zeroed();
         // SAFETY: fstat on a descriptor we own, into a local.
@@ -36,17 +36,12 @@ impl Ram {
                 st.st_size
             ));
         }
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
         // SAFETY: a new shared mapping of a descriptor we own; the result is checked.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
-                prot,
+                libc::PROT_READ,
                 libc::MAP_SHARED,
                 memfd.as_raw_fd(),
                 0,

@@ -235,11 +235,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
 }
 
 /// Takes a whole stream into RAM; returns the device state and the bytes read.
-fn receive(
-    stream: &mut dyn Stream,
-    ram: &mut Ram,
-    ours: &Config,
-) -> Result<(Vec<u8>, u64), String> {
+fn receive(stream: &mut dyn Stream, ram: &Ram, ours: &Config) -> Result<(Vec<u8>, u64), String> {
     let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, stream))
         .map_err(|e| e.to_string())?;
     r.check_config(ours).map_err(|e| e.to_string())?;
@@ -290,7 +286,7 @@ impl migrated::Server for Server {
         let memfd = self.memfd().map_err(failed)?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
-            let ram = Ram::map(&memfd, &regions, false)?;
+            let ram = Ram::map(&memfd, &regions)?;
             let mut stream = channel::connect(&uri)?;
             *cut.lock().unwrap() = stream.handle().ok();
             if let Some(t) = &tls {
@@ -424,7 +420,7 @@ impl migrated::Server for Server {
         let memfd = self.memfd().map_err(failed)?;
         let back = self.back.clone();
         let (state, bytes) = blocking(move || {
-            let mut ram = Ram::map(&memfd, &regions, true)?;
+            let ram = Ram::map(&memfd, &regions)?;
             let deadline = Instant::now() + WAIT;
             let mut listener = channel::listen(&uri)?;
             let mut stream = loop {
@@ -440,7 +436,7 @@ impl migrated::Server for Server {
                 }
             };
             drop(listener);
-            let r = receive(stream.as_mut(), &mut ram, &config).map_err(|e| format!("{uri}: {e}"));
+            let r = receive(stream.as_mut(), &ram, &config).map_err(|e| format!("{uri}: {e}"));
             if uri.is_live() {
                 match &r {
                     Ok(_) => *back.lock().unwrap() = Some(stream),

@@ -265,19 +265,11 @@ fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 }
 
 /// A certificate's subject as "CN=...,O=..." (attributes in the certificate's order).
+/// webpki (rustls's own parser) finds the subject; this only spells its attributes out.
 pub fn subject(cert: &[u8]) -> Option<String> {
-    let (_, cert, _) = der(cert)?;
-    let (_, tbs, _) = der(cert)?;
-    let mut rest = tbs;
-    let (tag, _, r) = der(rest)?;
-    if tag == 0xa0 {
-        rest = r; // the version
-    }
-    // serial, signature algorithm, issuer, validity, then the subject
-    for _ in 0..4 {
-        rest = der(rest)?.2;
-    }
-    let (_, mut name, _) = der(rest)?;
+    let der_cert = CertificateDer::from(cert);
+    let parsed = webpki::EndEntityCert::try_from(&der_cert).ok()?;
+    let mut name = parsed.subject();
     let mut parts = Vec::new();
     while !name.is_empty() {
         let (_, set, r) = der(name)?;

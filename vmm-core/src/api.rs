@@ -491,7 +491,7 @@ impl vmm::Server for VmmServer {
         let uri = p.get_uri()?.to_str()?.to_string();
         let o = p.get_options()?;
         let failed = |m: String| capnp::Error::failed(m);
-        let ok_kind = ["tcp:", "unix:", "exec:", "file:"]
+        let ok_kind = crate::migration::CHANNELS
             .iter()
             .any(|k| uri.starts_with(k));
         if !ok_kind {

@@ -189,7 +189,7 @@ pub enum ConfigError {
 
 /// A migration channel as migrated takes it; a snapshot file must exist.
 fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
-    let ok = ["tcp:", "unix:", "exec:", "file:"]
+    let ok = crate::migration::CHANNELS
         .iter()
         .any(|k| uri.starts_with(k))
         && uri.split_once(':').is_some_and(|(_, r)| !r.is_empty());

@@ -335,6 +335,9 @@ fn write_tls(mut b: vmm_proto::migrated_capnp::tls::Builder, t: &TlsOptions) {
 
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 
+/// The channel kinds migrated serves (it checks the rest of the URI itself).
+pub const CHANNELS: [&str; 4] = ["tcp:", "unix:", "exec:", "file:"];
+
 /// One request to the main thread, and its answer.
 async fn ask<T>(
     tx: &std::sync::mpsc::Sender<crate::vm::VmEvent>,
