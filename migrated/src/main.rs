@@ -1,6 +1,7 @@
-//! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so), and
-//! `migrated inspect FILE`, which reads a snapshot file or a saved migration stream through
-//! every check a restore makes and prints what it holds.
+//! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so; it
+//! enters its sandbox before it serves), `migrated inspect FILE`, which reads a snapshot file
+//! or a saved migration stream through every check a restore makes and prints what it holds,
+//! and `migrated print-seccomp`.
 
 use clap::{Parser, Subcommand};
 use migrated::stream::{Reader, Section};
@@ -18,11 +19,70 @@ struct Args {
 enum Command {
     /// Check a snapshot file (or a saved stream) as a restore would, and print its contents.
     Inspect { file: PathBuf },
-    /// Serve vmm-core's control connection (an inherited, connected Unix socket).
+    /// Serve vmm-core's control connection (an inherited, connected Unix socket), sandboxed.
     Serve {
         #[arg(long)]
         control_fd: i32,
+        #[command(flatten)]
+        sandbox: Sandbox,
     },
+    /// Print the seccomp allowlist of `serve`, a system call a line with its reason.
+    PrintSeccomp,
+}
+
+#[derive(clap::Args)]
+struct Sandbox {
+    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid,
+    /// seccomp), to debug.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// The uid and gid the sandboxed migrated runs as.
+    #[arg(long, value_name = "UID", default_value_t = 65534)]
+    uid: u32,
+    #[arg(long, value_name = "GID", default_value_t = 65534)]
+    gid: u32,
+    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
+    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    seccomp: vmm_sandbox::seccomp::Mode,
+}
+
+/// migrated's system calls beyond the common base. It opens nothing: vmm-core hands it the
+/// guest RAM memfd and each channel's descriptor.
+fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::{allow, allow_if, Cond};
+    vec![
+        allow(
+            "pwrite64",
+            "the destination writes received pages into the memfd",
+        ),
+        allow(
+            "fallocate",
+            "the destination zeroes pages by punching holes in the memfd",
+        ),
+        allow(
+            "lseek",
+            "the source skips the memfd's holes (SEEK_DATA, SEEK_HOLE)",
+        ),
+        allow("fsync", "a snapshot file is made durable before it is done"),
+        allow("fstat", "the memfd's size"),
+        allow("newfstatat", "the memfd's size (glibc's fstat)"),
+        allow("statx", "the memfd's size (std's metadata)"),
+        allow_if(
+            "setsockopt",
+            "TCP_NODELAY on a migration connection, only",
+            vec![vec![
+                Cond::Eq(1, libc::IPPROTO_TCP as u64),
+                Cond::Eq(2, libc::TCP_NODELAY as u64),
+            ]],
+        ),
+        allow_if(
+            "ioctl",
+            "TIOCOUTQ: the source waits for its send queue to drain after each pass",
+            vec![vec![Cond::Eq(1, libc::TIOCOUTQ)]],
+        ),
+        allow("pipe2", "tokio's signal pipe"),
+    ]
 }
 
 fn main() {
@@ -30,7 +90,15 @@ fn main() {
     log_init();
     let r = match args.command {
         Command::Inspect { file } => inspect(&file),
-        Command::Serve { control_fd } => serve(control_fd),
+        Command::Serve {
+            control_fd,
+            sandbox,
+        } => serve(control_fd, &sandbox),
+        Command::PrintSeccomp => {
+            let list = vmm_sandbox::seccomp::with_base(allowlist());
+            print!("{}", vmm_sandbox::seccomp::describe(&list));
+            Ok(())
+        }
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -69,11 +137,27 @@ fn inspect(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(fd: i32) -> Result<(), String> {
+fn serve(fd: i32, sandbox: &Sandbox) -> Result<(), String> {
     use std::os::fd::FromRawFd;
     // SAFETY: F_GETFD only asks whether the descriptor is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(format!("--control-fd {fd}: not an open descriptor"));
+    }
+    if !sandbox.no_sandbox {
+        let jail = vmm_sandbox::jail::Jail {
+            uid: sandbox.uid,
+            gid: sandbox.gid,
+            keep: vec![fd],
+            // Guest RAM is mapped here (read-only), so the address space is not bounded.
+            max_address_space: u64::MAX,
+            ..Default::default()
+        };
+        // From here on migrated runs sandboxed (in the child, if it forked).
+        let line = vmm_sandbox::confine("migrated", &jail, allowlist(), sandbox.seccomp)
+            .map_err(|e| {
+                format!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)")
+            })?;
+        log::info!("{line}");
     }
     // SAFETY: an inherited connected socket that nothing else in this process owns.
     let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };

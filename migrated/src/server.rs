@@ -11,7 +11,7 @@ use std::io::{BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_proto::migrated_capnp::{migrated, shape};
+use vmm_proto::migrated_capnp::{migrated, shape, ChannelKind};
 
 /// How long a destination waits for its source, and a source for the destination's answer.
 const WAIT: Duration = Duration::from_secs(120);
@@ -25,6 +25,8 @@ const REFUSED: u8 = 0;
 
 struct Outgoing {
     uri: Uri,
+    /// A live migration (the destination answers), not a snapshot file.
+    live: bool,
     writer: Writer<BufWriter<Box<dyn Stream>>>,
     ram: Ram,
     /// Whether the first pass went (later passes send pages that became zero as ZERO runs).
@@ -55,7 +57,7 @@ pub struct Server {
     /// Another handle on the outgoing connection, to cut it from `abort`.
     cut: Arc<Mutex<Option<Box<dyn Stream>>>>,
     /// The destination's connection, kept for the answer `started` sends back.
-    back: Arc<Mutex<Option<Box<dyn Stream>>>>,
+    back: Back,
 }
 
 fn failed(msg: String) -> capnp::Error {
@@ -72,8 +74,9 @@ impl Server {
         }
     }
 
-    /// The memfd vmm-core sent on the side channel for this call.
-    fn memfd(&self) -> Result<OwnedFd, String> {
+    /// The guest RAM memfd and the channel's descriptor, which vmm-core sent on the side
+    /// channel for this call.
+    fn fds(&self) -> Result<(OwnedFd, OwnedFd), String> {
         let mut pfd = libc::pollfd {
             fd: self.side.as_raw_fd(),
             events: libc::POLLIN,
@@ -81,15 +84,18 @@ impl Server {
         };
         // SAFETY: poll on one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
-            return Err("the guest RAM memfd did not come on the side channel within 5 s".into());
+            return Err(
+                "the guest RAM memfd and the channel did not come on the side channel within 5 s"
+                    .into(),
+            );
         }
         let mut buf = [0u8; 16];
         let (_, mut fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
             .map_err(|e| format!("the side channel: {e}"))?;
-        match fds.len() {
-            1 => Ok(fds.pop().expect("one")),
-            n => Err(format!(
-                "the side channel carried {n} descriptors; expected the guest RAM memfd"
+        match (fds.len(), fds.pop(), fds.pop()) {
+            (2, Some(channel), Some(memfd)) => Ok((memfd, channel)),
+            (n, ..) => Err(format!(
+                "the side channel carried {n} descriptor(s); expected the guest RAM memfd and the channel"
             )),
         }
     }
@@ -108,26 +114,35 @@ fn read_shape(s: shape::Reader) -> Result<(Vec<(u64, u64)>, Config), capnp::Erro
     Ok((regions, config))
 }
 
+fn read_kind(k: Result<ChannelKind, capnp::NotInSchema>) -> Result<channel::Kind, capnp::Error> {
+    Ok(match k? {
+        ChannelKind::Stream => channel::Kind::Stream,
+        ChannelKind::Listener => channel::Kind::Listener,
+        ChannelKind::File => channel::Kind::File,
+    })
+}
+
 fn read_tls(
     t: vmm_proto::migrated_capnp::tls::Reader,
     uri: &Uri,
+    kind: channel::Kind,
 ) -> Result<Option<Tls>, capnp::Error> {
-    let creds = t.get_creds()?.to_str()?;
-    if creds.is_empty() {
+    let dir = t.get_creds()?.to_str()?;
+    if dir.is_empty() {
         return Ok(None);
     }
-    if !uri.is_live() {
+    if kind == channel::Kind::File {
         return Err(failed(format!(
-            "{uri}: a snapshot file has no peer to authenticate; TLS is for tcp: and unix: channels"
-        )));
-    }
-    if !std::path::Path::new(creds).is_dir() {
-        return Err(failed(format!(
-            "tls-creds {creds}: not a directory; it holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem"
+            "{uri}: a snapshot file has no peer to authenticate; TLS is for live channels"
         )));
     }
     Ok(Some(Tls {
-        creds: creds.into(),
+        dir: dir.to_string(),
+        creds: tls::Creds {
+            ca: t.get_ca()?.to_vec(),
+            cert: t.get_cert()?.to_vec(),
+            key: t.get_key()?.to_vec(),
+        },
         hostname: t.get_hostname()?.to_str()?.to_string(),
         authz: t
             .get_authz()?
@@ -280,14 +295,15 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        let tls = read_tls(p.get_tls()?, &uri)?;
+        let kind = read_kind(p.get_kind())?;
+        let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let limit = p.get_bandwidth();
-        let memfd = self.memfd().map_err(failed)?;
+        let (memfd, fd) = self.fds().map_err(failed)?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
-            let mut stream = channel::connect(&uri)?;
+            let mut stream = channel::stream(&uri, fd, kind)?;
             *cut.lock().unwrap() = stream.handle().ok();
             if let Some(t) = &tls {
                 stream = tls::client(&uri, t, stream)?;
@@ -297,6 +313,7 @@ impl migrated::Server for Server {
             log::info!("{uri}: sending a VM with {config}");
             *out.lock().unwrap() = Some(Outgoing {
                 uri,
+                live: kind != channel::Kind::File,
                 writer,
                 ram,
                 passes: 0,
@@ -344,21 +361,18 @@ impl migrated::Server for Server {
         let (out, cut) = (self.out.clone(), self.cut.clone());
         let bytes = blocking(move || {
             let o = out.lock().unwrap().take().ok_or("no migration is open")?;
-            let uri = o.uri.clone();
+            let (uri, live) = (o.uri.clone(), o.live);
             let io = |e: std::io::Error| transfer_failed(&uri, &e);
             let mut w = o.writer;
             w.device(VM_SECTION, &state).map_err(io)?;
             let (buf, bytes) = w.finish().map_err(io)?;
             let mut stream = buf.into_inner().map_err(|e| io(e.into_error()))?;
-            if !uri.is_live() {
+            if !live {
                 // A snapshot: on disk before it is called done.
                 stream.flush().map_err(io)?;
-                drop(stream);
-                if let Uri::File(p) = &uri {
-                    std::fs::File::open(p)
-                        .and_then(|f| f.sync_all())
-                        .map_err(|e| format!("{uri}: cannot sync it ({e})"))?;
-                }
+                stream
+                    .sync()
+                    .map_err(|e| format!("{uri}: cannot sync it ({e})"))?;
                 cut.lock().unwrap().take();
                 return Ok(bytes);
             }
@@ -415,15 +429,27 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        let tls = read_tls(p.get_tls()?, &uri)?;
+        let kind = read_kind(p.get_kind())?;
+        let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
-        let memfd = self.memfd().map_err(failed)?;
+        let (memfd, fd) = self.fds().map_err(failed)?;
         let back = self.back.clone();
         let (state, bytes) = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
             let deadline = Instant::now() + WAIT;
-            let mut listener = channel::listen(&uri)?;
-            let mut stream = loop {
+            if kind != channel::Kind::Listener {
+                // A connection (exec:, fd:) or the file: the one stream there is.
+                if kind == channel::Kind::Stream {
+                    log::info!("waiting for the source on {uri}");
+                }
+                let mut stream = channel::stream(&uri, fd, kind)?;
+                if let Some(t) = &tls {
+                    stream = tls::server(&uri, t, stream)?;
+                }
+                return take(stream, &ram, &config, &uri, kind, &back);
+            }
+            let mut listener = channel::Listener::new(&uri, fd)?;
+            let stream = loop {
                 let s = listener.accept(&uri, deadline)?;
                 match &tls {
                     None => break s,
@@ -436,14 +462,7 @@ impl migrated::Server for Server {
                 }
             };
             drop(listener);
-            let r = receive(stream.as_mut(), &ram, &config).map_err(|e| format!("{uri}: {e}"));
-            if uri.is_live() {
-                match &r {
-                    Ok(_) => *back.lock().unwrap() = Some(stream),
-                    Err(e) => refuse(stream.as_mut(), e),
-                }
-            }
-            r
+            take(stream, &ram, &config, &uri, kind, &back)
         })
         .await?;
         results.get().set_state(&state);
@@ -474,6 +493,28 @@ impl migrated::Server for Server {
         })
         .await
     }
+}
+
+type Back = Arc<Mutex<Option<Box<dyn Stream>>>>;
+
+/// Receives the whole stream; a live source's connection is kept for the answer (or told
+/// at once why the VM was refused).
+fn take(
+    mut stream: Box<dyn Stream>,
+    ram: &Ram,
+    config: &Config,
+    uri: &Uri,
+    kind: channel::Kind,
+    back: &Back,
+) -> Result<(Vec<u8>, u64), String> {
+    let r = receive(stream.as_mut(), ram, config).map_err(|e| format!("{uri}: {e}"));
+    if kind != channel::Kind::File {
+        match &r {
+            Ok(_) => *back.lock().unwrap() = Some(stream),
+            Err(e) => refuse(stream.as_mut(), e),
+        }
+    }
+    r
 }
 
 fn refuse(s: &mut dyn Stream, why: &str) {

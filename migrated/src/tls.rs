@@ -9,12 +9,15 @@ use crate::channel::{Stream, Uri};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
+pub use vmm_proto::channel::Creds;
 
+/// One side's TLS settings; vmm-core read the files (this process reaches none).
 #[derive(Debug, Clone, Default)]
 pub struct Tls {
-    pub creds: PathBuf,
+    /// The tls-creds directory, for messages.
+    pub dir: String,
+    pub creds: Creds,
     pub hostname: String,
     pub authz: Vec<String>,
 }
@@ -23,41 +26,28 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(dir: &Path, file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let p = dir.join(file);
-    let list = CertificateDer::pem_file_iter(&p)
-        .map_err(|e| format!("tls-creds {}: cannot read {file} ({e})", dir.display()))?
+fn certs(tls: &Tls, pem: &[u8], file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let dir = &tls.dir;
+    let list = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "tls-creds {}: {file} is not PEM certificates ({e})",
-                dir.display()
-            )
-        })?;
+        .map_err(|e| format!("tls-creds {dir}: {file} is not PEM certificates ({e})"))?;
     if list.is_empty() {
-        return Err(format!(
-            "tls-creds {}: {file} holds no certificate",
-            dir.display()
-        ));
+        return Err(format!("tls-creds {dir}: {file} holds no certificate"));
     }
     Ok(list)
 }
 
-fn key(dir: &Path, file: &str) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(dir.join(file)).map_err(|e| {
-        format!(
-            "tls-creds {}: cannot read the key {file} ({e})",
-            dir.display()
-        )
-    })
+fn key(tls: &Tls, file: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(&tls.creds.key)
+        .map_err(|e| format!("tls-creds {}: cannot read the key {file} ({e})", tls.dir))
 }
 
-fn roots(dir: &Path) -> Result<rustls::RootCertStore, String> {
+fn roots(tls: &Tls) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(dir, "ca-cert.pem")? {
+    for c in certs(tls, &tls.creds.ca, "ca-cert.pem")? {
         roots
             .add(c)
-            .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", dir.display()))?;
+            .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", tls.dir))?;
     }
     Ok(roots)
 }
@@ -156,14 +146,9 @@ where
 /// The source's end: a TLS client that presents client-cert.pem and checks the
 /// destination's certificate against ca-cert.pem for `tls-hostname` (or the tcp host).
 pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
-    let dir = &tls.creds;
-    let name = match (&tls.hostname, uri) {
+    let name = match (&tls.hostname, uri.host()) {
         (h, _) if !h.is_empty() => h.clone(),
-        (_, Uri::Tcp(addr)) => addr
-            .rsplit_once(':')
-            .map_or(addr.as_str(), |(h, _)| h)
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_string(),
+        (_, Some(host)) => host.to_string(),
         _ => {
             return Err(format!(
                 "{uri}: with TLS over a channel other than tcp:, pass tls-hostname (the name in the destination's certificate)"
@@ -175,12 +160,15 @@ pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn St
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(dir)?)
-        .with_client_auth_cert(certs(dir, "client-cert.pem")?, key(dir, "client-key.pem")?)
+        .with_root_certificates(roots(tls)?)
+        .with_client_auth_cert(
+            certs(tls, &tls.creds.cert, "client-cert.pem")?,
+            key(tls, "client-key.pem")?,
+        )
         .map_err(|e| {
             format!(
                 "tls-creds {}: client-cert.pem and client-key.pem: {e}",
-                dir.display()
+                tls.dir
             )
         })?;
     let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name)
@@ -199,22 +187,24 @@ pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn St
 /// The destination's end: a TLS server with server-cert.pem that requires a client
 /// certificate signed by ca-cert.pem, whose subject tls-authz lists (when it lists any).
 pub fn server(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
-    let dir = &tls.creds;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(dir)?),
+        Arc::new(roots(tls)?),
         provider(),
     )
     .build()
-    .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", dir.display()))?;
+    .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", tls.dir))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(dir, "server-cert.pem")?, key(dir, "server-key.pem")?)
+        .with_single_cert(
+            certs(tls, &tls.creds.cert, "server-cert.pem")?,
+            key(tls, "server-key.pem")?,
+        )
         .map_err(|e| {
             format!(
                 "tls-creds {}: server-cert.pem and server-key.pem: {e}",
-                dir.display()
+                tls.dir
             )
         })?;
     // A migration never resumes a session: no tickets, so nothing is written after the
@@ -331,42 +321,22 @@ mod tests {
         )
     }
 
-    fn creds_dir(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("migrated-tls-{}-{name}", std::process::id()))
-    }
-
-    /// Removes the named tls-creds directories when the test ends, passed or not.
-    struct Cleanup(&'static [&'static str]);
-
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for n in self.0 {
-                let _ = std::fs::remove_dir_all(creds_dir(n));
-            }
-        }
-    }
-
-    /// A tls-creds directory: `ca`'s certificate, a server certificate for dest.test and a
-    /// client one with CN=`client`.
-    fn creds(name: &str, ca: &Ca, client: &str) -> Tls {
-        let dir = creds_dir(name);
-        std::fs::create_dir_all(&dir).unwrap();
+    /// The two sides' TLS settings from one CA: the destination's with a server certificate
+    /// for dest.test, the source's with a client certificate with CN=`client`.
+    fn creds(ca: &Ca, client: &str) -> (Tls, Tls) {
         let (sc, sk) = leaf(ca, "dest", &["dest.test"]);
         let (cc, ck) = leaf(ca, client, &[]);
-        for (f, t) in [
-            ("ca-cert.pem", &ca.pem),
-            ("server-cert.pem", &sc),
-            ("server-key.pem", &sk),
-            ("client-cert.pem", &cc),
-            ("client-key.pem", &ck),
-        ] {
-            std::fs::write(dir.join(f), t).unwrap();
-        }
-        Tls {
-            creds: dir,
+        let side = |cert: String, key: String| Tls {
+            dir: "/test-creds".into(),
+            creds: Creds {
+                ca: ca.pem.clone().into_bytes(),
+                cert: cert.into_bytes(),
+                key: key.into_bytes(),
+            },
             hostname: "dest.test".into(),
             authz: vec![],
-        }
+        };
+        (side(sc, sk), side(cc, ck))
     }
 
     /// Runs a handshake between the two; sends a line through when both succeed.
@@ -405,10 +375,9 @@ mod tests {
 
     #[test]
     fn mutual_tls_passes_data_and_authz_lets_in_the_listed_subject() {
-        let _clean = Cleanup(&["ok-d", "ok-s"]);
         let ca = ca("ca");
-        let mut d = creds("ok-d", &ca, "dest");
-        let s = creds("ok-s", &ca, "source");
+        let (mut d, _) = creds(&ca, "dest");
+        let (_, s) = creds(&ca, "source");
         d.authz = vec!["CN=source,O=vmm tests".into()];
         let (c, sv) = pair(Some(&s), &d);
         assert_eq!(c, Ok(()));
@@ -417,16 +386,15 @@ mod tests {
 
     #[test]
     fn each_refusal_says_why() {
-        let _clean = Cleanup(&["bad-d", "bad-stranger", "bad-name", "bad-authz"]);
         let ca1 = ca("ca");
-        let d = creds("bad-d", &ca1, "dest");
+        let (d, _) = creds(&ca1, "dest");
         // Another CA: the source refuses the destination's certificate.
-        let stranger = creds("bad-stranger", &ca("other"), "source");
+        let (_, stranger) = creds(&ca("other"), "source");
         let (c, sv) = pair(Some(&stranger), &d);
         assert!(c.unwrap_err().contains("not signed by the CA in tls-creds"));
         assert!(sv.is_err());
         // The wrong host name.
-        let mut wrong = creds("bad-name", &ca1, "source");
+        let (_, mut wrong) = creds(&ca1, "source");
         wrong.hostname = "wrong.test".into();
         let (c, _) = pair(Some(&wrong), &d);
         assert!(c.unwrap_err().contains("pass tls-hostname"));
@@ -436,22 +404,25 @@ mod tests {
         // A subject tls-authz does not list.
         let mut picky = d.clone();
         picky.authz = vec!["CN=someone else".into()];
-        let s = creds("bad-authz", &ca1, "source");
+        let (_, s) = creds(&ca1, "source");
         let (_, sv) = pair(Some(&s), &picky);
         assert!(sv
             .unwrap_err()
             .contains("\"CN=source,O=vmm tests\" is not in tls-authz"));
-        // A directory without the files.
+        // Files that hold no certificate.
         let empty = Tls {
-            creds: std::env::temp_dir(),
+            dir: "/empty".into(),
             hostname: "dest.test".into(),
-            authz: vec![],
+            ..Default::default()
         };
         let (a, _b) = UnixStream::pair().unwrap();
         let e = client(&Uri::Unix("/x".into()), &empty, Box::new(a))
             .err()
             .unwrap();
-        assert!(e.contains("cannot read ca-cert.pem"), "{e}");
+        assert!(
+            e.contains("tls-creds /empty: ca-cert.pem holds no certificate"),
+            "{e}"
+        );
     }
 
     #[test]

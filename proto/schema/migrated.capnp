@@ -4,12 +4,15 @@
 # reading and writing the guest-RAM memfd it is handed. RAM never passes through vmm-core.
 #
 # Descriptors travel on the side channel (see blockd.capnp): `open` and `receive` each take the
-# guest-RAM memfd that vmm-core sends just before the call.
+# guest-RAM memfd and the channel's descriptor, which vmm-core sends together just before the
+# call (vmm-core opens every channel, and reads the tls-creds files; migrated, sandboxed, reaches
+# no network, file or program by itself).
 
 interface Migrated {
-  # The source: opens the channel to `uri` (tcp:HOST:PORT, unix:PATH, file:PATH) and writes
-  # the stream's header for a VM of this shape.
-  open @0 (uri :Text, tls :Tls, shape :Shape, bandwidth :UInt64) -> ();
+  # The source: takes the channel vmm-core opened to `uri` (tcp:HOST:PORT, unix:PATH, fd:N,
+  # exec:COMMAND, file:PATH; the text is for messages and TLS's default name) and writes the
+  # stream's header for a VM of this shape.
+  open @0 (uri :Text, tls :Tls, shape :Shape, bandwidth :UInt64, kind :ChannelKind) -> ();
   # (bandwidth: bytes per second the stream may use; 0 is no limit)
 
   # Sends the pages whose bits are set (bit n of word w is the 4 KiB page 64w+n of the memfd),
@@ -25,7 +28,7 @@ interface Migrated {
 
   # The destination: takes one whole stream from `uri` into the memfd and returns the device
   # state once every check has passed (a stream that fails one changes nothing but RAM).
-  receive @4 (uri :Text, tls :Tls, shape :Shape) -> (state :Data, bytes :UInt64);
+  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind) -> (state :Data, bytes :UInt64);
 
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.
@@ -42,12 +45,24 @@ struct Region {
   bytes @1 :UInt64;
 }
 
+# What the channel's descriptor is.
+enum ChannelKind {
+  stream @0;     # a connected stream socket (tcp, unix, or an exec: command's socket pair)
+  listener @1;   # a listening socket: accept sources until one passes the checks
+  file @2;       # a snapshot file (written by the source, read by the destination)
+}
+
 # QEMU's names: tls-creds (a directory with ca-cert.pem, server-cert.pem, server-key.pem,
-# client-cert.pem, client-key.pem), tls-hostname, tls-authz. Empty creds: no TLS.
+# client-cert.pem, client-key.pem), tls-hostname, tls-authz. Empty creds: no TLS. vmm-core
+# reads the files: the CA, and this side's certificate and key (server-* on the destination,
+# client-* on the source).
 struct Tls {
-  creds @0 :Text;
+  creds @0 :Text;      # the directory, for messages
   hostname @1 :Text;
   authz @2 :List(Text);
+  ca @3 :Data;
+  cert @4 :Data;
+  key @5 :Data;
 }
 
 struct PassStats {

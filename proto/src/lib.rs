@@ -9,6 +9,7 @@ capnp::generated_code!(pub mod migrated_capnp);
 /// Where the generated code is vendored, so that a build without `capnp` still works.
 pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generated");
 
+pub mod channel;
 pub mod faults;
 pub mod fdpass;
 pub mod rpc;

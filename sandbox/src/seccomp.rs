@@ -235,11 +235,15 @@ fn rules(list: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
 /// The allowlist as text, one system call a line with its reason (`--print-seccomp`).
 pub fn describe(list: &[Allow]) -> String {
     let mut names: Vec<&Allow> = list.iter().collect();
+    // Stable: a call allowed for several reasons (each with its own arguments) keeps them
+    // in order, a line each.
     names.sort_by_key(|a| a.name);
-    names.dedup_by_key(|a| a.name);
+    names.dedup_by_key(|a| (a.name, a.why));
+    let mut distinct: Vec<&str> = names.iter().map(|a| a.name).collect();
+    distinct.dedup();
     let mut out = format!(
         "{} system calls allowed; anything else kills the process\n",
-        names.len()
+        distinct.len()
     );
     for a in names {
         let cond = if a.when.is_empty() {

@@ -143,6 +143,7 @@ pub struct Builder {
     stdin: bool,
     env: Vec<(String, String)>,
     netns: Option<String>,
+    fds: Vec<(std::os::fd::OwnedFd, i32)>,
 }
 
 impl Builder {
@@ -185,6 +186,12 @@ impl Builder {
         self
     }
 
+    /// vmm-core inherits `fd` as its descriptor `n` (for an fd:N migration channel).
+    pub fn inherit_fd(mut self, fd: std::os::fd::OwnedFd, n: i32) -> Self {
+        self.fds.push((fd, n));
+        self
+    }
+
     /// Runs vmm-core inside a network namespace (see `NetNs`).
     pub fn in_netns(mut self, ns: &NetNs) -> Self {
         self.netns = Some(ns.name.clone());
@@ -206,6 +213,31 @@ impl Builder {
             .arg(&self.kernel)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        let fds: Vec<(i32, i32)> = self
+            .fds
+            .iter()
+            .map(|(fd, n)| (std::os::fd::AsRawFd::as_raw_fd(fd), *n))
+            .collect();
+        if !fds.is_empty() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only dup2 (async-signal-safe) in the child: each descriptor lands on its
+            // number without close-on-exec. (Our copies stay open until spawn returns.)
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &(fd, n) in &fds {
+                        let r = if fd == n {
+                            libc::fcntl(fd, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, n)
+                        };
+                        if r < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut vm = TestVm::spawn_with(cmd, self.stdin);
         vm.cleanup = self
             .args
@@ -226,6 +258,7 @@ impl TestVm {
             stdin: false,
             env: Vec::new(),
             netns: None,
+            fds: Vec::new(),
         }
     }
 

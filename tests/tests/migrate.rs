@@ -32,7 +32,11 @@ fn first_pass(out: &str) -> u64 {
 }
 
 fn source(dir: &TempDir, img: &Path, sock: &Path) -> TestVm {
-    let vm = TestVm::builder()
+    source_from(TestVm::builder(), dir, img, sock)
+}
+
+fn source_from(b: vmm_tests::Builder, dir: &TempDir, img: &Path, sock: &Path) -> TestVm {
+    let vm = b
         .memory("256M")
         .cmdline(CMDLINE)
         .args(["--api-socket", sock.to_str().unwrap()])
@@ -151,6 +155,31 @@ fn migrates_over_unix() {
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let dst = destination(&dir, &img, &uri, None, &[]);
     migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
+}
+
+/// fd:N: the two vmm-cores inherit the two ends of a socket pair (as an orchestrator that
+/// made the connection would hand it over), and migrate through them.
+#[test]
+fn migrates_through_inherited_descriptors() {
+    let dir = TempDir::new("mig-fd");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let src = source_from(
+        TestVm::builder().inherit_fd(a.into(), 5),
+        &dir,
+        &img,
+        &src_sock,
+    );
+    let dst = destination_from(
+        TestVm::builder().inherit_fd(b.into(), 5),
+        &dir,
+        &img,
+        "fd:5",
+        None,
+        &[],
+    );
+    migrate_and_check(&dir, &img, src, &src_sock, dst, "fd:5", &[]);
 }
 
 fn dst_waits(dst: &TestVm) {
@@ -511,7 +540,18 @@ fn migrated_of(vm: &TestVm) -> u32 {
 
 /// A destination for `uri` (in `ns` if given, with `extra` arguments), listening.
 fn destination(dir: &TempDir, img: &Path, uri: &str, ns: Option<&NetNs>, extra: &[&str]) -> TestVm {
-    let mut b = TestVm::builder()
+    destination_from(TestVm::builder(), dir, img, uri, ns, extra)
+}
+
+fn destination_from(
+    b: vmm_tests::Builder,
+    dir: &TempDir,
+    img: &Path,
+    uri: &str,
+    ns: Option<&NetNs>,
+    extra: &[&str],
+) -> TestVm {
+    let mut b = b
         .memory("256M")
         .cmdline(CMDLINE)
         .args(["--disk", &format!("path={}", img.display())])

@@ -154,6 +154,61 @@ fn blockd_runs_sandboxed_with_a_seccomp_filter_while_it_serves() {
     assert_eq!(vm.wait_exit(T), 0);
 }
 
+/// migrated too, with its own network namespace: vmm-core opens every channel and hands it
+/// the descriptor. A snapshot goes through the sandboxed migrated (no SIGSYS, the same
+/// process after it), and the file it wrote passes every check a restore makes.
+#[test]
+fn migrated_runs_sandboxed_and_writes_a_snapshot_through_a_handed_descriptor() {
+    let dir = vmm_tests::TempDir::new("sandbox-migrated");
+    let sock = socket_path("sandbox-migrated");
+    let mut vm = TestVm::builder()
+        .memory("128M")
+        .cmdline("tg.scenario=idle")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    let (outer, inner) = helper(&vm, "migrated");
+    let pid = inner.expect("the sandboxed migrated");
+    assert_sandboxed(pid, "migrated");
+    let snap = dir.join("snap.bin");
+    let uri = format!("file:{}", snap.display());
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &uri]);
+    assert_eq!(
+        code,
+        0,
+        "snapshot: {out}{err}
+{}",
+        vm.stderr()
+    );
+    assert_eq!(
+        helper(&vm, "migrated"),
+        (outer, Some(pid)),
+        "the same migrated"
+    );
+    assert!(!vm.stderr().contains("SIGSYS"), "{}", vm.stderr());
+    let check = std::process::Command::new(vmm_tests::vmm_core_bin().with_file_name("migrated"))
+        .arg("inspect")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(said.contains("every checksum good, complete"), "{said}");
+    // A second snapshot to the same name is refused (vmm-core creates the file, never over
+    // an existing one), and the first file is left as it was.
+    let len = std::fs::metadata(&snap).unwrap().len();
+    let (code, _, err) = vmmctl(&sock, &["snapshot", &uri]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the file exists"), "{err}");
+    assert_eq!(std::fs::metadata(&snap).unwrap().len(), len);
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
 /// A forbidden system call, injected by a fault rule: chardevd dies by SIGSYS, vmm-core
 /// names it and the call, restarts it, and the console goes on.
 #[test]

@@ -491,13 +491,8 @@ impl vmm::Server for VmmServer {
         let uri = p.get_uri()?.to_str()?.to_string();
         let o = p.get_options()?;
         let failed = |m: String| capnp::Error::failed(m);
-        let ok_kind = crate::migration::CHANNELS
-            .iter()
-            .any(|k| uri.starts_with(k));
-        if !ok_kind {
-            return Err(failed(format!(
-                "migrate {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, exec:COMMAND, or file:PATH for a snapshot"
-            )));
+        if let Err(e) = vmm_proto::channel::Uri::parse(&uri) {
+            return Err(failed(format!("migrate {e}")));
         }
         let m = self
             .shared

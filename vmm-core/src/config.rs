@@ -187,23 +187,27 @@ pub enum ConfigError {
     Serial(String),
 }
 
-/// A migration channel as migrated takes it; a snapshot file must exist.
+/// A migration channel (vmm_proto::channel); a snapshot file must exist, and fd:N must be
+/// a descriptor vmm-core inherited.
 fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
-    let ok = crate::migration::CHANNELS
-        .iter()
-        .any(|k| uri.starts_with(k))
-        && uri.split_once(':').is_some_and(|(_, r)| !r.is_empty());
-    if !ok {
-        return Err(ConfigError::Incoming(format!(
-            "{arg} {uri}: not a channel; use tcp:HOST:PORT, unix:PATH, exec:COMMAND or file:PATH"
-        )));
-    }
-    if let Some(p) = uri.strip_prefix("file:") {
-        if let Err(e) = File::open(p) {
-            return Err(ConfigError::Incoming(format!(
-                "{arg} {uri}: cannot open the snapshot ({e}); check the path"
-            )));
+    use vmm_proto::channel::Uri;
+    let bad = |e: String| ConfigError::Incoming(format!("{arg} {e}"));
+    let parsed = Uri::parse(&uri).map_err(|e| {
+        ConfigError::Incoming(format!(
+            "{arg} {uri}{}",
+            e.strip_prefix(&format!("{uri:?}")).unwrap_or(&e)
+        ))
+    })?;
+    match &parsed {
+        Uri::File(p) => {
+            if let Err(e) = File::open(p) {
+                return Err(bad(format!(
+                    "{uri}: cannot open the snapshot ({e}); check the path"
+                )));
+            }
         }
+        Uri::Fd(n) => crate::migration::check_fd(&uri, *n).map_err(bad)?,
+        _ => {}
     }
     Ok(uri)
 }
@@ -256,6 +260,11 @@ impl VmConfig {
                     "--tls-authz {}: it lists the sources TLS lets in; add --tls-creds DIR",
                     args.tls_authz[0]
                 )))
+            }
+            // The files are read again when the VM comes in; a missing one is said now.
+            (Some(dir), Some(_)) => {
+                vmm_proto::channel::Creds::read(Path::new(dir), true)
+                    .map_err(|e| ConfigError::Incoming(format!("--{e}")))?;
             }
             _ => {}
         }

@@ -25,6 +25,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything opens a descriptor: what an fd:N migration channel may name.
+    vmm_core::migration::note_inherited_fds();
     logger::init();
     let cli = Cli::parse();
     let args = match cli.command {

@@ -1,27 +1,130 @@
 //! vmm-core's side of migration and snapshots: it starts migrated (at start-up, before the
 //! main thread's filter forbids new processes) and drives it over RPC
 //! (proto/schema/migrated.capnp). vmm-core owns the pause, the device state and KVM's dirty
-//! log; migrated owns the channel and moves guest RAM from and to the memfd itself.
+//! log; migrated owns the transfer and moves guest RAM from and to the memfd itself.
+//!
+//! vmm-core opens the channel (vmm_proto::channel: it connects or listens, starts an exec:
+//! command, creates or opens the snapshot file, reads the tls-creds files) on migrated's
+//! client thread, and hands migrated the descriptor: migrated, sandboxed, reaches no network,
+//! file or program by itself.
 
 use futures::future::LocalBoxFuture;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::rc::Rc;
-use vmm_proto::migrated_capnp::migrated;
+use std::sync::Mutex;
+use vmm_proto::channel::{self, Creds, Kind, Opened, Uri};
+use vmm_proto::migrated_capnp::{migrated, ChannelKind};
 
 /// A connection to migrated, used on its client thread.
 pub struct Conn {
     pub client: migrated::Client,
     side: OwnedFd,
+    /// What vmm-core keeps of the channel migrated uses (an exec: command, a socket path, a
+    /// snapshot file being written). Dropped (the command killed, the partial file removed)
+    /// when the transfer fails, or when migrated dies.
+    channel: RefCell<Option<channel::Guard>>,
 }
 
 impl Conn {
-    /// Sends the guest RAM memfd for the call that follows.
-    pub fn send_memfd(&self, memfd: &std::fs::File) -> Result<(), String> {
-        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd()])
-            .map_err(|e| format!("migrated: cannot hand it guest RAM ({e})"))
+    /// Hands migrated the guest RAM memfd and the channel for the call that follows; vmm-core
+    /// keeps the channel's guard (and closes its own copy of the descriptor).
+    fn hand_over(&self, memfd: &std::fs::File, opened: Opened) -> Result<ChannelKind, String> {
+        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), opened.fd.as_fd()])
+            .map_err(|e| format!("migrated: cannot hand it guest RAM and the channel ({e})"))?;
+        self.channel.replace(Some(opened.guard));
+        Ok(match opened.kind {
+            Kind::Stream => ChannelKind::Stream,
+            Kind::Listener => ChannelKind::Listener,
+            Kind::File => ChannelKind::File,
+        })
     }
+
+    /// The transfer completed: an exec: command may finish, a snapshot file stays.
+    fn channel_done(&self) {
+        if let Some(g) = self.channel.take() {
+            g.complete();
+        }
+    }
+
+    /// The transfer failed: the command is killed, a partial snapshot removed.
+    fn channel_failed(&self) {
+        drop(self.channel.take());
+    }
+}
+
+/// Descriptors vmm-core inherited when it started: what an fd:N channel may name (each one
+/// once; it is closed after use, as QEMU does).
+static INHERITED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Notes the descriptors above 2 that are open now; call first thing in main.
+pub fn note_inherited_fds() {
+    let names: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&n| n > 2)
+            .collect(),
+        Err(_) => return,
+    };
+    let mut set = INHERITED.lock().unwrap();
+    for n in names {
+        // SAFETY: F_GETFD only asks whether the descriptor is open (the directory's own,
+        // closed by now, is not).
+        if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
+            set.insert(n);
+        }
+    }
+}
+
+/// Whether fd:N names a descriptor vmm-core inherited and has not used.
+pub fn check_fd(uri: &str, n: i32) -> Result<(), String> {
+    if INHERITED.lock().unwrap().contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{uri}: descriptor {n} is not one vmm-core inherited when it started (or it was used already); start vmm-core with the channel open as fd {n}"
+        ))
+    }
+}
+
+/// Takes the inherited descriptor of an fd:N channel (it is closed when the channel is).
+fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, String> {
+    check_fd(&uri.to_string(), n)?;
+    INHERITED.lock().unwrap().remove(&n);
+    // SAFETY: an inherited descriptor that is open (checked at start) and that nothing else
+    // in vmm-core owns; taken out of the set, so only this channel owns it now.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    // SAFETY: FD_CLOEXEC on the descriptor we now own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(fd)
+}
+
+/// Opens the channel for one side (on migrated's client thread, which may), and reads the
+/// side's tls-creds files first.
+async fn open_channel(
+    uri: &str,
+    tls: &TlsOptions,
+    source: bool,
+) -> Result<(Opened, Option<Creds>), String> {
+    let uri = Uri::parse(uri)?;
+    let creds = match tls.creds.as_str() {
+        "" => None,
+        dir => Some(channel::Creds::read(Path::new(dir), !source)?),
+    };
+    let opened = match (&uri, source) {
+        (Uri::Fd(n), _) => channel::classify(&uri, take_fd(&uri, *n)?)?,
+        (_, true) => channel::open_source(&uri).await?,
+        (_, false) => channel::open_destination(&uri)?,
+    };
+    if creds.is_some() && opened.kind == Kind::File {
+        return Err(format!(
+            "{uri}: a snapshot file has no peer to authenticate; TLS is for live channels"
+        ));
+    }
+    Ok((opened, creds))
 }
 
 type Job = Box<dyn FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, ()> + Send>;
@@ -98,6 +201,7 @@ impl Drop for Migrated {
 /// Starts migrated with a connected control socket as its fd 3.
 fn spawn(
     exe: &Path,
+    sandbox: Option<&str>,
     report: crate::helpers::SeccompReport,
 ) -> Result<(std::os::unix::net::UnixStream, std::process::Child), String> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -108,6 +212,10 @@ fn spawn(
     cmd.args(["serve", "--control-fd", "3"])
         .stdin(std::process::Stdio::null())
         .stderr(stderr);
+    match sandbox {
+        Some(mode) => cmd.args(["--seccomp", mode]),
+        None => cmd.arg("--no-sandbox"),
+    };
     let tfd = theirs.as_raw_fd();
     // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl): the control socket becomes
     // fd 3 without close-on-exec, and migrated dies with vmm-core.
@@ -133,10 +241,11 @@ fn spawn(
 /// migration works; a call that was under way fails and says so.
 pub fn start(
     exe: &Path,
+    sandbox: Option<String>,
     report: crate::helpers::SeccompReport,
     on_death: Box<dyn Fn(String) + Send>,
 ) -> Result<Migrated, String> {
-    let (first, child) = spawn(exe, report.clone())?;
+    let (first, child) = spawn(exe, sandbox.as_deref(), report.clone())?;
     log::info!("started migrated (pid {})", child.id());
     let child = std::sync::Arc::new(std::sync::Mutex::new(Some(child)));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
@@ -162,7 +271,7 @@ pub fn start(
                 loop {
                     let ours = match control.take() {
                         Some(c) => c,
-                        None => match spawn(&exe, report.clone()) {
+                        None => match spawn(&exe, sandbox.as_deref(), report.clone()) {
                             Ok((c, child)) => {
                                 log::warn!("migrated: started another (pid {})", child.id());
                                 let old = slot.lock().unwrap().replace(child);
@@ -197,7 +306,11 @@ pub fn start(
                     };
                     let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
                     let mut connection = tokio::task::spawn_local(rpc);
-                    let conn = Rc::new(Conn { client, side });
+                    let conn = Rc::new(Conn {
+                        client,
+                        side,
+                        channel: RefCell::new(None),
+                    });
                     loop {
                         tokio::select! {
                             job = rx.recv() => match job {
@@ -324,8 +437,18 @@ pub struct TlsOptions {
     pub authz: Vec<String>,
 }
 
-fn write_tls(mut b: vmm_proto::migrated_capnp::tls::Builder, t: &TlsOptions) {
+fn write_tls(
+    mut b: vmm_proto::migrated_capnp::tls::Builder,
+    t: &TlsOptions,
+    creds: Option<&Creds>,
+) {
+    let Some(c) = creds else {
+        return;
+    };
     b.set_creds(t.creds.as_str());
+    b.set_ca(&c.ca);
+    b.set_cert(&c.cert);
+    b.set_key(&c.key);
     b.set_hostname(t.hostname.as_str());
     let mut l = b.init_authz(t.authz.len() as u32);
     for (i, a) in t.authz.iter().enumerate() {
@@ -334,9 +457,6 @@ fn write_tls(mut b: vmm_proto::migrated_capnp::tls::Builder, t: &TlsOptions) {
 }
 
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
-
-/// The channel kinds migrated serves (it checks the rest of the URI itself).
-pub const CHANNELS: [&str; 4] = ["tcp:", "unix:", "exec:", "file:"];
 
 /// One request to the main thread, and its answer.
 async fn ask<T>(
@@ -407,11 +527,13 @@ async fn open(
 ) -> Result<(), String> {
     m.call(move |conn| {
         Box::pin(async move {
-            conn.send_memfd(&memfd)?;
+            let (opened, creds) = open_channel(&uri, &tls, true).await?;
+            let kind = conn.hand_over(&memfd, opened)?;
             let mut req = conn.client.open_request();
             req.get().set_uri(uri.as_str());
+            req.get().set_kind(kind);
             req.get().set_bandwidth(bandwidth);
-            write_tls(req.get().init_tls(), &tls);
+            write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
             req.send().promise.await.map_err(remote)?;
             Ok(())
@@ -426,7 +548,9 @@ async fn finish(m: &Migrated, state: Vec<u8>) -> Result<u64, String> {
             let mut req = conn.client.finish_request();
             req.get().set_state(&state);
             let r = req.send().promise.await.map_err(remote)?;
-            Ok(r.get().map_err(remote)?.get_bytes())
+            let bytes = r.get().map_err(remote)?.get_bytes();
+            conn.channel_done();
+            Ok(bytes)
         })
     })
     .await
@@ -441,6 +565,9 @@ async fn abort(m: &Migrated) {
     let _ = m
         .call(|conn| {
             Box::pin(async move {
+                // The command dies and the partial snapshot goes first: a transfer blocked
+                // on the channel then fails at once.
+                conn.channel_failed();
                 conn.client
                     .abort_request()
                     .send()
@@ -617,14 +744,23 @@ pub fn receive(
     let tls = tls.clone();
     m.call_blocking(move |conn| {
         Box::pin(async move {
-            conn.send_memfd(&memfd)?;
+            let (opened, creds) = open_channel(&uri, &tls, false).await?;
+            let kind = conn.hand_over(&memfd, opened)?;
             let mut req = conn.client.receive_request();
             req.get().set_uri(uri.as_str());
-            write_tls(req.get().init_tls(), &tls);
+            req.get().set_kind(kind);
+            write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
-            let r = req.send().promise.await.map_err(remote)?;
-            let r = r.get().map_err(remote)?;
-            Ok((r.get_state().map_err(remote)?.to_vec(), r.get_bytes()))
+            let got = async {
+                let r = req.send().promise.await.map_err(remote)?;
+                let r = r.get().map_err(remote)?;
+                Ok((r.get_state().map_err(remote)?.to_vec(), r.get_bytes()))
+            }
+            .await;
+            if got.is_err() {
+                conn.channel_failed();
+            }
+            got
         })
     })
 }
@@ -636,8 +772,10 @@ pub fn started(m: &Migrated, ok: bool, why: String) -> Result<(), String> {
             let mut req = conn.client.started_request();
             req.get().set_ok(ok);
             req.get().set_why(why.as_str());
-            req.send().promise.await.map_err(remote)?;
-            Ok(())
+            let r = req.send().promise.await.map_err(remote);
+            // The answer is written: an exec: command may finish with it.
+            conn.channel_done();
+            r.map(|_| ())
         })
     })
 }

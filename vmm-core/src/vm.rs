@@ -424,6 +424,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     // migrated: started now, as the main thread's filter forbids new processes later.
     let migrated = crate::migration::start(
         &config.migrated,
+        config.sandbox.then(|| config.seccomp.clone()),
         crate::helpers::seccomp_reporter(shared.clone()),
         {
             let shared = shared.clone();

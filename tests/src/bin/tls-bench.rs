@@ -24,13 +24,22 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let t = Tls {
-        creds: creds.into(),
-        hostname: String::new(),
-        authz: Vec::new(),
+    let side = |server| -> Tls {
+        match tls::Creds::read(std::path::Path::new(creds), server) {
+            Ok(c) => Tls {
+                dir: creds.clone(),
+                creds: c,
+                ..Default::default()
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
     };
+    let (client, server) = (side(false), side(true));
     for tls in [false, true] {
-        match run(mib, tls.then_some(&t)) {
+        match run(mib, tls.then_some((&client, &server))) {
             Ok(mbs) => println!(
                 "{} loopback: {mbs:.0} MB/s ({mib} MiB)",
                 if tls { "rustls" } else { "plain tcp" }
@@ -44,11 +53,11 @@ fn main() {
 }
 
 /// MB/s from the first byte written to the last byte read.
-fn run(mib: u64, tls: Option<&Tls>) -> Result<f64, String> {
+fn run(mib: u64, tls: Option<(&Tls, &Tls)>) -> Result<f64, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     let uri = Uri::Tcp(addr.to_string());
-    let (u2, t2) = (uri.clone(), tls.cloned());
+    let (u2, t2) = (uri.clone(), tls.map(|(_, s)| s.clone()));
     let reader = std::thread::spawn(move || -> Result<(u64, Instant), String> {
         let (s, _) = l.accept().map_err(|e| e.to_string())?;
         let mut s: Box<dyn Stream> = Box::new(s);
@@ -70,7 +79,7 @@ fn run(mib: u64, tls: Option<&Tls>) -> Result<f64, String> {
     let s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     let _ = s.set_nodelay(true);
     let mut s: Box<dyn Stream> = Box::new(s);
-    if let Some(t) = tls {
+    if let Some((t, _)) = tls {
         s = tls::client(&uri, t, s)?;
     }
     let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 1) as u8).collect();

@@ -1,0 +1,502 @@
+//! Migration channels, under QEMU's names (`tcp:HOST:PORT`, `unix:PATH`, `fd:N`,
+//! `exec:COMMAND`, `file:PATH`), and how vmm-core opens them.
+//!
+//! vmm-core opens every channel (it may reach the host's network and file system and start
+//! commands) and hands migrated one descriptor on the side channel; migrated, in its
+//! sandbox, reaches nothing by itself. The descriptor is one of three kinds:
+//! - a connected stream socket (tcp:, unix:, fd: of a connected socket, and exec:, whose
+//!   command's standard input and output are the other end of a socket pair);
+//! - a listening socket (the destination's tcp: and unix:, or fd: of one), on which
+//!   migrated accepts sources until one passes its checks;
+//! - a regular file (file:, or fd: of one): a snapshot.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    Tcp(String),
+    Unix(PathBuf),
+    Fd(i32),
+    Exec(String),
+    File(PathBuf),
+}
+
+const KINDS: &str = "tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH";
+
+impl Uri {
+    pub fn parse(s: &str) -> Result<Uri, String> {
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: not a channel; use {KINDS}"))?;
+        if rest.is_empty() {
+            return Err(format!(
+                "{s:?}: the {kind} channel needs an address after '{kind}:'"
+            ));
+        }
+        match kind {
+            "tcp" => {
+                let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+                    format!("{s:?}: a tcp channel is tcp:HOST:PORT (the port is missing)")
+                })?;
+                port.parse::<u16>().map_err(|_| {
+                    format!("{s:?}: the port {port:?} is not a number from 0 to 65535")
+                })?;
+                if host.is_empty() {
+                    return Err(format!("{s:?}: the host is missing (tcp:HOST:PORT)"));
+                }
+                Ok(Uri::Tcp(rest.to_string()))
+            }
+            "unix" => Ok(Uri::Unix(PathBuf::from(rest))),
+            "fd" => match rest.parse::<i32>() {
+                Ok(n) if n >= 3 => Ok(Uri::Fd(n)),
+                _ => Err(format!(
+                    "{s:?}: fd:N takes a descriptor number of 3 or more that vmm-core inherited"
+                )),
+            },
+            "exec" => Ok(Uri::Exec(rest.to_string())),
+            "file" => Ok(Uri::File(PathBuf::from(rest))),
+            other => Err(format!(
+                "{s:?}: unknown channel kind {other:?}; use {KINDS}"
+            )),
+        }
+    }
+
+    /// The host part of a tcp: address (the name TLS checks by default).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Uri::Tcp(a) => a
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']')),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uri::Tcp(a) => write!(f, "tcp:{a}"),
+            Uri::Unix(p) => write!(f, "unix:{}", p.display()),
+            Uri::Fd(n) => write!(f, "fd:{n}"),
+            Uri::Exec(c) => write!(f, "exec:{c}"),
+            Uri::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// What the descriptor handed to migrated is (the schema's `ChannelKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Stream,
+    Listener,
+    File,
+}
+
+/// An opened channel: the descriptor for migrated, and what vmm-core keeps to end it.
+pub struct Opened {
+    pub fd: OwnedFd,
+    pub kind: Kind,
+    pub guard: Guard,
+}
+
+/// What stays with vmm-core while migrated uses the channel: an exec: command (ended with
+/// the channel), a unix: socket path it made (removed), a snapshot file it created (removed
+/// unless the snapshot completed).
+pub struct Guard {
+    uri: String,
+    exec: Option<std::process::Child>,
+    /// A unix: socket path the destination listened on.
+    socket: Option<PathBuf>,
+    /// The snapshot file being written.
+    partial: Option<PathBuf>,
+}
+
+impl Guard {
+    fn new(uri: &Uri) -> Guard {
+        Guard {
+            uri: uri.to_string(),
+            exec: None,
+            socket: None,
+            partial: None,
+        }
+    }
+
+    /// The transfer completed: an exec: command gets 5 s to finish (it has read the end of
+    /// the stream) before it is killed; a snapshot file stays.
+    pub fn complete(mut self) {
+        self.partial = None;
+        if let Some(mut child) = self.exec.take() {
+            let uri = self.uri.clone();
+            // Waited for on a thread of its own, so that the caller goes on.
+            let _ = std::thread::Builder::new()
+                .name("exec-reaper".into())
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    loop {
+                        match child.try_wait() {
+                            Ok(Some(st)) => {
+                                if !st.success() {
+                                    log::warn!("{uri}: the command ended with {st}");
+                                }
+                                return;
+                            }
+                            Ok(None) if std::time::Instant::now() < deadline => {
+                                std::thread::sleep(Duration::from_millis(10))
+                            }
+                            _ => {
+                                log::warn!("{uri}: the command still ran after the stream; killed");
+                                kill_group(&mut child);
+                                return;
+                            }
+                        }
+                    }
+                });
+        }
+    }
+}
+
+/// Kills an exec: command's process group (the shell and what it started) and reaps it.
+fn kill_group(child: &mut std::process::Child) {
+    // SAFETY: a signal to the process group this channel made; its leader is our child, not
+    // yet reaped, so the id is still ours.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+impl Drop for Guard {
+    /// The transfer failed or was cancelled: the command is killed, and a partial snapshot
+    /// file removed.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.exec.take() {
+            kill_group(&mut child);
+        }
+        for p in [self.socket.take(), self.partial.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The destination's receive buffer, of a fixed, modest size instead of the kernel's
+/// autotuning (which grows it to several MiB on loopback): what is queued in it when the VM
+/// pauses is what the destination has still to take in during the pause. (The source, for
+/// its part, waits for its own send queue to drain after each pass.) Accepted connections
+/// inherit it from the listening socket.
+pub const RECEIVE_BUFFER: usize = 1 << 20;
+
+fn bound_receive_buffer(s: &impl AsRawFd) {
+    let size = RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: setsockopt with a c_int option value on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// How long the source tries to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `exec:COMMAND`: `sh -c COMMAND` in its own process group, its standard input and output
+/// one end of a socket pair; the other end is the channel.
+fn exec(uri: &Uri, command: &str) -> Result<Opened, String> {
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("{uri}: cannot make its socket pair ({e})"))?;
+    let input = theirs
+        .try_clone()
+        .map_err(|e| format!("{uri}: cannot make its socket pair ({e})"))?;
+    let child = std::process::Command::new("/bin/sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::from(OwnedFd::from(input)))
+        .stdout(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{uri}: cannot start it with /bin/sh ({e})"))?;
+    Ok(Opened {
+        fd: ours.into(),
+        kind: Kind::Stream,
+        guard: {
+            let mut g = Guard::new(uri);
+            g.exec = Some(child);
+            g
+        },
+    })
+}
+
+/// The source's end: connects, starts the command, or creates the snapshot file (which must
+/// not exist). fd: is the caller's (see `classify`).
+pub async fn open_source(uri: &Uri) -> Result<Opened, String> {
+    let hint = format!("is the destination started with --incoming {uri}?");
+    let mut guard = Guard::new(uri);
+    match uri {
+        Uri::Tcp(addr) => {
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{uri}: no answer within {} s; {hint}",
+                        CONNECT_TIMEOUT.as_secs()
+                    )
+                })?
+                .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))?;
+            let _ = s.set_nodelay(true);
+            let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
+            s.set_nonblocking(false)
+                .map_err(|e| format!("{uri}: {e}"))?;
+            Ok(Opened {
+                fd: s.into(),
+                kind: Kind::Stream,
+                guard,
+            })
+        }
+        Uri::Unix(p) => {
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(p))
+                .await
+                .map_err(|_| format!("{uri}: no answer; {hint}"))?
+                .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))?;
+            let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
+            s.set_nonblocking(false)
+                .map_err(|e| format!("{uri}: {e}"))?;
+            Ok(Opened {
+                fd: s.into(),
+                kind: Kind::Stream,
+                guard,
+            })
+        }
+        Uri::Exec(cmd) => exec(uri, cmd),
+        Uri::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => format!(
+                        "{uri}: the file exists; a snapshot never overwrites one, so remove it or pick another name"
+                    ),
+                    _ => format!("{uri}: cannot create it ({e})"),
+                })?;
+            Ok(Opened {
+                fd: f.into(),
+                kind: Kind::File,
+                guard: {
+                    guard.partial = Some(p.clone());
+                    guard
+                },
+            })
+        }
+        Uri::Fd(_) => Err(format!("{uri}: an fd: channel is classified, not opened")),
+    }
+}
+
+/// The destination's end: a listening socket, the command, or the snapshot file to read.
+pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
+    let mut guard = Guard::new(uri);
+    match uri {
+        Uri::Tcp(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
+            bound_receive_buffer(&l);
+            Ok(Opened {
+                fd: l.into(),
+                kind: Kind::Listener,
+                guard,
+            })
+        }
+        Uri::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = std::os::unix::net::UnixListener::bind(p)
+                .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
+            bound_receive_buffer(&l);
+            Ok(Opened {
+                fd: l.into(),
+                kind: Kind::Listener,
+                guard: {
+                    guard.socket = Some(p.clone());
+                    guard
+                },
+            })
+        }
+        Uri::Exec(cmd) => exec(uri, cmd),
+        Uri::File(p) => Ok(Opened {
+            fd: std::fs::File::open(p)
+                .map_err(|e| format!("{uri}: cannot open it ({e})"))?
+                .into(),
+            kind: Kind::File,
+            guard,
+        }),
+        Uri::Fd(_) => Err(format!("{uri}: an fd: channel is classified, not opened")),
+    }
+}
+
+/// An fd: channel: what the descriptor is decides the kind. A pipe or anything else is
+/// refused, since a live migration needs both directions.
+pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
+    // SAFETY: an all-zero stat is a valid value for fstat to fill in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into `st` for an open descriptor.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(format!("{uri}: {}", io::Error::last_os_error()));
+    }
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFSOCK => {
+            let int = |opt| {
+                let mut v: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: getsockopt writes one c_int (and its length) for these options.
+                let r = unsafe {
+                    libc::getsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&mut v as *mut libc::c_int).cast(),
+                        &mut len,
+                    )
+                };
+                (r == 0).then_some(v)
+            };
+            if int(libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
+                return Err(format!(
+                    "{uri}: the descriptor is not a stream socket; pass a connected or listening stream socket, or a file"
+                ));
+            }
+            if int(libc::SO_ACCEPTCONN) == Some(1) {
+                Kind::Listener
+            } else {
+                Kind::Stream
+            }
+        }
+        _ => {
+            return Err(format!(
+                "{uri}: the descriptor is neither a stream socket nor a regular file (a pipe carries one direction only); pass a socket or a file"
+            ))
+        }
+    };
+    // Blocking, as migrated uses it.
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(Opened {
+        fd,
+        kind,
+        guard: Guard::new(uri),
+    })
+}
+
+/// A tls-creds directory's files for one side, read by vmm-core: the CA, and the side's
+/// certificate and key (server-* on the destination, client-* on the source).
+#[derive(Debug, Clone, Default)]
+pub struct Creds {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl Creds {
+    pub fn read(dir: &Path, server: bool) -> Result<Creds, String> {
+        let what = "it holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem";
+        if !dir.is_dir() {
+            return Err(format!(
+                "tls-creds {}: not a directory; {what}",
+                dir.display()
+            ));
+        }
+        let read = |file: &str| {
+            std::fs::read(dir.join(file)).map_err(|e| {
+                format!(
+                    "tls-creds {}: cannot read {file} ({e}); {what}",
+                    dir.display()
+                )
+            })
+        };
+        let side = if server { "server" } else { "client" };
+        Ok(Creds {
+            ca: read("ca-cert.pem")?,
+            cert: read(&format!("{side}-cert.pem"))?,
+            key: read(&format!("{side}-key.pem"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn uris_parse_or_say_why_not() {
+        assert_eq!(
+            Uri::parse("tcp:127.0.0.1:4444").unwrap(),
+            Uri::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(Uri::parse("tcp:[::1]:4444").unwrap().host(), Some("::1"));
+        assert_eq!(
+            Uri::parse("unix:/run/m.sock").unwrap(),
+            Uri::Unix("/run/m.sock".into())
+        );
+        assert_eq!(Uri::parse("fd:5").unwrap(), Uri::Fd(5));
+        assert_eq!(
+            Uri::parse("exec:gzip -c").unwrap(),
+            Uri::Exec("gzip -c".into())
+        );
+        assert_eq!(
+            Uri::parse("file:/tmp/s").unwrap(),
+            Uri::File("/tmp/s".into())
+        );
+        for (bad, says) in [
+            ("127.0.0.1:4444", "unknown channel kind"),
+            ("tcp:127.0.0.1", "port"),
+            ("tcp:host:99999", "not a number"),
+            ("file:", "needs an address"),
+            ("nonsense", "not a channel"),
+            ("fd:x", "descriptor number"),
+            ("fd:1", "3 or more"),
+        ] {
+            let e = Uri::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn exec_streams_through_the_command_and_is_killed_when_dropped() {
+        let uri = Uri::parse("exec:cat").unwrap();
+        let o = open_destination(&uri).unwrap();
+        assert_eq!(o.kind, Kind::Stream);
+        let mut s = std::os::unix::net::UnixStream::from(o.fd);
+        s.write_all(b"through cat").unwrap();
+        let mut got = [0u8; 11];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"through cat");
+        // Dropping the guard (a failed transfer) kills the command: its end closes.
+        drop(o.guard);
+        assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[test]
+    fn fd_channels_are_classified_by_what_the_descriptor_is() {
+        let uri = Uri::Fd(9);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(classify(&uri, a.into()).unwrap().kind, Kind::Stream);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(classify(&uri, l.into()).unwrap().kind, Kind::Listener);
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(classify(&uri, f.into()).unwrap().kind, Kind::File);
+        let (r, _w) = std::io::pipe().unwrap();
+        let e = classify(&uri, r.into()).err().unwrap();
+        assert!(e.contains("one direction only"), "{e}");
+    }
+}
