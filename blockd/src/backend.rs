@@ -65,6 +65,9 @@ pub struct Inner {
     /// Per queue: its part of the frontend's inflight area (INFLIGHT_SHMFD), once the ring
     /// started with one.
     logs: Vec<Mutex<Option<QueueLog>>>,
+    /// The frontend's dirty log (SET_LOG_BASE), and whether it acked VHOST_F_LOG_ALL.
+    dirty: RwLock<Option<Arc<crate::dirty::DirtyLog>>>,
+    log_all: AtomicBool,
     /// Per queue: the timer that wakes it when throttled requests may go.
     timers: Vec<Arc<Timer>>,
     /// Per queue: reads and writes held back by the throttle, in order.
@@ -97,6 +100,8 @@ impl Backend {
         let logs = (0..disk.options.queues).map(|_| Mutex::new(None)).collect();
         Ok(Backend(Arc::new(Inner {
             name: name.to_string(),
+            dirty: RwLock::new(None),
+            log_all: AtomicBool::new(false),
             engines,
             timers,
             held,
@@ -176,6 +181,47 @@ impl Backend {
         *self.0.logs[q].lock().unwrap() = log;
     }
 
+    /// While a migration logs dirty pages: marks every page of the chain's device-writable
+    /// buffers (what blockd may have written into guest memory for this request), just before
+    /// the guest is told it is done.
+    fn log_writes(&self, vring: &Vring, head: u16) {
+        if !self.0.log_all.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(log) = self.0.dirty.read().unwrap().clone() else {
+            return;
+        };
+        let Some(mem) = self.0.mem.read().unwrap().as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        let (table, size) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.desc_table(), q.size())
+        };
+        if let Ok(chain) = Chain::at_head(&*mem, GuestAddress(table), size, head) {
+            for s in &chain.writable {
+                log.mark(s.addr, s.len);
+            }
+        }
+    }
+
+    /// The frontend's dirty log (SET_LOG_BASE); it is written while VHOST_F_LOG_ALL is acked.
+    pub fn set_dirty_log(&self, log: crate::dirty::DirtyLog) {
+        *self.0.dirty.write().unwrap() = Some(Arc::new(log));
+    }
+
+    /// VHOST_F_LOG_ALL acked (a migration logs) or not (it ended, or was cancelled).
+    pub fn set_log_all(&self, on: bool) {
+        if on != self.0.log_all.swap(on, Ordering::AcqRel) {
+            log::info!(
+                "{}: dirty page logging {}",
+                self.0.name,
+                if on { "on" } else { "off" }
+            );
+        }
+    }
+
     /// Returns a descriptor to the guest, with the inflight area kept in step: the head is
     /// named before the used index moves and cleared after, so that a crash in between is
     /// repaired at the next start.
@@ -184,6 +230,7 @@ impl Backend {
         if let Some(l) = log.as_ref() {
             l.answering(head);
         }
+        self.log_writes(vring, head);
         if let Err(e) = vring.add_used(head, len) {
             self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
             return;

@@ -27,6 +27,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// The feature bit that says the frontend speaks the protocol extensions.
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const EVENT_IDX: u64 = 1 << 29;
+/// vhost's "log all writes" feature: set by the frontend while a migration logs dirty pages.
+const LOG_ALL: u64 = 1 << 26;
 /// Memory regions a frontend may add one by one (CONFIGURE_MEM_SLOTS). vmm-core sends one per
 /// RAM region, libblkio one per buffer pool; 64 leaves room.
 const MAX_MEM_SLOTS: u64 = 64;
@@ -324,11 +326,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn get_features(&mut self) -> Result<u64> {
-        Ok(self.backend.features() | PROTOCOL_FEATURES)
+        Ok(self.backend.features() | PROTOCOL_FEATURES | LOG_ALL)
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
-        let offered = self.backend.features() | PROTOCOL_FEATURES;
+        let offered = self.backend.features() | PROTOCOL_FEATURES | LOG_ALL;
         if features & !offered != 0 {
             return Err(failed(format!(
                 "the frontend acked features {:#x} that blockd does not offer",
@@ -348,7 +350,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             v.set_queue_event_idx(event_idx);
         }
         self.backend.set_event_idx(event_idx);
-        self.backend.acked_features(features);
+        self.backend.acked_features(features & !LOG_ALL);
+        self.backend.set_log_all(features & LOG_ALL != 0);
         Ok(())
     }
 
@@ -456,7 +459,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -604,9 +608,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
         ))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(Error::InvalidOperation(
-            "blockd does not log dirty pages yet",
-        ))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        let area = crate::dirty::DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| failed(format!("cannot map the dirty log ({e})")))?;
+        self.backend.set_dirty_log(area);
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 
 mod backend;
 mod connection;
+mod dirty;
 mod disk;
 mod engine;
 mod exports;

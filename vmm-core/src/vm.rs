@@ -874,6 +874,7 @@ fn run_once(
     // dirty log is on for it.
     let mut migration_paused = false;
     let mut dirty_logging = false;
+    let mut backend_log: Option<crate::memory::SharedDirtyLog> = None;
     let event = loop {
         let next = match &change {
             Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
@@ -946,10 +947,31 @@ fn run_once(
                             }
                         });
                         dirty_logging = on && r.is_ok();
+                        // The vhost-user backends log their own writes into a shared
+                        // bitmap (LOG_SHMFD); a backend that cannot makes the last pass
+                        // resend everything (see Save).
+                        backend_log = match dirty_logging {
+                            true => crate::memory::SharedDirtyLog::new(memory.size)
+                                .map_err(|e| log::warn!("cannot make the vhost-user dirty log ({e}); a migration resends all of RAM at the end"))
+                                .ok(),
+                            false => None,
+                        };
+                        for (_, t) in &transports {
+                            t.lock()
+                                .unwrap()
+                                .device_mut()
+                                .set_dirty_log(backend_log.as_ref());
+                        }
                         let _ = reply.send(r.map_err(chain));
                     }
                     M::TakeDirty(reply) => {
-                        let _ = reply.send(memory.take_dirty_bitmap(&vm).map_err(chain));
+                        let r = memory.take_dirty_bitmap(&vm).map(|mut b| {
+                            if let Some(l) = &backend_log {
+                                l.take_into(&mut b);
+                            }
+                            b
+                        });
+                        let _ = reply.send(r.map_err(chain));
                     }
                     M::Save(reply) => {
                         let was_paused = shared.status.lock().unwrap().paused;
@@ -959,16 +981,33 @@ fn run_once(
                         }
                         let r = save_vm(&state, &vcpus, &devices, paused_clock, config, was_paused)
                             .and_then(|st| {
-                                let dirty = match dirty_logging {
+                                let mut dirty = match dirty_logging {
                                     true => Some(memory.take_dirty_bitmap(&vm).map_err(chain)?),
                                     false => None,
                                 };
+                                let mut unlogged_writers = false;
+                                for (_, t) in &transports {
+                                    let t = t.lock().unwrap();
+                                    if !t.is_active() {
+                                        continue;
+                                    }
+                                    let dev = t.device();
+                                    unlogged_writers |= !dev.logs_dirty();
+                                    // The used rings the backend wrote go whatever the logs
+                                    // say (a backend logs only what it writes for requests).
+                                    if let Some(b) = dirty.as_mut() {
+                                        for (gpa, len) in dev.used_rings() {
+                                            crate::memory::mark_gpa(b, memory.size, gpa, len);
+                                        }
+                                    }
+                                }
+                                if let (Some(b), Some(l)) = (dirty.as_mut(), &backend_log) {
+                                    l.take_into(b);
+                                }
                                 Ok(crate::migration::Saved {
                                     state: st,
                                     dirty,
-                                    unlogged_writers: transports
-                                        .iter()
-                                        .any(|(_, t)| t.lock().unwrap().is_active()),
+                                    unlogged_writers,
                                 })
                             });
                         let _ = reply.send(r);

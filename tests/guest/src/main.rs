@@ -679,6 +679,14 @@ fn blk_look() {
 /// (as FUA). A block holds a magic, its sequence number, a checksum, and words derived from the
 /// sequence number (the host's check in tests/tests/block.rs knows the layout). Each
 /// completed write is logged as "tg: ack N"; a summary line ends the run.
+/// Whether the 4 KiB at `at` hold block `seq` exactly.
+fn seq_block_matches(at: *mut u64, seq: u64) -> bool {
+    let mut want = [0u64; 512];
+    seq_block(want.as_mut_ptr(), seq);
+    // SAFETY: `at` is a 4 KiB block of the DMA data buffer; read volatile, as a device wrote it.
+    (0..512).all(|j| unsafe { at.add(j).read_volatile() } == want[j])
+}
+
 /// Block `seq` of the sequence writers: magic, seq, checksum, then words the host can
 /// compute (tests/src/lib.rs checks them).
 fn seq_block(at: *mut u64, seq: u64) {
@@ -720,6 +728,11 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
     let have_disk = blk::probe(&mut disks) > 0;
     let mut seq = 0u64;
     let mut pass = 0u64;
+    // Each acknowledged block is read back into this buffer (blockd writes it by DMA, which
+    // KVM's dirty log does not see) and checked again before the next write: on a destination,
+    // a page the backend's dirty log missed shows as the block before.
+    let rbuf = blk::data_buf().wrapping_add(32 << 10) as *mut u64;
+    let mut last_read: Option<u64> = None;
     loop {
         pass += 1;
         if pass > 1 {
@@ -735,12 +748,26 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
         }
         user_pattern(0, BASE, words, 0, pass, stack_top);
         if have_disk && pass.is_multiple_of(every) {
+            if let Some(prev) = last_read {
+                if !seq_block_matches(rbuf, prev) {
+                    Line::new().s("tg: mig error read ").u(prev).emit();
+                }
+            }
             let d = disks[0].as_mut().expect("probed");
             let blocks = d.capacity / 8;
             let buf = blk::data_buf() as *mut u64;
             seq_block(buf, seq);
             match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
-                Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
+                Some((0, _)) => {
+                    Line::new().s("tg: ack ").u(seq).emit();
+                    last_read = match d.read(0, (seq % blocks) * 8, rbuf as u64, 4096) {
+                        Some((0, _)) if seq_block_matches(rbuf, seq) => Some(seq),
+                        _ => {
+                            Line::new().s("tg: mig error readback ").u(seq).emit();
+                            None
+                        }
+                    };
+                }
                 other => Line::new()
                     .s("tg: mig error write ")
                     .u(seq)

@@ -50,6 +50,21 @@ pub trait VirtioDevice: Send {
         queues: &[QueueSetup],
         bases: &[(u16, u16)],
     ) -> Result<(), String>;
+    /// A migration's dirty logging: its backend logs what it writes into guest memory in
+    /// `log` (None: logging ends). Returns whether the backend logs now; a device whose
+    /// backend writes guest memory and cannot log makes the last pass resend all of RAM.
+    fn set_dirty_log(&mut self, _log: Option<&crate::memory::SharedDirtyLog>) -> bool {
+        false
+    }
+    /// Whether its backend logs its writes (set_dirty_log took).
+    fn logs_dirty(&self) -> bool {
+        false
+    }
+    /// The used rings its backend writes, as (guest address, bytes): a migration's last pass
+    /// sends them whatever the logs say.
+    fn used_rings(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// The device's configuration space as the guest set it, and the same put back.
     fn config_bytes(&self) -> Vec<u8>;
     fn restore_config(&mut self, bytes: &[u8]) -> Result<(), String>;

@@ -164,6 +164,15 @@ impl VirtioPci {
         self.active
     }
 
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// The device's name (a disk's).
     pub fn device_name(&self) -> &str {
         self.device.name()

@@ -14,6 +14,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// vhost's "log all writes": acked while a migration logs dirty pages.
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
 pub const CONFIG_SIZE: usize = 60;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 
@@ -37,6 +39,10 @@ pub struct VhostUserBlk {
     /// The backend's inflight area while the device runs: handed back to a restarted
     /// backend so that it resubmits what its predecessor had taken.
     inflight: Option<(VhostUserInflight, std::fs::File)>,
+    /// Whether the backend offers the dirty log (LOG_SHMFD and VHOST_F_LOG_ALL).
+    can_log: bool,
+    /// The migration's dirty log while it runs (handed again to a restarted backend).
+    log: Option<(std::fs::File, u64)>,
 }
 
 /// A started queue, as the backend needs it.
@@ -63,6 +69,7 @@ struct Shake {
     features: u64,
     config: Vec<u8>,
     tracks_inflight: bool,
+    can_log: bool,
 }
 
 /// Connects, negotiates the protocol, and learns the backend's features and config space.
@@ -85,7 +92,8 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, String> {
         .map_err(|e| err(socket, "GET_PROTOCOL_FEATURES", e))?;
     let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
     }
@@ -115,7 +123,10 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, String> {
     let mut config = config.to_vec();
     // The guest sees the queue count vmm-core was asked for.
     config[34..36].copy_from_slice(&queues.to_le_bytes());
-    let mut features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
+    let can_log =
+        features & VHOST_F_LOG_ALL != 0 && offered.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+    // What the guest sees: the vhost-user bits are between vmm-core and the backend.
+    let mut features = features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
     if queues == 1 {
         features &= !VIRTIO_BLK_F_MQ;
     }
@@ -124,6 +135,7 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, String> {
         features,
         config,
         tracks_inflight: offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        can_log,
     })
 }
 
@@ -145,6 +157,8 @@ impl VhostUserBlk {
             config: shake.config,
             tracks_inflight: shake.tracks_inflight,
             inflight: None,
+            can_log: shake.can_log,
+            log: None,
             queues,
             queue_size: 256,
             mem,
@@ -162,8 +176,9 @@ impl VhostUserBlk {
         base: impl Fn(&Ring) -> u16,
     ) -> Result<(), String> {
         self.frontend
-            .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES)
+            .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES | self.log_bit())
             .map_err(|e| self.e("SET_FEATURES", e))?;
+        self.send_log_base()?;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
             .mem
             .iter()
@@ -235,6 +250,29 @@ impl VhostUserBlk {
                 .set_vring_enable(i, true)
                 .map_err(|e| self.e("SET_VRING_ENABLE", e))?;
             self.started.push(i);
+        }
+        Ok(())
+    }
+
+    /// VHOST_F_LOG_ALL while a migration logs.
+    fn log_bit(&self) -> u64 {
+        if self.log.is_some() && self.can_log {
+            VHOST_F_LOG_ALL
+        } else {
+            0
+        }
+    }
+
+    fn send_log_base(&self) -> Result<(), String> {
+        if let (Some((file, bytes)), true) = (&self.log, self.can_log) {
+            let region = vhost::VhostUserDirtyLogRegion {
+                mmap_size: *bytes,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            };
+            self.frontend
+                .set_log_base(0, Some(region))
+                .map_err(|e| self.e("SET_LOG_BASE", e))?;
         }
         Ok(())
     }
@@ -329,7 +367,11 @@ impl VirtioDevice for VhostUserBlk {
             features,
             config,
             tracks_inflight,
+            can_log,
         } = handshake(&self.socket, self.queues)?;
+        // A backend that cannot log (another one than before) makes logs_dirty false, and a
+        // migration's last pass resends all of RAM.
+        self.can_log = can_log;
         if features != self.features {
             return Err(self.e(
                 "features",
@@ -377,6 +419,51 @@ impl VirtioDevice for VhostUserBlk {
         }
         self.active = Some((features, rings));
         result
+    }
+
+    fn set_dirty_log(&mut self, log: Option<&crate::memory::SharedDirtyLog>) -> bool {
+        let was = self.log.is_some();
+        self.log = match log.map(|l| (l.file().try_clone(), l.bytes())) {
+            Some((Ok(f), bytes)) => Some((f, bytes)),
+            Some((Err(e), _)) => {
+                log::warn!("{}: cannot share the dirty log ({e})", self.name);
+                None
+            }
+            None => None,
+        };
+        if !self.can_log || (!was && self.log.is_none()) {
+            return false;
+        }
+        if let Some((features, _)) = &self.active {
+            let features = *features;
+            let r = self.send_log_base().and_then(|()| {
+                self.frontend
+                    .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES | self.log_bit())
+                    .map_err(|e| self.e("SET_FEATURES", e))
+            });
+            if let Err(e) = r {
+                log::warn!(
+                    "{}: {e}; a migration resends all of RAM at the end",
+                    self.name
+                );
+                self.log = None;
+                return false;
+            }
+        }
+        self.log.is_some()
+    }
+
+    fn logs_dirty(&self) -> bool {
+        self.log.is_some() && self.can_log
+    }
+
+    fn used_rings(&self) -> Vec<(u64, u64)> {
+        self.active.as_ref().map_or(Vec::new(), |(_, rings)| {
+            rings
+                .iter()
+                .map(|r| (r.used, 6 + 8 * u64::from(r.size)))
+                .collect()
+        })
     }
 
     fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, String> {
