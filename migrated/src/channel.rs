@@ -70,22 +70,7 @@ impl Stream for std::fs::File {
 
 /// A socket's address family (SO_DOMAIN).
 fn domain(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one c_int (and its length) for SO_DOMAIN.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
+    vmm_proto::channel::socket_option(fd, libc::SO_DOMAIN)
 }
 
 /// A connected socket or a file, as a stream.

@@ -338,6 +338,26 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
     }
 }
 
+/// A socket's integer option at level SOL_SOCKET (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN).
+pub fn socket_option(fd: &impl AsRawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int (and its length) for these options.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
 /// An fd: channel: what the descriptor is decides the kind. A pipe or anything else is
 /// refused, since a live migration needs both directions.
 pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
@@ -350,21 +370,7 @@ pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
     let kind = match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => Kind::File,
         libc::S_IFSOCK => {
-            let int = |opt| {
-                let mut v: libc::c_int = 0;
-                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                // SAFETY: getsockopt writes one c_int (and its length) for these options.
-                let r = unsafe {
-                    libc::getsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        opt,
-                        (&mut v as *mut libc::c_int).cast(),
-                        &mut len,
-                    )
-                };
-                (r == 0).then_some(v)
-            };
+            let int = |opt| socket_option(&fd, opt).ok();
             if int(libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
                 return Err(format!(
                     "{uri}: the descriptor is not a stream socket; pass a connected or listening stream socket, or a file"
