@@ -299,6 +299,7 @@ impl migrated::Server for Server {
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let limit = p.get_bandwidth();
+        let compress = p.get_compress();
         let (memfd, fd) = self.fds().map_err(failed)?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
@@ -309,8 +310,16 @@ impl migrated::Server for Server {
                 stream = tls::client(&uri, t, stream)?;
             }
             let writer = Writer::new(BufWriter::with_capacity(1 << 20, stream), &config)
-                .map_err(|e| format!("{uri}: cannot send the header ({e})"))?;
-            log::info!("{uri}: sending a VM with {config}");
+                .map_err(|e| format!("{uri}: cannot send the header ({e})"))?
+                .compressing(compress);
+            log::info!(
+                "{uri}: sending a VM with {config}{}",
+                if compress {
+                    ", RAM compressed (LZ4)"
+                } else {
+                    ""
+                }
+            );
             *out.lock().unwrap() = Some(Outgoing {
                 uri,
                 live: kind != channel::Kind::File,
@@ -365,6 +374,14 @@ impl migrated::Server for Server {
             let io = |e: std::io::Error| transfer_failed(&uri, &e);
             let mut w = o.writer;
             w.device(VM_SECTION, &state).map_err(io)?;
+            let (raw, packed) = w.compression();
+            if raw > 0 {
+                log::info!(
+                    "{uri}: {} MiB of RAM went compressed as {} MiB",
+                    raw >> 20,
+                    packed >> 20
+                );
+            }
             let (buf, bytes) = w.finish().map_err(io)?;
             let mut stream = buf.into_inner().map_err(|e| io(e.into_error()))?;
             if !live {

@@ -4,6 +4,8 @@
 //! header   "VMMSTATE" | format u32 | page size u32 | config length u32 | config | crc32 u32
 //! section  kind u8 | payload length u64 | payload | crc32 u32 (of kind, length and payload)
 //!   RAM     gpa u64 | pages (a run of non-zero pages)
+//!   LZ4     gpa u64 | page count u32 | the run's pages as one LZ4 block (--compress; a run
+//!           that does not shrink goes as RAM)
 //!   ZERO    gpa u64 | page count u64 (pages that became zero since they were sent)
 //!   DEVICE  name length u16 | name | state (Cap'n Proto, proto/schema/state.capnp)
 //!   END     sections u64 | RAM pages u64 | zero pages u64 (what came before, to be checked)
@@ -32,6 +34,7 @@ const MAX_CONFIG: u32 = 1 << 16;
 const RAM: u8 = 1;
 const ZERO: u8 = 2;
 const DEVICE: u8 = 3;
+const LZ4: u8 = 4;
 const END: u8 = 0xff;
 
 /// The VM's shape: a stream only goes into a VM of the same shape.
@@ -161,6 +164,12 @@ pub enum Zeros {
 pub struct Writer<W: Write> {
     w: W,
     config: Config,
+    /// LZ4-compress RAM runs, and the buffer for it.
+    compress: bool,
+    packed: Vec<u8>,
+    /// RAM bytes before and after compression (the runs that went compressed).
+    packed_in: u64,
+    packed_out: u64,
     sections: u64,
     ram_pages: u64,
     zero_pages: u64,
@@ -183,6 +192,10 @@ impl<W: Write> Writer<W> {
         Ok(Writer {
             w,
             config: config.clone(),
+            compress: false,
+            packed: Vec::new(),
+            packed_in: 0,
+            packed_out: 0,
             sections: 0,
             ram_pages: 0,
             zero_pages: 0,
@@ -237,7 +250,10 @@ impl<W: Write> Writer<W> {
             }
             let at = gpa + (i * PAGE) as u64;
             if !is_zero {
-                self.section(RAM, &[&at.to_le_bytes(), &data[i * PAGE..j * PAGE]])?;
+                let run = &data[i * PAGE..j * PAGE];
+                if !self.pack(at, run)? {
+                    self.section(RAM, &[&at.to_le_bytes(), run])?;
+                }
                 self.ram_pages += (j - i) as u64;
             } else if zeros == Zeros::Send {
                 self.section(ZERO, &[&at.to_le_bytes(), &((j - i) as u64).to_le_bytes()])?;
@@ -248,7 +264,43 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    /// Bytes written so far.
+    /// LZ4-compresses the RAM runs from here on (a run that does not shrink goes as is).
+    pub fn compressing(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// Writes `run` as an LZ4 section if compression is on and it shrinks; says whether.
+    fn pack(&mut self, gpa: u64, run: &[u8]) -> io::Result<bool> {
+        if !self.compress {
+            return Ok(false);
+        }
+        self.packed
+            .resize(lz4_flex::block::get_maximum_output_size(run.len()), 0);
+        let n = lz4_flex::block::compress_into(run, &mut self.packed)
+            .map_err(|e| io::Error::other(format!("LZ4: {e}")))?;
+        // Worth it only if it saves more than the section's extra count.
+        if n + 4 >= run.len() {
+            return Ok(false);
+        }
+        let pages = (run.len() / PAGE) as u32;
+        let packed = std::mem::take(&mut self.packed);
+        let r = self.section(
+            LZ4,
+            &[&gpa.to_le_bytes(), &pages.to_le_bytes(), &packed[..n]],
+        );
+        self.packed = packed;
+        r?;
+        self.packed_in += run.len() as u64;
+        self.packed_out += n as u64;
+        Ok(true)
+    }
+
+    /// RAM bytes that went compressed, before and after.
+    pub fn compression(&self) -> (u64, u64) {
+        (self.packed_in, self.packed_out)
+    }
+
     /// The stream underneath (to flush it between passes).
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.w
@@ -298,6 +350,8 @@ pub struct Reader<R: Read> {
     zero_pages: u64,
     ended: bool,
     buf: Vec<u8>,
+    /// A compressed section's pages, unpacked.
+    unpacked: Vec<u8>,
 }
 
 /// Reads exactly `buf.len()` bytes; a short read is a truncation inside `inside`.
@@ -322,6 +376,7 @@ fn fill<R: Read>(r: &mut R, buf: &mut [u8], at: u64, inside: &str) -> Result<(),
 fn kind_name(kind: u8) -> &'static str {
     match kind {
         RAM => "a RAM section",
+        LZ4 => "a compressed RAM section",
         ZERO => "a zero-pages section",
         DEVICE => "a device section",
         END => "the end marker",
@@ -379,6 +434,7 @@ impl<R: Read> Reader<R> {
             zero_pages: 0,
             ended: false,
             buf: Vec::new(),
+            unpacked: Vec::new(),
         })
     }
 
@@ -415,7 +471,7 @@ impl<R: Read> Reader<R> {
         let kind = head[0];
         let len = u64::from_le_bytes(head[1..].try_into().unwrap());
         let bad = |why: String| StreamError::Bad { at: start, why };
-        if !matches!(kind, RAM | ZERO | DEVICE | END) {
+        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | END) {
             return Err(bad(format!("section {n} is of unknown kind {kind:#x}")));
         }
         if len > MAX_PAYLOAD + 8 {
@@ -451,6 +507,34 @@ impl<R: Read> Reader<R> {
                 Section::Ram {
                     gpa,
                     data: &payload[8..],
+                }
+            }
+            LZ4 => {
+                if payload.len() < 13 {
+                    return Err(bad(format!("{what} holds {len} bytes, too few")));
+                }
+                let gpa = u64_at(payload, 0);
+                let pages = u64::from(u32::from_le_bytes(payload[8..12].try_into().unwrap()));
+                if pages == 0 || pages > RUN as u64 || !self.config.holds(gpa, pages) {
+                    return Err(bad(format!(
+                        "{what}: {pages} page(s) at {gpa:#x} are outside the VM's RAM or more than a run"
+                    )));
+                }
+                let want = pages as usize * PAGE;
+                self.unpacked.resize(want, 0);
+                match lz4_flex::block::decompress_into(&payload[12..], &mut self.unpacked) {
+                    Ok(n) if n == want => {}
+                    Ok(n) => {
+                        return Err(bad(format!(
+                            "{what} unpacks to {n} bytes, not the {want} of its {pages} page(s)"
+                        )))
+                    }
+                    Err(e) => return Err(bad(format!("{what} does not unpack ({e})"))),
+                }
+                self.ram_pages += pages;
+                Section::Ram {
+                    gpa,
+                    data: &self.unpacked,
                 }
             }
             ZERO => {
@@ -519,11 +603,28 @@ mod tests {
     /// A small stream: RAM with zero and non-zero runs in both regions, a later pass with
     /// zero pages sent, and two devices.
     fn sample() -> Vec<u8> {
+        sample_with(false)
+    }
+
+    /// The same, with compression: pages 1-3 and 63 are runs of one byte (they shrink), page
+    /// 10 is noise (it does not, and goes as RAM).
+    fn sample_with(compress: bool) -> Vec<u8> {
         let mut ram = vec![0u8; 64 * PAGE];
         for p in [1usize, 2, 3, 10, 63] {
             ram[p * PAGE..(p + 1) * PAGE].fill(p as u8);
         }
-        let mut w = Writer::new(Vec::new(), &config()).unwrap();
+        if compress {
+            let mut x = 0x9E37_79B9u32;
+            for b in &mut ram[10 * PAGE..11 * PAGE] {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = (x >> 24) as u8 | 1;
+            }
+        }
+        let mut w = Writer::new(Vec::new(), &config())
+            .unwrap()
+            .compressing(compress);
         w.ram(0, &ram, Zeros::Skip).unwrap();
         w.ram(1 << 32, &[7u8; 2 * PAGE], Zeros::Skip).unwrap();
         w.ram(5 * PAGE as u64, &vec![0u8; 3 * PAGE], Zeros::Send)
@@ -574,8 +675,41 @@ mod tests {
     }
 
     #[test]
+    fn compressed_runs_round_trip_and_shrink() {
+        let plain = sample();
+        let packed = sample_with(true);
+        let got = read_all(&packed).unwrap();
+        assert_eq!(got.len(), 7, "{got:?}");
+        assert_eq!(got[0], "ram 0x1000 3 1");
+        assert!(got[1].starts_with("ram 0xa000 1 "), "{got:?}");
+        assert_eq!(got[2..4], ["ram 0x3f000 1 63", "ram 0x100000000 2 7"]);
+        // The one-byte runs shrink to a few bytes; the noise page goes as it is.
+        assert!(
+            packed.len() < plain.len() - 5 * PAGE,
+            "{} bytes compressed, {} plain",
+            packed.len(),
+            plain.len()
+        );
+        // The unpacked pages are exactly the ones written.
+        let mut r = Reader::new(&packed[..]).unwrap();
+        match r.section().unwrap() {
+            Section::Ram { gpa, data } => {
+                assert_eq!(gpa, 0x1000);
+                assert!(data[..PAGE].iter().all(|&b| b == 1));
+                assert!(data[2 * PAGE..].iter().all(|&b| b == 3));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn every_truncation_is_refused() {
-        let bytes = sample();
+        for bytes in [sample(), sample_with(true)] {
+            every_truncation_of(&bytes);
+        }
+    }
+
+    fn every_truncation_of(bytes: &[u8]) {
         for cut in 0..bytes.len() {
             let e = read_all(&bytes[..cut]).unwrap_err();
             let msg = e.to_string();
@@ -591,9 +725,14 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_refused() {
-        let bytes = sample();
+        for bytes in [sample(), sample_with(true)] {
+            every_flip_of(&bytes);
+        }
+    }
+
+    fn every_flip_of(bytes: &[u8]) {
         for i in 0..bytes.len() {
-            let mut b = bytes.clone();
+            let mut b = bytes.to_vec();
             b[i] ^= 0x10;
             let e = read_all(&b).unwrap_err();
             assert!(

@@ -12,7 +12,9 @@ interface Migrated {
   # The source: takes the channel vmm-core opened to `uri` (tcp:HOST:PORT, unix:PATH, fd:N,
   # exec:COMMAND, file:PATH; the text is for messages and TLS's default name) and writes the
   # stream's header for a VM of this shape.
-  open @0 (uri :Text, tls :Tls, shape :Shape, bandwidth :UInt64, kind :ChannelKind) -> ();
+  open @0 (uri :Text, tls :Tls, shape :Shape, bandwidth :UInt64, kind :ChannelKind,
+           compress :Bool) -> ();
+  # (compress: LZ4-compress the RAM runs that shrink; the destination reads either)
   # (bandwidth: bytes per second the stream may use; 0 is no limit)
 
   # Sends the pages whose bits are set (bit n of word w is the 4 KiB page 64w+n of the memfd),

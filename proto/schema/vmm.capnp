@@ -138,6 +138,7 @@ struct MigrateOptions {
   bandwidth @1 :UInt64;       # bytes per second (0: no limit)
   tlsCreds @2 :Text;          # QEMU's tls-creds: a directory (see migrated.capnp); empty: no TLS
   tlsHostname @3 :Text;       # QEMU's tls-hostname
+  compress @4 :Bool;          # LZ4-compress RAM runs in the stream (a snapshot's too)
 }
 
 struct MigrationStatus {

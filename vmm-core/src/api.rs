@@ -522,6 +522,7 @@ impl vmm::Server for VmmServer {
             },
             bandwidth: o.get_bandwidth(),
             max_passes: 30,
+            compress: o.get_compress(),
             tls: crate::migration::TlsOptions {
                 creds: o.get_tls_creds()?.to_str()?.to_string(),
                 hostname: o.get_tls_hostname()?.to_str()?.to_string(),

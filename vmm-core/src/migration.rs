@@ -427,6 +427,8 @@ pub struct Options {
     pub bandwidth: u64,
     pub max_passes: u32,
     pub tls: TlsOptions,
+    /// LZ4-compress RAM runs.
+    pub compress: bool,
 }
 
 /// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
@@ -519,12 +521,16 @@ async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats,
 async fn open(
     m: &Migrated,
     memfd: std::fs::File,
-    uri: String,
-    tls: TlsOptions,
-    bandwidth: u64,
+    opts: &Options,
     memory: u64,
     vcpus: u32,
 ) -> Result<(), String> {
+    let (uri, tls, bandwidth, compress) = (
+        opts.uri.clone(),
+        opts.tls.clone(),
+        opts.bandwidth,
+        opts.compress,
+    );
     m.call(move |conn| {
         Box::pin(async move {
             let (opened, creds) = open_channel(&uri, &tls, true).await?;
@@ -533,6 +539,7 @@ async fn open(
             req.get().set_uri(uri.as_str());
             req.get().set_kind(kind);
             req.get().set_bandwidth(bandwidth);
+            req.get().set_compress(compress);
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
             req.send().promise.await.map_err(remote)?;
@@ -651,16 +658,7 @@ async fn transfer(
     start: std::time::Instant,
 ) -> Result<u64, String> {
     let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
-    open(
-        m,
-        memfd,
-        opts.uri.clone(),
-        opts.tls.clone(),
-        opts.bandwidth,
-        memory,
-        vcpus,
-    )
-    .await?;
+    open(m, memfd, opts, memory, vcpus).await?;
     let mut pending: Option<Vec<u64>> = None;
     if live {
         ask(tx, |r| Request::DirtyLog(true, r)).await?;

@@ -72,12 +72,18 @@ enum Command {
         /// The name to check in the destination's certificate (default: the tcp host).
         #[arg(long, value_name = "NAME", requires = "tls_creds")]
         tls_hostname: Option<String>,
+        /// LZ4-compress guest RAM in the stream (for slow links; it costs source CPU).
+        #[arg(long)]
+        compress: bool,
     },
     /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core --restore
     /// file:PATH` starts it again.
     Snapshot {
         /// file:PATH (the file must not exist).
         uri: String,
+        /// LZ4-compress guest RAM in the file.
+        #[arg(long)]
+        compress: bool,
     },
     /// The vCPUs: each one's state (running, parked, absent) and KVM fd reuse count; or
     /// `cpus set N` to hot-add or hot-remove vCPUs until N are online.
@@ -486,6 +492,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
             bandwidth,
             tls_creds,
             tls_hostname,
+            compress,
         } => {
             let bandwidth = match bandwidth.as_deref().map(parse_rate) {
                 None => 0,
@@ -510,6 +517,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 downtime_ms.unwrap_or(0),
                 bandwidth,
                 &tls,
+                compress,
                 cli.json,
             )
             .await
@@ -520,14 +528,14 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 format!("migrated to {target}; the VM runs there now: {st}")
             }
         }
-        Command::Snapshot { uri } => {
+        Command::Snapshot { uri, compress } => {
             if !uri.starts_with("file:") || uri.len() == 5 {
                 return Err(Failure(
                     2,
                     format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
                 ));
             }
-            let st = migrate(&client, &uri, 0, 0, &Default::default(), cli.json)
+            let st = migrate(&client, &uri, 0, 0, &Default::default(), compress, cli.json)
                 .await
                 .map_err(fail)?;
             if cli.json {
@@ -1315,6 +1323,7 @@ async fn migrate(
     downtime_ms: u32,
     bandwidth: u64,
     tls: &(String, String),
+    compress: bool,
     json: bool,
 ) -> Result<String, capnp::Error> {
     use std::io::IsTerminal;
@@ -1325,6 +1334,7 @@ async fn migrate(
     o.set_bandwidth(bandwidth);
     o.set_tls_creds(tls.0.as_str());
     o.set_tls_hostname(tls.1.as_str());
+    o.set_compress(compress);
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);
