@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
-pub use vmm_proto::channel::{Kind, Uri, RECEIVE_BUFFER};
+pub use vmm_proto::channel::{Kind, Uri};
 
 /// A connected channel: reads and writes, and a way to shut it down from another thread.
 pub trait Stream: Read + Write + Send {
@@ -16,30 +16,15 @@ pub trait Stream: Read + Write + Send {
     fn shutdown(&self);
     /// Another handle on the same connection (to shut it down from elsewhere).
     fn handle(&self) -> io::Result<Box<dyn Stream>>;
-    /// Bytes written but not yet taken by the peer, where the channel can tell.
-    fn unsent(&self) -> Option<usize> {
-        None
-    }
     /// Makes what was written durable (a snapshot file).
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
 }
 
-/// A socket's send queue (TIOCOUTQ: for TCP, what the peer has not acknowledged).
-fn outq(s: &impl AsRawFd) -> Option<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int into `n`.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    (r == 0).then_some(n.max(0) as usize)
-}
-
 impl Stream for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
-    }
-    fn unsent(&self) -> Option<usize> {
-        outq(self)
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
@@ -49,9 +34,6 @@ impl Stream for TcpStream {
 impl Stream for UnixStream {
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
-    }
-    fn unsent(&self) -> Option<usize> {
-        outq(self)
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))

@@ -19,9 +19,12 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The device-state section's name.
 pub const VM_SECTION: &str = "vm";
 
-/// The destination's answer after the end marker: it runs the VM, or why it cannot.
+/// The destination's answer after the end marker: it runs the VM, or why it cannot (REFUSED,
+/// a u16 length and the reason, which may also come instead of a pass's acknowledgement).
 const STARTED: u8 = 1;
 const REFUSED: u8 = 0;
+/// The destination has every page of a pass (ACKED, then the pass number as a u32).
+const ACKED: u8 = 2;
 
 struct Outgoing {
     uri: Uri,
@@ -29,7 +32,7 @@ struct Outgoing {
     live: bool,
     writer: Writer<BufWriter<Box<dyn Stream>>>,
     ram: Ram,
-    /// Whether the first pass went (later passes send pages that became zero as ZERO runs).
+    /// Passes sent (after the first, pages that became zero go as ZERO runs).
     passes: u32,
     /// Bytes per second (0: no limit), and when the stream began.
     limit: u64,
@@ -236,14 +239,30 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         }
     }
     o.passes += 1;
-    // The pass is over when the destination has it: wait (up to 2 s) for the send queue to
-    // drain, so that the pass's time gives the real bandwidth, and what is still queued when
-    // the VM pauses is little.
-    let w = o.writer.get_mut();
-    w.flush().map_err(io)?;
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
-    while w.get_ref().unsent().is_some_and(|n| n > 64 << 10) && Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_micros(500));
+    if o.live {
+        // The pass is over when the destination has written all of it into guest RAM: its
+        // time gives the real bandwidth, and nothing of it is in flight when the VM pauses.
+        let n = o.passes;
+        o.writer.pass(n).map_err(io)?;
+        let w = o.writer.get_mut();
+        w.flush().map_err(io)?;
+        let s = w.get_mut();
+        let mut ack = [0u8; 5];
+        s.read_exact(&mut ack[..1]).map_err(io)?;
+        if ack[0] == REFUSED {
+            return Err(format!(
+                "{uri}: the destination refused the VM: {}",
+                reason(s.as_mut())
+            ));
+        }
+        s.read_exact(&mut ack[1..]).map_err(io)?;
+        let got = u32::from_le_bytes(ack[1..].try_into().unwrap());
+        if ack[0] != ACKED || got != n {
+            return Err(format!(
+                "{uri}: the destination answered pass {n} with {:#x} (pass {got}); it is not a migrated of this build",
+                ack[0]
+            ));
+        }
     }
     let (p1, z1) = o.writer.counts();
     Ok((o.writer.bytes() - before, p1 - p0, z1 - z0))
@@ -279,6 +298,16 @@ fn receive(stream: &mut dyn Stream, ram: &Ram, ours: &Config) -> Result<(Vec<u8>
                 return Err(format!(
                     "the stream has state for a device {name:?} that this build does not know"
                 ))
+            }
+            Section::Pass(n) => {
+                // Every page before the marker is in guest RAM: say so, and the source
+                // goes on with its next pass.
+                let mut ack = [ACKED, 0, 0, 0, 0];
+                ack[1..].copy_from_slice(&n.to_le_bytes());
+                let s = r.get_mut().get_mut();
+                s.write_all(&ack)
+                    .and_then(|()| s.flush())
+                    .map_err(|e| format!("cannot acknowledge pass {n} to the source ({e})"))?;
             }
             Section::End => break,
         }
@@ -399,17 +428,10 @@ impl migrated::Server for Server {
             cut.lock().unwrap().take();
             match r {
                 Ok(()) if answer[0] == STARTED => Ok(bytes),
-                Ok(()) => {
-                    let mut len = [0u8; 2];
-                    let mut why = String::from("(it gave no reason)");
-                    if stream.read_exact(&mut len).is_ok() {
-                        let mut m = vec![0u8; u16::from_le_bytes(len).into()];
-                        if stream.read_exact(&mut m).is_ok() {
-                            why = String::from_utf8_lossy(&m).into_owned();
-                        }
-                    }
-                    Err(format!("{uri}: the destination refused the VM: {why}"))
-                }
+                Ok(()) => Err(format!(
+                    "{uri}: the destination refused the VM: {}",
+                    reason(stream.as_mut())
+                )),
                 Err(e) => Err(format!(
                     "{uri}: the destination did not confirm it has the VM ({e}); it is not running it"
                 )),
@@ -532,6 +554,18 @@ fn take(
         }
     }
     r
+}
+
+/// The reason after a REFUSED byte.
+fn reason(s: &mut dyn Stream) -> String {
+    let mut len = [0u8; 2];
+    if s.read_exact(&mut len).is_ok() {
+        let mut m = vec![0u8; u16::from_le_bytes(len).into()];
+        if s.read_exact(&mut m).is_ok() {
+            return String::from_utf8_lossy(&m).into_owned();
+        }
+    }
+    "(it gave no reason)".to_string()
 }
 
 fn refuse(s: &mut dyn Stream, why: &str) {

@@ -8,6 +8,8 @@
 //!           that does not shrink goes as RAM)
 //!   ZERO    gpa u64 | page count u64 (pages that became zero since they were sent)
 //!   DEVICE  name length u16 | name | state (Cap'n Proto, proto/schema/state.capnp)
+//!   PASS    pass u32 (a live source's pass ends here; the destination acknowledges it once
+//!           it has written every page before it, see server.rs)
 //!   END     sections u64 | RAM pages u64 | zero pages u64 (what came before, to be checked)
 //! ```
 //!
@@ -35,6 +37,7 @@ const RAM: u8 = 1;
 const ZERO: u8 = 2;
 const DEVICE: u8 = 3;
 const LZ4: u8 = 4;
+const PASS: u8 = 5;
 const END: u8 = 0xff;
 
 /// The VM's shape: a stream only goes into a VM of the same shape.
@@ -322,6 +325,11 @@ impl<W: Write> Writer<W> {
         self.section(DEVICE, &[&n.to_le_bytes(), name.as_bytes(), state])
     }
 
+    /// Marks the end of pre-copy pass `n` (a live stream).
+    pub fn pass(&mut self, n: u32) -> io::Result<()> {
+        self.section(PASS, &[&n.to_le_bytes()])
+    }
+
     /// Ends the stream; returns the sink and the bytes written.
     pub fn finish(mut self) -> io::Result<(W, u64)> {
         let (s, r, z) = (self.sections, self.ram_pages, self.zero_pages);
@@ -337,6 +345,7 @@ pub enum Section<'a> {
     Ram { gpa: u64, data: &'a [u8] },
     Zero { gpa: u64, pages: u64 },
     Device { name: &'a str, state: &'a [u8] },
+    Pass(u32),
     End,
 }
 
@@ -379,6 +388,7 @@ fn kind_name(kind: u8) -> &'static str {
         LZ4 => "a compressed RAM section",
         ZERO => "a zero-pages section",
         DEVICE => "a device section",
+        PASS => "a pass marker",
         END => "the end marker",
         _ => "a section",
     }
@@ -471,7 +481,7 @@ impl<R: Read> Reader<R> {
         let kind = head[0];
         let len = u64::from_le_bytes(head[1..].try_into().unwrap());
         let bad = |why: String| StreamError::Bad { at: start, why };
-        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | END) {
+        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | PASS | END) {
             return Err(bad(format!("section {n} is of unknown kind {kind:#x}")));
         }
         if len > MAX_PAYLOAD + 8 {
@@ -550,6 +560,12 @@ impl<R: Read> Reader<R> {
                 self.zero_pages += pages;
                 Section::Zero { gpa, pages }
             }
+            PASS => {
+                if payload.len() != 4 {
+                    return Err(bad(format!("{what} holds {len} bytes, 4 expected")));
+                }
+                Section::Pass(u32::from_le_bytes(payload.try_into().unwrap()))
+            }
             DEVICE => {
                 let name_len = payload
                     .get(..2)
@@ -581,6 +597,11 @@ impl<R: Read> Reader<R> {
         };
         self.sections += 1;
         Ok(section)
+    }
+
+    /// The source underneath (to answer a live source).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
     }
 
     /// Bytes read so far.
@@ -627,6 +648,7 @@ mod tests {
             .compressing(compress);
         w.ram(0, &ram, Zeros::Skip).unwrap();
         w.ram(1 << 32, &[7u8; 2 * PAGE], Zeros::Skip).unwrap();
+        w.pass(1).unwrap();
         w.ram(5 * PAGE as u64, &vec![0u8; 3 * PAGE], Zeros::Send)
             .unwrap();
         w.device("vcpu0", b"state of vcpu 0").unwrap();
@@ -646,6 +668,7 @@ mod tests {
                     out.push(format!("ram {gpa:#x} {} {}", data.len() / PAGE, data[0]))
                 }
                 Section::Zero { gpa, pages } => out.push(format!("zero {gpa:#x} {pages}")),
+                Section::Pass(n) => out.push(format!("pass {n}")),
                 Section::Device { name, state } => {
                     out.push(format!("device {name} {}", String::from_utf8_lossy(state)))
                 }
@@ -665,6 +688,7 @@ mod tests {
                 "ram 0xa000 1 10",
                 "ram 0x3f000 1 63",
                 "ram 0x100000000 2 7",
+                "pass 1",
                 "zero 0x5000 3",
                 "device vcpu0 state of vcpu 0",
                 "device serial0 ",
@@ -679,7 +703,7 @@ mod tests {
         let plain = sample();
         let packed = sample_with(true);
         let got = read_all(&packed).unwrap();
-        assert_eq!(got.len(), 7, "{got:?}");
+        assert_eq!(got.len(), 8, "{got:?}");
         assert_eq!(got[0], "ram 0x1000 3 1");
         assert!(got[1].starts_with("ram 0xa000 1 "), "{got:?}");
         assert_eq!(got[2..4], ["ram 0x3f000 1 63", "ram 0x100000000 2 7"]);

@@ -138,9 +138,6 @@ where
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         self.raw.handle()
     }
-    fn unsent(&self) -> Option<usize> {
-        self.raw.unsent()
-    }
 }
 
 /// The source's end: a TLS client that presents client-cert.pem and checks the

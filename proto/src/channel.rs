@@ -182,27 +182,6 @@ impl Drop for Guard {
     }
 }
 
-/// The destination's receive buffer, of a fixed, modest size instead of the kernel's
-/// autotuning (which grows it to several MiB on loopback): what is queued in it when the VM
-/// pauses is what the destination has still to take in during the pause. (The source, for
-/// its part, waits for its own send queue to drain after each pass.) Accepted connections
-/// inherit it from the listening socket.
-pub const RECEIVE_BUFFER: usize = 1 << 20;
-
-fn bound_receive_buffer(s: &impl AsRawFd) {
-    let size = RECEIVE_BUFFER as libc::c_int;
-    // SAFETY: setsockopt with a c_int option value on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-}
-
 /// How long the source tries to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -305,7 +284,6 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
         Uri::Tcp(addr) => {
             let l = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
-            bound_receive_buffer(&l);
             Ok(Opened {
                 fd: l.into(),
                 kind: Kind::Listener,
@@ -316,7 +294,6 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
             let _ = std::fs::remove_file(p);
             let l = std::os::unix::net::UnixListener::bind(p)
                 .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
-            bound_receive_buffer(&l);
             Ok(Opened {
                 fd: l.into(),
                 kind: Kind::Listener,
