@@ -201,6 +201,52 @@ fn migrates_through_inherited_descriptors() {
     migrate_and_check(&dir, &img, src, &src_sock, dst, "fd:5", &[]);
 }
 
+/// A snapshot that cannot be written whole (its filesystem, a 1 MiB tmpfs this test mounts,
+/// fills up) fails with the reason, leaves no partial file behind, and the VM goes on.
+#[test]
+fn a_snapshot_that_fails_midway_leaves_no_file_and_the_vm_goes_on() {
+    let dir = TempDir::new("snap-full");
+    let small = dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "vmm-test-full"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "cannot mount a tmpfs on {}",
+        small.display()
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let img = disk(&dir);
+    let sock = dir.join("src.sock");
+    let src = source(&dir, &img, &sock);
+    let snap = small.join("snap");
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("No space left on device") && err.contains("the VM goes on here"),
+        "{err}\n{}",
+        src.stderr()
+    );
+    assert!(!snap.exists(), "the partial snapshot was left behind");
+    let console = dir.join("source.txt");
+    let at = last_pass(&std::fs::read_to_string(&console).unwrap());
+    wait_until(T, "the guest to go on", || {
+        last_pass(&std::fs::read_to_string(&console).unwrap_or_default()) >= at + 16
+    });
+    let (_, info, _) = vmmctl(&sock, &["info"]);
+    assert!(info.contains("running"), "{info}");
+    drop(src);
+}
+
 /// The stream compressed (LZ4), live.
 #[test]
 fn migrates_over_unix_compressed() {
