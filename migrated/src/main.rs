@@ -1,4 +1,5 @@
-//! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so; it
+//! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so) or
+//! `migrated serve --listen PATH` / socket-activated (vmm-core --migrated-socket connects; it
 //! enters its sandbox before it serves), `migrated inspect FILE`, which reads a snapshot file
 //! or a saved migration stream through every check a restore makes and prints what it holds,
 //! and `migrated print-seccomp`.
@@ -19,10 +20,14 @@ struct Args {
 enum Command {
     /// Check a snapshot file (or a saved stream) as a restore would, and print its contents.
     Inspect { file: PathBuf },
-    /// Serve vmm-core's control connection (an inherited, connected Unix socket), sandboxed.
+    /// Serve vmm-core, sandboxed: its control connection (an inherited, connected Unix
+    /// socket), or every vmm-core that connects to a socket (`--listen PATH`, or, with
+    /// neither, the one systemd passes: socket activation, `vmm-core --migrated-socket`).
     Serve {
-        #[arg(long)]
-        control_fd: i32,
+        #[arg(long, value_name = "FD", conflicts_with = "listen")]
+        control_fd: Option<i32>,
+        #[arg(long, value_name = "PATH")]
+        listen: Option<PathBuf>,
         #[command(flatten)]
         sandbox: Sandbox,
     },
@@ -87,8 +92,9 @@ fn main() {
         Command::Inspect { file } => inspect(&file),
         Command::Serve {
             control_fd,
+            listen,
             sandbox,
-        } => serve(control_fd, &sandbox),
+        } => serve(control_fd, listen, &sandbox),
         Command::PrintSeccomp => {
             let list = vmm_sandbox::seccomp::with_base(allowlist());
             print!("{}", vmm_sandbox::seccomp::describe(&list));
@@ -133,19 +139,68 @@ fn inspect(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(fd: i32, sandbox: &Sandbox) -> Result<(), String> {
+/// What migrated serves: one inherited connection, or a listening socket.
+enum Control {
+    Connection(std::os::unix::net::UnixStream),
+    Listener(std::os::unix::net::UnixListener, Option<PathBuf>),
+}
+
+fn control(control_fd: Option<i32>, listen: Option<PathBuf>) -> Result<Control, String> {
     use std::os::fd::FromRawFd;
-    // SAFETY: F_GETFD only asks whether the descriptor is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("--control-fd {fd}: not an open descriptor"));
+    if let Some(fd) = control_fd {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!(
+                "--control-fd {fd}: not an open descriptor; vmm-core starts migrated with one"
+            ));
+        }
+        // SAFETY: an inherited connected socket that nothing else in this process owns.
+        return Ok(Control::Connection(unsafe {
+            std::os::unix::net::UnixStream::from_raw_fd(fd)
+        }));
     }
+    if let Some(path) = listen {
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("--listen {}: cannot listen on it ({e})", path.display()))?;
+        return Ok(Control::Listener(l, Some(path)));
+    }
+    let mut fds = vmm_sandbox::systemd::listen_fds();
+    match fds.len() {
+        1 => Ok(Control::Listener(fds.pop().expect("one").into(), None)),
+        0 => Err("give --control-fd FD (from vmm-core) or --listen PATH, or start migrated from a systemd socket unit".into()),
+        n => Err(format!(
+            "systemd passed {n} sockets; migrated takes one (ListenStream= once in its .socket unit)"
+        )),
+    }
+}
+
+fn serve(
+    control_fd: Option<i32>,
+    listen: Option<PathBuf>,
+    sandbox: &Sandbox,
+) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let control = control(control_fd, listen)?;
     if !sandbox.no_sandbox {
+        let mut keep = vec![match &control {
+            Control::Connection(s) => s.as_raw_fd(),
+            Control::Listener(l, _) => l.as_raw_fd(),
+        }];
+        match vmm_sandbox::systemd::prepare_notify() {
+            Ok(fd) => keep.extend(fd),
+            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
+        }
         let jail = vmm_sandbox::jail::Jail {
             uid: sandbox.uid,
             gid: sandbox.gid,
-            keep: vec![fd],
+            keep,
             // Guest RAM is mapped here (read-only), so the address space is not bounded.
             max_address_space: u64::MAX,
+            remove_at_exit: match &control {
+                Control::Listener(_, Some(p)) => vec![p.clone()],
+                _ => Vec::new(),
+            },
             ..Default::default()
         };
         // From here on migrated runs sandboxed (in the child, if it forked).
@@ -155,15 +210,52 @@ fn serve(fd: i32, sandbox: &Sandbox) -> Result<(), String> {
             })?;
         log::info!("{line}");
     }
-    // SAFETY: an inherited connected socket that nothing else in this process owns.
-    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the RPC runtime: {e}"))?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, migrated::server::serve(stream));
-    Ok(())
+    let no_sandbox = sandbox.no_sandbox;
+    local.block_on(&rt, async move {
+        let (listener, path) = match control {
+            // vmm-core closing the control socket (or dying) is how migrated is told to end.
+            Control::Connection(stream) => {
+                migrated::server::serve(stream).await;
+                return Ok(());
+            }
+            Control::Listener(l, path) => (l, path),
+        };
+        // Handlers first: as PID 1 of its own PID namespace, a signal with no handler would
+        // not reach it at all.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        log::info!("listening for vmm-core");
+        // Under systemd (Type=notify): what depends on migrated may start now.
+        if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
+            log::warn!("cannot tell systemd it is ready: {e}");
+        }
+        let sig = loop {
+            tokio::select! {
+                got = listener.accept() => {
+                    if let Ok(stream) = got.and_then(|(s, _)| s.into_std()) {
+                        tokio::task::spawn_local(migrated::server::serve(stream));
+                    }
+                }
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+            }
+        };
+        let _ = vmm_sandbox::systemd::notify("STOPPING=1");
+        log::info!("{sig}: stopping");
+        // Sandboxed, the path is out of reach; the jail's waiting parent removes it.
+        if let Some(p) = path.filter(|_| no_sandbox) {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    })
 }
 
 fn log_init() {

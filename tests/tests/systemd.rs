@@ -41,7 +41,7 @@ fn systemd_analyze_verify_accepts_the_units() {
         files.push(instance);
     }
     files.sort();
-    assert_eq!(files.len(), 5, "{files:?}");
+    assert_eq!(files.len(), 7, "{files:?}");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(&files)
@@ -101,6 +101,72 @@ fn chardevd_reports_ready_and_stops_cleanly_on_sigterm() {
     vm.signal(libc::SIGTERM);
     assert_eq!(vm.wait_exit(T), 143);
     assert!(!console.exists(), "vmm-core removes it as it exits");
+}
+
+/// migrated as systemd runs it (migrated@.service): it listens, says READY=1, serves the
+/// vmm-core that connects (a snapshot goes through it), stops cleanly on SIGTERM, and the
+/// vmm-core reconnects to the next one on the same socket, as after systemd's restart.
+#[test]
+fn migrated_serves_a_socket_reports_ready_and_vmm_core_reconnects_after_it_stops() {
+    let tmp = TempDir::new("notify-migrated");
+    let (notify, notify_path) = notify_socket(&tmp);
+    let listen = tmp.join("migrated.sock");
+    let start = || {
+        Command::new(vmm_core_bin().with_file_name("migrated"))
+            .args(["serve", "--listen"])
+            .arg(&listen)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut migrated = start();
+    assert_eq!(next(&notify), "READY=1");
+    let api = tmp.join("api.sock");
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=idle")
+        .args(["--migrated-socket", listen.to_str().unwrap()])
+        .args(["--api-socket", api.to_str().unwrap()])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    assert!(
+        vm.stderr().contains("connected to migrated at"),
+        "{}",
+        vm.stderr()
+    );
+    let snapshot = |name: &str| {
+        let file = tmp.join(name);
+        let (code, out, err) =
+            vmm_tests::vmmctl(&api, &["snapshot", &format!("file:{}", file.display())]);
+        assert_eq!(code, 0, "{out}{err}\n{}", vm.stderr());
+        assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    };
+    snapshot("one.snap");
+
+    // SAFETY: kill on the PID of our own child, not yet reaped.
+    unsafe { libc::kill(migrated.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(
+        migrated.wait().unwrap().code(),
+        Some(0),
+        "a clean stop exits 0"
+    );
+    assert_eq!(next(&notify), "STOPPING=1");
+    assert!(!listen.exists(), "its listening socket is removed");
+    wait_until(T, "vmm-core to notice", || {
+        vm.stderr().contains("lost migrated")
+    });
+    // The next one on the same socket (systemd's restart): vmm-core connects again.
+    let mut again = start();
+    assert_eq!(next(&notify), "READY=1");
+    wait_until(T, "vmm-core to reconnect", || {
+        vm.stderr().contains("migrated: connected again")
+    });
+    snapshot("two.snap");
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(T), 143);
+    // SAFETY: as above.
+    unsafe { libc::kill(again.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(again.wait().unwrap().code(), Some(0));
 }
 
 #[test]

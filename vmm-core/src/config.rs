@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// The migrated executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
     pub migrated: Option<PathBuf>,
+    /// Connect to a migrated that runs already (migrated serve --listen PATH, or its systemd
+    /// socket) instead of starting one; reconnect if the connection drops.
+    #[arg(long, value_name = "PATH", conflicts_with = "migrated")]
+    pub migrated_socket: Option<PathBuf>,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
@@ -139,6 +143,7 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
+    pub migrated_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +341,7 @@ impl VmConfig {
                 authz: args.tls_authz,
             },
             migrated: args.migrated.unwrap_or_else(|| sibling("migrated")),
+            migrated_socket: args.migrated_socket,
             chardevd: args.chardevd.unwrap_or_else(|| {
                 std::env::current_exe()
                     .map(|p| p.with_file_name("chardevd"))

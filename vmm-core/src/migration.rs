@@ -198,6 +198,34 @@ impl Drop for Migrated {
     }
 }
 
+/// Where migrated comes from: vmm-core starts it (the executable, and the seccomp mode or
+/// None for --no-sandbox), or it runs already and listens on a socket (systemd's).
+#[derive(Clone)]
+pub enum Source {
+    Spawn(std::path::PathBuf, Option<String>),
+    Socket(std::path::PathBuf),
+}
+
+/// A control connection to migrated: started now (and its process), or connected to.
+fn obtain(
+    source: &Source,
+    report: crate::helpers::SeccompReport,
+) -> Result<(std::os::unix::net::UnixStream, Option<std::process::Child>), String> {
+    match source {
+        Source::Spawn(exe, sandbox) => {
+            spawn(exe, sandbox.as_deref(), report).map(|(s, c)| (s, Some(c)))
+        }
+        Source::Socket(path) => std::os::unix::net::UnixStream::connect(path)
+            .map(|s| (s, None))
+            .map_err(|e| {
+                format!(
+                    "--migrated-socket {}: cannot connect ({e}); is migrated running (migrated serve --listen PATH, or its systemd socket)?",
+                    path.display()
+                )
+            }),
+    }
+}
+
 /// Starts migrated with a connected control socket as its fd 3.
 fn spawn(
     exe: &Path,
@@ -240,17 +268,20 @@ fn spawn(
 /// blockd's and chardevd's are): when migrated dies it starts another, so the next
 /// migration works; a call that was under way fails and says so.
 pub fn start(
-    exe: &Path,
-    sandbox: Option<String>,
+    source: Source,
     report: crate::helpers::SeccompReport,
     on_death: Box<dyn Fn(String) + Send>,
 ) -> Result<Migrated, String> {
-    let (first, child) = spawn(exe, sandbox.as_deref(), report.clone())?;
-    log::info!("started migrated (pid {})", child.id());
-    let child = std::sync::Arc::new(std::sync::Mutex::new(Some(child)));
+    let (first, child) = obtain(&source, report.clone())?;
+    match (&child, &source) {
+        (Some(c), _) => log::info!("started migrated (pid {})", c.id()),
+        (None, Source::Socket(p)) => log::info!("connected to migrated at {}", p.display()),
+        (None, _) => {}
+    }
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
     let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (exe, slot, stop) = (exe.to_path_buf(), child.clone(), ending.clone());
+    let (slot, stop) = (child.clone(), ending.clone());
     std::thread::Builder::new()
         .name("migrated-client".into())
         .spawn(move || {
@@ -271,10 +302,15 @@ pub fn start(
                 loop {
                     let ours = match control.take() {
                         Some(c) => c,
-                        None => match spawn(&exe, sandbox.as_deref(), report.clone()) {
+                        None => match obtain(&source, report.clone()) {
                             Ok((c, child)) => {
-                                log::warn!("migrated: started another (pid {})", child.id());
-                                let old = slot.lock().unwrap().replace(child);
+                                match &child {
+                                    Some(ch) => {
+                                        log::warn!("migrated: started another (pid {})", ch.id())
+                                    }
+                                    None => log::warn!("migrated: connected again"),
+                                }
+                                let old = std::mem::replace(&mut *slot.lock().unwrap(), child);
                                 if let Some(mut old) = old {
                                     let _ = old.wait();
                                 }
@@ -328,13 +364,14 @@ pub fn start(
                     if stop.load(std::sync::atomic::Ordering::Acquire) {
                         return;
                     }
-                    // migrated is gone: reap it, say so, and start another.
+                    // migrated is gone: reap it, say so, and start another (or reconnect to
+                    // the socket, where systemd starts another).
                     let status = slot
                         .lock()
                         .unwrap()
                         .as_mut()
                         .and_then(|c| c.wait().ok())
-                        .map_or("it ended".to_string(), |s| s.to_string());
+                        .map_or("its connection closed".to_string(), |s| s.to_string());
                     on_death(status);
                     backoff = std::time::Duration::from_millis(100);
                 }

@@ -423,8 +423,13 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
     // migrated: started now, as the main thread's filter forbids new processes later.
     let migrated = crate::migration::start(
-        &config.migrated,
-        config.sandbox.then(|| config.seccomp.clone()),
+        match &config.migrated_socket {
+            Some(path) => crate::migration::Source::Socket(path.clone()),
+            None => crate::migration::Source::Spawn(
+                config.migrated.clone(),
+                config.sandbox.then(|| config.seccomp.clone()),
+            ),
+        },
         crate::helpers::seccomp_reporter(shared.clone()),
         {
             let shared = shared.clone();
