@@ -77,19 +77,8 @@ struct Args {
     /// Serve one frontend connection, then exit.
     #[arg(long)]
     once: bool,
-    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid,
-    /// seccomp), to debug.
-    #[arg(long)]
-    no_sandbox: bool,
-    /// The uid and gid the sandboxed blockd runs as.
-    #[arg(long, value_name = "UID", default_value_t = 65534)]
-    uid: u32,
-    #[arg(long, value_name = "GID", default_value_t = 65534)]
-    gid: u32,
-    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
-    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
-    #[arg(long, value_name = "MODE", default_value = "kill")]
-    seccomp: vmm_sandbox::seccomp::Mode,
+    #[command(flatten)]
+    sandbox: vmm_sandbox::Flags,
     /// Print the seccomp allowlist, a system call a line with its reason, and exit.
     #[arg(long)]
     print_seccomp: bool,
@@ -144,12 +133,12 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 
 /// Enters the sandbox, keeping only `keep` (and stdio) open.
 fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<(), String> {
-    if args.no_sandbox {
+    if args.sandbox.no_sandbox {
         return Ok(());
     }
     let jail = vmm_sandbox::jail::Jail {
-        uid: args.uid,
-        gid: args.gid,
+        uid: args.sandbox.uid,
+        gid: args.sandbox.gid,
         keep,
         // Guest RAM is mapped here, so the address space is not bounded; the descriptors
         // (per queue: kick, call, ring, epoll) are many.
@@ -158,9 +147,12 @@ fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<
         remove_at_exit,
         ..Default::default()
     };
-    let line = vmm_sandbox::confine("blockd", &jail, allowlist(), args.seccomp).map_err(|e| {
-        format!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)")
-    })?;
+    let line =
+        vmm_sandbox::confine("blockd", &jail, allowlist(), args.sandbox.seccomp).map_err(|e| {
+            format!(
+                "cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)"
+            )
+        })?;
     log::info!("{line}");
     Ok(())
 }

@@ -24,19 +24,8 @@ struct Args {
     /// With neither option, a socket that systemd passes (LISTEN_FDS) is used.
     #[arg(long, value_name = "PATH")]
     listen: Option<std::path::PathBuf>,
-    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid), to
-    /// debug.
-    #[arg(long)]
-    no_sandbox: bool,
-    /// The uid and gid the sandboxed chardevd runs as.
-    #[arg(long, value_name = "UID", default_value_t = 65534)]
-    uid: u32,
-    #[arg(long, value_name = "GID", default_value_t = 65534)]
-    gid: u32,
-    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
-    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
-    #[arg(long, value_name = "MODE", default_value = "kill")]
-    seccomp: vmm_sandbox::seccomp::Mode,
+    #[command(flatten)]
+    sandbox: vmm_sandbox::Flags,
     /// Print the seccomp allowlist, a system call a line with its reason, and exit.
     #[arg(long)]
     print_seccomp: bool,
@@ -134,7 +123,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !args.no_sandbox {
+    if !args.sandbox.no_sandbox {
         use std::os::fd::AsRawFd;
         let mut keep = vec![match &control {
             Control::Connection(s) => s.as_raw_fd(),
@@ -145,8 +134,8 @@ fn main() -> ExitCode {
             Err(e) => eprintln!("chardevd: cannot reach systemd's notification socket: {e}"),
         }
         let jail = vmm_sandbox::jail::Jail {
-            uid: args.uid,
-            gid: args.gid,
+            uid: args.sandbox.uid,
+            gid: args.sandbox.gid,
             keep,
             remove_at_exit: match &control {
                 Control::Listener(_, Some(path)) => vec![path.clone()],
@@ -155,7 +144,7 @@ fn main() -> ExitCode {
             ..Default::default()
         };
         // From here on chardevd runs sandboxed (in the child, if it forked).
-        match vmm_sandbox::confine("chardevd", &jail, allowlist(), args.seccomp) {
+        match vmm_sandbox::confine("chardevd", &jail, allowlist(), args.sandbox.seccomp) {
             Ok(_) => {}
             Err(e) => {
                 eprintln!("chardevd: error: cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
@@ -174,7 +163,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    let no_sandbox = args.no_sandbox;
+    let no_sandbox = args.sandbox.no_sandbox;
     local.block_on(&rt, async move {
         let mut listen_path: Option<std::path::PathBuf> = None;
         // Handlers first, before anyone is told chardevd is ready: as PID 1 of its own PID

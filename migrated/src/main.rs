@@ -29,27 +29,10 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         listen: Option<PathBuf>,
         #[command(flatten)]
-        sandbox: Sandbox,
+        sandbox: vmm_sandbox::Flags,
     },
     /// Print the seccomp allowlist of `serve`, a system call a line with its reason.
     PrintSeccomp,
-}
-
-#[derive(clap::Args)]
-struct Sandbox {
-    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid,
-    /// seccomp), to debug.
-    #[arg(long)]
-    no_sandbox: bool,
-    /// The uid and gid the sandboxed migrated runs as.
-    #[arg(long, value_name = "UID", default_value_t = 65534)]
-    uid: u32,
-    #[arg(long, value_name = "GID", default_value_t = 65534)]
-    gid: u32,
-    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
-    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
-    #[arg(long, value_name = "MODE", default_value = "kill")]
-    seccomp: vmm_sandbox::seccomp::Mode,
 }
 
 /// migrated's system calls beyond the common base. It opens nothing: vmm-core hands it the
@@ -178,7 +161,7 @@ fn control(control_fd: Option<i32>, listen: Option<PathBuf>) -> Result<Control, 
 fn serve(
     control_fd: Option<i32>,
     listen: Option<PathBuf>,
-    sandbox: &Sandbox,
+    sandbox: &vmm_sandbox::Flags,
 ) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let control = control(control_fd, listen)?;

@@ -7,6 +7,24 @@ pub mod seccomp;
 pub mod syscalls;
 pub mod systemd;
 
+/// The sandbox flags every helper takes (`#[command(flatten)]` them into its arguments).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Flags {
+    /// Run without the sandbox (namespaces, an empty root, no capabilities, another uid,
+    /// seccomp), to debug.
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// The uid and gid the sandboxed helper runs as.
+    #[arg(long, value_name = "UID", default_value_t = 65534)]
+    pub uid: u32,
+    #[arg(long, value_name = "GID", default_value_t = 65534)]
+    pub gid: u32,
+    /// What a system call outside the allowlist does: kill (report it on stderr, then die by
+    /// SIGSYS) or log (the kernel logs it and lets it through; to develop the allowlist).
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    pub seccomp: seccomp::Mode,
+}
+
 /// Enters the jail, then installs the helper's seccomp allowlist (base plus `extra`), while
 /// the process has one thread. Returns a line for the log.
 pub fn confine(
