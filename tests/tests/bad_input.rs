@@ -67,7 +67,7 @@ fn kernel_that_is_neither_bzimage_nor_elf() {
         &["--kernel", f.to_str().unwrap()],
         &["neither a bzImage nor an ELF"],
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    drop(dir);
 }
 
 #[test]
@@ -82,7 +82,7 @@ fn kernel_elf_for_another_machine() {
         &["--kernel", f.to_str().unwrap()],
         &["e_machine 183", "x86_64"],
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    drop(dir);
 }
 
 #[test]
@@ -105,7 +105,7 @@ fn truncated_kernels() {
             "{line}"
         );
     }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop(dir);
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn initramfs_larger_than_guest_ram() {
         line.contains("--initramfs") && line.contains("more --memory"),
         "{line}"
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    drop(dir);
 }
 
 #[test]
@@ -260,7 +260,7 @@ fn dev_kvm_not_permitted() {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("setpriv (util-linux) must be installed");
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -270,15 +270,11 @@ fn dev_kvm_not_permitted() {
 }
 
 /// A world-readable temporary directory, unique per test (each test removes its own).
-fn tempdir() -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
+/// A directory of its own for one test, removed when it ends, passed or failed.
+fn tempdir() -> vmm_tests::TempDir {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("vmm-test-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
+    vmm_tests::TempDir::new(&format!("bad-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 #[test]
