@@ -11,7 +11,7 @@ use std::io::{BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_proto::migrated_capnp::{migrated, shape, ChannelKind};
+use vmm_proto::migrated_capnp::{migrated, shape};
 
 /// How long a destination waits for its source, and a source for the destination's answer.
 const WAIT: Duration = Duration::from_secs(120);
@@ -115,14 +115,6 @@ fn read_shape(s: shape::Reader) -> Result<(Vec<(u64, u64)>, Config), capnp::Erro
         vcpus: s.get_vcpus(),
     };
     Ok((regions, config))
-}
-
-fn read_kind(k: Result<ChannelKind, capnp::NotInSchema>) -> Result<channel::Kind, capnp::Error> {
-    Ok(match k? {
-        ChannelKind::Stream => channel::Kind::Stream,
-        ChannelKind::Listener => channel::Kind::Listener,
-        ChannelKind::File => channel::Kind::File,
-    })
 }
 
 fn read_tls(
@@ -324,7 +316,7 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        let kind = read_kind(p.get_kind())?;
+        let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let limit = p.get_bandwidth();
@@ -468,7 +460,7 @@ impl migrated::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
-        let kind = read_kind(p.get_kind())?;
+        let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
         let (memfd, fd) = self.fds().map_err(failed)?;

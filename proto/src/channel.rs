@@ -95,6 +95,27 @@ pub enum Kind {
     File,
 }
 
+impl From<Kind> for crate::migrated_capnp::ChannelKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Stream => Self::Stream,
+            Kind::Listener => Self::Listener,
+            Kind::File => Self::File,
+        }
+    }
+}
+
+impl From<crate::migrated_capnp::ChannelKind> for Kind {
+    fn from(k: crate::migrated_capnp::ChannelKind) -> Self {
+        use crate::migrated_capnp::ChannelKind as C;
+        match k {
+            C::Stream => Kind::Stream,
+            C::Listener => Kind::Listener,
+            C::File => Kind::File,
+        }
+    }
+}
+
 /// An opened channel: the descriptor for migrated, and what vmm-core keeps to end it.
 pub struct Opened {
     pub fd: OwnedFd,
@@ -212,47 +233,51 @@ fn exec(uri: &Uri, command: &str) -> Result<Opened, String> {
     })
 }
 
+/// Waits for a connection for at most CONNECT_TIMEOUT.
+async fn within<S>(
+    uri: &Uri,
+    connect: impl std::future::Future<Output = io::Result<S>>,
+) -> Result<S, String> {
+    let hint = format!("is the destination started with --incoming {uri}?");
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| {
+            format!(
+                "{uri}: no answer within {} s; {hint}",
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))
+}
+
+/// Clears O_NONBLOCK: migrated uses every channel blocking.
+fn set_blocking(fd: &OwnedFd) {
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+}
+
 /// The source's end: connects, starts the command, or creates the snapshot file (which must
 /// not exist). fd: is the caller's (see `classify`).
 pub async fn open_source(uri: &Uri) -> Result<Opened, String> {
-    let hint = format!("is the destination started with --incoming {uri}?");
     let mut guard = Guard::new(uri);
-    match uri {
+    let (fd, kind): (OwnedFd, Kind) = match uri {
         Uri::Tcp(addr) => {
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "{uri}: no answer within {} s; {hint}",
-                        CONNECT_TIMEOUT.as_secs()
-                    )
-                })?
-                .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))?;
+            let s = within(uri, tokio::net::TcpStream::connect(addr)).await?;
             let _ = s.set_nodelay(true);
             let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
-            s.set_nonblocking(false)
-                .map_err(|e| format!("{uri}: {e}"))?;
-            Ok(Opened {
-                fd: s.into(),
-                kind: Kind::Stream,
-                guard,
-            })
+            (s.into(), Kind::Stream)
         }
         Uri::Unix(p) => {
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(p))
-                .await
-                .map_err(|_| format!("{uri}: no answer; {hint}"))?
-                .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))?;
+            let s = within(uri, tokio::net::UnixStream::connect(p)).await?;
             let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
-            s.set_nonblocking(false)
-                .map_err(|e| format!("{uri}: {e}"))?;
-            Ok(Opened {
-                fd: s.into(),
-                kind: Kind::Stream,
-                guard,
-            })
+            (s.into(), Kind::Stream)
         }
-        Uri::Exec(cmd) => exec(uri, cmd),
+        Uri::Exec(cmd) => return exec(uri, cmd),
         Uri::File(p) => {
             let f = std::fs::OpenOptions::new()
                 .write(true)
@@ -264,55 +289,42 @@ pub async fn open_source(uri: &Uri) -> Result<Opened, String> {
                     ),
                     _ => format!("{uri}: cannot create it ({e})"),
                 })?;
-            Ok(Opened {
-                fd: f.into(),
-                kind: Kind::File,
-                guard: {
-                    guard.partial = Some(p.clone());
-                    guard
-                },
-            })
+            guard.partial = Some(p.clone());
+            (f.into(), Kind::File)
         }
-        Uri::Fd(_) => Err(format!("{uri}: an fd: channel is classified, not opened")),
-    }
+        Uri::Fd(_) => return Err(format!("{uri}: an fd: channel is classified, not opened")),
+    };
+    set_blocking(&fd);
+    Ok(Opened { fd, kind, guard })
 }
 
 /// The destination's end: a listening socket, the command, or the snapshot file to read.
 pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
     let mut guard = Guard::new(uri);
-    match uri {
-        Uri::Tcp(addr) => {
-            let l = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
-            Ok(Opened {
-                fd: l.into(),
-                kind: Kind::Listener,
-                guard,
-            })
-        }
+    let listen_failed = |e: io::Error| format!("{uri}: cannot listen there ({e})");
+    let (fd, kind): (OwnedFd, Kind) = match uri {
+        Uri::Tcp(addr) => (
+            std::net::TcpListener::bind(addr)
+                .map_err(listen_failed)?
+                .into(),
+            Kind::Listener,
+        ),
         Uri::Unix(p) => {
             let _ = std::fs::remove_file(p);
-            let l = std::os::unix::net::UnixListener::bind(p)
-                .map_err(|e| format!("{uri}: cannot listen there ({e})"))?;
-            Ok(Opened {
-                fd: l.into(),
-                kind: Kind::Listener,
-                guard: {
-                    guard.socket = Some(p.clone());
-                    guard
-                },
-            })
+            let l = std::os::unix::net::UnixListener::bind(p).map_err(listen_failed)?;
+            guard.socket = Some(p.clone());
+            (l.into(), Kind::Listener)
         }
-        Uri::Exec(cmd) => exec(uri, cmd),
-        Uri::File(p) => Ok(Opened {
-            fd: std::fs::File::open(p)
+        Uri::Exec(cmd) => return exec(uri, cmd),
+        Uri::File(p) => (
+            std::fs::File::open(p)
                 .map_err(|e| format!("{uri}: cannot open it ({e})"))?
                 .into(),
-            kind: Kind::File,
-            guard,
-        }),
-        Uri::Fd(_) => Err(format!("{uri}: an fd: channel is classified, not opened")),
-    }
+            Kind::File,
+        ),
+        Uri::Fd(_) => return Err(format!("{uri}: an fd: channel is classified, not opened")),
+    };
+    Ok(Opened { fd, kind, guard })
 }
 
 /// A socket's integer option at level SOL_SOCKET (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN).
@@ -361,18 +373,11 @@ pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
         }
         _ => {
             return Err(format!(
-                "{uri}: the descriptor is neither a stream socket nor a regular file (a pipe carries one direction only); pass a socket or a file"
+                "{uri}: the descriptor is neither a stream socket nor a regular file; pass a connected or listening stream socket, or a file (a pipe is refused: it carries one direction only)"
             ))
         }
     };
-    // Blocking, as migrated uses it.
-    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
-    }
+    set_blocking(&fd);
     Ok(Opened {
         fd,
         kind,

@@ -167,13 +167,18 @@ fn migrates_over_tcp_to_another_network_namespace() {
 
 #[test]
 fn migrates_over_unix() {
-    let dir = TempDir::new("mig-unix");
+    over_unix("mig-unix", &[]);
+}
+
+/// A plain unix: migration, with `extra` arguments to `vmmctl migrate`.
+fn over_unix(name: &str, extra: &[&str]) {
+    let dir = TempDir::new(name);
     let img = disk(&dir);
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let dst = destination(&dir, &img, &uri, None, &[]);
-    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
+    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, extra);
 }
 
 /// fd:N: the two vmm-cores inherit the two ends of a socket pair (as an orchestrator that
@@ -250,13 +255,7 @@ fn a_snapshot_that_fails_midway_leaves_no_file_and_the_vm_goes_on() {
 /// The stream compressed (LZ4), live.
 #[test]
 fn migrates_over_unix_compressed() {
-    let dir = TempDir::new("mig-lz4");
-    let img = disk(&dir);
-    let src_sock = dir.join("src.sock");
-    let src = source(&dir, &img, &src_sock);
-    let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let dst = destination(&dir, &img, &uri, None, &[]);
-    migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &["--compress"]);
+    over_unix("mig-lz4", &["--compress"]);
 }
 
 fn dst_waits(dst: &TestVm) {

@@ -492,7 +492,7 @@ impl vmm::Server for VmmServer {
         let o = p.get_options()?;
         let failed = |m: String| capnp::Error::failed(m);
         if let Err(e) = vmm_proto::channel::Uri::parse(&uri) {
-            return Err(failed(format!("migrate {e}")));
+            return Err(failed(e));
         }
         let m = self
             .shared

@@ -147,8 +147,8 @@ pub struct SharedDirtyLog {
     file: File,
     ptr: *mut u64,
     words: usize,
-    /// The VM's RAM size (for the translation to memfd pages).
-    size: u64,
+    /// The VM's RAM ranges (gpa, bytes, memfd offset), for the translation to memfd pages.
+    ranges: Vec<(u64, u64, u64)>,
 }
 
 // SAFETY: the mapping is only touched through atomic word operations.
@@ -157,7 +157,8 @@ unsafe impl Send for SharedDirtyLog {}
 impl SharedDirtyLog {
     /// A log that covers all guest RAM of a VM of `size` bytes.
     pub fn new(size: u64) -> std::io::Result<SharedDirtyLog> {
-        let top = ram_ranges(size)
+        let ranges = ram_ranges(size);
+        let top = ranges
             .iter()
             .map(|&(gpa, len, _)| gpa + len)
             .max()
@@ -190,7 +191,7 @@ impl SharedDirtyLog {
             file,
             ptr: ptr.cast(),
             words: bytes / 8,
-            size,
+            ranges,
         })
     }
 
@@ -214,7 +215,7 @@ impl SharedDirtyLog {
                 let b = u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
                 let gpa = (w as u64 * 64 + b) * PAGE_SIZE;
-                mark_gpa(bitmap, self.size, gpa, PAGE_SIZE);
+                mark_in(bitmap, &self.ranges, gpa, PAGE_SIZE);
             }
         }
     }
@@ -223,10 +224,14 @@ impl SharedDirtyLog {
 /// Sets, in a bitmap over the memfd's pages, the pages of `len` bytes at guest physical
 /// address `gpa` (what lies outside RAM is left out).
 pub fn mark_gpa(bitmap: &mut Vec<u64>, size: u64, gpa: u64, len: u64) {
+    mark_in(bitmap, &ram_ranges(size), gpa, len)
+}
+
+fn mark_in(bitmap: &mut Vec<u64>, ranges: &[(u64, u64, u64)], gpa: u64, len: u64) {
     if len == 0 {
         return;
     }
-    for (start, rlen, offset) in ram_ranges(size) {
+    for &(start, rlen, offset) in ranges {
         let (a, b) = (gpa.max(start), (gpa + len).min(start + rlen));
         if a >= b {
             continue;

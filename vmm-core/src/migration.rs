@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Mutex;
-use vmm_proto::channel::{self, Creds, Kind, Opened, Uri};
+use vmm_proto::channel::{self, Creds, Opened, Uri};
 use vmm_proto::migrated_capnp::{migrated, ChannelKind};
 
 /// A connection to migrated, used on its client thread.
@@ -36,11 +36,7 @@ impl Conn {
         vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), opened.fd.as_fd()])
             .map_err(|e| format!("migrated: cannot hand it guest RAM and the channel ({e})"))?;
         self.channel.replace(Some(opened.guard));
-        Ok(match opened.kind {
-            Kind::Stream => ChannelKind::Stream,
-            Kind::Listener => ChannelKind::Listener,
-            Kind::File => ChannelKind::File,
-        })
+        Ok(opened.kind.into())
     }
 
     /// The transfer completed: an exec: command may finish, a snapshot file stays.
@@ -119,11 +115,6 @@ async fn open_channel(
         (_, true) => channel::open_source(&uri).await?,
         (_, false) => channel::open_destination(&uri)?,
     };
-    if creds.is_some() && opened.kind == Kind::File {
-        return Err(format!(
-            "{uri}: a snapshot file has no peer to authenticate; TLS is for live channels"
-        ));
-    }
     Ok((opened, creds))
 }
 

@@ -1272,7 +1272,11 @@ fn take_incoming(
         config.memory,
         config.max_cpus,
     )
-    .map_err(|e| VmError::Incoming(uri.into(), e))?;
+    // The error names the channel already; "--incoming URI: " goes in front of the rest.
+    .map_err(|e| {
+        let why = e.strip_prefix(&format!("{uri}: ")).unwrap_or(&e);
+        VmError::Incoming(uri.into(), why.to_string())
+    })?;
     log::info!(
         "--incoming {uri}: {} MiB received in {} ms, every check passed",
         n >> 20,
