@@ -15,3 +15,13 @@ pub mod fdpass;
 pub mod rpc;
 pub mod terminal;
 pub mod throttle;
+
+/// A state message as a restore gets it: written out as bytes (as in a stream) and read back.
+/// The device state tests of vmm-core and vmm-devices use it.
+pub fn through_bytes(
+    msg: &capnp::message::Builder<capnp::message::HeapAllocator>,
+) -> capnp::message::Reader<capnp::serialize::OwnedSegments> {
+    let bytes = capnp::serialize::write_message_to_words(msg);
+    capnp::serialize::read_message(&mut &bytes[..], capnp::message::ReaderOptions::new())
+        .expect("a message just written reads back")
+}

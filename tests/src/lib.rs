@@ -144,6 +144,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     netns: Option<String>,
     fds: Vec<(std::os::fd::OwnedFd, i32)>,
+    own_group: bool,
 }
 
 impl Builder {
@@ -192,6 +193,12 @@ impl Builder {
         self
     }
 
+    /// Starts vmm-core in a process group of its own (its helpers join it).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
+    }
+
     /// Runs vmm-core inside a network namespace (see `NetNs`).
     pub fn in_netns(mut self, ns: &NetNs) -> Self {
         self.netns = Some(ns.name.clone());
@@ -213,6 +220,10 @@ impl Builder {
             .arg(&self.kernel)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if self.own_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         let fds: Vec<(i32, i32)> = self
             .fds
             .iter()
@@ -259,6 +270,7 @@ impl TestVm {
             env: Vec::new(),
             netns: None,
             fds: Vec::new(),
+            own_group: false,
         }
     }
 
@@ -385,11 +397,13 @@ impl TestVm {
         loop {
             if let Some(s) = self.child.try_wait().expect("waitpid") {
                 self.status = Some(s);
-                // Let the readers drain the pipes.
+                // Let the readers drain the pipes (for 5 s at most: a helper that outlived
+                // vmm-core may hold them open).
                 let (lock, cv) = &*self.captured;
                 let mut c = lock.lock().unwrap();
-                while c.closed < 2 {
-                    c = cv.wait_timeout(c, Duration::from_secs(5)).unwrap().0;
+                let drained = Instant::now() + Duration::from_secs(5);
+                while c.closed < 2 && Instant::now() < drained {
+                    c = cv.wait_timeout(c, Duration::from_millis(100)).unwrap().0;
                 }
                 use std::os::unix::process::ExitStatusExt;
                 return s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0));

@@ -412,3 +412,98 @@ fn vmm_core_threads_run_under_seccomp_filters_by_role() {
         vm.stderr()
     );
 }
+
+/// Every process under `pid`, children first found first.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = children_of(pid);
+    while let Some(p) = todo.pop() {
+        todo.extend(children_of(p));
+        out.push(p);
+    }
+    out
+}
+
+/// Whether a process runs no more: gone, or a zombie (ours to reap: the test is their
+/// subreaper).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Kills (by PID) and reaps the processes a failed test left behind: our vmm-core's helpers,
+/// reparented to this test (their subreaper).
+struct Leftovers(Vec<u32>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            if !gone(p) {
+                // SAFETY: kill on a helper our own vmm-core started (found under its PID); a
+                // stopped one ends too.
+                unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+            }
+            // SAFETY: waitpid on one PID reaps it if it is our child (it has been killed, so
+            // this returns), and fails at once if it is not.
+            unsafe { libc::waitpid(p as libc::pid_t, std::ptr::null_mut(), 0) };
+        }
+    }
+}
+
+/// A vmm-core killed by SIGKILL (it cleans nothing up) leaves no helper behind: chardevd,
+/// blockd and migrated, and the sandboxed process each forked, all die with it, sandboxed or
+/// not. Each helper is stopped (SIGSTOP) first, so that none can end by itself when its
+/// control connection closes: only the parent-death signal (SIGKILL) can end them. (The test
+/// is the helpers' subreaper and vmm-core has a process group of its own, so the stopped
+/// helpers' group is not orphaned, which would have the kernel send them SIGHUP.)
+#[test]
+fn helpers_die_when_vmm_core_is_killed() {
+    // SAFETY: prctl only marks this (test) process as a subreaper.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
+    for sandbox in [true, false] {
+        let dir = vmm_tests::TempDir::new("helpers-die");
+        let img = dir.join("disk.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let mut b = TestVm::builder()
+            .cmdline("tg.scenario=echo")
+            .own_process_group()
+            .args(["--disk", &format!("path={}", img.display())]);
+        if !sandbox {
+            b = b.arg("--no-sandbox");
+        }
+        let mut vm = b.spawn();
+        vm.wait_for("tg: ready", T);
+        let mut helpers = Vec::new();
+        wait_until(T, "chardevd, blockd and migrated", || {
+            helpers = descendants(vm.pid());
+            let names: Vec<String> = helpers.iter().map(|&p| process_name(p)).collect();
+            ["chardevd", "blockd", "migrated"]
+                .iter()
+                .all(|h| names.iter().filter(|n| n == h).count() == if sandbox { 2 } else { 1 })
+        });
+        let _leftovers = Leftovers(helpers.clone());
+        for &p in &helpers {
+            // SAFETY: SIGSTOP to a helper our vmm-core started (found under its PID).
+            assert_eq!(unsafe { libc::kill(p as libc::pid_t, libc::SIGSTOP) }, 0);
+        }
+        vm.signal(libc::SIGKILL);
+        assert_eq!(vm.wait_exit(T), 128 + libc::SIGKILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && !helpers.iter().all(|&p| gone(p)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<String> = helpers
+            .iter()
+            .filter(|&&p| !gone(p))
+            .map(|&p| format!("{} (pid {p})", process_name(p)))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "sandbox {sandbox}: still running 10 s after vmm-core was killed: {left:?}"
+        );
+    }
+}

@@ -3,7 +3,8 @@
 //! from shared status; anything that changes the VM goes to the VM's main loop as an event and
 //! waits for its answer there.
 
-use crate::vm::VmEvent;
+use crate::control::{ApiRequest, Request, VmEvent};
+use crate::events::Events;
 use futures::channel::oneshot;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,27 +25,6 @@ pub enum ApiError {
     Thread(#[source] std::io::Error),
 }
 
-/// A request that only the VM's main loop can carry out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
-    Pause,
-    Resume,
-    Shutdown {
-        force: bool,
-    },
-    Reboot,
-    /// Hot-add or hot-remove vCPUs until `count` are online; give up after `timeout_ms`.
-    SetCpus {
-        count: u32,
-        timeout_ms: u32,
-    },
-    /// KVM's dirty log on (and cleared), or off: turning it off stores how many pages the
-    /// guest wrote meanwhile in `Status::dirty_pages`.
-    DirtyLog {
-        on: bool,
-    },
-}
-
 /// One vCPU as `cpus` reports it.
 #[derive(Debug, Clone)]
 pub struct VcpuStatus {
@@ -53,13 +33,6 @@ pub struct VcpuStatus {
     pub state: &'static str,
     /// How many times its parked KVM fd was reused by a hot-add.
     pub reuses: u32,
-}
-
-/// A request and where its answer goes.
-#[derive(Debug)]
-pub struct ApiRequest {
-    pub request: Request,
-    pub reply: oneshot::Sender<Result<(), String>>,
 }
 
 /// What `info` reports; the VM's main loop keeps it current.
@@ -81,18 +54,20 @@ pub struct Status {
 
 pub struct Shared {
     /// The VM's disks' blockd (statistics for `disks`).
-    pub blockd: Mutex<Option<crate::block::Blockd>>,
+    pub blockd: Mutex<Option<crate::helpers::blockd::Blockd>>,
     pub status: Mutex<Status>,
     pub started: Instant,
-    pub events: Events,
+    pub events: Arc<Events>,
     /// The console's chardevd device, when it has one.
-    pub console: Mutex<Option<crate::chardev::ControlSender>>,
+    pub console: Mutex<Option<crate::helpers::chardevd::ControlSender>>,
     /// The console's output (for attached viewers) and where their input goes, when the
     /// console is served by chardevd.
-    pub console_view:
-        std::sync::OnceLock<(Arc<crate::chardev::ConsoleBuffer>, crate::chardev::InputFn)>,
+    pub console_view: std::sync::OnceLock<(
+        Arc<crate::helpers::chardevd::ConsoleBuffer>,
+        crate::helpers::chardevd::InputFn,
+    )>,
     /// migrated, started with the VM.
-    pub migrated: std::sync::OnceLock<Arc<crate::migration::Migrated>>,
+    pub migrated: std::sync::OnceLock<Arc<crate::helpers::migrated::Migrated>>,
     /// The current or last migration's progress.
     pub migration: crate::migration::Progress,
 }
@@ -113,75 +88,6 @@ const FIXED_DEVICES: &[(&str, &str, &str)] = &[
 
 /// The consoles by name; only serial0 so far.
 const CONSOLES: &[&str] = &["serial0"];
-
-/// One event, as subscribers receive it.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub time_unix_ms: u64,
-    pub kind: &'static str,
-    pub detail: String,
-}
-
-/// How far a subscriber may fall behind before it is dropped.
-const SUBSCRIBER_BACKLOG: usize = 1024;
-
-/// Events fan out from the VM to every subscriber, each through a bounded queue.
-#[derive(Default)]
-pub struct Events {
-    subscribers: Mutex<Vec<futures::channel::mpsc::Sender<Event>>>,
-    /// Events queued but not yet delivered, over all subscribers.
-    in_flight: std::sync::atomic::AtomicUsize,
-}
-
-impl Events {
-    pub fn emit(&self, kind: &'static str, detail: impl Into<String>) {
-        use std::sync::atomic::Ordering;
-        let time_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let event = Event {
-            time_unix_ms,
-            kind,
-            detail: detail.into(),
-        };
-        let mut subs = self.subscribers.lock().unwrap();
-        subs.retain_mut(|s| match s.try_send(event.clone()) {
-            Ok(()) => {
-                self.in_flight.fetch_add(1, Ordering::AcqRel);
-                true
-            }
-            Err(e) if e.is_full() => {
-                log::warn!(
-                    "API: dropped an event subscriber that fell {SUBSCRIBER_BACKLOG} events behind"
-                );
-                false
-            }
-            Err(_) => false,
-        });
-    }
-
-    fn subscribe(&self) -> futures::channel::mpsc::Receiver<Event> {
-        let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BACKLOG);
-        self.subscribers.lock().unwrap().push(tx);
-        rx
-    }
-
-    fn delivered(&self) {
-        self.in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Waits (up to `timeout`) until every queued event has reached its subscriber: the last
-    /// events before the VMM exits should not be lost.
-    pub fn flush(&self, timeout: std::time::Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-    }
-}
 
 /// The listening socket, removed again when the VMM ends.
 pub struct ApiSocket {
@@ -309,7 +215,7 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
 }
 
 /// Where an attached viewer's keystrokes go: the guest's console input.
-struct ViewerInput(crate::chardev::InputFn);
+struct ViewerInput(crate::helpers::chardevd::InputFn);
 
 impl vmm_capnp::byte_sink::Server for ViewerInput {
     async fn write(
@@ -393,7 +299,7 @@ impl VmmServer {
         r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
     }
 
-    fn console(&self, control: crate::chardev::Control) -> Result<(), capnp::Error> {
+    fn console(&self, control: crate::helpers::chardevd::Control) -> Result<(), capnp::Error> {
         let sender = self.shared.console.lock().unwrap().clone().ok_or_else(|| {
             capnp::Error::failed(
                 "the console is on stdio inside vmm-core (--serial direct); start the VM with another --serial to serve it through chardevd".into(),
@@ -409,7 +315,7 @@ impl VmmServer {
     /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread).
     async fn on_blockd<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::block::Blockd) -> Result<T, String> + Send + 'static,
+        f: impl FnOnce(&crate::helpers::blockd::Blockd) -> Result<T, String> + Send + 'static,
     ) -> Result<T, capnp::Error> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
@@ -670,8 +576,8 @@ impl vmm::Server for VmmServer {
     ) -> Result<(), capnp::Error> {
         use vmm_proto::blockd_capnp::fault;
         let f = match params.get()?.get_fault()?.which()? {
-            fault::ForbiddenSyscall(()) => crate::block::Fault::ForbiddenSyscall,
-            fault::Clear(()) => crate::block::Fault::Clear,
+            fault::ForbiddenSyscall(()) => crate::helpers::blockd::Fault::ForbiddenSyscall,
+            fault::Clear(()) => crate::helpers::blockd::Fault::Clear,
         };
         self.on_blockd(move |b| b.fault(f)).await
     }
@@ -809,7 +715,7 @@ impl vmm::Server for VmmServer {
     ) -> Result<(), capnp::Error> {
         console_name(params.get()?.get_device()?)?;
         let (reply, answer) = oneshot::channel();
-        self.console(crate::chardev::Control::DumpRing(reply))?;
+        self.console(crate::helpers::chardevd::Control::DumpRing(reply))?;
         let (data, dropped) = answer
             .await
             .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?
@@ -825,7 +731,7 @@ impl vmm::Server for VmmServer {
         params: vmm::ConsoleFaultParams,
         _: vmm::ConsoleFaultResults,
     ) -> Result<(), capnp::Error> {
-        use crate::chardev::Fault;
+        use crate::helpers::chardevd::Fault;
         use vmm_proto::vmm_capnp::console_fault;
         console_name(params.get()?.get_device()?)?;
         let fault = match params.get()?.get_fault()?.which()? {
@@ -835,7 +741,7 @@ impl vmm::Server for VmmServer {
             console_fault::ForbiddenSyscall(()) => Fault::ForbiddenSyscall,
         };
         let (reply, answer) = oneshot::channel();
-        self.console(crate::chardev::Control::Fault(fault, reply))?;
+        self.console(crate::helpers::chardevd::Control::Fault(fault, reply))?;
         answer
             .await
             .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?

@@ -1,9 +1,7 @@
 //! Opening /dev/kvm, checking that the host can run the VM we were asked for, and what kind of
 //! host this is (hardware KVM, or KVM-PVM software nested virtualisation).
 
-use crate::config::VmConfig;
 use kvm_ioctls::{Cap, Kvm as KvmFd};
-use std::os::fd::FromRawFd;
 
 /// Facts about the host that shape the VM.
 #[derive(Debug, Clone, Default)]
@@ -78,28 +76,21 @@ const REQUIRED_CAPS: &[(Cap, &str, &str)] = &[
 
 impl Kvm {
     /// Opens /dev/kvm and checks capabilities and vCPU limits before any VM or vCPU exists.
-    pub fn open_checked(config: &VmConfig) -> Result<Kvm, KvmError> {
+    /// `cpus` and `max_cpus` as --cpus gave them.
+    pub fn open_checked(cpus: u32, max_cpus: u32) -> Result<Kvm, KvmError> {
         let kvm = Self::open()?;
         kvm.check_caps()?;
-        kvm.check_vcpus(&format_cpus(config), config.max_cpus)?;
+        kvm.check_vcpus(&format_cpus(cpus, max_cpus), max_cpus)?;
         Ok(kvm)
     }
 
     pub fn open() -> Result<Kvm, KvmError> {
-        // Open it ourselves to tell "missing" from "not permitted".
-        let path = c"/dev/kvm";
-        // SAFETY: a valid NUL-terminated path; the returned fd is checked below.
-        let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if raw < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => KvmError::NoDevice,
-                Some(libc::EACCES) | Some(libc::EPERM) => KvmError::PermissionDenied,
-                _ => KvmError::Open(e),
-            });
-        }
-        // SAFETY: raw is an open /dev/kvm fd that nothing else owns.
-        let fd = unsafe { KvmFd::from_raw_fd(raw) };
+        // The errno tells "missing" from "not permitted".
+        let fd = KvmFd::new_with_path(c"/dev/kvm").map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => KvmError::NoDevice,
+            libc::EACCES | libc::EPERM => KvmError::PermissionDenied,
+            errno => KvmError::Open(std::io::Error::from_raw_os_error(errno)),
+        })?;
         let version = fd.get_api_version();
         if version != 12 {
             return Err(KvmError::ApiVersion(version));
@@ -133,11 +124,12 @@ impl Kvm {
     }
 }
 
-pub fn format_cpus(config: &VmConfig) -> String {
-    if config.cpus == config.max_cpus {
-        config.cpus.to_string()
+/// --cpus as a user would write it.
+pub fn format_cpus(cpus: u32, max_cpus: u32) -> String {
+    if cpus == max_cpus {
+        cpus.to_string()
     } else {
-        format!("{},max={}", config.cpus, config.max_cpus)
+        format!("{cpus},max={max_cpus}")
     }
 }
 

@@ -270,7 +270,7 @@ mod tests {
         // Through the stream's form: a Cap'n Proto message, as bytes.
         let mut msg = capnp::message::Builder::new_default();
         saved.write(msg.init_root());
-        let reader = crate::test_util::through_bytes(&msg);
+        let reader = vmm_proto::through_bytes(&msg);
         let decoded = KvmState::read(reader.get_root().unwrap()).unwrap();
 
         let b = vm(&kvm);

@@ -2,22 +2,19 @@
 //! interrupts, ACPI and the devices the platform needs. See ARCHITECTURE.md.
 
 pub mod api;
-pub mod block;
 pub mod boot;
-pub mod chardev;
 pub mod config;
-pub mod cpus;
-pub mod devices;
+pub mod control;
+pub mod events;
 pub mod helpers;
 pub mod kvm;
 pub mod kvm_state;
 pub mod logger;
 pub mod memory;
 pub mod migration;
-pub mod pci;
 pub mod snapshot;
+pub mod threads;
 pub mod vcpu;
-pub mod virtio;
 pub mod vm;
 
 use std::fmt;
@@ -138,19 +135,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn run(args: config::RunArgs) -> Result<Outcome, Error> {
     let host = kvm::Host::detect();
     let config = config::VmConfig::from_args(args, &host)?;
-    let kvm = kvm::Kvm::open_checked(&config)?;
+    let kvm = kvm::Kvm::open_checked(config.cpus, config.max_cpus)?;
     Ok(vm::run(&kvm, &config)?)
-}
-
-/// What the state tests share.
-#[cfg(test)]
-pub(crate) mod test_util {
-    /// A message as a restore gets it: written out as bytes (as in a stream) and read back.
-    pub fn through_bytes(
-        msg: &capnp::message::Builder<capnp::message::HeapAllocator>,
-    ) -> capnp::message::Reader<capnp::serialize::OwnedSegments> {
-        let bytes = capnp::serialize::write_message_to_words(msg);
-        capnp::serialize::read_message(&mut &bytes[..], capnp::message::ReaderOptions::new())
-            .expect("a message just written reads back")
-    }
 }

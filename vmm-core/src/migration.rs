@@ -8,49 +8,13 @@
 //! client thread, and hands migrated the descriptor: migrated, sandboxed, reaches no network,
 //! file or program by itself.
 
-use futures::future::LocalBoxFuture;
-use std::cell::RefCell;
+use crate::control::{MigrationRequest, Reply, VmEvent};
+use crate::helpers::migrated::{remote, Migrated};
 use std::collections::BTreeSet;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::Mutex;
 use vmm_proto::channel::{self, Creds, Opened, Uri};
-use vmm_proto::migrated_capnp::{migrated, ChannelKind};
-
-/// A connection to migrated, used on its client thread.
-pub struct Conn {
-    pub client: migrated::Client,
-    side: OwnedFd,
-    /// What vmm-core keeps of the channel migrated uses (an exec: command, a socket path, a
-    /// snapshot file being written). Dropped (the command killed, the partial file removed)
-    /// when the transfer fails, or when migrated dies.
-    channel: RefCell<Option<channel::Guard>>,
-}
-
-impl Conn {
-    /// Hands migrated the guest RAM memfd and the channel for the call that follows; vmm-core
-    /// keeps the channel's guard (and closes its own copy of the descriptor).
-    fn hand_over(&self, memfd: &std::fs::File, opened: Opened) -> Result<ChannelKind, String> {
-        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), opened.fd.as_fd()])
-            .map_err(|e| format!("migrated: cannot hand it guest RAM and the channel ({e})"))?;
-        self.channel.replace(Some(opened.guard));
-        Ok(opened.kind.into())
-    }
-
-    /// The transfer completed: an exec: command may finish, a snapshot file stays.
-    fn channel_done(&self) {
-        if let Some(g) = self.channel.take() {
-            g.complete();
-        }
-    }
-
-    /// The transfer failed: the command is killed, a partial snapshot removed.
-    fn channel_failed(&self) {
-        drop(self.channel.take());
-    }
-}
 
 /// Descriptors vmm-core inherited when it started: what an fd:N channel may name (each one
 /// once; it is closed after use, as QEMU does).
@@ -118,267 +82,9 @@ async fn open_channel(
     Ok((opened, creds))
 }
 
-type Job = Box<dyn FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, ()> + Send>;
-
-/// migrated, as the rest of vmm-core reaches it.
-pub struct Migrated {
-    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
-    child: std::sync::Arc<std::sync::Mutex<Option<std::process::Child>>>,
-    /// Set when vmm-core ends it: no restart then.
-    ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// migrated's error message, without capnp's prefix.
-pub fn remote(e: capnp::Error) -> String {
-    match e.kind {
-        capnp::ErrorKind::Disconnected => {
-            "migrated died during the call (it is restarted; try again)".to_string()
-        }
-        _ => e.extra.trim_start_matches("remote exception: ").to_string(),
-    }
-}
-
-impl Migrated {
-    /// Runs `f` on migrated's client thread and waits for its answer (from async code).
-    pub async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
-    ) -> Result<T, String> {
-        let (tx, rx) = futures::channel::oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            Box::pin(async move {
-                let _ = tx.send(f(conn).await);
-            })
-        });
-        self.jobs
-            .send(job)
-            .map_err(|_| "migrated is gone (its client thread ended)".to_string())?;
-        rx.await
-            .map_err(|_| "migrated died during the call (it is restarted; try again)".to_string())?
-    }
-
-    /// The same, from a thread that is not async (the main thread).
-    pub fn call_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
-    ) -> Result<T, String> {
-        futures::executor::block_on(self.call(f))
-    }
-
-    /// The helper's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.lock().unwrap().as_ref().map(|c| c.id())
-    }
-}
-
-impl Migrated {
-    /// Ends migrated for good (vmm-core is ending).
-    pub fn end(&self) {
-        self.ending
-            .store(true, std::sync::atomic::Ordering::Release);
-        if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Migrated {
-    fn drop(&mut self) {
-        self.end();
-    }
-}
-
-/// Where migrated comes from: vmm-core starts it (the executable, and the seccomp mode or
-/// None for --no-sandbox), or it runs already and listens on a socket (systemd's).
-#[derive(Clone)]
-pub enum Source {
-    Spawn(std::path::PathBuf, Option<String>),
-    Socket(std::path::PathBuf),
-}
-
-/// A control connection to migrated: started now (and its process), or connected to.
-fn obtain(
-    source: &Source,
-    report: crate::helpers::SeccompReport,
-) -> Result<(std::os::unix::net::UnixStream, Option<std::process::Child>), String> {
-    match source {
-        Source::Spawn(exe, sandbox) => {
-            spawn(exe, sandbox.as_deref(), report).map(|(s, c)| (s, Some(c)))
-        }
-        Source::Socket(path) => std::os::unix::net::UnixStream::connect(path)
-            .map(|s| (s, None))
-            .map_err(|e| {
-                format!(
-                    "--migrated-socket {}: cannot connect ({e}); is migrated running (migrated serve --listen PATH, or its systemd socket)?",
-                    path.display()
-                )
-            }),
-    }
-}
-
-/// Starts migrated with a connected control socket as its fd 3.
-fn spawn(
-    exe: &Path,
-    sandbox: Option<&str>,
-    report: crate::helpers::SeccompReport,
-) -> Result<(std::os::unix::net::UnixStream, std::process::Child), String> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| format!("migrated: cannot make its control socket ({e})"))?;
-    let stderr = crate::helpers::stderr_pipe("migrated", report)
-        .map_err(|e| format!("migrated: cannot make its stderr pipe ({e})"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["serve", "--control-fd", "3"])
-        .stdin(std::process::Stdio::null())
-        .stderr(stderr);
-    match sandbox {
-        Some(mode) => cmd.args(["--seccomp", mode]),
-        None => cmd.arg("--no-sandbox"),
-    };
-    let tfd = theirs.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl): the control socket becomes
-    // fd 3 without close-on-exec, and migrated dies with vmm-core.
-    unsafe {
-        cmd.pre_exec(move || {
-            let t = libc::fcntl(tfd, libc::F_DUPFD_CLOEXEC, 10);
-            if t < 0 || libc::dup2(t, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start migrated ({}): {e}", exe.display()))?;
-    drop(theirs);
-    Ok((ours, child))
-}
-
-/// Starts migrated, and the thread that talks to it. That thread is its supervisor (as
-/// blockd's and chardevd's are): when migrated dies it starts another, so the next
-/// migration works; a call that was under way fails and says so.
-pub fn start(
-    source: Source,
-    report: crate::helpers::SeccompReport,
-    on_death: Box<dyn Fn(String) + Send>,
-) -> Result<Migrated, String> {
-    let (first, child) = obtain(&source, report.clone())?;
-    match (&child, &source) {
-        (Some(c), _) => log::info!("started migrated (pid {})", c.id()),
-        (None, Source::Socket(p)) => log::info!("connected to migrated at {}", p.display()),
-        (None, _) => {}
-    }
-    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-    let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (slot, stop) = (child.clone(), ending.clone());
-    std::thread::Builder::new()
-        .name("migrated-client".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    log::error!("migrated: cannot start its client runtime ({e})");
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut control = Some(first);
-                let mut backoff = std::time::Duration::from_millis(100);
-                loop {
-                    let ours = match control.take() {
-                        Some(c) => c,
-                        None => match obtain(&source, report.clone()) {
-                            Ok((c, child)) => {
-                                match &child {
-                                    Some(ch) => {
-                                        log::warn!("migrated: started another (pid {})", ch.id())
-                                    }
-                                    None => log::warn!("migrated: connected again"),
-                                }
-                                let old = std::mem::replace(&mut *slot.lock().unwrap(), child);
-                                if let Some(mut old) = old {
-                                    let _ = old.wait();
-                                }
-                                c
-                            }
-                            Err(e) => {
-                                log::error!("{e}; trying again in {} ms", backoff.as_millis());
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-                                continue;
-                            }
-                        },
-                    };
-                    let side = match vmm_proto::rpc::open_side_channel(&ours) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::error!("migrated: cannot set up its side channel ({e})");
-                            tokio::time::sleep(backoff).await;
-                            continue;
-                        }
-                    };
-                    let stream = match vmm_proto::rpc::tokio_stream(ours) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::error!("migrated: {e}");
-                            tokio::time::sleep(backoff).await;
-                            continue;
-                        }
-                    };
-                    let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
-                    let mut connection = tokio::task::spawn_local(rpc);
-                    let conn = Rc::new(Conn {
-                        client,
-                        side,
-                        channel: RefCell::new(None),
-                    });
-                    loop {
-                        tokio::select! {
-                            job = rx.recv() => match job {
-                                Some(job) => {
-                                    tokio::task::spawn_local(job(conn.clone()));
-                                }
-                                None => {
-                                    connection.abort();
-                                    return;
-                                }
-                            },
-                            _ = &mut connection => break,
-                        }
-                    }
-                    if stop.load(std::sync::atomic::Ordering::Acquire) {
-                        return;
-                    }
-                    // migrated is gone: reap it, say so, and start another (or reconnect to
-                    // the socket, where systemd starts another).
-                    let status = slot
-                        .lock()
-                        .unwrap()
-                        .as_mut()
-                        .and_then(|c| c.wait().ok())
-                        .map_or("its connection closed".to_string(), |s| s.to_string());
-                    on_death(status);
-                    backoff = std::time::Duration::from_millis(100);
-                }
-            });
-        })
-        .map_err(|e| format!("migrated: cannot start its client thread ({e})"))?;
-    Ok(Migrated {
-        jobs: tx,
-        child,
-        ending,
-    })
-}
-
 /// The VM's RAM regions as migrated's shape: (gpa, bytes) in memfd order, and the vCPUs.
 pub fn write_shape(mut b: vmm_proto::migrated_capnp::shape::Builder, memory: u64, vcpus: u32) {
-    let ranges = crate::memory::ram_ranges(memory);
+    let ranges = vmm_devices::layout::ram_ranges(memory);
     b.set_vcpus(vcpus);
     let mut l = b.init_regions(ranges.len() as u32);
     for (i, (gpa, len, _)) in ranges.into_iter().enumerate() {
@@ -386,47 +92,6 @@ pub fn write_shape(mut b: vmm_proto::migrated_capnp::shape::Builder, memory: u64
         r.set_gpa(gpa);
         r.set_bytes(len);
     }
-}
-
-/// What the main thread does for a migration or snapshot (it owns the VM).
-pub enum Request {
-    /// KVM's dirty log on (and cleared) or off.
-    DirtyLog(bool, Reply<()>),
-    /// The pages written since the last take (a bitmap over the memfd's pages).
-    TakeDirty(Reply<Vec<u64>>),
-    /// Pause (if running), stop the queues once their requests completed, and save the state;
-    /// with the dirty log on, the pages written since the last take come too.
-    Save(Reply<Saved>),
-    /// The VM goes on here (after a snapshot, or a migration that failed): the queues start
-    /// again, and the vCPUs run unless the user had paused the VM.
-    Continue(Reply<()>),
-    /// The VM runs elsewhere now: this vmm-core ends.
-    Leave,
-    /// The guest RAM memfd, for migrated.
-    Memfd(Reply<std::fs::File>),
-}
-
-pub type Reply<T> = futures::channel::oneshot::Sender<Result<T, String>>;
-
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Request::DirtyLog(..) => "DirtyLog",
-            Request::TakeDirty(_) => "TakeDirty",
-            Request::Save(_) => "Save",
-            Request::Continue(_) => "Continue",
-            Request::Leave => "Leave",
-            Request::Memfd(_) => "Memfd",
-        })
-    }
-}
-
-pub struct Saved {
-    pub state: Vec<u8>,
-    pub dirty: Option<Vec<u64>>,
-    /// Whether a queue's backend writes guest RAM without a dirty log of its own (KVM's log
-    /// does not see those writes, so every page goes again in the last pass).
-    pub unlogged_writers: bool,
 }
 
 /// `vmmctl migrate status`: what the last or current migration is doing.
@@ -490,11 +155,11 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 
 /// One request to the main thread, and its answer.
 async fn ask<T>(
-    tx: &std::sync::mpsc::Sender<crate::vm::VmEvent>,
-    make: impl FnOnce(Reply<T>) -> Request,
+    tx: &std::sync::mpsc::Sender<VmEvent>,
+    make: impl FnOnce(Reply<T>) -> MigrationRequest,
 ) -> Result<T, String> {
     let (reply, answer) = futures::channel::oneshot::channel();
-    tx.send(crate::vm::VmEvent::Migration(make(reply)))
+    tx.send(VmEvent::Migration(make(reply)))
         .map_err(|_| "the VM is stopping".to_string())?;
     answer
         .await
@@ -623,7 +288,7 @@ pub type Progress = std::sync::Arc<std::sync::Mutex<Status>>;
 /// before the destination confirmed, the VM goes on here and the error says why.
 pub async fn send(
     m: &Migrated,
-    tx: &std::sync::mpsc::Sender<crate::vm::VmEvent>,
+    tx: &std::sync::mpsc::Sender<VmEvent>,
     progress: &Progress,
     opts: Options,
     memory: u64,
@@ -637,10 +302,10 @@ pub async fn send(
         uri: opts.uri.clone(),
         ..Default::default()
     };
-    let memfd = ask(tx, Request::Memfd).await?;
+    let memfd = ask(tx, MigrationRequest::Memfd).await?;
     let r = transfer(m, tx, progress, &opts, memfd, memory, vcpus, live, start).await;
     if live {
-        let _ = ask(tx, |r| Request::DirtyLog(false, r)).await;
+        let _ = ask(tx, |r| MigrationRequest::DirtyLog(false, r)).await;
     }
     match r {
         Ok(downtime) => {
@@ -650,15 +315,15 @@ pub async fn send(
                 s.downtime_ms = downtime;
             });
             if live {
-                let _ = tx.send(crate::vm::VmEvent::Migration(Request::Leave));
+                let _ = tx.send(VmEvent::Migration(MigrationRequest::Leave));
             } else {
-                ask(tx, Request::Continue).await?;
+                ask(tx, MigrationRequest::Continue).await?;
             }
             Ok(())
         }
         Err(e) => {
             abort(m).await;
-            let resumed = ask(tx, Request::Continue).await;
+            let resumed = ask(tx, MigrationRequest::Continue).await;
             set(&|s| {
                 s.phase = "failed".into();
                 s.error = e.clone();
@@ -676,7 +341,7 @@ pub async fn send(
 #[allow(clippy::too_many_arguments)]
 async fn transfer(
     m: &Migrated,
-    tx: &std::sync::mpsc::Sender<crate::vm::VmEvent>,
+    tx: &std::sync::mpsc::Sender<VmEvent>,
     progress: &Progress,
     opts: &Options,
     memfd: std::fs::File,
@@ -689,7 +354,7 @@ async fn transfer(
     open(m, memfd, opts, memory, vcpus).await?;
     let mut pending: Option<Vec<u64>> = None;
     if live {
-        ask(tx, |r| Request::DirtyLog(true, r)).await?;
+        ask(tx, |r| MigrationRequest::DirtyLog(true, r)).await?;
         set(&|s| s.phase = "pre-copy".into());
         let mut bitmap: Option<Vec<u64>> = None;
         let mut pass = 0u32;
@@ -698,14 +363,14 @@ async fn transfer(
             pass += 1;
             // Bytes per second, from what this pass took.
             let bw = (sent.bytes.max(1) * 1_000_000) / sent.micros;
-            let dirty = ask(tx, Request::TakeDirty).await?;
+            let dirty = ask(tx, MigrationRequest::TakeDirty).await?;
             let n = count(&dirty);
             let rate = n * 1_000_000 / sent.micros;
-            let expected_ms = n * crate::memory::PAGE_SIZE * 1000 / bw.max(1);
+            let expected_ms = n * vmm_devices::layout::PAGE_SIZE * 1000 / bw.max(1);
             set(&|s| {
                 s.passes = pass;
                 s.bytes += sent.bytes;
-                s.ram_bytes += sent.pages * crate::memory::PAGE_SIZE;
+                s.ram_bytes += sent.pages * vmm_devices::layout::PAGE_SIZE;
                 s.dirty_pages = n;
                 s.dirty_rate_pages = rate;
                 s.bandwidth = bw;
@@ -725,7 +390,7 @@ async fn transfer(
     }
     set(&|s| s.phase = "stop-and-copy".into());
     let stop = std::time::Instant::now();
-    let saved = ask(tx, Request::Save).await?;
+    let saved = ask(tx, MigrationRequest::Save).await?;
     let last = if !live || saved.unlogged_writers {
         // Everything: a snapshot, or RAM a backend may have written unseen.
         None
@@ -746,7 +411,7 @@ async fn transfer(
     );
     set(&|s| {
         s.bytes = bytes;
-        s.ram_bytes += sent.pages * crate::memory::PAGE_SIZE;
+        s.ram_bytes += sent.pages * vmm_devices::layout::PAGE_SIZE;
     });
     log::info!(
         "{}: {} MiB sent in {} ms; the VM was paused for {downtime} ms",

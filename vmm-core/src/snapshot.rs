@@ -2,13 +2,13 @@
 //! paused VM, and put into a new one before its vCPUs run. Each part is saved and restored by
 //! its owner; this file only puts the parts together and checks they fit before any applies.
 
-use crate::devices::cpu_hotplug::CpuHotplug;
-use crate::devices::{ged, serial};
 use crate::kvm_state::KvmState;
 use crate::vcpu::state::VcpuState;
-use crate::virtio::pci::VirtioPci;
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
+use vmm_devices::platform::cpu_hotplug::CpuHotplug;
+use vmm_devices::platform::{ged, serial};
+use vmm_devices::virtio::pci::VirtioPci;
 use vmm_proto::state_capnp::vm_state;
 
 /// The VM's devices, as a save or a restore reaches them.

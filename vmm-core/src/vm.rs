@@ -1,25 +1,25 @@
 //! Building a VM (KVM VM, memory, devices, vCPUs), running it, and stopping it when the guest
 //! or the host says so.
 
-use crate::api::{self, ApiRequest, Request};
+use crate::api;
 use crate::boot::{self, BootError};
-use crate::chardev;
 use crate::config::{OnReset, VmConfig};
-use crate::cpus::{Origin, Vcpus};
-use crate::devices::cpu_hotplug::{self, CpuHotplug, HotplugEvent};
-use crate::devices::{ged, power, pvpanic, serial, Action, IoBus};
+use crate::control::{ApiRequest, MigrationRequest, Request, VcpuEvent, VmEvent};
+use crate::helpers::chardevd;
 use crate::kvm::Kvm;
 use crate::memory::{Memory, MemoryError};
-use crate::vcpu::{RunState, VcpuError, VcpuEvent};
+use crate::vcpu::set::{Origin, Vcpus};
+use crate::vcpu::{kick, RunState, VcpuError};
 use crate::{Outcome, StopReason};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use std::io::Read;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm_devices::bus::{Action, IoBus};
+use vmm_devices::platform::cpu_hotplug::{self, CpuHotplug, HotplugEvent};
+use vmm_devices::platform::{ged, power, pvpanic, serial};
 use vmm_proto::terminal;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -50,7 +50,7 @@ pub enum VmError {
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error(transparent)]
-    Chardev(#[from] chardev::ChardevError),
+    Chardev(#[from] chardevd::ChardevError),
     /// A disk's image or backend (a user error: exit 2).
     #[error("{0}")]
     Disk(String),
@@ -76,31 +76,12 @@ impl VmError {
             || matches!(
                 self,
                 VmError::Chardev(
-                    chardev::ChardevError::Spawn(..)
-                        | chardev::ChardevError::Connect(..)
-                        | chardev::ChardevError::Backend(_)
-                        | chardev::ChardevError::Resource(_)
+                    chardevd::ChardevError::Helper(_)
+                        | chardevd::ChardevError::Backend(_)
+                        | chardevd::ChardevError::Resource(_)
                 )
             )
     }
-}
-
-/// Everything that can end a run.
-#[derive(Debug)]
-pub enum VmEvent {
-    Vcpu(VcpuEvent),
-    Signal(i32),
-    ConsoleEscape,
-    /// SIGUSR1: log every vCPU's registers and go on.
-    DumpVcpus,
-    /// A management API request.
-    Api(ApiRequest),
-    /// The guest acted on the CPU hotplug controller.
-    Hotplug(HotplugEvent),
-    /// blockd stopped a disk on an I/O error (its error policy): (disk, reason).
-    DiskStopped(String, String),
-    /// A step of a migration or snapshot.
-    Migration(crate::migration::Request),
 }
 
 /// A vCPU change that waits for the guest.
@@ -125,9 +106,9 @@ fn id_list(ids: &std::collections::BTreeSet<u32>) -> String {
 #[derive(Default)]
 struct ConsoleInput {
     target: Mutex<Option<Arc<Mutex<serial::SerialDevice>>>>,
-    output: std::sync::OnceLock<Arc<chardev::ConsoleBuffer>>,
+    output: std::sync::OnceLock<Arc<chardevd::ConsoleBuffer>>,
     /// chardevd's first start, waited for before the first vCPU runs.
-    helper_ready: Mutex<Option<chardev::Ready>>,
+    helper_ready: Mutex<Option<chardevd::Ready>>,
 }
 
 /// Queues input for the guest's UART, holding back while its FIFO is full.
@@ -154,12 +135,6 @@ fn feed_uart(console: &ConsoleInput, bytes: &[u8]) {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
 }
 
 /// The main thread's system calls beyond the common base: building the VM and its devices at
@@ -219,17 +194,33 @@ pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
     ]
 }
 
+/// A helper vmm-core connects to (its --*-socket), or starts (its executable), sandboxed
+/// unless --no-sandbox.
+fn helper_source(
+    config: &VmConfig,
+    socket: &Option<std::path::PathBuf>,
+    exe: &std::path::Path,
+) -> crate::helpers::Source {
+    match socket {
+        Some(path) => crate::helpers::Source::Connect(path.clone()),
+        None => crate::helpers::Source::Spawn(
+            exe.to_path_buf(),
+            config.sandbox.then(|| config.seccomp.clone()),
+        ),
+    }
+}
+
 /// What every boot of the guest uses, opened or started once.
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
-    disks: &'a [crate::block::DiskBackend],
-    migrated: Option<&'a crate::migration::Migrated>,
+    disks: &'a [crate::helpers::blockd::DiskBackend],
+    migrated: Option<&'a crate::helpers::migrated::Migrated>,
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
 pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     vmm_sandbox::seccomp::set_process_name("vmm-core");
-    crate::helpers::set_thread_filters(
+    crate::threads::set_thread_filters(
         config
             .sandbox
             .then(|| config.seccomp.parse().expect("clap checked it")),
@@ -247,8 +238,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-        .map_err(|e| VmError::Thread("signal", std::io::Error::from_raw_os_error(e.errno())))?;
+    kick::install_handler().map_err(|e| VmError::Thread("signal", e))?;
 
     let (tx, rx) = channel();
     {
@@ -256,14 +246,17 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                crate::helpers::filter_service_thread("vmm-core (the signal thread)");
+                crate::threads::filter_service_thread("vmm-core (the signal thread)");
                 wait_for_signals(&stop_signals, tx)
             })
             .map_err(|e| VmError::Thread("signal", e))?;
     }
     let console = Arc::new(ConsoleInput::default());
     // A console on stdio (in vmm-core, or served by chardevd) takes the terminal.
-    let on_stdio = matches!(config.serial, None | Some(chardev::Backend::Stdio));
+    let on_stdio = matches!(
+        config.serial,
+        None | Some(crate::config::serial::Backend::Stdio)
+    );
     let raw = if on_stdio {
         terminal::RawMode::enter()
     } else {
@@ -274,7 +267,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
-                crate::helpers::filter_service_thread("vmm-core (the console input thread)");
+                crate::threads::filter_service_thread("vmm-core (the console input thread)");
                 console_input(console, tx, escapes)
             })
             .map_err(|e| VmError::Thread("console input", e))?;
@@ -296,7 +289,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             dirty_pages: 0,
         }),
         started: std::time::Instant::now(),
-        events: api::Events::default(),
+        events: Default::default(),
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
         blockd: Mutex::new(None),
@@ -317,7 +310,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
     // Disks: blockd processes live as long as vmm-core, across guest reboots.
     let run_dir = if config.disks.iter().any(|d| d.path.is_some()) {
-        Some(crate::block::RunDir::new().map_err(|e| {
+        Some(crate::helpers::blockd::RunDir::new().map_err(|e| {
             VmError::Disk(format!(
                 "cannot create a private directory for the disks' sockets ({e}); check $XDG_RUNTIME_DIR or $TMPDIR"
             ))
@@ -325,19 +318,12 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     } else {
         None
     };
-    let mode = match &config.blockd_socket {
-        Some(path) => crate::block::Mode::Connect(path),
-        None => crate::block::Mode::Spawn(
-            &config.blockd,
-            config.sandbox.then_some(config.seccomp.as_str()),
-        ),
-    };
-    let (disks, blockd) = crate::block::start(
+    let (disks, blockd) = crate::helpers::blockd::start(
         &config.disks,
-        mode,
+        helper_source(config, &config.blockd_socket, &config.blockd),
         run_dir.as_ref(),
-        crate::helpers::seccomp_reporter(shared.clone()),
-        crate::block::Hooks {
+        crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
+        crate::helpers::blockd::Hooks {
             on_death: {
                 let shared = shared.clone();
                 Box::new(move || {
@@ -367,7 +353,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
     let mut supervisor = None;
     if let Some(backend) = &config.serial {
-        let buffer = Arc::new(chardev::ConsoleBuffer::new(chardev::BUFFER_BYTES));
+        let buffer = Arc::new(chardevd::ConsoleBuffer::new(chardevd::BUFFER_BYTES));
         let _ = console.output.set(buffer.clone());
         // Input from chardevd is queued for a thread of its own: feeding the UART may have to
         // wait (for the guest to read, or for the VM to exist), and the supervisor must not.
@@ -380,7 +366,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         std::thread::Builder::new()
             .name("console-in".into())
             .spawn(move || {
-                crate::helpers::filter_service_thread("vmm-core (the console input thread)");
+                crate::threads::filter_service_thread("vmm-core (the console input thread)");
                 let mut filter = EscapeFilter::default();
                 for (bytes, from_terminal) in in_rx {
                     let (bytes, escape) = if escapes && from_terminal {
@@ -396,25 +382,19 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
             })
             .map_err(|e| VmError::Thread("console input", e))?;
         let attached_tx = in_tx.clone();
-        let input: chardev::InputFn = Arc::new(move |bytes: &[u8]| {
+        let input: chardevd::InputFn = Arc::new(move |bytes: &[u8]| {
             let _ = in_tx.send((bytes.to_vec(), true));
         });
-        let attached: chardev::InputFn = Arc::new(move |bytes: &[u8]| {
+        let attached: chardevd::InputFn = Arc::new(move |bytes: &[u8]| {
             let _ = attached_tx.send((bytes.to_vec(), false));
         });
         let _ = shared.console_view.set((buffer.clone(), attached));
-        let (started, ready) = chardev::start(
-            match &config.chardevd_socket {
-                Some(path) => chardev::Mode::Connect(path.clone()),
-                None => chardev::Mode::Spawn(
-                    config.chardevd.clone(),
-                    config.sandbox.then(|| config.seccomp.clone()),
-                ),
-            },
+        let (started, ready) = chardevd::start(
+            helper_source(config, &config.chardevd_socket, &config.chardevd),
             backend.clone(),
             buffer,
             input,
-            shared.clone(),
+            shared.events.clone(),
         )?;
         supervisor = Some(started);
         *console.helper_ready.lock().unwrap() = Some(ready);
@@ -422,15 +402,9 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
     }
 
     // migrated: started now, as the main thread's filter forbids new processes later.
-    let migrated = crate::migration::start(
-        match &config.migrated_socket {
-            Some(path) => crate::migration::Source::Socket(path.clone()),
-            None => crate::migration::Source::Spawn(
-                config.migrated.clone(),
-                config.sandbox.then(|| config.seccomp.clone()),
-            ),
-        },
-        crate::helpers::seccomp_reporter(shared.clone()),
+    let migrated = crate::helpers::migrated::start(
+        helper_source(config, &config.migrated_socket, &config.migrated),
+        crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
         {
             let shared = shared.clone();
             Box::new(move |status| {
@@ -678,7 +652,7 @@ fn run_once(
         .map_err(|e| VmError::Setup("the serial interrupt", e))?;
     let serial_out = || -> Box<dyn std::io::Write + Send> {
         match console.output.get() {
-            Some(buffer) => Box::new(chardev::BufferWriter(buffer.clone())),
+            Some(buffer) => Box::new(chardevd::BufferWriter(buffer.clone())),
             None => Box::new(serial::RawStdout),
         }
     };
@@ -693,20 +667,21 @@ fn run_once(
     vm.register_irqfd(&ged_irq, ged::GSI)
         .map_err(|e| VmError::Setup("the GED interrupt", e))?;
     let ged = Arc::new(Mutex::new(ged::Ged::new(ged_irq)));
-    let hotplug = Arc::new(Mutex::new(CpuHotplug::new(
-        config.cpus,
-        config.max_cpus,
-        tx.clone(),
-    )));
+    let hotplug = Arc::new(Mutex::new(CpuHotplug::new(config.cpus, config.max_cpus, {
+        let tx = tx.clone();
+        Box::new(move |e| {
+            let _ = tx.send(VmEvent::Hotplug(e));
+        })
+    })));
 
     // The PCI bus and its devices: a virtio-blk device per disk, served over vhost-user.
-    let routing = Arc::new(crate::pci::msix::Routing::new(vm.clone()));
-    let mut pci = crate::pci::PciBus::default();
+    let routing = Arc::new(vmm_devices::pci::msix::Routing::new(vm.clone()));
+    let mut pci = vmm_devices::pci::PciBus::default();
     let mut kicks_missed = Vec::new();
     let mut transports = Vec::new();
     for d in disks {
         let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
-        let dev = crate::virtio::vhost_user_blk::VhostUserBlk::connect(
+        let dev = vmm_devices::virtio::vhost_user_blk::VhostUserBlk::connect(
             &d.name,
             &d.socket,
             d.queues,
@@ -714,7 +689,7 @@ fn run_once(
             memfd,
         )
         .map_err(|e| VmError::DiskSetup(format!("{}: {e}", d.name)))?;
-        let transport = crate::virtio::pci::VirtioPci::new(Box::new(dev), routing.clone())
+        let transport = vmm_devices::virtio::pci::VirtioPci::new(Box::new(dev), routing.clone())
             .map_err(VmError::EventFd)?;
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
         let transport = Arc::new(Mutex::new(transport));
@@ -728,11 +703,11 @@ fn run_once(
     let pci = Arc::new(pci);
 
     let mut bus = IoBus::default();
-    bus.pci = Some(pci.clone());
+    bus.mmio = Some(pci.clone());
     bus.insert(
-        crate::pci::CONFIG_ADDRESS_PORT,
+        vmm_devices::pci::CONFIG_ADDRESS_PORT,
         8,
-        Arc::new(Mutex::new(crate::pci::Type1(pci.clone()))),
+        Arc::new(Mutex::new(vmm_devices::pci::Type1(pci.clone()))),
     );
     bus.insert(ged::PORT, 1, ged.clone());
     bus.insert(cpu_hotplug::PORT, cpu_hotplug::LEN, hotplug.clone());
@@ -755,7 +730,7 @@ fn run_once(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Setup("CPUID", e))?;
     let state = Arc::new(RunState::default());
-    let mut vcpus = Vcpus::new(crate::cpus::Common {
+    let mut vcpus = Vcpus::new(crate::vcpu::set::Common {
         bus: bus.clone(),
         mem: memory.guest.clone(),
         state: state.clone(),
@@ -865,7 +840,7 @@ fn run_once(
     // Stops every vCPU, and guest time too, as QEMU does: a guest should not see the pause as
     // time that passed (or it reports soft lockups).
     let pause = |paused_clock: &mut Option<kvm_bindings::kvm_clock_data>, vcpus: &Vcpus| {
-        pause_vcpus(&state, &vcpus.handles());
+        kick::pause(&state, &vcpus.handles());
         if paused_clock.is_none() {
             match vm.get_clock() {
                 Ok(clock) => *paused_clock = Some(clock),
@@ -879,7 +854,7 @@ fn run_once(
     // dirty log is on for it.
     let mut migration_paused = false;
     let mut dirty_logging = false;
-    let mut backend_log: Option<crate::memory::SharedDirtyLog> = None;
+    let mut backend_log: Option<vmm_devices::dirty_log::SharedDirtyLog> = None;
     let event = loop {
         let next = match &change {
             Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
@@ -932,7 +907,7 @@ fn run_once(
                     .emit("paused", format!("{disk} stopped on an I/O error"));
             }
             VmEvent::Migration(req) => {
-                use crate::migration::Request as M;
+                use MigrationRequest as M;
                 let chain = |e: MemoryError| crate::error_chain(&e);
                 match req {
                     M::Memfd(reply) => {
@@ -956,7 +931,7 @@ fn run_once(
                         // bitmap (LOG_SHMFD); a backend that cannot makes the last pass
                         // resend everything (see Save).
                         backend_log = match dirty_logging {
-                            true => crate::memory::SharedDirtyLog::new(memory.size)
+                            true => vmm_devices::dirty_log::SharedDirtyLog::new(memory.size)
                                 .map_err(|e| log::warn!("cannot make the vhost-user dirty log ({e}); a migration resends all of RAM at the end"))
                                 .ok(),
                             false => None,
@@ -1002,14 +977,19 @@ fn run_once(
                                     // say (a backend logs only what it writes for requests).
                                     if let Some(b) = dirty.as_mut() {
                                         for (gpa, len) in dev.used_rings() {
-                                            crate::memory::mark_gpa(b, memory.size, gpa, len);
+                                            vmm_devices::dirty_log::mark_gpa(
+                                                b,
+                                                memory.size,
+                                                gpa,
+                                                len,
+                                            );
                                         }
                                     }
                                 }
                                 if let (Some(b), Some(l)) = (dirty.as_mut(), &backend_log) {
                                     l.take_into(b);
                                 }
-                                Ok(crate::migration::Saved {
+                                Ok(crate::control::Saved {
                                     state: st,
                                     dirty,
                                     unlogged_writers,
@@ -1026,7 +1006,7 @@ fn run_once(
                                     log::warn!("cannot restore kvmclock at resume: {e}");
                                 }
                             }
-                            resume_vcpus(&state);
+                            kick::resume(&state);
                             shared.status.lock().unwrap().paused = false;
                         }
                         let _ = reply.send(Ok(()));
@@ -1036,7 +1016,7 @@ fn run_once(
             }
             VmEvent::DumpVcpus => {
                 state.dump_generation.fetch_add(1, Ordering::AcqRel);
-                kick_vcpus(&vcpus.handles());
+                kick::kick_all(&vcpus.handles());
             }
             VmEvent::Hotplug(event) => {
                 let id = match event {
@@ -1116,7 +1096,7 @@ fn run_once(
                     }
                     resume_queues(&transports);
                     migration_paused = false;
-                    resume_vcpus(&state);
+                    kick::resume(&state);
                     shared.status.lock().unwrap().paused = false;
                     // Disks that stopped on an I/O error retry what they hold.
                     let retried = match shared.blockd.lock().unwrap().as_ref() {
@@ -1152,7 +1132,7 @@ fn run_once(
             event => break event,
         }
     };
-    stop_vcpus(
+    kick::stop_all(
         &state,
         vcpus.running.into_values().map(|t| t.handle).collect(),
     );
@@ -1191,7 +1171,7 @@ fn run_once(
 }
 
 /// Starts the virtio queues a snapshot or migration stopped.
-fn resume_queues(transports: &[(u8, Arc<Mutex<crate::virtio::pci::VirtioPci>>)]) {
+fn resume_queues(transports: &[(u8, Arc<Mutex<vmm_devices::virtio::pci::VirtioPci>>)]) {
     for (slot, t) in transports {
         if let Err(e) = t.lock().unwrap().resume_queues() {
             log::error!("PCI 00:{slot:02x}.0: cannot start its queues again: {e}");
@@ -1376,67 +1356,6 @@ fn start_cpu_change(
             .map_err(|e| format!("cannot interrupt the guest: {e}"))?;
     }
     Ok((ids, count > online))
-}
-
-/// Pauses the VM: every vCPU leaves KVM_RUN and parks. Returns once all are parked.
-fn pause_vcpus(state: &RunState, threads: &[&JoinHandle<kvm_ioctls::VcpuFd>]) {
-    let mut p = state.pause.lock().unwrap();
-    p.paused = true;
-    loop {
-        let running = threads.iter().filter(|t| !t.is_finished()).count();
-        if p.parked >= running {
-            return;
-        }
-        drop(p);
-        // A kick can land just before KVM_RUN; repeat it until every vCPU is parked.
-        kick_vcpus(threads);
-        p = state.pause.lock().unwrap();
-        p = state
-            .pause_changed
-            .wait_timeout(p, Duration::from_millis(2))
-            .unwrap()
-            .0;
-    }
-}
-
-fn resume_vcpus(state: &RunState) {
-    state.pause.lock().unwrap().paused = false;
-    state.pause_changed.notify_all();
-}
-
-/// Kicks every vCPU out of KVM_RUN once.
-fn kick_vcpus(threads: &[&JoinHandle<kvm_ioctls::VcpuFd>]) {
-    for t in threads.iter().filter(|t| !t.is_finished()) {
-        // SAFETY: the thread has not been joined, so its pthread_t is valid.
-        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-    }
-}
-
-/// Stops every vCPU thread: set the flag, then kick each out of KVM_RUN with a signal until it
-/// has ended (a kick that lands just before KVM_RUN is repeated).
-fn stop_vcpus(state: &RunState, threads: Vec<JoinHandle<kvm_ioctls::VcpuFd>>) {
-    state.stopping.store(true, Ordering::Release);
-    {
-        // Wake vCPUs parked by a pause.
-        let _p = state.pause.lock().unwrap();
-        state.pause_changed.notify_all();
-    }
-    for t in threads {
-        let _ = end_vcpu_thread(t);
-    }
-}
-
-/// Kicks a vCPU thread out of KVM_RUN until it has ended (its stop flag must be set; a kick
-/// that lands just before KVM_RUN is repeated), and joins it.
-pub(crate) fn end_vcpu_thread(
-    t: JoinHandle<kvm_ioctls::VcpuFd>,
-) -> std::thread::Result<kvm_ioctls::VcpuFd> {
-    while !t.is_finished() {
-        // SAFETY: the thread has not been joined, so its pthread_t is valid.
-        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    t.join()
 }
 
 #[cfg(test)]

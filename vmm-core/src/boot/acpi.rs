@@ -3,8 +3,6 @@
 
 use super::{BootError, ACPI_END, ACPI_START};
 use crate::config::VmConfig;
-use crate::devices::{cpu_hotplug, ged, power, pvpanic, serial};
-use crate::memory::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
@@ -12,10 +10,10 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_devices::layout::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
+use vmm_devices::platform::{cpu_hotplug, ged, power, pvpanic, serial};
 
 const OEM_ID: [u8; 6] = *b"VMMCOR";
-/// \_S5's SLP_TYP value; power::PowerDevice powers off when it sees it.
-pub const SLP_TYP_S5: u8 = 5;
 
 fn table_bytes(t: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
@@ -66,7 +64,7 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
         "_S5_".into(),
-        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
+        &aml::Package::new(vec![&power::SLP_TYP_S5, &0u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
 
@@ -184,7 +182,7 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
 /// MMIO window BARs are assigned from), and a motherboard device that reserves the ECAM area,
 /// which Linux wants before it trusts MCFG.
 fn pci_aml(body: &mut Vec<u8>) {
-    use crate::pci::{ECAM_BASE, ECAM_SIZE, MEM32_BASE, MEM32_END};
+    use vmm_devices::pci::{ECAM_BASE, ECAM_SIZE, MEM32_BASE, MEM32_END};
     aml::Device::new(
         "_SB_.PCI0".into(),
         vec![
@@ -233,7 +231,7 @@ fn pci_aml(body: &mut Vec<u8>) {
 /// MCFG: ECAM for segment 0, bus 0.
 pub fn mcfg() -> Vec<u8> {
     let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, *b"VMMMCFG ", 1);
-    m.add_ecam(crate::pci::ECAM_BASE, 0, 0, 0);
+    m.add_ecam(vmm_devices::pci::ECAM_BASE, 0, 0, 0);
     table_bytes(&m)
 }
 

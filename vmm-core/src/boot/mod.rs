@@ -4,7 +4,6 @@
 pub mod acpi;
 
 use crate::config::{KernelFormat, VmConfig};
-use crate::memory::{ram_ranges, GuestMemory};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
@@ -13,6 +12,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
 use std::path::PathBuf;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_devices::layout::{ram_ranges, GuestMemory};
 
 // Guest-physical layout below 1 MiB.
 pub const GDT_START: u64 = 0x500;

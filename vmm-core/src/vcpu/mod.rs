@@ -1,17 +1,20 @@
 //! vCPUs: per-vCPU CPUID (APIC ids, topology), MSRs, FPU and LAPIC set-up, the boot vCPU's
 //! entry state, and the KVM_RUN loop that dispatches exits.
 
+pub mod kick;
 mod pvm;
+pub mod set;
 pub mod state;
 
 use crate::boot::{self, Entry};
-use crate::devices::{Action, IoBus};
-use crate::memory::GuestMemory;
+use crate::control::{VcpuEvent, VmEvent};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
+use vmm_devices::bus::{Action, IoBus};
+use vmm_devices::layout::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -19,15 +22,6 @@ pub enum VcpuError {
     Setup(u32, &'static str, #[source] kvm_ioctls::Error),
     #[error("vCPU {0}: cannot create it")]
     Create(u32, #[source] kvm_ioctls::Error),
-}
-
-/// Why a vCPU thread asks the VM to stop.
-#[derive(Debug)]
-pub enum VcpuEvent {
-    Action(u32, Action),
-    /// A triple fault: on PC hardware this resets the machine.
-    TripleFault(u32, u64),
-    Failed(u32, String),
 }
 
 /// Shared between the vCPU threads and the thread that stops them.
@@ -349,7 +343,7 @@ pub struct VcpuContext {
     pub bus: Arc<IoBus>,
     pub mem: GuestMemory,
     pub state: Arc<RunState>,
-    pub events: Sender<crate::vm::VmEvent>,
+    pub events: Sender<VmEvent>,
     pub pvm: bool,
     pub print_boot_times: bool,
 }
@@ -422,7 +416,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
         if let Err(e) =
             vmm_sandbox::seccomp::install("vmm-core (a vCPU thread)", &allowlist(), mode)
         {
-            let _ = ctx.events.send(crate::vm::VmEvent::Vcpu(VcpuEvent::Failed(
+            let _ = ctx.events.send(VmEvent::Vcpu(VcpuEvent::Failed(
                 id,
                 format!("cannot install the vCPU thread's seccomp filter: {e}"),
             )));
@@ -505,7 +499,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
             n => n,
         };
         if let Next::Stop(event) = next {
-            let _ = ctx.events.send(crate::vm::VmEvent::Vcpu(event));
+            let _ = ctx.events.send(VmEvent::Vcpu(event));
             break;
         }
     }

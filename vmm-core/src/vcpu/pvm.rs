@@ -3,9 +3,9 @@
 //! `int3` (deliver #BP through the guest's IDT), `fwait` (nothing to wait for: skip it) and
 //! `clac`/`stac` (flip RFLAGS.AC). Anything else is reported with RIP and instruction bytes.
 
-use crate::memory::GuestMemory;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_devices::layout::GuestMemory;
 
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const RFLAGS_TF: u64 = 1 << 8;

@@ -3,7 +3,7 @@
 //! vring addresses, and the kick and call eventfds; the data path then bypasses it.
 
 use super::{QueueSetup, VirtioDevice};
-use crate::memory::GuestMemory;
+use crate::layout::GuestMemory;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use vhost::vhost_user::message::{
@@ -421,7 +421,7 @@ impl VirtioDevice for VhostUserBlk {
         result
     }
 
-    fn set_dirty_log(&mut self, log: Option<&crate::memory::SharedDirtyLog>) -> bool {
+    fn set_dirty_log(&mut self, log: Option<&crate::dirty_log::SharedDirtyLog>) -> bool {
         let was = self.log.is_some();
         self.log = match log.map(|l| (l.file().try_clone(), l.bytes())) {
             Some((Ok(f), bytes)) => Some((f, bytes)),

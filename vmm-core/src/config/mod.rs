@@ -1,6 +1,9 @@
 //! Command-line arguments and their validation. Every bad input becomes one line that names the
 //! input and what to do, and `vmm-core run` exits with status 2.
 
+pub mod disk;
+pub mod serial;
+
 use crate::kvm::Host;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -131,13 +134,13 @@ pub struct VmConfig {
     pub pvm: bool,
     pub api_socket: Option<PathBuf>,
     /// None: the console is stdio, in vmm-core.
-    pub serial: Option<crate::chardev::Backend>,
+    pub serial: Option<serial::Backend>,
     pub chardevd: PathBuf,
     pub chardevd_socket: Option<PathBuf>,
     pub sandbox: bool,
     /// kill or log.
     pub seccomp: String,
-    pub disks: Vec<crate::block::DiskSpec>,
+    pub disks: Vec<disk::DiskSpec>,
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
     pub incoming: Option<String>,
@@ -322,14 +325,14 @@ impl VmConfig {
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
             api_socket: args.api_socket,
-            serial: parse_serial(&args.serial)?,
+            serial: serial::parse_serial(&args.serial)?,
             chardevd_socket: args.chardevd_socket,
             sandbox: !args.no_sandbox,
             seccomp: args.seccomp,
             disks: args
                 .disk
                 .iter()
-                .map(|d| crate::block::parse_disk(d))
+                .map(|d| disk::parse_disk(d))
                 .collect::<Result<_, _>>()
                 .map_err(ConfigError::Disk)?,
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
@@ -421,68 +424,8 @@ fn cmdline_limit(path: &Path, format: KernelFormat) -> usize {
     read().unwrap_or(DEFAULT_CMDLINE_MAX)
 }
 
-/// A backend in chardevd, or None for `direct` (stdio inside vmm-core).
-pub fn parse_serial(s: &str) -> Result<Option<crate::chardev::Backend>, ConfigError> {
-    use crate::chardev::Backend;
-    let bad = || ConfigError::Serial(s.to_string());
-    if s == "direct" {
-        return Ok(None);
-    }
-    let rest = s;
-    let backend = if rest == "null" {
-        Backend::Null
-    } else if rest == "stdio" {
-        Backend::Stdio
-    } else if rest == "pty" {
-        Backend::Pty
-    } else if let Some(spec) = rest.strip_prefix("unix-connect=") {
-        let (path, reconnect_ms) = match spec.split_once(",reconnect=") {
-            Some((p, ms)) => (
-                p,
-                ms.parse::<u32>().ok().filter(|&m| m > 0).ok_or_else(bad)?,
-            ),
-            None => (spec, 500),
-        };
-        if path.is_empty() || path.contains(',') {
-            return Err(bad());
-        }
-        Backend::UnixClient {
-            path: path.to_string(),
-            reconnect_ms,
-        }
-    } else if let Some(spec) = rest.strip_prefix("file=") {
-        let (path, append) = match spec.strip_suffix(",append") {
-            Some(p) => (p, true),
-            None => (spec, false),
-        };
-        if path.is_empty() {
-            return Err(bad());
-        }
-        Backend::File {
-            path: path.to_string(),
-            append,
-        }
-    } else if let Some(size) = rest.strip_prefix("ring=") {
-        let bytes = parse_memory_like(size).ok_or_else(bad)?;
-        Backend::Ring(
-            u32::try_from(bytes)
-                .ok()
-                .filter(|&b| b > 0)
-                .ok_or_else(bad)?,
-        )
-    } else if let Some(path) = rest.strip_prefix("unix=") {
-        if path.is_empty() {
-            return Err(bad());
-        }
-        Backend::UnixServer(path.to_string())
-    } else {
-        return Err(bad());
-    };
-    Ok(Some(backend))
-}
-
 /// 4096, 64K, 1M: a byte count with an optional K or M.
-fn parse_memory_like(s: &str) -> Option<u64> {
+pub(crate) fn parse_memory_like(s: &str) -> Option<u64> {
     let (num, mult) = match s.as_bytes().last()? {
         b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
         b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
@@ -577,35 +520,35 @@ mod tests {
 
     #[test]
     fn serial_forms() {
-        use crate::chardev::Backend;
-        assert_eq!(parse_serial("direct").unwrap(), None);
-        assert_eq!(parse_serial("stdio").unwrap(), Some(Backend::Stdio));
-        assert_eq!(parse_serial("pty").unwrap(), Some(Backend::Pty));
-        assert_eq!(parse_serial("null").unwrap(), Some(Backend::Null));
+        use serial::Backend;
+        assert_eq!(serial::parse_serial("direct").unwrap(), None);
+        assert_eq!(serial::parse_serial("stdio").unwrap(), Some(Backend::Stdio));
+        assert_eq!(serial::parse_serial("pty").unwrap(), Some(Backend::Pty));
+        assert_eq!(serial::parse_serial("null").unwrap(), Some(Backend::Null));
         assert_eq!(
-            parse_serial("file=/tmp/c.log,append").unwrap(),
+            serial::parse_serial("file=/tmp/c.log,append").unwrap(),
             Some(Backend::File {
                 path: "/tmp/c.log".into(),
                 append: true
             })
         );
         assert_eq!(
-            parse_serial("ring=64K").unwrap(),
+            serial::parse_serial("ring=64K").unwrap(),
             Some(Backend::Ring(65536))
         );
         assert_eq!(
-            parse_serial("unix=/run/c.sock").unwrap(),
+            serial::parse_serial("unix=/run/c.sock").unwrap(),
             Some(Backend::UnixServer("/run/c.sock".into()))
         );
         assert_eq!(
-            parse_serial("unix-connect=/run/c.sock").unwrap(),
+            serial::parse_serial("unix-connect=/run/c.sock").unwrap(),
             Some(Backend::UnixClient {
                 path: "/run/c.sock".into(),
                 reconnect_ms: 500
             })
         );
         assert_eq!(
-            parse_serial("unix-connect=/run/c.sock,reconnect=100").unwrap(),
+            serial::parse_serial("unix-connect=/run/c.sock,reconnect=100").unwrap(),
             Some(Backend::UnixClient {
                 path: "/run/c.sock".into(),
                 reconnect_ms: 100
@@ -624,7 +567,7 @@ mod tests {
             "unix-connect=/a,later",
         ] {
             assert!(
-                matches!(parse_serial(bad), Err(ConfigError::Serial(_))),
+                matches!(serial::parse_serial(bad), Err(ConfigError::Serial(_))),
                 "{bad}"
             );
         }

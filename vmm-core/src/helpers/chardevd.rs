@@ -11,7 +11,8 @@
 //! through its own bounded backlog, so a slow viewer skips bytes (and is told) but never slows
 //! the console.
 
-use crate::api::Shared;
+use crate::config::serial::Backend;
+use crate::events::Events;
 use capnp_rpc::twoparty;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -28,17 +29,6 @@ const WRITE_CHUNK: usize = 64 << 10;
 const BATCH_DELAY: Duration = Duration::from_millis(2);
 /// How far an attached viewer may fall behind before it skips bytes.
 pub const VIEWER_BACKLOG: usize = 1 << 20;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    Null,
-    Stdio,
-    Pty,
-    File { path: String, append: bool },
-    Ring(u32),
-    UnixServer(String),
-    UnixClient { path: String, reconnect_ms: u32 },
-}
 
 /// An attached viewer's end in the supervisor: its queue, and how many bytes it has queued.
 struct Viewer {
@@ -58,16 +48,6 @@ impl Attached {
     pub fn done(&self, bytes: usize) {
         self.backlog.fetch_sub(bytes, Ordering::AcqRel);
     }
-}
-
-/// How vmm-core reaches chardevd.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mode {
-    /// Start it (this executable) on an inherited socketpair, sandboxed unless the flag is
-    /// false; restart it if it dies.
-    Spawn(PathBuf, Option<String>),
-    /// Connect to one that runs already (under systemd); reconnect if the connection drops.
-    Connect(PathBuf),
 }
 
 /// What a backend needs from the host, opened by vmm-core (chardevd opens no host path, so that
@@ -205,12 +185,8 @@ fn open_pty() -> std::io::Result<(std::os::fd::OwnedFd, String)> {
 pub enum ChardevError {
     #[error("{0}")]
     Resource(String),
-    #[error("--chardevd-socket {0}: cannot connect ({1}); is chardevd running (chardevd --listen PATH, or its systemd socket)?")]
-    Connect(PathBuf, std::io::Error),
-    #[error(
-        "--chardevd {0}: cannot start it ({1}); build it (cargo build) or pass --chardevd PATH"
-    )]
-    Spawn(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Helper(#[from] super::HelperError),
     #[error("--serial: chardevd refused the backend: {0}")]
     Backend(String),
     #[error("chardevd: {0}")]
@@ -388,11 +364,11 @@ impl Drop for Supervisor {
 /// Starts the supervisor, which starts chardevd; `Ready` says when it runs and accepted the
 /// backend (or why not).
 pub fn start(
-    mode: Mode,
+    mode: super::Source,
     backend: Backend,
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
-    shared: Arc<Shared>,
+    events: Arc<Events>,
 ) -> Result<(Supervisor, Ready), ChardevError> {
     let resources = Resources::open(&backend)?;
     let (first_tx, first_rx) = std::sync::mpsc::channel();
@@ -413,7 +389,7 @@ pub fn start(
                     (backend, resources),
                     buffer,
                     input,
-                    shared,
+                    events,
                     first_tx,
                     &mut controls,
                 ),
@@ -443,11 +419,11 @@ impl Ready {
 }
 
 async fn supervise(
-    mode: Mode,
+    mode: super::Source,
     (backend, resources): (Backend, Resources),
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
-    shared: Arc<Shared>,
+    events: Arc<Events>,
     first: std::sync::mpsc::Sender<Result<(), ChardevError>>,
     controls: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) {
@@ -461,7 +437,7 @@ async fn supervise(
             resources: &resources,
             buffer: &buffer,
             input: &input,
-            shared: &shared,
+            events: &events,
         };
         let result = run_helper(&helper, &mut first, &mut dropped_at_death, controls).await;
         if buffer.stopping.load(std::sync::atomic::Ordering::Acquire) {
@@ -476,14 +452,12 @@ async fn supervise(
             Ok(status) => status,
             Err(e) => e.to_string(),
         };
-        if matches!(mode, Mode::Spawn(..)) {
+        if matches!(mode, super::Source::Spawn(..)) {
             log::warn!("chardevd died ({why}); restarting it");
         } else {
             log::warn!("lost chardevd ({why}); reconnecting");
         }
-        shared
-            .events
-            .emit("helper-died", format!("chardevd: {why}"));
+        events.emit("helper-died", format!("chardevd: {why}"));
         dropped_at_death.get_or_insert(buffer.dropped());
         restarts += 1;
         // Back off a little when it keeps dying, but never give up while the VM lives.
@@ -498,12 +472,12 @@ async fn supervise(
 /// Runs one chardevd until it dies; Ok(why) when it died after starting.
 /// What every start of chardevd needs.
 struct Helper<'a> {
-    mode: &'a Mode,
+    mode: &'a super::Source,
     backend: &'a Backend,
     resources: &'a Resources,
     buffer: &'a ConsoleBuffer,
     input: &'a InputFn,
-    shared: &'a Arc<Shared>,
+    events: &'a Arc<Events>,
 }
 
 async fn run_helper(
@@ -518,52 +492,18 @@ async fn run_helper(
         resources,
         buffer,
         input,
-        shared,
+        events,
     } = *helper;
     let (ours, mut child, who) = match mode {
-        Mode::Spawn(binary, sandbox) => {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
-            let theirs_fd = theirs.as_raw_fd();
-            let mut cmd = tokio::process::Command::new(binary);
-            cmd.arg("--control-fd").arg("3");
-            match sandbox {
-                Some(seccomp) => {
-                    cmd.arg("--seccomp").arg(seccomp);
-                }
-                None => {
-                    cmd.arg("--no-sandbox");
-                }
-            }
-            let stderr = crate::helpers::stderr_pipe(
-                "chardevd",
-                crate::helpers::seccomp_reporter(shared.clone()),
-            )
-            .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
-            cmd.stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(stderr)
-                .kill_on_drop(true);
-            // SAFETY: dup2 is async-signal-safe; it gives the child its control socket as fd 3
-            // (without close-on-exec).
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::dup2(theirs_fd, 3) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd
-                .spawn()
-                .map_err(|e| ChardevError::Spawn(binary.clone(), e))?;
-            drop(theirs);
+        super::Source::Spawn(exe, sandbox) => {
+            let report = super::stderr::seccomp_reporter(events.clone());
+            let (ours, child) = super::prepare(super::CHARDEVD, exe, sandbox.as_deref(), report)
+                .and_then(super::Prepared::spawn_async)?;
             let who = format!("chardevd (pid {})", child.id().unwrap_or(0));
             (ours, Some(child), who)
         }
-        Mode::Connect(path) => {
-            let ours = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| ChardevError::Connect(path.clone(), e))?;
+        super::Source::Connect(path) => {
+            let ours = super::connect(super::CHARDEVD, path)?;
             (ours, None, format!("chardevd at {}", path.display()))
         }
     };
@@ -637,9 +577,7 @@ async fn run_helper(
     if changed {
         log::info!("serial0: console on {description}");
         if first.is_none() {
-            shared
-                .events
-                .emit("console-backend", format!("serial0: {description}"));
+            events.emit("console-backend", format!("serial0: {description}"));
         }
     }
     match (first.take(), dropped_at_death.take()) {
@@ -652,7 +590,7 @@ async fn run_helper(
                     "connected to"
                 }
             );
-            shared.events.emit("helper-started", who.clone());
+            events.emit("helper-started", who.clone());
             let _ = tx.send(Ok(()));
         }
         (None, before) => {
@@ -665,9 +603,7 @@ async fn run_helper(
                     "reconnected to"
                 }
             );
-            shared
-                .events
-                .emit("helper-restarted", format!("{who}, {lost} bytes lost"));
+            events.emit("helper-restarted", format!("{who}, {lost} bytes lost"));
         }
     }
     // chardevd's requests on the side channel are answered while it runs.

@@ -10,9 +10,8 @@
 //! A change is signalled through the GED (ged::EVENT_CPU_HOTPLUG). An eject is honoured only
 //! for a vCPU the VMM asked to remove; any other is logged and ignored.
 
-use super::{Action, PioDevice};
-use crate::vm::VmEvent;
-use std::sync::mpsc::Sender;
+use crate::bus::Notify;
+use crate::bus::{Action, PioDevice};
 
 pub const PORT: u16 = 0x0cd8;
 pub const LEN: u16 = 12;
@@ -42,12 +41,12 @@ pub struct Slot {
 pub struct CpuHotplug {
     selected: u32,
     pub slots: Vec<Slot>,
-    events: Sender<VmEvent>,
+    events: Notify<HotplugEvent>,
 }
 
 impl CpuHotplug {
     /// `max` vCPUs, of which the first `online` are enabled.
-    pub fn new(online: u32, max: u32, events: Sender<VmEvent>) -> CpuHotplug {
+    pub fn new(online: u32, max: u32, events: Notify<HotplugEvent>) -> CpuHotplug {
         CpuHotplug {
             selected: 0,
             slots: (0..max)
@@ -144,9 +143,7 @@ impl PioDevice for CpuHotplug {
                 };
                 if v & STATUS_INSERTING != 0 && slot.inserting {
                     slot.inserting = false;
-                    let _ = self
-                        .events
-                        .send(VmEvent::Hotplug(HotplugEvent::InsertSeen(id)));
+                    (self.events)(HotplugEvent::InsertSeen(id));
                 }
                 if v & STATUS_REMOVING != 0 {
                     slot.removing = false;
@@ -155,9 +152,7 @@ impl PioDevice for CpuHotplug {
                     if slot.eject_wanted && slot.enabled {
                         slot.enabled = false;
                         slot.eject_wanted = false;
-                        let _ = self
-                            .events
-                            .send(VmEvent::Hotplug(HotplugEvent::Ejected(id)));
+                        (self.events)(HotplugEvent::Ejected(id));
                     } else {
                         log::warn!(
                             "vCPU {id}: the guest ejected it, but no removal of it was asked for; ignored"
@@ -186,8 +181,8 @@ mod tests {
     /// --max-cpus refuses the state.
     #[test]
     fn state_survives_save_and_restore() {
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let mut a = CpuHotplug::new(2, 4, tx.clone());
+        let ignore = || -> Notify<HotplugEvent> { Box::new(|_| {}) };
+        let mut a = CpuHotplug::new(2, 4, ignore());
         a.slots[3].enabled = true;
         a.slots[3].inserting = true;
         a.slots[1].eject_wanted = true;
@@ -195,8 +190,8 @@ mod tests {
         a.write(0, &3u32.to_le_bytes());
         let mut msg = capnp::message::Builder::new_default();
         a.save(msg.init_root());
-        let reader = crate::test_util::through_bytes(&msg);
-        let mut b = CpuHotplug::new(1, 4, tx.clone());
+        let reader = vmm_proto::through_bytes(&msg);
+        let mut b = CpuHotplug::new(1, 4, ignore());
         b.restore(reader.get_root().unwrap()).unwrap();
         assert_eq!(b.slots, a.slots);
         let mut r = [0u8];
@@ -206,7 +201,7 @@ mod tests {
             STATUS_ENABLED | STATUS_INSERTING,
             "vCPU 3 stays selected"
         );
-        let mut c = CpuHotplug::new(1, 8, tx);
+        let mut c = CpuHotplug::new(1, 8, ignore());
         assert_eq!(
             c.restore(reader.get_root().unwrap()).unwrap_err(),
             "the CPU hotplug controller's state is for 4 vCPUs, this VM has --max-cpus 8"
@@ -216,7 +211,13 @@ mod tests {
     #[test]
     fn insert_and_eject_follow_the_protocol() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut c = CpuHotplug::new(1, 4, tx);
+        let mut c = CpuHotplug::new(
+            1,
+            4,
+            Box::new(move |e| {
+                let _ = tx.send(e);
+            }),
+        );
         let mut n = [0u8; 4];
         c.read(8, &mut n);
         assert_eq!(u32::from_le_bytes(n), 4);
@@ -228,10 +229,7 @@ mod tests {
         assert_eq!(select(&mut c, 2), STATUS_ENABLED | STATUS_INSERTING);
         c.write(4, &[STATUS_INSERTING]);
         assert_eq!(select(&mut c, 2), STATUS_ENABLED);
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(VmEvent::Hotplug(HotplugEvent::InsertSeen(2)))
-        ));
+        assert!(matches!(rx.try_recv(), Ok(HotplugEvent::InsertSeen(2))));
 
         // An eject nobody asked for is ignored (the check Cloud Hypervisor #8611 lacked).
         select(&mut c, 0);
@@ -245,9 +243,6 @@ mod tests {
         c.write(4, &[STATUS_REMOVING]);
         c.write(4, &[STATUS_EJECT]);
         assert_eq!(select(&mut c, 2), 0);
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(VmEvent::Hotplug(HotplugEvent::Ejected(2)))
-        ));
+        assert!(matches!(rx.try_recv(), Ok(HotplugEvent::Ejected(2))));
     }
 }

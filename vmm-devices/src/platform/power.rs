@@ -1,14 +1,15 @@
 //! ACPI power management for a hardware-reduced platform (the FADT's sleep control, sleep
 //! status and reset registers), plus the i8042 pulse-reset that `reboot=k` uses.
 
-use super::{Action, PioDevice};
-use crate::boot::acpi::SLP_TYP_S5;
+use crate::bus::{Action, PioDevice};
 
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const SLEEP_STATUS_PORT: u16 = 0x601;
 pub const RESET_PORT: u16 = 0x602;
 pub const PORTS: u16 = 3;
 pub const RESET_VALUE: u8 = 0x01;
+/// The sleep type the DSDT's \_S5 package names: writing it with SLP_EN powers off.
+pub const SLP_TYP_S5: u8 = 5;
 const SLP_EN: u8 = 1 << 5;
 
 #[derive(Default)]

@@ -5,7 +5,7 @@
 pub mod config;
 pub mod msix;
 
-use crate::devices::{Action, PioDevice};
+use crate::bus::{Action, MmioBus, PioDevice};
 use std::sync::{Arc, Mutex};
 
 pub use config::{Bar, ConfigSpace};
@@ -96,8 +96,20 @@ impl PciBus {
         }
     }
 
-    /// ECAM and BAR MMIO. Returns false if nothing decodes the address.
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+    fn bar_at(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
+        for dev in self.slots.iter().flatten() {
+            let mut d = dev.lock().unwrap();
+            if let Some((bar, off)) = d.config().decode(addr) {
+                return Some((dev, bar, off));
+            }
+        }
+        None
+    }
+}
+
+/// ECAM and BAR MMIO. An address nothing decodes is not claimed.
+impl MmioBus for PciBus {
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
         if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
             let off = addr - ECAM_BASE;
             let (slot, func, reg) = ((off >> 15) as u8, ((off >> 12) & 7) as u8, off & 0xfff);
@@ -113,7 +125,7 @@ impl PciBus {
         }
     }
 
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
         if (ECAM_BASE..ECAM_BASE + ECAM_SIZE).contains(&addr) {
             let off = addr - ECAM_BASE;
             let (slot, func, reg) = ((off >> 15) as u8, ((off >> 12) & 7) as u8, off & 0xfff);
@@ -127,16 +139,6 @@ impl PciBus {
             }
             None => false,
         }
-    }
-
-    fn bar_at(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
-        for dev in self.slots.iter().flatten() {
-            let mut d = dev.lock().unwrap();
-            if let Some((bar, off)) = d.config().decode(addr) {
-                return Some((dev, bar, off));
-            }
-        }
-        None
     }
 }
 

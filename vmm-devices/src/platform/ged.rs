@@ -2,7 +2,7 @@
 //! register of pending events (write 1 to clear) and an edge interrupt. The DSDT's `_EVT`
 //! reads it and notifies the device concerned: the power button, or the CPU hotplug scan.
 
-use super::{Action, PioDevice};
+use crate::bus::{Action, PioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const PORT: u16 = 0x610;

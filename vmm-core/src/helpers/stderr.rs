@@ -1,29 +1,9 @@
-//! What vmm-core does for every helper process it starts: their stderr comes through a pipe
-//! to vmm-core's own (so that one log holds everything), and a helper's report that its
-//! seccomp filter killed it is logged by vmm-core too and becomes an event.
+//! A helper's stderr comes through a pipe to vmm-core's own (so that one log holds
+//! everything), and a helper's report that its seccomp filter killed it is logged by vmm-core
+//! too and becomes an event.
 
 use std::io::BufRead;
 use std::sync::Arc;
-
-/// The seccomp mode for vmm-core's small service threads (None: unfiltered, --no-sandbox),
-/// set once at start-up.
-static THREAD_FILTERS: std::sync::OnceLock<Option<vmm_sandbox::seccomp::Mode>> =
-    std::sync::OnceLock::new();
-
-pub fn set_thread_filters(mode: Option<vmm_sandbox::seccomp::Mode>) {
-    let _ = THREAD_FILTERS.set(mode);
-}
-
-/// Filters the calling thread, one of vmm-core's service threads (signals, console input,
-/// helpers' stderr), with the common base alone: they read a descriptor, log, and pass
-/// messages on. A filter that cannot be installed is logged; the thread goes on without.
-pub fn filter_service_thread(role: &'static str) {
-    if let Some(Some(mode)) = THREAD_FILTERS.get() {
-        if let Err(e) = vmm_sandbox::seccomp::install(role, &vmm_sandbox::seccomp::base(), *mode) {
-            log::error!("{role}: cannot install its seccomp filter ({e})");
-        }
-    }
-}
 
 /// Called with (helper, system call) when a helper reports a forbidden system call.
 pub type SeccompReport = Arc<dyn Fn(&str, &str) + Send + Sync>;
@@ -33,15 +13,12 @@ const MARKER: &str = ": seccomp: forbidden system call ";
 
 /// A pipe for a helper's stderr; a thread copies its lines to ours and watches for seccomp
 /// reports.
-pub fn stderr_pipe(
-    helper: &'static str,
-    report: SeccompReport,
-) -> std::io::Result<std::io::PipeWriter> {
+pub fn pipe(helper: &'static str, report: SeccompReport) -> std::io::Result<std::io::PipeWriter> {
     let (reader, writer) = std::io::pipe()?;
     std::thread::Builder::new()
         .name(format!("{helper}-stderr"))
         .spawn(move || {
-            filter_service_thread("vmm-core (a helper's stderr reader)");
+            crate::threads::filter_service_thread("vmm-core (a helper's stderr reader)");
             let mut lines = std::io::BufReader::new(reader);
             let mut line = String::new();
             loop {
@@ -66,14 +43,12 @@ pub fn stderr_pipe(
 }
 
 /// The usual report: an error in vmm-core's log and a `helper-seccomp` event.
-pub fn seccomp_reporter(shared: Arc<crate::api::Shared>) -> SeccompReport {
+pub fn seccomp_reporter(events: Arc<crate::events::Events>) -> SeccompReport {
     Arc::new(move |helper: &str, call: &str| {
         log::error!(
             "{helper} made a system call outside its seccomp allowlist, {call}, and was killed by SIGSYS"
         );
-        shared
-            .events
-            .emit("helper-seccomp", format!("{helper}: {call}"));
+        events.emit("helper-seccomp", format!("{helper}: {call}"));
     })
 }
 
@@ -87,7 +62,7 @@ mod tests {
     fn reports_are_found_in_the_stream() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let mut w = stderr_pipe(
+        let mut w = pipe(
             "blockd",
             Arc::new(move |h: &str, c: &str| s.lock().unwrap().push(format!("{h}/{c}"))),
         )

@@ -1,134 +1,15 @@
-//! Disks: `--disk` specifications, and the blockd processes that serve them over vhost-user.
+//! blockd, the helper that serves the VM's disks over vhost-user, as vmm-core drives it: it
+//! opens the images and sockets, starts or connects to blockd, adds the exports, and starts
+//! another blockd (adding them again) when one dies.
 //!
 //! vmm-core opens each image and a listening socket in a private directory, and starts one
 //! blockd per disk with both as inherited descriptors; blockd lives as long as vmm-core (across
 //! guest reboots) and serves each boot's connection in turn. `socket=PATH` uses a vhost-user-blk
 //! backend that runs already instead.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use crate::config::disk::DiskSpec;
+use std::path::PathBuf;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    pub path: Option<PathBuf>,
-    /// An external vhost-user-blk backend's socket.
-    pub socket: Option<PathBuf>,
-    pub readonly: bool,
-    pub queues: u16,
-    pub serial: Option<String>,
-    /// raw or qcow2.
-    pub format: String,
-    /// Open the image with O_DIRECT.
-    pub direct: bool,
-    /// The error policies for reads and for writes (QEMU's rerror, werror): report, ignore,
-    /// stop or enospc.
-    pub rerror: String,
-    pub werror: String,
-    /// blockd's throttle at start (`throttle.iops=200,throttle.group=g`, QEMU's names).
-    pub throttle: Option<vmm_proto::throttle::Spec>,
-}
-
-pub const MAX_QUEUES: u16 = 16;
-
-/// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
-pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME] or socket=PATH[,queues=N]";
-    let mut d = DiskSpec {
-        path: None,
-        socket: None,
-        readonly: false,
-        queues: 1,
-        serial: None,
-        format: "raw".into(),
-        direct: false,
-        rerror: "report".into(),
-        werror: "report".into(),
-        throttle: None,
-    };
-    let mut throttle = Vec::new();
-    for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("--disk {s}: \"{part}\" is not key=value; {usage}"))?;
-        if let Some(key) = k.strip_prefix("throttle.") {
-            throttle.push(format!("{key}={v}"));
-            continue;
-        }
-        match k {
-            "path" if !v.is_empty() => d.path = Some(PathBuf::from(v)),
-            "socket" if !v.is_empty() => d.socket = Some(PathBuf::from(v)),
-            "readonly" => d.readonly = on_off(s, k, v)?,
-            "queues" => {
-                d.queues = v
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|q| (1..=MAX_QUEUES).contains(q))
-                    .ok_or_else(|| {
-                        format!("--disk {s}: queues={v}; write a number from 1 to {MAX_QUEUES}")
-                    })?
-            }
-            "format" => match v {
-                "raw" | "qcow2" => d.format = v.to_string(),
-                _ => {
-                    return Err(format!(
-                        "--disk {s}: format={v}; write format=raw or format=qcow2"
-                    ))
-                }
-            },
-            "direct" => d.direct = on_off(s, k, v)?,
-            "rerror" | "werror" => {
-                if !["report", "ignore", "stop", "enospc"].contains(&v) {
-                    return Err(format!(
-                        "--disk {s}: {k}={v}: write report (the guest gets an I/O error), ignore, stop (pause the VM until vmmctl resume) or enospc (stop on a full disk only)"
-                    ));
-                }
-                if k == "rerror" {
-                    d.rerror = v.to_string()
-                } else {
-                    d.werror = v.to_string()
-                }
-            }
-            "serial" => {
-                if v.len() > 20 {
-                    return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
-                }
-                d.serial = Some(v.to_string())
-            }
-            _ => return Err(format!("--disk {s}: unknown or empty key \"{k}\"; {usage}")),
-        }
-    }
-    if !throttle.is_empty() {
-        let spec = vmm_proto::throttle::Spec::parse(&throttle.join(","))
-            .map_err(|m| format!("--disk {s}: throttle.{m}"))?;
-        if d.socket.is_some() {
-            return Err(format!(
-                "--disk {s}: throttle.* is blockd's; a socket= backend throttles by itself"
-            ));
-        }
-        d.throttle = Some(spec);
-    }
-    match (&d.path, &d.socket) {
-        (None, None) => Err(format!("--disk {s}: no path= or socket=; {usage}")),
-        (Some(_), Some(_)) => Err(format!("--disk {s}: path= and socket= together; give one")),
-        (None, Some(_)) if d.readonly || d.serial.is_some() || d.direct || d.format != "raw" => {
-            Err(format!(
-                "--disk {s}: readonly=, serial=, format= and direct= are the backend's own settings with socket="
-            ))
-        }
-        _ => Ok(d),
-    }
-}
-
-/// An on/off value of `--disk SPEC`'s key.
-fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("--disk {spec}: {key}={v}; write {key}=on or off")),
-    }
-}
 
 /// A disk's vhost-user backend: an export of the VM's blockd, or a socket given.
 pub struct DiskBackend {
@@ -328,41 +209,11 @@ impl Drop for Blockd {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        end_child(&self.child);
-    }
-}
-
-/// Waits for the blockd vmm-core started to exit (its control connection closed, so it
-/// flushes every image and exits): 10 s, SIGTERM half-way (which also flushes), then SIGKILL.
-/// Called by the thread that started it: a child with PR_SET_PDEATHSIG dies with the thread
-/// that forked it, so that thread must outlive it.
-fn end_child(slot: &std::sync::Mutex<Option<std::process::Child>>) {
-    let child = slot.lock().unwrap().take();
-    let Some(mut c) = child else { return };
-    let start = std::time::Instant::now();
-    let mut termed = false;
-    loop {
-        match c.try_wait() {
-            Ok(Some(status)) => {
-                if !status.success() {
-                    log::warn!("blockd ended with {status}");
-                }
-                return;
-            }
-            Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
-                if !termed && start.elapsed() > std::time::Duration::from_secs(5) {
-                    // SAFETY: kill on the PID of our own child, not yet reaped.
-                    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-                    termed = true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5))
-            }
-            _ => break,
+        // Its control connection closed, so it flushes every image and exits.
+        if let Some(child) = self.child.lock().unwrap().take() {
+            super::end("blockd", child, std::time::Duration::from_secs(10));
         }
     }
-    log::warn!("blockd did not stop within 10 s; killing it");
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 /// What vmm-core opened for one export: handed to blockd on the side channel.
@@ -375,19 +226,11 @@ struct Opened {
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
-/// How vmm-core gets its blockd: it starts one, or connects to one that runs already (systemd's).
-pub enum Mode<'a> {
-    /// The executable, and the seccomp mode (kill or log) or None for no sandbox.
-    Spawn(&'a Path, Option<&'a str>),
-    /// blockd's control socket (`blockd --listen`, or its systemd socket unit).
-    Connect(&'a Path),
-}
-
 pub fn start(
     disks: &[DiskSpec],
-    mode: Mode,
+    source: super::Source,
     dir: Option<&RunDir>,
-    report: crate::helpers::SeccompReport,
+    report: super::SeccompReport,
     hooks: Hooks,
 ) -> Result<(Vec<DiskBackend>, Blockd), String> {
     let mut backends = Vec::new();
@@ -456,50 +299,30 @@ pub fn start(
         return Ok((backends, handle));
     }
 
-    let respawn: Respawn = match mode {
-        Mode::Connect(path) => {
-            let path = path.to_path_buf();
-            Box::new(move || {
-                let s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-                    format!(
-                        "--blockd-socket {}: cannot connect ({e}); is blockd (or its socket unit) running?",
-                        path.display()
-                    )
-                })?;
+    let respawn: Respawn = {
+        let child = handle.child.clone();
+        Box::new(move || match &source {
+            super::Source::Connect(path) => {
+                let s = super::connect(super::BLOCKD, path).map_err(|e| e.to_string())?;
                 log::info!("connected to blockd at {}", path.display());
                 Ok(s)
-            })
-        }
-        Mode::Spawn(blockd, sandbox) => {
-            let (blockd, sandbox) = (blockd.to_path_buf(), sandbox.map(str::to_string));
-            let child = handle.child.clone();
-            Box::new(move || {
-                let (ours, new) = spawn(&blockd, sandbox.as_deref(), report.clone())?;
-                if let Some(mut old) = child.lock().unwrap().replace(new) {
-                    // The one that died (its connection ended): reap it, giving it a moment
-                    // to exit by itself (a sandboxed blockd's outer process reports how its
-                    // inner one died), then making sure.
-                    let start = std::time::Instant::now();
-                    let status = loop {
-                        match old.try_wait() {
-                            Ok(Some(status)) => break Some(status),
-                            Ok(None) if start.elapsed() < std::time::Duration::from_secs(2) => {
-                                std::thread::sleep(std::time::Duration::from_millis(5))
-                            }
-                            _ => break None,
-                        }
-                    };
-                    match status {
+            }
+            super::Source::Spawn(exe, sandbox) => {
+                let (ours, new) =
+                    super::prepare(super::BLOCKD, exe, sandbox.as_deref(), report.clone())
+                        .and_then(super::Prepared::spawn)
+                        .map_err(|e| e.to_string())?;
+                log::info!("started blockd (pid {})", new.id());
+                if let Some(old) = child.lock().unwrap().replace(new) {
+                    // The one that died (its connection ended).
+                    match super::reap(old, std::time::Duration::from_secs(2)) {
                         Some(status) => log::info!("the blockd that died ended with {status}"),
-                        None => {
-                            let _ = old.kill();
-                            let _ = old.wait();
-                        }
+                        None => log::info!("the blockd that died was killed"),
                     }
                 }
                 Ok(ours)
-            })
-        }
+            }
+        })
     };
     let ours = respawn()?;
     let child = handle.child.clone();
@@ -545,45 +368,6 @@ pub fn start(
     }
 }
 
-/// Starts blockd with a connected control socket as its fd 3.
-fn spawn(
-    blockd: &Path,
-    sandbox: Option<&str>,
-    report: crate::helpers::SeccompReport,
-) -> Result<(std::os::unix::net::UnixStream, std::process::Child), String> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| format!("blockd: cannot make its control socket ({e})"))?;
-    let mut cmd = std::process::Command::new(blockd);
-    let stderr = crate::helpers::stderr_pipe("blockd", report)
-        .map_err(|e| format!("blockd: cannot make its stderr pipe ({e})"))?;
-    cmd.args(["--control-fd", "3"])
-        .stdin(std::process::Stdio::null())
-        .stderr(stderr);
-    match sandbox {
-        Some(mode) => cmd.args(["--seccomp", mode]),
-        None => cmd.arg("--no-sandbox"),
-    };
-    let tfd = theirs.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl): the control socket becomes
-    // fd 3 without close-on-exec, and blockd dies with vmm-core.
-    unsafe {
-        cmd.pre_exec(move || {
-            let t = libc::fcntl(tfd, libc::F_DUPFD_CLOEXEC, 10);
-            if t < 0 || libc::dup2(t, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start blockd ({}): {e}", blockd.display()))?;
-    drop(theirs);
-    log::info!("started blockd (pid {})", child.id());
-    Ok((ours, child))
-}
-
 /// blockd's error message, without capnp's prefix.
 fn remote(e: capnp::Error) -> String {
     e.extra.trim_start_matches("remote exception: ").to_string()
@@ -611,8 +395,11 @@ struct Restart {
 }
 
 /// The transports of the disks blockd serves, set at each boot, to reconnect after a restart.
-pub type DeviceSlot =
-    Arc<std::sync::Mutex<Option<std::sync::Weak<std::sync::Mutex<crate::virtio::pci::VirtioPci>>>>>;
+pub type DeviceSlot = Arc<
+    std::sync::Mutex<
+        Option<std::sync::Weak<std::sync::Mutex<vmm_devices::virtio::pci::VirtioPci>>>,
+    >,
+>;
 
 /// Sets blockd up on a new control connection: the side channel, the exports (with the
 /// images and listening sockets vmm-core keeps), and the watcher.
@@ -783,11 +570,13 @@ async fn client(
                 }
                 if serve(&server, &mut connection, &mut commands, &mut throttles).await {
                     // The VM ends: closing the connection stops blockd; a blockd this thread
-                    // started must end before the thread does (see end_child).
+                    // started must end before the thread does (a parent-death signal follows the thread).
                     connection.abort();
                     let _ = connection.await;
                     drop(server);
-                    end_child(&child);
+                    if let Some(c) = child.lock().unwrap().take() {
+                        super::end("blockd", c, std::time::Duration::from_secs(10));
+                    }
                     return;
                 }
                 (hooks.on_death)();
@@ -1002,33 +791,5 @@ mod tests {
         remember_throttle(&mut t, "disk1".into(), parse("off"));
         assert!(!t.contains_key("disk1"));
         assert_eq!(t.len(), 1);
-        let d = parse_disk("path=/x.img,throttle.iops=5,throttle.group=a").unwrap();
-        assert_eq!(d.throttle, Some(parse("group=a,iops=5")));
-    }
-
-    #[test]
-    fn disk_specs() {
-        let d = parse_disk("path=/x.img,readonly=on,queues=2,serial=abc,format=qcow2,direct=on")
-            .unwrap();
-        assert_eq!(d.format, "qcow2");
-        assert!(d.direct);
-        assert_eq!(d.path.as_deref(), Some(Path::new("/x.img")));
-        assert!(d.readonly);
-        assert_eq!(d.queues, 2);
-        assert!(parse_disk("socket=/s,queues=4").is_ok());
-        for bad in [
-            "",
-            "x.img",
-            "path=/x,queues=0",
-            "path=/x,queues=99",
-            "path=/x,readonly=maybe",
-            "path=/x,socket=/y",
-            "path=/x,colour=red",
-            "socket=/s,readonly=on",
-            "path=/x,format=vmdk",
-        ] {
-            let e = parse_disk(bad).unwrap_err();
-            assert!(e.starts_with("--disk "), "{e}");
-        }
     }
 }

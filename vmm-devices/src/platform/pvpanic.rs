@@ -1,6 +1,6 @@
 //! QEMU's pvpanic ISA device (ACPI QEMU0001): the guest writes bit 0 when it panics.
 
-use super::{Action, PioDevice};
+use crate::bus::{Action, PioDevice};
 
 pub const PORT: u16 = 0x505;
 const PANICKED: u8 = 1 << 0;

@@ -53,7 +53,7 @@ pub trait VirtioDevice: Send {
     /// A migration's dirty logging: its backend logs what it writes into guest memory in
     /// `log` (None: logging ends). Returns whether the backend logs now; a device whose
     /// backend writes guest memory and cannot log makes the last pass resend all of RAM.
-    fn set_dirty_log(&mut self, _log: Option<&crate::memory::SharedDirtyLog>) -> bool {
+    fn set_dirty_log(&mut self, _log: Option<&crate::dirty_log::SharedDirtyLog>) -> bool {
         false
     }
     /// Whether its backend logs its writes (set_dirty_log took).

@@ -3,11 +3,9 @@
 //! `VcpuFd` is parked; the next hot-add of that id puts the parked fd back into its power-on
 //! state (captured when it was created) and runs it again, without KVM_CREATE_VCPU.
 
+use super::{Pristine, RunState, VcpuContext, VcpuError};
 use crate::boot::Entry;
-use crate::devices::IoBus;
-use crate::memory::GuestMemory;
-use crate::vcpu::{self, Pristine, RunState, VcpuContext, VcpuError};
-use crate::vm::VmEvent;
+use crate::control::VmEvent;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::collections::BTreeMap;
@@ -15,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use vmm_devices::bus::IoBus;
+use vmm_devices::layout::GuestMemory;
 
 pub struct VcpuThread {
     pub handle: JoinHandle<VcpuFd>,
@@ -78,7 +78,7 @@ impl Vcpus {
                 .get(&id)
                 .expect("a parked vCPU has its power-on state")
                 .restore(&fd, id)
-                .and_then(|()| vcpu::configure(&fd, id, self.common.max, None, entry));
+                .and_then(|()| super::configure(&fd, id, self.common.max, None, entry));
             if let Err(e) = restored {
                 self.parked.insert(id, fd);
                 return Err(e);
@@ -95,7 +95,7 @@ impl Vcpus {
         if id != 0 {
             self.pristine.insert(id, Pristine::capture(&fd, id)?);
         }
-        vcpu::configure(
+        super::configure(
             &fd,
             id,
             self.common.max,
@@ -122,7 +122,7 @@ impl Vcpus {
         };
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(fd, ctx))?;
+            .spawn(move || super::run(fd, ctx))?;
         self.running.insert(id, VcpuThread { handle, unplug });
         Ok(())
     }
@@ -133,7 +133,7 @@ impl Vcpus {
             return;
         };
         t.unplug.store(true, Ordering::Release);
-        match crate::vm::end_vcpu_thread(t.handle) {
+        match super::kick::end_thread(t.handle) {
             Ok(fd) => {
                 self.parked.insert(id, fd);
             }

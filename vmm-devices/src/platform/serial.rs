@@ -1,7 +1,7 @@
 //! The 8250 UART on COM1 (vm-superio), its interrupt through an irqfd, and the host side of
 //! the console: stdout unbuffered, input from stdin with back-pressure on a full FIFO.
 
-use super::{Action, PioDevice};
+use crate::bus::{Action, PioDevice};
 use std::io::{self, Write};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -163,7 +163,7 @@ mod tests {
         assert_eq!(a.enqueue(b"hi"), 2);
         let mut msg = capnp::message::Builder::new_default();
         a.save(msg.init_root());
-        let reader = crate::test_util::through_bytes(&msg);
+        let reader = vmm_proto::through_bytes(&msg);
 
         let out = Shared::default();
         let mut b = SerialDevice::restored(

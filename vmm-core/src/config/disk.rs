@@ -1,0 +1,160 @@
+//! `--disk`: a disk's image or vhost-user socket, and how blockd serves it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: Option<PathBuf>,
+    /// An external vhost-user-blk backend's socket.
+    pub socket: Option<PathBuf>,
+    pub readonly: bool,
+    pub queues: u16,
+    pub serial: Option<String>,
+    /// raw or qcow2.
+    pub format: String,
+    /// Open the image with O_DIRECT.
+    pub direct: bool,
+    /// The error policies for reads and for writes (QEMU's rerror, werror): report, ignore,
+    /// stop or enospc.
+    pub rerror: String,
+    pub werror: String,
+    /// blockd's throttle at start (`throttle.iops=200,throttle.group=g`, QEMU's names).
+    pub throttle: Option<vmm_proto::throttle::Spec>,
+}
+
+pub const MAX_QUEUES: u16 = 16;
+
+/// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME] or socket=PATH[,queues=N]";
+    let mut d = DiskSpec {
+        path: None,
+        socket: None,
+        readonly: false,
+        queues: 1,
+        serial: None,
+        format: "raw".into(),
+        direct: false,
+        rerror: "report".into(),
+        werror: "report".into(),
+        throttle: None,
+    };
+    let mut throttle = Vec::new();
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--disk {s}: \"{part}\" is not key=value; {usage}"))?;
+        if let Some(key) = k.strip_prefix("throttle.") {
+            throttle.push(format!("{key}={v}"));
+            continue;
+        }
+        match k {
+            "path" if !v.is_empty() => d.path = Some(PathBuf::from(v)),
+            "socket" if !v.is_empty() => d.socket = Some(PathBuf::from(v)),
+            "readonly" => d.readonly = on_off(s, k, v)?,
+            "queues" => {
+                d.queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|q| (1..=MAX_QUEUES).contains(q))
+                    .ok_or_else(|| {
+                        format!("--disk {s}: queues={v}; write a number from 1 to {MAX_QUEUES}")
+                    })?
+            }
+            "format" => match v {
+                "raw" | "qcow2" => d.format = v.to_string(),
+                _ => {
+                    return Err(format!(
+                        "--disk {s}: format={v}; write format=raw or format=qcow2"
+                    ))
+                }
+            },
+            "direct" => d.direct = on_off(s, k, v)?,
+            "rerror" | "werror" => {
+                if !["report", "ignore", "stop", "enospc"].contains(&v) {
+                    return Err(format!(
+                        "--disk {s}: {k}={v}: write report (the guest gets an I/O error), ignore, stop (pause the VM until vmmctl resume) or enospc (stop on a full disk only)"
+                    ));
+                }
+                if k == "rerror" {
+                    d.rerror = v.to_string()
+                } else {
+                    d.werror = v.to_string()
+                }
+            }
+            "serial" => {
+                if v.len() > 20 {
+                    return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
+                }
+                d.serial = Some(v.to_string())
+            }
+            _ => return Err(format!("--disk {s}: unknown or empty key \"{k}\"; {usage}")),
+        }
+    }
+    if !throttle.is_empty() {
+        let spec = vmm_proto::throttle::Spec::parse(&throttle.join(","))
+            .map_err(|m| format!("--disk {s}: throttle.{m}"))?;
+        if d.socket.is_some() {
+            return Err(format!(
+                "--disk {s}: throttle.* is blockd's; a socket= backend throttles by itself"
+            ));
+        }
+        d.throttle = Some(spec);
+    }
+    match (&d.path, &d.socket) {
+        (None, None) => Err(format!("--disk {s}: no path= or socket=; {usage}")),
+        (Some(_), Some(_)) => Err(format!("--disk {s}: path= and socket= together; give one")),
+        (None, Some(_)) if d.readonly || d.serial.is_some() || d.direct || d.format != "raw" => {
+            Err(format!(
+                "--disk {s}: readonly=, serial=, format= and direct= are the backend's own settings with socket="
+            ))
+        }
+        _ => Ok(d),
+    }
+}
+
+/// An on/off value of `--disk SPEC`'s key.
+fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("--disk {spec}: {key}={v}; write {key}=on or off")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("path=/x.img,throttle.iops=5,throttle.group=a").unwrap();
+        assert_eq!(
+            d.throttle,
+            Some(vmm_proto::throttle::Spec::parse("group=a,iops=5").unwrap())
+        );
+        let d = parse_disk("path=/x.img,readonly=on,queues=2,serial=abc,format=qcow2,direct=on")
+            .unwrap();
+        assert_eq!(d.format, "qcow2");
+        assert!(d.direct);
+        assert_eq!(d.path.as_deref(), Some(Path::new("/x.img")));
+        assert!(d.readonly);
+        assert_eq!(d.queues, 2);
+        assert!(parse_disk("socket=/s,queues=4").is_ok());
+        for bad in [
+            "",
+            "x.img",
+            "path=/x,queues=0",
+            "path=/x,queues=99",
+            "path=/x,readonly=maybe",
+            "path=/x,socket=/y",
+            "path=/x,colour=red",
+            "socket=/s,readonly=on",
+            "path=/x,format=vmdk",
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.starts_with("--disk "), "{e}");
+        }
+    }
+}

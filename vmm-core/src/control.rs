@@ -1,0 +1,105 @@
+//! What the VM's main loop is told, and by whom: vCPU threads, the guest's hotplug actions,
+//! signals, the console, the management API, blockd and migrations. This is vocabulary only:
+//! the modules that send these import it, and it imports none of them.
+
+use futures::channel::oneshot;
+use vmm_devices::bus::Action;
+use vmm_devices::platform::cpu_hotplug::HotplugEvent;
+
+/// Everything that can end a run, or that only the main loop can carry out.
+#[derive(Debug)]
+pub enum VmEvent {
+    Vcpu(VcpuEvent),
+    Signal(i32),
+    ConsoleEscape,
+    /// SIGUSR1: log every vCPU's registers and go on.
+    DumpVcpus,
+    /// A management API request.
+    Api(ApiRequest),
+    /// The guest acted on the CPU hotplug controller.
+    Hotplug(HotplugEvent),
+    /// blockd stopped a disk on an I/O error (its error policy): (disk, reason).
+    DiskStopped(String, String),
+    /// A step of a migration or snapshot.
+    Migration(MigrationRequest),
+}
+
+/// Why a vCPU thread asks the VM to stop.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    Action(u32, Action),
+    /// A triple fault: on PC hardware this resets the machine.
+    TripleFault(u32, u64),
+    Failed(u32, String),
+}
+
+/// Where the main loop's answer to a request goes.
+pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// A management API request that only the VM's main loop can carry out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Pause,
+    Resume,
+    Shutdown {
+        force: bool,
+    },
+    Reboot,
+    /// Hot-add or hot-remove vCPUs until `count` are online; give up after `timeout_ms`.
+    SetCpus {
+        count: u32,
+        timeout_ms: u32,
+    },
+    /// KVM's dirty log on (and cleared), or off: turning it off stores how many pages the
+    /// guest wrote meanwhile in the API's status (`dirty_pages`).
+    DirtyLog {
+        on: bool,
+    },
+}
+
+/// A request and where its answer goes.
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub request: Request,
+    pub reply: Reply<()>,
+}
+
+/// What the main thread does for a migration or snapshot (it owns the VM).
+pub enum MigrationRequest {
+    /// KVM's dirty log on (and cleared) or off.
+    DirtyLog(bool, Reply<()>),
+    /// The pages written since the last take (a bitmap over the memfd's pages).
+    TakeDirty(Reply<Vec<u64>>),
+    /// Pause (if running), stop the queues once their requests completed, and save the state;
+    /// with the dirty log on, the pages written since the last take come too.
+    Save(Reply<Saved>),
+    /// The VM goes on here (after a snapshot, or a migration that failed): the queues start
+    /// again, and the vCPUs run unless the user had paused the VM.
+    Continue(Reply<()>),
+    /// The VM runs elsewhere now: this vmm-core ends.
+    Leave,
+    /// The guest RAM memfd, for migrated.
+    Memfd(Reply<std::fs::File>),
+}
+
+impl std::fmt::Debug for MigrationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationRequest::DirtyLog(..) => "DirtyLog",
+            MigrationRequest::TakeDirty(_) => "TakeDirty",
+            MigrationRequest::Save(_) => "Save",
+            MigrationRequest::Continue(_) => "Continue",
+            MigrationRequest::Leave => "Leave",
+            MigrationRequest::Memfd(_) => "Memfd",
+        })
+    }
+}
+
+/// A paused VM's saved state, for a migration's last pass or a snapshot.
+pub struct Saved {
+    pub state: Vec<u8>,
+    pub dirty: Option<Vec<u64>>,
+    /// Whether a queue's backend writes guest RAM without a dirty log of its own (KVM's log
+    /// does not see those writes, so every page goes again in the last pass).
+    pub unlogged_writers: bool,
+}

@@ -1,0 +1,243 @@
+//! migrated, the migration helper, as vmm-core reaches it: its client thread (a current-thread
+//! runtime, since capnp-rpc is !Send) runs each call as a job on the live connection, and is
+//! its supervisor: when migrated dies it starts another (or reconnects to systemd's), so the
+//! next migration works.
+
+use futures::future::LocalBoxFuture;
+use std::cell::RefCell;
+use std::os::fd::{AsFd, OwnedFd};
+use std::rc::Rc;
+use vmm_proto::channel::{self, Opened};
+use vmm_proto::migrated_capnp::{migrated, ChannelKind};
+
+/// A connection to migrated, used on its client thread.
+pub struct Conn {
+    pub client: migrated::Client,
+    side: OwnedFd,
+    /// What vmm-core keeps of the channel migrated uses (an exec: command, a socket path, a
+    /// snapshot file being written). Dropped (the command killed, the partial file removed)
+    /// when the transfer fails, or when migrated dies.
+    channel: RefCell<Option<channel::Guard>>,
+}
+
+impl Conn {
+    /// Hands migrated the guest RAM memfd and the channel for the call that follows; vmm-core
+    /// keeps the channel's guard (and closes its own copy of the descriptor).
+    pub(crate) fn hand_over(
+        &self,
+        memfd: &std::fs::File,
+        opened: Opened,
+    ) -> Result<ChannelKind, String> {
+        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), opened.fd.as_fd()])
+            .map_err(|e| format!("migrated: cannot hand it guest RAM and the channel ({e})"))?;
+        self.channel.replace(Some(opened.guard));
+        Ok(opened.kind.into())
+    }
+
+    /// The transfer completed: an exec: command may finish, a snapshot file stays.
+    pub(crate) fn channel_done(&self) {
+        if let Some(g) = self.channel.take() {
+            g.complete();
+        }
+    }
+
+    /// The transfer failed: the command is killed, a partial snapshot removed.
+    pub(crate) fn channel_failed(&self) {
+        drop(self.channel.take());
+    }
+}
+
+type Job = Box<dyn FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// migrated, as the rest of vmm-core reaches it.
+pub struct Migrated {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    child: std::sync::Arc<std::sync::Mutex<Option<std::process::Child>>>,
+    /// Set when vmm-core ends it: no restart then.
+    ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// migrated's error message, without capnp's prefix.
+pub fn remote(e: capnp::Error) -> String {
+    match e.kind {
+        capnp::ErrorKind::Disconnected => {
+            "migrated died during the call (it is restarted; try again)".to_string()
+        }
+        _ => e.extra.trim_start_matches("remote exception: ").to_string(),
+    }
+}
+
+impl Migrated {
+    /// Runs `f` on migrated's client thread and waits for its answer (from async code).
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            Box::pin(async move {
+                let _ = tx.send(f(conn).await);
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| "migrated is gone (its client thread ended)".to_string())?;
+        rx.await
+            .map_err(|_| "migrated died during the call (it is restarted; try again)".to_string())?
+    }
+
+    /// The same, from a thread that is not async (the main thread).
+    pub fn call_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        futures::executor::block_on(self.call(f))
+    }
+
+    /// The helper's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+}
+
+impl Migrated {
+    /// Ends migrated for good (vmm-core is ending).
+    pub fn end(&self) {
+        self.ending
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Migrated {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Starts migrated, and the thread that talks to it. That thread is its supervisor (as
+/// blockd's and chardevd's are): when migrated dies it starts another, so the next
+/// migration works; a call that was under way fails and says so.
+pub fn start(
+    source: super::Source,
+    report: super::SeccompReport,
+    on_death: Box<dyn Fn(String) + Send>,
+) -> Result<Migrated, String> {
+    let (first, child) =
+        super::obtain(super::MIGRATED, &source, report.clone()).map_err(|e| e.to_string())?;
+    match (&child, &source) {
+        (Some(c), _) => log::info!("started migrated (pid {})", c.id()),
+        (None, super::Source::Connect(p)) => {
+            log::info!("connected to migrated at {}", p.display())
+        }
+        (None, _) => {}
+    }
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+    let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (slot, stop) = (child.clone(), ending.clone());
+    std::thread::Builder::new()
+        .name("migrated-client".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("migrated: cannot start its client runtime ({e})");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let mut control = Some(first);
+                let mut backoff = std::time::Duration::from_millis(100);
+                loop {
+                    let ours = match control.take() {
+                        Some(c) => c,
+                        None => match super::obtain(super::MIGRATED, &source, report.clone()) {
+                            Ok((c, child)) => {
+                                match &child {
+                                    Some(ch) => {
+                                        log::warn!("migrated: started another (pid {})", ch.id())
+                                    }
+                                    None => log::warn!("migrated: connected again"),
+                                }
+                                let old = std::mem::replace(&mut *slot.lock().unwrap(), child);
+                                if let Some(mut old) = old {
+                                    let _ = old.wait();
+                                }
+                                c
+                            }
+                            Err(e) => {
+                                log::error!("{e}; trying again in {} ms", backoff.as_millis());
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                                continue;
+                            }
+                        },
+                    };
+                    let side = match vmm_proto::rpc::open_side_channel(&ours) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::error!("migrated: cannot set up its side channel ({e})");
+                            tokio::time::sleep(backoff).await;
+                            continue;
+                        }
+                    };
+                    let stream = match vmm_proto::rpc::tokio_stream(ours) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            log::error!("migrated: {e}");
+                            tokio::time::sleep(backoff).await;
+                            continue;
+                        }
+                    };
+                    let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
+                    let mut connection = tokio::task::spawn_local(rpc);
+                    let conn = Rc::new(Conn {
+                        client,
+                        side,
+                        channel: RefCell::new(None),
+                    });
+                    loop {
+                        tokio::select! {
+                            job = rx.recv() => match job {
+                                Some(job) => {
+                                    tokio::task::spawn_local(job(conn.clone()));
+                                }
+                                None => {
+                                    connection.abort();
+                                    return;
+                                }
+                            },
+                            _ = &mut connection => break,
+                        }
+                    }
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    // migrated is gone: reap it, say so, and start another (or reconnect to
+                    // the socket, where systemd starts another).
+                    let status = slot
+                        .lock()
+                        .unwrap()
+                        .as_mut()
+                        .and_then(|c| c.wait().ok())
+                        .map_or("its connection closed".to_string(), |s| s.to_string());
+                    on_death(status);
+                    backoff = std::time::Duration::from_millis(100);
+                }
+            });
+        })
+        .map_err(|e| format!("migrated: cannot start its client thread ({e})"))?;
+    Ok(Migrated {
+        jobs: tx,
+        child,
+        ending,
+    })
+}

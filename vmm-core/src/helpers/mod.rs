@@ -1,0 +1,276 @@
+//! The helper processes as vmm-core sees them: one way to start one (or connect to one that
+//! systemd runs), to read its stderr, and to end and reap it. blockd, chardevd and migrated
+//! each have a client module here that supervises its helper and speaks its RPC.
+//!
+//! A helper vmm-core starts gets its control socket as descriptor 3 (`--control-fd 3`), the
+//! sandbox flags, no stdin or stdout, stderr through vmm-core (stderr.rs), and SIGKILL when
+//! the thread that started it ends (PR_SET_PDEATHSIG): a vmm-core that dies, even by SIGKILL,
+//! leaves no helper behind. The helper's own sandbox passes that on to the process it forks
+//! into its PID namespace.
+
+pub mod blockd;
+pub mod chardevd;
+pub mod migrated;
+pub mod stderr;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use stderr::SeccompReport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("{0}: cannot make its control socket")]
+    ControlSocket(&'static str, #[source] std::io::Error),
+    #[error("{0}: cannot make its stderr pipe")]
+    StderrPipe(&'static str, #[source] std::io::Error),
+    #[error("--{0} {path}: cannot start it ({2}); build it (cargo build) or pass --{0} PATH", path = .1.display())]
+    Start(&'static str, PathBuf, std::io::Error),
+    #[error("{flag} {}: cannot connect ({source}); is {helper} running ({hint})?", path.display())]
+    Connect {
+        helper: &'static str,
+        flag: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// One of the helpers, as the command line and the log name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub name: &'static str,
+    /// The arguments before `--control-fd` (migrated's `serve`).
+    pub subcommand: &'static [&'static str],
+    /// vmm-core's flag for a helper that runs already, and how one starts it.
+    pub socket_flag: &'static str,
+    pub socket_hint: &'static str,
+}
+
+pub const BLOCKD: Kind = Kind {
+    name: "blockd",
+    subcommand: &[],
+    socket_flag: "--blockd-socket",
+    socket_hint: "blockd --listen PATH, or its systemd socket",
+};
+pub const CHARDEVD: Kind = Kind {
+    name: "chardevd",
+    subcommand: &[],
+    socket_flag: "--chardevd-socket",
+    socket_hint: "chardevd --listen PATH, or its socket unit",
+};
+pub const MIGRATED: Kind = Kind {
+    name: "migrated",
+    subcommand: &["serve"],
+    socket_flag: "--migrated-socket",
+    socket_hint: "migrated serve --listen PATH, or its systemd socket",
+};
+
+/// Where a helper comes from: vmm-core starts it, or connects to one that runs already.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The executable, and the seccomp mode (kill or log), or None for no sandbox.
+    Spawn(PathBuf, Option<String>),
+    /// Its control socket (`--listen`, or its systemd socket unit).
+    Connect(PathBuf),
+}
+
+/// A helper ready to start: the command, and both ends of its control socket.
+pub struct Prepared {
+    pub kind: Kind,
+    command: Command,
+    ours: UnixStream,
+    /// Kept open until the child has it.
+    _theirs: OwnedFd,
+}
+
+impl Prepared {
+    /// Starts it; returns our end of the control socket and the child.
+    pub fn spawn(mut self) -> Result<(UnixStream, Child), HelperError> {
+        let child = self
+            .command
+            .spawn()
+            .map_err(|e| HelperError::Start(self.kind.name, program(&self.command), e))?;
+        Ok((self.ours, child))
+    }
+
+    /// The same, as a tokio child (its exit can be awaited), killed if dropped.
+    pub fn spawn_async(self) -> Result<(UnixStream, tokio::process::Child), HelperError> {
+        let exe = program(&self.command);
+        let mut command = tokio::process::Command::from(self.command);
+        command.kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| HelperError::Start(self.kind.name, exe, e))?;
+        Ok((self.ours, child))
+    }
+}
+
+fn program(c: &Command) -> PathBuf {
+    PathBuf::from(c.get_program())
+}
+
+/// The one way vmm-core starts a helper. Call it on the thread that will outlive the child
+/// (a parent-death signal follows the thread that forked).
+pub fn prepare(
+    kind: Kind,
+    exe: &Path,
+    sandbox: Option<&str>,
+    report: SeccompReport,
+) -> Result<Prepared, HelperError> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| HelperError::ControlSocket(kind.name, e))?;
+    let stderr =
+        stderr::pipe(kind.name, report).map_err(|e| HelperError::StderrPipe(kind.name, e))?;
+    let mut command = Command::new(exe);
+    command
+        .args(kind.subcommand)
+        .args(["--control-fd", "3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    match sandbox {
+        Some(mode) => command.args(["--seccomp", mode]),
+        None => command.arg("--no-sandbox"),
+    };
+    let fd = theirs.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe calls (fcntl, dup2, prctl, getppid) on descriptors the child has.
+    unsafe {
+        command.pre_exec(move || child_setup(fd));
+    }
+    Ok(Prepared {
+        kind,
+        command,
+        ours,
+        _theirs: theirs.into(),
+    })
+}
+
+/// In the child, before exec: the control socket becomes descriptor 3 (without close-on-exec),
+/// and the child dies with the thread that started it.
+fn child_setup(control: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl and dup2 on a descriptor this process has; the copy above 10 keeps dup2
+    // from closing it if it is 3 already, and dup2 clears close-on-exec on 3.
+    let r = unsafe {
+        let t = libc::fcntl(control, libc::F_DUPFD_CLOEXEC, 10);
+        if t < 0 {
+            t
+        } else {
+            libc::dup2(t, 3)
+        }
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let parent = std::os::unix::process::parent_id();
+    // SAFETY: prctl only sets this process's parent-death signal.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // vmm-core may have died between fork and prctl: then no signal comes, so end here.
+    if std::os::unix::process::parent_id() != parent {
+        // (No allocation here: another thread may have held the allocator's lock at fork.)
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
+/// Connects to a helper that runs already.
+pub fn connect(kind: Kind, path: &Path) -> Result<UnixStream, HelperError> {
+    UnixStream::connect(path).map_err(|source| HelperError::Connect {
+        helper: kind.name,
+        flag: kind.socket_flag,
+        path: path.to_path_buf(),
+        hint: kind.socket_hint,
+        source,
+    })
+}
+
+/// Starts the helper or connects to it: our end of its control connection, and the child
+/// when vmm-core started it.
+pub fn obtain(
+    kind: Kind,
+    source: &Source,
+    report: SeccompReport,
+) -> Result<(UnixStream, Option<Child>), HelperError> {
+    match source {
+        Source::Spawn(exe, sandbox) => prepare(kind, exe, sandbox.as_deref(), report)?
+            .spawn()
+            .map(|(s, c)| (s, Some(c))),
+        Source::Connect(path) => connect(kind, path).map(|s| (s, None)),
+    }
+}
+
+/// Reaps a helper that died (its connection ended): it gets `grace` to exit by itself (a
+/// sandboxed helper's outer process reports how its inner one died), then SIGKILL. Returns
+/// its status when it exited by itself.
+pub fn reap(mut child: Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if start.elapsed() < grace => std::thread::sleep(Duration::from_millis(5)),
+            _ => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Ends a helper that should exit by itself now (its control connection closed): `grace`,
+/// SIGTERM half-way (a helper flushes on it too), then SIGKILL.
+pub fn end(name: &str, mut child: Child, grace: Duration) {
+    let start = Instant::now();
+    let mut termed = false;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                if !status.success() {
+                    log::warn!("{name} ended with {status}");
+                }
+                return;
+            }
+            Ok(None) if start.elapsed() < grace => {
+                if !termed && start.elapsed() > grace / 2 {
+                    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                    // Our own child, not yet reaped: the PID is still its.
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                    termed = true;
+                }
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            _ => break,
+        }
+    }
+    log::warn!(
+        "{name} did not stop within {} s; killing it",
+        grace.as_secs()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The delay between attempts to get a helper back, doubling up to a ceiling.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff { next: first, max }
+    }
+
+    /// The delay to wait now; the next one is longer.
+    pub fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
