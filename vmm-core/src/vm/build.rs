@@ -1,0 +1,345 @@
+//! Building one boot of the guest: guest RAM, the KVM VM with its in-kernel irqchip and PIT,
+//! the platform's devices on the I/O bus, a virtio-blk function per disk on the PCI bus, and
+//! the vCPUs (created, not yet running). An incoming VM's RAM and state go in before any vCPU
+//! runs.
+
+use super::console::{serial_out, ConsoleInput};
+use super::{Resources, VmError};
+use crate::api;
+use crate::boot;
+use crate::config::VmConfig;
+use crate::control::VmEvent;
+use crate::kvm::Kvm;
+use crate::memory::Memory;
+use crate::vcpu::set::Vcpus;
+use crate::vcpu::RunState;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_devices::bus::IoBus;
+use vmm_devices::platform::cpu_hotplug::{self, CpuHotplug};
+use vmm_devices::platform::{ged, power, pvpanic, serial};
+use vmm_devices::virtio::pci::VirtioPci;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Where the TSS and identity-map pages KVM needs on Intel live: just below the BIOS area at
+/// the top of the 32-bit hole, away from RAM and MMIO.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A virtio-pci function on the bus, by slot.
+pub(super) type Transports = Vec<(u8, Arc<Mutex<VirtioPci>>)>;
+
+/// One boot of the guest. Fields drop in this order: the vCPUs and devices before the VM, and
+/// the VM before the memory it maps.
+pub(super) struct Guest {
+    pub vcpus: Vcpus,
+    pub state: Arc<RunState>,
+    pub bus: Arc<IoBus>,
+    pub transports: Transports,
+    /// Each disk's count of queue kicks that reached vmm-core (they should not).
+    pub kicks_missed: KicksMissed,
+    pub hotplug: Arc<Mutex<CpuHotplug>>,
+    pub ged: Arc<Mutex<ged::Ged>>,
+    pub uart: Arc<Mutex<serial::SerialDevice>>,
+    pub vm: Arc<VmFd>,
+    pub memory: Memory,
+}
+
+/// What comes in with a migration or snapshot, once its state is in the devices.
+pub(super) struct Incoming {
+    pub uri: String,
+    pub restore: crate::snapshot::Restore,
+}
+
+impl Guest {
+    /// The VM's devices, as a save or a restore reaches them.
+    pub fn devices(&self) -> crate::snapshot::Devices<'_> {
+        crate::snapshot::Devices {
+            vm: &self.vm,
+            uart: &self.uart,
+            ged: &self.ged,
+            hotplug: &self.hotplug,
+            pci: &self.transports,
+        }
+    }
+
+    /// Builds the VM and its devices, loads the kernel (or takes the incoming VM), and creates
+    /// the boot vCPUs.
+    pub fn build(
+        kvm: &Kvm,
+        config: &VmConfig,
+        tx: &Sender<VmEvent>,
+        console: &ConsoleInput,
+        res: &Resources,
+        incoming: Option<&str>,
+    ) -> Result<(Guest, Vec<VcpuFd>, Option<Incoming>), VmError> {
+        // Memory is created before the VM so that it is dropped after it.
+        let memory = Memory::new(config.memory)?;
+        let vm = Arc::new(create_vm(kvm)?);
+        memory.register(&vm)?;
+        // A VM coming in (a migration or a snapshot) brings its RAM and state; one that boots
+        // gets the kernel.
+        let entry = match incoming {
+            None => {
+                let entry = boot::load(&memory.guest, config, res.boot)?;
+                log::debug!("guest entry: {entry:?}");
+                Some(entry)
+            }
+            Some(_) => None,
+        };
+        let serial_irq = irq(&vm, serial::COM1_IRQ, "the serial interrupt")?;
+        let serial_irq_restore = serial_irq.try_clone().map_err(VmError::EventFd)?;
+        let uart = Arc::new(Mutex::new(serial::SerialDevice::new(
+            serial_irq,
+            serial_out(console),
+        )));
+        *console.target.lock().unwrap() = Some(uart.clone());
+        let ged = Arc::new(Mutex::new(ged::Ged::new(irq(
+            &vm,
+            ged::GSI,
+            "the GED interrupt",
+        )?)));
+        let hotplug = Arc::new(Mutex::new(CpuHotplug::new(config.cpus, config.max_cpus, {
+            let tx = tx.clone();
+            Box::new(move |e| {
+                let _ = tx.send(VmEvent::Hotplug(e));
+            })
+        })));
+        let (pci, transports, kicks_missed) = pci_bus(&vm, &memory, res)?;
+        let bus = Arc::new(io_bus(pci, &uart, &ged, &hotplug));
+        let state = Arc::new(RunState::default());
+        let vcpus = Vcpus::new(crate::vcpu::set::Common {
+            bus: bus.clone(),
+            mem: memory.guest.clone(),
+            state: state.clone(),
+            events: tx.clone(),
+            pvm: config.pvm,
+            print_boot_times: config.print_boot_times,
+            max: config.max_cpus,
+            base_cpuid: kvm
+                .fd
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| VmError::Setup("CPUID", e))?,
+            seccomp: config
+                .sandbox
+                .then(|| config.seccomp.parse().expect("clap checked it")),
+        });
+        let mut guest = Guest {
+            vcpus,
+            state,
+            bus,
+            transports,
+            kicks_missed,
+            hotplug,
+            ged,
+            uart,
+            vm,
+            memory,
+        };
+        let incoming = match incoming {
+            Some(uri) => {
+                let restore = guest.take_incoming(
+                    uri,
+                    config,
+                    res,
+                    serial_irq_restore,
+                    serial_out(console),
+                )?;
+                Some(Incoming {
+                    uri: uri.to_string(),
+                    restore,
+                })
+            }
+            None => None,
+        };
+        let fds = guest.create_vcpus(kvm, config, res, entry, incoming.as_ref())?;
+        Ok((guest, fds, incoming))
+    }
+
+    /// Every boot vCPU exists before any runs: the boot vCPU starts the others by IPI. An
+    /// incoming VM's vCPUs get their saved state.
+    fn create_vcpus(
+        &mut self,
+        kvm: &Kvm,
+        config: &VmConfig,
+        res: &Resources,
+        entry: Option<boot::Entry>,
+        incoming: Option<&Incoming>,
+    ) -> Result<Vec<VcpuFd>, VmError> {
+        let mut fds = Vec::new();
+        match incoming {
+            None => {
+                for id in 0..config.cpus {
+                    let entry = if id == 0 { entry } else { None };
+                    fds.push(self.vcpus.prepare(&self.vm, id, entry)?.0);
+                }
+            }
+            Some(inc) => {
+                for v in &inc.restore.vcpus {
+                    let (fd, _) = self.vcpus.prepare(&self.vm, v.id, None)?;
+                    if let Err(e) = v.restore(&fd) {
+                        let e = crate::error_chain(&e);
+                        let m = res.migrated.expect("an incoming VM has migrated");
+                        let _ = crate::migration::started(m, false, e.clone());
+                        return Err(VmError::Incoming(inc.uri.clone(), e));
+                    }
+                    fds.push(fd);
+                }
+            }
+        }
+        if self.state.msrs.get().is_none() {
+            let msrs = crate::vcpu::state::saveable_msrs(&kvm.fd, &fds[0])?;
+            let _ = self.state.msrs.set(msrs);
+        }
+        Ok(fds)
+    }
+
+    /// Takes an incoming VM (its RAM straight into the memfd, through migrated) and puts its
+    /// state into the devices; the vCPUs' state comes back to be put on their fds.
+    fn take_incoming(
+        &self,
+        uri: &str,
+        config: &VmConfig,
+        res: &Resources,
+        serial_irq: EventFd,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<crate::snapshot::Restore, VmError> {
+        let m = res
+            .migrated
+            .ok_or_else(|| VmError::Incoming(uri.into(), "migrated is not running".into()))?;
+        let memfd = self.memory.memfd.try_clone().map_err(VmError::EventFd)?;
+        log::info!("--incoming {uri}: waiting for the VM");
+        let start = Instant::now();
+        let (bytes, n) = crate::migration::receive(
+            m,
+            uri,
+            &config.incoming_tls,
+            memfd,
+            config.memory,
+            config.max_cpus,
+        )
+        // The error names the channel already; "--incoming URI: " goes in front of the rest.
+        .map_err(|e| {
+            let why = e.strip_prefix(&format!("{uri}: ")).unwrap_or(&e);
+            VmError::Incoming(uri.into(), why.to_string())
+        })?;
+        log::info!(
+            "--incoming {uri}: {} MiB received in {} ms, every check passed",
+            n >> 20,
+            start.elapsed().as_millis()
+        );
+        let restored = crate::snapshot::Restore::read(&bytes, config.memory, config.max_cpus)
+            .and_then(|r| {
+                r.apply(&self.devices(), |s| {
+                    serial::SerialDevice::restored(serial_irq, serial_out, s)
+                })?;
+                Ok(r)
+            });
+        restored.map_err(|e| {
+            let _ = crate::migration::started(m, false, e.clone());
+            VmError::Incoming(uri.into(), e)
+        })
+    }
+
+    /// Makes what `info` and `cpus` report match the vCPUs.
+    pub fn publish_vcpus(&self, shared: &api::Shared) {
+        let mut st = shared.status.lock().unwrap();
+        st.vcpus = self.vcpus.status();
+        st.vcpus_created = self.vcpus.created;
+        st.cpus = self.vcpus.running.len() as u32;
+    }
+}
+
+/// The KVM VM with the in-kernel irqchip and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm.fd.create_vm().map_err(VmError::CreateVm)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| VmError::Setup("the TSS address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Setup("the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Setup("the in-kernel PIT", e))?;
+    Ok(vm)
+}
+
+/// An eventfd that raises `gsi` in the guest (an irqfd).
+fn irq(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmError> {
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&fd, gsi)
+        .map_err(|e| VmError::Setup(what, e))?;
+    Ok(fd)
+}
+
+/// Each disk's count of queue kicks that reached vmm-core.
+type KicksMissed = Vec<(String, Arc<AtomicU64>)>;
+
+/// The PCI bus and its devices: a virtio-blk function per disk, served over vhost-user.
+fn pci_bus(
+    vm: &Arc<VmFd>,
+    memory: &Memory,
+    res: &Resources,
+) -> Result<(Arc<vmm_devices::pci::PciBus>, Transports, KicksMissed), VmError> {
+    let routing = Arc::new(vmm_devices::pci::msix::Routing::new(vm.clone()));
+    let mut pci = vmm_devices::pci::PciBus::default();
+    let mut kicks_missed = Vec::new();
+    let mut transports = Vec::new();
+    for d in res.disks {
+        let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
+        let dev = vmm_devices::virtio::vhost_user_blk::VhostUserBlk::connect(
+            &d.name,
+            &d.socket,
+            d.queues,
+            memory.guest.clone(),
+            memfd,
+        )
+        .map_err(|e| VmError::DiskSetup(format!("{}: {e}", d.name)))?;
+        let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
+        kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
+        let transport = Arc::new(Mutex::new(transport));
+        *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
+        let slot = pci.add(transport.clone()).ok_or_else(|| {
+            VmError::DiskSetup(format!("{}: no free PCI slot or BAR space", d.name))
+        })?;
+        transports.push((slot, transport));
+        log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
+    }
+    Ok((Arc::new(pci), transports, kicks_missed))
+}
+
+/// The port-I/O bus with the platform's devices, and MMIO to the PCI bus.
+fn io_bus(
+    pci: Arc<vmm_devices::pci::PciBus>,
+    uart: &Arc<Mutex<serial::SerialDevice>>,
+    ged: &Arc<Mutex<ged::Ged>>,
+    hotplug: &Arc<Mutex<CpuHotplug>>,
+) -> IoBus {
+    let mut bus = IoBus::default();
+    bus.insert(
+        vmm_devices::pci::CONFIG_ADDRESS_PORT,
+        8,
+        Arc::new(Mutex::new(vmm_devices::pci::Type1(pci.clone()))),
+    );
+    bus.mmio = Some(pci);
+    bus.insert(ged::PORT, 1, ged.clone());
+    bus.insert(cpu_hotplug::PORT, cpu_hotplug::LEN, hotplug.clone());
+    bus.insert(serial::COM1_BASE, 8, uart.clone());
+    bus.insert(
+        power::SLEEP_CONTROL_PORT,
+        power::PORTS,
+        Arc::new(Mutex::new(power::PowerDevice)),
+    );
+    bus.insert(
+        power::I8042_COMMAND_PORT,
+        1,
+        Arc::new(Mutex::new(power::I8042)),
+    );
+    bus.insert(pvpanic::PORT, 1, Arc::new(Mutex::new(pvpanic::PvPanic)));
+    bus
+}

@@ -1,0 +1,553 @@
+//! Building a VM (KVM VM, memory, devices, vCPUs), running it, and stopping it when the guest
+//! or the host says so.
+
+mod build;
+mod console;
+mod running;
+
+use crate::api;
+use crate::boot::{self, BootError};
+use crate::config::{OnReset, VmConfig};
+use crate::control::{ApiRequest, Request, VcpuEvent, VmEvent};
+use crate::helpers::chardevd;
+use crate::kvm::Kvm;
+use crate::memory::MemoryError;
+use crate::vcpu::{kick, VcpuError};
+use crate::{Outcome, StopReason};
+use build::Guest;
+use console::ConsoleInput;
+use nix::sys::signal::{SigSet, Signal};
+use running::Running;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmm_devices::bus::Action;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot create the KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("cannot set up {0}")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    #[error("vCPU {0}: {1}")]
+    VcpuFailed(u32, String),
+    #[error("the guest triple-faulted on vCPU {0} at RIP {1:#x} (pass --on-reset restart to reboot it instead)")]
+    TripleFault(u32, u64),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Chardev(#[from] chardevd::ChardevError),
+    /// A disk's image or backend (a user error: exit 2).
+    #[error("{0}")]
+    Disk(String),
+    #[error("cannot install the main thread's seccomp filter ({0}); run with --no-sandbox to debug without it")]
+    Seccomp(String),
+    /// A disk's backend failed during set-up of a boot.
+    #[error("{0}")]
+    DiskSetup(String),
+    #[error("{0}")]
+    Migration(String),
+    /// The incoming VM could not be taken (a user error when the stream or its source is).
+    #[error("--incoming {0}: {1}")]
+    Incoming(String, String),
+}
+
+impl VmError {
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, VmError::Boot(e) if e.is_user_error())
+            || matches!(
+                self,
+                VmError::Api(_) | VmError::Disk(_) | VmError::Incoming(..)
+            )
+            || matches!(
+                self,
+                VmError::Chardev(
+                    chardevd::ChardevError::Helper(_)
+                        | chardevd::ChardevError::Backend(_)
+                        | chardevd::ChardevError::Resource(_)
+                )
+            )
+    }
+}
+
+/// The main thread's system calls beyond the common base: building the VM and its devices at
+/// each boot, stopping it, and ending the helpers. A superset of the vCPU threads' list, since
+/// vCPU threads start under this filter and add their own.
+pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
+    use vmm_sandbox::seccomp::{allow, allow_if, Cond};
+    let o_dir = (libc::O_DIRECTORY | libc::O_CREAT | libc::O_ACCMODE) as u64;
+    vec![
+        allow_if(
+            "ioctl",
+            "KVM ioctls (type 0xAE): the VM, its memory, vCPUs, irqfds, ioeventfds, GSI routing",
+            vec![vec![Cond::Masked(1, 0xff00, 0xae00)]],
+        ),
+        allow_if(
+            "ioctl",
+            "the terminal's mode, restored at the end (TCGETS, TCSETS*)",
+            [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
+                .iter()
+                .map(|c| vec![Cond::Eq(1, *c)])
+                .collect(),
+        ),
+        allow("memfd_create", "guest RAM, created at each boot"),
+        allow("ftruncate", "sizing guest RAM"),
+        allow("lseek", "rewinding the kernel and initramfs at each boot"),
+        allow("pread64", "reading the kernel (ELF segments)"),
+        allow_if(
+            "socket",
+            "AF_UNIX only: connecting to the disks' vhost-user sockets at each boot",
+            vec![vec![Cond::Eq(0, libc::AF_UNIX as u64)]],
+        ),
+        allow("connect", "the disks' vhost-user sockets"),
+        allow("tgkill", "kicking vCPU threads out of KVM_RUN"),
+        allow_if(
+            "prctl",
+            "PR_SET_NO_NEW_PRIVS: a vCPU thread installs its own filter",
+            vec![vec![Cond::Eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]],
+        ),
+        allow("wait4", "reaping blockd when the VM ends"),
+        allow(
+            "kill",
+            "ending blockd (SIGTERM, then SIGKILL) when it does not exit by itself",
+        ),
+        allow_if(
+            "openat",
+            "directories only, read-only: removing the disks' socket directory at the end",
+            vec![vec![Cond::Masked(2, o_dir, libc::O_DIRECTORY as u64)]],
+        ),
+        allow("getdents64", "listing that directory"),
+        allow("unlinkat", "removing the sockets and the directory"),
+        allow("unlink", "removing the API socket at the end"),
+        allow(
+            "newfstatat",
+            "removing the directory (std checks each entry)",
+        ),
+        allow("statx", "metadata of open files"),
+    ]
+}
+
+/// A helper vmm-core connects to (its --*-socket), or starts (its executable), sandboxed
+/// unless --no-sandbox.
+fn helper_source(
+    config: &VmConfig,
+    socket: &Option<std::path::PathBuf>,
+    exe: &std::path::Path,
+) -> crate::helpers::Source {
+    match socket {
+        Some(path) => crate::helpers::Source::Connect(path.clone()),
+        None => crate::helpers::Source::Spawn(
+            exe.to_path_buf(),
+            config.sandbox.then(|| config.seccomp.clone()),
+        ),
+    }
+}
+
+/// What every boot of the guest uses, opened or started once.
+struct Resources<'a> {
+    boot: &'a boot::BootFiles,
+    disks: &'a [crate::helpers::blockd::DiskBackend],
+    migrated: Option<&'a crate::helpers::migrated::Migrated>,
+}
+
+/// Runs the VM until it ends; restarts it on reset when asked to.
+pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
+    vmm_sandbox::seccomp::set_process_name("vmm-core");
+    crate::threads::set_thread_filters(
+        config
+            .sandbox
+            .then(|| config.seccomp.parse().expect("clap checked it")),
+    );
+    let boot_files = boot::BootFiles::open(config)?;
+    let (tx, rx) = channel();
+    start_signal_thread(tx.clone())?;
+    let console = Arc::new(ConsoleInput::default());
+    let raw = console::take_terminal(config, &console, &tx)?;
+    let shared = new_shared(config);
+    let _api = match &config.api_socket {
+        Some(path) => Some(api::start(
+            path,
+            shared.clone(),
+            tx.clone(),
+            config
+                .sandbox
+                .then(|| config.seccomp.parse().expect("clap checked it")),
+        )?),
+        None => None,
+    };
+    // Disks: blockd processes live as long as vmm-core, across guest reboots.
+    let (disks, run_dir) = start_disks(config, &shared, &tx)?;
+    let supervisor = match &config.serial {
+        Some(backend) => Some(console::start_chardevd(
+            helper_source(config, &config.chardevd_socket, &config.chardevd),
+            backend,
+            &console,
+            &shared,
+            &tx,
+            raw.is_some(),
+        )?),
+        None => None,
+    };
+    // migrated: started now, as the main thread's filter forbids new processes later.
+    let migrated = start_migrated(config, &shared)?;
+
+    // Set-up is over: the helpers run, the API serves, the boot files are open. From here the
+    // main thread builds the guest (again at each reset), waits for its events and, at the end,
+    // stops the helpers, under a filter of its own; the vCPU threads it starts inherit it and
+    // add theirs. A filter that cannot be installed ends the VM before the guest runs, through
+    // the same clean-up as any other end.
+    let res = Resources {
+        boot: &boot_files,
+        disks: &disks,
+        migrated: Some(&migrated),
+    };
+    let result = filter_main_thread(config)
+        .and_then(|()| run_guest(kvm, config, (&tx, &rx), &console, &shared, &res));
+    migrated.end();
+    drop(disks);
+    // Ends blockd (it flushes the images), then removes its sockets' directory.
+    shared.blockd.lock().unwrap().take();
+    drop(run_dir);
+    let _ = vmm_sandbox::systemd::notify("STOPPING=1");
+    // End chardevd (and reap it) only once the last output reached it.
+    console::drain(&console);
+    drop(supervisor);
+    let (kind, detail) = match &result {
+        Ok(Outcome::PowerOff) => ("powered-off", String::new()),
+        Ok(Outcome::Reset) => ("guest-reset", String::new()),
+        Ok(Outcome::Panic) => ("guest-panic", String::new()),
+        Ok(o @ Outcome::Stopped(_)) => ("stopped", o.to_string()),
+        Err(e) => ("vcpu-failed", crate::error_chain(e)),
+    };
+    shared.events.emit(kind, detail);
+    shared.events.flush(Duration::from_millis(500));
+    result
+}
+
+/// Termination signals (and SIGUSR1) are taken by one thread with sigwait; they are blocked
+/// before any other thread exists, so that every thread inherits the mask.
+fn start_signal_thread(tx: Sender<VmEvent>) -> Result<(), VmError> {
+    let mut set = SigSet::empty();
+    for s in STOP_SIGNALS {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| VmError::Thread("signal", e.into()))?;
+    kick::install_handler().map_err(|e| VmError::Thread("signal", e))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            crate::threads::filter_service_thread("vmm-core (the signal thread)");
+            wait_for_signals(set, tx)
+        })
+        .map_err(|e| VmError::Thread("signal", e))?;
+    Ok(())
+}
+
+const STOP_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+];
+
+fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
+    // Every signal in the set is blocked in all threads, so sigwait takes it.
+    while let Ok(sig) = set.wait() {
+        let event = match sig {
+            Signal::SIGUSR1 => VmEvent::DumpVcpus,
+            sig => VmEvent::Signal(sig as i32),
+        };
+        let last = !matches!(event, VmEvent::DumpVcpus);
+        if tx.send(event).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// What the API reads, at start.
+fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
+    Arc::new(api::Shared {
+        status: Mutex::new(api::Status {
+            paused: false,
+            cpus: config.cpus,
+            max_cpus: config.max_cpus,
+            memory: config.memory,
+            kernel: config.kernel.display().to_string(),
+            cmdline: config.cmdline.clone(),
+            boots: 0,
+            vcpus: Vec::new(),
+            vcpus_created: 0,
+            dirty_pages: 0,
+        }),
+        started: std::time::Instant::now(),
+        events: Default::default(),
+        console: Mutex::new(None),
+        console_view: std::sync::OnceLock::new(),
+        blockd: Mutex::new(None),
+        migrated: std::sync::OnceLock::new(),
+        migration: Default::default(),
+    })
+}
+
+/// Opens the disks and starts (or connects to) their blockd, whose handle goes to the API;
+/// the private directory of their sockets lives as long as vmm-core.
+fn start_disks(
+    config: &VmConfig,
+    shared: &Arc<api::Shared>,
+    tx: &Sender<VmEvent>,
+) -> Result<
+    (
+        Vec<crate::helpers::blockd::DiskBackend>,
+        Option<crate::helpers::blockd::RunDir>,
+    ),
+    VmError,
+> {
+    let run_dir = if config.disks.iter().any(|d| d.path.is_some()) {
+        Some(crate::helpers::blockd::RunDir::new().map_err(|e| {
+            VmError::Disk(format!(
+                "cannot create a private directory for the disks' sockets ({e}); check $XDG_RUNTIME_DIR or $TMPDIR"
+            ))
+        })?)
+    } else {
+        None
+    };
+    let events = shared.events.clone();
+    let restarted = shared.events.clone();
+    let stops = tx.clone();
+    let hooks = crate::helpers::blockd::Hooks {
+        on_death: Box::new(move || {
+            log::error!("lost blockd: the VM's disks stall until it is back; restarting it");
+            events.emit("helper-died", "blockd".to_string());
+        }),
+        on_restart: Box::new(move |what| {
+            log::warn!("{what}");
+            restarted.emit("helper-restarted", "blockd".to_string());
+        }),
+        on_stop: Box::new(move |disk, reason| {
+            let _ = stops.send(VmEvent::DiskStopped(disk, reason));
+        }),
+    };
+    let (disks, blockd) = crate::helpers::blockd::start(
+        &config.disks,
+        helper_source(config, &config.blockd_socket, &config.blockd),
+        run_dir.as_ref(),
+        crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
+        hooks,
+    )
+    .map_err(VmError::Disk)?;
+    *shared.blockd.lock().unwrap() = Some(blockd);
+    Ok((disks, run_dir))
+}
+
+/// Starts migrated (or connects to it), and says so to the API.
+fn start_migrated(
+    config: &VmConfig,
+    shared: &Arc<api::Shared>,
+) -> Result<Arc<crate::helpers::migrated::Migrated>, VmError> {
+    let events = shared.events.clone();
+    let migrated = crate::helpers::migrated::start(
+        helper_source(config, &config.migrated_socket, &config.migrated),
+        crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
+        Box::new(move |status| {
+            log::error!("lost migrated ({status}); a migration under way fails; restarting it");
+            events.emit("helper-died", "migrated".to_string());
+        }),
+    )
+    .map(Arc::new)
+    .map_err(VmError::Migration)?;
+    let _ = shared.migrated.set(migrated.clone());
+    Ok(migrated)
+}
+
+/// The main thread's own filter, once set-up is over (none with --no-sandbox).
+fn filter_main_thread(config: &VmConfig) -> Result<(), VmError> {
+    if !config.sandbox {
+        return Ok(());
+    }
+    let mode = config.seccomp.parse().expect("clap checked it");
+    let list = vmm_sandbox::seccomp::with_base(main_allowlist());
+    vmm_sandbox::seccomp::install("vmm-core (the main thread)", &list, mode)
+        .map(|_| ())
+        .map_err(VmError::Seccomp)
+}
+
+/// Boots the guest, and again after each reset that should restart it.
+fn run_guest(
+    kvm: &Kvm,
+    config: &VmConfig,
+    (tx, rx): (&Sender<VmEvent>, &Receiver<VmEvent>),
+    console: &ConsoleInput,
+    shared: &api::Shared,
+    res: &Resources,
+) -> Result<Outcome, VmError> {
+    loop {
+        let boot = {
+            let mut st = shared.status.lock().unwrap();
+            st.boots += 1;
+            st.paused = false;
+            st.boots
+        };
+        shared.events.emit("started", format!("boot {boot}"));
+        match run_once(kvm, config, (tx, rx), console, shared, res)? {
+            VmEvent::Api(ApiRequest {
+                request: Request::Reboot,
+                ..
+            }) => {
+                log::info!("reset through the management API; restarting the guest");
+                shared.events.emit("reset", "through the management API");
+            }
+            VmEvent::Api(_) => return Ok(Outcome::Stopped(StopReason::Api)),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset))
+                if config.on_reset == OnReset::Restart =>
+            {
+                log::info!("guest requested a reset; restarting it");
+                shared.events.emit("guest-reset", "restarting");
+            }
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip))
+                if config.on_reset == OnReset::Restart =>
+            {
+                log::warn!("guest triple-faulted on vCPU {id} at RIP {rip:#x}; restarting it");
+            }
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Reset)) => return Ok(Outcome::Reset),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::PowerOff)) => return Ok(Outcome::PowerOff),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::Panic)) => return Ok(Outcome::Panic),
+            VmEvent::Vcpu(VcpuEvent::Action(_, Action::None))
+            | VmEvent::DumpVcpus
+            | VmEvent::DiskStopped(..)
+            | VmEvent::Hotplug(_) => {
+                unreachable!("not a stop")
+            }
+            VmEvent::Vcpu(VcpuEvent::TripleFault(id, rip)) => {
+                return Err(VmError::TripleFault(id, rip))
+            }
+            VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => return Err(VmError::VcpuFailed(id, msg)),
+            VmEvent::Signal(sig) => return Ok(Outcome::Stopped(StopReason::Signal(sig))),
+            VmEvent::Migration(_) => return Ok(Outcome::Stopped(StopReason::Migrated)),
+            VmEvent::ConsoleEscape => return Ok(Outcome::Stopped(StopReason::ConsoleEscape)),
+        }
+    }
+}
+
+/// Builds the VM, runs it until the first event that ends it, stops every vCPU.
+fn run_once(
+    kvm: &Kvm,
+    config: &VmConfig,
+    (tx, rx): (&Sender<VmEvent>, &Receiver<VmEvent>),
+    console: &ConsoleInput,
+    shared: &api::Shared,
+    res: &Resources,
+) -> Result<VmEvent, VmError> {
+    // Only the first boot is incoming: a reset boots the kernel.
+    let incoming = match (&config.incoming, shared.status.lock().unwrap().boots) {
+        (Some(uri), 1) => Some(uri.as_str()),
+        _ => None,
+    };
+    let (guest, fds, incoming) = Guest::build(kvm, config, tx, console, res, incoming)?;
+    // chardevd started while the VM was built; a helper that cannot serve stops the VM here,
+    // before any guest code runs.
+    let ready = console.helper_ready.lock().unwrap().take();
+    if let Some(ready) = ready {
+        ready.wait()?;
+    }
+    let paused_clock = match &incoming {
+        Some(inc) => arrive(&guest, inc, shared, res)?,
+        None => None,
+    };
+    let mut running = Running::new(guest, config, shared, paused_clock);
+    start_vcpus(&mut running.guest, fds, incoming.as_ref(), shared)?;
+    let event = running.run(rx);
+    let guest = running.stop(tx, rx);
+    *console.target.lock().unwrap() = None;
+    if !res.disks.is_empty() {
+        log_exits(&guest);
+    }
+    Ok(event)
+}
+
+/// The incoming VM is here: the source hears it before it runs (so that it never runs in both
+/// places: if it cannot be told, this one does not run). A VM its user had paused stays
+/// paused, its clock with it.
+fn arrive(
+    guest: &Guest,
+    inc: &build::Incoming,
+    shared: &api::Shared,
+    res: &Resources,
+) -> Result<Option<kvm_bindings::kvm_clock_data>, VmError> {
+    let m = res.migrated.expect("an incoming VM has migrated");
+    crate::migration::started(m, true, String::new())
+        .map_err(|e| VmError::Incoming(inc.uri.clone(), e))?;
+    let mut paused_clock = None;
+    if inc.restore.paused {
+        // Paused on the source by its user: paused here too, until `vmmctl resume`.
+        guest.state.pause.lock().unwrap().paused = true;
+        shared.status.lock().unwrap().paused = true;
+        paused_clock = guest.vm.get_clock().ok();
+    }
+    log::info!(
+        "--incoming {}: the VM is here ({} vCPU(s)){}",
+        inc.uri,
+        inc.restore.vcpus.len(),
+        if inc.restore.paused {
+            "; paused, as it was"
+        } else {
+            ""
+        }
+    );
+    shared.events.emit("incoming-done", inc.uri.clone());
+    Ok(paused_clock)
+}
+
+/// Starts a thread for each boot vCPU; at the first boot, tells systemd the VM runs.
+fn start_vcpus(
+    guest: &mut Guest,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    incoming: Option<&build::Incoming>,
+    shared: &api::Shared,
+) -> Result<(), VmError> {
+    let ids: Vec<u32> = match incoming {
+        Some(inc) => inc.restore.vcpus.iter().map(|v| v.id).collect(),
+        None => (0..fds.len() as u32).collect(),
+    };
+    for (id, fd) in ids.into_iter().zip(fds) {
+        guest
+            .vcpus
+            .spawn(id, fd)
+            .map_err(|e| VmError::Thread("vCPU", e))?;
+    }
+    guest.publish_vcpus(shared);
+    if shared.status.lock().unwrap().boots == 1 {
+        // Under systemd (Type=notify): the VM runs, with its helpers and API.
+        if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
+            log::warn!("cannot tell systemd the VM is ready: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Block I/O must not exit to vmm-core: kicks are ioeventfds, completions irqfds. The log
+/// says how many exits this boot had.
+fn log_exits(guest: &Guest) {
+    let missed: Vec<String> = guest
+        .kicks_missed
+        .iter()
+        .map(|(name, n)| format!("{name} {}", n.load(Ordering::Relaxed)))
+        .collect();
+    log::info!(
+        "exits handled by vmm-core this boot: {} port I/O, {} MMIO; queue kicks that reached vmm-core: {}",
+        guest.bus.pio_exits.load(Ordering::Relaxed),
+        guest.bus.mmio_exits.load(Ordering::Relaxed),
+        missed.join(", ")
+    );
+}

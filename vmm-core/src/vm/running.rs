@@ -1,0 +1,593 @@
+//! A booted guest while it runs: the main thread waits for events and carries out what only
+//! it can (pause and resume, vCPU hotplug, the steps of a migration), until one ends the run.
+//! Each kind of event has one handler; a handler returns the event when it ends the run.
+
+use super::build::{Guest, Transports};
+use crate::api;
+use crate::config::VmConfig;
+use crate::control::{ApiRequest, MigrationRequest, Reply, Request, Saved, VcpuEvent, VmEvent};
+use crate::memory::MemoryError;
+use crate::vcpu::kick;
+use crate::vcpu::set::Origin;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+use vmm_devices::dirty_log::SharedDirtyLog;
+use vmm_devices::platform::cpu_hotplug::HotplugEvent;
+use vmm_devices::platform::ged;
+
+/// A vCPU change that waits for the guest.
+struct CpuChange {
+    /// The vCPUs the guest has yet to take (adding) or eject (removing).
+    waiting: BTreeSet<u32>,
+    adding: bool,
+    deadline: Instant,
+    timeout_ms: u32,
+    reply: Reply<()>,
+}
+
+fn id_list(ids: &BTreeSet<u32>) -> String {
+    ids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn chain(e: MemoryError) -> String {
+    crate::error_chain(&e)
+}
+
+/// The guest and what the main loop keeps while it runs.
+pub(super) struct Running<'a> {
+    pub guest: Guest,
+    config: &'a VmConfig,
+    shared: &'a api::Shared,
+    /// kvmclock as the pause stopped it: guest time does not pass while paused.
+    paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    change: Option<CpuChange>,
+    /// Whether a migration paused the VM (and a failed one resumes it).
+    migration_paused: bool,
+    /// Whether KVM's dirty log is on for a migration.
+    dirty_logging: bool,
+    /// The vhost-user backends' dirty log, while a migration logs.
+    backend_log: Option<SharedDirtyLog>,
+}
+
+impl<'a> Running<'a> {
+    pub fn new(
+        guest: Guest,
+        config: &'a VmConfig,
+        shared: &'a api::Shared,
+        paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    ) -> Running<'a> {
+        Running {
+            guest,
+            config,
+            shared,
+            paused_clock,
+            change: None,
+            migration_paused: false,
+            dirty_logging: false,
+            backend_log: None,
+        }
+    }
+
+    /// Waits for events until one ends the run, and returns it.
+    pub fn run(&mut self, rx: &Receiver<VmEvent>) -> VmEvent {
+        loop {
+            let Some(event) = self.next_event(rx) else {
+                continue;
+            };
+            let end = match event {
+                VmEvent::DiskStopped(disk, reason) => self.disk_stopped(disk, reason),
+                VmEvent::Migration(req) => self.migration(req),
+                VmEvent::DumpVcpus => self.dump_vcpus(),
+                VmEvent::Hotplug(event) => self.hotplug(event),
+                VmEvent::Api(req) => self.api(req),
+                VmEvent::Vcpu(_) | VmEvent::Signal(_) | VmEvent::ConsoleEscape => Some(event),
+            };
+            if let Some(event) = end {
+                return event;
+            }
+        }
+    }
+
+    /// The next event; None when a vCPU change timed out instead (it is answered here).
+    fn next_event(&mut self, rx: &Receiver<VmEvent>) -> Option<VmEvent> {
+        let next = match &self.change {
+            Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => {
+                self.cpu_change_timed_out();
+                None
+            }
+            Err(_) => panic!("the signal thread holds a sender for the life of the process"),
+        }
+    }
+
+    /// Stops every vCPU, and guest time too, as QEMU does: a guest should not see the pause as
+    /// time that passed (or it reports soft lockups).
+    fn pause(&mut self) {
+        kick::pause(&self.guest.state, &self.guest.vcpus.handles());
+        if self.paused_clock.is_none() {
+            match self.guest.vm.get_clock() {
+                Ok(clock) => self.paused_clock = Some(clock),
+                Err(e) => log::warn!("cannot read kvmclock at pause: {e}"),
+            }
+        }
+        self.shared.status.lock().unwrap().paused = true;
+    }
+
+    /// Guest time goes on from where the pause stopped it.
+    fn restore_clock(&mut self) {
+        if let Some(mut clock) = self.paused_clock.take() {
+            clock.flags = 0;
+            if let Err(e) = self.guest.vm.set_clock(&clock) {
+                log::warn!("cannot restore kvmclock at resume: {e}");
+            }
+        }
+    }
+
+    fn cpu_change_timed_out(&mut self) {
+        let c = self.change.take().expect("a deadline comes from a change");
+        let msg = if c.adding {
+            format!(
+                "vCPU {}: the guest did not take it within {} ms; it stays present for the guest to start later",
+                id_list(&c.waiting),
+                c.timeout_ms
+            )
+        } else {
+            let mut hp = self.guest.hotplug.lock().unwrap();
+            for id in &c.waiting {
+                let slot = &mut hp.slots[*id as usize];
+                slot.removing = false;
+                slot.eject_wanted = false;
+            }
+            format!(
+                "vCPU {}: the guest did not eject it within {} ms, so it keeps running (is the CPU offline in the guest, and does it support CPU hot-remove?)",
+                id_list(&c.waiting),
+                c.timeout_ms
+            )
+        };
+        log::warn!("{msg}");
+        self.shared.events.emit("cpu-change-failed", msg.clone());
+        let _ = c.reply.send(Err(msg));
+    }
+
+    /// As QEMU's werror/rerror=stop: the VM pauses until someone resumes it.
+    fn disk_stopped(&mut self, disk: String, reason: String) -> Option<VmEvent> {
+        self.pause();
+        log::error!(
+            "{disk}: {reason}; the VM is paused (its error policy is stop); fix the cause, then `vmmctl resume` retries the request"
+        );
+        let events = &self.shared.events;
+        events.emit("disk-stopped", format!("{disk}: {reason}"));
+        events.emit("paused", format!("{disk} stopped on an I/O error"));
+        None
+    }
+
+    fn dump_vcpus(&mut self) -> Option<VmEvent> {
+        self.guest
+            .state
+            .dump_generation
+            .fetch_add(1, Ordering::AcqRel);
+        kick::kick_all(&self.guest.vcpus.handles());
+        None
+    }
+
+    fn hotplug(&mut self, event: HotplugEvent) -> Option<VmEvent> {
+        let id = match event {
+            HotplugEvent::InsertSeen(id) => {
+                log::info!("vCPU {id}: the guest took it");
+                self.shared.events.emit("cpu-added", format!("vCPU {id}"));
+                id
+            }
+            HotplugEvent::Ejected(id) => {
+                self.guest.vcpus.park(id);
+                log::info!("vCPU {id}: the guest ejected it; its KVM fd is parked");
+                self.shared.events.emit("cpu-removed", format!("vCPU {id}"));
+                self.guest.publish_vcpus(self.shared);
+                id
+            }
+        };
+        if let Some(c) = &mut self.change {
+            c.waiting.remove(&id);
+            if c.waiting.is_empty() {
+                let _ = self.change.take().expect("checked").reply.send(Ok(()));
+            }
+        }
+        None
+    }
+
+    fn api(&mut self, req: ApiRequest) -> Option<VmEvent> {
+        let reply = req.reply;
+        match req.request {
+            Request::SetCpus { count, timeout_ms } => self.set_cpus(count, timeout_ms, reply),
+            Request::DirtyLog { on } => {
+                let _ = reply.send(self.dirty_rate_log(on).map_err(chain));
+            }
+            Request::Pause => {
+                self.pause();
+                log::info!("paused through the management API");
+                self.shared.events.emit("paused", "");
+                let _ = reply.send(Ok(()));
+            }
+            Request::Resume => {
+                self.resume();
+                let _ = reply.send(Ok(()));
+            }
+            Request::Shutdown { force: false } => {
+                let pressed = self
+                    .guest
+                    .ged
+                    .lock()
+                    .unwrap()
+                    .notify(ged::EVENT_POWER_BUTTON);
+                log::info!("pressed the ACPI power button through the management API");
+                self.shared
+                    .events
+                    .emit("power-button", "pressed through the management API");
+                let _ = reply.send(pressed.map_err(|e| format!("cannot interrupt the guest: {e}")));
+            }
+            request @ (Request::Shutdown { force: true } | Request::Reboot) => {
+                let _ = reply.send(Ok(()));
+                let (reply, _) = futures::channel::oneshot::channel();
+                return Some(VmEvent::Api(ApiRequest { request, reply }));
+            }
+        }
+        None
+    }
+
+    /// `vmmctl dirty-rate`: KVM's dirty log on (cleared), or off with the count of pages the
+    /// guest wrote meanwhile.
+    fn dirty_rate_log(&self, on: bool) -> Result<(), MemoryError> {
+        let (memory, vm) = (&self.guest.memory, &self.guest.vm);
+        if on {
+            memory.log_dirty(vm, true)?;
+            memory.take_dirty(vm).map(|_| ())
+        } else {
+            let pages = memory.take_dirty(vm)?;
+            self.shared.status.lock().unwrap().dirty_pages = pages;
+            memory.log_dirty(vm, false)
+        }
+    }
+
+    /// `vmmctl resume`: the vCPUs, guest time and stopped queues go on, and disks that stopped
+    /// on an I/O error retry what they hold.
+    fn resume(&mut self) {
+        self.restore_clock();
+        resume_queues(&self.guest.transports);
+        self.migration_paused = false;
+        kick::resume(&self.guest.state);
+        self.shared.status.lock().unwrap().paused = false;
+        let retried = match self.shared.blockd.lock().unwrap().as_ref() {
+            Some(b) => b.resume(),
+            None => Ok(0),
+        };
+        match retried {
+            Ok(0) => {}
+            Ok(n) => log::info!("disks: retrying {n} request(s) that stopped the VM"),
+            Err(e) => log::warn!("disks: cannot have blockd retry: {e}"),
+        }
+        log::info!("resumed through the management API");
+        self.shared.events.emit("resumed", "");
+    }
+
+    fn set_cpus(&mut self, count: u32, timeout_ms: u32, reply: Reply<()>) {
+        if self.change.is_some() {
+            let _ = reply.send(Err(
+                "another vCPU change is still waiting for the guest; try again when it is done"
+                    .into(),
+            ));
+            return;
+        }
+        match self.start_cpu_change(count) {
+            Err(msg) => {
+                let _ = reply.send(Err(msg));
+            }
+            Ok((waiting, _)) if waiting.is_empty() => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok((waiting, adding)) => {
+                self.change = Some(CpuChange {
+                    waiting,
+                    adding,
+                    deadline: Instant::now() + Duration::from_millis(timeout_ms.into()),
+                    timeout_ms,
+                    reply,
+                });
+            }
+        }
+        self.guest.publish_vcpus(self.shared);
+    }
+
+    /// Starts hot-adding or hot-removing vCPUs until `count` are online: returns the ids the
+    /// guest must now take or eject, and whether they are being added; or why the change is
+    /// refused.
+    fn start_cpu_change(&mut self, count: u32) -> Result<(BTreeSet<u32>, bool), String> {
+        let max = self.config.max_cpus;
+        if count == 0 {
+            return Err("cannot remove vCPU 0, the boot CPU: at least 1 vCPU stays online".into());
+        }
+        if count > max {
+            return Err(format!(
+                "cannot have {count} vCPUs: this VM's maximum is {max} (start it with --cpus N,max=M to allow more)"
+            ));
+        }
+        let online = self.guest.vcpus.running.len() as u32;
+        let ids = if count > online {
+            self.hot_add(count - online)?
+        } else {
+            self.hot_remove(online.saturating_sub(count))
+        };
+        if !ids.is_empty() {
+            self.guest
+                .ged
+                .lock()
+                .unwrap()
+                .notify(ged::EVENT_CPU_HOTPLUG)
+                .map_err(|e| format!("cannot interrupt the guest: {e}"))?;
+        }
+        Ok((ids, count > online))
+    }
+
+    /// Starts `n` more vCPUs (created, or parked ones reused) and marks them inserting.
+    fn hot_add(&mut self, n: u32) -> Result<BTreeSet<u32>, String> {
+        let g = &mut self.guest;
+        let absent: Vec<u32> = (0..self.config.max_cpus)
+            .filter(|id| !g.vcpus.running.contains_key(id))
+            .take(n as usize)
+            .collect();
+        let mut ids = BTreeSet::new();
+        for id in absent {
+            let (fd, origin) = g
+                .vcpus
+                .prepare(&g.vm, id, None)
+                .map_err(|e| crate::error_chain(&e))?;
+            g.vcpus
+                .spawn(id, fd)
+                .map_err(|e| format!("vCPU {id}: cannot start its thread: {e}"))?;
+            match origin {
+                Origin::Created => log::info!("vCPU {id}: created; asking the guest to take it"),
+                Origin::Reused(n) => log::info!(
+                    "vCPU {id}: its parked KVM fd reused (time {n}); asking the guest to take it"
+                ),
+            }
+            let mut hp = g.hotplug.lock().unwrap();
+            let slot = &mut hp.slots[id as usize];
+            slot.enabled = true;
+            slot.inserting = true;
+            ids.insert(id);
+        }
+        Ok(ids)
+    }
+
+    /// Asks the guest to eject the `n` highest vCPUs (never vCPU 0).
+    fn hot_remove(&mut self, n: u32) -> BTreeSet<u32> {
+        let going: Vec<u32> = self
+            .guest
+            .vcpus
+            .running
+            .keys()
+            .rev()
+            .copied()
+            .filter(|&id| id != 0)
+            .take(n as usize)
+            .collect();
+        let mut hp = self.guest.hotplug.lock().unwrap();
+        for &id in &going {
+            log::info!("vCPU {id}: asking the guest to eject it");
+            let slot = &mut hp.slots[id as usize];
+            slot.removing = true;
+            slot.eject_wanted = true;
+        }
+        going.into_iter().collect()
+    }
+
+    fn migration(&mut self, req: MigrationRequest) -> Option<VmEvent> {
+        use MigrationRequest as M;
+        match req {
+            M::Memfd(reply) => {
+                let _ = reply.send(
+                    self.guest
+                        .memory
+                        .memfd
+                        .try_clone()
+                        .map_err(|e| format!("cannot hand guest RAM to migrated ({e})")),
+                );
+            }
+            M::DirtyLog(on, reply) => {
+                let _ = reply.send(self.migration_dirty_log(on).map_err(chain));
+            }
+            M::TakeDirty(reply) => {
+                let _ = reply.send(self.take_dirty().map_err(chain));
+            }
+            M::Save(reply) => {
+                let _ = reply.send(self.save());
+            }
+            M::Continue(reply) => {
+                self.migration_continue();
+                let _ = reply.send(Ok(()));
+            }
+            M::Leave => return Some(VmEvent::Migration(M::Leave)),
+        }
+        None
+    }
+
+    /// KVM's dirty log on or off for a migration, and the vhost-user backends' with it: they
+    /// log their own writes into a shared bitmap (LOG_SHMFD); a backend that cannot makes the
+    /// last pass resend everything (see save).
+    fn migration_dirty_log(&mut self, on: bool) -> Result<(), MemoryError> {
+        let (memory, vm) = (&self.guest.memory, &self.guest.vm);
+        let r = memory.log_dirty(vm, on).and_then(|()| {
+            if on {
+                memory.take_dirty_bitmap(vm).map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        self.dirty_logging = on && r.is_ok();
+        self.backend_log = match self.dirty_logging {
+            true => SharedDirtyLog::new(memory.size)
+                .map_err(|e| log::warn!("cannot make the vhost-user dirty log ({e}); a migration resends all of RAM at the end"))
+                .ok(),
+            false => None,
+        };
+        for (_, t) in &self.guest.transports {
+            t.lock()
+                .unwrap()
+                .device_mut()
+                .set_dirty_log(self.backend_log.as_ref());
+        }
+        r
+    }
+
+    /// The pages written since the last take: KVM's log and the backends'.
+    fn take_dirty(&self) -> Result<Vec<u64>, MemoryError> {
+        self.guest
+            .memory
+            .take_dirty_bitmap(&self.guest.vm)
+            .map(|mut b| {
+                if let Some(l) = &self.backend_log {
+                    l.take_into(&mut b);
+                }
+                b
+            })
+    }
+
+    /// Pauses the VM (unless the user had), saves its state, and with the dirty log on takes
+    /// the pages written since the last pass, the used rings among them.
+    fn save(&mut self) -> Result<Saved, String> {
+        let was_paused = self.shared.status.lock().unwrap().paused;
+        if !was_paused {
+            self.pause();
+            self.migration_paused = true;
+        }
+        let state = save_vm(&self.guest, self.paused_clock, self.config, was_paused)?;
+        let mut dirty = match self.dirty_logging {
+            true => Some(self.take_dirty().map_err(chain)?),
+            false => None,
+        };
+        let mut unlogged_writers = false;
+        for (_, t) in &self.guest.transports {
+            let t = t.lock().unwrap();
+            if !t.is_active() {
+                continue;
+            }
+            let dev = t.device();
+            unlogged_writers |= !dev.logs_dirty();
+            // The used rings the backend wrote go whatever the logs say (a backend logs only
+            // what it writes for requests).
+            if let Some(b) = dirty.as_mut() {
+                for (gpa, len) in dev.used_rings() {
+                    vmm_devices::dirty_log::mark_gpa(b, self.guest.memory.size, gpa, len);
+                }
+            }
+        }
+        Ok(Saved {
+            state,
+            dirty,
+            unlogged_writers,
+        })
+    }
+
+    /// The VM goes on here: the queues start again, and the vCPUs run unless the user had
+    /// paused the VM.
+    fn migration_continue(&mut self) {
+        resume_queues(&self.guest.transports);
+        if std::mem::take(&mut self.migration_paused) {
+            self.restore_clock();
+            kick::resume(&self.guest.state);
+            self.shared.status.lock().unwrap().paused = false;
+        }
+    }
+
+    /// Stops every vCPU. Later events from vCPUs that were stopping anyway are reported, not
+    /// acted on. Requests from people (API calls, signals, the console escape) carry over: if
+    /// the guest boots again they apply to it; if the VMM ends, the API caller hears that it
+    /// stopped.
+    pub fn stop(self, tx: &Sender<VmEvent>, rx: &Receiver<VmEvent>) -> Guest {
+        let mut guest = self.guest;
+        let threads = std::mem::take(&mut guest.vcpus.running);
+        kick::stop_all(
+            &guest.state,
+            threads.into_values().map(|t| t.handle).collect(),
+        );
+        let mut carried = Vec::new();
+        while let Ok(other) = rx.try_recv() {
+            match other {
+                VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
+                    log::warn!("vCPU {id} while stopping: {msg}")
+                }
+                // The next boot has its own vCPUs.
+                VmEvent::Vcpu(_) | VmEvent::Hotplug(_) => {}
+                other => carried.push(other),
+            }
+        }
+        for e in carried {
+            let _ = tx.send(e);
+        }
+        guest
+    }
+}
+
+/// Starts the virtio queues a snapshot or migration stopped.
+fn resume_queues(transports: &Transports) {
+    for (slot, t) in transports {
+        if let Err(e) = t.lock().unwrap().resume_queues() {
+            log::error!("PCI 00:{slot:02x}.0: cannot start its queues again: {e}");
+        }
+    }
+}
+
+/// Saves the paused VM: each vCPU saves its own state on its thread, then the devices.
+fn save_vm(
+    guest: &Guest,
+    clock: Option<kvm_bindings::kvm_clock_data>,
+    config: &VmConfig,
+    paused: bool,
+) -> Result<Vec<u8>, String> {
+    let state = &guest.state;
+    let ids: Vec<u32> = guest
+        .vcpus
+        .running
+        .iter()
+        .filter(|(_, t)| !t.handle.is_finished())
+        .map(|(id, _)| *id)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut p = state.pause.lock().unwrap();
+    p.saved.clear();
+    p.save_generation += 1;
+    state.pause_changed.notify_all();
+    while ids.iter().any(|id| !p.saved.contains_key(id)) {
+        if Instant::now() > deadline {
+            return Err("the vCPUs did not save their state within 10 s".into());
+        }
+        p = state
+            .pause_changed
+            .wait_timeout(p, Duration::from_millis(10))
+            .unwrap()
+            .0;
+    }
+    let mut saved = std::mem::take(&mut p.saved);
+    drop(p);
+    let vcpus = ids
+        .iter()
+        .map(|id| saved.remove(id).expect("checked above"))
+        .collect::<Result<Vec<_>, String>>()?;
+    crate::snapshot::save(
+        &guest.devices(),
+        &crate::snapshot::Taken {
+            vcpus,
+            clock,
+            memory: config.memory,
+            max_cpus: config.max_cpus,
+            paused,
+        },
+    )
+}
