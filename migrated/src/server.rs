@@ -315,7 +315,7 @@ impl migrated::Server for Server {
         _: migrated::OpenResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(|e| failed(e.to_string()))?;
         let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
@@ -459,7 +459,7 @@ impl migrated::Server for Server {
         mut results: migrated::ReceiveResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
-        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(failed)?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(|e| failed(e.to_string()))?;
         let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;

@@ -24,43 +24,86 @@ pub enum Uri {
     File(PathBuf),
 }
 
-const KINDS: &str = "tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH";
+/// Why a channel could not be named or opened: one line that names the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0:?}: not a channel; use tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH")]
+    NotAChannel(String),
+    #[error("{0:?}: the {1} channel needs an address after '{1}:'")]
+    NoAddress(String, String),
+    #[error("{0:?}: a tcp channel is tcp:HOST:PORT (the port is missing)")]
+    NoPort(String),
+    #[error("{0:?}: the port {1:?} is not a number from 0 to 65535")]
+    BadPort(String, String),
+    #[error("{0:?}: the host is missing (tcp:HOST:PORT)")]
+    NoHost(String),
+    #[error("{0:?}: fd:N takes a descriptor number of 3 or more that vmm-core inherited")]
+    BadFd(String),
+    #[error("{0:?}: unknown channel kind {1:?}; use tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH")]
+    UnknownKind(String, String),
+    #[error("{0}: cannot make its socket pair ({1})")]
+    SocketPair(Uri, io::Error),
+    #[error("{0}: cannot start it with /bin/sh ({1})")]
+    Exec(Uri, io::Error),
+    #[error("{0}: no answer within {1} s; is the destination started with --incoming {0}?")]
+    Timeout(Uri, u64),
+    #[error("{0}: cannot connect ({1}); is the destination started with --incoming {0}?")]
+    Connect(Uri, io::Error),
+    #[error("{0}: {1}")]
+    Io(Uri, io::Error),
+    #[error(
+        "{0}: the file exists; a snapshot never overwrites one, so remove it or pick another name"
+    )]
+    Exists(Uri),
+    #[error("{0}: cannot create it ({1})")]
+    Create(Uri, io::Error),
+    #[error("{0}: an fd: channel is classified, not opened")]
+    NotOpened(Uri),
+    #[error("{0}: cannot listen there ({1})")]
+    Listen(Uri, io::Error),
+    #[error("{0}: cannot open it ({1})")]
+    Open(Uri, io::Error),
+    #[error("{0}: the descriptor is not a stream socket; pass a connected or listening stream socket, or a file")]
+    NotStream(Uri),
+    #[error("{0}: the descriptor is neither a stream socket nor a regular file; pass a connected or listening stream socket, or a file (a pipe is refused: it carries one direction only)")]
+    NotSocketOrFile(Uri),
+    #[error("tls-creds {dir}: not a directory; {CREDS_FILES}", dir = .0.display())]
+    CredsNotDir(PathBuf),
+    #[error("tls-creds {dir}: cannot read {1} ({2}); {CREDS_FILES}", dir = .0.display())]
+    CredsRead(PathBuf, String, io::Error),
+}
+
+const CREDS_FILES: &str =
+    "it holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem";
 
 impl Uri {
-    pub fn parse(s: &str) -> Result<Uri, String> {
+    pub fn parse(s: &str) -> Result<Uri, ChannelError> {
         let (kind, rest) = s
             .split_once(':')
-            .ok_or_else(|| format!("{s:?}: not a channel; use {KINDS}"))?;
+            .ok_or_else(|| ChannelError::NotAChannel(s.into()))?;
         if rest.is_empty() {
-            return Err(format!(
-                "{s:?}: the {kind} channel needs an address after '{kind}:'"
-            ));
+            return Err(ChannelError::NoAddress(s.into(), kind.into()));
         }
         match kind {
             "tcp" => {
-                let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-                    format!("{s:?}: a tcp channel is tcp:HOST:PORT (the port is missing)")
-                })?;
-                port.parse::<u16>().map_err(|_| {
-                    format!("{s:?}: the port {port:?} is not a number from 0 to 65535")
-                })?;
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| ChannelError::NoPort(s.into()))?;
+                port.parse::<u16>()
+                    .map_err(|_| ChannelError::BadPort(s.into(), port.into()))?;
                 if host.is_empty() {
-                    return Err(format!("{s:?}: the host is missing (tcp:HOST:PORT)"));
+                    return Err(ChannelError::NoHost(s.into()));
                 }
                 Ok(Uri::Tcp(rest.to_string()))
             }
             "unix" => Ok(Uri::Unix(PathBuf::from(rest))),
             "fd" => match rest.parse::<i32>() {
                 Ok(n) if n >= 3 => Ok(Uri::Fd(n)),
-                _ => Err(format!(
-                    "{s:?}: fd:N takes a descriptor number of 3 or more that vmm-core inherited"
-                )),
+                _ => Err(ChannelError::BadFd(s.into())),
             },
             "exec" => Ok(Uri::Exec(rest.to_string())),
             "file" => Ok(Uri::File(PathBuf::from(rest))),
-            other => Err(format!(
-                "{s:?}: unknown channel kind {other:?}; use {KINDS}"
-            )),
+            other => Err(ChannelError::UnknownKind(s.into(), other.into())),
         }
     }
 
@@ -208,20 +251,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `exec:COMMAND`: `sh -c COMMAND` in its own process group, its standard input and output
 /// one end of a socket pair; the other end is the channel.
-fn exec(uri: &Uri, command: &str) -> Result<Opened, String> {
+fn exec(uri: &Uri, command: &str) -> Result<Opened, ChannelError> {
     use std::os::unix::process::CommandExt;
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| format!("{uri}: cannot make its socket pair ({e})"))?;
-    let input = theirs
-        .try_clone()
-        .map_err(|e| format!("{uri}: cannot make its socket pair ({e})"))?;
+    let pair = |e| ChannelError::SocketPair(uri.clone(), e);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(pair)?;
+    let input = theirs.try_clone().map_err(pair)?;
     let child = std::process::Command::new("/bin/sh")
         .args(["-c", command])
         .stdin(std::process::Stdio::from(OwnedFd::from(input)))
         .stdout(std::process::Stdio::from(OwnedFd::from(theirs)))
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("{uri}: cannot start it with /bin/sh ({e})"))?;
+        .map_err(|e| ChannelError::Exec(uri.clone(), e))?;
     Ok(Opened {
         fd: ours.into(),
         kind: Kind::Stream,
@@ -237,17 +278,11 @@ fn exec(uri: &Uri, command: &str) -> Result<Opened, String> {
 async fn within<S>(
     uri: &Uri,
     connect: impl std::future::Future<Output = io::Result<S>>,
-) -> Result<S, String> {
-    let hint = format!("is the destination started with --incoming {uri}?");
+) -> Result<S, ChannelError> {
     tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
-        .map_err(|_| {
-            format!(
-                "{uri}: no answer within {} s; {hint}",
-                CONNECT_TIMEOUT.as_secs()
-            )
-        })?
-        .map_err(|e| format!("{uri}: cannot connect ({e}); {hint}"))
+        .map_err(|_| ChannelError::Timeout(uri.clone(), CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| ChannelError::Connect(uri.clone(), e))
 }
 
 /// Clears O_NONBLOCK: migrated uses every channel blocking.
@@ -263,18 +298,18 @@ fn set_blocking(fd: &OwnedFd) {
 
 /// The source's end: connects, starts the command, or creates the snapshot file (which must
 /// not exist). fd: is the caller's (see `classify`).
-pub async fn open_source(uri: &Uri) -> Result<Opened, String> {
+pub async fn open_source(uri: &Uri) -> Result<Opened, ChannelError> {
     let mut guard = Guard::new(uri);
     let (fd, kind): (OwnedFd, Kind) = match uri {
         Uri::Tcp(addr) => {
             let s = within(uri, tokio::net::TcpStream::connect(addr)).await?;
             let _ = s.set_nodelay(true);
-            let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
+            let s = s.into_std().map_err(|e| ChannelError::Io(uri.clone(), e))?;
             (s.into(), Kind::Stream)
         }
         Uri::Unix(p) => {
             let s = within(uri, tokio::net::UnixStream::connect(p)).await?;
-            let s = s.into_std().map_err(|e| format!("{uri}: {e}"))?;
+            let s = s.into_std().map_err(|e| ChannelError::Io(uri.clone(), e))?;
             (s.into(), Kind::Stream)
         }
         Uri::Exec(cmd) => return exec(uri, cmd),
@@ -284,24 +319,22 @@ pub async fn open_source(uri: &Uri) -> Result<Opened, String> {
                 .create_new(true)
                 .open(p)
                 .map_err(|e| match e.kind() {
-                    io::ErrorKind::AlreadyExists => format!(
-                        "{uri}: the file exists; a snapshot never overwrites one, so remove it or pick another name"
-                    ),
-                    _ => format!("{uri}: cannot create it ({e})"),
+                    io::ErrorKind::AlreadyExists => ChannelError::Exists(uri.clone()),
+                    _ => ChannelError::Create(uri.clone(), e),
                 })?;
             guard.partial = Some(p.clone());
             (f.into(), Kind::File)
         }
-        Uri::Fd(_) => return Err(format!("{uri}: an fd: channel is classified, not opened")),
+        Uri::Fd(_) => return Err(ChannelError::NotOpened(uri.clone())),
     };
     set_blocking(&fd);
     Ok(Opened { fd, kind, guard })
 }
 
 /// The destination's end: a listening socket, the command, or the snapshot file to read.
-pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
+pub fn open_destination(uri: &Uri) -> Result<Opened, ChannelError> {
     let mut guard = Guard::new(uri);
-    let listen_failed = |e: io::Error| format!("{uri}: cannot listen there ({e})");
+    let listen_failed = |e: io::Error| ChannelError::Listen(uri.clone(), e);
     let (fd, kind): (OwnedFd, Kind) = match uri {
         Uri::Tcp(addr) => (
             std::net::TcpListener::bind(addr)
@@ -318,11 +351,11 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, String> {
         Uri::Exec(cmd) => return exec(uri, cmd),
         Uri::File(p) => (
             std::fs::File::open(p)
-                .map_err(|e| format!("{uri}: cannot open it ({e})"))?
+                .map_err(|e| ChannelError::Open(uri.clone(), e))?
                 .into(),
             Kind::File,
         ),
-        Uri::Fd(_) => return Err(format!("{uri}: an fd: channel is classified, not opened")),
+        Uri::Fd(_) => return Err(ChannelError::NotOpened(uri.clone())),
     };
     Ok(Opened { fd, kind, guard })
 }
@@ -349,21 +382,19 @@ pub fn socket_option(fd: &impl AsRawFd, opt: libc::c_int) -> io::Result<libc::c_
 
 /// An fd: channel: what the descriptor is decides the kind. A pipe or anything else is
 /// refused, since a live migration needs both directions.
-pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
+pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, ChannelError> {
     // SAFETY: an all-zero stat is a valid value for fstat to fill in.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes one stat into `st` for an open descriptor.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(format!("{uri}: {}", io::Error::last_os_error()));
+        return Err(ChannelError::Io(uri.clone(), io::Error::last_os_error()));
     }
     let kind = match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => Kind::File,
         libc::S_IFSOCK => {
             let int = |opt| socket_option(&fd, opt).ok();
             if int(libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
-                return Err(format!(
-                    "{uri}: the descriptor is not a stream socket; pass a connected or listening stream socket, or a file"
-                ));
+                return Err(ChannelError::NotStream(uri.clone()));
             }
             if int(libc::SO_ACCEPTCONN) == Some(1) {
                 Kind::Listener
@@ -371,11 +402,7 @@ pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, String> {
                 Kind::Stream
             }
         }
-        _ => {
-            return Err(format!(
-                "{uri}: the descriptor is neither a stream socket nor a regular file; pass a connected or listening stream socket, or a file (a pipe is refused: it carries one direction only)"
-            ))
-        }
+        _ => return Err(ChannelError::NotSocketOrFile(uri.clone())),
     };
     set_blocking(&fd);
     Ok(Opened {
@@ -395,21 +422,13 @@ pub struct Creds {
 }
 
 impl Creds {
-    pub fn read(dir: &Path, server: bool) -> Result<Creds, String> {
-        let what = "it holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem and client-key.pem";
+    pub fn read(dir: &Path, server: bool) -> Result<Creds, ChannelError> {
         if !dir.is_dir() {
-            return Err(format!(
-                "tls-creds {}: not a directory; {what}",
-                dir.display()
-            ));
+            return Err(ChannelError::CredsNotDir(dir.to_path_buf()));
         }
         let read = |file: &str| {
-            std::fs::read(dir.join(file)).map_err(|e| {
-                format!(
-                    "tls-creds {}: cannot read {file} ({e}); {what}",
-                    dir.display()
-                )
-            })
+            std::fs::read(dir.join(file))
+                .map_err(|e| ChannelError::CredsRead(dir.to_path_buf(), file.to_string(), e))
         };
         let side = if server { "server" } else { "client" };
         Ok(Creds {
@@ -454,7 +473,7 @@ mod tests {
             ("fd:x", "descriptor number"),
             ("fd:1", "3 or more"),
         ] {
-            let e = Uri::parse(bad).unwrap_err();
+            let e = Uri::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
@@ -484,7 +503,7 @@ mod tests {
         let f = std::fs::File::open("/proc/self/status").unwrap();
         assert_eq!(classify(&uri, f.into()).unwrap().kind, Kind::File);
         let (r, _w) = std::io::pipe().unwrap();
-        let e = classify(&uri, r.into()).err().unwrap();
+        let e = classify(&uri, r.into()).err().unwrap().to_string();
         assert!(e.contains("one direction only"), "{e}");
     }
 }

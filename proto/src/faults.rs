@@ -80,18 +80,18 @@ pub const ERRNOS: [(&str, i32); 6] = [
     ("EDQUOT", libc::EDQUOT),
 ];
 
-pub fn parse_errno(s: &str) -> Result<i32, String> {
+/// An --errno that is neither a number nor a name of ERRNOS.
+#[derive(Debug, thiserror::Error)]
+#[error("--errno {0}: give a number or one of EIO, ENOSPC, EROFS, EINVAL, ENOMEM, EDQUOT")]
+pub struct UnknownErrno(pub String);
+
+pub fn parse_errno(s: &str) -> Result<i32, UnknownErrno> {
     ERRNOS
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(s))
         .map(|(_, v)| *v)
         .or_else(|| s.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "--errno {s}: give a number or one of {}",
-                ERRNOS.map(|e| e.0).join(", ")
-            )
-        })
+        .ok_or_else(|| UnknownErrno(s.into()))
 }
 
 impl std::fmt::Display for Rule {

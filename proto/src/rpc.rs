@@ -43,12 +43,47 @@ pub fn tokio_stream(
     tokio::net::UnixStream::from_std(stream)
 }
 
+/// Why a control connection's first message was not the side channel.
+#[derive(Debug, thiserror::Error)]
+pub enum SideChannelError {
+    #[error("it sent nothing for 10 s")]
+    Silent,
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("it began with {0} byte(s) ({1:#04x}) and {2} descriptor(s), not the side channel")]
+    Unexpected(usize, u8, usize),
+}
+
+/// The other side's message for a failed call, as a user reads it: capnp's "remote
+/// exception: " prefix taken off. Every RPC client maps its errors through here.
+pub fn remote_message(e: &capnp::Error) -> String {
+    e.extra.trim_start_matches("remote exception: ").to_string()
+}
+
+/// An RPC call that failed: the peer refused it (its message), or the connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("the connection ended ({0})")]
+    Disconnected(String),
+}
+
+impl From<capnp::Error> for RemoteError {
+    fn from(e: capnp::Error) -> Self {
+        match e.kind {
+            capnp::ErrorKind::Disconnected => RemoteError::Disconnected(remote_message(&e)),
+            _ => RemoteError::Failed(remote_message(&e)),
+        }
+    }
+}
+
 /// The server's side of a new control connection's side channel (see chardevd.capnp and
 /// blockd.capnp): the first message, one byte (1) with one descriptor, the client's end of a
 /// SOCK_SEQPACKET pair that carries file descriptors from then on.
 pub async fn accept_side_channel(
     stream: &tokio::net::UnixStream,
-) -> Result<std::os::fd::OwnedFd, String> {
+) -> Result<std::os::fd::OwnedFd, SideChannelError> {
     use std::os::fd::AsFd;
     let recv = stream.async_io(tokio::io::Interest::READABLE, || {
         let mut byte = [0u8; 1];
@@ -56,15 +91,12 @@ pub async fn accept_side_channel(
             .map(|(n, fds)| (n, byte[0], fds))
     });
     match tokio::time::timeout(std::time::Duration::from_secs(10), recv).await {
-        Err(_) => Err("it sent nothing for 10 s".into()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(SideChannelError::Silent),
+        Ok(Err(e)) => Err(SideChannelError::Io(e)),
         Ok(Ok((1, crate::fdpass::SIDE_CHANNEL_PREAMBLE, mut fds))) if fds.len() == 1 => {
             Ok(fds.pop().expect("one descriptor"))
         }
-        Ok(Ok((n, b, fds))) => Err(format!(
-            "it began with {n} byte(s) ({b:#04x}) and {} descriptor(s), not the side channel",
-            fds.len()
-        )),
+        Ok(Ok((n, b, fds))) => Err(SideChannelError::Unexpected(n, b, fds.len())),
     }
 }
 

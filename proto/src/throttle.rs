@@ -7,6 +7,17 @@ use crate::blockd_capnp::{limit, throttle};
 /// The six limits' names, in the schema's order.
 pub const NAMES: [&str; 6] = ["bps", "bps-rd", "bps-wr", "iops", "iops-rd", "iops-wr"];
 
+/// Why a throttle setting was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0:?}: write KEY=VALUE, e.g. iops=200 (or just `off`)")]
+    NotKeyValue(String),
+    #[error("{0}: no such limit; use bps, bps-rd, bps-wr, iops, iops-rd, iops-wr (each also with -max and -max-length), or group")]
+    UnknownLimit(String),
+    #[error("{0}={1}: give a whole number")]
+    NotANumber(String, String),
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Spec {
     /// Empty: the export's own budget.
@@ -21,15 +32,15 @@ impl Spec {
     }
 
     /// Parses `KEY=VALUE,...`; `off` turns throttling off.
-    pub fn parse(s: &str) -> Result<Spec, String> {
+    pub fn parse(s: &str) -> Result<Spec, SpecError> {
         let mut spec = Spec::default();
         if s.trim() == "off" {
             return Ok(spec);
         }
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').ok_or_else(|| {
-                format!("{part:?}: write KEY=VALUE, e.g. iops=200 (or just `off`)")
-            })?;
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| SpecError::NotKeyValue(part.into()))?;
             if key == "group" {
                 spec.group = value.to_string();
                 continue;
@@ -41,15 +52,13 @@ impl Spec {
             } else {
                 (key, 0)
             };
-            let i = NAMES.iter().position(|n| *n == base).ok_or_else(|| {
-                format!(
-                    "{key}: no such limit; use {} (each also with -max and -max-length), or group",
-                    NAMES.join(", ")
-                )
-            })?;
+            let i = NAMES
+                .iter()
+                .position(|n| *n == base)
+                .ok_or_else(|| SpecError::UnknownLimit(key.into()))?;
             spec.limits[i][field] = value
                 .parse()
-                .map_err(|_| format!("{key}={value}: give a whole number"))?;
+                .map_err(|_| SpecError::NotANumber(key.into(), value.into()))?;
         }
         Ok(spec)
     }
@@ -126,10 +135,9 @@ mod tests {
             "group=g,bps-wr=1000,bps-wr-max=2000,bps-wr-max-length=5,iops=200"
         );
         assert!(Spec::parse("off").unwrap().is_off());
-        assert!(Spec::parse("iops=x").unwrap_err().contains("whole number"));
-        assert!(Spec::parse("iops-total=5")
-            .unwrap_err()
-            .contains("no such limit"));
-        assert!(Spec::parse("iops").unwrap_err().contains("KEY=VALUE"));
+        let refused = |s: &str| Spec::parse(s).unwrap_err().to_string();
+        assert!(refused("iops=x").contains("whole number"));
+        assert!(refused("iops-total=5").contains("no such limit"));
+        assert!(refused("iops").contains("KEY=VALUE"));
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::control::{ApiRequest, Request, VmEvent};
 use crate::events::Events;
+use crate::helpers::blockd::BlockdError;
 use futures::channel::oneshot;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -233,6 +234,11 @@ struct VmmServer {
     events: Sender<VmEvent>,
 }
 
+/// A failure as the API's client reads it: the whole chain, on one line.
+fn failed(e: &dyn std::error::Error) -> capnp::Error {
+    capnp::Error::failed(crate::error_chain(e))
+}
+
 impl VmmServer {
     async fn ask(&self, request: Request) -> Result<(), capnp::Error> {
         let (reply, answer) = oneshot::channel();
@@ -241,7 +247,7 @@ impl VmmServer {
             .map_err(|_| capnp::Error::failed("the VM is shutting down".into()))?;
         match answer.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(msg)) => Err(capnp::Error::failed(msg)),
+            Ok(Err(e)) => Err(failed(&e)),
             Err(_) => Err(capnp::Error::failed(
                 "the VM stopped before answering".into(),
             )),
@@ -315,16 +321,16 @@ impl VmmServer {
     /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread).
     async fn on_blockd<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::helpers::blockd::Blockd) -> Result<T, String> + Send + 'static,
+        f: impl FnOnce(&crate::helpers::blockd::Blockd) -> Result<T, BlockdError> + Send + 'static,
     ) -> Result<T, capnp::Error> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
             Some(b) => f(b),
-            None => Err("this VM has no disks served by blockd".to_string()),
+            None => Err(BlockdError::NoBlockd),
         })
         .await
         .map_err(|e| capnp::Error::failed(e.to_string()))?
-        .map_err(capnp::Error::failed)
+        .map_err(|e| failed(&e))
     }
 }
 
@@ -396,20 +402,19 @@ impl vmm::Server for VmmServer {
         let p = params.get()?;
         let uri = p.get_uri()?.to_str()?.to_string();
         let o = p.get_options()?;
-        let failed = |m: String| capnp::Error::failed(m);
         if let Err(e) = vmm_proto::channel::Uri::parse(&uri) {
-            return Err(failed(e));
+            return Err(failed(&e));
         }
         let m = self
             .shared
             .migrated
             .get()
             .cloned()
-            .ok_or_else(|| failed("migrated is not running".into()))?;
+            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
         {
             let mut st = self.shared.migration.lock().unwrap();
             if matches!(st.phase.as_str(), "setup" | "pre-copy" | "stop-and-copy") {
-                return Err(failed(format!(
+                return Err(capnp::Error::failed(format!(
                     "a migration to {} is under way; wait for it or `vmmctl migrate cancel`",
                     st.uri
                 )));
@@ -444,7 +449,7 @@ impl vmm::Server for VmmServer {
             max_cpus,
         )
         .await
-        .map_err(failed)?;
+        .map_err(|e| failed(&e))?;
         self.write_migration(results.get().init_status());
         Ok(())
     }
@@ -640,7 +645,7 @@ impl vmm::Server for VmmServer {
             })
             .await
             .map_err(|e| capnp::Error::failed(e.to_string()))?
-            .map_err(capnp::Error::failed)?;
+            .map_err(|e| failed(&e))?;
         let mut out = results.get().init_disks(list.len() as u32);
         for (i, d) in list.iter().enumerate() {
             let mut x = out.reborrow().get(i as u32);

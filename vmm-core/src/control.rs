@@ -34,7 +34,38 @@ pub enum VcpuEvent {
 }
 
 /// Where the main loop's answer to a request goes.
-pub type Reply<T> = oneshot::Sender<Result<T, String>>;
+pub type Reply<T> = oneshot::Sender<Result<T, LoopError>>;
+
+/// Why the main loop did not carry out a request: a refusal it explains, or the error of the
+/// part that failed (with its chain).
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("another vCPU change is still waiting for the guest; try again when it is done")]
+    CpuChangeBusy,
+    #[error("cannot remove vCPU 0, the boot CPU: at least 1 vCPU stays online")]
+    BootCpu,
+    #[error("cannot have {0} vCPUs: this VM's maximum is {1} (start it with --cpus N,max=M to allow more)")]
+    AboveMax(u32, u32),
+    #[error("vCPU {0}: the guest did not take it within {1} ms; it stays present for the guest to start later")]
+    NotTaken(String, u32),
+    #[error("vCPU {0}: the guest did not eject it within {1} ms, so it keeps running (is the CPU offline in the guest, and does it support CPU hot-remove?)")]
+    NotEjected(String, u32),
+    #[error("vCPU {0}: cannot start its thread")]
+    VcpuThread(u32, #[source] std::io::Error),
+    #[error("cannot interrupt the guest")]
+    Interrupt(#[source] std::io::Error),
+    #[error("cannot hand guest RAM to migrated")]
+    Memfd(#[source] std::io::Error),
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl LoopError {
+    /// Another part's error, as the answer.
+    pub fn failed(e: impl std::error::Error + Send + Sync + 'static) -> LoopError {
+        LoopError::Failed(Box::new(e))
+    }
+}
 
 /// A management API request that only the VM's main loop can carry out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

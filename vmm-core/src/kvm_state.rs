@@ -7,6 +7,7 @@ use kvm_bindings::{
     kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
+use vmm_proto::state::StateError;
 use vmm_proto::state_capnp;
 
 pub struct KvmState {
@@ -24,23 +25,23 @@ const CHIPS: [(u32, &str); 3] = [
 
 #[derive(Debug, thiserror::Error)]
 #[error("KVM state: cannot {0} {1}")]
-pub struct StateError(&'static str, &'static str, #[source] kvm_ioctls::Error);
+pub struct KvmStateError(&'static str, &'static str, #[source] kvm_ioctls::Error);
 
 impl KvmState {
     /// Reads the state of a VM whose vCPUs are paused.
-    pub fn save(vm: &VmFd) -> Result<KvmState, StateError> {
+    pub fn save(vm: &VmFd) -> Result<KvmState, KvmStateError> {
         let mut irqchips: [kvm_irqchip; 3] = Default::default();
         for (chip, (id, what)) in irqchips.iter_mut().zip(CHIPS) {
             chip.chip_id = id;
             vm.get_irqchip(chip)
-                .map_err(|e| StateError("save", what, e))?;
+                .map_err(|e| KvmStateError("save", what, e))?;
         }
         let pit = vm
             .get_pit2()
-            .map_err(|e| StateError("save", "the PIT", e))?;
+            .map_err(|e| KvmStateError("save", "the PIT", e))?;
         let clock = vm
             .get_clock()
-            .map_err(|e| StateError("save", "kvmclock", e))?;
+            .map_err(|e| KvmStateError("save", "kvmclock", e))?;
         Ok(KvmState {
             irqchips,
             pit,
@@ -49,13 +50,13 @@ impl KvmState {
     }
 
     /// Puts the state into a new VM (with its irqchip and PIT created, before its vCPUs run).
-    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+    pub fn restore(&self, vm: &VmFd) -> Result<(), KvmStateError> {
         for (chip, (_, what)) in self.irqchips.iter().zip(CHIPS) {
             vm.set_irqchip(chip)
-                .map_err(|e| StateError("restore", what, e))?;
+                .map_err(|e| KvmStateError("restore", what, e))?;
         }
         vm.set_pit2(&self.pit)
-            .map_err(|e| StateError("restore", "the PIT", e))?;
+            .map_err(|e| KvmStateError("restore", "the PIT", e))?;
         // Only the clock's value goes back: the flags KVM_GET_CLOCK reports (stable, realtime)
         // describe the source host and are not inputs.
         let clock = kvm_clock_data {
@@ -63,7 +64,7 @@ impl KvmState {
             ..Default::default()
         };
         vm.set_clock(&clock)
-            .map_err(|e| StateError("restore", "kvmclock", e))?;
+            .map_err(|e| KvmStateError("restore", "kvmclock", e))?;
         Ok(())
     }
 }
@@ -150,8 +151,12 @@ impl KvmState {
     }
 
     /// Reads the state back, checking the sizes a stream from elsewhere could get wrong.
-    pub fn read(r: state_capnp::kvm_state::Reader) -> Result<KvmState, String> {
-        let e = |what: &'static str| move |err: capnp::Error| format!("KVM state: {what}: {err}");
+    pub fn read(r: state_capnp::kvm_state::Reader) -> Result<KvmState, StateError> {
+        Self::read_parts(r).map_err(|e| e.within("KVM state"))
+    }
+
+    fn read_parts(r: state_capnp::kvm_state::Reader) -> Result<KvmState, StateError> {
+        let e = StateError::read;
         let mut irqchips: [kvm_irqchip; 3] = Default::default();
         for (chip, (id, _)) in irqchips.iter_mut().zip(CHIPS) {
             chip.chip_id = id;
@@ -168,11 +173,12 @@ impl KvmState {
         };
         let table = io.get_redirection().map_err(e("the IOAPIC"))?;
         if table.len() as usize != ioapic.redirtbl.len() {
-            return Err(format!(
-                "KVM state: the IOAPIC has {} redirection entries, {} expected",
-                table.len(),
-                ioapic.redirtbl.len()
-            ));
+            return Err(StateError::Count {
+                part: "the IOAPIC",
+                unit: "redirection entries",
+                got: table.len() as usize,
+                want: ioapic.redirtbl.len(),
+            });
         }
         for (i, entry) in ioapic.redirtbl.iter_mut().enumerate() {
             entry.bits = table.get(i as u32);
@@ -181,10 +187,12 @@ impl KvmState {
         let p = r.get_pit().map_err(e("the PIT"))?;
         let channels = p.get_channels().map_err(e("the PIT"))?;
         if channels.len() != 3 {
-            return Err(format!(
-                "KVM state: the PIT has {} channels, 3 expected",
-                channels.len()
-            ));
+            return Err(StateError::Count {
+                part: "the PIT",
+                unit: "channels",
+                got: channels.len() as usize,
+                want: 3,
+            });
         }
         let mut pit = kvm_pit_state2 {
             flags: p.get_flags(),

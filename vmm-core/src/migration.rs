@@ -8,13 +8,42 @@
 //! client thread, and hands migrated the descriptor: migrated, sandboxed, reaches no network,
 //! file or program by itself.
 
+use crate::control::LoopError;
 use crate::control::{MigrationRequest, Reply, VmEvent};
-use crate::helpers::migrated::{remote, Migrated};
+use crate::helpers::migrated::{Migrated, MigratedError};
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Mutex;
-use vmm_proto::channel::{self, Creds, Opened, Uri};
+use vmm_proto::channel::{self, ChannelError, Creds, Opened, Uri};
+
+/// Why a migration, a snapshot or an incoming VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("{0}: descriptor {1} is not one vmm-core inherited when it started (or it was used already); start vmm-core with the channel open as fd {1}")]
+    NotInherited(String, i32),
+    #[error(transparent)]
+    Migrated(#[from] MigratedError),
+    #[error("the VM is stopping")]
+    VmStopping,
+    #[error("the VM stopped before it answered")]
+    NoAnswer,
+    #[error(transparent)]
+    Vm(#[from] LoopError),
+    /// The migration failed before the destination ran the VM: it goes on here.
+    #[error("{0}; the VM goes on here")]
+    Resumed(Box<MigrationError>),
+    #[error("{0}; and the VM could not go on here: {1}")]
+    NotResumed(Box<MigrationError>, Box<MigrationError>),
+}
+
+impl From<capnp::Error> for MigrationError {
+    fn from(e: capnp::Error) -> Self {
+        MigrationError::Migrated(e.into())
+    }
+}
 
 /// Descriptors vmm-core inherited when it started: what an fd:N channel may name (each one
 /// once; it is closed after use, as QEMU does).
@@ -40,18 +69,16 @@ pub fn note_inherited_fds() {
 }
 
 /// Whether fd:N names a descriptor vmm-core inherited and has not used.
-pub fn check_fd(uri: &str, n: i32) -> Result<(), String> {
+pub fn check_fd(uri: &str, n: i32) -> Result<(), MigrationError> {
     if INHERITED.lock().unwrap().contains(&n) {
         Ok(())
     } else {
-        Err(format!(
-            "{uri}: descriptor {n} is not one vmm-core inherited when it started (or it was used already); start vmm-core with the channel open as fd {n}"
-        ))
+        Err(MigrationError::NotInherited(uri.to_string(), n))
     }
 }
 
 /// Takes the inherited descriptor of an fd:N channel (it is closed when the channel is).
-fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, String> {
+fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, MigrationError> {
     check_fd(&uri.to_string(), n)?;
     INHERITED.lock().unwrap().remove(&n);
     // SAFETY: an inherited descriptor that is open (checked at start) and that nothing else
@@ -68,7 +95,7 @@ async fn open_channel(
     uri: &str,
     tls: &TlsOptions,
     source: bool,
-) -> Result<(Opened, Option<Creds>), String> {
+) -> Result<(Opened, Option<Creds>), MigrationError> {
     let uri = Uri::parse(uri)?;
     let creds = match tls.creds.as_str() {
         "" => None,
@@ -157,13 +184,11 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 async fn ask<T>(
     tx: &std::sync::mpsc::Sender<VmEvent>,
     make: impl FnOnce(Reply<T>) -> MigrationRequest,
-) -> Result<T, String> {
+) -> Result<T, MigrationError> {
     let (reply, answer) = futures::channel::oneshot::channel();
     tx.send(VmEvent::Migration(make(reply)))
-        .map_err(|_| "the VM is stopping".to_string())?;
-    answer
-        .await
-        .map_err(|_| "the VM stopped before it answered".to_string())?
+        .map_err(|_| MigrationError::VmStopping)?;
+    Ok(answer.await.map_err(|_| MigrationError::NoAnswer)??)
 }
 
 fn or(a: &mut Vec<u64>, b: &[u64]) {
@@ -185,7 +210,7 @@ struct PassStats {
     micros: u64,
 }
 
-async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats, String> {
+async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats, MigrationError> {
     m.call(move |conn| {
         Box::pin(async move {
             let mut req = conn.client.send_pages_request();
@@ -198,8 +223,8 @@ async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats,
                     }
                 }
             }
-            let r = req.send().promise.await.map_err(remote)?;
-            let s = r.get().map_err(remote)?.get_stats().map_err(remote)?;
+            let r = req.send().promise.await?;
+            let s = r.get()?.get_stats()?;
             Ok(PassStats {
                 bytes: s.get_bytes(),
                 pages: s.get_pages() + s.get_zero_pages(),
@@ -217,7 +242,7 @@ async fn open(
     opts: &Options,
     memory: u64,
     vcpus: u32,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     let (uri, tls, bandwidth, compress) = (
         opts.uri.clone(),
         opts.tls.clone(),
@@ -235,20 +260,20 @@ async fn open(
             req.get().set_compress(compress);
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
-            req.send().promise.await.map_err(remote)?;
+            req.send().promise.await?;
             Ok(())
         })
     })
     .await
 }
 
-async fn finish(m: &Migrated, state: Vec<u8>) -> Result<u64, String> {
+async fn finish(m: &Migrated, state: Vec<u8>) -> Result<u64, MigrationError> {
     m.call(move |conn| {
         Box::pin(async move {
             let mut req = conn.client.finish_request();
             req.get().set_state(&state);
-            let r = req.send().promise.await.map_err(remote)?;
-            let bytes = r.get().map_err(remote)?.get_bytes();
+            let r = req.send().promise.await?;
+            let bytes = r.get()?.get_bytes();
             conn.channel_done();
             Ok(bytes)
         })
@@ -262,18 +287,13 @@ pub async fn cancel(m: &Migrated) {
 }
 
 async fn abort(m: &Migrated) {
-    let _ = m
+    let _: Result<(), MigrationError> = m
         .call(|conn| {
             Box::pin(async move {
                 // The command dies and the partial snapshot goes first: a transfer blocked
                 // on the channel then fails at once.
                 conn.channel_failed();
-                conn.client
-                    .abort_request()
-                    .send()
-                    .promise
-                    .await
-                    .map_err(remote)?;
+                conn.client.abort_request().send().promise.await?;
                 Ok(())
             })
         })
@@ -293,7 +313,7 @@ pub async fn send(
     opts: Options,
     memory: u64,
     vcpus: u32,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     let start = std::time::Instant::now();
     let live = !opts.uri.starts_with("file:");
     let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
@@ -326,12 +346,12 @@ pub async fn send(
             let resumed = ask(tx, MigrationRequest::Continue).await;
             set(&|s| {
                 s.phase = "failed".into();
-                s.error = e.clone();
+                s.error = crate::error_chain(&e);
                 s.total_ms = start.elapsed().as_millis() as u64;
             });
             match resumed {
-                Ok(()) => Err(format!("{e}; the VM goes on here")),
-                Err(r) => Err(format!("{e}; and the VM could not go on here: {r}")),
+                Ok(()) => Err(MigrationError::Resumed(Box::new(e))),
+                Err(r) => Err(MigrationError::NotResumed(Box::new(e), Box::new(r))),
             }
         }
     }
@@ -349,7 +369,7 @@ async fn transfer(
     vcpus: u32,
     live: bool,
     start: std::time::Instant,
-) -> Result<u64, String> {
+) -> Result<u64, MigrationError> {
     let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
     open(m, memfd, opts, memory, vcpus).await?;
     let mut pending: Option<Vec<u64>> = None;
@@ -430,7 +450,7 @@ pub fn receive(
     memfd: std::fs::File,
     memory: u64,
     vcpus: u32,
-) -> Result<(Vec<u8>, u64), String> {
+) -> Result<(Vec<u8>, u64), MigrationError> {
     let uri = uri.to_string();
     let tls = tls.clone();
     m.call_blocking(move |conn| {
@@ -443,9 +463,9 @@ pub fn receive(
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
             let got = async {
-                let r = req.send().promise.await.map_err(remote)?;
-                let r = r.get().map_err(remote)?;
-                Ok((r.get_state().map_err(remote)?.to_vec(), r.get_bytes()))
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                Ok((r.get_state()?.to_vec(), r.get_bytes()))
             }
             .await;
             if got.is_err() {
@@ -457,16 +477,16 @@ pub fn receive(
 }
 
 /// Tells the source (through migrated) whether this destination runs the VM.
-pub fn started(m: &Migrated, ok: bool, why: String) -> Result<(), String> {
+pub fn started(m: &Migrated, ok: bool, why: String) -> Result<(), MigrationError> {
     m.call_blocking(move |conn| {
         Box::pin(async move {
             let mut req = conn.client.started_request();
             req.get().set_ok(ok);
             req.get().set_why(why.as_str());
-            let r = req.send().promise.await.map_err(remote);
+            let r = req.send().promise.await;
             // The answer is written: an exec: command may finish with it.
             conn.channel_done();
-            r.map(|_| ())
+            r.map(|_| ()).map_err(MigrationError::from)
         })
     })
 }

@@ -9,7 +9,22 @@ use std::sync::{Arc, Mutex};
 use vmm_devices::platform::cpu_hotplug::CpuHotplug;
 use vmm_devices::platform::{ged, serial};
 use vmm_devices::virtio::pci::VirtioPci;
+use vmm_devices::virtio::VirtioError;
+use vmm_proto::state::StateError;
 use vmm_proto::state_capnp::vm_state;
+
+/// Why the paused VM's state could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm_state::KvmStateError),
+    #[error("PCI 00:{0:02x}.0: {1}")]
+    Pci(u8, VirtioError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    #[error("the vCPUs did not save their state within 10 s")]
+    Timeout,
+}
 
 /// The VM's devices, as a save or a restore reaches them.
 pub struct Devices<'a> {
@@ -32,8 +47,8 @@ pub struct Taken {
 }
 
 /// Saves the paused VM's state (the virtio queues stop here, once what they hold completed).
-pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, String> {
-    let mut kvm = KvmState::save(d.vm).map_err(|e| crate::error_chain(&e))?;
+pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, SaveError> {
+    let mut kvm = KvmState::save(d.vm)?;
     if let Some(c) = t.clock {
         kvm.clock = c;
     }
@@ -59,7 +74,7 @@ pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, String> {
     for (i, (slot, dev)) in d.pci.iter().enumerate() {
         let mut dev = dev.lock().unwrap();
         dev.save(*slot, l.reborrow().get(i as u32))
-            .map_err(|e| format!("PCI 00:{slot:02x}.0: {e}"))?;
+            .map_err(|e| SaveError::Pci(*slot, e))?;
     }
     Ok(capnp::serialize::write_message_to_words(&msg))
 }
@@ -73,39 +88,36 @@ pub struct Restore {
 }
 
 impl Restore {
-    pub fn read(bytes: &[u8], memory: u64, max_cpus: u32) -> Result<Restore, String> {
+    pub fn read(bytes: &[u8], memory: u64, max_cpus: u32) -> Result<Restore, StateError> {
         let opts = capnp::message::ReaderOptions {
             traversal_limit_in_words: Some(64 << 20),
             nesting_limit: 64,
         };
         let msg = capnp::serialize::read_message(&mut &bytes[..], opts)
-            .map_err(|e| format!("the VM's state is not readable: {e}"))?;
+            .map_err(StateError::read("the VM's state is not readable"))?;
         let (vcpus, kvm, paused) = {
             let r = msg
                 .get_root::<vm_state::Reader>()
-                .map_err(|e| format!("the VM's state: {e}"))?;
+                .map_err(StateError::read("the VM's state"))?;
             if r.get_memory() != memory || r.get_max_cpus() != max_cpus {
-                return Err(format!(
-                    "the state is of a VM with {} MiB and at most {} vCPUs, this one has {} MiB and {}; start it with the same --memory and --cpus",
-                    r.get_memory() >> 20,
-                    r.get_max_cpus(),
-                    memory >> 20,
-                    max_cpus
-                ));
+                return Err(StateError::Shape {
+                    saved: (r.get_memory(), r.get_max_cpus()),
+                    here: (memory, max_cpus),
+                });
             }
             let vcpus = r
                 .get_vcpus()
-                .map_err(|e| format!("the vCPUs' state: {e}"))?
+                .map_err(StateError::read("the vCPUs' state"))?
                 .iter()
                 .map(VcpuState::read)
-                .collect::<Result<Vec<_>, String>>()?;
+                .collect::<Result<Vec<_>, StateError>>()?;
             if vcpus.is_empty() || vcpus.iter().any(|v| v.id >= max_cpus) {
-                return Err(format!(
-                    "the state has vCPUs {:?}, this VM takes ids below {max_cpus}",
-                    vcpus.iter().map(|v| v.id).collect::<Vec<_>>()
+                return Err(StateError::VcpuIds(
+                    vcpus.iter().map(|v| v.id).collect(),
+                    max_cpus,
                 ));
             }
-            let kvm = KvmState::read(r.get_kvm().map_err(|e| format!("the KVM state: {e}"))?)?;
+            let kvm = KvmState::read(r.get_kvm().map_err(StateError::read("the KVM state"))?)?;
             (vcpus, kvm, r.get_paused())
         };
         Ok(Restore {
@@ -122,53 +134,48 @@ impl Restore {
         d: &Devices,
         new_uart: impl FnOnce(
             vmm_proto::state_capnp::serial::Reader,
-        ) -> Result<serial::SerialDevice, String>,
-    ) -> Result<(), String> {
-        let r = self
-            .msg
-            .get_root::<vm_state::Reader>()
-            .map_err(|e| e.to_string())?;
-        let e = |e: capnp::Error| format!("the VM's state: {e}");
-        let pci = r.get_pci().map_err(e)?;
+        ) -> Result<serial::SerialDevice, StateError>,
+    ) -> Result<(), StateError> {
+        let e = StateError::read("the VM's state");
+        let r = self.msg.get_root::<vm_state::Reader>().map_err(&e)?;
+        let pci = r.get_pci().map_err(&e)?;
         if pci.len() as usize != d.pci.len() {
-            return Err(format!(
-                "the state has {} PCI device(s), this VM {}; give it the same --disk options",
-                pci.len(),
-                d.pci.len()
-            ));
+            return Err(StateError::PciCount(pci.len() as usize, d.pci.len()));
         }
-        self.kvm.restore(d.vm).map_err(|e| crate::error_chain(&e))?;
-        *d.uart.lock().unwrap() = new_uart(r.get_serial().map_err(e)?)?;
-        d.ged.lock().unwrap().restore(r.get_ged().map_err(e)?);
+        self.kvm
+            .restore(d.vm)
+            .map_err(|e| StateError::Apply(Box::new(e)))?;
+        *d.uart.lock().unwrap() = new_uart(r.get_serial().map_err(&e)?)?;
+        d.ged.lock().unwrap().restore(r.get_ged().map_err(&e)?);
         d.hotplug
             .lock()
             .unwrap()
-            .restore(r.get_cpu_hotplug().map_err(e)?)?;
+            .restore(r.get_cpu_hotplug().map_err(&e)?)?;
         for p in pci.iter() {
             let slot = p.get_slot();
             let name = p
                 .get_name()
-                .map_err(e)?
+                .map_err(&e)?
                 .to_str()
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| StateError::NotText("a PCI device's name"))?;
             let dev = d
                 .pci
                 .iter()
                 .find(|(s, _)| *s == slot)
                 .map(|(_, d)| d)
-                .ok_or_else(|| {
-                    format!(
-                        "the state has {name} at PCI 00:{slot:02x}.0; this VM has nothing there"
-                    )
-                })?;
+                .ok_or_else(|| StateError::PciEmpty(name.into(), slot))?;
             let mut dev = dev.lock().unwrap();
             if dev.device_name() != name {
-                return Err(format!(
-                    "PCI 00:{slot:02x}.0 is {name} in the state, {} here; give the disks in the same order",
-                    dev.device_name()
+                return Err(StateError::PciOther(
+                    name.into(),
+                    slot,
+                    dev.device_name().to_string(),
                 ));
             }
-            dev.restore(p).map_err(|e| format!("{name}: {e}"))?;
+            dev.restore(p).map_err(|e| match e {
+                VirtioError::State(e) => e.within(name),
+                e => StateError::Apply(Box::new(e)).within(name),
+            })?;
         }
         Ok(())
     }

@@ -254,9 +254,9 @@ fn fault_rule(f: &DiskFault) -> Result<vmm_proto::faults::Rule, Failure> {
         }
     };
     let action = match (errno, delay_ms, exit) {
-        (Some(e), _, _) => {
-            vmm_proto::faults::Action::Errno(vmm_proto::faults::parse_errno(e).map_err(bad)?)
-        }
+        (Some(e), _, _) => vmm_proto::faults::Action::Errno(
+            vmm_proto::faults::parse_errno(e).map_err(|e| bad(e.to_string()))?,
+        ),
         (_, Some(ms), _) => vmm_proto::faults::Action::DelayMs(*ms),
         (_, _, true) => vmm_proto::faults::Action::Exit,
         _ => return Err(bad("give --errno E, --delay-ms N or --exit".into())),

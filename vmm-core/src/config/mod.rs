@@ -201,6 +201,7 @@ fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
     use vmm_proto::channel::Uri;
     let bad = |e: String| ConfigError::Incoming(format!("{arg} {e}"));
     let parsed = Uri::parse(&uri).map_err(|e| {
+        let e = e.to_string();
         ConfigError::Incoming(format!(
             "{arg} {uri}{}",
             e.strip_prefix(&format!("{uri:?}")).unwrap_or(&e)
@@ -214,7 +215,7 @@ fn check_uri(arg: &str, uri: String) -> Result<String, ConfigError> {
                 )));
             }
         }
-        Uri::Fd(n) => crate::migration::check_fd(&uri, *n).map_err(bad)?,
+        Uri::Fd(n) => crate::migration::check_fd(&uri, *n).map_err(|e| bad(e.to_string()))?,
         _ => {}
     }
     Ok(uri)

@@ -8,6 +8,55 @@
 //! backend that runs already instead.
 
 use crate::config::disk::DiskSpec;
+use vmm_proto::rpc::RemoteError;
+
+/// What went wrong with the VM's disks and their blockd.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockdError {
+    #[error("--disk path={path}: cannot open it ({1}); check the path and its permissions, or add readonly=on", path = .0.display())]
+    Open(PathBuf, std::io::Error),
+    #[error("{0}: cannot listen on {path} ({2})", path = .1.display())]
+    Listen(String, PathBuf, std::io::Error),
+    #[error("cannot create a private directory for the disks' sockets ({0}); check $XDG_RUNTIME_DIR or $TMPDIR")]
+    RunDir(std::io::Error),
+    #[error("cannot start the blockd client thread: {0}")]
+    Thread(std::io::Error),
+    #[error("blockd: its client thread ended")]
+    ClientEnded,
+    #[error(transparent)]
+    Helper(#[from] super::HelperError),
+    #[error("blockd: cannot set up its side channel ({0})")]
+    SideChannel(std::io::Error),
+    #[error("blockd: {0}")]
+    Stream(std::io::Error),
+    #[error("{0}: cannot hand blockd its image ({1})")]
+    HandImage(String, std::io::Error),
+    #[error("--disk {0}: blockd refused it: {1}")]
+    Refused(String, RemoteError),
+    #[error("{0}: blockd refused its throttle {1}: {2}")]
+    Throttle(String, Box<vmm_proto::throttle::Spec>, RemoteError),
+    #[error("blockd: cannot watch its disks: {0}")]
+    Watch(RemoteError),
+    #[error("blockd: {0}")]
+    Rpc(capnp::Error),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("no connection")]
+    NoConnection,
+    #[error("blockd is restarting; try again in a moment")]
+    Restarting,
+    #[error("this VM has no disks served by blockd")]
+    NoBlockd,
+    #[error("blockd is not running")]
+    NotRunning,
+    #[error("blockd did not answer within 5 s")]
+    NoAnswer,
+    #[error("disk {0} is served by a backend of its own (socket=); throttle it there")]
+    External(String),
+}
+
+/// blockd's answer to a command.
+type Answer<T> = std::sync::mpsc::Sender<Result<T, BlockdError>>;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -94,21 +143,14 @@ pub enum Fault {
 }
 
 enum Command {
-    List(std::sync::mpsc::Sender<Result<Vec<DiskInfo>, String>>),
-    Fault(Fault, std::sync::mpsc::Sender<Result<(), String>>),
-    Throttle(
-        String,
-        vmm_proto::throttle::Spec,
-        std::sync::mpsc::Sender<Result<(), String>>,
-    ),
-    AddRule(
-        vmm_proto::faults::Rule,
-        std::sync::mpsc::Sender<Result<u32, String>>,
-    ),
-    RemoveRule(u32, std::sync::mpsc::Sender<Result<(), String>>),
-    ListRules(std::sync::mpsc::Sender<Result<Vec<vmm_proto::faults::Rule>, String>>),
+    List(Answer<Vec<DiskInfo>>),
+    Fault(Fault, Answer<()>),
+    Throttle(String, vmm_proto::throttle::Spec, Answer<()>),
+    AddRule(vmm_proto::faults::Rule, Answer<u32>),
+    RemoveRule(u32, Answer<()>),
+    ListRules(Answer<Vec<vmm_proto::faults::Rule>>),
     /// Retry what stopped exports hold; how many requests that is.
-    Resume(std::sync::mpsc::Sender<Result<u32, String>>),
+    Resume(Answer<u32>),
 }
 
 /// Called with (disk, reason) when blockd stops a disk on an I/O error (error policy stop or
@@ -142,7 +184,7 @@ pub struct Blockd {
 
 impl Blockd {
     /// Every disk with blockd's statistics (and the external ones, without).
-    pub fn list(&self) -> Result<Vec<DiskInfo>, String> {
+    pub fn list(&self) -> Result<Vec<DiskInfo>, BlockdError> {
         let mut out = match self.commands {
             Some(_) => self.ask(Command::List)?,
             None => Vec::new(),
@@ -154,50 +196,41 @@ impl Blockd {
 
 impl Blockd {
     /// Sends a command to the client thread and waits (5 s at most) for blockd's answer.
-    fn ask<T>(
-        &self,
-        cmd: impl FnOnce(std::sync::mpsc::Sender<Result<T, String>>) -> Command,
-    ) -> Result<T, String> {
-        let c = self
-            .commands
-            .as_ref()
-            .ok_or_else(|| "this VM has no disks served by blockd".to_string())?;
+    fn ask<T>(&self, cmd: impl FnOnce(Answer<T>) -> Command) -> Result<T, BlockdError> {
+        let c = self.commands.as_ref().ok_or(BlockdError::NoBlockd)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        c.send(cmd(tx))
-            .map_err(|_| "blockd is not running".to_string())?;
+        c.send(cmd(tx)).map_err(|_| BlockdError::NotRunning)?;
         rx.recv_timeout(std::time::Duration::from_secs(5))
-            .map_err(|_| "blockd did not answer within 5 s".to_string())?
+            .map_err(|_| BlockdError::NoAnswer)?
     }
 
-    pub fn fault(&self, fault: Fault) -> Result<(), String> {
+    pub fn fault(&self, fault: Fault) -> Result<(), BlockdError> {
         self.ask(|tx| Command::Fault(fault, tx))
     }
 
-    pub fn add_rule(&self, rule: vmm_proto::faults::Rule) -> Result<u32, String> {
+    pub fn add_rule(&self, rule: vmm_proto::faults::Rule) -> Result<u32, BlockdError> {
         self.ask(|tx| Command::AddRule(rule, tx))
     }
 
-    pub fn remove_rule(&self, id: u32) -> Result<(), String> {
+    pub fn remove_rule(&self, id: u32) -> Result<(), BlockdError> {
         self.ask(|tx| Command::RemoveRule(id, tx))
     }
 
-    pub fn rules(&self) -> Result<Vec<vmm_proto::faults::Rule>, String> {
+    pub fn rules(&self) -> Result<Vec<vmm_proto::faults::Rule>, BlockdError> {
         self.ask(Command::ListRules)
     }
 
     /// Retries what stopped disks hold (after `vmmctl resume`); a VM without blockd has none.
-    pub fn resume(&self) -> Result<u32, String> {
+    pub fn resume(&self) -> Result<u32, BlockdError> {
         if self.commands.is_none() {
             return Ok(0);
         }
         self.ask(Command::Resume)
     }
 
-    pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), String> {
+    pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), BlockdError> {
         if self.external.iter().any(|d| d.name == name) {
-            return Err(format!(
-                "disk {name} is served by a backend of its own (socket=); throttle it there"
-            ));
+            return Err(BlockdError::External(name.to_string()));
         }
         self.ask(|tx| Command::Throttle(name.to_string(), spec, tx))
     }
@@ -232,7 +265,7 @@ pub fn start(
     dir: Option<&RunDir>,
     report: super::SeccompReport,
     hooks: Hooks,
-) -> Result<(Vec<DiskBackend>, Blockd), String> {
+) -> Result<(Vec<DiskBackend>, Blockd), BlockdError> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
     let mut external = Vec::new();
@@ -263,16 +296,11 @@ pub fn start(
             .write(!d.readonly)
             .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
-            .map_err(|e| {
-                format!(
-                    "--disk path={}: cannot open it ({e}); check the path and its permissions, or add readonly=on",
-                    path.display()
-                )
-            })?;
+            .map_err(|e| BlockdError::Open(path.clone(), e))?;
         let dir = dir.expect("a run directory exists when a disk has a path");
         let socket = dir.0.join(format!("{name}.sock"));
         let listener = std::os::unix::net::UnixListener::bind(&socket)
-            .map_err(|e| format!("{name}: cannot listen on {} ({e})", socket.display()))?;
+            .map_err(|e| BlockdError::Listen(name.clone(), socket.clone(), e))?;
         backends.push(DiskBackend {
             name: name.clone(),
             socket: socket.clone(),
@@ -303,15 +331,14 @@ pub fn start(
         let child = handle.child.clone();
         Box::new(move || match &source {
             super::Source::Connect(path) => {
-                let s = super::connect(super::BLOCKD, path).map_err(|e| e.to_string())?;
+                let s = super::connect(super::BLOCKD, path)?;
                 log::info!("connected to blockd at {}", path.display());
                 Ok(s)
             }
             super::Source::Spawn(exe, sandbox) => {
                 let (ours, new) =
                     super::prepare(super::BLOCKD, exe, sandbox.as_deref(), report.clone())
-                        .and_then(super::Prepared::spawn)
-                        .map_err(|e| e.to_string())?;
+                        .and_then(super::Prepared::spawn)?;
                 log::info!("started blockd (pid {})", new.id());
                 if let Some(old) = child.lock().unwrap().replace(new) {
                     // The one that died (its connection ended).
@@ -358,19 +385,14 @@ pub fn start(
                 ),
             );
         })
-        .map_err(|e| format!("cannot start the blockd client thread: {e}"))?;
+        .map_err(BlockdError::Thread)?;
     handle.thread = Some(thread);
     handle.commands = Some(commands);
     match ready_rx.recv() {
         Ok(Ok(())) => Ok((backends, handle)),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err("blockd: its client thread ended".into()),
+        Err(_) => Err(BlockdError::ClientEnded),
     }
-}
-
-/// blockd's error message, without capnp's prefix.
-fn remote(e: capnp::Error) -> String {
-    e.extra.trim_start_matches("remote exception: ").to_string()
 }
 
 /// What the client thread does when blockd dies and comes back.
@@ -383,7 +405,7 @@ pub struct Hooks {
 }
 
 /// Starts another blockd (or reconnects to systemd's) and returns its control connection.
-type Respawn = Box<dyn Fn() -> Result<std::os::unix::net::UnixStream, String> + Send>;
+type Respawn = Box<dyn Fn() -> Result<std::os::unix::net::UnixStream, BlockdError> + Send>;
 
 /// What the client thread needs to bring blockd back.
 struct Restart {
@@ -413,14 +435,13 @@ async fn attach(
         vmm_proto::blockd_capnp::blockd::Client,
         tokio::task::JoinHandle<Result<(), capnp::Error>>,
     ),
-    String,
+    BlockdError,
 > {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
     use vmm_proto::fdpass;
-    let side = vmm_proto::rpc::open_side_channel(&control)
-        .map_err(|e| format!("blockd: cannot set up its side channel ({e})"))?;
-    let stream = vmm_proto::rpc::tokio_stream(control).map_err(|e| format!("blockd: {e}"))?;
+    let side = vmm_proto::rpc::open_side_channel(&control).map_err(BlockdError::SideChannel)?;
+    let stream = vmm_proto::rpc::tokio_stream(control).map_err(BlockdError::Stream)?;
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
     let connection = tokio::task::spawn_local(rpc);
     for o in opened {
@@ -429,7 +450,7 @@ async fn attach(
             o.name.as_bytes(),
             &[o.image.as_fd(), o.listener.as_fd()],
         )
-        .map_err(|e| format!("{}: cannot hand blockd its image ({e})", o.name))?;
+        .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
         let mut req = server.add_request();
         {
             let mut e = req.get().init_export();
@@ -451,15 +472,8 @@ async fn attach(
             e.set_fds_on_side_channel(true);
         }
         if let Err(e) = req.send().promise.await {
-            return Err(format!(
-                "--disk {}: blockd refused it: {}",
-                o.spec
-                    .path
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                remote(e)
-            ));
+            let path = o.spec.path.as_ref().map(|p| p.display().to_string());
+            return Err(BlockdError::Refused(path.unwrap_or_default(), e.into()));
         }
     }
     // The disks' throttles: from --disk, as changed since (a restarted blockd gets them
@@ -473,7 +487,7 @@ async fn attach(
         req.send()
             .promise
             .await
-            .map_err(|e| format!("{name}: blockd refused its throttle {spec}: {}", remote(e)))?;
+            .map_err(|e| BlockdError::Throttle(name.clone(), Box::new(spec.clone()), e.into()))?;
     }
     // Stops on I/O errors (error policy) come back through a watcher.
     let mut req = server.watch_request();
@@ -482,30 +496,29 @@ async fn attach(
     req.send()
         .promise
         .await
-        .map_err(|e| format!("blockd: cannot watch its disks: {}", remote(e)))?;
+        .map_err(|e| BlockdError::Watch(e.into()))?;
     Ok((server, connection))
 }
 
 /// Answers a command without blockd.
-fn refuse(cmd: Command, why: &str) {
-    let why = why.to_string();
+fn refuse(cmd: Command, why: fn() -> BlockdError) {
     match cmd {
         Command::List(reply) => {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Err(why()));
         }
         Command::Fault(_, reply)
         | Command::Throttle(_, _, reply)
         | Command::RemoveRule(_, reply) => {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Err(why()));
         }
         Command::AddRule(_, reply) => {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Err(why()));
         }
         Command::ListRules(reply) => {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Err(why()));
         }
         Command::Resume(reply) => {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Err(why()));
         }
     }
 }
@@ -515,7 +528,7 @@ fn refuse(cmd: Command, why: &str) {
 async fn client(
     first: std::os::unix::net::UnixStream,
     opened: Vec<Opened>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Answer<()>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     hooks: Hooks,
     restart: Restart,
@@ -535,7 +548,7 @@ async fn client(
     loop {
         let attached = match control.take() {
             Some(c) => attach(c, &opened, &on_stop, &throttles).await,
-            None => Err("no connection".into()),
+            None => Err(BlockdError::NoConnection),
         };
         match attached {
             Err(e) if restarts == 0 => {
@@ -593,7 +606,7 @@ async fn client(
                 tokio::select! {
                     _ = &mut sleep => break,
                     cmd = commands.recv() => match cmd {
-                        Some(c) => refuse(c, "blockd is restarting; try again in a moment"),
+                        Some(c) => refuse(c, || BlockdError::Restarting),
                         None => return,
                     },
                 }
@@ -674,7 +687,7 @@ async fn serve(
                         }
                         Ok(v)
                     })
-                    .map_err(|e| format!("blockd: {e}"));
+                    .map_err(BlockdError::Rpc);
                 let _ = reply.send(out);
             }
             Command::Fault(fault, reply) => {
@@ -688,7 +701,7 @@ async fn serve(
                     .promise
                     .await
                     .map(|_| ())
-                    .map_err(|e| format!("blockd: {e}"));
+                    .map_err(BlockdError::Rpc);
                 let _ = reply.send(r);
             }
             Command::AddRule(rule, reply) => {
@@ -699,13 +712,18 @@ async fn serve(
                     .promise
                     .await
                     .and_then(|r| Ok(r.get()?.get_id()))
-                    .map_err(remote);
+                    .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
             Command::RemoveRule(id, reply) => {
                 let mut req = server.remove_fault_rule_request();
                 req.get().set_id(id);
-                let r = req.send().promise.await.map(|_| ()).map_err(remote);
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
             Command::ListRules(reply) => {
@@ -715,7 +733,7 @@ async fn serve(
                     .promise
                     .await
                     .and_then(|r| vmm_proto::faults::read_list(r.get()?.get_rules()?))
-                    .map_err(remote);
+                    .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
             Command::Resume(reply) => {
@@ -726,14 +744,19 @@ async fn serve(
                     .promise
                     .await
                     .and_then(|r| Ok(r.get()?.get_retried()))
-                    .map_err(remote);
+                    .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
             Command::Throttle(name, spec, reply) => {
                 let mut req = server.set_throttle_request();
                 req.get().set_name(&name);
                 spec.write(req.get().init_throttle());
-                let r = req.send().promise.await.map(|_| ()).map_err(remote);
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| BlockdError::Remote(e.into()));
                 if r.is_ok() {
                     remember_throttle(throttles, name, spec);
                 }

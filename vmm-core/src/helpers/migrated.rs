@@ -10,6 +10,33 @@ use std::rc::Rc;
 use vmm_proto::channel::{self, Opened};
 use vmm_proto::migrated_capnp::{migrated, ChannelKind};
 
+/// What went wrong between vmm-core and migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum MigratedError {
+    /// migrated refused or failed the call: its own message.
+    #[error("{0}")]
+    Remote(String),
+    #[error("migrated died during the call (it is restarted; try again)")]
+    Died,
+    #[error("migrated is gone (its client thread ended)")]
+    Gone,
+    #[error("migrated: cannot hand it guest RAM and the channel ({0})")]
+    HandOver(std::io::Error),
+    #[error(transparent)]
+    Helper(#[from] super::HelperError),
+    #[error("migrated: cannot start its client thread ({0})")]
+    Thread(std::io::Error),
+}
+
+impl From<capnp::Error> for MigratedError {
+    fn from(e: capnp::Error) -> Self {
+        match vmm_proto::rpc::RemoteError::from(e) {
+            vmm_proto::rpc::RemoteError::Disconnected(_) => MigratedError::Died,
+            vmm_proto::rpc::RemoteError::Failed(m) => MigratedError::Remote(m),
+        }
+    }
+}
+
 /// A connection to migrated, used on its client thread.
 pub struct Conn {
     pub client: migrated::Client,
@@ -27,9 +54,9 @@ impl Conn {
         &self,
         memfd: &std::fs::File,
         opened: Opened,
-    ) -> Result<ChannelKind, String> {
+    ) -> Result<ChannelKind, MigratedError> {
         vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), opened.fd.as_fd()])
-            .map_err(|e| format!("migrated: cannot hand it guest RAM and the channel ({e})"))?;
+            .map_err(MigratedError::HandOver)?;
         self.channel.replace(Some(opened.guard));
         Ok(opened.kind.into())
     }
@@ -57,40 +84,35 @@ pub struct Migrated {
     ending: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// migrated's error message, without capnp's prefix.
-pub fn remote(e: capnp::Error) -> String {
-    match e.kind {
-        capnp::ErrorKind::Disconnected => {
-            "migrated died during the call (it is restarted; try again)".to_string()
-        }
-        _ => e.extra.trim_start_matches("remote exception: ").to_string(),
-    }
-}
-
 impl Migrated {
     /// Runs `f` on migrated's client thread and waits for its answer (from async code).
-    pub async fn call<T: Send + 'static>(
+    pub async fn call<T, E>(
         &self,
-        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
-    ) -> Result<T, String> {
+        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, E>> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<MigratedError> + Send + 'static,
+    {
         let (tx, rx) = futures::channel::oneshot::channel();
         let job: Job = Box::new(move |conn| {
             Box::pin(async move {
                 let _ = tx.send(f(conn).await);
             })
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| "migrated is gone (its client thread ended)".to_string())?;
-        rx.await
-            .map_err(|_| "migrated died during the call (it is restarted; try again)".to_string())?
+        self.jobs.send(job).map_err(|_| MigratedError::Gone)?;
+        rx.await.map_err(|_| MigratedError::Died)?
     }
 
     /// The same, from a thread that is not async (the main thread).
-    pub fn call_blocking<T: Send + 'static>(
+    pub fn call_blocking<T, E>(
         &self,
-        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, String>> + Send + 'static,
-    ) -> Result<T, String> {
+        f: impl FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, Result<T, E>> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<MigratedError> + Send + 'static,
+    {
         futures::executor::block_on(self.call(f))
     }
 
@@ -125,9 +147,8 @@ pub fn start(
     source: super::Source,
     report: super::SeccompReport,
     on_death: Box<dyn Fn(String) + Send>,
-) -> Result<Migrated, String> {
-    let (first, child) =
-        super::obtain(super::MIGRATED, &source, report.clone()).map_err(|e| e.to_string())?;
+) -> Result<Migrated, MigratedError> {
+    let (first, child) = super::obtain(super::MIGRATED, &source, report.clone())?;
     match (&child, &source) {
         (Some(c), _) => log::info!("started migrated (pid {})", c.id()),
         (None, super::Source::Connect(p)) => {
@@ -234,7 +255,7 @@ pub fn start(
                 }
             });
         })
-        .map_err(|e| format!("migrated: cannot start its client thread ({e})"))?;
+        .map_err(MigratedError::Thread)?;
     Ok(Migrated {
         jobs: tx,
         child,

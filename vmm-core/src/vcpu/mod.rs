@@ -44,7 +44,7 @@ pub struct Pause {
     pub parked: usize,
     /// Bumped to have every parked vCPU save its state into `saved`.
     pub save_generation: u64,
-    pub saved: std::collections::BTreeMap<u32, Result<state::VcpuState, String>>,
+    pub saved: std::collections::BTreeMap<u32, Result<state::VcpuState, VcpuError>>,
 }
 
 impl RunState {
@@ -63,8 +63,7 @@ impl RunState {
                 seen = p.save_generation;
                 drop(p);
                 let msrs = self.msrs.get().map(Vec::as_slice).unwrap_or(&[]);
-                let saved =
-                    state::VcpuState::save(vcpu, id, msrs).map_err(|e| crate::error_chain(&e));
+                let saved = state::VcpuState::save(vcpu, id, msrs);
                 p = self.pause.lock().unwrap();
                 p.saved.insert(id, saved);
                 self.pause_changed.notify_all();

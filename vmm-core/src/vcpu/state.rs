@@ -16,6 +16,7 @@ use kvm_bindings::{
     kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use vmm_proto::state::StateError;
 use vmm_proto::state_capnp;
 
 /// MSRs read or written per ioctl.
@@ -220,13 +221,13 @@ fn read_segment(r: capnp::Result<state_capnp::segment::Reader>) -> capnp::Result
 }
 
 /// Copies `data` into `out`, which must be exactly as long.
-fn exact(out: &mut [u8], data: &[u8], what: &str) -> Result<(), String> {
+fn exact(out: &mut [u8], data: &[u8], part: &'static str) -> Result<(), StateError> {
     if data.len() != out.len() {
-        return Err(format!(
-            "{what} is {} bytes, {} expected",
-            data.len(),
-            out.len()
-        ));
+        return Err(StateError::Size {
+            part,
+            got: data.len(),
+            want: out.len(),
+        });
     }
     out.copy_from_slice(data);
     Ok(())
@@ -390,245 +391,252 @@ impl VcpuState {
 
     /// Reads the state back, checking what a stream from elsewhere could get wrong: sizes of
     /// the LAPIC page, the FPU registers and each XSAVE component (against this host's CPUID).
-    pub fn read(r: state_capnp::vcpu_state::Reader) -> Result<VcpuState, String> {
+    pub fn read(r: state_capnp::vcpu_state::Reader) -> Result<VcpuState, StateError> {
         let id = r.get_id();
-        let e = |what: &str| {
-            let what = what.to_string();
-            move |err: capnp::Error| format!("vCPU {id}: {what}: {err}")
-        };
-        let g = r.get_regs().map_err(e("registers"))?;
-        let regs = kvm_regs {
-            rax: g.get_rax(),
-            rbx: g.get_rbx(),
-            rcx: g.get_rcx(),
-            rdx: g.get_rdx(),
-            rsi: g.get_rsi(),
-            rdi: g.get_rdi(),
-            rsp: g.get_rsp(),
-            rbp: g.get_rbp(),
-            r8: g.get_r8(),
-            r9: g.get_r9(),
-            r10: g.get_r10(),
-            r11: g.get_r11(),
-            r12: g.get_r12(),
-            r13: g.get_r13(),
-            r14: g.get_r14(),
-            r15: g.get_r15(),
-            rip: g.get_rip(),
-            rflags: g.get_rflags(),
-        };
-        let s = r.get_sregs().map_err(e("special registers"))?;
-        let seg = |x| read_segment(x).map_err(e("a segment register"));
-        let dt = |t: capnp::Result<state_capnp::descriptor_table::Reader>| {
-            t.map(|t| kvm_dtable {
-                base: t.get_base(),
-                limit: t.get_limit(),
-                padding: [0; 3],
-            })
-            .map_err(e("a descriptor table"))
-        };
-        let mut interrupt_bitmap = [0u64; 4];
-        let bits = s
-            .get_interrupt_bitmap()
-            .map_err(e("the interrupt bitmap"))?;
-        if bits.len() as usize != interrupt_bitmap.len() {
-            return Err(format!(
-                "vCPU {id}: the interrupt bitmap has {} words, 4 expected",
-                bits.len()
-            ));
-        }
-        for (i, w) in interrupt_bitmap.iter_mut().enumerate() {
-            *w = bits.get(i as u32);
-        }
-        let sregs = kvm_sregs {
-            cs: seg(s.get_cs())?,
-            ds: seg(s.get_ds())?,
-            es: seg(s.get_es())?,
-            fs: seg(s.get_fs())?,
-            gs: seg(s.get_gs())?,
-            ss: seg(s.get_ss())?,
-            tr: seg(s.get_tr())?,
-            ldt: seg(s.get_ldt())?,
-            gdt: dt(s.get_gdt())?,
-            idt: dt(s.get_idt())?,
-            cr0: s.get_cr0(),
-            cr2: s.get_cr2(),
-            cr3: s.get_cr3(),
-            cr4: s.get_cr4(),
-            cr8: s.get_cr8(),
-            efer: s.get_efer(),
-            apic_base: s.get_apic_base(),
-            interrupt_bitmap,
-        };
-        use state_capnp::vcpu_state::fpu::Which;
-        let fpu = match r.get_fpu().which().map_err(|_| {
-            format!("vCPU {id}: the FPU state is of a kind this build does not know")
-        })? {
-            Which::Xsave(x) => {
-                let x = x.map_err(e("the XSAVE area"))?;
-                let mut bytes = [0u8; XSAVE_BYTES];
-                bytes[0..2].copy_from_slice(&x.get_fcw().to_le_bytes());
-                bytes[2..4].copy_from_slice(&x.get_fsw().to_le_bytes());
-                bytes[4] = x.get_ftw();
-                bytes[6..8].copy_from_slice(&x.get_fop().to_le_bytes());
-                bytes[8..16].copy_from_slice(&x.get_fip().to_le_bytes());
-                bytes[16..24].copy_from_slice(&x.get_fdp().to_le_bytes());
-                bytes[24..28].copy_from_slice(&x.get_mxcsr().to_le_bytes());
-                bytes[28..32].copy_from_slice(&x.get_mxcsr_mask().to_le_bytes());
-                let st = x.get_st().map_err(e("ST registers"))?;
-                exact(
-                    &mut bytes[32..160],
-                    st,
-                    &format!("vCPU {id}: the ST registers"),
-                )?;
-                let xmm = x.get_xmm().map_err(e("XMM registers"))?;
-                exact(
-                    &mut bytes[160..416],
-                    xmm,
-                    &format!("vCPU {id}: the XMM registers"),
-                )?;
-                let xstate_bv = x.get_xstate_bv();
-                bytes[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&xstate_bv.to_le_bytes());
-                bytes[XSAVE_HEADER + 8..XSAVE_HEADER + 16]
-                    .copy_from_slice(&x.get_xcomp_bv().to_le_bytes());
-                for c in x.get_components().map_err(e("XSAVE components"))? {
-                    let f = c.get_feature();
-                    let data = c.get_data().map_err(e("an XSAVE component"))?;
-                    let (off, size) = xsave_component(f);
-                    if !(2..64).contains(&f) || size == 0 || off + size > XSAVE_BYTES {
-                        return Err(format!(
-                            "vCPU {id}: XSAVE component {f} has no place on this host (its CPU lacks the feature)"
-                        ));
-                    }
-                    exact(
-                        &mut bytes[off..off + size],
-                        data,
-                        &format!("vCPU {id}: XSAVE component {f}"),
-                    )?;
-                }
-                let mut area = kvm_xsave::default();
-                for (i, w) in area.region.iter_mut().enumerate() {
-                    *w = u32::from_le_bytes(le(&bytes, i * 4));
-                }
-                Fpu::Xsave(Box::new(area))
-            }
-            Which::Legacy(f) => {
-                let f = f.map_err(e("the FPU state"))?;
-                let mut fpu = kvm_fpu {
-                    fcw: f.get_fcw(),
-                    fsw: f.get_fsw(),
-                    ftwx: f.get_ftwx(),
-                    last_opcode: f.get_last_opcode(),
-                    last_ip: f.get_last_ip(),
-                    last_dp: f.get_last_dp(),
-                    mxcsr: f.get_mxcsr(),
-                    ..Default::default()
-                };
-                let fpr = f.get_fpr().map_err(e("FPU registers"))?;
-                exact(
-                    fpu.fpr.as_flattened_mut(),
-                    fpr,
-                    &format!("vCPU {id}: the FPU registers"),
-                )?;
-                let xmm = f.get_xmm().map_err(e("XMM registers"))?;
-                exact(
-                    fpu.xmm.as_flattened_mut(),
-                    xmm,
-                    &format!("vCPU {id}: the XMM registers"),
-                )?;
-                Fpu::Legacy(Box::new(fpu))
-            }
-        };
-        let list = r.get_xcrs().map_err(e("XCRs"))?;
-        let xcrs = if list.is_empty() {
-            None
-        } else {
-            let mut x = kvm_xcrs::default();
-            if list.len() as usize > x.xcrs.len() {
-                return Err(format!("vCPU {id}: {} XCRs, at most 16", list.len()));
-            }
-            x.nr_xcrs = list.len();
-            for (slot, xcr) in x.xcrs.iter_mut().zip(list.iter()) {
-                slot.xcr = xcr.get_index();
-                slot.value = xcr.get_value();
-            }
-            Some(x)
-        };
-        let d = r.get_debug_regs().map_err(e("debug registers"))?;
-        let db = d.get_db().map_err(e("debug registers"))?;
-        if db.len() != 4 {
-            return Err(format!(
-                "vCPU {id}: {} debug address registers, 4 expected",
-                db.len()
-            ));
-        }
-        let debug_regs = kvm_debugregs {
-            db: [db.get(0), db.get(1), db.get(2), db.get(3)],
-            dr6: d.get_dr6(),
-            dr7: d.get_dr7(),
-            flags: d.get_flags(),
-            ..Default::default()
-        };
-        let page = r.get_lapic().map_err(e("the LAPIC"))?;
-        let mut lapic = kvm_lapic_state::default();
-        if page.len() != lapic.regs.len() {
-            return Err(format!(
-                "vCPU {id}: the LAPIC page is {} bytes, {} expected",
-                page.len(),
-                lapic.regs.len()
-            ));
-        }
-        for (d, s) in lapic.regs.iter_mut().zip(page) {
-            *d = *s as std::os::raw::c_char;
-        }
-        let msrs = r
-            .get_msrs()
-            .map_err(e("MSRs"))?
-            .iter()
-            .map(|m| kvm_msr_entry {
-                index: m.get_index(),
-                data: m.get_data(),
-                ..Default::default()
-            })
-            .collect();
-        let v = r.get_events().map_err(e("pending events"))?;
-        let mut events = kvm_vcpu_events::default();
-        events.exception.injected = v.get_exception_injected().into();
-        events.exception.nr = v.get_exception_nr();
-        events.exception.has_error_code = v.get_exception_has_error_code().into();
-        events.exception.pending = v.get_exception_pending().into();
-        events.exception.error_code = v.get_exception_error_code();
-        events.exception_has_payload = v.get_exception_has_payload().into();
-        events.exception_payload = v.get_exception_payload();
-        events.interrupt.injected = v.get_interrupt_injected().into();
-        events.interrupt.nr = v.get_interrupt_nr();
-        events.interrupt.soft = v.get_interrupt_soft().into();
-        events.interrupt.shadow = v.get_interrupt_shadow();
-        events.nmi.injected = v.get_nmi_injected().into();
-        events.nmi.pending = v.get_nmi_pending().into();
-        events.nmi.masked = v.get_nmi_masked().into();
-        events.sipi_vector = v.get_sipi_vector();
-        events.flags = v.get_flags();
-        events.smi.smm = v.get_smi_smm().into();
-        events.smi.pending = v.get_smi_pending().into();
-        events.smi.smm_inside_nmi = v.get_smi_inside_nmi().into();
-        events.smi.latched_init = v.get_latched_init();
-        events.triple_fault.pending = v.get_triple_fault_pending().into();
+        Self::read_parts(r).map_err(|e| StateError::Vcpu(id, Box::new(e)))
+    }
+
+    fn read_parts(r: state_capnp::vcpu_state::Reader) -> Result<VcpuState, StateError> {
+        let e = StateError::read;
         Ok(VcpuState {
-            id,
+            id: r.get_id(),
             mp_state: kvm_mp_state {
                 mp_state: r.get_mp_state(),
             },
-            regs,
-            sregs,
-            fpu,
-            xcrs,
-            debug_regs,
-            lapic,
-            msrs,
-            events,
+            regs: read_regs(r.get_regs().map_err(e("registers"))?),
+            sregs: read_sregs(r.get_sregs().map_err(e("special registers"))?)?,
+            fpu: read_fpu(r.get_fpu())?,
+            xcrs: read_xcrs(r.get_xcrs().map_err(e("XCRs"))?)?,
+            debug_regs: read_debug_regs(r.get_debug_regs().map_err(e("debug registers"))?)?,
+            lapic: read_lapic(r.get_lapic().map_err(e("the LAPIC"))?)?,
+            msrs: r
+                .get_msrs()
+                .map_err(e("MSRs"))?
+                .iter()
+                .map(|m| kvm_msr_entry {
+                    index: m.get_index(),
+                    data: m.get_data(),
+                    ..Default::default()
+                })
+                .collect(),
+            events: read_events(r.get_events().map_err(e("pending events"))?),
         })
     }
+}
+
+fn read_regs(g: state_capnp::regs::Reader) -> kvm_regs {
+    kvm_regs {
+        rax: g.get_rax(),
+        rbx: g.get_rbx(),
+        rcx: g.get_rcx(),
+        rdx: g.get_rdx(),
+        rsi: g.get_rsi(),
+        rdi: g.get_rdi(),
+        rsp: g.get_rsp(),
+        rbp: g.get_rbp(),
+        r8: g.get_r8(),
+        r9: g.get_r9(),
+        r10: g.get_r10(),
+        r11: g.get_r11(),
+        r12: g.get_r12(),
+        r13: g.get_r13(),
+        r14: g.get_r14(),
+        r15: g.get_r15(),
+        rip: g.get_rip(),
+        rflags: g.get_rflags(),
+    }
+}
+
+fn read_sregs(s: state_capnp::sregs::Reader) -> Result<kvm_sregs, StateError> {
+    let seg = |x| read_segment(x).map_err(StateError::read("a segment register"));
+    let dt = |t: capnp::Result<state_capnp::descriptor_table::Reader>| {
+        t.map(|t| kvm_dtable {
+            base: t.get_base(),
+            limit: t.get_limit(),
+            padding: [0; 3],
+        })
+        .map_err(StateError::read("a descriptor table"))
+    };
+    let mut interrupt_bitmap = [0u64; 4];
+    let bits = s
+        .get_interrupt_bitmap()
+        .map_err(StateError::read("the interrupt bitmap"))?;
+    if bits.len() as usize != interrupt_bitmap.len() {
+        return Err(StateError::Count {
+            part: "the interrupt bitmap",
+            unit: "words",
+            got: bits.len() as usize,
+            want: 4,
+        });
+    }
+    for (i, w) in interrupt_bitmap.iter_mut().enumerate() {
+        *w = bits.get(i as u32);
+    }
+    Ok(kvm_sregs {
+        cs: seg(s.get_cs())?,
+        ds: seg(s.get_ds())?,
+        es: seg(s.get_es())?,
+        fs: seg(s.get_fs())?,
+        gs: seg(s.get_gs())?,
+        ss: seg(s.get_ss())?,
+        tr: seg(s.get_tr())?,
+        ldt: seg(s.get_ldt())?,
+        gdt: dt(s.get_gdt())?,
+        idt: dt(s.get_idt())?,
+        cr0: s.get_cr0(),
+        cr2: s.get_cr2(),
+        cr3: s.get_cr3(),
+        cr4: s.get_cr4(),
+        cr8: s.get_cr8(),
+        efer: s.get_efer(),
+        apic_base: s.get_apic_base(),
+        interrupt_bitmap,
+    })
+}
+
+fn read_fpu(f: state_capnp::vcpu_state::fpu::Reader) -> Result<Fpu, StateError> {
+    use state_capnp::vcpu_state::fpu::Which;
+    match f
+        .which()
+        .map_err(|_| StateError::UnknownKind("the FPU state"))?
+    {
+        Which::Xsave(x) => read_xsave(x.map_err(StateError::read("the XSAVE area"))?),
+        Which::Legacy(f) => read_legacy_fpu(f.map_err(StateError::read("the FPU state"))?),
+    }
+}
+
+fn read_xsave(x: state_capnp::xsave::Reader) -> Result<Fpu, StateError> {
+    let e = StateError::read;
+    let mut bytes = [0u8; XSAVE_BYTES];
+    bytes[0..2].copy_from_slice(&x.get_fcw().to_le_bytes());
+    bytes[2..4].copy_from_slice(&x.get_fsw().to_le_bytes());
+    bytes[4] = x.get_ftw();
+    bytes[6..8].copy_from_slice(&x.get_fop().to_le_bytes());
+    bytes[8..16].copy_from_slice(&x.get_fip().to_le_bytes());
+    bytes[16..24].copy_from_slice(&x.get_fdp().to_le_bytes());
+    bytes[24..28].copy_from_slice(&x.get_mxcsr().to_le_bytes());
+    bytes[28..32].copy_from_slice(&x.get_mxcsr_mask().to_le_bytes());
+    let st = x.get_st().map_err(e("ST registers"))?;
+    exact(&mut bytes[32..160], st, "the ST registers")?;
+    let xmm = x.get_xmm().map_err(e("XMM registers"))?;
+    exact(&mut bytes[160..416], xmm, "the XMM registers")?;
+    bytes[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&x.get_xstate_bv().to_le_bytes());
+    bytes[XSAVE_HEADER + 8..XSAVE_HEADER + 16].copy_from_slice(&x.get_xcomp_bv().to_le_bytes());
+    for c in x.get_components().map_err(e("XSAVE components"))? {
+        let f = c.get_feature();
+        let data = c.get_data().map_err(e("an XSAVE component"))?;
+        let (off, size) = xsave_component(f);
+        if !(2..64).contains(&f) || size == 0 || off + size > XSAVE_BYTES {
+            return Err(StateError::XsaveComponent(u32::from(f)));
+        }
+        exact(&mut bytes[off..off + size], data, "an XSAVE component")?;
+    }
+    let mut area = kvm_xsave::default();
+    for (i, w) in area.region.iter_mut().enumerate() {
+        *w = u32::from_le_bytes(le(&bytes, i * 4));
+    }
+    Ok(Fpu::Xsave(Box::new(area)))
+}
+
+fn read_legacy_fpu(f: state_capnp::legacy_fpu::Reader) -> Result<Fpu, StateError> {
+    let mut fpu = kvm_fpu {
+        fcw: f.get_fcw(),
+        fsw: f.get_fsw(),
+        ftwx: f.get_ftwx(),
+        last_opcode: f.get_last_opcode(),
+        last_ip: f.get_last_ip(),
+        last_dp: f.get_last_dp(),
+        mxcsr: f.get_mxcsr(),
+        ..Default::default()
+    };
+    let fpr = f.get_fpr().map_err(StateError::read("FPU registers"))?;
+    exact(fpu.fpr.as_flattened_mut(), fpr, "the FPU registers")?;
+    let xmm = f.get_xmm().map_err(StateError::read("XMM registers"))?;
+    exact(fpu.xmm.as_flattened_mut(), xmm, "the XMM registers")?;
+    Ok(Fpu::Legacy(Box::new(fpu)))
+}
+
+fn read_xcrs(
+    list: capnp::struct_list::Reader<state_capnp::xcr::Owned>,
+) -> Result<Option<kvm_xcrs>, StateError> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let mut x = kvm_xcrs::default();
+    if list.len() as usize > x.xcrs.len() {
+        return Err(StateError::TooMany {
+            part: "the state",
+            unit: "XCRs",
+            got: list.len() as usize,
+            max: x.xcrs.len(),
+        });
+    }
+    x.nr_xcrs = list.len();
+    for (slot, xcr) in x.xcrs.iter_mut().zip(list.iter()) {
+        slot.xcr = xcr.get_index();
+        slot.value = xcr.get_value();
+    }
+    Ok(Some(x))
+}
+
+fn read_debug_regs(d: state_capnp::debug_regs::Reader) -> Result<kvm_debugregs, StateError> {
+    let db = d.get_db().map_err(StateError::read("debug registers"))?;
+    if db.len() != 4 {
+        return Err(StateError::Count {
+            part: "the state",
+            unit: "debug address registers",
+            got: db.len() as usize,
+            want: 4,
+        });
+    }
+    Ok(kvm_debugregs {
+        db: [db.get(0), db.get(1), db.get(2), db.get(3)],
+        dr6: d.get_dr6(),
+        dr7: d.get_dr7(),
+        flags: d.get_flags(),
+        ..Default::default()
+    })
+}
+
+fn read_lapic(page: &[u8]) -> Result<kvm_lapic_state, StateError> {
+    let mut lapic = kvm_lapic_state::default();
+    if page.len() != lapic.regs.len() {
+        return Err(StateError::Size {
+            part: "the LAPIC page",
+            got: page.len(),
+            want: lapic.regs.len(),
+        });
+    }
+    for (d, s) in lapic.regs.iter_mut().zip(page) {
+        *d = *s as std::os::raw::c_char;
+    }
+    Ok(lapic)
+}
+
+fn read_events(v: state_capnp::events::Reader) -> kvm_vcpu_events {
+    let mut events = kvm_vcpu_events::default();
+    events.exception.injected = v.get_exception_injected().into();
+    events.exception.nr = v.get_exception_nr();
+    events.exception.has_error_code = v.get_exception_has_error_code().into();
+    events.exception.pending = v.get_exception_pending().into();
+    events.exception.error_code = v.get_exception_error_code();
+    events.exception_has_payload = v.get_exception_has_payload().into();
+    events.exception_payload = v.get_exception_payload();
+    events.interrupt.injected = v.get_interrupt_injected().into();
+    events.interrupt.nr = v.get_interrupt_nr();
+    events.interrupt.soft = v.get_interrupt_soft().into();
+    events.interrupt.shadow = v.get_interrupt_shadow();
+    events.nmi.injected = v.get_nmi_injected().into();
+    events.nmi.pending = v.get_nmi_pending().into();
+    events.nmi.masked = v.get_nmi_masked().into();
+    events.sipi_vector = v.get_sipi_vector();
+    events.flags = v.get_flags();
+    events.smi.smm = v.get_smi_smm().into();
+    events.smi.pending = v.get_smi_pending().into();
+    events.smi.smm_inside_nmi = v.get_smi_inside_nmi().into();
+    events.smi.latched_init = v.get_latched_init();
+    events.triple_fault.pending = v.get_triple_fault_pending().into();
+    events
 }
 
 #[cfg(test)]
@@ -642,7 +650,7 @@ mod tests {
         capnp::serialize::write_message_to_words(&msg)
     }
 
-    fn decode(bytes: &[u8]) -> Result<VcpuState, String> {
+    fn decode(bytes: &[u8]) -> Result<VcpuState, StateError> {
         let reader = capnp::serialize::read_message_from_flat_slice(
             &mut &bytes[..],
             capnp::message::ReaderOptions::new(),
@@ -666,7 +674,10 @@ mod tests {
         let e = decode(&capnp::serialize::write_message_to_words(&msg))
             .err()
             .unwrap();
-        assert_eq!(e, "vCPU 3: the LAPIC page is 100 bytes, 1024 expected");
+        assert_eq!(
+            e.to_string(),
+            "vCPU 3: the LAPIC page is 100 bytes, 1024 expected"
+        );
         let mut msg = capnp::message::Builder::new_default();
         saved.write(msg.init_root::<state_capnp::vcpu_state::Builder>());
         let root = msg.get_root::<state_capnp::vcpu_state::Builder>().unwrap();
@@ -676,7 +687,8 @@ mod tests {
             c.set_data(&[1, 2, 3]);
             let e = decode(&capnp::serialize::write_message_to_words(&msg))
                 .err()
-                .unwrap();
+                .unwrap()
+                .to_string();
             assert!(
                 e.contains("XSAVE component 63 has no place on this host"),
                 "{e}"

@@ -9,6 +9,7 @@ use crate::api;
 use crate::boot;
 use crate::config::VmConfig;
 use crate::control::VmEvent;
+use crate::helpers::migrated::MigratedError;
 use crate::kvm::Kvm;
 use crate::memory::Memory;
 use crate::vcpu::set::Vcpus;
@@ -181,10 +182,9 @@ impl Guest {
                 for v in &inc.restore.vcpus {
                     let (fd, _) = self.vcpus.prepare(&self.vm, v.id, None)?;
                     if let Err(e) = v.restore(&fd) {
-                        let e = crate::error_chain(&e);
                         let m = res.migrated.expect("an incoming VM has migrated");
-                        let _ = crate::migration::started(m, false, e.clone());
-                        return Err(VmError::Incoming(inc.uri.clone(), e));
+                        let _ = crate::migration::started(m, false, crate::error_chain(&e));
+                        return Err(VmError::incoming(&inc.uri, e));
                     }
                     fds.push(fd);
                 }
@@ -209,7 +209,7 @@ impl Guest {
     ) -> Result<crate::snapshot::Restore, VmError> {
         let m = res
             .migrated
-            .ok_or_else(|| VmError::Incoming(uri.into(), "migrated is not running".into()))?;
+            .ok_or_else(|| VmError::incoming(uri, MigratedError::Gone))?;
         let memfd = self.memory.memfd.try_clone().map_err(VmError::EventFd)?;
         log::info!("--incoming {uri}: waiting for the VM");
         let start = Instant::now();
@@ -221,11 +221,7 @@ impl Guest {
             config.memory,
             config.max_cpus,
         )
-        // The error names the channel already; "--incoming URI: " goes in front of the rest.
-        .map_err(|e| {
-            let why = e.strip_prefix(&format!("{uri}: ")).unwrap_or(&e);
-            VmError::Incoming(uri.into(), why.to_string())
-        })?;
+        .map_err(|e| VmError::incoming(uri, e))?;
         log::info!(
             "--incoming {uri}: {} MiB received in {} ms, every check passed",
             n >> 20,
@@ -239,8 +235,8 @@ impl Guest {
                 Ok(r)
             });
         restored.map_err(|e| {
-            let _ = crate::migration::started(m, false, e.clone());
-            VmError::Incoming(uri.into(), e)
+            let _ = crate::migration::started(m, false, crate::error_chain(&e));
+            VmError::incoming(uri, e)
         })
     }
 
@@ -299,14 +295,14 @@ fn pci_bus(
             memory.guest.clone(),
             memfd,
         )
-        .map_err(|e| VmError::DiskSetup(format!("{}: {e}", d.name)))?;
+        .map_err(|e| VmError::DiskSetup(d.name.clone(), e))?;
         let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
         let transport = Arc::new(Mutex::new(transport));
         *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
-        let slot = pci.add(transport.clone()).ok_or_else(|| {
-            VmError::DiskSetup(format!("{}: no free PCI slot or BAR space", d.name))
-        })?;
+        let slot = pci
+            .add(transport.clone())
+            .ok_or_else(|| VmError::NoPciSlot(d.name.clone()))?;
         transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
     }

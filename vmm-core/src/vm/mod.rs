@@ -49,21 +49,38 @@ pub enum VmError {
     #[error(transparent)]
     Chardev(#[from] chardevd::ChardevError),
     /// A disk's image or backend (a user error: exit 2).
-    #[error("{0}")]
-    Disk(String),
+    #[error(transparent)]
+    Disk(#[from] crate::helpers::blockd::BlockdError),
     #[error("cannot install the main thread's seccomp filter ({0}); run with --no-sandbox to debug without it")]
     Seccomp(String),
     /// A disk's backend failed during set-up of a boot.
-    #[error("{0}")]
-    DiskSetup(String),
-    #[error("{0}")]
-    Migration(String),
+    #[error("{0}: {1}")]
+    DiskSetup(String, vmm_devices::virtio::VirtioError),
+    #[error("{0}: no free PCI slot or BAR space")]
+    NoPciSlot(String),
+    #[error(transparent)]
+    Migration(#[from] crate::helpers::migrated::MigratedError),
     /// The incoming VM could not be taken (a user error when the stream or its source is).
-    #[error("--incoming {0}: {1}")]
-    Incoming(String, String),
+    /// The error names the channel already: "--incoming URI: " goes in front of the rest.
+    #[error("--incoming {0}: {why}", why = without_uri(.0, .1.as_ref()))]
+    Incoming(String, Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// An error's line without the channel's name in front (the caller puts it there).
+fn without_uri(uri: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let line = crate::error_chain(e);
+    match line.strip_prefix(&format!("{uri}: ")) {
+        Some(rest) => rest.to_string(),
+        None => line,
+    }
 }
 
 impl VmError {
+    /// The incoming VM (from `uri`) could not be taken.
+    fn incoming(uri: &str, e: impl std::error::Error + Send + Sync + 'static) -> VmError {
+        VmError::Incoming(uri.to_string(), Box::new(e))
+    }
+
     pub fn is_user_error(&self) -> bool {
         matches!(self, VmError::Boot(e) if e.is_user_error())
             || matches!(
@@ -315,11 +332,10 @@ fn start_disks(
     VmError,
 > {
     let run_dir = if config.disks.iter().any(|d| d.path.is_some()) {
-        Some(crate::helpers::blockd::RunDir::new().map_err(|e| {
-            VmError::Disk(format!(
-                "cannot create a private directory for the disks' sockets ({e}); check $XDG_RUNTIME_DIR or $TMPDIR"
-            ))
-        })?)
+        Some(
+            crate::helpers::blockd::RunDir::new()
+                .map_err(crate::helpers::blockd::BlockdError::RunDir)?,
+        )
     } else {
         None
     };
@@ -345,8 +361,7 @@ fn start_disks(
         run_dir.as_ref(),
         crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
         hooks,
-    )
-    .map_err(VmError::Disk)?;
+    )?;
     *shared.blockd.lock().unwrap() = Some(blockd);
     Ok((disks, run_dir))
 }
@@ -365,8 +380,7 @@ fn start_migrated(
             events.emit("helper-died", "migrated".to_string());
         }),
     )
-    .map(Arc::new)
-    .map_err(VmError::Migration)?;
+    .map(Arc::new)?;
     let _ = shared.migrated.set(migrated.clone());
     Ok(migrated)
 }
@@ -487,7 +501,7 @@ fn arrive(
 ) -> Result<Option<kvm_bindings::kvm_clock_data>, VmError> {
     let m = res.migrated.expect("an incoming VM has migrated");
     crate::migration::started(m, true, String::new())
-        .map_err(|e| VmError::Incoming(inc.uri.clone(), e))?;
+        .map_err(|e| VmError::incoming(&inc.uri, e))?;
     let mut paused_clock = None;
     if inc.restore.paused {
         // Paused on the source by its user: paused here too, until `vmmctl resume`.

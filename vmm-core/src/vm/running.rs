@@ -5,8 +5,11 @@
 use super::build::{Guest, Transports};
 use crate::api;
 use crate::config::VmConfig;
-use crate::control::{ApiRequest, MigrationRequest, Reply, Request, Saved, VcpuEvent, VmEvent};
+use crate::control::{
+    ApiRequest, LoopError, MigrationRequest, Reply, Request, Saved, VcpuEvent, VmEvent,
+};
 use crate::memory::MemoryError;
+use crate::snapshot::SaveError;
 use crate::vcpu::kick;
 use crate::vcpu::set::Origin;
 use std::collections::BTreeSet;
@@ -32,10 +35,6 @@ fn id_list(ids: &BTreeSet<u32>) -> String {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn chain(e: MemoryError) -> String {
-    crate::error_chain(&e)
 }
 
 /// The guest and what the main loop keeps while it runs.
@@ -134,12 +133,8 @@ impl<'a> Running<'a> {
 
     fn cpu_change_timed_out(&mut self) {
         let c = self.change.take().expect("a deadline comes from a change");
-        let msg = if c.adding {
-            format!(
-                "vCPU {}: the guest did not take it within {} ms; it stays present for the guest to start later",
-                id_list(&c.waiting),
-                c.timeout_ms
-            )
+        let err = if c.adding {
+            LoopError::NotTaken(id_list(&c.waiting), c.timeout_ms)
         } else {
             let mut hp = self.guest.hotplug.lock().unwrap();
             for id in &c.waiting {
@@ -147,15 +142,13 @@ impl<'a> Running<'a> {
                 slot.removing = false;
                 slot.eject_wanted = false;
             }
-            format!(
-                "vCPU {}: the guest did not eject it within {} ms, so it keeps running (is the CPU offline in the guest, and does it support CPU hot-remove?)",
-                id_list(&c.waiting),
-                c.timeout_ms
-            )
+            LoopError::NotEjected(id_list(&c.waiting), c.timeout_ms)
         };
-        log::warn!("{msg}");
-        self.shared.events.emit("cpu-change-failed", msg.clone());
-        let _ = c.reply.send(Err(msg));
+        log::warn!("{err}");
+        self.shared
+            .events
+            .emit("cpu-change-failed", err.to_string());
+        let _ = c.reply.send(Err(err));
     }
 
     /// As QEMU's werror/rerror=stop: the VM pauses until someone resumes it.
@@ -208,7 +201,7 @@ impl<'a> Running<'a> {
         match req.request {
             Request::SetCpus { count, timeout_ms } => self.set_cpus(count, timeout_ms, reply),
             Request::DirtyLog { on } => {
-                let _ = reply.send(self.dirty_rate_log(on).map_err(chain));
+                let _ = reply.send(self.dirty_rate_log(on).map_err(LoopError::failed));
             }
             Request::Pause => {
                 self.pause();
@@ -231,7 +224,7 @@ impl<'a> Running<'a> {
                 self.shared
                     .events
                     .emit("power-button", "pressed through the management API");
-                let _ = reply.send(pressed.map_err(|e| format!("cannot interrupt the guest: {e}")));
+                let _ = reply.send(pressed.map_err(LoopError::Interrupt));
             }
             request @ (Request::Shutdown { force: true } | Request::Reboot) => {
                 let _ = reply.send(Ok(()));
@@ -279,10 +272,7 @@ impl<'a> Running<'a> {
 
     fn set_cpus(&mut self, count: u32, timeout_ms: u32, reply: Reply<()>) {
         if self.change.is_some() {
-            let _ = reply.send(Err(
-                "another vCPU change is still waiting for the guest; try again when it is done"
-                    .into(),
-            ));
+            let _ = reply.send(Err(LoopError::CpuChangeBusy));
             return;
         }
         match self.start_cpu_change(count) {
@@ -308,15 +298,13 @@ impl<'a> Running<'a> {
     /// Starts hot-adding or hot-removing vCPUs until `count` are online: returns the ids the
     /// guest must now take or eject, and whether they are being added; or why the change is
     /// refused.
-    fn start_cpu_change(&mut self, count: u32) -> Result<(BTreeSet<u32>, bool), String> {
+    fn start_cpu_change(&mut self, count: u32) -> Result<(BTreeSet<u32>, bool), LoopError> {
         let max = self.config.max_cpus;
         if count == 0 {
-            return Err("cannot remove vCPU 0, the boot CPU: at least 1 vCPU stays online".into());
+            return Err(LoopError::BootCpu);
         }
         if count > max {
-            return Err(format!(
-                "cannot have {count} vCPUs: this VM's maximum is {max} (start it with --cpus N,max=M to allow more)"
-            ));
+            return Err(LoopError::AboveMax(count, max));
         }
         let online = self.guest.vcpus.running.len() as u32;
         let ids = if count > online {
@@ -330,13 +318,13 @@ impl<'a> Running<'a> {
                 .lock()
                 .unwrap()
                 .notify(ged::EVENT_CPU_HOTPLUG)
-                .map_err(|e| format!("cannot interrupt the guest: {e}"))?;
+                .map_err(LoopError::Interrupt)?;
         }
         Ok((ids, count > online))
     }
 
     /// Starts `n` more vCPUs (created, or parked ones reused) and marks them inserting.
-    fn hot_add(&mut self, n: u32) -> Result<BTreeSet<u32>, String> {
+    fn hot_add(&mut self, n: u32) -> Result<BTreeSet<u32>, LoopError> {
         let g = &mut self.guest;
         let absent: Vec<u32> = (0..self.config.max_cpus)
             .filter(|id| !g.vcpus.running.contains_key(id))
@@ -347,10 +335,10 @@ impl<'a> Running<'a> {
             let (fd, origin) = g
                 .vcpus
                 .prepare(&g.vm, id, None)
-                .map_err(|e| crate::error_chain(&e))?;
+                .map_err(LoopError::failed)?;
             g.vcpus
                 .spawn(id, fd)
-                .map_err(|e| format!("vCPU {id}: cannot start its thread: {e}"))?;
+                .map_err(|e| LoopError::VcpuThread(id, e))?;
             match origin {
                 Origin::Created => log::info!("vCPU {id}: created; asking the guest to take it"),
                 Origin::Reused(n) => log::info!(
@@ -397,14 +385,14 @@ impl<'a> Running<'a> {
                         .memory
                         .memfd
                         .try_clone()
-                        .map_err(|e| format!("cannot hand guest RAM to migrated ({e})")),
+                        .map_err(LoopError::Memfd),
                 );
             }
             M::DirtyLog(on, reply) => {
-                let _ = reply.send(self.migration_dirty_log(on).map_err(chain));
+                let _ = reply.send(self.migration_dirty_log(on).map_err(LoopError::failed));
             }
             M::TakeDirty(reply) => {
-                let _ = reply.send(self.take_dirty().map_err(chain));
+                let _ = reply.send(self.take_dirty().map_err(LoopError::failed));
             }
             M::Save(reply) => {
                 let _ = reply.send(self.save());
@@ -461,15 +449,16 @@ impl<'a> Running<'a> {
 
     /// Pauses the VM (unless the user had), saves its state, and with the dirty log on takes
     /// the pages written since the last pass, the used rings among them.
-    fn save(&mut self) -> Result<Saved, String> {
+    fn save(&mut self) -> Result<Saved, LoopError> {
         let was_paused = self.shared.status.lock().unwrap().paused;
         if !was_paused {
             self.pause();
             self.migration_paused = true;
         }
-        let state = save_vm(&self.guest, self.paused_clock, self.config, was_paused)?;
+        let state = save_vm(&self.guest, self.paused_clock, self.config, was_paused)
+            .map_err(LoopError::failed)?;
         let mut dirty = match self.dirty_logging {
-            true => Some(self.take_dirty().map_err(chain)?),
+            true => Some(self.take_dirty().map_err(LoopError::failed)?),
             false => None,
         };
         let mut unlogged_writers = false;
@@ -550,7 +539,7 @@ fn save_vm(
     clock: Option<kvm_bindings::kvm_clock_data>,
     config: &VmConfig,
     paused: bool,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SaveError> {
     let state = &guest.state;
     let ids: Vec<u32> = guest
         .vcpus
@@ -566,7 +555,7 @@ fn save_vm(
     state.pause_changed.notify_all();
     while ids.iter().any(|id| !p.saved.contains_key(id)) {
         if Instant::now() > deadline {
-            return Err("the vCPUs did not save their state within 10 s".into());
+            return Err(SaveError::Timeout);
         }
         p = state
             .pause_changed
@@ -579,7 +568,7 @@ fn save_vm(
     let vcpus = ids
         .iter()
         .map(|id| saved.remove(id).expect("checked above"))
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, crate::vcpu::VcpuError>>()?;
     crate::snapshot::save(
         &guest.devices(),
         &crate::snapshot::Taken {

@@ -1,5 +1,7 @@
 //! A type-0 configuration space: the header, 32-bit memory BARs, and a capability list.
 
+use vmm_proto::state::StateError;
+
 const SIZE: usize = 256;
 const COMMAND: usize = 0x04;
 const STATUS: usize = 0x06;
@@ -169,35 +171,33 @@ impl ConfigSpace {
 
     /// Takes a saved configuration space; it must be of the same function (the same BARs and
     /// read-only bytes), or it is refused and nothing changes.
-    pub fn restore(&mut self, r: vmm_proto::state_capnp::pci_config::Reader) -> Result<(), String> {
-        let bytes = r.get_bytes().map_err(|e| e.to_string())?;
+    pub fn restore(
+        &mut self,
+        r: vmm_proto::state_capnp::pci_config::Reader,
+    ) -> Result<(), StateError> {
+        let bytes = r
+            .get_bytes()
+            .map_err(StateError::read("its configuration space"))?;
         if bytes.len() != SIZE {
-            return Err(format!(
-                "its configuration space is {} bytes, {SIZE} expected",
-                bytes.len()
-            ));
+            return Err(StateError::Size {
+                part: "its configuration space",
+                got: bytes.len(),
+                want: SIZE,
+            });
         }
         for (i, (theirs, ours)) in bytes.iter().zip(self.bytes).enumerate() {
             if (theirs ^ ours) & !self.wmask[i] != 0 && !(BAR0..BAR0 + 24).contains(&i) {
-                return Err(format!(
-                    "its configuration space differs at read-only byte {i:#x} ({theirs:#04x}, this device has {ours:#04x}): another kind of device"
-                ));
+                return Err(StateError::ConfigReadOnly(i, *theirs, ours));
             }
         }
         let mut bars = self.bars;
-        for e in r.get_bars().map_err(|e| e.to_string())?.iter() {
+        for e in r.get_bars().map_err(StateError::read("its BARs"))?.iter() {
             let i = usize::from(e.get_index());
             match bars.get_mut(i).and_then(|b| b.as_mut()) {
                 Some(b) if b.size == e.get_size() && e.get_addr() % b.size == 0 => {
                     b.addr = e.get_addr()
                 }
-                _ => {
-                    return Err(format!(
-                        "its BAR {i} ({:#x} bytes at {:#x}) does not fit this device's BARs",
-                        e.get_size(),
-                        e.get_addr()
-                    ))
-                }
+                _ => return Err(StateError::Bar(i, e.get_size(), e.get_addr())),
             }
         }
         self.bytes.copy_from_slice(bytes);

@@ -12,6 +12,7 @@
 
 use crate::bus::Notify;
 use crate::bus::{Action, PioDevice};
+use vmm_proto::state::StateError;
 
 pub const PORT: u16 = 0x0cd8;
 pub const LEN: u16 = 12;
@@ -85,15 +86,14 @@ impl CpuHotplug {
     pub fn restore(
         &mut self,
         r: vmm_proto::state_capnp::cpu_hotplug::Reader,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         let slots = r
             .get_slots()
-            .map_err(|e| format!("the CPU hotplug controller's state: {e}"))?;
+            .map_err(StateError::read("the CPU hotplug controller's state"))?;
         if slots.len() as usize != self.slots.len() {
-            return Err(format!(
-                "the CPU hotplug controller's state is for {} vCPUs, this VM has --max-cpus {}",
-                slots.len(),
-                self.slots.len()
+            return Err(StateError::HotplugSlots(
+                slots.len() as usize,
+                self.slots.len(),
             ));
         }
         for (s, e) in self.slots.iter_mut().zip(slots.iter()) {
@@ -203,7 +203,9 @@ mod tests {
         );
         let mut c = CpuHotplug::new(1, 8, ignore());
         assert_eq!(
-            c.restore(reader.get_root().unwrap()).unwrap_err(),
+            c.restore(reader.get_root().unwrap())
+                .unwrap_err()
+                .to_string(),
             "the CPU hotplug controller's state is for 4 vCPUs, this VM has --max-cpus 8"
         );
     }

@@ -4,6 +4,7 @@
 use crate::bus::{Action, PioDevice};
 use std::io::{self, Write};
 use vm_superio::{Serial, Trigger};
+use vmm_proto::state::StateError;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const COM1_BASE: u16 = 0x3f8;
@@ -89,10 +90,10 @@ impl SerialDevice {
         irq: EventFd,
         out: Box<dyn Write + Send>,
         r: vmm_proto::state_capnp::serial::Reader,
-    ) -> Result<SerialDevice, String> {
+    ) -> Result<SerialDevice, StateError> {
         let input = r
             .get_in_buffer()
-            .map_err(|e| format!("the serial port's state: {e}"))?;
+            .map_err(StateError::read("the serial port's state"))?;
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: r.get_baud_divisor_low(),
             baud_divisor_high: r.get_baud_divisor_high(),
@@ -107,11 +108,8 @@ impl SerialDevice {
         };
         let uart = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
             .map_err(|e| match e {
-            vm_superio::serial::Error::FullFifo => format!(
-                "the serial port's state holds {} unread input bytes, more than its FIFO takes",
-                input.len()
-            ),
-            e => format!("the serial port's state: {e:?}"),
+            vm_superio::serial::Error::FullFifo => StateError::SerialFifo(input.len()),
+            e => StateError::Serial(format!("{e:?}")),
         })?;
         Ok(SerialDevice { uart })
     }

@@ -3,9 +3,40 @@
 pub mod pci;
 pub mod vhost_user_blk;
 
+use std::path::PathBuf;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const F_VERSION_1: u64 = 1 << 32;
+
+/// What a virtio device's backend refused or failed, by the device and its backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// A vhost-user message failed, or the backend's answer cannot serve this device.
+    #[error("vhost-user backend at {}: {what}: {why}", .socket.display())]
+    Backend {
+        socket: PathBuf,
+        what: &'static str,
+        why: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("queue {queue}'s {what} at {gpa:#x} (+{len:#x}) is not in guest RAM")]
+    NotInRam {
+        queue: u16,
+        what: &'static str,
+        gpa: u64,
+        len: u64,
+    },
+    #[error("queue {0}'s used ring: {1}")]
+    UsedRing(u16, vm_memory::GuestMemoryError),
+    #[error("{device}: queue {queue} still has {requests} request(s) in flight after 30 s; the backend ({}) is stuck", .socket.display())]
+    Stuck {
+        device: String,
+        queue: u16,
+        requests: u16,
+        socket: PathBuf,
+    },
+    #[error(transparent)]
+    State(#[from] vmm_proto::state::StateError),
+}
 
 /// A queue as the driver set it up, handed to the device when the driver is ready.
 pub struct QueueSetup<'a> {
@@ -29,19 +60,19 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK: start the queues.
-    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String>;
+    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), VirtioError>;
     /// The driver reset the device: stop the queues.
     fn reset(&mut self);
     /// A name for the log ("disk0").
     fn name(&self) -> &str;
     /// The device's backend came back after a crash: set it up again as it was (queues that
     /// run go on from where the guest's used rings are).
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), VirtioError> {
         Ok(())
     }
     /// For a snapshot or a migration, with the VM paused: stops the started queues once the
     /// requests they hold have completed, and returns where each goes on (by queue index).
-    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, String>;
+    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, VirtioError>;
     /// Starts the queues again, each at its base: after `stop_queues` (the VM goes on) or on
     /// a destination that restores the device.
     fn start_queues(
@@ -49,7 +80,7 @@ pub trait VirtioDevice: Send {
         features: u64,
         queues: &[QueueSetup],
         bases: &[(u16, u16)],
-    ) -> Result<(), String>;
+    ) -> Result<(), VirtioError>;
     /// A migration's dirty logging: its backend logs what it writes into guest memory in
     /// `log` (None: logging ends). Returns whether the backend logs now; a device whose
     /// backend writes guest memory and cannot log makes the last pass resend all of RAM.
@@ -67,5 +98,5 @@ pub trait VirtioDevice: Send {
     }
     /// The device's configuration space as the guest set it, and the same put back.
     fn config_bytes(&self) -> Vec<u8>;
-    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), String>;
+    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), VirtioError>;
 }

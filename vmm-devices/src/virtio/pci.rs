@@ -5,12 +5,13 @@
 //! MSI-X vector's GSI has an irqfd (the call): neither a request nor a completion exits to
 //! vmm-core. A write to a notify address that still reaches us (before DRIVER_OK) is counted.
 
-use super::{QueueSetup, VirtioDevice, F_VERSION_1};
+use super::{QueueSetup, VirtioDevice, VirtioError, F_VERSION_1};
 use crate::pci::msix::{self, MsixTable, Routing};
 use crate::pci::{ConfigSpace, PciDevice};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vmm_proto::state::StateError;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const BAR_SIZE: u64 = 0x8000;
@@ -77,7 +78,7 @@ pub struct VirtioPci {
 
 impl VirtioPci {
     /// The device's backend restarted: set it up again as the driver left it.
-    pub fn reconnect(&mut self) -> Result<(), String> {
+    pub fn reconnect(&mut self) -> Result<(), VirtioError> {
         self.device.reconnect()
     }
 
@@ -207,7 +208,7 @@ impl VirtioPci {
         &mut self,
         slot: u8,
         mut b: vmm_proto::state_capnp::virtio_pci::Builder,
-    ) -> Result<(), String> {
+    ) -> Result<(), VirtioError> {
         if self.active && self.stopped.is_none() {
             self.stopped = Some(self.device.stop_queues()?);
         }
@@ -248,7 +249,7 @@ impl VirtioPci {
     }
 
     /// The VM goes on after a snapshot: its queues start again where they stopped.
-    pub fn resume_queues(&mut self) -> Result<(), String> {
+    pub fn resume_queues(&mut self) -> Result<(), VirtioError> {
         let Some(bases) = self.stopped.take() else {
             return Ok(());
         };
@@ -261,20 +262,23 @@ impl VirtioPci {
 
     /// Takes a saved function's state into this (new, unstarted) one, and starts its queues
     /// where the saved ones stopped.
-    pub fn restore(&mut self, r: vmm_proto::state_capnp::virtio_pci::Reader) -> Result<(), String> {
-        let e = |e: capnp::Error| e.to_string();
-        let queues = r.get_queues().map_err(e)?;
-        let msix = r.get_msix().map_err(e)?;
+    pub fn restore(
+        &mut self,
+        r: vmm_proto::state_capnp::virtio_pci::Reader,
+    ) -> Result<(), VirtioError> {
+        let e = StateError::read("its state");
+        let queues = r.get_queues().map_err(&e)?;
+        let msix = r.get_msix().map_err(&e)?;
         if queues.len() as usize != self.queues.len()
             || msix.len() as usize != self.msix.entries.len()
         {
-            return Err(format!(
-                "it has {} queue(s) and {} MSI-X vector(s), this device {} and {}; give the destination's disk the same num-queues",
-                queues.len(),
-                msix.len(),
+            return Err(StateError::Queues(
+                queues.len() as usize,
+                msix.len() as usize,
                 self.queues.len(),
-                self.msix.entries.len()
-            ));
+                self.msix.entries.len(),
+            )
+            .into());
         }
         let max = self.device.max_queue_size();
         let mut qs = Vec::new();
@@ -284,12 +288,14 @@ impl VirtioPci {
                 || (q.get_vector() != NO_VECTOR
                     && usize::from(q.get_vector()) >= msix.len() as usize)
             {
-                return Err(format!(
-                    "its queue {i} has size {} and vector {} (this device: at most {max}, {} vectors)",
+                return Err(StateError::Queue(
+                    i,
                     q.get_size(),
                     q.get_vector(),
-                    msix.len()
-                ));
+                    max,
+                    msix.len() as usize,
+                )
+                .into());
             }
             qs.push(Queue {
                 size: q.get_size(),
@@ -303,13 +309,11 @@ impl VirtioPci {
         }
         let unknown = r.get_driver_features() & !self.offered();
         if unknown != 0 {
-            return Err(format!(
-                "the guest's driver uses features {unknown:#x} that this device's backend does not offer"
-            ));
+            return Err(StateError::Features(unknown).into());
         }
-        self.cfg.restore(r.get_config().map_err(e)?)?;
+        self.cfg.restore(r.get_config().map_err(&e)?)?;
         self.device
-            .restore_config(r.get_device_config().map_err(e)?)?;
+            .restore_config(r.get_device_config().map_err(&e)?)?;
         self.device_feature_select = r.get_device_feature_select();
         self.driver_feature_select = r.get_driver_feature_select();
         self.driver_features = r.get_driver_features();

@@ -2,7 +2,7 @@
 //! compliant vhost-user-blk backend). vmm-core negotiates, hands over the guest RAM memfd, the
 //! vring addresses, and the kick and call eventfds; the data path then bypasses it.
 
-use super::{QueueSetup, VirtioDevice};
+use super::{QueueSetup, VirtioDevice, VirtioError};
 use crate::layout::GuestMemory;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_proto::state::StateError;
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// vhost's "log all writes": acked while a migration logs dirty pages.
@@ -59,8 +60,16 @@ struct Ring {
 /// virtio-blk's config byte for the write cache (VIRTIO_BLK_F_CONFIG_WCE).
 const CONFIG_WRITEBACK: usize = 32;
 
-fn err(socket: &Path, what: &str, e: impl std::fmt::Display) -> String {
-    format!("vhost-user backend at {}: {what}: {e}", socket.display())
+fn err(
+    socket: &Path,
+    what: &'static str,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> VirtioError {
+    VirtioError::Backend {
+        socket: socket.to_path_buf(),
+        what,
+        why: e.into(),
+    }
 }
 
 /// What the handshake learnt.
@@ -73,7 +82,7 @@ struct Shake {
 }
 
 /// Connects, negotiates the protocol, and learns the backend's features and config space.
-fn handshake(socket: &Path, queues: u16) -> Result<Shake, String> {
+fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
     let mut fe = Frontend::connect(socket, u64::from(queues))
         .map_err(|e| err(socket, "cannot connect", e))?;
     fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
@@ -147,7 +156,7 @@ impl VhostUserBlk {
         queues: u16,
         mem: GuestMemory,
         memfd: std::fs::File,
-    ) -> Result<VhostUserBlk, String> {
+    ) -> Result<VhostUserBlk, VirtioError> {
         let shake = handshake(socket, queues)?;
         Ok(VhostUserBlk {
             name: name.to_string(),
@@ -174,7 +183,7 @@ impl VhostUserBlk {
         features: u64,
         rings: &[Ring],
         base: impl Fn(&Ring) -> u16,
-    ) -> Result<(), String> {
+    ) -> Result<(), VirtioError> {
         self.frontend
             .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES | self.log_bit())
             .map_err(|e| self.e("SET_FEATURES", e))?;
@@ -263,7 +272,7 @@ impl VhostUserBlk {
         }
     }
 
-    fn send_log_base(&self) -> Result<(), String> {
+    fn send_log_base(&self) -> Result<(), VirtioError> {
         if let (Some((file, bytes)), true) = (&self.log, self.can_log) {
             let region = vhost::VhostUserDirtyLogRegion {
                 mmap_size: *bytes,
@@ -277,18 +286,27 @@ impl VhostUserBlk {
         Ok(())
     }
 
-    fn host_address(&self, gpa: u64, len: u64, what: &str, q: u16) -> Result<u64, String> {
+    fn host_address(
+        &self,
+        gpa: u64,
+        len: u64,
+        what: &'static str,
+        q: u16,
+    ) -> Result<u64, VirtioError> {
         let slice = self
             .mem
             .get_slice(GuestAddress(gpa), len as usize)
-            .map_err(|_| {
-                format!("queue {q}'s {what} at {gpa:#x} (+{len:#x}) is not in guest RAM")
+            .map_err(|_| VirtioError::NotInRam {
+                queue: q,
+                what,
+                gpa,
+                len,
             })?;
         Ok(slice.ptr_guard().as_ptr() as u64)
     }
 
     /// The queues as the backend needs them, with their eventfds.
-    fn rings(&self, queues: &[QueueSetup]) -> Result<Vec<Ring>, String> {
+    fn rings(&self, queues: &[QueueSetup]) -> Result<Vec<Ring>, VirtioError> {
         queues
             .iter()
             .map(|q| {
@@ -311,7 +329,11 @@ impl VhostUserBlk {
             .collect()
     }
 
-    fn e(&self, what: &str, e: impl std::fmt::Display) -> String {
+    fn e(
+        &self,
+        what: &'static str,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> VirtioError {
         err(&self.socket, what, e)
     }
 }
@@ -354,14 +376,14 @@ impl VirtioDevice for VhostUserBlk {
         self.config[off..off + data.len()].copy_from_slice(data);
     }
 
-    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), String> {
+    fn activate(&mut self, features: u64, queues: &[QueueSetup]) -> Result<(), VirtioError> {
         let rings = self.rings(queues)?;
         self.start_rings(features, &rings, |_| 0)?;
         self.active = Some((features, rings));
         Ok(())
     }
 
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), VirtioError> {
         let Shake {
             frontend: fe,
             features,
@@ -466,7 +488,7 @@ impl VirtioDevice for VhostUserBlk {
         })
     }
 
-    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, String> {
+    fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, VirtioError> {
         use vm_memory::Bytes;
         let Some((_, rings)) = &self.active else {
             return Ok(Vec::new());
@@ -486,17 +508,17 @@ impl VirtioDevice for VhostUserBlk {
                 let used: u16 = self
                     .mem
                     .read_obj(GuestAddress(r.used + 2))
-                    .map_err(|e| format!("queue {i}'s used ring: {e}"))?;
+                    .map_err(|e| VirtioError::UsedRing(i as u16, e))?;
                 if used == next {
                     break;
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(format!(
-                        "{}: queue {i} still has {} request(s) in flight after 30 s; the backend ({}) is stuck",
-                        self.name,
-                        next.wrapping_sub(used),
-                        self.socket.display()
-                    ));
+                    return Err(VirtioError::Stuck {
+                        device: self.name.clone(),
+                        queue: i as u16,
+                        requests: next.wrapping_sub(used),
+                        socket: self.socket.clone(),
+                    });
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
@@ -510,7 +532,7 @@ impl VirtioDevice for VhostUserBlk {
         features: u64,
         queues: &[QueueSetup],
         bases: &[(u16, u16)],
-    ) -> Result<(), String> {
+    ) -> Result<(), VirtioError> {
         let rings = self.rings(queues)?;
         let base = |r: &Ring| {
             bases
@@ -533,22 +555,20 @@ impl VirtioDevice for VhostUserBlk {
         self.config.clone()
     }
 
-    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), String> {
+    fn restore_config(&mut self, bytes: &[u8]) -> Result<(), VirtioError> {
         if bytes.len() != self.config.len() {
-            return Err(format!(
-                "{}: its configuration space is {} bytes here, {} in the state",
-                self.name,
-                self.config.len(),
-                bytes.len()
-            ));
+            return Err(StateError::Size {
+                part: "its configuration space in the state",
+                got: bytes.len(),
+                want: self.config.len(),
+            }
+            .within(self.name.clone())
+            .into());
         }
         // Only the write-cache setting is the guest's to change; the rest (capacity,
         // geometry) is the disk's, and the destination's disk must match.
         if bytes[..CONFIG_WRITEBACK] != self.config[..CONFIG_WRITEBACK] {
-            return Err(format!(
-                "{}: the disk differs from the one saved (capacity or geometry); start the destination with the same image",
-                self.name
-            ));
+            return Err(StateError::OtherDisk.within(self.name.clone()).into());
         }
         let wce = bytes[CONFIG_WRITEBACK];
         if wce != self.config[CONFIG_WRITEBACK] {
