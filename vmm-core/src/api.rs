@@ -724,7 +724,7 @@ impl vmm::Server for VmmServer {
         let (data, dropped) = answer
             .await
             .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?
-            .map_err(capnp::Error::failed)?;
+            .map_err(|e| failed(&e))?;
         let mut r = results.get();
         r.set_data(&data);
         r.set_dropped(dropped);
@@ -750,7 +750,7 @@ impl vmm::Server for VmmServer {
         answer
             .await
             .map_err(|_| capnp::Error::failed("chardevd did not answer".into()))?
-            .map_err(capnp::Error::failed)
+            .map_err(|e| failed(&e))
     }
 
     async fn events(

@@ -24,8 +24,26 @@ pub struct DiskSpec {
 
 pub const MAX_QUEUES: u16 = 16;
 
+/// A `--disk` the parser refuses: the spec as given, and what is wrong with it and how to
+/// write it.
+#[derive(Debug, thiserror::Error)]
+#[error("--disk {spec}: {why}")]
+pub struct DiskSpecError {
+    pub spec: String,
+    pub why: String,
+}
+
+impl DiskSpecError {
+    fn new(spec: &str, why: String) -> DiskSpecError {
+        DiskSpecError {
+            spec: spec.to_string(),
+            why,
+        }
+    }
+}
+
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
-pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
     let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME] or socket=PATH[,queues=N]";
     let mut d = DiskSpec {
         path: None,
@@ -41,9 +59,9 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     };
     let mut throttle = Vec::new();
     for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| format!("--disk {s}: \"{part}\" is not key=value; {usage}"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            DiskSpecError::new(s, format!("\"{part}\" is not key=value; {usage}"))
+        })?;
         if let Some(key) = k.strip_prefix("throttle.") {
             throttle.push(format!("{key}={v}"));
             continue;
@@ -58,23 +76,26 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                     .ok()
                     .filter(|q| (1..=MAX_QUEUES).contains(q))
                     .ok_or_else(|| {
-                        format!("--disk {s}: queues={v}; write a number from 1 to {MAX_QUEUES}")
+                        DiskSpecError::new(
+                            s,
+                            format!("queues={v}; write a number from 1 to {MAX_QUEUES}"),
+                        )
                     })?
             }
             "format" => match v {
                 "raw" | "qcow2" => d.format = v.to_string(),
                 _ => {
-                    return Err(format!(
-                        "--disk {s}: format={v}; write format=raw or format=qcow2"
+                    return Err(DiskSpecError::new(
+                        s,
+                        format!("format={v}; write format=raw or format=qcow2"),
                     ))
                 }
             },
             "direct" => d.direct = on_off(s, k, v)?,
             "rerror" | "werror" => {
                 if !["report", "ignore", "stop", "enospc"].contains(&v) {
-                    return Err(format!(
-                        "--disk {s}: {k}={v}: write report (the guest gets an I/O error), ignore, stop (pause the VM until vmmctl resume) or enospc (stop on a full disk only)"
-                    ));
+                    return Err(DiskSpecError::new(s, format!("{k}={v}: write report (the guest gets an I/O error), ignore, stop (pause the VM until vmmctl resume) or enospc (stop on a full disk only)"
+                    )));
                 }
                 if k == "rerror" {
                     d.rerror = v.to_string()
@@ -84,41 +105,51 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             }
             "serial" => {
                 if v.len() > 20 {
-                    return Err(format!("--disk {s}: serial={v} is longer than 20 bytes"));
+                    return Err(DiskSpecError::new(
+                        s,
+                        format!("serial={v} is longer than 20 bytes"),
+                    ));
                 }
                 d.serial = Some(v.to_string())
             }
-            _ => return Err(format!("--disk {s}: unknown or empty key \"{k}\"; {usage}")),
+            _ => {
+                return Err(DiskSpecError::new(
+                    s,
+                    format!("unknown or empty key \"{k}\"; {usage}"),
+                ))
+            }
         }
     }
     if !throttle.is_empty() {
         let spec = vmm_proto::throttle::Spec::parse(&throttle.join(","))
-            .map_err(|m| format!("--disk {s}: throttle.{m}"))?;
+            .map_err(|m| DiskSpecError::new(s, format!("throttle.{m}")))?;
         if d.socket.is_some() {
-            return Err(format!(
-                "--disk {s}: throttle.* is blockd's; a socket= backend throttles by itself"
+            return Err(DiskSpecError::new(
+                s,
+                "throttle.* is blockd's; a socket= backend throttles by itself".to_string(),
             ));
         }
         d.throttle = Some(spec);
     }
     match (&d.path, &d.socket) {
-        (None, None) => Err(format!("--disk {s}: no path= or socket=; {usage}")),
-        (Some(_), Some(_)) => Err(format!("--disk {s}: path= and socket= together; give one")),
+        (None, None) => Err(DiskSpecError::new(s, format!("no path= or socket=; {usage}"))),
+        (Some(_), Some(_)) => Err(DiskSpecError::new(s, "path= and socket= together; give one".to_string())),
         (None, Some(_)) if d.readonly || d.serial.is_some() || d.direct || d.format != "raw" => {
-            Err(format!(
-                "--disk {s}: readonly=, serial=, format= and direct= are the backend's own settings with socket="
-            ))
+            Err(DiskSpecError::new(s, "readonly=, serial=, format= and direct= are the backend's own settings with socket=".to_string()))
         }
         _ => Ok(d),
     }
 }
 
 /// An on/off value of `--disk SPEC`'s key.
-fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, String> {
+fn on_off(spec: &str, key: &str, v: &str) -> Result<bool, DiskSpecError> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("--disk {spec}: {key}={v}; write {key}=on or off")),
+        _ => Err(DiskSpecError::new(
+            spec,
+            format!("{key}={v}; write {key}=on or off"),
+        )),
     }
 }
 
@@ -153,7 +184,7 @@ mod tests {
             "socket=/s,readonly=on",
             "path=/x,format=vmdk",
         ] {
-            let e = parse_disk(bad).unwrap_err();
+            let e = parse_disk(bad).unwrap_err().to_string();
             assert!(e.starts_with("--disk "), "{e}");
         }
     }

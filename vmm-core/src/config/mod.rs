@@ -189,8 +189,8 @@ pub enum ConfigError {
     Incoming(String),
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
-    #[error("{0}")]
-    Disk(String),
+    #[error(transparent)]
+    Disk(#[from] disk::DiskSpecError),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
 }
@@ -334,8 +334,7 @@ impl VmConfig {
                 .disk
                 .iter()
                 .map(|d| disk::parse_disk(d))
-                .collect::<Result<_, _>>()
-                .map_err(ConfigError::Disk)?,
+                .collect::<Result<_, _>>()?,
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmm_proto::chardevd_capnp::{chardevd, device, input_sink};
+use vmm_proto::rpc::RemoteError;
 
 /// Guest output buffered for chardevd.
 pub const BUFFER_BYTES: usize = 4 << 20;
@@ -332,8 +333,11 @@ pub enum Fault {
 
 /// What the management API asks of the device in chardevd.
 pub enum Control {
-    DumpRing(futures::channel::oneshot::Sender<Result<(Vec<u8>, u64), String>>),
-    Fault(Fault, futures::channel::oneshot::Sender<Result<(), String>>),
+    DumpRing(futures::channel::oneshot::Sender<Result<(Vec<u8>, u64), RemoteError>>),
+    Fault(
+        Fault,
+        futures::channel::oneshot::Sender<Result<(), RemoteError>>,
+    ),
 }
 
 pub type ControlSender = tokio::sync::mpsc::UnboundedSender<Control>;
@@ -560,7 +564,7 @@ async fn run_helper(
             if let Some(c) = child.as_mut() {
                 let _ = c.kill().await;
             }
-            let msg = e.extra.trim_start_matches("remote exception: ").to_string();
+            let msg = vmm_proto::rpc::remote_message(&e);
             return Err(if e.kind == capnp::ErrorKind::Failed {
                 ChardevError::Backend(msg)
             } else {
@@ -751,7 +755,7 @@ async fn pump(
 }
 
 async fn serve_control(device: &device::Client, control: Control) {
-    let msg = |e: capnp::Error| e.extra.trim_start_matches("remote exception: ").to_string();
+    let msg = RemoteError::from;
     match control {
         Control::DumpRing(reply) => {
             let result = match device.read_ring_request().send().promise.await {

@@ -489,7 +489,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
         let next = match next {
             Next::InternalError => match pvm::handle_internal_error(&mut vcpu, &ctx.mem, ctx.pvm) {
                 Ok(()) => Next::Continue,
-                Err(msg) => Next::Stop(VcpuEvent::Failed(id, msg)),
+                Err(e) => Next::Stop(VcpuEvent::Failed(id, e.to_string())),
             },
             Next::Stop(VcpuEvent::TripleFault(_, _)) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

@@ -83,11 +83,32 @@ pub fn exit_instruction_bytes(ndata: u32, data: &[u64]) -> Option<Vec<u8>> {
     (len > 0).then(|| raw[1..1 + len].to_vec())
 }
 
+/// Why a vCPU stopped on an exit it cannot go on from.
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    #[error("internal error, and reading {0} failed: {1}")]
+    Registers(&'static str, kvm_ioctls::Error),
+    #[error("cannot set registers after {0:?}: {1}")]
+    Fixup(Fixup, kvm_ioctls::Error),
+    #[error("int3 at RIP {0:#x}: cannot deliver #BP for KVM-PVM: {1}")]
+    Breakpoint(u64, &'static str),
+    #[error("{what} at RIP {rip:#x} (CPL {cpl}, code: {code}; suberror {suberror}, data [{data}]){}", if *.pvm { "; this host is KVM-PVM, which cannot emulate every kernel instruction (see GUEST.md)" } else { "" })]
+    Internal {
+        what: &'static str,
+        rip: u64,
+        cpl: u16,
+        code: String,
+        suberror: u32,
+        data: String,
+        pvm: bool,
+    },
+}
+
 pub fn handle_internal_error(
     vcpu: &mut VcpuFd,
     mem: &GuestMemory,
     pvm: bool,
-) -> Result<(), String> {
+) -> Result<(), ExitError> {
     let run = vcpu.get_kvm_run();
     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
     // one KVM filled in.
@@ -97,10 +118,10 @@ pub fn handle_internal_error(
     };
     let regs = vcpu
         .get_regs()
-        .map_err(|e| format!("internal error, and reading registers failed: {e}"))?;
+        .map_err(|e| ExitError::Registers("registers", e))?;
     let sregs = vcpu
         .get_sregs()
-        .map_err(|e| format!("internal error, and reading segment registers failed: {e}"))?;
+        .map_err(|e| ExitError::Registers("segment registers", e))?;
     // Prefer the bytes KVM executed: another vCPU may rewrite the code meanwhile (Linux patches
     // live kernel text through a temporary int3, text_poke_bp).
     let kvm_bytes = if suberror == KVM_INTERNAL_ERROR_EMULATION {
@@ -136,9 +157,7 @@ pub fn handle_internal_error(
                 }
             }
             log::debug!("completed {fix:?} at RIP {:#x} for KVM-PVM", regs.rip);
-            return vcpu
-                .set_regs(&regs)
-                .map_err(|e| format!("cannot set registers after {fix:?}: {e}"));
+            return vcpu.set_regs(&regs).map_err(|e| ExitError::Fixup(fix, e));
         }
     }
 
@@ -162,16 +181,15 @@ pub fn handle_internal_error(
         .take(ndata.min(4) as usize)
         .map(|d| format!("{d:#x}"))
         .collect::<Vec<_>>();
-    Err(format!(
-        "{what} at RIP {:#x} (CPL {cpl}, code: {code}; suberror {suberror}, data [{}]){}",
-        regs.rip,
-        extra.join(", "),
-        if pvm {
-            "; this host is KVM-PVM, which cannot emulate every kernel instruction (see GUEST.md)"
-        } else {
-            ""
-        }
-    ))
+    Err(ExitError::Internal {
+        what,
+        rip: regs.rip,
+        cpl,
+        code,
+        suberror,
+        data: extra.join(", "),
+        pvm,
+    })
 }
 
 /// Delivers #BP (vector 3) through the guest's 64-bit IDT, exactly as the CPU would for `int3`
@@ -182,13 +200,9 @@ fn deliver_breakpoint(
     mem: &GuestMemory,
     regs: &mut kvm_bindings::kvm_regs,
     sregs: &kvm_bindings::kvm_sregs,
-) -> Result<(), String> {
-    let fail = |why: &str| {
-        format!(
-            "int3 at RIP {:#x}: cannot deliver #BP for KVM-PVM: {why}",
-            regs.rip
-        )
-    };
+) -> Result<(), ExitError> {
+    let rip = regs.rip;
+    let fail = |why: &'static str| ExitError::Breakpoint(rip, why);
     if sregs.efer & EFER_LMA == 0 {
         return Err(fail("the guest is not in long mode"));
     }
