@@ -531,24 +531,7 @@ async fn run_helper(
         let mut p = open.get();
         p.set_name("serial0");
         p.set_input(capnp_rpc::new_client(InputServer(input.clone())));
-        let mut b = p.init_backend();
-        match backend {
-            Backend::Null => b.set_null(()),
-            Backend::Stdio => b.set_stdio(()),
-            Backend::Pty => b.set_pty(resources.pty.as_deref().unwrap_or_default()),
-            Backend::UnixClient { path, reconnect_ms } => {
-                let mut c = b.init_unix_client();
-                c.set_path(path);
-                c.set_reconnect_ms(*reconnect_ms);
-            }
-            Backend::File { path, append } => {
-                let mut f = b.init_file();
-                f.set_path(path);
-                f.set_append(*append);
-            }
-            Backend::Ring(size) => b.set_ring(*size),
-            Backend::UnixServer(path) => b.set_unix_server(path),
-        }
+        write_backend(p.init_backend(), backend, resources);
     }
     let (device, description) = match open.send().promise.await {
         Ok(reply) => reply
@@ -638,6 +621,31 @@ async fn run_helper(
     .await;
     side_task.abort();
     result
+}
+
+/// The backend as chardevd's `open` takes it.
+fn write_backend(
+    mut b: vmm_proto::chardevd_capnp::backend::Builder,
+    backend: &Backend,
+    resources: &Resources,
+) {
+    match backend {
+        Backend::Null => b.set_null(()),
+        Backend::Stdio => b.set_stdio(()),
+        Backend::Pty => b.set_pty(resources.pty.as_deref().unwrap_or_default()),
+        Backend::UnixClient { path, reconnect_ms } => {
+            let mut c = b.init_unix_client();
+            c.set_path(path);
+            c.set_reconnect_ms(*reconnect_ms);
+        }
+        Backend::File { path, append } => {
+            let mut f = b.init_file();
+            f.set_path(path);
+            f.set_append(*append);
+        }
+        Backend::Ring(size) => b.set_ring(*size),
+        Backend::UnixServer(path) => b.set_unix_server(path),
+    }
 }
 
 /// Sends chardevd the side channel on a new control connection, and on it the descriptors

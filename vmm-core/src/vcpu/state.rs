@@ -220,6 +220,40 @@ fn read_segment(r: capnp::Result<state_capnp::segment::Reader>) -> capnp::Result
     })
 }
 
+/// An XSAVE area in its saved form: the legacy region's fields, and each component in use.
+fn write_xsave(x: &kvm_xsave, mut r: state_capnp::xsave::Builder) {
+    let bytes = xsave_bytes(x);
+    r.set_fcw(u16::from_le_bytes(le(&bytes, 0)));
+    r.set_fsw(u16::from_le_bytes(le(&bytes, 2)));
+    r.set_ftw(bytes[4]);
+    r.set_fop(u16::from_le_bytes(le(&bytes, 6)));
+    r.set_fip(u64::from_le_bytes(le(&bytes, 8)));
+    r.set_fdp(u64::from_le_bytes(le(&bytes, 16)));
+    r.set_mxcsr(u32::from_le_bytes(le(&bytes, 24)));
+    r.set_mxcsr_mask(u32::from_le_bytes(le(&bytes, 28)));
+    r.set_st(&bytes[32..160]);
+    r.set_xmm(&bytes[160..416]);
+    let xstate_bv = u64::from_le_bytes(le(&bytes, XSAVE_HEADER));
+    r.set_xstate_bv(xstate_bv);
+    r.set_xcomp_bv(u64::from_le_bytes(le(&bytes, XSAVE_HEADER + 8)));
+    // Components 0 and 1 (x87, SSE) are the legacy region; the others are saved
+    // when in use (a clear bit means the component is in its initial state).
+    let present: Vec<(u8, usize, usize)> = (2..64u8)
+        .filter(|f| xstate_bv & (1 << f) != 0)
+        .map(|f| {
+            let (off, size) = xsave_component(f);
+            (f, off, size)
+        })
+        .filter(|&(_, off, size)| size > 0 && off + size <= XSAVE_BYTES)
+        .collect();
+    let mut l = r.init_components(present.len() as u32);
+    for (i, (f, off, size)) in present.into_iter().enumerate() {
+        let mut c = l.reborrow().get(i as u32);
+        c.set_feature(f);
+        c.set_data(&bytes[off..off + size]);
+    }
+}
+
 /// Copies `data` into `out`, which must be exactly as long.
 fn exact(out: &mut [u8], data: &[u8], part: &'static str) -> Result<(), StateError> {
     if data.len() != out.len() {
@@ -290,39 +324,7 @@ impl VcpuState {
             }
         }
         match &self.fpu {
-            Fpu::Xsave(x) => {
-                let bytes = xsave_bytes(x);
-                let mut r = b.reborrow().init_fpu().init_xsave();
-                r.set_fcw(u16::from_le_bytes(le(&bytes, 0)));
-                r.set_fsw(u16::from_le_bytes(le(&bytes, 2)));
-                r.set_ftw(bytes[4]);
-                r.set_fop(u16::from_le_bytes(le(&bytes, 6)));
-                r.set_fip(u64::from_le_bytes(le(&bytes, 8)));
-                r.set_fdp(u64::from_le_bytes(le(&bytes, 16)));
-                r.set_mxcsr(u32::from_le_bytes(le(&bytes, 24)));
-                r.set_mxcsr_mask(u32::from_le_bytes(le(&bytes, 28)));
-                r.set_st(&bytes[32..160]);
-                r.set_xmm(&bytes[160..416]);
-                let xstate_bv = u64::from_le_bytes(le(&bytes, XSAVE_HEADER));
-                r.set_xstate_bv(xstate_bv);
-                r.set_xcomp_bv(u64::from_le_bytes(le(&bytes, XSAVE_HEADER + 8)));
-                // Components 0 and 1 (x87, SSE) are the legacy region; the others are saved
-                // when in use (a clear bit means the component is in its initial state).
-                let present: Vec<(u8, usize, usize)> = (2..64u8)
-                    .filter(|f| xstate_bv & (1 << f) != 0)
-                    .map(|f| {
-                        let (off, size) = xsave_component(f);
-                        (f, off, size)
-                    })
-                    .filter(|&(_, off, size)| size > 0 && off + size <= XSAVE_BYTES)
-                    .collect();
-                let mut l = r.init_components(present.len() as u32);
-                for (i, (f, off, size)) in present.into_iter().enumerate() {
-                    let mut c = l.reborrow().get(i as u32);
-                    c.set_feature(f);
-                    c.set_data(&bytes[off..off + size]);
-                }
-            }
+            Fpu::Xsave(x) => write_xsave(x, b.reborrow().init_fpu().init_xsave()),
             Fpu::Legacy(f) => {
                 let mut r = b.reborrow().init_fpu().init_legacy();
                 r.set_fcw(f.fcw);
