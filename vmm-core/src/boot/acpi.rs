@@ -235,6 +235,81 @@ pub fn mcfg() -> Vec<u8> {
     table_bytes(&m)
 }
 
+/// AML already serialised: what a statement's temporaries leave behind.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+fn raw(a: &dyn Aml) -> Raw {
+    let mut v = Vec::new();
+    a.to_aml_bytes(&mut v);
+    Raw(v)
+}
+
+/// CTFY(id, event): Notify the processor device of vCPU `id`.
+fn ctfy_method(max: u32) -> Raw {
+    let paths: Vec<aml::Path> = (0..max)
+        .map(|id| aml::Path::new(&format!("C{id:03X}")))
+        .collect();
+    let ids: Vec<u32> = (0..max).collect();
+    let notifies: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .collect();
+    let tests: Vec<aml::Equal> = ids
+        .iter()
+        .map(|id| aml::Equal::new(&aml::Arg(0), id))
+        .collect();
+    let ifs: Vec<aml::If> = tests
+        .iter()
+        .zip(&notifies)
+        .map(|(t, n)| aml::If::new(t, vec![n]))
+        .collect();
+    raw(&aml::Method::new(
+        "CTFY".into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn acpi_tables::Aml).collect(),
+    ))
+}
+
+/// The CPU hotplug controller's registers (cpu_hotplug::PORT): CSEL selects a vCPU, then
+/// CEN_, CINS, CRMV and CEJ0 are its status bits.
+fn hotplug_registers() -> [Raw; 3] {
+    let region = aml::OpRegion::new(
+        "PRST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &cpu_hotplug::PORT,
+        &cpu_hotplug::LEN,
+    );
+    let select_field = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"CSEL", 32)],
+    );
+    let status_field = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Reserved(32),
+            aml::FieldEntry::Named(*b"CEN_", 1),
+            aml::FieldEntry::Named(*b"CINS", 1),
+            aml::FieldEntry::Named(*b"CRMV", 1),
+            aml::FieldEntry::Named(*b"CEJ0", 1),
+            aml::FieldEntry::Reserved(4),
+        ],
+    );
+    [raw(&region), raw(&select_field), raw(&status_field)]
+}
+
 /// The processor devices and the CPU hotplug methods, over the controller's registers
 /// (devices/cpu_hotplug.rs):
 /// - CSTA(id): _STA of a vCPU, 0xF when enabled;
@@ -243,19 +318,6 @@ pub fn mcfg() -> Vec<u8> {
 ///   (device check, or eject request) and clear the bit;
 /// - CTFY(id, code): Notify the processor device `id`.
 fn cpus_aml(max_cpus: u32, body: &mut Vec<u8>) {
-    /// AML already serialised: what a statement's temporaries leave behind.
-    struct Raw(Vec<u8>);
-    impl Aml for Raw {
-        fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
-            sink.vec(&self.0);
-        }
-    }
-    fn raw(a: &dyn Aml) -> Raw {
-        let mut v = Vec::new();
-        a.to_aml_bytes(&mut v);
-        Raw(v)
-    }
-
     let name = |id: u32| format!("C{id:03X}");
     let csel = aml::Path::new("CSEL");
     let (cen, cins, crmv, cej) = (
@@ -322,27 +384,8 @@ fn cpus_aml(max_cpus: u32, body: &mut Vec<u8>) {
             &release,
         ],
     ));
-    let paths: Vec<aml::Path> = (0..max).map(|id| aml::Path::new(&name(id))).collect();
+    let ctfy = ctfy_method(max);
     let ids: Vec<u32> = (0..max).collect();
-    let notifies: Vec<aml::Notify> = paths
-        .iter()
-        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
-        .collect();
-    let tests: Vec<aml::Equal> = ids
-        .iter()
-        .map(|id| aml::Equal::new(&aml::Arg(0), id))
-        .collect();
-    let ifs: Vec<aml::If> = tests
-        .iter()
-        .zip(&notifies)
-        .map(|(t, n)| aml::If::new(t, vec![n]))
-        .collect();
-    let ctfy = aml::Method::new(
-        "CTFY".into(),
-        2,
-        false,
-        ifs.iter().map(|i| i as &dyn acpi_tables::Aml).collect(),
-    );
 
     // Each processor device: _HID ACPI0007, _UID its id (as in the MADT), _STA and _EJ0
     // through the methods above, and _MAT its MADT entry (enabled), for the guest to map it.
@@ -398,33 +441,7 @@ fn cpus_aml(max_cpus: u32, body: &mut Vec<u8>) {
     let mut children: Vec<&dyn acpi_tables::Aml> = Vec::new();
     let container_hid = aml::Name::new("_HID".into(), &"ACPI0010");
     let container_cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
-    let region = aml::OpRegion::new(
-        "PRST".into(),
-        aml::OpRegionSpace::SystemIO,
-        &cpu_hotplug::PORT,
-        &cpu_hotplug::LEN,
-    );
-    let select_field = aml::Field::new(
-        "PRST".into(),
-        aml::FieldAccessType::DWord,
-        aml::FieldLockRule::NoLock,
-        aml::FieldUpdateRule::WriteAsZeroes,
-        vec![aml::FieldEntry::Named(*b"CSEL", 32)],
-    );
-    let status_field = aml::Field::new(
-        "PRST".into(),
-        aml::FieldAccessType::Byte,
-        aml::FieldLockRule::NoLock,
-        aml::FieldUpdateRule::WriteAsZeroes,
-        vec![
-            aml::FieldEntry::Reserved(32),
-            aml::FieldEntry::Named(*b"CEN_", 1),
-            aml::FieldEntry::Named(*b"CINS", 1),
-            aml::FieldEntry::Named(*b"CRMV", 1),
-            aml::FieldEntry::Named(*b"CEJ0", 1),
-            aml::FieldEntry::Reserved(4),
-        ],
-    );
+    let [region, select_field, status_field] = hotplug_registers();
     let mutex = aml::Mutex::new("CPLK".into(), 0);
     children.extend([
         &container_hid as &dyn acpi_tables::Aml,
