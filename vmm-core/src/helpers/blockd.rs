@@ -361,31 +361,15 @@ pub fn start(
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (commands, rx) = tokio::sync::mpsc::unbounded_channel();
-    let thread = std::thread::Builder::new()
-        .name("blockd-client".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(
-                &rt,
-                client(
-                    ours,
-                    opened,
-                    ready_tx,
-                    rx,
-                    hooks,
-                    Restart {
-                        respawn,
-                        devices,
-                        child,
-                    },
-                ),
-            );
-        })
-        .map_err(BlockdError::Thread)?;
+    let restart = Restart {
+        respawn,
+        devices,
+        child,
+    };
+    let thread = super::client_thread("blockd-client", move || {
+        client(ours, opened, ready_tx, rx, hooks, restart)
+    })
+    .map_err(BlockdError::Thread)?;
     handle.thread = Some(thread);
     handle.commands = Some(commands);
     match ready_rx.recv() {

@@ -378,28 +378,11 @@ pub fn start(
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let for_handle = buffer.clone();
     let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
-    let thread = std::thread::Builder::new()
-        .name("chardevd-supervisor".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(
-                &rt,
-                supervise(
-                    mode,
-                    (backend, resources),
-                    buffer,
-                    input,
-                    events,
-                    first_tx,
-                    &mut controls,
-                ),
-            );
-        })
-        .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
+    let thread = super::client_thread("chardevd-supervisor", move || async move {
+        let helper = (backend, resources);
+        supervise(mode, helper, buffer, input, events, first_tx, &mut controls).await
+    })
+    .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
     Ok((
         Supervisor {
             buffer: for_handle,

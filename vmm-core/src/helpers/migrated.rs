@@ -160,102 +160,87 @@ pub fn start(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
     let ending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (slot, stop) = (child.clone(), ending.clone());
-    std::thread::Builder::new()
-        .name("migrated-client".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+    super::client_thread("migrated-client", move || async move {
+        let mut control = Some(first);
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            let ours = match control.take() {
+                Some(c) => c,
+                None => match super::obtain(super::MIGRATED, &source, report.clone()) {
+                    Ok((c, child)) => {
+                        match &child {
+                            Some(ch) => {
+                                log::warn!("migrated: started another (pid {})", ch.id())
+                            }
+                            None => log::warn!("migrated: connected again"),
+                        }
+                        let old = std::mem::replace(&mut *slot.lock().unwrap(), child);
+                        if let Some(mut old) = old {
+                            let _ = old.wait();
+                        }
+                        c
+                    }
+                    Err(e) => {
+                        log::error!("{e}; trying again in {} ms", backoff.as_millis());
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            let side = match vmm_proto::rpc::open_side_channel(&ours) {
+                Ok(s) => s,
                 Err(e) => {
-                    log::error!("migrated: cannot start its client runtime ({e})");
-                    return;
+                    log::error!("migrated: cannot set up its side channel ({e})");
+                    tokio::time::sleep(backoff).await;
+                    continue;
                 }
             };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let mut control = Some(first);
-                let mut backoff = std::time::Duration::from_millis(100);
-                loop {
-                    let ours = match control.take() {
-                        Some(c) => c,
-                        None => match super::obtain(super::MIGRATED, &source, report.clone()) {
-                            Ok((c, child)) => {
-                                match &child {
-                                    Some(ch) => {
-                                        log::warn!("migrated: started another (pid {})", ch.id())
-                                    }
-                                    None => log::warn!("migrated: connected again"),
-                                }
-                                let old = std::mem::replace(&mut *slot.lock().unwrap(), child);
-                                if let Some(mut old) = old {
-                                    let _ = old.wait();
-                                }
-                                c
-                            }
-                            Err(e) => {
-                                log::error!("{e}; trying again in {} ms", backoff.as_millis());
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-                                continue;
-                            }
-                        },
-                    };
-                    let side = match vmm_proto::rpc::open_side_channel(&ours) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::error!("migrated: cannot set up its side channel ({e})");
-                            tokio::time::sleep(backoff).await;
-                            continue;
-                        }
-                    };
-                    let stream = match vmm_proto::rpc::tokio_stream(ours) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            log::error!("migrated: {e}");
-                            tokio::time::sleep(backoff).await;
-                            continue;
-                        }
-                    };
-                    let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
-                    let mut connection = tokio::task::spawn_local(rpc);
-                    let conn = Rc::new(Conn {
-                        client,
-                        side,
-                        channel: RefCell::new(None),
-                    });
-                    loop {
-                        tokio::select! {
-                            job = rx.recv() => match job {
-                                Some(job) => {
-                                    tokio::task::spawn_local(job(conn.clone()));
-                                }
-                                None => {
-                                    connection.abort();
-                                    return;
-                                }
-                            },
-                            _ = &mut connection => break,
-                        }
-                    }
-                    if stop.load(std::sync::atomic::Ordering::Acquire) {
-                        return;
-                    }
-                    // migrated is gone: reap it, say so, and start another (or reconnect to
-                    // the socket, where systemd starts another).
-                    let status = slot
-                        .lock()
-                        .unwrap()
-                        .as_mut()
-                        .and_then(|c| c.wait().ok())
-                        .map_or("its connection closed".to_string(), |s| s.to_string());
-                    on_death(status);
-                    backoff = std::time::Duration::from_millis(100);
+            let stream = match vmm_proto::rpc::tokio_stream(ours) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("migrated: {e}");
+                    tokio::time::sleep(backoff).await;
+                    continue;
                 }
+            };
+            let (rpc, client): (_, migrated::Client) = vmm_proto::rpc::client(stream);
+            let mut connection = tokio::task::spawn_local(rpc);
+            let conn = Rc::new(Conn {
+                client,
+                side,
+                channel: RefCell::new(None),
             });
-        })
-        .map_err(MigratedError::Thread)?;
+            loop {
+                tokio::select! {
+                    job = rx.recv() => match job {
+                        Some(job) => {
+                            tokio::task::spawn_local(job(conn.clone()));
+                        }
+                        None => {
+                            connection.abort();
+                            return;
+                        }
+                    },
+                    _ = &mut connection => break,
+                }
+            }
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            // migrated is gone: reap it, say so, and start another (or reconnect to
+            // the socket, where systemd starts another).
+            let status = slot
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.wait().ok())
+                .map_or("its connection closed".to_string(), |s| s.to_string());
+            on_death(status);
+            backoff = std::time::Duration::from_millis(100);
+        }
+    })
+    .map_err(MigratedError::Thread)?;
     Ok(Migrated {
         jobs: tx,
         child,

@@ -256,6 +256,39 @@ pub fn end(name: &str, mut child: Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Starts a helper's client thread: capnp-rpc is !Send, so each client runs on a
+/// current-thread tokio runtime of its own, in a LocalSet; `make` builds its future there.
+pub fn client_thread<Fut>(
+    name: &str,
+    make: impl FnOnce() -> Fut + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!("cannot start the {} runtime ({e})", name_of_this_thread());
+                    return;
+                }
+            };
+            tokio::task::LocalSet::new().block_on(&rt, make());
+        })
+}
+
+fn name_of_this_thread() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("client")
+        .to_string()
+}
+
 /// The delay between attempts to get a helper back, doubling up to a ceiling.
 pub struct Backoff {
     next: Duration,
