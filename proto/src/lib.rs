@@ -13,6 +13,7 @@ pub mod channel;
 pub mod faults;
 pub mod fdpass;
 pub mod rpc;
+pub mod size;
 pub mod state;
 pub mod terminal;
 pub mod throttle;

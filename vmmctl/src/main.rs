@@ -353,38 +353,124 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         .socket
         .as_ref()
         .expect("clap requires --socket or --blockd");
-    if let Command::Cpus {
-        action: Some(CpusAction::Set { timeout, .. }),
-    } = &cli.command
-    {
-        if !(*timeout > 0.0 && *timeout <= 3600.0) {
-            return Err(Failure(
-                2,
-                format!("--timeout {timeout}: give seconds above 0, up to 3600"),
-            ));
-        }
-    }
+    check_locally(&cli.command)?;
+    let name = command_name(&cli.command);
     let path = socket.display().to_string();
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        let why = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "no such socket; is vmm-core running with --api-socket at this path?".to_string()
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                "permission denied; run as the VM's user or root".to_string()
-            }
-            std::io::ErrorKind::ConnectionRefused => {
-                "nothing is listening; the VMM has exited".to_string()
-            }
-            _ => e.to_string(),
-        };
-        Failure(2, format!("--socket {path}: {why}"))
-    })?;
+    let stream = connect(socket, &path).await?;
     let (rpc, client): (_, vmm::Client) = vmm_proto::rpc::client(stream);
     let disconnect = rpc.get_disconnector();
     let mut connection = tokio::task::spawn_local(rpc);
+    let s = Session {
+        client,
+        json: cli.json,
+        path,
+        name,
+    };
+    let out = match cli.command.clone() {
+        Command::Info => s.info().await?,
+        Command::Pause => s.simple(Simple::Pause).await?,
+        Command::Resume => s.simple(Simple::Resume).await?,
+        Command::Reboot => s.simple(Simple::Reboot).await?,
+        Command::Shutdown { force } => s.simple(Simple::Shutdown(force)).await?,
+        Command::DirtyRate { ms } => s.dirty_rate(ms).await?,
+        Command::Migrate { target, .. } if target == "status" => s.migrate_status().await?,
+        Command::Migrate { target, .. } if target == "cancel" => {
+            s.simple(Simple::MigrateCancel).await?
+        }
+        Command::Migrate {
+            target,
+            downtime_ms,
+            bandwidth,
+            tls_creds,
+            tls_hostname,
+            compress,
+        } => {
+            let tls = (
+                tls_creds.unwrap_or_default(),
+                tls_hostname.unwrap_or_default(),
+            );
+            let bandwidth = bandwidth.as_deref().map(parse_rate).transpose()?;
+            s.migrate(&target, downtime_ms, bandwidth, &tls, compress)
+                .await?
+        }
+        Command::Snapshot { uri, compress } => s.snapshot(&uri, compress).await?,
+        Command::Cpus {
+            action: Some(CpusAction::Set { count, timeout }),
+        } => s.set_cpus(count, timeout).await?,
+        Command::Cpus { action: None } => s.cpus().await?,
+        Command::Disk {
+            action: DiskAction::Fault { rule },
+        } => s.disk_fault(&rule).await?,
+        Command::Disk {
+            action: DiskAction::Throttle { name, spec },
+        } => s.disk_throttle(&name, &spec).await?,
+        Command::Disk { action } => s.disks(&action).await?,
+        Command::Devices => s.devices().await?,
+        Command::Console { dump: true, device } => s.console_dump(&device).await?,
+        Command::Console {
+            dump: false,
+            device,
+        } => {
+            let input = s.console_attach(&device).await?;
+            let why = attach(&device, input, &mut connection).await;
+            eprintln!("\r\nvmmctl: {why}");
+            return Ok(String::new());
+        }
+        Command::ConsoleFault { rule, device } => s.console_fault(rule, &device).await?,
+        Command::Events => {
+            s.subscribe().await?;
+            // Events arrive as calls to the Printer until the VMM ends the connection.
+            let _ = connection.await;
+            return Ok(String::new());
+        }
+    };
+    let _ = disconnect.await;
+    Ok(out)
+}
 
-    let name = match &cli.command {
+/// Refuses, before connecting, what no VM would accept: a bad `cpus set --timeout` and the
+/// `disk` commands that only a blockd of its own serves, a bad rate, a snapshot to a
+/// non-file or a migration to a file.
+fn check_locally(command: &Command) -> Result<(), Failure> {
+    match command {
+        Command::Cpus {
+            action: Some(CpusAction::Set { timeout, .. }),
+        } if !(*timeout > 0.0 && *timeout <= 3600.0) => Err(Failure(
+            2,
+            format!("--timeout {timeout}: give seconds above 0, up to 3600"),
+        )),
+        Command::Disk {
+            action: DiskAction::Resume { .. },
+        } => Err(Failure(
+            2,
+            "disk resume is for a blockd of its own (--blockd PATH); for a VM, `vmmctl resume` resumes it and retries its disks".into(),
+        )),
+        Command::Disk {
+            action: DiskAction::Add { .. } | DiskAction::Remove { .. },
+        } => Err(Failure(
+            2,
+            "disk add and disk remove are for a blockd of its own (--blockd PATH); a VM's disks are given with vmm-core's --disk".into(),
+        )),
+        Command::Migrate {
+            bandwidth: Some(b), ..
+        } if parse_rate(b).is_err() => parse_rate(b).map(drop),
+        Command::Migrate { target, .. } if target.starts_with("file:") => Err(Failure(
+            2,
+            format!("migrate {target}: a file is a snapshot; use `vmmctl snapshot {target}`"),
+        )),
+        Command::Snapshot { uri, .. } if !uri.starts_with("file:") || uri.len() == 5 => {
+            Err(Failure(
+                2,
+                format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The command as its errors name it.
+fn command_name(command: &Command) -> &'static str {
+    match command {
         Command::Info => "info",
         Command::Pause => "pause",
         Command::Resume => "resume",
@@ -401,394 +487,401 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Cpus { action: Some(_) } => "cpus set",
         Command::Console { .. } => "console",
         Command::ConsoleFault { .. } => "console-fault",
-        Command::Disk {
-            action: DiskAction::List,
-        } => "disk list",
-        Command::Disk {
-            action: DiskAction::Stats { .. },
-        } => "disk stats",
-        Command::Disk {
-            action: DiskAction::Fault { .. },
-        } => "disk fault",
-        Command::Disk {
-            action: DiskAction::Throttle { .. },
-        } => "disk throttle",
-        Command::Disk {
-            action: DiskAction::Resume { .. },
-        } => {
-            return Err(Failure(
-                2,
-                "disk resume is for a blockd of its own (--blockd PATH); for a VM, `vmmctl resume` resumes it and retries its disks".into(),
-            ))
-        }
-        Command::Disk {
-            action: DiskAction::Add { .. } | DiskAction::Remove { .. },
-        } => {
-            return Err(Failure(
-                2,
-                "disk add and disk remove are for a blockd of its own (--blockd PATH); a VM's disks are given with vmm-core's --disk".into(),
-            ))
-        }
-    };
-    let fail = |e: capnp::Error| {
-        let msg = match e.kind {
-            capnp::ErrorKind::Disconnected => format!("--socket {path}: the VMM closed the connection (a peer with another uid is refused)"),
-            _ => e.extra.trim_start_matches("remote exception: ").to_string(),
+        Command::Disk { action } => match action {
+            DiskAction::List => "disk list",
+            DiskAction::Stats { .. } => "disk stats",
+            DiskAction::Fault { .. } => "disk fault",
+            DiskAction::Throttle { .. } => "disk throttle",
+            DiskAction::Resume { .. } => "disk resume",
+            DiskAction::Add { .. } => "disk add",
+            DiskAction::Remove { .. } => "disk remove",
+        },
+    }
+}
+
+/// Connects to the VM's API socket, saying what a failure most likely means.
+async fn connect(socket: &std::path::Path, path: &str) -> Result<tokio::net::UnixStream, Failure> {
+    tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "no such socket; is vmm-core running with --api-socket at this path?".to_string()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied; run as the VM's user or root".to_string()
+            }
+            std::io::ErrorKind::ConnectionRefused => {
+                "nothing is listening; the VMM has exited".to_string()
+            }
+            _ => e.to_string(),
         };
-        Failure(1, format!("{name}: {msg}"))
-    };
-    let out = match cli.command.clone() {
-        Command::Info => {
-            let reply = client.info_request().send().promise.await.map_err(fail)?;
-            let info = reply.get().and_then(|r| r.get_info()).map_err(fail)?;
-            format_info(&info, cli.json).map_err(fail)?
-        }
-        Command::Pause => {
-            client.pause_request().send().promise.await.map_err(fail)?;
-            done(cli.json, "paused")
-        }
-        Command::DirtyRate { ms } => {
-            let mut req = client.dirty_rate_request();
-            req.get().set_ms(ms);
-            let reply = req.send().promise.await.map_err(fail)?;
-            let r = reply.get().map_err(fail)?;
-            let (pages, ms, page) = (r.get_pages(), r.get_ms().max(1), r.get_page_size());
-            let mib_s =
-                (pages * u64::from(page)) as f64 / (1 << 20) as f64 * 1000.0 / f64::from(ms);
-            if cli.json {
-                format!(
-                    "{{\"pages\":{pages},\"page_size\":{page},\"ms\":{ms},\"mib_per_s\":{mib_s:.1}}}"
-                )
-            } else {
-                format!("{pages} pages of {page} bytes written in {ms} ms: {mib_s:.1} MiB/s")
-            }
-        }
-        Command::Resume => {
-            client.resume_request().send().promise.await.map_err(fail)?;
-            done(cli.json, "resumed")
-        }
-        Command::Migrate { target, .. } if target == "status" => {
-            let reply = client
-                .migrate_status_request()
-                .send()
-                .promise
-                .await
-                .map_err(fail)?;
-            let st = reply.get().and_then(|r| r.get_status()).map_err(fail)?;
-            format_migration(&st, cli.json).map_err(fail)?
-        }
-        Command::Migrate { target, .. } if target == "cancel" => {
-            client
-                .migrate_cancel_request()
-                .send()
-                .promise
-                .await
-                .map_err(fail)?;
-            done(cli.json, "cancelled; the VM goes on here")
-        }
-        Command::Migrate {
-            target,
-            downtime_ms,
-            bandwidth,
-            tls_creds,
-            tls_hostname,
-            compress,
-        } => {
-            let bandwidth = match bandwidth.as_deref().map(parse_rate) {
-                None => 0,
-                Some(Ok(b)) => b,
-                Some(Err(e)) => return Err(Failure(2, format!("migrate --bandwidth {e}"))),
-            };
-            if target.starts_with("file:") {
-                return Err(Failure(
-                    2,
-                    format!(
-                        "migrate {target}: a file is a snapshot; use `vmmctl snapshot {target}`"
-                    ),
-                ));
-            }
-            let tls = (
-                tls_creds.unwrap_or_default(),
-                tls_hostname.unwrap_or_default(),
-            );
-            let st = migrate(
-                &client,
-                &target,
-                downtime_ms.unwrap_or(0),
-                bandwidth,
-                &tls,
-                compress,
-                cli.json,
-            )
-            .await
-            .map_err(fail)?;
-            if cli.json {
-                st
-            } else {
-                format!("migrated to {target}; the VM runs there now: {st}")
-            }
-        }
-        Command::Snapshot { uri, compress } => {
-            if !uri.starts_with("file:") || uri.len() == 5 {
-                return Err(Failure(
-                    2,
-                    format!("snapshot {uri}: a snapshot goes to file:PATH; for a live destination use `vmmctl migrate`"),
-                ));
-            }
-            let st = migrate(&client, &uri, 0, 0, &Default::default(), compress, cli.json)
-                .await
-                .map_err(fail)?;
-            if cli.json {
-                st
-            } else {
-                format!("saved to {uri}: {st}")
-            }
-        }
-        Command::Shutdown { force } => {
-            let mut req = client.shutdown_request();
-            req.get().set_force(force);
-            req.send().promise.await.map_err(fail)?;
-            done(
-                cli.json,
-                if force {
+        Failure(2, format!("--socket {path}: {why}"))
+    })
+}
+
+/// A request that carries nothing back but success.
+enum Simple {
+    Pause,
+    Resume,
+    Reboot,
+    Shutdown(bool),
+    MigrateCancel,
+}
+
+/// One command's connection to the VM: each method sends its request and formats the answer.
+struct Session {
+    client: vmm::Client,
+    json: bool,
+    /// The API socket, as errors name it.
+    path: String,
+    /// The command, as errors name it.
+    name: &'static str,
+}
+
+impl Session {
+    /// A failed request as the exit status 1 and a line that names the command.
+    fn fail(&self, e: capnp::Error) -> Failure {
+        let msg = match e.kind {
+            capnp::ErrorKind::Disconnected => format!(
+                "--socket {}: the VMM closed the connection (a peer with another uid is refused)",
+                self.path
+            ),
+            _ => vmm_proto::rpc::remote_message(&e),
+        };
+        Failure(1, format!("{}: {msg}", self.name))
+    }
+
+    async fn simple(&self, what: Simple) -> Result<String, Failure> {
+        let c = &self.client;
+        let (sent, said) = match what {
+            Simple::Pause => (c.pause_request().send().promise.await.map(drop), "paused"),
+            Simple::Resume => (c.resume_request().send().promise.await.map(drop), "resumed"),
+            Simple::Reboot => (c.reboot_request().send().promise.await.map(drop), "reset"),
+            Simple::Shutdown(force) => {
+                let mut req = c.shutdown_request();
+                req.get().set_force(force);
+                let said = if force {
                     "stopped"
                 } else {
                     "shutdown requested"
-                },
+                };
+                (req.send().promise.await.map(drop), said)
+            }
+            Simple::MigrateCancel => (
+                c.migrate_cancel_request().send().promise.await.map(drop),
+                "cancelled; the VM goes on here",
+            ),
+        };
+        sent.map_err(|e| self.fail(e))?;
+        Ok(done(self.json, said))
+    }
+
+    async fn info(&self) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let reply = self
+            .client
+            .info_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let info = reply.get().and_then(|r| r.get_info()).map_err(fail)?;
+        format_info(&info, self.json).map_err(fail)
+    }
+
+    async fn dirty_rate(&self, ms: u32) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let mut req = self.client.dirty_rate_request();
+        req.get().set_ms(ms);
+        let reply = req.send().promise.await.map_err(fail)?;
+        let r = reply.get().map_err(fail)?;
+        let (pages, ms, page) = (r.get_pages(), r.get_ms().max(1), r.get_page_size());
+        let mib_s = (pages * u64::from(page)) as f64 / (1 << 20) as f64 * 1000.0 / f64::from(ms);
+        Ok(if self.json {
+            format!(
+                "{{\"pages\":{pages},\"page_size\":{page},\"ms\":{ms},\"mib_per_s\":{mib_s:.1}}}"
             )
+        } else {
+            format!("{pages} pages of {page} bytes written in {ms} ms: {mib_s:.1} MiB/s")
+        })
+    }
+
+    async fn migrate_status(&self) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let req = self.client.migrate_status_request();
+        let reply = req.send().promise.await.map_err(fail)?;
+        let st = reply.get().and_then(|r| r.get_status()).map_err(fail)?;
+        format_migration(&st, self.json).map_err(fail)
+    }
+
+    async fn migrate(
+        &self,
+        target: &str,
+        downtime_ms: Option<u32>,
+        bandwidth: Option<u64>,
+        tls: &(String, String),
+        compress: bool,
+    ) -> Result<String, Failure> {
+        let options = MigrateOptions {
+            downtime_ms: downtime_ms.unwrap_or(0),
+            bandwidth: bandwidth.unwrap_or(0),
+            tls,
+            compress,
+        };
+        let st = migrate(&self.client, target, &options, self.json)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(if self.json {
+            st
+        } else {
+            format!("migrated to {target}; the VM runs there now: {st}")
+        })
+    }
+
+    async fn snapshot(&self, uri: &str, compress: bool) -> Result<String, Failure> {
+        let tls = Default::default();
+        let options = MigrateOptions {
+            downtime_ms: 0,
+            bandwidth: 0,
+            tls: &tls,
+            compress,
+        };
+        let st = migrate(&self.client, uri, &options, self.json)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(if self.json {
+            st
+        } else {
+            format!("saved to {uri}: {st}")
+        })
+    }
+
+    async fn set_cpus(&self, count: u32, timeout: f64) -> Result<String, Failure> {
+        let mut req = self.client.set_cpus_request();
+        req.get().set_count(count);
+        req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(self.json, &format!("{count} vCPUs online")))
+    }
+
+    async fn cpus(&self) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let reply = self
+            .client
+            .cpus_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let r = reply.get().map_err(fail)?;
+        let mut rows = Vec::new();
+        for c in r.get_cpus().map_err(fail)?.iter() {
+            rows.push((
+                c.get_id(),
+                text(c.get_state()).map_err(fail)?,
+                c.get_reuses(),
+            ));
         }
-        Command::Reboot => {
-            client.reboot_request().send().promise.await.map_err(fail)?;
-            done(cli.json, "reset")
+        if self.json {
+            let items: Vec<String> = rows
+                .iter()
+                .map(|(id, state, reuses)| {
+                    format!(
+                        "{{\"id\":{id},\"state\":{},\"reuses\":{reuses}}}",
+                        json_str(state)
+                    )
+                })
+                .collect();
+            return Ok(format!(
+                "{{\"cpus\":[{}],\"created\":{}}}",
+                items.join(","),
+                r.get_created()
+            ));
         }
-        Command::Cpus {
-            action: Some(CpusAction::Set { count, timeout }),
-        } => {
-            let mut req = client.set_cpus_request();
-            req.get().set_count(count);
-            req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
-            req.send().promise.await.map_err(fail)?;
-            done(cli.json, &format!("{count} vCPUs online"))
+        let mut out = String::from("vCPU  state    KVM fd reuses\n");
+        for (id, state, reuses) in &rows {
+            out.push_str(&format!("{id:<5} {state:<8} {reuses}\n"));
         }
-        Command::Cpus { action: None } => {
-            let reply = client.cpus_request().send().promise.await.map_err(fail)?;
-            let r = reply.get().map_err(fail)?;
-            let list = r.get_cpus().map_err(fail)?;
-            let mut rows = Vec::new();
-            for c in list.iter() {
-                let state = c
-                    .get_state()
-                    .map_err(fail)?
-                    .to_string()
-                    .map_err(|e| fail(capnp::Error::failed(e.to_string())))?;
-                rows.push((c.get_id(), state, c.get_reuses()));
-            }
-            if cli.json {
-                let items: Vec<String> = rows
-                    .iter()
-                    .map(|(id, state, reuses)| {
-                        format!(
-                            "{{\"id\":{id},\"state\":{},\"reuses\":{reuses}}}",
-                            json_str(state)
-                        )
-                    })
-                    .collect();
-                format!(
-                    "{{\"cpus\":[{}],\"created\":{}}}",
-                    items.join(","),
-                    r.get_created()
-                )
-            } else {
-                let mut out = String::from("vCPU  state    KVM fd reuses\n");
-                for (id, state, reuses) in &rows {
-                    out.push_str(&format!("{id:<5} {state:<8} {reuses}\n"));
-                }
-                out.push_str(&format!(
-                    "KVM_CREATE_VCPU calls in this boot: {}",
-                    r.get_created()
-                ));
-                out
-            }
-        }
-        Command::Disk {
-            action: DiskAction::Fault { rule },
-        } => match rule {
+        out.push_str(&format!(
+            "KVM_CREATE_VCPU calls in this boot: {}",
+            r.get_created()
+        ));
+        Ok(out)
+    }
+
+    async fn disk_fault(&self, rule: &DiskFault) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let c = &self.client;
+        Ok(match rule {
             DiskFault::Clear | DiskFault::ForbiddenSyscall => {
-                let mut req = client.disk_fault_request();
-                set_fault(req.get().init_fault(), &rule);
+                let mut req = c.disk_fault_request();
+                set_fault(req.get().init_fault(), rule);
                 req.send().promise.await.map_err(fail)?;
-                done(cli.json, "done")
+                done(self.json, "done")
             }
             DiskFault::Add { .. } => {
-                let r = fault_rule(&rule)?;
-                let mut req = client.disk_fault_add_request();
+                let r = fault_rule(rule)?;
+                let mut req = c.disk_fault_add_request();
                 r.write_to(req.get().init_rule());
                 let reply = req.send().promise.await.map_err(fail)?;
                 let id = reply.get().map_err(fail)?.get_id();
-                done(cli.json, &format!("fault rule {id} added"))
+                done(self.json, &format!("fault rule {id} added"))
             }
             DiskFault::Remove { id } => {
-                let mut req = client.disk_fault_remove_request();
-                req.get().set_id(id);
+                let mut req = c.disk_fault_remove_request();
+                req.get().set_id(*id);
                 req.send().promise.await.map_err(fail)?;
-                done(cli.json, &format!("fault rule {id} removed"))
+                done(self.json, &format!("fault rule {id} removed"))
             }
             DiskFault::List => {
-                let reply = client
-                    .disk_fault_rules_request()
-                    .send()
-                    .promise
-                    .await
-                    .map_err(fail)?;
+                let req = c.disk_fault_rules_request();
+                let reply = req.send().promise.await.map_err(fail)?;
                 let rules = reply
                     .get()
                     .and_then(|r| r.get_rules())
                     .and_then(vmm_proto::faults::read_list)
                     .map_err(fail)?;
-                format_rules(&rules, cli.json)
+                format_rules(&rules, self.json)
             }
-        },
-        Command::Disk {
-            action: DiskAction::Throttle { name, spec },
-        } => {
-            let spec = vmm_proto::throttle::Spec::parse(&spec)
-                .map_err(|m| Failure(2, format!("disk throttle {name}: {m}")))?;
-            let mut req = client.disk_throttle_request();
-            req.get().set_name(&name);
-            spec.write(req.get().init_throttle());
-            req.send().promise.await.map_err(fail)?;
-            done(cli.json, &format!("{name}: throttle {spec}"))
-        }
-        Command::Disk { action } => {
-            let reply = client.disks_request().send().promise.await.map_err(fail)?;
-            let list = reply.get().and_then(|r| r.get_disks()).map_err(fail)?;
-            let only = match &action {
-                DiskAction::Stats { name } => name.clone(),
-                _ => None,
-            };
-            if let Some(n) = &only {
-                let mut names = Vec::new();
-                for d in list.iter() {
-                    names.push(text(d.get_name()).map_err(fail)?);
-                }
-                if !names.contains(n) {
-                    return Err(Failure(
-                        1,
-                        format!(
-                            "disk stats: no disk {n:?}; this VM has {}",
-                            if names.is_empty() {
-                                "none".to_string()
-                            } else {
-                                names.join(", ")
-                            }
-                        ),
-                    ));
-                }
-            }
-            format_disks(&list, &action, only.as_deref(), cli.json).map_err(fail)?
-        }
-        Command::Devices => {
-            let reply = client
-                .devices_request()
-                .send()
-                .promise
-                .await
-                .map_err(fail)?;
-            let list = reply.get().and_then(|r| r.get_devices()).map_err(fail)?;
-            let mut lines = Vec::new();
+        })
+    }
+
+    async fn disk_throttle(&self, name: &str, spec: &str) -> Result<String, Failure> {
+        let spec = vmm_proto::throttle::Spec::parse(spec)
+            .map_err(|m| Failure(2, format!("disk throttle {name}: {m}")))?;
+        let mut req = self.client.disk_throttle_request();
+        req.get().set_name(name);
+        spec.write(req.get().init_throttle());
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(self.json, &format!("{name}: throttle {spec}")))
+    }
+
+    /// `disk list` and `disk stats [NAME]`.
+    async fn disks(&self, action: &DiskAction) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let reply = self
+            .client
+            .disks_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let list = reply.get().and_then(|r| r.get_disks()).map_err(fail)?;
+        let only = match action {
+            DiskAction::Stats { name } => name.clone(),
+            _ => None,
+        };
+        if let Some(n) = &only {
+            let mut names = Vec::new();
             for d in list.iter() {
-                let text = |t: capnp::Result<capnp::text::Reader>| {
-                    t.and_then(|t| {
-                        t.to_string()
-                            .map_err(|e| capnp::Error::failed(e.to_string()))
-                    })
-                };
-                let (name, kind, detail) = (
-                    text(d.get_name()).map_err(fail)?,
-                    text(d.get_kind()).map_err(fail)?,
-                    text(d.get_detail()).map_err(fail)?,
-                );
-                lines.push(if cli.json {
-                    format!(
-                        "{{\"name\":{},\"kind\":{},\"detail\":{}}}",
-                        json_str(&name),
-                        json_str(&kind),
-                        json_str(&detail)
-                    )
+                names.push(text(d.get_name()).map_err(fail)?);
+            }
+            if !names.contains(n) {
+                let has = if names.is_empty() {
+                    "none".to_string()
                 } else {
-                    format!("{name:<10} {kind:<18} {detail}")
-                });
-            }
-            if cli.json {
-                format!("[{}]", lines.join(","))
-            } else {
-                lines.join("\n")
+                    names.join(", ")
+                };
+                return Err(Failure(
+                    1,
+                    format!("disk stats: no disk {n:?}; this VM has {has}"),
+                ));
             }
         }
-        Command::Console {
-            dump: false,
-            device,
-        } => {
-            let mut req = client.console_attach_request();
-            req.get().set_device(&device);
-            req.get().set_output(capnp_rpc::new_client(Stdout));
-            let reply = req.send().promise.await.map_err(fail)?;
-            let input = reply.get().and_then(|r| r.get_input()).map_err(fail)?;
-            let why = attach(&device, input, &mut connection).await;
-            eprintln!("\r\nvmmctl: {why}");
-            return Ok(String::new());
-        }
-        Command::Console { dump: true, device } => {
-            let mut req = client.console_dump_request();
-            req.get().set_device(&device);
-            let reply = req.send().promise.await.map_err(fail)?;
-            let r = reply.get().map_err(fail)?;
-            let data = r.get_data().map_err(fail)?;
-            if cli.json {
+        format_disks(&list, action, only.as_deref(), self.json).map_err(fail)
+    }
+
+    async fn devices(&self) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let reply = self
+            .client
+            .devices_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let list = reply.get().and_then(|r| r.get_devices()).map_err(fail)?;
+        let mut lines = Vec::new();
+        for d in list.iter() {
+            let (name, kind, detail) = (
+                text(d.get_name()).map_err(fail)?,
+                text(d.get_kind()).map_err(fail)?,
+                text(d.get_detail()).map_err(fail)?,
+            );
+            lines.push(if self.json {
                 format!(
-                    "{{\"data\":{},\"dropped\":{}}}",
-                    json_str(&String::from_utf8_lossy(data)),
-                    r.get_dropped()
+                    "{{\"name\":{},\"kind\":{},\"detail\":{}}}",
+                    json_str(&name),
+                    json_str(&kind),
+                    json_str(&detail)
                 )
             } else {
-                use std::io::Write;
-                let _ = std::io::stdout().write_all(data);
-                if r.get_dropped() > 0 {
-                    eprintln!("vmmctl: the ring dropped {} older bytes", r.get_dropped());
-                }
-                String::new()
-            }
+                format!("{name:<10} {kind:<18} {detail}")
+            });
         }
-        Command::ConsoleFault { rule, device } => {
-            let mut req = client.console_fault_request();
-            req.get().set_device(&device);
-            {
-                let mut f = req.get().init_fault();
-                match rule {
-                    FaultRule::Clear => f.set_clear(()),
-                    FaultRule::DropConnection => f.set_drop_connection(()),
-                    FaultRule::DelayWrites { ms } => f.set_delay_writes_ms(ms),
-                    FaultRule::ForbiddenSyscall => f.set_forbidden_syscall(()),
-                }
-            }
-            req.send().promise.await.map_err(fail)?;
-            done(cli.json, "done")
+        Ok(if self.json {
+            format!("[{}]", lines.join(","))
+        } else {
+            lines.join("\n")
+        })
+    }
+
+    /// Attaches Stdout to the console; the answer is where its input goes.
+    async fn console_attach(&self, device: &str) -> Result<byte_sink::Client, Failure> {
+        let fail = |e| self.fail(e);
+        let mut req = self.client.console_attach_request();
+        req.get().set_device(device);
+        req.get().set_output(capnp_rpc::new_client(Stdout));
+        let reply = req.send().promise.await.map_err(fail)?;
+        reply.get().and_then(|r| r.get_input()).map_err(fail)
+    }
+
+    async fn console_dump(&self, device: &str) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let mut req = self.client.console_dump_request();
+        req.get().set_device(device);
+        let reply = req.send().promise.await.map_err(fail)?;
+        let r = reply.get().map_err(fail)?;
+        let data = r.get_data().map_err(fail)?;
+        if self.json {
+            return Ok(format!(
+                "{{\"data\":{},\"dropped\":{}}}",
+                json_str(&String::from_utf8_lossy(data)),
+                r.get_dropped()
+            ));
         }
-        Command::Events => {
-            let mut req = client.events_request();
-            req.get()
-                .set_sink(capnp_rpc::new_client(Printer { json: cli.json }));
-            req.send().promise.await.map_err(fail)?;
-            // The VMM registers the subscription before it answers, so from here on nothing
-            // is missed; say so on stderr, where it does not mix with the events.
-            eprintln!("vmmctl: subscribed to events; they print until the VM ends");
-            // Events arrive as calls to the Printer until the VMM ends the connection.
-            let _ = connection.await;
-            return Ok(String::new());
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(data);
+        if r.get_dropped() > 0 {
+            eprintln!("vmmctl: the ring dropped {} older bytes", r.get_dropped());
         }
-    };
-    let _ = disconnect.await;
-    Ok(out)
+        Ok(String::new())
+    }
+
+    async fn console_fault(&self, rule: FaultRule, device: &str) -> Result<String, Failure> {
+        let mut req = self.client.console_fault_request();
+        req.get().set_device(device);
+        let mut f = req.get().init_fault();
+        match rule {
+            FaultRule::Clear => f.set_clear(()),
+            FaultRule::DropConnection => f.set_drop_connection(()),
+            FaultRule::DelayWrites { ms } => f.set_delay_writes_ms(ms),
+            FaultRule::ForbiddenSyscall => f.set_forbidden_syscall(()),
+        }
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(self.json, "done"))
+    }
+
+    /// Subscribes a Printer to the VM's events.
+    async fn subscribe(&self) -> Result<(), Failure> {
+        let mut req = self.client.events_request();
+        req.get()
+            .set_sink(capnp_rpc::new_client(Printer { json: self.json }));
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        // The VMM registers the subscription before it answers, so from here on nothing
+        // is missed; say so on stderr, where it does not mix with the events.
+        eprintln!("vmmctl: subscribed to events; they print until the VM ends");
+        Ok(())
+    }
 }
 
 /// Runs an attached console until Ctrl-] or until the VM ends; says which. Standard input
@@ -1300,41 +1393,43 @@ async fn blockd_direct(
     }
 }
 
-/// "100M" as bytes per second (K, M, G are powers of 1024; a bare number is bytes).
-fn parse_rate(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    match num.parse::<u64>() {
-        Ok(n) if n > 0 => n.checked_mul(mult).ok_or_else(|| format!("{s}: too large")),
-        _ => Err(format!(
-            "{s}: not a rate; write bytes per second like 100M or 1G"
-        )),
+/// `migrate --bandwidth`: bytes per second, "100M" (K, M, G are powers of 1024).
+fn parse_rate(s: &str) -> Result<u64, Failure> {
+    let bad = |why: &str| Failure(2, format!("migrate --bandwidth {s}: {why}"));
+    match vmm_proto::size::parse(s, 1) {
+        Ok(0) | Err(vmm_proto::size::SizeError::Malformed(_)) => {
+            Err(bad("not a rate; write bytes per second like 100M or 1G"))
+        }
+        Err(vmm_proto::size::SizeError::TooLarge(_)) => Err(bad("too large")),
+        Ok(n) => Ok(n),
     }
+}
+
+/// What `migrate` and `snapshot` ask for: 0 means the VMM's default.
+struct MigrateOptions<'a> {
+    downtime_ms: u32,
+    bandwidth: u64,
+    /// The credentials' directory and the name to check (empty: no TLS).
+    tls: &'a (String, String),
+    compress: bool,
 }
 
 /// Runs a migration (or snapshot), drawing its progress on a terminal meanwhile.
 async fn migrate(
     client: &vmm::Client,
     uri: &str,
-    downtime_ms: u32,
-    bandwidth: u64,
-    tls: &(String, String),
-    compress: bool,
+    options: &MigrateOptions<'_>,
     json: bool,
 ) -> Result<String, capnp::Error> {
     use std::io::IsTerminal;
     let mut req = client.migrate_request();
     req.get().set_uri(uri);
     let mut o = req.get().init_options();
-    o.set_downtime_ms(downtime_ms);
-    o.set_bandwidth(bandwidth);
-    o.set_tls_creds(tls.0.as_str());
-    o.set_tls_hostname(tls.1.as_str());
-    o.set_compress(compress);
+    o.set_downtime_ms(options.downtime_ms);
+    o.set_bandwidth(options.bandwidth);
+    o.set_tls_creds(options.tls.0.as_str());
+    o.set_tls_hostname(options.tls.1.as_str());
+    o.set_compress(options.compress);
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);

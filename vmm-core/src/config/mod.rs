@@ -424,16 +424,6 @@ fn cmdline_limit(path: &Path, format: KernelFormat) -> usize {
     read().unwrap_or(DEFAULT_CMDLINE_MAX)
 }
 
-/// 4096, 64K, 1M: a byte count with an optional K or M.
-pub(crate) fn parse_memory_like(s: &str) -> Option<u64> {
-    let (num, mult) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// "N" or "N,max=M" (also "boot=N,max=M").
 pub fn parse_cpus(s: &str) -> Result<(u32, u32), ConfigError> {
     let bad = || ConfigError::CpusMalformed(s.to_string());
@@ -462,22 +452,10 @@ pub fn parse_cpus(s: &str) -> Result<(u32, u32), ConfigError> {
     Ok((boot, max))
 }
 
-/// Sizes like 512M, 2G, 2GiB, 131072K; a bare number is MiB.
+/// Sizes like 512M, 2G, 2GiB, 131072K; a bare number is MiB (as QEMU's `-m`).
 pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::MemoryMalformed(s.to_string());
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "M" | "MB" | "MIB" => 20,
-        "K" | "KB" | "KIB" => 10,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        "B" => 0,
-        _ => return Err(bad()),
-    };
-    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    let bytes = vmm_proto::size::parse(s, 1 << 20)
+        .map_err(|_| ConfigError::MemoryMalformed(s.to_string()))?;
     if bytes < MIN_MEMORY {
         return Err(ConfigError::MemoryTooSmall(s.to_string()));
     }

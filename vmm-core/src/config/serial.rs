@@ -1,6 +1,6 @@
 //! `--serial`: where the console goes, a backend chardevd serves.
 
-use super::{parse_memory_like, ConfigError};
+use super::ConfigError;
 
 /// A console backend, as chardevd opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub fn parse_serial(s: &str) -> Result<Option<Backend>, ConfigError> {
             append,
         }
     } else if let Some(size) = rest.strip_prefix("ring=") {
-        let bytes = parse_memory_like(size).ok_or_else(bad)?;
+        let bytes = vmm_proto::size::parse(size, 1).map_err(|_| bad())?;
         Backend::Ring(
             u32::try_from(bytes)
                 .ok()
