@@ -12,8 +12,15 @@
 //! root (under systemd's DynamicUser, say) the steps that need privileges are skipped and the
 //! service manager's own sandbox is the wall; the rest still applies.
 
-use std::ffi::CString;
-use std::io;
+use crate::SandboxError;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::prctl;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{chdir, fork, pivot_root, setgroups, setresgid, setresuid, ForkResult};
+use nix::unistd::{Gid, Uid};
 use std::os::fd::RawFd;
 
 pub struct Jail {
@@ -47,9 +54,15 @@ impl Default for Jail {
     }
 }
 
-fn check(what: &str, r: libc::c_int) -> Result<(), String> {
+/// A failed step of the jail, named.
+fn step(what: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
+    move |e| SandboxError::Jail(what, e)
+}
+
+/// A raw system call's result as the step's error.
+fn check(what: &'static str, r: libc::c_long) -> Result<(), SandboxError> {
     if r < 0 {
-        Err(format!("{what}: {}", io::Error::last_os_error()))
+        Err(SandboxError::Jail(what, nix::Error::last()))
     } else {
         Ok(())
     }
@@ -57,251 +70,212 @@ fn check(what: &str, r: libc::c_int) -> Result<(), String> {
 
 /// Enters the sandbox; returns in the sandboxed child. Whether the privileged steps ran is
 /// the Ok value.
-pub fn enter(jail: &Jail) -> Result<bool, String> {
+pub fn enter(jail: &Jail) -> Result<bool, SandboxError> {
     close_other_fds(&jail.keep)?;
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     if root {
         namespaces(jail)?;
         empty_root()?;
         drop_privileges(jail)?;
         // The child dies with the parent that waits for it. (Set only now: a change of uid
         // clears it.)
-        // SAFETY: prctl only sets this process's parent-death signal.
-        check("the parent-death signal", unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL)
-        })?;
+        prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("the parent-death signal"))?;
     }
-    // SAFETY: prctl with these arguments only sets this process's flags.
-    check("no_new_privs", unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    })?;
-    rlimit(libc::RLIMIT_CORE, 0)?;
-    rlimit(libc::RLIMIT_NOFILE, jail.max_fds)?;
-    rlimit(libc::RLIMIT_AS, jail.max_address_space)?;
+    prctl::set_no_new_privs().map_err(step("no_new_privs"))?;
+    let limit = |r: Resource, v: u64| setrlimit(r, v, v).map_err(step("setrlimit"));
+    limit(Resource::RLIMIT_CORE, 0)?;
+    limit(Resource::RLIMIT_NOFILE, jail.max_fds)?;
+    limit(Resource::RLIMIT_AS, jail.max_address_space)?;
     Ok(root)
 }
 
-fn rlimit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), String> {
-    let l = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
-    // SAFETY: l is a valid rlimit.
-    check("setrlimit", unsafe { libc::setrlimit(resource, &l) })
+/// close_range(2) over [from, to]; nix and std have no wrapper for it.
+fn close_range(from: u32, to: u32) -> Result<(), SandboxError> {
+    // SAFETY: closes descriptors nobody in this single-threaded process still uses; no memory
+    // is involved.
+    check("close_range", unsafe {
+        libc::syscall(libc::SYS_close_range, from, to, 0)
+    })
 }
 
-fn close_other_fds(keep: &[RawFd]) -> Result<(), String> {
+fn close_other_fds(keep: &[RawFd]) -> Result<(), SandboxError> {
     let mut keep: Vec<RawFd> = keep.iter().copied().chain([0, 1, 2]).collect();
     keep.sort_unstable();
     keep.dedup();
     let mut from: u32 = 0;
     for &k in &keep {
         if k as u32 > from {
-            // SAFETY: closes descriptors nobody in this single-threaded process still uses.
-            unsafe { libc::syscall(libc::SYS_close_range, from, k as u32 - 1, 0) };
+            close_range(from, k as u32 - 1)?;
         }
         from = k as u32 + 1;
     }
-    // SAFETY: as above.
-    check("close_range", unsafe {
-        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0) as libc::c_int
-    })
+    close_range(from, u32::MAX)
 }
 
 /// New namespaces; forks so that the helper is PID 1 of its own PID namespace. Returns in the
 /// child; the parent waits for it and exits with its status.
-fn namespaces(jail: &Jail) -> Result<(), String> {
+fn namespaces(jail: &Jail) -> Result<(), SandboxError> {
     // The PID namespace applies to the next child; the others are the child's alone (the
     // waiting parent keeps the host's mounts, to clean up after it).
-    // SAFETY: unshare affects only this (single-threaded) process.
-    check("unshare (pid)", unsafe {
-        libc::unshare(libc::CLONE_NEWPID)
-    })?;
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    unshare(CloneFlags::CLONE_NEWPID).map_err(step("unshare (pid)"))?;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if jail.new_net {
-        flags |= libc::CLONE_NEWNET;
+        flags |= CloneFlags::CLONE_NEWNET;
     }
-    // Signals that stop the helper are passed on to it by the parent.
-    let stop = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-    // SAFETY: sigset manipulation on a local set, then this thread's mask.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for s in stop {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    // Signals that stop the helper are passed on to it by the parent; SIGCHLD says it ended.
+    // All are blocked before the fork, so none is lost: the parent takes them with sigwait.
+    let mut stop = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        stop.add(s);
     }
+    let mut waited = stop;
+    waited.add(Signal::SIGCHLD);
+    waited.thread_block().map_err(step("blocking signals"))?;
     // SAFETY: the process is single-threaded, so the child may run any code.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // The child takes the stop signals itself.
-        // SAFETY: prctl and sigprocmask only change this process's state.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    match unsafe { fork() }.map_err(step("fork"))? {
+        ForkResult::Child => {
+            // The child takes the stop signals itself.
+            prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("the parent-death signal"))?;
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&waited), None)
+                .map_err(step("unblocking signals"))?;
+            unshare(flags).map_err(step("unshare"))
         }
-        // SAFETY: unshare affects only this (single-threaded) process.
-        return check("unshare", unsafe { libc::unshare(flags) });
+        ForkResult::Parent { child } => wait_for(child, &waited, jail),
     }
-    // The parent holds nothing the helper uses (its end of a connection must close when the
-    // helper dies), passes on stop signals, and ends as the child did.
-    // SAFETY: closes this process's own descriptors; the child has its copies.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0) };
-    loop {
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 100_000_000,
-        };
-        // SAFETY: set is a valid sigset; a null siginfo is allowed.
-        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-        if sig > 0 {
-            // SAFETY: pid is our child, not yet reaped.
-            unsafe { libc::kill(pid, sig) };
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            for p in &jail.remove_at_exit {
-                let _ = std::fs::remove_file(p);
+}
+
+/// The parent's life: it holds nothing the helper uses (its end of a connection must close
+/// when the helper dies), passes on stop signals, and ends as the child did.
+fn wait_for(child: nix::unistd::Pid, waited: &SigSet, jail: &Jail) -> ! {
+    let _ = close_range(3, u32::MAX);
+    let code = loop {
+        match waited.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(child, sig);
+                continue;
             }
-            let code = if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else {
-                let sig = libc::WTERMSIG(status);
+        }
+        match waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
                 eprintln!(
-                    "sandbox: the sandboxed process was killed by signal {sig}{}",
-                    if sig == libc::SIGSYS {
+                    "sandbox: the sandboxed process was killed by signal {}{}",
+                    sig as i32,
+                    if sig == Signal::SIGSYS {
                         " (SIGSYS: a system call its seccomp filter forbids)"
                     } else {
                         ""
                     }
                 );
-                128 + sig
-            };
-            // SAFETY: _exit ends the process without running destructors that the child owns.
-            unsafe { libc::_exit(code) };
+                break 128 + sig as i32;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("sandbox: waiting for the sandboxed process: {e}");
+                break 1;
+            }
         }
+    };
+    for p in &jail.remove_at_exit {
+        let _ = std::fs::remove_file(p);
     }
+    // _exit: the child owns what destructors would release.
+    // SAFETY: ends the process; nothing after it runs.
+    unsafe { libc::_exit(code) }
 }
 
 /// Makes the root an empty, read-only tmpfs: nothing of the host's file system is reachable.
-fn empty_root() -> Result<(), String> {
-    let c = |s: &str| CString::new(s).expect("no NUL");
-    let (root, tmpfs, dot) = (c("/"), c("tmpfs"), c("."));
-    // SAFETY: mount/chdir/pivot_root/umount2 with valid C strings, in our own mount namespace.
-    unsafe {
-        check(
-            "making mounts private",
-            libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-        )?;
-        // Any directory serves as the mount point: this mount namespace is ours alone.
-        let target = c("/tmp");
-        let opts = c("size=16k,mode=0555");
-        check(
-            "mounting the new root",
-            libc::mount(
-                tmpfs.as_ptr(),
-                target.as_ptr(),
-                tmpfs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                opts.as_ptr().cast(),
-            ),
-        )?;
-        check("chdir", libc::chdir(target.as_ptr()))?;
-        check(
-            "pivot_root",
-            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
-        )?;
-        check(
-            "detaching the old root",
-            libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
-        )?;
-        check("chdir /", libc::chdir(root.as_ptr()))?;
-        check(
-            "making the root read-only",
-            libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ),
-        )?;
-    }
-    Ok(())
+fn empty_root() -> Result<(), SandboxError> {
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(step("making mounts private"))?;
+    // Any directory serves as the mount point: this mount namespace is ours alone.
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=16k,mode=0555"),
+    )
+    .map_err(step("mounting the new root"))?;
+    chdir("/tmp").map_err(step("chdir"))?;
+    pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detaching the old root"))?;
+    chdir("/").map_err(step("chdir /"))?;
+    mount(
+        none,
+        "/",
+        none,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .map_err(step("making the root read-only"))
 }
 
 /// Drops every capability (the bounding and ambient sets too) and becomes `uid`/`gid`.
-fn drop_privileges(jail: &Jail) -> Result<(), String> {
-    // SAFETY: prctl/setgroups/setresgid/setresuid/capset only change this process's
-    // credentials; the capset header and data are valid structures.
-    unsafe {
-        let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-            .ok()
-            .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
-            .unwrap_or(40);
-        for cap in 0..=last {
-            check(
-                "dropping the bounding set",
-                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0),
-            )?;
-        }
-        check(
-            "clearing ambient capabilities",
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ),
-        )?;
-        check("setgroups", libc::setgroups(0, std::ptr::null()))?;
-        check("setresgid", libc::setresgid(jail.gid, jail.gid, jail.gid))?;
-        check("setresuid", libc::setresuid(jail.uid, jail.uid, jail.uid))?;
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let mut header = Header {
-            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-            pid: 0,
-        };
-        let data = [Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        check(
-            "capset",
-            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int,
-        )?;
+fn drop_privileges(jail: &Jail) -> Result<(), SandboxError> {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
+        .unwrap_or(40);
+    for cap in 0..=last {
+        // SAFETY: PR_CAPBSET_DROP only changes this process's bounding set (nix has no
+        // wrapper for it).
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        check("dropping the bounding set", r.into())?;
     }
-    Ok(())
+    // SAFETY: clears this process's ambient set; no memory is involved.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    check("clearing ambient capabilities", r.into())?;
+    setgroups(&[]).map_err(step("setgroups"))?;
+    let gid = Gid::from_raw(jail.gid);
+    setresgid(gid, gid, gid).map_err(step("setresgid"))?;
+    let uid = Uid::from_raw(jail.uid);
+    setresuid(uid, uid, uid).map_err(step("setresuid"))?;
+    clear_capabilities()
+}
+
+/// capset(2) with empty effective, permitted and inheritable sets (libc and nix have no
+/// wrapper; the structures are the kernel's, version 3).
+fn clear_capabilities() -> Result<(), SandboxError> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid, properly laid-out structures that live across the
+    // call; version 3 takes two Data entries.
+    check("capset", unsafe {
+        libc::syscall(libc::SYS_capset, &mut header, data.as_ptr())
+    })
 }

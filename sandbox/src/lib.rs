@@ -7,6 +7,24 @@ pub mod seccomp;
 pub mod syscalls;
 pub mod systemd;
 
+/// Why a helper could not enter its sandbox: the step, and what the kernel or the filter
+/// compiler said.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{0}: {1}")]
+    Jail(&'static str, #[source] nix::Error),
+    #[error("seccomp: no system call named {0}")]
+    UnknownSyscall(&'static str),
+    #[error("seccomp: {0}: {1}")]
+    Rule(&'static str, #[source] seccompiler::BackendError),
+    #[error("seccomp: {0}")]
+    Filter(#[source] seccompiler::BackendError),
+    #[error("seccomp: the SIGSYS handler: {0}")]
+    Handler(#[source] nix::Error),
+    #[error("seccomp: {0}")]
+    Apply(#[source] seccompiler::Error),
+}
+
 /// The sandbox flags every helper takes (`#[command(flatten)]` them into its arguments).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Flags {
@@ -32,7 +50,7 @@ pub fn confine(
     jail: &jail::Jail,
     extra: Vec<seccomp::Allow>,
     mode: seccomp::Mode,
-) -> Result<String, String> {
+) -> Result<String, SandboxError> {
     let privileged = jail::enter(jail)?;
     let n = seccomp::install(who, &seccomp::with_base(extra), mode)?;
     Ok(format!(

@@ -8,6 +8,7 @@
 //! The filter is installed while the helper has one thread, after its sandbox and before it
 //! reads untrusted input; threads created later inherit it.
 
+use crate::SandboxError;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
@@ -23,13 +24,18 @@ pub enum Mode {
     Log,
 }
 
+/// A `--seccomp` mode that is neither kill nor log.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: write kill or log")]
+pub struct UnknownMode(String);
+
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
+    type Err = UnknownMode;
+    fn from_str(s: &str) -> Result<Mode, UnknownMode> {
         match s {
             "kill" => Ok(Mode::Kill),
             "log" => Ok(Mode::Log),
-            _ => Err(format!("{s}: write kill or log")),
+            _ => Err(UnknownMode(s.to_string())),
         }
     }
 }
@@ -208,11 +214,10 @@ pub fn with_base(extra: Vec<Allow>) -> Vec<Allow> {
     list
 }
 
-fn rules(list: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
+fn rules(list: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for a in list {
-        let nr = crate::syscalls::number(a.name)
-            .ok_or_else(|| format!("seccomp: no system call named {}", a.name))?;
+        let nr = crate::syscalls::number(a.name).ok_or(SandboxError::UnknownSyscall(a.name))?;
         let entry = map.entry(nr).or_default();
         for alt in &a.when {
             let conds = alt
@@ -225,8 +230,8 @@ fn rules(list: &[Allow]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                     Cond::Ne(arg, v) => SeccompCondition::new(arg, Len::Dword, Op::Ne, v),
                 })
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("seccomp: {}: {e}", a.name))?;
-            entry.push(SeccompRule::new(conds).map_err(|e| format!("seccomp: {}: {e}", a.name))?);
+                .map_err(|e| SandboxError::Rule(a.name, e))?;
+            entry.push(SeccompRule::new(conds).map_err(|e| SandboxError::Rule(a.name, e))?);
         }
     }
     Ok(map)
@@ -278,7 +283,7 @@ pub fn set_process_name(who: &str) {
 
 /// Installs the SIGSYS reporter (process-wide) and the filter on the calling thread (threads
 /// it creates later inherit it). Returns how many system calls the allowlist has.
-pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, String> {
+pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, SandboxError> {
     let map = rules(list)?;
     let n = map.len();
     let filter = SeccompFilter::new(
@@ -290,8 +295,8 @@ pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, S
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
-    let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e}"))?;
+    .map_err(SandboxError::Filter)?;
+    let program: BpfProgram = filter.try_into().map_err(SandboxError::Filter)?;
     // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online) the first time
     // a thread needs an arena of its own, unless the arena count is fixed: fix it, so that
     // no path is ever opened under a filter.
@@ -316,15 +321,12 @@ pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, S
             sa.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
-                handler = Err(format!(
-                    "seccomp: the SIGSYS handler: {}",
-                    std::io::Error::last_os_error()
-                ));
+                handler = Err(SandboxError::Handler(nix::Error::last()));
             }
         }
     });
     handler?;
-    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))?;
+    seccompiler::apply_filter(&program).map_err(SandboxError::Apply)?;
     Ok(n)
 }
 

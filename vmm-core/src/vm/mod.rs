@@ -52,7 +52,7 @@ pub enum VmError {
     #[error(transparent)]
     Disk(#[from] crate::helpers::blockd::BlockdError),
     #[error("cannot install the main thread's seccomp filter ({0}); run with --no-sandbox to debug without it")]
-    Seccomp(String),
+    Seccomp(#[source] vmm_sandbox::SandboxError),
     /// A disk's backend failed during set-up of a boot.
     #[error("{0}: {1}")]
     DiskSetup(String, vmm_devices::virtio::VirtioError),
