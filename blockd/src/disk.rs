@@ -64,15 +64,20 @@ pub enum Policy {
     Enospc,
 }
 
+/// An error policy that is none of QEMU's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: write report, ignore, stop or enospc")]
+pub struct UnknownPolicy(String);
+
 impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Policy, String> {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Policy, UnknownPolicy> {
         match s {
             "" | "report" => Ok(Policy::Report),
             "ignore" => Ok(Policy::Ignore),
             "stop" => Ok(Policy::Stop),
             "enospc" => Ok(Policy::Enospc),
-            _ => Err(format!("{s}: write report, ignore, stop or enospc")),
+            _ => Err(UnknownPolicy(s.to_string())),
         }
     }
 }

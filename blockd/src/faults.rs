@@ -26,27 +26,32 @@ static ANY: AtomicBool = AtomicBool::new(false);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 static SEED: AtomicU64 = AtomicU64::new(0);
 
-pub fn validate(r: &Rule) -> Result<(), String> {
+/// A fault rule blockd refuses, with what to change.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    #[error("the rule matches no operation; give read, write and/or flush")]
+    NoOperation,
+    #[error("the range {0}-{1} is empty; give START-END with END above START")]
+    EmptyRange(u64, u64),
+    #[error("probability {0}: give a number from 0 to 1")]
+    Probability(f64),
+    #[error("errno {0}: give a positive error number, e.g. 5 (EIO) or 28 (ENOSPC)")]
+    Errno(i32),
+}
+
+pub fn validate(r: &Rule) -> Result<(), RuleError> {
     if !(r.read || r.write || r.flush) {
-        return Err("the rule matches no operation; give read, write and/or flush".into());
+        return Err(RuleError::NoOperation);
     }
     if r.end != 0 && r.end <= r.start {
-        return Err(format!(
-            "the range {}-{} is empty; give START-END with END above START",
-            r.start, r.end
-        ));
+        return Err(RuleError::EmptyRange(r.start, r.end));
     }
     if !(0.0..=1.0).contains(&r.probability) || r.probability.is_nan() {
-        return Err(format!(
-            "probability {}: give a number from 0 to 1",
-            r.probability
-        ));
+        return Err(RuleError::Probability(r.probability));
     }
     if let Action::Errno(e) = r.action {
         if !(1..4096).contains(&e) {
-            return Err(format!(
-                "errno {e}: give a positive error number, e.g. 5 (EIO) or 28 (ENOSPC)"
-            ));
+            return Err(RuleError::Errno(e));
         }
     }
     Ok(())
@@ -176,9 +181,9 @@ mod tests {
         assert!(list().iter().any(|r| r.id == id && r.hits == 2));
         assert!(remove(id));
         let mut bad = rule(Action::Errno(0), false);
-        assert!(validate(&bad).unwrap_err().contains("errno 0"));
+        assert!(validate(&bad).unwrap_err().to_string().contains("errno 0"));
         bad.action = Action::Errno(5);
         bad.end = 10;
-        assert!(validate(&bad).unwrap_err().contains("empty"));
+        assert!(validate(&bad).unwrap_err().to_string().contains("empty"));
     }
 }

@@ -15,13 +15,18 @@ pub enum Format {
     Qcow2,
 }
 
+/// An image format blockd does not serve.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: not an image format; write raw or qcow2")]
+pub struct UnknownFormat(String);
+
 impl std::str::FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Format, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Format, UnknownFormat> {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
-            _ => Err(format!("{s}: not an image format; write raw or qcow2")),
+            _ => Err(UnknownFormat(s.to_string())),
         }
     }
 }

@@ -17,9 +17,10 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
 
 const HEADER: usize = 16;
 const DESC: usize = 16;
@@ -33,40 +34,57 @@ pub fn queue_area(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
+/// Why an inflight area cannot be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum InflightError {
+    #[error("an inflight area for {0} queue(s) of {1} descriptors makes no sense")]
+    Shape(u16, u16),
+    #[error("cannot create the inflight area: {0}")]
+    Create(#[source] nix::Error),
+    #[error("cannot size the inflight area to {0} bytes: {1}")]
+    Size(usize, #[source] std::io::Error),
+    #[error("the inflight area is {size} bytes; {queues} queue(s) of {queue_size} need {need}")]
+    TooSmall {
+        size: u64,
+        queues: u16,
+        queue_size: u16,
+        need: usize,
+    },
+    #[error("cannot stat the inflight area: {0}")]
+    Stat(#[source] std::io::Error),
+    #[error(
+        "the inflight area's file is {real} bytes, too small for {need} bytes at offset {offset}"
+    )]
+    FileTooSmall { real: u64, need: usize, offset: u64 },
+    #[error("the inflight area's offset {0} is not page-aligned")]
+    Unaligned(u64),
+    #[error("cannot map the inflight area: {0}")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+}
+
 /// The whole shared area, mapped.
 pub struct Region {
-    ptr: *mut u8,
-    len: usize,
+    map: MmapRegion<()>,
     queues: u16,
     queue_size: u16,
     /// Kept so that GET_INFLIGHT_FD can hand it out.
     file: File,
 }
 
-// SAFETY: the mapping is plain shared memory; every access to it goes through atomics (see
-// `QueueLog`), and the pointer stays valid until `Drop` unmaps it.
-unsafe impl Send for Region {}
-// SAFETY: as above.
-unsafe impl Sync for Region {}
-
 impl Region {
     /// A new, zeroed area for `queues` queues of up to `queue_size` descriptors
     /// (GET_INFLIGHT_FD).
-    pub fn create(queues: u16, queue_size: u16) -> Result<Region, String> {
+    pub fn create(queues: u16, queue_size: u16) -> Result<Region, InflightError> {
         check_shape(queues, queue_size)?;
-        // SAFETY: memfd_create with a NUL-terminated name; the fd it returns is owned by the File.
-        let fd = unsafe { libc::memfd_create(c"blockd-inflight".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!(
-                "cannot create the inflight area: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        // SAFETY: fd is a new descriptor nothing else owns.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = nix::sys::memfd::memfd_create(
+            c"blockd-inflight",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(InflightError::Create)?;
+        let file = File::from(fd);
         let len = usize::from(queues) * queue_area(queue_size);
         file.set_len(len as u64)
-            .map_err(|e| format!("cannot size the inflight area to {len} bytes: {e}"))?;
+            .map_err(|e| InflightError::Size(len, e))?;
         Region::map(file, 0, len, queues, queue_size)
     }
 
@@ -77,22 +95,20 @@ impl Region {
         size: u64,
         queues: u16,
         queue_size: u16,
-    ) -> Result<Region, String> {
+    ) -> Result<Region, InflightError> {
         check_shape(queues, queue_size)?;
         let need = usize::from(queues) * queue_area(queue_size);
         if size < need as u64 {
-            return Err(format!(
-                "the inflight area is {size} bytes; {queues} queue(s) of {queue_size} need {need}"
-            ));
+            return Err(InflightError::TooSmall {
+                size,
+                queues,
+                queue_size,
+                need,
+            });
         }
-        let real = file
-            .metadata()
-            .map_err(|e| format!("cannot stat the inflight area: {e}"))?
-            .len();
+        let real = file.metadata().map_err(InflightError::Stat)?.len();
         if offset.checked_add(need as u64).is_none_or(|end| end > real) {
-            return Err(format!(
-                "the inflight area's file is {real} bytes, too small for {need} bytes at offset {offset}"
-            ));
+            return Err(InflightError::FileTooSmall { real, need, offset });
         }
         Region::map(file, offset, need, queues, queue_size)
     }
@@ -103,33 +119,15 @@ impl Region {
         len: usize,
         queues: u16,
         queue_size: u16,
-    ) -> Result<Region, String> {
+    ) -> Result<Region, InflightError> {
         if !offset.is_multiple_of(4096) {
-            return Err(format!(
-                "the inflight area's offset {offset} is not page-aligned"
-            ));
+            return Err(InflightError::Unaligned(offset));
         }
-        // SAFETY: a new shared mapping of `len` bytes of a file we hold, at an address the
-        // kernel chooses; nothing else in this process aliases it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot map the inflight area: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        let shared = file.try_clone().map_err(InflightError::Stat)?;
+        let map = MmapRegion::from_file(FileOffset::new(shared, offset), len)
+            .map_err(InflightError::Map)?;
         Ok(Region {
-            ptr: ptr.cast(),
-            len,
+            map,
             queues,
             queue_size,
             file,
@@ -141,7 +139,7 @@ impl Region {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.size()
     }
 
     pub fn queues(&self) -> u16 {
@@ -155,11 +153,9 @@ impl Region {
         if q >= self.queues || ring_size > self.queue_size || ring_size == 0 {
             return None;
         }
-        // SAFETY: q < queues, so the area lies inside the mapping.
-        let base = unsafe { self.ptr.add(usize::from(q) * queue_area(self.queue_size)) };
         let mut log = QueueLog {
-            _region: self.clone(),
-            base,
+            region: self.clone(),
+            base: usize::from(q) * queue_area(self.queue_size),
             size: ring_size,
             counter: 0,
             resubmit: VecDeque::new(),
@@ -169,70 +165,58 @@ impl Region {
     }
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are the mapping made in `map`; no QueueLog outlives the Region (each
-        // holds an Arc to it).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-fn check_shape(queues: u16, queue_size: u16) -> Result<(), String> {
+fn check_shape(queues: u16, queue_size: u16) -> Result<(), InflightError> {
     if queues == 0 || queue_size == 0 || queue_size > 32768 {
-        return Err(format!(
-            "an inflight area for {queues} queue(s) of {queue_size} descriptors makes no sense"
-        ));
+        return Err(InflightError::Shape(queues, queue_size));
     }
     Ok(())
 }
 
 /// One queue's part of the area, used by that queue's worker only.
 pub struct QueueLog {
-    /// Keeps the mapping alive while the log points into it.
-    _region: Arc<Region>,
-    base: *mut u8,
+    region: Arc<Region>,
+    /// Where the queue's area starts in the mapping.
+    base: usize,
     size: u16,
     counter: u64,
     /// Heads that were in flight when the previous blockd died, oldest first.
     resubmit: VecDeque<u16>,
 }
 
-// SAFETY: `base` points into `region`, which the log keeps alive; the log moves between threads
-// only as a whole (it sits in a mutex).
-unsafe impl Send for QueueLog {}
-
 impl QueueLog {
+    /// The atomic at `offset` in the queue's area: areas are 64-aligned in a page-aligned
+    /// mapping and every field is naturally aligned, and `queue` checked that the area (and
+    /// `recover`/`begin`/`answered` that the head) lies inside it.
+    fn at<T: vm_memory::AtomicInteger>(&self, offset: usize) -> &T {
+        self.region
+            .map
+            .get_atomic_ref::<T>(self.base + offset)
+            .expect("an aligned field inside the inflight area")
+    }
+
     fn version(&self) -> &AtomicU16 {
-        // SAFETY: offset 8 of the queue's area, 2-aligned (areas are 64-aligned in a page-aligned
-        // mapping); the area outlives &self.
-        unsafe { &*(self.base.add(8) as *const AtomicU16) }
+        self.at(8)
     }
 
     fn desc_num(&self) -> &AtomicU16 {
-        // SAFETY: as for `version`, at offset 10.
-        unsafe { &*(self.base.add(10) as *const AtomicU16) }
+        self.at(10)
     }
 
     fn last_batch_head(&self) -> &AtomicU16 {
-        // SAFETY: as for `version`, at offset 12.
-        unsafe { &*(self.base.add(12) as *const AtomicU16) }
+        self.at(12)
     }
 
     fn used_idx(&self) -> &AtomicU16 {
-        // SAFETY: as for `version`, at offset 14.
-        unsafe { &*(self.base.add(14) as *const AtomicU16) }
+        self.at(14)
     }
 
     fn inflight(&self, head: u16) -> &AtomicU8 {
         debug_assert!(head < self.size);
-        // SAFETY: head < size <= the area's queue_size, so the descriptor's state lies inside
-        // the area.
-        unsafe { &*(self.base.add(HEADER + DESC * usize::from(head)) as *const AtomicU8) }
+        self.at(HEADER + DESC * usize::from(head))
     }
 
     fn counter_of(&self, head: u16) -> &AtomicU64 {
-        // SAFETY: as for `inflight`, 8 bytes further, 8-aligned.
-        unsafe { &*(self.base.add(HEADER + DESC * usize::from(head) + 8) as *const AtomicU64) }
+        self.at(HEADER + DESC * usize::from(head) + 8)
     }
 
     /// Reads the area as the previous blockd left it and prepares the resubmission list;
@@ -364,7 +348,7 @@ mod tests {
         assert_eq!(b.take_resubmit(), Some(7));
         let f = r.file().try_clone().unwrap();
         let e = Region::open(f, 0, len, 2, 16).err().unwrap();
-        assert!(e.contains("2 queue(s) of 16 need"), "{e}");
+        assert!(e.to_string().contains("2 queue(s) of 16 need"), "{e}");
         assert!(Region::create(0, 16).is_err());
     }
 }

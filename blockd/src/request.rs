@@ -71,19 +71,17 @@ impl Chain {
         table: GuestAddress,
         size: u16,
         head: u16,
-    ) -> Result<Chain, String> {
-        let read = |table: GuestAddress, i: u16| -> Result<Descriptor, String> {
+    ) -> Result<Chain, ChainError> {
+        let read = |table: GuestAddress, i: u16| -> Result<Descriptor, ChainError> {
             let at = table
                 .0
                 .checked_add(u64::from(i) * SEGMENT as u64)
-                .ok_or_else(|| format!("descriptor {i}'s address overflows"))?;
+                .ok_or(ChainError::AddressOverflow(i))?;
             mem.read_obj::<Descriptor>(GuestAddress(at))
-                .map_err(|e| format!("descriptor {i} at {at:#x} is not in guest memory ({e})"))
+                .map_err(|e| ChainError::NotInMemory(i, at, e))
         };
         if head >= size {
-            return Err(format!(
-                "head {head} is beyond the ring's {size} descriptors"
-            ));
+            return Err(ChainError::HeadBeyond(head, size));
         }
         let mut out = Vec::new();
         let (mut table, mut size, mut i, mut indirect) = (table, size, head, false);
@@ -91,20 +89,18 @@ impl Chain {
         let mut steps = 0usize;
         loop {
             if steps >= usize::from(size) {
-                return Err(format!("the chain at head {head} loops"));
+                return Err(ChainError::Loops(head));
             }
             steps += 1;
             let d = read(table, i)?;
             if d.refers_to_indirect_table() {
                 if indirect {
-                    return Err(format!("the chain at head {head} nests indirect tables"));
+                    return Err(ChainError::NestedIndirect(head));
                 }
                 let len = d.len() as usize;
                 if len == 0 || !len.is_multiple_of(SEGMENT) || len / SEGMENT > usize::from(u16::MAX)
                 {
-                    return Err(format!(
-                        "the chain at head {head} has an indirect table of {len} bytes"
-                    ));
+                    return Err(ChainError::IndirectLength(head, len));
                 }
                 (table, size, i, indirect) = (d.addr(), (len / SEGMENT) as u16, 0, true);
                 steps = 0;
@@ -116,13 +112,30 @@ impl Chain {
             }
             i = d.next();
             if i >= size {
-                return Err(format!(
-                    "the chain at head {head} points to descriptor {i} of {size}"
-                ));
+                return Err(ChainError::NextBeyond(head, i, size));
             }
         }
         Ok(Chain::from_descriptors(out.into_iter()))
     }
+}
+
+/// A descriptor chain a resubmitted request cannot be read from.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("descriptor {0}'s address overflows")]
+    AddressOverflow(u16),
+    #[error("descriptor {0} at {1:#x} is not in guest memory ({2})")]
+    NotInMemory(u16, u64, #[source] vm_memory::GuestMemoryError),
+    #[error("head {0} is beyond the ring's {1} descriptors")]
+    HeadBeyond(u16, u16),
+    #[error("the chain at head {0} loops")]
+    Loops(u16),
+    #[error("the chain at head {0} nests indirect tables")]
+    NestedIndirect(u16),
+    #[error("the chain at head {0} has an indirect table of {1} bytes")]
+    IndirectLength(u16, usize),
+    #[error("the chain at head {0} points to descriptor {1} of {2}")]
+    NextBeyond(u16, u16, u16),
 }
 
 /// Takes `n` bytes off the front of a list of segments.

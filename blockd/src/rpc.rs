@@ -8,12 +8,13 @@ use capnp::capability::Rc as CapRc;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use vhost::vhost_user::Listener;
 use vmm_proto::blockd_capnp::blockd;
+use vmm_proto::rpc::SideChannelError;
 
 /// The exports, shared by every control connection.
 pub type Exports = Rc<RefCell<BTreeMap<String, Export>>>;
@@ -52,25 +53,22 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Waits (up to 5 s) for the side channel's message for export `name`: its image and socket.
-fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), String> {
-    let mut pfd = libc::pollfd {
-        fd: side.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll on one valid pollfd.
-    let r = unsafe { libc::poll(&mut pfd, 1, 5000) };
-    if r <= 0 {
-        return Err("no descriptors came on the side channel within 5 s".into());
+fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), SideChannelError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(side.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut pfd, PollTimeout::from(5000u16)) {
+        Ok(0) => return Err(SideChannelError::Timeout(5)),
+        Ok(_) => {}
+        Err(e) => return Err(SideChannelError::Channel(e.into())),
     }
     let mut buf = [0u8; 128];
     let (n, mut fds) = vmm_proto::fdpass::recv(side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-        .map_err(|e| format!("the side channel: {e}"))?;
+        .map_err(SideChannelError::Channel)?;
     if &buf[..n] != name.as_bytes() || fds.len() != 2 {
-        return Err(format!(
-            "the side channel carried {:?} with {} descriptor(s); expected {name:?} with the image and the listening socket",
-            String::from_utf8_lossy(&buf[..n]),
-            fds.len()
+        return Err(SideChannelError::Wrong(
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            fds.len(),
+            "the export's name with the image and the listening socket",
         ));
     }
     let listener = fds.pop().expect("two");

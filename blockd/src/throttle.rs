@@ -36,6 +36,25 @@ pub struct Limits {
 
 use vmm_proto::throttle::NAMES;
 
+/// Limits QEMU would refuse, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("{0}-max={1} needs {0} (the average rate) set too")]
+    MaxWithoutAverage(&'static str, u64),
+    #[error("{0}-max={1} is below {0}={2}; the burst rate must be at least the average")]
+    MaxBelowAverage(&'static str, u64, u64),
+    #[error("{0}-max-length={1} needs {0}-max (the burst rate)")]
+    LengthWithoutMax(&'static str, u64),
+    #[error("{0}-max-length={1}: at most 86400 seconds")]
+    LengthTooLong(&'static str, u64),
+    #[error("{0}: at most 2^50")]
+    TooLarge(&'static str),
+    #[error(
+        "{0} cannot be set together with {0}-rd or {0}-wr (as in QEMU); use the total or the pair"
+    )]
+    TotalAndPair(&'static str),
+}
+
 impl Limits {
     pub fn all(&self) -> [Limit; 6] {
         [
@@ -79,41 +98,27 @@ impl Limits {
     }
 
     /// QEMU's rules, with errors that say what to change.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitError> {
         for (l, name) in self.all().iter().zip(NAMES) {
             if l.max > 0 && l.avg == 0 {
-                return Err(format!(
-                    "{name}-max={} needs {name} (the average rate) set too",
-                    l.max
-                ));
+                return Err(LimitError::MaxWithoutAverage(name, l.max));
             }
             if l.max > 0 && l.max < l.avg {
-                return Err(format!(
-                    "{name}-max={} is below {name}={}; the burst rate must be at least the average",
-                    l.max, l.avg
-                ));
+                return Err(LimitError::MaxBelowAverage(name, l.max, l.avg));
             }
             if l.burst_length > 1 && l.max == 0 {
-                return Err(format!(
-                    "{name}-max-length={} needs {name}-max (the burst rate)",
-                    l.burst_length
-                ));
+                return Err(LimitError::LengthWithoutMax(name, l.burst_length));
             }
             if l.burst_length > 86_400 {
-                return Err(format!(
-                    "{name}-max-length={}: at most 86400 seconds",
-                    l.burst_length
-                ));
+                return Err(LimitError::LengthTooLong(name, l.burst_length));
             }
             if l.avg > 1 << 50 || l.max > 1 << 50 {
-                return Err(format!("{name}: at most 2^50"));
+                return Err(LimitError::TooLarge(name));
             }
         }
-        let both = |t: Limit, r: Limit, w: Limit, name: &str| {
+        let both = |t: Limit, r: Limit, w: Limit, name: &'static str| {
             if t.avg > 0 && (r.avg > 0 || w.avg > 0) {
-                Err(format!(
-                    "{name} cannot be set together with {name}-rd or {name}-wr (as in QEMU); use the total or the pair"
-                ))
+                Err(LimitError::TotalAndPair(name))
             } else {
                 Ok(())
             }
@@ -436,19 +441,17 @@ mod tests {
 
     #[test]
     fn qemu_rules_are_checked() {
+        let msg = |l: Limits| l.validate().unwrap_err().to_string();
         assert!(iops(200).validate().is_ok());
         let mut l = iops(200);
         l.iops_read.avg = 10;
-        assert!(l
-            .validate()
-            .unwrap_err()
-            .contains("iops cannot be set together"));
+        assert!(msg(l).contains("iops cannot be set together"));
         let mut l = iops(200);
         l.iops_total.max = 100;
-        assert!(l.validate().unwrap_err().contains("below"));
+        assert!(msg(l).contains("below"));
         let mut l = iops(200);
         l.iops_total.burst_length = 5;
-        assert!(l.validate().unwrap_err().contains("needs iops-max"));
+        assert!(msg(l).contains("needs iops-max"));
     }
 
     /// Simulated time: the bucket lets avg/10 through at once, then exactly avg a second.

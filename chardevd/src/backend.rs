@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmm_proto::chardevd_capnp::{backend, chardevd, device, fault, input_sink};
+use vmm_proto::rpc::SideChannelError;
 
 /// How long a pty's reader may stall a write before its bytes are dropped.
 const PTY_STALL: Duration = Duration::from_secs(1);
@@ -357,33 +358,31 @@ async fn accept_clients(listener: tokio::net::UnixListener, dev: std::rc::Weak<D
 async fn broker_connect(
     side: &AsyncFd<OwnedFd>,
     name: &str,
-) -> Result<tokio::net::UnixStream, String> {
+) -> Result<tokio::net::UnixStream, SideChannelError> {
     use vmm_proto::fdpass;
     fdpass::send(
         side.get_ref().as_fd(),
         format!("connect {name}").as_bytes(),
         &[],
     )
-    .map_err(|e| format!("cannot ask vmm-core: {e}"))?;
+    .map_err(SideChannelError::Channel)?;
     let mut buf = [0u8; 512];
     loop {
-        let mut ready = side
-            .readable()
-            .await
-            .map_err(|e| format!("side channel: {e}"))?;
+        let mut ready = side.readable().await.map_err(SideChannelError::Channel)?;
         match ready.try_io(|fd| fdpass::recv(fd.get_ref().as_fd(), &mut buf, libc::MSG_DONTWAIT)) {
-            Ok(Ok((0, _))) => return Err("vmm-core closed the side channel".into()),
+            Ok(Ok((0, _))) => return Err(SideChannelError::Closed),
             Ok(Ok((n, mut fds))) => {
                 if buf[0] == b'!' || fds.len() != 1 {
-                    return Err(String::from_utf8_lossy(&buf[1..n]).into_owned());
+                    let said = String::from_utf8_lossy(&buf[1..n]).into_owned();
+                    return Err(SideChannelError::Refused(said));
                 }
                 let s = std::os::unix::net::UnixStream::from(fds.pop().expect("one"));
                 return s
                     .set_nonblocking(true)
                     .and_then(|()| tokio::net::UnixStream::from_std(s))
-                    .map_err(|e| e.to_string());
+                    .map_err(SideChannelError::Channel);
             }
-            Ok(Err(e)) => return Err(format!("side channel: {e}")),
+            Ok(Err(e)) => return Err(SideChannelError::Channel(e)),
             Err(_would_block) => {}
         }
     }

@@ -43,7 +43,8 @@ pub fn tokio_stream(
     tokio::net::UnixStream::from_std(stream)
 }
 
-/// Why a control connection's first message was not the side channel.
+/// Why a control connection's first message was not the side channel, or why descriptors
+/// asked for over the side channel did not come.
 #[derive(Debug, thiserror::Error)]
 pub enum SideChannelError {
     #[error("it sent nothing for 10 s")]
@@ -52,6 +53,17 @@ pub enum SideChannelError {
     Io(std::io::Error),
     #[error("it began with {0} byte(s) ({1:#04x}) and {2} descriptor(s), not the side channel")]
     Unexpected(usize, u8, usize),
+    #[error("nothing came on the side channel within {0} s")]
+    Timeout(u64),
+    #[error("the other side closed the side channel")]
+    Closed,
+    #[error("the side channel: {0}")]
+    Channel(#[source] std::io::Error),
+    /// The other side's answer to a request over the side channel: it could not do it.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the side channel carried {0:?} with {1} descriptor(s); expected {2}")]
+    Wrong(String, usize, &'static str),
 }
 
 /// The other side's message for a failed call, as a user reads it: capnp's "remote
