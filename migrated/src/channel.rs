@@ -56,19 +56,33 @@ fn domain(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
 }
 
 /// A connected socket or a file, as a stream.
-pub fn stream(uri: &Uri, fd: OwnedFd, kind: Kind) -> Result<Box<dyn Stream>, String> {
+/// A descriptor migrated cannot use as its channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0}: {1}")]
+    Socket(Uri, #[source] io::Error),
+    #[error("{0}: a socket of family {1}, not unix or tcp")]
+    Family(Uri, libc::c_int),
+    #[error("{0}: a listening socket, not a connection")]
+    Listening(Uri),
+    #[error("{0}: no source connected in time")]
+    NoSource(Uri),
+}
+
+pub fn stream(uri: &Uri, fd: OwnedFd, kind: Kind) -> Result<Box<dyn Stream>, ChannelError> {
+    let socket = |e| ChannelError::Socket(uri.clone(), e);
     Ok(match kind {
         Kind::File => Box::new(std::fs::File::from(fd)),
-        Kind::Stream => match domain(&fd).map_err(|e| format!("{uri}: {e}"))? {
+        Kind::Stream => match domain(&fd).map_err(socket)? {
             libc::AF_UNIX => Box::new(UnixStream::from(fd)),
             libc::AF_INET | libc::AF_INET6 => {
                 let s = TcpStream::from(fd);
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
-            d => return Err(format!("{uri}: a socket of family {d}, not unix or tcp")),
+            d => return Err(ChannelError::Family(uri.clone(), d)),
         },
-        Kind::Listener => return Err(format!("{uri}: a listening socket, not a connection")),
+        Kind::Listener => return Err(ChannelError::Listening(uri.clone())),
     })
 }
 
@@ -79,17 +93,18 @@ pub enum Listener {
 }
 
 impl Listener {
-    pub fn new(uri: &Uri, fd: OwnedFd) -> Result<Listener, String> {
-        let l = match domain(&fd).map_err(|e| format!("{uri}: {e}"))? {
+    pub fn new(uri: &Uri, fd: OwnedFd) -> Result<Listener, ChannelError> {
+        let socket = |e| ChannelError::Socket(uri.clone(), e);
+        let l = match domain(&fd).map_err(socket)? {
             libc::AF_UNIX => Listener::Unix(UnixListener::from(fd)),
             libc::AF_INET | libc::AF_INET6 => Listener::Tcp(TcpListener::from(fd)),
-            d => return Err(format!("{uri}: a socket of family {d}, not unix or tcp")),
+            d => return Err(ChannelError::Family(uri.clone(), d)),
         };
         match &l {
             Listener::Tcp(t) => t.set_nonblocking(true),
             Listener::Unix(u) => u.set_nonblocking(true),
         }
-        .map_err(|e| format!("{uri}: {e}"))?;
+        .map_err(socket)?;
         log::info!("waiting for the source on {uri}");
         Ok(l)
     }
@@ -99,7 +114,7 @@ impl Listener {
         &mut self,
         uri: &Uri,
         deadline: std::time::Instant,
-    ) -> Result<Box<dyn Stream>, String> {
+    ) -> Result<Box<dyn Stream>, ChannelError> {
         loop {
             let got: io::Result<Box<dyn Stream>> = match self {
                 Listener::Tcp(l) => l.accept().and_then(|(s, peer)| {
@@ -117,11 +132,11 @@ impl Listener {
                 Ok(s) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if std::time::Instant::now() > deadline {
-                        return Err(format!("{uri}: no source connected in time"));
+                        return Err(ChannelError::NoSource(uri.clone()));
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(e) => return Err(format!("{uri}: {e}")),
+                Err(e) => return Err(ChannelError::Socket(uri.clone(), e)),
             }
         }
     }
@@ -154,6 +169,6 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         assert!(l.accept(&uri, deadline).is_ok());
         let e = l.accept(&uri, std::time::Instant::now()).err().unwrap();
-        assert!(e.contains("no source connected in time"), "{e}");
+        assert!(e.to_string().contains("no source connected in time"), "{e}");
     }
 }

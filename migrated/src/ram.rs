@@ -1,12 +1,14 @@
 //! Guest RAM as migrated sees it: the memfd vmm-core hands over, mapped shared (read-only on
 //! both ends: the destination writes through the memfd itself), laid out as the stream's regions.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 pub struct Ram {
-    ptr: *mut u8,
-    len: usize,
+    /// The memfd mapped shared and read-only.
+    map: memmap2::Mmap,
     /// The memfd itself: for its holes (pages never written) and for writes that allocate
     /// its pages without a page fault each.
     file: std::fs::File,
@@ -14,45 +16,32 @@ pub struct Ram {
     pub regions: Vec<(u64, u64, u64)>,
 }
 
-// SAFETY: the mapping is plain shared memory; `Ram` hands out slices only through &self and
-// &mut self, and the mapping lives as long as it does.
-unsafe impl Send for Ram {}
+/// Why guest RAM cannot be mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    #[error("the guest RAM descriptor: {0}")]
+    Descriptor(#[source] std::io::Error),
+    #[error("the guest RAM memfd is {0} bytes, the VM's regions need {1}")]
+    TooSmall(u64, u64),
+    #[error("cannot map guest RAM ({0} bytes): {1}")]
+    Map(u64, #[source] std::io::Error),
+}
 
 impl Ram {
     /// Maps the memfd: `regions` are (gpa, bytes), laid end to end in it.
-    pub fn map(memfd: &OwnedFd, regions: &[(u64, u64)]) -> Result<Ram, String> {
+    pub fn map(memfd: &OwnedFd, regions: &[(u64, u64)]) -> Result<Ram, RamError> {
         let len: u64 = regions.iter().map(|r| r.1).sum();
-        let mut st: libc::stat = unsafe_zeroed();
-        // SAFETY: fstat on a descriptor we own, into a local.
-        if unsafe { libc::fstat(memfd.as_raw_fd(), &mut st) } != 0 {
-            return Err(format!(
-                "the guest RAM descriptor: {}",
-                std::io::Error::last_os_error()
-            ));
+        let file = std::fs::File::from(memfd.try_clone().map_err(RamError::Descriptor)?);
+        let size = file.metadata().map_err(RamError::Descriptor)?.len();
+        if size < len {
+            return Err(RamError::TooSmall(size, len));
         }
-        if (st.st_size as u64) < len {
-            return Err(format!(
-                "the guest RAM memfd is {} bytes, the VM's regions need {len}",
-                st.st_size
-            ));
-        }
-        // SAFETY: a new shared mapping of a descriptor we own; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot map guest RAM ({len} bytes): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        // SAFETY: a read-only shared mapping of the guest's memfd. The guest (through the
+        // vCPUs of vmm-core, another process) changes it under us: that is the point of a live
+        // migration, whose dirty log sends again what changed after it was read. The file is
+        // never truncated while migrated runs.
+        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file) }
+            .map_err(|e| RamError::Map(len, e))?;
         let mut off = 0;
         let regions = regions
             .iter()
@@ -62,33 +51,19 @@ impl Ram {
                 r
             })
             .collect();
-        let file = match memfd.try_clone() {
-            Ok(f) => std::fs::File::from(f),
-            Err(e) => {
-                // SAFETY: unmaps the mapping made above, which nothing else refers to.
-                unsafe { libc::munmap(ptr, len as usize) };
-                return Err(format!("the guest RAM descriptor: {e}"));
-            }
-        };
-        Ok(Ram {
-            ptr: ptr.cast(),
-            len: len as usize,
-            file,
-            regions,
-        })
+        Ok(Ram { map, file, regions })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.is_empty()
     }
 
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` bytes and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        &self.map
     }
 
     /// The memfd offset of guest physical `gpa` for `bytes` bytes, if all in one region.
@@ -112,28 +87,19 @@ impl Ram {
     /// The memfd's data as [start, end) byte ranges: the rest are holes, pages nobody has
     /// written, which read as zeroes (and reading them through the mapping would allocate them).
     pub fn data_ranges(&self) -> std::io::Result<Vec<(u64, u64)>> {
-        let fd = self.file.as_raw_fd();
-        let len = self.len as i64;
+        let len = self.len() as i64;
         let mut out = Vec::new();
         let mut at = 0i64;
         while at < len {
-            // SAFETY: lseek on a descriptor we own; the results are checked.
-            let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-            if start < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data after `at`
-                }
-                return Err(e);
-            }
+            let start = match lseek(&self.file, at, Whence::SeekData) {
+                Ok(s) => s,
+                Err(nix::Error::ENXIO) => break, // no data after `at`
+                Err(e) => return Err(e.into()),
+            };
             if start >= len {
                 break;
             }
-            // SAFETY: as above.
-            let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-            if end < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let end = lseek(&self.file, start, Whence::SeekHole)?;
             out.push((start as u64, end.min(len) as u64));
             at = end;
         }
@@ -148,30 +114,8 @@ impl Ram {
 
     /// Makes `bytes` at `off` zero by punching a hole (the memory goes back to the host).
     pub fn zero(&self, off: u64, bytes: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on a descriptor we own; the result is checked.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as i64,
-                bytes as i64,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        fallocate(&self.file, flags, off as i64, bytes as i64)?;
         Ok(())
     }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-fn unsafe_zeroed() -> libc::stat {
-    // SAFETY: stat is plain data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
 }

@@ -4,14 +4,15 @@
 
 use crate::channel::{self, Stream, Uri};
 use crate::ram::Ram;
-use crate::stream::{Config, Reader, Section, Writer, Zeros, PAGE};
+use crate::stream::{Config, Reader, Section, StreamError, Writer, Zeros, PAGE};
 use crate::tls::{self, Tls};
 use capnp::capability::Rc as CapRc;
 use std::io::{BufWriter, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_proto::migrated_capnp::{migrated, shape};
+use vmm_proto::rpc::SideChannelError;
 
 /// How long a destination waits for its source, and a source for the destination's answer.
 const WAIT: Duration = Duration::from_secs(120);
@@ -67,6 +68,60 @@ fn failed(msg: String) -> capnp::Error {
     capnp::Error::failed(msg)
 }
 
+/// Why a migration, snapshot or restore failed here: one line that names the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{0}")]
+    SideChannel(#[from] SideChannelError),
+    #[error("{0}")]
+    Ram(#[from] crate::ram::RamError),
+    #[error("{0}")]
+    Channel(#[from] channel::ChannelError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("no migration is open")]
+    NotOpen,
+    #[error("{}: {}", .0, transfer_failed(.1))]
+    Transfer(Uri, #[source] std::io::Error),
+    #[error("guest RAM: {0}")]
+    Holes(#[source] std::io::Error),
+    #[error("{0}: cannot send the header ({1})")]
+    Header(Uri, #[source] std::io::Error),
+    #[error("{0}: cannot sync it ({1})")]
+    Sync(Uri, #[source] std::io::Error),
+    #[error("{0}: the destination refused the VM: {1}")]
+    Refused(Uri, String),
+    #[error("{0}: the destination answered pass {1} with {2:#x} (pass {3}); it is not a migrated of this build")]
+    BadAck(Uri, u32, u8, u32),
+    #[error("{0}: the destination did not confirm it has the VM ({1}); it is not running it")]
+    Unconfirmed(Uri, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Receive(Uri, #[source] ReceiveError),
+    #[error("cannot tell the source the VM runs here ({0}); the source may resume it, so this VM must not run")]
+    Confirm(#[source] std::io::Error),
+}
+
+/// Why an incoming stream could not be taken into this VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("RAM at {0:#x} is outside this VM's memory")]
+    RamOutside(u64),
+    #[error("zero pages at {0:#x} are outside this VM's memory")]
+    ZeroOutside(u64),
+    #[error("cannot write guest RAM ({0})")]
+    Write(#[source] std::io::Error),
+    #[error("cannot zero guest RAM ({0})")]
+    Zero(#[source] std::io::Error),
+    #[error("the stream has state for a device {0:?} that this build does not know")]
+    UnknownDevice(String),
+    #[error("cannot acknowledge pass {0} to the source ({1})")]
+    Ack(u32, #[source] std::io::Error),
+    #[error("the stream ended without the VM's device state")]
+    NoState,
+}
+
 impl Server {
     pub fn new(side: OwnedFd) -> Server {
         Server {
@@ -79,26 +134,23 @@ impl Server {
 
     /// The guest RAM memfd and the channel's descriptor, which vmm-core sent on the side
     /// channel for this call.
-    fn fds(&self) -> Result<(OwnedFd, OwnedFd), String> {
-        let mut pfd = libc::pollfd {
-            fd: self.side.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll on one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 5000) } <= 0 {
-            return Err(
-                "the guest RAM memfd and the channel did not come on the side channel within 5 s"
-                    .into(),
-            );
+    fn fds(&self) -> Result<(OwnedFd, OwnedFd), SideChannelError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut pfd = [PollFd::new(self.side.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut pfd, PollTimeout::from(5000u16)) {
+            Ok(0) => return Err(SideChannelError::Timeout(5)),
+            Ok(_) => {}
+            Err(e) => return Err(SideChannelError::Channel(e.into())),
         }
         let mut buf = [0u8; 16];
-        let (_, mut fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-            .map_err(|e| format!("the side channel: {e}"))?;
+        let (n, mut fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+            .map_err(SideChannelError::Channel)?;
         match (fds.len(), fds.pop(), fds.pop()) {
             (2, Some(channel), Some(memfd)) => Ok((memfd, channel)),
-            (n, ..) => Err(format!(
-                "the side channel carried {n} descriptor(s); expected the guest RAM memfd and the channel"
+            (k, ..) => Err(SideChannelError::Wrong(
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+                k,
+                "the guest RAM memfd and the channel",
             )),
         }
     }
@@ -148,27 +200,27 @@ fn read_tls(
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, capnp::Error> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| failed(format!("migrated: a worker failed: {e}")))?
-        .map_err(failed)
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// A failed write to the destination, said so that it points at the cause.
-fn transfer_failed(uri: &Uri, e: &std::io::Error) -> String {
+fn transfer_failed(e: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | BrokenPipe | UnexpectedEof => format!(
-            "{uri}: the destination closed the connection ({e}); it may expect TLS (tls-creds), refuse this source's certificate, or have failed: see its log"
+            "the destination closed the connection ({e}); it may expect TLS (tls-creds), refuse this source's certificate, or have failed: see its log"
         ),
-        _ => format!("{uri}: the transfer failed ({e})"),
+        _ => format!("the transfer failed ({e})"),
     }
 }
 
 /// Sends the pages of `bitmap` (or all); returns (bytes, pages, zero pages).
-fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64), String> {
+fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64), TransferError> {
     let before = o.writer.bytes();
     let (p0, z0) = o.writer.counts();
     let zeros = if o.passes == 0 {
@@ -178,14 +230,14 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
     };
     let total = (o.ram.len() / PAGE) as u64;
     let uri = o.uri.clone();
-    let io = |e: std::io::Error| transfer_failed(&uri, &e);
+    let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
     // The first pass of all RAM: the destination's is zero, so the memfd's holes (never
     // written) need not even be read.
     let holes;
     let bitmap = match (bitmap, zeros) {
         (None, Zeros::Skip) => {
             let mut b = vec![0u64; total.div_ceil(64) as usize];
-            for (start, end) in o.ram.data_ranges().map_err(|e| format!("guest RAM: {e}"))? {
+            for (start, end) in o.ram.data_ranges().map_err(TransferError::Holes)? {
                 for p in start / PAGE as u64..end.div_ceil(PAGE as u64).min(total) {
                     b[(p / 64) as usize] |= 1 << (p % 64);
                 }
@@ -242,18 +294,12 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         let mut ack = [0u8; 5];
         s.read_exact(&mut ack[..1]).map_err(io)?;
         if ack[0] == REFUSED {
-            return Err(format!(
-                "{uri}: the destination refused the VM: {}",
-                reason(s.as_mut())
-            ));
+            return Err(TransferError::Refused(uri, reason(s.as_mut())));
         }
         s.read_exact(&mut ack[1..]).map_err(io)?;
         let got = u32::from_le_bytes(ack[1..].try_into().unwrap());
         if ack[0] != ACKED || got != n {
-            return Err(format!(
-                "{uri}: the destination answered pass {n} with {:#x} (pass {got}); it is not a migrated of this build",
-                ack[0]
-            ));
+            return Err(TransferError::BadAck(uri, n, ack[0], got));
         }
     }
     let (p1, z1) = o.writer.counts();
@@ -261,35 +307,33 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
 }
 
 /// Takes a whole stream into RAM; returns the device state and the bytes read.
-fn receive(stream: &mut dyn Stream, ram: &Ram, ours: &Config) -> Result<(Vec<u8>, u64), String> {
-    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, stream))
-        .map_err(|e| e.to_string())?;
-    r.check_config(ours).map_err(|e| e.to_string())?;
+fn receive(
+    stream: &mut dyn Stream,
+    ram: &Ram,
+    ours: &Config,
+) -> Result<(Vec<u8>, u64), ReceiveError> {
+    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, stream))?;
+    r.check_config(ours)?;
     let mut state = None;
     loop {
-        match r.section().map_err(|e| e.to_string())? {
+        match r.section()? {
             Section::Ram { gpa, data } => {
                 let off = ram
                     .offset(gpa, data.len() as u64)
-                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                    .ok_or(ReceiveError::RamOutside(gpa))?;
                 ram.write_at(off as u64, data)
-                    .map_err(|e| format!("cannot write guest RAM ({e})"))?;
+                    .map_err(ReceiveError::Write)?;
             }
             Section::Zero { gpa, pages } => {
                 let n = pages * PAGE as u64;
-                let off = ram.offset(gpa, n).ok_or_else(|| {
-                    format!("zero pages at {gpa:#x} are outside this VM's memory")
-                })?;
-                ram.zero(off as u64, n)
-                    .map_err(|e| format!("cannot zero guest RAM ({e})"))?;
+                let off = ram.offset(gpa, n).ok_or(ReceiveError::ZeroOutside(gpa))?;
+                ram.zero(off as u64, n).map_err(ReceiveError::Zero)?;
             }
             Section::Device { name, state: s } if name == VM_SECTION => {
                 state = Some(s.to_vec());
             }
             Section::Device { name, .. } => {
-                return Err(format!(
-                    "the stream has state for a device {name:?} that this build does not know"
-                ))
+                return Err(ReceiveError::UnknownDevice(name.to_string()))
             }
             Section::Pass(n) => {
                 // Every page before the marker is in guest RAM: say so, and the source
@@ -299,12 +343,12 @@ fn receive(stream: &mut dyn Stream, ram: &Ram, ours: &Config) -> Result<(Vec<u8>
                 let s = r.get_mut().get_mut();
                 s.write_all(&ack)
                     .and_then(|()| s.flush())
-                    .map_err(|e| format!("cannot acknowledge pass {n} to the source ({e})"))?;
+                    .map_err(|e| ReceiveError::Ack(n, e))?;
             }
             Section::End => break,
         }
     }
-    let state = state.ok_or("the stream ended without the VM's device state")?;
+    let state = state.ok_or(ReceiveError::NoState)?;
     Ok((state, r.position()))
 }
 
@@ -321,7 +365,7 @@ impl migrated::Server for Server {
         let (regions, config) = read_shape(p.get_shape()?)?;
         let limit = p.get_bandwidth();
         let compress = p.get_compress();
-        let (memfd, fd) = self.fds().map_err(failed)?;
+        let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
@@ -331,7 +375,7 @@ impl migrated::Server for Server {
                 stream = tls::client(&uri, t, stream)?;
             }
             let writer = Writer::new(BufWriter::with_capacity(1 << 20, stream), &config)
-                .map_err(|e| format!("{uri}: cannot send the header ({e})"))?
+                .map_err(|e| TransferError::Header(uri.clone(), e))?
                 .compressing(compress);
             log::info!(
                 "{uri}: sending a VM with {config}{}",
@@ -370,7 +414,7 @@ impl migrated::Server for Server {
         let start = Instant::now();
         let (bytes, pages, zero) = blocking(move || {
             let mut g = out.lock().unwrap();
-            let o = g.as_mut().ok_or("no migration is open")?;
+            let o = g.as_mut().ok_or(TransferError::NotOpen)?;
             send_pages(o, bitmap.as_deref())
         })
         .await?;
@@ -390,9 +434,9 @@ impl migrated::Server for Server {
         let state = params.get()?.get_state()?.to_vec();
         let (out, cut) = (self.out.clone(), self.cut.clone());
         let bytes = blocking(move || {
-            let o = out.lock().unwrap().take().ok_or("no migration is open")?;
+            let o = out.lock().unwrap().take().ok_or(TransferError::NotOpen)?;
             let (uri, live) = (o.uri.clone(), o.live);
-            let io = |e: std::io::Error| transfer_failed(&uri, &e);
+            let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
             let mut w = o.writer;
             w.device(VM_SECTION, &state).map_err(io)?;
             let (raw, packed) = w.compression();
@@ -410,7 +454,7 @@ impl migrated::Server for Server {
                 stream.flush().map_err(io)?;
                 stream
                     .sync()
-                    .map_err(|e| format!("{uri}: cannot sync it ({e})"))?;
+                    .map_err(|e| TransferError::Sync(uri.clone(), e))?;
                 cut.lock().unwrap().take();
                 return Ok(bytes);
             }
@@ -420,13 +464,8 @@ impl migrated::Server for Server {
             cut.lock().unwrap().take();
             match r {
                 Ok(()) if answer[0] == STARTED => Ok(bytes),
-                Ok(()) => Err(format!(
-                    "{uri}: the destination refused the VM: {}",
-                    reason(stream.as_mut())
-                )),
-                Err(e) => Err(format!(
-                    "{uri}: the destination did not confirm it has the VM ({e}); it is not running it"
-                )),
+                Ok(()) => Err(TransferError::Refused(uri, reason(stream.as_mut()))),
+                Err(e) => Err(TransferError::Unconfirmed(uri, e)),
             }
         })
         .await?;
@@ -463,7 +502,7 @@ impl migrated::Server for Server {
         let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
-        let (memfd, fd) = self.fds().map_err(failed)?;
+        let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let back = self.back.clone();
         let (state, bytes) = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
@@ -516,7 +555,7 @@ impl migrated::Server for Server {
             if ok {
                 s.write_all(&[STARTED])
                     .and_then(|()| s.flush())
-                    .map_err(|e| format!("cannot tell the source the VM runs here ({e}); the source may resume it, so this VM must not run"))?;
+                    .map_err(TransferError::Confirm)?;
             } else {
                 refuse(s.as_mut(), &why);
             }
@@ -537,12 +576,13 @@ fn take(
     uri: &Uri,
     kind: channel::Kind,
     back: &Back,
-) -> Result<(Vec<u8>, u64), String> {
-    let r = receive(stream.as_mut(), ram, config).map_err(|e| format!("{uri}: {e}"));
+) -> Result<(Vec<u8>, u64), TransferError> {
+    let r =
+        receive(stream.as_mut(), ram, config).map_err(|e| TransferError::Receive(uri.clone(), e));
     if kind != channel::Kind::File {
         match &r {
             Ok(_) => *back.lock().unwrap() = Some(stream),
-            Err(e) => refuse(stream.as_mut(), e),
+            Err(e) => refuse(stream.as_mut(), &e.to_string()),
         }
     }
     r

@@ -26,28 +26,68 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(tls: &Tls, pem: &[u8], file: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let dir = &tls.dir;
+/// Why a TLS channel could not be set up: credentials, names, or the handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls-creds {0}: {1} is not PEM certificates ({2})")]
+    NotPem(
+        String,
+        &'static str,
+        #[source] rustls::pki_types::pem::Error,
+    ),
+    #[error("tls-creds {0}: {1} holds no certificate")]
+    NoCertificate(String, &'static str),
+    #[error("tls-creds {0}: cannot read the key {1} ({2})")]
+    Key(
+        String,
+        &'static str,
+        #[source] rustls::pki_types::pem::Error,
+    ),
+    #[error("tls-creds {0}: {1}: {2}")]
+    Creds(String, &'static str, #[source] rustls::Error),
+    #[error("tls-creds {0}: ca-cert.pem: {1}")]
+    Verifier(String, #[source] rustls::server::VerifierBuilderError),
+    #[error("{0}: with TLS over a channel other than tcp:, pass tls-hostname (the name in the destination's certificate)")]
+    NoHostname(Uri),
+    #[error("tls-hostname {0}: not a host name or address ({1})")]
+    Hostname(String, #[source] rustls::pki_types::InvalidDnsNameError),
+    #[error("{0}")]
+    Versions(#[source] rustls::Error),
+    #[error("{0}: {1}")]
+    Connection(Uri, #[source] rustls::Error),
+    #[error("{}: {}", .0, explain(.1, .2))]
+    Handshake(Uri, #[source] io::Error, &'static str),
+    #[error("{0}: the source's certificate subject {1:?} is not in tls-authz; refused")]
+    Unauthorized(Uri, String),
+    #[error("{0}: {1}")]
+    Io(Uri, #[source] io::Error),
+}
+
+fn certs(
+    tls: &Tls,
+    pem: &[u8],
+    file: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let list = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls-creds {dir}: {file} is not PEM certificates ({e})"))?;
+        .map_err(|e| TlsError::NotPem(tls.dir.clone(), file, e))?;
     if list.is_empty() {
-        return Err(format!("tls-creds {dir}: {file} holds no certificate"));
+        return Err(TlsError::NoCertificate(tls.dir.clone(), file));
     }
     Ok(list)
 }
 
-fn key(tls: &Tls, file: &str) -> Result<PrivateKeyDer<'static>, String> {
+fn key(tls: &Tls, file: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&tls.creds.key)
-        .map_err(|e| format!("tls-creds {}: cannot read the key {file} ({e})", tls.dir))
+        .map_err(|e| TlsError::Key(tls.dir.clone(), file, e))
 }
 
-fn roots(tls: &Tls) -> Result<rustls::RootCertStore, String> {
+fn roots(tls: &Tls) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(tls, &tls.creds.ca, "ca-cert.pem")? {
         roots
             .add(c)
-            .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", tls.dir))?;
+            .map_err(|e| TlsError::Creds(tls.dir.clone(), "ca-cert.pem", e))?;
     }
     Ok(roots)
 }
@@ -142,39 +182,30 @@ where
 
 /// The source's end: a TLS client that presents client-cert.pem and checks the
 /// destination's certificate against ca-cert.pem for `tls-hostname` (or the tcp host).
-pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
+pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, TlsError> {
     let name = match (&tls.hostname, uri.host()) {
         (h, _) if !h.is_empty() => h.clone(),
         (_, Some(host)) => host.to_string(),
-        _ => {
-            return Err(format!(
-                "{uri}: with TLS over a channel other than tcp:, pass tls-hostname (the name in the destination's certificate)"
-            ))
-        }
+        _ => return Err(TlsError::NoHostname(uri.clone())),
     };
-    let server_name = ServerName::try_from(name.clone())
-        .map_err(|e| format!("tls-hostname {name}: not a host name or address ({e})"))?;
+    let server_name =
+        ServerName::try_from(name.clone()).map_err(|e| TlsError::Hostname(name, e))?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Versions)?
         .with_root_certificates(roots(tls)?)
         .with_client_auth_cert(
             certs(tls, &tls.creds.cert, "client-cert.pem")?,
             key(tls, "client-key.pem")?,
         )
-        .map_err(|e| {
-            format!(
-                "tls-creds {}: client-cert.pem and client-key.pem: {e}",
-                tls.dir
-            )
-        })?;
+        .map_err(|e| TlsError::Creds(tls.dir.clone(), "client-cert.pem and client-key.pem", e))?;
     let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name)
-        .map_err(|e| format!("{uri}: {e}"))?;
+        .map_err(|e| TlsError::Connection(uri.clone(), e))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut s)
-            .map_err(|e| format!("{uri}: {}", explain(&e, "destination")))?;
+            .map_err(|e| TlsError::Handshake(uri.clone(), e, "destination"))?;
     }
-    let raw = s.handle().map_err(|e| format!("{uri}: {e}"))?;
+    let raw = s.handle().map_err(|e| TlsError::Io(uri.clone(), e))?;
     Ok(Box::new(Wrapped {
         tls: rustls::StreamOwned::new(conn, s),
         raw,
@@ -183,35 +214,30 @@ pub fn client(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn St
 
 /// The destination's end: a TLS server with server-cert.pem that requires a client
 /// certificate signed by ca-cert.pem, whose subject tls-authz lists (when it lists any).
-pub fn server(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, String> {
+pub fn server(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn Stream>, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots(tls)?),
         provider(),
     )
     .build()
-    .map_err(|e| format!("tls-creds {}: ca-cert.pem: {e}", tls.dir))?;
+    .map_err(|e| TlsError::Verifier(tls.dir.clone(), e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             certs(tls, &tls.creds.cert, "server-cert.pem")?,
             key(tls, "server-key.pem")?,
         )
-        .map_err(|e| {
-            format!(
-                "tls-creds {}: server-cert.pem and server-key.pem: {e}",
-                tls.dir
-            )
-        })?;
+        .map_err(|e| TlsError::Creds(tls.dir.clone(), "server-cert.pem and server-key.pem", e))?;
     // A migration never resumes a session: no tickets, so nothing is written after the
     // handshake that a source which has gone could break.
     config.send_tls13_tickets = 0;
-    let mut conn =
-        rustls::ServerConnection::new(Arc::new(config)).map_err(|e| format!("{uri}: {e}"))?;
+    let mut conn = rustls::ServerConnection::new(Arc::new(config))
+        .map_err(|e| TlsError::Connection(uri.clone(), e))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut s)
-            .map_err(|e| format!("{uri}: {}", explain(&e, "source")))?;
+            .map_err(|e| TlsError::Handshake(uri.clone(), e, "source"))?;
     }
     if !tls.authz.is_empty() {
         let subject = conn
@@ -220,12 +246,10 @@ pub fn server(uri: &Uri, tls: &Tls, mut s: Box<dyn Stream>) -> Result<Box<dyn St
             .and_then(|c| subject(c.as_ref()))
             .unwrap_or_else(|| "(unreadable)".into());
         if !tls.authz.iter().any(|a| a == &subject) {
-            return Err(format!(
-                "{uri}: the source's certificate subject {subject:?} is not in tls-authz; refused"
-            ));
+            return Err(TlsError::Unauthorized(uri.clone(), subject));
         }
     }
-    let raw = s.handle().map_err(|e| format!("{uri}: {e}"))?;
+    let raw = s.handle().map_err(|e| TlsError::Io(uri.clone(), e))?;
     Ok(Box::new(Wrapped {
         tls: rustls::StreamOwned::new(conn, s),
         raw,
@@ -336,19 +360,29 @@ mod tests {
         (side(sc, sk), side(cc, ck))
     }
 
+    /// Why one end of a test handshake failed, as its message.
+    #[derive(Debug, PartialEq)]
+    struct Refusal(String);
+
+    impl Refusal {
+        fn contains(&self, s: &str) -> bool {
+            self.0.contains(s)
+        }
+    }
+
     /// Runs a handshake between the two; sends a line through when both succeed.
     fn pair(
         client_tls: Option<&Tls>,
         server_tls: &Tls,
-    ) -> (Result<(), String>, Result<(), String>) {
+    ) -> (Result<(), Refusal>, Result<(), Refusal>) {
         let uri = Uri::Unix("/x".into());
         let (a, b) = UnixStream::pair().unwrap();
         let st = server_tls.clone();
         let server = std::thread::spawn(move || {
             let u = Uri::Unix("/x".into());
-            let mut s = server(&u, &st, Box::new(b))?;
+            let mut s = server(&u, &st, Box::new(b)).map_err(|e| Refusal(e.to_string()))?;
             let mut got = [0u8; 5];
-            s.read_exact(&mut got).map_err(|e| e.to_string())?;
+            s.read_exact(&mut got).map_err(|e| Refusal(e.to_string()))?;
             assert_eq!(&got, b"hello");
             Ok(())
         });
@@ -357,9 +391,9 @@ mod tests {
             Some(t) => match client(&uri, t, Box::new(a)) {
                 Ok(mut s) => {
                     let r = s.write_all(b"hello").and_then(|_| s.flush());
-                    (r.map_err(|e| e.to_string()), Some(s))
+                    (r.map_err(|e| Refusal(e.to_string())), Some(s))
                 }
-                Err(e) => (Err(e), None),
+                Err(e) => (Err(Refusal(e.to_string())), None),
             },
             None => {
                 let mut a = a;
@@ -415,7 +449,8 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let e = client(&Uri::Unix("/x".into()), &empty, Box::new(a))
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("tls-creds /empty: ca-cert.pem holds no certificate"),
             "{e}"

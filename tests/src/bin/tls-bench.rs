@@ -62,7 +62,7 @@ fn run(mib: u64, tls: Option<(&Tls, &Tls)>) -> Result<f64, String> {
         let (s, _) = l.accept().map_err(|e| e.to_string())?;
         let mut s: Box<dyn Stream> = Box::new(s);
         if let Some(t) = &t2 {
-            s = tls::server(&u2, t, s)?;
+            s = tls::server(&u2, t, s).map_err(|e| e.to_string())?;
         }
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -80,7 +80,7 @@ fn run(mib: u64, tls: Option<(&Tls, &Tls)>) -> Result<f64, String> {
     let _ = s.set_nodelay(true);
     let mut s: Box<dyn Stream> = Box::new(s);
     if let Some((t, _)) = tls {
-        s = tls::client(&uri, t, s)?;
+        s = tls::client(&uri, t, s).map_err(|e| e.to_string())?;
     }
     let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + 1) as u8).collect();
     let start = Instant::now();
