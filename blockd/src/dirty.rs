@@ -5,21 +5,15 @@
 //! clears it between passes, as it does KVM's own dirty log. (The used ring blockd writes is
 //! in the frontend's last pass anyway, since it knows where each ring is.)
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory};
 
 const PAGE_SHIFT: u64 = 12;
 
 pub struct DirtyLog {
-    ptr: *mut u8,
-    len: usize,
+    map: MmapRegion<()>,
 }
-
-// SAFETY: the mapping is only ever touched through atomic byte operations, so threads may
-// share it.
-unsafe impl Send for DirtyLog {}
-// SAFETY: as above.
-unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// Maps the frontend's log: `size` bytes at `offset` of `file`.
@@ -29,25 +23,9 @@ impl DirtyLog {
                 "a dirty log of {size} bytes (it covers at most 128 TiB of guest memory)"
             )));
         }
-        // SAFETY: a fresh shared read-write mapping of the frontend's file; checked below and
-        // unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DirtyLog {
-            ptr: ptr.cast(),
-            len: size as usize,
-        })
+        let map = MmapRegion::from_file(FileOffset::new(file.try_clone()?, offset), size as usize)
+            .map_err(std::io::Error::other)?;
+        Ok(DirtyLog { map })
     }
 
     /// Marks the pages of `len` bytes at guest physical address `gpa`. Pages beyond the log
@@ -60,20 +38,11 @@ impl DirtyLog {
         let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         for page in first..=last {
             let byte = (page / 8) as usize;
-            if byte >= self.len {
+            let Ok(cell) = self.map.get_atomic_ref::<AtomicU8>(byte) else {
                 return;
-            }
-            // SAFETY: `byte` is within the mapping, and AtomicU8 has the layout of u8.
-            let cell = unsafe { &*(self.ptr.add(byte) as *const AtomicU8) };
+            };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, no longer used.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -99,11 +68,7 @@ mod tests {
     }
 
     fn tempfile() -> std::fs::File {
-        let name = c"dirty-log-test";
-        // SAFETY: a valid name; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: a new descriptor nothing else owns.
-        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+        let flags = nix::sys::memfd::MFdFlags::MFD_CLOEXEC;
+        std::fs::File::from(nix::sys::memfd::memfd_create(c"dirty-log-test", flags).unwrap())
     }
 }

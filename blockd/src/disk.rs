@@ -241,11 +241,12 @@ impl Disk {
                 len - size
             );
         }
-        // SAFETY: F_GETFL only reads the descriptor's flags.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .map(nix::fcntl::OFlag::from_bits_retain)
+            .unwrap_or(nix::fcntl::OFlag::empty());
         Ok(Disk {
             format: options.format,
-            direct: flags >= 0 && flags & libc::O_DIRECT != 0,
+            direct: flags.contains(nix::fcntl::OFlag::O_DIRECT),
             file,
             qcow2,
             size,
@@ -359,44 +360,38 @@ impl Disk {
     fn rw_bounced(&self, iovs: &[libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
         let total: usize = iovs.iter().map(|v| v.iov_len).sum();
         let len = total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), 4096)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a non-zero-sized layout; freed below.
-        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-        if buf.is_null() {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        let copy = |to_buf: bool| {
+        // A page-aligned window of a zeroed vector.
+        let mut storage = vec![0u8; len.max(DIRECT_ALIGN) + 4096];
+        let skip = storage.as_ptr().align_offset(4096);
+        let buf = &mut storage[skip..skip + len.max(DIRECT_ALIGN)];
+        let copy = |buf: &mut [u8], to_buf: bool| {
             let mut at = 0;
             for v in iovs {
-                // SAFETY: each iovec names v.iov_len valid bytes, and buf has room for all.
+                let (ours, theirs) = (buf[at..].as_mut_ptr(), v.iov_base as *mut u8);
+                // SAFETY: each iovec names v.iov_len bytes valid for the call (this function's
+                // contract, as `rw`'s), and `buf` has room for all of them after `at`; the
+                // two never overlap (`buf` is ours alone).
                 unsafe {
                     if to_buf {
-                        std::ptr::copy_nonoverlapping(
-                            v.iov_base as *const u8,
-                            buf.add(at),
-                            v.iov_len,
-                        )
+                        std::ptr::copy_nonoverlapping(theirs, ours, v.iov_len)
                     } else {
-                        std::ptr::copy_nonoverlapping(buf.add(at), v.iov_base as *mut u8, v.iov_len)
+                        std::ptr::copy_nonoverlapping(ours, theirs, v.iov_len)
                     }
                 }
                 at += v.iov_len;
             }
         };
         if write {
-            copy(true);
+            copy(buf, true);
         }
         let mut one = [libc::iovec {
-            iov_base: buf as *mut libc::c_void,
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
             iov_len: total,
         }];
         let r = self.rw_direct(&mut one, offset, write);
         if !write && r.is_ok() {
-            copy(false);
+            copy(buf, false);
         }
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(buf, layout) };
         r
     }
 
@@ -553,11 +548,8 @@ impl Disk {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate on our own fd with plain integer arguments.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let mode = nix::fcntl::FallocateFlags::from_bits_retain(mode);
+        nix::fcntl::fallocate(&self.file, mode, offset as i64, len as i64)?;
         Ok(())
     }
 }
@@ -588,12 +580,8 @@ mod tests {
     }
 
     fn tempfile() -> File {
-        let name = c"blockd-test";
-        // SAFETY: a valid name; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new fd nobody else owns.
-        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+        let flags = nix::sys::memfd::MFdFlags::MFD_CLOEXEC;
+        File::from(nix::sys::memfd::memfd_create(c"blockd-test", flags).unwrap())
     }
 
     #[test]

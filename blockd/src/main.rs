@@ -17,11 +17,11 @@ mod throttle;
 
 use clap::Parser;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use vhost::vhost_user::Listener;
+use vmm_sandbox::control::{control, inherited, Control};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "vhost-user-blk backend for vmm-core")]
@@ -230,11 +230,7 @@ fn run(args: Args) -> Result<(), String> {
                     path.display()
                 )
             })?,
-        (None, Some(fd)) => {
-            check_fd(fd, "--image-fd")?;
-            // SAFETY: the fd was inherited for us (checked open above) and nothing else owns it.
-            unsafe { File::from_raw_fd(fd) }
-        }
+        (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd").map_err(|e| e.to_string())?),
         (None, None) => unreachable!("clap requires one"),
     };
     let options = disk::Options {
@@ -251,11 +247,9 @@ fn run(args: Args) -> Result<(), String> {
     let listener = match (&args.socket, args.listen_fd) {
         (Some(path), _) => bind_listener(path)
             .map_err(|e| format!("--socket {}: cannot listen there ({e})", path.display()))?,
-        (None, Some(fd)) => {
-            check_fd(fd, "--listen-fd")?;
-            // SAFETY: an inherited listening socket that nothing else in this process owns.
-            unsafe { Listener::from_raw_fd(fd) }
-        }
+        (None, Some(fd)) => Listener::from(std::os::unix::net::UnixListener::from(
+            inherited(fd, "--listen-fd", "blockd").map_err(|e| e.to_string())?,
+        )),
         (None, None) => unreachable!("clap requires one"),
     };
     {
@@ -281,19 +275,24 @@ fn run(args: Args) -> Result<(), String> {
 
 /// Serves the control API: exports come and go over RPC.
 fn control_mode(args: &Args) -> Result<(), String> {
-    let control = control_socket(args)?;
+    let control =
+        control("blockd", args.control_fd, args.listen.as_deref()).map_err(|e| e.to_string())?;
     {
         use std::os::fd::AsRawFd;
         let mut keep = vec![match &control {
-            ControlSocket::Connection(s) => s.as_raw_fd(),
-            ControlSocket::Listener(l) => l.as_raw_fd(),
+            Control::Connection(s) => s.as_raw_fd(),
+            Control::Listener(l, _) => {
+                l.set_nonblocking(true)
+                    .map_err(|e| format!("--listen: {e}"))?;
+                l.as_raw_fd()
+            }
         }];
         match vmm_sandbox::systemd::prepare_notify() {
             Ok(fd) => keep.extend(fd),
             Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
         }
-        let remove = match &args.listen {
-            Some(p) if p.as_os_str() != "systemd" => vec![p.clone()],
+        let remove = match &control {
+            Control::Listener(_, Some(p)) => vec![p.clone()],
             _ => Vec::new(),
         };
         confine(args, keep, remove)?;
@@ -307,13 +306,13 @@ fn control_mode(args: &Args) -> Result<(), String> {
     let exports: rpc::Exports = Default::default();
     let queue_size = args.queue_size;
     let listener = match control {
-        ControlSocket::Connection(stream) => {
+        Control::Connection(stream) => {
             local.block_on(&rt, rpc::serve(stream, exports.clone(), queue_size));
             // vmm-core is gone: stop every export (each flushes its image).
             exports.borrow_mut().clear();
             return Ok(());
         }
-        ControlSocket::Listener(l) => l,
+        Control::Listener(l, _) => l,
     };
     let _ = vmm_sandbox::systemd::notify("READY=1");
     local.block_on(&rt, async move {
@@ -338,70 +337,32 @@ fn control_mode(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-enum ControlSocket {
-    Connection(std::os::unix::net::UnixStream),
-    Listener(std::os::unix::net::UnixListener),
-}
-
-/// The control connection (--control-fd) or listening socket (--listen).
-fn control_socket(args: &Args) -> Result<ControlSocket, String> {
-    if let Some(fd) = args.control_fd {
-        check_fd(fd, "--control-fd")?;
-        // SAFETY: an inherited connected socket that nothing else in this process owns.
-        let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        return Ok(ControlSocket::Connection(stream));
-    }
-    let path = args.listen.clone().expect("control mode has one of them");
-    let listener = if path.as_os_str() == "systemd" {
-        let mut fds = vmm_sandbox::systemd::listen_fds();
-        if fds.len() != 1 {
-            return Err(format!(
-                "--listen systemd: systemd passed {} sockets; blockd takes one",
-                fds.len()
-            ));
-        }
-        std::os::unix::net::UnixListener::from(fds.pop().expect("one"))
-    } else {
-        let _ = std::fs::remove_file(&path);
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| format!("--listen {}: cannot listen there ({e})", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        l
-    };
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("--listen: {e}"))?;
-    Ok(ControlSocket::Listener(listener))
-}
-
 /// SIGTERM and SIGINT flush the image and end blockd with status 0 (systemd's and vmm-core's
 /// way to stop it). The signals are blocked here, before any other thread exists, and taken by
 /// one thread with sigwait.
 fn stop_on_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     extern "C" fn unused(_: libc::c_int) {}
-    // SAFETY: a handler is installed only so that the signals count as handled: as PID 1 of
-    // its own PID namespace, blockd would otherwise never receive them. They stay blocked in
-    // every thread and are taken by sigwait, so the handler never runs. Then sigset
-    // manipulation on a local set, and masking this (the only) thread's signals.
-    let set = unsafe {
-        for sig in [libc::SIGTERM, libc::SIGINT] {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = unused as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    let handled = SigAction::new(
+        SigHandler::Handler(unused),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: a handler is installed only so that the signals count as handled: as PID 1
+        // of its own PID namespace, blockd would otherwise never receive them. They stay
+        // blocked in every thread and are taken by sigwait, so the handler (which does
+        // nothing) never runs.
+        let _ = unsafe { sigaction(sig, &handled) };
+        set.add(sig);
+    }
+    if let Err(e) = set.thread_block() {
+        log::warn!("cannot block SIGTERM and SIGINT ({e}); they would end blockd unflushed");
+        return;
+    }
     std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: waits on a valid set; sig receives the signal number.
-        unsafe { libc::sigwait(&set, &mut sig) };
+        let sig = set.wait().map_or(0, |s| s as i32);
         if let Err(e) = disk::flush_all() {
             log::warn!("cannot flush an image before exiting: {e}");
             std::process::exit(1);
@@ -418,14 +379,4 @@ pub fn bind_listener(path: &std::path::Path) -> std::io::Result<Listener> {
     Ok(Listener::from(std::os::unix::net::UnixListener::bind(
         path,
     )?))
-}
-
-fn check_fd(fd: i32, what: &str) -> Result<(), String> {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!(
-            "{what} {fd}: not an open descriptor of this process"
-        ));
-    }
-    Ok(())
 }

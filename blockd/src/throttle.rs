@@ -8,8 +8,10 @@
 //! alone takes all the budget there is. Nothing lowers the rate below the configured one
 //! after a burst: the achieved rate is the configured rate.
 
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -182,22 +184,13 @@ impl Bucket {
 
 /// A queue's wake-up: a timerfd its worker's epoll loop watches. Armed for the earliest of
 /// what it is asked (throttled and delayed requests share it).
-pub struct Timer(OwnedFd, Mutex<Option<Instant>>);
+pub struct Timer(TimerFd, Mutex<Option<Instant>>);
 
 impl Timer {
     pub fn new() -> std::io::Result<Timer> {
-        // SAFETY: timerfd_create takes no pointers; the result is checked.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        Ok(Timer(unsafe { OwnedFd::from_raw_fd(fd) }, Mutex::new(None)))
+        let flags = TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC;
+        let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, flags)?;
+        Ok(Timer(fd, Mutex::new(None)))
     }
 
     /// Fires after `d` (at once for zero).
@@ -209,36 +202,23 @@ impl Timer {
             return;
         }
         *armed = Some(at);
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: a valid itimerspec for our own timerfd.
-        unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let when = Expiration::OneShot(TimeSpec::from_duration(d));
+        if let Err(e) = self.0.set(when, TimerSetTimeFlags::empty()) {
+            log::warn!(
+                "cannot arm a queue's timer ({e}); throttled requests wait for the next one"
+            );
+        }
     }
 
     /// Clears a fired timer (its epoll readiness).
     pub fn clear(&self) {
         *self.1.lock().unwrap() = None;
-        let mut n = 0u64;
-        // SAFETY: reads 8 bytes into a u64 from our own non-blocking timerfd.
-        unsafe {
-            libc::read(
-                self.0.as_raw_fd(),
-                &mut n as *mut u64 as *mut libc::c_void,
-                8,
-            )
-        };
+        // Non-blocking: reads the expiry count if it fired, else EAGAIN.
+        let _ = self.0.wait();
     }
 
     pub fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.0.as_fd().as_raw_fd()
     }
 }
 

@@ -6,7 +6,6 @@
 mod backend;
 
 use clap::Parser;
-use std::os::fd::FromRawFd;
 use std::process::ExitCode;
 use vmm_proto::chardevd_capnp::chardevd;
 
@@ -46,45 +45,7 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
     ]
 }
 
-/// What chardevd serves: one inherited connection, or a listening socket.
-enum Control {
-    Connection(std::os::unix::net::UnixStream),
-    Listener(std::os::unix::net::UnixListener, Option<std::path::PathBuf>),
-}
-
-fn control(args: &Args) -> Result<Control, String> {
-    if let Some(fd) = args.control_fd {
-        // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(format!(
-                "--control-fd {fd}: not an open descriptor; vmm-core starts chardevd with one"
-            ));
-        }
-        // SAFETY: the descriptor is open (checked above) and handed to us to own.
-        return Ok(Control::Connection(unsafe {
-            std::os::unix::net::UnixStream::from_raw_fd(fd)
-        }));
-    }
-    if let Some(path) = &args.listen {
-        let _ = std::fs::remove_file(path);
-        let l = std::os::unix::net::UnixListener::bind(path)
-            .map_err(|e| format!("--listen {}: cannot listen on it ({e})", path.display()))?;
-        return Ok(Control::Listener(l, Some(path.clone())));
-    }
-    // systemd socket activation: one listening socket.
-    let mut fds = vmm_sandbox::systemd::listen_fds();
-    if fds.len() == 1 {
-        let fd = fds.pop().expect("one");
-        return Ok(Control::Listener(fd.into(), None));
-    }
-    if !fds.is_empty() {
-        return Err(format!(
-            "systemd passed {} sockets; chardevd takes one (ListenStream= once in its .socket unit)",
-            fds.len()
-        ));
-    }
-    Err("give --control-fd FD (from vmm-core) or --listen PATH, or start chardevd from a systemd socket unit".into())
-}
+use vmm_sandbox::control::Control;
 
 /// Serves one vmm-core connection until it closes.
 async fn serve(stream: std::os::unix::net::UnixStream) {
@@ -116,13 +77,14 @@ fn main() -> ExitCode {
         print!("{}", vmm_sandbox::seccomp::describe(&list));
         return ExitCode::SUCCESS;
     }
-    let control = match control(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("chardevd: error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let control =
+        match vmm_sandbox::control::control("chardevd", args.control_fd, args.listen.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("chardevd: error: {e}");
+                return ExitCode::from(2);
+            }
+        };
     if !args.sandbox.no_sandbox {
         use std::os::fd::AsRawFd;
         let mut keep = vec![match &control {

@@ -122,41 +122,7 @@ fn inspect(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What migrated serves: one inherited connection, or a listening socket.
-enum Control {
-    Connection(std::os::unix::net::UnixStream),
-    Listener(std::os::unix::net::UnixListener, Option<PathBuf>),
-}
-
-fn control(control_fd: Option<i32>, listen: Option<PathBuf>) -> Result<Control, String> {
-    use std::os::fd::FromRawFd;
-    if let Some(fd) = control_fd {
-        // SAFETY: F_GETFD only asks whether the descriptor is open.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(format!(
-                "--control-fd {fd}: not an open descriptor; vmm-core starts migrated with one"
-            ));
-        }
-        // SAFETY: an inherited connected socket that nothing else in this process owns.
-        return Ok(Control::Connection(unsafe {
-            std::os::unix::net::UnixStream::from_raw_fd(fd)
-        }));
-    }
-    if let Some(path) = listen {
-        let _ = std::fs::remove_file(&path);
-        let l = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|e| format!("--listen {}: cannot listen on it ({e})", path.display()))?;
-        return Ok(Control::Listener(l, Some(path)));
-    }
-    let mut fds = vmm_sandbox::systemd::listen_fds();
-    match fds.len() {
-        1 => Ok(Control::Listener(fds.pop().expect("one").into(), None)),
-        0 => Err("give --control-fd FD (from vmm-core) or --listen PATH, or start migrated from a systemd socket unit".into()),
-        n => Err(format!(
-            "systemd passed {n} sockets; migrated takes one (ListenStream= once in its .socket unit)"
-        )),
-    }
-}
+use vmm_sandbox::control::Control;
 
 fn serve(
     control_fd: Option<i32>,
@@ -164,7 +130,8 @@ fn serve(
     sandbox: &vmm_sandbox::Flags,
 ) -> Result<(), String> {
     use std::os::fd::AsRawFd;
-    let control = control(control_fd, listen)?;
+    let control = vmm_sandbox::control::control("migrated", control_fd, listen.as_deref())
+        .map_err(|e| e.to_string())?;
     if !sandbox.no_sandbox {
         let mut keep = vec![match &control {
             Control::Connection(s) => s.as_raw_fd(),

@@ -2,6 +2,7 @@
 //! input (the jail, then a seccomp allowlist), and systemd's protocols (readiness
 //! notification, socket activation).
 
+pub mod control;
 pub mod jail;
 pub mod seccomp;
 pub mod syscalls;

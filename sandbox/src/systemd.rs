@@ -2,7 +2,7 @@
 //! socket activation ($LISTEN_PID, $LISTEN_FDS: descriptors from 3 on).
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
@@ -63,18 +63,7 @@ pub fn listen_fds() -> Vec<OwnedFd> {
         return Vec::new();
     }
     (3..3 + n.clamp(0, 64))
-        .filter(|&fd| {
-            // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
-            unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
-        })
-        .map(|fd| {
-            // SAFETY: systemd passed this open descriptor to this process (LISTEN_PID is us),
-            // and nothing else in it owns it. It gets close-on-exec, as it is ours alone.
-            unsafe {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                OwnedFd::from_raw_fd(fd)
-            }
-        })
+        .filter_map(crate::control::take)
         .collect()
 }
 

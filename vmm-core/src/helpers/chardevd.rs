@@ -15,7 +15,7 @@ use crate::config::serial::Backend;
 use crate::events::Events;
 use capnp_rpc::twoparty;
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,9 +81,9 @@ impl Resources {
         match backend {
             Backend::Null | Backend::Ring(_) | Backend::UnixClient { .. } => {}
             Backend::Stdio => {
-                for fd in [0, 1] {
-                    // SAFETY: fds 0 and 1 are borrowed only to be duplicated here.
-                    let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+                let (stdin, stdout) = (std::io::stdin(), std::io::stdout());
+                for (fd, std) in [(0, stdin.as_fd()), (1, stdout.as_fd())] {
+                    let dup = std
                         .try_clone_to_owned()
                         .map_err(|e| {
                             ChardevError::Resource(format!(
@@ -137,49 +137,18 @@ impl Resources {
 /// A new pseudo-terminal: its master and the slave's path. The slave is set to raw mode, so
 /// that the program on the other end sees the guest's bytes as they are.
 fn open_pty() -> std::io::Result<(std::os::fd::OwnedFd, String)> {
-    use std::os::fd::FromRawFd;
-    let err = std::io::Error::last_os_error;
-    // SAFETY: posix_openpt returns a new descriptor or -1.
-    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if m < 0 {
-        return Err(err());
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    let pty = nix::pty::openpty(None, None)?;
+    // openpty(3) cannot set close-on-exec: no other helper vmm-core starts may inherit it.
+    fcntl(&pty.master, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    let path = nix::unistd::ttyname(&pty.slave)?;
+    if let Ok(mut t) = tcgetattr(&pty.slave) {
+        cfmakeraw(&mut t);
+        let _ = tcsetattr(&pty.slave, SetArg::TCSANOW, &t);
     }
-    // SAFETY: m was just opened and is owned by nobody else.
-    let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(m) };
-    let mut name = [0 as libc::c_char; 128];
-    // SAFETY: master is a pty master; name is a buffer of the length given.
-    unsafe {
-        if libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
-            return Err(err());
-        }
-        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
-            return Err(err());
-        }
-    }
-    // SAFETY: ptsname_r wrote a NUL-terminated string into name.
-    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-    // SAFETY: path is a valid C string; open returns a new descriptor or -1.
-    let s = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if s < 0 {
-        return Err(err());
-    }
-    // SAFETY: s was just opened and is owned by nobody else.
-    let slave = unsafe { std::os::fd::OwnedFd::from_raw_fd(s) };
-    // SAFETY: termios is plain data; tcgetattr/tcsetattr act on the open slave.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(slave.as_raw_fd(), &mut t) == 0 {
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t);
-        }
-    }
-    drop(slave);
-    Ok((master, path.to_string_lossy().into_owned()))
+    drop(pty.slave);
+    Ok((pty.master, path.to_string_lossy().into_owned()))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,116 @@
+//! How a helper gets its control socket, the same way in every helper: a connection inherited
+//! from vmm-core (`--control-fd N`), a socket it listens on (`--listen PATH`), or a socket
+//! systemd passed (socket activation; `--listen systemd` or no flag at all). Also the one
+//! place where an inherited descriptor number becomes an owned descriptor.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Why a helper has no control socket, in one line that says what to give it.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{flag} {fd}: not an open descriptor of this process; vmm-core starts {who} with one")]
+    NotOpen {
+        flag: &'static str,
+        fd: RawFd,
+        who: &'static str,
+    },
+    #[error("--listen {0}: cannot listen on it ({1})")]
+    Listen(PathBuf, #[source] std::io::Error),
+    #[error("systemd passed {0} sockets; {1} takes one (ListenStream= once in its .socket unit)")]
+    Sockets(usize, &'static str),
+    #[error("give --control-fd FD (from vmm-core) or --listen PATH, or start {0} from a systemd socket unit")]
+    Nothing(&'static str),
+}
+
+/// Descriptor `fd`, which this process inherited for `flag`, as its own: checked open, and
+/// never 0, 1 or 2. It gets close-on-exec: nothing this helper starts may inherit it.
+pub fn inherited(
+    fd: RawFd,
+    flag: &'static str,
+    who: &'static str,
+) -> Result<OwnedFd, ControlError> {
+    take(fd).ok_or(ControlError::NotOpen { flag, fd, who })
+}
+
+/// Descriptor `fd` as owned, with close-on-exec, if it is open and not 0, 1 or 2. Each
+/// inherited descriptor is taken once, at start-up (systemd's through `listen_fds`).
+pub(crate) fn take(fd: RawFd) -> Option<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: `fd` is only borrowed for the F_SETFD below, which fails (EBADF) when it is not
+    // open; no memory is involved.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    // SAFETY: `fd` is open (checked above) and was handed to this process to own; nothing
+    // else in it owns it, as each inherited descriptor is taken once.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a helper serves: one inherited connection (vmm-core's), or a listening socket and,
+/// when it made it, the path to remove at exit.
+pub enum Control {
+    Connection(UnixStream),
+    Listener(UnixListener, Option<PathBuf>),
+}
+
+/// The control socket from `--control-fd`, `--listen PATH`, or systemd. A socket made here
+/// is readable and writable by its owner only.
+pub fn control(
+    who: &'static str,
+    control_fd: Option<RawFd>,
+    listen: Option<&Path>,
+) -> Result<Control, ControlError> {
+    if let Some(fd) = control_fd {
+        let fd = inherited(fd, "--control-fd", who)?;
+        return Ok(Control::Connection(UnixStream::from(fd)));
+    }
+    if let Some(path) = listen.filter(|p| p.as_os_str() != "systemd") {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(path);
+        let l =
+            UnixListener::bind(path).map_err(|e| ControlError::Listen(path.to_path_buf(), e))?;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        return Ok(Control::Listener(l, Some(path.to_path_buf())));
+    }
+    let mut fds = crate::systemd::listen_fds();
+    match fds.len() {
+        1 => Ok(Control::Listener(fds.pop().expect("one").into(), None)),
+        0 => Err(ControlError::Nothing(who)),
+        n => Err(ControlError::Sockets(n, who)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_descriptor_that_is_not_open_is_refused_by_name() {
+        let e = inherited(1000, "--control-fd", "blockd").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--control-fd 1000: not an open descriptor of this process; vmm-core starts blockd with one"
+        );
+        assert!(inherited(1, "--image-fd", "blockd").is_err());
+    }
+
+    #[test]
+    fn a_listening_socket_is_made_for_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let Control::Listener(_, Some(made)) = control("chardevd", None, Some(&path)).unwrap()
+        else {
+            panic!("a listener at the path")
+        };
+        assert_eq!(made, path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
