@@ -10,10 +10,11 @@
 //!   and counts them.
 
 use capnp::capability::Rc;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,9 +34,7 @@ pub struct Server {
 
 impl Server {
     pub fn new(side: OwnedFd) -> std::io::Result<Server> {
-        // SAFETY: side is an OwnedFd that the AsyncFd owns from here on: it stays open and
-        // names the same socket for the AsyncFd's whole life.
-        let side = unsafe { AsyncFd::register(side) }.map_err(|e| e.into_parts().1)?;
+        let side = vmm_proto::rpc::async_fd(side, false)?;
         Ok(Server {
             side: std::rc::Rc::new(side),
         })
@@ -161,14 +160,7 @@ impl chardevd::Server for Server {
             backend::Pty(path) => {
                 let path = path?.to_string().map_err(|e| failed(e.to_string()))?;
                 let master = self.take_fds(&name, 1)?.pop().expect("one descriptor");
-                // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
-                unsafe {
-                    let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
-                    libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-                }
-                // SAFETY: master is an OwnedFd that the AsyncFd owns from here on: it stays
-                // open and names the same description for the AsyncFd's whole life.
-                let master = unsafe { AsyncFd::register(master) }
+                let master = vmm_proto::rpc::async_fd(master, true)
                     .map_err(|e| failed(format!("{name}: pty: {e}")))?;
                 let master = std::rc::Rc::new(master);
                 // Input is read on a thread with level-triggered poll: a pty's master keeps
@@ -468,13 +460,8 @@ fn write_blocking(out: &mut std::fs::File, mut data: &[u8]) -> std::io::Result<(
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: out.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: p is one valid pollfd.
-                unsafe { libc::poll(&mut p, 1, 100) };
+                let mut p = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut p, PollTimeout::from(100u8));
             }
             Err(e) => return Err(e),
         }
@@ -501,41 +488,28 @@ fn read_input(
     let mut buf = [0u8; 4096];
     let idle = || std::thread::sleep(Duration::from_millis(100));
     while !stop.load(Ordering::Acquire) {
-        let mut p = libc::pollfd {
-            fd: input.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: p is one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+        let mut p = [PollFd::new(input.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut p, PollTimeout::from(200u8)).unwrap_or(0) <= 0 {
             continue;
         }
-        if hangup == Hangup::Wait && p.revents & libc::POLLIN == 0 {
+        let readable = p[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if hangup == Hangup::Wait && !readable {
             idle();
             continue;
         }
-        // SAFETY: buf is valid for buf.len() bytes; input is an open descriptor we own.
-        let n = unsafe { libc::read(input.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n == 0 && hangup == Hangup::Ends {
-            return;
-        }
-        if n <= 0 {
-            let e = std::io::Error::last_os_error();
-            if n == 0
-                || matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-                )
-            {
-                continue;
-            }
-            if hangup == Hangup::Wait {
+        let n = match nix::unistd::read(&input, &mut buf) {
+            Ok(0) if hangup == Hangup::Ends => return,
+            Ok(0) | Err(nix::Error::EINTR | nix::Error::EAGAIN) => continue,
+            Ok(n) => n,
+            Err(_) if hangup == Hangup::Wait => {
                 idle();
                 continue;
             }
-            return;
-        }
-        if to.send(buf[..n as usize].to_vec()).is_err() {
+            Err(_) => return,
+        };
+        if to.send(buf[..n].to_vec()).is_err() {
             return;
         }
     }
@@ -549,21 +523,7 @@ async fn write_pty(master: &AsyncFd<OwnedFd>, data: &[u8]) -> u64 {
         let Ok(Ok(mut guard)) = tokio::time::timeout(PTY_STALL, master.writable()).await else {
             return (data.len() - off) as u64;
         };
-        match guard.try_io(|fd| {
-            // SAFETY: the slice is valid; fd is the open master.
-            let n = unsafe {
-                libc::write(
-                    fd.as_raw_fd(),
-                    data[off..].as_ptr().cast(),
-                    data.len() - off,
-                )
-            };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
+        match guard.try_io(|fd| Ok(nix::unistd::write(fd.get_ref(), &data[off..])?)) {
             Ok(Ok(0)) | Ok(Err(_)) => return (data.len() - off) as u64,
             Ok(Ok(n)) => off += n,
             Err(_would_block) => {}

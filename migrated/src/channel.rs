@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 pub use vmm_proto::channel::{Kind, Uri};
@@ -50,12 +50,11 @@ impl Stream for std::fs::File {
     }
 }
 
-/// A socket's address family (SO_DOMAIN).
-fn domain(fd: &impl AsRawFd) -> io::Result<libc::c_int> {
-    vmm_proto::channel::socket_option(fd, libc::SO_DOMAIN)
+/// A socket's address family.
+fn domain(fd: &OwnedFd) -> io::Result<libc::c_int> {
+    Ok(vmm_proto::channel::socket_family(fd)?.map_or(-1, |f| f as libc::c_int))
 }
 
-/// A connected socket or a file, as a stream.
 /// A descriptor migrated cannot use as its channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {

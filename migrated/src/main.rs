@@ -65,6 +65,10 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             ]],
         ),
         allow("pipe2", "tokio's signal pipe"),
+        allow(
+            "getsockname",
+            "a channel socket's address family (unix or tcp)",
+        ),
     ]
 }
 

@@ -11,7 +11,7 @@
 //! - a regular file (file:, or fd: of one): a snapshot.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,9 +224,10 @@ impl Guard {
 
 /// Kills an exec: command's process group (the shell and what it started) and reaps it.
 fn kill_group(child: &mut std::process::Child) {
-    // SAFETY: a signal to the process group this channel made; its leader is our child, not
-    // yet reaped, so the id is still ours.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    // The process group this channel made: its leader is our child, not yet reaped, so the
+    // id is still ours.
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
 }
 
@@ -287,12 +288,10 @@ async fn within<S>(
 
 /// Clears O_NONBLOCK: migrated uses every channel blocking.
 fn set_blocking(fd: &OwnedFd) {
-    // SAFETY: F_GETFL/F_SETFL on an open descriptor.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(fl) = fcntl(fd, FcntlArg::F_GETFL) {
+        let fl = OFlag::from_bits_retain(fl) - OFlag::O_NONBLOCK;
+        let _ = fcntl(fd, FcntlArg::F_SETFL(fl));
     }
 }
 
@@ -360,43 +359,26 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, ChannelError> {
     Ok(Opened { fd, kind, guard })
 }
 
-/// A socket's integer option at level SOL_SOCKET (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN).
-pub fn socket_option(fd: &impl AsRawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one c_int (and its length) for these options.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
+/// A socket's address family (AF_UNIX, AF_INET, AF_INET6), from its own address.
+pub fn socket_family(fd: &impl AsFd) -> io::Result<Option<nix::sys::socket::AddressFamily>> {
+    use nix::sys::socket::{getsockname, SockaddrLike, SockaddrStorage};
+    let addr: SockaddrStorage = getsockname(fd.as_fd().as_raw_fd())?;
+    Ok(addr.family())
 }
 
 /// An fd: channel: what the descriptor is decides the kind. A pipe or anything else is
 /// refused, since a live migration needs both directions.
 pub fn classify(uri: &Uri, fd: OwnedFd) -> Result<Opened, ChannelError> {
-    // SAFETY: an all-zero stat is a valid value for fstat to fill in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one stat into `st` for an open descriptor.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(ChannelError::Io(uri.clone(), io::Error::last_os_error()));
-    }
-    let kind = match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG => Kind::File,
-        libc::S_IFSOCK => {
-            let int = |opt| socket_option(&fd, opt).ok();
-            if int(libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
+    use nix::sys::socket::{getsockopt, sockopt, SockType};
+    use nix::sys::stat::SFlag;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| ChannelError::Io(uri.clone(), e.into()))?;
+    let kind = match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => Kind::File,
+        SFlag::S_IFSOCK => {
+            if getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::Stream) {
                 return Err(ChannelError::NotStream(uri.clone()));
             }
-            if int(libc::SO_ACCEPTCONN) == Some(1) {
+            if getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
                 Kind::Listener
             } else {
                 Kind::Stream

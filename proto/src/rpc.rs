@@ -66,6 +66,22 @@ pub enum SideChannelError {
     Wrong(String, usize, &'static str),
 }
 
+/// A descriptor this process owns, watched by the current tokio runtime (made non-blocking
+/// first when `nonblocking` says so: tokio expects it).
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+    nonblocking: bool,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    if nonblocking {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let fl = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
+    }
+    // SAFETY: an OwnedFd is open and, owned by the AsyncFd from here on, names the same open
+    // file description for the AsyncFd's whole life (nothing else can close or replace it).
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
 /// The other side's message for a failed call, as a user reads it: capnp's "remote
 /// exception: " prefix taken off. Every RPC client maps its errors through here.
 pub fn remote_message(e: &capnp::Error) -> String {

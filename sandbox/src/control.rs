@@ -36,7 +36,7 @@ pub fn inherited(
 
 /// Descriptor `fd` as owned, with close-on-exec, if it is open and not 0, 1 or 2. Each
 /// inherited descriptor is taken once, at start-up (systemd's through `listen_fds`).
-pub(crate) fn take(fd: RawFd) -> Option<OwnedFd> {
+pub fn take(fd: RawFd) -> Option<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     if fd < 3 {
         return None;

@@ -12,7 +12,7 @@ use crate::control::LoopError;
 use crate::control::{MigrationRequest, Reply, VmEvent};
 use crate::helpers::migrated::{Migrated, MigratedError};
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Mutex;
 use vmm_proto::channel::{self, ChannelError, Creds, Opened, Uri};
@@ -60,9 +60,8 @@ pub fn note_inherited_fds() {
     };
     let mut set = INHERITED.lock().unwrap();
     for n in names {
-        // SAFETY: F_GETFD only asks whether the descriptor is open (the directory's own,
-        // closed by now, is not).
-        if unsafe { libc::fcntl(n, libc::F_GETFD) } >= 0 {
+        // Still open: the directory's own descriptor, closed by now, is not.
+        if std::fs::symlink_metadata(format!("/proc/self/fd/{n}")).is_ok() {
             set.insert(n);
         }
     }
@@ -81,12 +80,8 @@ pub fn check_fd(uri: &str, n: i32) -> Result<(), MigrationError> {
 fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, MigrationError> {
     check_fd(&uri.to_string(), n)?;
     INHERITED.lock().unwrap().remove(&n);
-    // SAFETY: an inherited descriptor that is open (checked at start) and that nothing else
-    // in vmm-core owns; taken out of the set, so only this channel owns it now.
-    let fd = unsafe { OwnedFd::from_raw_fd(n) };
-    // SAFETY: FD_CLOEXEC on the descriptor we now own.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(fd)
+    // Taken out of the set, so only this channel owns it now.
+    vmm_sandbox::control::take(n).ok_or_else(|| MigrationError::NotInherited(uri.to_string(), n))
 }
 
 /// Opens the channel for one side (on migrated's client thread, which may), and reads the

@@ -468,9 +468,7 @@ async fn run_helper(
     // descriptors the backend takes from us.
     let side = side_channel(&ours, resources)
         .map_err(|e| ChardevError::Rpc(format!("{who}: cannot hand it descriptors ({e})")))?;
-    // SAFETY: side is an OwnedFd that the AsyncFd owns from here on: it stays open and names
-    // the same socket for the AsyncFd's whole life.
-    let side = unsafe { tokio::io::unix::AsyncFd::register(side) }
+    let side = vmm_proto::rpc::async_fd(side, false)
         .map_err(|e| ChardevError::Rpc(format!("{who}: side channel: {e}")))?;
     let stream =
         vmm_proto::rpc::tokio_stream(ours).map_err(|e| ChardevError::Rpc(e.to_string()))?;
