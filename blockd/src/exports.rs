@@ -25,9 +25,9 @@ impl Control {
     pub fn stop(&self) {
         self.removed.store(true, Ordering::Release);
         if let Some(fd) = *self.listener_fd.lock().unwrap() {
-            // SAFETY: shutdown on the export's own listening socket, which its thread keeps
-            // open until it sees `removed`; it wakes the thread's accept.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            // The export's own listening socket, which its thread keeps open until it sees
+            // `removed`: this wakes the thread's accept.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
         }
         if let Some(c) = self.conn.lock().unwrap().as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);

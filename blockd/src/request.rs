@@ -575,12 +575,9 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     fn setup(readonly: bool) -> (Disk, std::fs::File, GuestMemoryMmap) {
-        let name = c"blockd-test";
-        // SAFETY: a valid name; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new fd nobody else owns.
-        let mut f: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        let flags = nix::sys::memfd::MFdFlags::MFD_CLOEXEC;
+        let mut f =
+            std::fs::File::from(nix::sys::memfd::memfd_create(c"blockd-test", flags).unwrap());
         f.write_all(&[0x55u8; 64 * 512]).unwrap();
         let d = Disk::new(
             f.try_clone().unwrap(),

@@ -123,12 +123,7 @@ impl blockd::Server for Server {
             })?;
             let (file, l) =
                 take_fds(side, &name).map_err(|m| failed(format!("export {name}: {m}")))?;
-            // SAFETY: a listening socket received for this export, owned from here on.
-            let listener = unsafe {
-                <Listener as std::os::fd::FromRawFd>::from_raw_fd(
-                    std::os::fd::IntoRawFd::into_raw_fd(l),
-                )
-            };
+            let listener = Listener::from(std::os::unix::net::UnixListener::from(l));
             (file, listener)
         } else {
             let file = std::fs::OpenOptions::new()

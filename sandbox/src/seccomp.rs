@@ -410,8 +410,7 @@ extern "C" fn report_sigsys(
 /// tests of the filter. Without a filter it is harmless: the helper merely asks to be traced
 /// by its parent, which does not trace it.
 pub fn forbidden_call() {
-    // SAFETY: PTRACE_TRACEME has no memory effects.
-    unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) };
+    let _ = nix::sys::ptrace::traceme();
 }
 
 #[cfg(test)]
@@ -440,35 +439,39 @@ mod tests {
     /// after reporting it.
     #[test]
     fn a_forbidden_call_kills_with_a_report() {
-        let mut fds = [0; 2];
-        // SAFETY: pipe on a local array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fork; the child only makes raw calls and exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the child: redirect stderr into the pipe.
-            unsafe { libc::dup2(fds[1], 2) };
-            // SAFETY: as above.
-            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-            if install("test-helper", &base(), Mode::Kill).is_err() {
-                // SAFETY: exit the child.
-                unsafe { libc::_exit(3) };
+        use nix::sys::wait::{waitpid, WaitStatus};
+        use nix::unistd::{fork, pipe, ForkResult};
+        let (read_end, write_end) = pipe().unwrap();
+        // SAFETY: the child makes only system calls (no allocation, no lock) and ends with
+        // _exit; the test harness's other threads do not exist in it.
+        let child = match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let code = if nix::unistd::dup2_stderr(&write_end).is_ok()
+                    && nix::sys::prctl::set_no_new_privs().is_ok()
+                    && install("test-helper", &base(), Mode::Kill).is_ok()
+                {
+                    forbidden_call();
+                    0
+                } else {
+                    3
+                };
+                // SAFETY: ends the forked child at once, running nothing of the parent's.
+                unsafe { libc::_exit(code) }
             }
-            forbidden_call();
-            // SAFETY: exit the child (not reached).
-            unsafe { libc::_exit(0) };
-        }
-        // SAFETY: close our copy of the write end.
-        unsafe { libc::close(fds[1]) };
-        let mut status = 0;
-        // SAFETY: waits for our child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+            ForkResult::Parent { child } => child,
+        };
+        drop(write_end);
+        let status = waitpid(child, None).unwrap();
         let mut buf = [0u8; 512];
-        // SAFETY: read into a local buffer.
-        let n = unsafe { libc::read(fds[0], buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-        let text = String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned();
-        assert!(libc::WIFSIGNALED(status), "status {status:#x}: {text}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        let n = nix::unistd::read(&read_end, &mut buf).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            matches!(
+                status,
+                WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _)
+            ),
+            "{status:?}: {text}"
+        );
         assert!(
             text.contains(
                 "test-helper: seccomp: forbidden system call ptrace (101); killed by SIGSYS"

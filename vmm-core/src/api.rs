@@ -183,8 +183,7 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
                 return;
             }
         };
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = nix::unistd::geteuid().as_raw();
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,

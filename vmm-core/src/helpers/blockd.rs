@@ -82,17 +82,8 @@ impl RunDir {
             .filter(|p| p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
         let template = base.join("vmm-core.XXXXXX");
-        let mut bytes = std::ffi::CString::new(template.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?
-            .into_bytes_with_nul();
-        // SAFETY: a writable NUL-terminated template; mkdtemp creates the directory 0700.
-        let r = unsafe { libc::mkdtemp(bytes.as_mut_ptr() as *mut libc::c_char) };
-        if r.is_null() {
-            return Err(std::io::Error::last_os_error());
-        }
-        bytes.pop();
-        use std::os::unix::ffi::OsStringExt;
-        Ok(RunDir(PathBuf::from(std::ffi::OsString::from_vec(bytes))))
+        // mkdtemp makes the directory 0700.
+        Ok(RunDir(nix::unistd::mkdtemp(&template)?))
     }
 }
 

@@ -168,10 +168,7 @@ fn child_setup(control: std::os::fd::RawFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     let parent = std::os::unix::process::parent_id();
-    // SAFETY: prctl only sets this process's parent-death signal.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
     // vmm-core may have died between fork and prctl: then no signal comes, so end here.
     if std::os::unix::process::parent_id() != parent {
         // (No allocation here: another thread may have held the allocator's lock at fork.)

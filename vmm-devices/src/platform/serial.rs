@@ -26,14 +26,11 @@ pub struct RawStdout;
 impl Write for RawStdout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            // SAFETY: fd 1 is valid for the life of the process; buf is a valid slice.
-            let n = unsafe { libc::write(1, buf.as_ptr().cast(), buf.len()) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            // Past std's buffer: straight to the descriptor.
+            match nix::unistd::write(io::stdout(), buf) {
+                Ok(n) => return Ok(n),
+                Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
