@@ -159,41 +159,11 @@ fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<
 
 fn main() {
     let args = Args::parse();
-    log_init();
+    vmm_sandbox::logging::init("blockd");
     if let Err(e) = run(args) {
         eprintln!("blockd: {e}");
         std::process::exit(1);
     }
-}
-
-fn log_init() {
-    struct Stderr;
-    impl log::Log for Stderr {
-        fn enabled(&self, m: &log::Metadata) -> bool {
-            m.level() <= log::max_level()
-        }
-        fn log(&self, r: &log::Record) {
-            if self.enabled(r.metadata()) && r.target().starts_with("blockd") {
-                // One write a line, so that lines from threads do not interleave and a line
-                // is whole even if the process ends right after (an exit fault rule).
-                let line = format!(
-                    "blockd: {}: {}\n",
-                    r.level().as_str().to_lowercase(),
-                    r.args()
-                );
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static LOGGER: Stderr = Stderr;
-    let _ = log::set_logger(&LOGGER);
-    let level = match std::env::var("BLOCKD_LOG").as_deref() {
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("warn") => log::LevelFilter::Warn,
-        _ => log::LevelFilter::Info,
-    };
-    log::set_max_level(level);
 }
 
 fn run(args: Args) -> Result<(), String> {

@@ -180,7 +180,7 @@ impl chardevd::Server for Server {
                 start = Some(Box::new(move |dev| {
                     tokio::task::spawn_local(forward_from(in_rx, dev));
                 }));
-                eprintln!("chardevd: {name}: pty {path}");
+                log::info!("{name}: pty {path}");
                 (
                     Kind::Pty(Pty {
                         master,
@@ -399,8 +399,8 @@ async fn connect_loop(
             None => return,
             Some(d) => match connected {
                 Ok(stream) => {
-                    eprintln!(
-                        "chardevd: {}: {} {path}",
+                    log::info!(
+                        "{}: {} {path}",
                         d.name,
                         if connected_before {
                             "reconnected to"
@@ -421,7 +421,7 @@ async fn connect_loop(
                                 *peer = None;
                             }
                         }
-                        eprintln!("chardevd: {}: {path} disconnected; reconnecting", d.name);
+                        log::info!("{}: {path} disconnected; reconnecting", d.name);
                     }
                 }
                 Err(_) => drop(d),

@@ -55,14 +55,14 @@ async fn serve(stream: std::os::unix::net::UnixStream) {
     let side = match vmm_proto::rpc::accept_side_channel(&stream).await {
         Ok(fd) => fd,
         Err(e) => {
-            eprintln!("chardevd: refused a control connection: {e}; only vmm-core speaks this protocol (see proto/schema/chardevd.capnp)");
+            log::warn!("refused a control connection: {e}; only vmm-core speaks this protocol (see proto/schema/chardevd.capnp)");
             return;
         }
     };
     let server = match backend::Server::new(side) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("chardevd: refused a control connection: its side channel: {e}");
+            log::warn!("refused a control connection: its side channel: {e}");
             return;
         }
     };
@@ -72,6 +72,7 @@ async fn serve(stream: std::os::unix::net::UnixStream) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    vmm_sandbox::logging::init("chardevd");
     if args.print_seccomp {
         let list = vmm_sandbox::seccomp::with_base(allowlist());
         print!("{}", vmm_sandbox::seccomp::describe(&list));
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
         match vmm_sandbox::control::control("chardevd", args.control_fd, args.listen.as_deref()) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("chardevd: error: {e}");
+                log::error!("{e}");
                 return ExitCode::from(2);
             }
         };
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
         }];
         match vmm_sandbox::systemd::prepare_notify() {
             Ok(fd) => keep.extend(fd),
-            Err(e) => eprintln!("chardevd: cannot reach systemd's notification socket: {e}"),
+            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
         }
         let jail = vmm_sandbox::jail::Jail {
             uid: args.sandbox.uid,
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
         match vmm_sandbox::confine("chardevd", &jail, allowlist(), args.sandbox.seccomp) {
             Ok(_) => {}
             Err(e) => {
-                eprintln!("chardevd: error: cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
+                log::error!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
                 return ExitCode::from(1);
             }
         }
@@ -120,7 +121,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("chardevd: error: cannot start: {e}");
+            log::error!("cannot start: {e}");
             return ExitCode::from(1);
         }
     };
@@ -151,10 +152,10 @@ fn main() -> ExitCode {
                     let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
                         return ExitCode::from(1);
                     };
-                    eprintln!("chardevd: listening for vmm-core");
+                    log::info!("listening for vmm-core");
                     // Under systemd (Type=notify): it may start what depends on us now.
                     if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
-                        eprintln!("chardevd: cannot tell systemd it is ready: {e}");
+                        log::warn!("cannot tell systemd it is ready: {e}");
                     }
                     while let Ok((stream, _)) = listener.accept().await {
                         let Ok(stream) = stream.into_std() else {
@@ -182,7 +183,7 @@ fn main() -> ExitCode {
             sig = stop => {
                 // A clean stop: say so, remove the socket we listen on, exit 0.
                 let _ = vmm_sandbox::systemd::notify("STOPPING=1");
-                eprintln!("chardevd: {sig}: stopping");
+                log::info!("{sig}: stopping");
                 ExitCode::SUCCESS
             }
         };

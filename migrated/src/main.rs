@@ -74,7 +74,7 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 
 fn main() {
     let args = Args::parse();
-    log_init();
+    vmm_sandbox::logging::init("migrated");
     let r = match args.command {
         Command::Inspect { file } => inspect(&file),
         Command::Serve {
@@ -210,27 +210,4 @@ fn serve(
         }
         Ok(())
     })
-}
-
-fn log_init() {
-    struct Stderr;
-    impl log::Log for Stderr {
-        fn enabled(&self, m: &log::Metadata) -> bool {
-            m.level() <= log::max_level()
-        }
-        fn log(&self, r: &log::Record) {
-            if self.enabled(r.metadata()) && r.target().starts_with("migrated") {
-                let line = format!(
-                    "migrated: {}: {}\n",
-                    r.level().as_str().to_lowercase(),
-                    r.args()
-                );
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static LOGGER: Stderr = Stderr;
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Info);
 }

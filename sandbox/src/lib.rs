@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod jail;
+pub mod logging;
 pub mod seccomp;
 pub mod syscalls;
 pub mod systemd;

@@ -9,7 +9,6 @@ pub mod events;
 pub mod helpers;
 pub mod kvm;
 pub mod kvm_state;
-pub mod logger;
 pub mod memory;
 pub mod migration;
 pub mod snapshot;

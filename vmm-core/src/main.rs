@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use vmm_core::{config::RunArgs, logger};
+use vmm_core::config::RunArgs;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +27,7 @@ enum Command {
 fn main() -> ExitCode {
     // Before anything opens a descriptor: what an fd:N migration channel may name.
     vmm_core::migration::note_inherited_fds();
-    logger::init();
+    vmm_sandbox::logging::init("vmm-core");
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Run(args) => *args,
