@@ -169,7 +169,7 @@ fn main() {
 fn run(args: Args) -> Result<(), String> {
     if args.print_seccomp {
         let list = vmm_sandbox::seccomp::with_base(allowlist());
-        print!("{}", vmm_sandbox::seccomp::describe(&list));
+        vmm_sandbox::seccomp::print(&vmm_sandbox::seccomp::describe(&list));
         return Ok(());
     }
     if !args.queue_size.is_power_of_two() || args.queue_size < 4 {

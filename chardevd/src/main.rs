@@ -75,7 +75,7 @@ fn main() -> ExitCode {
     vmm_sandbox::logging::init("chardevd");
     if args.print_seccomp {
         let list = vmm_sandbox::seccomp::with_base(allowlist());
-        print!("{}", vmm_sandbox::seccomp::describe(&list));
+        vmm_sandbox::seccomp::print(&vmm_sandbox::seccomp::describe(&list));
         return ExitCode::SUCCESS;
     }
     let control =

@@ -2,7 +2,7 @@
 //! `migrated serve --listen PATH` / socket-activated (vmm-core --migrated-socket connects; it
 //! enters its sandbox before it serves), `migrated inspect FILE`, which reads a snapshot file
 //! or a saved migration stream through every check a restore makes and prints what it holds,
-//! and `migrated print-seccomp`.
+//! and `migrated --print-seccomp`.
 
 use clap::{Parser, Subcommand};
 use migrated::stream::{Reader, Section};
@@ -11,9 +11,14 @@ use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(version, about = "migrated: live migration and snapshots")]
+#[command(arg_required_else_help = true, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Print the seccomp allowlist of `serve`, a system call a line with its reason, and exit
+    /// (the same flag as every other binary of the project).
+    #[arg(long)]
+    print_seccomp: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -31,7 +36,8 @@ enum Command {
         #[command(flatten)]
         sandbox: vmm_sandbox::Flags,
     },
-    /// Print the seccomp allowlist of `serve`, a system call a line with its reason.
+    /// The same as --print-seccomp.
+    #[command(hide = true)]
     PrintSeccomp,
 }
 
@@ -75,7 +81,12 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 fn main() {
     let args = Args::parse();
     vmm_sandbox::logging::init("migrated");
-    let r = match args.command {
+    let command = if args.print_seccomp {
+        Command::PrintSeccomp
+    } else {
+        args.command.expect("clap requires a subcommand")
+    };
+    let r = match command {
         Command::Inspect { file } => inspect(&file),
         Command::Serve {
             control_fd,
@@ -84,7 +95,7 @@ fn main() {
         } => serve(control_fd, listen, &sandbox),
         Command::PrintSeccomp => {
             let list = vmm_sandbox::seccomp::with_base(allowlist());
-            print!("{}", vmm_sandbox::seccomp::describe(&list));
+            vmm_sandbox::seccomp::print(&vmm_sandbox::seccomp::describe(&list));
             Ok(())
         }
     };

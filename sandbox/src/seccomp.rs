@@ -261,6 +261,13 @@ pub fn describe(list: &[Allow]) -> String {
     out
 }
 
+/// `--print-seccomp`: prints text (an allowlist's `describe`) on standard output; a closed
+/// pipe (`| head`) ends the output quietly rather than with a panic.
+pub fn print(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 /// Who the SIGSYS reporter names: the process (set by its first filter, or by
 /// `set_process_name`), and, where a thread installed a filter of its own, that thread's role.
 static WHO: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());

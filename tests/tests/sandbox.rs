@@ -5,7 +5,7 @@
 //! and the call, and the VM goes on.
 
 use std::time::Duration;
-use vmm_tests::{children_of, process_name, socket_path, vmmctl, wait_until, TestVm};
+use vmm_tests::{children_of, process_name, socket_path, vmm_core_bin, vmmctl, wait_until, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -504,6 +504,51 @@ fn helpers_die_when_vmm_core_is_killed() {
         assert!(
             left.is_empty(),
             "sandbox {sandbox}: still running 10 s after vmm-core was killed: {left:?}"
+        );
+    }
+}
+
+/// Every binary answers the same `--print-seccomp` flag with its allowlist: a header that
+/// counts the distinct system calls, then a call a line with its reason, the counted ones
+/// really listed, and calls each binary must have (and one none may have) where expected.
+#[test]
+fn every_binary_prints_its_seccomp_allowlist_with_the_same_flag() {
+    for (name, must) in [
+        ("vmm-core", "ioctl"),
+        ("blockd", "io_uring_enter"),
+        ("chardevd", "read"),
+        ("migrated", "pwrite64"),
+    ] {
+        let out = std::process::Command::new(vmm_core_bin().with_file_name(name))
+            .arg("--print-seccomp")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{name} --print-seccomp: {out:?}");
+        // vmm-core lists one allowlist per thread role, each under its own header.
+        let mut lists = 0;
+        for block in text.split("# ").filter(|b| !b.trim().is_empty()) {
+            let (header, rest) = block.split_once('\n').unwrap_or((block, ""));
+            let count: usize = header
+                .split(" system calls allowed")
+                .next()
+                .and_then(|h| h.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: no count in {header:?}"));
+            let mut calls: Vec<&str> = rest
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            calls.dedup();
+            assert_eq!(calls.len(), count, "{name}: {header}\n{rest}");
+            assert!(!calls.contains(&"ptrace"), "{name} allows ptrace");
+            lists += 1;
+        }
+        assert!(lists >= 1, "{name}: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().next() == Some(must)),
+            "{name} does not list {must}:\n{text}"
         );
     }
 }

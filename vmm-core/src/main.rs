@@ -10,17 +10,22 @@ use vmm_core::config::RunArgs;
     version,
     about = "The core process of a disaggregated KVM VMM"
 )]
+#[command(arg_required_else_help = true, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Print the seccomp allowlist of each of vmm-core's thread roles (a system call a line,
+    /// with its reason), and exit (the same flag as every helper's).
+    #[arg(long)]
+    print_seccomp: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest powers off, resets or panics.
     Run(Box<RunArgs>),
-    /// Print the seccomp allowlist of each of vmm-core's thread roles (a system call a line,
-    /// with its reason), and exit.
+    /// The same as --print-seccomp.
+    #[command(hide = true)]
     PrintSeccomp,
 }
 
@@ -29,7 +34,12 @@ fn main() -> ExitCode {
     vmm_core::migration::note_inherited_fds();
     vmm_sandbox::logging::init("vmm-core");
     let cli = Cli::parse();
-    let args = match cli.command {
+    let command = if cli.print_seccomp {
+        Command::PrintSeccomp
+    } else {
+        cli.command.expect("clap requires a subcommand")
+    };
+    let args = match command {
         Command::Run(args) => *args,
         Command::PrintSeccomp => {
             use vmm_sandbox::seccomp::{base, describe, with_base};
@@ -48,7 +58,7 @@ fn main() -> ExitCode {
                     base(),
                 ),
             ] {
-                println!("# {role}: {}", describe(&list));
+                vmm_sandbox::seccomp::print(&format!("# {role}: {}\n", describe(&list)));
             }
             return ExitCode::SUCCESS;
         }
