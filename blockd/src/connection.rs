@@ -14,7 +14,8 @@ use std::sync::Arc;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
@@ -25,10 +26,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The feature bit that says the frontend speaks the protocol extensions.
-const PROTOCOL_FEATURES: u64 = 1 << 30;
-const EVENT_IDX: u64 = 1 << 29;
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const EVENT_IDX: u64 = crate::disk::F_EVENT_IDX;
 /// vhost's "log all writes" feature: set by the frontend while a migration logs dirty pages.
-const LOG_ALL: u64 = 1 << 26;
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 /// Memory regions a frontend may add one by one (CONFIGURE_MEM_SLOTS). vmm-core sends one per
 /// RAM region, libblkio one per buffer pool; 64 leaves room.
 const MAX_MEM_SLOTS: u64 = 64;

@@ -9,20 +9,28 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 
-// virtio-blk feature bits (virtio 1.2, 5.2.3).
-pub const F_SIZE_MAX: u64 = 1 << 1;
-pub const F_SEG_MAX: u64 = 1 << 2;
-pub const F_RO: u64 = 1 << 5;
-pub const F_BLK_SIZE: u64 = 1 << 6;
-pub const F_FLUSH: u64 = 1 << 9;
-pub const F_TOPOLOGY: u64 = 1 << 10;
-pub const F_CONFIG_WCE: u64 = 1 << 11;
-pub const F_MQ: u64 = 1 << 12;
-pub const F_DISCARD: u64 = 1 << 13;
-pub const F_WRITE_ZEROES: u64 = 1 << 14;
-pub const F_INDIRECT_DESC: u64 = 1 << 28;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-pub const F_VERSION_1: u64 = 1 << 32;
+// virtio-blk feature bits (virtio 1.2, 5.2.3), as masks of virtio-bindings' bit numbers.
+use virtio_bindings::virtio_blk as blk;
+use virtio_bindings::{virtio_config, virtio_ring};
+
+/// Feature bit `n` as a mask.
+pub const fn bit(n: u32) -> u64 {
+    1 << n
+}
+
+pub const F_SIZE_MAX: u64 = bit(blk::VIRTIO_BLK_F_SIZE_MAX);
+pub const F_SEG_MAX: u64 = bit(blk::VIRTIO_BLK_F_SEG_MAX);
+pub const F_RO: u64 = bit(blk::VIRTIO_BLK_F_RO);
+pub const F_BLK_SIZE: u64 = bit(blk::VIRTIO_BLK_F_BLK_SIZE);
+pub const F_FLUSH: u64 = bit(blk::VIRTIO_BLK_F_FLUSH);
+pub const F_TOPOLOGY: u64 = bit(blk::VIRTIO_BLK_F_TOPOLOGY);
+pub const F_CONFIG_WCE: u64 = bit(blk::VIRTIO_BLK_F_CONFIG_WCE);
+pub const F_MQ: u64 = bit(blk::VIRTIO_BLK_F_MQ);
+pub const F_DISCARD: u64 = bit(blk::VIRTIO_BLK_F_DISCARD);
+pub const F_WRITE_ZEROES: u64 = bit(blk::VIRTIO_BLK_F_WRITE_ZEROES);
+pub const F_INDIRECT_DESC: u64 = bit(virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
+pub const F_EVENT_IDX: u64 = bit(virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+pub const F_VERSION_1: u64 = bit(virtio_config::VIRTIO_F_VERSION_1);
 
 /// The largest single data segment and request we accept.
 pub const SIZE_MAX: u32 = 1 << 20;

@@ -6,7 +6,7 @@ pub mod vhost_user_blk;
 use std::path::PathBuf;
 use vmm_sys_util::eventfd::EventFd;
 
-pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// What a virtio device's backend refused or failed, by the device and its backend.
 #[derive(Debug, thiserror::Error)]

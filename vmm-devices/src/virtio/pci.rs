@@ -33,9 +33,12 @@ const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
 
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_NEEDS_RESET: u8 = 0x40;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+const STATUS_FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+const STATUS_DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const STATUS_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
 pub const NO_VECTOR: u16 = 0xffff;
 
 #[derive(Debug, Clone, Copy, Default)]

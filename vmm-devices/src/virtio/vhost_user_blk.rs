@@ -7,18 +7,19 @@ use crate::layout::GuestMemory;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_proto::state::StateError;
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// vhost's "log all writes": acked while a migration logs dirty pages.
-const VHOST_F_LOG_ALL: u64 = 1 << 26;
+const VHOST_F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+/// The virtio-blk configuration space through `write_zeroes_may_unmap` (virtio 1.2, 5.2.4).
 pub const CONFIG_SIZE: usize = 60;
-const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_BLK_F_MQ: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 
 pub struct VhostUserBlk {
     name: String,
@@ -340,7 +341,7 @@ impl VhostUserBlk {
 
 impl VirtioDevice for VhostUserBlk {
     fn device_type(&self) -> u16 {
-        2
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16
     }
 
     fn num_queues(&self) -> u16 {
