@@ -132,7 +132,7 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 }
 
 /// Enters the sandbox, keeping only `keep` (and stdio) open.
-fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<(), String> {
+fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> anyhow::Result<()> {
     if args.sandbox.no_sandbox {
         return Ok(());
     }
@@ -149,7 +149,7 @@ fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> Result<
     };
     let line =
         vmm_sandbox::confine("blockd", &jail, allowlist(), args.sandbox.seccomp).map_err(|e| {
-            format!(
+            anyhow::anyhow!(
                 "cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)"
             )
         })?;
@@ -161,29 +161,29 @@ fn main() {
     let args = Args::parse();
     vmm_sandbox::logging::init("blockd");
     if let Err(e) = run(args) {
-        eprintln!("blockd: {e}");
+        eprintln!("blockd: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> anyhow::Result<()> {
     if args.print_seccomp {
         let list = vmm_sandbox::seccomp::with_base(allowlist());
         vmm_sandbox::seccomp::print(&vmm_sandbox::seccomp::describe(&list));
         return Ok(());
     }
     if !args.queue_size.is_power_of_two() || args.queue_size < 4 {
-        return Err(format!(
+        anyhow::bail!(
             "--queue-size {}: must be a power of two, at least 4",
             args.queue_size
-        ));
+        );
     }
     if args.serial.len() > request::ID_BYTES {
-        return Err(format!(
+        anyhow::bail!(
             "--serial {}: longer than {} bytes; shorten it",
             args.serial,
             request::ID_BYTES
-        ));
+        );
     }
     if args.control_fd.is_some() || args.listen.is_some() {
         return control_mode(&args);
@@ -195,12 +195,12 @@ fn run(args: Args) -> Result<(), String> {
             .custom_flags(if args.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| {
-                format!(
+                anyhow::anyhow!(
                     "--image {}: cannot open it ({e}); check the path, or pass --readonly for a read-only file",
                     path.display()
                 )
             })?,
-        (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd").map_err(|e| e.to_string())?),
+        (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd")?),
         (None, None) => unreachable!("clap requires one"),
     };
     let options = disk::Options {
@@ -213,13 +213,17 @@ fn run(args: Args) -> Result<(), String> {
         read_error: args.read_error,
         write_error: args.write_error,
     };
-    let disk = Arc::new(disk::Disk::new(file, options).map_err(|e| format!("the image: {e}"))?);
+    let disk =
+        Arc::new(disk::Disk::new(file, options).map_err(|e| anyhow::anyhow!("the image: {e}"))?);
     let listener = match (&args.socket, args.listen_fd) {
-        (Some(path), _) => bind_listener(path)
-            .map_err(|e| format!("--socket {}: cannot listen there ({e})", path.display()))?,
-        (None, Some(fd)) => Listener::from(std::os::unix::net::UnixListener::from(
-            inherited(fd, "--listen-fd", "blockd").map_err(|e| e.to_string())?,
-        )),
+        (Some(path), _) => bind_listener(path).map_err(|e| {
+            anyhow::anyhow!("--socket {}: cannot listen there ({e})", path.display())
+        })?,
+        (None, Some(fd)) => Listener::from(std::os::unix::net::UnixListener::from(inherited(
+            fd,
+            "--listen-fd",
+            "blockd",
+        )?)),
         (None, None) => unreachable!("clap requires one"),
     };
     {
@@ -237,23 +241,22 @@ fn run(args: Args) -> Result<(), String> {
         .as_ref()
         .map_or_else(|| "(inherited)".to_string(), |p| p.display().to_string());
     let export = exports::Export::start("disk", &image, &socket, disk, listener, args.once)
-        .map_err(|e| format!("cannot start the export's thread: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot start the export's thread: {e}"))?;
     // The export runs until the process ends (or, with --once, until its frontend leaves).
     export.join();
     Ok(())
 }
 
 /// Serves the control API: exports come and go over RPC.
-fn control_mode(args: &Args) -> Result<(), String> {
-    let control =
-        control("blockd", args.control_fd, args.listen.as_deref()).map_err(|e| e.to_string())?;
+fn control_mode(args: &Args) -> anyhow::Result<()> {
+    let control = control("blockd", args.control_fd, args.listen.as_deref())?;
     {
         use std::os::fd::AsRawFd;
         let mut keep = vec![match &control {
             Control::Connection(s) => s.as_raw_fd(),
             Control::Listener(l, _) => {
                 l.set_nonblocking(true)
-                    .map_err(|e| format!("--listen: {e}"))?;
+                    .map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
                 l.as_raw_fd()
             }
         }];
@@ -271,7 +274,7 @@ fn control_mode(args: &Args) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the RPC runtime: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot start the RPC runtime: {e}"))?;
     let local = tokio::task::LocalSet::new();
     let exports: rpc::Exports = Default::default();
     let queue_size = args.queue_size;

@@ -4,6 +4,7 @@
 //! or a saved migration stream through every check a restore makes and prints what it holds,
 //! and `migrated --print-seccomp`.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use migrated::stream::{Reader, Section};
 use std::collections::BTreeMap;
@@ -100,23 +101,20 @@ fn main() {
         }
     };
     if let Err(e) = r {
-        eprintln!("error: {e}");
+        eprintln!("error: {e:#}");
         std::process::exit(2);
     }
 }
 
-fn inspect(path: &std::path::Path) -> Result<(), String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut r =
-        Reader::new(std::io::BufReader::new(f)).map_err(|e| format!("{}: {e}", path.display()))?;
+fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
+    let at = || path.display().to_string();
+    let f = std::fs::File::open(path).with_context(at)?;
+    let mut r = Reader::new(std::io::BufReader::new(f)).with_context(at)?;
     println!("{}: a VM with {}", path.display(), r.config());
     let (mut ram, mut zero) = (0u64, 0u64);
     let mut devices: BTreeMap<String, usize> = BTreeMap::new();
     loop {
-        match r
-            .section()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-        {
+        match r.section().with_context(at)? {
             Section::Ram { data, .. } => ram += data.len() as u64,
             Section::Zero { pages, .. } => zero += pages,
             Section::Pass(_) => {}
@@ -143,10 +141,9 @@ fn serve(
     control_fd: Option<i32>,
     listen: Option<PathBuf>,
     sandbox: &vmm_sandbox::Flags,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
-    let control = vmm_sandbox::control::control("migrated", control_fd, listen.as_deref())
-        .map_err(|e| e.to_string())?;
+    let control = vmm_sandbox::control::control("migrated", control_fd, listen.as_deref())?;
     if !sandbox.no_sandbox {
         let mut keep = vec![match &control {
             Control::Connection(s) => s.as_raw_fd(),
@@ -169,16 +166,15 @@ fn serve(
             ..Default::default()
         };
         // From here on migrated runs sandboxed (in the child, if it forked).
-        let line = vmm_sandbox::confine("migrated", &jail, allowlist(), sandbox.seccomp)
-            .map_err(|e| {
-                format!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)")
-            })?;
+        let line = vmm_sandbox::confine("migrated", &jail, allowlist(), sandbox.seccomp).context(
+            "cannot enter its sandbox (--no-sandbox runs it without one, for debugging)",
+        )?;
         log::info!("{line}");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the RPC runtime: {e}"))?;
+        .context("cannot start the RPC runtime")?;
     let local = tokio::task::LocalSet::new();
     let no_sandbox = sandbox.no_sandbox;
     local.block_on(&rt, async move {
@@ -193,10 +189,13 @@ fn serve(
         // Handlers first: as PID 1 of its own PID namespace, a signal with no handler would
         // not reach it at all.
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        let mut term = signal(SignalKind::terminate()).context("a SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("a SIGINT handler")?;
+        listener
+            .set_nonblocking(true)
+            .context("the control socket")?;
+        let listener =
+            tokio::net::UnixListener::from_std(listener).context("the control socket")?;
         log::info!("listening for vmm-core");
         // Under systemd (Type=notify): what depends on migrated may start now.
         if let Err(e) = vmm_sandbox::systemd::notify("READY=1") {
@@ -219,6 +218,6 @@ fn serve(
         if let Some(p) = path.filter(|_| no_sandbox) {
             let _ = std::fs::remove_file(p);
         }
-        Ok(())
+        Ok::<(), anyhow::Error>(())
     })
 }
