@@ -15,6 +15,7 @@ mod request;
 mod rpc;
 mod throttle;
 
+use anyhow::Context;
 use clap::Parser;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -251,36 +252,18 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn control_mode(args: &Args) -> anyhow::Result<()> {
     let control = control("blockd", args.control_fd, args.listen.as_deref())?;
     {
-        use std::os::fd::AsRawFd;
-        let mut keep = vec![match &control {
-            Control::Connection(s) => s.as_raw_fd(),
-            Control::Listener(l, _) => {
-                l.set_nonblocking(true)
-                    .map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
-                l.as_raw_fd()
-            }
-        }];
-        match vmm_sandbox::systemd::prepare_notify() {
-            Ok(fd) => keep.extend(fd),
-            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
+        if let Control::Listener(l, _) = &control {
+            l.set_nonblocking(true).context("--listen")?;
         }
-        let remove = match &control {
-            Control::Listener(_, Some(p)) => vec![p.clone()],
-            _ => Vec::new(),
-        };
-        confine(args, keep, remove)?;
+        confine(args, control.jail_keep(), control.made_paths())?;
     }
     stop_on_signals();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the RPC runtime: {e}"))?;
-    let local = tokio::task::LocalSet::new();
     let exports: rpc::Exports = Default::default();
     let queue_size = args.queue_size;
     let listener = match control {
         Control::Connection(stream) => {
-            local.block_on(&rt, rpc::serve(stream, exports.clone(), queue_size));
+            vmm_proto::rpc::run_local(rpc::serve(stream, exports.clone(), queue_size))
+                .context("cannot start the RPC runtime")?;
             // vmm-core is gone: stop every export (each flushes its image).
             exports.borrow_mut().clear();
             return Ok(());
@@ -288,7 +271,7 @@ fn control_mode(args: &Args) -> anyhow::Result<()> {
         Control::Listener(l, _) => l,
     };
     let _ = vmm_sandbox::systemd::notify("READY=1");
-    local.block_on(&rt, async move {
+    vmm_proto::rpc::run_local(async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -306,7 +289,8 @@ fn control_mode(args: &Args) -> anyhow::Result<()> {
                 Err(e) => log::warn!("control socket: {e}"),
             }
         }
-    });
+    })
+    .context("cannot start the RPC runtime")?;
     Ok(())
 }
 

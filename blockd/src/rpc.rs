@@ -489,21 +489,13 @@ mod tests {
         let vsock = dir.join("d.sock");
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let server = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
             let exports: Exports = Default::default();
-            tokio::task::LocalSet::new().block_on(&rt, serve(theirs, exports.clone(), 64));
+            vmm_proto::rpc::run_local(serve(theirs, exports.clone(), 64)).unwrap();
             let left = exports.borrow().len();
             left
         });
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let (image_s, vsock_s) = (image.display().to_string(), vsock.display().to_string());
-        tokio::task::LocalSet::new().block_on(&rt, async move {
+        vmm_proto::rpc::run_local(async move {
             let (side, theirs_side) = vmm_proto::fdpass::seqpacket_pair().unwrap();
             vmm_proto::fdpass::send(
                 ours.as_fd(),
@@ -569,7 +561,8 @@ mod tests {
             drop(side);
             drop(client);
             conn.abort();
-        });
+        })
+        .unwrap();
         assert_eq!(server.join().unwrap(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -87,23 +87,11 @@ fn main() -> ExitCode {
             }
         };
     if !args.sandbox.no_sandbox {
-        use std::os::fd::AsRawFd;
-        let mut keep = vec![match &control {
-            Control::Connection(s) => s.as_raw_fd(),
-            Control::Listener(l, _) => l.as_raw_fd(),
-        }];
-        match vmm_sandbox::systemd::prepare_notify() {
-            Ok(fd) => keep.extend(fd),
-            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
-        }
         let jail = vmm_sandbox::jail::Jail {
             uid: args.sandbox.uid,
             gid: args.sandbox.gid,
-            keep,
-            remove_at_exit: match &control {
-                Control::Listener(_, Some(path)) => vec![path.clone()],
-                _ => Vec::new(),
-            },
+            keep: control.jail_keep(),
+            remove_at_exit: control.made_paths(),
             ..Default::default()
         };
         // From here on chardevd runs sandboxed (in the child, if it forked).
@@ -115,19 +103,8 @@ fn main() -> ExitCode {
             }
         }
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            log::error!("cannot start: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let local = tokio::task::LocalSet::new();
     let no_sandbox = args.sandbox.no_sandbox;
-    local.block_on(&rt, async move {
+    let ran = vmm_proto::rpc::run_local(async move {
         let mut listen_path: Option<std::path::PathBuf> = None;
         // Handlers first, before anyone is told chardevd is ready: as PID 1 of its own PID
         // namespace, a signal with no handler would not reach it at all.
@@ -192,5 +169,9 @@ fn main() -> ExitCode {
             let _ = std::fs::remove_file(p);
         }
         code
+    });
+    ran.unwrap_or_else(|e| {
+        log::error!("cannot start: {e}");
+        ExitCode::from(1)
     })
 }

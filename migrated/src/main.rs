@@ -142,27 +142,15 @@ fn serve(
     listen: Option<PathBuf>,
     sandbox: &vmm_sandbox::Flags,
 ) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
     let control = vmm_sandbox::control::control("migrated", control_fd, listen.as_deref())?;
     if !sandbox.no_sandbox {
-        let mut keep = vec![match &control {
-            Control::Connection(s) => s.as_raw_fd(),
-            Control::Listener(l, _) => l.as_raw_fd(),
-        }];
-        match vmm_sandbox::systemd::prepare_notify() {
-            Ok(fd) => keep.extend(fd),
-            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
-        }
         let jail = vmm_sandbox::jail::Jail {
             uid: sandbox.uid,
             gid: sandbox.gid,
-            keep,
+            keep: control.jail_keep(),
             // Guest RAM is mapped here (read-only), so the address space is not bounded.
             max_address_space: u64::MAX,
-            remove_at_exit: match &control {
-                Control::Listener(_, Some(p)) => vec![p.clone()],
-                _ => Vec::new(),
-            },
+            remove_at_exit: control.made_paths(),
             ..Default::default()
         };
         // From here on migrated runs sandboxed (in the child, if it forked).
@@ -171,13 +159,8 @@ fn serve(
         )?;
         log::info!("{line}");
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the RPC runtime")?;
-    let local = tokio::task::LocalSet::new();
     let no_sandbox = sandbox.no_sandbox;
-    local.block_on(&rt, async move {
+    vmm_proto::rpc::run_local(async move {
         let (listener, path) = match control {
             // vmm-core closing the control socket (or dying) is how migrated is told to end.
             Control::Connection(stream) => {
@@ -220,4 +203,5 @@ fn serve(
         }
         Ok::<(), anyhow::Error>(())
     })
+    .context("cannot start the RPC runtime")?
 }

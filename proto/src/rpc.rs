@@ -66,6 +66,15 @@ pub enum SideChannelError {
     Wrong(String, usize, &'static str),
 }
 
+/// Runs `f` to its end on a current-thread tokio runtime, in a LocalSet (capnp-rpc is !Send):
+/// how every binary of the project, and each of vmm-core's RPC threads, runs its RPC.
+pub fn run_local<F: std::future::Future>(f: F) -> std::io::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(tokio::task::LocalSet::new().block_on(&rt, f))
+}
+
 /// A descriptor this process owns, watched by the current tokio runtime (made non-blocking
 /// first when `nonblocking` says so: tokio expects it).
 pub fn async_fd(

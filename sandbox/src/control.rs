@@ -57,6 +57,32 @@ pub enum Control {
     Listener(UnixListener, Option<PathBuf>),
 }
 
+impl Control {
+    /// What the helper's jail keeps open for it: the control socket and, under a service
+    /// manager, the notification socket (connected now, while its path is reachable).
+    pub fn jail_keep(&self) -> Vec<RawFd> {
+        use std::os::fd::AsRawFd;
+        let mut keep = vec![match self {
+            Control::Connection(s) => s.as_raw_fd(),
+            Control::Listener(l, _) => l.as_raw_fd(),
+        }];
+        match crate::systemd::prepare_notify() {
+            Ok(fd) => keep.extend(fd),
+            Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
+        }
+        keep
+    }
+
+    /// The socket path this helper made, which the jail's waiting parent removes at exit
+    /// (the sandboxed helper cannot reach it).
+    pub fn made_paths(&self) -> Vec<PathBuf> {
+        match self {
+            Control::Listener(_, Some(p)) => vec![p.clone()],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The control socket from `--control-fd`, `--listen PATH`, or systemd. A socket made here
 /// is readable and writable by its owner only.
 pub fn control(

@@ -164,18 +164,7 @@ pub fn start(
 }
 
 fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events: Sender<VmEvent>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            log::error!("API: cannot start its runtime: {e}");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    let ran = vmm_proto::rpc::run_local(async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
@@ -203,7 +192,10 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
                     continue;
                 }
             }
-            let client: vmm::Client = capnp_rpc::new_client(VmmServer { shared: shared.clone(), events: events.clone() });
+            let client: vmm::Client = capnp_rpc::new_client(VmmServer {
+                shared: shared.clone(),
+                events: events.clone(),
+            });
             let rpc = vmm_proto::rpc::server(stream, client.client);
             tokio::task::spawn_local(async move {
                 if let Err(e) = rpc.await {
@@ -212,6 +204,9 @@ fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>, events
             });
         }
     });
+    if let Err(e) = ran {
+        log::error!("API: cannot start its runtime: {e}");
+    }
 }
 
 /// Where an attached viewer's keystrokes go: the guest's console input.

@@ -314,18 +314,9 @@ struct Failure(u8, String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    match local.block_on(&rt, run(&cli)) {
+    let result = vmm_proto::rpc::run_local(run(&cli))
+        .unwrap_or_else(|e| Err(Failure(1, format!("cannot start: {e}"))));
+    match result {
         Ok(out) => {
             if !out.is_empty() {
                 println!("{out}");

@@ -265,17 +265,9 @@ where
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    log::error!("cannot start the {} runtime ({e})", name_of_this_thread());
-                    return;
-                }
-            };
-            tokio::task::LocalSet::new().block_on(&rt, make());
+            if let Err(e) = vmm_proto::rpc::run_local(make()) {
+                log::error!("cannot start the {} runtime ({e})", name_of_this_thread());
+            }
         })
 }
 
