@@ -1221,46 +1221,15 @@ fn us(v: u64) -> String {
     }
 }
 
-/// The `disk` commands straight to a blockd's control socket (--blockd).
+/// `vmmctl --blockd PATH disk ...`: the disk commands, straight to a blockd of its own.
 async fn blockd_direct(
     path: &std::path::Path,
     action: &DiskAction,
     json: bool,
 ) -> Result<String, Failure> {
-    use std::os::fd::AsFd;
-    use vmm_proto::blockd_capnp::blockd;
-    let shown = path.display().to_string();
-    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        let why = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "no such socket; is blockd running with --listen at this path?".to_string()
-            }
-            std::io::ErrorKind::ConnectionRefused => {
-                "nothing is listening; blockd has exited".into()
-            }
-            _ => e.to_string(),
-        };
-        Failure(2, format!("--blockd {shown}: {why}"))
-    })?;
-    let side = vmm_proto::rpc::open_side_channel(&stream).map_err(|e| {
-        Failure(
-            2,
-            format!("--blockd {shown}: cannot open the side channel ({e})"),
-        )
-    })?;
-    let stream = vmm_proto::rpc::tokio_stream(stream)
-        .map_err(|e| Failure(2, format!("--blockd {shown}: {e}")))?;
-    let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
-    let _connection = tokio::task::spawn_local(rpc);
-    let fail = |e: capnp::Error| {
-        let msg = match e.kind {
-            capnp::ErrorKind::Disconnected => {
-                format!("--blockd {shown}: blockd closed the connection")
-            }
-            _ => e.extra.trim_start_matches("remote exception: ").to_string(),
-        };
-        Failure(1, format!("disk: {msg}"))
-    };
+    let b = BlockdSession::connect(path, json).await?;
+    let fail = |e| b.fail(e);
+    let server = &b.server;
     match action {
         DiskAction::Add {
             name,
@@ -1270,49 +1239,8 @@ async fn blockd_direct(
             readonly,
             queues,
         } => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(!readonly)
-                .open(image)
-                .map_err(|e| {
-                    Failure(
-                        2,
-                        format!("--image {}: cannot open it ({e})", image.display()),
-                    )
-                })?;
-            let _ = std::fs::remove_file(vhost_socket);
-            let listener = std::os::unix::net::UnixListener::bind(vhost_socket).map_err(|e| {
-                Failure(
-                    2,
-                    format!(
-                        "--vhost-socket {}: cannot listen there ({e})",
-                        vhost_socket.display()
-                    ),
-                )
-            })?;
-            vmm_proto::fdpass::send(
-                side.as_fd(),
-                name.as_bytes(),
-                &[file.as_fd(), listener.as_fd()],
-            )
-            .map_err(|e| Failure(1, format!("disk add: cannot hand blockd the image ({e})")))?;
-            let mut req = server.add_request();
-            {
-                let mut e = req.get().init_export();
-                e.set_name(name);
-                e.set_image(image.display().to_string());
-                e.set_format(format);
-                e.set_readonly(*readonly);
-                e.set_queues(*queues);
-                e.set_socket(vhost_socket.display().to_string());
-                e.set_fds_on_side_channel(true);
-                e.set_persist(true);
-            }
-            req.send().promise.await.map_err(fail)?;
-            Ok(done(
-                json,
-                &format!("{name}: served on {}", vhost_socket.display()),
-            ))
+            b.add(name, image, vhost_socket, format, *readonly, *queues)
+                .await
         }
         DiskAction::Remove { name } => {
             let mut req = server.remove_request();
@@ -1329,42 +1257,7 @@ async fn blockd_direct(
             req.send().promise.await.map_err(fail)?;
             Ok(done(json, &format!("{name}: throttle {spec}")))
         }
-        DiskAction::Fault { rule } => match rule {
-            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
-                let mut req = server.inject_fault_request();
-                set_fault(req.get().init_fault(), rule);
-                req.send().promise.await.map_err(fail)?;
-                Ok(done(json, "done"))
-            }
-            DiskFault::Add { .. } => {
-                let r = fault_rule(rule)?;
-                let mut req = server.add_fault_rule_request();
-                r.write_to(req.get().init_rule());
-                let reply = req.send().promise.await.map_err(fail)?;
-                let id = reply.get().map_err(fail)?.get_id();
-                Ok(done(json, &format!("fault rule {id} added")))
-            }
-            DiskFault::Remove { id } => {
-                let mut req = server.remove_fault_rule_request();
-                req.get().set_id(*id);
-                req.send().promise.await.map_err(fail)?;
-                Ok(done(json, &format!("fault rule {id} removed")))
-            }
-            DiskFault::List => {
-                let reply = server
-                    .list_fault_rules_request()
-                    .send()
-                    .promise
-                    .await
-                    .map_err(fail)?;
-                let rules = reply
-                    .get()
-                    .and_then(|r| r.get_rules())
-                    .and_then(vmm_proto::faults::read_list)
-                    .map_err(fail)?;
-                Ok(format_rules(&rules, json))
-            }
-        },
+        DiskAction::Fault { rule } => b.fault(rule).await,
         DiskAction::Resume { name } => {
             let mut req = server.resume_request();
             req.get().set_name(name.as_deref().unwrap_or(""));
@@ -1381,6 +1274,153 @@ async fn blockd_direct(
             };
             format_disks(&list, action, only.as_deref(), json).map_err(fail)
         }
+    }
+}
+
+/// A connection to a blockd's control socket, with its side channel for descriptors.
+struct BlockdSession {
+    server: vmm_proto::blockd_capnp::blockd::Client,
+    side: std::os::fd::OwnedFd,
+    json: bool,
+    /// The socket, as errors name it.
+    shown: String,
+}
+
+impl BlockdSession {
+    async fn connect(path: &std::path::Path, json: bool) -> Result<BlockdSession, Failure> {
+        let shown = path.display().to_string();
+        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such socket; is blockd running with --listen at this path?".to_string()
+                }
+                std::io::ErrorKind::ConnectionRefused => {
+                    "nothing is listening; blockd has exited".into()
+                }
+                _ => e.to_string(),
+            };
+            Failure(2, format!("--blockd {shown}: {why}"))
+        })?;
+        let side = vmm_proto::rpc::open_side_channel(&stream).map_err(|e| {
+            Failure(
+                2,
+                format!("--blockd {shown}: cannot open the side channel ({e})"),
+            )
+        })?;
+        let stream = vmm_proto::rpc::tokio_stream(stream)
+            .map_err(|e| Failure(2, format!("--blockd {shown}: {e}")))?;
+        let (rpc, server) = vmm_proto::rpc::client(stream);
+        tokio::task::spawn_local(rpc);
+        Ok(BlockdSession {
+            server,
+            side,
+            json,
+            shown,
+        })
+    }
+
+    fn fail(&self, e: capnp::Error) -> Failure {
+        let msg = match e.kind {
+            capnp::ErrorKind::Disconnected => {
+                format!("--blockd {}: blockd closed the connection", self.shown)
+            }
+            _ => vmm_proto::rpc::remote_message(&e),
+        };
+        Failure(1, format!("disk: {msg}"))
+    }
+
+    /// `disk add`: vmmctl opens the image and binds the socket, and hands both to blockd.
+    async fn add(
+        &self,
+        name: &str,
+        image: &std::path::Path,
+        vhost_socket: &std::path::Path,
+        format: &str,
+        readonly: bool,
+        queues: u16,
+    ) -> Result<String, Failure> {
+        use std::os::fd::AsFd;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(image)
+            .map_err(|e| {
+                Failure(
+                    2,
+                    format!("--image {}: cannot open it ({e})", image.display()),
+                )
+            })?;
+        let _ = std::fs::remove_file(vhost_socket);
+        let listener = std::os::unix::net::UnixListener::bind(vhost_socket).map_err(|e| {
+            Failure(
+                2,
+                format!(
+                    "--vhost-socket {}: cannot listen there ({e})",
+                    vhost_socket.display()
+                ),
+            )
+        })?;
+        vmm_proto::fdpass::send(
+            self.side.as_fd(),
+            name.as_bytes(),
+            &[file.as_fd(), listener.as_fd()],
+        )
+        .map_err(|e| Failure(1, format!("disk add: cannot hand blockd the image ({e})")))?;
+        let mut req = self.server.add_request();
+        {
+            let mut e = req.get().init_export();
+            e.set_name(name);
+            e.set_image(image.display().to_string());
+            e.set_format(format);
+            e.set_readonly(readonly);
+            e.set_queues(queues);
+            e.set_socket(vhost_socket.display().to_string());
+            e.set_fds_on_side_channel(true);
+            e.set_persist(true);
+        }
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(
+            self.json,
+            &format!("{name}: served on {}", vhost_socket.display()),
+        ))
+    }
+
+    /// `disk fault ...` on every export of this blockd.
+    async fn fault(&self, rule: &DiskFault) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let server = &self.server;
+        Ok(match rule {
+            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
+                let mut req = server.inject_fault_request();
+                set_fault(req.get().init_fault(), rule);
+                req.send().promise.await.map_err(fail)?;
+                done(self.json, "done")
+            }
+            DiskFault::Add { .. } => {
+                let r = fault_rule(rule)?;
+                let mut req = server.add_fault_rule_request();
+                r.write_to(req.get().init_rule());
+                let reply = req.send().promise.await.map_err(fail)?;
+                let id = reply.get().map_err(fail)?.get_id();
+                done(self.json, &format!("fault rule {id} added"))
+            }
+            DiskFault::Remove { id } => {
+                let mut req = server.remove_fault_rule_request();
+                req.get().set_id(*id);
+                req.send().promise.await.map_err(fail)?;
+                done(self.json, &format!("fault rule {id} removed"))
+            }
+            DiskFault::List => {
+                let req = server.list_fault_rules_request();
+                let reply = req.send().promise.await.map_err(fail)?;
+                let rules = reply
+                    .get()
+                    .and_then(|r| r.get_rules())
+                    .and_then(vmm_proto::faults::read_list)
+                    .map_err(fail)?;
+                format_rules(&rules, self.json)
+            }
+        })
     }
 }
 
