@@ -3,7 +3,7 @@
 //! systemd passed (socket activation; `--listen systemd` or no flag at all). Also the one
 //! place where an inherited descriptor number becomes an owned descriptor.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -31,23 +31,7 @@ pub fn inherited(
     flag: &'static str,
     who: &'static str,
 ) -> Result<OwnedFd, ControlError> {
-    take(fd).ok_or(ControlError::NotOpen { flag, fd, who })
-}
-
-/// Descriptor `fd` as owned, with close-on-exec, if it is open and not 0, 1 or 2. Each
-/// inherited descriptor is taken once, at start-up (systemd's through `listen_fds`).
-pub fn take(fd: RawFd) -> Option<OwnedFd> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    if fd < 3 {
-        return None;
-    }
-    // SAFETY: `fd` is only borrowed for the F_SETFD below, which fails (EBADF) when it is not
-    // open; no memory is involved.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
-    // SAFETY: `fd` is open (checked above) and was handed to this process to own; nothing
-    // else in it owns it, as each inherited descriptor is taken once.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::fd::take(fd).ok_or(ControlError::NotOpen { flag, fd, who })
 }
 
 /// What a helper serves: one inherited connection (vmm-core's), or a listening socket and,

@@ -3,6 +3,7 @@
 //! notification, socket activation).
 
 pub mod control;
+pub mod fd;
 pub mod jail;
 pub mod logging;
 pub mod seccomp;

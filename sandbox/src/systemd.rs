@@ -63,7 +63,7 @@ pub fn listen_fds() -> Vec<OwnedFd> {
         return Vec::new();
     }
     (3..3 + n.clamp(0, 64))
-        .filter_map(crate::control::take)
+        .filter_map(crate::fd::take)
         .collect()
 }
 

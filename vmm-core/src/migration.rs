@@ -81,7 +81,7 @@ fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, MigrationError> {
     check_fd(&uri.to_string(), n)?;
     INHERITED.lock().unwrap().remove(&n);
     // Taken out of the set, so only this channel owns it now.
-    vmm_sandbox::control::take(n).ok_or_else(|| MigrationError::NotInherited(uri.to_string(), n))
+    vmm_sandbox::fd::take(n).ok_or_else(|| MigrationError::NotInherited(uri.to_string(), n))
 }
 
 /// Opens the channel for one side (on migrated's client thread, which may), and reads the
