@@ -276,6 +276,83 @@ fn fault_rule(f: &DiskFault) -> Result<vmm_proto::faults::Rule, Failure> {
     })
 }
 
+/// Where `disk fault` rules go: the VM's API (for its disks' blockd) or a blockd's own.
+trait FaultTarget {
+    /// `clear` or `forbidden-syscall`.
+    async fn fault(&self, rule: &DiskFault) -> capnp::Result<()>;
+    async fn add(&self, rule: &vmm_proto::faults::Rule) -> capnp::Result<u32>;
+    async fn remove(&self, id: u32) -> capnp::Result<()>;
+    async fn list(&self) -> capnp::Result<Vec<vmm_proto::faults::Rule>>;
+}
+
+impl FaultTarget for vmm::Client {
+    async fn fault(&self, rule: &DiskFault) -> capnp::Result<()> {
+        let mut req = self.disk_fault_request();
+        set_fault(req.get().init_fault(), rule);
+        req.send().promise.await.map(drop)
+    }
+    async fn add(&self, rule: &vmm_proto::faults::Rule) -> capnp::Result<u32> {
+        let mut req = self.disk_fault_add_request();
+        rule.write_to(req.get().init_rule());
+        Ok(req.send().promise.await?.get()?.get_id())
+    }
+    async fn remove(&self, id: u32) -> capnp::Result<()> {
+        let mut req = self.disk_fault_remove_request();
+        req.get().set_id(id);
+        req.send().promise.await.map(drop)
+    }
+    async fn list(&self) -> capnp::Result<Vec<vmm_proto::faults::Rule>> {
+        let reply = self.disk_fault_rules_request().send().promise.await?;
+        vmm_proto::faults::read_list(reply.get()?.get_rules()?)
+    }
+}
+
+impl FaultTarget for vmm_proto::blockd_capnp::blockd::Client {
+    async fn fault(&self, rule: &DiskFault) -> capnp::Result<()> {
+        let mut req = self.inject_fault_request();
+        set_fault(req.get().init_fault(), rule);
+        req.send().promise.await.map(drop)
+    }
+    async fn add(&self, rule: &vmm_proto::faults::Rule) -> capnp::Result<u32> {
+        let mut req = self.add_fault_rule_request();
+        rule.write_to(req.get().init_rule());
+        Ok(req.send().promise.await?.get()?.get_id())
+    }
+    async fn remove(&self, id: u32) -> capnp::Result<()> {
+        let mut req = self.remove_fault_rule_request();
+        req.get().set_id(id);
+        req.send().promise.await.map(drop)
+    }
+    async fn list(&self) -> capnp::Result<Vec<vmm_proto::faults::Rule>> {
+        let reply = self.list_fault_rules_request().send().promise.await?;
+        vmm_proto::faults::read_list(reply.get()?.get_rules()?)
+    }
+}
+
+/// `disk fault clear|forbidden-syscall|add|remove|list` against either target.
+async fn run_fault(
+    target: &impl FaultTarget,
+    rule: &DiskFault,
+    json: bool,
+    fail: impl Fn(capnp::Error) -> Failure,
+) -> Result<String, Failure> {
+    Ok(match rule {
+        DiskFault::Clear | DiskFault::ForbiddenSyscall => {
+            target.fault(rule).await.map_err(fail)?;
+            done(json, "done")
+        }
+        DiskFault::Add { .. } => {
+            let id = target.add(&fault_rule(rule)?).await.map_err(fail)?;
+            done(json, &format!("fault rule {id} added"))
+        }
+        DiskFault::Remove { id } => {
+            target.remove(*id).await.map_err(fail)?;
+            done(json, &format!("fault rule {id} removed"))
+        }
+        DiskFault::List => format_rules(&target.list().await.map_err(fail)?, json),
+    })
+}
+
 fn format_rules(rules: &[vmm_proto::faults::Rule], json: bool) -> String {
     if json {
         let items: Vec<String> = rules
@@ -700,40 +777,7 @@ impl Session {
     }
 
     async fn disk_fault(&self, rule: &DiskFault) -> Result<String, Failure> {
-        let fail = |e| self.fail(e);
-        let c = &self.client;
-        Ok(match rule {
-            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
-                let mut req = c.disk_fault_request();
-                set_fault(req.get().init_fault(), rule);
-                req.send().promise.await.map_err(fail)?;
-                done(self.json, "done")
-            }
-            DiskFault::Add { .. } => {
-                let r = fault_rule(rule)?;
-                let mut req = c.disk_fault_add_request();
-                r.write_to(req.get().init_rule());
-                let reply = req.send().promise.await.map_err(fail)?;
-                let id = reply.get().map_err(fail)?.get_id();
-                done(self.json, &format!("fault rule {id} added"))
-            }
-            DiskFault::Remove { id } => {
-                let mut req = c.disk_fault_remove_request();
-                req.get().set_id(*id);
-                req.send().promise.await.map_err(fail)?;
-                done(self.json, &format!("fault rule {id} removed"))
-            }
-            DiskFault::List => {
-                let req = c.disk_fault_rules_request();
-                let reply = req.send().promise.await.map_err(fail)?;
-                let rules = reply
-                    .get()
-                    .and_then(|r| r.get_rules())
-                    .and_then(vmm_proto::faults::read_list)
-                    .map_err(fail)?;
-                format_rules(&rules, self.json)
-            }
-        })
+        run_fault(&self.client, rule, self.json, |e| self.fail(e)).await
     }
 
     async fn disk_throttle(&self, name: &str, spec: &str) -> Result<String, Failure> {
@@ -1387,40 +1431,7 @@ impl BlockdSession {
 
     /// `disk fault ...` on every export of this blockd.
     async fn fault(&self, rule: &DiskFault) -> Result<String, Failure> {
-        let fail = |e| self.fail(e);
-        let server = &self.server;
-        Ok(match rule {
-            DiskFault::Clear | DiskFault::ForbiddenSyscall => {
-                let mut req = server.inject_fault_request();
-                set_fault(req.get().init_fault(), rule);
-                req.send().promise.await.map_err(fail)?;
-                done(self.json, "done")
-            }
-            DiskFault::Add { .. } => {
-                let r = fault_rule(rule)?;
-                let mut req = server.add_fault_rule_request();
-                r.write_to(req.get().init_rule());
-                let reply = req.send().promise.await.map_err(fail)?;
-                let id = reply.get().map_err(fail)?.get_id();
-                done(self.json, &format!("fault rule {id} added"))
-            }
-            DiskFault::Remove { id } => {
-                let mut req = server.remove_fault_rule_request();
-                req.get().set_id(*id);
-                req.send().promise.await.map_err(fail)?;
-                done(self.json, &format!("fault rule {id} removed"))
-            }
-            DiskFault::List => {
-                let req = server.list_fault_rules_request();
-                let reply = req.send().promise.await.map_err(fail)?;
-                let rules = reply
-                    .get()
-                    .and_then(|r| r.get_rules())
-                    .and_then(vmm_proto::faults::read_list)
-                    .map_err(fail)?;
-                format_rules(&rules, self.json)
-            }
-        })
+        run_fault(&self.server, rule, self.json, |e| self.fail(e)).await
     }
 }
 
