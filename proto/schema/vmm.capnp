@@ -139,6 +139,8 @@ struct MigrateOptions {
   tlsCreds @2 :Text;          # QEMU's tls-creds: a directory (see migrated.capnp); empty: no TLS
   tlsHostname @3 :Text;       # QEMU's tls-hostname
   compress @4 :Bool;          # LZ4-compress RAM runs in the stream (a snapshot's too)
+  maxPasses @5 :UInt32;       # pre-copy passes before the VM is paused even though the pause
+                              # will be over downtimeMs (0: 30); the status then says forced
 }
 
 struct MigrationStatus {
@@ -155,4 +157,5 @@ struct MigrationStatus {
   totalMs @10 :UInt64;
   error @11 :Text;
   memoryBytes @12 :UInt64;    # the VM's RAM, to draw progress against
+  forced @13 :Bool;           # the pause came at maxPasses, not because it fit downtimeMs
 }

@@ -101,8 +101,18 @@ fn migrate_and_check(
     };
     let (mib, total, paused) = (num("now: "), num("MiB sent in "), num("paused for "));
     assert!(mib >= 8 && paused <= total, "{out}");
+    // The pause the limit allowed: 300 ms unless the test set one.
+    let limit = extra
+        .iter()
+        .position(|a| *a == "--downtime-ms")
+        .map_or(300, |i| extra[i + 1].parse().unwrap());
     // The source exits by itself, with status 0.
     assert_eq!(src.wait_exit(T), 0, "the source's log:\n{}", src.stderr());
+    assert!(
+        paused <= limit,
+        "paused {paused} ms, over the {limit} ms limit: {out}\n{}",
+        src.stderr()
+    );
     assert!(
         src.stderr()
             .contains("the VM migrated; it runs on the destination now"),
@@ -150,6 +160,55 @@ fn migrate_and_check(
     drop(dst);
     let acked = check_seq_blocks(img, &all);
     assert!(acked >= 8, "only {acked} blocks were acknowledged:\n{all}");
+}
+
+/// The pause stays within a tight downtime limit (50 ms) on a guest that dirties 8 MiB a
+/// pass and writes its disk, the pause measured by the source from stopping the vCPUs to the
+/// destination's answer.
+#[test]
+fn a_dirtying_guest_pauses_within_a_50_ms_downtime_limit() {
+    over_unix("mig-50ms", &["--downtime-ms", "50"]);
+}
+
+/// The same limit on an idle guest: nothing to converge, so the pause is the device state,
+/// the last pages and the destination's answer.
+#[test]
+fn an_idle_guest_pauses_within_a_50_ms_downtime_limit() {
+    let dir = TempDir::new("mig-idle-50ms");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let mut src = TestVm::builder()
+        .memory("256M")
+        .cmdline("console=ttyS0 tg.scenario=idle")
+        .args(["--api-socket", src_sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .spawn();
+    src.wait_for("tg: ready", T);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let _dst = destination(&dir, &img, &uri, None, &[]);
+    let (code, out, err) = vmmctl(
+        &src_sock,
+        &["--json", "migrate", &uri, "--downtime-ms", "50"],
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", src.stderr());
+    let field = |k: &str| -> u64 {
+        let at = out
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k} in {out}"));
+        out[at + k.len() + 3..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (paused, passes) = (field("downtime_ms"), field("passes"));
+    assert!(
+        paused <= 50,
+        "paused {paused} ms, over the 50 ms limit: {out}"
+    );
+    assert!(passes >= 1, "{out}");
+    assert_eq!(src.wait_exit(T), 0, "{}", src.stderr());
 }
 
 /// The destination runs in a network namespace of its own, reached over a veth pair.
@@ -392,7 +451,11 @@ fn a_snapshot_restored_twice_gives_two_identical_guests() {
         "{all}"
     );
     drop((a, b));
-    check_seq_blocks(&dir.join("a.img"), &all);
+    let acked = check_seq_blocks(&dir.join("a.img"), &all);
+    assert!(
+        acked >= 8,
+        "only {acked} acknowledged blocks were checked:\n{all}"
+    );
 }
 
 /// A snapshot with bytes flipped is refused at restore with one line that says where, and
@@ -704,4 +767,115 @@ fn migrated_killed_mid_transfer_on_either_side_leaves_the_source_running() {
     }
     let dst = destination(&dir, &img, &uri, None, &[]);
     migrate_and_check(&dir, &img, src, &src_sock, dst, &uri, &[]);
+}
+
+/// --max-passes: a limit the dirtying guest cannot meet (1 ms) and two passes allowed. The
+/// VM is paused after exactly two passes anyway; the migration completes, and both its
+/// answer and its status say it was forced over the limit.
+#[test]
+fn max_passes_pauses_the_vm_over_the_limit_and_says_so() {
+    let dir = TempDir::new("mig-max-passes");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let mut src = source(&dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let dst = destination(&dir, &img, &uri, None, &[]);
+    let (code, out, err) = vmmctl(
+        &src_sock,
+        &["migrate", &uri, "--downtime-ms", "1", "--max-passes", "2"],
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", src.stderr());
+    assert!(
+        out.contains("over 2 pass(es)") && out.contains("forced at --max-passes"),
+        "{out}"
+    );
+    assert_eq!(src.wait_exit(T), 0, "{}", src.stderr());
+    let log = src.stderr();
+    assert!(
+        log.contains("2 passes and the pause would still take about")
+            && log.contains("over the 1 ms limit; pausing anyway (--max-passes)"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("vmm-core: info: migration pass ").count(),
+        2,
+        "{log}"
+    );
+    // The guest goes on at the destination.
+    let console = dir.join("dest.txt");
+    wait_until(T, "the destination's guest to go on", || {
+        last_pass(&std::fs::read_to_string(&console).unwrap_or_default()) > 0
+    });
+    drop(dst);
+    // A bad --max-passes is refused before anything starts.
+    let (code, _, err) = vmmctl(&src_sock, &["migrate", &uri, "--max-passes", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-passes"), "{err}");
+}
+
+/// `vmmctl migrate cancel` in the middle of a slow transfer: the source goes on running the
+/// guest (its counter advances, `info` says running), and the destination, whose stream was
+/// cut, ends without running it.
+#[test]
+fn a_cancelled_migration_leaves_the_source_running_and_the_destination_gone() {
+    let dir = TempDir::new("mig-cancel");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = destination(&dir, &img, &uri, None, &[]);
+    // 1 MiB/s: the first pass alone (the guest's 8 MiB and more) takes seconds.
+    let migrating = std::process::Command::new(vmm_tests::vmmctl_bin())
+        .args(["--socket", src_sock.to_str().unwrap()])
+        .args(["migrate", &uri, "--bandwidth", "1M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sent = 0;
+    wait_until(T, "the transfer to be under way", || {
+        let (_, out, _) = vmmctl(&src_sock, &["--json", "migrate", "status"]);
+        sent = out
+            .split("\"bytes\":")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        out.contains("\"phase\":\"pre-copy\"") && sent > 0
+    });
+    let (code, out, err) = vmmctl(&src_sock, &["migrate", "cancel"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The migrating vmmctl says it was cancelled, not that something failed.
+    let result = migrating.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{result:?}");
+    assert!(
+        said.contains("migrate: cancelled (vmmctl migrate cancel); the VM goes on here"),
+        "{said}"
+    );
+    // The destination ends, and never ran the guest.
+    let code = dst.wait_exit(T);
+    assert_ne!(code, 0, "the destination: {}", dst.stderr());
+    let dst_console = std::fs::read_to_string(dir.join("dest.txt")).unwrap_or_default();
+    assert!(
+        !dst_console.contains("tg: mig pass"),
+        "the destination ran the guest:\n{dst_console}"
+    );
+    // The source runs the guest on: its counter goes on after the cancel.
+    let console = dir.join("source.txt");
+    let at = last_pass(&std::fs::read_to_string(&console).unwrap());
+    wait_until(T, "the source's guest to go on", || {
+        last_pass(&std::fs::read_to_string(&console).unwrap_or_default()) >= at + 32
+    });
+    let (_, info, _) = vmmctl(&src_sock, &["info"]);
+    assert!(info.contains("state:    running"), "{info}");
+    let (_, status, _) = vmmctl(&src_sock, &["migrate", "status"]);
+    assert!(status.starts_with("phase: cancelled"), "{status}");
+    assert!(
+        src.stderr()
+            .contains("the migration was cancelled; the VM goes on here"),
+        "{}",
+        src.stderr()
+    );
+    drop(src);
 }

@@ -294,6 +294,7 @@ impl VmmServer {
         r.set_bandwidth(st.bandwidth);
         r.set_expected_downtime_ms(st.expected_downtime_ms);
         r.set_downtime_ms(st.downtime_ms);
+        r.set_forced(st.forced);
         r.set_total_ms(st.total_ms);
         r.set_error(st.error.as_str());
         r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
@@ -426,7 +427,10 @@ impl vmm::Server for VmmServer {
                 ms => ms.into(),
             },
             bandwidth: o.get_bandwidth(),
-            max_passes: 30,
+            max_passes: match o.get_max_passes() {
+                0 => crate::migration::DEFAULT_MAX_PASSES,
+                n => n,
+            },
             compress: o.get_compress(),
             tls: crate::migration::TlsOptions {
                 creds: o.get_tls_creds()?.to_str()?.to_string(),
@@ -479,7 +483,7 @@ impl vmm::Server for VmmServer {
             .get()
             .cloned()
             .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
-        self.shared.migration.lock().unwrap().error = "cancelled".into();
+        self.shared.migration.lock().unwrap().cancelled = true;
         crate::migration::cancel(&m).await;
         Ok(())
     }

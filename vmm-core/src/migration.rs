@@ -35,6 +35,8 @@ pub enum MigrationError {
     /// The migration failed before the destination ran the VM: it goes on here.
     #[error("{0}; the VM goes on here")]
     Resumed(Box<MigrationError>),
+    #[error("cancelled (vmmctl migrate cancel)")]
+    Cancelled,
     #[error("{0}; and the VM could not go on here: {1}")]
     NotResumed(Box<MigrationError>, Box<MigrationError>),
 }
@@ -131,7 +133,19 @@ pub struct Status {
     pub downtime_ms: u64,
     pub total_ms: u64,
     pub error: String,
+    /// The pause came at max_passes, not because the pages left fit the limit.
+    pub forced: bool,
+    /// `vmmctl migrate cancel` asked for it to end.
+    pub cancelled: bool,
 }
+
+/// The least of the downtime limit kept for what the pause holds besides the last pages
+/// (a fifth of the limit is kept, and at least this).
+pub const RESERVE_MIN_MS: u64 = 5;
+
+/// Pre-copy passes before the VM is paused even over the limit (QEMU iterates without end
+/// unless auto-converge or post-copy is on; a bound and a clear report are kinder).
+pub const DEFAULT_MAX_PASSES: u32 = 30;
 
 /// A migration's knobs.
 #[derive(Debug, Clone)]
@@ -339,11 +353,24 @@ pub async fn send(
         Err(e) => {
             abort(m).await;
             let resumed = ask(tx, MigrationRequest::Continue).await;
+            let cancelled = progress.lock().unwrap().cancelled;
+            // A cancel makes the transfer fail (its channel is cut): say what happened.
+            let e = if cancelled {
+                MigrationError::Cancelled
+            } else {
+                e
+            };
             set(&|s| {
-                s.phase = "failed".into();
+                s.phase = if cancelled { "cancelled" } else { "failed" }.into();
                 s.error = crate::error_chain(&e);
                 s.total_ms = start.elapsed().as_millis() as u64;
             });
+            if cancelled {
+                log::info!(
+                    "{}: the migration was cancelled; the VM goes on here",
+                    opts.uri
+                );
+            }
             match resumed {
                 Ok(()) => Err(MigrationError::Resumed(Box::new(e))),
                 Err(r) => Err(MigrationError::NotResumed(Box::new(e), Box::new(r))),
@@ -396,7 +423,24 @@ async fn transfer(
                 sent.bytes >> 10,
                 sent.micros / 1000
             );
-            if expected_ms <= opts.downtime_ms || pass >= opts.max_passes {
+            // The pause is the last pages, which go slower than a pre-copy pass's (scattered,
+            // the disk's pages with them: measured here at up to 1.3x), and what it holds
+            // besides: saving the vCPUs and devices, the device state and the destination's
+            // restore and answer (5-7 ms here). Both are kept: half again on the estimate and
+            // a fifth of the limit (at least RESERVE_MIN_MS).
+            let reserve = (opts.downtime_ms / 5).max(RESERVE_MIN_MS);
+            if expected_ms * 3 / 2 + reserve <= opts.downtime_ms {
+                pending = Some(dirty);
+                break;
+            }
+            if pass >= opts.max_passes {
+                log::warn!(
+                    "{}: {pass} passes and the pause would still take about {} ms, over the {} ms limit; pausing anyway (--max-passes)",
+                    opts.uri,
+                    expected_ms * 3 / 2 + reserve,
+                    opts.downtime_ms
+                );
+                set(&|s| s.forced = true);
                 pending = Some(dirty);
                 break;
             }

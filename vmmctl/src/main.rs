@@ -59,9 +59,17 @@ enum Command {
         /// tcp:HOST:PORT, unix:PATH, exec:COMMAND (the stream to the command's input, the
         /// destination's answer from its output), or status / cancel.
         target: String,
-        /// The longest pause allowed at the end, in ms (default 300, as QEMU).
+        /// The longest pause allowed at the end, in ms (default 300, as QEMU). Pre-copy goes on
+        /// until the pages left would go in four fifths of it (at least 5 ms are kept for the
+        /// device state and the destination's answer).
         #[arg(long, value_name = "MS")]
         downtime_ms: Option<u32>,
+        /// Pre-copy passes before the VM is paused even though the pause will be over
+        /// --downtime-ms (default 30): the migration then completes, a warning is logged, and
+        /// its status says "forced" (the limit could not be met while the guest dirtied its RAM
+        /// this fast; raise the limit or --bandwidth, or quiet the guest).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_passes: Option<u32>,
         /// The most the stream may use: bytes per second, with K, M or G (e.g. 100M).
         #[arg(long, value_name = "RATE")]
         bandwidth: Option<String>,
@@ -448,6 +456,7 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
         Command::Migrate {
             target,
             downtime_ms,
+            max_passes,
             bandwidth,
             tls_creds,
             tls_hostname,
@@ -458,8 +467,14 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
                 tls_hostname.unwrap_or_default(),
             );
             let bandwidth = bandwidth.as_deref().map(parse_rate).transpose()?;
-            s.migrate(&target, downtime_ms, bandwidth, &tls, compress)
-                .await?
+            let options = MigrateOptions {
+                downtime_ms: downtime_ms.unwrap_or(0),
+                max_passes: max_passes.unwrap_or(0),
+                bandwidth: bandwidth.unwrap_or(0),
+                tls: &tls,
+                compress,
+            };
+            s.migrate(&target, &options).await?
         }
         Command::Snapshot { uri, compress } => s.snapshot(&uri, compress).await?,
         Command::Cpus {
@@ -681,21 +696,8 @@ impl Session {
         format_migration(&st, self.json).map_err(fail)
     }
 
-    async fn migrate(
-        &self,
-        target: &str,
-        downtime_ms: Option<u32>,
-        bandwidth: Option<u64>,
-        tls: &(String, String),
-        compress: bool,
-    ) -> Result<String, Failure> {
-        let options = MigrateOptions {
-            downtime_ms: downtime_ms.unwrap_or(0),
-            bandwidth: bandwidth.unwrap_or(0),
-            tls,
-            compress,
-        };
-        let st = migrate(&self.client, target, &options, self.json)
+    async fn migrate(&self, target: &str, options: &MigrateOptions<'_>) -> Result<String, Failure> {
+        let st = migrate(&self.client, target, options, self.json)
             .await
             .map_err(|e| self.fail(e))?;
         Ok(if self.json {
@@ -709,6 +711,7 @@ impl Session {
         let tls = Default::default();
         let options = MigrateOptions {
             downtime_ms: 0,
+            max_passes: 0,
             bandwidth: 0,
             tls: &tls,
             compress,
@@ -1450,6 +1453,7 @@ fn parse_rate(s: &str) -> Result<u64, Failure> {
 /// What `migrate` and `snapshot` ask for: 0 means the VMM's default.
 struct MigrateOptions<'a> {
     downtime_ms: u32,
+    max_passes: u32,
     bandwidth: u64,
     /// The credentials' directory and the name to check (empty: no TLS).
     tls: &'a (String, String),
@@ -1468,6 +1472,7 @@ async fn migrate(
     req.get().set_uri(uri);
     let mut o = req.get().init_options();
     o.set_downtime_ms(options.downtime_ms);
+    o.set_max_passes(options.max_passes);
     o.set_bandwidth(options.bandwidth);
     o.set_tls_creds(options.tls.0.as_str());
     o.set_tls_hostname(options.tls.1.as_str());
@@ -1488,11 +1493,16 @@ async fn migrate(
                     return format_migration(&st, true);
                 }
                 return Ok(format!(
-                    "{} MiB sent in {} ms over {} pass(es), the VM paused for {} ms",
+                    "{} MiB sent in {} ms over {} pass(es), the VM paused for {} ms{}",
                     st.get_bytes() >> 20,
                     st.get_total_ms(),
                     st.get_passes(),
-                    st.get_downtime_ms()
+                    st.get_downtime_ms(),
+                    if st.get_forced() {
+                        " (forced at --max-passes: over the downtime limit)"
+                    } else {
+                        ""
+                    }
                 ));
             }
             _ = tick, if draw => {
@@ -1532,7 +1542,7 @@ fn format_migration(
     );
     if json {
         return Ok(format!(
-            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"error\":{error:?}}}",
+            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"forced\":{},\"error\":{error:?}}}",
             st.get_passes(),
             st.get_bytes(),
             st.get_ram_bytes(),
@@ -1541,7 +1551,8 @@ fn format_migration(
             st.get_bandwidth(),
             st.get_expected_downtime_ms(),
             st.get_downtime_ms(),
-            st.get_total_ms()
+            st.get_total_ms(),
+            st.get_forced()
         ));
     }
     let mut out = format!("phase: {phase}");
@@ -1564,6 +1575,9 @@ fn format_migration(
             st.get_downtime_ms(),
             st.get_total_ms()
         );
+    }
+    if st.get_forced() {
+        out += "\nforced: the pause came at --max-passes, over the downtime limit";
     }
     if !error.is_empty() {
         out += &format!("\nerror: {error}");
