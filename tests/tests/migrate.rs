@@ -483,7 +483,7 @@ fn a_corrupted_snapshot_is_refused() {
         .find(|l| l.starts_with("error:"))
         .unwrap_or_else(|| panic!("no error line:\n{err}"));
     assert!(
-        line.contains("--incoming file:")
+        line.starts_with("error: --restore file:")
             && line.contains("fails its checksum; the stream is corrupt"),
         "{line}"
     );

@@ -144,6 +144,8 @@ pub struct VmConfig {
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
     pub incoming: Option<String>,
+    /// The flag that gave `incoming`, for messages: --incoming or --restore.
+    pub incoming_flag: &'static str,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
@@ -277,6 +279,11 @@ impl VmConfig {
             }
             _ => {}
         }
+        let incoming_flag = if args.restore.is_some() {
+            "--restore"
+        } else {
+            "--incoming"
+        };
         let incoming = match (args.incoming, args.restore) {
             (Some(uri), _) => Some(check_uri("--incoming", uri)?),
             (None, Some(r)) if !r.starts_with("file:") => {
@@ -338,6 +345,7 @@ impl VmConfig {
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,
+            incoming_flag,
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),

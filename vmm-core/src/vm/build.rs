@@ -52,6 +52,8 @@ pub(super) struct Guest {
 /// What comes in with a migration or snapshot, once its state is in the devices.
 pub(super) struct Incoming {
     pub uri: String,
+    /// The flag that named it: --incoming or --restore.
+    pub flag: &'static str,
     pub restore: crate::snapshot::Restore,
 }
 
@@ -151,6 +153,7 @@ impl Guest {
                 )?;
                 Some(Incoming {
                     uri: uri.to_string(),
+                    flag: config.incoming_flag,
                     restore,
                 })
             }
@@ -184,7 +187,7 @@ impl Guest {
                     if let Err(e) = v.restore(&fd) {
                         let m = res.migrated.expect("an incoming VM has migrated");
                         let _ = crate::migration::started(m, false, crate::error_chain(&e));
-                        return Err(VmError::incoming(&inc.uri, e));
+                        return Err(VmError::incoming(inc.flag, &inc.uri, e));
                     }
                     fds.push(fd);
                 }
@@ -209,9 +212,9 @@ impl Guest {
     ) -> Result<crate::snapshot::Restore, VmError> {
         let m = res
             .migrated
-            .ok_or_else(|| VmError::incoming(uri, MigratedError::Gone))?;
+            .ok_or_else(|| VmError::incoming(config.incoming_flag, uri, MigratedError::Gone))?;
         let memfd = self.memory.memfd.try_clone().map_err(VmError::EventFd)?;
-        log::info!("--incoming {uri}: waiting for the VM");
+        log::info!("{} {uri}: waiting for the VM", config.incoming_flag);
         let start = Instant::now();
         let (bytes, n) = crate::migration::receive(
             m,
@@ -221,9 +224,10 @@ impl Guest {
             config.memory,
             config.max_cpus,
         )
-        .map_err(|e| VmError::incoming(uri, e))?;
+        .map_err(|e| VmError::incoming(config.incoming_flag, uri, e))?;
         log::info!(
-            "--incoming {uri}: {} MiB received in {} ms, every check passed",
+            "{} {uri}: {} MiB received in {} ms, every check passed",
+            config.incoming_flag,
             n >> 20,
             start.elapsed().as_millis()
         );
@@ -236,7 +240,7 @@ impl Guest {
             });
         restored.map_err(|e| {
             let _ = crate::migration::started(m, false, crate::error_chain(&e));
-            VmError::incoming(uri, e)
+            VmError::incoming(config.incoming_flag, uri, e)
         })
     }
 

@@ -61,9 +61,14 @@ pub enum VmError {
     #[error(transparent)]
     Migration(#[from] crate::helpers::migrated::MigratedError),
     /// The incoming VM could not be taken (a user error when the stream or its source is).
-    /// The error names the channel already: "--incoming URI: " goes in front of the rest.
-    #[error("--incoming {0}: {why}", why = without_uri(.0, .1.as_ref()))]
-    Incoming(String, Box<dyn std::error::Error + Send + Sync>),
+    /// The error names the channel already: "--incoming URI: " (or "--restore file:PATH: ",
+    /// the flag that was given) goes in front of the rest.
+    #[error("{0} {1}: {why}", why = without_uri(.1, .2.as_ref()))]
+    Incoming(
+        &'static str,
+        String,
+        Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 /// An error's line without the channel's name in front (the caller puts it there).
@@ -76,9 +81,13 @@ fn without_uri(uri: &str, e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl VmError {
-    /// The incoming VM (from `uri`) could not be taken.
-    fn incoming(uri: &str, e: impl std::error::Error + Send + Sync + 'static) -> VmError {
-        VmError::Incoming(uri.to_string(), Box::new(e))
+    /// The incoming VM (from `uri`, given with `flag`) could not be taken.
+    fn incoming(
+        flag: &'static str,
+        uri: &str,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> VmError {
+        VmError::Incoming(flag, uri.to_string(), Box::new(e))
     }
 
     pub fn is_user_error(&self) -> bool {
@@ -501,7 +510,7 @@ fn arrive(
 ) -> Result<Option<kvm_bindings::kvm_clock_data>, VmError> {
     let m = res.migrated.expect("an incoming VM has migrated");
     crate::migration::started(m, true, String::new())
-        .map_err(|e| VmError::incoming(&inc.uri, e))?;
+        .map_err(|e| VmError::incoming(inc.flag, &inc.uri, e))?;
     let mut paused_clock = None;
     if inc.restore.paused {
         // Paused on the source by its user: paused here too, until `vmmctl resume`.
@@ -510,7 +519,8 @@ fn arrive(
         paused_clock = guest.vm.get_clock().ok();
     }
     log::info!(
-        "--incoming {}: the VM is here ({} vCPU(s)){}",
+        "{} {}: the VM is here ({} vCPU(s)){}",
+        inc.flag,
         inc.uri,
         inc.restore.vcpus.len(),
         if inc.restore.paused {
