@@ -251,17 +251,40 @@ fn injected_faults_drop_the_client_and_delay_writes_without_losing_output() {
         line.clear();
         reader.read_line(&mut line).is_ok() && line.starts_with("tg: tick")
     });
+    // How fast ticks come undelayed: the slowest of five gaps.
+    let mut gap = Duration::ZERO;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        gap = gap.max(t.elapsed());
+    }
     let (code, _, err) = vmmctl(&sock, &["console-fault", "drop-connection"]);
     assert_eq!(code, 0, "{err}");
     // The client sees the connection end; the VM does not notice.
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
 
-    let (code, _, err) = vmmctl(&sock, &["console-fault", "delay-writes", "20"]);
+    // Each write to the backend now waits 300 ms: the first tick a new client gets comes that
+    // much after it connects, where undelayed ticks come every `gap`.
+    let delay = Duration::from_millis(300);
+    assert!(
+        gap < delay / 2,
+        "ticks come every {gap:?} undelayed: too slow to see a {delay:?} delay"
+    );
+    let (code, _, err) = vmmctl(&sock, &["console-fault", "delay-writes", "300"]);
     assert_eq!(code, 0, "{err}");
     let client = std::os::unix::net::UnixStream::connect(&console).unwrap();
+    let connected = std::time::Instant::now();
     client.set_read_timeout(Some(T)).unwrap();
     let mut reader = BufReader::new(client);
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let first = connected.elapsed();
+    assert!(
+        first >= delay - Duration::from_millis(20),
+        "the first line came {first:?} after connecting, with writes delayed {delay:?}"
+    );
     let mut seen = Vec::new();
     while seen.len() < 10 {
         line.clear();
