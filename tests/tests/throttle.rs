@@ -101,10 +101,23 @@ impl Drop for Blockd {
 
 /// libblkio's client: 4k random I/O at queue depth 8 for `secs` seconds; its IOPS.
 fn client(sock: &Path, workload: &str, secs: f64) -> Child {
+    client_bs(sock, workload, 4096, secs)
+}
+
+/// The same with `bs`-byte requests.
+fn client_bs(sock: &Path, workload: &str, bs: u32, secs: f64) -> Child {
     Command::new(env!("CARGO_BIN_EXE_blkio-bench"))
         .args(["--driver", "virtio-blk-vhost-user", "--path"])
         .arg(sock)
-        .args(["run", "--workload", workload, "--bs", "4096", "--qd", "8"])
+        .args([
+            "run",
+            "--workload",
+            workload,
+            "--bs",
+            &bs.to_string(),
+            "--qd",
+            "8",
+        ])
         .args(["--seconds", &secs.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -140,6 +153,66 @@ fn a_disk_limited_to_200_iops_gives_its_client_200() {
     assert!(
         (900..=1100).contains(&done),
         "blockd did {done} requests in 5 s"
+    );
+}
+
+/// Bytes per second a 16 KiB client got in `secs` seconds of `workload`.
+fn bytes_per_s(sock: &Path, workload: &str, secs: f64) -> f64 {
+    iops(client_bs(sock, workload, 16384, secs)) * 16384.0
+}
+
+/// `got` is within 5% of `want` (bytes per second).
+fn within_5_percent(what: &str, got: f64, want: f64) {
+    assert!(
+        (got - want).abs() <= want * 0.05,
+        "{what}: {:.3} MiB/s, not {:.3} MiB/s ± 5%",
+        got / 1048576.0,
+        want / 1048576.0
+    );
+}
+
+/// A bps limit, and bps-rd/bps-wr for each direction, measured end to end: the client gets the
+/// configured rate within 5% (the bucket lets a tenth of a second's worth through at once, so
+/// 5 s runs carry 2% on top).
+#[test]
+fn bps_limits_and_the_read_write_split_give_the_configured_rates() {
+    let b = Blockd::start("throttle-bps", 1);
+    b.throttle("d0", "bps=4194304");
+    within_5_percent(
+        "bps=4M, reads",
+        bytes_per_s(&b.sock(0), "randread", 5.0),
+        4194304.0,
+    );
+    b.throttle("d0", "bps-rd=4194304,bps-wr=2097152");
+    within_5_percent(
+        "bps-rd=4M",
+        bytes_per_s(&b.sock(0), "randread", 5.0),
+        4194304.0,
+    );
+    within_5_percent(
+        "bps-wr=2M",
+        bytes_per_s(&b.sock(0), "randwrite", 5.0),
+        2097152.0,
+    );
+}
+
+/// A burst (QEMU's bps-max and bps-max-length): bps=2M, bps-max=8M for 2 s. From an idle
+/// disk the client gets 8 MiB/s until the bucket of max x length (16 MiB), which fills at
+/// max - avg = 6 MiB/s, is full (2.67 s); then 2 MiB/s.
+#[test]
+fn a_burst_goes_at_the_max_rate_then_falls_to_the_average() {
+    let b = Blockd::start("throttle-burst", 1);
+    b.throttle("d0", "bps=2097152,bps-max=8388608,bps-max-length=2");
+    // 2 s of the burst (the small bucket lets max/10 through at once: 5% over 2 s).
+    let burst = bytes_per_s(&b.sock(0), "randread", 2.0);
+    within_5_percent("the burst", burst, 8388608.0 * 1.05);
+    // What is left of the burst goes first (16 MiB less what the first run put in the bucket
+    // above what leaked out at 2 MiB/s), then 2 MiB/s.
+    let left = 16.0 * 1048576.0 - (burst * 2.0 - 2097152.0 * 2.0);
+    within_5_percent(
+        "after the burst",
+        bytes_per_s(&b.sock(0), "randread", 6.0),
+        2097152.0 + left / 6.0,
     );
 }
 
@@ -239,8 +312,26 @@ fn bad_throttle_settings_get_one_line_errors_and_change_nothing() {
     assert!(out.contains("throttle=iops=300 "), "{out}");
 }
 
+/// Writes per second blockd did for the VM's disk0 over `secs`, by its own count.
+fn vm_writes_per_s(sock: &Path, secs: u64) -> f64 {
+    let writes = || -> u64 {
+        let (code, out, err) = vmm_tests::vmmctl(sock, &["--json", "disk", "list"]);
+        assert_eq!(code, 0, "{err}");
+        let key = "{\"op\":\"write\",\"requests\":";
+        let k = out
+            .find(key)
+            .unwrap_or_else(|| panic!("no write count in {out}"));
+        let v = &out[k + key.len()..];
+        v[..v.find(',').unwrap()].parse().unwrap()
+    };
+    let before = writes();
+    std::thread::sleep(Duration::from_secs(secs));
+    (writes() - before) as f64 / secs as f64
+}
+
 /// The same through a VM's API: vmm-core passes `disk throttle` to its blockd, and `disk
-/// list` shows the setting.
+/// list` shows the setting; the guest, writing as fast as it can, gets the limit given at
+/// start and the one set at run time on the blockd that replaced a killed one.
 #[test]
 fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
     let dir = TempDir::new("throttle-vm");
@@ -248,17 +339,19 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let sock = vmm_tests::socket_path("throttle-vm");
     let mut vm = vmm_tests::TestVm::builder()
-        .cmdline("tg.scenario=idle")
+        .cmdline("tg.scenario=blk-seq tg.seq.count=100000000")
         .args(["--api-socket", sock.to_str().unwrap()])
         .args([
             "--disk",
             &format!("path={},throttle.iops=100,throttle.group=vm", img.display()),
         ])
         .spawn();
-    vm.wait_for("tg: ready", T);
-    // The throttle given at start.
+    vm.wait_for("tg: ack 20", T);
+    // The throttle given at start, as listed and as the guest gets it.
     let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
     assert!(out.contains("throttle=group=vm,iops=100 "), "{out}");
+    let got = vm_writes_per_s(&sock, 3);
+    assert!((90.0..=110.0).contains(&got), "{got} writes/s at iops=100");
     let (code, out, err) = vmm_tests::vmmctl(
         &sock,
         &[
@@ -294,6 +387,12 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
         out.contains("throttle=bps=1048576,bps-max=4194304,bps-max-length=3 "),
         "{out}"
     );
+    // A limit set at run time on the new blockd: the guest gets it.
+    let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "throttle", "disk0", "iops=50"]);
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let got = vm_writes_per_s(&sock, 3);
+    assert!((45.0..=55.0).contains(&got), "{got} writes/s at iops=50");
     let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "throttle", "disk7", "iops=5"]);
     assert_eq!(code, 1);
     assert!(err.contains("no export \"disk7\""), "{err}");
