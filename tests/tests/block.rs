@@ -1045,3 +1045,49 @@ fn a_read_error_with_rerror_stop_pauses_until_resume_retries_it() {
     }
     check_guest_pattern(&img, 81);
 }
+
+/// QEMU's werror=ignore and rerror=ignore: a write and a read that fail (injected EIO) complete
+/// for the guest as if they had worked. The guest sees no error; what it read back shows the
+/// write never reached the disk (its 64 KiB are zeroes in the image) and the failed read
+/// brought nothing; the rules fired.
+#[test]
+fn ignore_policies_complete_failed_requests_for_the_guest() {
+    let dir = TempDir::new("block-ignore");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let (_blockd, ctl) = own_blockd(&dir, std::process::Stdio::null());
+    for (op, range) in [("write", "1048576-1052672"), ("read", "2097152-2101248")] {
+        add_rule(&ctl, &["--ops", op, "--range", range, "--errno", "EIO"]);
+    }
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=71")
+        .args(["--blockd-socket", ctl.to_str().unwrap()])
+        .arg("--disk")
+        .arg(format!(
+            "path={},werror=ignore,rerror=ignore",
+            img.display()
+        ))
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let out = vm.stdout();
+    assert_eq!(field(&vm, "tg: blk0 pattern", "errors"), "0", "{out}");
+    // The 64 KiB write at 1 MiB failed: its 8192 words read back as zeroes; the 64 KiB read
+    // at 2 MiB failed too, and brought none of the pattern (the buffer kept what it held).
+    let bad: u64 = field(&vm, "tg: blk0 pattern", "bad-words").parse().unwrap();
+    assert!(bad > 8192 && bad <= 2 * 8192, "bad-words={bad}: {out}");
+    let data = std::fs::read(&img).unwrap();
+    let mut want = pattern(data.len() as u64, 71);
+    for (sector, n) in ZERO_RANGES {
+        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
+    }
+    want[1 << 20..(1 << 20) + 65536].fill(0);
+    assert!(
+        data == want,
+        "the image is not the guest's pattern with the failed write's 64 KiB left out"
+    );
+    let (_, rules, _) = blockd_ctl(&ctl, &["disk", "fault", "list"]);
+    assert!(
+        rules.matches("errno=EIO").count() == 2 && !rules.contains("hits=0"),
+        "{rules}"
+    );
+}
