@@ -8,14 +8,15 @@ say() { echo "setup: $*" >&2; }
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 if ! command -v apt-get >/dev/null; then
-    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools, qemu-utils, qemu-system-common and socat by hand"
+    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools, qemu-utils, qemu-system-common, socat and fuse3 by hand"
     exit 1
 fi
 # qemu-utils: qemu-img, which the qcow2 tests use to create and check images.
 # qemu-system-common: qemu-storage-daemon, the independent vhost-user-blk backend that the
 # interoperability test drives with vmm-core's frontend (and bench/block.sh compares with).
 # socat: the command at both ends of the exec: migration test.
-packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common socat)
+# fuse3: /dev/fuse and fusermount3, for the crash-consistency check (tests/src/bin/crashfs.rs).
+packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common socat fuse3)
 # Installed for real ("dpkg -s" also answers for a removed package's leftover configuration).
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()

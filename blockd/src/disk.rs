@@ -178,6 +178,20 @@ pub struct Disk {
 static WRITABLE: std::sync::Mutex<Vec<std::sync::Weak<Disk>>> = std::sync::Mutex::new(Vec::new());
 
 /// Flushes every writable disk still in use.
+/// `BLOCKD_BREAK_DURABILITY=1`, for the crash-consistency check only (tests/tests/crash.rs):
+/// blockd acknowledges write-through writes and flushes without making anything durable, the
+/// bug that check must catch. Said loudly in the log whenever it is on.
+pub fn broken_durability() -> bool {
+    static BROKEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BROKEN.get_or_init(|| {
+        let on = std::env::var_os("BLOCKD_BREAK_DURABILITY").is_some_and(|v| v == "1");
+        if on {
+            log::warn!("BLOCKD_BREAK_DURABILITY=1: writes and flushes are acknowledged WITHOUT being made durable (a deliberate bug, for the crash-consistency check)");
+        }
+        on
+    })
+}
+
 pub fn flush_all() -> std::io::Result<()> {
     let disks: Vec<_> = WRITABLE
         .lock()
@@ -223,6 +237,7 @@ impl Disk {
     }
 
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
+        broken_durability();
         let qcow2 = match options.format {
             crate::image::Format::Raw => {
                 let mut magic = [0u8; 4];
@@ -292,7 +307,7 @@ impl Disk {
     }
 
     pub fn writethrough(&self) -> bool {
-        self.writethrough.load(Ordering::Relaxed)
+        self.writethrough.load(Ordering::Relaxed) && !broken_durability()
     }
 
     /// The guest writes `writeback` (with VIRTIO_BLK_F_CONFIG_WCE): 0 makes every write durable.
@@ -492,6 +507,9 @@ impl Disk {
     }
 
     pub fn flush(&self) -> std::io::Result<()> {
+        if broken_durability() {
+            return Ok(());
+        }
         match &self.qcow2 {
             Some(q) => q.flush(),
             None => self.file.sync_data(),

@@ -501,6 +501,25 @@ pub fn seq_acks(out: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Whether block `seq` of a `blk-seq` run is in `data` (a raw image of `blocks` 4 KiB
+/// blocks, where block `seq % blocks` holds it) whole: magic, sequence number, words, checksum.
+pub fn seq_block_intact(data: &[u8], blocks: u64, seq: u64) -> bool {
+    let at = ((seq % blocks) * 4096) as usize;
+    let Some(block) = data.get(at..at + 4096) else {
+        return false;
+    };
+    let word = |j: usize| u64::from_le_bytes(block[j * 8..j * 8 + 8].try_into().unwrap());
+    let mut sum = 0u64;
+    for j in 3..512u64 {
+        let w = ((seq << 32) | j).wrapping_mul(SEQ_K);
+        if word(j as usize) != w {
+            return false;
+        }
+        sum = sum.rotate_left(5) ^ w;
+    }
+    word(0) == SEQ_MAGIC && word(1) == seq && word(2) == sum
+}
+
 /// Every acknowledged block of the guest's `blk-seq` run is in the image with its magic,
 /// sequence number, words and checksum; returns how many were checked.
 pub fn check_seq_blocks(img: &Path, out: &str) -> u64 {

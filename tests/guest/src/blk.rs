@@ -596,6 +596,12 @@ impl Disk {
         r8(self.device + 32)
     }
 
+    /// Turns the device's write cache on (CONFIG_WCE); returns the writeback byte it reads back.
+    pub fn write_back(&mut self) -> u8 {
+        w8(self.device + 32, 1);
+        r8(self.device + 32)
+    }
+
     /// Whether an MSI-X interrupt for queue q's vector is pending in the BSP's LAPIC.
     pub fn irq_seen(&self, q: usize) -> bool {
         let v = MSI_VECTOR_BASE + q as u32;

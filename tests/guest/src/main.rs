@@ -804,7 +804,18 @@ fn blk_seq(cmdline: &str) {
         return;
     }
     let d = disks[0].as_mut().expect("probe found one");
-    let wb = d.write_through();
+    // Write-through by default (each acknowledgement promises the block is durable, as a
+    // FUA write does); tg.seq.writeback=1 turns the cache on, and tg.seq.flush=N flushes
+    // after every N writes, "tg: flushed S" promising every block up to S.
+    let wb = if param(cmdline, "tg.seq.writeback=").and_then(parse_u64) == Some(1) {
+        d.write_back()
+    } else {
+        d.write_through()
+    };
+    let flush_every = param(cmdline, "tg.seq.flush=")
+        .and_then(parse_u64)
+        .unwrap_or(0);
+    Line::new().s("tg: seq writeback=").u(wb as u64).emit();
     let blocks = d.capacity / 8;
     let buf = blk::data_buf() as *mut u64;
     let fill = seq_block;
@@ -814,7 +825,15 @@ fn blk_seq(cmdline: &str) {
         if depth == 1 {
             fill(buf, seq);
             match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {
-                Some((0, _)) => Line::new().s("tg: ack ").u(seq).emit(),
+                Some((0, _)) => {
+                    Line::new().s("tg: ack ").u(seq).emit();
+                    if flush_every > 0 && (seq + 1).is_multiple_of(flush_every) {
+                        match d.flush(0) {
+                            Some((0, _)) => Line::new().s("tg: flushed ").u(seq).emit(),
+                            _ => Line::new().s("tg: seq flush error ").u(seq).emit(),
+                        }
+                    }
+                }
                 Some((status, _)) => {
                     errors += 1;
                     Line::new()
