@@ -150,7 +150,18 @@ where
     S: rustls::SideData,
 {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        self.tls.read(b)
+        // A connection that ends without close_notify may have been cut by anyone on the path
+        // (a truncation attack): never an end of the stream, as QEMU 10 holds too.
+        self.tls.read(b).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without TLS close_notify: the stream may have been truncated on the way, so it is refused",
+                )
+            } else {
+                e
+            }
+        })
     }
 }
 

@@ -623,10 +623,15 @@ impl TestCa {
         TestCa { params, key, pem }
     }
 
-    fn leaf(&self, cn: &str, names: &[&str]) -> (String, String) {
+    /// A leaf certificate, valid now or (with `now` false) expired in 2001.
+    fn leaf_valid(&self, cn: &str, names: &[&str], now: bool) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if !now {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
@@ -639,9 +644,20 @@ impl TestCa {
     /// A tls-creds directory (QEMU's layout): this CA, a server certificate for `server_names`
     /// (CN server.test), and a client certificate with subject CN=`client_cn`.
     pub fn creds(&self, dir: &Path, server_names: &[&str], client_cn: &str) -> PathBuf {
+        self.creds_valid(dir, server_names, client_cn, true)
+    }
+
+    /// The same, with both certificates expired (in 2001) unless `now`.
+    pub fn creds_valid(
+        &self,
+        dir: &Path,
+        server_names: &[&str],
+        client_cn: &str,
+        now: bool,
+    ) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
-        let (sc, sk) = self.leaf("server.test", server_names);
-        let (cc, ck) = self.leaf(client_cn, &[]);
+        let (sc, sk) = self.leaf_valid("server.test", server_names, now);
+        let (cc, ck) = self.leaf_valid(client_cn, &[], now);
         for (f, t) in [
             ("ca-cert.pem", &self.pem),
             ("server-cert.pem", &sc),

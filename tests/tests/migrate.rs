@@ -265,6 +265,43 @@ fn migrates_through_inherited_descriptors() {
     migrate_and_check(&dir, &img, src, &src_sock, dst, "fd:5", &[]);
 }
 
+/// fd:N with TLS: the inherited socket pair carries a mutually authenticated TLS session
+/// (tls-hostname names the destination, as there is no host in fd:N).
+#[test]
+fn migrates_through_inherited_descriptors_with_tls() {
+    let dir = TempDir::new("mig-fd-tls");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    let src_sock = dir.join("src.sock");
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let src = source_from(
+        TestVm::builder().inherit_fd(a.into(), 5),
+        &dir,
+        &img,
+        &src_sock,
+    );
+    let dst = destination_from(
+        TestVm::builder().inherit_fd(b.into(), 5),
+        &dir,
+        &img,
+        "fd:5",
+        None,
+        &["--tls-creds", d_creds.to_str().unwrap()],
+    );
+    let creds = s_creds.to_str().unwrap().to_string();
+    migrate_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        "fd:5",
+        &["--tls-creds", &creds, "--tls-hostname", "dest.test"],
+    );
+}
+
 /// A snapshot that cannot be written whole (its filesystem, a 1 MiB tmpfs this test mounts,
 /// fills up) fails with the reason, leaves no partial file behind, and the VM goes on.
 #[test]
@@ -614,6 +651,7 @@ fn tls_refusals_leave_the_source_running() {
     let good = ca.creds(&dir.join("good"), &["x.test"], "source.test");
     let stranger = other.creds(&dir.join("stranger"), &["x.test"], "source.test");
     let unlisted = ca.creds(&dir.join("unlisted"), &["x.test"], "intruder.test");
+    let expired = ca.creds_valid(&dir.join("expired"), &["x.test"], "source.test", false);
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
     let listen = "tcp:127.0.0.1:47213";
@@ -649,6 +687,10 @@ fn tls_refusals_leave_the_source_running() {
             vec!["--tls-creds".to_string(), path(&unlisted)],
             "see its log",
         ),
+        (
+            vec!["--tls-creds".to_string(), path(&expired)],
+            "refuse this source's certificate",
+        ),
     ] {
         let mut a = vec!["migrate", listen];
         a.extend(args.iter().map(String::as_str));
@@ -664,6 +706,7 @@ fn tls_refusals_leave_the_source_running() {
     for says in [
         "does not speak TLS",
         "\"CN=intruder.test\" is not in tls-authz",
+        "the source's certificate is outside its validity period",
     ] {
         assert!(dst.stderr().contains(says), "{says}: {}", dst.stderr());
     }
@@ -878,4 +921,69 @@ fn a_cancelled_migration_leaves_the_source_running_and_the_destination_gone() {
         src.stderr()
     );
     drop(src);
+}
+
+/// An unclean shutdown: a source that completes the TLS handshake, sends the first half of a
+/// real stream and then cuts the connection without TLS close_notify (a truncation attack).
+/// The destination refuses it, saying so, and runs nothing.
+#[test]
+fn a_tls_stream_cut_without_close_notify_is_refused() {
+    use std::io::Write;
+    let dir = TempDir::new("mig-tls-cut");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    // A real stream of this VM's shape: a snapshot of the usual source.
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(
+        &src_sock,
+        &["snapshot", &format!("file:{}", snap.display())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    let stream = std::fs::read(&snap).unwrap();
+    let path = dir.join("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let mut dst = destination(
+        &dir,
+        &img,
+        &uri,
+        None,
+        &["--tls-creds", d_creds.to_str().unwrap()],
+    );
+    let file = |f: &str| std::fs::read(s_creds.join(f)).unwrap();
+    let tls = migrated::tls::Tls {
+        dir: s_creds.display().to_string(),
+        creds: migrated::tls::Creds {
+            ca: file("ca-cert.pem"),
+            cert: file("client-cert.pem"),
+            key: file("client-key.pem"),
+        },
+        hostname: "dest.test".into(),
+        authz: vec![],
+    };
+    let raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let cut = raw.try_clone().unwrap();
+    let channel = migrated::channel::Uri::Unix(path.clone());
+    let mut s = migrated::tls::client(&channel, &tls, Box::new(raw)).unwrap();
+    s.write_all(&stream[..stream.len() / 2]).unwrap();
+    s.flush().unwrap();
+    // The cut: the socket goes down under TLS, with no close_notify.
+    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    std::mem::forget(s);
+    let code = dst.wait_exit(T);
+    assert_ne!(code, 0, "{}", dst.stderr());
+    let err = dst.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{err}"));
+    assert!(
+        line.contains("without TLS close_notify") && line.contains("truncat"),
+        "{line}"
+    );
+    assert!(!err.contains("the VM is here"), "{err}");
 }
