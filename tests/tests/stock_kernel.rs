@@ -1,7 +1,9 @@
-//! Debian's stock cloud kernel on vmm-core: ACPI (with the CPU hotplug AML), SMP, memory and
-//! serial as Linux sees them.
-//! About 7 minutes on a KVM-PVM host (kernel code is emulated there), under a second on
-//! hardware KVM. Needs the images from scripts/build-images.sh.
+//! Debian's stock cloud kernel on vmm-core, booted from the bzImage the README's guest uses:
+//! ACPI (with the CPU hotplug AML), SMP, memory, PCI and serial as Linux sees them, and on
+//! hardware KVM the disk (vda, with its capacity) and power-off from user space.
+//! About 8 minutes on a KVM-PVM host (kernel code is emulated there, the bzImage's own
+//! decompressor too), under a second on hardware KVM. Needs the images from
+//! scripts/build-images.sh. A panic never counts as a pass.
 
 use std::time::Duration;
 use vmm_tests::{host_is_pvm, images_dir, TempDir, TestVm};
@@ -23,7 +25,7 @@ cubictcp_register,blake2s_mod_init \
 #[test]
 fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
     let images = images_dir();
-    let (kernel, initramfs) = (images.join("vmlinux"), images.join("initramfs.cpio"));
+    let (kernel, initramfs) = (images.join("vmlinuz"), images.join("initramfs.cpio"));
     assert!(
         kernel.exists() && initramfs.exists(),
         "{} or {} is missing: run scripts/build-images.sh",
@@ -84,13 +86,18 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         );
     }
     vm.wait_for("Run /init as init process", slow);
-    // ACPICA inside Linux interpreted our DSDT without complaint.
+    // ACPICA inside Linux interpreted our DSDT without complaint, and nothing went wrong in
+    // the kernel on its way to init.
     let console = vm.stdout();
     for bad in [
         "ACPI Error",
         "ACPI BIOS Error",
         "ACPI Warning",
         "ACPI BIOS Warning",
+        "Kernel panic",
+        "Oops",
+        "BUG:",
+        "WARNING:",
     ] {
         assert!(
             !console.contains(bad),
@@ -99,21 +106,25 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
     }
 
     if host_is_pvm() {
-        // KVM-PVM cannot run Linux user space (GUEST.md): init dies on its first system call,
-        // the kernel panics, and panic=-1 with reboot=k resets through the keyboard controller.
-        let code = vm.wait_exit(Duration::from_secs(10 * 60));
-        assert_eq!(code, 0, "{}", vm.stderr());
-        assert!(
-            vm.stderr().contains("guest requested a reset"),
-            "{}",
-            vm.stderr()
-        );
+        // KVM-PVM cannot run Linux user space (GUEST.md): init dies on its first system call
+        // and the kernel panics. That is where this host's part ends: the VM is stopped as
+        // init starts, and what passes is the kernel's boot up to there (checked above), never
+        // the panic that would follow. vda needs virtio_blk, a module that init loads.
+        vm.signal(libc::SIGTERM);
+        assert_eq!(vm.wait_exit(slow), 143, "{}", vm.stderr());
     } else {
         let ready = vm.wait_for("vmm-init: ready", slow);
         assert!(ready.contains("scenario=poweroff"), "{ready}");
         assert!(vm.stdout().contains("vmm-init: cpus=2"), "{}", vm.stdout());
         assert!(
             vm.stdout().contains("vmm-init: loaded virtio_pci"),
+            "{}",
+            vm.stdout()
+        );
+        // Debian's virtio_blk found the disk with its 1 MiB: 2048 sectors of 512 bytes.
+        assert!(
+            vm.stdout()
+                .contains("[vda] 2048 512-byte logical blocks (1.05 MB/1.00 MiB)"),
             "{}",
             vm.stdout()
         );
