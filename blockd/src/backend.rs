@@ -165,13 +165,19 @@ impl Backend {
             }
         }
         drop(held);
-        let notify = if event_idx {
-            vring.needs_notification().unwrap_or(true)
-        } else {
-            true
-        };
-        if notify {
+        self.notify(vring, event_idx)
+    }
+
+    /// Tells the guest the used ring moved: an interrupt, unless under EVENT_IDX the driver's
+    /// used_event says it does not want one yet. Both are counted.
+    fn notify(&self, vring: &Vring, event_idx: bool) -> std::io::Result<()> {
+        let wanted = !event_idx || vring.needs_notification().unwrap_or(true);
+        let stats = &self.0.disk.stats;
+        if wanted {
+            stats.interrupts.fetch_add(1, Ordering::Relaxed);
             vring.signal_used_queue()?;
+        } else {
+            stats.interrupts_suppressed.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -618,15 +624,7 @@ impl Backend {
             self.complain(queue, &why);
         }
         self.put_used(vring, queue, head, done.used);
-        let notify = if event_idx {
-            vring.needs_notification().unwrap_or(true)
-        } else {
-            true
-        };
-        if notify {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
+        self.notify(vring, event_idx)
     }
 }
 

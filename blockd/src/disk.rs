@@ -151,6 +151,10 @@ pub struct Stats {
     pub get_id: OpStats,
     /// Requests refused before any I/O: malformed chains, bad sectors, unknown types.
     pub invalid: AtomicU64,
+    /// Used-ring notifications (interrupts) sent to the guest, and those left out because
+    /// the driver's used_event (VIRTIO_F_EVENT_IDX) did not ask for them.
+    pub interrupts: AtomicU64,
+    pub interrupts_suppressed: AtomicU64,
 }
 
 pub struct Disk {

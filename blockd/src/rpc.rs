@@ -432,6 +432,8 @@ pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Ex
     info.set_writeback(!d.writethrough());
     info.set_direct(d.is_direct());
     info.set_invalid(d.stats.invalid.load(Ordering::Relaxed));
+    info.set_interrupts(d.stats.interrupts.load(Ordering::Relaxed));
+    info.set_interrupts_suppressed(d.stats.interrupts_suppressed.load(Ordering::Relaxed));
     let ops = exports::op_stats(d);
     let mut list = info.init_ops(ops.len() as u32);
     for (i, (op, s)) in ops.iter().enumerate() {

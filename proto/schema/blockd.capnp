@@ -125,6 +125,8 @@ struct ExportInfo {
   stopped @13 :Text;          # why it stopped on an I/O error (empty: it serves)
   readError @14 :Text;        # its error policies
   writeError @15 :Text;
+  interrupts @16 :UInt64;     # used-ring notifications sent to the guest
+  interruptsSuppressed @17 :UInt64;  # left out: the driver's used_event (EVENT_IDX) asked for none
 }
 
 struct OpStats {

@@ -658,6 +658,8 @@ impl vmm::Server for VmmServer {
             x.set_writeback(d.writeback);
             x.set_direct(d.direct);
             x.set_invalid(d.invalid);
+            x.set_interrupts(d.interrupts);
+            x.set_interrupts_suppressed(d.interrupts_suppressed);
             d.throttle.write(x.reborrow().init_throttle());
             x.set_stopped(&d.stopped);
             x.set_read_error(&d.read_error);

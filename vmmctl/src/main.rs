@@ -1161,7 +1161,7 @@ fn format_disks(
                 })
                 .collect();
             out.push(format!(
-                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"throttle\":{},\"stopped\":{},\"read_error\":{},\"write_error\":{},\"ops\":[{}]}}",
+                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"interrupts\":{},\"interrupts_suppressed\":{},\"throttle\":{},\"stopped\":{},\"read_error\":{},\"write_error\":{},\"ops\":[{}]}}",
                 json_str(&name),
                 json_str(&image),
                 json_str(&format),
@@ -1173,6 +1173,8 @@ fn format_disks(
                 d.get_writeback(),
                 d.get_direct(),
                 d.get_invalid(),
+                d.get_interrupts(),
+                d.get_interrupts_suppressed(),
                 json_str(&throttle.to_string()),
                 json_str(&text(d.get_stopped())?),
                 json_str(&text(d.get_read_error())?),
@@ -1205,9 +1207,11 @@ fn format_disks(
             )),
             DiskAction::Stats { .. } => {
                 let mut t = format!(
-                    "{name}: {image} ({format}), write cache {}, {} malformed request(s)\n",
+                    "{name}: {image} ({format}), write cache {}, {} malformed request(s), {} interrupt(s) sent, {} spared by EVENT_IDX\n",
                     if d.get_writeback() { "on" } else { "off" },
-                    d.get_invalid()
+                    d.get_invalid(),
+                    d.get_interrupts(),
+                    d.get_interrupts_suppressed()
                 );
                 t.push_str("  op            requests        bytes  errors  latency (count up to each bound)\n");
                 for (op, r, b, e, lat) in &ops {

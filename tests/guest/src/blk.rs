@@ -47,6 +47,9 @@ const F_CONFIG_WCE: u64 = 1 << 11;
 
 /// Negotiate VIRTIO_BLK_F_CONFIG_WCE (set before `probe`).
 pub static WANT_WCE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// Negotiate VIRTIO_F_EVENT_IDX (set before `probe`; on by default).
+pub static WANT_EVENT_IDX: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(true);
 
 const DESC_NEXT: u16 = 1;
 const DESC_WRITE: u16 = 2;
@@ -157,6 +160,10 @@ pub struct Disk {
     last_used: [u16; MAX_QUEUES],
     next_avail: [u16; MAX_QUEUES],
     pub requests: [u64; MAX_QUEUES],
+    /// Notifications (kicks) sent to the device, and those its avail_event spared
+    /// (VIRTIO_F_EVENT_IDX).
+    pub kicks: u64,
+    pub kicks_skipped: u64,
     pub msix_table: u64,
 }
 
@@ -212,6 +219,8 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         last_used: [0; MAX_QUEUES],
         next_avail: [0; MAX_QUEUES],
         requests: [0; MAX_QUEUES],
+        kicks: 0,
+        kicks_skipped: 0,
         msix_table: 0,
     };
     let mut msix_cap = 0u8;
@@ -261,7 +270,11 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         | F_WRITE_ZEROES
         | F_SEG_MAX
         | F_SIZE_MAX
-        | F_EVENT_IDX
+        | if WANT_EVENT_IDX.load(Ordering::Relaxed) {
+            F_EVENT_IDX
+        } else {
+            0
+        }
         | if WANT_WCE.load(Ordering::Relaxed) {
             F_CONFIG_WCE
         } else {
@@ -506,6 +519,8 @@ impl Disk {
                 write_volatile(avail.add(2 + slot), (3 * i) as u16);
             }
         }
+        // EVENT_IDX: one interrupt for the batch, when its last request is used.
+        set_used_event(qm, self.last_used[q].wrapping_add(n as u16 - 1));
         fence(Ordering::SeqCst);
         // SAFETY: as above; one index update publishes the whole batch.
         unsafe {
@@ -514,10 +529,7 @@ impl Disk {
         }
         self.next_avail[q] = idx.wrapping_add(n as u16);
         fence(Ordering::SeqCst);
-        w16(
-            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
-            q as u16,
-        );
+        self.kick(q, qm, idx, idx.wrapping_add(n as u16));
         let mut got = 0;
         while got < n {
             let mut spins = 0u64;
@@ -557,6 +569,8 @@ impl Disk {
 
     fn push_and_wait(&mut self, q: usize, qm: *mut QueueMem, max_spins: u64) -> Option<(u8, u32)> {
         let idx = self.next_avail[q];
+        // EVENT_IDX: an interrupt for this one request.
+        set_used_event(qm, self.last_used[q]);
         // SAFETY: the available ring is the driver's to write.
         unsafe {
             let avail = core::ptr::addr_of_mut!((*qm).avail) as *mut u16;
@@ -566,10 +580,7 @@ impl Disk {
         }
         self.next_avail[q] = idx.wrapping_add(1);
         fence(Ordering::SeqCst);
-        w16(
-            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
-            q as u16,
-        );
+        self.kick(q, qm, idx, idx.wrapping_add(1));
         let mut spins = 0u64;
         while used_idx(qm) == self.last_used[q] {
             spins += 1;
@@ -611,6 +622,43 @@ impl Disk {
 
     pub fn read_only(&self) -> bool {
         self.features & F_RO != 0
+    }
+}
+
+impl Disk {
+    /// Tells the device that the available index went from `old` to `new`: unless, under
+    /// EVENT_IDX, the device's avail_event says it does not need to hear of it.
+    fn kick(&mut self, q: usize, qm: *mut QueueMem, old: u16, new: u16) {
+        if self.features & F_EVENT_IDX != 0 {
+            // SAFETY: the used ring's avail_event (the u16 after its ring) is the device's.
+            let event = unsafe {
+                read_volatile(
+                    (core::ptr::addr_of!((*qm).used) as *const u32).add(1 + 2 * QUEUE_SIZE as usize)
+                        as *const u16,
+                )
+            };
+            // vring_need_event: new passed event since old.
+            if new.wrapping_sub(event).wrapping_sub(1) >= new.wrapping_sub(old) {
+                self.kicks_skipped += 1;
+                return;
+            }
+        }
+        self.kicks += 1;
+        w16(
+            self.notify + u64::from(self.notify_off[q]) * u64::from(self.notify_mult),
+            q as u16,
+        );
+    }
+}
+
+/// The avail ring's used_event: the device interrupts once the used index passes it.
+fn set_used_event(qm: *mut QueueMem, at: u16) {
+    // SAFETY: used_event (the u16 after the avail ring) is the driver's to write.
+    unsafe {
+        write_volatile(
+            (core::ptr::addr_of_mut!((*qm).avail) as *mut u16).add(2 + QUEUE_SIZE as usize),
+            at,
+        );
     }
 }
 

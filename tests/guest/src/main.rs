@@ -798,6 +798,10 @@ fn blk_seq(cmdline: &str) {
         .unwrap_or(1)
         .clamp(1, blk::BATCH as u64);
     blk::WANT_WCE.store(true, Ordering::Relaxed);
+    blk::WANT_EVENT_IDX.store(
+        param(cmdline, "tg.seq.event-idx=").and_then(parse_u64) != Some(0),
+        Ordering::Relaxed,
+    );
     let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
     if blk::probe(&mut disks) == 0 {
         Line::new().s("tg: seq no disk").emit();
@@ -892,6 +896,12 @@ fn blk_seq(cmdline: &str) {
         .u(errors)
         .s(" timeouts=")
         .u(timeouts)
+        .s(" event-idx=")
+        .u(u64::from(d.features & (1 << 29) != 0))
+        .s(" kicks=")
+        .u(d.kicks)
+        .s(" kicks-skipped=")
+        .u(d.kicks_skipped)
         .emit();
 }
 

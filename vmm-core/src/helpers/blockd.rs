@@ -118,6 +118,9 @@ pub struct DiskInfo {
     pub writeback: bool,
     pub direct: bool,
     pub invalid: u64,
+    /// Interrupts sent to the guest, and those its used_event (EVENT_IDX) spared.
+    pub interrupts: u64,
+    pub interrupts_suppressed: u64,
     pub ops: Vec<OpInfo>,
     pub throttle: vmm_proto::throttle::Spec,
     /// Why blockd stopped it on an I/O error (empty: it serves), and its error policies.
@@ -653,6 +656,8 @@ async fn serve(
                                 writeback: x.get_writeback(),
                                 direct: x.get_direct(),
                                 invalid: x.get_invalid(),
+                                interrupts: x.get_interrupts(),
+                                interrupts_suppressed: x.get_interrupts_suppressed(),
                                 ops,
                                 throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
                                 stopped: x.get_stopped()?.to_string()?,
