@@ -670,3 +670,54 @@ impl TestCa {
         dir.to_path_buf()
     }
 }
+
+/// A mounted crashfs, ended (and unmounted) on drop.
+pub struct CrashFs {
+    child: Child,
+    mnt: PathBuf,
+    out: PathBuf,
+}
+
+impl CrashFs {
+    /// crashfs serving a copy of `image` (the binary: the test's CARGO_BIN_EXE_crashfs).
+    pub fn start(crashfs: &Path, dir: &TempDir, image: &Path) -> CrashFs {
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let out = dir.join("durable.img");
+        let child = Command::new(crashfs)
+            .arg(&mnt)
+            .arg(&out)
+            .arg(image)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start crashfs");
+        let fs = CrashFs { child, mnt, out };
+        wait_until(Duration::from_secs(60), "crashfs to serve", || {
+            fs.image().exists()
+        });
+        fs
+    }
+
+    pub fn image(&self) -> PathBuf {
+        self.mnt.join("disk.img")
+    }
+
+    /// The power cut: crashfs writes out what was durable and ends.
+    pub fn power_cut(mut self) -> Vec<u8> {
+        // SAFETY: SIGTERM to the crashfs this test started, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "crashfs: {status}");
+        std::fs::read(&self.out).unwrap()
+    }
+}
+
+impl Drop for CrashFs {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: as in power_cut.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}

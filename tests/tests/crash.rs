@@ -6,62 +6,14 @@
 //! acknowledged before an acknowledged flush. For raw and qcow2; and once against a blockd
 //! deliberately broken to acknowledge before syncing, where the check must find lost writes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
-use vmm_tests::{seq_acks, seq_block_intact, wait_until, TempDir, TestVm};
+use vmm_tests::{seq_acks, seq_block_intact, wait_until, CrashFs, TempDir, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 /// The image: 4 MiB, 1024 blocks of 4 KiB; the guest stops well before it wraps.
 const SIZE: u64 = 4 << 20;
-
-/// A mounted crashfs, ended (and unmounted) on drop.
-struct CrashFs {
-    child: Child,
-    mnt: PathBuf,
-    out: PathBuf,
-}
-
-impl CrashFs {
-    fn start(dir: &TempDir, image: &Path) -> CrashFs {
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let out = dir.join("durable.img");
-        let child = Command::new(env!("CARGO_BIN_EXE_crashfs"))
-            .arg(&mnt)
-            .arg(&out)
-            .arg(image)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start crashfs");
-        let fs = CrashFs { child, mnt, out };
-        wait_until(T, "crashfs to serve", || fs.image().exists());
-        fs
-    }
-
-    fn image(&self) -> PathBuf {
-        self.mnt.join("disk.img")
-    }
-
-    /// The power cut: crashfs writes out what was durable and ends.
-    fn power_cut(mut self) -> Vec<u8> {
-        // SAFETY: SIGTERM to the crashfs this test started, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "crashfs: {status}");
-        std::fs::read(&self.out).unwrap()
-    }
-}
-
-impl Drop for CrashFs {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: as in power_cut.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// The seq numbers the guest was promised are durable: every acknowledged one with the cache
 /// off; with it on, those up to the last acknowledged flush.
@@ -100,7 +52,7 @@ fn crash(name: &str, format: &str, writeback: bool, broken: bool) -> (usize, Vec
             assert!(out.status.success(), "{out:?}");
         }
     }
-    let fs = CrashFs::start(&dir, &start);
+    let fs = CrashFs::start(Path::new(env!("CARGO_BIN_EXE_crashfs")), &dir, &start);
     let mut cmdline = "console=ttyS0 tg.scenario=blk-seq tg.seq.count=100000".to_string();
     if writeback {
         cmdline += " tg.seq.writeback=1 tg.seq.flush=8";
