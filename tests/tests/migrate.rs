@@ -643,18 +643,42 @@ fn migrates_through_exec_commands_with_tls() {
 /// waiting, so the right source then migrates to it.
 #[test]
 fn tls_refusals_leave_the_source_running() {
-    let dir = TempDir::new("mig-tls-bad");
+    tls_refusals("mig-tls-bad", "tcp:127.0.0.1:47213", "127.0.0.1", false);
+}
+
+/// The same refusals over unix:, where there is no host: the source names the destination
+/// with --tls-hostname.
+#[test]
+fn tls_refusals_over_unix_leave_the_source_running() {
+    tls_refusals("mig-tls-bad-unix", "", "dest.test", true);
+}
+
+/// Each refusal of the TLS matrix on `listen` (a unix socket in the test's directory when
+/// empty), the destination's certificate for `server_name`; then the good migration.
+fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool) {
+    let dir = TempDir::new(name);
     let img = disk(&dir);
     let ca = TestCa::new("test CA");
     let other = TestCa::new("another CA");
-    let d_creds = ca.creds(&dir.join("d-creds"), &["127.0.0.1"], "dest.test");
+    let d_creds = ca.creds(&dir.join("d-creds"), &[server_name], "dest.test");
     let good = ca.creds(&dir.join("good"), &["x.test"], "source.test");
     let stranger = other.creds(&dir.join("stranger"), &["x.test"], "source.test");
     let unlisted = ca.creds(&dir.join("unlisted"), &["x.test"], "intruder.test");
     let expired = ca.creds_valid(&dir.join("expired"), &["x.test"], "source.test", false);
     let src_sock = dir.join("src.sock");
     let src = source(&dir, &img, &src_sock);
-    let listen = "tcp:127.0.0.1:47213";
+    let unix = format!("unix:{}", dir.join("mig.sock").display());
+    let listen = if listen.is_empty() {
+        unix.as_str()
+    } else {
+        listen
+    };
+    // Over unix: the name to check, which tcp: takes from its host.
+    let named: Vec<String> = if name_it {
+        vec!["--tls-hostname".into(), server_name.into()]
+    } else {
+        vec![]
+    };
     let dst = destination(
         &dir,
         &img,
@@ -670,7 +694,11 @@ fn tls_refusals_leave_the_source_running() {
     let path = |p: &Path| p.to_str().unwrap().to_string();
     for (args, says) in [
         (
-            vec!["--tls-creds".to_string(), path(&stranger)],
+            [
+                vec!["--tls-creds".to_string(), path(&stranger)],
+                named.clone(),
+            ]
+            .concat(),
             "not signed by the CA in tls-creds",
         ),
         (
@@ -684,11 +712,19 @@ fn tls_refusals_leave_the_source_running() {
         ),
         (vec![], "it may expect TLS"),
         (
-            vec!["--tls-creds".to_string(), path(&unlisted)],
+            [
+                vec!["--tls-creds".to_string(), path(&unlisted)],
+                named.clone(),
+            ]
+            .concat(),
             "see its log",
         ),
         (
-            vec!["--tls-creds".to_string(), path(&expired)],
+            [
+                vec!["--tls-creds".to_string(), path(&expired)],
+                named.clone(),
+            ]
+            .concat(),
             "refuse this source's certificate",
         ),
     ] {
@@ -711,15 +747,9 @@ fn tls_refusals_leave_the_source_running() {
         assert!(dst.stderr().contains(says), "{says}: {}", dst.stderr());
     }
     let creds = path(&good);
-    migrate_and_check(
-        &dir,
-        &img,
-        src,
-        &src_sock,
-        dst,
-        listen,
-        &["--tls-creds", &creds],
-    );
+    let mut args = vec!["--tls-creds", creds.as_str()];
+    args.extend(named.iter().map(String::as_str));
+    migrate_and_check(&dir, &img, src, &src_sock, dst, listen, &args);
 }
 
 /// The pid of a vmm-core's migrated.
