@@ -643,19 +643,33 @@ fn migrates_through_exec_commands_with_tls() {
 /// waiting, so the right source then migrates to it.
 #[test]
 fn tls_refusals_leave_the_source_running() {
-    tls_refusals("mig-tls-bad", "tcp:127.0.0.1:47213", "127.0.0.1", false);
+    tls_refusals(
+        "mig-tls-bad",
+        "tcp:127.0.0.1:47213",
+        "127.0.0.1",
+        false,
+        false,
+    );
+}
+
+/// The same refusals through exec: (the source's command, socat, relays to the destination's
+/// unix socket).
+#[test]
+fn tls_refusals_through_exec_leave_the_source_running() {
+    tls_refusals("mig-tls-bad-exec", "", "dest.test", true, true);
 }
 
 /// The same refusals over unix:, where there is no host: the source names the destination
 /// with --tls-hostname.
 #[test]
 fn tls_refusals_over_unix_leave_the_source_running() {
-    tls_refusals("mig-tls-bad-unix", "", "dest.test", true);
+    tls_refusals("mig-tls-bad-unix", "", "dest.test", true, false);
 }
 
 /// Each refusal of the TLS matrix on `listen` (a unix socket in the test's directory when
-/// empty), the destination's certificate for `server_name`; then the good migration.
-fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool) {
+/// empty, reached through an exec: command with `exec`), the destination's certificate for
+/// `server_name`; then the good migration.
+fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool, exec: bool) {
     let dir = TempDir::new(name);
     let img = disk(&dir);
     let ca = TestCa::new("test CA");
@@ -673,6 +687,11 @@ fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool) {
     } else {
         listen
     };
+    let relay = format!(
+        "exec:socat - UNIX-CONNECT:{}",
+        dir.join("mig.sock").display()
+    );
+    let target = if exec { relay.as_str() } else { listen };
     // Over unix: the name to check, which tcp: takes from its host.
     let named: Vec<String> = if name_it {
         vec!["--tls-hostname".into(), server_name.into()]
@@ -728,7 +747,7 @@ fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool) {
             "refuse this source's certificate",
         ),
     ] {
-        let mut a = vec!["migrate", listen];
+        let mut a = vec!["migrate", target];
         a.extend(args.iter().map(String::as_str));
         let (code, out, err) = vmmctl(&src_sock, &a);
         assert_eq!(code, 1, "{a:?} should fail: {out}{err}");
@@ -749,7 +768,7 @@ fn tls_refusals(name: &str, listen: &str, server_name: &str, name_it: bool) {
     let creds = path(&good);
     let mut args = vec!["--tls-creds", creds.as_str()];
     args.extend(named.iter().map(String::as_str));
-    migrate_and_check(&dir, &img, src, &src_sock, dst, listen, &args);
+    migrate_and_check(&dir, &img, src, &src_sock, dst, target, &args);
 }
 
 /// The pid of a vmm-core's migrated.
