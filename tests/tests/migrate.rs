@@ -1036,3 +1036,89 @@ fn a_tls_stream_cut_without_close_notify_is_refused() {
     );
     assert!(!err.contains("the VM is here"), "{err}");
 }
+
+/// The TLS refusals over fd:N, where the destination has the one connection it inherited: each
+/// refusal ends that destination (it says why and runs nothing), and the source goes on.
+#[test]
+fn tls_refusals_over_inherited_descriptors_leave_the_source_running() {
+    let dir = TempDir::new("mig-tls-bad-fd");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let other = TestCa::new("another CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let stranger = other.creds(&dir.join("stranger"), &["x.test"], "source.test");
+    let good = ca.creds(&dir.join("good"), &["x.test"], "source.test");
+    let unlisted = ca.creds(&dir.join("unlisted"), &["x.test"], "intruder.test");
+    let expired = ca.creds_valid(&dir.join("expired"), &["x.test"], "source.test", false);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    for (creds, hostname, source_says, dest_says) in [
+        (
+            Some(&stranger),
+            "dest.test",
+            "not signed by the CA in tls-creds",
+            "",
+        ),
+        (
+            Some(&good),
+            "wrong.test",
+            "pass tls-hostname with the name in its certificate",
+            "",
+        ),
+        (None, "", "it may expect TLS", "does not speak TLS"),
+        (
+            Some(&unlisted),
+            "dest.test",
+            "see its log",
+            "\"CN=intruder.test\" is not in tls-authz",
+        ),
+        (
+            Some(&expired),
+            "dest.test",
+            "refuse this source's certificate",
+            "the source's certificate is outside its validity period",
+        ),
+    ] {
+        let src_sock = dir.join("src.sock");
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let src = source_from(
+            TestVm::builder().inherit_fd(a.into(), 5),
+            &dir,
+            &img,
+            &src_sock,
+        );
+        let mut dst = destination_from(
+            TestVm::builder().inherit_fd(b.into(), 5),
+            &dir,
+            &img,
+            "fd:5",
+            None,
+            &[
+                "--tls-creds",
+                d_creds.to_str().unwrap(),
+                "--tls-authz",
+                "CN=source.test",
+            ],
+        );
+        let mut args = vec!["migrate".to_string(), "fd:5".to_string()];
+        if let Some(c) = creds {
+            args.extend(["--tls-creds".to_string(), path(c)]);
+            args.extend(["--tls-hostname".to_string(), hostname.to_string()]);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = vmmctl(&src_sock, &a);
+        assert_eq!(code, 1, "{a:?} should fail: {out}{err}");
+        let line = err.lines().next().unwrap_or("");
+        assert!(line.contains(source_says), "{a:?}: {line}");
+        assert!(line.contains("the VM goes on here"), "{line}");
+        still_running(&dir, &src_sock);
+        // The destination had one connection: it ends, having said why, and ran nothing.
+        assert_ne!(dst.wait_exit(T), 0, "{}", dst.stderr());
+        assert!(
+            dst.stderr().contains(dest_says),
+            "{dest_says}: {}",
+            dst.stderr()
+        );
+        assert!(!dst.stderr().contains("the VM is here"), "{}", dst.stderr());
+        drop(src);
+    }
+}
