@@ -972,13 +972,35 @@ fn a_cancelled_migration_leaves_the_source_running_and_the_destination_gone() {
     drop(src);
 }
 
+/// How the test, playing the source, reaches a destination.
+enum Reach {
+    Unix,
+    Tcp(u16),
+    /// The destination runs `exec:socat - UNIX-LISTEN:PATH`.
+    Exec,
+    /// The destination inherited one end of a socket pair as fd 5.
+    Fd,
+}
+
 /// An unclean shutdown: a source that completes the TLS handshake, sends the first half of a
 /// real stream and then cuts the connection without TLS close_notify (a truncation attack).
-/// The destination refuses it, saying so, and runs nothing.
+/// The destination refuses it, saying so, and runs nothing: over unix, tcp, exec and fd.
 #[test]
 fn a_tls_stream_cut_without_close_notify_is_refused() {
+    for reach in [Reach::Unix, Reach::Tcp(47214), Reach::Exec, Reach::Fd] {
+        cut_without_close_notify(reach);
+    }
+}
+
+fn cut_without_close_notify(reach: Reach) {
     use std::io::Write;
-    let dir = TempDir::new("mig-tls-cut");
+    let name = match reach {
+        Reach::Unix => "unix",
+        Reach::Tcp(_) => "tcp",
+        Reach::Exec => "exec",
+        Reach::Fd => "fd",
+    };
+    let dir = TempDir::new(&format!("mig-tls-cut-{name}"));
     let img = disk(&dir);
     let ca = TestCa::new("test CA");
     let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
@@ -995,14 +1017,40 @@ fn a_tls_stream_cut_without_close_notify_is_refused() {
     drop(src);
     let stream = std::fs::read(&snap).unwrap();
     let path = dir.join("mig.sock");
-    let uri = format!("unix:{}", path.display());
-    let mut dst = destination(
-        &dir,
-        &img,
-        &uri,
-        None,
-        &["--tls-creds", d_creds.to_str().unwrap()],
-    );
+    let tls_args = ["--tls-creds", d_creds.to_str().unwrap()];
+    let (mut dst, raw) = match reach {
+        Reach::Unix | Reach::Exec | Reach::Tcp(_) => {
+            let uri = match reach {
+                Reach::Unix => format!("unix:{}", path.display()),
+                Reach::Exec => format!("exec:socat - UNIX-LISTEN:{}", path.display()),
+                Reach::Tcp(port) => format!("tcp:127.0.0.1:{port}"),
+                Reach::Fd => unreachable!(),
+            };
+            let dst = destination(&dir, &img, &uri, None, &tls_args);
+            let raw: Box<dyn migrated::channel::Stream> = match reach {
+                Reach::Tcp(port) => {
+                    Box::new(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+                }
+                _ => {
+                    wait_until(T, "the destination's socket", || path.exists());
+                    Box::new(std::os::unix::net::UnixStream::connect(&path).unwrap())
+                }
+            };
+            (dst, raw)
+        }
+        Reach::Fd => {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let dst = destination_from(
+                TestVm::builder().inherit_fd(b.into(), 5),
+                &dir,
+                &img,
+                "fd:5",
+                None,
+                &tls_args,
+            );
+            (dst, Box::new(a) as Box<dyn migrated::channel::Stream>)
+        }
+    };
     let file = |f: &str| std::fs::read(s_creds.join(f)).unwrap();
     let tls = migrated::tls::Tls {
         dir: s_creds.display().to_string(),
@@ -1014,27 +1062,26 @@ fn a_tls_stream_cut_without_close_notify_is_refused() {
         hostname: "dest.test".into(),
         authz: vec![],
     };
-    let raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    let cut = raw.try_clone().unwrap();
+    let cut = raw.handle().unwrap();
     let channel = migrated::channel::Uri::Unix(path.clone());
-    let mut s = migrated::tls::client(&channel, &tls, Box::new(raw)).unwrap();
+    let mut s = migrated::tls::client(&channel, &tls, raw).unwrap();
     s.write_all(&stream[..stream.len() / 2]).unwrap();
     s.flush().unwrap();
-    // The cut: the socket goes down under TLS, with no close_notify.
-    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    // The cut: the connection goes down under TLS, with no close_notify.
+    cut.shutdown();
     std::mem::forget(s);
     let code = dst.wait_exit(T);
-    assert_ne!(code, 0, "{}", dst.stderr());
+    assert_ne!(code, 0, "{name}: {}", dst.stderr());
     let err = dst.stderr();
     let line = err
         .lines()
         .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line:\n{err}"));
+        .unwrap_or_else(|| panic!("{name}: no error line:\n{err}"));
     assert!(
         line.contains("without TLS close_notify") && line.contains("truncat"),
-        "{line}"
+        "{name}: {line}"
     );
-    assert!(!err.contains("the VM is here"), "{err}");
+    assert!(!err.contains("the VM is here"), "{name}: {err}");
 }
 
 /// The TLS refusals over fd:N, where the destination has the one connection it inherited: each

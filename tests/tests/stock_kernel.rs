@@ -1,6 +1,7 @@
 //! Debian's stock cloud kernel on vmm-core, booted from the bzImage the README's guest uses:
 //! ACPI (with the CPU hotplug AML), SMP, memory, PCI and serial as Linux sees them, and on
-//! hardware KVM the disk (vda, with its capacity) and power-off from user space.
+//! hardware KVM the disk (vda, with its capacity) and power-off from user space; on KVM-PVM
+//! (no user space) a vCPU hot-added through ACPI and taken by Linux.
 //! About 8 minutes on a KVM-PVM host (kernel code is emulated there, the bzImage's own
 //! decompressor too), under a second on hardware KVM. Needs the images from
 //! scripts/build-images.sh. A panic never counts as a pass.
@@ -22,10 +23,71 @@ const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 nokaslr mitigations=off c
 cubictcp_register,blake2s_mod_init \
     vmm.scenario=poweroff";
 
+/// On KVM-PVM, where Linux user space cannot make a system call, an initramfs whose /init
+/// spins in user mode and makes none (a 122-byte static ELF: `jmp .`): the kernel runs on,
+/// with no init to die and no panic, so it can be asked to take a hot-added vCPU.
+fn spinning_initramfs(dir: &TempDir) -> std::path::PathBuf {
+    const BASE: u64 = 0x40_0000;
+    let code = [0xeb, 0xfe];
+    let total = 64 + 56 + code.len() as u64;
+    let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+    elf.extend([0u8; 8]);
+    let u16s = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    elf.extend(u16s(&[2, 62])); // executable, x86-64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((BASE + 64 + 56).to_le_bytes()); // entry: the code after the headers
+    elf.extend(64u64.to_le_bytes()); // program headers at 64
+    elf.extend(0u64.to_le_bytes());
+    elf.extend(0u32.to_le_bytes());
+    elf.extend(u16s(&[64, 56, 1, 0, 0, 0]));
+    // One PT_LOAD, read and execute, of the whole file at BASE.
+    elf.extend(1u32.to_le_bytes());
+    elf.extend(5u32.to_le_bytes());
+    for v in [0, BASE, BASE, total, total, 0x1000] {
+        elf.extend(v.to_le_bytes());
+    }
+    elf.extend(code);
+    // A newc cpio: /init, /dev, the trailer.
+    let mut cpio = Vec::new();
+    for (ino, (name, mode, data)) in [
+        ("init", 0o100755u32, elf.as_slice()),
+        ("dev", 0o040755, &[][..]),
+        ("TRAILER!!!", 0, &[][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fields = [ino as u32, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0];
+        let mut h = String::from("070701");
+        for f in fields {
+            h += &format!("{f:08x}");
+        }
+        h += &format!("{:08x}{:08x}", name.len() + 1, 0);
+        cpio.extend(h.as_bytes());
+        cpio.extend(name.as_bytes());
+        cpio.push(0);
+        cpio.resize(cpio.len().next_multiple_of(4), 0);
+        cpio.extend(data);
+        cpio.resize(cpio.len().next_multiple_of(4), 0);
+    }
+    let path = dir.join("spin.cpio");
+    std::fs::write(&path, cpio).unwrap();
+    path
+}
+
 #[test]
 fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
     let images = images_dir();
-    let (kernel, initramfs) = (images.join("vmlinuz"), images.join("initramfs.cpio"));
+    let dir = TempDir::new("stock-disk");
+    let pvm = host_is_pvm();
+    let (kernel, initramfs) = (
+        images.join("vmlinuz"),
+        if pvm {
+            spinning_initramfs(&dir)
+        } else {
+            images.join("initramfs.cpio")
+        },
+    );
     assert!(
         kernel.exists() && initramfs.exists(),
         "{} or {} is missing: run scripts/build-images.sh",
@@ -34,8 +96,8 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
     );
     let slow = Duration::from_secs(20 * 60);
     // A disk on the PCI bus (virtio-blk over vhost-user, served by blockd).
-    let dir = TempDir::new("stock-disk");
     let disk = dir.join("disk.img");
+    let sock = dir.join("api.sock");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut vm = TestVm::builder()
         .kernel(&kernel)
@@ -46,6 +108,7 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         .cmdline(CMDLINE)
         .arg("--disk")
         .arg(format!("path={},queues=2", disk.display()))
+        .args(["--api-socket", sock.to_str().unwrap()])
         .spawn();
 
     vm.wait_for("smp: Brought up 1 node, 2 CPUs", slow);
@@ -105,11 +168,26 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
         );
     }
 
-    if host_is_pvm() {
-        // KVM-PVM cannot run Linux user space (GUEST.md): init dies on its first system call
-        // and the kernel panics. That is where this host's part ends: the VM is stopped as
-        // init starts, and what passes is the kernel's boot up to there (checked above), never
-        // the panic that would follow. vda needs virtio_blk, a module that init loads.
+    if pvm {
+        // KVM-PVM cannot run Linux user space that makes system calls (GUEST.md), so /init
+        // spins and the kernel runs on: ACPI CPU hotplug under Linux. A vCPU is hot-added;
+        // Linux's ACPI processor driver takes it (our GED event, the CPU hotplug AML's
+        // CSCN, its _STA and _MAT). Bringing it online is user space's part (a write to
+        // /sys/devices/system/cpu/cpu2/online), which cannot run here; vda needs virtio_blk,
+        // a module that user space loads, too.
+        let (code, out, err) = vmm_tests::vmmctl(&sock, &["cpus", "set", "3", "--timeout", "600"]);
+        assert_eq!(code, 0, "cpus set 3: {out}{err}\n{}", vm.stderr());
+        vm.wait_for("CPU2 has been hot-added", slow);
+        assert!(
+            vm.stderr().contains("vCPU 2: the guest took it"),
+            "{}",
+            vm.stderr()
+        );
+        let console = vm.stdout();
+        assert!(
+            !console.contains("Kernel panic") && !console.contains("Oops"),
+            "{console}"
+        );
         vm.signal(libc::SIGTERM);
         assert_eq!(vm.wait_exit(slow), 143, "{}", vm.stderr());
     } else {
