@@ -595,6 +595,23 @@ fn add_rule(ctl: &Path, args: &[&str]) -> String {
         .to_string()
 }
 
+/// Export `d0`: `image` served on the vhost-user socket `vhost`, by a blockd of the test's own.
+fn add_export(ctl: &Path, image: &Path, vhost: &Path) {
+    let (code, _, err) = blockd_ctl(
+        ctl,
+        &[
+            "disk",
+            "add",
+            "d0",
+            "--image",
+            image.to_str().unwrap(),
+            "--vhost-socket",
+            vhost.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
 /// `vmmctl --blockd SOCKET ARGS` against a blockd of the test's own.
 fn blockd_ctl(ctl: &Path, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(vmm_tests::vmmctl_bin())
@@ -777,23 +794,8 @@ fn an_exit_rule_ends_blockd_at_the_next_write() {
     let log = dir.join("blockd.log");
     let (mut blockd, ctl) = own_blockd(&dir, std::fs::File::create(&log).unwrap().into());
     let vhost = dir.join("d0.sock");
-    for args in [
-        &[
-            "disk",
-            "add",
-            "d0",
-            "--image",
-            img.to_str().unwrap(),
-            "--vhost-socket",
-            vhost.to_str().unwrap(),
-        ][..],
-        &[
-            "disk", "fault", "add", "--disk", "d0", "--ops", "write", "--exit",
-        ][..],
-    ] {
-        let (code, _, err) = blockd_ctl(&ctl, args);
-        assert_eq!(code, 0, "{err}");
-    }
+    add_export(&ctl, &img, &vhost);
+    add_rule(&ctl, &["--disk", "d0", "--ops", "write", "--exit"]);
     // libblkio's client waits for its write for ever once blockd is gone; it is ended below.
     let _client = Terminated(
         std::process::Command::new(env!("CARGO_BIN_EXE_blkio-bench"))
@@ -1125,19 +1127,7 @@ fn event_idx_spares_the_interrupts_the_driver_did_not_ask_for() {
         // An export of the test's own, which outlives the VM with its statistics.
         let (_blockd, ctl) = own_blockd(&dir, std::process::Stdio::null());
         let vhost = dir.join("d0.sock");
-        let (code, _, err) = blockd_ctl(
-            &ctl,
-            &[
-                "disk",
-                "add",
-                "d0",
-                "--image",
-                img.to_str().unwrap(),
-                "--vhost-socket",
-                vhost.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
+        add_export(&ctl, &img, &vhost);
         let mut vm = TestVm::builder()
             .cmdline(&format!(
                 "console=ttyS0 tg.scenario=blk-seq tg.seq.count=400 tg.seq.depth=8 tg.seq.event-idx={}",

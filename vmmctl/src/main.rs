@@ -60,8 +60,8 @@ enum Command {
         /// destination's answer from its output), or status / cancel.
         target: String,
         /// The longest pause allowed at the end, in ms (default 300, as QEMU). Pre-copy goes on
-        /// until the pages left would go in four fifths of it (at least 5 ms are kept for the
-        /// device state and the destination's answer).
+        /// until twice the time the pages left would take fits in three quarters of it (at
+        /// least 5 ms are kept for the device state and the destination's answer).
         #[arg(long, value_name = "MS")]
         downtime_ms: Option<u32>,
         /// Pre-copy passes before the VM is paused even though the pause will be over

@@ -47,9 +47,12 @@ const F_CONFIG_WCE: u64 = 1 << 11;
 
 /// Negotiate VIRTIO_BLK_F_CONFIG_WCE (set before `probe`).
 pub static WANT_WCE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-/// Negotiate VIRTIO_F_EVENT_IDX (set before `probe`; on by default).
+/// Negotiate VIRTIO_F_EVENT_IDX (set before `probe`). Off unless a scenario asks (blk-seq
+/// does by default): with it on, the migration scenarios saw a block read back before a
+/// migration come out stale on the destination (`tg: mig error read N`, two full runs in
+/// three); that is under investigation, so they run without it, as before.
 pub static WANT_EVENT_IDX: core::sync::atomic::AtomicBool =
-    core::sync::atomic::AtomicBool::new(true);
+    core::sync::atomic::AtomicBool::new(false);
 
 const DESC_NEXT: u16 = 1;
 const DESC_WRITE: u16 = 2;
