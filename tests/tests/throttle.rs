@@ -21,10 +21,12 @@ impl Blockd {
     fn start(name: &str, n: usize) -> Blockd {
         let dir = TempDir::new(name);
         let ctl = dir.join("ctl.sock");
+        // Its log goes to a file, shown when a test fails.
+        let log = std::fs::File::create(dir.join("blockd.log")).unwrap();
         let child = Command::new(vmm_tests::blockd_bin())
             .arg("--listen")
             .arg(&ctl)
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start blockd");
         wait_until(T, "blockd's control socket", || ctl.exists());
@@ -93,6 +95,10 @@ impl Blockd {
 
 impl Drop for Blockd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("blockd.log")).unwrap_or_default();
+            eprintln!("--- blockd's log ---\n{log}");
+        }
         // SAFETY: SIGTERM to the blockd this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
