@@ -54,16 +54,8 @@ fn valid_name(name: &str) -> bool {
 
 /// Waits (up to 5 s) for the side channel's message for export `name`: its image and socket.
 fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), SideChannelError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut pfd = [PollFd::new(side.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut pfd, PollTimeout::from(5000u16)) {
-        Ok(0) => return Err(SideChannelError::Timeout(5)),
-        Ok(_) => {}
-        Err(e) => return Err(SideChannelError::Channel(e.into())),
-    }
     let mut buf = [0u8; 128];
-    let (n, mut fds) = vmm_proto::fdpass::recv(side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-        .map_err(SideChannelError::Channel)?;
+    let (n, mut fds) = vmm_proto::rpc::side_message(side.as_fd(), &mut buf, 5)?;
     if &buf[..n] != name.as_bytes() || fds.len() != 2 {
         return Err(SideChannelError::Wrong(
             String::from_utf8_lossy(&buf[..n]).into_owned(),

@@ -135,16 +135,8 @@ impl Server {
     /// The guest RAM memfd and the channel's descriptor, which vmm-core sent on the side
     /// channel for this call.
     fn fds(&self) -> Result<(OwnedFd, OwnedFd), SideChannelError> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut pfd = [PollFd::new(self.side.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut pfd, PollTimeout::from(5000u16)) {
-            Ok(0) => return Err(SideChannelError::Timeout(5)),
-            Ok(_) => {}
-            Err(e) => return Err(SideChannelError::Channel(e.into())),
-        }
         let mut buf = [0u8; 16];
-        let (n, mut fds) = vmm_proto::fdpass::recv(self.side.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-            .map_err(SideChannelError::Channel)?;
+        let (n, mut fds) = vmm_proto::rpc::side_message(self.side.as_fd(), &mut buf, 5)?;
         match (fds.len(), fds.pop(), fds.pop()) {
             (2, Some(channel), Some(memfd)) => Ok((memfd, channel)),
             (k, ..) => Err(SideChannelError::Wrong(

@@ -66,6 +66,24 @@ pub enum SideChannelError {
     Wrong(String, usize, &'static str),
 }
 
+/// The next message on a side channel, with its descriptors, waiting up to `secs` seconds for
+/// it: how a helper takes the descriptors vmm-core sends just before a call that uses them.
+pub fn side_message(
+    side: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    secs: u16,
+) -> Result<(usize, Vec<std::os::fd::OwnedFd>), SideChannelError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(side, PollFlags::POLLIN)];
+    match poll(&mut pfd, PollTimeout::from(secs.saturating_mul(1000))) {
+        Ok(0) => Err(SideChannelError::Timeout(secs.into())),
+        Ok(_) => {
+            crate::fdpass::recv(side, buf, libc::MSG_DONTWAIT).map_err(SideChannelError::Channel)
+        }
+        Err(e) => Err(SideChannelError::Channel(e.into())),
+    }
+}
+
 /// Runs `f` to its end on a current-thread tokio runtime, in a LocalSet (capnp-rpc is !Send):
 /// how every binary of the project, and each of vmm-core's RPC threads, runs its RPC.
 pub fn run_local<F: std::future::Future>(f: F) -> std::io::Result<F::Output> {
