@@ -133,7 +133,7 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 }
 
 /// Enters the sandbox, keeping only `keep` (and stdio) open.
-fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> anyhow::Result<()> {
+fn confine(args: &Args, keep: Vec<i32>) -> anyhow::Result<()> {
     if args.sandbox.no_sandbox {
         return Ok(());
     }
@@ -145,7 +145,6 @@ fn confine(args: &Args, keep: Vec<i32>, remove_at_exit: Vec<PathBuf>) -> anyhow:
         // (per queue: kick, call, ring, epoll) are many.
         max_fds: 4096,
         max_address_space: u64::MAX,
-        remove_at_exit,
         ..Default::default()
     };
     let line =
@@ -230,7 +229,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     {
         use std::os::fd::AsRawFd;
         let keep = vec![disk.raw_fd(), listener.as_raw_fd()];
-        confine(&args, keep, args.socket.iter().cloned().collect())?;
+        confine(&args, keep)?;
     }
     stop_on_signals();
     let image = args
@@ -255,7 +254,7 @@ fn control_mode(args: &Args) -> anyhow::Result<()> {
         if let Control::Listener(l, _) = &control {
             l.set_nonblocking(true).context("--listen")?;
         }
-        confine(args, control.jail_keep(), control.made_paths())?;
+        confine(args, control.jail_keep())?;
     }
     stop_on_signals();
     let exports: rpc::Exports = Default::default();

@@ -91,7 +91,6 @@ fn main() -> ExitCode {
             uid: args.sandbox.uid,
             gid: args.sandbox.gid,
             keep: control.jail_keep(),
-            remove_at_exit: control.made_paths(),
             ..Default::default()
         };
         // From here on chardevd runs sandboxed (in the child, if it forked).
@@ -164,7 +163,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         };
-        // Sandboxed, the path is out of reach; the jail's waiting parent removes it.
+        // Sandboxed, the path is out of reach (see vmm_sandbox::control::Control).
         if let Some(p) = listen_path.filter(|_| no_sandbox) {
             let _ = std::fs::remove_file(p);
         }

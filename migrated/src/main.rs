@@ -150,7 +150,6 @@ fn serve(
             keep: control.jail_keep(),
             // Guest RAM is mapped here (read-only), so the address space is not bounded.
             max_address_space: u64::MAX,
-            remove_at_exit: control.made_paths(),
             ..Default::default()
         };
         // From here on migrated runs sandboxed (in the child, if it forked).
@@ -197,7 +196,7 @@ fn serve(
         };
         let _ = vmm_sandbox::systemd::notify("STOPPING=1");
         log::info!("{sig}: stopping");
-        // Sandboxed, the path is out of reach; the jail's waiting parent removes it.
+        // Sandboxed, the path is out of reach (see vmm_sandbox::control::Control).
         if let Some(p) = path.filter(|_| no_sandbox) {
             let _ = std::fs::remove_file(p);
         }

@@ -35,7 +35,9 @@ pub fn inherited(
 }
 
 /// What a helper serves: one inherited connection (vmm-core's), or a listening socket and,
-/// when it made it, the path to remove at exit.
+/// when it made it, its path. An unsandboxed helper removes the path at exit; a sandboxed one
+/// cannot reach it (nor can its jail's waiting parent, which runs as an unprivileged uid), so
+/// the socket file stays until the next start at that path replaces it.
 pub enum Control {
     Connection(UnixStream),
     Listener(UnixListener, Option<PathBuf>),
@@ -55,15 +57,6 @@ impl Control {
             Err(e) => log::warn!("cannot reach systemd's notification socket: {e}"),
         }
         keep
-    }
-
-    /// The socket path this helper made, which the jail's waiting parent removes at exit
-    /// (the sandboxed helper cannot reach it).
-    pub fn made_paths(&self) -> Vec<PathBuf> {
-        match self {
-            Control::Listener(_, Some(p)) => vec![p.clone()],
-            _ => Vec::new(),
-        }
     }
 }
 

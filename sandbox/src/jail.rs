@@ -1,12 +1,15 @@
 //! The sandbox a helper enters before it reads untrusted input. In order:
 //! 1. every descriptor but the ones it keeps is closed;
-//! 2. new mount, IPC, UTS, PID and (unless it needs the network) net namespaces; the process
-//!    forks, and the child (PID 1 of the new PID namespace) goes on as the helper while the
-//!    parent waits for it and exits as it did (so whoever started the helper sees its end);
+//! 2. new mount, IPC, UTS, PID and (unless it needs the network) net namespaces;
 //! 3. the root becomes an empty, read-only tmpfs (pivot_root);
-//! 4. every capability goes, the bounding set included; the helper takes an unprivileged
+//! 4. every capability goes, the bounding set included; the process takes an unprivileged
 //!    uid and gid;
-//! 5. no_new_privs, and rlimits: no core dumps, bounded descriptors and address space.
+//! 5. no_new_privs, and rlimits: no core dumps, bounded descriptors and address space;
+//! 6. it forks: the child is PID 1 of the new PID namespace and goes on as the helper; the
+//!    parent (which must stay in the host's PID namespace to be the child's parent) is
+//!    already as confined as the child and, under a seccomp list of the few calls it makes,
+//!    only passes stop signals on, waits, and exits as the child did, so whoever started
+//!    the helper sees its end. No process of the helper stays outside the sandbox.
 //!
 //! It must run while the process has a single thread (before any runtime starts). Without
 //! root (under systemd's DynamicUser, say) the steps that need privileges are skipped and the
@@ -35,9 +38,6 @@ pub struct Jail {
     pub max_fds: u64,
     /// RLIMIT_AS, in bytes.
     pub max_address_space: u64,
-    /// Paths the helper made outside (its listening socket) that it cannot reach from inside:
-    /// the waiting parent removes them when the helper ends.
-    pub remove_at_exit: Vec<std::path::PathBuf>,
 }
 
 impl Default for Jail {
@@ -49,7 +49,6 @@ impl Default for Jail {
             keep: Vec::new(),
             max_fds: 256,
             max_address_space: 4 << 30,
-            remove_at_exit: Vec::new(),
         }
     }
 }
@@ -68,24 +67,24 @@ fn check(what: &'static str, r: libc::c_long) -> Result<(), SandboxError> {
     }
 }
 
-/// Enters the sandbox; returns in the sandboxed child. Whether the privileged steps ran is
-/// the Ok value.
-pub fn enter(jail: &Jail) -> Result<bool, SandboxError> {
+/// Enters the sandbox; returns in the sandboxed child (`who` names its waiting parent in a
+/// seccomp report). Whether the privileged steps ran is the Ok value.
+pub fn enter(jail: &Jail, who: &'static str) -> Result<bool, SandboxError> {
     close_other_fds(&jail.keep)?;
     let root = nix::unistd::geteuid().is_root();
     if root {
         namespaces(jail)?;
         empty_root()?;
         drop_privileges(jail)?;
-        // The child dies with the parent that waits for it. (Set only now: a change of uid
-        // clears it.)
-        prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("the parent-death signal"))?;
     }
     prctl::set_no_new_privs().map_err(step("no_new_privs"))?;
     let limit = |r: Resource, v: u64| setrlimit(r, v, v).map_err(step("setrlimit"));
     limit(Resource::RLIMIT_CORE, 0)?;
     limit(Resource::RLIMIT_NOFILE, jail.max_fds)?;
     limit(Resource::RLIMIT_AS, jail.max_address_space)?;
+    if root {
+        fork_into_the_pid_namespace(who)?;
+    }
     Ok(root)
 }
 
@@ -112,16 +111,24 @@ fn close_other_fds(keep: &[RawFd]) -> Result<(), SandboxError> {
     close_range(from, u32::MAX)
 }
 
-/// New namespaces; forks so that the helper is PID 1 of its own PID namespace. Returns in the
-/// child; the parent waits for it and exits with its status.
+/// New namespaces. The PID namespace applies to the next child (see
+/// `fork_into_the_pid_namespace`); the others to this process already.
 fn namespaces(jail: &Jail) -> Result<(), SandboxError> {
-    // The PID namespace applies to the next child; the others are the child's alone (the
-    // waiting parent keeps the host's mounts, to clean up after it).
-    unshare(CloneFlags::CLONE_NEWPID).map_err(step("unshare (pid)"))?;
-    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
     if jail.new_net {
         flags |= CloneFlags::CLONE_NEWNET;
     }
+    unshare(flags).map_err(step("unshare"))
+}
+
+/// Forks so that the helper is PID 1 of its own PID namespace. Returns in the child; the
+/// parent waits for it and exits with its status.
+fn fork_into_the_pid_namespace(who: &'static str) -> Result<(), SandboxError> {
+    // Both die with their parent. (Set only now: the change of uid cleared vmm-core's.)
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("the parent-death signal"))?;
     // Signals that stop the helper are passed on to it by the parent; SIGCHLD says it ended.
     // All are blocked before the fork, so none is lost: the parent takes them with sigwait.
     let mut stop = SigSet::empty();
@@ -131,23 +138,66 @@ fn namespaces(jail: &Jail) -> Result<(), SandboxError> {
     let mut waited = stop;
     waited.add(Signal::SIGCHLD);
     waited.thread_block().map_err(step("blocking signals"))?;
+    // The child learns that the parent is gone from this pipe's write end closing: PID 1
+    // of a namespace has no parent PID to look at.
+    let (parent_alive, parent_holds) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("pipe"))?;
     // SAFETY: the process is single-threaded, so the child may run any code.
     match unsafe { fork() }.map_err(step("fork"))? {
         ForkResult::Child => {
-            // The child takes the stop signals itself.
+            drop(parent_holds);
             prctl::set_pdeathsig(Signal::SIGKILL).map_err(step("the parent-death signal"))?;
+            // Had the parent died before the line above, no signal would come.
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&parent_alive),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(step("poll"))? > 0 {
+                return Err(SandboxError::Jail(
+                    "the parent-death signal",
+                    nix::Error::ESRCH,
+                ));
+            }
+            drop(parent_alive);
+            // The child takes the stop signals itself.
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&waited), None)
-                .map_err(step("unblocking signals"))?;
-            unshare(flags).map_err(step("unshare"))
+                .map_err(step("unblocking signals"))
         }
-        ForkResult::Parent { child } => wait_for(child, &waited, jail),
+        ForkResult::Parent { child } => {
+            drop(parent_alive);
+            // Keep only stderr (for the one line below) and the pipe, then the filter.
+            let keep = std::os::fd::AsRawFd::as_raw_fd(&parent_holds);
+            let _ = close_other_fds(&[keep]);
+            let _ = close_range(0, 1);
+            if let Err(e) =
+                crate::seccomp::install(who, &waiting_parent(), crate::seccomp::Mode::Kill)
+            {
+                // Not confined, so it does not wait: the helper ends, and this with it.
+                eprintln!("sandbox: the waiting parent's seccomp filter: {e}");
+                let _ = kill(child, Signal::SIGKILL);
+            }
+            wait_for(child, &waited)
+        }
     }
+}
+
+/// The system calls of the waiting parent, once its filter is on.
+fn waiting_parent() -> Vec<crate::seccomp::Allow> {
+    use crate::seccomp::allow;
+    vec![
+        allow("rt_sigtimedwait", "waits for a stop signal or SIGCHLD"),
+        allow("wait4", "reaps the helper"),
+        allow("kill", "passes a stop signal on to the helper"),
+        allow("write", "one line on stderr if the helper was killed"),
+        allow("exit_group", "ends as the helper did"),
+        allow("exit", "ends as the helper did"),
+        allow("rt_sigreturn", "returns from the SIGSYS reporter"),
+    ]
 }
 
 /// The parent's life: it holds nothing the helper uses (its end of a connection must close
 /// when the helper dies), passes on stop signals, and ends as the child did.
-fn wait_for(child: nix::unistd::Pid, waited: &SigSet, jail: &Jail) -> ! {
-    let _ = close_range(3, u32::MAX);
+fn wait_for(child: nix::unistd::Pid, waited: &SigSet) -> ! {
     let code = loop {
         match waited.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {}
@@ -177,9 +227,6 @@ fn wait_for(child: nix::unistd::Pid, waited: &SigSet, jail: &Jail) -> ! {
             }
         }
     };
-    for p in &jail.remove_at_exit {
-        let _ = std::fs::remove_file(p);
-    }
     // _exit: the child owns what destructors would release.
     // SAFETY: ends the process; nothing after it runs.
     unsafe { libc::_exit(code) }

@@ -54,7 +54,7 @@ pub fn confine(
     extra: Vec<seccomp::Allow>,
     mode: seccomp::Mode,
 ) -> Result<String, SandboxError> {
-    let privileged = jail::enter(jail)?;
+    let privileged = jail::enter(jail, who)?;
     let n = seccomp::install(who, &seccomp::with_base(extra), mode)?;
     Ok(format!(
         "sandboxed: {}seccomp allowlist of {n} system calls ({} mode)",

@@ -209,6 +209,69 @@ fn migrated_runs_sandboxed_and_writes_a_snapshot_through_a_handed_descriptor() {
     assert_eq!(vm.wait_exit(T), 0);
 }
 
+/// No process that vmm-core starts, nor any of their descendants, runs outside a sandbox:
+/// each helper's jail leaves a waiting parent in the host's PID namespace (the sandboxed
+/// helper's parent), and it too has no capability, an unprivileged uid, no_new_privs, a
+/// seccomp filter and an empty root. Walked while all three helpers run and serve.
+#[test]
+fn every_process_under_vmm_core_is_confined() {
+    let dir = vmm_tests::TempDir::new("walk");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = socket_path("walk");
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=idle")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    // A snapshot, so that migrated has served too.
+    let uri = format!("file:{}", dir.join("snap").display());
+    let (code, _, err) = vmmctl(&sock, &["snapshot", &uri]);
+    assert_eq!(code, 0, "{err}");
+    let all = descendants(vm.pid());
+    let names: Vec<String> = all.iter().map(|&p| process_name(p)).collect();
+    for helper in ["blockd", "chardevd", "migrated"] {
+        assert_eq!(
+            names.iter().filter(|n| *n == helper).count(),
+            2,
+            "{helper}: its jail's waiting parent and the sandboxed helper, in {names:?}"
+        );
+    }
+    for (&pid, name) in all.iter().zip(&names) {
+        let what = format!("{name} ({pid})");
+        for key in ["Uid", "Gid"] {
+            let ids = status_field(pid, key);
+            assert!(
+                ids.split_whitespace().all(|id| id != "0"),
+                "{what}: {key} {ids}"
+            );
+        }
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "{what}");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                status_field(pid, caps),
+                "0000000000000000",
+                "{what}: {caps}"
+            );
+        }
+        for kind in ["mnt", "net", "ipc", "uts"] {
+            assert_ne!(
+                ns(&pid.to_string(), kind),
+                ns("self", kind),
+                "{what}: the host's {kind} namespace"
+            );
+        }
+        let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .collect();
+        assert!(root.is_empty(), "{what}: its root holds {root:?}");
+    }
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
+
 /// A forbidden system call, injected by a fault rule: chardevd dies by SIGSYS, vmm-core
 /// names it and the call, restarts it, and the console goes on.
 #[test]
