@@ -40,8 +40,38 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 /// Offset of `writeback` in virtio_blk_config.
 pub const CONFIG_WRITEBACK: usize = 32;
 pub const CONFIG_SIZE: usize = 60;
-/// Memory, offset and length alignment that O_DIRECT needs on a 512-byte-sector device.
+/// Memory alignment that O_DIRECT needs; offsets and lengths need the image's block size.
 const DIRECT_ALIGN: usize = 512;
+
+nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
+
+/// The size in bytes and the logical block size of the image `file`: for a regular file its
+/// length and 512; for a block device (LVM, NVMe, a loop device), whose st_size is 0, the end
+/// its offset can seek to and BLKSSZGET.
+pub fn geometry(file: &File) -> std::io::Result<(u64, u32)> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    vmm_proto::image::check(&meta)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if !meta.file_type().is_block_device() {
+        return Ok((meta.len(), SECTOR_SIZE as u32));
+    }
+    let size = std::io::Seek::seek(&mut &*file, std::io::SeekFrom::End(0))?;
+    let mut block: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which names a live local; the
+    // descriptor is a block device's.
+    unsafe { blksszget(file.as_raw_fd(), &mut block) }.map_err(std::io::Error::from)?;
+    let block = u32::try_from(block)
+        .ok()
+        .filter(|b| b.is_power_of_two() && (SECTOR_SIZE as u32..=65536).contains(b))
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the block device reports a logical block size of {block} bytes"),
+            )
+        })?;
+    Ok((size, block))
+}
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -163,6 +193,9 @@ pub struct Disk {
     qcow2: Option<crate::image::Qcow2Image>,
     /// The image is open with O_DIRECT: unaligned requests go through an aligned bounce buffer.
     direct: bool,
+    /// The image's logical block size (a block device's; 512 for a file): what the guest is
+    /// told (VIRTIO_BLK_F_BLK_SIZE), and the alignment O_DIRECT transfers need.
+    pub block_size: u32,
     /// Size in bytes, a whole number of sectors.
     pub size: u64,
     pub options: Options,
@@ -242,6 +275,7 @@ impl Disk {
 
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
         broken_durability();
+        let (file_len, block_size) = geometry(&file)?;
         let qcow2 = match options.format {
             crate::image::Format::Raw => {
                 let mut magic = [0u8; 4];
@@ -259,12 +293,12 @@ impl Disk {
         };
         let len = match &qcow2 {
             Some(q) => q.size,
-            None => file.metadata()?.len(),
+            None => file_len,
         };
-        let size = len & !(SECTOR_SIZE - 1);
+        let size = len & !(u64::from(block_size) - 1);
         if size != len {
             log::warn!(
-                "the image is {len} bytes, not a whole number of 512-byte sectors; the last {} bytes are not served",
+                "the image is {len} bytes, not a whole number of {block_size}-byte blocks; the last {} bytes are not served",
                 len - size
             );
         }
@@ -274,6 +308,7 @@ impl Disk {
         Ok(Disk {
             format: options.format,
             direct: flags.contains(nix::fcntl::OFlag::O_DIRECT),
+            block_size,
             file,
             qcow2,
             size,
@@ -334,8 +369,9 @@ impl Disk {
             12,
             &(u32::from(self.options.queue_size) - 2).to_le_bytes(),
         );
-        put(&mut c, 20, &(SECTOR_SIZE as u32).to_le_bytes());
-        // Topology: 512-byte physical blocks, no alignment offset, min_io 1 sector, opt_io 0.
+        put(&mut c, 20, &self.block_size.to_le_bytes());
+        // Topology: physical blocks of one logical block, no alignment offset, min_io one
+        // block, opt_io 0.
         put(&mut c, 26, &1u16.to_le_bytes());
         c[CONFIG_WRITEBACK] = u8::from(!self.writethrough());
         put(&mut c, 34, &self.options.queues.to_le_bytes());
@@ -371,28 +407,28 @@ impl Disk {
             }
             return Ok(n);
         }
-        let aligned = |v: usize| v.is_multiple_of(DIRECT_ALIGN);
-        if self.direct
-            && !(aligned(offset as usize)
-                && iovs
-                    .iter()
-                    .all(|v| aligned(v.iov_base as usize) && aligned(v.iov_len)))
-        {
+        if self.direct && !self.direct_aligned(iovs, offset) {
             return self.rw_bounced(iovs, offset, write);
         }
         self.rw_direct(iovs, offset, write)
     }
 
-    /// O_DIRECT with buffers it cannot take: through an aligned copy.
+    /// O_DIRECT with buffers it cannot take: through an aligned copy of the whole blocks the
+    /// transfer touches. A write that covers part of a block reads that block first (a
+    /// guest that respects the block size it was told never needs this).
     fn rw_bounced(&self, iovs: &[libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
+        let block = u64::from(self.block_size);
         let total: usize = iovs.iter().map(|v| v.iov_len).sum();
-        let len = total.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let start = offset - offset % block;
+        let end = (offset + total as u64).div_ceil(block) * block;
+        let len = ((end - start) as usize).max(block as usize);
+        let head = (offset - start) as usize;
         // A page-aligned window of a zeroed vector.
-        let mut storage = vec![0u8; len.max(DIRECT_ALIGN) + 4096];
+        let mut storage = vec![0u8; len + 4096];
         let skip = storage.as_ptr().align_offset(4096);
-        let buf = &mut storage[skip..skip + len.max(DIRECT_ALIGN)];
+        let buf = &mut storage[skip..skip + len];
         let copy = |buf: &mut [u8], to_buf: bool| {
-            let mut at = 0;
+            let mut at = head;
             for v in iovs {
                 let (ours, theirs) = (buf[at..].as_mut_ptr(), v.iov_base as *mut u8);
                 // SAFETY: each iovec names v.iov_len bytes valid for the call (this function's
@@ -408,18 +444,24 @@ impl Disk {
                 at += v.iov_len;
             }
         };
+        let whole = |buf: &mut [u8], write: bool| {
+            let mut one = [libc::iovec {
+                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+                iov_len: (end - start) as usize,
+            }];
+            self.rw_direct(&mut one, start, write)
+        };
         if write {
+            if head != 0 || end - start != total as u64 {
+                whole(buf, false)?;
+            }
             copy(buf, true);
-        }
-        let mut one = [libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: total,
-        }];
-        let r = self.rw_direct(&mut one, offset, write);
-        if !write && r.is_ok() {
+            whole(buf, true)?;
+        } else {
+            whole(buf, false)?;
             copy(buf, false);
         }
-        r
+        Ok(total as u64)
     }
 
     fn rw_direct(
@@ -488,13 +530,18 @@ impl Disk {
     /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
     /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
     pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
-        let aligned = |v: usize| v.is_multiple_of(DIRECT_ALIGN);
-        self.qcow2.is_none()
-            && (!self.direct
-                || (aligned(offset as usize)
-                    && iovs
-                        .iter()
-                        .all(|v| aligned(v.iov_base as usize) && aligned(v.iov_len))))
+        self.qcow2.is_none() && (!self.direct || self.direct_aligned(iovs, offset))
+    }
+
+    /// Whether O_DIRECT takes these buffers at `offset` as they are: memory aligned to 512
+    /// bytes, offset and lengths to the block size.
+    fn direct_aligned(&self, iovs: &[libc::iovec], offset: u64) -> bool {
+        let block = self.block_size as usize;
+        (offset as usize).is_multiple_of(block)
+            && iovs.iter().all(|v| {
+                (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN)
+                    && v.iov_len.is_multiple_of(block)
+            })
     }
 
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
@@ -658,9 +705,27 @@ mod tests {
         }];
         assert_eq!(d.rw(&mut iov, 512, false).unwrap(), 1024);
         assert!(back[1..].iter().all(|&b| b == 9));
+        // Part of two blocks (a guest that ignores the block size): read, changed, written.
+        let mut v = vec![5u8; 100];
+        let mut iov = [libc::iovec {
+            iov_base: v.as_mut_ptr() as *mut _,
+            iov_len: 100,
+        }];
+        assert_eq!(d.rw(&mut iov, 2000, true).unwrap(), 100);
+        let mut back = vec![0u8; 30];
+        let mut iov = [libc::iovec {
+            iov_base: back.as_mut_ptr() as *mut _,
+            iov_len: 30,
+        }];
+        assert_eq!(d.rw(&mut iov, 2090, false).unwrap(), 30);
+        assert_eq!(&back[..10], &[5u8; 10]);
+        assert_eq!(&back[10..], &[3u8; 20]);
         let all = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(all[..512].iter().all(|&b| b == 3) && all[512..1536].iter().all(|&b| b == 9));
+        assert!(all[1536..2000].iter().all(|&b| b == 3));
+        assert!(all[2000..2100].iter().all(|&b| b == 5));
+        assert!(all[2100..].iter().all(|&b| b == 3));
     }
 
     #[test]

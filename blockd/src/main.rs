@@ -87,7 +87,7 @@ struct Args {
 
 /// blockd's system calls beyond the common base.
 fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
-    use vmm_sandbox::seccomp::allow;
+    use vmm_sandbox::seccomp::{allow, allow_if, Cond};
     vec![
         allow("pread64", "image reads"),
         allow("pwrite64", "image writes"),
@@ -104,7 +104,12 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "fallocate",
             "discard and write-zeroes (punch hole, zero range)",
         ),
-        allow("lseek", "the image's size"),
+        allow("lseek", "the image's size (a block device's end)"),
+        allow_if(
+            "ioctl",
+            "BLKSSZGET: a block device's logical block size",
+            vec![vec![Cond::Eq(1, 0x1268)]],
+        ),
         allow("fstat", "the image's size and flags"),
         allow("newfstatat", "the image's size (glibc's fstat)"),
         allow("statx", "the image's size (std's metadata)"),
@@ -189,7 +194,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         return control_mode(&args);
     }
     let file = match (&args.image, args.image_fd) {
-        (Some(path), _) => std::fs::OpenOptions::new()
+        (Some(path), _) => {
+            let meta = std::fs::metadata(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "--image {}: cannot open it ({e}); check the path",
+                    path.display()
+                )
+            })?;
+            vmm_proto::image::check(&meta)
+                .map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
+            std::fs::OpenOptions::new()
             .read(true)
             .write(!args.readonly)
             .custom_flags(if args.direct { libc::O_DIRECT } else { 0 })
@@ -199,7 +213,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "--image {}: cannot open it ({e}); check the path, or pass --readonly for a read-only file",
                     path.display()
                 )
-            })?,
+            })?
+        }
         (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd")?),
         (None, None) => unreachable!("clap requires one"),
     };

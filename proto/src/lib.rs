@@ -12,6 +12,7 @@ pub const VENDORED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/generat
 pub mod channel;
 pub mod faults;
 pub mod fdpass;
+pub mod image;
 pub mod rpc;
 pub mod size;
 pub mod state;

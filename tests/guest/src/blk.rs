@@ -158,6 +158,8 @@ pub struct Disk {
     device: u64,
     pub features: u64,
     pub capacity: u64,
+    /// The logical block size the device reports (VIRTIO_BLK_F_BLK_SIZE), else 512.
+    pub blk_size: u32,
     pub queues: u16,
     notify_off: [u16; MAX_QUEUES],
     last_used: [u16; MAX_QUEUES],
@@ -217,6 +219,7 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         device: 0,
         features: 0,
         capacity: 0,
+        blk_size: 512,
         queues: 0,
         notify_off: [0; MAX_QUEUES],
         last_used: [0; MAX_QUEUES],
@@ -296,6 +299,9 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         return Err("features-refused");
     }
     d.capacity = r32(d.device) as u64 | (u64::from(r32(d.device + 4)) << 32);
+    if d.features & F_BLK_SIZE != 0 {
+        d.blk_size = r32(d.device + 20);
+    }
     let num_queues = r16(c + 0x12);
     d.queues = if d.features & F_MQ != 0 {
         r16(d.device + 34).min(num_queues)

@@ -15,6 +15,8 @@ use vmm_proto::rpc::RemoteError;
 pub enum BlockdError {
     #[error("--disk path={path}: cannot open it ({1}); check the path and its permissions, or add readonly=on", path = .0.display())]
     Open(PathBuf, std::io::Error),
+    #[error("--disk path={path}: {1}", path = .0.display())]
+    NotAnImage(PathBuf, vmm_proto::image::NotAnImage),
     #[error("{0}: cannot listen on {path} ({2})", path = .1.display())]
     Listen(String, PathBuf, std::io::Error),
     #[error("cannot create a private directory for the disks' sockets ({0}); check $XDG_RUNTIME_DIR or $TMPDIR")]
@@ -285,6 +287,8 @@ pub fn start(
         }
         let path = d.path.as_ref().expect("parse_disk gives path or socket");
         use std::os::unix::fs::OpenOptionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| BlockdError::Open(path.clone(), e))?;
+        vmm_proto::image::check(&meta).map_err(|e| BlockdError::NotAnImage(path.clone(), e))?;
         let image = std::fs::OpenOptions::new()
             .read(true)
             .write(!d.readonly)

@@ -1,0 +1,204 @@
+//! Disks as a cloud host has them: a host block device (a loop device here; LVM and NVMe are
+//! block devices too), a raw file and a qcow2 image each serve their right capacity and data,
+//! and what is not a disk image (a directory, a character device) is refused in one line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use vmm_tests::{vmm_core_bin, TempDir, TestVm};
+
+const T: Duration = Duration::from_secs(90);
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The `blk` scenario's zeroed ranges (first sector, sectors; tests/guest/src/main.rs).
+const ZERO_RANGES: [(u64, u64); 3] = [(8, 16), (40, 16), (80, 16)];
+
+fn pattern(bytes: u64, seed: u64) -> Vec<u8> {
+    (0..bytes / 8)
+        .flat_map(|w| (w.wrapping_add(seed)).wrapping_mul(K).to_le_bytes())
+        .collect()
+}
+
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(file: &Path, sector_size: u32) -> Loop {
+        let out = Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) must be installed");
+        assert!(
+            out.status.success(),
+            "losetup: {}; loop devices need root and the loop module",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Runs the `blk` scenario on one disk whose image holds pattern 99: the guest checks that
+/// pattern, then writes its own (seed 7) and zeroes three ranges. Returns the guest's line
+/// about the disk and the VM's output.
+fn run_blk(disk: &str) -> (String, String) {
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk tg.blk.seed=7 tg.blk.host=99")
+        .args(["--disk", disk])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}\n{}", vm.stdout(), vm.stderr());
+    let out = vm.stdout();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tg: blk0 slot="))
+        .unwrap_or_else(|| panic!("no disk seen:\n{out}"))
+        .to_string();
+    for (prefix, keys) in [
+        ("tg: blk0 host-pattern", &["bad-words", "errors"][..]),
+        ("tg: blk0 pattern", &["bad-words", "errors", "timeouts"][..]),
+        (
+            "tg: blk0 zeroes",
+            &[
+                "discard",
+                "write-zeroes",
+                "nonzero-words",
+                "pattern-bad-words",
+            ][..],
+        ),
+    ] {
+        for k in keys {
+            assert_eq!(
+                vm.field(prefix, k).as_deref(),
+                Some("0"),
+                "{disk}: {prefix} {k}:\n{out}\n{}",
+                vm.stderr()
+            );
+        }
+    }
+    (line, out)
+}
+
+fn value<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+/// The guest's pattern (seed 7) with the zeroed ranges, as it must be on the disk.
+fn assert_guest_pattern(data: &[u8], what: &str) {
+    let mut want = pattern(data.len() as u64, 7);
+    for (sector, n) in ZERO_RANGES {
+        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
+    }
+    let first_bad = data.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "{what}: differs from the guest's pattern");
+}
+
+/// A loop device with 4096-byte logical blocks, opened with O_DIRECT (where the block size
+/// binds): 8 MiB served as 16384 sectors, the block size passed to the guest, and the data
+/// the host put there read back by the guest; what the guest wrote reaches the file under
+/// the loop device. (st_size of a block device is 0: served by it, this was a 0-byte disk.)
+#[test]
+fn a_loop_device_serves_its_capacity_block_size_and_data() {
+    let dir = TempDir::new("host-loop");
+    let file = dir.join("backing.img");
+    std::fs::write(&file, pattern(8 << 20, 99)).unwrap();
+    let dev = Loop::attach(&file, 4096);
+    let (line, _) = run_blk(&format!("path={},direct=on", dev.0.display()));
+    assert_eq!(value(&line, "capacity"), "16384", "{line}");
+    assert_eq!(value(&line, "blk-size"), "4096", "{line}");
+    drop(dev);
+    assert_guest_pattern(&std::fs::read(&file).unwrap(), "the loop device's file");
+}
+
+/// A raw file and a qcow2 image (qemu-img's) on the same path: capacity and data.
+#[test]
+fn a_raw_file_and_a_qcow2_image_serve_their_capacity_and_data() {
+    let dir = TempDir::new("host-files");
+    let raw = dir.join("disk.raw");
+    std::fs::write(&raw, pattern(8 << 20, 99)).unwrap();
+    let (line, _) = run_blk(&format!("path={}", raw.display()));
+    assert_eq!(value(&line, "capacity"), "16384", "{line}");
+    assert_eq!(value(&line, "blk-size"), "512", "{line}");
+    assert_guest_pattern(&std::fs::read(&raw).unwrap(), "the raw file");
+
+    // The same bytes as qcow2: the guest finds pattern 99 through blockd's qcow2 reader.
+    std::fs::write(&raw, pattern(8 << 20, 99)).unwrap();
+    let qcow2 = dir.join("disk.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .expect("qemu-img (qemu-utils) must be installed; scripts/setup.sh does");
+    assert!(status.success());
+    let (line, _) = run_blk(&format!("path={},format=qcow2", qcow2.display()));
+    assert_eq!(value(&line, "capacity"), "16384", "{line}");
+    let back = dir.join("back.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_guest_pattern(&std::fs::read(&back).unwrap(), "the qcow2 image");
+}
+
+/// A directory and a character device are refused before anything starts, in one line that
+/// names the disk, what it is, and what to give instead; by vmm-core and by blockd alone.
+#[test]
+fn a_directory_or_a_character_device_is_refused_in_one_line() {
+    let dir = TempDir::new("host-refused");
+    for (path, kind) in [
+        (dir.join(""), "a directory"),
+        (PathBuf::from("/dev/null"), "a character device"),
+    ] {
+        for readonly in ["", ",readonly=on"] {
+            let disk = format!("path={}{readonly}", path.display());
+            let out = Command::new(vmm_core_bin())
+                .args(["run", "--kernel"])
+                .arg(vmm_tests::test_guest())
+                .args(["--disk", &disk])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{disk}: {err}");
+            assert_eq!(
+                err.trim_end(),
+                format!(
+                    "error: --disk path={}: {kind}: not a disk image; give a regular file (raw or qcow2) or a block device",
+                    path.display()
+                ),
+                "{disk}"
+            );
+        }
+        let out = Command::new(vmm_tests::blockd_bin())
+            .arg("--image")
+            .arg(&path)
+            .args(["--socket", dir.join("b.sock").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!(
+                "--image {}: {kind}: not a disk image",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(!dir.join("b.sock").exists());
+    }
+}
