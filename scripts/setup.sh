@@ -8,7 +8,7 @@ say() { echo "setup: $*" >&2; }
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 if ! command -v apt-get >/dev/null; then
-    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools, qemu-utils, qemu-system-common, socat and fuse3 by hand"
+    say "error: this script needs apt-get (Debian or Ubuntu); install busybox-static, lz4, util-linux, capnproto, acpica-tools, qemu-utils, qemu-system-common, qemu-system-x86, systemd-container, socat and fuse3 by hand"
     exit 1
 fi
 # qemu-utils: qemu-img, which the qcow2 tests use to create and check images.
@@ -39,6 +39,16 @@ done
 if [ ${#gone[@]} -gt 0 ]; then
     say "installing ${gone[*]} again (another install removed it)"
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${gone[@]}" >/dev/null
+fi
+# qemu-system-x86: QEMU's own vhost-user-blk frontend, which the interoperability test points
+# at blockd. Its version must be qemu-system-common's (Debian's, or the backports' one that
+# bench/ installs), and its recommends (a GUI) are not needed.
+# systemd-container: systemd-nspawn, which boots a real systemd for the units' tests.
+if ! installed qemu-system-x86 || ! installed systemd-container; then
+    common=$(dpkg-query -W -f='${Version}' qemu-system-common)
+    say "installing qemu-system-x86 ($common) and systemd-container"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "qemu-system-x86=$common" systemd-container >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
     say "error: cargo is missing; install Rust with rustup (https://rustup.rs), then run this again"

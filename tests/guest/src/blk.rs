@@ -17,6 +17,11 @@ use core::sync::atomic::{fence, Ordering};
 
 const VIRTIO_VENDOR: u32 = 0x1af4;
 const VIRTIO_BLK_MODERN: u32 = 0x1042;
+/// A transitional virtio-blk (QEMU's default): it has the modern capabilities too, and its
+/// subsystem ID names the device type (2, block).
+const VIRTIO_BLK_TRANSITIONAL: u32 = 0x1001;
+/// What the guest's page tables map (tests/guest/src/entry.rs): BARs must lie below.
+const IDENTITY_MAPPED: u64 = 4 << 30;
 const QUEUE_SIZE: u16 = 64;
 const MAX_QUEUES: usize = 4;
 const MAX_DISKS: usize = 4;
@@ -191,7 +196,12 @@ pub fn probe(found: &mut [Option<Disk>; MAX_DISKS]) -> usize {
             .s(" class=")
             .hex((cfg_read(slot, 8) >> 8) as u64)
             .emit();
-        if id & 0xffff != VIRTIO_VENDOR || id >> 16 != VIRTIO_BLK_MODERN || n == MAX_DISKS {
+        let blk = match id >> 16 {
+            VIRTIO_BLK_MODERN => true,
+            VIRTIO_BLK_TRANSITIONAL => cfg_read(slot, 0x2c) >> 16 == 2,
+            _ => false,
+        };
+        if id & 0xffff != VIRTIO_VENDOR || !blk || n == MAX_DISKS {
             continue;
         }
         match init(n, slot) {
@@ -209,7 +219,28 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
     // Memory space and bus mastering on.
     let cmd = cfg_read(slot, 4);
     cfg_write(slot, 4, (cmd & 0xffff) | 0x6);
-    let bar0 = u64::from(cfg_read(slot, 0x10) & !0xf);
+    // Each capability names its BAR: the address the firmware (or the VMM) gave it, 32 or 64
+    // bits wide.
+    let bar = |i: u32| -> Result<u64, &'static str> {
+        if i > 5 {
+            return Err("bad-bar-index");
+        }
+        let reg = 0x10 + 4 * i as u8;
+        let lo = cfg_read(slot, reg);
+        if lo & 1 != 0 {
+            return Err("io-bar");
+        }
+        let hi = if (lo >> 1) & 3 == 2 && i < 5 {
+            u64::from(cfg_read(slot, reg + 4)) << 32
+        } else {
+            0
+        };
+        match hi | u64::from(lo & !0xf) {
+            0 => Err("bar-unassigned"),
+            a if a >= IDENTITY_MAPPED => Err("bar-above-4g"),
+            a => Ok(a),
+        }
+    };
     let mut d = Disk {
         index,
         slot,
@@ -239,15 +270,23 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         let next = ((head >> 8) & 0xff) as u8;
         if id == 0x09 {
             let cfg_type = (head >> 24) & 0xff;
-            let offset = u64::from(cfg_read(slot, cap + 8));
-            match cfg_type {
-                1 => d.common = bar0 + offset,
-                2 => {
-                    d.notify = bar0 + offset;
-                    d.notify_mult = cfg_read(slot, cap + 16);
+            // The first of each type is the one to use (virtio 1.2, 4.1.4.1).
+            let wanted = match cfg_type {
+                1 => d.common == 0,
+                2 => d.notify == 0,
+                4 => d.device == 0,
+                _ => false,
+            };
+            if wanted {
+                let at = bar(cfg_read(slot, cap + 4) & 0xff)? + u64::from(cfg_read(slot, cap + 8));
+                match cfg_type {
+                    1 => d.common = at,
+                    2 => {
+                        d.notify = at;
+                        d.notify_mult = cfg_read(slot, cap + 16);
+                    }
+                    _ => d.device = at,
                 }
-                4 => d.device = bar0 + offset,
-                _ => {}
             }
         } else if id == 0x11 {
             msix_cap = cap;
@@ -312,8 +351,9 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
 
     // MSI-X: one vector per queue, aimed at the BSP's LAPIC.
     if msix_cap != 0 {
+        // The table's BAR is the low 3 bits of its offset (BIR).
         let table = cfg_read(slot, msix_cap + 4);
-        d.msix_table = bar0 + u64::from(table & !7);
+        d.msix_table = bar(table & 7)? + u64::from(table & !7);
         for v in 0..d.queues as u64 {
             let e = d.msix_table + 16 * v;
             w32(e, LAPIC as u32);
