@@ -1,6 +1,6 @@
 //! vmm-core: parse the command line, build and run the VM, map the outcome to an exit status.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 use vmm_core::config::RunArgs;
 
@@ -23,6 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest powers off, resets or panics.
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
     /// The same as --print-seccomp.
     #[command(hide = true)]
@@ -33,7 +34,17 @@ fn main() -> ExitCode {
     // Before anything opens a descriptor: what an fd:N migration channel may name.
     vmm_core::migration::note_inherited_fds();
     vmm_sandbox::logging::init("vmm-core");
-    let cli = Cli::parse();
+    // `run --config FILE`: the file's settings become flags ahead of the command line's.
+    let command = Cli::command();
+    let run = command.find_subcommand("run").expect("a run subcommand");
+    let argv = match vmm_core::config::file::expand(std::env::args_os().collect(), run) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let command = if cli.print_seccomp {
         Command::PrintSeccomp
     } else {

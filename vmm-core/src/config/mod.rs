@@ -2,6 +2,7 @@
 //! input and what to do, and `vmm-core run` exits with status 2.
 
 pub mod disk;
+pub mod file;
 pub mod serial;
 
 use crate::kvm::Host;
@@ -23,6 +24,12 @@ pub const PVM_CMDLINE: &str =
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Take these settings from a TOML file whose keys are this command's flags without the
+    /// dashes (kernel = "/path", cmdline = "console=ttyS0", disk = ["path=a.img", ...],
+    /// no-sandbox = true). Flags given here too override the file's values and add to its
+    /// lists. The systemd unit runs `vmm-core run --config /etc/vmm/VM.toml`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Kernel: a bzImage, or an ELF (booted through its PVH note when it has one).
     /// Default: the stock kernel from the image cache, or the test guest on a KVM-PVM host.
     #[arg(long, value_name = "PATH")]

@@ -1,0 +1,230 @@
+//! `vmm-core run --config FILE`: the run flags in a TOML file, each key a flag's long name
+//! (`memory = "1G"`, `disk = ["path=/var/lib/vmm/vm1/root.img", "path=data.img,readonly=on"]`,
+//! `no-sandbox = true`), so that a service manager passes one path instead of a
+//! whitespace-split argument string (a kernel command line has spaces). Flags on the command
+//! line override the file's single values and add to its lists.
+//!
+//! The file becomes command-line arguments placed before the user's own, and clap parses the
+//! whole: one set of names, defaults, checks and error messages for both.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// A config file that cannot be read or used, named with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("--config {path}: cannot read it ({1}); check the path", path = .0.display())]
+    Read(PathBuf, std::io::Error),
+    #[error("--config {path}: line {1}: {2}; the file is TOML (key = \"value\")", path = .0.display())]
+    Syntax(PathBuf, usize, String),
+    #[error("--config {path}: {1}: not a setting; the keys are `vmm-core run`'s flags without the dashes (vmm-core run --help)", path = .0.display())]
+    Unknown(PathBuf, String),
+    #[error("--config {path}: {1}: {2}", path = .0.display())]
+    Value(PathBuf, String, &'static str),
+}
+
+/// How a flag takes its value, which decides the TOML types it accepts.
+enum Kind {
+    /// `--flag`: true or false.
+    Switch,
+    /// `--flag V`, once: a string or a number.
+    One,
+    /// `--flag V`, repeatable: a string, a number, or an array of them.
+    Many,
+}
+
+/// The flags `run` takes, by long name.
+fn kind(run: &clap::Command, key: &str) -> Option<Kind> {
+    let arg = run
+        .get_arguments()
+        .find(|a| a.get_long() == Some(key) && key != "config")?;
+    Some(match arg.get_action() {
+        clap::ArgAction::SetTrue => Kind::Switch,
+        clap::ArgAction::Append => Kind::Many,
+        _ => Kind::One,
+    })
+}
+
+/// One TOML value as a flag's argument.
+fn scalar(v: &toml_edit::Value) -> Option<String> {
+    match v {
+        toml_edit::Value::String(s) => Some(s.value().clone()),
+        toml_edit::Value::Integer(i) => Some(i.value().to_string()),
+        _ => None,
+    }
+}
+
+/// The file's settings as arguments, in the file's order.
+pub fn arguments(path: &Path, run: &clap::Command) -> Result<Vec<OsString>, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError::Read(path.into(), e))?;
+    let doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        let at = e.span().map_or(0, |s| s.start);
+        let line = text[..at.min(text.len())].matches('\n').count() + 1;
+        ConfigFileError::Syntax(path.into(), line, e.message().trim().replace('\n', "; "))
+    })?;
+    let mut out = Vec::new();
+    for (key, item) in doc.iter() {
+        let bad = |why| ConfigFileError::Value(path.into(), key.to_string(), why);
+        let kind =
+            kind(run, key).ok_or_else(|| ConfigFileError::Unknown(path.into(), key.into()))?;
+        let value = item
+            .as_value()
+            .ok_or_else(|| bad("a table; write key = value"))?;
+        let flag = OsString::from(format!("--{key}"));
+        match (kind, value) {
+            (Kind::Switch, toml_edit::Value::Boolean(b)) => {
+                if *b.value() {
+                    out.push(flag);
+                }
+            }
+            (Kind::Switch, _) => return Err(bad("write true or false")),
+            (Kind::Many, toml_edit::Value::Array(a)) => {
+                for v in a.iter() {
+                    let v = scalar(v).ok_or_else(|| bad("write a list of strings"))?;
+                    out.extend([flag.clone(), v.into()]);
+                }
+            }
+            (Kind::One, toml_edit::Value::Array(_)) => {
+                return Err(bad("takes one value, not a list"));
+            }
+            (_, v) => {
+                let v = scalar(v).ok_or_else(|| bad("write a string or a number"))?;
+                out.extend([flag, v.into()]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The command line with `run --config FILE`'s settings spliced in right after `run` (before
+/// the user's own flags, which then win), and `--config` itself left in place. Anything else
+/// is returned as it was.
+pub fn expand(argv: Vec<OsString>, run: &clap::Command) -> Result<Vec<OsString>, ConfigFileError> {
+    let Some(at) = argv.iter().position(|a| a == "run") else {
+        return Ok(argv);
+    };
+    let mut file = None;
+    for (i, a) in argv.iter().enumerate().skip(at + 1) {
+        let Some(s) = a.to_str() else { continue };
+        if s == "--" {
+            break;
+        }
+        if let Some(p) = s.strip_prefix("--config=") {
+            file = Some(PathBuf::from(p));
+        } else if s == "--config" {
+            file = argv.get(i + 1).map(PathBuf::from);
+        }
+    }
+    let Some(file) = file else {
+        return Ok(argv);
+    };
+    let settings = arguments(&file, run)?;
+    let mut out = argv[..=at].to_vec();
+    out.extend(settings);
+    out.extend_from_slice(&argv[at + 1..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Args;
+
+    fn run() -> clap::Command {
+        crate::config::RunArgs::augment_args(clap::Command::new("run"))
+    }
+
+    fn file(text: &str) -> (PathBuf, impl Drop) {
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "vmm-config-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&p, text).unwrap();
+        (p.clone(), Gone(p))
+    }
+
+    fn strings(v: &[OsString]) -> Vec<&str> {
+        v.iter().map(|s| s.to_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn settings_become_flags_before_the_command_lines_own() {
+        let (p, _g) = file(
+            "kernel = \"/k\"\ncmdline = \"console=ttyS0 tg.scenario=idle\"\nmemory = 256\n\
+             disk = [\"path=/a\", \"path=/b,readonly=on\"]\nno-sandbox = true\n",
+        );
+        let argv: Vec<OsString> = [
+            "vmm-core",
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--memory",
+            "1G",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let out = expand(argv, &run()).unwrap();
+        assert_eq!(
+            strings(&out),
+            [
+                "vmm-core",
+                "run",
+                "--kernel",
+                "/k",
+                "--cmdline",
+                "console=ttyS0 tg.scenario=idle",
+                "--memory",
+                "256",
+                "--disk",
+                "path=/a",
+                "--disk",
+                "path=/b,readonly=on",
+                "--no-sandbox",
+                "--config",
+                p.to_str().unwrap(),
+                "--memory",
+                "1G"
+            ]
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named_with_the_file_and_the_key() {
+        let cases = [
+            (
+                "memroy = \"1G\"\n",
+                "memroy: not a setting; the keys are `vmm-core run`'s flags without the dashes",
+            ),
+            ("memory = [\"1G\"]\n", "memory: takes one value, not a list"),
+            ("no-sandbox = \"yes\"\n", "no-sandbox: write true or false"),
+            ("disk = [1.5]\n", "disk: write a list of strings"),
+            ("config = \"other.toml\"\n", "config: not a setting"),
+            (
+                "[disk]\npath = \"/a\"\n",
+                "disk: a table; write key = value",
+            ),
+            ("kernel = \"/k\"\nmemory = \n", "line 2: "),
+        ];
+        for (text, want) in cases {
+            let (p, _g) = file(text);
+            let e = arguments(&p, &run()).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--config {}: ", p.display())), "{e}");
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let e = arguments(Path::new("/nonexistent.toml"), &run()).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("--config /nonexistent.toml: cannot read it"));
+    }
+}
