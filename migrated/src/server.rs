@@ -91,6 +91,8 @@ pub enum TransferError {
     Sync(Uri, #[source] std::io::Error),
     #[error("{0}: the destination refused the VM: {1}")]
     Refused(Uri, String),
+    #[error("{0}: the peer answered, but not as a migration destination; point the migration at the address given to the destination's `vmm-core run --incoming` (not its API socket)")]
+    NotADestination(Uri),
     #[error("{0}: the destination answered pass {1} with {2:#x} (pass {3}); it is not a migrated of this build")]
     BadAck(Uri, u32, u8, u32),
     #[error("{0}: the destination did not confirm it has the VM ({1}); it is not running it")]
@@ -286,7 +288,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         let mut ack = [0u8; 5];
         s.read_exact(&mut ack[..1]).map_err(io)?;
         if ack[0] == REFUSED {
-            return Err(TransferError::Refused(uri, reason(s.as_mut())));
+            return Err(refused(uri, s.as_mut()));
         }
         s.read_exact(&mut ack[1..]).map_err(io)?;
         let got = u32::from_le_bytes(ack[1..].try_into().unwrap());
@@ -456,7 +458,7 @@ impl migrated::Server for Server {
             cut.lock().unwrap().take();
             match r {
                 Ok(()) if answer[0] == STARTED => Ok(bytes),
-                Ok(()) => Err(TransferError::Refused(uri, reason(stream.as_mut()))),
+                Ok(()) => Err(refused(uri, stream.as_mut())),
                 Err(e) => Err(TransferError::Unconfirmed(uri, e)),
             }
         })
@@ -581,15 +583,23 @@ fn take(
 }
 
 /// The reason after a REFUSED byte.
-fn reason(s: &mut dyn Stream) -> String {
+/// The error for a REFUSED answer: the destination's reason, or, when what followed is no
+/// reason a migrated would write (empty, not text), that the peer is no migration destination
+/// at all (a VM's API socket answers a stream with a Cap'n Proto error, whose first byte is 0).
+fn refused(uri: Uri, s: &mut dyn Stream) -> TransferError {
     let mut len = [0u8; 2];
     if s.read_exact(&mut len).is_ok() {
         let mut m = vec![0u8; u16::from_le_bytes(len).into()];
         if s.read_exact(&mut m).is_ok() {
-            return String::from_utf8_lossy(&m).into_owned();
+            match String::from_utf8(m) {
+                Ok(r) if !r.trim().is_empty() && !r.chars().any(|c| c.is_control()) => {
+                    return TransferError::Refused(uri, r)
+                }
+                _ => return TransferError::NotADestination(uri),
+            }
         }
     }
-    "(it gave no reason)".to_string()
+    TransferError::Refused(uri, "(it gave no reason)".to_string())
 }
 
 fn refuse(s: &mut dyn Stream, why: &str) {

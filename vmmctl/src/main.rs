@@ -1,9 +1,12 @@
 //! vmmctl: manage a running vmm-core through its API socket (`vmm-core run --api-socket PATH`).
 //! Output is for people by default; `--json` prints one JSON object for programs.
 
+mod peer;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use vmm_proto::vmm_capnp::{byte_sink, event_sink, vmm, RunState};
 
 /// The key that detaches `vmmctl console`: Ctrl-], as in virsh and telnet.
@@ -11,18 +14,26 @@ const ESCAPE: u8 = 0x1d;
 
 #[derive(Parser)]
 #[command(name = "vmmctl", version, about = "Manage a running vmm-core")]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "blockd"])))]
+#[command(group(clap::ArgGroup::new("target").args(["socket", "vm", "blockd"])))]
 struct Cli {
-    /// The VM's API socket (vmm-core run --api-socket PATH).
-    #[arg(long, value_name = "PATH")]
+    /// The VM's API socket (vmm-core run --api-socket PATH). Default: $VMMCTL_SOCKET.
+    #[arg(long, value_name = "PATH", global = true, env = "VMMCTL_SOCKET")]
     socket: Option<PathBuf>,
+    /// The VM that systemd runs as vmm-core@NAME (its API socket is /run/vmm/NAME/api.sock).
+    #[arg(long, value_name = "NAME", global = true, conflicts_with = "socket")]
+    vm: Option<String>,
     /// Talk to a blockd directly, on its control socket (blockd --listen PATH): for its
     /// `disk` commands, over every export it serves (of several VMs, or of other frontends).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     blockd: Option<PathBuf>,
     /// Print machine-readable JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
+    /// Seconds to wait for the peer to answer, and for a quick command to complete (migrate,
+    /// snapshot, events and console run as long as they take once the peer has answered);
+    /// for `cpus set`, also how long the guest has to take or eject the vCPUs.
+    #[arg(long, value_name = "SECONDS", global = true, default_value_t = 30.0)]
+    timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,13 +137,9 @@ enum Command {
 
 #[derive(Subcommand, Clone, Copy)]
 enum CpusAction {
-    /// Hot-add or hot-remove vCPUs until COUNT are online; waits for the guest.
-    Set {
-        count: u32,
-        /// How long the guest has to take or eject the vCPUs.
-        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-        timeout: f64,
-    },
+    /// Hot-add or hot-remove vCPUs until COUNT are online; waits for the guest (up to
+    /// --timeout seconds).
+    Set { count: u32 },
 }
 
 #[derive(Subcommand, Clone)]
@@ -404,7 +411,7 @@ fn main() -> ExitCode {
     match result {
         Ok(out) => {
             if !out.is_empty() {
-                println!("{out}");
+                peer::out(&out);
             }
             ExitCode::SUCCESS
         }
@@ -415,113 +422,123 @@ fn main() -> ExitCode {
     }
 }
 
+/// Commands that run as long as they take once the VM has answered; every other command
+/// completes within --timeout.
+fn runs_long(command: &Command) -> bool {
+    match command {
+        Command::Migrate { target, .. } => target != "status" && target != "cancel",
+        Command::Snapshot { .. } | Command::Events => true,
+        Command::Console { dump, .. } => !dump,
+        _ => false,
+    }
+}
+
 async fn run(cli: &Cli) -> Result<String, Failure> {
+    if !(cli.timeout > 0.0 && cli.timeout <= 3600.0) {
+        return Err(Failure(
+            2,
+            format!(
+                "--timeout {}: give seconds above 0, up to 3600",
+                cli.timeout
+            ),
+        ));
+    }
+    let wait = Duration::from_secs_f64(cli.timeout);
     if let Some(path) = &cli.blockd {
         return match &cli.command {
-            Command::Disk { action } => blockd_direct(path, action, cli.json).await,
+            Command::Disk { action } => blockd_direct(path, action, cli.json, wait).await,
             _ => Err(Failure(
                 2,
                 "--blockd serves the `disk` commands only; use --socket for the VM's own".into(),
             )),
         };
     }
-    let socket = cli
-        .socket
-        .as_ref()
-        .expect("clap requires --socket or --blockd");
+    let (socket, named) = match (&cli.socket, &cli.vm) {
+        (Some(s), _) => (s.clone(), format!("--socket {}", s.display())),
+        (None, Some(name)) => {
+            let s = peer::vm_socket(name);
+            let named = format!("--vm {name} ({})", s.display());
+            (s, named)
+        }
+        (None, None) => {
+            return Err(Failure(
+                2,
+                "say which VM: --socket PATH (its --api-socket), --vm NAME (systemd's vmm-core@NAME) or $VMMCTL_SOCKET; or --blockd PATH for a blockd".into(),
+            ))
+        }
+    };
     check_locally(&cli.command)?;
     let name = command_name(&cli.command);
-    let path = socket.display().to_string();
-    let stream = connect(socket, &path).await?;
+    const API: &str = "a VM's API socket (vmm-core run --api-socket PATH)";
+    const HINT: &str = "for a blockd's control socket use --blockd PATH";
+    peer::check_is_socket(&named, &socket, API)?;
+    let stream = peer::within(
+        wait,
+        async {
+            tokio::net::UnixStream::connect(&socket)
+                .await
+                .map_err(|e| peer::connect_failed(&named, "vmm-core", e))
+        },
+        || peer::no_answer(&named, None, API, wait),
+    )
+    .await?;
+    let listener = peer::Listener::of(&stream);
+    if let Some(l) = &listener {
+        l.check(&named, "vmm-core", API, HINT)?;
+    }
     let (rpc, client): (_, vmm::Client) = vmm_proto::rpc::client(stream);
     let disconnect = rpc.get_disconnector();
     let mut connection = tokio::task::spawn_local(rpc);
+    // The first answer says whether this is a VM at all.
+    peer::within(
+        wait,
+        async {
+            client
+                .info_request()
+                .send()
+                .promise
+                .await
+                .map(drop)
+                .map_err(|e| peer::probe_failed(&named, listener.as_ref(), API, HINT, e))
+        },
+        || peer::no_answer(&named, listener.as_ref(), API, wait),
+    )
+    .await?;
     let s = Session {
         client,
         json: cli.json,
-        path,
+        path: named,
         name,
     };
-    let out = match cli.command.clone() {
-        Command::Info => s.info().await?,
-        Command::Pause => s.simple(Simple::Pause).await?,
-        Command::Resume => s.simple(Simple::Resume).await?,
-        Command::Reboot => s.simple(Simple::Reboot).await?,
-        Command::Shutdown { force } => s.simple(Simple::Shutdown(force)).await?,
-        Command::DirtyRate { ms } => s.dirty_rate(ms).await?,
-        Command::Migrate { target, .. } if target == "status" => s.migrate_status().await?,
-        Command::Migrate { target, .. } if target == "cancel" => {
-            s.simple(Simple::MigrateCancel).await?
-        }
-        Command::Migrate {
-            target,
-            downtime_ms,
-            max_passes,
-            bandwidth,
-            tls_creds,
-            tls_hostname,
-            compress,
-        } => {
-            let tls = (
-                tls_creds.unwrap_or_default(),
-                tls_hostname.unwrap_or_default(),
-            );
-            let bandwidth = bandwidth.as_deref().map(parse_rate).transpose()?;
-            let options = MigrateOptions {
-                downtime_ms: downtime_ms.unwrap_or(0),
-                max_passes: max_passes.unwrap_or(0),
-                bandwidth: bandwidth.unwrap_or(0),
-                tls: &tls,
-                compress,
-            };
-            s.migrate(&target, &options).await?
-        }
-        Command::Snapshot { uri, compress } => s.snapshot(&uri, compress).await?,
-        Command::Cpus {
-            action: Some(CpusAction::Set { count, timeout }),
-        } => s.set_cpus(count, timeout).await?,
-        Command::Cpus { action: None } => s.cpus().await?,
-        Command::Disk {
-            action: DiskAction::Fault { rule },
-        } => s.disk_fault(&rule).await?,
-        Command::Disk {
-            action: DiskAction::Throttle { name, spec },
-        } => s.disk_throttle(&name, &spec).await?,
-        Command::Disk { action } => s.disks(&action).await?,
-        Command::Devices => s.devices().await?,
-        Command::Console { dump: true, device } => s.console_dump(&device).await?,
-        Command::Console {
-            dump: false,
-            device,
-        } => {
-            let input = s.console_attach(&device).await?;
-            let why = attach(&device, input, &mut connection).await;
-            eprintln!("\r\nvmmctl: {why}");
-            return Ok(String::new());
-        }
-        Command::ConsoleFault { rule, device } => s.console_fault(rule, &device).await?,
-        Command::Events => {
-            s.subscribe().await?;
-            // Events arrive as calls to the Printer until the VMM ends the connection.
-            let _ = connection.await;
-            return Ok(String::new());
-        }
+    let command = cli.command.clone();
+    if runs_long(&command) {
+        return s.long(command, cli.timeout, &mut connection).await;
+    }
+    // A guest has --timeout to take vCPUs, and dirty-rate measures for --ms: each gets its
+    // time on top of the deadline.
+    let extra = match &command {
+        Command::Cpus { action: Some(_) } => wait,
+        Command::DirtyRate { ms } => Duration::from_millis(u64::from(*ms)),
+        _ => Duration::ZERO,
     };
+    let out = peer::within(wait + extra, s.quick(command, cli.timeout), || {
+        Failure(
+            1,
+            format!(
+                "{name}: no answer in {} s (--timeout SECONDS waits longer)",
+                (wait + extra).as_secs_f64()
+            ),
+        )
+    })
+    .await?;
     let _ = disconnect.await;
     Ok(out)
 }
 
-/// Refuses, before connecting, what no VM would accept: a bad `cpus set --timeout` and the
-/// `disk` commands that only a blockd of its own serves, a bad rate, a snapshot to a
+/// Refuses, before connecting, what no VM would accept: the `disk` commands that only a blockd of its own serves, a bad rate, a snapshot to a
 /// non-file or a migration to a file.
 fn check_locally(command: &Command) -> Result<(), Failure> {
     match command {
-        Command::Cpus {
-            action: Some(CpusAction::Set { timeout, .. }),
-        } if !(*timeout > 0.0 && *timeout <= 3600.0) => Err(Failure(
-            2,
-            format!("--timeout {timeout}: give seconds above 0, up to 3600"),
-        )),
         Command::Disk {
             action: DiskAction::Resume { .. },
         } => Err(Failure(
@@ -582,25 +599,6 @@ fn command_name(command: &Command) -> &'static str {
     }
 }
 
-/// Connects to the VM's API socket, saying what a failure most likely means.
-async fn connect(socket: &std::path::Path, path: &str) -> Result<tokio::net::UnixStream, Failure> {
-    tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        let why = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "no such socket; is vmm-core running with --api-socket at this path?".to_string()
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                "permission denied; run as the VM's user or root".to_string()
-            }
-            std::io::ErrorKind::ConnectionRefused => {
-                "nothing is listening; the VMM has exited".to_string()
-            }
-            _ => e.to_string(),
-        };
-        Failure(2, format!("--socket {path}: {why}"))
-    })
-}
-
 /// A request that carries nothing back but success.
 enum Simple {
     Pause,
@@ -621,11 +619,90 @@ struct Session {
 }
 
 impl Session {
+    /// A command that completes at once (the caller bounds it with --timeout).
+    async fn quick(&self, command: Command, timeout: f64) -> Result<String, Failure> {
+        match command {
+            Command::Info => self.info().await,
+            Command::Pause => self.simple(Simple::Pause).await,
+            Command::Resume => self.simple(Simple::Resume).await,
+            Command::Reboot => self.simple(Simple::Reboot).await,
+            Command::Shutdown { force } => self.simple(Simple::Shutdown(force)).await,
+            Command::DirtyRate { ms } => self.dirty_rate(ms).await,
+            Command::Migrate { target, .. } if target == "status" => self.migrate_status().await,
+            Command::Migrate { .. } => self.simple(Simple::MigrateCancel).await,
+            Command::Cpus {
+                action: Some(CpusAction::Set { count }),
+            } => self.set_cpus(count, timeout).await,
+            Command::Cpus { action: None } => self.cpus().await,
+            Command::Disk {
+                action: DiskAction::Fault { rule },
+            } => self.disk_fault(&rule).await,
+            Command::Disk {
+                action: DiskAction::Throttle { name, spec },
+            } => self.disk_throttle(&name, &spec).await,
+            Command::Disk { action } => self.disks(&action).await,
+            Command::Devices => self.devices().await,
+            Command::Console { device, .. } => self.console_dump(&device).await,
+            Command::ConsoleFault { rule, device } => self.console_fault(rule, &device).await,
+            Command::Snapshot { .. } | Command::Events => unreachable!("runs_long"),
+        }
+    }
+
+    /// A command that runs as long as it takes: a migration or snapshot (with its progress),
+    /// the event stream, an attached console.
+    async fn long(
+        &self,
+        command: Command,
+        _timeout: f64,
+        connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    ) -> Result<String, Failure> {
+        match command {
+            Command::Migrate {
+                target,
+                downtime_ms,
+                max_passes,
+                bandwidth,
+                tls_creds,
+                tls_hostname,
+                compress,
+            } => {
+                let tls = (
+                    tls_creds.as_deref().map(peer::absolute).unwrap_or_default(),
+                    tls_hostname.unwrap_or_default(),
+                );
+                let bandwidth = bandwidth.as_deref().map(parse_rate).transpose()?;
+                let options = MigrateOptions {
+                    downtime_ms: downtime_ms.unwrap_or(0),
+                    max_passes: max_passes.unwrap_or(0),
+                    bandwidth: bandwidth.unwrap_or(0),
+                    tls: &tls,
+                    compress,
+                };
+                self.migrate(&peer::absolute_uri(&target), &options).await
+            }
+            Command::Snapshot { uri, compress } => {
+                self.snapshot(&peer::absolute_uri(&uri), compress).await
+            }
+            Command::Console { device, .. } => {
+                let input = self.console_attach(&device).await?;
+                let why = attach(&device, input, connection).await;
+                eprintln!("\r\nvmmctl: {why}");
+                Ok(String::new())
+            }
+            _ => {
+                self.subscribe().await?;
+                // Events arrive as calls to the Printer until the VMM ends the connection.
+                let _ = connection.await;
+                Ok(String::new())
+            }
+        }
+    }
+
     /// A failed request as the exit status 1 and a line that names the command.
     fn fail(&self, e: capnp::Error) -> Failure {
         let msg = match e.kind {
             capnp::ErrorKind::Disconnected => format!(
-                "--socket {}: the VMM closed the connection (a peer with another uid is refused)",
+                "{}: the VMM closed the connection before it answered (it ended, or was stopped)",
                 self.path
             ),
             _ => vmm_proto::rpc::remote_message(&e),
@@ -990,9 +1067,14 @@ impl byte_sink::Server for Stdout {
     ) -> Result<(), capnp::Error> {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        out.write_all(params.get()?.get_data()?)
+        match out
+            .write_all(params.get()?.get_data()?)
             .and_then(|()| out.flush())
-            .map_err(|e| capnp::Error::failed(format!("standard output: {e}")))
+        {
+            // The reader went away (`vmmctl console | head`): end quietly.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            r => r.map_err(|e| capnp::Error::failed(format!("standard output: {e}"))),
+        }
     }
 }
 
@@ -1017,20 +1099,20 @@ impl event_sink::Server for Printer {
             .to_str()
             .map_err(|e| capnp::Error::failed(e.to_string()))?;
         let ms = e.get_time_unix_ms();
-        if self.json {
-            println!(
+        peer::out(&if self.json {
+            format!(
                 "{{\"time_unix_ms\":{ms},\"kind\":{},\"detail\":{}}}",
                 json_str(kind),
                 json_str(detail)
-            );
+            )
         } else {
-            println!(
+            format!(
                 "{}.{:03} {kind}{}{detail}",
                 ms / 1000,
                 ms % 1000,
                 if detail.is_empty() { "" } else { ": " }
-            );
-        }
+            )
+        });
         Ok(())
     }
 }
@@ -1277,8 +1359,26 @@ async fn blockd_direct(
     path: &std::path::Path,
     action: &DiskAction,
     json: bool,
+    wait: Duration,
 ) -> Result<String, Failure> {
-    let b = BlockdSession::connect(path, json).await?;
+    let b = BlockdSession::connect(path, json, wait).await?;
+    peer::within(wait, blockd_action(&b, action, json), || {
+        Failure(
+            1,
+            format!(
+                "disk: no answer in {} s (--timeout SECONDS waits longer)",
+                wait.as_secs_f64()
+            ),
+        )
+    })
+    .await
+}
+
+async fn blockd_action(
+    b: &BlockdSession,
+    action: &DiskAction,
+    json: bool,
+) -> Result<String, Failure> {
     let fail = |e| b.fail(e);
     let server = &b.server;
     match action {
@@ -1338,30 +1438,47 @@ struct BlockdSession {
 }
 
 impl BlockdSession {
-    async fn connect(path: &std::path::Path, json: bool) -> Result<BlockdSession, Failure> {
+    async fn connect(
+        path: &std::path::Path,
+        json: bool,
+        wait: Duration,
+    ) -> Result<BlockdSession, Failure> {
+        const BLOCKD: &str = "a blockd control socket (blockd --listen PATH)";
+        const HINT: &str = "for a VM's API socket use --socket PATH";
         let shown = path.display().to_string();
-        let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-            let why = match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "no such socket; is blockd running with --listen at this path?".to_string()
-                }
-                std::io::ErrorKind::ConnectionRefused => {
-                    "nothing is listening; blockd has exited".into()
-                }
-                _ => e.to_string(),
-            };
-            Failure(2, format!("--blockd {shown}: {why}"))
-        })?;
+        let named = format!("--blockd {shown}");
+        peer::check_is_socket(&named, path, BLOCKD)?;
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| peer::connect_failed(&named, "blockd", e))?;
+        let listener = peer::Listener::of(&stream);
+        if let Some(l) = &listener {
+            l.check(&named, "blockd", BLOCKD, HINT)?;
+        }
         let side = vmm_proto::rpc::open_side_channel(&stream).map_err(|e| {
             Failure(
                 2,
-                format!("--blockd {shown}: cannot open the side channel ({e})"),
+                format!("{named}: cannot open the side channel ({e}); is it {BLOCKD}?"),
             )
         })?;
         let stream = vmm_proto::rpc::tokio_stream(stream)
-            .map_err(|e| Failure(2, format!("--blockd {shown}: {e}")))?;
-        let (rpc, server) = vmm_proto::rpc::client(stream);
+            .map_err(|e| Failure(2, format!("{named}: {e}")))?;
+        let (rpc, server): (_, vmm_proto::blockd_capnp::blockd::Client) =
+            vmm_proto::rpc::client(stream);
         tokio::task::spawn_local(rpc);
+        peer::within(
+            wait,
+            async {
+                server
+                    .list_request()
+                    .send()
+                    .promise
+                    .await
+                    .map(drop)
+                    .map_err(|e| peer::probe_failed(&named, listener.as_ref(), BLOCKD, HINT, e))
+            },
+            || peer::no_answer(&named, listener.as_ref(), BLOCKD, wait),
+        )
+        .await?;
         Ok(BlockdSession {
             server,
             side,
