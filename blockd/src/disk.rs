@@ -196,6 +196,9 @@ pub struct Disk {
     /// The image's logical block size (a block device's; 512 for a file): what the guest is
     /// told (VIRTIO_BLK_F_BLK_SIZE), and the alignment O_DIRECT transfers need.
     pub block_size: u32,
+    /// Served as raw (as asked), but it starts with the qcow2 magic: the caller warns, in
+    /// the words of its own flags.
+    pub looks_like_qcow2: bool,
     /// Size in bytes, a whole number of sectors.
     pub size: u64,
     pub options: Options,
@@ -276,14 +279,13 @@ impl Disk {
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
         broken_durability();
         let (file_len, block_size) = geometry(&file)?;
+        let mut looks_like_qcow2 = false;
         let qcow2 = match options.format {
             crate::image::Format::Raw => {
                 let mut magic = [0u8; 4];
-                if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
-                    && magic == crate::image::QCOW2_MAGIC
-                {
-                    log::warn!("the image starts with the qcow2 magic but is served as raw, as asked; pass --format qcow2 if it is one");
-                }
+                looks_like_qcow2 = std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0)
+                    .is_ok()
+                    && magic == crate::image::QCOW2_MAGIC;
                 None
             }
             crate::image::Format::Qcow2 => Some(crate::image::Qcow2Image::open(
@@ -309,6 +311,7 @@ impl Disk {
             format: options.format,
             direct: flags.contains(nix::fcntl::OFlag::O_DIRECT),
             block_size,
+            looks_like_qcow2,
             file,
             qcow2,
             size,

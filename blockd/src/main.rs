@@ -230,6 +230,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let disk =
         Arc::new(disk::Disk::new(file, options).map_err(|e| anyhow::anyhow!("the image: {e}"))?);
+    if disk.looks_like_qcow2 {
+        log::warn!("the image starts with the qcow2 magic but is served as raw, as asked; if it is qcow2, pass --format qcow2");
+    }
     let listener = match (&args.socket, args.listen_fd) {
         (Some(path), _) => bind_listener(path).map_err(|e| {
             anyhow::anyhow!("--socket {}: cannot listen there ({e})", path.display())

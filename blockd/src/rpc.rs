@@ -159,6 +159,9 @@ impl blockd::Server for Server {
             Disk::new(file, options)
                 .map_err(|err| failed(format!("export {name}: {image}: {err}")))?,
         );
+        if disk.looks_like_qcow2 {
+            log::warn!("export {name}: {image} starts with the qcow2 magic but is served as raw, as asked; if it is qcow2, add format=qcow2 to its --disk");
+        }
         let export = Export::start(&name, &image, &socket, disk, listener, false)
             .map_err(|err| failed(format!("export {name}: cannot start its thread ({err})")))?;
         self.exports.borrow_mut().insert(name.clone(), export);

@@ -1,5 +1,5 @@
 //! migrated's command line: `migrated serve --control-fd N` (vmm-core starts it so) or
-//! `migrated serve --listen PATH` / socket-activated (vmm-core --migrated-socket connects; it
+//! `migrated serve --listen PATH` / socket-activated (vmm-core run --migrated-socket connects; it
 //! enters its sandbox before it serves), `migrated inspect FILE`, which reads a snapshot file
 //! or a saved migration stream through every check a restore makes and prints what it holds,
 //! and `migrated --print-seccomp`.
@@ -28,7 +28,7 @@ enum Command {
     Inspect { file: PathBuf },
     /// Serve vmm-core, sandboxed: its control connection (an inherited, connected Unix
     /// socket), or every vmm-core that connects to a socket (`--listen PATH`, or, with
-    /// neither, the one systemd passes: socket activation, `vmm-core --migrated-socket`).
+    /// neither, the one systemd passes: socket activation, `vmm-core run --migrated-socket`).
     Serve {
         #[arg(long, value_name = "FD", conflicts_with = "listen")]
         control_fd: Option<i32>,

@@ -27,7 +27,7 @@ pub enum Uri {
 /// Why a channel could not be named or opened: one line that names the channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
-    #[error("{0:?}: not a channel; use tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH")]
+    #[error("{0:?}: not a channel; use tcp:HOST:PORT, unix:PATH, fd:N or exec:COMMAND (file:PATH for a snapshot or a restore)")]
     NotAChannel(String),
     #[error("{0:?}: the {1} channel needs an address after '{1}:'")]
     NoAddress(String, String),
@@ -39,7 +39,7 @@ pub enum ChannelError {
     NoHost(String),
     #[error("{0:?}: fd:N takes a descriptor number of 3 or more that vmm-core inherited")]
     BadFd(String),
-    #[error("{0:?}: unknown channel kind {1:?}; use tcp:HOST:PORT, unix:PATH, fd:N, exec:COMMAND or file:PATH")]
+    #[error("{0:?}: unknown channel kind {1:?}; use tcp:HOST:PORT, unix:PATH, fd:N or exec:COMMAND (file:PATH for a snapshot or a restore)")]
     UnknownKind(String, String),
     #[error("{0}: cannot make its socket pair ({1})")]
     SocketPair(Uri, io::Error),

@@ -14,8 +14,8 @@ pub enum SpecError {
     NotKeyValue(String),
     #[error("{0}: no such limit; use bps, bps-rd, bps-wr, iops, iops-rd, iops-wr (each also with -max and -max-length), or group")]
     UnknownLimit(String),
-    #[error("{0}={1}: give a whole number")]
-    NotANumber(String, String),
+    #[error("{0}={1}: give a whole number{unit}", unit = if *.2 { " of bytes per second, with K, M or G if you like (10M)" } else { "" })]
+    NotANumber(String, String, bool),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,9 +56,15 @@ impl Spec {
                 .iter()
                 .position(|n| *n == base)
                 .ok_or_else(|| SpecError::UnknownLimit(key.into()))?;
-            spec.limits[i][field] = value
-                .parse()
-                .map_err(|_| SpecError::NotANumber(key.into(), value.into()))?;
+            // Byte rates take size suffixes (bps-wr=10M), as `migrate --bandwidth` does;
+            // operation rates and burst lengths are plain numbers.
+            let bytes = i < 3 && field < 2;
+            spec.limits[i][field] = if bytes {
+                crate::size::parse(value, 1).ok()
+            } else {
+                value.parse().ok()
+            }
+            .ok_or_else(|| SpecError::NotANumber(key.into(), value.into(), bytes))?;
         }
         Ok(spec)
     }
@@ -130,6 +136,18 @@ mod tests {
         assert_eq!(s.group, "g");
         assert_eq!(s.limits[3], [200, 0, 0]);
         assert_eq!(s.limits[2], [1000, 2000, 5]);
+        // Byte rates take suffixes; operation rates and burst lengths do not.
+        let t = Spec::parse("bps-wr=10M,bps-max=1G,iops=5").unwrap();
+        assert_eq!(t.limits[2][0], 10 << 20);
+        assert_eq!(t.limits[0][1], 1 << 30);
+        assert_eq!(
+            Spec::parse("iops=5K").unwrap_err().to_string(),
+            "iops=5K: give a whole number"
+        );
+        assert_eq!(
+            Spec::parse("bps=fast").unwrap_err().to_string(),
+            "bps=fast: give a whole number of bytes per second, with K, M or G if you like (10M)"
+        );
         assert_eq!(
             s.to_string(),
             "group=g,bps-wr=1000,bps-wr-max=2000,bps-wr-max-length=5,iops=200"

@@ -48,6 +48,7 @@ enum Command {
     Resume,
     /// Power the VM off: ask the guest (ACPI), or with --force stop it now.
     Shutdown {
+        /// Stop the VM at once, as pulling the plug (the guest is not asked).
         #[arg(long)]
         force: bool,
     },
@@ -60,11 +61,12 @@ enum Command {
     /// How fast the guest writes to its RAM: pages written during --ms milliseconds (KVM's
     /// dirty log, as QEMU's calc-dirty-rate), and MiB/s.
     DirtyRate {
-        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        /// How long to measure, in milliseconds (1 to 60000).
+        #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=60000))]
         ms: u32,
     },
     /// Live-migrate the VM to tcp:HOST:PORT, unix:PATH or exec:COMMAND (the destination runs
-    /// `vmm-core --incoming URI`); `migrate status` shows the current or last migration,
+    /// `vmm-core run --incoming URI`); `migrate status` shows the current or last migration,
     /// `migrate cancel` stops one (the VM goes on here). A progress bar is drawn on a terminal.
     Migrate {
         /// tcp:HOST:PORT, unix:PATH, exec:COMMAND (the stream to the command's input, the
@@ -95,7 +97,7 @@ enum Command {
         #[arg(long)]
         compress: bool,
     },
-    /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core --restore
+    /// Save the VM to a file (it goes on, or stays paused if it was); `vmm-core run --restore
     /// file:PATH` starts it again.
     Snapshot {
         /// file:PATH (the file must not exist).
@@ -113,6 +115,8 @@ enum Command {
     /// Attach to the serial console interactively (Ctrl-] detaches); with --dump, print
     /// what its ring holds (--serial ring=SIZE).
     Console {
+        /// Print what the console's ring holds (--serial ring=SIZE) and exit, instead of
+        /// attaching.
         #[arg(long)]
         dump: bool,
         /// The console (see `vmmctl devices`).
@@ -808,7 +812,8 @@ impl Session {
         req.get().set_count(count);
         req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
         req.send().promise.await.map_err(|e| self.fail(e))?;
-        Ok(done(self.json, &format!("{count} vCPUs online")))
+        let s = if count == 1 { "" } else { "s" };
+        Ok(done(self.json, &format!("{count} vCPU{s} online")))
     }
 
     async fn cpus(&self) -> Result<String, Failure> {

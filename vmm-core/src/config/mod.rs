@@ -62,8 +62,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "chardevd")]
     pub chardevd_socket: Option<PathBuf>,
     /// A disk, served by a blockd helper over vhost-user-blk (repeat for more):
-    /// path=FILE[,readonly=on][,queues=N][,serial=ID], or socket=PATH[,queues=N] for a
-    /// vhost-user-blk backend that runs already.
+    /// path=FILE (a regular file or a block device) with ,format=raw|qcow2 ,readonly=on
+    /// ,queues=N (1-16) ,serial=ID ,direct=on (O_DIRECT) ,rerror=/werror=report|ignore|stop|enospc
+    /// and throttle.bps|bps-rd|bps-wr|iops|iops-rd|iops-wr[-max|-max-length]=N
+    /// ,throttle.group=NAME; or socket=PATH[,queues=N] for a vhost-user-blk backend that
+    /// runs already.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// The blockd executable (default: the one next to vmm-core).
