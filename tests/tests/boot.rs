@@ -148,8 +148,8 @@ fn on_reset_restart_boots_the_guest_again() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     assert!(vm.stderr().contains("restarting it"), "{}", vm.stderr());
 }
 
@@ -161,20 +161,63 @@ fn guest_panic_exits_3_with_a_message() {
     assert!(vm.stderr().contains("guest panicked"), "{}", vm.stderr());
 }
 
+/// SIGTERM (`systemctl stop`) presses the ACPI power button: a guest that acts on it powers
+/// off and vmm-core exits 0; one that does not is stopped after --stop-timeout (143), or at
+/// once on a second SIGTERM; SIGINT stops at once (130).
 #[test]
-fn sigterm_stops_a_running_vm_with_143() {
+fn sigterm_asks_the_guest_to_power_off_then_stops_it() {
     let mut vm = TestVm::builder()
-        .cpus("2")
-        .cmdline("tg.scenario=idle")
+        .cmdline("tg.scenario=wait-powerbutton")
         .spawn();
     vm.wait_for("tg: ready", T);
     vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    assert!(vm.stdout().contains("tg: power button"), "{}", vm.stdout());
+    let err = vm.stderr();
     assert!(
-        vm.stderr().contains("stopped by SIGTERM"),
-        "{}",
-        vm.stderr()
+        err.contains("SIGTERM: pressed the ACPI power button; the guest has 30 s to power off"),
+        "{err}"
     );
+    assert!(err.contains("guest powered off"), "{err}");
+
+    // A guest that ignores the button: stopped when --stop-timeout runs out.
+    let mut vm = TestVm::builder()
+        .cpus("2")
+        .cmdline("tg.scenario=idle")
+        .args(["--stop-timeout", "1"])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    let sent = std::time::Instant::now();
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(T), 143);
+    let took = sent.elapsed();
+    assert!(took >= Duration::from_millis(950), "stopped after {took:?}");
+    let err = vm.stderr();
+    assert!(
+        err.contains("the guest did not power off within 1 s of SIGTERM"),
+        "{err}"
+    );
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+
+    // A second SIGTERM does not wait for the default 30 s; nor does SIGINT.
+    for (signals, status) in [
+        (&[libc::SIGTERM, libc::SIGTERM][..], 143),
+        (&[libc::SIGINT][..], 130),
+    ] {
+        let mut vm = TestVm::builder().cmdline("tg.scenario=idle").spawn();
+        vm.wait_for("tg: ready", T);
+        let sent = std::time::Instant::now();
+        for &sig in signals {
+            vm.signal(sig);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(vm.wait_exit(T), status, "{}", vm.stderr());
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            sent.elapsed()
+        );
+    }
 }
 
 #[test]

@@ -80,8 +80,8 @@ fn kill_9_chardevd_during_output_loses_no_byte() {
             ticks(&read()).len() >= before + 5
         });
     }
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     let log = vm.stderr();
     assert_eq!(log.matches("chardevd died").count(), 2, "{log}");
     assert_eq!(log.matches("0 bytes lost meanwhile").count(), 2, "{log}");
@@ -126,8 +126,8 @@ fn a_line_written_to_a_unix_socket_backend_reaches_the_guest_and_is_echoed() {
         assert!(!line.is_empty(), "the console closed");
     }
     assert_eq!(line.trim_end(), "tg: echo ping from the host");
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     // vmm-core made the socket (chardevd opens no host path) and removes it as it exits.
     wait_until(T, "the console socket to go", || !sock.exists());
 }
@@ -178,8 +178,8 @@ fn ring_dump_through_vmmctl_and_its_drop_count_equal_what_is_missing() {
             .unwrap_or_default()
             .contains("tg: ready\r\n")
     });
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     let full = std::fs::read(&file).unwrap();
 
     // ...and through a 256-byte ring.
@@ -363,8 +363,8 @@ fn vmm_core_reconnects_to_a_chardevd_it_did_not_start() {
     wait_until(T, "ticks after reconnecting", || {
         ticks(&read()).len() >= before + 5
     });
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     helper.kill().unwrap();
     helper.wait().unwrap();
     let log = vm.stderr();

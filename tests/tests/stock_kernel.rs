@@ -188,8 +188,8 @@ fn debian_kernel_boots_to_init_with_2_cpus_and_128m() {
             !console.contains("Kernel panic") && !console.contains("Oops"),
             "{console}"
         );
-        vm.signal(libc::SIGTERM);
-        assert_eq!(vm.wait_exit(slow), 143, "{}", vm.stderr());
+        vm.signal(libc::SIGINT);
+        assert_eq!(vm.wait_exit(slow), 130, "{}", vm.stderr());
     } else {
         let ready = vm.wait_for("vmm-init: ready", slow);
         assert!(ready.contains("scenario=poweroff"), "{ready}");

@@ -102,8 +102,8 @@ fn chardevd_reports_ready_and_stops_cleanly_on_sigterm() {
         vm.stderr().contains("lost chardevd")
     });
     assert!(console.exists());
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     assert!(!console.exists(), "vmm-core removes it as it exits");
 }
 
@@ -166,8 +166,8 @@ fn migrated_serves_a_socket_reports_ready_and_vmm_core_reconnects_after_it_stops
         vm.stderr().contains("migrated: connected again")
     });
     snapshot("two.snap");
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     // SAFETY: as above.
     unsafe { libc::kill(again.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(again.wait().unwrap().code(), Some(0));
@@ -183,8 +183,8 @@ fn vmm_core_reports_ready_once_the_guest_runs() {
         .spawn();
     assert_eq!(next(&notify), "READY=1");
     vm.wait_for("tg: ready", T);
-    vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait_exit(T), 143);
+    vm.signal(libc::SIGINT);
+    assert_eq!(vm.wait_exit(T), 130);
     assert_eq!(next(&notify), "STOPPING=1");
 }
 

@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// What a guest reset does: exit (status 0) or restart the guest.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reset: OnReset,
+    /// On SIGTERM (systemctl stop), press the ACPI power button and give the guest this many
+    /// seconds to power off (then exit 0) before the VM is stopped (status 143). 0 stops at
+    /// once; so do a second SIGTERM, SIGINT and SIGHUP. A paused VM or one not yet running
+    /// (waiting on --incoming) stops at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub stop_timeout: u32,
     /// The serial console's backend, served by the chardevd helper: stdio | pty |
     /// file=PATH[,append] | ring=BYTES | unix=PATH (listen) | unix-connect=PATH[,reconnect=MS] |
     /// null. `direct` keeps it on stdio inside vmm-core, with no helper (for debugging).
@@ -140,6 +146,8 @@ pub struct VmConfig {
     pub max_cpus: u32,
     pub memory: u64,
     pub on_reset: OnReset,
+    /// How long SIGTERM waits for the guest to power off after pressing the power button.
+    pub stop_timeout: std::time::Duration,
     pub print_boot_times: bool,
     pub pvm: bool,
     pub api_socket: Option<PathBuf>,
@@ -340,6 +348,7 @@ impl VmConfig {
             max_cpus,
             memory,
             on_reset: args.on_reset,
+            stop_timeout: std::time::Duration::from_secs(args.stop_timeout.into()),
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
             api_socket: args.api_socket,

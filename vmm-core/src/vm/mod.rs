@@ -289,14 +289,14 @@ const STOP_SIGNALS: [Signal; 4] = [
 ];
 
 fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
-    // Every signal in the set is blocked in all threads, so sigwait takes it.
+    // Every signal in the set is blocked in all threads, so sigwait takes it. Each one is
+    // passed on: a second SIGTERM ends a graceful stop's wait.
     while let Ok(sig) = set.wait() {
         let event = match sig {
             Signal::SIGUSR1 => VmEvent::DumpVcpus,
             sig => VmEvent::Signal(sig as i32),
         };
-        let last = !matches!(event, VmEvent::DumpVcpus);
-        if tx.send(event).is_err() || last {
+        if tx.send(event).is_err() {
             return;
         }
     }

@@ -51,6 +51,8 @@ pub(super) struct Running<'a> {
     dirty_logging: bool,
     /// The vhost-user backends' dirty log, while a migration logs.
     backend_log: Option<SharedDirtyLog>,
+    /// When SIGTERM pressed the power button: the time by which the guest must be off.
+    stopping: Option<Instant>,
 }
 
 impl<'a> Running<'a> {
@@ -69,6 +71,7 @@ impl<'a> Running<'a> {
             migration_paused: false,
             dirty_logging: false,
             backend_log: None,
+            stopping: None,
         }
     }
 
@@ -84,7 +87,8 @@ impl<'a> Running<'a> {
                 VmEvent::DumpVcpus => self.dump_vcpus(),
                 VmEvent::Hotplug(event) => self.hotplug(event),
                 VmEvent::Api(req) => self.api(req),
-                VmEvent::Vcpu(_) | VmEvent::Signal(_) | VmEvent::ConsoleEscape => Some(event),
+                VmEvent::Signal(sig) => self.signal(sig),
+                VmEvent::Vcpu(_) | VmEvent::ConsoleEscape => Some(event),
             };
             if let Some(event) = end {
                 return event;
@@ -92,20 +96,68 @@ impl<'a> Running<'a> {
         }
     }
 
-    /// The next event; None when a vCPU change timed out instead (it is answered here).
+    /// The next event; None when a vCPU change timed out instead (it is answered here). The
+    /// end of a graceful stop's wait is a SIGTERM that stops the VM.
     fn next_event(&mut self, rx: &Receiver<VmEvent>) -> Option<VmEvent> {
-        let next = match &self.change {
-            Some(c) => rx.recv_timeout(c.deadline.saturating_duration_since(Instant::now())),
+        let deadline = match (self.change.as_ref().map(|c| c.deadline), self.stopping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let next = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match next {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => {
-                self.cpu_change_timed_out();
+                if self.stopping.is_some_and(|d| d <= Instant::now()) {
+                    log::warn!(
+                        "the guest did not power off within {} s of SIGTERM (--stop-timeout); stopping it",
+                        self.config.stop_timeout.as_secs()
+                    );
+                    return Some(VmEvent::Signal(libc::SIGTERM));
+                }
+                if self
+                    .change
+                    .as_ref()
+                    .is_some_and(|c| c.deadline <= Instant::now())
+                {
+                    self.cpu_change_timed_out();
+                }
                 None
             }
             Err(_) => panic!("the signal thread holds a sender for the life of the process"),
         }
+    }
+
+    /// SIGTERM asks the guest to power off (the ACPI power button, as `systemctl stop` of a
+    /// libvirt domain does) and waits up to --stop-timeout. A second signal, SIGINT, SIGHUP, a
+    /// paused VM (it cannot answer) or a zero timeout stop the VM at once.
+    fn signal(&mut self, sig: i32) -> Option<VmEvent> {
+        let paused = self.shared.status.lock().unwrap().paused;
+        let timeout = self.config.stop_timeout;
+        if sig != libc::SIGTERM || self.stopping.is_some() || paused || timeout.is_zero() {
+            return Some(VmEvent::Signal(sig));
+        }
+        let pressed = self
+            .guest
+            .ged
+            .lock()
+            .unwrap()
+            .notify(ged::EVENT_POWER_BUTTON);
+        if let Err(e) = pressed {
+            log::warn!("SIGTERM: cannot press the ACPI power button ({e}); stopping the VM now");
+            return Some(VmEvent::Signal(sig));
+        }
+        log::info!(
+            "SIGTERM: pressed the ACPI power button; the guest has {} s to power off (--stop-timeout; another SIGTERM stops it now)",
+            timeout.as_secs()
+        );
+        self.shared
+            .events
+            .emit("power-button", "pressed on SIGTERM");
+        self.stopping = Some(Instant::now() + timeout);
+        None
     }
 
     /// Stops every vCPU, and guest time too, as QEMU does: a guest should not see the pause as
