@@ -70,7 +70,8 @@ def boot(argv, want_first_run):
     t_ready = time.time_ns()
     rss = rss_beyond_guest(p.pid)
     helpers = helpers_rss(p.pid)
-    p.send_signal(signal.SIGTERM)
+    # SIGINT: both stop at once (vmm-core would ask the guest on SIGTERM, and wait).
+    p.send_signal(signal.SIGINT)
     p.wait(timeout=30)
     reader.join(timeout=5)
     first = None

@@ -18,7 +18,7 @@ cycles=${1:-20}
 echo "command: bench/hotplug.sh $cycles"
 echo "host: $(uname -r), $(nproc) CPUs, KVM-PVM: $([ -d /sys/module/kvm_pvm ] && echo yes || echo no)"
 exec python3 - "$cycles" "$root/target/release" "$root/tests/guest/target/release/test-guest" <<'PY'
-import os, statistics, subprocess, sys, tempfile, time
+import os, signal, statistics, subprocess, sys, tempfile, time
 
 cycles, bindir, guest = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 tmp = tempfile.mkdtemp(prefix="vmm-bench-hotplug-")
@@ -62,7 +62,7 @@ try:
         wait(lambda: lines("tg: cpu removed") == 3 * c, "three CPUs removed")
     created = vmmctl("cpus").strip().splitlines()[-1]
 finally:
-    vm.terminate(); vm.wait(timeout=30)
+    vm.send_signal(signal.SIGINT); vm.wait(timeout=30)  # SIGTERM would ask the guest, and wait
     for p in (sock, console):
         try: os.unlink(p)
         except FileNotFoundError: pass

@@ -77,7 +77,7 @@ def start(argv, log):
 
 def end(p):
     if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGINT)
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:

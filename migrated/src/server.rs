@@ -95,6 +95,10 @@ pub enum TransferError {
     NotADestination(Uri),
     #[error("{0}: the destination answered pass {1} with {2:#x} (pass {3}); it is not a migrated of this build")]
     BadAck(Uri, u32, u8, u32),
+    #[error(
+        "{0}: the destination answered with TLS; it may expect TLS (tls-creds): pass --tls-creds"
+    )]
+    ExpectsTls(Uri),
     #[error("{0}: the destination did not confirm it has the VM ({1}); it is not running it")]
     Unconfirmed(Uri, #[source] std::io::Error),
     #[error("{0}: {1}")]
@@ -289,6 +293,11 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         s.read_exact(&mut ack[..1]).map_err(io)?;
         if ack[0] == REFUSED {
             return Err(refused(uri, s.as_mut()));
+        }
+        // A TLS record (an alert, 0x15, or a handshake, 0x16): the destination speaks TLS
+        // and this source sent it plain text.
+        if matches!(ack[0], 0x15 | 0x16) {
+            return Err(TransferError::ExpectsTls(uri));
         }
         s.read_exact(&mut ack[1..]).map_err(io)?;
         let got = u32::from_le_bytes(ack[1..].try_into().unwrap());

@@ -436,11 +436,12 @@ impl TestVm {
 }
 
 impl Drop for TestVm {
-    /// A VM the test left running gets SIGTERM first, so that vmm-core ends its helpers and
-    /// removes what it made (sockets, its run directory); SIGKILL after 10 s.
+    /// A VM the test left running gets SIGINT first (SIGTERM would ask the guest and wait),
+    /// so that vmm-core ends its helpers and removes what it made (sockets, its run
+    /// directory); SIGKILL after 10 s.
     fn drop(&mut self) {
         if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(libc::SIGTERM);
+            self.signal(libc::SIGINT);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));

@@ -304,3 +304,86 @@ fn qemus_vhost_user_blk_frontend_drives_blockd() {
         "the image QEMU's guest wrote",
     );
 }
+
+/// Image locks (as QEMU's): a second VM that would write an image another VM writes is
+/// refused before it starts, naming the holder; so is a reader of an image being written,
+/// and a writer of one being read; any number of VMs share an image read-only.
+#[test]
+fn two_vms_on_one_image_the_second_is_refused_naming_the_first() {
+    let dir = TempDir::new("host-locks");
+    let img = dir.join("shared.img");
+    std::fs::write(&img, pattern(2 << 20, 5)).unwrap();
+    let disk = |ro: bool| {
+        format!(
+            "path={}{}",
+            img.display(),
+            if ro { ",readonly=on" } else { "" }
+        )
+    };
+    let vm = |ro: bool| {
+        TestVm::builder()
+            .cmdline("tg.scenario=idle")
+            .memory("64M")
+            .args(["--disk", &disk(ro)])
+            .spawn()
+    };
+    let refused = |ro: bool, holder: u32, says: &str| {
+        let mut second = vm(ro);
+        assert_eq!(second.wait_exit(T), 2, "{}", second.stderr());
+        let err = second.stderr();
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line: {err}"));
+        assert!(
+            line.starts_with(&format!("error: --disk path={}: in use by ", img.display())),
+            "{line}"
+        );
+        assert!(line.contains(&format!("vmm-core (PID {holder})")), "{line}");
+        assert!(line.contains(says), "{line}");
+        assert!(
+            !second.stdout().contains("tg: hello"),
+            "the refused VM did not boot"
+        );
+    };
+
+    let mut writer = vm(false);
+    writer.wait_for("tg: ready", T);
+    refused(
+        false,
+        writer.pid(),
+        "writes to it; two VMs writing one image corrupt it",
+    );
+    refused(
+        true,
+        writer.pid(),
+        "writes to it; a read-only disk would change under this VM",
+    );
+    writer.signal(libc::SIGINT);
+    assert_eq!(writer.wait_exit(T), 130);
+
+    // Readers share; a writer is refused while they read.
+    let mut a = vm(true);
+    let mut b = vm(true);
+    a.wait_for("tg: ready", T);
+    b.wait_for("tg: ready", T);
+    refused(
+        false,
+        a.pid(),
+        "reads it (readonly=on); writing would change it under that reader",
+    );
+    for v in [&mut a, &mut b] {
+        v.signal(libc::SIGINT);
+        assert_eq!(v.wait_exit(T), 130);
+    }
+    // With the readers gone, a writer may have it again.
+    let mut again = vm(false);
+    again.wait_for("tg: ready", T);
+    again.signal(libc::SIGINT);
+    assert_eq!(again.wait_exit(T), 130);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        pattern(2 << 20, 5),
+        "nothing wrote it"
+    );
+}

@@ -27,6 +27,8 @@ pub enum BlockdError {
     ClientEnded,
     #[error(transparent)]
     Helper(#[from] super::HelperError),
+    #[error(transparent)]
+    Lock(#[from] super::image_lock::LockError),
     #[error("blockd: cannot set up its side channel ({0})")]
     SideChannel(std::io::Error),
     #[error("blockd: {0}")]
@@ -176,9 +178,28 @@ pub struct Blockd {
     /// The blockd vmm-core started (the latest, after restarts).
     child: Arc<std::sync::Mutex<Option<std::process::Child>>>,
     external: Vec<DiskInfo>,
+    /// Each image's lock (see image_lock.rs).
+    locks: Vec<super::image_lock::ImageLock>,
 }
 
 impl Blockd {
+    /// Takes every image's lock (an incoming VM, as it arrives; a source whose migration
+    /// failed, as it goes on).
+    pub fn lock_images(&self) -> Result<(), super::image_lock::LockError> {
+        for l in &self.locks {
+            l.take()?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of every image's lock: the destination of a migration on this host takes
+    /// them.
+    pub fn release_images(&self) {
+        for l in &self.locks {
+            l.release();
+        }
+    }
+
     /// Every disk with blockd's statistics (and the external ones, without).
     pub fn list(&self) -> Result<Vec<DiskInfo>, BlockdError> {
         let mut out = match self.commands {
@@ -261,9 +282,11 @@ pub fn start(
     dir: Option<&RunDir>,
     report: super::SeccompReport,
     hooks: Hooks,
+    lock_now: bool,
 ) -> Result<(Vec<DiskBackend>, Blockd), BlockdError> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
+    let mut locks = Vec::new();
     let mut external = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let name = format!("disk{i}");
@@ -295,6 +318,13 @@ pub fn start(
             .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
+        let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
+            .map_err(|e| BlockdError::Open(path.clone(), e))?;
+        // An incoming VM's images are still the source's: it locks them when it arrives.
+        if lock_now {
+            lock.take()?;
+        }
+        locks.push(lock);
         let dir = dir.expect("a run directory exists when a disk has a path");
         let socket = dir.0.join(format!("{name}.sock"));
         let listener = std::os::unix::net::UnixListener::bind(&socket)
@@ -320,6 +350,7 @@ pub fn start(
         thread: None,
         child: Arc::default(),
         external,
+        locks,
     };
     if opened.is_empty() {
         return Ok((backends, handle));

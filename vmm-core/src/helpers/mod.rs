@@ -10,6 +10,7 @@
 
 pub mod blockd;
 pub mod chardevd;
+pub mod image_lock;
 pub mod migrated;
 pub mod stderr;
 

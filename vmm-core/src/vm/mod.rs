@@ -127,6 +127,14 @@ pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
                 .map(|c| vec![Cond::Eq(1, *c)])
                 .collect(),
         ),
+        allow_if(
+            "fcntl",
+            "image locks: taken by an incoming VM as it arrives, released and taken back around a live migration's last pass",
+            vec![
+                vec![Cond::Eq(1, libc::F_OFD_SETLK as u64)],
+                vec![Cond::Eq(1, libc::F_OFD_GETLK as u64)],
+            ],
+        ),
         allow("memfd_create", "guest RAM, created at each boot"),
         allow("ftruncate", "sizing guest RAM"),
         allow("lseek", "rewinding the kernel and initramfs at each boot"),
@@ -370,6 +378,7 @@ fn start_disks(
         run_dir.as_ref(),
         crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
         hooks,
+        config.incoming.is_none(),
     )?;
     *shared.blockd.lock().unwrap() = Some(blockd);
     Ok((disks, run_dir))
@@ -509,6 +518,18 @@ fn arrive(
     res: &Resources,
 ) -> Result<Option<kvm_bindings::kvm_clock_data>, VmError> {
     let m = res.migrated.expect("an incoming VM has migrated");
+    // The images are this VM's now. A source on this host let go of them when it paused for
+    // the last pass; a little time is allowed for that.
+    if let Some(blockd) = shared.blockd.lock().unwrap().as_ref() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(e) = blockd.lock_images() {
+            if std::time::Instant::now() >= deadline {
+                let _ = crate::migration::started(m, false, crate::error_chain(&e));
+                return Err(VmError::incoming(inc.flag, &inc.uri, e));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
     crate::migration::started(m, true, String::new())
         .map_err(|e| VmError::incoming(inc.flag, &inc.uri, e))?;
     let mut paused_clock = None;

@@ -53,6 +53,9 @@ pub(super) struct Running<'a> {
     backend_log: Option<SharedDirtyLog>,
     /// When SIGTERM pressed the power button: the time by which the guest must be off.
     stopping: Option<Instant>,
+    /// A live migration's last pass let go of the image locks (for a destination on this
+    /// host); a failed migration takes them back.
+    images_released: bool,
 }
 
 impl<'a> Running<'a> {
@@ -72,6 +75,7 @@ impl<'a> Running<'a> {
             dirty_logging: false,
             backend_log: None,
             stopping: None,
+            images_released: false,
         }
     }
 
@@ -529,6 +533,14 @@ impl<'a> Running<'a> {
                 }
             }
         }
+        // A live migration (the dirty log is on): the destination may be on this host, and
+        // takes the images' locks before it runs; the queues are stopped, nothing writes.
+        if self.dirty_logging {
+            if let Some(blockd) = self.shared.blockd.lock().unwrap().as_ref() {
+                blockd.release_images();
+                self.images_released = true;
+            }
+        }
         Ok(Saved {
             state,
             dirty,
@@ -539,6 +551,16 @@ impl<'a> Running<'a> {
     /// The VM goes on here: the queues start again, and the vCPUs run unless the user had
     /// paused the VM.
     fn migration_continue(&mut self) {
+        if std::mem::take(&mut self.images_released) {
+            if let Some(blockd) = self.shared.blockd.lock().unwrap().as_ref() {
+                if let Err(e) = blockd.lock_images() {
+                    log::error!(
+                        "the migration failed, and the VM goes on here without its image lock: {e}"
+                    );
+                    self.shared.events.emit("image-lock-lost", e.to_string());
+                }
+            }
+        }
         resume_queues(&self.guest.transports);
         if std::mem::take(&mut self.migration_paused) {
             self.restore_clock();
