@@ -64,7 +64,7 @@ pub enum ChannelError {
     Family(Uri, libc::c_int),
     #[error("{0}: a listening socket, not a connection")]
     Listening(Uri),
-    #[error("{0}: no source connected in time")]
+    #[error("{0}: no source connected within --incoming-timeout")]
     NoSource(Uri),
 }
 
@@ -108,11 +108,11 @@ impl Listener {
         Ok(l)
     }
 
-    /// The next source (waiting until `deadline`).
+    /// The next source (waiting until `deadline`, or for as long as it takes).
     pub fn accept(
         &mut self,
         uri: &Uri,
-        deadline: std::time::Instant,
+        deadline: Option<std::time::Instant>,
     ) -> Result<Box<dyn Stream>, ChannelError> {
         loop {
             let got: io::Result<Box<dyn Stream>> = match self {
@@ -130,7 +130,7 @@ impl Listener {
             match got {
                 Ok(s) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if std::time::Instant::now() > deadline {
+                    if deadline.is_some_and(|d| std::time::Instant::now() > d) {
                         return Err(ChannelError::NoSource(uri.clone()));
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -166,8 +166,15 @@ mod tests {
         let mut l = Listener::new(&uri, tl.into()).unwrap();
         let _c = TcpStream::connect(addr).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        assert!(l.accept(&uri, deadline).is_ok());
-        let e = l.accept(&uri, std::time::Instant::now()).err().unwrap();
-        assert!(e.to_string().contains("no source connected in time"), "{e}");
+        assert!(l.accept(&uri, Some(deadline)).is_ok());
+        let e = l
+            .accept(&uri, Some(std::time::Instant::now()))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("no source connected within --incoming-timeout"),
+            "{e}"
+        );
     }
 }

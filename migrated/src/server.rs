@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 use vmm_proto::migrated_capnp::{migrated, shape};
 use vmm_proto::rpc::SideChannelError;
 
-/// How long a destination waits for its source, and a source for the destination's answer.
-const WAIT: Duration = Duration::from_secs(120);
-
 /// The device-state section's name.
 pub const VM_SECTION: &str = "vm";
 
@@ -505,11 +502,12 @@ impl migrated::Server for Server {
         let kind = channel::Kind::from(p.get_kind()?);
         let tls = read_tls(p.get_tls()?, &uri, kind)?;
         let (regions, config) = read_shape(p.get_shape()?)?;
+        let wait = p.get_wait_ms();
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let back = self.back.clone();
         let (state, bytes) = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
-            let deadline = Instant::now() + WAIT;
+            let deadline = (wait > 0).then(|| Instant::now() + Duration::from_millis(wait.into()));
             if kind != channel::Kind::Listener {
                 // A connection (exec:, fd:) or the file: the one stream there is.
                 if kind == channel::Kind::Stream {

@@ -30,7 +30,8 @@ interface Migrated {
 
   # The destination: takes one whole stream from `uri` into the memfd and returns the device
   # state once every check has passed (a stream that fails one changes nothing but RAM).
-  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind) -> (state :Data, bytes :UInt64);
+  # waitMs: how long to wait for a source to connect (0: as long as it takes).
+  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32) -> (state :Data, bytes :UInt64);
 
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.

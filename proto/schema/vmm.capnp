@@ -119,9 +119,14 @@ struct VmInfo {
   boots @8 :UInt32;       # 1 + how many times the guest was reset and restarted
 }
 
+# The VM's state, as QMP names them.
 enum RunState {
   running @0;
   paused @1;
+  incoming @2;      # waiting for a migration source or reading a snapshot (--incoming, --restore)
+  migrating @3;     # running while a live migration sends it
+  postmigrate @4;   # it runs on the destination now; this vmm-core is ending
+  shutdown @5;      # being stopped (SIGTERM's wait for the guest, or ending)
 }
 
 struct ConsoleFault {

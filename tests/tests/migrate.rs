@@ -1190,3 +1190,97 @@ fn tls_refusals_over_inherited_descriptors_leave_the_source_running() {
         drop(src);
     }
 }
+
+/// QMP's run states. A destination waiting on --incoming says `incoming`, refuses what needs
+/// a VM, and `shutdown --force` or SIGTERM end its wait at once (it used to hang, ignore
+/// SIGTERM and give up after an undocumented 120 s); --incoming-timeout bounds the wait when
+/// asked to. A migrating source goes `migrating`, then `postmigrate`, and the destination
+/// says `running` once the VM is there.
+#[test]
+fn a_waiting_destination_says_incoming_and_stops_at_once() {
+    let dir = TempDir::new("mig-states");
+    let img = disk(&dir);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let api = dir.join("dst.sock");
+    let api_arg = ["--api-socket", api.to_str().unwrap()];
+    let mut dst = destination(&dir, &img, &uri, None, &api_arg);
+    let (code, out, err) = vmmctl(&api, &["info"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("state:    incoming\n"), "{out}");
+    for cmd in [
+        &["pause"][..],
+        &["cpus", "set", "1"],
+        &["migrate", "unix:/nonexistent"],
+    ] {
+        let (code, _, err) = vmmctl(&api, cmd);
+        assert_eq!(code, 1, "{cmd:?}: {err}");
+        assert!(
+            err.contains("has not arrived yet (state incoming)"),
+            "{cmd:?}: {err}"
+        );
+    }
+    let asked = std::time::Instant::now();
+    let (code, _, err) = vmmctl(&api, &["shutdown", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(dst.wait_exit(T), 0, "{}", dst.stderr());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let mut dst = destination(&dir, &img, &uri, None, &api_arg);
+    let asked = std::time::Instant::now();
+    dst.signal(libc::SIGTERM);
+    assert_eq!(dst.wait_exit(T), 143, "{}", dst.stderr());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let mut dst = destination(&dir, &img, &uri, None, &["--incoming-timeout", "1"]);
+    assert_eq!(dst.wait_exit(T), 2, "{}", dst.stderr());
+    assert!(
+        dst.stderr()
+            .contains("no source connected within --incoming-timeout"),
+        "{}",
+        dst.stderr()
+    );
+
+    // A migration, watched through the states both sides report.
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let mut events = std::process::Command::new(vmm_tests::vmmctl_bin())
+        .arg("--socket")
+        .arg(&src_sock)
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(events.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert!(line.contains("subscribed to events"), "{line}");
+    let dst = destination(&dir, &img, &uri, None, &api_arg);
+    assert!(vmmctl(&api, &["info"]).1.starts_with("state:    incoming"));
+    let (code, out, err) = vmmctl(&src_sock, &["migrate", &uri]);
+    assert_eq!(
+        code,
+        0,
+        "{out}{err}\n{}\n--- destination ---\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut events.stdout.take().unwrap(), &mut seen).unwrap();
+    let _ = events.wait();
+    let states: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.split_once(" state: ").map(|(_, s)| s))
+        .collect();
+    assert_eq!(states, ["migrating", "postmigrate"], "{seen}");
+    assert!(vmmctl(&api, &["info"]).1.starts_with("state:    running"));
+    drop((src, dst));
+}

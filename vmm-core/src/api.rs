@@ -37,8 +37,53 @@ pub struct VcpuStatus {
 }
 
 /// What `info` reports; the VM's main loop keeps it current.
+/// Where the VM is in its life, besides running or paused (QMP's run states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Running or paused (`Status::paused` says which).
+    #[default]
+    Here,
+    /// Waiting for a migration source, or reading a snapshot: no VM yet.
+    Incoming,
+    /// A live migration is sending it.
+    Migrating,
+    /// It runs on the destination now; this vmm-core is ending.
+    PostMigrate,
+    /// Being stopped: SIGTERM's wait for the guest to power off.
+    Shutdown,
+}
+
+impl Phase {
+    pub fn name(self, paused: bool) -> &'static str {
+        match self {
+            Phase::Here if paused => "paused",
+            Phase::Here => "running",
+            Phase::Incoming => "incoming",
+            Phase::Migrating => "migrating",
+            Phase::PostMigrate => "postmigrate",
+            Phase::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl Shared {
+    /// Moves the VM to `phase`, with a `state` event naming the new state.
+    pub fn set_phase(&self, phase: Phase) {
+        let name = {
+            let mut st = self.status.lock().unwrap();
+            if st.phase == phase {
+                return;
+            }
+            st.phase = phase;
+            phase.name(st.paused)
+        };
+        self.events.emit("state", name);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Status {
+    pub phase: Phase,
     pub paused: bool,
     pub cpus: u32,
     pub max_cpus: u32,
@@ -337,10 +382,13 @@ impl vmm::Server for VmmServer {
     ) -> Result<(), capnp::Error> {
         let s = self.shared.status.lock().unwrap().clone();
         let mut info = results.get().init_info();
-        info.set_state(if s.paused {
-            vmm_capnp::RunState::Paused
-        } else {
-            vmm_capnp::RunState::Running
+        info.set_state(match s.phase {
+            Phase::Here if s.paused => vmm_capnp::RunState::Paused,
+            Phase::Here => vmm_capnp::RunState::Running,
+            Phase::Incoming => vmm_capnp::RunState::Incoming,
+            Phase::Migrating => vmm_capnp::RunState::Migrating,
+            Phase::PostMigrate => vmm_capnp::RunState::Postmigrate,
+            Phase::Shutdown => vmm_capnp::RunState::Shutdown,
         });
         info.set_cpus(s.cpus);
         info.set_max_cpus(s.max_cpus);
@@ -400,6 +448,11 @@ impl vmm::Server for VmmServer {
         if let Err(e) = vmm_proto::channel::Uri::parse(&uri) {
             return Err(failed(&e));
         }
+        if self.shared.status.lock().unwrap().phase == Phase::Incoming {
+            return Err(capnp::Error::failed(
+                "the VM has not arrived yet (state incoming): there is nothing to send".into(),
+            ));
+        }
         let m = self
             .shared
             .migrated
@@ -438,7 +491,11 @@ impl vmm::Server for VmmServer {
                 authz: Vec::new(),
             },
         };
-        crate::migration::send(
+        let live = !opts.uri.starts_with("file:");
+        if live {
+            self.shared.set_phase(Phase::Migrating);
+        }
+        let sent = crate::migration::send(
             &m,
             &self.events,
             &self.shared.migration,
@@ -446,8 +503,14 @@ impl vmm::Server for VmmServer {
             memory,
             max_cpus,
         )
-        .await
-        .map_err(|e| failed(&e))?;
+        .await;
+        if live {
+            self.shared.set_phase(match sent {
+                Ok(()) => Phase::PostMigrate,
+                Err(_) => Phase::Here,
+            });
+        }
+        sent.map_err(|e| failed(&e))?;
         self.write_migration(results.get().init_status());
         Ok(())
     }

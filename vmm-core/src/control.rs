@@ -22,7 +22,12 @@ pub enum VmEvent {
     DiskStopped(String, String),
     /// A step of a migration or snapshot.
     Migration(MigrationRequest),
+    /// The incoming VM's stream, taken whole (its device state and size), or why not.
+    Arrived(Arrival),
 }
+
+/// An incoming VM's device state and stream size, or why it did not come.
+pub type Arrival = Result<(Vec<u8>, u64), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Why a vCPU thread asks the VM to stop.
 #[derive(Debug)]
@@ -40,6 +45,8 @@ pub type Reply<T> = oneshot::Sender<Result<T, LoopError>>;
 /// part that failed (with its chain).
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
+    #[error("the VM has not arrived yet (state incoming): until it does, only info, events and shutdown work")]
+    NotArrived,
     #[error("another vCPU change is still waiting for the guest; try again when it is done")]
     CpuChangeBusy,
     #[error("cannot remove vCPU 0, the boot CPU: at least 1 vCPU stays online")]

@@ -489,9 +489,11 @@ pub fn receive(
     memfd: std::fs::File,
     memory: u64,
     vcpus: u32,
+    wait: std::time::Duration,
 ) -> Result<(Vec<u8>, u64), MigrationError> {
     let uri = uri.to_string();
     let tls = tls.clone();
+    let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
     m.call_blocking(move |conn| {
         Box::pin(async move {
             let (opened, creds) = open_channel(&uri, &tls, false).await?;
@@ -499,6 +501,7 @@ pub fn receive(
             let mut req = conn.client.receive_request();
             req.get().set_uri(uri.as_str());
             req.get().set_kind(kind);
+            req.get().set_wait_ms(wait_ms);
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
             write_shape(req.get().init_shape(), memory, vcpus);
             let got = async {

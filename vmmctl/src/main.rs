@@ -1137,6 +1137,10 @@ fn format_info(
     let state = match info.get_state()? {
         RunState::Running => "running",
         RunState::Paused => "paused",
+        RunState::Incoming => "incoming",
+        RunState::Migrating => "migrating",
+        RunState::Postmigrate => "postmigrate",
+        RunState::Shutdown => "shutdown",
     };
     let kernel = info
         .get_kernel()?

@@ -10963,6 +10963,10 @@ pub mod vm_info {
 pub enum RunState {
     Running = 0,
     Paused = 1,
+    Incoming = 2,
+    Migrating = 3,
+    Postmigrate = 4,
+    Shutdown = 5,
 }
 
 impl ::capnp::introspect::Introspect for RunState {
@@ -10977,6 +10981,10 @@ impl ::core::convert::TryFrom<u16> for RunState {
         match value {
             0 => ::core::result::Result::Ok(Self::Running),
             1 => ::core::result::Result::Ok(Self::Paused),
+            2 => ::core::result::Result::Ok(Self::Incoming),
+            3 => ::core::result::Result::Ok(Self::Migrating),
+            4 => ::core::result::Result::Ok(Self::Postmigrate),
+            5 => ::core::result::Result::Ok(Self::Shutdown),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -10989,7 +10997,7 @@ impl ::capnp::traits::HasTypeId for RunState {
     const TYPE_ID: u64 = 0x97ff_601c_46d2_c301u64;
 }
 mod run_state {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 25] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 45] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(1, 195, 210, 70, 28, 96, 255, 151),
     ::capnp::word(10, 0, 0, 0, 2, 0, 0, 0),
@@ -10999,22 +11007,42 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 25] = [
     ::capnp::word(21, 0, 0, 0, 154, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 55, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 151, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(118, 109, 109, 46, 99, 97, 112, 110),
     ::capnp::word(112, 58, 82, 117, 110, 83, 116, 97),
     ::capnp::word(116, 101, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(8, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(24, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(17, 0, 0, 0, 66, 0, 0, 0),
+    ::capnp::word(65, 0, 0, 0, 66, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(9, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(57, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(49, 0, 0, 0, 74, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 82, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(41, 0, 0, 0, 98, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(37, 0, 0, 0, 74, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(114, 117, 110, 110, 105, 110, 103, 0),
     ::capnp::word(112, 97, 117, 115, 101, 100, 0, 0),
+    ::capnp::word(105, 110, 99, 111, 109, 105, 110, 103),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(109, 105, 103, 114, 97, 116, 105, 110),
+    ::capnp::word(103, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(112, 111, 115, 116, 109, 105, 103, 114),
+    ::capnp::word(97, 116, 101, 0, 0, 0, 0, 0),
+    ::capnp::word(115, 104, 117, 116, 100, 111, 119, 110),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

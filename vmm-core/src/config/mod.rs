@@ -100,6 +100,15 @@ pub struct RunArgs {
     /// line must describe the same VM (--memory, --cpus, the disks in the same order).
     #[arg(long, value_name = "URI")]
     pub incoming: Option<String>,
+    /// How long --incoming waits for a source to connect, in seconds (0, the default: as
+    /// long as it takes, as QEMU). SIGTERM, SIGINT and `vmmctl shutdown` end the wait.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 0,
+        requires = "incoming"
+    )]
+    pub incoming_timeout: u32,
     /// Restore a snapshot: the same as --incoming file:PATH.
     #[arg(long, value_name = "file:PATH", conflicts_with = "incoming")]
     pub restore: Option<String>,
@@ -164,6 +173,8 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// The flag that gave `incoming`, for messages: --incoming or --restore.
     pub incoming_flag: &'static str,
+    /// How long --incoming waits for a source (zero: as long as it takes).
+    pub incoming_timeout: std::time::Duration,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
@@ -365,6 +376,7 @@ impl VmConfig {
             blockd_socket: args.blockd_socket,
             incoming,
             incoming_flag,
+            incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),

@@ -185,9 +185,13 @@ pub struct Blockd {
 impl Blockd {
     /// Takes every image's lock (an incoming VM, as it arrives; a source whose migration
     /// failed, as it goes on).
+    /// (From the main thread, under its seccomp filter: the holders are not named.)
     pub fn lock_images(&self) -> Result<(), super::image_lock::LockError> {
         for l in &self.locks {
-            l.take()?;
+            l.take(false)?;
+        }
+        if !self.locks.is_empty() {
+            log::info!("took the disks' image locks");
         }
         Ok(())
     }
@@ -197,6 +201,9 @@ impl Blockd {
     pub fn release_images(&self) {
         for l in &self.locks {
             l.release();
+        }
+        if !self.locks.is_empty() {
+            log::info!("released the disks' image locks for the destination");
         }
     }
 
@@ -322,7 +329,7 @@ pub fn start(
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
         // An incoming VM's images are still the source's: it locks them when it arrives.
         if lock_now {
-            lock.take()?;
+            lock.take(true)?;
         }
         locks.push(lock);
         let dir = dir.expect("a run directory exists when a disk has a path");

@@ -61,13 +61,14 @@ impl ImageLock {
         }
     }
 
-    /// Takes it, or says who holds the image and why that is refused.
-    pub fn take(&self) -> Result<(), LockError> {
+    /// Takes it, or says why that is refused: who holds the image when `name_holders` (which
+    /// reads /proc: not on a thread whose seccomp filter forbids opening files).
+    pub fn take(&self, name_holders: bool) -> Result<(), LockError> {
         use nix::fcntl::{fcntl, FcntlArg};
         let want = lock_of(self.kind());
         match fcntl(self.file.as_fd(), FcntlArg::F_OFD_SETLK(&want)) {
             Ok(_) => Ok(()),
-            Err(nix::Error::EAGAIN | nix::Error::EACCES) => Err(self.in_use()),
+            Err(nix::Error::EAGAIN | nix::Error::EACCES) => Err(self.in_use(name_holders)),
             Err(e) => Err(LockError::Fcntl(self.path.clone(), e)),
         }
     }
@@ -83,7 +84,7 @@ impl ImageLock {
     }
 
     /// The refusal: the kind of lock in the way (F_OFD_GETLK) and who has the image open.
-    fn in_use(&self) -> LockError {
+    fn in_use(&self, name_holders: bool) -> LockError {
         let mut probe = lock_of(self.kind());
         let writer = nix::fcntl::fcntl(
             self.file.as_fd(),
@@ -107,7 +108,11 @@ impl ImageLock {
         };
         LockError::InUse {
             path: self.path.clone(),
-            holders: holders(&self.file),
+            holders: if name_holders {
+                holders(&self.file)
+            } else {
+                "another process".into()
+            },
             what,
             why,
         }
@@ -169,34 +174,34 @@ mod tests {
         };
         let ro = || File::open(&path).unwrap();
         let a = ImageLock::new(&path, &rw(), true).unwrap();
-        a.take().unwrap();
+        a.take(true).unwrap();
         let b = ImageLock::new(&path, &rw(), true).unwrap();
-        let e = b.take().unwrap_err().to_string();
+        let e = b.take(true).unwrap_err().to_string();
         assert!(
             e.contains("writes to it; two VMs writing one image corrupt it"),
             "{e}"
         );
         let r = ImageLock::new(&path, &ro(), false).unwrap();
         assert!(r
-            .take()
+            .take(true)
             .unwrap_err()
             .to_string()
             .contains("a read-only disk would change"));
         // Released (a migration's hand-over): the others may have it.
         a.release();
-        r.take().unwrap();
+        r.take(true).unwrap();
         let r2 = ImageLock::new(&path, &ro(), false).unwrap();
-        r2.take().unwrap();
-        let e = b.take().unwrap_err().to_string();
+        r2.take(true).unwrap();
+        let e = b.take(true).unwrap_err().to_string();
         assert!(e.contains("reads it (readonly=on)"), "{e}");
         // A copy of the descriptor (blockd's) shares the lock: same open file description.
         let desc = rw();
         let c = ImageLock::new(&path, &desc, true).unwrap();
         r.release();
         r2.release();
-        c.take().unwrap();
+        c.take(true).unwrap();
         let copy = ImageLock::new(&path, &desc, true).unwrap();
-        copy.take().unwrap();
+        copy.take(true).unwrap();
         std::fs::remove_file(&path).unwrap();
     }
 }

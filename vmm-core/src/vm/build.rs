@@ -17,7 +17,7 @@ use crate::vcpu::RunState;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::sync::atomic::AtomicU64;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm_devices::bus::IoBus;
@@ -74,7 +74,7 @@ impl Guest {
     pub fn build(
         kvm: &Kvm,
         config: &VmConfig,
-        tx: &Sender<VmEvent>,
+        (tx, rx): (&Sender<VmEvent>, &Receiver<VmEvent>),
         console: &ConsoleInput,
         res: &Resources,
         incoming: Option<&str>,
@@ -147,6 +147,7 @@ impl Guest {
                 let restore = guest.take_incoming(
                     uri,
                     config,
+                    (tx, rx),
                     res,
                     serial_irq_restore,
                     serial_out(console),
@@ -206,6 +207,7 @@ impl Guest {
         &self,
         uri: &str,
         config: &VmConfig,
+        (tx, rx): (&Sender<VmEvent>, &Receiver<VmEvent>),
         res: &Resources,
         serial_irq: EventFd,
         serial_out: Box<dyn std::io::Write + Send>,
@@ -216,15 +218,30 @@ impl Guest {
         let memfd = self.memory.memfd.try_clone().map_err(VmError::EventFd)?;
         log::info!("{} {uri}: waiting for the VM", config.incoming_flag);
         let start = Instant::now();
-        let (bytes, n) = crate::migration::receive(
-            m,
-            uri,
-            &config.incoming_tls,
-            memfd,
-            config.memory,
-            config.max_cpus,
-        )
-        .map_err(|e| VmError::incoming(config.incoming_flag, uri, e))?;
+        // The stream comes in on a thread of its own; meanwhile this one answers the API and
+        // the signals (a destination waits as long as it takes, and must stay stoppable).
+        {
+            // (An Arc: the last Migrated to go ends the helper.)
+            let (m, uri, tls, tx) = (
+                std::sync::Arc::clone(m),
+                uri.to_string(),
+                config.incoming_tls.clone(),
+                tx.clone(),
+            );
+            let (memory, cpus, wait) = (config.memory, config.max_cpus, config.incoming_timeout);
+            std::thread::Builder::new()
+                .name("incoming".into())
+                .spawn(move || {
+                    let got = crate::migration::receive(&m, &uri, &tls, memfd, memory, cpus, wait)
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+                    let _ = tx.send(VmEvent::Arrived(got));
+                })
+                .map_err(|e| VmError::Thread("incoming", e))?;
+        }
+        let (bytes, n) = match wait_for_arrival(rx)? {
+            Ok(got) => got,
+            Err(e) => return Err(VmError::Incoming(config.incoming_flag, uri.to_string(), e)),
+        };
         log::info!(
             "{} {uri}: {} MiB received in {} ms, every check passed",
             config.incoming_flag,
@@ -342,4 +359,54 @@ fn io_bus(
     );
     bus.insert(pvpanic::PORT, 1, Arc::new(Mutex::new(pvpanic::PvPanic)));
     bus
+}
+
+/// What the main thread does while an incoming VM is on its way: a stop signal, the console
+/// escape or `vmmctl shutdown` ends the wait (the VM was never here); requests that need a
+/// VM are refused; the arrival (or its failure) ends the wait.
+fn wait_for_arrival(rx: &Receiver<VmEvent>) -> Result<crate::control::Arrival, VmError> {
+    use crate::control::{ApiRequest, LoopError, MigrationRequest as M, Request};
+    loop {
+        let event = rx
+            .recv()
+            .expect("the signal thread holds a sender for the life of the process");
+        match event {
+            VmEvent::Arrived(got) => return Ok(got),
+            VmEvent::Signal(_) | VmEvent::ConsoleEscape => return Err(VmError::Interrupted(event)),
+            VmEvent::Api(ApiRequest {
+                request: request @ Request::Shutdown { .. },
+                reply,
+            }) => {
+                log::info!("stopped while waiting for the incoming VM (management API)");
+                let _ = reply.send(Ok(()));
+                let (reply, _) = futures::channel::oneshot::channel();
+                return Err(VmError::Interrupted(VmEvent::Api(ApiRequest {
+                    request,
+                    reply,
+                })));
+            }
+            VmEvent::Api(ApiRequest { reply, .. }) => {
+                let _ = reply.send(Err(LoopError::NotArrived));
+            }
+            VmEvent::Migration(req) => match req {
+                M::DirtyLog(_, r) | M::Continue(r) => {
+                    let _ = r.send(Err(LoopError::NotArrived));
+                }
+                M::TakeDirty(r) => {
+                    let _ = r.send(Err(LoopError::NotArrived));
+                }
+                M::Save(r) => {
+                    let _ = r.send(Err(LoopError::NotArrived));
+                }
+                M::Memfd(r) => {
+                    let _ = r.send(Err(LoopError::NotArrived));
+                }
+                M::Leave => {}
+            },
+            VmEvent::DiskStopped(disk, why) => {
+                log::warn!("{disk} stopped before the VM arrived: {why}")
+            }
+            VmEvent::DumpVcpus | VmEvent::Vcpu(_) | VmEvent::Hotplug(_) => {}
+        }
+    }
 }

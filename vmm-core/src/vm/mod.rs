@@ -63,6 +63,10 @@ pub enum VmError {
     /// The incoming VM could not be taken (a user error when the stream or its source is).
     /// The error names the channel already: "--incoming URI: " (or "--restore file:PATH: ",
     /// the flag that was given) goes in front of the rest.
+    /// What ended the run before the VM was built (a stop while an incoming VM was awaited):
+    /// not an error, the run's end.
+    #[error("stopped before the VM arrived")]
+    Interrupted(VmEvent),
     #[error("{0} {1}: {why}", why = without_uri(.1, .2.as_ref()))]
     Incoming(
         &'static str,
@@ -192,7 +196,7 @@ fn helper_source(
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
     disks: &'a [crate::helpers::blockd::DiskBackend],
-    migrated: Option<&'a crate::helpers::migrated::Migrated>,
+    migrated: Option<&'a Arc<crate::helpers::migrated::Migrated>>,
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
@@ -314,6 +318,11 @@ fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
 fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
     Arc::new(api::Shared {
         status: Mutex::new(api::Status {
+            phase: if config.incoming.is_some() {
+                api::Phase::Incoming
+            } else {
+                api::Phase::Here
+            },
             paused: false,
             cpus: config.cpus,
             max_cpus: config.max_cpus,
@@ -458,6 +467,7 @@ fn run_guest(
             VmEvent::Vcpu(VcpuEvent::Action(_, Action::None))
             | VmEvent::DumpVcpus
             | VmEvent::DiskStopped(..)
+            | VmEvent::Arrived(_)
             | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
@@ -486,7 +496,10 @@ fn run_once(
         (Some(uri), 1) => Some(uri.as_str()),
         _ => None,
     };
-    let (guest, fds, incoming) = Guest::build(kvm, config, tx, console, res, incoming)?;
+    let (guest, fds, incoming) = match Guest::build(kvm, config, (tx, rx), console, res, incoming) {
+        Err(VmError::Interrupted(event)) => return Ok(event),
+        built => built?,
+    };
     // chardevd started while the VM was built; a helper that cannot serve stops the VM here,
     // before any guest code runs.
     let ready = console.helper_ready.lock().unwrap().take();
@@ -532,6 +545,7 @@ fn arrive(
     }
     crate::migration::started(m, true, String::new())
         .map_err(|e| VmError::incoming(inc.flag, &inc.uri, e))?;
+    shared.set_phase(api::Phase::Here);
     let mut paused_clock = None;
     if inc.restore.paused {
         // Paused on the source by its user: paused here too, until `vmmctl resume`.

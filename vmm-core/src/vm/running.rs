@@ -92,6 +92,8 @@ impl<'a> Running<'a> {
                 VmEvent::Hotplug(event) => self.hotplug(event),
                 VmEvent::Api(req) => self.api(req),
                 VmEvent::Signal(sig) => self.signal(sig),
+                // Only an incoming VM's wait takes it (build.rs).
+                VmEvent::Arrived(_) => None,
                 VmEvent::Vcpu(_) | VmEvent::ConsoleEscape => Some(event),
             };
             if let Some(event) = end {
@@ -160,6 +162,7 @@ impl<'a> Running<'a> {
         self.shared
             .events
             .emit("power-button", "pressed on SIGTERM");
+        self.shared.set_phase(api::Phase::Shutdown);
         self.stopping = Some(Instant::now() + timeout);
         None
     }
