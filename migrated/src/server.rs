@@ -35,6 +35,15 @@ struct Outgoing {
     /// Bytes per second (0: no limit), and when the stream began.
     limit: u64,
     began: Instant,
+    /// What `progress` reads while a call sends: bytes written and pages sent.
+    sent: Arc<Sent>,
+}
+
+/// Bytes written to the stream and guest pages sent, updated as they go.
+#[derive(Default)]
+struct Sent {
+    bytes: std::sync::atomic::AtomicU64,
+    pages: std::sync::atomic::AtomicU64,
 }
 
 impl Outgoing {
@@ -59,6 +68,8 @@ pub struct Server {
     cut: Arc<Mutex<Option<Box<dyn Stream>>>>,
     /// The destination's connection, kept for the answer `started` sends back.
     back: Back,
+    /// The outgoing stream's progress (`progress` reads it while `sendPages` holds `out`).
+    sent: Arc<Sent>,
 }
 
 fn failed(msg: String) -> capnp::Error {
@@ -132,6 +143,7 @@ impl Server {
             out: Default::default(),
             cut: Default::default(),
             back: Default::default(),
+            sent: Default::default(),
         }
     }
 
@@ -250,7 +262,10 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         })
     };
     let regions = o.ram.regions.clone();
-    let mut buf = Vec::with_capacity(1024 * PAGE);
+    // Runs of up to 4 MiB; under a bandwidth limit 256 KiB, so that the pacing (and the
+    // progress it shows) goes in small steps, not a second's worth at a time.
+    let run_max: u64 = if o.limit > 0 { 64 } else { 1024 };
+    let mut buf = Vec::with_capacity(run_max as usize * PAGE);
     for (gpa, bytes, off) in regions {
         let first = off / PAGE as u64;
         let end = first + bytes / PAGE as u64;
@@ -261,7 +276,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
                 continue;
             }
             let mut q = p + 1;
-            while q < end && set(q) && q - p < 1024 {
+            while q < end && set(q) && q - p < run_max {
                 q += 1;
             }
             // A copy: the guest may write the pages meanwhile, and what is checksummed
@@ -273,6 +288,12 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
             o.writer
                 .ram(gpa + (p - first) * PAGE as u64, &buf, zeros)
                 .map_err(io)?;
+            o.sent
+                .bytes
+                .store(o.writer.bytes(), std::sync::atomic::Ordering::Relaxed);
+            o.sent
+                .pages
+                .fetch_add(q - p, std::sync::atomic::Ordering::Relaxed);
             o.pace();
             p = q;
         }
@@ -367,6 +388,9 @@ impl migrated::Server for Server {
         let compress = p.get_compress();
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
+        let sent = self.sent.clone();
+        sent.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        sent.pages.store(0, std::sync::atomic::Ordering::Relaxed);
         blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
             let mut stream = channel::stream(&uri, fd, kind)?;
@@ -393,6 +417,7 @@ impl migrated::Server for Server {
                 passes: 0,
                 limit,
                 began: Instant::now(),
+                sent,
             });
             Ok(())
         })
@@ -538,6 +563,17 @@ impl migrated::Server for Server {
         .await?;
         results.get().set_state(&state);
         results.get().set_bytes(bytes);
+        Ok(())
+    }
+
+    async fn progress(
+        self: CapRc<Self>,
+        _: migrated::ProgressParams,
+        mut results: migrated::ProgressResults,
+    ) -> Result<(), capnp::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        results.get().set_bytes(self.sent.bytes.load(Relaxed));
+        results.get().set_pages(self.sent.pages.load(Relaxed));
         Ok(())
     }
 

@@ -36,6 +36,10 @@ interface Migrated {
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.
   started @5 (ok :Bool, why :Text) -> ();
+
+  # The source, while a call sends: bytes written to the stream since `open`, and guest pages
+  # sent (each page of each pass counts), as they are written.
+  progress @6 () -> (bytes :UInt64, pages :UInt64);
 }
 
 struct Shape {

@@ -1284,3 +1284,62 @@ fn a_waiting_destination_says_incoming_and_stops_at_once() {
     assert!(vmmctl(&api, &["info"]).1.starts_with("state:    running"));
     drop((src, dst));
 }
+
+/// Progress is true while a pass runs (it stayed at 0 until a pass ended): with the stream
+/// held to 4 MiB/s, `migrate status` shows the bytes growing during the first pass at about
+/// that rate; the migration is cancelled then.
+#[test]
+fn migrate_status_counts_bytes_while_a_pass_runs() {
+    let dir = TempDir::new("mig-progress");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source(&dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let dst = destination(&dir, &img, &uri, None, &[]);
+    let migrating = std::process::Command::new(vmm_tests::vmmctl_bin())
+        .arg("--socket")
+        .arg(&src_sock)
+        .args(["migrate", &uri, "--bandwidth", "4M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let field = |json: &str, key: &str| -> u64 {
+        json.split(&format!("\"{key}\":"))
+            .nth(1)
+            .and_then(|r| r.split([',', '}']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {json}"))
+    };
+    let status = || vmmctl(&src_sock, &["--json", "migrate", "status"]).1;
+    wait_until(T, "the first pass to send", || {
+        let s = status();
+        s.contains("\"phase\":\"pre-copy\"") && field(&s, "bytes") > 0
+    });
+    let first = status();
+    std::thread::sleep(Duration::from_secs(1));
+    let second = status();
+    assert_eq!(field(&first, "passes"), 0, "{first}");
+    assert_eq!(
+        field(&second, "passes"),
+        0,
+        "still the first pass: {second}"
+    );
+    let (b1, b2) = (field(&first, "bytes"), field(&second, "bytes"));
+    assert!(b2 > b1 + (2 << 20), "1 s at 4 MiB/s: {b1} then {b2}");
+    let rate = field(&second, "bandwidth_bytes_per_s");
+    assert!(
+        ((2 << 20)..(8 << 20)).contains(&rate),
+        "the rate while the pass runs: {rate} B/s (limit 4 MiB/s)"
+    );
+    assert!(field(&second, "ram_bytes") > 0, "{second}");
+    assert_eq!(vmmctl(&src_sock, &["migrate", "cancel"]).0, 0);
+    let out = migrating.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cancelled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop((src, dst));
+}

@@ -499,6 +499,7 @@ impl vmm::Server for VmmServer {
             &m,
             &self.events,
             &self.shared.migration,
+            &self.shared.events,
             opts,
             memory,
             max_cpus,

@@ -244,6 +244,62 @@ async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats,
     .await
 }
 
+/// What migrated has sent so far in this stream: (bytes, guest pages).
+async fn sent_so_far(m: &Migrated) -> Result<(u64, u64), MigrationError> {
+    m.call(|conn| {
+        Box::pin(async move {
+            let r = conn.client.progress_request().send().promise.await?;
+            let r = r.get()?;
+            Ok((r.get_bytes(), r.get_pages()))
+        })
+    })
+    .await
+}
+
+/// `send_pages`, with the status kept true while the pass runs: every 250 ms the bytes and
+/// pages migrated has sent so far, and the rate since the last look (a pass of a large VM
+/// takes seconds; counting only at its end showed 0 until then). A `migration` event each
+/// second says the same.
+async fn send_pages_watched(
+    m: &Migrated,
+    bitmap: Option<Vec<u64>>,
+    progress: &Progress,
+    events: &crate::events::Events,
+) -> Result<PassStats, MigrationError> {
+    let mut call = std::pin::pin!(send_pages(m, bitmap));
+    let mut last = (std::time::Instant::now(), progress.lock().unwrap().bytes);
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            r = &mut call => {
+                if let Ok((bytes, pages)) = sent_so_far(m).await {
+                    let mut s = progress.lock().unwrap();
+                    s.bytes = bytes;
+                    s.ram_bytes = pages * vmm_devices::layout::PAGE_SIZE;
+                }
+                return r;
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                let Ok((bytes, pages)) = sent_so_far(m).await else { continue };
+                let now = std::time::Instant::now();
+                let rate = (bytes.saturating_sub(last.1) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3)) as u64;
+                last = (now, bytes);
+                let line = {
+                    let mut s = progress.lock().unwrap();
+                    s.bytes = bytes;
+                    s.ram_bytes = pages * vmm_devices::layout::PAGE_SIZE;
+                    s.bandwidth = rate;
+                    format!("pass {}: {} MiB sent, {} MiB/s", s.passes + 1, bytes >> 20, rate >> 20)
+                };
+                ticks += 1;
+                if ticks.is_multiple_of(4) {
+                    events.emit("migration", line);
+                }
+            }
+        }
+    }
+}
+
 /// Opens the channel (the guest RAM memfd goes to migrated first).
 async fn open(
     m: &Migrated,
@@ -319,6 +375,7 @@ pub async fn send(
     m: &Migrated,
     tx: &std::sync::mpsc::Sender<VmEvent>,
     progress: &Progress,
+    events: &crate::events::Events,
     opts: Options,
     memory: u64,
     vcpus: u32,
@@ -332,7 +389,10 @@ pub async fn send(
         ..Default::default()
     };
     let memfd = ask(tx, MigrationRequest::Memfd).await?;
-    let r = transfer(m, tx, progress, &opts, memfd, memory, vcpus, live, start).await;
+    let r = transfer(
+        m, tx, progress, events, &opts, memfd, memory, vcpus, live, start,
+    )
+    .await;
     if live {
         let _ = ask(tx, |r| MigrationRequest::DirtyLog(false, r)).await;
     }
@@ -385,6 +445,7 @@ async fn transfer(
     m: &Migrated,
     tx: &std::sync::mpsc::Sender<VmEvent>,
     progress: &Progress,
+    events: &crate::events::Events,
     opts: &Options,
     memfd: std::fs::File,
     memory: u64,
@@ -401,7 +462,7 @@ async fn transfer(
         let mut bitmap: Option<Vec<u64>> = None;
         let mut pass = 0u32;
         loop {
-            let sent = send_pages(m, bitmap.take()).await?;
+            let sent = send_pages_watched(m, bitmap.take(), progress, events).await?;
             pass += 1;
             // Bytes per second, from what this pass took.
             let bw = (sent.bytes.max(1) * 1_000_000) / sent.micros;
@@ -411,8 +472,6 @@ async fn transfer(
             let expected_ms = n * vmm_devices::layout::PAGE_SIZE * 1000 / bw.max(1);
             set(&|s| {
                 s.passes = pass;
-                s.bytes += sent.bytes;
-                s.ram_bytes += sent.pages * vmm_devices::layout::PAGE_SIZE;
                 s.dirty_pages = n;
                 s.dirty_rate_pages = rate;
                 s.bandwidth = bw;
@@ -459,7 +518,7 @@ async fn transfer(
         Some(b)
     };
     let saved_ms = stop.elapsed().as_millis();
-    let sent = send_pages(m, last).await?;
+    let sent = send_pages_watched(m, last, progress, events).await?;
     let last_ms = stop.elapsed().as_millis() - saved_ms;
     let bytes = finish(m, saved.state).await?;
     let downtime = stop.elapsed().as_millis() as u64;
@@ -468,10 +527,7 @@ async fn transfer(
         sent.pages,
         u128::from(downtime) - saved_ms - last_ms
     );
-    set(&|s| {
-        s.bytes = bytes;
-        s.ram_bytes += sent.pages * vmm_devices::layout::PAGE_SIZE;
-    });
+    set(&|s| s.bytes = bytes);
     log::info!(
         "{}: {} MiB sent in {} ms; the VM was paused for {downtime} ms",
         opts.uri,

@@ -1642,13 +1642,19 @@ async fn migrate(
                         let done = st.get_ram_bytes().min(total);
                         let width = 30;
                         let filled = (done * width / total) as usize;
+                        // The time the rest of the first pass takes at the current rate.
+                        let eta = match (st.get_passes(), st.get_bandwidth()) {
+                            (0, rate) if rate > 0 => format!(", ETA {} s", (total - done).div_ceil(rate)),
+                            _ => String::new(),
+                        };
                         eprint!(
-                            "\r\x1b[K{:<14} [{}{}] {:>5} MiB sent, pass {}, {} MiB/s",
+                            "\r\x1b[K{:<14} [{}{}] {:>3}% {:>5} MiB sent, pass {}, {} MiB/s{eta}",
                             st.get_phase().ok().and_then(|p| p.to_str().ok()).unwrap_or(""),
                             "#".repeat(filled),
                             " ".repeat(width as usize - filled),
+                            done * 100 / total,
                             st.get_bytes() >> 20,
-                            st.get_passes(),
+                            st.get_passes() + 1,
                             st.get_bandwidth() >> 20
                         );
                     }
