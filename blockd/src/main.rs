@@ -166,7 +166,7 @@ fn main() {
     let args = Args::parse();
     vmm_sandbox::logging::init("blockd");
     if let Err(e) = run(args) {
-        eprintln!("blockd: {e:#}");
+        eprintln!("blockd: error: {e:#}");
         std::process::exit(1);
     }
 }

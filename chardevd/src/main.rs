@@ -95,7 +95,7 @@ fn main() -> ExitCode {
         };
         // From here on chardevd runs sandboxed (in the child, if it forked).
         match vmm_sandbox::confine("chardevd", &jail, allowlist(), args.sandbox.seccomp) {
-            Ok(_) => {}
+            Ok(line) => log::info!("{line}"),
             Err(e) => {
                 log::error!("cannot enter its sandbox: {e}; --no-sandbox runs it without one (for debugging)");
                 return ExitCode::from(1);

@@ -101,7 +101,7 @@ fn main() {
         }
     };
     if let Err(e) = r {
-        eprintln!("error: {e:#}");
+        eprintln!("migrated: error: {e:#}");
         std::process::exit(2);
     }
 }

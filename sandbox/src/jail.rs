@@ -173,10 +173,10 @@ fn fork_into_the_pid_namespace(who: &'static str) -> Result<(), SandboxError> {
                 crate::seccomp::install(who, &waiting_parent(), crate::seccomp::Mode::Kill)
             {
                 // Not confined, so it does not wait: the helper ends, and this with it.
-                eprintln!("sandbox: the waiting parent's seccomp filter: {e}");
+                eprintln!("{who}: error: the waiting parent's seccomp filter: {e}");
                 let _ = kill(child, Signal::SIGKILL);
             }
-            wait_for(child, &waited)
+            wait_for(child, &waited, who)
         }
     }
 }
@@ -197,7 +197,7 @@ fn waiting_parent() -> Vec<crate::seccomp::Allow> {
 
 /// The parent's life: it holds nothing the helper uses (its end of a connection must close
 /// when the helper dies), passes on stop signals, and ends as the child did.
-fn wait_for(child: nix::unistd::Pid, waited: &SigSet) -> ! {
+fn wait_for(child: nix::unistd::Pid, waited: &SigSet, who: &str) -> ! {
     let code = loop {
         match waited.wait() {
             Ok(Signal::SIGCHLD) | Err(_) => {}
@@ -210,7 +210,7 @@ fn wait_for(child: nix::unistd::Pid, waited: &SigSet) -> ! {
             Ok(WaitStatus::Exited(_, code)) => break code,
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 eprintln!(
-                    "sandbox: the sandboxed process was killed by signal {}{}",
+                    "{who}: error: the sandboxed process was killed by signal {}{}",
                     sig as i32,
                     if sig == Signal::SIGSYS {
                         " (SIGSYS: a system call its seccomp filter forbids)"
@@ -222,7 +222,7 @@ fn wait_for(child: nix::unistd::Pid, waited: &SigSet) -> ! {
             }
             Ok(_) => {}
             Err(e) => {
-                eprintln!("sandbox: waiting for the sandboxed process: {e}");
+                eprintln!("{who}: error: waiting for the sandboxed process: {e}");
                 break 1;
             }
         }

@@ -16,12 +16,18 @@ fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let errors: Vec<&str> = stderr
         .lines()
-        // vmm-core's log, and its helpers' notes (a disk's blockd, and migrated, start before
-        // a setting vmm-core refuses can be known).
+        // vmm-core's log, and its helpers' notes (a disk's blockd, migrated and chardevd
+        // start before a setting vmm-core refuses can be known).
         .filter(|l| {
+            // Log lines carry the time in front (2026-12-06T23:55:41.123Z ).
+            let l = match l.split_once("Z ") {
+                Some((t, rest)) if t.len() == 23 && t.as_bytes()[10] == b'T' => rest,
+                _ => l,
+            };
             !l.starts_with("vmm-core: ")
                 && !l.starts_with("blockd: info: ")
                 && !l.starts_with("migrated: info: ")
+                && !l.starts_with("chardevd: info: ")
         })
         .collect();
     assert_eq!(

@@ -385,6 +385,55 @@ fn the_units_run_a_vm_under_a_real_systemd() {
         c.journal("vmm-core@vm1")
             .contains("disks reconnected: disk0")
     });
+    // journald took each line's priority from its `<N>` prefix (JOURNAL_STREAM): at
+    // warning and above, the death and restart of blockd and none of the info lines, of
+    // vmm-core or of the helpers' lines it passes on.
+    let warnings = c
+        .run(&[
+            "journalctl",
+            "-u",
+            "vmm-core@vm1",
+            "-p",
+            "warning",
+            "-o",
+            "cat",
+            "--no-pager",
+        ])
+        .1;
+    assert!(
+        warnings.contains("vmm-core: error: lost blockd"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("vmm-core: warn: restarted blockd (restart 1)"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains(": info: "), "{warnings}");
+    let infos = c.journal("vmm-core@vm1");
+    assert!(
+        infos.contains("vmm-core: info: connected to blockd at"),
+        "{infos}"
+    );
+    assert!(
+        !infos.contains("<6>"),
+        "the prefix is journald's, not the text's: {infos}"
+    );
+    let blockd = c
+        .run(&[
+            "journalctl",
+            "-u",
+            "blockd@vm1",
+            "-p",
+            "info",
+            "-o",
+            "cat",
+            "--no-pager",
+        ])
+        .1;
+    assert!(
+        blockd.contains("blockd: info: "),
+        "the helper's own unit: {blockd}"
+    );
     wait_until(
         Duration::from_secs(240),
         "the guest to finish and power off",

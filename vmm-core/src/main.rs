@@ -51,7 +51,16 @@ fn main() -> ExitCode {
         cli.command.expect("clap requires a subcommand")
     };
     let args = match command {
-        Command::Run(args) => *args,
+        Command::Run(args) => {
+            if let Some(level) = args
+                .log_level
+                .as_deref()
+                .and_then(vmm_sandbox::logging::parse_level)
+            {
+                log::set_max_level(level);
+            }
+            *args
+        }
         Command::PrintSeccomp => {
             use vmm_sandbox::seccomp::{base, describe, with_base};
             for (role, list) in [

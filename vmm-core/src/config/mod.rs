@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// socket) instead of starting one; reconnect if the connection drops.
     #[arg(long, value_name = "PATH", conflicts_with = "migrated")]
     pub migrated_socket: Option<PathBuf>,
+    /// How much vmm-core and its helpers log: error, warn, info, debug or trace (default:
+    /// $VMM_LOG, else info). The helpers get the same level.
+    #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: Option<String>,
     /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,

@@ -133,7 +133,10 @@ pub fn prepare(
         .args(["--control-fd", "3"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(stderr);
+        .stderr(stderr)
+        // One level for every process; vmm-core puts the front on the helper's lines.
+        .env("VMM_LOG", vmm_sandbox::logging::current_level())
+        .env("VMM_LOG_STYLE", "bare");
     match sandbox {
         Some(mode) => command.args(["--seccomp", mode]),
         None => command.arg("--no-sandbox"),

@@ -27,7 +27,7 @@ pub fn pipe(helper: &'static str, report: SeccompReport) -> std::io::Result<std:
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                eprint!("{line}");
+                eprint!("{}", vmm_sandbox::logging::relay(&line));
                 if let Some(i) = line.find(MARKER) {
                     let call = line[i + MARKER.len()..]
                         .split(';')
