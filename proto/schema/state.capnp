@@ -291,4 +291,12 @@ struct VmState {
   cpuHotplug @6 :CpuHotplug;
   pci @7 :List(VirtioPci);
   paused @8 :Bool;               # paused by the user (a restore stays paused too)
+  boot @9 :BootSpec;             # what a reset boots (the source's, checked on arrival)
+}
+
+# The files and command line the VM boots from at a reset: a VM that moves keeps them.
+struct BootSpec {
+  kernel @0 :Text;     # absolute path
+  initramfs @1 :Text;  # absolute path, or empty
+  cmdline @2 :Text;    # the command line the kernel gets
 }

@@ -34,6 +34,12 @@ pub enum StateError {
     XsaveComponent(u32),
     #[error("the state is of a VM with {} MiB and at most {} vCPUs, this one has {} MiB and {}; start it with the same --memory and --cpus", .saved.0 >> 20, .saved.1, .here.0 >> 20, .here.1)]
     Shape { saved: (u64, u32), here: (u64, u32) },
+    #[error("{flag}: the VM was booted with {saved:?}, and a reset here would boot with {here:?}; start this vmm-core with {flag} {saved:?} (a VM that moves keeps what it boots)")]
+    Boot {
+        flag: &'static str,
+        saved: String,
+        here: String,
+    },
     #[error("the state has vCPUs {0:?}, this VM takes ids below {1}")]
     VcpuIds(Vec<u32>, u32),
     #[error("the state has {0} PCI device(s), this VM {1}; give it the same --disk options")]

@@ -410,7 +410,6 @@ fn restore(dir: &TempDir, snap: &Path, img: &Path, name: &str) -> (TestVm, std::
     let sock = dir.join(&format!("{name}.sock"));
     let vm = TestVm::builder()
         .memory("256M")
-        .cmdline(CMDLINE)
         .args(["--api-socket", sock.to_str().unwrap()])
         .args(["--disk", &format!("path={}", img.display())])
         .args([
@@ -824,9 +823,9 @@ fn destination_from(
     ns: Option<&NetNs>,
     extra: &[&str],
 ) -> TestVm {
+    // No --cmdline: the VM comes with its own (and its resets boot with it).
     let mut b = b
         .memory("256M")
-        .cmdline(CMDLINE)
         .args(["--disk", &format!("path={}", img.display())])
         .args([
             "--serial",
@@ -1342,4 +1341,73 @@ fn migrate_status_counts_bytes_while_a_pass_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop((src, dst));
+}
+
+/// The boot files and command line travel with the VM: a restore given no --cmdline takes
+/// the one the VM came with, and a reset there boots with it (it used to boot the
+/// restoring vmm-core's own); a --cmdline or --kernel that differs is refused, naming it.
+#[test]
+fn a_restored_vm_resets_into_the_command_line_it_came_with() {
+    let dir = TempDir::new("mig-boot");
+    let sock = dir.join("src.sock");
+    let mut src = TestVm::builder()
+        .memory("64M")
+        .cmdline("console=ttyS0 tg.scenario=idle tg.mark=came-with-the-vm")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .spawn();
+    src.wait_for("tg: ready", T);
+    let snap = dir.join("vm.snap");
+    let (code, _, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_eq!(code, 0, "{err}");
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(src.wait_exit(T), 0);
+
+    let restore = |extra: &[&str]| {
+        let api = dir.join("dst.sock");
+        let vm = TestVm::builder()
+            .memory("64M")
+            .args(["--api-socket", api.to_str().unwrap()])
+            .args(["--restore", &format!("file:{}", snap.display())])
+            .args(extra.iter().copied())
+            .spawn();
+        (vm, api)
+    };
+    let (mut dst, api) = restore(&[]);
+    wait_until(T, "the restored VM", || {
+        api.exists() && vmmctl(&api, &["info"]).1.contains("state:    running")
+    });
+    let info = vmmctl(&api, &["info"]).1;
+    assert!(info.contains("tg.mark=came-with-the-vm"), "{info}");
+    assert_eq!(vmmctl(&api, &["reboot"]).0, 0);
+    let line = dst.wait_for("tg: cmdline=", T);
+    assert!(
+        line.contains("tg.mark=came-with-the-vm"),
+        "the reset booted with: {line}"
+    );
+    vmmctl(&api, &["shutdown", "--force"]);
+    assert_eq!(dst.wait_exit(T), 0);
+
+    let (mut other, _) = restore(&[
+        "--cmdline",
+        "console=ttyS0 tg.scenario=idle tg.mark=another",
+    ]);
+    assert_ne!(other.wait_exit(T), 0);
+    let err = other.stderr();
+    assert!(
+        err.contains("--cmdline: the VM was booted with \"console=ttyS0 tg.scenario=idle tg.mark=came-with-the-vm\""),
+        "{err}"
+    );
+    let kernel = dir.join("other-kernel.elf");
+    std::fs::copy(vmm_tests::test_guest(), &kernel).unwrap();
+    let (mut other, _) = restore(&["--kernel", kernel.to_str().unwrap()]);
+    assert_ne!(other.wait_exit(T), 0);
+    let err = other.stderr();
+    assert!(
+        err.contains(&format!(
+            "--kernel: the VM was booted with {:?}, and a reset here would boot with {:?}",
+            vmm_tests::test_guest().display().to_string(),
+            kernel.display().to_string()
+        )),
+        "{err}"
+    );
 }

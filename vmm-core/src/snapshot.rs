@@ -44,6 +44,54 @@ pub struct Taken {
     pub memory: u64,
     pub max_cpus: u32,
     pub paused: bool,
+    pub boot: Boot,
+}
+
+/// What a reset boots: the kernel and initramfs (absolute paths; "" for none) and the
+/// command line. A VM that moves keeps them: the place it lands must boot the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boot {
+    pub kernel: String,
+    pub initramfs: String,
+    pub cmdline: String,
+}
+
+impl Boot {
+    pub fn of(config: &crate::config::VmConfig) -> Boot {
+        Boot {
+            kernel: config.kernel.display().to_string(),
+            initramfs: config
+                .initramfs
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cmdline: config.user_cmdline.clone(),
+        }
+    }
+
+    /// The first difference between what the VM was booted with (`saved`) and what a reset
+    /// here would boot, named by its flag. The files must be the same (this vmm-core opened
+    /// its own before the VM came, and opens none later); the command line, when --cmdline
+    /// was not given here, comes with the VM (`cmdline_given`).
+    fn check(saved: &Boot, here: &Boot, cmdline_given: bool) -> Result<(), StateError> {
+        let mut fields = vec![
+            ("--kernel", &saved.kernel, &here.kernel),
+            ("--initramfs", &saved.initramfs, &here.initramfs),
+        ];
+        if cmdline_given {
+            fields.push(("--cmdline", &saved.cmdline, &here.cmdline));
+        }
+        for (flag, a, b) in fields {
+            if a != b {
+                return Err(StateError::Boot {
+                    flag,
+                    saved: a.clone(),
+                    here: b.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Saves the paused VM's state (the virtio queues stop here, once what they hold completed).
@@ -57,6 +105,12 @@ pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, SaveError> {
     b.set_memory(t.memory);
     b.set_max_cpus(t.max_cpus);
     b.set_paused(t.paused);
+    {
+        let mut boot = b.reborrow().init_boot();
+        boot.set_kernel(&t.boot.kernel);
+        boot.set_initramfs(&t.boot.initramfs);
+        boot.set_cmdline(&t.boot.cmdline);
+    }
     {
         let mut l = b.reborrow().init_vcpus(t.vcpus.len() as u32);
         for (i, v) in t.vcpus.iter().enumerate() {
@@ -84,17 +138,26 @@ pub struct Restore {
     pub vcpus: Vec<VcpuState>,
     pub kvm: KvmState,
     pub paused: bool,
+    /// The command line the VM was booted with (its resets boot with it), if the state says.
+    pub cmdline: Option<String>,
     msg: capnp::message::Reader<capnp::serialize::OwnedSegments>,
 }
 
 impl Restore {
-    pub fn read(bytes: &[u8], memory: u64, max_cpus: u32) -> Result<Restore, StateError> {
+    pub fn read(
+        bytes: &[u8],
+        memory: u64,
+        max_cpus: u32,
+        boot: &Boot,
+        cmdline_given: bool,
+    ) -> Result<Restore, StateError> {
         let opts = capnp::message::ReaderOptions {
             traversal_limit_in_words: Some(64 << 20),
             nesting_limit: 64,
         };
         let msg = capnp::serialize::read_message(&mut &bytes[..], opts)
             .map_err(StateError::read("the VM's state is not readable"))?;
+        let mut cmdline = None;
         let (vcpus, kvm, paused) = {
             let r = msg
                 .get_root::<vm_state::Reader>()
@@ -104,6 +167,21 @@ impl Restore {
                     saved: (r.get_memory(), r.get_max_cpus()),
                     here: (memory, max_cpus),
                 });
+            }
+            // A state from before the boot files travelled has none: nothing to compare.
+            if r.has_boot() {
+                let b = r.get_boot().map_err(StateError::read("the boot files"))?;
+                let text = |t: capnp::Result<capnp::text::Reader>| -> Result<String, StateError> {
+                    t.and_then(|t| Ok(t.to_str()?.to_string()))
+                        .map_err(StateError::read("the boot files"))
+                };
+                let saved = Boot {
+                    kernel: text(b.get_kernel())?,
+                    initramfs: text(b.get_initramfs())?,
+                    cmdline: text(b.get_cmdline())?,
+                };
+                Boot::check(&saved, boot, cmdline_given)?;
+                cmdline = Some(saved.cmdline);
             }
             let vcpus = r
                 .get_vcpus()
@@ -124,6 +202,7 @@ impl Restore {
             vcpus,
             kvm,
             paused,
+            cmdline,
             msg,
         })
     }

@@ -97,7 +97,9 @@ pub struct RunArgs {
     /// Take the VM from a migration source or a snapshot instead of booting: tcp:HOST:PORT or
     /// unix:PATH (listen for the source), exec:COMMAND (the stream from the command's output,
     /// the answer to its input), or file:PATH (a snapshot). The rest of the command
-    /// line must describe the same VM (--memory, --cpus, the disks in the same order).
+    /// line must describe the same VM (--memory, --cpus, the disks in the same order, the
+    /// same --kernel and --initramfs); the kernel command line comes with the VM (its resets
+    /// boot with it), and a --cmdline given here must be the same.
     #[arg(long, value_name = "URI")]
     pub incoming: Option<String>,
     /// How long --incoming waits for a source to connect, in seconds (0, the default: as
@@ -155,6 +157,11 @@ pub struct VmConfig {
     pub kernel_format: KernelFormat,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
+    /// The command line as the user gave it (or the default), without the KVM-PVM additions:
+    /// what a migration or snapshot carries.
+    pub user_cmdline: String,
+    /// Whether --cmdline was given (else an incoming VM's own is taken for its resets).
+    pub cmdline_given: bool,
     pub cpus: u32,
     pub max_cpus: u32,
     pub memory: u64,
@@ -269,6 +276,21 @@ pub fn images_dir() -> PathBuf {
 }
 
 impl VmConfig {
+    /// The same VM booting with `user` as its command line (an incoming VM's own), with this
+    /// host's KVM-PVM additions.
+    pub fn with_cmdline(&self, user: &str) -> VmConfig {
+        let mut c = self.clone();
+        c.user_cmdline = user.to_string();
+        c.cmdline = if self.pvm {
+            format!("{} {}", user.trim_end(), PVM_CMDLINE)
+                .trim()
+                .to_string()
+        } else {
+            user.to_string()
+        };
+        c
+    }
+
     pub fn from_args(args: RunArgs, host: &Host) -> Result<VmConfig, ConfigError> {
         let (cpus, max_cpus) = parse_cpus(&args.cpus)?;
         let memory = parse_memory(&args.memory)?;
@@ -285,6 +307,9 @@ impl VmConfig {
             Some(k) => (k, args.initramfs),
             None => default_images(host, args.initramfs),
         };
+        // Absolute: a migration or snapshot carries them, and compares them where it lands.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let (kernel, initramfs) = (absolute(kernel), initramfs.map(absolute));
         let kernel_format = probe_kernel(&kernel)?;
         if let Some(initrd) = &initramfs {
             File::open(initrd).map_err(|e| match e.kind() {
@@ -327,11 +352,13 @@ impl VmConfig {
             (None, Some(r)) => Some(check_uri("--restore", r)?),
             (None, None) => None,
         };
+        let cmdline_given = args.cmdline.is_some();
         let mut cmdline = args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
         if cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
         let user_len = cmdline.len();
+        let user_cmdline = cmdline.clone();
         if host.pvm {
             cmdline = format!("{} {}", cmdline.trim_end(), PVM_CMDLINE)
                 .trim()
@@ -359,6 +386,8 @@ impl VmConfig {
             kernel_format,
             initramfs,
             cmdline,
+            user_cmdline,
+            cmdline_given,
             cpus,
             max_cpus,
             memory,

@@ -248,13 +248,20 @@ impl Guest {
             n >> 20,
             start.elapsed().as_millis()
         );
-        let restored = crate::snapshot::Restore::read(&bytes, config.memory, config.max_cpus)
-            .and_then(|r| {
-                r.apply(&self.devices(), |s| {
-                    serial::SerialDevice::restored(serial_irq, serial_out, s)
-                })?;
-                Ok(r)
-            });
+        let boot = crate::snapshot::Boot::of(config);
+        let restored = crate::snapshot::Restore::read(
+            &bytes,
+            config.memory,
+            config.max_cpus,
+            &boot,
+            config.cmdline_given,
+        )
+        .and_then(|r| {
+            r.apply(&self.devices(), |s| {
+                serial::SerialDevice::restored(serial_irq, serial_out, s)
+            })?;
+            Ok(r)
+        });
         restored.map_err(|e| {
             let _ = crate::migration::started(m, false, crate::error_chain(&e));
             VmError::incoming(config.incoming_flag, uri, e)

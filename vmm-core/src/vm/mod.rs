@@ -433,6 +433,9 @@ fn run_guest(
     shared: &api::Shared,
     res: &Resources,
 ) -> Result<Outcome, VmError> {
+    // An incoming VM's resets boot with the command line it came with (unless --cmdline
+    // said otherwise: then it had to be the same).
+    let mut adopted: Option<VmConfig> = None;
     loop {
         let boot = {
             let mut st = shared.status.lock().unwrap();
@@ -441,7 +444,25 @@ fn run_guest(
             st.boots
         };
         shared.events.emit("started", format!("boot {boot}"));
-        match run_once(kvm, config, (tx, rx), console, shared, res)? {
+        let event = run_once(
+            kvm,
+            adopted.as_ref().unwrap_or(config),
+            (tx, rx),
+            console,
+            shared,
+            res,
+        )?;
+        let came_with = shared.status.lock().unwrap().cmdline.clone();
+        if adopted.is_none() && came_with != config.cmdline {
+            log::info!("the VM came with its command line; its resets boot with it: {came_with}");
+            let user = came_with
+                .strip_suffix(crate::config::PVM_CMDLINE)
+                .map_or(came_with.as_str(), str::trim_end);
+            let c = config.with_cmdline(user);
+            shared.status.lock().unwrap().cmdline = c.cmdline.clone();
+            adopted = Some(c);
+        }
+        match event {
             VmEvent::Api(ApiRequest {
                 request: Request::Reboot,
                 ..
@@ -546,6 +567,12 @@ fn arrive(
     crate::migration::started(m, true, String::new())
         .map_err(|e| VmError::incoming(inc.flag, &inc.uri, e))?;
     shared.set_phase(api::Phase::Here);
+    if let Some(user) = &inc.restore.cmdline {
+        let c = &mut shared.status.lock().unwrap().cmdline;
+        if !c.starts_with(user.as_str()) {
+            *c = user.clone();
+        }
+    }
     let mut paused_clock = None;
     if inc.restore.paused {
         // Paused on the source by its user: paused here too, until `vmmctl resume`.

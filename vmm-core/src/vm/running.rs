@@ -654,6 +654,7 @@ fn save_vm(
             memory: config.memory,
             max_cpus: config.max_cpus,
             paused,
+            boot: crate::snapshot::Boot::of(config),
         },
     )
 }
