@@ -73,6 +73,10 @@ interface Vmm {
   migrateStatus @20 () -> (status :MigrationStatus);
   migrateCancel @21 () -> ();
 
+  # The effective run settings as a JSON object whose keys are `vmm-core run`'s flags
+  # (what a --config file may hold), defaults filled in.
+  config @22 () -> (json :Text);
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

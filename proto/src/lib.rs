@@ -13,6 +13,7 @@ pub mod channel;
 pub mod faults;
 pub mod fdpass;
 pub mod image;
+pub mod json;
 pub mod rpc;
 pub mod size;
 pub mod state;

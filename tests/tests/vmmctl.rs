@@ -212,3 +212,59 @@ fn a_relative_snapshot_path_is_the_callers() {
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }
+
+/// `vmm-core run --config FILE` (TOML, the flags' names) with a flag on the command line
+/// that overrides the file, and `vmmctl config` printing the effective settings as JSON.
+#[test]
+fn a_config_file_runs_a_vm_and_vmmctl_config_prints_what_is_in_force() {
+    let dir = TempDir::new("vmmctl-config");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("api.sock");
+    let file = dir.join("vm.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "kernel = {:?}\ncmdline = \"console=ttyS0 tg.scenario=idle tg.mark=from-the-file\"\n\
+             memory = \"128M\"\ncpus = \"1,max=2\"\ndisk = [\"path={},readonly=on\"]\n\
+             api-socket = {:?}\nstop-timeout = 5\n",
+            vmm_tests::test_guest().display().to_string(),
+            img.display(),
+            sock.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut vm = TestVm::spawn({
+        let mut c = Command::new(vmm_tests::vmm_core_bin());
+        c.arg("run")
+            .arg("--config")
+            .arg(&file)
+            .args(["--memory", "96M"]);
+        c
+    });
+    vm.wait_for("tg: ready", T);
+    assert!(
+        vm.stdout().contains("tg.mark=from-the-file"),
+        "{}",
+        vm.stdout()
+    );
+    let (code, json, err) = vmmctl(&sock, &["config"]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "\"cmdline\":\"console=ttyS0 tg.scenario=idle tg.mark=from-the-file\"",
+        "\"memory\":\"96M\"",
+        "\"cpus\":\"1,max=2\"",
+        &format!("\"disk\":[\"path={},readonly=on\"]", img.display()),
+        "\"stop-timeout\":5",
+        "\"on-reset\":\"exit\"",
+        "\"log-level\":\"info\"",
+    ] {
+        assert!(json.contains(want), "{want} in {json}");
+    }
+    assert!(
+        json.trim().starts_with('{') && json.trim().ends_with('}'),
+        "{json}"
+    );
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}

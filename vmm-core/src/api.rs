@@ -99,6 +99,8 @@ pub struct Status {
 }
 
 pub struct Shared {
+    /// The effective run settings, as `vmmctl config` prints them.
+    pub config_json: String,
     /// The VM's disks' blockd (statistics for `disks`).
     pub blockd: Mutex<Option<crate::helpers::blockd::Blockd>>,
     pub status: Mutex<Status>,
@@ -513,6 +515,15 @@ impl vmm::Server for VmmServer {
         }
         sent.map_err(|e| failed(&e))?;
         self.write_migration(results.get().init_status());
+        Ok(())
+    }
+
+    async fn config(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::ConfigParams,
+        mut results: vmm::ConfigResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().set_json(&self.shared.config_json);
         Ok(())
     }
 

@@ -42,6 +42,9 @@ struct Cli {
 enum Command {
     /// What the VM is and its state.
     Info,
+    /// The VM's effective settings, as JSON keyed by `vmm-core run`'s flags (what a
+    /// `--config` file may hold), defaults filled in.
+    Config,
     /// Stop every vCPU.
     Pause,
     /// Let the vCPUs run again.
@@ -576,6 +579,7 @@ fn check_locally(command: &Command) -> Result<(), Failure> {
 fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Info => "info",
+        Command::Config => "config",
         Command::Pause => "pause",
         Command::Resume => "resume",
         Command::Shutdown { .. } => "shutdown",
@@ -627,6 +631,20 @@ impl Session {
     async fn quick(&self, command: Command, timeout: f64) -> Result<String, Failure> {
         match command {
             Command::Info => self.info().await,
+            Command::Config => {
+                let reply = self
+                    .client
+                    .config_request()
+                    .send()
+                    .promise
+                    .await
+                    .map_err(|e| self.fail(e))?;
+                let json = reply
+                    .get()
+                    .and_then(|r| r.get_json())
+                    .map_err(|e| self.fail(e))?;
+                Ok(json.to_string().map_err(|e| self.fail(e.into()))?)
+            }
             Command::Pause => self.simple(Simple::Pause).await,
             Command::Resume => self.simple(Simple::Resume).await,
             Command::Reboot => self.simple(Simple::Reboot).await,
@@ -1178,21 +1196,7 @@ fn format_info(
 
 /// A JSON string literal.
 fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    vmm_proto::json::string(s)
 }
 
 fn text(t: capnp::Result<capnp::text::Reader>) -> capnp::Result<String> {
@@ -1719,14 +1723,4 @@ fn format_migration(
         out += &format!("\nerror: {error}");
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::json_str;
-
-    #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
-    }
 }

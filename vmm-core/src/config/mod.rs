@@ -189,6 +189,9 @@ pub struct VmConfig {
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
+    /// The --serial and --disk values as given (for `vmmctl config`).
+    pub serial_spec: String,
+    pub disk_specs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +279,54 @@ pub fn images_dir() -> PathBuf {
 }
 
 impl VmConfig {
+    /// The effective settings as a JSON object keyed by `run`'s flags (a --config file's
+    /// keys), for `vmmctl config`.
+    pub fn to_json(&self) -> String {
+        use vmm_proto::json::string as j;
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("null".into(), |p| j(&p.display().to_string()))
+        };
+        let disks: Vec<String> = self.disk_specs.iter().map(|d| j(d)).collect();
+        let fields = [
+            ("kernel", j(&self.kernel.display().to_string())),
+            ("initramfs", path(&self.initramfs)),
+            ("cmdline", j(&self.user_cmdline)),
+            ("cpus", j(&format!("{},max={}", self.cpus, self.max_cpus))),
+            ("memory", j(&format!("{}M", self.memory >> 20))),
+            (
+                "on-reset",
+                j(match self.on_reset {
+                    OnReset::Exit => "exit",
+                    OnReset::Restart => "restart",
+                }),
+            ),
+            ("stop-timeout", self.stop_timeout.as_secs().to_string()),
+            ("serial", j(&self.serial_spec)),
+            ("disk", format!("[{}]", disks.join(","))),
+            ("api-socket", path(&self.api_socket)),
+            ("chardevd-socket", path(&self.chardevd_socket)),
+            ("blockd-socket", path(&self.blockd_socket)),
+            ("migrated-socket", path(&self.migrated_socket)),
+            ("no-sandbox", (!self.sandbox).to_string()),
+            ("seccomp", j(&self.seccomp)),
+            (
+                "incoming",
+                self.incoming.as_deref().map_or("null".into(), j),
+            ),
+            (
+                "incoming-timeout",
+                self.incoming_timeout.as_secs().to_string(),
+            ),
+            ("log-level", j(vmm_sandbox::logging::current_level())),
+        ];
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", j(k)))
+            .collect();
+        format!("{{{}}}", body.join(","))
+    }
+
     /// The same VM booting with `user` as its command line (an incoming VM's own), with this
     /// host's KVM-PVM additions.
     pub fn with_cmdline(&self, user: &str) -> VmConfig {
@@ -408,6 +459,8 @@ impl VmConfig {
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,
+            serial_spec: args.serial.clone(),
+            disk_specs: args.disk.clone(),
             incoming_flag,
             incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
             incoming_tls: crate::migration::TlsOptions {

@@ -317,6 +317,7 @@ fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
 /// What the API reads, at start.
 fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
     Arc::new(api::Shared {
+        config_json: config.to_json(),
         status: Mutex::new(api::Status {
             phase: if config.incoming.is_some() {
                 api::Phase::Incoming
