@@ -172,6 +172,7 @@ fn read_shape(s: shape::Reader) -> Result<(Vec<(u64, u64)>, Config), capnp::Erro
     let config = Config {
         regions: regions.clone(),
         vcpus: s.get_vcpus(),
+        spec: s.get_spec()?.to_str()?.to_string(),
     };
     Ok((regions, config))
 }

@@ -46,6 +46,9 @@ pub struct Config {
     /// Guest RAM regions: (guest physical address, bytes), page-aligned, in order.
     pub regions: Vec<(u64, u64)>,
     pub vcpus: u32,
+    /// The source's run settings as a --config file (TOML; empty on a destination, and in
+    /// streams from before it was carried). Not part of the shape a reader checks.
+    pub spec: String,
 }
 
 impl Config {
@@ -57,15 +60,26 @@ impl Config {
             b.extend_from_slice(&gpa.to_le_bytes());
             b.extend_from_slice(&size.to_le_bytes());
         }
+        b.extend_from_slice(&(self.spec.len() as u32).to_le_bytes());
+        b.extend_from_slice(self.spec.as_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Config> {
         let vcpus = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
         let n = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?) as usize;
-        if b.len() != 8 + 16 * n {
-            return None;
-        }
+        let shape = 8 + 16 * n;
+        // The spec after the regions: a u32 length and the text (absent in older streams).
+        let spec = match b.len().checked_sub(shape)? {
+            0 => String::new(),
+            rest => {
+                let len = u32::from_le_bytes(b.get(shape..shape + 4)?.try_into().ok()?) as usize;
+                if rest != 4 + len {
+                    return None;
+                }
+                String::from_utf8(b[shape + 4..].to_vec()).ok()?
+            }
+        };
         let regions = (0..n)
             .map(|i| {
                 let at = 8 + 16 * i;
@@ -75,7 +89,11 @@ impl Config {
                 )
             })
             .collect();
-        Some(Config { regions, vcpus })
+        Some(Config {
+            regions,
+            vcpus,
+            spec,
+        })
     }
 
     /// Whether `pages` pages at `gpa` lie inside one region.
@@ -115,10 +133,22 @@ impl fmt::Display for Config {
 pub enum StreamError {
     NotAStream,
     Format(u32),
-    Truncated { at: u64, inside: String },
-    Checksum { at: u64, what: String },
-    Bad { at: u64, why: String },
-    Mismatch { theirs: Config, ours: Config },
+    Truncated {
+        at: u64,
+        inside: String,
+    },
+    Checksum {
+        at: u64,
+        what: String,
+    },
+    Bad {
+        at: u64,
+        why: String,
+    },
+    Mismatch {
+        theirs: Box<Config>,
+        ours: Box<Config>,
+    },
     Io(io::Error),
 }
 
@@ -455,10 +485,10 @@ impl<R: Read> Reader<R> {
 
     /// Refuses a stream of a VM of another shape than `ours`.
     pub fn check_config(&self, ours: &Config) -> Result<(), StreamError> {
-        if &self.config != ours {
+        if self.config.regions != ours.regions || self.config.vcpus != ours.vcpus {
             return Err(StreamError::Mismatch {
-                theirs: self.config.clone(),
-                ours: ours.clone(),
+                theirs: Box::new(self.config.clone()),
+                ours: Box::new(ours.clone()),
             });
         }
         Ok(())
@@ -618,6 +648,7 @@ mod tests {
         Config {
             regions: vec![(0, 64 * PAGE as u64), (1 << 32, 16 * PAGE as u64)],
             vcpus: 2,
+            spec: "memory = \"320K\"\n".into(),
         }
     }
 
@@ -781,9 +812,12 @@ mod tests {
         assert!(e.starts_with("not a VM state stream"), "{e}");
         let good = sample();
         let r = Reader::new(&good[..]).unwrap();
+        // The source's settings ride in the header, outside the shape that is checked.
+        assert_eq!(r.config().spec, "memory = \"320K\"\n");
         let ours = Config {
             regions: vec![(0, 128 * PAGE as u64)],
             vcpus: 2,
+            spec: String::new(),
         };
         assert_eq!(
             r.check_config(&ours).unwrap_err().to_string(),

@@ -45,6 +45,8 @@ interface Migrated {
 struct Shape {
   regions @0 :List(Region);     # guest RAM, in memfd order
   vcpus @1 :UInt32;
+  spec @2 :Text;                # the source's run settings as a --config file (TOML), carried
+                                # in the stream's header: `run --restore file:P` needs no more
 }
 
 struct Region {

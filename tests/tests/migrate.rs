@@ -1350,10 +1350,14 @@ fn migrate_status_counts_bytes_while_a_pass_runs() {
 fn a_restored_vm_resets_into_the_command_line_it_came_with() {
     let dir = TempDir::new("mig-boot");
     let sock = dir.join("src.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let mut src = TestVm::builder()
         .memory("64M")
+        .cpus("1,max=2")
         .cmdline("console=ttyS0 tg.scenario=idle tg.mark=came-with-the-vm")
         .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
         .spawn();
     src.wait_for("tg: ready", T);
     let snap = dir.join("vm.snap");
@@ -1362,15 +1366,15 @@ fn a_restored_vm_resets_into_the_command_line_it_came_with() {
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(src.wait_exit(T), 0);
 
+    // `run --restore file:P` and nothing else: the snapshot says what the VM is (kernel,
+    // command line, memory, vCPUs, disks).
     let restore = |extra: &[&str]| {
         let api = dir.join("dst.sock");
-        let vm = TestVm::builder()
-            .memory("64M")
+        let mut c = std::process::Command::new(vmm_tests::vmm_core_bin());
+        c.args(["run", "--restore", &format!("file:{}", snap.display())])
             .args(["--api-socket", api.to_str().unwrap()])
-            .args(["--restore", &format!("file:{}", snap.display())])
-            .args(extra.iter().copied())
-            .spawn();
-        (vm, api)
+            .args(extra.iter().copied());
+        (TestVm::spawn(c), api)
     };
     let (mut dst, api) = restore(&[]);
     wait_until(T, "the restored VM", || {
@@ -1378,6 +1382,12 @@ fn a_restored_vm_resets_into_the_command_line_it_came_with() {
     });
     let info = vmmctl(&api, &["info"]).1;
     assert!(info.contains("tg.mark=came-with-the-vm"), "{info}");
+    assert!(
+        info.contains("memory:   64 MiB") && info.contains("1 online, 2 max"),
+        "{info}"
+    );
+    let disks = vmmctl(&api, &["disk", "list"]).1;
+    assert!(disks.contains(&img.display().to_string()), "{disks}");
     assert_eq!(vmmctl(&api, &["reboot"]).0, 0);
     let line = dst.wait_for("tg: cmdline=", T);
     assert!(

@@ -101,6 +101,9 @@ pub struct Status {
 pub struct Shared {
     /// The effective run settings, as `vmmctl config` prints them.
     pub config_json: String,
+    /// What the VM is (kernel, initramfs, command line, memory, vCPUs, disks) as a --config
+    /// file: a snapshot carries it, and `run --restore` takes it.
+    pub spec_toml: String,
     /// The VM's disks' blockd (statistics for `disks`).
     pub blockd: Mutex<Option<crate::helpers::blockd::Blockd>>,
     pub status: Mutex<Status>,
@@ -476,6 +479,7 @@ impl vmm::Server for VmmServer {
             (s.memory, s.max_cpus)
         };
         let opts = crate::migration::Options {
+            spec: self.shared.spec_toml.clone(),
             uri,
             downtime_ms: match o.get_downtime_ms() {
                 0 => crate::migration::DEFAULT_DOWNTIME_MS,

@@ -107,9 +107,15 @@ async fn open_channel(
 }
 
 /// The VM's RAM regions as migrated's shape: (gpa, bytes) in memfd order, and the vCPUs.
-pub fn write_shape(mut b: vmm_proto::migrated_capnp::shape::Builder, memory: u64, vcpus: u32) {
+pub fn write_shape(
+    mut b: vmm_proto::migrated_capnp::shape::Builder,
+    memory: u64,
+    vcpus: u32,
+    spec: &str,
+) {
     let ranges = vmm_devices::layout::ram_ranges(memory);
     b.set_vcpus(vcpus);
+    b.set_spec(spec);
     let mut l = b.init_regions(ranges.len() as u32);
     for (i, (gpa, len, _)) in ranges.into_iter().enumerate() {
         let mut r = l.reborrow().get(i as u32);
@@ -158,6 +164,8 @@ pub struct Options {
     pub tls: TlsOptions,
     /// LZ4-compress RAM runs.
     pub compress: bool,
+    /// The VM's run settings as a --config file, carried in the stream's header.
+    pub spec: String,
 }
 
 /// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
@@ -308,11 +316,12 @@ async fn open(
     memory: u64,
     vcpus: u32,
 ) -> Result<(), MigrationError> {
-    let (uri, tls, bandwidth, compress) = (
+    let (uri, tls, bandwidth, compress, spec) = (
         opts.uri.clone(),
         opts.tls.clone(),
         opts.bandwidth,
         opts.compress,
+        opts.spec.clone(),
     );
     m.call(move |conn| {
         Box::pin(async move {
@@ -324,7 +333,7 @@ async fn open(
             req.get().set_bandwidth(bandwidth);
             req.get().set_compress(compress);
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
-            write_shape(req.get().init_shape(), memory, vcpus);
+            write_shape(req.get().init_shape(), memory, vcpus, &spec);
             req.send().promise.await?;
             Ok(())
         })
@@ -559,7 +568,7 @@ pub fn receive(
             req.get().set_kind(kind);
             req.get().set_wait_ms(wait_ms);
             write_tls(req.get().init_tls(), &tls, creds.as_ref());
-            write_shape(req.get().init_shape(), memory, vcpus);
+            write_shape(req.get().init_shape(), memory, vcpus, "");
             let got = async {
                 let r = req.send().promise.await?;
                 let r = r.get()?;

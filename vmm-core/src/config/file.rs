@@ -57,6 +57,40 @@ fn scalar(v: &toml_edit::Value) -> Option<String> {
 /// The file's settings as arguments, in the file's order.
 pub fn arguments(path: &Path, run: &clap::Command) -> Result<Vec<OsString>, ConfigFileError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigFileError::Read(path.into(), e))?;
+    settings(&text, path, run)
+}
+
+/// The settings a snapshot's header carries (its VM's --config file), if it has them. A
+/// file that is not a readable snapshot gives none: the restore itself says what is wrong.
+pub fn snapshot_spec(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut head = [0u8; 20];
+    f.read_exact(&mut head).ok()?;
+    if &head[..8] != b"VMMSTATE" {
+        return None;
+    }
+    let cfg_len = u32::from_le_bytes(head[16..20].try_into().ok()?) as usize;
+    if cfg_len > 1 << 16 {
+        return None;
+    }
+    let mut cfg = vec![0u8; cfg_len];
+    f.read_exact(&mut cfg).ok()?;
+    let n = u32::from_le_bytes(cfg.get(4..8)?.try_into().ok()?) as usize;
+    let at = 8 + 16 * n;
+    let len = u32::from_le_bytes(cfg.get(at..at + 4)?.try_into().ok()?) as usize;
+    let spec = cfg.get(at + 4..at + 4 + len)?;
+    String::from_utf8(spec.to_vec())
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// Settings in TOML text (from `path`, as errors name it) as arguments.
+fn settings(
+    text: &str,
+    path: &Path,
+    run: &clap::Command,
+) -> Result<Vec<OsString>, ConfigFileError> {
     let doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
         let at = e.span().map_or(0, |s| s.start);
         let line = text[..at.min(text.len())].matches('\n').count() + 1;
@@ -96,32 +130,69 @@ pub fn arguments(path: &Path, run: &clap::Command) -> Result<Vec<OsString>, Conf
     Ok(out)
 }
 
-/// The command line with `run --config FILE`'s settings spliced in right after `run` (before
-/// the user's own flags, which then win), and `--config` itself left in place. Anything else
-/// is returned as it was.
+/// The value of `--flag V` or `--flag=V` among `args`.
+fn flag_value(args: &[OsString], flag: &str) -> Option<String> {
+    let long = format!("{flag}=");
+    let mut it = args.iter().filter_map(|a| a.to_str());
+    while let Some(s) = it.next() {
+        if s == "--" {
+            break;
+        }
+        if let Some(v) = s.strip_prefix(&long) {
+            return Some(v.to_string());
+        }
+        if s == flag {
+            return it.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+/// Drops `--flag V` pairs from `args`.
+fn without(args: Vec<OsString>, flag: &str) -> Vec<OsString> {
+    let mut kept = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            it.next();
+        } else {
+            kept.push(a);
+        }
+    }
+    kept
+}
+
+/// The command line with settings spliced in right after `run`, weakest first: what a
+/// `--restore file:P` snapshot says its VM is (its disks only when none is given), then a
+/// `--config FILE`'s, then the user's own flags, which win; `--config` itself is left in
+/// place. Anything else is returned as it was.
 pub fn expand(argv: Vec<OsString>, run: &clap::Command) -> Result<Vec<OsString>, ConfigFileError> {
     let Some(at) = argv.iter().position(|a| a == "run") else {
         return Ok(argv);
     };
-    let mut file = None;
-    for (i, a) in argv.iter().enumerate().skip(at + 1) {
-        let Some(s) = a.to_str() else { continue };
-        if s == "--" {
-            break;
-        }
-        if let Some(p) = s.strip_prefix("--config=") {
-            file = Some(PathBuf::from(p));
-        } else if s == "--config" {
-            file = argv.get(i + 1).map(PathBuf::from);
+    let user = &argv[at + 1..];
+    let from_file = match flag_value(user, "--config") {
+        Some(file) => arguments(Path::new(&file), run)?,
+        None => Vec::new(),
+    };
+    let mut from_snapshot = Vec::new();
+    let restore = flag_value(user, "--restore");
+    if let Some(path) = restore.as_deref().and_then(|r| r.strip_prefix("file:")) {
+        if let Some(spec) = snapshot_spec(Path::new(path)) {
+            from_snapshot = settings(&spec, Path::new(path), run)?;
+            // Disks given replace the snapshot's (they must match in number and order).
+            if flag_value(user, "--disk").is_some() || flag_value(&from_file, "--disk").is_some() {
+                from_snapshot = without(from_snapshot, "--disk");
+            }
         }
     }
-    let Some(file) = file else {
+    if from_file.is_empty() && from_snapshot.is_empty() {
         return Ok(argv);
-    };
-    let settings = arguments(&file, run)?;
+    }
     let mut out = argv[..=at].to_vec();
-    out.extend(settings);
-    out.extend_from_slice(&argv[at + 1..]);
+    out.extend(from_snapshot);
+    out.extend(from_file);
+    out.extend_from_slice(user);
     Ok(out)
 }
 

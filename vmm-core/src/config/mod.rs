@@ -279,6 +279,36 @@ pub fn images_dir() -> PathBuf {
 }
 
 impl VmConfig {
+    /// What the VM is, as a --config file (TOML; JSON's string escapes are TOML's): the
+    /// kernel, initramfs, command line, memory, vCPUs and disks. A snapshot carries it in
+    /// its header, and `run --restore file:P` takes it, so that no flag need be repeated.
+    pub fn spec_toml(&self) -> String {
+        use vmm_proto::json::string as q;
+        let mut t = format!("kernel = {}\n", q(&self.kernel.display().to_string()));
+        if let Some(i) = &self.initramfs {
+            t += &format!("initramfs = {}\n", q(&i.display().to_string()));
+        }
+        t += &format!("cmdline = {}\n", q(&self.user_cmdline));
+        t += &format!("memory = \"{}M\"\n", self.memory >> 20);
+        t += &format!("cpus = \"{},max={}\"\n", self.cpus, self.max_cpus);
+        // Paths made absolute: the restore may run elsewhere.
+        let absolute = |spec: &str| -> String {
+            spec.split(',')
+                .map(|part| match part.split_once('=') {
+                    Some((k @ ("path" | "socket"), p)) => format!(
+                        "{k}={}",
+                        std::path::absolute(p).map_or(p.to_string(), |a| a.display().to_string())
+                    ),
+                    _ => part.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let disks: Vec<String> = self.disk_specs.iter().map(|d| q(&absolute(d))).collect();
+        t += &format!("disk = [{}]\n", disks.join(", "));
+        t
+    }
+
     /// The effective settings as a JSON object keyed by `run`'s flags (a --config file's
     /// keys), for `vmmctl config`.
     pub fn to_json(&self) -> String {

@@ -318,6 +318,7 @@ fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
 fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
     Arc::new(api::Shared {
         config_json: config.to_json(),
+        spec_toml: config.spec_toml(),
         status: Mutex::new(api::Status {
             phase: if config.incoming.is_some() {
                 api::Phase::Incoming
