@@ -268,3 +268,58 @@ fn a_config_file_runs_a_vm_and_vmmctl_config_prints_what_is_in_force() {
     vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(vm.wait_exit(T), 0);
 }
+
+/// The smaller things an operator met: help texts say what each flag does (and every --disk
+/// key), a byte rate takes a size suffix as --bandwidth does, one vCPU is "1 vCPU", and a
+/// migration URI error offers no file: (that is a snapshot's).
+#[test]
+fn help_texts_units_and_plurals_are_right() {
+    let help = |args: &[&str]| {
+        let out = Command::new(vmmctl_bin()).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(help(&["shutdown", "--help"]).contains("Stop the VM at once"));
+    assert!(help(&["console", "--help"]).contains("Print what the console's ring holds"));
+    assert!(help(&["dirty-rate", "--help"]).contains("How long to measure, in milliseconds"));
+    let run = Command::new(vmm_tests::vmm_core_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let run = String::from_utf8_lossy(&run.stdout);
+    for key in [
+        "format=raw|qcow2",
+        "direct=on",
+        "rerror=/werror=",
+        "throttle.group=NAME",
+        "--stop-timeout",
+        "--incoming-timeout",
+        "--config",
+        "--log-level",
+    ] {
+        assert!(run.contains(key), "{key} in vmm-core run --help");
+    }
+
+    let dir = TempDir::new("vmmctl-small");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("api.sock");
+    let mut vm = TestVm::builder()
+        .cmdline("tg.scenario=idle")
+        .memory("64M")
+        .cpus("1,max=2")
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .spawn();
+    vm.wait_for("tg: ready", T);
+    let (code, out, err) = vmmctl(&sock, &["disk", "throttle", "disk0", "bps-wr=10M"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bps-wr=10485760"), "{out}");
+    let (code, out, err) = vmmctl(&sock, &["cpus", "set", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "1 vCPU online");
+    let (code, _, err) = vmmctl(&sock, &["migrate", "ftp:host"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("use tcp:HOST:PORT, unix:PATH, fd:N or exec:COMMAND (file:PATH for a snapshot or a restore)"), "{err}");
+    vmmctl(&sock, &["shutdown", "--force"]);
+    assert_eq!(vm.wait_exit(T), 0);
+}
