@@ -455,6 +455,21 @@ impl Drop for TestVm {
     }
 }
 
+/// A helper process a test started (a blockd, a client): SIGTERM and reaped when the test
+/// ends, passed or not.
+pub struct Terminated(pub std::process::Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: SIGTERM to a child this test started and has not reaped (try_wait just
+            // found it running, so its PID is still its own).
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A temporary directory (world-readable, unique per process and name), removed on drop.
 pub struct TempDir(pub PathBuf);
 

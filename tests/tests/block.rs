@@ -5,7 +5,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
-use vmm_tests::{check_seq_blocks, process_name, seq_acks, wait_until, TempDir, TestVm};
+use vmm_tests::{
+    check_seq_blocks, process_name, seq_acks, wait_until, TempDir, Terminated, TestVm,
+};
 
 const T: Duration = Duration::from_secs(90);
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -710,20 +712,6 @@ fn enospc_with_policy_stop_pauses_the_vm_and_resume_completes_the_write() {
         vm.stderr()
     );
     check_guest_pattern(&img, 61);
-}
-
-/// A helper process this test started: SIGTERM and reaped when the test ends, passed or not.
-struct Terminated(std::process::Child);
-
-impl Drop for Terminated {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: SIGTERM to a child this test started and has not reaped (try_wait just
-            // found it running, so its PID is still its own).
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Fault rules (blkdebug's kind) with the default error policy, report: a flush failed once

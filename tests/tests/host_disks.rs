@@ -203,20 +203,6 @@ fn a_directory_or_a_character_device_is_refused_in_one_line() {
     }
 }
 
-/// A child ended (SIGTERM, then reaped) when the test ends, passed or failed.
-struct Ended(std::process::Child);
-
-impl Drop for Ended {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: SIGTERM to a child this test started and has not reaped (try_wait just
-            // found it running, so its PID is still its own).
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// QEMU's own vhost-user-blk frontend (Debian's qemu-system-x86, q35, SeaBIOS placing the
 /// BARs) drives a sandboxed blockd: the test guest, whose virtio driver follows the spec
 /// (each capability's BAR, 64-bit BARs, a transitional device ID, the MSI-X table's BIR),
@@ -229,7 +215,7 @@ fn qemus_vhost_user_blk_frontend_drives_blockd() {
     std::fs::write(&img, pattern(8 << 20, 99)).unwrap();
     let sock = dir.join("blk.sock");
     let log = dir.join("blockd.log");
-    let _blockd = Ended(
+    let _blockd = vmm_tests::Terminated(
         Command::new(vmm_tests::blockd_bin())
             .arg("--image")
             .arg(&img)

@@ -136,6 +136,20 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// Presses the ACPI power button (the GED's event), saying so in the log and as an event.
+    fn press_power_button(&self, how: &str) -> std::io::Result<()> {
+        self.guest
+            .ged
+            .lock()
+            .unwrap()
+            .notify(ged::EVENT_POWER_BUTTON)?;
+        log::info!("pressed the ACPI power button {how}");
+        self.shared
+            .events
+            .emit("power-button", format!("pressed {how}"));
+        Ok(())
+    }
+
     /// SIGTERM asks the guest to power off (the ACPI power button, as `systemctl stop` of a
     /// libvirt domain does) and waits up to --stop-timeout. A second signal, SIGINT, SIGHUP, a
     /// paused VM (it cannot answer) or a zero timeout stop the VM at once.
@@ -145,23 +159,14 @@ impl<'a> Running<'a> {
         if sig != libc::SIGTERM || self.stopping.is_some() || paused || timeout.is_zero() {
             return Some(VmEvent::Signal(sig));
         }
-        let pressed = self
-            .guest
-            .ged
-            .lock()
-            .unwrap()
-            .notify(ged::EVENT_POWER_BUTTON);
-        if let Err(e) = pressed {
+        if let Err(e) = self.press_power_button("on SIGTERM") {
             log::warn!("SIGTERM: cannot press the ACPI power button ({e}); stopping the VM now");
             return Some(VmEvent::Signal(sig));
         }
         log::info!(
-            "SIGTERM: pressed the ACPI power button; the guest has {} s to power off (--stop-timeout; another SIGTERM stops it now)",
+            "SIGTERM: the guest has {} s to power off (--stop-timeout; another SIGTERM stops it now)",
             timeout.as_secs()
         );
-        self.shared
-            .events
-            .emit("power-button", "pressed on SIGTERM");
         self.shared.set_phase(api::Phase::Shutdown);
         self.stopping = Some(Instant::now() + timeout);
         None
@@ -273,16 +278,7 @@ impl<'a> Running<'a> {
                 let _ = reply.send(Ok(()));
             }
             Request::Shutdown { force: false } => {
-                let pressed = self
-                    .guest
-                    .ged
-                    .lock()
-                    .unwrap()
-                    .notify(ged::EVENT_POWER_BUTTON);
-                log::info!("pressed the ACPI power button through the management API");
-                self.shared
-                    .events
-                    .emit("power-button", "pressed through the management API");
+                let pressed = self.press_power_button("through the management API");
                 let _ = reply.send(pressed.map_err(LoopError::Interrupt));
             }
             request @ (Request::Shutdown { force: true } | Request::Reboot) => {
