@@ -175,7 +175,8 @@ fn sigterm_asks_the_guest_to_power_off_then_stops_it() {
     assert!(vm.stdout().contains("tg: power button"), "{}", vm.stdout());
     let err = vm.stderr();
     assert!(
-        err.contains("SIGTERM: pressed the ACPI power button; the guest has 30 s to power off"),
+        err.contains("pressed the ACPI power button on SIGTERM")
+            && err.contains("SIGTERM: the guest has 30 s to power off"),
         "{err}"
     );
     assert!(err.contains("guest powered off"), "{err}");
