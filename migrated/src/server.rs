@@ -70,6 +70,94 @@ pub struct Server {
     back: Back,
     /// The outgoing stream's progress (`progress` reads it while `sendPages` holds `out`).
     sent: Arc<Sent>,
+    /// A source's connection whose header `peek` read, kept for `receive`.
+    peeked: Arc<Mutex<Option<Peeked>>>,
+}
+
+/// A source's connection (its header read and kept for replay) and its channel's kind.
+type Peeked = (Box<dyn Stream>, channel::Kind);
+
+/// A connection whose first bytes were read already (the header `peek` read): they are read
+/// again first, then the rest.
+struct Replayed {
+    head: std::io::Cursor<Vec<u8>>,
+    rest: Box<dyn Stream>,
+}
+
+impl Read for Replayed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.head.position() as usize) < self.head.get_ref().len() {
+            return self.head.read(buf);
+        }
+        self.rest.read(buf)
+    }
+}
+
+impl Write for Replayed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.rest.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.rest.flush()
+    }
+}
+
+impl Stream for Replayed {
+    fn shutdown(&self) {
+        self.rest.shutdown()
+    }
+    fn handle(&self) -> std::io::Result<Box<dyn Stream>> {
+        self.rest.handle()
+    }
+}
+
+/// Reads what a reader is given, and keeps it.
+struct Recording<'a> {
+    inner: &'a mut dyn Stream,
+    seen: Vec<u8>,
+}
+
+impl Read for Recording<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The source's connection on `uri`: the one stream there is (exec:, fd:, file:), or the
+/// first source on a listener that passes TLS (a stray connection is turned away).
+fn source_stream(
+    uri: &Uri,
+    fd: OwnedFd,
+    kind: channel::Kind,
+    tls: Option<&tls::Tls>,
+    wait: u32,
+) -> Result<Box<dyn Stream>, TransferError> {
+    let deadline = (wait > 0).then(|| Instant::now() + Duration::from_millis(wait.into()));
+    if kind != channel::Kind::Listener {
+        if kind == channel::Kind::Stream {
+            log::info!("waiting for the source on {uri}");
+        }
+        let mut stream = channel::stream(uri, fd, kind)?;
+        if let Some(t) = tls {
+            stream = tls::server(uri, t, stream)?;
+        }
+        return Ok(stream);
+    }
+    let mut listener = channel::Listener::new(uri, fd)?;
+    loop {
+        let s = listener.accept(uri, deadline)?;
+        match tls {
+            None => return Ok(s),
+            // A peer that fails the handshake (or tls-authz) is turned away and the
+            // next one is waited for: a stray connection cannot end the migration.
+            Some(t) => match tls::server(uri, t, s) {
+                Ok(s) => return Ok(s),
+                Err(e) => log::warn!("refused a source: {e}"),
+            },
+        }
+    }
 }
 
 fn failed(msg: String) -> capnp::Error {
@@ -107,6 +195,8 @@ pub enum TransferError {
         "{0}: the destination answered with TLS; it may expect TLS (tls-creds): pass --tls-creds"
     )]
     ExpectsTls(Uri),
+    #[error("{0}: no source connection was peeked at (peek comes first)")]
+    NotPeeked(Uri),
     #[error("{0}: the destination did not confirm it has the VM ({1}); it is not running it")]
     Unconfirmed(Uri, #[source] std::io::Error),
     #[error("{0}: {1}")]
@@ -144,6 +234,7 @@ impl Server {
             cut: Default::default(),
             back: Default::default(),
             sent: Default::default(),
+            peeked: Default::default(),
         }
     }
 
@@ -531,34 +622,14 @@ impl migrated::Server for Server {
         let wait = p.get_wait_ms();
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let back = self.back.clone();
+        let peeked = p.get_peeked().then(|| self.peeked.lock().unwrap().take());
         let (state, bytes) = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
-            let deadline = (wait > 0).then(|| Instant::now() + Duration::from_millis(wait.into()));
-            if kind != channel::Kind::Listener {
-                // A connection (exec:, fd:) or the file: the one stream there is.
-                if kind == channel::Kind::Stream {
-                    log::info!("waiting for the source on {uri}");
-                }
-                let mut stream = channel::stream(&uri, fd, kind)?;
-                if let Some(t) = &tls {
-                    stream = tls::server(&uri, t, stream)?;
-                }
-                return take(stream, &ram, &config, &uri, kind, &back);
-            }
-            let mut listener = channel::Listener::new(&uri, fd)?;
-            let stream = loop {
-                let s = listener.accept(&uri, deadline)?;
-                match &tls {
-                    None => break s,
-                    // A peer that fails the handshake (or tls-authz) is turned away and the
-                    // next one is waited for: a stray connection cannot end the migration.
-                    Some(t) => match tls::server(&uri, t, s) {
-                        Ok(s) => break s,
-                        Err(e) => log::warn!("refused a source: {e}"),
-                    },
-                }
+            let (stream, kind) = match peeked {
+                Some(Some(peeked)) => peeked,
+                Some(None) => return Err(TransferError::NotPeeked(uri.clone())),
+                None => (source_stream(&uri, fd, kind, tls.as_ref(), wait)?, kind),
             };
-            drop(listener);
             take(stream, &ram, &config, &uri, kind, &back)
         })
         .await?;
@@ -575,6 +646,36 @@ impl migrated::Server for Server {
         use std::sync::atomic::Ordering::Relaxed;
         results.get().set_bytes(self.sent.bytes.load(Relaxed));
         results.get().set_pages(self.sent.pages.load(Relaxed));
+        Ok(())
+    }
+
+    async fn peek(
+        self: CapRc<Self>,
+        params: migrated::PeekParams,
+        mut results: migrated::PeekResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(|e| failed(e.to_string()))?;
+        let kind = channel::Kind::from(p.get_kind()?);
+        let tls = read_tls(p.get_tls()?, &uri, kind)?;
+        let wait = p.get_wait_ms();
+        let (_placeholder, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
+        let peeked = self.peeked.clone();
+        let spec = blocking(move || {
+            let mut stream = source_stream(&uri, fd, kind, tls.as_ref(), wait)?;
+            let mut rec = Recording {
+                inner: stream.as_mut(),
+                seen: Vec::new(),
+            };
+            let spec = Reader::new(&mut rec)
+                .map(|r| r.config().spec.clone())
+                .map_err(|e| TransferError::Receive(uri.clone(), ReceiveError::from(e)))?;
+            let head = std::io::Cursor::new(rec.seen);
+            *peeked.lock().unwrap() = Some((Box::new(Replayed { head, rest: stream }), kind));
+            Ok(spec)
+        })
+        .await?;
+        results.get().set_spec(&spec);
         Ok(())
     }
 

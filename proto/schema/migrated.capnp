@@ -31,7 +31,7 @@ interface Migrated {
   # The destination: takes one whole stream from `uri` into the memfd and returns the device
   # state once every check has passed (a stream that fails one changes nothing but RAM).
   # waitMs: how long to wait for a source to connect (0: as long as it takes).
-  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32) -> (state :Data, bytes :UInt64);
+  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32, peeked :Bool) -> (state :Data, bytes :UInt64);
 
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.
@@ -40,6 +40,11 @@ interface Migrated {
   # The source, while a call sends: bytes written to the stream since `open`, and guest pages
   # sent (each page of each pass counts), as they are written.
   progress @6 () -> (bytes :UInt64, pages :UInt64);
+
+  # The destination, before it knows the VM's shape: takes the source's connection from `uri`
+  # (as receive does) and reads the stream's header only, returning the source's settings
+  # (Shape.spec). The connection is kept: the next receive (with peeked) goes on from there.
+  peek @7 (uri :Text, tls :Tls, kind :ChannelKind, waitMs :UInt32) -> (spec :Text);
 }
 
 struct Shape {

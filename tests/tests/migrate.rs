@@ -1421,3 +1421,82 @@ fn a_restored_vm_resets_into_the_command_line_it_came_with() {
         "{err}"
     );
 }
+
+/// A live destination started with `--incoming` alone (no --kernel, --memory, --cpus,
+/// --disk, --cmdline) learns the VM from its source: it takes the source's connection, reads
+/// the stream's header (the source's settings), sets the VM up to match, and takes the rest
+/// of the same stream. A stop while it waits for the source ends it at once.
+#[test]
+fn a_destination_given_only_incoming_learns_the_vm_from_its_source() {
+    let dir = TempDir::new("mig-learn");
+    let img = disk(&dir);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let dst_api = dir.join("dst.sock");
+    let bare = |api: &Path| {
+        let mut c = std::process::Command::new(vmm_tests::vmm_core_bin());
+        c.args(["run", "--incoming", &uri])
+            .args(["--api-socket", api.to_str().unwrap()])
+            .args([
+                "--serial",
+                &format!("file={}", dir.join("dest.txt").display()),
+            ]);
+        TestVm::spawn(c)
+    };
+    // Waiting for its source, it stops on SIGTERM at once.
+    let mut waiting = bare(&dst_api);
+    wait_until(T, "the destination to wait", || {
+        waiting
+            .stderr()
+            .contains("waiting for the source, to learn the VM's shape from it")
+    });
+    let asked = std::time::Instant::now();
+    waiting.signal(libc::SIGTERM);
+    assert_eq!(waiting.wait_exit(T), 143, "{}", waiting.stderr());
+    assert!(asked.elapsed() < Duration::from_secs(5));
+
+    let src_sock = dir.join("src.sock");
+    let src = TestVm::builder()
+        .memory("96M")
+        .cpus("1,max=2")
+        .cmdline("console=ttyS0 tg.scenario=ticker tg.mark=learned")
+        .args(["--api-socket", src_sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("source.txt").display()),
+        ])
+        .spawn();
+    wait_until(T, "the source's ticks", || {
+        std::fs::read_to_string(dir.join("source.txt")).is_ok_and(|t| t.contains("tg: tick 3\r\n"))
+    });
+    let mut dst = bare(&dst_api);
+    wait_until(T, "the destination to wait", || {
+        dst.stderr()
+            .contains("waiting for the source, to learn the VM's shape from it")
+    });
+    let (code, out, err) = vmmctl(&src_sock, &["migrate", &uri]);
+    assert_eq!(
+        code,
+        0,
+        "{out}{err}\n{}\n--- destination ---\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    let info = vmmctl(&dst_api, &["info"]).1;
+    assert!(info.contains("state:    running"), "{info}");
+    assert!(
+        info.contains("memory:   96 MiB") && info.contains("1 online, 2 max"),
+        "{info}"
+    );
+    assert!(info.contains("tg.mark=learned"), "{info}");
+    let disks = vmmctl(&dst_api, &["disk", "list"]).1;
+    assert!(disks.contains(&img.display().to_string()), "{disks}");
+    // The guest goes on there: its ticks carry on in the destination's console.
+    wait_until(T, "the destination's ticks", || {
+        std::fs::read_to_string(dir.join("dest.txt"))
+            .is_ok_and(|t| t.matches("tg: tick ").count() >= 3)
+    });
+    vmmctl(&dst_api, &["shutdown", "--force"]);
+    assert_eq!(dst.wait_exit(T), 0);
+    drop(src);
+}

@@ -131,9 +131,32 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Validates the arguments, then builds and runs the VM until it ends.
-pub fn run(args: config::RunArgs) -> Result<Outcome, Error> {
+/// Which of the VM's shape the command line gave (else a live destination learns it from the
+/// source).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShapeGiven {
+    pub memory: bool,
+    pub cpus: bool,
+}
+
+pub fn run(args: config::RunArgs, given: ShapeGiven) -> Result<Outcome, Error> {
     let host = kvm::Host::detect();
+    let live = args
+        .incoming
+        .as_deref()
+        .is_some_and(|u| !u.starts_with("file:"));
+    if live && !given.memory {
+        // The source says what the VM is: its header is read before anything is set up.
+        let provisional = config::VmConfig::from_args(args.clone(), &host)?;
+        let (migrated, spec) = vm::peek_incoming(&provisional)?;
+        let mut args = args;
+        config::apply_spec(&mut args, &spec, given.cpus);
+        let mut config = config::VmConfig::from_args(args, &host)?;
+        config.incoming_peeked = true;
+        let kvm = kvm::Kvm::open_checked(config.cpus, config.max_cpus)?;
+        return Ok(vm::run(&kvm, &config, Some(migrated))?);
+    }
     let config = config::VmConfig::from_args(args, &host)?;
     let kvm = kvm::Kvm::open_checked(config.cpus, config.max_cpus)?;
-    Ok(vm::run(&kvm, &config)?)
+    Ok(vm::run(&kvm, &config, None)?)
 }

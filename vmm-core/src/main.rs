@@ -44,7 +44,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    let matches = Cli::command().get_matches_from(argv);
+    // What the command line (or a --config file) said of the VM's shape, as opposed to the
+    // defaults: a live destination learns the rest from the source.
+    let given = matches
+        .subcommand_matches("run")
+        .map(|m| {
+            let said =
+                |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+            vmm_core::ShapeGiven {
+                memory: said("memory"),
+                cpus: said("cpus"),
+            }
+        })
+        .unwrap_or_default();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let command = if cli.print_seccomp {
         Command::PrintSeccomp
     } else {
@@ -83,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    match vmm_core::run(args) {
+    match vmm_core::run(args, given) {
         Ok(outcome) => {
             log::info!("{outcome}");
             ExitCode::from(outcome.exit_status())

@@ -22,6 +22,8 @@ use vmm_proto::channel::{self, ChannelError, Creds, Opened, Uri};
 pub enum MigrationError {
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error("cannot make a placeholder for the guest's RAM ({0})")]
+    Placeholder(std::io::Error),
     #[error("{0}: descriptor {1} is not one vmm-core inherited when it started (or it was used already); start vmm-core with the channel open as fd {1}")]
     NotInherited(String, i32),
     #[error(transparent)]
@@ -546,7 +548,48 @@ async fn transfer(
     Ok(downtime)
 }
 
-/// The destination's side: takes the stream into the memfd; returns the state.
+/// The destination before it knows the VM's shape: migrated takes the source's connection
+/// and reads the stream's header; returns the source's settings (a --config file's text).
+/// The connection stays with migrated for `receive` (with `peeked`).
+pub fn peek(
+    m: &Migrated,
+    uri: &str,
+    tls: &TlsOptions,
+    wait: std::time::Duration,
+) -> Result<String, MigrationError> {
+    let uri = uri.to_string();
+    let tls = tls.clone();
+    let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+    let placeholder = std::fs::File::from(
+        nix::sys::memfd::memfd_create(c"peek", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| MigrationError::Placeholder(e.into()))?,
+    );
+    m.call_blocking(move |conn| {
+        Box::pin(async move {
+            let (opened, creds) = open_channel(&uri, &tls, false).await?;
+            let kind = conn.hand_over(&placeholder, opened)?;
+            let mut req = conn.client.peek_request();
+            req.get().set_uri(uri.as_str());
+            req.get().set_kind(kind);
+            req.get().set_wait_ms(wait_ms);
+            write_tls(req.get().init_tls(), &tls, creds.as_ref());
+            let got = async {
+                let r = req.send().promise.await?;
+                let spec = r.get()?.get_spec()?;
+                Ok(String::from_utf8_lossy(spec.as_bytes()).into_owned())
+            }
+            .await;
+            if got.is_err() {
+                conn.channel_failed();
+            }
+            got
+        })
+    })
+}
+
+/// The destination's side: takes the stream into the memfd; returns the state. `peeked`: the
+/// connection a `peek` took goes on.
+#[allow(clippy::too_many_arguments)]
 pub fn receive(
     m: &Migrated,
     uri: &str,
@@ -555,19 +598,30 @@ pub fn receive(
     memory: u64,
     vcpus: u32,
     wait: std::time::Duration,
+    peeked: bool,
 ) -> Result<(Vec<u8>, u64), MigrationError> {
     let uri = uri.to_string();
     let tls = tls.clone();
     let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
     m.call_blocking(move |conn| {
         Box::pin(async move {
-            let (opened, creds) = open_channel(&uri, &tls, false).await?;
-            let kind = conn.hand_over(&memfd, opened)?;
+            let (kind, creds) = if peeked {
+                conn.hand_memfd(&memfd)?;
+                (vmm_proto::migrated_capnp::ChannelKind::Stream, None)
+            } else {
+                let (opened, creds) = open_channel(&uri, &tls, false).await?;
+                (conn.hand_over(&memfd, opened)?, creds)
+            };
             let mut req = conn.client.receive_request();
             req.get().set_uri(uri.as_str());
             req.get().set_kind(kind);
             req.get().set_wait_ms(wait_ms);
-            write_tls(req.get().init_tls(), &tls, creds.as_ref());
+            req.get().set_peeked(peeked);
+            if peeked {
+                write_tls(req.get().init_tls(), &TlsOptions::default(), None);
+            } else {
+                write_tls(req.get().init_tls(), &tls, creds.as_ref());
+            }
             write_shape(req.get().init_shape(), memory, vcpus, "");
             let got = async {
                 let r = req.send().promise.await?;

@@ -22,7 +22,7 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 pub const PVM_CMDLINE: &str =
     "noxsave clearcpuid=137,141,145,151,154,158,288,298,306,308,514,515,534,605";
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Take these settings from a TOML file whose keys are this command's flags without the
     /// dashes (kernel = "/path", cmdline = "console=ttyS0", disk = ["path=a.img", ...],
@@ -96,10 +96,10 @@ pub struct RunArgs {
     pub seccomp: String,
     /// Take the VM from a migration source or a snapshot instead of booting: tcp:HOST:PORT or
     /// unix:PATH (listen for the source), exec:COMMAND (the stream from the command's output,
-    /// the answer to its input), or file:PATH (a snapshot). The rest of the command
-    /// line must describe the same VM (--memory, --cpus, the disks in the same order, the
-    /// same --kernel and --initramfs); the kernel command line comes with the VM (its resets
-    /// boot with it), and a --cmdline given here must be the same.
+    /// the answer to its input), or file:PATH (a snapshot). The VM's memory, vCPUs, disks,
+    /// kernel and command line come with it (a live destination without --memory reads them
+    /// from the source's stream first); flags given here must describe the same VM, and a
+    /// difference is refused, naming the flag.
     #[arg(long, value_name = "URI")]
     pub incoming: Option<String>,
     /// How long --incoming waits for a source to connect, in seconds (0, the default: as
@@ -186,6 +186,8 @@ pub struct VmConfig {
     pub incoming_flag: &'static str,
     /// How long --incoming waits for a source (zero: as long as it takes).
     pub incoming_timeout: std::time::Duration,
+    /// The source's connection was taken already (to learn the VM's shape from it).
+    pub incoming_peeked: bool,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
@@ -276,6 +278,40 @@ pub fn images_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
     cache.join("vmm").join("images")
+}
+
+/// The source's settings (`VmConfig::spec_toml`, from a stream's header) put into `args`
+/// where the command line left them out: the memory, the vCPUs (unless `cpus_given`), the
+/// disks (if none is given), the kernel, initramfs and command line (if not given).
+pub fn apply_spec(args: &mut RunArgs, spec: &str, cpus_given: bool) {
+    let Ok(doc) = spec.parse::<toml_edit::DocumentMut>() else {
+        log::warn!("the source's settings are not readable; the defaults apply");
+        return;
+    };
+    let text = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    if let Some(m) = text("memory") {
+        args.memory = m;
+    }
+    if let Some(c) = text("cpus").filter(|_| !cpus_given) {
+        args.cpus = c;
+    }
+    if args.disk.is_empty() {
+        if let Some(list) = doc.get("disk").and_then(|v| v.as_array()) {
+            args.disk = list
+                .iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect();
+        }
+    }
+    if args.kernel.is_none() {
+        args.kernel = text("kernel").map(PathBuf::from);
+    }
+    if args.initramfs.is_none() {
+        args.initramfs = text("initramfs").map(PathBuf::from);
+    }
+    if args.cmdline.is_none() {
+        args.cmdline = text("cmdline");
+    }
 }
 
 impl VmConfig {
@@ -493,6 +529,7 @@ impl VmConfig {
             disk_specs: args.disk.clone(),
             incoming_flag,
             incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
+            incoming_peeked: false,
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),

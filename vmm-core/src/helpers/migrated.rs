@@ -61,6 +61,14 @@ impl Conn {
         Ok(opened.kind.into())
     }
 
+    /// Only the guest RAM memfd, for a receive that goes on with the connection a peek took
+    /// (the channel's guard stays as the peek left it; the memfd goes twice, in the
+    /// channel's place too).
+    pub(crate) fn hand_memfd(&self, memfd: &std::fs::File) -> Result<(), MigratedError> {
+        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), memfd.as_fd()])
+            .map_err(MigratedError::HandOver)
+    }
+
     /// The transfer completed: an exec: command may finish, a snapshot file stays.
     pub(crate) fn channel_done(&self) {
         if let Some(g) = self.channel.take() {

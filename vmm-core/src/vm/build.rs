@@ -229,11 +229,14 @@ impl Guest {
                 tx.clone(),
             );
             let (memory, cpus, wait) = (config.memory, config.max_cpus, config.incoming_timeout);
+            let peeked = config.incoming_peeked;
             std::thread::Builder::new()
                 .name("incoming".into())
                 .spawn(move || {
-                    let got = crate::migration::receive(&m, &uri, &tls, memfd, memory, cpus, wait)
-                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+                    let got = crate::migration::receive(
+                        &m, &uri, &tls, memfd, memory, cpus, wait, peeked,
+                    )
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
                     let _ = tx.send(VmEvent::Arrived(got));
                 })
                 .map_err(|e| VmError::Thread("incoming", e))?;

@@ -200,7 +200,11 @@ struct Resources<'a> {
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
-pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
+pub fn run(
+    kvm: &Kvm,
+    config: &VmConfig,
+    early: Option<Arc<crate::helpers::migrated::Migrated>>,
+) -> Result<Outcome, VmError> {
     vmm_sandbox::seccomp::set_process_name("vmm-core");
     crate::threads::set_thread_filters(
         config
@@ -238,7 +242,7 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
         None => None,
     };
     // migrated: started now, as the main thread's filter forbids new processes later.
-    let migrated = start_migrated(config, &shared)?;
+    let migrated = start_migrated(config, &shared, early)?;
 
     // Set-up is over: the helpers run, the API serves, the boot files are open. From here the
     // main thread builds the guest (again at each reset), waits for its events and, at the end,
@@ -275,13 +279,20 @@ pub fn run(kvm: &Kvm, config: &VmConfig) -> Result<Outcome, VmError> {
 
 /// Termination signals (and SIGUSR1) are taken by one thread with sigwait; they are blocked
 /// before any other thread exists, so that every thread inherits the mask.
-fn start_signal_thread(tx: Sender<VmEvent>) -> Result<(), VmError> {
+/// The stop signals, blocked in this thread and so in every thread it starts from now on:
+/// only the signal thread's sigwait takes them.
+fn block_stop_signals() -> Result<SigSet, VmError> {
     let mut set = SigSet::empty();
     for s in STOP_SIGNALS {
         set.add(s);
     }
     set.thread_block()
         .map_err(|e| VmError::Thread("signal", e.into()))?;
+    Ok(set)
+}
+
+fn start_signal_thread(tx: Sender<VmEvent>) -> Result<(), VmError> {
+    let set = block_stop_signals()?;
     kick::install_handler().map_err(|e| VmError::Thread("signal", e))?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -395,11 +406,53 @@ fn start_disks(
     Ok((disks, run_dir))
 }
 
-/// Starts migrated (or connects to it), and says so to the API.
+/// A destination that does not know the VM's shape yet (a live --incoming without --memory):
+/// starts migrated now, and has it take the source's connection and read the stream's
+/// header; returns migrated (the connection stays with it) and the source's settings.
+pub fn peek_incoming(
+    config: &VmConfig,
+) -> Result<(Arc<crate::helpers::migrated::Migrated>, String), VmError> {
+    // The threads started here must never take a stop signal (the signal thread, started
+    // later, waits for them); this thread does until then: a stop while the destination
+    // waits for its source ends it at once.
+    let blocked = block_stop_signals()?;
+    let migrated = crate::helpers::migrated::start(
+        helper_source(config, &config.migrated_socket, &config.migrated),
+        Arc::new(|helper: &str, call: &str| {
+            log::error!("{helper} made a system call outside its seccomp allowlist, {call}, and was killed by SIGSYS");
+        }),
+        Box::new(|status| log::error!("lost migrated ({status}); restarting it")),
+    )
+    .map(Arc::new)?;
+    blocked
+        .thread_unblock()
+        .map_err(|e| VmError::Thread("signal", e.into()))?;
+    let uri = config.incoming.as_deref().expect("an incoming VM");
+    log::info!(
+        "{} {uri}: waiting for the source, to learn the VM's shape from it",
+        config.incoming_flag
+    );
+    let spec = crate::migration::peek(
+        &migrated,
+        uri,
+        &config.incoming_tls,
+        config.incoming_timeout,
+    )
+    .map_err(|e| VmError::incoming(config.incoming_flag, uri, e))?;
+    Ok((migrated, spec))
+}
+
+/// Starts migrated (or connects to it, or takes the one a peek started), and says so to the
+/// API.
 fn start_migrated(
     config: &VmConfig,
     shared: &Arc<api::Shared>,
+    early: Option<Arc<crate::helpers::migrated::Migrated>>,
 ) -> Result<Arc<crate::helpers::migrated::Migrated>, VmError> {
+    if let Some(m) = early {
+        let _ = shared.migrated.set(m.clone());
+        return Ok(m);
+    }
     let events = shared.events.clone();
     let migrated = crate::helpers::migrated::start(
         helper_source(config, &config.migrated_socket, &config.migrated),
