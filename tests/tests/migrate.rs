@@ -823,9 +823,9 @@ fn destination_from(
     ns: Option<&NetNs>,
     extra: &[&str],
 ) -> TestVm {
-    // No --cmdline: the VM comes with its own (and its resets boot with it).
+    // No --memory and no --cmdline: the destination reads them from the source's stream
+    // before it sets the VM up (and its resets boot with that command line).
     let mut b = b
-        .memory("256M")
         .args(["--disk", &format!("path={}", img.display())])
         .args([
             "--serial",
@@ -1099,7 +1099,9 @@ fn cut_without_close_notify(reach: Reach) {
     let cut = raw.handle().unwrap();
     let channel = migrated::channel::Uri::Unix(path.clone());
     let mut s = migrated::tls::client(&channel, &tls, raw).unwrap();
-    s.write_all(&stream[..stream.len() / 2]).unwrap();
+    if let Err(e) = s.write_all(&stream[..stream.len() / 2]) {
+        panic!("{name}: {e}\n{}", dst.stderr());
+    }
     s.flush().unwrap();
     // The cut: the connection goes down under TLS, with no close_notify.
     cut.shutdown();
@@ -1201,7 +1203,9 @@ fn a_waiting_destination_says_incoming_and_stops_at_once() {
     let img = disk(&dir);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let api = dir.join("dst.sock");
-    let api_arg = ["--api-socket", api.to_str().unwrap()];
+    // With --memory the destination sets the VM up before the source comes, and serves its
+    // API meanwhile (without, it learns the shape from the source first).
+    let api_arg = ["--api-socket", api.to_str().unwrap(), "--memory", "256M"];
     let mut dst = destination(&dir, &img, &uri, None, &api_arg);
     let (code, out, err) = vmmctl(&api, &["info"]);
     assert_eq!(code, 0, "{err}");

@@ -53,6 +53,10 @@ impl From<capnp::Error> for MigrationError {
 /// once; it is closed after use, as QEMU does).
 static INHERITED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 
+/// Inherited descriptors a destination's peek took for its incoming channel: the incoming
+/// VM's settings still name them, and they are valid there (the peeked connection goes on).
+static PEEKED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
 /// Notes the descriptors above 2 that are open now; call first thing in main.
 pub fn note_inherited_fds() {
     let names: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
@@ -73,7 +77,7 @@ pub fn note_inherited_fds() {
 
 /// Whether fd:N names a descriptor vmm-core inherited and has not used.
 pub fn check_fd(uri: &str, n: i32) -> Result<(), MigrationError> {
-    if INHERITED.lock().unwrap().contains(&n) {
+    if INHERITED.lock().unwrap().contains(&n) || PEEKED.lock().unwrap().contains(&n) {
         Ok(())
     } else {
         Err(MigrationError::NotInherited(uri.to_string(), n))
@@ -82,7 +86,9 @@ pub fn check_fd(uri: &str, n: i32) -> Result<(), MigrationError> {
 
 /// Takes the inherited descriptor of an fd:N channel (it is closed when the channel is).
 fn take_fd(uri: &Uri, n: i32) -> Result<OwnedFd, MigrationError> {
-    check_fd(&uri.to_string(), n)?;
+    if !INHERITED.lock().unwrap().contains(&n) {
+        return Err(MigrationError::NotInherited(uri.to_string(), n));
+    }
     INHERITED.lock().unwrap().remove(&n);
     // Taken out of the set, so only this channel owns it now.
     vmm_sandbox::fd::take(n).ok_or_else(|| MigrationError::NotInherited(uri.to_string(), n))
@@ -564,6 +570,9 @@ pub fn peek(
         nix::sys::memfd::memfd_create(c"peek", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .map_err(|e| MigrationError::Placeholder(e.into()))?,
     );
+    if let Ok(Uri::Fd(n)) = Uri::parse(&uri) {
+        PEEKED.lock().unwrap().insert(n);
+    }
     m.call_blocking(move |conn| {
         Box::pin(async move {
             let (opened, creds) = open_channel(&uri, &tls, false).await?;
