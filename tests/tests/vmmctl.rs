@@ -138,6 +138,11 @@ fn the_wrong_kind_of_socket_is_named_and_nothing_hangs() {
             "error: --vm no-such-vm (/run/vmm/no-such-vm/api.sock): no such socket".into(),
         ),
         (vec!["info"], "error: say which VM: --socket PATH".into()),
+        (
+            vec!["--vm", "../etc", "info"],
+            "error: --vm \"../etc\": not a VM's name; give the NAME of its unit vmm-core@NAME"
+                .into(),
+        ),
     ];
     for (args, want) in cases {
         let start = Instant::now();

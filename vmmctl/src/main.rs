@@ -462,6 +462,12 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     }
     let (socket, named) = match (&cli.socket, &cli.vm) {
         (Some(s), _) => (s.clone(), format!("--socket {}", s.display())),
+        (None, Some(name)) if name.is_empty() || name.contains('/') || name == "." || name == ".." => {
+            return Err(Failure(
+                2,
+                format!("--vm {name:?}: not a VM's name; give the NAME of its unit vmm-core@NAME"),
+            ))
+        }
         (None, Some(name)) => {
             let s = peer::vm_socket(name);
             let named = format!("--vm {name} ({})", s.display());
