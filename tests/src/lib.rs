@@ -455,6 +455,30 @@ impl Drop for TestVm {
     }
 }
 
+/// The `blk` scenario's zeroed ranges (first sector, sectors): discard, write-zeroes,
+/// write-zeroes with unmap (tests/guest/src/main.rs).
+pub const BLK_ZERO_RANGES: [(u64, u64); 3] = [(8, 16), (40, 16), (80, 16)];
+
+/// The `blk` scenario's data pattern of `bytes` bytes for `seed`: what the host writes for the
+/// guest to check (tg.blk.host) and what the guest writes (tg.blk.seed).
+pub fn blk_pattern(bytes: u64, seed: u64) -> Vec<u8> {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..bytes / 8)
+        .flat_map(|w| (w.wrapping_add(seed)).wrapping_mul(K).to_le_bytes())
+        .collect()
+}
+
+/// Asserts `data` holds what the `blk` scenario writes with `seed`: its pattern, with the
+/// zeroed ranges zero (`what` names it in the failure).
+pub fn assert_blk_written(data: &[u8], seed: u64, what: &str) {
+    let mut want = blk_pattern(data.len() as u64, seed);
+    for (sector, n) in BLK_ZERO_RANGES {
+        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
+    }
+    let first_bad = data.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "{what}: differs from the guest's pattern");
+}
+
 /// A helper process a test started (a blockd, a client): SIGTERM and reaped when the test
 /// ends, passed or not.
 pub struct Terminated(pub std::process::Child);

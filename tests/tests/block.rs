@@ -10,16 +10,7 @@ use vmm_tests::{
 };
 
 const T: Duration = Duration::from_secs(90);
-const K: u64 = 0x9E37_79B9_7F4A_7C15;
-/// The `blk` scenario's zeroed ranges (first sector, sectors): discard, write-zeroes,
-/// write-zeroes with unmap (tests/guest/src/main.rs).
-const ZERO_RANGES: [(u64, u64); 3] = [(8, 16), (40, 16), (80, 16)];
-
-fn pattern(bytes: u64, seed: u64) -> Vec<u8> {
-    (0..bytes / 8)
-        .flat_map(|w| (w.wrapping_add(seed)).wrapping_mul(K).to_le_bytes())
-        .collect()
-}
+use vmm_tests::{blk_pattern as pattern, BLK_ZERO_RANGES as ZERO_RANGES};
 
 fn write_image(path: &Path, bytes: u64, seed: u64) {
     std::fs::write(path, pattern(bytes, seed)).unwrap();
@@ -28,17 +19,7 @@ fn write_image(path: &Path, bytes: u64, seed: u64) {
 /// Checks the guest's pattern in an image, with the zeroed ranges zero.
 fn check_guest_pattern(path: &Path, seed: u64) {
     let data = std::fs::read(path).unwrap();
-    let mut want = pattern(data.len() as u64, seed);
-    for (sector, n) in ZERO_RANGES {
-        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
-    }
-    let first_bad = data.iter().zip(&want).position(|(a, b)| a != b);
-    assert_eq!(
-        first_bad,
-        None,
-        "{}: the image differs from the guest's pattern",
-        path.display()
-    );
+    vmm_tests::assert_blk_written(&data, seed, &path.display().to_string());
 }
 
 fn field(vm: &TestVm, prefix: &str, key: &str) -> String {

@@ -8,15 +8,7 @@ use std::time::Duration;
 use vmm_tests::{vmm_core_bin, TempDir, TestVm};
 
 const T: Duration = Duration::from_secs(90);
-const K: u64 = 0x9E37_79B9_7F4A_7C15;
-/// The `blk` scenario's zeroed ranges (first sector, sectors; tests/guest/src/main.rs).
-const ZERO_RANGES: [(u64, u64); 3] = [(8, 16), (40, 16), (80, 16)];
-
-fn pattern(bytes: u64, seed: u64) -> Vec<u8> {
-    (0..bytes / 8)
-        .flat_map(|w| (w.wrapping_add(seed)).wrapping_mul(K).to_le_bytes())
-        .collect()
-}
+use vmm_tests::blk_pattern as pattern;
 
 /// A loop device over a file, detached when dropped.
 struct Loop(PathBuf);
@@ -96,12 +88,7 @@ fn value<'a>(line: &'a str, key: &str) -> &'a str {
 
 /// The guest's pattern (seed 7) with the zeroed ranges, as it must be on the disk.
 fn assert_guest_pattern(data: &[u8], what: &str) {
-    let mut want = pattern(data.len() as u64, 7);
-    for (sector, n) in ZERO_RANGES {
-        want[(sector * 512) as usize..((sector + n) * 512) as usize].fill(0);
-    }
-    let first_bad = data.iter().zip(&want).position(|(a, b)| a != b);
-    assert_eq!(first_bad, None, "{what}: differs from the guest's pattern");
+    vmm_tests::assert_blk_written(data, 7, what);
 }
 
 /// A loop device with 4096-byte logical blocks, opened with O_DIRECT (where the block size
