@@ -1299,6 +1299,27 @@ fn migrate_status_counts_bytes_while_a_pass_runs() {
     let src = source(&dir, &img, &src_sock);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let dst = destination(&dir, &img, &uri, None, &[]);
+    // The events, read on a thread of their own until the subscription ends.
+    let mut events = vmm_tests::Terminated(
+        std::process::Command::new(vmm_tests::vmmctl_bin())
+            .arg("--socket")
+            .arg(&src_sock)
+            .arg("events")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = std::io::BufReader::new(events.0.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert!(line.contains("subscribed to events"), "{line}");
+    let mut out = events.0.stdout.take().unwrap();
+    let seen = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut text);
+        text
+    });
     let migrating = std::process::Command::new(vmm_tests::vmmctl_bin())
         .arg("--socket")
         .arg(&src_sock)
@@ -1337,6 +1358,14 @@ fn migrate_status_counts_bytes_while_a_pass_runs() {
     );
     assert!(field(&second, "ram_bytes") > 0, "{second}");
     assert_eq!(vmmctl(&src_sock, &["migrate", "cancel"]).0, 0);
+    // A `migration` event each second said the same while the pass ran.
+    drop(events);
+    let seen = seen.join().unwrap();
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(" migration: pass 1: ") && l.contains(" MiB/s")),
+        "{seen}"
+    );
     let out = migrating.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
