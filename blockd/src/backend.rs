@@ -388,27 +388,7 @@ impl Backend {
             return Ok(());
         }
         // Resumed: what failed is retried first, in order, through the fault rules again.
-        if !held.failed.is_empty() {
-            let failed: Vec<_> = held.failed.drain(..).collect();
-            self.0
-                .disk
-                .held_failed
-                .fetch_sub(failed.len() as u32, Ordering::AcqRel);
-            let mut retry = Vec::new();
-            for (head, p) in failed {
-                match self.inject(head, p, &mut held.delayed) {
-                    Injected::Go(p) => retry.push((head, p)),
-                    Injected::Held => {}
-                    Injected::Failed(p, errno) => {
-                        let e = std::io::Error::from_raw_os_error(errno);
-                        self.complete(&q, head, p, Err(e), &mut held.failed)?;
-                    }
-                }
-            }
-            for r in retry.into_iter().rev() {
-                held.queue.push_front(r);
-            }
-        }
+        self.retry_failed(&q, &mut held)?;
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -455,21 +435,7 @@ impl Backend {
             }
         }
         // Delayed requests whose time has come join the held ones.
-        if !held.delayed.is_empty() {
-            let now = Instant::now();
-            let mut i = 0;
-            while i < held.delayed.len() {
-                if held.delayed[i].0 <= now {
-                    let (_, head, p) = held.delayed.swap_remove(i);
-                    held.queue.push_back((head, p));
-                } else {
-                    i += 1;
-                }
-            }
-            if let Some(next) = held.delayed.iter().map(|d| d.0).min() {
-                timer.arm(next.saturating_duration_since(now));
-            }
-        }
+        release_delayed(&mut held, timer);
         // Held requests go, in order, as far as the throttle lets them.
         while let Some((_, p)) = held.queue.front() {
             if !admitted(&held, p) {
@@ -507,6 +473,34 @@ impl Backend {
         drop(eng);
         // Completions that are there already are answered at once.
         self.reap(vring, queue)
+    }
+
+    /// After a `resume`: the requests that failed while the export was stopped go first, in
+    /// order, through the fault rules again.
+    fn retry_failed(&self, q: &Q, held: &mut Held) -> std::io::Result<()> {
+        if held.failed.is_empty() {
+            return Ok(());
+        }
+        let failed: Vec<_> = held.failed.drain(..).collect();
+        self.0
+            .disk
+            .held_failed
+            .fetch_sub(failed.len() as u32, Ordering::AcqRel);
+        let mut retry = Vec::new();
+        for (head, p) in failed {
+            match self.inject(head, p, &mut held.delayed) {
+                Injected::Go(p) => retry.push((head, p)),
+                Injected::Held => {}
+                Injected::Failed(p, errno) => {
+                    let e = std::io::Error::from_raw_os_error(errno);
+                    self.complete(q, head, p, Err(e), &mut held.failed)?;
+                }
+            }
+        }
+        for r in retry.into_iter().rev() {
+            held.queue.push_front(r);
+        }
+        Ok(())
     }
 
     /// Applies the fault rules to a request about to be done.
@@ -678,5 +672,25 @@ impl Backend {
 
     pub fn update_memory(&self, mem: Memory) {
         *self.0.mem.write().unwrap() = Some(mem);
+    }
+}
+
+/// Delayed requests whose time has come join the held ones; the timer is armed for the next.
+fn release_delayed(held: &mut Held, timer: &crate::throttle::Timer) {
+    if held.delayed.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let mut i = 0;
+    while i < held.delayed.len() {
+        if held.delayed[i].0 <= now {
+            let (_, head, p) = held.delayed.swap_remove(i);
+            held.queue.push_back((head, p));
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(next) = held.delayed.iter().map(|d| d.0).min() {
+        timer.arm(next.saturating_duration_since(now));
     }
 }
