@@ -47,6 +47,9 @@ fn source_cmdline(
     img: &Path,
     sock: &Path,
 ) -> TestVm {
+    // A loop's earlier source left its console here: start from none, so that the wait
+    // below is for this source's guest (not the last one's output, with migrated not up yet).
+    let _ = std::fs::remove_file(dir.join("source.txt"));
     let vm = b
         .memory("256M")
         .cmdline(cmdline)

@@ -463,7 +463,7 @@ impl vmm::Server for VmmServer {
             .migrated
             .get()
             .cloned()
-            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+            .ok_or_else(|| capnp::Error::failed("the VM is still being set up (migrated has not started yet); try again in a moment".into()))?;
         {
             let mut st = self.shared.migration.lock().unwrap();
             if matches!(st.phase.as_str(), "setup" | "pre-copy" | "stop-and-copy") {
@@ -561,7 +561,7 @@ impl vmm::Server for VmmServer {
             .migrated
             .get()
             .cloned()
-            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+            .ok_or_else(|| capnp::Error::failed("the VM is still being set up (migrated has not started yet); try again in a moment".into()))?;
         self.shared.migration.lock().unwrap().cancelled = true;
         crate::migration::cancel(&m).await;
         Ok(())
