@@ -20,7 +20,13 @@ pub trait Stream: Read + Write + Send {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The connection as a reading half and a writing half that two threads use at once
+    /// (post-copy: pages go one way while the destination's page requests come the other).
+    fn split(self: Box<Self>) -> io::Result<Halves>;
 }
+
+/// A connection's reading and writing halves.
+pub type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
 
 impl Stream for TcpStream {
     fn shutdown(&self) {
@@ -28,6 +34,9 @@ impl Stream for TcpStream {
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
+    }
+    fn split(self: Box<Self>) -> io::Result<Halves> {
+        Ok((Box::new(self.try_clone()?), self))
     }
 }
 
@@ -38,6 +47,9 @@ impl Stream for UnixStream {
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
     }
+    fn split(self: Box<Self>) -> io::Result<Halves> {
+        Ok((Box::new(self.try_clone()?), self))
+    }
 }
 
 impl Stream for std::fs::File {
@@ -47,6 +59,9 @@ impl Stream for std::fs::File {
     }
     fn sync(&self) -> io::Result<()> {
         self.sync_all()
+    }
+    fn split(self: Box<Self>) -> io::Result<Halves> {
+        Ok((Box::new(self.try_clone()?), self))
     }
 }
 

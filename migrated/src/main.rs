@@ -76,6 +76,11 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "getsockname",
             "a channel socket's address family (unix or tcp)",
         ),
+        allow_if(
+            "ioctl",
+            "userfaultfd ioctls (type 0xAA) only: post-copy places pages and wakes the threads that wait for them",
+            vec![vec![Cond::Masked(1, 0xff00, 0xaa00)]],
+        ),
     ]
 }
 
@@ -117,7 +122,7 @@ fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
         match r.section().with_context(at)? {
             Section::Ram { data, .. } => ram += data.len() as u64,
             Section::Zero { pages, .. } => zero += pages,
-            Section::Pass(_) => {}
+            Section::Pass(_) | Section::Postcopy(_) => {}
             Section::Device { name, state } => {
                 devices.insert(name.to_string(), state.len());
             }

@@ -19,8 +19,8 @@ pub const VM_SECTION: &str = "vm";
 
 /// The destination's answer after the end marker: it runs the VM, or why it cannot (REFUSED,
 /// a u16 length and the reason, which may also come instead of a pass's acknowledgement).
-const STARTED: u8 = 1;
-const REFUSED: u8 = 0;
+pub(crate) const STARTED: u8 = 1;
+pub(crate) const REFUSED: u8 = 0;
 /// The destination has every page of a pass (ACKED, then the pass number as a u32).
 const ACKED: u8 = 2;
 
@@ -72,6 +72,37 @@ pub struct Server {
     sent: Arc<Sent>,
     /// A source's connection whose header `peek` read, kept for `receive`.
     peeked: Arc<Mutex<Option<Peeked>>>,
+    /// A stream that switched to post-copy, until the page server takes it.
+    incoming: Mutex<Option<crate::postcopy::Incoming>>,
+    /// The destination's page server during post-copy.
+    pages: Mutex<Option<Arc<crate::postcopy::Server>>>,
+}
+
+fn write_summary(
+    mut b: vmm_proto::migrated_capnp::postcopy_summary::Builder,
+    s: &crate::postcopy::Summary,
+) {
+    b.set_pages(s.pages);
+    b.set_requests(s.requests);
+    b.set_p50_micros(s.p50_us);
+    b.set_p99_micros(s.p99_us);
+    b.set_max_micros(s.max_us);
+    b.set_micros(s.micros);
+}
+
+/// Mappings as (address, bytes, memfd offset), each checked against guest RAM.
+fn to_offsets(ram: &Ram, maps: &[(u64, u64, u64)]) -> Result<Vec<(u64, u64, u64)>, capnp::Error> {
+    maps.iter()
+        .map(|&(va, gpa, bytes)| {
+            ram.offset(gpa, bytes)
+                .map(|off| (va, bytes, off as u64))
+                .ok_or_else(|| {
+                    failed(format!(
+                        "a mapping of {bytes:#x} bytes at guest address {gpa:#x} is outside guest RAM"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// A source's connection (its header read and kept for replay) and its channel's kind.
@@ -108,6 +139,10 @@ impl Stream for Replayed {
     }
     fn handle(&self) -> std::io::Result<Box<dyn Stream>> {
         self.rest.handle()
+    }
+    fn split(self: Box<Self>) -> std::io::Result<channel::Halves> {
+        let (r, w) = self.rest.split()?;
+        Ok((Box::new(self.head.chain(r)), w))
     }
 }
 
@@ -195,6 +230,8 @@ pub enum TransferError {
         "{0}: the destination answered with TLS; it may expect TLS (tls-creds): pass --tls-creds"
     )]
     ExpectsTls(Uri),
+    #[error("{0}: post-copy needs a live channel, not a snapshot file")]
+    NotLive(Uri),
     #[error("{0}: no source connection was peeked at (peek comes first)")]
     NotPeeked(Uri),
     #[error("{0}: the destination did not confirm it has the VM ({1}); it is not running it")]
@@ -235,6 +272,8 @@ impl Server {
             back: Default::default(),
             sent: Default::default(),
             peeked: Default::default(),
+            incoming: Default::default(),
+            pages: Default::default(),
         }
     }
 
@@ -308,7 +347,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A failed write to the destination, said so that it points at the cause.
-fn transfer_failed(e: &std::io::Error) -> String {
+pub(crate) fn transfer_failed(e: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | BrokenPipe | UnexpectedEof => format!(
@@ -419,14 +458,20 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
     Ok((o.writer.bytes() - before, p1 - p0, z1 - z0))
 }
 
-/// Takes a whole stream into RAM; returns the device state and the bytes read.
+/// What an incoming stream gave: the device state and the bytes read, and, when the source
+/// switched to post-copy, the rest of the stream for the page server.
+struct Taken {
+    state: Vec<u8>,
+    bytes: u64,
+    postcopy: Option<crate::postcopy::Incoming>,
+}
+
+/// Takes a stream into RAM: whole, or up to the switch to post-copy.
 fn receive(
-    stream: &mut dyn Stream,
+    mut r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
+    back: &crate::postcopy::Back,
     ram: &Ram,
-    ours: &Config,
-) -> Result<(Vec<u8>, u64), ReceiveError> {
-    let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, stream))?;
-    r.check_config(ours)?;
+) -> Result<(Vec<u8>, u64, Option<ReaderAndPending>), ReceiveError> {
     let mut state = None;
     loop {
         match r.section()? {
@@ -453,17 +498,33 @@ fn receive(
                 // goes on with its next pass.
                 let mut ack = [ACKED, 0, 0, 0, 0];
                 ack[1..].copy_from_slice(&n.to_le_bytes());
-                let s = r.get_mut().get_mut();
+                let mut s = back.lock().unwrap();
                 s.write_all(&ack)
                     .and_then(|()| s.flush())
                     .map_err(|e| ReceiveError::Ack(n, e))?;
+            }
+            Section::Postcopy(pending) => {
+                let state = state.ok_or(ReceiveError::NoState)?;
+                // The pages to come must fault until they come: out of the memfd with them
+                // (a page written by an earlier pass is stale now).
+                for p in 0..(ram.len() / PAGE) as u64 {
+                    if pending[(p / 64) as usize] & (1 << (p % 64)) != 0 {
+                        ram.zero(p * PAGE as u64, PAGE as u64)
+                            .map_err(ReceiveError::Zero)?;
+                    }
+                }
+                let at = r.position();
+                return Ok((state, at, Some((r, pending))));
             }
             Section::End => break,
         }
     }
     let state = state.ok_or(ReceiveError::NoState)?;
-    Ok((state, r.position()))
+    Ok((state, r.position(), None))
 }
+
+/// The rest of a stream that switched to post-copy, and its pages to come.
+type ReaderAndPending = (Reader<std::io::BufReader<Box<dyn Read + Send>>>, Vec<u64>);
 
 impl migrated::Server for Server {
     async fn open(
@@ -623,18 +684,129 @@ impl migrated::Server for Server {
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let back = self.back.clone();
         let peeked = p.get_peeked().then(|| self.peeked.lock().unwrap().take());
-        let (state, bytes) = blocking(move || {
+        let taken = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
             let (stream, kind) = match peeked {
                 Some(Some(peeked)) => peeked,
                 Some(None) => return Err(TransferError::NotPeeked(uri.clone())),
                 None => (source_stream(&uri, fd, kind, tls.as_ref(), wait)?, kind),
             };
-            take(stream, &ram, &config, &uri, kind, &back)
+            take(stream, ram, &config, &uri, kind, &back)
         })
         .await?;
-        results.get().set_state(&state);
-        results.get().set_bytes(bytes);
+        results.get().set_state(&taken.state);
+        results.get().set_bytes(taken.bytes);
+        results.get().set_postcopy(taken.postcopy.is_some());
+        *self.incoming.lock().unwrap() = taken.postcopy;
+        Ok(())
+    }
+
+    async fn postcopy(
+        self: CapRc<Self>,
+        params: migrated::PostcopyParams,
+        mut results: migrated::PostcopyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let state = p.get_state()?.to_vec();
+        let pending: Vec<u64> = p.get_pending()?.iter().collect();
+        let (out, cut, sent) = (self.out.clone(), self.cut.clone(), self.sent.clone());
+        let switched = blocking(move || {
+            let o = out.lock().unwrap().take().ok_or(TransferError::NotOpen)?;
+            if !o.live {
+                return Err(TransferError::NotLive(o.uri));
+            }
+            let source = crate::postcopy::Source {
+                uri: o.uri.clone(),
+                writer: o.writer,
+                ram: &o.ram,
+                limit: o.limit,
+                began: o.began,
+                bytes: &sent.bytes,
+                pages: &sent.pages,
+            };
+            let r = crate::postcopy::send(source, &state, pending);
+            cut.lock().unwrap().take();
+            r
+        })
+        .await?;
+        match switched {
+            crate::postcopy::Switched::Refused(e) => Err(failed(e.to_string())),
+            crate::postcopy::Switched::Ran(r) => {
+                let (summary, broken) = match r {
+                    Ok(s) => (s, String::new()),
+                    Err(e) => (Default::default(), e),
+                };
+                write_summary(results.get().init_summary(), &summary);
+                results.get().set_broken(&broken);
+                Ok(())
+            }
+        }
+    }
+
+    async fn serve_faults(
+        self: CapRc<Self>,
+        params: migrated::ServeFaultsParams,
+        _: migrated::ServeFaultsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let who = p.get_who()?.to_str()?.to_string();
+        let placer = p.get_placer();
+        let (_memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
+        let uffd = vmm_sandbox::uffd::Uffd::from_fd(fd);
+        let mut maps = Vec::new();
+        for m in p.get_mappings()?.iter() {
+            let (va, gpa, bytes) = (m.get_va(), m.get_gpa(), m.get_bytes());
+            maps.push((va, gpa, bytes));
+        }
+        if placer {
+            let inc = self
+                .incoming
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| failed("no stream switched to post-copy here".into()))?;
+            let maps = to_offsets(&inc.ram, &maps)?;
+            let server = crate::postcopy::Server::start(inc, uffd, maps)
+                .map_err(|e| failed(format!("cannot start the page server ({e})")))?;
+            *self.pages.lock().unwrap() = Some(Arc::new(server));
+        } else {
+            let g = self.pages.lock().unwrap();
+            let server = g
+                .as_ref()
+                .ok_or_else(|| failed("the page server has not started".into()))?;
+            let maps = to_offsets(server.ram(), &maps)?;
+            server.add(&who, uffd, maps);
+        }
+        Ok(())
+    }
+
+    async fn postcopy_wait(
+        self: CapRc<Self>,
+        _: migrated::PostcopyWaitParams,
+        mut results: migrated::PostcopyWaitResults,
+    ) -> Result<(), capnp::Error> {
+        let server = self
+            .pages
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| failed("the page server has not started".into()))?;
+        let r = blocking(move || Ok(server.wait())).await?;
+        match r {
+            Ok(s) => write_summary(results.get().init_summary(), &s),
+            Err(e) => results.get().set_broken(&e),
+        }
+        Ok(())
+    }
+
+    async fn postcopy_end(
+        self: CapRc<Self>,
+        _: migrated::PostcopyEndParams,
+        _: migrated::PostcopyEndResults,
+    ) -> Result<(), capnp::Error> {
+        if let Some(s) = self.pages.lock().unwrap().take() {
+            s.stop();
+        }
         Ok(())
     }
 
@@ -688,15 +860,16 @@ impl migrated::Server for Server {
         let (ok, why) = (p.get_ok(), p.get_why()?.to_str()?.to_string());
         let back = self.back.clone();
         blocking(move || {
-            let Some(mut s) = back.lock().unwrap().take() else {
+            let Some(s) = back.lock().unwrap().take() else {
                 return Ok(());
             };
+            let mut s = s.lock().unwrap();
             if ok {
                 s.write_all(&[STARTED])
                     .and_then(|()| s.flush())
                     .map_err(TransferError::Confirm)?;
             } else {
-                refuse(s.as_mut(), &why);
+                refuse_to(s.as_mut(), &why);
             }
             Ok(())
         })
@@ -704,34 +877,53 @@ impl migrated::Server for Server {
     }
 }
 
-type Back = Arc<Mutex<Option<Box<dyn Stream>>>>;
+/// The destination's writing half to its source, kept for the answer `started` sends.
+type Back = Arc<Mutex<Option<crate::postcopy::Back>>>;
 
-/// Receives the whole stream; a live source's connection is kept for the answer (or told
-/// at once why the VM was refused).
+/// Receives the stream (whole, or up to a switch to post-copy); a live source's connection
+/// is kept for the answer (or told at once why the VM was refused).
 fn take(
-    mut stream: Box<dyn Stream>,
-    ram: &Ram,
+    stream: Box<dyn Stream>,
+    ram: Ram,
     config: &Config,
     uri: &Uri,
     kind: channel::Kind,
     back: &Back,
-) -> Result<(Vec<u8>, u64), TransferError> {
-    let r =
-        receive(stream.as_mut(), ram, config).map_err(|e| TransferError::Receive(uri.clone(), e));
+) -> Result<Taken, TransferError> {
+    let io = |e| TransferError::Transfer(uri.clone(), e);
+    let (r, w) = stream.split().map_err(io)?;
+    let w = crate::postcopy::back(w);
+    let got = Reader::new(std::io::BufReader::with_capacity(1 << 20, r))
+        .and_then(|r| r.check_config(config).map(|()| r))
+        .map_err(ReceiveError::from)
+        .and_then(|r| receive(r, &w, &ram))
+        .map_err(|e| TransferError::Receive(uri.clone(), e));
     if kind != channel::Kind::File {
-        match &r {
-            Ok(_) => *back.lock().unwrap() = Some(stream),
-            Err(e) => refuse(stream.as_mut(), &e.to_string()),
+        match &got {
+            Ok(_) => *back.lock().unwrap() = Some(w.clone()),
+            Err(e) => refuse_to(w.lock().unwrap().as_mut(), &e.to_string()),
         }
     }
-    r
+    let (state, bytes, rest) = got?;
+    let postcopy = rest.map(|(reader, pending)| crate::postcopy::Incoming {
+        uri: uri.clone(),
+        reader,
+        back: w,
+        pending,
+        ram,
+    });
+    Ok(Taken {
+        state,
+        bytes,
+        postcopy,
+    })
 }
 
 /// The reason after a REFUSED byte.
 /// The error for a REFUSED answer: the destination's reason, or, when what followed is no
 /// reason a migrated would write (empty, not text), that the peer is no migration destination
 /// at all (a VM's API socket answers a stream with a Cap'n Proto error, whose first byte is 0).
-fn refused(uri: Uri, s: &mut dyn Stream) -> TransferError {
+pub(crate) fn refused(uri: Uri, s: &mut dyn Read) -> TransferError {
     let mut len = [0u8; 2];
     if s.read_exact(&mut len).is_ok() {
         let mut m = vec![0u8; u16::from_le_bytes(len).into()];
@@ -747,7 +939,7 @@ fn refused(uri: Uri, s: &mut dyn Stream) -> TransferError {
     TransferError::Refused(uri, "(it gave no reason)".to_string())
 }
 
-fn refuse(s: &mut dyn Stream, why: &str) {
+pub(crate) fn refuse_to(s: &mut dyn Write, why: &str) {
     let m = &why.as_bytes()[..why.len().min(4000)];
     let mut b = vec![REFUSED];
     b.extend_from_slice(&(m.len() as u16).to_le_bytes());

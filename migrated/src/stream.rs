@@ -10,6 +10,9 @@
 //!   DEVICE  name length u16 | name | state (Cap'n Proto, proto/schema/state.capnp)
 //!   PASS    pass u32 (a live source's pass ends here; the destination acknowledges it once
 //!           it has written every page before it, see server.rs)
+//!   POSTCOPY the pages still to come, a bitmap (bit n of word w: page 64w+n of RAM in
+//!           region order, as u64 words); after the device state, when the destination runs
+//!           the VM before it has all of its RAM (post-copy: see postcopy.rs)
 //!   END     sections u64 | RAM pages u64 | zero pages u64 (what came before, to be checked)
 //! ```
 //!
@@ -38,6 +41,7 @@ const ZERO: u8 = 2;
 const DEVICE: u8 = 3;
 const LZ4: u8 = 4;
 const PASS: u8 = 5;
+const POSTCOPY: u8 = 6;
 const END: u8 = 0xff;
 
 /// The VM's shape: a stream only goes into a VM of the same shape.
@@ -109,6 +113,11 @@ impl Config {
 
     fn ram_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// Words in a bitmap of every page of RAM.
+    pub fn bitmap_words(&self) -> usize {
+        (self.ram_bytes() / PAGE as u64).div_ceil(64) as usize
     }
 }
 
@@ -360,6 +369,42 @@ impl<W: Write> Writer<W> {
         self.section(PASS, &[&n.to_le_bytes()])
     }
 
+    /// The switch to post-copy: the pages still to come (bit n: page n of RAM).
+    pub fn postcopy(&mut self, pending: &[u64]) -> io::Result<()> {
+        if pending.len() != self.config.bitmap_words() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a post-copy bitmap of {} words, the VM's RAM needs {}",
+                    pending.len(),
+                    self.config.bitmap_words()
+                ),
+            ));
+        }
+        let bytes: Vec<u8> = pending.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.section(POSTCOPY, &[&bytes])
+    }
+
+    /// The same stream on another sink (the first's is returned by `f`, which makes the
+    /// second): the counts go on.
+    pub fn with_sink<W2: Write>(
+        self,
+        f: impl FnOnce(W) -> io::Result<W2>,
+    ) -> io::Result<Writer<W2>> {
+        Ok(Writer {
+            w: f(self.w)?,
+            config: self.config,
+            compress: self.compress,
+            packed: self.packed,
+            packed_in: self.packed_in,
+            packed_out: self.packed_out,
+            sections: self.sections,
+            ram_pages: self.ram_pages,
+            zero_pages: self.zero_pages,
+            bytes: self.bytes,
+        })
+    }
+
     /// Ends the stream; returns the sink and the bytes written.
     pub fn finish(mut self) -> io::Result<(W, u64)> {
         let (s, r, z) = (self.sections, self.ram_pages, self.zero_pages);
@@ -372,10 +417,21 @@ impl<W: Write> Writer<W> {
 /// One section, as the reader hands it out.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Section<'a> {
-    Ram { gpa: u64, data: &'a [u8] },
-    Zero { gpa: u64, pages: u64 },
-    Device { name: &'a str, state: &'a [u8] },
+    Ram {
+        gpa: u64,
+        data: &'a [u8],
+    },
+    Zero {
+        gpa: u64,
+        pages: u64,
+    },
+    Device {
+        name: &'a str,
+        state: &'a [u8],
+    },
     Pass(u32),
+    /// The pages still to come (post-copy), a bitmap of RAM's pages.
+    Postcopy(Vec<u64>),
     End,
 }
 
@@ -419,6 +475,7 @@ fn kind_name(kind: u8) -> &'static str {
         ZERO => "a zero-pages section",
         DEVICE => "a device section",
         PASS => "a pass marker",
+        POSTCOPY => "the post-copy switch",
         END => "the end marker",
         _ => "a section",
     }
@@ -511,7 +568,7 @@ impl<R: Read> Reader<R> {
         let kind = head[0];
         let len = u64::from_le_bytes(head[1..].try_into().unwrap());
         let bad = |why: String| StreamError::Bad { at: start, why };
-        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | PASS | END) {
+        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | PASS | POSTCOPY | END) {
             return Err(bad(format!("section {n} is of unknown kind {kind:#x}")));
         }
         if len > MAX_PAYLOAD + 8 {
@@ -595,6 +652,21 @@ impl<R: Read> Reader<R> {
                     return Err(bad(format!("{what} holds {len} bytes, 4 expected")));
                 }
                 Section::Pass(u32::from_le_bytes(payload.try_into().unwrap()))
+            }
+            POSTCOPY => {
+                let words = self.config.bitmap_words();
+                if payload.len() != words * 8 {
+                    return Err(bad(format!(
+                        "{what} holds {len} bytes, {} expected (a bitmap of the VM's pages)",
+                        words * 8
+                    )));
+                }
+                Section::Postcopy(
+                    payload
+                        .chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                        .collect(),
+                )
             }
             DEVICE => {
                 let name_len = payload
@@ -700,12 +772,35 @@ mod tests {
                 }
                 Section::Zero { gpa, pages } => out.push(format!("zero {gpa:#x} {pages}")),
                 Section::Pass(n) => out.push(format!("pass {n}")),
+                Section::Postcopy(b) => out.push(format!("postcopy {b:x?}")),
                 Section::Device { name, state } => {
                     out.push(format!("device {name} {}", String::from_utf8_lossy(state)))
                 }
                 Section::End => return Ok(out),
             }
         }
+    }
+
+    /// The post-copy switch carries its bitmap (one bit per page of RAM) and counts as a
+    /// section; a bitmap of another size is refused on both ends.
+    #[test]
+    fn the_postcopy_switch_carries_its_bitmap() {
+        let mut w = Writer::new(Vec::new(), &config()).unwrap();
+        // 80 pages: two words.
+        assert!(w.postcopy(&[1]).is_err());
+        w.postcopy(&[0b101, 1 << 15]).unwrap();
+        w.ram(0, &[9u8; PAGE], Zeros::Send).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        assert_eq!(
+            read_all(&bytes).unwrap(),
+            ["postcopy [5, 8000]", "ram 0x0 1 9"]
+        );
+        // A bitmap cut short: refused, naming the size it needs.
+        let mut bad = Writer::new(Vec::new(), &config()).unwrap();
+        bad.section(POSTCOPY, &[&[0u8; 8]]).unwrap();
+        let (bytes, _) = bad.finish().unwrap();
+        let e = read_all(&bytes).unwrap_err().to_string();
+        assert!(e.contains("16 expected (a bitmap of the VM's pages)"), "{e}");
     }
 
     #[test]

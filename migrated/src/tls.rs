@@ -180,14 +180,127 @@ where
 
 impl<C, S> Stream for Wrapped<C, S>
 where
-    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>> + Send,
-    S: rustls::SideData,
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>> + Send + 'static,
+    S: rustls::SideData + 'static,
 {
     fn shutdown(&self) {
         self.raw.shutdown()
     }
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         self.raw.handle()
+    }
+    fn split(self: Box<Self>) -> io::Result<crate::channel::Halves> {
+        let rustls::StreamOwned { conn, sock } = self.tls;
+        let (r, w) = sock.split()?;
+        let conn = Arc::new(std::sync::Mutex::new(conn));
+        Ok((
+            Box::new(DuplexReader {
+                conn: conn.clone(),
+                sock: r,
+                buf: vec![0; 64 << 10],
+                filled: 0..0,
+            }),
+            Box::new(DuplexWriter {
+                conn,
+                sock: w,
+                out: Vec::new(),
+            }),
+        ))
+    }
+}
+
+/// The reading half of a TLS connection whose writing half another thread uses. The
+/// connection's state is shared under a lock that is never held across socket I/O: the
+/// socket is read without it, and the records are handed to rustls under it.
+struct DuplexReader<C> {
+    conn: Arc<std::sync::Mutex<C>>,
+    sock: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    /// What was read from the socket and not yet handed to rustls.
+    filled: std::ops::Range<usize>,
+}
+
+impl<C, S> Read for DuplexReader<C>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut c = self.conn.lock().unwrap();
+                match c.reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed the connection without TLS close_notify: the stream may have been truncated on the way, so it is refused",
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                }
+                if !self.filled.is_empty() {
+                    let mut rest = &self.buf[self.filled.clone()];
+                    let n = c.read_tls(&mut rest)?;
+                    self.filled.start += n;
+                    c.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    continue;
+                }
+            }
+            let n = self.sock.read(&mut self.buf)?;
+            if n == 0 {
+                // The end of the socket: rustls says whether it came after close_notify.
+                let mut c = self.conn.lock().unwrap();
+                c.read_tls(&mut &[][..])?;
+                c.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+            self.filled = 0..n;
+        }
+    }
+}
+
+/// The writing half: records are made under the lock, then written without it (in order:
+/// only this half writes to the socket).
+struct DuplexWriter<C> {
+    conn: Arc<std::sync::Mutex<C>>,
+    sock: Box<dyn Write + Send>,
+    out: Vec<u8>,
+}
+
+impl<C, S> DuplexWriter<C>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.out.clear();
+        let n = {
+            let mut c = self.conn.lock().unwrap();
+            let n = c.writer().write(data)?;
+            while c.wants_write() {
+                c.write_tls(&mut self.out)?;
+            }
+            n
+        };
+        self.sock.write_all(&self.out)?;
+        Ok(n)
+    }
+}
+
+impl<C, S> Write for DuplexWriter<C>
+where
+    C: std::ops::DerefMut + std::ops::Deref<Target = rustls::ConnectionCommon<S>>,
+    S: rustls::SideData,
+{
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.send(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send(&[])?;
+        self.sock.flush()
     }
 }
 
@@ -424,6 +537,65 @@ mod tests {
         let (c, sv) = pair(Some(&s), &d);
         assert_eq!(c, Ok(()));
         assert_eq!(sv, Ok(()));
+    }
+
+    /// Split in halves, a TLS connection carries 64 MiB one way while small messages go the
+    /// other way at the same time (post-copy's pages and page requests), each intact, and a
+    /// close_notify ends the reading half cleanly.
+    #[test]
+    fn a_split_tls_connection_carries_both_ways_at_once() {
+        let ca = ca("ca");
+        let (d, s) = creds(&ca, "source");
+        let (a, b) = UnixStream::pair().unwrap();
+        let uri = Uri::Unix("/x".into());
+        let server = std::thread::spawn(move || {
+            let u = Uri::Unix("/x".into());
+            let (mut r, w) = server(&u, &d, Box::new(b)).unwrap().split().unwrap();
+            // Requests go back while the bulk comes in.
+            let requests = std::thread::spawn(move || {
+                let mut w = w;
+                for i in 0u32..2000 {
+                    w.write_all(&i.to_le_bytes()).unwrap();
+                    w.flush().unwrap();
+                }
+                w
+            });
+            let mut sum = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            let end = loop {
+                match r.read(&mut buf) {
+                    Ok(0) => break None,
+                    Ok(n) => {
+                        total += n;
+                        sum += buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
+                    }
+                    Err(e) => break Some(e.kind()),
+                }
+            };
+            drop(requests.join().unwrap());
+            (total, sum, end)
+        });
+        let (mut r, mut w) = client(&uri, &s, Box::new(a)).unwrap().split().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = [0u8; 4];
+            for i in 0u32..2000 {
+                r.read_exact(&mut got).unwrap();
+                assert_eq!(u32::from_le_bytes(got), i);
+            }
+        });
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        for _ in 0..64 {
+            w.write_all(&chunk).unwrap();
+        }
+        w.flush().unwrap();
+        reader.join().unwrap();
+        // Cut without close_notify: the reading half says so, never a clean end.
+        drop(w);
+        let (total, sum, end) = server.join().unwrap();
+        assert_eq!(total, 64 << 20);
+        assert_eq!(sum, 64 * chunk.iter().map(|&b| u64::from(b)).sum::<u64>());
+        assert_eq!(end, Some(std::io::ErrorKind::UnexpectedEof));
     }
 
     #[test]

@@ -31,7 +31,9 @@ interface Migrated {
   # The destination: takes one whole stream from `uri` into the memfd and returns the device
   # state once every check has passed (a stream that fails one changes nothing but RAM).
   # waitMs: how long to wait for a source to connect (0: as long as it takes).
-  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32, peeked :Bool) -> (state :Data, bytes :UInt64);
+  # postcopy: the source switched to post-copy; the rest of RAM comes through the page server
+  # (serveFaults), which must start before the VM runs.
+  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32, peeked :Bool) -> (state :Data, bytes :UInt64, postcopy :Bool);
 
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.
@@ -45,6 +47,41 @@ interface Migrated {
   # (as receive does) and reads the stream's header only, returning the source's settings
   # (Shape.spec). The connection is kept: the next receive (with peeked) goes on from there.
   peek @7 (uri :Text, tls :Tls, kind :ChannelKind, waitMs :UInt32) -> (spec :Text);
+
+  # The source, instead of `finish`: the device state and the switch to post-copy (`pending`:
+  # a bitmap of the pages still to send, as sendPages's). Returns once the destination has
+  # every page. An error: the destination refused the VM before it ran it (the source may
+  # resume). `broken` not empty: post-copy broke after the destination started the VM, whose
+  # state is now split between the hosts (the source must not resume it).
+  postcopy @8 (state :Data, pending :List(UInt64)) -> (summary :PostcopySummary, broken :Text);
+
+  # The destination, after a receive that said postcopy: serves page faults on a
+  # userfaultfd, sent on the side channel with the memfd (the guest RAM memfd, then the
+  # userfaultfd). The first call (vmm-core's, `placer`) starts the page server and the rest
+  # of the stream; later ones (blockd's descriptors) join it. `mappings`: where guest RAM
+  # lies in the address space of the process that made the descriptor.
+  serveFaults @9 (who :Text, mappings :List(Mapping), placer :Bool) -> ();
+
+  # The destination: waits until every page came (or post-copy broke: `broken` says why).
+  postcopyWait @10 () -> (summary :PostcopySummary, broken :Text);
+
+  # The destination: stops serving faults (every descriptor's memory is unregistered).
+  postcopyEnd @11 () -> ();
+}
+
+struct Mapping {
+  va @0 :UInt64;      # the mapping's address in its process
+  gpa @1 :UInt64;
+  bytes @2 :UInt64;
+}
+
+struct PostcopySummary {
+  pages @0 :UInt64;      # pages the post-copy phase carried
+  requests @1 :UInt64;   # faults that asked the source for a page
+  p50Micros @2 :UInt64;  # from a request to its page in place
+  p99Micros @3 :UInt64;
+  maxMicros @4 :UInt64;
+  micros @5 :UInt64;     # from the switch to the last page
 }
 
 struct Shape {

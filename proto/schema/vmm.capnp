@@ -72,6 +72,10 @@ interface Vmm {
   migrate @19 (uri :Text, options :MigrateOptions) -> (status :MigrationStatus);  # as it ended
   migrateStatus @20 () -> (status :MigrationStatus);
   migrateCancel @21 () -> ();
+  # Switches the live migration under way to post-copy at the end of its current pass (QEMU's
+  # migrate-start-postcopy): the destination runs the VM and pulls the pages it still needs.
+  # Once switched, a migration cannot be cancelled, and losing either host loses the VM.
+  migratePostcopy @23 () -> ();
 
   # The effective run settings as a JSON object whose keys are `vmm-core run`'s flags
   # (what a --config file may hold), defaults filled in.
@@ -150,10 +154,14 @@ struct MigrateOptions {
   compress @4 :Bool;          # LZ4-compress RAM runs in the stream (a snapshot's too)
   maxPasses @5 :UInt32;       # pre-copy passes before the VM is paused even though the pause
                               # will be over downtimeMs (0: 30); the status then says forced
+  postcopy @6 :Bool;          # switch to post-copy after the first pass that does not fit
+                              # downtimeMs (a live channel only)
 }
 
 struct MigrationStatus {
-  phase @0 :Text;             # none, setup, pre-copy, stop-and-copy, completed, failed, cancelled
+  phase @0 :Text;             # none, setup, pre-copy, stop-and-copy, postcopy-active, completed,
+                              # failed, cancelled, postcopy-paused (post-copy broke: the VM
+                              # is split between the hosts and stays paused)
   uri @1 :Text;
   passes @2 :UInt32;
   bytes @3 :UInt64;           # stream bytes sent
@@ -167,4 +175,10 @@ struct MigrationStatus {
   error @11 :Text;
   memoryBytes @12 :UInt64;    # the VM's RAM, to draw progress against
   forced @13 :Bool;           # the pause came at maxPasses, not because it fit downtimeMs
+  postcopyAllowed @14 :Bool;  # the migration may switch to post-copy (or was asked to)
+  postcopyPages @15 :UInt64;  # post-copy: pages carried after the switch
+  postcopyRequests @16 :UInt64; # the destination's faults that asked the source for a page
+  faultP50Micros @17 :UInt64; # the destination: from a request to its page in place
+  faultP99Micros @18 :UInt64;
+  postcopyMs @19 :UInt64;     # from the switch to the last page
 }

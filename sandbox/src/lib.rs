@@ -9,6 +9,7 @@ pub mod logging;
 pub mod seccomp;
 pub mod syscalls;
 pub mod systemd;
+pub mod uffd;
 
 /// Why a helper could not enter its sandbox: the step, and what the kernel or the filter
 /// compiler said.

@@ -348,6 +348,14 @@ impl VmmServer {
         r.set_total_ms(st.total_ms);
         r.set_error(st.error.as_str());
         r.set_memory_bytes(self.shared.status.lock().unwrap().memory);
+        r.set_postcopy_allowed(st.postcopy_allowed || st.postcopy_asked);
+        if let Some(p) = &st.postcopy {
+            r.set_postcopy_pages(p.pages);
+            r.set_postcopy_requests(p.requests);
+            r.set_fault_p50_micros(p.p50_us);
+            r.set_fault_p99_micros(p.p99_us);
+            r.set_postcopy_ms(p.ms);
+        }
     }
 
     fn console(&self, control: crate::helpers::chardevd::Control) -> Result<(), capnp::Error> {
@@ -466,10 +474,24 @@ impl vmm::Server for VmmServer {
             .ok_or_else(|| capnp::Error::failed("the VM is still being set up (migrated has not started yet); try again in a moment".into()))?;
         {
             let mut st = self.shared.migration.lock().unwrap();
-            if matches!(st.phase.as_str(), "setup" | "pre-copy" | "stop-and-copy") {
+            if matches!(
+                st.phase.as_str(),
+                "setup" | "pre-copy" | "stop-and-copy" | "postcopy-active"
+            ) {
                 return Err(capnp::Error::failed(format!(
                     "a migration to {} is under way; wait for it or `vmmctl migrate cancel`",
                     st.uri
+                )));
+            }
+            if st.phase == "postcopy-paused" {
+                return Err(capnp::Error::failed(format!(
+                    "post-copy to {} broke after the destination started the VM; the VM's memory is split between the two hosts, so it cannot go elsewhere from here",
+                    st.uri
+                )));
+            }
+            if o.get_postcopy() && uri.starts_with("file:") {
+                return Err(capnp::Error::failed(format!(
+                    "{uri}: --postcopy needs a live channel (tcp, unix, fd, exec); a snapshot is written whole"
                 )));
             }
             st.phase = "setup".into();
@@ -491,6 +513,7 @@ impl vmm::Server for VmmServer {
                 n => n,
             },
             compress: o.get_compress(),
+            postcopy: o.get_postcopy(),
             tls: crate::migration::TlsOptions {
                 creds: o.get_tls_creds()?.to_str()?.to_string(),
                 hostname: o.get_tls_hostname()?.to_str()?.to_string(),
@@ -540,12 +563,44 @@ impl vmm::Server for VmmServer {
         Ok(())
     }
 
+    async fn migrate_postcopy(
+        self: capnp::capability::Rc<Self>,
+        _: vmm::MigratePostcopyParams,
+        _: vmm::MigratePostcopyResults,
+    ) -> Result<(), capnp::Error> {
+        let mut st = self.shared.migration.lock().unwrap();
+        match st.phase.as_str() {
+            "setup" | "pre-copy" if st.uri.starts_with("file:") => {
+                Err(capnp::Error::failed(format!(
+                    "{}: a snapshot is written whole; post-copy is for a live migration",
+                    st.uri
+                )))
+            }
+            "setup" | "pre-copy" => {
+                st.postcopy_asked = true;
+                Ok(())
+            }
+            "postcopy-active" => Err(capnp::Error::failed(
+                "the migration is in post-copy already".into(),
+            )),
+            p => Err(capnp::Error::failed(format!(
+                "no pre-copy migration to switch (the last one is {})",
+                if p.is_empty() { "none" } else { p }
+            ))),
+        }
+    }
+
     async fn migrate_cancel(
         self: capnp::capability::Rc<Self>,
         _: vmm::MigrateCancelParams,
         _: vmm::MigrateCancelResults,
     ) -> Result<(), capnp::Error> {
         let phase = self.shared.migration.lock().unwrap().phase.clone();
+        if phase == "postcopy-active" {
+            return Err(capnp::Error::failed(
+                "the migration is in post-copy: the destination runs the VM, and a cancel would lose it; wait for it to complete".into(),
+            ));
+        }
         if !matches!(phase.as_str(), "setup" | "pre-copy") {
             return Err(capnp::Error::failed(format!(
                 "no migration to cancel (the last one is {})",

@@ -24,10 +24,14 @@ pub enum VmEvent {
     Migration(MigrationRequest),
     /// The incoming VM's stream, taken whole (its device state and size), or why not.
     Arrived(Arrival),
+    /// Post-copy (the destination): every page came, or why not.
+    PostcopyDone(Result<crate::migration::PostcopySummary, String>),
 }
 
 /// An incoming VM's device state and stream size, or why it did not come.
-pub type Arrival = Result<(Vec<u8>, u64), Box<dyn std::error::Error + Send + Sync>>;
+/// What came in: the device state, the bytes read, and whether the source switched to
+/// post-copy (the rest of RAM comes through migrated's page server).
+pub type Arrival = Result<(Vec<u8>, u64, bool), Box<dyn std::error::Error + Send + Sync>>;
 
 /// Why a vCPU thread asks the VM to stop.
 #[derive(Debug)]

@@ -37,10 +37,16 @@ pub enum MigrationError {
     /// The migration failed before the destination ran the VM: it goes on here.
     #[error("{0}; the VM goes on here")]
     Resumed(Box<MigrationError>),
+    #[error("post-copy: {0}")]
+    Uffd(String),
     #[error("cancelled (vmmctl migrate cancel)")]
     Cancelled,
     #[error("{0}; and the VM could not go on here: {1}")]
     NotResumed(Box<MigrationError>, Box<MigrationError>),
+    /// Post-copy broke after the destination started the VM: its RAM is split between the
+    /// two hosts, so it cannot go on here either; it stays paused.
+    #[error("post-copy broke after the destination started the VM: {0}; the VM's memory is split between the two hosts, so it stays paused here and cannot resume")]
+    PostcopyBroken(String),
 }
 
 impl From<capnp::Error> for MigrationError {
@@ -151,6 +157,46 @@ pub struct Status {
     pub forced: bool,
     /// `vmmctl migrate cancel` asked for it to end.
     pub cancelled: bool,
+    /// Post-copy: allowed from the start (--postcopy), asked for during pre-copy (`vmmctl
+    /// migrate postcopy`), and what it did.
+    pub postcopy_allowed: bool,
+    pub postcopy_asked: bool,
+    pub postcopy: Option<PostcopySummary>,
+}
+
+/// What post-copy did: pages carried, faults that asked the source for a page, and the
+/// time from a request to its page (on the destination).
+#[derive(Debug, Clone, Default)]
+pub struct PostcopySummary {
+    pub pages: u64,
+    pub requests: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub ms: u64,
+}
+
+impl PostcopySummary {
+    fn read(s: vmm_proto::migrated_capnp::postcopy_summary::Reader) -> PostcopySummary {
+        PostcopySummary {
+            pages: s.get_pages(),
+            requests: s.get_requests(),
+            p50_us: s.get_p50_micros(),
+            p99_us: s.get_p99_micros(),
+            max_us: s.get_max_micros(),
+            ms: s.get_micros() / 1000,
+        }
+    }
+}
+
+impl std::fmt::Display for PostcopySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} page(s) in {} ms, {} fault(s) asked the source (from a request to its page: p50 {} us, p99 {} us, max {} us)",
+            self.pages, self.ms, self.requests, self.p50_us, self.p99_us, self.max_us
+        )
+    }
 }
 
 /// The least of the downtime limit kept for what the pause holds besides the last pages
@@ -174,6 +220,8 @@ pub struct Options {
     pub compress: bool,
     /// The VM's run settings as a --config file, carried in the stream's header.
     pub spec: String,
+    /// Switch to post-copy after the first pass that does not meet the downtime limit.
+    pub postcopy: bool,
 }
 
 /// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
@@ -403,6 +451,7 @@ pub async fn send(
     *progress.lock().unwrap() = Status {
         phase: "setup".into(),
         uri: opts.uri.clone(),
+        postcopy_allowed: opts.postcopy,
         ..Default::default()
     };
     let memfd = ask(tx, MigrationRequest::Memfd).await?;
@@ -426,6 +475,15 @@ pub async fn send(
                 ask(tx, MigrationRequest::Continue).await?;
             }
             Ok(())
+        }
+        Err(e @ MigrationError::PostcopyBroken(_)) => {
+            set(&|s| {
+                s.phase = "postcopy-paused".into();
+                s.error = crate::error_chain(&e);
+                s.total_ms = start.elapsed().as_millis() as u64;
+            });
+            log::error!("{}: {e}", opts.uri);
+            Err(e)
         }
         Err(e) => {
             abort(m).await;
@@ -509,6 +567,13 @@ async fn transfer(
                 pending = Some(dirty);
                 break;
             }
+            if opts.postcopy || progress.lock().unwrap().postcopy_asked {
+                log::info!(
+                    "{}: pass {pass} leaves {n} page(s), about {expected_ms} ms at this rate: switching to post-copy",
+                    opts.uri
+                );
+                return postcopy(m, tx, progress, opts, dirty, memory).await;
+            }
             if pass >= opts.max_passes {
                 log::warn!(
                     "{}: {pass} passes and the pause would still take about {} ms, over the {} ms limit; pausing anyway (--max-passes)",
@@ -552,6 +617,134 @@ async fn transfer(
         start.elapsed().as_millis()
     );
     Ok(downtime)
+}
+
+/// The switch to post-copy: pauses the VM, sends its state and the pages still to come, and
+/// returns (the downtime in ms) once the destination has every page. A failure before the
+/// destination ran the VM is an error the caller answers by resuming here; one after is
+/// `PostcopyBroken`, and the VM stays paused.
+async fn postcopy(
+    m: &Migrated,
+    tx: &std::sync::mpsc::Sender<VmEvent>,
+    progress: &Progress,
+    opts: &Options,
+    dirty: Vec<u64>,
+    memory: u64,
+) -> Result<u64, MigrationError> {
+    let set = |f: &dyn Fn(&mut Status)| f(&mut progress.lock().unwrap());
+    set(&|s| s.phase = "postcopy-active".into());
+    let stop = std::time::Instant::now();
+    let saved = ask(tx, MigrationRequest::Save).await?;
+    let pages = memory / vmm_devices::layout::PAGE_SIZE;
+    let words = pages.div_ceil(64) as usize;
+    let mut pending = if saved.unlogged_writers {
+        // RAM a backend may have written unseen: all of it goes again.
+        let mut b = vec![u64::MAX; words];
+        if !pages.is_multiple_of(64) {
+            b[words - 1] = (1 << (pages % 64)) - 1;
+        }
+        b
+    } else {
+        let mut b = dirty;
+        or(&mut b, saved.dirty.as_deref().unwrap_or(&[]));
+        b
+    };
+    pending.resize(words, 0);
+    let n = count(&pending);
+    log::info!(
+        "{}: paused; post-copy: the destination runs the VM now, {n} page(s) follow",
+        opts.uri
+    );
+    let state = saved.state;
+    let (summary, broken) = m
+        .call(move |conn| {
+            Box::pin(async move {
+                let mut req = conn.client.postcopy_request();
+                req.get().set_state(&state);
+                let mut l = req.get().init_pending(pending.len() as u32);
+                for (i, w) in pending.iter().enumerate() {
+                    l.set(i as u32, *w);
+                }
+                let r = req.send().promise.await?;
+                let r = r.get()?;
+                let broken = String::from_utf8_lossy(r.get_broken()?.as_bytes()).into_owned();
+                conn.channel_done();
+                Ok::<_, MigrationError>((PostcopySummary::read(r.get_summary()?), broken))
+            })
+        })
+        .await?;
+    if !broken.is_empty() {
+        return Err(MigrationError::PostcopyBroken(broken));
+    }
+    // The pause until the destination ran the VM; the post-copy phase after it.
+    let downtime = (stop.elapsed().as_millis() as u64).saturating_sub(summary.ms);
+    log::info!("{}: post-copy complete: {summary}", opts.uri);
+    set(&|s| s.postcopy = Some(summary.clone()));
+    Ok(downtime)
+}
+
+/// The destination's post-copy: migrated serves the faults on `uffd` (whose process maps
+/// guest RAM as `maps`: address, guest address, bytes); vmm-core's places the pages.
+pub fn serve_faults(
+    m: &Migrated,
+    who: &str,
+    memfd: &std::fs::File,
+    uffd: std::os::fd::BorrowedFd,
+    maps: Vec<(u64, u64, u64)>,
+    placer: bool,
+) -> Result<(), MigrationError> {
+    let who = who.to_string();
+    let memfd = memfd.try_clone().map_err(MigrationError::Placeholder)?;
+    let uffd = uffd
+        .try_clone_to_owned()
+        .map_err(MigrationError::Placeholder)?;
+    m.call_blocking(move |conn| {
+        Box::pin(async move {
+            use std::os::fd::AsFd;
+            conn.hand_fds(memfd.as_fd(), uffd.as_fd())?;
+            let mut req = conn.client.serve_faults_request();
+            req.get().set_who(who.as_str());
+            req.get().set_placer(placer);
+            let mut l = req.get().init_mappings(maps.len() as u32);
+            for (i, (va, gpa, bytes)) in maps.iter().enumerate() {
+                let mut e = l.reborrow().get(i as u32);
+                e.set_va(*va);
+                e.set_gpa(*gpa);
+                e.set_bytes(*bytes);
+            }
+            req.send().promise.await?;
+            Ok(())
+        })
+    })
+}
+
+/// The destination: waits until every page came (Err: why post-copy broke).
+pub fn postcopy_wait(m: &Migrated) -> Result<PostcopySummary, String> {
+    let r: Result<(PostcopySummary, String), MigrationError> = m.call_blocking(|conn| {
+        Box::pin(async move {
+            let r = conn.client.postcopy_wait_request().send().promise.await?;
+            let r = r.get()?;
+            Ok((
+                PostcopySummary::read(r.get_summary()?),
+                String::from_utf8_lossy(r.get_broken()?.as_bytes()).into_owned(),
+            ))
+        })
+    });
+    match r {
+        Ok((s, b)) if b.is_empty() => Ok(s),
+        Ok((_, b)) => Err(b),
+        Err(e) => Err(crate::error_chain(&e)),
+    }
+}
+
+/// The destination: every process's memory is unregistered; migrated stops serving faults.
+pub fn postcopy_end(m: &Migrated) {
+    let _: Result<(), MigrationError> = m.call_blocking(|conn| {
+        Box::pin(async move {
+            conn.client.postcopy_end_request().send().promise.await?;
+            Ok(())
+        })
+    });
 }
 
 /// The destination before it knows the VM's shape: migrated takes the source's connection
@@ -608,7 +801,7 @@ pub fn receive(
     vcpus: u32,
     wait: std::time::Duration,
     peeked: bool,
-) -> Result<(Vec<u8>, u64), MigrationError> {
+) -> Result<(Vec<u8>, u64, bool), MigrationError> {
     let uri = uri.to_string();
     let tls = tls.clone();
     let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
@@ -635,7 +828,7 @@ pub fn receive(
             let got = async {
                 let r = req.send().promise.await?;
                 let r = r.get()?;
-                Ok((r.get_state()?.to_vec(), r.get_bytes()))
+                Ok((r.get_state()?.to_vec(), r.get_bytes(), r.get_postcopy()))
             }
             .await;
             if got.is_err() {

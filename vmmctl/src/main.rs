@@ -70,10 +70,11 @@ enum Command {
     },
     /// Live-migrate the VM to tcp:HOST:PORT, unix:PATH or exec:COMMAND (the destination runs
     /// `vmm-core run --incoming URI`); `migrate status` shows the current or last migration,
-    /// `migrate cancel` stops one (the VM goes on here). A progress bar is drawn on a terminal.
+    /// `migrate cancel` stops one (the VM goes on here), `migrate postcopy` switches the one
+    /// under way to post-copy. A progress bar is drawn on a terminal.
     Migrate {
         /// tcp:HOST:PORT, unix:PATH, exec:COMMAND (the stream to the command's input, the
-        /// destination's answer from its output), or status / cancel.
+        /// destination's answer from its output), or status / cancel / postcopy.
         target: String,
         /// The longest pause allowed at the end, in ms (default 300, as QEMU). Pre-copy goes on
         /// until twice the time the pages left would take fits in three quarters of it (at
@@ -96,6 +97,12 @@ enum Command {
         /// The name to check in the destination's certificate (default: the tcp host).
         #[arg(long, value_name = "NAME", requires = "tls_creds")]
         tls_hostname: Option<String>,
+        /// Post-copy: after the first pass that does not fit --downtime-ms, the destination
+        /// runs the VM at once and pulls the pages it still needs (so a guest that writes
+        /// its RAM faster than the link carries it still moves). Once switched, the
+        /// migration cannot be cancelled, and losing either host or the channel loses the VM.
+        #[arg(long)]
+        postcopy: bool,
         /// LZ4-compress guest RAM in the stream (for slow links; it costs source CPU).
         #[arg(long)]
         compress: bool,
@@ -433,7 +440,9 @@ fn main() -> ExitCode {
 /// completes within --timeout.
 fn runs_long(command: &Command) -> bool {
     match command {
-        Command::Migrate { target, .. } => target != "status" && target != "cancel",
+        Command::Migrate { target, .. } => {
+            !matches!(target.as_str(), "status" | "cancel" | "postcopy")
+        }
         Command::Snapshot { .. } | Command::Events => true,
         Command::Console { dump, .. } => !dump,
         _ => false,
@@ -595,6 +604,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::DirtyRate { .. } => "dirty-rate",
         Command::Migrate { target, .. } if target == "status" => "migrate status",
         Command::Migrate { target, .. } if target == "cancel" => "migrate cancel",
+        Command::Migrate { target, .. } if target == "postcopy" => "migrate postcopy",
         Command::Migrate { .. } => "migrate",
         Command::Snapshot { .. } => "snapshot",
         Command::Cpus { action: None } => "cpus",
@@ -620,6 +630,7 @@ enum Simple {
     Reboot,
     Shutdown(bool),
     MigrateCancel,
+    MigratePostcopy,
 }
 
 /// One command's connection to the VM: each method sends its request and formats the answer.
@@ -657,6 +668,9 @@ impl Session {
             Command::Shutdown { force } => self.simple(Simple::Shutdown(force)).await,
             Command::DirtyRate { ms } => self.dirty_rate(ms).await,
             Command::Migrate { target, .. } if target == "status" => self.migrate_status().await,
+            Command::Migrate { target, .. } if target == "postcopy" => {
+                self.simple(Simple::MigratePostcopy).await
+            }
             Command::Migrate { .. } => self.simple(Simple::MigrateCancel).await,
             Command::Cpus {
                 action: Some(CpusAction::Set { count }),
@@ -692,6 +706,7 @@ impl Session {
                 bandwidth,
                 tls_creds,
                 tls_hostname,
+                postcopy,
                 compress,
             } => {
                 let tls = (
@@ -705,6 +720,7 @@ impl Session {
                     bandwidth: bandwidth.unwrap_or(0),
                     tls: &tls,
                     compress,
+                    postcopy,
                 };
                 self.migrate(&peer::absolute_uri(&target), &options).await
             }
@@ -757,6 +773,10 @@ impl Session {
             Simple::MigrateCancel => (
                 c.migrate_cancel_request().send().promise.await.map(drop),
                 "cancelled; the VM goes on here",
+            ),
+            Simple::MigratePostcopy => (
+                c.migrate_postcopy_request().send().promise.await.map(drop),
+                "the migration switches to post-copy at the end of its current pass",
             ),
         };
         sent.map_err(|e| self.fail(e))?;
@@ -820,6 +840,7 @@ impl Session {
             bandwidth: 0,
             tls: &tls,
             compress,
+            postcopy: false,
         };
         let st = migrate(&self.client, uri, &options, self.json)
             .await
@@ -1598,6 +1619,7 @@ struct MigrateOptions<'a> {
     /// The credentials' directory and the name to check (empty: no TLS).
     tls: &'a (String, String),
     compress: bool,
+    postcopy: bool,
 }
 
 /// Runs a migration (or snapshot), drawing its progress on a terminal meanwhile.
@@ -1617,6 +1639,7 @@ async fn migrate(
     o.set_tls_creds(options.tls.0.as_str());
     o.set_tls_hostname(options.tls.1.as_str());
     o.set_compress(options.compress);
+    o.set_postcopy(options.postcopy);
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);
@@ -1632,8 +1655,18 @@ async fn migrate(
                 if json {
                     return format_migration(&st, true);
                 }
+                let postcopy = if st.get_postcopy_ms() > 0 || st.get_postcopy_pages() > 0 {
+                    format!(
+                        "; post-copy carried {} page(s) in {} ms, {} asked for by the destination",
+                        st.get_postcopy_pages(),
+                        st.get_postcopy_ms(),
+                        st.get_postcopy_requests()
+                    )
+                } else {
+                    String::new()
+                };
                 return Ok(format!(
-                    "{} MiB sent in {} ms over {} pass(es), the VM paused for {} ms{}",
+                    "{} MiB sent in {} ms over {} pass(es), the VM paused for {} ms{}{postcopy}",
                     st.get_bytes() >> 20,
                     st.get_total_ms(),
                     st.get_passes(),
@@ -1688,7 +1721,7 @@ fn format_migration(
     );
     if json {
         return Ok(format!(
-            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"forced\":{},\"error\":{error:?}}}",
+            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"forced\":{},\"postcopy\":{{\"allowed\":{},\"pages\":{},\"requests\":{},\"fault_p50_us\":{},\"fault_p99_us\":{},\"ms\":{}}},\"error\":{error:?}}}",
             st.get_passes(),
             st.get_bytes(),
             st.get_ram_bytes(),
@@ -1698,7 +1731,13 @@ fn format_migration(
             st.get_expected_downtime_ms(),
             st.get_downtime_ms(),
             st.get_total_ms(),
-            st.get_forced()
+            st.get_forced(),
+            st.get_postcopy_allowed(),
+            st.get_postcopy_pages(),
+            st.get_postcopy_requests(),
+            st.get_fault_p50_micros(),
+            st.get_fault_p99_micros(),
+            st.get_postcopy_ms()
         ));
     }
     let mut out = format!("phase: {phase}");
@@ -1724,6 +1763,19 @@ fn format_migration(
     }
     if st.get_forced() {
         out += "\nforced: the pause came at --max-passes, over the downtime limit";
+    }
+    if st.get_postcopy_allowed() && matches!(phase.as_str(), "setup" | "pre-copy") {
+        out += "\nwarning: post-copy is on: once it switches, the destination runs the VM while its pages still come, and losing either host or the channel loses the VM";
+    }
+    if st.get_postcopy_pages() > 0 || phase == "postcopy-active" {
+        out += &format!(
+            "\npost-copy: {} page(s) carried in {} ms, {} asked for (from a request to its page: p50 {} us, p99 {} us)",
+            st.get_postcopy_pages(),
+            st.get_postcopy_ms(),
+            st.get_postcopy_requests(),
+            st.get_fault_p50_micros(),
+            st.get_fault_p99_micros()
+        );
     }
     if !error.is_empty() {
         out += &format!("\nerror: {error}");

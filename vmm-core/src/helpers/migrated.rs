@@ -69,6 +69,15 @@ impl Conn {
             .map_err(MigratedError::HandOver)
     }
 
+    /// Two descriptors for the call that follows (the memfd and a userfaultfd).
+    pub(crate) fn hand_fds(
+        &self,
+        a: std::os::fd::BorrowedFd,
+        b: std::os::fd::BorrowedFd,
+    ) -> Result<(), MigratedError> {
+        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[a, b]).map_err(MigratedError::HandOver)
+    }
+
     /// The transfer completed: an exec: command may finish, a snapshot file stays.
     pub(crate) fn channel_done(&self) {
         if let Some(g) = self.channel.take() {

@@ -55,6 +55,9 @@ pub(super) struct Incoming {
     /// The flag that named it: --incoming or --restore.
     pub flag: &'static str,
     pub restore: crate::snapshot::Restore,
+    /// The source switched to post-copy: RAM is still coming (through migrated's page
+    /// server, which serves this VM's faults).
+    pub postcopy: bool,
 }
 
 impl Guest {
@@ -155,7 +158,8 @@ impl Guest {
                 Some(Incoming {
                     uri: uri.to_string(),
                     flag: config.incoming_flag,
-                    restore,
+                    restore: restore.0,
+                    postcopy: restore.1,
                 })
             }
             None => None,
@@ -211,7 +215,7 @@ impl Guest {
         res: &Resources,
         serial_irq: EventFd,
         serial_out: Box<dyn std::io::Write + Send>,
-    ) -> Result<crate::snapshot::Restore, VmError> {
+    ) -> Result<(crate::snapshot::Restore, bool), VmError> {
         let m = res
             .migrated
             .ok_or_else(|| VmError::incoming(config.incoming_flag, uri, MigratedError::Gone))?;
@@ -241,16 +245,31 @@ impl Guest {
                 })
                 .map_err(|e| VmError::Thread("incoming", e))?;
         }
-        let (bytes, n) = match wait_for_arrival(rx)? {
+        let (bytes, n, postcopy) = match wait_for_arrival(rx)? {
             Ok(got) => got,
             Err(e) => return Err(VmError::Incoming(config.incoming_flag, uri.to_string(), e)),
         };
-        log::info!(
-            "{} {uri}: {} MiB received in {} ms, every check passed",
-            config.incoming_flag,
-            n >> 20,
-            start.elapsed().as_millis()
-        );
+        if postcopy {
+            log::info!(
+                "{} {uri}: {} MiB received in {} ms; the source switched to post-copy: the VM runs while the rest comes",
+                config.incoming_flag,
+                n >> 20,
+                start.elapsed().as_millis()
+            );
+            // Every process that maps guest RAM waits for its missing pages from here on,
+            // before any of them (a vCPU, blockd's queues) reads one.
+            if let Err(e) = self.serve_postcopy(res, m) {
+                let _ = crate::migration::started(m, false, crate::error_chain(&e));
+                return Err(VmError::incoming(config.incoming_flag, uri, e));
+            }
+        } else {
+            log::info!(
+                "{} {uri}: {} MiB received in {} ms, every check passed",
+                config.incoming_flag,
+                n >> 20,
+                start.elapsed().as_millis()
+            );
+        }
         let boot = crate::snapshot::Boot::of(config);
         let restored = crate::snapshot::Restore::read(
             &bytes,
@@ -265,10 +284,36 @@ impl Guest {
             })?;
             Ok(r)
         });
-        restored.map_err(|e| {
+        restored.map(|r| (r, postcopy)).map_err(|e| {
             let _ = crate::migration::started(m, false, crate::error_chain(&e));
             VmError::incoming(config.incoming_flag, uri, e)
         })
+    }
+
+    /// Post-copy: registers guest RAM on the userfaultfd and has migrated serve its faults.
+    fn serve_postcopy(
+        &self,
+        res: &Resources,
+        m: &crate::helpers::migrated::Migrated,
+    ) -> Result<(), crate::migration::MigrationError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let uffd = match res.uffd {
+            Some(Ok(u)) => u,
+            Some(Err(e)) => return Err(crate::migration::MigrationError::Uffd(e.to_string())),
+            None => {
+                return Err(crate::migration::MigrationError::Uffd(
+                    "no userfaultfd was made for this VM".into(),
+                ))
+            }
+        };
+        let mut maps = Vec::new();
+        for r in self.memory.guest.iter() {
+            let (va, len) = (r.as_ptr() as u64, r.len());
+            uffd.register(va, len)
+                .map_err(|e| crate::migration::MigrationError::Uffd(e.to_string()))?;
+            maps.push((va, r.start_addr().0, len));
+        }
+        crate::migration::serve_faults(m, "vmm-core", &self.memory.memfd, uffd.fd(), maps, true)
     }
 
     /// Makes what `info` and `cpus` report match the vCPUs.
@@ -416,7 +461,10 @@ fn wait_for_arrival(rx: &Receiver<VmEvent>) -> Result<crate::control::Arrival, V
             VmEvent::DiskStopped(disk, why) => {
                 log::warn!("{disk} stopped before the VM arrived: {why}")
             }
-            VmEvent::DumpVcpus | VmEvent::Vcpu(_) | VmEvent::Hotplug(_) => {}
+            VmEvent::DumpVcpus
+            | VmEvent::Vcpu(_)
+            | VmEvent::Hotplug(_)
+            | VmEvent::PostcopyDone(_) => {}
         }
     }
 }

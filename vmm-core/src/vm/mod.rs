@@ -125,6 +125,11 @@ pub fn main_allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
         ),
         allow_if(
             "ioctl",
+            "userfaultfd ioctls (type 0xAA): a post-copy destination registers guest RAM, and unregisters it once every page is here",
+            vec![vec![Cond::Masked(1, 0xff00, 0xaa00)]],
+        ),
+        allow_if(
+            "ioctl",
             "the terminal's mode, restored at the end (TCGETS, TCSETS*)",
             [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF]
                 .iter()
@@ -197,6 +202,8 @@ struct Resources<'a> {
     boot: &'a boot::BootFiles,
     disks: &'a [crate::helpers::blockd::DiskBackend],
     migrated: Option<&'a Arc<crate::helpers::migrated::Migrated>>,
+    /// A destination's userfaultfd, for post-copy (made before the main thread's filter).
+    uffd: Option<&'a Result<vmm_sandbox::uffd::Uffd, vmm_sandbox::uffd::UffdError>>,
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
@@ -249,10 +256,17 @@ pub fn run(
     // stops the helpers, under a filter of its own; the vCPU threads it starts inherit it and
     // add theirs. A filter that cannot be installed ends the VM before the guest runs, through
     // the same clean-up as any other end.
+    // A destination may switch to post-copy: its userfaultfd is made now (the filter
+    // forbids it later), and used only then.
+    let uffd = config
+        .incoming
+        .is_some()
+        .then(|| vmm_sandbox::uffd::Uffd::new(None));
     let res = Resources {
         boot: &boot_files,
         disks: &disks,
         migrated: Some(&migrated),
+        uffd: uffd.as_ref(),
     };
     let result = filter_main_thread(config)
         .and_then(|()| run_guest(kvm, config, (&tx, &rx), &console, &shared, &res));
@@ -544,6 +558,7 @@ fn run_guest(
             | VmEvent::DumpVcpus
             | VmEvent::DiskStopped(..)
             | VmEvent::Arrived(_)
+            | VmEvent::PostcopyDone(_)
             | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
@@ -583,10 +598,18 @@ fn run_once(
         ready.wait()?;
     }
     let paused_clock = match &incoming {
-        Some(inc) => arrive(&guest, inc, shared, res)?,
+        Some(inc) => arrive(&guest, inc, shared, res, tx)?,
         None => None,
     };
     let mut running = Running::new(guest, config, shared, paused_clock);
+    if let (Some(inc), Some(Ok(uffd))) = (&incoming, res.uffd) {
+        if inc.postcopy {
+            running.postcopy = Some(running::Postcopy {
+                migrated: Arc::clone(res.migrated.expect("an incoming VM has migrated")),
+                uffd,
+            });
+        }
+    }
     start_vcpus(&mut running.guest, fds, incoming.as_ref(), shared)?;
     let event = running.run(rx);
     let guest = running.stop(tx, rx);
@@ -605,6 +628,7 @@ fn arrive(
     inc: &build::Incoming,
     shared: &api::Shared,
     res: &Resources,
+    tx: &Sender<VmEvent>,
 ) -> Result<Option<kvm_bindings::kvm_clock_data>, VmError> {
     let m = res.migrated.expect("an incoming VM has migrated");
     // The images are this VM's now. A source on this host let go of them when it paused for
@@ -622,6 +646,24 @@ fn arrive(
     crate::migration::started(m, true, String::new())
         .map_err(|e| VmError::incoming(inc.flag, &inc.uri, e))?;
     shared.set_phase(api::Phase::Here);
+    if inc.postcopy {
+        // The rest of RAM comes while the VM runs; the main loop hears when it is all here.
+        *shared.migration.lock().unwrap() = crate::migration::Status {
+            phase: "postcopy-active".into(),
+            uri: inc.uri.clone(),
+            postcopy_allowed: true,
+            ..Default::default()
+        };
+        let (m, tx) = (Arc::clone(m), tx.clone());
+        std::thread::Builder::new()
+            .name("postcopy".into())
+            .spawn(move || {
+                crate::threads::filter_service_thread("vmm-core (the post-copy thread)");
+                let r = crate::migration::postcopy_wait(&m);
+                let _ = tx.send(VmEvent::PostcopyDone(r));
+            })
+            .map_err(|e| VmError::Thread("postcopy", e))?;
+    }
     if let Some(user) = &inc.restore.cmdline {
         let c = &mut shared.status.lock().unwrap().cmdline;
         if !c.starts_with(user.as_str()) {

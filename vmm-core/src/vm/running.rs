@@ -56,6 +56,14 @@ pub(super) struct Running<'a> {
     /// A live migration's last pass let go of the image locks (for a destination on this
     /// host); a failed migration takes them back.
     images_released: bool,
+    /// An incoming VM in post-copy: what ends it once every page is here.
+    pub postcopy: Option<Postcopy<'a>>,
+}
+
+/// What a destination in post-copy holds until every page is here.
+pub(super) struct Postcopy<'a> {
+    pub migrated: std::sync::Arc<crate::helpers::migrated::Migrated>,
+    pub uffd: &'a vmm_sandbox::uffd::Uffd,
 }
 
 impl<'a> Running<'a> {
@@ -76,6 +84,7 @@ impl<'a> Running<'a> {
             backend_log: None,
             stopping: None,
             images_released: false,
+            postcopy: None,
         }
     }
 
@@ -94,10 +103,53 @@ impl<'a> Running<'a> {
                 VmEvent::Signal(sig) => self.signal(sig),
                 // Only an incoming VM's wait takes it (build.rs).
                 VmEvent::Arrived(_) => None,
+                VmEvent::PostcopyDone(r) => self.postcopy_done(r),
                 VmEvent::Vcpu(_) | VmEvent::ConsoleEscape => Some(event),
             };
             if let Some(event) = end {
                 return event;
+            }
+        }
+    }
+
+    /// Post-copy ended. Every page here: guest RAM leaves the userfaultfd (its holes are
+    /// zero pages now, as at the source), and migrated stops serving faults. Broken: the
+    /// VM's RAM is incomplete and the pages that are missing are on the source only. A vCPU
+    /// that waits for one cannot be stopped (under PVM not even kicked) until it comes, so
+    /// vmm-core ends at once; its userfaultfd goes with it, and no guest code ever ran on a
+    /// page that was not there.
+    fn postcopy_done(
+        &mut self,
+        r: Result<crate::migration::PostcopySummary, String>,
+    ) -> Option<VmEvent> {
+        let pc = self.postcopy.take()?;
+        match r {
+            Ok(summary) => {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                for region in self.guest.memory.guest.iter() {
+                    if let Err(e) = pc.uffd.unregister(region.as_ptr() as u64, region.len()) {
+                        log::warn!("post-copy: cannot unregister guest RAM ({e})");
+                    }
+                }
+                crate::migration::postcopy_end(&pc.migrated);
+                log::info!("post-copy complete: {summary}");
+                self.shared
+                    .events
+                    .emit("migration", format!("post-copy complete: {summary}"));
+                let mut st = self.shared.migration.lock().unwrap();
+                st.phase = "completed".into();
+                st.total_ms = summary.ms;
+                st.postcopy = Some(summary);
+                None
+            }
+            Err(why) => {
+                let line = format!(
+                    "post-copy failed: {why}; the pages still missing are at the source only, so this VM cannot go on; vmm-core ends"
+                );
+                log::error!("{line}");
+                self.shared.events.emit("postcopy-failed", line);
+                self.shared.events.flush(Duration::from_millis(500));
+                std::process::exit(1);
             }
         }
     }

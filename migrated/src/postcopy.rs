@@ -1,0 +1,704 @@
+//! Post-copy: the destination runs the VM before it has all of its RAM.
+//!
+//! The source pauses the VM and sends its device state and a POSTCOPY section: a bitmap of the
+//! pages still to come (those the guest wrote since the last pass; the rest is at the
+//! destination already). The destination punches those pages out of its memfd, vmm-core
+//! registers its mapping of guest RAM on a userfaultfd and hands it here, restores the state,
+//! says STARTED and runs the vCPUs. From then on:
+//!
+//! - the source sends the pages still to come in the background, and first any page the
+//!   destination asks for (REQUEST, on the same connection the other way);
+//! - the destination's page server waits on every userfaultfd (vmm-core's, and each of
+//!   blockd's, which vhost-user's POSTCOPY_ADVISE made): a fault on a page still to come asks
+//!   the source for it, a fault on a page that is there (or that the stream will never carry,
+//!   being zero at the source) is resolved at once;
+//! - pages are placed with UFFDIO_COPY through vmm-core's descriptor (the page enters the
+//!   memfd, so every process that maps it sees it) and the other descriptors' waiters are
+//!   woken;
+//! - after the last page the source writes the end marker; the destination checks the whole
+//!   stream's counts and answers COMPLETE, and the source's VM is gone.
+//!
+//! No guest ever reads a page that has not come: until it comes, a fault waits. If the stream
+//! breaks, the waits go on (vmm-core keeps its descriptor, so the kernel never resolves them
+//! with zeroes), and vmm-core stops the VM with the reason.
+
+use crate::channel::{Stream, Uri};
+use crate::ram::Ram;
+use crate::server::{refused, transfer_failed, TransferError, REFUSED, STARTED};
+use crate::stream::{Reader, Section, Writer, Zeros, PAGE};
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::TryRecvError;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sandbox::uffd::Uffd;
+
+/// The destination asks for a page run (REQUEST, then gpa u64 and pages u32).
+pub const REQUEST: u8 = 3;
+/// The destination has every page and the stream's end passed its checks.
+pub const COMPLETE: u8 = 4;
+
+/// Pages per background run (256 KiB): requests wait at most one run behind it.
+const RUN_PAGES: u64 = 64;
+
+/// A writing half that the page server and the answers share.
+pub type Back = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn bit(b: &[u64], p: u64) -> bool {
+    b.get((p / 64) as usize)
+        .is_some_and(|w| w & (1 << (p % 64)) != 0)
+}
+
+fn clear(b: &mut [u64], p: u64) {
+    if let Some(w) = b.get_mut((p / 64) as usize) {
+        *w &= !(1 << (p % 64));
+    }
+}
+
+/// What post-copy did, on either side.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Pages the post-copy phase carried (RAM and zero).
+    pub pages: u64,
+    /// Page requests (the destination's faults on pages still to come).
+    pub requests: u64,
+    /// From a request to its page being in place: median, 99th percentile, most.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// From the switch to the last page.
+    pub micros: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// The source
+
+/// What the destination's half of the connection says during post-copy.
+enum FromDest {
+    Request(u64, u32),
+    Complete,
+    Refused(TransferError),
+    Failed(std::io::Error),
+}
+
+/// Reads the destination's messages until COMPLETE or the end.
+fn read_requests(uri: Uri, mut r: Box<dyn Read + Send>, tx: std::sync::mpsc::Sender<FromDest>) {
+    loop {
+        let mut kind = [0u8; 1];
+        if let Err(e) = r.read_exact(&mut kind) {
+            let _ = tx.send(FromDest::Failed(e));
+            return;
+        }
+        let msg = match kind[0] {
+            REQUEST => {
+                let mut b = [0u8; 12];
+                match r.read_exact(&mut b) {
+                    Ok(()) => FromDest::Request(
+                        u64::from_le_bytes(b[..8].try_into().unwrap()),
+                        u32::from_le_bytes(b[8..].try_into().unwrap()),
+                    ),
+                    Err(e) => FromDest::Failed(e),
+                }
+            }
+            COMPLETE => FromDest::Complete,
+            REFUSED => FromDest::Refused(refused(uri.clone(), r.as_mut())),
+            other => FromDest::Failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the destination sent {other:#x} during post-copy, not a page request"),
+            )),
+        };
+        let last = !matches!(msg, FromDest::Request(..));
+        if tx.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The source's end of the switch: how it went.
+pub enum Switched {
+    /// The destination refused the VM before it ran it (the source may resume).
+    Refused(TransferError),
+    /// The destination runs the VM; what post-copy did, or why it broke (the VM then lives
+    /// nowhere whole: the source must not resume it).
+    Ran(Result<Summary, String>),
+}
+
+/// What the source's post-copy needs: its stream, its RAM, and where its progress goes.
+pub struct Source<'a> {
+    pub uri: Uri,
+    pub writer: Writer<BufWriter<Box<dyn Stream>>>,
+    pub ram: &'a Ram,
+    /// Bytes per second (0: none) for the background pages, and the stream's start.
+    pub limit: u64,
+    pub began: Instant,
+    /// Bytes written and pages sent (what `progress` reads).
+    pub bytes: &'a AtomicU64,
+    pub pages: &'a AtomicU64,
+}
+
+/// Sends the device state and the switch, then (once the destination runs the VM) every
+/// page still to come, asked-for pages first.
+pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switched, TransferError> {
+    let uri = s.uri.clone();
+    let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
+    s.writer
+        .device(crate::server::VM_SECTION, state)
+        .map_err(io)?;
+    s.writer.postcopy(&pending).map_err(io)?;
+    s.writer.get_mut().flush().map_err(io)?;
+    // The destination restores the state and answers before it runs a vCPU.
+    let mut answer = [0u8; 1];
+    {
+        let st = s.writer.get_mut().get_mut();
+        st.read_exact(&mut answer)
+            .map_err(|e| TransferError::Unconfirmed(uri.clone(), e))?;
+        match answer[0] {
+            STARTED => {}
+            REFUSED => return Ok(Switched::Refused(refused(uri.clone(), st.as_mut()))),
+            0x15 | 0x16 => return Err(TransferError::ExpectsTls(uri.clone())),
+            other => return Err(TransferError::BadAck(uri.clone(), 0, other, 0)),
+        }
+    }
+    log::info!("{uri}: the destination runs the VM; post-copy sends the rest");
+    let started = Instant::now();
+    let mut reader = None;
+    let mut w = s
+        .writer
+        .with_sink(|b| {
+            let (r, w) = b.into_inner().map_err(|e| e.into_error())?.split()?;
+            reader = Some(r);
+            Ok(BufWriter::with_capacity(RUN_PAGES as usize * PAGE * 2, w))
+        })
+        .map_err(io)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = reader.expect("split");
+    let ru = uri.clone();
+    std::thread::Builder::new()
+        .name("requests".into())
+        .spawn(move || read_requests(ru, r, tx))
+        .map_err(io)?;
+    let total = (s.ram.len() / PAGE) as u64;
+    let mut out = Sender {
+        w: &mut w,
+        ram: s.ram,
+        pending: &mut pending,
+        buf: Vec::with_capacity(RUN_PAGES as usize * PAGE),
+        pages: 0,
+        requests: 0,
+    };
+    let broken = |e: String| Ok(Switched::Ran(Err(e)));
+    let mut cursor = 0u64;
+    loop {
+        // Asked-for pages first.
+        loop {
+            match rx.try_recv() {
+                Ok(FromDest::Request(gpa, n)) => {
+                    if let Err(e) = out.request(gpa, n) {
+                        return broken(format!("{uri}: {}", transfer_failed(&e)));
+                    }
+                }
+                Ok(FromDest::Complete) => {
+                    return broken(format!(
+                        "{uri}: the destination said it had every page before the last was sent"
+                    ))
+                }
+                Ok(FromDest::Refused(e)) => return broken(e.to_string()),
+                Ok(FromDest::Failed(e)) => {
+                    return broken(format!("{uri}: {}", transfer_failed(&e)))
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    return broken(format!("{uri}: the connection's reading half ended"))
+                }
+            }
+        }
+        // Then the next run in the background.
+        while cursor < total && !bit(out.pending, cursor) {
+            cursor += 1;
+        }
+        if cursor >= total {
+            break;
+        }
+        let sent = match out.run(cursor, RUN_PAGES, false) {
+            Ok(n) => n,
+            Err(e) => return broken(format!("{uri}: {}", transfer_failed(&e))),
+        };
+        cursor += sent.max(1);
+        s.bytes.store(out.w.bytes(), Relaxed);
+        s.pages.fetch_add(sent, Relaxed);
+        if s.limit > 0 {
+            let due = Duration::from_secs_f64(out.w.bytes() as f64 / s.limit as f64);
+            if let Some(wait) = due.checked_sub(s.began.elapsed()) {
+                std::thread::sleep(wait.min(Duration::from_millis(20)));
+            }
+        }
+    }
+    let (pages, requests) = (out.pages, out.requests);
+    let ended = w.finish();
+    s.bytes.store(
+        ended.as_ref().map_or(0, |(_, b)| *b),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    if let Err(e) = ended {
+        return broken(format!("{uri}: {}", transfer_failed(&e)));
+    }
+    // The destination checks the end's counts and answers; late requests (for pages that
+    // were on their way) are dropped.
+    loop {
+        match rx.recv() {
+            Ok(FromDest::Request(..)) => continue,
+            Ok(FromDest::Complete) => break,
+            Ok(FromDest::Refused(e)) => return broken(e.to_string()),
+            Ok(FromDest::Failed(e)) => {
+                return broken(format!(
+                    "{uri}: the destination did not confirm it has every page ({e})"
+                ))
+            }
+            Err(_) => return broken(format!("{uri}: the connection's reading half ended")),
+        }
+    }
+    let micros = started.elapsed().as_micros() as u64;
+    log::info!(
+        "{uri}: post-copy done: {pages} page(s) in {} ms, {requests} asked for",
+        micros / 1000
+    );
+    Ok(Switched::Ran(Ok(Summary {
+        pages,
+        requests,
+        micros,
+        ..Default::default()
+    })))
+}
+
+/// Writes runs of pending pages.
+struct Sender<'a, W: Write> {
+    w: &'a mut Writer<W>,
+    ram: &'a Ram,
+    pending: &'a mut Vec<u64>,
+    buf: Vec<u8>,
+    pages: u64,
+    requests: u64,
+}
+
+impl<W: Write> Sender<'_, W> {
+    /// Sends the pending pages among `n` pages from page `first` as one run (stopping at the
+    /// first page not pending, or the end of its region); returns how many went.
+    fn run(&mut self, first: u64, n: u64, flush: bool) -> std::io::Result<u64> {
+        let off = first * PAGE as u64;
+        let gpa = self.ram.gpa(off);
+        let mut count = 0;
+        while count < n
+            && bit(self.pending, first + count)
+            && self
+                .ram
+                .offset(gpa, (count + 1) * PAGE as u64)
+                .is_some_and(|o| o as u64 == off)
+        {
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(
+            &self.ram.bytes()[off as usize..(off + count * PAGE as u64) as usize],
+        );
+        self.w.ram(gpa, &self.buf, Zeros::Send)?;
+        for p in first..first + count {
+            clear(self.pending, p);
+        }
+        self.pages += count;
+        if flush {
+            self.w.get_mut().flush()?;
+        }
+        Ok(count)
+    }
+
+    /// Sends what the destination asked for (the pages of it still pending) at once.
+    fn request(&mut self, gpa: u64, n: u32) -> std::io::Result<()> {
+        self.requests += 1;
+        let Some(off) = self.ram.offset(gpa, u64::from(n) * PAGE as u64) else {
+            log::warn!(
+                "the destination asked for {n} page(s) at {gpa:#x}, outside the VM's RAM; ignored"
+            );
+            return Ok(());
+        };
+        let first = off as u64 / PAGE as u64;
+        let mut p = first;
+        while p < first + u64::from(n) {
+            let sent = self.run(p, first + u64::from(n) - p, false)?;
+            p += sent.max(1);
+        }
+        self.w.get_mut().flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The destination
+
+/// A stream the destination switched to post-copy on: the rest comes through the page
+/// server.
+pub struct Incoming {
+    pub uri: Uri,
+    pub reader: Reader<BufReader<Box<dyn Read + Send>>>,
+    pub back: Back,
+    pub pending: Vec<u64>,
+    pub ram: Ram,
+}
+
+/// A userfaultfd and the mappings of guest RAM it covers: (address, bytes, memfd offset).
+struct Mapped {
+    who: String,
+    uffd: Uffd,
+    maps: Vec<(u64, u64, u64)>,
+}
+
+impl Mapped {
+    fn va(&self, off: u64) -> Option<u64> {
+        self.maps
+            .iter()
+            .find(|(_, b, o)| off >= *o && off < o + b)
+            .map(|(va, _, o)| va + off - o)
+    }
+    fn off(&self, va: u64) -> Option<u64> {
+        self.maps
+            .iter()
+            .find(|(a, b, _)| va >= *a && va < a + b)
+            .map(|(a, _, o)| o + va - a)
+    }
+}
+
+/// The page server's shared state.
+struct Pages {
+    uri: Uri,
+    pending: Vec<u64>,
+    /// Pages in place (bit per page).
+    here: Vec<AtomicU64>,
+    /// [0] places pages (vmm-core's); the others are woken.
+    uffds: Mutex<Vec<Arc<Mapped>>>,
+    back: Back,
+    ram: Ram,
+    /// Pages asked for and when.
+    asked: Mutex<HashMap<u64, Instant>>,
+    latencies: Mutex<Vec<u32>>,
+    placed: AtomicU64,
+    stop: AtomicBool,
+    began: Instant,
+    /// The outcome, once the stream ended (or broke).
+    done: Mutex<Option<Result<Summary, String>>>,
+    ended: Condvar,
+}
+
+impl Pages {
+    fn is_here(&self, p: u64) -> bool {
+        self.here
+            .get((p / 64) as usize)
+            .is_some_and(|w| w.load(Relaxed) & (1 << (p % 64)) != 0)
+    }
+
+    fn mark(&self, first: u64, n: u64) {
+        for p in first..first + n {
+            if let Some(w) = self.here.get((p / 64) as usize) {
+                w.fetch_or(1 << (p % 64), Relaxed);
+            }
+        }
+    }
+
+    fn placer(&self) -> Arc<Mapped> {
+        self.uffds.lock().unwrap()[0].clone()
+    }
+
+    /// Wakes every descriptor but the placer's over [off, off+len).
+    fn wake_others(&self, off: u64, len: u64) {
+        for m in self.uffds.lock().unwrap().iter().skip(1) {
+            if let Some(va) = m.va(off) {
+                let _ = m.uffd.wake(va, len);
+            }
+        }
+    }
+
+    /// Puts `data` (or zero pages: None) at memfd offset `off`.
+    fn place(&self, off: u64, len: u64, data: Option<&[u8]>) -> Result<(), String> {
+        let m = self.placer();
+        let va = m
+            .va(off)
+            .ok_or_else(|| format!("memfd offset {off:#x} is outside vmm-core's mapping"))?;
+        let r = match data {
+            Some(d) => m.uffd.copy(va, d),
+            None => m.uffd.zero(va, len),
+        };
+        match r {
+            Ok(()) => {}
+            // A page of the run is there (a zero page placed for a fault): place the rest one
+            // by one.
+            Err((nix::Error::EEXIST, _)) => {
+                for i in 0..len / PAGE as u64 {
+                    let at = i * PAGE as u64;
+                    let r = match data {
+                        Some(d) => m.uffd.copy(va + at, &d[at as usize..at as usize + PAGE]),
+                        None => m.uffd.zero(va + at, PAGE as u64),
+                    };
+                    match r {
+                        Ok(()) | Err((nix::Error::EEXIST, _)) => {}
+                        Err((e, _)) => return Err(format!("cannot place a page ({e})")),
+                    }
+                }
+            }
+            Err((e, _)) => return Err(format!("cannot place {len} bytes at {va:#x} ({e})")),
+        }
+        let first = off / PAGE as u64;
+        let n = len / PAGE as u64;
+        self.mark(first, n);
+        self.wake_others(off, len);
+        let now = Instant::now();
+        let mut asked = self.asked.lock().unwrap();
+        if !asked.is_empty() {
+            for p in first..first + n {
+                if let Some(t) = asked.remove(&p) {
+                    let us = now.duration_since(t).as_micros().min(u128::from(u32::MAX));
+                    self.latencies.lock().unwrap().push(us as u32);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One fault at `addr` on `m`.
+    fn fault(&self, m: &Mapped, addr: u64) {
+        let va = addr & !(PAGE as u64 - 1);
+        let Some(off) = m.off(va) else {
+            log::error!(
+                "{}: a page fault at {addr:#x}, outside guest RAM; it stays unresolved",
+                m.who
+            );
+            return;
+        };
+        let p = off / PAGE as u64;
+        if self.is_here(p) {
+            let _ = m.uffd.wake(va, PAGE as u64);
+            return;
+        }
+        if !bit(&self.pending, p) {
+            // Not to come: it is here in the memfd, or zero at the source (a hole).
+            if let Err(e) = self.place(off, PAGE as u64, None) {
+                log::error!("{}: {e}", m.who);
+            }
+            let _ = m.uffd.wake(va, PAGE as u64);
+            return;
+        }
+        let first = {
+            let mut asked = self.asked.lock().unwrap();
+            let new = !asked.contains_key(&p);
+            asked.entry(p).or_insert_with(Instant::now);
+            new
+        };
+        if first {
+            let gpa = self.ram.gpa(off);
+            let mut msg = [0u8; 13];
+            msg[0] = REQUEST;
+            msg[1..9].copy_from_slice(&gpa.to_le_bytes());
+            msg[9..].copy_from_slice(&1u32.to_le_bytes());
+            let mut b = self.back.lock().unwrap();
+            if let Err(e) = b.write_all(&msg).and_then(|()| b.flush()) {
+                log::error!("{}: cannot ask the source for {gpa:#x} ({e})", self.uri);
+            }
+        }
+        // The page may have come meanwhile: its waker may have run before this fault queued.
+        if self.is_here(p) {
+            let _ = m.uffd.wake(va, PAGE as u64);
+        }
+    }
+
+    fn finish(&self, r: Result<Summary, String>) {
+        *self.done.lock().unwrap() = Some(r);
+        self.ended.notify_all();
+    }
+
+    fn summary(&self) -> Summary {
+        let mut l = self.latencies.lock().unwrap().clone();
+        l.sort_unstable();
+        let at = |q: f64| {
+            l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
+                .map_or(0, |&v| u64::from(v))
+        };
+        Summary {
+            pages: self.placed.load(Relaxed),
+            requests: l.len() as u64,
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: l.last().map_or(0, |&v| u64::from(v)),
+            micros: self.began.elapsed().as_micros() as u64,
+        }
+    }
+}
+
+/// The destination's page server: started with vmm-core's userfaultfd, joined by blockd's.
+pub struct Server {
+    pages: Arc<Pages>,
+}
+
+impl Server {
+    /// Starts serving faults on `uffd` (vmm-core's, which places pages) and reading the rest
+    /// of the stream.
+    pub fn start(inc: Incoming, uffd: Uffd, maps: Vec<(u64, u64, u64)>) -> std::io::Result<Server> {
+        let words = inc.pending.len();
+        let pages = Arc::new(Pages {
+            uri: inc.uri.clone(),
+            pending: inc.pending,
+            here: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            uffds: Mutex::new(vec![Arc::new(Mapped {
+                who: "vmm-core".into(),
+                uffd,
+                maps,
+            })]),
+            back: inc.back,
+            ram: inc.ram,
+            asked: Default::default(),
+            latencies: Default::default(),
+            placed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            began: Instant::now(),
+            done: Mutex::new(None),
+            ended: Condvar::new(),
+        });
+        let p = pages.clone();
+        std::thread::Builder::new()
+            .name("faults".into())
+            .spawn(move || serve_faults(&p))?;
+        let p = pages.clone();
+        let mut reader = inc.reader;
+        std::thread::Builder::new()
+            .name("postcopy".into())
+            .spawn(move || {
+                let r = receive_rest(&p, &mut reader);
+                if let Err(e) = &r {
+                    log::error!("{}: post-copy failed: {e}", p.uri);
+                    let mut b = p.back.lock().unwrap();
+                    crate::server::refuse_to(b.as_mut(), e);
+                }
+                let r = r.map(|()| p.summary());
+                p.finish(r);
+            })?;
+        Ok(Server { pages })
+    }
+
+    /// Another process's descriptor (blockd's): its faults are served too.
+    pub fn add(&self, who: &str, uffd: Uffd, maps: Vec<(u64, u64, u64)>) {
+        self.pages.uffds.lock().unwrap().push(Arc::new(Mapped {
+            who: who.into(),
+            uffd,
+            maps,
+        }));
+    }
+
+    /// Waits until every page is here (or the stream broke).
+    pub fn wait(&self) -> Result<Summary, String> {
+        let mut d = self.pages.done.lock().unwrap();
+        loop {
+            if let Some(r) = d.as_ref() {
+                return r.clone();
+            }
+            d = self.pages.ended.wait(d).unwrap();
+        }
+    }
+
+    pub fn ram(&self) -> &Ram {
+        &self.pages.ram
+    }
+
+    /// Stops serving faults (vmm-core and blockd have unregistered their memory).
+    pub fn stop(&self) {
+        self.pages.stop.store(true, Relaxed);
+    }
+}
+
+/// Reads the rest of the stream and places its pages; answers COMPLETE at its end.
+fn receive_rest(
+    p: &Pages,
+    reader: &mut Reader<BufReader<Box<dyn Read + Send>>>,
+) -> Result<(), String> {
+    loop {
+        match reader.section().map_err(|e| e.to_string())? {
+            Section::Ram { gpa, data } => {
+                let off = p
+                    .ram
+                    .offset(gpa, data.len() as u64)
+                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                p.place(off as u64, data.len() as u64, Some(data))?;
+                p.placed.fetch_add((data.len() / PAGE) as u64, Relaxed);
+            }
+            Section::Zero { gpa, pages } => {
+                let len = pages * PAGE as u64;
+                let off = p.ram.offset(gpa, len).ok_or_else(|| {
+                    format!("zero pages at {gpa:#x} are outside this VM's memory")
+                })?;
+                p.place(off as u64, len, None)?;
+                p.placed.fetch_add(pages, Relaxed);
+            }
+            Section::End => break,
+            Section::Device { .. } | Section::Pass(_) | Section::Postcopy(_) => {
+                return Err("the stream sent a section other than pages during post-copy".into())
+            }
+        }
+    }
+    // Every page the source had to send came.
+    for (i, w) in p.pending.iter().enumerate() {
+        let missing = w & !p.here[i].load(Relaxed);
+        if missing != 0 {
+            let page = i as u64 * 64 + u64::from(missing.trailing_zeros());
+            return Err(format!(
+                "the stream ended without page {:#x}, which was to come",
+                p.ram.gpa(page * PAGE as u64)
+            ));
+        }
+    }
+    let mut b = p.back.lock().unwrap();
+    b.write_all(&[COMPLETE])
+        .and_then(|()| b.flush())
+        .map_err(|e| format!("cannot tell the source every page came ({e})"))
+}
+
+/// Waits on every descriptor and resolves its faults, until stopped.
+fn serve_faults(p: &Pages) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut addrs = Vec::new();
+    while !p.stop.load(Relaxed) {
+        let list: Vec<Arc<Mapped>> = p.uffds.lock().unwrap().clone();
+        let mut fds: Vec<PollFd> = list
+            .iter()
+            .map(|m| PollFd::new(m.uffd.fd(), PollFlags::POLLIN))
+            .collect();
+        match poll(&mut fds, PollTimeout::from(20u8)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                log::error!("{}: cannot wait for page faults ({e})", p.uri);
+                return;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        for (m, ready) in list.iter().zip(ready) {
+            if !ready {
+                continue;
+            }
+            addrs.clear();
+            if let Err(e) = m.uffd.faults(&mut addrs) {
+                log::error!("{}: cannot read its page faults ({e})", m.who);
+                continue;
+            }
+            for &a in &addrs {
+                p.fault(m, a);
+            }
+        }
+    }
+}
+
+/// The answer's writing half, as the page server shares it.
+pub fn back(w: Box<dyn Write + Send>) -> Back {
+    Arc::new(Mutex::new(w))
+}
