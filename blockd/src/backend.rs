@@ -11,12 +11,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-pub type Vring = VringRwLock<Memory>;
+pub use crate::vring::Vring;
 
 /// One connection's device. Cloned into each worker thread; the clones share everything.
 #[derive(Clone)]

@@ -19,7 +19,6 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
-use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -69,6 +68,32 @@ pub struct Handler {
     acked_protocol: u64,
     workers: Vec<Worker>,
     inflight: Option<Arc<Region>>,
+    /// Post-copy (vhost-user's PAGEFAULT): this connection's userfaultfd, from ADVISE to END.
+    postcopy: Option<Postcopy>,
+}
+
+/// /dev/userfaultfd, opened before the jail dropped the privileges it needs (set by main).
+pub static UFFD_DEVICE: std::sync::OnceLock<Option<vmm_sandbox::uffd::Device>> =
+    std::sync::OnceLock::new();
+
+/// A connection in post-copy: its userfaultfd and the ranges of this process registered on
+/// it. While one exists, requests touch their buffers before the kernel does (see
+/// request::PREFAULT).
+struct Postcopy {
+    uffd: vmm_sandbox::uffd::Uffd,
+    registered: Vec<(u64, u64)>,
+    listening: bool,
+}
+
+impl Drop for Postcopy {
+    fn drop(&mut self) {
+        for &(va, len) in &self.registered {
+            let _ = self.uffd.unregister(va, len);
+        }
+        if self.listening {
+            crate::request::PREFAULT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 fn failed(e: impl std::fmt::Display) -> Error {
@@ -97,6 +122,7 @@ impl Handler {
             acked_protocol: 0,
             workers: Vec::new(),
             inflight: None,
+            postcopy: None,
         };
         for q in 0..queues {
             let w = h.spawn(q)?;
@@ -159,7 +185,7 @@ impl Handler {
     fn update(&mut self, q: usize) -> Result<()> {
         let (kick, live) = {
             let state = self.vrings[q].get_ref();
-            let kick = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+            let kick = state.kick_fd();
             (kick, state.get_queue().ready() && state.is_enabled())
         };
         let want = if live { kick } else { None };
@@ -202,7 +228,7 @@ impl Handler {
         let vring = &self.vrings[q];
         {
             let state = vring.get_ref();
-            if state.get_queue().ready() || state.get_kick().is_none() {
+            if state.get_queue().ready() || state.kick_fd().is_none() {
                 return Ok(());
             }
         }
@@ -362,10 +388,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
         files: Vec<File>,
         postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
-        if postcopy_listening.is_some() {
-            return Err(Error::InvalidOperation("blockd does not do post-copy"));
-        }
-        let mut regions = Vec::with_capacity(ctx.len());
+        let listening = postcopy_listening == Some(true);
+        let mut regions: Vec<GuestRegionMmap<()>> = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
         for (r, file) in ctx.iter().zip(files) {
             regions.push(self.region_of(r, file)?);
@@ -375,11 +399,30 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 gpa: r.guest_phys_addr,
             });
         }
+        // Post-copy: each new mapping goes on the userfaultfd before anything reads it, and
+        // the frontend hears where it lies in this process (to serve its faults).
+        let bases = if listening {
+            let pc = self.postcopy.as_mut().ok_or(Error::InvalidOperation(
+                "a post-copy memory table without POSTCOPY_ADVISE",
+            ))?;
+            let mut bases = Vec::with_capacity(regions.len());
+            for r in &regions {
+                use vm_memory::GuestMemoryRegion;
+                let (va, len) = (r.as_ptr() as u64, r.len());
+                pc.uffd.register(va, len).map_err(failed)?;
+                pc.registered.push((va, len));
+                bases.push(va);
+            }
+            Some(bases)
+        } else {
+            None
+        };
+        let mut regions = regions;
         regions.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
         let mem = GuestMemoryMmap::from_regions(regions).map_err(failed)?;
         self.publish(mem);
         self.mappings = mappings;
-        Ok(None)
+        Ok(bases)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -449,7 +492,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        self.vring(u32::from(index))?.set_err(fd);
+        // blockd never reports a ring error: the descriptor is checked and closed.
+        self.vring(u32::from(index))?;
+        drop(fd);
         Ok(())
     }
 
@@ -461,7 +506,51 @@ impl VhostUserBackendReqHandlerMut for Handler {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::LOG_SHMFD)
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::PAGEFAULT)
+    }
+
+    /// POSTCOPY_ADVISE: a userfaultfd of this process for the frontend's page server.
+    fn postcopy_advice(&mut self) -> Result<File> {
+        let dev = UFFD_DEVICE.get().and_then(Option::as_ref);
+        let uffd = vmm_sandbox::uffd::Uffd::from_device(dev).map_err(|e| {
+            log::error!("{}: cannot join post-copy: {e}", self.name);
+            failed(e)
+        })?;
+        let file = File::from(uffd.fd().try_clone_to_owned().map_err(failed)?);
+        self.postcopy = Some(Postcopy {
+            uffd,
+            registered: Vec::new(),
+            listening: false,
+        });
+        log::info!("{}: post-copy: a userfaultfd for the frontend", self.name);
+        Ok(file)
+    }
+
+    /// POSTCOPY_LISTEN: memory mapped from now on goes on the userfaultfd, and requests
+    /// touch their buffers first (a kernel copy into a missing page would not wait).
+    fn postcopy_listen(&mut self) -> Result<()> {
+        let pc = self.postcopy.as_mut().ok_or(Error::InvalidOperation(
+            "POSTCOPY_LISTEN without POSTCOPY_ADVISE",
+        ))?;
+        if !pc.listening {
+            pc.listening = true;
+            crate::request::PREFAULT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The frontend serves faults on the regions it was told of: the rings may run.
+    fn postcopy_ack_mem_regions(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// POSTCOPY_END: every page is here; the memory leaves the userfaultfd.
+    fn postcopy_end(&mut self) -> Result<()> {
+        if self.postcopy.take().is_some() {
+            log::info!("{}: post-copy over", self.name);
+        }
+        Ok(())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
@@ -550,8 +639,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
         fd: File,
         postcopy_listening: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
-        if postcopy_listening.is_some() {
-            return Err(Error::InvalidOperation("blockd does not do post-copy"));
+        if postcopy_listening == Some(true) {
+            return Err(Error::InvalidOperation(
+                "blockd takes post-copy memory as one SET_MEM_TABLE, not ADD_MEM_REG",
+            ));
         }
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(failed(format!(

@@ -14,6 +14,7 @@ mod inflight;
 mod request;
 mod rpc;
 mod throttle;
+mod vring;
 
 use anyhow::Context;
 use clap::Parser;
@@ -89,6 +90,11 @@ struct Args {
 fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
     use vmm_sandbox::seccomp::{allow, allow_if, Cond};
     vec![
+        allow_if(
+            "ioctl",
+            "userfaultfd ioctls (type 0xAA) only: a post-copy destination's userfaultfd, made from /dev/userfaultfd, and its registrations",
+            vec![vec![Cond::Masked(1, 0xff00, 0xaa00)]],
+        ),
         allow("pread64", "image reads"),
         allow("pwrite64", "image writes"),
         allow("preadv", "image reads into guest buffers"),
@@ -138,7 +144,16 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 }
 
 /// Enters the sandbox, keeping only `keep` (and stdio) open.
-fn confine(args: &Args, keep: Vec<i32>) -> anyhow::Result<()> {
+fn confine(args: &Args, mut keep: Vec<i32>) -> anyhow::Result<()> {
+    // Post-copy needs a userfaultfd that also waits on the kernel's faults, which an
+    // unprivileged process can only make from /dev/userfaultfd: opened now, while blockd
+    // may (None where there is no such device or no access: a frontend's POSTCOPY_ADVISE
+    // then gets a clear refusal).
+    let dev = vmm_sandbox::uffd::Device::open();
+    if let Some(d) = &dev {
+        keep.push(d.raw_fd());
+    }
+    let _ = connection::UFFD_DEVICE.set(dev);
     if args.sandbox.no_sandbox {
         return Ok(());
     }

@@ -372,6 +372,26 @@ fn run<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: &mut Chain) -> Step {
 
 /// Checks the request and does it, except the data transfer of a read or write, which it
 /// leaves in `io` (the status it returns then means nothing).
+/// Connections in post-copy (see connection.rs): while any is, each request's data buffers
+/// are read once per page here, in this thread, before the kernel copies to or from them. A
+/// page still on the source then faults in user mode, which blockd's userfaultfd makes wait
+/// for it; a copy by the kernel (pwritev, io_uring) into a missing page would not.
+pub static PREFAULT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Reads one byte of every page of `segs` (whatever is outside guest memory is skipped: the
+/// request is refused for it below).
+fn touch<M: GuestMemoryBackend>(mem: &M, segs: &[Seg]) {
+    const PAGE: u64 = 4096;
+    for s in segs {
+        let end = s.addr.saturating_add(s.len);
+        let mut at = s.addr;
+        while at < end {
+            let _ = mem.read_obj::<u8>(GuestAddress(at));
+            at = (at / PAGE + 1) * PAGE;
+        }
+    }
+}
+
 fn parse<M: GuestMemoryBackend>(
     disk: &Disk,
     mem: &M,
@@ -432,6 +452,9 @@ fn parse<M: GuestMemoryBackend>(
             if write && readonly {
                 stats.errors.fetch_add(1, Relaxed);
                 return (S_IOERR, 0, Some("a write to a read-only disk".into()));
+            }
+            if PREFAULT.load(Relaxed) > 0 {
+                touch(mem, segs);
             }
             let mut iovs = Vec::with_capacity(segs.len());
             for s in segs.iter() {

@@ -69,6 +69,9 @@ pub struct Summary {
     pub max_us: u64,
     /// From the switch to the last page.
     pub micros: u64,
+    /// Page faults served, and of them those of device backends (not vmm-core's).
+    pub faults: u64,
+    pub backend_faults: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -129,9 +132,8 @@ pub struct Source<'a> {
     pub uri: Uri,
     pub writer: Writer<BufWriter<Box<dyn Stream>>>,
     pub ram: &'a Ram,
-    /// Bytes per second (0: none) for the background pages, and the stream's start.
+    /// Bytes per second (0: none) for the background pages.
     pub limit: u64,
-    pub began: Instant,
     /// Bytes written and pages sent (what `progress` reads).
     pub bytes: &'a AtomicU64,
     pub pages: &'a AtomicU64,
@@ -189,29 +191,11 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
     };
     let broken = |e: String| Ok(Switched::Ran(Err(e)));
     let mut cursor = 0u64;
+    let mut background = 0u64;
     loop {
         // Asked-for pages first.
-        loop {
-            match rx.try_recv() {
-                Ok(FromDest::Request(gpa, n)) => {
-                    if let Err(e) = out.request(gpa, n) {
-                        return broken(format!("{uri}: {}", transfer_failed(&e)));
-                    }
-                }
-                Ok(FromDest::Complete) => {
-                    return broken(format!(
-                        "{uri}: the destination said it had every page before the last was sent"
-                    ))
-                }
-                Ok(FromDest::Refused(e)) => return broken(e.to_string()),
-                Ok(FromDest::Failed(e)) => {
-                    return broken(format!("{uri}: {}", transfer_failed(&e)))
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    return broken(format!("{uri}: the connection's reading half ended"))
-                }
-            }
+        if let Err(e) = out.serve_requests(&rx, &uri, Duration::ZERO) {
+            return broken(e);
         }
         // Then the next run in the background.
         while cursor < total && !bit(out.pending, cursor) {
@@ -227,10 +211,14 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         cursor += sent.max(1);
         s.bytes.store(out.w.bytes(), Relaxed);
         s.pages.fetch_add(sent, Relaxed);
+        background += sent * PAGE as u64;
         if s.limit > 0 {
-            let due = Duration::from_secs_f64(out.w.bytes() as f64 / s.limit as f64);
-            if let Some(wait) = due.checked_sub(s.began.elapsed()) {
-                std::thread::sleep(wait.min(Duration::from_millis(20)));
+            // The background keeps to the limit; requests are served while it waits.
+            let due = Duration::from_secs_f64(background as f64 / s.limit as f64);
+            while let Some(wait) = due.checked_sub(started.elapsed()) {
+                if let Err(e) = out.serve_requests(&rx, &uri, wait) {
+                    return broken(e);
+                }
             }
         }
     }
@@ -315,6 +303,47 @@ impl<W: Write> Sender<'_, W> {
         Ok(count)
     }
 
+    /// Sends what the destination asked for since the last look, waiting up to `wait` for a
+    /// first request. Err: post-copy broke, and why.
+    fn serve_requests(
+        &mut self,
+        rx: &std::sync::mpsc::Receiver<FromDest>,
+        uri: &Uri,
+        wait: Duration,
+    ) -> Result<(), String> {
+        let mut first = if wait.is_zero() {
+            rx.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => None,
+                TryRecvError::Disconnected => Some(()),
+            })
+        } else {
+            rx.recv_timeout(wait).map_err(|e| match e {
+                std::sync::mpsc::RecvTimeoutError::Timeout => None,
+                std::sync::mpsc::RecvTimeoutError::Disconnected => Some(()),
+            })
+        };
+        loop {
+            match first {
+                Ok(FromDest::Request(gpa, n)) => self
+                    .request(gpa, n)
+                    .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?,
+                Ok(FromDest::Complete) => {
+                    return Err(format!(
+                        "{uri}: the destination said it had every page before the last was sent"
+                    ))
+                }
+                Ok(FromDest::Refused(e)) => return Err(e.to_string()),
+                Ok(FromDest::Failed(e)) => return Err(format!("{uri}: {}", transfer_failed(&e))),
+                Err(None) => return Ok(()),
+                Err(Some(())) => return Err(format!("{uri}: the connection's reading half ended")),
+            }
+            first = rx.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => None,
+                TryRecvError::Disconnected => Some(()),
+            });
+        }
+    }
+
     /// Sends what the destination asked for (the pages of it still pending) at once.
     fn request(&mut self, gpa: u64, n: u32) -> std::io::Result<()> {
         self.requests += 1;
@@ -352,6 +381,8 @@ struct Mapped {
     who: String,
     uffd: Uffd,
     maps: Vec<(u64, u64, u64)>,
+    /// Faults read from this descriptor.
+    faults: AtomicU64,
 }
 
 impl Mapped {
@@ -522,7 +553,19 @@ impl Pages {
             l.get(((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1)))
                 .map_or(0, |&v| u64::from(v))
         };
+        let uffds = self.uffds.lock().unwrap();
+        let faults: Vec<u64> = uffds.iter().map(|m| m.faults.load(Relaxed)).collect();
+        for m in uffds.iter() {
+            log::info!(
+                "{}: post-copy: {} fault(s) served for {}",
+                self.uri,
+                m.faults.load(Relaxed),
+                m.who
+            );
+        }
         Summary {
+            faults: faults.iter().sum(),
+            backend_faults: faults.iter().skip(1).sum(),
             pages: self.placed.load(Relaxed),
             requests: l.len() as u64,
             p50_us: at(0.5),
@@ -551,6 +594,7 @@ impl Server {
                 who: "vmm-core".into(),
                 uffd,
                 maps,
+                faults: AtomicU64::new(0),
             })]),
             back: inc.back,
             ram: inc.ram,
@@ -589,6 +633,7 @@ impl Server {
             who: who.into(),
             uffd,
             maps,
+            faults: AtomicU64::new(0),
         }));
     }
 
@@ -691,6 +736,7 @@ fn serve_faults(p: &Pages) {
                 log::error!("{}: cannot read its page faults ({e})", m.who);
                 continue;
             }
+            m.faults.fetch_add(addrs.len() as u64, Relaxed);
             for &a in &addrs {
                 p.fault(m, a);
             }

@@ -37,6 +37,8 @@ struct Outgoing {
     began: Instant,
     /// What `progress` reads while a call sends: bytes written and pages sent.
     sent: Arc<Sent>,
+    /// Set by `switchNow`: the pass stops after its current run.
+    switch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Bytes written to the stream and guest pages sent, updated as they go.
@@ -70,6 +72,8 @@ pub struct Server {
     back: Back,
     /// The outgoing stream's progress (`progress` reads it while `sendPages` holds `out`).
     sent: Arc<Sent>,
+    /// `switchNow`'s flag, which the pass under way reads.
+    switch: Arc<std::sync::atomic::AtomicBool>,
     /// A source's connection whose header `peek` read, kept for `receive`.
     peeked: Arc<Mutex<Option<Peeked>>>,
     /// A stream that switched to post-copy, until the page server takes it.
@@ -88,6 +92,8 @@ fn write_summary(
     b.set_p99_micros(s.p99_us);
     b.set_max_micros(s.max_us);
     b.set_micros(s.micros);
+    b.set_faults(s.faults);
+    b.set_backend_faults(s.backend_faults);
 }
 
 /// Mappings as (address, bytes, memfd offset), each checked against guest RAM.
@@ -274,6 +280,7 @@ impl Server {
             peeked: Default::default(),
             incoming: Default::default(),
             pages: Default::default(),
+            switch: Default::default(),
         }
     }
 
@@ -357,8 +364,12 @@ pub(crate) fn transfer_failed(e: &std::io::Error) -> String {
     }
 }
 
-/// Sends the pages of `bitmap` (or all); returns (bytes, pages, zero pages).
-fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64), TransferError> {
+/// What a pass sent: bytes, pages, zero pages, and, when a switch to post-copy stopped it,
+/// the pages it had still to send.
+type PassSent = (u64, u64, u64, Option<Vec<u64>>);
+
+/// Sends the pages of `bitmap` (or all).
+fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<PassSent, TransferError> {
     let before = o.writer.bytes();
     let (p0, z0) = o.writer.counts();
     let zeros = if o.passes == 0 {
@@ -397,6 +408,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
     // progress it shows) goes in small steps, not a second's worth at a time.
     let run_max: u64 = if o.limit > 0 { 64 } else { 1024 };
     let mut buf = Vec::with_capacity(run_max as usize * PAGE);
+    let mut unsent: Option<Vec<u64>> = None;
     for (gpa, bytes, off) in regions {
         let first = off / PAGE as u64;
         let end = first + bytes / PAGE as u64;
@@ -404,6 +416,16 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         while p < end.min(total) {
             if !set(p) {
                 p += 1;
+                continue;
+            }
+            if let Some(u) = unsent.as_mut() {
+                u[(p / 64) as usize] |= 1 << (p % 64);
+                p += 1;
+                continue;
+            }
+            if o.switch.load(std::sync::atomic::Ordering::Relaxed) {
+                // Post-copy from here: what is left of the pass goes with it.
+                unsent = Some(vec![0u64; total.div_ceil(64) as usize]);
                 continue;
             }
             let mut q = p + 1;
@@ -430,6 +452,11 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         }
     }
     o.passes += 1;
+    if let Some(u) = unsent {
+        // No pass marker: the switch follows at once.
+        let (p1, z1) = o.writer.counts();
+        return Ok((o.writer.bytes() - before, p1 - p0, z1 - z0, Some(u)));
+    }
     if o.live {
         // The pass is over when the destination has written all of it into guest RAM: its
         // time gives the real bandwidth, and nothing of it is in flight when the VM pauses.
@@ -455,7 +482,7 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<(u64, u64, u64
         }
     }
     let (p1, z1) = o.writer.counts();
-    Ok((o.writer.bytes() - before, p1 - p0, z1 - z0))
+    Ok((o.writer.bytes() - before, p1 - p0, z1 - z0, None))
 }
 
 /// What an incoming stream gave: the device state and the bytes read, and, when the source
@@ -542,6 +569,8 @@ impl migrated::Server for Server {
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let (out, cut) = (self.out.clone(), self.cut.clone());
         let sent = self.sent.clone();
+        let switch = self.switch.clone();
+        switch.store(false, std::sync::atomic::Ordering::Relaxed);
         sent.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
         sent.pages.store(0, std::sync::atomic::Ordering::Relaxed);
         blocking(move || {
@@ -571,6 +600,7 @@ impl migrated::Server for Server {
                 limit,
                 began: Instant::now(),
                 sent,
+                switch,
             });
             Ok(())
         })
@@ -590,12 +620,19 @@ impl migrated::Server for Server {
         };
         let out = self.out.clone();
         let start = Instant::now();
-        let (bytes, pages, zero) = blocking(move || {
+        let (bytes, pages, zero, unsent) = blocking(move || {
             let mut g = out.lock().unwrap();
             let o = g.as_mut().ok_or(TransferError::NotOpen)?;
             send_pages(o, bitmap.as_deref())
         })
         .await?;
+        if let Some(u) = unsent {
+            results.get().set_interrupted(true);
+            let mut l = results.get().init_unsent(u.len() as u32);
+            for (i, w) in u.iter().enumerate() {
+                l.set(i as u32, *w);
+            }
+        }
         let mut s = results.get().init_stats();
         s.set_bytes(bytes);
         s.set_pages(pages);
@@ -709,6 +746,7 @@ impl migrated::Server for Server {
         let p = params.get()?;
         let state = p.get_state()?.to_vec();
         let pending: Vec<u64> = p.get_pending()?.iter().collect();
+        let bandwidth = p.get_bandwidth();
         let (out, cut, sent) = (self.out.clone(), self.cut.clone(), self.sent.clone());
         let switched = blocking(move || {
             let o = out.lock().unwrap().take().ok_or(TransferError::NotOpen)?;
@@ -719,8 +757,7 @@ impl migrated::Server for Server {
                 uri: o.uri.clone(),
                 writer: o.writer,
                 ram: &o.ram,
-                limit: o.limit,
-                began: o.began,
+                limit: if bandwidth > 0 { bandwidth } else { o.limit },
                 bytes: &sent.bytes,
                 pages: &sent.pages,
             };
@@ -796,6 +833,16 @@ impl migrated::Server for Server {
             Ok(s) => write_summary(results.get().init_summary(), &s),
             Err(e) => results.get().set_broken(&e),
         }
+        Ok(())
+    }
+
+    async fn switch_now(
+        self: CapRc<Self>,
+        _: migrated::SwitchNowParams,
+        _: migrated::SwitchNowResults,
+    ) -> Result<(), capnp::Error> {
+        self.switch
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

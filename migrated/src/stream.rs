@@ -800,7 +800,10 @@ mod tests {
         bad.section(POSTCOPY, &[&[0u8; 8]]).unwrap();
         let (bytes, _) = bad.finish().unwrap();
         let e = read_all(&bytes).unwrap_err().to_string();
-        assert!(e.contains("16 expected (a bitmap of the VM's pages)"), "{e}");
+        assert!(
+            e.contains("16 expected (a bitmap of the VM's pages)"),
+            "{e}"
+        );
     }
 
     #[test]

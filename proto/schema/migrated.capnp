@@ -19,7 +19,9 @@ interface Migrated {
 
   # Sends the pages whose bits are set (bit n of word w is the 4 KiB page 64w+n of the memfd),
   # or every page when `all` (zero pages left out). Returns what it sent and how long it took.
-  sendPages @1 (bitmap :List(UInt64), all :Bool) -> (stats :PassStats);
+  # A switch to post-copy (switchNow) stops it after the run it is on: `unsent` then holds
+  # the pages it had still to send (as `bitmap`), and `interrupted` is set.
+  sendPages @1 (bitmap :List(UInt64), all :Bool) -> (stats :PassStats, interrupted :Bool, unsent :List(UInt64));
 
   # The device state, then the end marker; for a live migration, waits until the destination
   # says it has all of it and will run the VM.
@@ -53,7 +55,9 @@ interface Migrated {
   # every page. An error: the destination refused the VM before it ran it (the source may
   # resume). `broken` not empty: post-copy broke after the destination started the VM, whose
   # state is now split between the hosts (the source must not resume it).
-  postcopy @8 (state :Data, pending :List(UInt64)) -> (summary :PostcopySummary, broken :Text);
+  # bandwidth: bytes per second for the pages sent in the background (0: as `open`'s);
+  # the pages the destination asks for go at once.
+  postcopy @8 (state :Data, pending :List(UInt64), bandwidth :UInt64) -> (summary :PostcopySummary, broken :Text);
 
   # The destination, after a receive that said postcopy: serves page faults on a
   # userfaultfd, sent on the side channel with the memfd (the guest RAM memfd, then the
@@ -67,6 +71,10 @@ interface Migrated {
 
   # The destination: stops serving faults (every descriptor's memory is unregistered).
   postcopyEnd @11 () -> ();
+
+  # The source: the pass under way (or the next) stops after its current run, for a switch
+  # to post-copy (vmmctl migrate postcopy). Cleared by `open`.
+  switchNow @12 () -> ();
 }
 
 struct Mapping {
@@ -82,6 +90,8 @@ struct PostcopySummary {
   p99Micros @3 :UInt64;
   maxMicros @4 :UInt64;
   micros @5 :UInt64;     # from the switch to the last page
+  faults @6 :UInt64;     # page faults served (vmm-core's, the vCPUs' among them)
+  backendFaults @7 :UInt64; # of them, those of device backends (blockd)
 }
 
 struct Shape {

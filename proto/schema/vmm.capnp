@@ -156,6 +156,9 @@ struct MigrateOptions {
                               # will be over downtimeMs (0: 30); the status then says forced
   postcopy @6 :Bool;          # switch to post-copy after the first pass that does not fit
                               # downtimeMs (a live channel only)
+  postcopyBandwidth @7 :UInt64; # bytes per second for the pages post-copy sends in the
+                              # background (QEMU's max-postcopy-bandwidth; 0: as bandwidth);
+                              # the pages the destination faults on go at once
 }
 
 struct MigrationStatus {
@@ -181,4 +184,6 @@ struct MigrationStatus {
   faultP50Micros @17 :UInt64; # the destination: from a request to its page in place
   faultP99Micros @18 :UInt64;
   postcopyMs @19 :UInt64;     # from the switch to the last page
+  faults @20 :UInt64;         # the destination: page faults served during post-copy
+  backendFaults @21 :UInt64;  # of them, device backends' (blockd's own userfaultfd)
 }

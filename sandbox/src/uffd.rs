@@ -128,25 +128,33 @@ impl Uffd {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: userfaultfd(2) takes flags only and returns a new descriptor or -1.
         let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-        let fd = if r >= 0 {
-            r as RawFd
-        } else {
-            let first = nix::errno::Errno::last();
-            let opened;
-            let dev = match dev {
-                Some(d) => d,
-                None => {
-                    opened = Device::open().ok_or(UffdError::Create(first))?;
-                    &opened
-                }
-            };
-            let arg = flags as libc::c_ulong;
-            // USERFAULTFD_IOC_NEW takes its flags by value: they are the argument.
-            // SAFETY: an ioctl on /dev/userfaultfd that takes a plain integer and returns a
-            // new descriptor or -1; no memory is passed.
-            let r = unsafe { libc::ioctl(dev.0.as_raw_fd(), USERFAULTFD_IOC_NEW as _, arg) };
-            nix::errno::Errno::result(r).map_err(UffdError::Create)?
-        };
+        if r >= 0 {
+            return Self::handshake(r as RawFd);
+        }
+        let first = nix::errno::Errno::last();
+        match dev {
+            Some(d) => Self::from_device(Some(d)),
+            None => match Device::open() {
+                Some(d) => Self::from_device(Some(&d)),
+                None => Err(UffdError::Create(first)),
+            },
+        }
+    }
+
+    /// A new userfaultfd from /dev/userfaultfd only (for a process whose seccomp list does
+    /// not allow the system call); `dev` opened earlier, while the process could.
+    pub fn from_device(dev: Option<&Device>) -> Result<Uffd, UffdError> {
+        let dev = dev.ok_or(UffdError::Create(nix::Error::ENOENT))?;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_ulong;
+        // SAFETY: an ioctl on /dev/userfaultfd that takes a plain integer (the flags) and
+        // returns a new descriptor or -1; no memory is passed.
+        let r = unsafe { libc::ioctl(dev.0.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+        let fd = nix::errno::Errno::result(r).map_err(UffdError::Create)?;
+        Self::handshake(fd)
+    }
+
+    /// Owns a new descriptor and does the API handshake on it.
+    fn handshake(fd: RawFd) -> Result<Uffd, UffdError> {
         // SAFETY: the kernel just returned this descriptor, which nothing else owns.
         let uffd = Uffd(unsafe { OwnedFd::from_raw_fd(fd) });
         let mut api = Api {

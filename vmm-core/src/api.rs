@@ -355,6 +355,8 @@ impl VmmServer {
             r.set_fault_p50_micros(p.p50_us);
             r.set_fault_p99_micros(p.p99_us);
             r.set_postcopy_ms(p.ms);
+            r.set_faults(p.faults);
+            r.set_backend_faults(p.backend_faults);
         }
     }
 
@@ -514,6 +516,7 @@ impl vmm::Server for VmmServer {
             },
             compress: o.get_compress(),
             postcopy: o.get_postcopy(),
+            postcopy_bandwidth: o.get_postcopy_bandwidth(),
             tls: crate::migration::TlsOptions {
                 creds: o.get_tls_creds()?.to_str()?.to_string(),
                 hostname: o.get_tls_hostname()?.to_str()?.to_string(),
@@ -568,26 +571,40 @@ impl vmm::Server for VmmServer {
         _: vmm::MigratePostcopyParams,
         _: vmm::MigratePostcopyResults,
     ) -> Result<(), capnp::Error> {
-        let mut st = self.shared.migration.lock().unwrap();
-        match st.phase.as_str() {
-            "setup" | "pre-copy" if st.uri.starts_with("file:") => {
-                Err(capnp::Error::failed(format!(
-                    "{}: a snapshot is written whole; post-copy is for a live migration",
-                    st.uri
-                )))
+        {
+            let mut st = self.shared.migration.lock().unwrap();
+            match st.phase.as_str() {
+                "setup" | "pre-copy" if st.uri.starts_with("file:") => {
+                    return Err(capnp::Error::failed(format!(
+                        "{}: a snapshot is written whole; post-copy is for a live migration",
+                        st.uri
+                    )))
+                }
+                "setup" | "pre-copy" => st.postcopy_asked = true,
+                "postcopy-active" => {
+                    return Err(capnp::Error::failed(
+                        "the migration is in post-copy already".into(),
+                    ))
+                }
+                p => {
+                    return Err(capnp::Error::failed(format!(
+                        "no pre-copy migration to switch (the last one is {})",
+                        if p.is_empty() { "none" } else { p }
+                    )))
+                }
             }
-            "setup" | "pre-copy" => {
-                st.postcopy_asked = true;
-                Ok(())
-            }
-            "postcopy-active" => Err(capnp::Error::failed(
-                "the migration is in post-copy already".into(),
-            )),
-            p => Err(capnp::Error::failed(format!(
-                "no pre-copy migration to switch (the last one is {})",
-                if p.is_empty() { "none" } else { p }
-            ))),
         }
+        // The pass under way stops after its current run (as QEMU's migrate-start-postcopy,
+        // which does not wait for the pass either).
+        let m = self
+            .shared
+            .migrated
+            .get()
+            .cloned()
+            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+        crate::migration::switch_now(&m)
+            .await
+            .map_err(|e| failed(&e))
     }
 
     async fn migrate_cancel(

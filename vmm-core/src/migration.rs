@@ -174,6 +174,9 @@ pub struct PostcopySummary {
     pub p99_us: u64,
     pub max_us: u64,
     pub ms: u64,
+    /// Page faults served on the destination, and of them those of device backends.
+    pub faults: u64,
+    pub backend_faults: u64,
 }
 
 impl PostcopySummary {
@@ -185,6 +188,8 @@ impl PostcopySummary {
             p99_us: s.get_p99_micros(),
             max_us: s.get_max_micros(),
             ms: s.get_micros() / 1000,
+            faults: s.get_faults(),
+            backend_faults: s.get_backend_faults(),
         }
     }
 }
@@ -195,7 +200,15 @@ impl std::fmt::Display for PostcopySummary {
             f,
             "{} page(s) in {} ms, {} fault(s) asked the source (from a request to its page: p50 {} us, p99 {} us, max {} us)",
             self.pages, self.ms, self.requests, self.p50_us, self.p99_us, self.max_us
-        )
+        )?;
+        if self.faults > 0 {
+            write!(
+                f,
+                "; {} fault(s) served, {} of them device backends'",
+                self.faults, self.backend_faults
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +235,8 @@ pub struct Options {
     pub spec: String,
     /// Switch to post-copy after the first pass that does not meet the downtime limit.
     pub postcopy: bool,
+    /// Bytes per second for post-copy's background pages (0: `bandwidth`).
+    pub postcopy_bandwidth: u64,
 }
 
 /// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
@@ -281,6 +296,8 @@ struct PassStats {
     bytes: u64,
     pages: u64,
     micros: u64,
+    /// A switch to post-copy stopped the pass: the pages it had still to send.
+    unsent: Option<Vec<u64>>,
 }
 
 async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats, MigrationError> {
@@ -297,11 +314,18 @@ async fn send_pages(m: &Migrated, bitmap: Option<Vec<u64>>) -> Result<PassStats,
                 }
             }
             let r = req.send().promise.await?;
-            let s = r.get()?.get_stats()?;
+            let r = r.get()?;
+            let s = r.get_stats()?;
+            let unsent = if r.get_interrupted() {
+                Some(r.get_unsent()?.iter().collect())
+            } else {
+                None
+            };
             Ok(PassStats {
                 bytes: s.get_bytes(),
                 pages: s.get_pages() + s.get_zero_pages(),
                 micros: s.get_micros().max(1),
+                unsent,
             })
         })
     })
@@ -406,6 +430,18 @@ async fn finish(m: &Migrated, state: Vec<u8>) -> Result<u64, MigrationError> {
             let bytes = r.get()?.get_bytes();
             conn.channel_done();
             Ok(bytes)
+        })
+    })
+    .await
+}
+
+/// `vmmctl migrate postcopy`: the pass under way stops after its current run, and the
+/// migration switches to post-copy.
+pub async fn switch_now(m: &Migrated) -> Result<(), MigrationError> {
+    m.call(|conn| {
+        Box::pin(async move {
+            conn.client.switch_now_request().send().promise.await?;
+            Ok(())
         })
     })
     .await
@@ -541,7 +577,18 @@ async fn transfer(
             pass += 1;
             // Bytes per second, from what this pass took.
             let bw = (sent.bytes.max(1) * 1_000_000) / sent.micros;
-            let dirty = ask(tx, MigrationRequest::TakeDirty).await?;
+            let mut dirty = ask(tx, MigrationRequest::TakeDirty).await?;
+            if let Some(unsent) = sent.unsent {
+                // `vmmctl migrate postcopy` stopped the pass: what it had still to send and
+                // what the guest wrote meanwhile follow after the switch.
+                or(&mut dirty, &unsent);
+                log::info!(
+                    "{}: switching to post-copy during pass {pass}, as asked",
+                    opts.uri
+                );
+                set(&|s| s.passes = pass);
+                return postcopy(m, tx, progress, opts, dirty, memory).await;
+            }
             let n = count(&dirty);
             let rate = n * 1_000_000 / sent.micros;
             let expected_ms = n * vmm_devices::layout::PAGE_SIZE * 1000 / bw.max(1);
@@ -656,11 +703,13 @@ async fn postcopy(
         opts.uri
     );
     let state = saved.state;
+    let bandwidth = opts.postcopy_bandwidth;
     let (summary, broken) = m
         .call(move |conn| {
             Box::pin(async move {
                 let mut req = conn.client.postcopy_request();
                 req.get().set_state(&state);
+                req.get().set_bandwidth(bandwidth);
                 let mut l = req.get().init_pending(pending.len() as u32);
                 for (i, w) in pending.iter().enumerate() {
                     l.set(i as u32, *w);

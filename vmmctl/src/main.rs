@@ -103,6 +103,11 @@ enum Command {
         /// migration cannot be cancelled, and losing either host or the channel loses the VM.
         #[arg(long)]
         postcopy: bool,
+        /// The most post-copy's background pages may use, as --bandwidth (default: the
+        /// same as --bandwidth; QEMU's max-postcopy-bandwidth). The pages the destination
+        /// faults on go at once, whatever the limit.
+        #[arg(long, value_name = "RATE")]
+        postcopy_bandwidth: Option<String>,
         /// LZ4-compress guest RAM in the stream (for slow links; it costs source CPU).
         #[arg(long)]
         compress: bool,
@@ -575,7 +580,21 @@ fn check_locally(command: &Command) -> Result<(), Failure> {
         )),
         Command::Migrate {
             bandwidth: Some(b), ..
-        } if parse_rate(b).is_err() => parse_rate(b).map(drop),
+        } if parse_rate("--bandwidth", b).is_err() => parse_rate("--bandwidth", b).map(drop),
+        Command::Migrate {
+            postcopy_bandwidth: Some(b),
+            ..
+        } if parse_rate("--postcopy-bandwidth", b).is_err() => {
+            parse_rate("--postcopy-bandwidth", b).map(drop)
+        }
+        Command::Migrate {
+            target,
+            postcopy: true,
+            ..
+        } if matches!(target.as_str(), "status" | "cancel" | "postcopy") => Err(Failure(
+            2,
+            format!("migrate {target} --postcopy: --postcopy starts a migration that may switch; to switch the one under way, `vmmctl migrate postcopy`"),
+        )),
         Command::Migrate { target, .. } if target.starts_with("file:") => Err(Failure(
             2,
             format!("migrate {target}: a file is a snapshot; use `vmmctl snapshot {target}`"),
@@ -707,13 +726,21 @@ impl Session {
                 tls_creds,
                 tls_hostname,
                 postcopy,
+                postcopy_bandwidth,
                 compress,
             } => {
                 let tls = (
                     tls_creds.as_deref().map(peer::absolute).unwrap_or_default(),
                     tls_hostname.unwrap_or_default(),
                 );
-                let bandwidth = bandwidth.as_deref().map(parse_rate).transpose()?;
+                let bandwidth = bandwidth
+                    .as_deref()
+                    .map(|r| parse_rate("--bandwidth", r))
+                    .transpose()?;
+                let postcopy_bandwidth = postcopy_bandwidth
+                    .as_deref()
+                    .map(|r| parse_rate("--postcopy-bandwidth", r))
+                    .transpose()?;
                 let options = MigrateOptions {
                     downtime_ms: downtime_ms.unwrap_or(0),
                     max_passes: max_passes.unwrap_or(0),
@@ -721,6 +748,7 @@ impl Session {
                     tls: &tls,
                     compress,
                     postcopy,
+                    postcopy_bandwidth: postcopy_bandwidth.unwrap_or(0),
                 };
                 self.migrate(&peer::absolute_uri(&target), &options).await
             }
@@ -776,7 +804,7 @@ impl Session {
             ),
             Simple::MigratePostcopy => (
                 c.migrate_postcopy_request().send().promise.await.map(drop),
-                "the migration switches to post-copy at the end of its current pass",
+                "the migration switches to post-copy now: the destination runs the VM, and its pages follow",
             ),
         };
         sent.map_err(|e| self.fail(e))?;
@@ -841,6 +869,7 @@ impl Session {
             tls: &tls,
             compress,
             postcopy: false,
+            postcopy_bandwidth: 0,
         };
         let st = migrate(&self.client, uri, &options, self.json)
             .await
@@ -1600,8 +1629,8 @@ impl BlockdSession {
 }
 
 /// `migrate --bandwidth`: bytes per second, "100M" (K, M, G are powers of 1024).
-fn parse_rate(s: &str) -> Result<u64, Failure> {
-    let bad = |why: &str| Failure(2, format!("migrate --bandwidth {s}: {why}"));
+fn parse_rate(flag: &str, s: &str) -> Result<u64, Failure> {
+    let bad = |why: &str| Failure(2, format!("migrate {flag} {s}: {why}"));
     match vmm_proto::size::parse(s, 1) {
         Ok(0) | Err(vmm_proto::size::SizeError::Malformed(_)) => {
             Err(bad("not a rate; write bytes per second like 100M or 1G"))
@@ -1620,6 +1649,7 @@ struct MigrateOptions<'a> {
     tls: &'a (String, String),
     compress: bool,
     postcopy: bool,
+    postcopy_bandwidth: u64,
 }
 
 /// Runs a migration (or snapshot), drawing its progress on a terminal meanwhile.
@@ -1640,6 +1670,7 @@ async fn migrate(
     o.set_tls_hostname(options.tls.1.as_str());
     o.set_compress(options.compress);
     o.set_postcopy(options.postcopy);
+    o.set_postcopy_bandwidth(options.postcopy_bandwidth);
     let call = req.send().promise;
     let draw = !json && std::io::stderr().is_terminal();
     let mut call = std::pin::pin!(call);
@@ -1721,7 +1752,7 @@ fn format_migration(
     );
     if json {
         return Ok(format!(
-            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"forced\":{},\"postcopy\":{{\"allowed\":{},\"pages\":{},\"requests\":{},\"fault_p50_us\":{},\"fault_p99_us\":{},\"ms\":{}}},\"error\":{error:?}}}",
+            "{{\"phase\":{phase:?},\"uri\":{uri:?},\"passes\":{},\"bytes\":{},\"ram_bytes\":{},\"dirty_pages\":{},\"dirty_rate_pages_per_s\":{},\"bandwidth_bytes_per_s\":{},\"expected_downtime_ms\":{},\"downtime_ms\":{},\"total_ms\":{},\"forced\":{},\"postcopy\":{{\"allowed\":{},\"pages\":{},\"requests\":{},\"fault_p50_us\":{},\"fault_p99_us\":{},\"ms\":{},\"faults\":{},\"backend_faults\":{}}},\"error\":{error:?}}}",
             st.get_passes(),
             st.get_bytes(),
             st.get_ram_bytes(),
@@ -1737,7 +1768,9 @@ fn format_migration(
             st.get_postcopy_requests(),
             st.get_fault_p50_micros(),
             st.get_fault_p99_micros(),
-            st.get_postcopy_ms()
+            st.get_postcopy_ms(),
+            st.get_faults(),
+            st.get_backend_faults()
         ));
     }
     let mut out = format!("phase: {phase}");
@@ -1776,6 +1809,13 @@ fn format_migration(
             st.get_fault_p50_micros(),
             st.get_fault_p99_micros()
         );
+        if st.get_faults() > 0 {
+            out += &format!(
+                "\nfaults served: {} ({} of them device backends')",
+                st.get_faults(),
+                st.get_backend_faults()
+            );
+        }
     }
     if !error.is_empty() {
         out += &format!("\nerror: {error}");

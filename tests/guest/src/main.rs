@@ -684,6 +684,19 @@ fn blk_look() {
 /// sequence number (the host's check in tests/tests/block.rs knows the layout). Each
 /// completed write is logged as "tg: ack N"; a summary line ends the run.
 /// Whether the 4 KiB at `at` hold block `seq` exactly.
+/// The canary's words in migrate_load's sector buffer.
+const CANARY: u64 = 0xC0A1_C0A1_5EED_0000;
+
+/// The buffer holds block `seq`'s first sector, then the canary's words intact.
+fn sector_and_canary_hold(at: *mut u64, seq: u64) -> bool {
+    let mut want = [0u64; 512];
+    seq_block(want.as_mut_ptr(), seq);
+    // SAFETY: `at` is a 4 KiB block of the DMA data buffer; read volatile, as a device wrote
+    // its first sector.
+    let word = |j: usize| unsafe { at.add(j).read_volatile() };
+    (0..64).all(|j| word(j) == want[j]) && (64..512).all(|j| word(j) == CANARY ^ j as u64)
+}
+
 fn seq_block_matches(at: *mut u64, seq: u64) -> bool {
     let mut want = [0u64; 512];
     seq_block(want.as_mut_ptr(), seq);
@@ -736,6 +749,20 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
     // KVM's dirty log does not see) and checked again before the next write: on a destination,
     // a page the backend's dirty log missed shows as the block before.
     let rbuf = blk::data_buf().wrapping_add(32 << 10) as *mut u64;
+    // The first sector of each acknowledged block is also read into the start of this
+    // buffer, whose other 3.5 KiB hold words written once, here (a canary). Between its
+    // reads the CPU does not touch it: on a post-copy destination, the first request into
+    // it finds its page still on the source, and blockd itself faults on it. Were the page
+    // not brought from the source, the canary would be gone.
+    // tg.mig.canary=MIB puts it at that guest address instead, far above everything else.
+    let cbuf = match param(cmdline, "tg.mig.canary=").and_then(parse_u64) {
+        Some(mib) => (mib << 20) as *mut u64,
+        None => blk::data_buf().wrapping_add(48 << 10) as *mut u64,
+    };
+    for j in 64..512 {
+        // SAFETY: `cbuf` is a 4 KiB block of the DMA data buffer.
+        unsafe { cbuf.add(j).write_volatile(CANARY ^ j as u64) };
+    }
     let mut last_read: Option<u64> = None;
     loop {
         pass += 1;
@@ -752,13 +779,18 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
         }
         user_pattern(0, BASE, words, 0, pass, stack_top);
         if have_disk && pass.is_multiple_of(every) {
+            let d = disks[0].as_mut().expect("probed");
+            let blocks = d.capacity / 8;
             if let Some(prev) = last_read {
                 if !seq_block_matches(rbuf, prev) {
                     Line::new().s("tg: mig error read ").u(prev).emit();
                 }
+                let sector_ok = matches!(d.read(0, (prev % blocks) * 8, cbuf as u64, 512), Some((0, _)))
+                    && sector_and_canary_hold(cbuf, prev);
+                if !sector_ok {
+                    Line::new().s("tg: mig error canary ").u(prev).emit();
+                }
             }
-            let d = disks[0].as_mut().expect("probed");
-            let blocks = d.capacity / 8;
             let buf = blk::data_buf() as *mut u64;
             seq_block(buf, seq);
             match d.write(0, (seq % blocks) * 8, buf as u64, 4096) {

@@ -313,7 +313,33 @@ impl Guest {
                 .map_err(|e| crate::migration::MigrationError::Uffd(e.to_string()))?;
             maps.push((va, r.start_addr().0, len));
         }
-        crate::migration::serve_faults(m, "vmm-core", &self.memory.memfd, uffd.fd(), maps, true)
+        crate::migration::serve_faults(m, "vmm-core", &self.memory.memfd, uffd.fd(), maps, true)?;
+        // Each device whose backend maps guest RAM itself (blockd) joins with a userfaultfd
+        // of its own (vhost-user's POSTCOPY_ADVISE), before its queues start.
+        for (_, t) in &self.transports {
+            let mut t = t.lock().unwrap();
+            let name = t.device_name().to_string();
+            let joined = t
+                .device_mut()
+                .postcopy_advise()
+                .map_err(|e| crate::migration::MigrationError::Uffd(e.to_string()))?;
+            if let Some((file, maps)) = joined {
+                use std::os::fd::AsFd;
+                crate::migration::serve_faults(
+                    m,
+                    &format!("blockd ({name})"),
+                    &self.memory.memfd,
+                    file.as_fd(),
+                    maps,
+                    false,
+                )?;
+                t.device_mut()
+                    .postcopy_served()
+                    .map_err(|e| crate::migration::MigrationError::Uffd(e.to_string()))?;
+                log::info!("{name}: its backend joined post-copy");
+            }
+        }
+        Ok(())
     }
 
     /// Makes what `info` and `cpus` report match the vCPUs.

@@ -131,6 +131,12 @@ impl<'a> Running<'a> {
                         log::warn!("post-copy: cannot unregister guest RAM ({e})");
                     }
                 }
+                for (_, t) in &self.guest.transports {
+                    let mut t = t.lock().unwrap();
+                    if let Err(e) = t.device_mut().postcopy_end() {
+                        log::warn!("{}: {e}", t.device_name());
+                    }
+                }
                 crate::migration::postcopy_end(&pc.migrated);
                 log::info!("post-copy complete: {summary}");
                 self.shared

@@ -50,6 +50,10 @@ pub struct QueueSetup<'a> {
 }
 
 /// What a virtio device does behind the transport.
+/// A device backend's userfaultfd and its mappings of guest RAM (address in the backend,
+/// guest address, bytes), for post-copy.
+pub type PostcopyBackend = (std::fs::File, Vec<(u64, u64, u64)>);
+
 pub trait VirtioDevice: Send {
     /// The virtio device id (2 is block).
     fn device_type(&self) -> u16;
@@ -95,6 +99,21 @@ pub trait VirtioDevice: Send {
     /// sends them whatever the logs say.
     fn used_rings(&self) -> Vec<(u64, u64)> {
         Vec::new()
+    }
+    /// Post-copy, on the destination before the device starts: its backend (a process that
+    /// maps guest RAM itself) makes a userfaultfd for its mapping and says where that lies,
+    /// as (address in the backend, guest address, bytes). None: no process of its own maps
+    /// guest RAM. Its faults wait until `postcopy_served`, after which its queues may run.
+    fn postcopy_advise(&mut self) -> Result<Option<PostcopyBackend>, VirtioError> {
+        Ok(None)
+    }
+    /// The backend's faults are served now.
+    fn postcopy_served(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
+    /// Every page is here: the backend's memory leaves its userfaultfd.
+    fn postcopy_end(&mut self) -> Result<(), VirtioError> {
+        Ok(())
     }
     /// The device's configuration space as the guest set it, and the same put back.
     fn config_bytes(&self) -> Vec<u8>;

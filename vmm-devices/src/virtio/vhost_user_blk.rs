@@ -45,6 +45,11 @@ pub struct VhostUserBlk {
     can_log: bool,
     /// The migration's dirty log while it runs (handed again to a restarted backend).
     log: Option<(std::fs::File, u64)>,
+    /// Whether the backend joins post-copy (PAGEFAULT).
+    can_postcopy: bool,
+    /// Post-copy: the backend has the memory table (sent with POSTCOPY_LISTEN): the rings'
+    /// start must not send another.
+    postcopy_table: bool,
 }
 
 /// A started queue, as the backend needs it.
@@ -80,6 +85,7 @@ struct Shake {
     config: Vec<u8>,
     tracks_inflight: bool,
     can_log: bool,
+    can_postcopy: bool,
 }
 
 /// Connects, negotiates the protocol, and learns the backend's features and config space.
@@ -103,7 +109,8 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
     let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::LOG_SHMFD;
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::PAGEFAULT;
     if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
     }
@@ -146,6 +153,7 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
         config,
         tracks_inflight: offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
         can_log,
+        can_postcopy: offered.contains(VhostUserProtocolFeatures::PAGEFAULT),
     })
 }
 
@@ -169,6 +177,8 @@ impl VhostUserBlk {
             inflight: None,
             can_log: shake.can_log,
             log: None,
+            can_postcopy: shake.can_postcopy,
+            postcopy_table: false,
             queues,
             queue_size: 256,
             mem,
@@ -189,20 +199,12 @@ impl VhostUserBlk {
             .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES | self.log_bit())
             .map_err(|e| self.e("SET_FEATURES", e))?;
         self.send_log_base()?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = self
-            .mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
-                mmap_handle: self.memfd.as_raw_fd(),
-            })
-            .collect();
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(|e| self.e("SET_MEM_TABLE", e))?;
+        if !self.postcopy_table {
+            let regions = self.regions();
+            self.frontend
+                .set_mem_table(&regions)
+                .map_err(|e| self.e("SET_MEM_TABLE", e))?;
+        }
         if self.tracks_inflight {
             // The area comes from the backend at the device's first start and goes back to
             // it (or to its successor) before the rings at every start.
@@ -262,6 +264,20 @@ impl VhostUserBlk {
             self.started.push(i);
         }
         Ok(())
+    }
+
+    /// Guest RAM as the backend maps it: each region from the memfd.
+    fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        self.mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+                mmap_handle: self.memfd.as_raw_fd(),
+            })
+            .collect()
     }
 
     /// VHOST_F_LOG_ALL while a migration logs.
@@ -385,13 +401,23 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn reconnect(&mut self) -> Result<(), VirtioError> {
+        if self.postcopy_table {
+            // Its successor has no userfaultfd: it would read pages still on the source as
+            // zeroes. (A backend is not handed to post-copy after it started.)
+            return Err(self.e(
+                "reconnect",
+                "the backend restarted during post-copy, and a new one cannot join it; the disk stays stopped until post-copy is over",
+            ));
+        }
         let Shake {
             frontend: fe,
             features,
             config,
             tracks_inflight,
             can_log,
+            can_postcopy,
         } = handshake(&self.socket, self.queues)?;
+        self.can_postcopy = can_postcopy;
         // A backend that cannot log (another one than before) makes logs_dirty false, and a
         // migration's last pass resends all of RAM.
         self.can_log = can_log;
@@ -478,6 +504,53 @@ impl VirtioDevice for VhostUserBlk {
 
     fn logs_dirty(&self) -> bool {
         self.log.is_some() && self.can_log
+    }
+
+    fn postcopy_advise(&mut self) -> Result<Option<super::PostcopyBackend>, VirtioError> {
+        if !self.can_postcopy {
+            return Err(self.e(
+                "POSTCOPY_ADVISE",
+                "the backend does not offer PAGEFAULT, so it cannot join post-copy (its reads of pages still on the source would see zeroes)",
+            ));
+        }
+        let uffd = self
+            .frontend
+            .postcopy_advise()
+            .map_err(|e| self.e("POSTCOPY_ADVISE", e))?;
+        self.frontend
+            .postcopy_listen()
+            .map_err(|e| self.e("POSTCOPY_LISTEN", e))?;
+        let regions = self.regions();
+        let bases = self
+            .frontend
+            .set_mem_table(&regions)
+            .map_err(|e| self.e("SET_MEM_TABLE (post-copy)", e))?
+            .ok_or_else(|| {
+                self.e(
+                    "SET_MEM_TABLE (post-copy)",
+                    "no mapping addresses came back",
+                )
+            })?;
+        self.postcopy_table = true;
+        let maps = regions
+            .iter()
+            .zip(bases)
+            .map(|(r, va)| (va, r.guest_phys_addr, r.memory_size))
+            .collect();
+        Ok(Some((uffd, maps)))
+    }
+
+    fn postcopy_served(&mut self) -> Result<(), VirtioError> {
+        self.frontend
+            .postcopy_ack_mem_regions(vhost::vhost_user::message::FrontendReq::SET_MEM_TABLE)
+            .map_err(|e| self.e("the post-copy memory table's ack", e))
+    }
+
+    fn postcopy_end(&mut self) -> Result<(), VirtioError> {
+        self.postcopy_table = false;
+        self.frontend
+            .postcopy_end()
+            .map_err(|e| self.e("POSTCOPY_END", e))
     }
 
     fn used_rings(&self) -> Vec<(u64, u64)> {
