@@ -80,7 +80,11 @@ pub struct Summary {
 /// What the destination's half of the connection says during post-copy.
 enum FromDest {
     Request(u64, u32),
+    /// The destination restored the state and runs the VM.
+    Started,
     Complete,
+    /// A byte no destination sends.
+    Other(u8),
     Refused(TransferError),
     Failed(std::io::Error),
 }
@@ -104,14 +108,12 @@ fn read_requests(uri: Uri, mut r: Box<dyn Read + Send>, tx: std::sync::mpsc::Sen
                     Err(e) => FromDest::Failed(e),
                 }
             }
+            STARTED => FromDest::Started,
             COMPLETE => FromDest::Complete,
             REFUSED => FromDest::Refused(refused(uri.clone(), r.as_mut())),
-            other => FromDest::Failed(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("the destination sent {other:#x} during post-copy, not a page request"),
-            )),
+            other => FromDest::Other(other),
         };
-        let last = !matches!(msg, FromDest::Request(..));
+        let last = !matches!(msg, FromDest::Request(..) | FromDest::Started);
         if tx.send(msg).is_err() || last {
             return;
         }
@@ -149,21 +151,8 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         .map_err(io)?;
     s.writer.postcopy(&pending).map_err(io)?;
     s.writer.get_mut().flush().map_err(io)?;
-    // The destination restores the state and answers before it runs a vCPU.
-    let mut answer = [0u8; 1];
-    {
-        let st = s.writer.get_mut().get_mut();
-        st.read_exact(&mut answer)
-            .map_err(|e| TransferError::Unconfirmed(uri.clone(), e))?;
-        match answer[0] {
-            STARTED => {}
-            REFUSED => return Ok(Switched::Refused(refused(uri.clone(), st.as_mut()))),
-            0x15 | 0x16 => return Err(TransferError::ExpectsTls(uri.clone())),
-            other => return Err(TransferError::BadAck(uri.clone(), 0, other, 0)),
-        }
-    }
-    log::info!("{uri}: the destination runs the VM; post-copy sends the rest");
-    let started = Instant::now();
+    // From here the destination's half of the connection carries page requests (its
+    // device backends may fault while it restores the state), then its answer.
     let mut reader = None;
     let mut w = s
         .writer
@@ -189,6 +178,29 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         pages: 0,
         requests: 0,
     };
+    // The destination restores the state and answers before it runs a vCPU; the pages it
+    // asks for meanwhile go at once (if it then refuses the VM, the source resumes it).
+    loop {
+        match rx.recv() {
+            Ok(FromDest::Request(gpa, n)) => out.request(gpa, n).map_err(io)?,
+            Ok(FromDest::Started) => break,
+            Ok(FromDest::Refused(e)) => return Ok(Switched::Refused(e)),
+            Ok(FromDest::Failed(e)) => return Err(TransferError::Unconfirmed(uri.clone(), e)),
+            Ok(FromDest::Complete) => {
+                return Err(TransferError::BadAck(uri.clone(), 0, COMPLETE, 0))
+            }
+            Ok(FromDest::Other(0x15 | 0x16)) => return Err(TransferError::ExpectsTls(uri.clone())),
+            Ok(FromDest::Other(b)) => return Err(TransferError::BadAck(uri.clone(), 0, b, 0)),
+            Err(_) => {
+                return Err(TransferError::Unconfirmed(
+                    uri.clone(),
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+        }
+    }
+    log::info!("{uri}: the destination runs the VM; post-copy sends the rest");
+    let started = Instant::now();
     let broken = |e: String| Ok(Switched::Ran(Err(e)));
     let mut cursor = 0u64;
     let mut background = 0u64;
@@ -237,6 +249,11 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         match rx.recv() {
             Ok(FromDest::Request(..)) => continue,
             Ok(FromDest::Complete) => break,
+            Ok(FromDest::Started | FromDest::Other(_)) => {
+                return broken(format!(
+                    "{uri}: the destination answered the end with something else than COMPLETE"
+                ))
+            }
             Ok(FromDest::Refused(e)) => return broken(e.to_string()),
             Ok(FromDest::Failed(e)) => {
                 return broken(format!(
@@ -334,6 +351,16 @@ impl<W: Write> Sender<'_, W> {
                 }
                 Ok(FromDest::Refused(e)) => return Err(e.to_string()),
                 Ok(FromDest::Failed(e)) => return Err(format!("{uri}: {}", transfer_failed(&e))),
+                Ok(FromDest::Started) => {
+                    return Err(format!(
+                        "{uri}: the destination said it started the VM twice"
+                    ))
+                }
+                Ok(FromDest::Other(b)) => {
+                    return Err(format!(
+                        "{uri}: the destination sent {b:#x} during post-copy, not a page request"
+                    ))
+                }
                 Err(None) => return Ok(()),
                 Err(Some(())) => return Err(format!("{uri}: the connection's reading half ended")),
             }

@@ -1,6 +1,8 @@
 //! The `TestVm` fixture: starts vmm-core (a real process, on real KVM) with a guest, collects
 //! its console and log, waits for guest markers, and ends every process it started.
 
+pub mod mig;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -7,29 +7,10 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmm_tests::mig::{destination_from, disk, first_pass, last_pass, source_cmdline, CMDLINE, T};
 use vmm_tests::{
     check_seq_blocks, children_of, process_name, vmmctl, wait_until, NetNs, TempDir, TestCa, TestVm,
 };
-
-const T: Duration = Duration::from_secs(60);
-const CMDLINE: &str = "console=ttyS0 tg.scenario=migrate tg.dirty.mib=8 tg.mig.every=4";
-
-/// The last "tg: mig pass N" the guest printed.
-fn last_pass(out: &str) -> u64 {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("tg: mig pass "))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .next_back()
-        .unwrap_or(0)
-}
-
-fn first_pass(out: &str) -> u64 {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("tg: mig pass "))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .next()
-        .unwrap_or(0)
-}
 
 fn source(dir: &TempDir, img: &Path, sock: &Path) -> TestVm {
     source_from(TestVm::builder(), dir, img, sock)
@@ -37,43 +18,6 @@ fn source(dir: &TempDir, img: &Path, sock: &Path) -> TestVm {
 
 fn source_from(b: vmm_tests::Builder, dir: &TempDir, img: &Path, sock: &Path) -> TestVm {
     source_cmdline(b, CMDLINE, dir, img, sock)
-}
-
-/// The source, its guest started with `cmdline` (a migrate scenario).
-fn source_cmdline(
-    b: vmm_tests::Builder,
-    cmdline: &str,
-    dir: &TempDir,
-    img: &Path,
-    sock: &Path,
-) -> TestVm {
-    // A loop's earlier source left its console here: start from none, so that the wait
-    // below is for this source's guest (not the last one's output, with migrated not up yet).
-    let _ = std::fs::remove_file(dir.join("source.txt"));
-    let vm = b
-        .memory("256M")
-        .cmdline(cmdline)
-        .args(["--api-socket", sock.to_str().unwrap()])
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("source.txt").display()),
-        ])
-        .spawn();
-    let console = dir.join("source.txt");
-    wait_until(T, "the source's guest to be under way", || {
-        last_pass(&std::fs::read_to_string(&console).unwrap_or_default()) >= 32
-    });
-    vm
-}
-
-fn disk(dir: &TempDir) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    img
 }
 
 /// Moves the guest from `src` to a destination listening on `listen` (reached at `connect`),
@@ -386,12 +330,6 @@ fn a_snapshot_that_fails_midway_leaves_no_file_and_the_vm_goes_on() {
 #[test]
 fn migrates_over_unix_compressed() {
     over_unix("mig-lz4", &["--compress"]);
-}
-
-fn dst_waits(dst: &TestVm) {
-    wait_until(T, "the destination to listen", || {
-        dst.stderr().contains("waiting for the source on")
-    });
 }
 
 /// The RAM a stream holds: (guest address, bytes) of every RAM section, in order.
@@ -816,32 +754,6 @@ fn migrated_of(vm: &TestVm) -> u32 {
 /// A destination for `uri` (in `ns` if given, with `extra` arguments), listening.
 fn destination(dir: &TempDir, img: &Path, uri: &str, ns: Option<&NetNs>, extra: &[&str]) -> TestVm {
     destination_from(TestVm::builder(), dir, img, uri, ns, extra)
-}
-
-fn destination_from(
-    b: vmm_tests::Builder,
-    dir: &TempDir,
-    img: &Path,
-    uri: &str,
-    ns: Option<&NetNs>,
-    extra: &[&str],
-) -> TestVm {
-    // No --memory and no --cmdline: the destination reads them from the source's stream
-    // before it sets the VM up (and its resets boot with that command line).
-    let mut b = b
-        .args(["--disk", &format!("path={}", img.display())])
-        .args([
-            "--serial",
-            &format!("file={}", dir.join("dest.txt").display()),
-        ])
-        .args(["--incoming", uri])
-        .args(extra.iter().copied());
-    if let Some(ns) = ns {
-        b = b.in_netns(ns);
-    }
-    let dst = b.spawn();
-    dst_waits(&dst);
-    dst
 }
 
 /// migrated killed in the middle of a transfer, on the source and then on the destination:

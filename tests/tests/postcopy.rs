@@ -1,0 +1,368 @@
+//! Post-copy migration between real vmm-core processes on real KVM: the destination runs the
+//! VM before all of its RAM has come, its page faults (the vCPUs' through vmm-core's
+//! userfaultfd, blockd's through its own, which vhost-user's POSTCOPY_ADVISE made) served by
+//! migrated from the source. The test guest's `migrate` load checks every word it wrote in
+//! the previous pass, so a page that came late, stale or as zeroes is found; every block it
+//! saw acknowledged must be on disk intact.
+
+use std::path::Path;
+use vmm_tests::mig::{destination_from, disk, first_pass, last_pass, source_cmdline, CMDLINE, T};
+use vmm_tests::{check_seq_blocks, vmmctl, wait_until, NetNs, TempDir, TestCa, TestVm};
+
+/// A number after `after` in `text`.
+fn num(text: &str, after: &str) -> u64 {
+    let i = text
+        .find(after)
+        .unwrap_or_else(|| panic!("{after:?} in {text}"))
+        + after.len();
+    text[i..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("a number after {after:?} in {text}"))
+}
+
+/// A JSON field's number in `vmmctl --json migrate status` (flat search: the names are
+/// unique in it).
+fn json_num(json: &str, key: &str) -> u64 {
+    num(json, &format!("\"{key}\":"))
+}
+
+/// Runs `vmmctl migrate connect --postcopy ...`, then checks what post-copy must give: the
+/// source exits by itself, the guest goes on at the destination from where it was with
+/// every word of its last pass intact, the destination says post-copy completed, and every
+/// acknowledged block is on disk. Returns the destination's `migrate status` as JSON.
+fn postcopy_and_check(
+    dir: &TempDir,
+    img: &Path,
+    mut src: TestVm,
+    src_sock: &Path,
+    dst: TestVm,
+    dst_sock: &Path,
+    connect: &str,
+    extra: &[&str],
+) -> String {
+    let mut args = vec!["migrate", connect, "--postcopy"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = vmmctl(src_sock, &args);
+    assert_eq!(
+        code,
+        0,
+        "{args:?}: {out}{err}\n--- source ---\n{}\n--- destination ---\n{}",
+        src.stderr(),
+        dst.stderr()
+    );
+    assert!(out.contains("the VM runs there now"), "{out}");
+    // It did switch: post-copy carried pages (the guest rewrites 8 MiB per pass, far more
+    // than a 1 ms pause could send).
+    let carried = num(&out, "post-copy carried ");
+    assert!(carried > 0, "{out}");
+    assert_eq!(src.wait_exit(T), 0, "the source's log:\n{}", src.stderr());
+    let log = src.stderr();
+    assert!(log.contains("switching to post-copy"), "{log}");
+    assert!(
+        log.contains("the VM migrated; it runs on the destination now"),
+        "{log}"
+    );
+    let before = std::fs::read_to_string(dir.join("source.txt")).unwrap();
+    let was = last_pass(&before);
+    let dst_console = dir.join("dest.txt");
+    wait_until(T, "the destination's guest to go on", || {
+        last_pass(&std::fs::read_to_string(&dst_console).unwrap_or_default()) >= was + 64
+    });
+    let after = std::fs::read_to_string(&dst_console).unwrap();
+    let first = first_pass(&after);
+    assert!(
+        first > was && first <= was + 32,
+        "the counter went from {was} (source) to {first} (destination): it must go on"
+    );
+    assert!(
+        !after.contains("tg: ready"),
+        "the guest booted again:\n{after}"
+    );
+    let all = format!("{before}{after}");
+    assert!(!all.contains("tg: mig error"), "a check failed:\n{all}");
+    // The destination's own account: every page came.
+    let (code, status, err) = vmmctl(dst_sock, &["--json", "migrate", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(status.contains("\"phase\":\"completed\""), "{status}");
+    assert_eq!(json_num(&status, "pages"), carried, "{status}\n{out}");
+    assert!(
+        dst.stderr().contains("post-copy complete: "),
+        "{}",
+        dst.stderr()
+    );
+    drop(dst);
+    let acked = check_seq_blocks(img, &all);
+    assert!(acked >= 8, "only {acked} blocks were acknowledged:\n{all}");
+    status
+}
+
+fn dest_with_api(
+    dir: &TempDir,
+    img: &Path,
+    uri: &str,
+    ns: Option<&NetNs>,
+    extra: &[&str],
+) -> (TestVm, std::path::PathBuf) {
+    let sock = dir.join("dst.sock");
+    let mut args = vec!["--api-socket", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let dst = destination_from(TestVm::builder(), dir, img, uri, ns, &args);
+    (dst, sock)
+}
+
+/// Post-copy over tcp into another network namespace: the switch after the first pass (a
+/// 1 ms limit no pause can meet), the guest's data whole on the destination.
+#[test]
+fn postcopy_over_tcp_moves_a_dirtying_guest_whole() {
+    let dir = TempDir::new("pc-tcp");
+    let img = disk(&dir);
+    let ns = NetNs::new(3);
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let listen = format!("tcp:{}:4712", ns.ns_addr);
+    let (dst, dst_sock) = dest_with_api(&dir, &img, &listen, Some(&ns), &[]);
+    postcopy_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        &dst_sock,
+        &listen,
+        &["--downtime-ms", "1"],
+    );
+}
+
+/// Post-copy over unix with mutual TLS: the page requests go back over the same TLS
+/// session the pages come on.
+#[test]
+fn postcopy_over_unix_with_tls_moves_a_dirtying_guest_whole() {
+    let dir = TempDir::new("pc-tls");
+    let img = disk(&dir);
+    let ca = TestCa::new("test CA");
+    let d_creds = ca.creds(&dir.join("d-creds"), &["dest.test"], "dest.test");
+    let s_creds = ca.creds(&dir.join("s-creds"), &["source.test"], "source.test");
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (dst, dst_sock) = dest_with_api(
+        &dir,
+        &img,
+        &uri,
+        None,
+        &["--tls-creds", d_creds.to_str().unwrap()],
+    );
+    postcopy_and_check(
+        &dir,
+        &img,
+        src,
+        &src_sock,
+        dst,
+        &dst_sock,
+        &uri,
+        &[
+            "--downtime-ms",
+            "1",
+            "--tls-creds",
+            s_creds.to_str().unwrap(),
+            "--tls-hostname",
+            "dest.test",
+        ],
+    );
+}
+
+/// blockd's own faults are served. `vmmctl migrate postcopy` switches early in the first
+/// pass (most of RAM still on the source), and the background pages crawl at 64 KiB/s, so
+/// the guest's disk requests reach pages that are not here yet: the canary buffer high in
+/// RAM (tg.mig.canary) is touched first by blockd, whose read fills its first sector and
+/// must leave the rest of the page as the guest wrote it on the source. The destination
+/// counts the faults its backends' userfaultfds took.
+#[test]
+fn postcopy_serves_blockds_own_faults_and_its_disk_io_lands_intact() {
+    let dir = TempDir::new("pc-blockd");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let cmdline = format!("{CMDLINE} tg.mig.canary=192");
+    let mut src = source_cmdline(TestVm::builder(), &cmdline, &dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (dst, dst_sock) = dest_with_api(&dir, &img, &uri, None, &[]);
+    let migrating = {
+        let sock = src_sock.clone();
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            vmmctl(
+                &sock,
+                &[
+                    "migrate",
+                    &uri,
+                    "--bandwidth",
+                    "4M",
+                    "--postcopy-bandwidth",
+                    "64K",
+                ],
+            )
+        })
+    };
+    wait_until(T, "the first pass to be under way", || {
+        vmmctl(&src_sock, &["migrate", "status"])
+            .1
+            .contains("phase: pre-copy")
+    });
+    let (code, out, err) = vmmctl(&src_sock, &["migrate", "postcopy"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("switches to post-copy now"), "{out}");
+    let (code, out, err) = migrating.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}\n{}", src.stderr());
+    assert!(out.contains("post-copy carried "), "{out}");
+    assert_eq!(src.wait_exit(T), 0, "{}", src.stderr());
+    assert!(
+        src.stderr()
+            .contains("switching to post-copy during pass 1, as asked"),
+        "{}",
+        src.stderr()
+    );
+    let before = std::fs::read_to_string(dir.join("source.txt")).unwrap();
+    let was = last_pass(&before);
+    let dst_console = dir.join("dest.txt");
+    wait_until(T, "the destination's guest to go on", || {
+        last_pass(&std::fs::read_to_string(&dst_console).unwrap_or_default()) >= was + 64
+    });
+    let (_, status, _) = vmmctl(&dst_sock, &["--json", "migrate", "status"]);
+    assert!(status.contains("\"phase\":\"completed\""), "{status}");
+    let backend = json_num(&status, "backend_faults");
+    assert!(
+        backend > 0,
+        "blockd took no fault of its own:\n{status}\n{}",
+        dst.stderr()
+    );
+    assert!(json_num(&status, "requests") > 0, "{status}");
+    let after = std::fs::read_to_string(&dst_console).unwrap();
+    let all = format!("{before}{after}");
+    assert!(
+        !all.contains("tg: mig error"),
+        "a check failed (a canary lost: blockd read a page that had not come):\n{all}"
+    );
+    drop(dst);
+    let acked = check_seq_blocks(&img, &all);
+    assert!(acked >= 8, "only {acked} blocks were acknowledged:\n{all}");
+}
+
+/// A guest that writes its RAM faster than the link carries it: pre-copy alone never gets
+/// under the 50 ms limit and pauses the VM at --max-passes, far over it ("forced"); with
+/// --postcopy the same migration completes with a pause within the limit.
+#[test]
+fn a_guest_dirtying_faster_than_the_link_moves_only_with_postcopy() {
+    let dir = TempDir::new("pc-converge");
+    let img = disk(&dir);
+    let limits = [
+        "--bandwidth",
+        "16M",
+        "--downtime-ms",
+        "50",
+        "--max-passes",
+        "3",
+    ];
+    // Pre-copy alone.
+    let src_sock = dir.join("src.sock");
+    let mut src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (dst, _) = dest_with_api(&dir, &img, &uri, None, &[]);
+    let mut args = vec!["migrate", uri.as_str()];
+    args.extend_from_slice(&limits);
+    let (code, out, err) = vmmctl(&src_sock, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("forced at --max-passes"), "{out}");
+    let paused = num(&out, "paused for ");
+    assert!(
+        paused > 50,
+        "pre-copy met the limit after all ({out}); the test guest must dirty more"
+    );
+    assert_eq!(src.wait_exit(T), 0);
+    drop(dst);
+    // The same with post-copy.
+    let _ = std::fs::remove_file(dir.join("dest.txt"));
+    let mut src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let (dst, dst_sock) = dest_with_api(&dir, &img, &uri, None, &[]);
+    args.push("--postcopy");
+    let (code, out, err) = vmmctl(&src_sock, &args);
+    assert_eq!(code, 0, "{out}{err}\n{}\n{}", src.stderr(), dst.stderr());
+    assert!(!out.contains("forced"), "{out}");
+    assert!(out.contains("post-copy carried "), "{out}");
+    let paused = num(&out, "paused for ");
+    assert!(paused <= 50, "post-copy paused the VM {paused} ms: {out}");
+    assert_eq!(src.wait_exit(T), 0);
+    let dst_console = dir.join("dest.txt");
+    wait_until(T, "the destination's guest to go on", || {
+        last_pass(&std::fs::read_to_string(&dst_console).unwrap_or_default()) >= 64
+    });
+    let after = std::fs::read_to_string(&dst_console).unwrap();
+    assert!(!after.contains("tg: mig error"), "{after}");
+    let (_, status, _) = vmmctl(&dst_sock, &["--json", "migrate", "status"]);
+    assert!(status.contains("\"phase\":\"completed\""), "{status}");
+}
+
+/// Losing the source during post-copy loses the VM, and both sides say so: the destination
+/// (whose missing pages are on the source only) ends at once with the reason, never running
+/// on a page that did not come.
+#[test]
+fn a_source_killed_during_postcopy_ends_the_destination_with_the_reason() {
+    let dir = TempDir::new("pc-kill");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (mut dst, _) = dest_with_api(&dir, &img, &uri, None, &[]);
+    let migrating = {
+        let sock = src_sock.clone();
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            vmmctl(
+                &sock,
+                &[
+                    "migrate",
+                    &uri,
+                    "--postcopy",
+                    "--downtime-ms",
+                    "1",
+                    "--bandwidth",
+                    "4M",
+                    "--postcopy-bandwidth",
+                    "16K",
+                ],
+            )
+        })
+    };
+    // Before the switch, the status warns what post-copy risks.
+    wait_until(T, "the first pass to be under way", || {
+        vmmctl(&src_sock, &["migrate", "status"])
+            .1
+            .contains("phase: pre-copy")
+    });
+    let (code, out, err) = vmmctl(&src_sock, &["migrate", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("warning: post-copy is on: once it switches, the destination runs the VM while its pages still come, and losing either host or the channel loses the VM"),
+        "{out}"
+    );
+    wait_until(T, "post-copy to be under way", || {
+        dst.stderr().contains("the VM is here")
+    });
+    // The source goes, with the pages the destination still needs.
+    src.signal(libc::SIGKILL);
+    let (code, out, err) = migrating.join().unwrap();
+    assert_ne!(code, 0, "{out}{err}");
+    assert_ne!(dst.wait_exit(T), 0, "{}", dst.stderr());
+    let log = dst.stderr();
+    assert!(
+        log.contains("post-copy failed: ")
+            && log.contains(
+                "the pages still missing are at the source only, so this VM cannot go on"
+            ),
+        "{log}"
+    );
+    let after = std::fs::read_to_string(dir.join("dest.txt")).unwrap_or_default();
+    assert!(!after.contains("tg: mig error"), "{after}");
+}
