@@ -60,6 +60,10 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "the source skips the memfd's holes (SEEK_DATA, SEEK_HOLE)",
         ),
         allow("fsync", "a snapshot file is made durable before it is done"),
+        allow(
+            "pread64",
+            "a lazy restore reads the snapshot's sections where they lie",
+        ),
         allow("fstat", "the memfd's size"),
         allow("newfstatat", "the memfd's size (glibc's fstat)"),
         allow("statx", "the memfd's size (std's metadata)"),

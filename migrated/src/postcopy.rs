@@ -393,14 +393,33 @@ impl<W: Write> Sender<'_, W> {
 // ---------------------------------------------------------------------------------------
 // The destination
 
-/// A stream the destination switched to post-copy on: the rest comes through the page
-/// server.
+/// A VM that runs before its RAM is all here: the rest comes through the page server,
+/// from the source or from a snapshot file.
 pub struct Incoming {
     pub uri: Uri,
-    pub reader: Reader<BufReader<Box<dyn Read + Send>>>,
-    pub back: Back,
+    pub rest: Rest,
     pub pending: Vec<u64>,
     pub ram: Ram,
+}
+
+/// Where the pages still to come are.
+pub enum Rest {
+    /// The source sends them on the stream, and is asked for the ones a fault needs first.
+    Stream {
+        reader: Reader<BufReader<Box<dyn Read + Send>>>,
+        back: Back,
+    },
+    /// A snapshot file (lazy restore): read a section at a time, a faulted page's first.
+    File {
+        file: std::fs::File,
+        index: crate::stream::Index,
+    },
+}
+
+/// How the page server asks for a page that is still to come.
+enum Ask {
+    Source(Back),
+    Loader(std::sync::mpsc::Sender<u64>),
 }
 
 /// A userfaultfd and the mappings of guest RAM it covers: (address, bytes, memfd offset).
@@ -435,7 +454,7 @@ struct Pages {
     here: Vec<AtomicU64>,
     /// [0] places pages (vmm-core's); the others are woken.
     uffds: Mutex<Vec<Arc<Mapped>>>,
-    back: Back,
+    ask: Ask,
     ram: Ram,
     /// Pages asked for and when.
     asked: Mutex<HashMap<u64, Instant>>,
@@ -552,20 +571,42 @@ impl Pages {
             new
         };
         if first {
-            let gpa = self.ram.gpa(off);
-            let mut msg = [0u8; 13];
-            msg[0] = REQUEST;
-            msg[1..9].copy_from_slice(&gpa.to_le_bytes());
-            msg[9..].copy_from_slice(&1u32.to_le_bytes());
-            let mut b = self.back.lock().unwrap();
-            if let Err(e) = b.write_all(&msg).and_then(|()| b.flush()) {
-                log::error!("{}: cannot ask the source for {gpa:#x} ({e})", self.uri);
+            match &self.ask {
+                Ask::Source(back) => {
+                    let gpa = self.ram.gpa(off);
+                    let mut msg = [0u8; 13];
+                    msg[0] = REQUEST;
+                    msg[1..9].copy_from_slice(&gpa.to_le_bytes());
+                    msg[9..].copy_from_slice(&1u32.to_le_bytes());
+                    let mut b = back.lock().unwrap();
+                    if let Err(e) = b.write_all(&msg).and_then(|()| b.flush()) {
+                        log::error!("{}: cannot ask the source for {gpa:#x} ({e})", self.uri);
+                    }
+                }
+                Ask::Loader(tx) => {
+                    let _ = tx.send(p);
+                }
             }
         }
         // The page may have come meanwhile: its waker may have run before this fault queued.
         if self.is_here(p) {
             let _ = m.uffd.wake(va, PAGE as u64);
         }
+    }
+
+    /// Every page that was to come is here (`from` names where they came from).
+    fn all_here(&self, from: &str) -> Result<(), String> {
+        for (i, w) in self.pending.iter().enumerate() {
+            let missing = w & !self.here[i].load(Relaxed);
+            if missing != 0 {
+                let page = i as u64 * 64 + u64::from(missing.trailing_zeros());
+                return Err(format!(
+                    "{from} ended without page {:#x}, which was to come",
+                    self.ram.gpa(page * PAGE as u64)
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn finish(&self, r: Result<Summary, String>) {
@@ -613,6 +654,11 @@ impl Server {
     /// of the stream.
     pub fn start(inc: Incoming, uffd: Uffd, maps: Vec<(u64, u64, u64)>) -> std::io::Result<Server> {
         let words = inc.pending.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ask, rest) = match inc.rest {
+            Rest::Stream { reader, back } => (Ask::Source(back.clone()), Ok((reader, back))),
+            Rest::File { file, index } => (Ask::Loader(tx), Err((file, index))),
+        };
         let pages = Arc::new(Pages {
             uri: inc.uri.clone(),
             pending: inc.pending,
@@ -623,7 +669,7 @@ impl Server {
                 maps,
                 faults: AtomicU64::new(0),
             })]),
-            back: inc.back,
+            ask,
             ram: inc.ram,
             asked: Default::default(),
             latencies: Default::default(),
@@ -638,18 +684,24 @@ impl Server {
             .name("faults".into())
             .spawn(move || serve_faults(&p))?;
         let p = pages.clone();
-        let mut reader = inc.reader;
         std::thread::Builder::new()
             .name("postcopy".into())
             .spawn(move || {
-                let r = receive_rest(&p, &mut reader);
+                let r = match rest {
+                    Ok((mut reader, back)) => {
+                        let r = receive_rest(&p, &mut reader, &back);
+                        if let Err(e) = &r {
+                            let mut b = back.lock().unwrap();
+                            crate::server::refuse_to(b.as_mut(), e);
+                        }
+                        r
+                    }
+                    Err((file, index)) => load_rest(&p, &file, &index, &rx),
+                };
                 if let Err(e) = &r {
-                    log::error!("{}: post-copy failed: {e}", p.uri);
-                    let mut b = p.back.lock().unwrap();
-                    crate::server::refuse_to(b.as_mut(), e);
+                    log::error!("{}: the rest of RAM cannot come: {e}", p.uri);
                 }
-                let r = r.map(|()| p.summary());
-                p.finish(r);
+                p.finish(r.map(|()| p.summary()));
             })?;
         Ok(Server { pages })
     }
@@ -689,6 +741,7 @@ impl Server {
 fn receive_rest(
     p: &Pages,
     reader: &mut Reader<BufReader<Box<dyn Read + Send>>>,
+    back: &Back,
 ) -> Result<(), String> {
     loop {
         match reader.section().map_err(|e| e.to_string())? {
@@ -714,21 +767,69 @@ fn receive_rest(
             }
         }
     }
-    // Every page the source had to send came.
-    for (i, w) in p.pending.iter().enumerate() {
-        let missing = w & !p.here[i].load(Relaxed);
-        if missing != 0 {
-            let page = i as u64 * 64 + u64::from(missing.trailing_zeros());
-            return Err(format!(
-                "the stream ended without page {:#x}, which was to come",
-                p.ram.gpa(page * PAGE as u64)
-            ));
-        }
-    }
-    let mut b = p.back.lock().unwrap();
+    p.all_here("the stream")?;
+    let mut b = back.lock().unwrap();
     b.write_all(&[COMPLETE])
         .and_then(|()| b.flush())
         .map_err(|e| format!("cannot tell the source every page came ({e})"))
+}
+
+/// Lazy restore: loads the snapshot's RAM sections into place, a faulted page's section
+/// first, then the rest in file order (each section checked as it is read).
+fn load_rest(
+    p: &Pages,
+    file: &std::fs::File,
+    index: &crate::stream::Index,
+    faulted: &std::sync::mpsc::Receiver<u64>,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut section_of = vec![u32::MAX; p.pending.len() * 64];
+    for (i, &(_, _, first, pages)) in index.runs.iter().enumerate() {
+        for pg in first..first + pages {
+            section_of[pg as usize] = i as u32;
+        }
+    }
+    let mut loaded = vec![false; index.runs.len()];
+    let mut buf = Vec::new();
+    let mut load = |i: usize, loaded: &mut Vec<bool>| -> Result<(), String> {
+        if std::mem::replace(&mut loaded[i], true) {
+            return Ok(());
+        }
+        let (at, len, _, _) = index.runs[i];
+        buf.resize(len as usize, 0);
+        file.read_exact_at(&mut buf, at)
+            .map_err(|e| format!("cannot read the snapshot at byte {at} ({e})"))?;
+        let mut r = Reader::resume(&buf[..], index.config.clone(), at);
+        match r.section().map_err(|e| e.to_string())? {
+            Section::Ram { gpa, data } => {
+                let off = p
+                    .ram
+                    .offset(gpa, data.len() as u64)
+                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                p.place(off as u64, data.len() as u64, Some(data))?;
+                p.placed.fetch_add((data.len() / PAGE) as u64, Relaxed);
+                Ok(())
+            }
+            _ => Err(format!(
+                "the section at byte {at} is not RAM, as its head said"
+            )),
+        }
+    };
+    let mut next = 0;
+    loop {
+        // A page a fault waits for first.
+        while let Ok(pg) = faulted.try_recv() {
+            if let Some(&i) = section_of.get(pg as usize).filter(|&&i| i != u32::MAX) {
+                load(i as usize, &mut loaded)?;
+            }
+        }
+        if next == index.runs.len() {
+            break;
+        }
+        load(next, &mut loaded)?;
+        next += 1;
+    }
+    p.all_here("the snapshot")
 }
 
 /// Waits on every descriptor and resolves its faults, until stopped.

@@ -721,8 +721,17 @@ impl migrated::Server for Server {
         let (memfd, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
         let back = self.back.clone();
         let peeked = p.get_peeked().then(|| self.peeked.lock().unwrap().take());
+        let lazy = p.get_lazy();
+        if lazy && kind != channel::Kind::File {
+            return Err(failed(format!(
+                "{uri}: a lazy restore is from a snapshot file (file:PATH)"
+            )));
+        }
         let taken = blocking(move || {
             let ram = Ram::map(&memfd, &regions)?;
+            if lazy {
+                return take_lazy(fd, ram, &config, &uri);
+            }
             let (stream, kind) = match peeked {
                 Some(Some(peeked)) => peeked,
                 Some(None) => return Err(TransferError::NotPeeked(uri.clone())),
@@ -954,8 +963,7 @@ fn take(
     let (state, bytes, rest) = got?;
     let postcopy = rest.map(|(reader, pending)| crate::postcopy::Incoming {
         uri: uri.clone(),
-        reader,
-        back: w,
+        rest: crate::postcopy::Rest::Stream { reader, back: w },
         pending,
         ram,
     });
@@ -963,6 +971,47 @@ fn take(
         state,
         bytes,
         postcopy,
+    })
+}
+
+/// Lazy restore: indexes the snapshot file (its header, section heads and device state,
+/// each checked), and leaves its RAM to the page server.
+fn take_lazy(fd: OwnedFd, ram: Ram, config: &Config, uri: &Uri) -> Result<Taken, TransferError> {
+    let bad = |e: StreamError| TransferError::Receive(uri.clone(), ReceiveError::from(e));
+    let file = std::fs::File::from(fd);
+    let index = crate::stream::Index::read(&file).map_err(bad)?;
+    let probe = Reader::resume(std::io::empty(), index.config.clone(), 0);
+    probe.check_config(config).map_err(bad)?;
+    let mut state = None;
+    for (name, s) in &index.devices {
+        if name != VM_SECTION {
+            return Err(TransferError::Receive(
+                uri.clone(),
+                ReceiveError::UnknownDevice(name.clone()),
+            ));
+        }
+        state = Some(s.clone());
+    }
+    let state = state.ok_or(TransferError::Receive(uri.clone(), ReceiveError::NoState))?;
+    let mut pending = vec![0u64; config.bitmap_words()];
+    for &(_, _, first, pages) in &index.runs {
+        for p in first..first + pages {
+            pending[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    log::info!(
+        "{uri}: lazy restore: {} RAM section(s) indexed; the VM runs while they load",
+        index.runs.len()
+    );
+    Ok(Taken {
+        state,
+        bytes: index.bytes,
+        postcopy: Some(crate::postcopy::Incoming {
+            uri: uri.clone(),
+            rest: crate::postcopy::Rest::File { file, index },
+            pending,
+            ram,
+        }),
     })
 }
 

@@ -115,6 +115,18 @@ impl Config {
         self.regions.iter().map(|r| r.1).sum()
     }
 
+    /// The page (counted from the start of RAM, regions end to end) at `gpa`.
+    pub fn page_of(&self, gpa: u64) -> Option<u64> {
+        let mut before = 0;
+        for &(start, size) in &self.regions {
+            if gpa >= start && gpa < start + size {
+                return Some((before + gpa - start) / PAGE as u64);
+            }
+            before += size;
+        }
+        None
+    }
+
     /// Words in a bitmap of every page of RAM.
     pub fn bitmap_words(&self) -> usize {
         (self.ram_bytes() / PAGE as u64).div_ceil(64) as usize
@@ -414,6 +426,120 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// Where a snapshot file's RAM lies, for lazy restore: each RAM section's place in the file
+/// and the pages it holds, read from the section heads alone (payloads are checked when they
+/// are loaded). The device state is read and checked whole.
+#[derive(Debug)]
+pub struct Index {
+    pub config: Config,
+    /// (byte of the section in the file, its whole length with head and checksum, first
+    /// page of RAM, pages), in file order.
+    pub runs: Vec<(u64, u64, u64, u64)>,
+    /// The device sections: (name, state).
+    pub devices: Vec<(String, Vec<u8>)>,
+    /// The file's length.
+    pub bytes: u64,
+}
+
+impl Index {
+    /// Reads a snapshot's header and section heads. Every length, kind, range and count is
+    /// checked as a reader would, and the end marker's counts against what was found.
+    pub fn read<F: Read + std::io::Seek>(f: F) -> Result<Index, StreamError> {
+        let mut r = Reader::new(std::io::BufReader::with_capacity(64 << 10, f))?;
+        let config = r.config.clone();
+        let mut runs = Vec::new();
+        let mut devices = Vec::new();
+        let (mut sections, mut ram_pages, mut zero_pages) = (0u64, 0u64, 0u64);
+        loop {
+            let start = r.at;
+            let n = sections + 1;
+            let mut head = [0u8; 21];
+            // Kind and length, then the run's address (and an LZ4 run's page count).
+            fill(
+                &mut r.r,
+                &mut head[..9],
+                start,
+                &format!("the head of section {n}"),
+            )?;
+            let kind = head[0];
+            let len = u64::from_le_bytes(head[1..9].try_into().unwrap());
+            let bad = |why: String| StreamError::Bad { at: start, why };
+            let what = format!("section {n} ({})", kind_name(kind));
+            match kind {
+                RAM | LZ4 => {
+                    let extra = if kind == RAM { 8 } else { 12 };
+                    if len < extra + 1 || len > MAX_PAYLOAD + 8 {
+                        return Err(bad(format!("{what} holds {len} bytes")));
+                    }
+                    fill(&mut r.r, &mut head[9..9 + extra as usize], start + 9, &what)?;
+                    let gpa = u64::from_le_bytes(head[9..17].try_into().unwrap());
+                    let pages = if kind == RAM {
+                        if !(len - 8).is_multiple_of(PAGE as u64) {
+                            return Err(bad(format!("{what} holds {len} bytes, not whole pages")));
+                        }
+                        (len - 8) / PAGE as u64
+                    } else {
+                        u64::from(u32::from_le_bytes(head[17..21].try_into().unwrap()))
+                    };
+                    if pages == 0 || !config.holds(gpa, pages) {
+                        return Err(bad(format!(
+                            "{what}: {pages} page(s) at {gpa:#x} are outside the VM's RAM"
+                        )));
+                    }
+                    let first = config.page_of(gpa).expect("held");
+                    runs.push((start, 13 + len, first, pages));
+                    ram_pages += pages;
+                    r.r.seek_relative((len - extra + 4) as i64)
+                        .map_err(StreamError::Io)?;
+                    r.at = start + 13 + len;
+                    sections += 1;
+                }
+                DEVICE | ZERO | PASS | POSTCOPY | END => {
+                    // Small sections: read and checked whole.
+                    let mut one = Reader::resume(
+                        std::io::Cursor::new(head[..9].to_vec()).chain(&mut r.r),
+                        config.clone(),
+                        start,
+                    );
+                    let got = match one.section()? {
+                        Section::Device { name, state } => {
+                            devices.push((name.to_string(), state.to_vec()));
+                            None
+                        }
+                        Section::Zero { pages, .. } => {
+                            zero_pages += pages;
+                            None
+                        }
+                        Section::End => Some(one.buf.clone()),
+                        _ => None,
+                    };
+                    r.at = one.at;
+                    sections += 1;
+                    if let Some(end) = got {
+                        let u64_at =
+                            |i: usize| u64::from_le_bytes(end[i..i + 8].try_into().unwrap());
+                        let counts = (u64_at(0), u64_at(8), u64_at(16));
+                        let seen = (sections - 1, ram_pages, zero_pages);
+                        if counts != seen {
+                            return Err(bad(format!(
+                                "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
+                                counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
+                            )));
+                        }
+                        return Ok(Index {
+                            config,
+                            runs,
+                            devices,
+                            bytes: r.at,
+                        });
+                    }
+                }
+                _ => return Err(bad(format!("section {n} is of unknown kind {kind:#x}"))),
+            }
+        }
+    }
+}
+
 /// One section, as the reader hands it out.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Section<'a> {
@@ -447,6 +573,8 @@ pub struct Reader<R: Read> {
     buf: Vec<u8>,
     /// A compressed section's pages, unpacked.
     unpacked: Vec<u8>,
+    /// Whether the end marker's counts are checked (not by a reader that started midway).
+    whole: bool,
 }
 
 /// Reads exactly `buf.len()` bytes; a short read is a truncation inside `inside`.
@@ -532,7 +660,26 @@ impl<R: Read> Reader<R> {
             ended: false,
             buf: Vec::new(),
             unpacked: Vec::new(),
+            whole: true,
         })
+    }
+
+    /// A reader that starts at a section boundary (byte `at`) of a stream whose header was
+    /// read already (lazy restore reads one section at a time from an indexed file). It
+    /// checks each section as `section` does; the end's counts are not its to check.
+    pub fn resume(r: R, config: Config, at: u64) -> Reader<R> {
+        Reader {
+            r,
+            config,
+            at,
+            sections: 0,
+            ram_pages: 0,
+            zero_pages: 0,
+            ended: false,
+            buf: Vec::new(),
+            unpacked: Vec::new(),
+            whole: false,
+        }
     }
 
     /// The shape of the VM the stream is of.
@@ -687,7 +834,7 @@ impl<R: Read> Reader<R> {
                 }
                 let counts = (u64_at(payload, 0), u64_at(payload, 8), u64_at(payload, 16));
                 let seen = (self.sections, self.ram_pages, self.zero_pages);
-                if counts != seen {
+                if self.whole && counts != seen {
                     return Err(bad(format!(
                         "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
                         counts.0, counts.1, counts.2, seen.0, seen.1, seen.2

@@ -35,7 +35,9 @@ interface Migrated {
   # waitMs: how long to wait for a source to connect (0: as long as it takes).
   # postcopy: the source switched to post-copy; the rest of RAM comes through the page server
   # (serveFaults), which must start before the VM runs.
-  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32, peeked :Bool) -> (state :Data, bytes :UInt64, postcopy :Bool);
+  # lazy: a snapshot file is not read whole: its sections are indexed and the device state
+  # returned (postcopy set), and the page server loads RAM from the file as it runs.
+  receive @4 (uri :Text, tls :Tls, shape :Shape, kind :ChannelKind, waitMs :UInt32, peeked :Bool, lazy :Bool) -> (state :Data, bytes :UInt64, postcopy :Bool);
 
   # The destination restored the state (ok) or could not (why): the source hears it, and exits
   # or goes on.

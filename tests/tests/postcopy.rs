@@ -359,3 +359,107 @@ fn a_source_killed_during_postcopy_ends_the_destination_with_the_reason() {
     let after = std::fs::read_to_string(dir.join("dest.txt")).unwrap_or_default();
     assert!(!after.contains("tg: mig error"), "{after}");
 }
+
+/// Restores `snap` lazily: the VM runs at once, its RAM loading from the file as it goes.
+fn lazy_restore(dir: &TempDir, snap: &Path, img: &Path) -> (TestVm, std::path::PathBuf) {
+    let sock = dir.join("lazy.sock");
+    let _ = std::fs::remove_file(dir.join("dest.txt"));
+    let vm = TestVm::builder()
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["--disk", &format!("path={}", img.display())])
+        .args([
+            "--serial",
+            &format!("file={}", dir.join("dest.txt").display()),
+        ])
+        .args(["--restore", &format!("file:{}", snap.display()), "--lazy"])
+        .spawn();
+    (vm, sock)
+}
+
+/// A snapshot taken while the guest rewrites its RAM and writes its disk, restored lazily:
+/// the guest goes on from the snapshot's pass with every word of it intact (pages loaded on
+/// its faults, the rest in the background), the load completes, and every block it saw
+/// acknowledged is on disk.
+#[test]
+fn a_lazy_restore_runs_at_once_and_loads_the_whole_snapshot() {
+    let dir = TempDir::new("pc-lazy");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(
+        &src_sock,
+        &["snapshot", &format!("file:{}", snap.display())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    let before = std::fs::read_to_string(dir.join("source.txt")).unwrap();
+    let (vm, sock) = lazy_restore(&dir, &snap, &img);
+    let console = dir.join("dest.txt");
+    let was = last_pass(&before);
+    wait_until(T, "the restored guest to go on", || {
+        last_pass(&std::fs::read_to_string(&console).unwrap_or_default()) >= was + 64
+    });
+    wait_until(T, "the load to complete", || {
+        vmmctl(&sock, &["migrate", "status"])
+            .1
+            .contains("phase: completed")
+    });
+    let (_, status, _) = vmmctl(&sock, &["--json", "migrate", "status"]);
+    // Every page the snapshot holds was loaded, and the guest's own faults were served.
+    let pages = json_num(&status, "pages");
+    assert!(pages >= 2048, "only {pages} pages loaded: {status}");
+    assert!(json_num(&status, "faults") > 0, "{status}");
+    let log = vm.stderr();
+    assert!(
+        log.contains("--lazy: indexed in ")
+            && log.contains("lazy restore complete, every page loaded: "),
+        "{log}"
+    );
+    let after = std::fs::read_to_string(&console).unwrap();
+    let first = first_pass(&after);
+    assert!(first <= was + 16 && first > 0, "from {was} to {first}");
+    assert!(!after.contains("tg: mig error"), "a check failed:\n{after}");
+    assert!(
+        !after.contains("tg: ready"),
+        "the guest booted again:\n{after}"
+    );
+    drop(vm);
+    let acked = check_seq_blocks(&img, &format!("{before}{after}"));
+    assert!(acked >= 8, "only {acked} blocks acknowledged");
+}
+
+/// A snapshot whose RAM is corrupt where a lazy restore has not read it yet: the load finds
+/// the bad checksum, and vmm-core ends with the reason rather than let the guest run on a
+/// page it could not load (never a zero page in its place).
+#[test]
+fn a_lazy_restore_of_a_corrupt_snapshot_ends_with_the_reason() {
+    let dir = TempDir::new("pc-lazy-bad");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(
+        &src_sock,
+        &["snapshot", &format!("file:{}", snap.display())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    // A byte in the middle of the file: inside a RAM section's pages, which the index does
+    // not read.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&snap, &bytes).unwrap();
+    let (mut vm, _) = lazy_restore(&dir, &snap, &img);
+    assert_eq!(vm.wait_exit(T), 1, "{}", vm.stderr());
+    let log = vm.stderr();
+    assert!(
+        log.contains("lazy restore failed: ")
+            && log.contains("fails its checksum; the stream is corrupt")
+            && log.contains("the pages still missing cannot be loaded, so this VM cannot go on"),
+        "{log}"
+    );
+    let after = std::fs::read_to_string(dir.join("dest.txt")).unwrap_or_default();
+    assert!(!after.contains("tg: mig error"), "{after}");
+}

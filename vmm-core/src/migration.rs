@@ -850,6 +850,7 @@ pub fn receive(
     vcpus: u32,
     wait: std::time::Duration,
     peeked: bool,
+    lazy: bool,
 ) -> Result<(Vec<u8>, u64, bool), MigrationError> {
     let uri = uri.to_string();
     let tls = tls.clone();
@@ -868,6 +869,7 @@ pub fn receive(
             req.get().set_kind(kind);
             req.get().set_wait_ms(wait_ms);
             req.get().set_peeked(peeked);
+            req.get().set_lazy(lazy);
             if peeked {
                 write_tls(req.get().init_tls(), &TlsOptions::default(), None);
             } else {

@@ -114,6 +114,12 @@ pub struct RunArgs {
     /// Restore a snapshot: the same as --incoming file:PATH.
     #[arg(long, value_name = "file:PATH", conflicts_with = "incoming")]
     pub restore: Option<String>,
+    /// With --restore: run the VM at once and load its RAM from the snapshot as it runs
+    /// (each page the guest touches first, then the rest in the background; a page never
+    /// read is never waited for). The snapshot file must stay until the load is over
+    /// (`vmmctl migrate status` says when).
+    #[arg(long, requires = "restore")]
+    pub lazy: bool,
     /// TLS for --incoming (QEMU's tls-creds): a directory with ca-cert.pem, server-cert.pem
     /// and server-key.pem; the source must present a certificate signed by the same CA.
     #[arg(long, value_name = "DIR")]
@@ -188,6 +194,8 @@ pub struct VmConfig {
     pub incoming_timeout: std::time::Duration,
     /// The source's connection was taken already (to learn the VM's shape from it).
     pub incoming_peeked: bool,
+    /// --restore --lazy: RAM loads from the snapshot while the VM runs.
+    pub lazy: bool,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
@@ -530,6 +538,7 @@ impl VmConfig {
             incoming_flag,
             incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
             incoming_peeked: false,
+            lazy: args.lazy,
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),

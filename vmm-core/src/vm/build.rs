@@ -234,11 +234,12 @@ impl Guest {
             );
             let (memory, cpus, wait) = (config.memory, config.max_cpus, config.incoming_timeout);
             let peeked = config.incoming_peeked;
+            let lazy = config.lazy;
             std::thread::Builder::new()
                 .name("incoming".into())
                 .spawn(move || {
                     let got = crate::migration::receive(
-                        &m, &uri, &tls, memfd, memory, cpus, wait, peeked,
+                        &m, &uri, &tls, memfd, memory, cpus, wait, peeked, lazy,
                     )
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
                     let _ = tx.send(VmEvent::Arrived(got));
@@ -250,12 +251,20 @@ impl Guest {
             Err(e) => return Err(VmError::Incoming(config.incoming_flag, uri.to_string(), e)),
         };
         if postcopy {
-            log::info!(
-                "{} {uri}: {} MiB received in {} ms; the source switched to post-copy: the VM runs while the rest comes",
-                config.incoming_flag,
-                n >> 20,
-                start.elapsed().as_millis()
-            );
+            if config.lazy {
+                log::info!(
+                    "{} {uri} --lazy: indexed in {} ms; the VM runs while its RAM loads from the snapshot",
+                    config.incoming_flag,
+                    start.elapsed().as_millis()
+                );
+            } else {
+                log::info!(
+                    "{} {uri}: {} MiB received in {} ms; the source switched to post-copy: the VM runs while the rest comes",
+                    config.incoming_flag,
+                    n >> 20,
+                    start.elapsed().as_millis()
+                );
+            }
             // Every process that maps guest RAM waits for its missing pages from here on,
             // before any of them (a vCPU, blockd's queues) reads one.
             if let Err(e) = self.serve_postcopy(res, m) {

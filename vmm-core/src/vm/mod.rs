@@ -607,6 +607,7 @@ fn run_once(
             running.postcopy = Some(running::Postcopy {
                 migrated: Arc::clone(res.migrated.expect("an incoming VM has migrated")),
                 uffd,
+                lazy: config.lazy,
             });
         }
     }

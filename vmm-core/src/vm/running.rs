@@ -64,6 +64,8 @@ pub(super) struct Running<'a> {
 pub(super) struct Postcopy<'a> {
     pub migrated: std::sync::Arc<crate::helpers::migrated::Migrated>,
     pub uffd: &'a vmm_sandbox::uffd::Uffd,
+    /// A lazy restore (the pages come from a snapshot file, not a source).
+    pub lazy: bool,
 }
 
 impl<'a> Running<'a> {
@@ -138,10 +140,15 @@ impl<'a> Running<'a> {
                     }
                 }
                 crate::migration::postcopy_end(&pc.migrated);
-                log::info!("post-copy complete: {summary}");
+                let what = if pc.lazy {
+                    "lazy restore complete, every page loaded"
+                } else {
+                    "post-copy complete"
+                };
+                log::info!("{what}: {summary}");
                 self.shared
                     .events
-                    .emit("migration", format!("post-copy complete: {summary}"));
+                    .emit("migration", format!("{what}: {summary}"));
                 let mut st = self.shared.migration.lock().unwrap();
                 st.phase = "completed".into();
                 st.total_ms = summary.ms;
@@ -149,9 +156,15 @@ impl<'a> Running<'a> {
                 None
             }
             Err(why) => {
-                let line = format!(
-                    "post-copy failed: {why}; the pages still missing are at the source only, so this VM cannot go on; vmm-core ends"
-                );
+                let line = if pc.lazy {
+                    format!(
+                        "lazy restore failed: {why}; the pages still missing cannot be loaded, so this VM cannot go on; vmm-core ends"
+                    )
+                } else {
+                    format!(
+                        "post-copy failed: {why}; the pages still missing are at the source only, so this VM cannot go on; vmm-core ends"
+                    )
+                };
                 log::error!("{line}");
                 self.shared.events.emit("postcopy-failed", line);
                 self.shared.events.flush(Duration::from_millis(500));
