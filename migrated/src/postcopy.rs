@@ -38,6 +38,9 @@ use vmm_sandbox::uffd::Uffd;
 pub const REQUEST: u8 = 3;
 /// The destination has every page and the stream's end passed its checks.
 pub const COMPLETE: u8 = 4;
+/// A destination resuming post-copy on a new channel: RECOVER, a u32 word count, and the
+/// bitmap of the pages it has (the source sends the others it was to send).
+pub const RECOVER: u8 = 5;
 
 /// Pages per background run (256 KiB): requests wait at most one run behind it.
 const RUN_PAGES: u64 = 64;
@@ -83,6 +86,8 @@ enum FromDest {
     /// The destination restored the state and runs the VM.
     Started,
     Complete,
+    /// A destination that resumes post-copy on a new channel: the pages it has.
+    Recover(Vec<u64>),
     /// A byte no destination sends.
     Other(u8),
     Refused(TransferError),
@@ -110,10 +115,28 @@ fn read_requests(uri: Uri, mut r: Box<dyn Read + Send>, tx: std::sync::mpsc::Sen
             }
             STARTED => FromDest::Started,
             COMPLETE => FromDest::Complete,
+            RECOVER => {
+                let mut n = [0u8; 4];
+                let words = r.read_exact(&mut n).and_then(|()| {
+                    let n = u32::from_le_bytes(n) as usize;
+                    let mut b = vec![0u8; n.min(1 << 24) * 8];
+                    r.read_exact(&mut b)?;
+                    Ok(b.chunks_exact(8)
+                        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                        .collect())
+                });
+                match words {
+                    Ok(w) => FromDest::Recover(w),
+                    Err(e) => FromDest::Failed(e),
+                }
+            }
             REFUSED => FromDest::Refused(refused(uri.clone(), r.as_mut())),
             other => FromDest::Other(other),
         };
-        let last = !matches!(msg, FromDest::Request(..) | FromDest::Started);
+        let last = !matches!(
+            msg,
+            FromDest::Request(..) | FromDest::Started | FromDest::Recover(_)
+        );
         if tx.send(msg).is_err() || last {
             return;
         }
@@ -129,10 +152,10 @@ pub enum Switched {
     Ran(Result<Summary, String>),
 }
 
-/// What the source's post-copy needs: its stream, its RAM, and where its progress goes.
+/// What the source's post-copy needs: its RAM, where its progress goes, and the limit for
+/// its background pages.
 pub struct Source<'a> {
     pub uri: Uri,
-    pub writer: Writer<BufWriter<Box<dyn Stream>>>,
     pub ram: &'a Ram,
     /// Bytes per second (0: none) for the background pages.
     pub limit: u64,
@@ -141,23 +164,27 @@ pub struct Source<'a> {
     pub pages: &'a AtomicU64,
 }
 
-/// Sends the device state and the switch, then (once the destination runs the VM) every
-/// page still to come, asked-for pages first.
-pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switched, TransferError> {
-    let uri = s.uri.clone();
+/// A connection's writing half (buffered) and the destination's messages from its reading
+/// half, which a thread of its own reads.
+type Duplex = (
+    Writer<BufWriter<Box<dyn Write + Send>>>,
+    std::sync::mpsc::Receiver<FromDest>,
+);
+
+/// Splits the stream under `writer` and starts reading the destination's messages.
+fn duplex<W>(
+    uri: &Uri,
+    writer: Writer<W>,
+    into: impl FnOnce(W) -> std::io::Result<Box<dyn Stream>>,
+) -> Result<Duplex, TransferError>
+where
+    W: Write,
+{
     let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
-    s.writer
-        .device(crate::server::VM_SECTION, state)
-        .map_err(io)?;
-    s.writer.postcopy(&pending).map_err(io)?;
-    s.writer.get_mut().flush().map_err(io)?;
-    // From here the destination's half of the connection carries page requests (its
-    // device backends may fault while it restores the state), then its answer.
     let mut reader = None;
-    let mut w = s
-        .writer
+    let w = writer
         .with_sink(|b| {
-            let (r, w) = b.into_inner().map_err(|e| e.into_error())?.split()?;
+            let (r, w) = into(b)?.split()?;
             reader = Some(r);
             Ok(BufWriter::with_capacity(RUN_PAGES as usize * PAGE * 2, w))
         })
@@ -169,15 +196,28 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         .name("requests".into())
         .spawn(move || read_requests(ru, r, tx))
         .map_err(io)?;
-    let total = (s.ram.len() / PAGE) as u64;
-    let mut out = Sender {
-        w: &mut w,
-        ram: s.ram,
-        pending: &mut pending,
-        buf: Vec::with_capacity(RUN_PAGES as usize * PAGE),
-        pages: 0,
-        requests: 0,
-    };
+    Ok((w, rx))
+}
+
+/// Sends the device state and the switch, then (once the destination runs the VM) every
+/// page still to come, asked-for pages first.
+pub fn send(
+    s: &Source,
+    mut writer: Writer<BufWriter<Box<dyn Stream>>>,
+    state: &[u8],
+    mut pending: Vec<u64>,
+) -> Result<Switched, TransferError> {
+    let uri = s.uri.clone();
+    let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
+    writer
+        .device(crate::server::VM_SECTION, state)
+        .map_err(io)?;
+    writer.postcopy(&pending).map_err(io)?;
+    writer.get_mut().flush().map_err(io)?;
+    // From here the destination's half of the connection carries page requests (its
+    // device backends may fault while it restores the state), then its answer.
+    let (mut w, rx) = duplex(&uri, writer, |b| b.into_inner().map_err(|e| e.into_error()))?;
+    let mut out = Sender::new(&mut w, s.ram, &mut pending);
     // The destination restores the state and answers before it runs a vCPU; the pages it
     // asks for meanwhile go at once (if it then refuses the VM, the source resumes it).
     loop {
@@ -186,7 +226,7 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
             Ok(FromDest::Started) => break,
             Ok(FromDest::Refused(e)) => return Ok(Switched::Refused(e)),
             Ok(FromDest::Failed(e)) => return Err(TransferError::Unconfirmed(uri.clone(), e)),
-            Ok(FromDest::Complete) => {
+            Ok(FromDest::Complete | FromDest::Recover(_)) => {
                 return Err(TransferError::BadAck(uri.clone(), 0, COMPLETE, 0))
             }
             Ok(FromDest::Other(0x15 | 0x16)) => return Err(TransferError::ExpectsTls(uri.clone())),
@@ -200,15 +240,72 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         }
     }
     log::info!("{uri}: the destination runs the VM; post-copy sends the rest");
+    Ok(Switched::Ran(send_rest(s, out, &rx)))
+}
+
+/// A source resuming a post-copy that broke, on a new channel to the destination: a new
+/// stream's header, then (once the destination said which pages it has) the pages of
+/// `original` (what was to come at the switch) that it lacks, as `send` sends them.
+pub fn resume(
+    s: &Source,
+    stream: Box<dyn Stream>,
+    config: &crate::stream::Config,
+    original: &[u64],
+) -> Result<Result<Summary, String>, TransferError> {
+    let uri = s.uri.clone();
+    let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
+    let mut writer = Writer::new(BufWriter::with_capacity(1 << 16, stream), config)
+        .map_err(|e| TransferError::Header(uri.clone(), e))?;
+    writer.get_mut().flush().map_err(io)?;
+    let (mut w, rx) = duplex(&uri, writer, |b| b.into_inner().map_err(|e| e.into_error()))?;
+    let here = loop {
+        match rx.recv() {
+            Ok(FromDest::Recover(here)) => break here,
+            // Requests before its bitmap are for pages the bitmap will say it lacks.
+            Ok(FromDest::Request(..)) => continue,
+            Ok(FromDest::Refused(e)) => return Err(e),
+            Ok(FromDest::Failed(e)) => return Err(TransferError::Unconfirmed(uri.clone(), e)),
+            Ok(FromDest::Other(0x15 | 0x16)) => return Err(TransferError::ExpectsTls(uri.clone())),
+            Ok(_) => return Err(TransferError::NotADestination(uri.clone())),
+            Err(_) => {
+                return Err(TransferError::Unconfirmed(
+                    uri.clone(),
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+        }
+    };
+    let mut pending: Vec<u64> = original
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w & !here.get(i).copied().unwrap_or(0))
+        .collect();
+    log::info!(
+        "{uri}: post-copy resumes: the destination lacks {} page(s)",
+        pending
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>()
+    );
+    let out = Sender::new(&mut w, s.ram, &mut pending);
+    Ok(send_rest(s, out, &rx))
+}
+
+/// After the switch: the pages still pending, asked-for ones first, then the end and the
+/// destination's COMPLETE. Err: post-copy broke, and why.
+fn send_rest<W: Write>(
+    s: &Source,
+    mut out: Sender<'_, W>,
+    rx: &std::sync::mpsc::Receiver<FromDest>,
+) -> Result<Summary, String> {
+    let uri = &s.uri;
     let started = Instant::now();
-    let broken = |e: String| Ok(Switched::Ran(Err(e)));
+    let total = (s.ram.len() / PAGE) as u64;
     let mut cursor = 0u64;
     let mut background = 0u64;
     loop {
         // Asked-for pages first.
-        if let Err(e) = out.serve_requests(&rx, &uri, Duration::ZERO) {
-            return broken(e);
-        }
+        out.serve_requests(rx, uri, Duration::ZERO)?;
         // Then the next run in the background.
         while cursor < total && !bit(out.pending, cursor) {
             cursor += 1;
@@ -216,10 +313,9 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         if cursor >= total {
             break;
         }
-        let sent = match out.run(cursor, RUN_PAGES, false) {
-            Ok(n) => n,
-            Err(e) => return broken(format!("{uri}: {}", transfer_failed(&e))),
-        };
+        let sent = out
+            .run(cursor, RUN_PAGES, false)
+            .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?;
         cursor += sent.max(1);
         s.bytes.store(out.w.bytes(), Relaxed);
         s.pages.fetch_add(sent, Relaxed);
@@ -228,39 +324,33 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
             // The background keeps to the limit; requests are served while it waits.
             let due = Duration::from_secs_f64(background as f64 / s.limit as f64);
             while let Some(wait) = due.checked_sub(started.elapsed()) {
-                if let Err(e) = out.serve_requests(&rx, &uri, wait) {
-                    return broken(e);
-                }
+                out.serve_requests(rx, uri, wait)?;
             }
         }
     }
     let (pages, requests) = (out.pages, out.requests);
-    let ended = w.finish();
-    s.bytes.store(
-        ended.as_ref().map_or(0, |(_, b)| *b),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    if let Err(e) = ended {
-        return broken(format!("{uri}: {}", transfer_failed(&e)));
-    }
+    out.w
+        .end()
+        .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?;
+    s.bytes.store(out.w.bytes(), Relaxed);
     // The destination checks the end's counts and answers; late requests (for pages that
     // were on their way) are dropped.
     loop {
         match rx.recv() {
             Ok(FromDest::Request(..)) => continue,
             Ok(FromDest::Complete) => break,
-            Ok(FromDest::Started | FromDest::Other(_)) => {
-                return broken(format!(
+            Ok(FromDest::Started | FromDest::Other(_) | FromDest::Recover(_)) => {
+                return Err(format!(
                     "{uri}: the destination answered the end with something else than COMPLETE"
                 ))
             }
-            Ok(FromDest::Refused(e)) => return broken(e.to_string()),
+            Ok(FromDest::Refused(e)) => return Err(e.to_string()),
             Ok(FromDest::Failed(e)) => {
-                return broken(format!(
+                return Err(format!(
                     "{uri}: the destination did not confirm it has every page ({e})"
                 ))
             }
-            Err(_) => return broken(format!("{uri}: the connection's reading half ended")),
+            Err(_) => return Err(format!("{uri}: the connection's reading half ended")),
         }
     }
     let micros = started.elapsed().as_micros() as u64;
@@ -268,12 +358,12 @@ pub fn send(mut s: Source, state: &[u8], mut pending: Vec<u64>) -> Result<Switch
         "{uri}: post-copy done: {pages} page(s) in {} ms, {requests} asked for",
         micros / 1000
     );
-    Ok(Switched::Ran(Ok(Summary {
+    Ok(Summary {
         pages,
         requests,
         micros,
         ..Default::default()
-    })))
+    })
 }
 
 /// Writes runs of pending pages.
@@ -286,7 +376,18 @@ struct Sender<'a, W: Write> {
     requests: u64,
 }
 
-impl<W: Write> Sender<'_, W> {
+impl<'a, W: Write> Sender<'a, W> {
+    fn new(w: &'a mut Writer<W>, ram: &'a Ram, pending: &'a mut Vec<u64>) -> Self {
+        Sender {
+            w,
+            ram,
+            pending,
+            buf: Vec::with_capacity(RUN_PAGES as usize * PAGE),
+            pages: 0,
+            requests: 0,
+        }
+    }
+
     /// Sends the pending pages among `n` pages from page `first` as one run (stopping at the
     /// first page not pending, or the end of its region); returns how many went.
     fn run(&mut self, first: u64, n: u64, flush: bool) -> std::io::Result<u64> {
@@ -351,11 +452,9 @@ impl<W: Write> Sender<'_, W> {
                 }
                 Ok(FromDest::Refused(e)) => return Err(e.to_string()),
                 Ok(FromDest::Failed(e)) => return Err(format!("{uri}: {}", transfer_failed(&e))),
-                Ok(FromDest::Started) => {
-                    return Err(format!(
-                        "{uri}: the destination said it started the VM twice"
-                    ))
-                }
+                Ok(FromDest::Started | FromDest::Recover(_)) => return Err(format!(
+                    "{uri}: the destination sent a start or a recovery in the middle of post-copy"
+                )),
                 Ok(FromDest::Other(b)) => {
                     return Err(format!(
                         "{uri}: the destination sent {b:#x} during post-copy, not a page request"
@@ -397,6 +496,8 @@ impl<W: Write> Sender<'_, W> {
 /// from the source or from a snapshot file.
 pub struct Incoming {
     pub uri: Uri,
+    /// The VM's shape (a recovery's new stream must be of it).
+    pub config: crate::stream::Config,
     pub rest: Rest,
     pub pending: Vec<u64>,
     pub ram: Ram,
@@ -449,6 +550,7 @@ impl Mapped {
 /// The page server's shared state.
 struct Pages {
     uri: Uri,
+    config: crate::stream::Config,
     pending: Vec<u64>,
     /// Pages in place (bit per page).
     here: Vec<AtomicU64>,
@@ -462,9 +564,22 @@ struct Pages {
     placed: AtomicU64,
     stop: AtomicBool,
     began: Instant,
-    /// The outcome, once the stream ended (or broke).
-    done: Mutex<Option<Result<Summary, String>>>,
-    ended: Condvar,
+    /// Where post-copy stands; waiters hear each change.
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Set while the channel is broken: faults are noted, not asked for (a recovery asks).
+    paused: AtomicBool,
+}
+
+/// Where the destination's post-copy stands.
+#[derive(Clone)]
+pub enum State {
+    Running,
+    /// The channel broke (why): a recovery on a new channel goes on. The number counts the
+    /// pauses, so that a waiter hears each once.
+    Paused(String, u64),
+    /// Every page came, or the rest cannot come (why).
+    Done(Result<Summary, String>),
 }
 
 impl Pages {
@@ -572,17 +687,9 @@ impl Pages {
         };
         if first {
             match &self.ask {
-                Ask::Source(back) => {
-                    let gpa = self.ram.gpa(off);
-                    let mut msg = [0u8; 13];
-                    msg[0] = REQUEST;
-                    msg[1..9].copy_from_slice(&gpa.to_le_bytes());
-                    msg[9..].copy_from_slice(&1u32.to_le_bytes());
-                    let mut b = back.lock().unwrap();
-                    if let Err(e) = b.write_all(&msg).and_then(|()| b.flush()) {
-                        log::error!("{}: cannot ask the source for {gpa:#x} ({e})", self.uri);
-                    }
-                }
+                // While paused, a recovery asks for it.
+                Ask::Source(_) if self.paused.load(Relaxed) => {}
+                Ask::Source(back) => self.ask_source(back, p),
                 Ask::Loader(tx) => {
                     let _ = tx.send(p);
                 }
@@ -591,6 +698,19 @@ impl Pages {
         // The page may have come meanwhile: its waker may have run before this fault queued.
         if self.is_here(p) {
             let _ = m.uffd.wake(va, PAGE as u64);
+        }
+    }
+
+    /// Asks the source for page `p` (REQUEST).
+    fn ask_source(&self, back: &Back, p: u64) {
+        let gpa = self.ram.gpa(p * PAGE as u64);
+        let mut msg = [0u8; 13];
+        msg[0] = REQUEST;
+        msg[1..9].copy_from_slice(&gpa.to_le_bytes());
+        msg[9..].copy_from_slice(&1u32.to_le_bytes());
+        let mut b = back.lock().unwrap();
+        if let Err(e) = b.write_all(&msg).and_then(|()| b.flush()) {
+            log::warn!("{}: cannot ask the source for {gpa:#x} ({e})", self.uri);
         }
     }
 
@@ -610,8 +730,20 @@ impl Pages {
     }
 
     fn finish(&self, r: Result<Summary, String>) {
-        *self.done.lock().unwrap() = Some(r);
-        self.ended.notify_all();
+        *self.state.lock().unwrap() = State::Done(r);
+        self.changed.notify_all();
+    }
+
+    /// The channel broke: faults wait for a recovery.
+    fn pause(&self, why: String) {
+        self.paused.store(true, Relaxed);
+        let mut st = self.state.lock().unwrap();
+        let n = match &*st {
+            State::Paused(_, n) => n + 1,
+            _ => 1,
+        };
+        *st = State::Paused(why, n);
+        self.changed.notify_all();
     }
 
     fn summary(&self) -> Summary {
@@ -661,6 +793,7 @@ impl Server {
         };
         let pages = Arc::new(Pages {
             uri: inc.uri.clone(),
+            config: inc.config,
             pending: inc.pending,
             here: (0..words).map(|_| AtomicU64::new(0)).collect(),
             uffds: Mutex::new(vec![Arc::new(Mapped {
@@ -676,8 +809,9 @@ impl Server {
             placed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             began: Instant::now(),
-            done: Mutex::new(None),
-            ended: Condvar::new(),
+            state: Mutex::new(State::Running),
+            changed: Condvar::new(),
+            paused: AtomicBool::new(false),
         });
         let p = pages.clone();
         std::thread::Builder::new()
@@ -686,22 +820,15 @@ impl Server {
         let p = pages.clone();
         std::thread::Builder::new()
             .name("postcopy".into())
-            .spawn(move || {
-                let r = match rest {
-                    Ok((mut reader, back)) => {
-                        let r = receive_rest(&p, &mut reader, &back);
-                        if let Err(e) = &r {
-                            let mut b = back.lock().unwrap();
-                            crate::server::refuse_to(b.as_mut(), e);
-                        }
-                        r
+            .spawn(move || match rest {
+                Ok((mut reader, back)) => rest_of_stream(&p, &mut reader, &back),
+                Err((file, index)) => {
+                    let r = load_rest(&p, &file, &index, &rx);
+                    if let Err(e) = &r {
+                        log::error!("{}: the rest of RAM cannot come: {e}", p.uri);
                     }
-                    Err((file, index)) => load_rest(&p, &file, &index, &rx),
-                };
-                if let Err(e) = &r {
-                    log::error!("{}: the rest of RAM cannot come: {e}", p.uri);
+                    p.finish(r.map(|()| p.summary()));
                 }
-                p.finish(r.map(|()| p.summary()));
             })?;
         Ok(Server { pages })
     }
@@ -716,15 +843,64 @@ impl Server {
         }));
     }
 
-    /// Waits until every page is here (or the stream broke).
-    pub fn wait(&self) -> Result<Summary, String> {
-        let mut d = self.pages.done.lock().unwrap();
+    /// Waits until every page is here, the rest cannot come, or the channel breaks (a pause
+    /// numbered above `seen`).
+    pub fn wait(&self, seen: u64) -> State {
+        let mut st = self.pages.state.lock().unwrap();
         loop {
-            if let Some(r) = d.as_ref() {
-                return r.clone();
+            match &*st {
+                State::Done(_) => return st.clone(),
+                State::Paused(_, n) if *n > seen => return st.clone(),
+                _ => st = self.pages.changed.wait(st).unwrap(),
             }
-            d = self.pages.ended.wait(d).unwrap();
         }
+    }
+
+    /// A recovery: the source's new connection (its stream's header read here). The
+    /// source hears which pages are here, the pages that faults wait for are asked for
+    /// again, and the rest of the stream comes on it.
+    pub fn recover(&self, stream: Box<dyn Stream>) -> Result<(), String> {
+        let p = &self.pages;
+        let back = match &p.ask {
+            Ask::Source(back) => back.clone(),
+            Ask::Loader(_) => return Err("a lazy restore has no source to recover from".into()),
+        };
+        if !matches!(*p.state.lock().unwrap(), State::Paused(..)) {
+            return Err("post-copy is not paused: nothing to recover".into());
+        }
+        let (r, w) = stream.split().map_err(|e| e.to_string())?;
+        let mut reader = Reader::new(BufReader::with_capacity(1 << 20, r))
+            .and_then(|r| r.check_config(&p.config).map(|()| r))
+            .map_err(|e| e.to_string())?;
+        *back.lock().unwrap() = w;
+        let here: Vec<u64> = p.here.iter().map(|w| w.load(Relaxed)).collect();
+        {
+            let mut b = back.lock().unwrap();
+            let mut msg = vec![RECOVER];
+            msg.extend_from_slice(&(here.len() as u32).to_le_bytes());
+            for w in &here {
+                msg.extend_from_slice(&w.to_le_bytes());
+            }
+            b.write_all(&msg)
+                .and_then(|()| b.flush())
+                .map_err(|e| format!("cannot tell the source which pages are here ({e})"))?;
+        }
+        p.paused.store(false, Relaxed);
+        *p.state.lock().unwrap() = State::Running;
+        // The faults that waited meanwhile.
+        let waiting: Vec<u64> = p.asked.lock().unwrap().keys().copied().collect();
+        for pg in waiting {
+            if !p.is_here(pg) {
+                p.ask_source(&back, pg);
+            }
+        }
+        let pages = p.clone();
+        std::thread::Builder::new()
+            .name("postcopy".into())
+            .spawn(move || rest_of_stream(&pages, &mut reader, &back))
+            .map_err(|e| e.to_string())?;
+        log::info!("{}: post-copy resumes on a new channel", p.uri);
+        Ok(())
     }
 
     pub fn ram(&self) -> &Ram {
@@ -733,7 +909,29 @@ impl Server {
 
     /// Stops serving faults (vmm-core and blockd have unregistered their memory).
     pub fn stop(&self) {
+        self.pages.changed.notify_all();
         self.pages.stop.store(true, Relaxed);
+    }
+}
+
+/// The rest of a source's stream: every page placed and COMPLETE said, or, when the
+/// channel breaks (or the stream fails a check: a recovery resends), a pause until a new
+/// channel comes.
+fn rest_of_stream(
+    p: &Arc<Pages>,
+    reader: &mut Reader<BufReader<Box<dyn Read + Send>>>,
+    back: &Back,
+) {
+    match receive_rest(p, reader, back) {
+        Ok(()) => p.finish(Ok(p.summary())),
+        Err(e) => {
+            let why = format!("{}: {e}", p.uri);
+            log::error!("post-copy paused: {why}; the VM waits for `vmmctl migrate recover URI`");
+            let mut b = back.lock().unwrap();
+            crate::server::refuse_to(b.as_mut(), &e);
+            drop(b);
+            p.pause(why);
+        }
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Server {
     sent: Arc<Sent>,
     /// `switchNow`'s flag, which the pass under way reads.
     switch: Arc<std::sync::atomic::AtomicBool>,
+    /// A source whose post-copy broke, kept for `recover`.
+    paused: Arc<Mutex<Option<PausedSource>>>,
     /// A source's connection whose header `peek` read, kept for `receive`.
     peeked: Arc<Mutex<Option<Peeked>>>,
     /// A stream that switched to post-copy, until the page server takes it.
@@ -236,6 +238,8 @@ pub enum TransferError {
         "{0}: the destination answered with TLS; it may expect TLS (tls-creds): pass --tls-creds"
     )]
     ExpectsTls(Uri),
+    #[error("{0}: cannot resume post-copy: {1}")]
+    Recover(Uri, String),
     #[error("{0}: post-copy needs a live channel, not a snapshot file")]
     NotLive(Uri),
     #[error("{0}: no source connection was peeked at (peek comes first)")]
@@ -281,6 +285,7 @@ impl Server {
             incoming: Default::default(),
             pages: Default::default(),
             switch: Default::default(),
+            paused: Default::default(),
         }
     }
 
@@ -362,6 +367,17 @@ pub(crate) fn transfer_failed(e: &std::io::Error) -> String {
         ),
         _ => format!("the transfer failed ({e})"),
     }
+}
+
+/// A source whose post-copy broke after the destination started the VM: what it needs to
+/// go on over a new channel (`recover`).
+struct PausedSource {
+    uri: Uri,
+    ram: Ram,
+    limit: u64,
+    config: Config,
+    /// The pages that were to come at the switch.
+    original: Vec<u64>,
 }
 
 /// What a pass sent: bytes, pages, zero pages, and, when a switch to post-copy stopped it,
@@ -757,21 +773,43 @@ impl migrated::Server for Server {
         let pending: Vec<u64> = p.get_pending()?.iter().collect();
         let bandwidth = p.get_bandwidth();
         let (out, cut, sent) = (self.out.clone(), self.cut.clone(), self.sent.clone());
+        let paused = self.paused.clone();
         let switched = blocking(move || {
             let o = out.lock().unwrap().take().ok_or(TransferError::NotOpen)?;
             if !o.live {
                 return Err(TransferError::NotLive(o.uri));
             }
+            let Outgoing {
+                uri,
+                writer,
+                ram,
+                limit,
+                ..
+            } = o;
+            let config = writer.config().clone();
+            let original = pending.clone();
+            let limit = if bandwidth > 0 { bandwidth } else { limit };
             let source = crate::postcopy::Source {
-                uri: o.uri.clone(),
-                writer: o.writer,
-                ram: &o.ram,
-                limit: if bandwidth > 0 { bandwidth } else { o.limit },
+                uri: uri.clone(),
+                ram: &ram,
+                limit,
                 bytes: &sent.bytes,
                 pages: &sent.pages,
             };
-            let r = crate::postcopy::send(source, &state, pending);
+            let r = crate::postcopy::send(&source, writer, &state, pending);
             cut.lock().unwrap().take();
+            if let Ok(crate::postcopy::Switched::Ran(Err(e))) = &r {
+                // The VM runs at the destination, which lacks pages only this side has:
+                // kept for a recovery on a new channel.
+                log::error!("{uri}: post-copy broke: {e}; the VM stays paused here until `vmmctl migrate recover URI`");
+                *paused.lock().unwrap() = Some(PausedSource {
+                    uri,
+                    ram,
+                    limit,
+                    config,
+                    original,
+                });
+            }
             r
         })
         .await?;
@@ -828,7 +866,7 @@ impl migrated::Server for Server {
 
     async fn postcopy_wait(
         self: CapRc<Self>,
-        _: migrated::PostcopyWaitParams,
+        params: migrated::PostcopyWaitParams,
         mut results: migrated::PostcopyWaitResults,
     ) -> Result<(), capnp::Error> {
         let server = self
@@ -837,12 +875,86 @@ impl migrated::Server for Server {
             .unwrap()
             .clone()
             .ok_or_else(|| failed("the page server has not started".into()))?;
-        let r = blocking(move || Ok(server.wait())).await?;
+        let seen = params.get()?.get_seen();
+        let r = blocking(move || Ok(server.wait(seen))).await?;
         match r {
-            Ok(s) => write_summary(results.get().init_summary(), &s),
-            Err(e) => results.get().set_broken(&e),
+            crate::postcopy::State::Done(Ok(s)) => write_summary(results.get().init_summary(), &s),
+            crate::postcopy::State::Done(Err(e)) => results.get().set_broken(&e),
+            crate::postcopy::State::Paused(why, n) => {
+                results.get().set_paused(&why);
+                results.get().set_pauses(n);
+            }
+            crate::postcopy::State::Running => {}
         }
         Ok(())
+    }
+
+    async fn recover(
+        self: CapRc<Self>,
+        params: migrated::RecoverParams,
+        mut results: migrated::RecoverResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = Uri::parse(p.get_uri()?.to_str()?).map_err(|e| failed(e.to_string()))?;
+        let kind = channel::Kind::from(p.get_kind()?);
+        let wait = p.get_wait_ms();
+        let (_placeholder, fd) = self.fds().map_err(|e| failed(e.to_string()))?;
+        let source = self.paused.lock().unwrap().take();
+        if let Some(ps) = source {
+            // The source: connect, and send what the destination lacks.
+            let tls = read_tls(p.get_tls()?, &uri, kind)?;
+            let (paused, sent) = (self.paused.clone(), self.sent.clone());
+            let r = blocking(move || {
+                let r = (|| {
+                    let mut stream = channel::stream(&uri, fd, kind)?;
+                    if let Some(t) = &tls {
+                        stream = tls::client(&uri, t, stream)?;
+                    }
+                    let source = crate::postcopy::Source {
+                        uri: uri.clone(),
+                        ram: &ps.ram,
+                        limit: ps.limit,
+                        bytes: &sent.bytes,
+                        pages: &sent.pages,
+                    };
+                    crate::postcopy::resume(&source, stream, &ps.config, &ps.original)
+                })();
+                match r {
+                    Ok(Ok(summary)) => Ok(Ok(summary)),
+                    // Still paused: it may be tried again.
+                    Ok(Err(e)) => {
+                        log::error!("{}: post-copy broke again: {e}", ps.uri);
+                        *paused.lock().unwrap() = Some(ps);
+                        Ok(Err(e))
+                    }
+                    Err(e) => {
+                        *paused.lock().unwrap() = Some(ps);
+                        Err(e)
+                    }
+                }
+            })
+            .await?;
+            match r {
+                Ok(s) => write_summary(results.get().init_summary(), &s),
+                Err(e) => results.get().set_broken(&e),
+            }
+            return Ok(());
+        }
+        // The destination: take the source's new connection.
+        let server = self
+            .pages
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| failed("no post-copy here to recover".into()))?;
+        let tls = read_tls(p.get_tls()?, &uri, kind)?;
+        blocking(move || {
+            let stream = source_stream(&uri, fd, kind, tls.as_ref(), wait)?;
+            server
+                .recover(stream)
+                .map_err(|e| TransferError::Recover(uri.clone(), e))
+        })
+        .await
     }
 
     async fn switch_now(
@@ -963,6 +1075,7 @@ fn take(
     let (state, bytes, rest) = got?;
     let postcopy = rest.map(|(reader, pending)| crate::postcopy::Incoming {
         uri: uri.clone(),
+        config: config.clone(),
         rest: crate::postcopy::Rest::Stream { reader, back: w },
         pending,
         ram,
@@ -1008,6 +1121,7 @@ fn take_lazy(fd: OwnedFd, ram: Ram, config: &Config, uri: &Uri) -> Result<Taken,
         bytes: index.bytes,
         postcopy: Some(crate::postcopy::Incoming {
             uri: uri.clone(),
+            config: config.clone(),
             rest: crate::postcopy::Rest::File { file, index },
             pending,
             ram,

@@ -417,6 +417,18 @@ impl<W: Write> Writer<W> {
         })
     }
 
+    /// Writes the end marker and flushes (the sink stays, for the peer's answer).
+    pub fn end(&mut self) -> io::Result<()> {
+        let (s, r, z) = (self.sections, self.ram_pages, self.zero_pages);
+        self.section(END, &[&s.to_le_bytes(), &r.to_le_bytes(), &z.to_le_bytes()])?;
+        self.w.flush()
+    }
+
+    /// The VM's shape the stream is of.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Ends the stream; returns the sink and the bytes written.
     pub fn finish(mut self) -> io::Result<(W, u64)> {
         let (s, r, z) = (self.sections, self.ram_pages, self.zero_pages);

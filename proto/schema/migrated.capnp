@@ -68,8 +68,10 @@ interface Migrated {
   # lies in the address space of the process that made the descriptor.
   serveFaults @9 (who :Text, mappings :List(Mapping), placer :Bool) -> ();
 
-  # The destination: waits until every page came (or post-copy broke: `broken` says why).
-  postcopyWait @10 () -> (summary :PostcopySummary, broken :Text);
+  # The destination: waits until every page came (or the rest cannot come: `broken` says
+  # why), or the channel breaks: `paused` says why, and `pauses` counts the breaks (call
+  # again with `seen` set to it to wait past this one).
+  postcopyWait @10 (seen :UInt64) -> (summary :PostcopySummary, broken :Text, paused :Text, pauses :UInt64);
 
   # The destination: stops serving faults (every descriptor's memory is unregistered).
   postcopyEnd @11 () -> ();
@@ -77,6 +79,13 @@ interface Migrated {
   # The source: the pass under way (or the next) stops after its current run, for a switch
   # to post-copy (vmmctl migrate postcopy). Cleared by `open`.
   switchNow @12 () -> ();
+
+  # Post-copy broke (the channel): resumes it on a new channel (QEMU's migrate-recover on
+  # the destination, migrate -r on the source). The channel's descriptor comes on the side
+  # channel as for `open` and `receive`. The destination takes the source's connection, says
+  # which pages it has, and returns; the source connects, sends the pages the destination
+  # lacks, and returns when post-copy is over, as `postcopy` does.
+  recover @13 (uri :Text, tls :Tls, kind :ChannelKind, waitMs :UInt32) -> (summary :PostcopySummary, broken :Text);
 }
 
 struct Mapping {

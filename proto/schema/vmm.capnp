@@ -76,6 +76,12 @@ interface Vmm {
   # migrate-start-postcopy): the destination runs the VM and pulls the pages it still needs.
   # Once switched, a migration cannot be cancelled, and losing either host loses the VM.
   migratePostcopy @23 () -> ();
+  # Post-copy broke (its channel): resumes it on a new channel, on both hosts (QEMU's
+  # migrate-recover and migrate -r). On the destination, `uri` is where it waits for the
+  # source (returns once the source is back); on the source, where it reaches the
+  # destination (returns once post-copy is over, and the VM has left). TLS options as for
+  # migrate.
+  migrateRecover @24 (uri :Text, options :MigrateOptions) -> (status :MigrationStatus);
 
   # The effective run settings as a JSON object whose keys are `vmm-core run`'s flags
   # (what a --config file may hold), defaults filled in.

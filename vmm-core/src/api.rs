@@ -121,6 +121,8 @@ pub struct Shared {
     pub migrated: std::sync::OnceLock<Arc<crate::helpers::migrated::Migrated>>,
     /// The current or last migration's progress.
     pub migration: crate::migration::Progress,
+    /// --incoming's TLS settings (a post-copy recovery on the destination listens with them).
+    pub incoming_tls: crate::migration::TlsOptions,
 }
 
 /// The devices every VM has: name, kind, and where it is.
@@ -605,6 +607,58 @@ impl vmm::Server for VmmServer {
         crate::migration::switch_now(&m)
             .await
             .map_err(|e| failed(&e))
+    }
+
+    async fn migrate_recover(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::MigrateRecoverParams,
+        mut results: vmm::MigrateRecoverResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let uri = p.get_uri()?.to_str()?.to_string();
+        let o = p.get_options()?;
+        if let Err(e) = vmm_proto::channel::Uri::parse(&uri) {
+            return Err(failed(&e));
+        }
+        let destination = {
+            let st = self.shared.migration.lock().unwrap();
+            if st.phase != "postcopy-paused" {
+                return Err(capnp::Error::failed(format!(
+                    "no post-copy to recover (the migration is {}); recover is for a post-copy whose channel broke",
+                    if st.phase.is_empty() { "none" } else { st.phase.as_str() }
+                )));
+            }
+            st.destination
+        };
+        let m = self
+            .shared
+            .migrated
+            .get()
+            .cloned()
+            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+        let tls = crate::migration::TlsOptions {
+            creds: o.get_tls_creds()?.to_str()?.to_string(),
+            hostname: o.get_tls_hostname()?.to_str()?.to_string(),
+            authz: Vec::new(),
+        };
+        let tls = if destination && tls.creds.is_empty() {
+            // The destination listens with the credentials it was started with.
+            self.shared.incoming_tls.clone()
+        } else {
+            tls
+        };
+        let done = crate::migration::recover(&m, &uri, &tls, !destination, &self.shared.migration)
+            .await
+            .map_err(|e| failed(&e))?;
+        if done.is_some() {
+            // The source: every page is at the destination; this vmm-core ends.
+            self.shared.set_phase(Phase::PostMigrate);
+            let _ = self.events.send(crate::control::VmEvent::Migration(
+                crate::control::MigrationRequest::Leave,
+            ));
+        }
+        self.write_migration(results.get().init_status());
+        Ok(())
     }
 
     async fn migrate_cancel(

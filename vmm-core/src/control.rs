@@ -26,6 +26,8 @@ pub enum VmEvent {
     Arrived(Arrival),
     /// Post-copy (the destination): every page came, or why not.
     PostcopyDone(Result<crate::migration::PostcopySummary, String>),
+    /// Post-copy (the destination): the channel broke (why); the VM waits for a recovery.
+    PostcopyPaused(String),
 }
 
 /// An incoming VM's device state and stream size, or why it did not come.

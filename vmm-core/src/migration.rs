@@ -162,6 +162,8 @@ pub struct Status {
     pub postcopy_allowed: bool,
     pub postcopy_asked: bool,
     pub postcopy: Option<PostcopySummary>,
+    /// This side is the destination (of a post-copy).
+    pub destination: bool,
 }
 
 /// What post-copy did: pages carried, faults that asked the source for a page, and the
@@ -767,23 +769,91 @@ pub fn serve_faults(
     })
 }
 
-/// The destination: waits until every page came (Err: why post-copy broke).
-pub fn postcopy_wait(m: &Migrated) -> Result<PostcopySummary, String> {
-    let r: Result<(PostcopySummary, String), MigrationError> = m.call_blocking(|conn| {
+/// How the destination's post-copy went, as `postcopy_wait` hears it.
+pub enum PostcopyWait {
+    /// Every page is here, or the rest cannot come (why).
+    Done(Result<PostcopySummary, String>),
+    /// The channel broke (why); the count of breaks so far, to wait past this one.
+    Paused(String, u64),
+}
+
+/// The destination: waits until every page came, the rest cannot come, or the channel
+/// breaks for the `seen + 1`th time.
+pub fn postcopy_wait(m: &Migrated, seen: u64) -> PostcopyWait {
+    type Got = (PostcopySummary, String, String, u64);
+    let r: Result<Got, MigrationError> = m.call_blocking(move |conn| {
         Box::pin(async move {
-            let r = conn.client.postcopy_wait_request().send().promise.await?;
+            let mut req = conn.client.postcopy_wait_request();
+            req.get().set_seen(seen);
+            let r = req.send().promise.await?;
             let r = r.get()?;
+            let text = |t: capnp::text::Reader| String::from_utf8_lossy(t.as_bytes()).into_owned();
             Ok((
                 PostcopySummary::read(r.get_summary()?),
-                String::from_utf8_lossy(r.get_broken()?.as_bytes()).into_owned(),
+                text(r.get_broken()?),
+                text(r.get_paused()?),
+                r.get_pauses(),
             ))
         })
     });
     match r {
-        Ok((s, b)) if b.is_empty() => Ok(s),
-        Ok((_, b)) => Err(b),
-        Err(e) => Err(crate::error_chain(&e)),
+        Ok((_, _, paused, n)) if !paused.is_empty() => PostcopyWait::Paused(paused, n),
+        Ok((s, b, _, _)) if b.is_empty() => PostcopyWait::Done(Ok(s)),
+        Ok((_, b, _, _)) => PostcopyWait::Done(Err(b)),
+        Err(e) => PostcopyWait::Done(Err(crate::error_chain(&e))),
     }
+}
+
+/// `vmmctl migrate recover URI`: post-copy goes on over a new channel. The destination
+/// (`source` false) listens on `uri` (or takes fd:N) and returns once the source is back;
+/// the source connects and returns when post-copy is over (Err: it broke again, or could
+/// not start).
+pub async fn recover(
+    m: &Migrated,
+    uri: &str,
+    tls: &TlsOptions,
+    source: bool,
+    progress: &Progress,
+) -> Result<Option<PostcopySummary>, MigrationError> {
+    let (uri, tls) = (uri.to_string(), tls.clone());
+    let (summary, broken) = m
+        .call(move |conn| {
+            Box::pin(async move {
+                let (opened, creds) = open_channel(&uri, &tls, source).await?;
+                let kind = conn.hand_channel(opened)?;
+                let mut req = conn.client.recover_request();
+                req.get().set_uri(uri.as_str());
+                req.get().set_kind(kind);
+                write_tls(req.get().init_tls(), &tls, creds.as_ref());
+                let got = async {
+                    let r = req.send().promise.await?;
+                    let r = r.get()?;
+                    Ok::<_, MigrationError>((
+                        PostcopySummary::read(r.get_summary()?),
+                        String::from_utf8_lossy(r.get_broken()?.as_bytes()).into_owned(),
+                    ))
+                }
+                .await;
+                match &got {
+                    Ok((_, b)) if b.is_empty() => conn.channel_done(),
+                    _ => conn.channel_failed(),
+                }
+                got
+            })
+        })
+        .await?;
+    if !broken.is_empty() {
+        return Err(MigrationError::PostcopyBroken(broken));
+    }
+    if !source {
+        progress.lock().unwrap().phase = "postcopy-active".into();
+        return Ok(None);
+    }
+    let mut st = progress.lock().unwrap();
+    st.phase = "completed".into();
+    st.error.clear();
+    st.postcopy = Some(summary.clone());
+    Ok(Some(summary))
 }
 
 /// The destination: every process's memory is unregistered; migrated stops serving faults.

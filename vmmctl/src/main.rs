@@ -71,11 +71,16 @@ enum Command {
     /// Live-migrate the VM to tcp:HOST:PORT, unix:PATH or exec:COMMAND (the destination runs
     /// `vmm-core run --incoming URI`); `migrate status` shows the current or last migration,
     /// `migrate cancel` stops one (the VM goes on here), `migrate postcopy` switches the one
-    /// under way to post-copy. A progress bar is drawn on a terminal.
+    /// under way to post-copy, and `migrate recover URI` resumes a post-copy whose channel
+    /// broke (on both hosts: the destination listens on URI, the source connects to it). A
+    /// progress bar is drawn on a terminal.
     Migrate {
         /// tcp:HOST:PORT, unix:PATH, exec:COMMAND (the stream to the command's input, the
-        /// destination's answer from its output), or status / cancel / postcopy.
+        /// destination's answer from its output), or status / cancel / postcopy / recover.
         target: String,
+        /// For `migrate recover`: the new channel's URI.
+        #[arg(value_name = "URI")]
+        recover_uri: Option<String>,
         /// The longest pause allowed at the end, in ms (default 300, as QEMU). Pre-copy goes on
         /// until twice the time the pages left would take fits in three quarters of it (at
         /// least 5 ms are kept for the device state and the destination's answer).
@@ -595,6 +600,22 @@ fn check_locally(command: &Command) -> Result<(), Failure> {
             2,
             format!("migrate {target} --postcopy: --postcopy starts a migration that may switch; to switch the one under way, `vmmctl migrate postcopy`"),
         )),
+        Command::Migrate {
+            target,
+            recover_uri: None,
+            ..
+        } if target == "recover" => Err(Failure(
+            2,
+            "migrate recover: give the new channel's URI (the destination listens on it, the source connects to it), e.g. `vmmctl migrate recover tcp:HOST:PORT`".into(),
+        )),
+        Command::Migrate {
+            target,
+            recover_uri: Some(u),
+            ..
+        } if target != "recover" => Err(Failure(
+            2,
+            format!("migrate {target} {u}: one target only (a second URI is for `migrate recover URI`)"),
+        )),
         Command::Migrate { target, .. } if target.starts_with("file:") => Err(Failure(
             2,
             format!("migrate {target}: a file is a snapshot; use `vmmctl snapshot {target}`"),
@@ -624,6 +645,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Migrate { target, .. } if target == "status" => "migrate status",
         Command::Migrate { target, .. } if target == "cancel" => "migrate cancel",
         Command::Migrate { target, .. } if target == "postcopy" => "migrate postcopy",
+        Command::Migrate { target, .. } if target == "recover" => "migrate recover",
         Command::Migrate { .. } => "migrate",
         Command::Snapshot { .. } => "snapshot",
         Command::Cpus { action: None } => "cpus",
@@ -720,6 +742,19 @@ impl Session {
         match command {
             Command::Migrate {
                 target,
+                recover_uri: Some(uri),
+                tls_creds,
+                tls_hostname,
+                ..
+            } if target == "recover" => {
+                let tls = (
+                    tls_creds.as_deref().map(peer::absolute).unwrap_or_default(),
+                    tls_hostname.unwrap_or_default(),
+                );
+                self.migrate_recover(&peer::absolute_uri(&uri), &tls).await
+            }
+            Command::Migrate {
+                target,
                 downtime_ms,
                 max_passes,
                 bandwidth,
@@ -728,6 +763,7 @@ impl Session {
                 postcopy,
                 postcopy_bandwidth,
                 compress,
+                ..
             } => {
                 let tls = (
                     tls_creds.as_deref().map(peer::absolute).unwrap_or_default(),
@@ -847,6 +883,34 @@ impl Session {
         let reply = req.send().promise.await.map_err(fail)?;
         let st = reply.get().and_then(|r| r.get_status()).map_err(fail)?;
         format_migration(&st, self.json).map_err(fail)
+    }
+
+    async fn migrate_recover(&self, uri: &str, tls: &(String, String)) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let mut req = self.client.migrate_recover_request();
+        req.get().set_uri(uri);
+        let mut o = req.get().init_options();
+        o.set_tls_creds(tls.0.as_str());
+        o.set_tls_hostname(tls.1.as_str());
+        let reply = req.send().promise.await.map_err(fail)?;
+        let st = reply.get().and_then(|r| r.get_status()).map_err(fail)?;
+        if self.json {
+            return format_migration(&st, true).map_err(fail);
+        }
+        let phase = st
+            .get_phase()
+            .map_err(fail)?
+            .to_str()
+            .unwrap_or("")
+            .to_string();
+        Ok(if phase == "completed" {
+            format!(
+                "post-copy resumed on {uri} and is over: {} page(s) carried; the VM runs on the destination now",
+                st.get_postcopy_pages()
+            )
+        } else {
+            format!("post-copy resumes on {uri}: the source is back")
+        })
     }
 
     async fn migrate(&self, target: &str, options: &MigrateOptions<'_>) -> Result<String, Failure> {

@@ -61,6 +61,19 @@ impl Conn {
         Ok(opened.kind.into())
     }
 
+    /// Only the channel (a post-copy recovery: migrated has guest RAM already); it goes
+    /// twice, in the memfd's place too. vmm-core keeps the channel's guard.
+    pub(crate) fn hand_channel(&self, opened: Opened) -> Result<ChannelKind, MigratedError> {
+        vmm_proto::fdpass::send(
+            self.side.as_fd(),
+            &[1],
+            &[opened.fd.as_fd(), opened.fd.as_fd()],
+        )
+        .map_err(MigratedError::HandOver)?;
+        self.channel.replace(Some(opened.guard));
+        Ok(opened.kind.into())
+    }
+
     /// Only the guest RAM memfd, for a receive that goes on with the connection a peek took
     /// (the channel's guard stays as the peek left it; the memfd goes twice, in the
     /// channel's place too).

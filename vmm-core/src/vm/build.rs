@@ -499,7 +499,8 @@ fn wait_for_arrival(rx: &Receiver<VmEvent>) -> Result<crate::control::Arrival, V
             VmEvent::DumpVcpus
             | VmEvent::Vcpu(_)
             | VmEvent::Hotplug(_)
-            | VmEvent::PostcopyDone(_) => {}
+            | VmEvent::PostcopyDone(_)
+            | VmEvent::PostcopyPaused(_) => {}
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum VmError {
     VcpuFailed(u32, String),
     #[error("the guest triple-faulted on vCPU {0} at RIP {1:#x} (pass --on-reset restart to reboot it instead)")]
     TripleFault(u32, u64),
+    #[error("the VM stopped before post-copy was over: the pages still missing were at the source only, so it is lost")]
+    PostcopyLost,
     #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error(transparent)]
@@ -365,6 +367,7 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         events: Default::default(),
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
+        incoming_tls: config.incoming_tls.clone(),
         blockd: Mutex::new(None),
         migrated: std::sync::OnceLock::new(),
         migration: Default::default(),
@@ -559,6 +562,7 @@ fn run_guest(
             | VmEvent::DiskStopped(..)
             | VmEvent::Arrived(_)
             | VmEvent::PostcopyDone(_)
+            | VmEvent::PostcopyPaused(_)
             | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
@@ -613,6 +617,18 @@ fn run_once(
     }
     start_vcpus(&mut running.guest, fds, incoming.as_ref(), shared)?;
     let event = running.run(rx);
+    if running.pages_missing() {
+        // A vCPU may wait for a page that only the source has (under PVM it cannot even be
+        // kicked): the vCPUs are not waited for. The process's end takes them.
+        log::error!(
+            "the VM stops before post-copy is over; the pages still missing are at the source only, so the VM is lost"
+        );
+        if let VmEvent::Api(crate::control::ApiRequest { reply, .. }) = event {
+            let _ = reply.send(Ok(()));
+        }
+        std::mem::forget(running);
+        return Err(VmError::PostcopyLost);
+    }
     let guest = running.stop(tx, rx);
     *console.target.lock().unwrap() = None;
     if !res.disks.is_empty() {
@@ -653,6 +669,7 @@ fn arrive(
             phase: "postcopy-active".into(),
             uri: inc.uri.clone(),
             postcopy_allowed: true,
+            destination: true,
             ..Default::default()
         };
         let (m, tx) = (Arc::clone(m), tx.clone());
@@ -660,8 +677,21 @@ fn arrive(
             .name("postcopy".into())
             .spawn(move || {
                 crate::threads::filter_service_thread("vmm-core (the post-copy thread)");
-                let r = crate::migration::postcopy_wait(&m);
-                let _ = tx.send(VmEvent::PostcopyDone(r));
+                let mut seen = 0;
+                loop {
+                    match crate::migration::postcopy_wait(&m, seen) {
+                        crate::migration::PostcopyWait::Done(r) => {
+                            let _ = tx.send(VmEvent::PostcopyDone(r));
+                            return;
+                        }
+                        crate::migration::PostcopyWait::Paused(why, n) => {
+                            seen = n;
+                            if tx.send(VmEvent::PostcopyPaused(why)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
             })
             .map_err(|e| VmError::Thread("postcopy", e))?;
     }

@@ -106,6 +106,7 @@ impl<'a> Running<'a> {
                 // Only an incoming VM's wait takes it (build.rs).
                 VmEvent::Arrived(_) => None,
                 VmEvent::PostcopyDone(r) => self.postcopy_done(r),
+                VmEvent::PostcopyPaused(why) => self.postcopy_paused(why),
                 VmEvent::Vcpu(_) | VmEvent::ConsoleEscape => Some(event),
             };
             if let Some(event) = end {
@@ -171,6 +172,26 @@ impl<'a> Running<'a> {
                 std::process::exit(1);
             }
         }
+    }
+
+    /// Post-copy's channel broke: the VM waits (a vCPU that faults on a missing page
+    /// waits for it) until `vmmctl migrate recover URI` gives a new channel.
+    fn postcopy_paused(&mut self, why: String) -> Option<VmEvent> {
+        let line = format!(
+            "post-copy paused: {why}; `vmmctl migrate recover URI` on both hosts resumes it (this one listens, the source connects); if the source is gone, the VM is lost (`vmmctl shutdown --force`)"
+        );
+        log::error!("{line}");
+        self.shared.events.emit("postcopy-paused", line);
+        let mut st = self.shared.migration.lock().unwrap();
+        st.phase = "postcopy-paused".into();
+        st.error = why;
+        None
+    }
+
+    /// Whether the VM may have vCPUs waiting for pages that only a source has (a
+    /// destination in post-copy): stopping them cannot wait for them.
+    pub fn pages_missing(&self) -> bool {
+        self.postcopy.is_some()
     }
 
     /// The next event; None when a vCPU change timed out instead (it is answered here). The
