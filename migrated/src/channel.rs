@@ -20,6 +20,9 @@ pub trait Stream: Read + Write + Send {
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Post-copy: small socket buffers, so that a page the destination waits for is not
+    /// queued behind megabytes of background pages (a no-op where there is no socket).
+    fn shrink_buffers(&self) {}
     /// The connection as a reading half and a writing half that two threads use at once
     /// (post-copy: pages go one way while the destination's page requests come the other).
     fn split(self: Box<Self>) -> io::Result<Halves>;
@@ -38,6 +41,9 @@ impl Stream for TcpStream {
     fn split(self: Box<Self>) -> io::Result<Halves> {
         Ok((Box::new(self.try_clone()?), self))
     }
+    fn shrink_buffers(&self) {
+        shrink(self);
+    }
 }
 
 impl Stream for UnixStream {
@@ -49,6 +55,9 @@ impl Stream for UnixStream {
     }
     fn split(self: Box<Self>) -> io::Result<Halves> {
         Ok((Box::new(self.try_clone()?), self))
+    }
+    fn shrink_buffers(&self) {
+        shrink(self);
     }
 }
 
@@ -63,6 +72,15 @@ impl Stream for std::fs::File {
     fn split(self: Box<Self>) -> io::Result<Halves> {
         Ok((Box::new(self.try_clone()?), self))
     }
+}
+
+/// The socket buffers post-copy asks for each way (the kernel doubles them).
+pub const POSTCOPY_BUFFER: usize = 64 << 10;
+
+fn shrink(s: &impl std::os::fd::AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::SndBuf, &POSTCOPY_BUFFER);
+    let _ = setsockopt(s, sockopt::RcvBuf, &POSTCOPY_BUFFER);
 }
 
 /// A socket's address family.

@@ -69,11 +69,21 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
         allow("statx", "the memfd's size (std's metadata)"),
         allow_if(
             "setsockopt",
-            "TCP_NODELAY on a migration connection, only",
-            vec![vec![
-                Cond::Eq(1, libc::IPPROTO_TCP as u64),
-                Cond::Eq(2, libc::TCP_NODELAY as u64),
-            ]],
+            "TCP_NODELAY on a migration connection, and post-copy's small SO_SNDBUF/SO_RCVBUF, only",
+            vec![
+                vec![
+                    Cond::Eq(1, libc::IPPROTO_TCP as u64),
+                    Cond::Eq(2, libc::TCP_NODELAY as u64),
+                ],
+                vec![
+                    Cond::Eq(1, libc::SOL_SOCKET as u64),
+                    Cond::Eq(2, libc::SO_SNDBUF as u64),
+                ],
+                vec![
+                    Cond::Eq(1, libc::SOL_SOCKET as u64),
+                    Cond::Eq(2, libc::SO_RCVBUF as u64),
+                ],
+            ],
         ),
         allow("pipe2", "tokio's signal pipe"),
         allow(

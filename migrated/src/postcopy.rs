@@ -186,7 +186,7 @@ where
         .with_sink(|b| {
             let (r, w) = into(b)?.split()?;
             reader = Some(r);
-            Ok(BufWriter::with_capacity(RUN_PAGES as usize * PAGE * 2, w))
+            Ok(BufWriter::with_capacity(RUN_PAGES as usize * PAGE, w))
         })
         .map_err(io)?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -209,6 +209,7 @@ pub fn send(
 ) -> Result<Switched, TransferError> {
     let uri = s.uri.clone();
     let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
+    writer.get_ref().get_ref().shrink_buffers();
     writer
         .device(crate::server::VM_SECTION, state)
         .map_err(io)?;
@@ -452,9 +453,11 @@ impl<'a, W: Write> Sender<'a, W> {
                 }
                 Ok(FromDest::Refused(e)) => return Err(e.to_string()),
                 Ok(FromDest::Failed(e)) => return Err(format!("{uri}: {}", transfer_failed(&e))),
-                Ok(FromDest::Started | FromDest::Recover(_)) => return Err(format!(
+                Ok(FromDest::Started | FromDest::Recover(_)) => {
+                    return Err(format!(
                     "{uri}: the destination sent a start or a recovery in the middle of post-copy"
-                )),
+                ))
+                }
                 Ok(FromDest::Other(b)) => {
                     return Err(format!(
                         "{uri}: the destination sent {b:#x} during post-copy, not a page request"
@@ -616,28 +619,27 @@ impl Pages {
         let va = m
             .va(off)
             .ok_or_else(|| format!("memfd offset {off:#x} is outside vmm-core's mapping"))?;
-        let r = match data {
-            Some(d) => m.uffd.copy(va, d),
-            None => m.uffd.zero(va, len),
-        };
-        match r {
-            Ok(()) => {}
-            // A page of the run is there (a zero page placed for a fault): place the rest one
-            // by one.
-            Err((nix::Error::EEXIST, _)) => {
-                for i in 0..len / PAGE as u64 {
-                    let at = i * PAGE as u64;
-                    let r = match data {
-                        Some(d) => m.uffd.copy(va + at, &d[at as usize..at as usize + PAGE]),
-                        None => m.uffd.zero(va + at, PAGE as u64),
-                    };
-                    match r {
-                        Ok(()) | Err((nix::Error::EEXIST, _)) => {}
-                        Err((e, _)) => return Err(format!("cannot place a page ({e})")),
-                    }
+        // The kernel stops at a page that is there already (placed for a fault: a zero page,
+        // or a lazy restore's single page): EAGAIN with what it placed before, or EEXIST when
+        // it is the first. Such a page is skipped, and the rest goes on.
+        let mut done = 0u64;
+        while done < len {
+            let r = match data {
+                Some(d) => m.uffd.copy(va + done, &d[done as usize..]),
+                None => m.uffd.zero(va + done, len - done),
+            };
+            match r {
+                Ok(()) => break,
+                Err((nix::Error::EAGAIN, n)) if n > 0 => done += n,
+                Err((nix::Error::EEXIST, _)) => done += PAGE as u64,
+                Err((e, _)) => {
+                    return Err(format!(
+                        "cannot place {} bytes at {:#x} ({e})",
+                        len - done,
+                        va + done
+                    ))
                 }
             }
-            Err((e, _)) => return Err(format!("cannot place {len} bytes at {va:#x} ({e})")),
         }
         let first = off / PAGE as u64;
         let n = len / PAGE as u64;
@@ -980,54 +982,122 @@ fn load_rest(
     index: &crate::stream::Index,
     faulted: &std::sync::mpsc::Receiver<u64>,
 ) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
     let mut section_of = vec![u32::MAX; p.pending.len() * 64];
     for (i, &(_, _, first, pages)) in index.runs.iter().enumerate() {
         for pg in first..first + pages {
             section_of[pg as usize] = i as u32;
         }
     }
-    let mut loaded = vec![false; index.runs.len()];
-    let mut buf = Vec::new();
-    let mut load = |i: usize, loaded: &mut Vec<bool>| -> Result<(), String> {
-        if std::mem::replace(&mut loaded[i], true) {
-            return Ok(());
-        }
-        let (at, len, _, _) = index.runs[i];
+    let mut l = Loader {
+        p,
+        file,
+        index,
+        faulted,
+        section_of,
+        loaded: vec![false; index.runs.len()],
+        pool: Vec::new(),
+    };
+    for i in 0..index.runs.len() {
+        l.serve_faults(None)?;
+        l.load(i, None)?;
+    }
+    p.all_here("the snapshot")
+}
+
+/// Pages placed at a time while a section loads: faults are looked at between them.
+const LOAD_CHUNK: usize = 256;
+
+struct Loader<'a> {
+    p: &'a Pages,
+    file: &'a std::fs::File,
+    index: &'a crate::stream::Index,
+    faulted: &'a std::sync::mpsc::Receiver<u64>,
+    /// Each page's section (u32::MAX: none, a zero page).
+    section_of: Vec<u32>,
+    loaded: Vec<bool>,
+    /// Buffers kept for reuse (one per section being placed at once): glibc frees a
+    /// thread's large blocks by shrinking its heap, which reads a /proc file that the
+    /// sandbox does not let migrated open.
+    pool: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Loader<'_> {
+    /// Section `i`, read and checked into `buf`: its memfd offset, its pages in `out`.
+    fn read(&self, i: usize, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let (at, len, _, _) = self.index.runs[i];
         buf.resize(len as usize, 0);
-        file.read_exact_at(&mut buf, at)
+        self.file
+            .read_exact_at(&mut buf[..], at)
             .map_err(|e| format!("cannot read the snapshot at byte {at} ({e})"))?;
-        let mut r = Reader::resume(&buf[..], index.config.clone(), at);
+        let mut r = Reader::resume(&buf[..], self.index.config.clone(), at);
         match r.section().map_err(|e| e.to_string())? {
             Section::Ram { gpa, data } => {
-                let off = p
+                let off = self
+                    .p
                     .ram
                     .offset(gpa, data.len() as u64)
                     .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
-                p.place(off as u64, data.len() as u64, Some(data))?;
-                p.placed.fetch_add((data.len() / PAGE) as u64, Relaxed);
-                Ok(())
+                out.clear();
+                out.extend_from_slice(data);
+                Ok(off as u64)
             }
             _ => Err(format!(
                 "the section at byte {at} is not RAM, as its head said"
             )),
         }
-    };
-    let mut next = 0;
-    loop {
-        // A page a fault waits for first.
-        while let Ok(pg) = faulted.try_recv() {
-            if let Some(&i) = section_of.get(pg as usize).filter(|&&i| i != u32::MAX) {
-                load(i as usize, &mut loaded)?;
+    }
+
+    /// Loads section `i` (once), placing it a chunk at a time and serving faults between;
+    /// page `first` (a fault's) before the rest.
+    fn load(&mut self, i: usize, first: Option<u64>) -> Result<(), String> {
+        if std::mem::replace(&mut self.loaded[i], true) {
+            return Ok(());
+        }
+        let (mut buf, mut data) = self.pool.pop().unwrap_or_default();
+        let r = self.read(i, &mut buf, &mut data).and_then(|off| {
+            if let Some(pg) = first {
+                let at = pg * PAGE as u64;
+                let from = (at - off) as usize;
+                self.p
+                    .place(at, PAGE as u64, Some(&data[from..from + PAGE]))?;
+            }
+            for (n, chunk) in data.chunks(LOAD_CHUNK * PAGE).enumerate() {
+                self.serve_faults(Some((off, &data)))?;
+                let at = off + (n * LOAD_CHUNK * PAGE) as u64;
+                self.p.place(at, chunk.len() as u64, Some(chunk))?;
+                self.p
+                    .placed
+                    .fetch_add((chunk.len() / PAGE) as u64, Relaxed);
+            }
+            Ok(())
+        });
+        self.pool.push((buf, data));
+        r
+    }
+
+    /// The pages faults wait for: from `current` (a section being placed: memfd offset and
+    /// pages) at once, from other sections by loading them first.
+    fn serve_faults(&mut self, current: Option<(u64, &[u8])>) -> Result<(), String> {
+        while let Ok(pg) = self.faulted.try_recv() {
+            if self.p.is_here(pg) {
+                continue;
+            }
+            let at = pg * PAGE as u64;
+            if let Some((off, data)) = current {
+                if at >= off && at < off + data.len() as u64 {
+                    let from = (at - off) as usize;
+                    self.p
+                        .place(at, PAGE as u64, Some(&data[from..from + PAGE]))?;
+                    continue;
+                }
+            }
+            if let Some(&j) = self.section_of.get(pg as usize).filter(|&&j| j != u32::MAX) {
+                self.load(j as usize, Some(pg))?;
             }
         }
-        if next == index.runs.len() {
-            break;
-        }
-        load(next, &mut loaded)?;
-        next += 1;
+        Ok(())
     }
-    p.all_here("the snapshot")
 }
 
 /// Waits on every descriptor and resolves its faults, until stopped.

@@ -148,6 +148,9 @@ impl Stream for Replayed {
     fn handle(&self) -> std::io::Result<Box<dyn Stream>> {
         self.rest.handle()
     }
+    fn shrink_buffers(&self) {
+        self.rest.shrink_buffers()
+    }
     fn split(self: Box<Self>) -> std::io::Result<channel::Halves> {
         let (r, w) = self.rest.split()?;
         Ok((Box::new(self.head.chain(r)), w))
@@ -1059,6 +1062,7 @@ fn take(
     back: &Back,
 ) -> Result<Taken, TransferError> {
     let io = |e| TransferError::Transfer(uri.clone(), e);
+    let handle = stream.handle().ok();
     let (r, w) = stream.split().map_err(io)?;
     let w = crate::postcopy::back(w);
     let got = Reader::new(std::io::BufReader::with_capacity(1 << 20, r))
@@ -1073,6 +1077,9 @@ fn take(
         }
     }
     let (state, bytes, rest) = got?;
+    if let (Some(h), Some(_)) = (&handle, &rest) {
+        h.shrink_buffers();
+    }
     let postcopy = rest.map(|(reader, pending)| crate::postcopy::Incoming {
         uri: uri.clone(),
         config: config.clone(),

@@ -360,6 +360,10 @@ impl<W: Write> Writer<W> {
         &mut self.w
     }
 
+    pub fn get_ref(&self) -> &W {
+        &self.w
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -963,6 +967,59 @@ mod tests {
             e.contains("16 expected (a bitmap of the VM's pages)"),
             "{e}"
         );
+    }
+
+    /// A lazy restore's index: every RAM run's place and pages (plain and LZ4), the device
+    /// state, without reading the runs; a run read back from its place is the pages written;
+    /// a bad end count is refused.
+    #[test]
+    fn an_index_finds_each_run_and_a_run_reads_back_from_its_place() {
+        let mut w = Writer::new(Vec::new(), &config())
+            .unwrap()
+            .compressing(true);
+        let mut ram = vec![0u8; 4 * PAGE];
+        for (i, b) in ram.iter_mut().enumerate() {
+            *b = (i / PAGE) as u8 + 1;
+        }
+        w.ram(PAGE as u64, &ram, Zeros::Skip).unwrap(); // compresses
+        let noise: Vec<u8> = (0..PAGE).map(|i| (i * 7919 % 251) as u8).collect();
+        w.ram(1 << 32, &noise, Zeros::Skip).unwrap(); // does not
+        w.device("vm", b"the state").unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let index = Index::read(std::io::Cursor::new(&bytes)).unwrap();
+        assert_eq!(
+            index.devices,
+            vec![("vm".to_string(), b"the state".to_vec())]
+        );
+        assert_eq!(index.bytes, bytes.len() as u64);
+        // Pages count from the start of RAM, regions end to end: the first region has 64
+        // pages, so 4 GiB (the second's start) is page 64.
+        let pages: Vec<(u64, u64)> = index.runs.iter().map(|r| (r.2, r.3)).collect();
+        assert_eq!(pages, vec![(1, 4), (64, 1)]);
+        for (run, want) in index.runs.iter().zip([&ram[..], &noise[..]]) {
+            let (at, len) = (run.0 as usize, run.1 as usize);
+            let mut r = Reader::resume(&bytes[at..at + len], config(), run.0);
+            match r.section().unwrap() {
+                Section::Ram { data, .. } => assert_eq!(data, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The end marker's counts must match what the index saw.
+        let mut bad = Writer::new(Vec::new(), &config()).unwrap();
+        bad.ram(0, &[1u8; PAGE], Zeros::Skip).unwrap();
+        bad.section(
+            END,
+            &[
+                &0u64.to_le_bytes(),
+                &0u64.to_le_bytes(),
+                &0u64.to_le_bytes(),
+            ],
+        )
+        .unwrap();
+        let e = Index::read(std::io::Cursor::new(&bad.w))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the end marker counts 0 sections"), "{e}");
     }
 
     #[test]

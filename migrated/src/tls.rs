@@ -189,6 +189,9 @@ where
     fn handle(&self) -> io::Result<Box<dyn Stream>> {
         self.raw.handle()
     }
+    fn shrink_buffers(&self) {
+        self.raw.shrink_buffers()
+    }
     fn split(self: Box<Self>) -> io::Result<crate::channel::Halves> {
         let rustls::StreamOwned { conn, sock } = self.tls;
         let (r, w) = sock.split()?;

@@ -304,11 +304,19 @@ pub fn install(who: &'static str, list: &[Allow], mode: Mode) -> Result<usize, S
     )
     .map_err(SandboxError::Filter)?;
     let program: BpfProgram = filter.try_into().map_err(SandboxError::Filter)?;
-    // glibc's malloc counts the CPUs (opening /sys/devices/system/cpu/online) the first time
-    // a thread needs an arena of its own, unless the arena count is fixed: fix it, so that
-    // no path is ever opened under a filter.
-    // SAFETY: mallopt only sets an allocator parameter.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+    // glibc's malloc opens files in two places, which a filter must never meet: it counts
+    // the CPUs (/sys/devices/system/cpu/online) the first time a thread needs an arena of
+    // its own, unless the arena count is fixed; and the first time it shrinks a thread's
+    // heap it reads /proc/sys/vm/overcommit_memory (a lazy restore's loader freeing its
+    // 4 MiB buffers did). So: a fixed arena count; no trimming (freed heap memory stays for
+    // reuse); and blocks of 256 KiB or more from mmap, so that they go back at once with
+    // munmap (a fixed threshold: glibc's dynamic one would move them into the heap).
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 8);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+    }
     // Leaked, NUL-terminated copies for the handler.
     let name = leak_name(who);
     THREAD_WHO.with(|w| w.set(name));
