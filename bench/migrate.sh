@@ -14,7 +14,8 @@
 # to 1 TiB/s: its default is 32 MiB/s, which would measure the limit, not the code).
 #
 # Then post-copy (switched after the first pass, and at once) and a snapshot's restore, whole
-# and --lazy: time to running, total time, pages, faults and the time from a page request to
+# and --lazy (with and without the working set the snapshot records, --workset-ms 200): time
+# to running, total time, pages, faults and the time from a page request to
 # the page in place (p50/p99), with Firecracker's documented restore figure as a reference row.
 #
 # usage: bench/migrate.sh [ROUNDS] [all|precopy|postcopy]     (default 3 all)
@@ -203,21 +204,22 @@ def postcopy(n, at_once):
         end(src)
         end(dst)
 
-def restore(n, lazy):
+def restore(n, mode):
     """A snapshot of the dirtying guest (700 MiB, 64 MiB of it rewritten on and on), restored
     whole or --lazy: from vmm-core's start to the VM running, and (lazy) until every page is
     loaded, with the guest's faults meanwhile."""
-    d = f"{work}/ours-restore-{lazy}-{n}"
+    lazy, ws = mode != "whole", mode == "lazy, working set"
+    d = f"{work}/ours-restore-{mode.replace(' ', '').replace(',', '-')}-{n}"
     os.makedirs(d)
-    snap = f"{work}/snap-{n}"
+    snap = f"{work}/snap-{ws}-{n}"
     if not os.path.exists(snap):
         cmdline = f"console=ttyS0 tg.scenario=dirty {CASES['dirtying']}"
         src = start([vmm, "run", "--kernel", guest, "--memory", MEM, "--cmdline", cmdline,
                      "--serial", f"file={d}/src.txt", "--api-socket", f"{d}/src.sock"], f"{d}/src.log")
         wait_for("the guest to fill its memory", lambda: "tg: dirty filled" in text(f"{d}/src.txt"), src)
         time.sleep(1)
-        subprocess.run([vmmctl, "--socket", f"{d}/src.sock", "snapshot", f"file:{snap}"], check=True,
-                       capture_output=True)
+        subprocess.run([vmmctl, "--socket", f"{d}/src.sock", "snapshot", f"file:{snap}",
+                        *(["--workset-ms", "200"] if ws else [])], check=True, capture_output=True)
         end(src)
     t0 = time.time()
     vm = start([vmm, "run", "--restore", f"file:{snap}", *(["--lazy"] if lazy else []),
@@ -335,7 +337,7 @@ try:
     if part in ("all", "postcopy"):
         # Post-copy and lazy restore (ours; the faults are counted and timed on the destination).
         pc = {k: [postcopy(n, k == "at once") for n in range(rounds)] for k in ("after pass 1", "at once")}
-        rs = {k: [restore(n, k == "lazy") for n in range(rounds)] for k in ("whole", "lazy")}
+        rs = {k: [restore(n, k) for n in range(rounds)] for k in ("whole", "lazy", "lazy, working set")}
         print(f"\npost-copy and restore of the dirtying guest (medians of {rounds}; ours):")
         print(f"{'case':<24}{'to running ms':>14}{'total ms':>9}{'pause ms':>9}{'pages':>8}{'faults':>7}{'asked':>6}{'p50 us':>7}{'p99 us':>7}")
         for k, runs in pc.items():
@@ -343,7 +345,7 @@ try:
                   f"{med(runs, 'downtime_ms'):>9.0f}{med(runs, 'pages'):>8.0f}{med(runs, 'faults'):>7.0f}"
                   f"{med(runs, 'requests'):>6.0f}{med(runs, 'p50_us'):>7.0f}{med(runs, 'p99_us'):>7.0f}")
         for k, runs in rs.items():
-            lazy = k == "lazy"
+            lazy = k != "whole"
             extra = (f"{'':>9}{med(runs, 'pages'):>8.0f}{med(runs, 'faults'):>7.0f}{'':>6}"
                      f"{med(runs, 'p50_us'):>7.0f}{med(runs, 'p99_us'):>7.0f}") if lazy else ""
             print(f"{'restore ' + k:<24}{med(runs, 'to_running_ms'):>14.0f}{med(runs, 'total_ms'):>9.0f}{extra}")

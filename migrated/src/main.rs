@@ -137,6 +137,10 @@ fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
             Section::Ram { data, .. } => ram += data.len() as u64,
             Section::Zero { pages, .. } => zero += pages,
             Section::Pass(_) | Section::Postcopy(_) => {}
+            Section::Workset(w) => {
+                let n: u32 = w.iter().map(|w| w.count_ones()).sum();
+                println!("working set: {n} page(s) (a lazy restore loads them first)");
+            }
             Section::Device { name, state } => {
                 devices.insert(name.to_string(), state.len());
             }

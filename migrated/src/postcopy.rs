@@ -962,7 +962,10 @@ fn receive_rest(
                 p.placed.fetch_add(pages, Relaxed);
             }
             Section::End => break,
-            Section::Device { .. } | Section::Pass(_) | Section::Postcopy(_) => {
+            Section::Device { .. }
+            | Section::Pass(_)
+            | Section::Postcopy(_)
+            | Section::Workset(_) => {
                 return Err("the stream sent a section other than pages during post-copy".into())
             }
         }
@@ -997,7 +1000,28 @@ fn load_rest(
         loaded: vec![false; index.runs.len()],
         pool: Vec::new(),
     };
-    for i in 0..index.runs.len() {
+    // The working set the snapshot records first (as Firecracker's REAP work prefetches),
+    // then the rest in file order.
+    let hot = |run: &(u64, u64, u64, u64)| {
+        index.workset.as_ref().is_some_and(|ws| {
+            (run.2..run.2 + run.3).any(|pg| {
+                ws.get((pg / 64) as usize)
+                    .is_some_and(|w| w & (1 << (pg % 64)) != 0)
+            })
+        })
+    };
+    let mut order: Vec<usize> = (0..index.runs.len())
+        .filter(|&i| hot(&index.runs[i]))
+        .collect();
+    if !order.is_empty() {
+        log::info!(
+            "{}: lazy restore: the {} section(s) holding the recorded working set first",
+            p.uri,
+            order.len()
+        );
+    }
+    order.extend((0..index.runs.len()).filter(|&i| !hot(&index.runs[i])));
+    for i in order {
         l.serve_faults(None)?;
         l.load(i, None)?;
     }

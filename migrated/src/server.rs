@@ -549,6 +549,8 @@ fn receive(
                     .and_then(|()| s.flush())
                     .map_err(|e| ReceiveError::Ack(n, e))?;
             }
+            // Only a lazy restore uses it.
+            Section::Workset(_) => {}
             Section::Postcopy(pending) => {
                 let state = state.ok_or(ReceiveError::NoState)?;
                 // The pages to come must fault until they come: out of the memfd with them
@@ -666,12 +668,16 @@ impl migrated::Server for Server {
         mut results: migrated::FinishResults,
     ) -> Result<(), capnp::Error> {
         let state = params.get()?.get_state()?.to_vec();
+        let workset: Vec<u64> = params.get()?.get_workset()?.iter().collect();
         let (out, cut) = (self.out.clone(), self.cut.clone());
         let bytes = blocking(move || {
             let o = out.lock().unwrap().take().ok_or(TransferError::NotOpen)?;
             let (uri, live) = (o.uri.clone(), o.live);
             let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
             let mut w = o.writer;
+            if !workset.is_empty() {
+                w.workset(&workset).map_err(io)?;
+            }
             w.device(VM_SECTION, &state).map_err(io)?;
             let (raw, packed) = w.compression();
             if raw > 0 {

@@ -13,6 +13,8 @@
 //!   POSTCOPY the pages still to come, a bitmap (bit n of word w: page 64w+n of RAM in
 //!           region order, as u64 words); after the device state, when the destination runs
 //!           the VM before it has all of its RAM (post-copy: see postcopy.rs)
+//!   WORKSET the pages the guest was writing when the snapshot was taken, a bitmap as
+//!           POSTCOPY's (a lazy restore loads them first)
 //!   END     sections u64 | RAM pages u64 | zero pages u64 (what came before, to be checked)
 //! ```
 //!
@@ -42,6 +44,7 @@ const DEVICE: u8 = 3;
 const LZ4: u8 = 4;
 const PASS: u8 = 5;
 const POSTCOPY: u8 = 6;
+const WORKSET: u8 = 7;
 const END: u8 = 0xff;
 
 /// The VM's shape: a stream only goes into a VM of the same shape.
@@ -401,6 +404,18 @@ impl<W: Write> Writer<W> {
         self.section(POSTCOPY, &[&bytes])
     }
 
+    /// The guest's working set (a snapshot's: the pages it wrote just before).
+    pub fn workset(&mut self, pages: &[u64]) -> io::Result<()> {
+        if pages.len() != self.config.bitmap_words() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a working-set bitmap of another size than the VM's RAM",
+            ));
+        }
+        let bytes: Vec<u8> = pages.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.section(WORKSET, &[&bytes])
+    }
+
     /// The same stream on another sink (the first's is returned by `f`, which makes the
     /// second): the counts go on.
     pub fn with_sink<W2: Write>(
@@ -453,6 +468,8 @@ pub struct Index {
     pub runs: Vec<(u64, u64, u64, u64)>,
     /// The device sections: (name, state).
     pub devices: Vec<(String, Vec<u8>)>,
+    /// The working set the snapshot records, if it does.
+    pub workset: Option<Vec<u64>>,
     /// The file's length.
     pub bytes: u64,
 }
@@ -465,6 +482,7 @@ impl Index {
         let config = r.config.clone();
         let mut runs = Vec::new();
         let mut devices = Vec::new();
+        let mut workset = None;
         let (mut sections, mut ram_pages, mut zero_pages) = (0u64, 0u64, 0u64);
         loop {
             let start = r.at;
@@ -510,7 +528,7 @@ impl Index {
                     r.at = start + 13 + len;
                     sections += 1;
                 }
-                DEVICE | ZERO | PASS | POSTCOPY | END => {
+                DEVICE | ZERO | PASS | POSTCOPY | WORKSET | END => {
                     // Small sections: read and checked whole.
                     let mut one = Reader::resume(
                         std::io::Cursor::new(head[..9].to_vec()).chain(&mut r.r),
@@ -524,6 +542,10 @@ impl Index {
                         }
                         Section::Zero { pages, .. } => {
                             zero_pages += pages;
+                            None
+                        }
+                        Section::Workset(w) => {
+                            workset = Some(w);
                             None
                         }
                         Section::End => Some(one.buf.clone()),
@@ -546,6 +568,7 @@ impl Index {
                             config,
                             runs,
                             devices,
+                            workset,
                             bytes: r.at,
                         });
                     }
@@ -574,6 +597,8 @@ pub enum Section<'a> {
     Pass(u32),
     /// The pages still to come (post-copy), a bitmap of RAM's pages.
     Postcopy(Vec<u64>),
+    /// The guest's working set when the snapshot was taken, a bitmap of RAM's pages.
+    Workset(Vec<u64>),
     End,
 }
 
@@ -620,6 +645,7 @@ fn kind_name(kind: u8) -> &'static str {
         DEVICE => "a device section",
         PASS => "a pass marker",
         POSTCOPY => "the post-copy switch",
+        WORKSET => "the working set",
         END => "the end marker",
         _ => "a section",
     }
@@ -731,7 +757,10 @@ impl<R: Read> Reader<R> {
         let kind = head[0];
         let len = u64::from_le_bytes(head[1..].try_into().unwrap());
         let bad = |why: String| StreamError::Bad { at: start, why };
-        if !matches!(kind, RAM | LZ4 | ZERO | DEVICE | PASS | POSTCOPY | END) {
+        if !matches!(
+            kind,
+            RAM | LZ4 | ZERO | DEVICE | PASS | POSTCOPY | WORKSET | END
+        ) {
             return Err(bad(format!("section {n} is of unknown kind {kind:#x}")));
         }
         if len > MAX_PAYLOAD + 8 {
@@ -816,7 +845,7 @@ impl<R: Read> Reader<R> {
                 }
                 Section::Pass(u32::from_le_bytes(payload.try_into().unwrap()))
             }
-            POSTCOPY => {
+            POSTCOPY | WORKSET => {
                 let words = self.config.bitmap_words();
                 if payload.len() != words * 8 {
                     return Err(bad(format!(
@@ -824,12 +853,15 @@ impl<R: Read> Reader<R> {
                         words * 8
                     )));
                 }
-                Section::Postcopy(
-                    payload
-                        .chunks_exact(8)
-                        .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-                        .collect(),
-                )
+                let bits = payload
+                    .chunks_exact(8)
+                    .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                    .collect();
+                if kind == POSTCOPY {
+                    Section::Postcopy(bits)
+                } else {
+                    Section::Workset(bits)
+                }
             }
             DEVICE => {
                 let name_len = payload
@@ -936,6 +968,7 @@ mod tests {
                 Section::Zero { gpa, pages } => out.push(format!("zero {gpa:#x} {pages}")),
                 Section::Pass(n) => out.push(format!("pass {n}")),
                 Section::Postcopy(b) => out.push(format!("postcopy {b:x?}")),
+                Section::Workset(b) => out.push(format!("workset {b:x?}")),
                 Section::Device { name, state } => {
                     out.push(format!("device {name} {}", String::from_utf8_lossy(state)))
                 }

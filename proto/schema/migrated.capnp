@@ -25,7 +25,9 @@ interface Migrated {
 
   # The device state, then the end marker; for a live migration, waits until the destination
   # says it has all of it and will run the VM.
-  finish @2 (state :Data) -> (bytes :UInt64);
+  # workset (a snapshot's, may be empty): the pages the guest was writing, recorded in the
+  # file for a lazy restore to load first.
+  finish @2 (state :Data, workset :List(UInt64)) -> (bytes :UInt64);
 
   # Drops the outgoing channel: the migration failed or was cancelled; the source goes on.
   abort @3 () -> ();

@@ -165,6 +165,9 @@ struct MigrateOptions {
   postcopyBandwidth @7 :UInt64; # bytes per second for the pages post-copy sends in the
                               # background (QEMU's max-postcopy-bandwidth; 0: as bandwidth);
                               # the pages the destination faults on go at once
+  worksetMs @8 :UInt32;       # a snapshot: record the pages the guest writes during this
+                              # long before the pause (KVM's dirty log) as its working set,
+                              # which a lazy restore loads first (0: none)
 }
 
 struct MigrationStatus {

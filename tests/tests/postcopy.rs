@@ -443,11 +443,20 @@ fn a_lazy_restore_runs_at_once_and_loads_the_whole_snapshot() {
     let src_sock = dir.join("src.sock");
     let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
     let snap = dir.join("snap");
+    // With the working set: the pages the guest writes in 100 ms before the pause.
     let (code, out, err) = vmmctl(
         &src_sock,
-        &["snapshot", &format!("file:{}", snap.display())],
+        &[
+            "snapshot",
+            &format!("file:{}", snap.display()),
+            "--workset-ms",
+            "100",
+        ],
     );
     assert_eq!(code, 0, "{out}{err}");
+    let ws = num(&src.stderr(), "working set: ");
+    // The guest rewrites its 8 MiB (2048 pages) many times in 100 ms.
+    assert!(ws >= 2048, "a working set of {ws} pages:\n{}", src.stderr());
     drop(src);
     let before = std::fs::read_to_string(dir.join("source.txt")).unwrap();
     let (vm, sock) = lazy_restore(&dir, &snap, &img);
@@ -470,6 +479,12 @@ fn a_lazy_restore_runs_at_once_and_loads_the_whole_snapshot() {
     assert!(
         log.contains("--lazy: indexed in ")
             && log.contains("lazy restore complete, every page loaded: "),
+        "{log}"
+    );
+    // The working set's sections went first.
+    assert!(
+        num(&log, "lazy restore: the ") > 0
+            && log.contains("section(s) holding the recorded working set first"),
         "{log}"
     );
     let after = std::fs::read_to_string(&console).unwrap();

@@ -519,6 +519,7 @@ impl vmm::Server for VmmServer {
             compress: o.get_compress(),
             postcopy: o.get_postcopy(),
             postcopy_bandwidth: o.get_postcopy_bandwidth(),
+            workset_ms: o.get_workset_ms(),
             tls: crate::migration::TlsOptions {
                 creds: o.get_tls_creds()?.to_str()?.to_string(),
                 hostname: o.get_tls_hostname()?.to_str()?.to_string(),

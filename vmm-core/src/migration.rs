@@ -239,6 +239,8 @@ pub struct Options {
     pub postcopy: bool,
     /// Bytes per second for post-copy's background pages (0: `bandwidth`).
     pub postcopy_bandwidth: u64,
+    /// A snapshot: ms of dirty logging before the pause, to record the working set (0: none).
+    pub workset_ms: u32,
 }
 
 /// QEMU's tls-creds (a directory; empty: no TLS), tls-hostname and tls-authz.
@@ -423,11 +425,15 @@ async fn open(
     .await
 }
 
-async fn finish(m: &Migrated, state: Vec<u8>) -> Result<u64, MigrationError> {
+async fn finish(m: &Migrated, state: Vec<u8>, workset: Vec<u64>) -> Result<u64, MigrationError> {
     m.call(move |conn| {
         Box::pin(async move {
             let mut req = conn.client.finish_request();
             req.get().set_state(&state);
+            let mut l = req.get().init_workset(workset.len() as u32);
+            for (i, w) in workset.iter().enumerate() {
+                l.set(i as u32, *w);
+            }
             let r = req.send().promise.await?;
             let bytes = r.get()?.get_bytes();
             conn.channel_done();
@@ -637,6 +643,29 @@ async fn transfer(
             bitmap = Some(dirty);
         }
     }
+    // A snapshot's working set: the pages the guest writes in the last moments before the
+    // pause.
+    let workset = if !live && opts.workset_ms > 0 {
+        ask(tx, |r| MigrationRequest::DirtyLog(true, r)).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(opts.workset_ms.into())).await;
+        let mut w = ask(tx, MigrationRequest::TakeDirty).await;
+        let _ = ask(tx, |r| MigrationRequest::DirtyLog(false, r)).await;
+        if let Ok(w) = &mut w {
+            w.resize(
+                (memory / vmm_devices::layout::PAGE_SIZE).div_ceil(64) as usize,
+                0,
+            );
+            log::info!(
+                "{}: working set: {} page(s) written in {} ms",
+                opts.uri,
+                count(w),
+                opts.workset_ms
+            );
+        }
+        w?
+    } else {
+        Vec::new()
+    };
     set(&|s| s.phase = "stop-and-copy".into());
     let stop = std::time::Instant::now();
     let saved = ask(tx, MigrationRequest::Save).await?;
@@ -651,7 +680,7 @@ async fn transfer(
     let saved_ms = stop.elapsed().as_millis();
     let sent = send_pages_watched(m, last, progress, events).await?;
     let last_ms = stop.elapsed().as_millis() - saved_ms;
-    let bytes = finish(m, saved.state).await?;
+    let bytes = finish(m, saved.state, workset).await?;
     let downtime = stop.elapsed().as_millis() as u64;
     log::info!(
         "stop-and-copy: paused and saved in {saved_ms} ms, the last {} page(s) in {last_ms} ms, the device state and the destination's answer in {} ms",
