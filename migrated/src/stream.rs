@@ -390,30 +390,29 @@ impl<W: Write> Writer<W> {
 
     /// The switch to post-copy: the pages still to come (bit n: page n of RAM).
     pub fn postcopy(&mut self, pending: &[u64]) -> io::Result<()> {
-        if pending.len() != self.config.bitmap_words() {
+        self.bitmap(POSTCOPY, pending)
+    }
+
+    /// A section that is a bitmap of RAM's pages.
+    fn bitmap(&mut self, kind: u8, bits: &[u64]) -> io::Result<()> {
+        if bits.len() != self.config.bitmap_words() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "a post-copy bitmap of {} words, the VM's RAM needs {}",
-                    pending.len(),
+                    "{} of {} words, the VM's RAM needs {}",
+                    kind_name(kind),
+                    bits.len(),
                     self.config.bitmap_words()
                 ),
             ));
         }
-        let bytes: Vec<u8> = pending.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.section(POSTCOPY, &[&bytes])
+        let bytes: Vec<u8> = bits.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.section(kind, &[&bytes])
     }
 
     /// The guest's working set (a snapshot's: the pages it wrote just before).
     pub fn workset(&mut self, pages: &[u64]) -> io::Result<()> {
-        if pages.len() != self.config.bitmap_words() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a working-set bitmap of another size than the VM's RAM",
-            ));
-        }
-        let bytes: Vec<u8> = pages.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.section(WORKSET, &[&bytes])
+        self.bitmap(WORKSET, pages)
     }
 
     /// The same stream on another sink (the first's is returned by `f`, which makes the
@@ -554,16 +553,7 @@ impl Index {
                     r.at = one.at;
                     sections += 1;
                     if let Some(end) = got {
-                        let u64_at =
-                            |i: usize| u64::from_le_bytes(end[i..i + 8].try_into().unwrap());
-                        let counts = (u64_at(0), u64_at(8), u64_at(16));
-                        let seen = (sections - 1, ram_pages, zero_pages);
-                        if counts != seen {
-                            return Err(bad(format!(
-                                "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
-                                counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
-                            )));
-                        }
+                        check_end(&end, (sections - 1, ram_pages, zero_pages)).map_err(bad)?;
                         return Ok(Index {
                             config,
                             runs,
@@ -633,6 +623,19 @@ fn fill<R: Read>(r: &mut R, buf: &mut [u8], at: u64, inside: &str) -> Result<(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(StreamError::Io(e)),
         }
+    }
+    Ok(())
+}
+
+/// The end marker's counts (its payload: sections, RAM pages, zero pages) against what came.
+fn check_end(payload: &[u8], seen: (u64, u64, u64)) -> Result<(), String> {
+    let at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap());
+    let counts = (at(0), at(8), at(16));
+    if counts != seen {
+        return Err(format!(
+            "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
+            counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
+        ));
     }
     Ok(())
 }
@@ -880,13 +883,9 @@ impl<R: Read> Reader<R> {
                 if payload.len() != 24 {
                     return Err(bad(format!("{what} holds {len} bytes, 24 expected")));
                 }
-                let counts = (u64_at(payload, 0), u64_at(payload, 8), u64_at(payload, 16));
-                let seen = (self.sections, self.ram_pages, self.zero_pages);
-                if self.whole && counts != seen {
-                    return Err(bad(format!(
-                        "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
-                        counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
-                    )));
+                if self.whole {
+                    check_end(payload, (self.sections, self.ram_pages, self.zero_pages))
+                        .map_err(bad)?;
                 }
                 self.ended = true;
                 Section::End

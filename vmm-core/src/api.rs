@@ -329,6 +329,16 @@ fn console_name(name: capnp::text::Reader<'_>) -> Result<(), capnp::Error> {
 }
 
 impl VmmServer {
+    /// migrated, once the VM's set-up started it.
+    fn migrated(&self) -> Result<Arc<crate::helpers::migrated::Migrated>, capnp::Error> {
+        self.shared.migrated.get().cloned().ok_or_else(|| {
+            capnp::Error::failed(
+                "the VM is still being set up (migrated has not started yet); try again in a moment"
+                    .into(),
+            )
+        })
+    }
+
     /// The current (or last) migration, as `migrateStatus` and `migrate` answer it.
     fn write_migration(&self, mut r: vmm_proto::vmm_capnp::migration_status::Builder) {
         let st = self.shared.migration.lock().unwrap().clone();
@@ -470,12 +480,7 @@ impl vmm::Server for VmmServer {
                 "the VM has not arrived yet (state incoming): there is nothing to send".into(),
             ));
         }
-        let m = self
-            .shared
-            .migrated
-            .get()
-            .cloned()
-            .ok_or_else(|| capnp::Error::failed("the VM is still being set up (migrated has not started yet); try again in a moment".into()))?;
+        let m = self.migrated()?;
         {
             let mut st = self.shared.migration.lock().unwrap();
             if matches!(
@@ -599,12 +604,7 @@ impl vmm::Server for VmmServer {
         }
         // The pass under way stops after its current run (as QEMU's migrate-start-postcopy,
         // which does not wait for the pass either).
-        let m = self
-            .shared
-            .migrated
-            .get()
-            .cloned()
-            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+        let m = self.migrated()?;
         crate::migration::switch_now(&m)
             .await
             .map_err(|e| failed(&e))
@@ -631,12 +631,7 @@ impl vmm::Server for VmmServer {
             }
             st.destination
         };
-        let m = self
-            .shared
-            .migrated
-            .get()
-            .cloned()
-            .ok_or_else(|| capnp::Error::failed("migrated is not running".into()))?;
+        let m = self.migrated()?;
         let tls = crate::migration::TlsOptions {
             creds: o.get_tls_creds()?.to_str()?.to_string(),
             hostname: o.get_tls_hostname()?.to_str()?.to_string(),
@@ -683,12 +678,7 @@ impl vmm::Server for VmmServer {
                 }
             )));
         }
-        let m = self
-            .shared
-            .migrated
-            .get()
-            .cloned()
-            .ok_or_else(|| capnp::Error::failed("the VM is still being set up (migrated has not started yet); try again in a moment".into()))?;
+        let m = self.migrated()?;
         self.shared.migration.lock().unwrap().cancelled = true;
         crate::migration::cancel(&m).await;
         Ok(())
