@@ -785,8 +785,10 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
                 if !seq_block_matches(rbuf, prev) {
                     Line::new().s("tg: mig error read ").u(prev).emit();
                 }
-                let sector_ok = matches!(d.read(0, (prev % blocks) * 8, cbuf as u64, 512), Some((0, _)))
-                    && sector_and_canary_hold(cbuf, prev);
+                let sector_ok = matches!(
+                    d.read(0, (prev % blocks) * 8, cbuf as u64, 512),
+                    Some((0, _))
+                ) && sector_and_canary_hold(cbuf, prev);
                 if !sector_ok {
                     Line::new().s("tg: mig error canary ").u(prev).emit();
                 }
