@@ -72,9 +72,10 @@ pub struct Handler {
     postcopy: Option<Postcopy>,
 }
 
-/// /dev/userfaultfd, opened before the jail dropped the privileges it needs (set by main).
-pub static UFFD_DEVICE: std::sync::OnceLock<Option<vmm_sandbox::uffd::Device>> =
-    std::sync::OnceLock::new();
+/// /dev/userfaultfd: opened before the jail dropped the privileges it needs (by main), or
+/// handed over by vmm-core (`userfaultfdDevice`).
+pub static UFFD_DEVICE: std::sync::Mutex<Option<vmm_sandbox::uffd::Device>> =
+    std::sync::Mutex::new(None);
 
 /// A connection in post-copy: its userfaultfd and the ranges of this process registered on
 /// it. While one exists, requests touch their buffers before the kernel does (see
@@ -512,8 +513,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     /// POSTCOPY_ADVISE: a userfaultfd of this process for the frontend's page server.
     fn postcopy_advice(&mut self) -> Result<File> {
-        let dev = UFFD_DEVICE.get().and_then(Option::as_ref);
-        let uffd = vmm_sandbox::uffd::Uffd::from_device(dev).map_err(|e| {
+        let dev = UFFD_DEVICE.lock().unwrap();
+        let uffd = vmm_sandbox::uffd::Uffd::from_device(dev.as_ref()).map_err(|e| {
             log::error!("{}: cannot join post-copy: {e}", self.name);
             failed(e)
         })?;

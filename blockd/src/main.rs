@@ -153,7 +153,9 @@ fn confine(args: &Args, mut keep: Vec<i32>) -> anyhow::Result<()> {
     if let Some(d) = &dev {
         keep.push(d.raw_fd());
     }
-    let _ = connection::UFFD_DEVICE.set(dev);
+    if dev.is_some() {
+        *connection::UFFD_DEVICE.lock().unwrap() = dev;
+    }
     if args.sandbox.no_sandbox {
         return Ok(());
     }

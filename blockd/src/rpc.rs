@@ -69,6 +69,29 @@ fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), SideChannelEr
 }
 
 impl blockd::Server for Server {
+    async fn userfaultfd_device(
+        self: CapRc<Self>,
+        _: blockd::UserfaultfdDeviceParams,
+        _: blockd::UserfaultfdDeviceResults,
+    ) -> Result<(), capnp::Error> {
+        let side = self.side.as_ref().ok_or_else(|| {
+            failed("userfaultfdDevice: this connection has no side channel".into())
+        })?;
+        let mut buf = [0u8; 32];
+        let (n, mut fds) = vmm_proto::rpc::side_message(side.as_fd(), &mut buf, 5)
+            .map_err(|e| failed(format!("userfaultfdDevice: {e}")))?;
+        if &buf[..n] != b"userfaultfd" || fds.len() != 1 {
+            return Err(failed(format!(
+                "userfaultfdDevice: the side channel brought {:?} with {} descriptor(s), not \"userfaultfd\" with /dev/userfaultfd's",
+                String::from_utf8_lossy(&buf[..n]),
+                fds.len()
+            )));
+        }
+        let dev = vmm_sandbox::uffd::Device::from_fd(fds.pop().expect("one"));
+        *crate::connection::UFFD_DEVICE.lock().unwrap() = Some(dev);
+        Ok(())
+    }
+
     async fn add(
         self: CapRc<Self>,
         params: blockd::AddParams,

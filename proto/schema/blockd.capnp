@@ -40,6 +40,12 @@ interface Blockd {
 
   resume @9 (name :Text) -> (retried :UInt32);
   # Retries the requests a stopped export holds and serves again (empty name: every export).
+
+  userfaultfdDevice @10 () -> ();
+  # /dev/userfaultfd, opened by the client, comes on the side channel first (one message,
+  # "userfaultfd", with its descriptor): blockd makes the userfaultfd a post-copy destination's
+  # POSTCOPY_ADVISE asks for from it. (An unprivileged blockd, as under its systemd unit,
+  # cannot open the device; a descriptor's access was checked when it was opened.)
 }
 
 interface Watcher {

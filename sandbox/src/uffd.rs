@@ -116,6 +116,16 @@ impl Device {
     pub fn raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+
+    /// One another process opened and handed over (access is checked at open only: a
+    /// process that may not open the device can still use it).
+    pub fn from_fd(fd: OwnedFd) -> Device {
+        Device(std::fs::File::from(fd))
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
 /// A userfaultfd of this process (or one handed over by another).

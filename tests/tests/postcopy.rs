@@ -683,3 +683,58 @@ fn a_channel_cut_during_postcopy_is_recovered_on_a_new_channel() {
     let acked = check_seq_blocks(&img, &all);
     assert!(acked >= 8, "only {acked} blocks acknowledged");
 }
+
+/// A blockd that cannot open /dev/userfaultfd (an unprivileged user's, as under its systemd
+/// unit) still joins post-copy on the destination: vmm-core opens the device and hands it
+/// over, and blockd makes its userfaultfd from that.
+#[test]
+fn an_unprivileged_blockd_joins_postcopy_with_the_device_vmm_core_hands_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("pc-unpriv");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    // blockd as nobody, on a socket in a directory it may write.
+    let run = dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ctl = run.join("blockd.sock");
+    struct Ends(std::process::Child);
+    impl Drop for Ends {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _blockd = Ends(
+        std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(vmm_tests::blockd_bin())
+            .args(["--listen", ctl.to_str().unwrap()])
+            .stderr(std::fs::File::create(dir.join("blockd.log")).unwrap())
+            .spawn()
+            .expect("setpriv (util-linux) must be installed"),
+    );
+    wait_until(T, "the unprivileged blockd to listen", || ctl.exists());
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (dst, dst_sock) = dest_with_api(
+        &dir,
+        &img,
+        &uri,
+        None,
+        &["--blockd-socket", ctl.to_str().unwrap()],
+    );
+    postcopy_and_check(
+        &dir,
+        &img,
+        (src, &src_sock),
+        (dst, &dst_sock),
+        &uri,
+        &["--downtime-ms", "1"],
+    );
+    let log = std::fs::read_to_string(dir.join("blockd.log")).unwrap();
+    assert!(
+        log.contains("disk0: post-copy: a userfaultfd for the frontend"),
+        "{log}"
+    );
+}

@@ -402,8 +402,15 @@ pub fn start(
         devices,
         child,
     };
+    // A destination may switch to post-copy, for which blockd makes a userfaultfd from
+    // /dev/userfaultfd: opened here, where vmm-core may, and handed over (blockd may not
+    // open it itself under its unit).
+    let uffd_dev = (!lock_now)
+        .then(vmm_sandbox::uffd::Device::open)
+        .flatten()
+        .map(Arc::new);
     let thread = super::client_thread("blockd-client", move || {
-        client(ours, opened, ready_tx, rx, hooks, restart)
+        client(ours, opened, ready_tx, rx, hooks, restart, uffd_dev)
     })
     .map_err(BlockdError::Thread)?;
     handle.thread = Some(thread);
@@ -450,6 +457,7 @@ async fn attach(
     opened: &[Opened],
     on_stop: &std::rc::Rc<OnStop>,
     throttles: &std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
+    uffd_dev: Option<&vmm_sandbox::uffd::Device>,
 ) -> Result<
     (
         vmm_proto::blockd_capnp::blockd::Client,
@@ -494,6 +502,14 @@ async fn attach(
         if let Err(e) = req.send().promise.await {
             let path = o.spec.path.as_ref().map(|p| p.display().to_string());
             return Err(BlockdError::Refused(path.unwrap_or_default(), e.into()));
+        }
+    }
+    if let Some(dev) = uffd_dev {
+        fdpass::send(side.as_fd(), b"userfaultfd", &[dev.fd()])
+            .map_err(|e| BlockdError::HandImage("/dev/userfaultfd".into(), e))?;
+        if let Err(e) = server.userfaultfd_device_request().send().promise.await {
+            // An older blockd: post-copy then depends on its own access to the device.
+            log::warn!("blockd did not take /dev/userfaultfd ({e}); a post-copy destination's disks need blockd to open it itself");
         }
     }
     // The disks' throttles: from --disk, as changed since (a restarted blockd gets them
@@ -552,6 +568,7 @@ async fn client(
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     hooks: Hooks,
     restart: Restart,
+    uffd_dev: Option<Arc<vmm_sandbox::uffd::Device>>,
 ) {
     let Restart {
         respawn,
@@ -567,7 +584,7 @@ async fn client(
     let mut restarts = 0u32;
     loop {
         let attached = match control.take() {
-            Some(c) => attach(c, &opened, &on_stop, &throttles).await,
+            Some(c) => attach(c, &opened, &on_stop, &throttles, uffd_dev.as_deref()).await,
             None => Err(BlockdError::NoConnection),
         };
         match attached {

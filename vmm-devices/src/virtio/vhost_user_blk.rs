@@ -513,10 +513,12 @@ impl VirtioDevice for VhostUserBlk {
                 "the backend does not offer PAGEFAULT, so it cannot join post-copy (its reads of pages still on the source would see zeroes)",
             ));
         }
-        let uffd = self
-            .frontend
-            .postcopy_advise()
-            .map_err(|e| self.e("POSTCOPY_ADVISE", e))?;
+        let uffd = self.frontend.postcopy_advise().map_err(|e| {
+            self.e(
+                "POSTCOPY_ADVISE",
+                format!("{e}: the backend made no userfaultfd (it needs /dev/userfaultfd or CAP_SYS_PTRACE; its log says why)"),
+            )
+        })?;
         self.frontend
             .postcopy_listen()
             .map_err(|e| self.e("POSTCOPY_LISTEN", e))?;
