@@ -738,3 +738,57 @@ fn an_unprivileged_blockd_joins_postcopy_with_the_device_vmm_core_hands_it() {
         "{log}"
     );
 }
+
+/// The guest powers off during post-copy (the ACPI power button on the destination): its
+/// end waits for the last page, so that the source sees post-copy complete and exits, and
+/// the destination then powers off.
+#[test]
+fn a_guest_that_powers_off_during_postcopy_waits_for_the_last_page() {
+    let dir = TempDir::new("pc-poweroff");
+    let img = disk(&dir);
+    let src_sock = dir.join("src.sock");
+    let mut src = source_cmdline(TestVm::builder(), CMDLINE, &dir, &img, &src_sock);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let (mut dst, dst_sock) = dest_with_api(&dir, &img, &uri, None, &[]);
+    let migrating = {
+        let (sock, uri) = (src_sock.clone(), uri.clone());
+        std::thread::spawn(move || {
+            vmmctl(
+                &sock,
+                &[
+                    "migrate",
+                    &uri,
+                    "--postcopy",
+                    "--downtime-ms",
+                    "1",
+                    "--postcopy-bandwidth",
+                    "2M",
+                ],
+            )
+        })
+    };
+    wait_until(T, "the destination to run the VM", || {
+        dst.stderr().contains("the VM is here")
+    });
+    let (code, out, err) = vmmctl(&dst_sock, &["shutdown"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = migrating.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}\n{}", dst.stderr());
+    assert_eq!(src.wait_exit(T), 0, "{}", src.stderr());
+    assert_eq!(dst.wait_exit(T), 0, "{}", dst.stderr());
+    let log = dst.stderr();
+    let (done, off) = (
+        log.find("post-copy complete: "),
+        log.find("guest powered off"),
+    );
+    assert!(
+        log.contains("that happens once every page is here")
+            && done.is_some()
+            && off.is_some()
+            && done < off,
+        "{log}"
+    );
+    let after = std::fs::read_to_string(dir.join("dest.txt")).unwrap();
+    assert!(after.contains("tg: power button"), "{after}");
+    assert!(!after.contains("tg: mig error"), "{after}");
+}

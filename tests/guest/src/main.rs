@@ -730,6 +730,7 @@ fn seq_block(at: *mut u64, seq: u64) {
 /// the destination), and, with a disk, a sequence-numbered block written through every
 /// `tg.mig.every` passes (default 8), each acknowledged as "tg: ack N". Every 16 passes:
 /// "tg: mig pass N acked=A"; a bad check: "tg: mig error pass N bad=B" (words wrong).
+/// The ACPI power button ends it (the guest then powers off).
 fn migrate_load(cmdline: &str, stack_top: u64) {
     const BASE: u64 = 64 << 20;
     let mib = param(cmdline, "tg.dirty.mib=")
@@ -765,6 +766,14 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
     }
     let mut last_read: Option<u64> = None;
     loop {
+        // The ACPI power button (GED) ends the load, and the guest powers off.
+        const GED_PORT: u16 = 0x610;
+        const POWER_BUTTON: u8 = 1;
+        if io::inb(GED_PORT) & POWER_BUTTON != 0 {
+            io::outb(GED_PORT, POWER_BUTTON);
+            Line::new().s("tg: power button").emit();
+            return;
+        }
         pass += 1;
         if pass > 1 {
             let bad = user_pattern(1, BASE, words, 0, pass - 1, stack_top);

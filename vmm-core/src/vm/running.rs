@@ -58,6 +58,9 @@ pub(super) struct Running<'a> {
     images_released: bool,
     /// An incoming VM in post-copy: what ends it once every page is here.
     pub postcopy: Option<Postcopy<'a>>,
+    /// The guest's own end (a reset, power-off or panic) that came during post-copy: it
+    /// ends the run once every page is here.
+    deferred: Option<VmEvent>,
 }
 
 /// What a destination in post-copy holds until every page is here.
@@ -87,6 +90,7 @@ impl<'a> Running<'a> {
             stopping: None,
             images_released: false,
             postcopy: None,
+            deferred: None,
         }
     }
 
@@ -107,6 +111,21 @@ impl<'a> Running<'a> {
                 VmEvent::Arrived(_) => None,
                 VmEvent::PostcopyDone(r) => self.postcopy_done(r),
                 VmEvent::PostcopyPaused(why) => self.postcopy_paused(why),
+                VmEvent::Vcpu(crate::control::VcpuEvent::Action(_, a))
+                    if self.postcopy.is_some()
+                        && matches!(
+                            a,
+                            vmm_devices::bus::Action::Reset
+                                | vmm_devices::bus::Action::PowerOff
+                                | vmm_devices::bus::Action::Panic
+                        ) =>
+                {
+                    // The guest's own end waits for the last page: the source can then end
+                    // too, and a reset's new boot does not leave post-copy half done.
+                    log::info!("the guest asked to end or reset during post-copy; that happens once every page is here");
+                    self.deferred.get_or_insert(event);
+                    None
+                }
                 VmEvent::Vcpu(_) | VmEvent::ConsoleEscape => Some(event),
             };
             if let Some(event) = end {
@@ -154,7 +173,7 @@ impl<'a> Running<'a> {
                 st.phase = "completed".into();
                 st.total_ms = summary.ms;
                 st.postcopy = Some(summary);
-                None
+                self.deferred.take()
             }
             Err(why) => {
                 let line = if pc.lazy {
