@@ -398,6 +398,13 @@ fn a_source_killed_during_postcopy_pauses_the_destination_and_a_forced_stop_ends
         "{}",
         dst.stderr()
     );
+    // A pause would wait for vCPUs that wait for pages: refused, saying why.
+    let (code, out, err) = vmmctl(&dst_sock, &["pause"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("post-copy is paused (its channel broke)"),
+        "{err}"
+    );
     let (code, out, err) = vmmctl(&dst_sock, &["shutdown", "--force"]);
     assert_eq!(code, 0, "{out}{err}");
     let t = std::time::Instant::now();

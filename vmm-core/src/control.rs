@@ -67,6 +67,8 @@ pub enum LoopError {
     VcpuThread(u32, #[source] std::io::Error),
     #[error("cannot interrupt the guest")]
     Interrupt(#[source] std::io::Error),
+    #[error("post-copy is paused (its channel broke): a vCPU waits for a page that only the source has and cannot stop until it comes; `vmmctl migrate recover URI` first, or `shutdown --force`")]
+    PostcopyPaused,
     #[error("cannot hand guest RAM to migrated")]
     Memfd(#[source] std::io::Error),
     #[error(transparent)]

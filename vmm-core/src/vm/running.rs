@@ -378,6 +378,11 @@ impl<'a> Running<'a> {
             Request::DirtyLog { on } => {
                 let _ = reply.send(self.dirty_rate_log(on).map_err(LoopError::failed));
             }
+            // A vCPU waiting for a page the broken channel cannot bring would hold the pause
+            // (and this loop) forever.
+            Request::Pause if self.shared.migration.lock().unwrap().phase == "postcopy-paused" => {
+                let _ = reply.send(Err(LoopError::PostcopyPaused));
+            }
             Request::Pause => {
                 self.pause();
                 log::info!("paused through the management API");
