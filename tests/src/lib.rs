@@ -137,6 +137,9 @@ pub struct TestVm {
     cleanup: Vec<PathBuf>,
     /// vmm-core's standard input, when the builder asked for a pipe.
     stdin: Option<std::process::ChildStdin>,
+    /// Its own XDG_RUNTIME_DIR (where vmm-core makes its run directory), removed on drop:
+    /// a vmm-core a test kills cannot remove what it made there.
+    runtime: Option<PathBuf>,
 }
 
 pub struct Builder {
@@ -217,10 +220,18 @@ impl Builder {
             }
             None => Command::new(vmm_core_bin()),
         };
+        static RUNTIMES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let runtime = std::env::temp_dir().join(format!(
+            "vmm-test-rt-{}-{}",
+            std::process::id(),
+            RUNTIMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&runtime).expect("a runtime directory for vmm-core");
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
             .args(&self.args)
+            .env("XDG_RUNTIME_DIR", &runtime)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if self.own_group {
             use std::os::unix::process::CommandExt;
@@ -252,6 +263,7 @@ impl Builder {
             }
         }
         let mut vm = TestVm::spawn_with(cmd, self.stdin);
+        vm.runtime = Some(runtime);
         vm.cleanup = self
             .args
             .windows(2)
@@ -335,6 +347,7 @@ impl TestVm {
             captured,
             status: None,
             cleanup: Vec::new(),
+            runtime: None,
             stdin,
         }
     }
@@ -453,6 +466,9 @@ impl Drop for TestVm {
         }
         for p in &self.cleanup {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(rt) = &self.runtime {
+            let _ = std::fs::remove_dir_all(rt);
         }
     }
 }
