@@ -84,6 +84,12 @@ struct Args {
     /// Print the seccomp allowlist, a system call a line with its reason, and exit.
     #[arg(long)]
     print_seccomp: bool,
+    /// Open /dev/userfaultfd at start (before the sandbox), so that a frontend other than
+    /// vmm-core can take blockd into post-copy (vhost-user's POSTCOPY_ADVISE). vmm-core hands
+    /// its blockd the device when the VM is incoming, so it needs no flag; without either,
+    /// blockd holds no way to make a userfaultfd.
+    #[arg(long)]
+    userfaultfd: bool,
 }
 
 /// blockd's system calls beyond the common base.
@@ -146,10 +152,20 @@ fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
 /// Enters the sandbox, keeping only `keep` (and stdio) open.
 fn confine(args: &Args, mut keep: Vec<i32>) -> anyhow::Result<()> {
     // Post-copy needs a userfaultfd that also waits on the kernel's faults, which an
-    // unprivileged process can only make from /dev/userfaultfd: opened now, while blockd
-    // may (None where there is no such device or no access: a frontend's POSTCOPY_ADVISE
-    // then gets a clear refusal).
-    let dev = vmm_sandbox::uffd::Device::open();
+    // unprivileged process can only make from /dev/userfaultfd: opened now when asked
+    // (--userfaultfd), while blockd may. Otherwise only vmm-core hands it over, for an
+    // incoming VM: a sandboxed blockd holds the device only when post-copy may come.
+    let dev = if args.userfaultfd {
+        let d = vmm_sandbox::uffd::Device::open();
+        if d.is_none() {
+            anyhow::bail!(
+                "--userfaultfd: cannot open /dev/userfaultfd (it needs root or access to the device; vmm-core hands it over by itself)"
+            );
+        }
+        d
+    } else {
+        None
+    };
     if let Some(d) = &dev {
         keep.push(d.raw_fd());
     }
