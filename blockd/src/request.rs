@@ -392,6 +392,86 @@ fn touch<M: GuestMemoryBackend>(mem: &M, segs: &[Seg]) {
     }
 }
 
+/// A read or write: checks it against the disk and guest memory, and leaves the transfer
+/// in `io` for the caller.
+fn data_transfer<M: GuestMemoryBackend>(
+    disk: &Disk,
+    mem: &M,
+    chain: &Chain,
+    write: bool,
+    sector: u64,
+    io: &mut Option<Io>,
+) -> (u8, u64, Why) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let invalid = |why: String| {
+        disk.stats.invalid.fetch_add(1, Relaxed);
+        (S_IOERR, 0, Some(why))
+    };
+    let segs = if write {
+        &chain.readable
+    } else {
+        &chain.writable
+    };
+    let len = total(segs);
+    let stats = if write {
+        &disk.stats.write
+    } else {
+        &disk.stats.read
+    };
+    stats.requests.fetch_add(1, Relaxed);
+    if !len.is_multiple_of(disk::SECTOR_SIZE) || len > u64::from(u32::MAX) {
+        stats.errors.fetch_add(1, Relaxed);
+        return invalid(format!(
+            "a data length of {len} bytes is not a whole number of sectors"
+        ));
+    }
+    let Some(offset) = sector.checked_mul(disk::SECTOR_SIZE) else {
+        stats.errors.fetch_add(1, Relaxed);
+        return invalid(format!("sector {sector} is beyond the disk"));
+    };
+    if !disk.contains(offset, len) {
+        stats.errors.fetch_add(1, Relaxed);
+        return invalid(format!(
+            "sectors {sector}+{} are beyond the disk's {}",
+            len >> SECTOR_SHIFT,
+            disk.size >> SECTOR_SHIFT
+        ));
+    }
+    if write && disk.options.readonly {
+        stats.errors.fetch_add(1, Relaxed);
+        return (S_IOERR, 0, Some("a write to a read-only disk".into()));
+    }
+    if PREFAULT.load(Relaxed) > 0 {
+        touch(mem, segs);
+    }
+    let mut iovs = Vec::with_capacity(segs.len());
+    for s in segs.iter() {
+        for slice in mem.get_slices(GuestAddress(s.addr), s.len as usize) {
+            match slice {
+                Ok(v) => iovs.push(libc::iovec {
+                    iov_base: v.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                    iov_len: v.len(),
+                }),
+                Err(_) => {
+                    stats.errors.fetch_add(1, Relaxed);
+                    return invalid(format!(
+                        "a data buffer at {:#x}+{:#x} is outside guest memory",
+                        s.addr, s.len
+                    ));
+                }
+            }
+        }
+    }
+    *io = Some(Io {
+        write,
+        flush: false,
+        iovs,
+        offset,
+        len,
+    });
+    (S_OK, 0, None)
+}
+
 fn parse<M: GuestMemoryBackend>(
     disk: &Disk,
     mem: &M,
@@ -417,72 +497,7 @@ fn parse<M: GuestMemoryBackend>(
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
     let readonly = disk.options.readonly;
     match kind {
-        T_IN | T_OUT => {
-            let write = kind == T_OUT;
-            let segs = if write {
-                &chain.readable
-            } else {
-                &chain.writable
-            };
-            let len = total(segs);
-            let stats = if write {
-                &disk.stats.write
-            } else {
-                &disk.stats.read
-            };
-            stats.requests.fetch_add(1, Relaxed);
-            if !len.is_multiple_of(disk::SECTOR_SIZE) || len > u64::from(u32::MAX) {
-                stats.errors.fetch_add(1, Relaxed);
-                return invalid(format!(
-                    "a data length of {len} bytes is not a whole number of sectors"
-                ));
-            }
-            let Some(offset) = sector.checked_mul(disk::SECTOR_SIZE) else {
-                stats.errors.fetch_add(1, Relaxed);
-                return invalid(format!("sector {sector} is beyond the disk"));
-            };
-            if !disk.contains(offset, len) {
-                stats.errors.fetch_add(1, Relaxed);
-                return invalid(format!(
-                    "sectors {sector}+{} are beyond the disk's {}",
-                    len >> SECTOR_SHIFT,
-                    disk.size >> SECTOR_SHIFT
-                ));
-            }
-            if write && readonly {
-                stats.errors.fetch_add(1, Relaxed);
-                return (S_IOERR, 0, Some("a write to a read-only disk".into()));
-            }
-            if PREFAULT.load(Relaxed) > 0 {
-                touch(mem, segs);
-            }
-            let mut iovs = Vec::with_capacity(segs.len());
-            for s in segs.iter() {
-                for slice in mem.get_slices(GuestAddress(s.addr), s.len as usize) {
-                    match slice {
-                        Ok(v) => iovs.push(libc::iovec {
-                            iov_base: v.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                            iov_len: v.len(),
-                        }),
-                        Err(_) => {
-                            stats.errors.fetch_add(1, Relaxed);
-                            return invalid(format!(
-                                "a data buffer at {:#x}+{:#x} is outside guest memory",
-                                s.addr, s.len
-                            ));
-                        }
-                    }
-                }
-            }
-            *io = Some(Io {
-                write,
-                flush: false,
-                iovs,
-                offset,
-                len,
-            });
-            (S_OK, 0, None)
-        }
+        T_IN | T_OUT => data_transfer(disk, mem, chain, kind == T_OUT, sector, io),
         T_FLUSH => {
             // Done by the caller, like a transfer (fault rules and the error policy apply).
             disk.stats.flush.requests.fetch_add(1, Relaxed);

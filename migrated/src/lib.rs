@@ -5,3 +5,4 @@ pub mod ram;
 pub mod server;
 pub mod stream;
 pub mod tls;
+pub mod wire;

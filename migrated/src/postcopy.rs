@@ -24,8 +24,10 @@
 
 use crate::channel::{Stream, Uri};
 use crate::ram::Ram;
-use crate::server::{refused, transfer_failed, TransferError, REFUSED, STARTED};
 use crate::stream::{Reader, Section, Writer, Zeros, PAGE};
+use crate::wire::{
+    refused, transfer_failed, TransferError, COMPLETE, RECOVER, REFUSED, REQUEST, STARTED,
+};
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -33,14 +35,6 @@ use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sandbox::uffd::Uffd;
-
-/// The destination asks for a page run (REQUEST, then gpa u64 and pages u32).
-pub const REQUEST: u8 = 3;
-/// The destination has every page and the stream's end passed its checks.
-pub const COMPLETE: u8 = 4;
-/// A destination resuming post-copy on a new channel: RECOVER, a u32 word count, and the
-/// bitmap of the pages it has (the source sends the others it was to send).
-pub const RECOVER: u8 = 5;
 
 /// Pages per background run (256 KiB): requests wait at most one run behind it.
 const RUN_PAGES: u64 = 64;
@@ -210,9 +204,7 @@ pub fn send(
     let uri = s.uri.clone();
     let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
     writer.get_ref().get_ref().shrink_buffers();
-    writer
-        .device(crate::server::VM_SECTION, state)
-        .map_err(io)?;
+    writer.device(crate::wire::VM_SECTION, state).map_err(io)?;
     writer.postcopy(&pending).map_err(io)?;
     writer.get_mut().flush().map_err(io)?;
     // From here the destination's half of the connection carries page requests (its
@@ -930,7 +922,7 @@ fn rest_of_stream(
             let why = format!("{}: {e}", p.uri);
             log::error!("post-copy paused: {why}; the VM waits for `vmmctl migrate recover URI`");
             let mut b = back.lock().unwrap();
-            crate::server::refuse_to(b.as_mut(), &e);
+            crate::wire::refuse_to(b.as_mut(), &e);
             drop(b);
             p.pause(why);
         }

@@ -769,7 +769,7 @@ fn a_guest_that_powers_off_during_postcopy_waits_for_the_last_page() {
                     "--downtime-ms",
                     "1",
                     "--postcopy-bandwidth",
-                    "2M",
+                    "256K",
                 ],
             )
         })

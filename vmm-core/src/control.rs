@@ -25,7 +25,7 @@ pub enum VmEvent {
     /// The incoming VM's stream, taken whole (its device state and size), or why not.
     Arrived(Arrival),
     /// Post-copy (the destination): every page came, or why not.
-    PostcopyDone(Result<crate::migration::PostcopySummary, String>),
+    PostcopyDone(Result<PostcopySummary, String>),
     /// Post-copy (the destination): the channel broke (why); the VM waits for a recovery.
     PostcopyPaused(String),
 }
@@ -148,4 +148,52 @@ pub struct Saved {
     /// Whether a queue's backend writes guest RAM without a dirty log of its own (KVM's log
     /// does not see those writes, so every page goes again in the last pass).
     pub unlogged_writers: bool,
+}
+
+/// What post-copy did: pages carried, faults that asked the source for a page, and the
+/// time from a request to its page (on the destination).
+#[derive(Debug, Clone, Default)]
+pub struct PostcopySummary {
+    pub pages: u64,
+    pub requests: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub ms: u64,
+    /// Page faults served on the destination, and of them those of device backends.
+    pub faults: u64,
+    pub backend_faults: u64,
+}
+
+impl PostcopySummary {
+    pub fn read(s: vmm_proto::migrated_capnp::postcopy_summary::Reader) -> PostcopySummary {
+        PostcopySummary {
+            pages: s.get_pages(),
+            requests: s.get_requests(),
+            p50_us: s.get_p50_micros(),
+            p99_us: s.get_p99_micros(),
+            max_us: s.get_max_micros(),
+            ms: s.get_micros() / 1000,
+            faults: s.get_faults(),
+            backend_faults: s.get_backend_faults(),
+        }
+    }
+}
+
+impl std::fmt::Display for PostcopySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} page(s) in {} ms, {} fault(s) asked the source (from a request to its page: p50 {} us, p99 {} us, max {} us)",
+            self.pages, self.ms, self.requests, self.p50_us, self.p99_us, self.max_us
+        )?;
+        if self.faults > 0 {
+            write!(
+                f,
+                "; {} fault(s) served, {} of them device backends'",
+                self.faults, self.backend_faults
+            )?;
+        }
+        Ok(())
+    }
 }

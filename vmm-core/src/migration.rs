@@ -9,6 +9,7 @@
 //! file or program by itself.
 
 use crate::control::LoopError;
+pub use crate::control::PostcopySummary;
 use crate::control::{MigrationRequest, Reply, VmEvent};
 use crate::helpers::migrated::{Migrated, MigratedError};
 use std::collections::BTreeSet;
@@ -22,8 +23,8 @@ use vmm_proto::channel::{self, ChannelError, Creds, Opened, Uri};
 pub enum MigrationError {
     #[error(transparent)]
     Channel(#[from] ChannelError),
-    #[error("cannot make a placeholder for the guest's RAM ({0})")]
-    Placeholder(std::io::Error),
+    #[error("cannot duplicate a descriptor for migrated ({0})")]
+    Duplicate(std::io::Error),
     #[error("{0}: descriptor {1} is not one vmm-core inherited when it started (or it was used already); start vmm-core with the channel open as fd {1}")]
     NotInherited(String, i32),
     #[error(transparent)]
@@ -164,54 +165,6 @@ pub struct Status {
     pub postcopy: Option<PostcopySummary>,
     /// This side is the destination (of a post-copy).
     pub destination: bool,
-}
-
-/// What post-copy did: pages carried, faults that asked the source for a page, and the
-/// time from a request to its page (on the destination).
-#[derive(Debug, Clone, Default)]
-pub struct PostcopySummary {
-    pub pages: u64,
-    pub requests: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
-    pub ms: u64,
-    /// Page faults served on the destination, and of them those of device backends.
-    pub faults: u64,
-    pub backend_faults: u64,
-}
-
-impl PostcopySummary {
-    fn read(s: vmm_proto::migrated_capnp::postcopy_summary::Reader) -> PostcopySummary {
-        PostcopySummary {
-            pages: s.get_pages(),
-            requests: s.get_requests(),
-            p50_us: s.get_p50_micros(),
-            p99_us: s.get_p99_micros(),
-            max_us: s.get_max_micros(),
-            ms: s.get_micros() / 1000,
-            faults: s.get_faults(),
-            backend_faults: s.get_backend_faults(),
-        }
-    }
-}
-
-impl std::fmt::Display for PostcopySummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "{} page(s) in {} ms, {} fault(s) asked the source (from a request to its page: p50 {} us, p99 {} us, max {} us)",
-            self.pages, self.ms, self.requests, self.p50_us, self.p99_us, self.max_us
-        )?;
-        if self.faults > 0 {
-            write!(
-                f,
-                "; {} fault(s) served, {} of them device backends'",
-                self.faults, self.backend_faults
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// The least of the downtime limit kept for what the pause holds besides the last pages
@@ -774,10 +727,10 @@ pub fn serve_faults(
     placer: bool,
 ) -> Result<(), MigrationError> {
     let who = who.to_string();
-    let memfd = memfd.try_clone().map_err(MigrationError::Placeholder)?;
+    let memfd = memfd.try_clone().map_err(MigrationError::Duplicate)?;
     let uffd = uffd
         .try_clone_to_owned()
-        .map_err(MigrationError::Placeholder)?;
+        .map_err(MigrationError::Duplicate)?;
     m.call_blocking(move |conn| {
         Box::pin(async move {
             use std::os::fd::AsFd;
@@ -907,17 +860,13 @@ pub fn peek(
     let uri = uri.to_string();
     let tls = tls.clone();
     let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
-    let placeholder = std::fs::File::from(
-        nix::sys::memfd::memfd_create(c"peek", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| MigrationError::Placeholder(e.into()))?,
-    );
     if let Ok(Uri::Fd(n)) = Uri::parse(&uri) {
         PEEKED.lock().unwrap().insert(n);
     }
     m.call_blocking(move |conn| {
         Box::pin(async move {
             let (opened, creds) = open_channel(&uri, &tls, false).await?;
-            let kind = conn.hand_over(&placeholder, opened)?;
+            let kind = conn.hand_channel(opened)?;
             let mut req = conn.client.peek_request();
             req.get().set_uri(uri.as_str());
             req.get().set_kind(kind);

@@ -61,15 +61,10 @@ impl Conn {
         Ok(opened.kind.into())
     }
 
-    /// Only the channel (a post-copy recovery: migrated has guest RAM already); it goes
-    /// twice, in the memfd's place too. vmm-core keeps the channel's guard.
+    /// Only the channel (a peek, or a post-copy recovery: no guest RAM goes with it); it
+    /// goes twice, in the memfd's place too. vmm-core keeps the channel's guard.
     pub(crate) fn hand_channel(&self, opened: Opened) -> Result<ChannelKind, MigratedError> {
-        vmm_proto::fdpass::send(
-            self.side.as_fd(),
-            &[1],
-            &[opened.fd.as_fd(), opened.fd.as_fd()],
-        )
-        .map_err(MigratedError::HandOver)?;
+        self.hand_fds(opened.fd.as_fd(), opened.fd.as_fd())?;
         self.channel.replace(Some(opened.guard));
         Ok(opened.kind.into())
     }
@@ -78,8 +73,7 @@ impl Conn {
     /// (the channel's guard stays as the peek left it; the memfd goes twice, in the
     /// channel's place too).
     pub(crate) fn hand_memfd(&self, memfd: &std::fs::File) -> Result<(), MigratedError> {
-        vmm_proto::fdpass::send(self.side.as_fd(), &[1], &[memfd.as_fd(), memfd.as_fd()])
-            .map_err(MigratedError::HandOver)
+        self.hand_fds(memfd.as_fd(), memfd.as_fd())
     }
 
     /// Two descriptors for the call that follows (the memfd and a userfaultfd).
