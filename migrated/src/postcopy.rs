@@ -36,6 +36,68 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sandbox::uffd::Uffd;
 
+/// Why post-copy broke, or why a recovery cannot start. Clone (its I/O errors shared), as
+/// the page server's state is read by every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("{}: {}", .0, transfer_failed(.1))]
+    Channel(Uri, Arc<std::io::Error>),
+    #[error("{0}: the connection's reading half ended")]
+    ReadingHalfEnded(Uri),
+    #[error("{0}: the destination answered the end with something else than COMPLETE")]
+    NotComplete(Uri),
+    #[error("{0}: the destination did not confirm it has every page ({1})")]
+    Unconfirmed(Uri, Arc<std::io::Error>),
+    #[error("{0}: the destination said it had every page before the last was sent")]
+    EarlyComplete(Uri),
+    #[error("{0}: the destination sent a start or a recovery in the middle of post-copy")]
+    OutOfPlace(Uri),
+    #[error("{0}: the destination sent {1:#x} during post-copy, not a page request")]
+    NotARequest(Uri, u8),
+    #[error("{0}")]
+    Refused(Arc<TransferError>),
+    #[error("memfd offset {0:#x} is outside vmm-core's mapping")]
+    OutsideMapping(u64),
+    #[error("cannot place {0} bytes at {1:#x} ({2})")]
+    Place(u64, u64, nix::Error),
+    #[error("{0} ended without page {1:#x}, which was to come")]
+    Missing(&'static str, u64),
+    #[error("a lazy restore has no source to recover from")]
+    NoSource,
+    #[error("post-copy is not paused: nothing to recover")]
+    NotPaused,
+    #[error("{0}")]
+    Stream(Arc<crate::stream::StreamError>),
+    #[error("{0} ({1})")]
+    Io(&'static str, Arc<std::io::Error>),
+    #[error("RAM at {0:#x} is outside this VM's memory")]
+    RamOutside(u64),
+    #[error("zero pages at {0:#x} are outside this VM's memory")]
+    ZeroOutside(u64),
+    #[error("the stream sent a section other than pages during post-copy")]
+    NotPages,
+    #[error("cannot read the snapshot at byte {0} ({1})")]
+    ReadSnapshot(u64, Arc<std::io::Error>),
+    #[error("the section at byte {0} is not RAM, as its head said")]
+    NotRam(u64),
+}
+
+impl From<crate::stream::StreamError> for PostcopyError {
+    fn from(e: crate::stream::StreamError) -> Self {
+        PostcopyError::Stream(Arc::new(e))
+    }
+}
+
+/// An I/O error on the channel to `uri`.
+fn channel(uri: &Uri) -> impl Fn(std::io::Error) -> PostcopyError + '_ {
+    move |e| PostcopyError::Channel(uri.clone(), Arc::new(e))
+}
+
+/// An I/O error while doing `what`.
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> PostcopyError {
+    move |e| PostcopyError::Io(what, Arc::new(e))
+}
+
 /// Pages per background run (256 KiB): requests wait at most one run behind it.
 const RUN_PAGES: u64 = 64;
 
@@ -143,7 +205,7 @@ pub enum Switched {
     Refused(TransferError),
     /// The destination runs the VM; what post-copy did, or why it broke (the VM then lives
     /// nowhere whole: the source must not resume it).
-    Ran(Result<Summary, String>),
+    Ran(Result<Summary, PostcopyError>),
 }
 
 /// What the source's post-copy needs: its RAM, where its progress goes, and the limit for
@@ -244,7 +306,7 @@ pub fn resume(
     stream: Box<dyn Stream>,
     config: &crate::stream::Config,
     original: &[u64],
-) -> Result<Result<Summary, String>, TransferError> {
+) -> Result<Result<Summary, PostcopyError>, TransferError> {
     let uri = s.uri.clone();
     let io = |e: std::io::Error| TransferError::Transfer(uri.clone(), e);
     let mut writer = Writer::new(BufWriter::with_capacity(1 << 16, stream), config)
@@ -290,7 +352,7 @@ fn send_rest<W: Write>(
     s: &Source,
     mut out: Sender<'_, W>,
     rx: &std::sync::mpsc::Receiver<FromDest>,
-) -> Result<Summary, String> {
+) -> Result<Summary, PostcopyError> {
     let uri = &s.uri;
     let started = Instant::now();
     let total = (s.ram.len() / PAGE) as u64;
@@ -306,9 +368,7 @@ fn send_rest<W: Write>(
         if cursor >= total {
             break;
         }
-        let sent = out
-            .run(cursor, RUN_PAGES, false)
-            .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?;
+        let sent = out.run(cursor, RUN_PAGES, false).map_err(channel(uri))?;
         cursor += sent.max(1);
         s.bytes.store(out.w.bytes(), Relaxed);
         s.pages.fetch_add(sent, Relaxed);
@@ -322,9 +382,7 @@ fn send_rest<W: Write>(
         }
     }
     let (pages, requests) = (out.pages, out.requests);
-    out.w
-        .end()
-        .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?;
+    out.w.end().map_err(channel(uri))?;
     s.bytes.store(out.w.bytes(), Relaxed);
     // The destination checks the end's counts and answers; late requests (for pages that
     // were on their way) are dropped.
@@ -333,17 +391,13 @@ fn send_rest<W: Write>(
             Ok(FromDest::Request(..)) => continue,
             Ok(FromDest::Complete) => break,
             Ok(FromDest::Started | FromDest::Other(_) | FromDest::Recover(_)) => {
-                return Err(format!(
-                    "{uri}: the destination answered the end with something else than COMPLETE"
-                ))
+                return Err(PostcopyError::NotComplete(uri.clone()))
             }
-            Ok(FromDest::Refused(e)) => return Err(e.to_string()),
+            Ok(FromDest::Refused(e)) => return Err(PostcopyError::Refused(Arc::new(e))),
             Ok(FromDest::Failed(e)) => {
-                return Err(format!(
-                    "{uri}: the destination did not confirm it has every page ({e})"
-                ))
+                return Err(PostcopyError::Unconfirmed(uri.clone(), Arc::new(e)))
             }
-            Err(_) => return Err(format!("{uri}: the connection's reading half ended")),
+            Err(_) => return Err(PostcopyError::ReadingHalfEnded(uri.clone())),
         }
     }
     let micros = started.elapsed().as_micros() as u64;
@@ -421,7 +475,7 @@ impl<'a, W: Write> Sender<'a, W> {
         rx: &std::sync::mpsc::Receiver<FromDest>,
         uri: &Uri,
         wait: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), PostcopyError> {
         let mut first = if wait.is_zero() {
             rx.try_recv().map_err(|e| match e {
                 TryRecvError::Empty => None,
@@ -435,28 +489,16 @@ impl<'a, W: Write> Sender<'a, W> {
         };
         loop {
             match first {
-                Ok(FromDest::Request(gpa, n)) => self
-                    .request(gpa, n)
-                    .map_err(|e| format!("{uri}: {}", transfer_failed(&e)))?,
-                Ok(FromDest::Complete) => {
-                    return Err(format!(
-                        "{uri}: the destination said it had every page before the last was sent"
-                    ))
-                }
-                Ok(FromDest::Refused(e)) => return Err(e.to_string()),
-                Ok(FromDest::Failed(e)) => return Err(format!("{uri}: {}", transfer_failed(&e))),
+                Ok(FromDest::Request(gpa, n)) => self.request(gpa, n).map_err(channel(uri))?,
+                Ok(FromDest::Complete) => return Err(PostcopyError::EarlyComplete(uri.clone())),
+                Ok(FromDest::Refused(e)) => return Err(PostcopyError::Refused(Arc::new(e))),
+                Ok(FromDest::Failed(e)) => return Err(channel(uri)(e)),
                 Ok(FromDest::Started | FromDest::Recover(_)) => {
-                    return Err(format!(
-                    "{uri}: the destination sent a start or a recovery in the middle of post-copy"
-                ))
+                    return Err(PostcopyError::OutOfPlace(uri.clone()))
                 }
-                Ok(FromDest::Other(b)) => {
-                    return Err(format!(
-                        "{uri}: the destination sent {b:#x} during post-copy, not a page request"
-                    ))
-                }
+                Ok(FromDest::Other(b)) => return Err(PostcopyError::NotARequest(uri.clone(), b)),
                 Err(None) => return Ok(()),
-                Err(Some(())) => return Err(format!("{uri}: the connection's reading half ended")),
+                Err(Some(())) => return Err(PostcopyError::ReadingHalfEnded(uri.clone())),
             }
             first = rx.try_recv().map_err(|e| match e {
                 TryRecvError::Empty => None,
@@ -574,7 +616,7 @@ pub enum State {
     /// pauses, so that a waiter hears each once.
     Paused(String, u64),
     /// Every page came, or the rest cannot come (why).
-    Done(Result<Summary, String>),
+    Done(Result<Summary, PostcopyError>),
 }
 
 impl Pages {
@@ -606,11 +648,9 @@ impl Pages {
     }
 
     /// Puts `data` (or zero pages: None) at memfd offset `off`.
-    fn place(&self, off: u64, len: u64, data: Option<&[u8]>) -> Result<(), String> {
+    fn place(&self, off: u64, len: u64, data: Option<&[u8]>) -> Result<(), PostcopyError> {
         let m = self.placer();
-        let va = m
-            .va(off)
-            .ok_or_else(|| format!("memfd offset {off:#x} is outside vmm-core's mapping"))?;
+        let va = m.va(off).ok_or(PostcopyError::OutsideMapping(off))?;
         // The kernel stops at a page that is there already (placed for a fault: a zero page,
         // or a lazy restore's single page): EAGAIN with what it placed before, or EEXIST when
         // it is the first. Such a page is skipped, and the rest goes on.
@@ -624,13 +664,7 @@ impl Pages {
                 Ok(()) => break,
                 Err((nix::Error::EAGAIN, n)) if n > 0 => done += n,
                 Err((nix::Error::EEXIST, _)) => done += PAGE as u64,
-                Err((e, _)) => {
-                    return Err(format!(
-                        "cannot place {} bytes at {:#x} ({e})",
-                        len - done,
-                        va + done
-                    ))
-                }
+                Err((e, _)) => return Err(PostcopyError::Place(len - done, va + done, e)),
             }
         }
         let first = off / PAGE as u64;
@@ -709,21 +743,21 @@ impl Pages {
     }
 
     /// Every page that was to come is here (`from` names where they came from).
-    fn all_here(&self, from: &str) -> Result<(), String> {
+    fn all_here(&self, from: &'static str) -> Result<(), PostcopyError> {
         for (i, w) in self.pending.iter().enumerate() {
             let missing = w & !self.here[i].load(Relaxed);
             if missing != 0 {
                 let page = i as u64 * 64 + u64::from(missing.trailing_zeros());
-                return Err(format!(
-                    "{from} ended without page {:#x}, which was to come",
-                    self.ram.gpa(page * PAGE as u64)
+                return Err(PostcopyError::Missing(
+                    from,
+                    self.ram.gpa(page * PAGE as u64),
                 ));
             }
         }
         Ok(())
     }
 
-    fn finish(&self, r: Result<Summary, String>) {
+    fn finish(&self, r: Result<Summary, PostcopyError>) {
         *self.state.lock().unwrap() = State::Done(r);
         self.changed.notify_all();
     }
@@ -853,19 +887,18 @@ impl Server {
     /// A recovery: the source's new connection (its stream's header read here). The
     /// source hears which pages are here, the pages that faults wait for are asked for
     /// again, and the rest of the stream comes on it.
-    pub fn recover(&self, stream: Box<dyn Stream>) -> Result<(), String> {
+    pub fn recover(&self, stream: Box<dyn Stream>) -> Result<(), PostcopyError> {
         let p = &self.pages;
         let back = match &p.ask {
             Ask::Source(back) => back.clone(),
-            Ask::Loader(_) => return Err("a lazy restore has no source to recover from".into()),
+            Ask::Loader(_) => return Err(PostcopyError::NoSource),
         };
         if !matches!(*p.state.lock().unwrap(), State::Paused(..)) {
-            return Err("post-copy is not paused: nothing to recover".into());
+            return Err(PostcopyError::NotPaused);
         }
-        let (r, w) = stream.split().map_err(|e| e.to_string())?;
+        let (r, w) = stream.split().map_err(io("cannot split the new channel"))?;
         let mut reader = Reader::new(BufReader::with_capacity(1 << 20, r))
-            .and_then(|r| r.check_config(&p.config).map(|()| r))
-            .map_err(|e| e.to_string())?;
+            .and_then(|r| r.check_config(&p.config).map(|()| r))?;
         *back.lock().unwrap() = w;
         let here: Vec<u64> = p.here.iter().map(|w| w.load(Relaxed)).collect();
         {
@@ -877,7 +910,7 @@ impl Server {
             }
             b.write_all(&msg)
                 .and_then(|()| b.flush())
-                .map_err(|e| format!("cannot tell the source which pages are here ({e})"))?;
+                .map_err(io("cannot tell the source which pages are here"))?;
         }
         p.paused.store(false, Relaxed);
         *p.state.lock().unwrap() = State::Running;
@@ -892,7 +925,7 @@ impl Server {
         std::thread::Builder::new()
             .name("postcopy".into())
             .spawn(move || rest_of_stream(&pages, &mut reader, &back))
-            .map_err(|e| e.to_string())?;
+            .map_err(io("cannot start the post-copy thread"))?;
         log::info!("{}: post-copy resumes on a new channel", p.uri);
         Ok(())
     }
@@ -922,7 +955,7 @@ fn rest_of_stream(
             let why = format!("{}: {e}", p.uri);
             log::error!("post-copy paused: {why}; the VM waits for `vmmctl migrate recover URI`");
             let mut b = back.lock().unwrap();
-            crate::wire::refuse_to(b.as_mut(), &e);
+            crate::wire::refuse_to(b.as_mut(), &e.to_string());
             drop(b);
             p.pause(why);
         }
@@ -934,22 +967,23 @@ fn receive_rest(
     p: &Pages,
     reader: &mut Reader<BufReader<Box<dyn Read + Send>>>,
     back: &Back,
-) -> Result<(), String> {
+) -> Result<(), PostcopyError> {
     loop {
-        match reader.section().map_err(|e| e.to_string())? {
+        match reader.section()? {
             Section::Ram { gpa, data } => {
                 let off = p
                     .ram
                     .offset(gpa, data.len() as u64)
-                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                    .ok_or(PostcopyError::RamOutside(gpa))?;
                 p.place(off as u64, data.len() as u64, Some(data))?;
                 p.placed.fetch_add((data.len() / PAGE) as u64, Relaxed);
             }
             Section::Zero { gpa, pages } => {
                 let len = pages * PAGE as u64;
-                let off = p.ram.offset(gpa, len).ok_or_else(|| {
-                    format!("zero pages at {gpa:#x} are outside this VM's memory")
-                })?;
+                let off = p
+                    .ram
+                    .offset(gpa, len)
+                    .ok_or(PostcopyError::ZeroOutside(gpa))?;
                 p.place(off as u64, len, None)?;
                 p.placed.fetch_add(pages, Relaxed);
             }
@@ -957,16 +991,14 @@ fn receive_rest(
             Section::Device { .. }
             | Section::Pass(_)
             | Section::Postcopy(_)
-            | Section::Workset(_) => {
-                return Err("the stream sent a section other than pages during post-copy".into())
-            }
+            | Section::Workset(_) => return Err(PostcopyError::NotPages),
         }
     }
     p.all_here("the stream")?;
     let mut b = back.lock().unwrap();
     b.write_all(&[COMPLETE])
         .and_then(|()| b.flush())
-        .map_err(|e| format!("cannot tell the source every page came ({e})"))
+        .map_err(io("cannot tell the source every page came"))
 }
 
 /// Lazy restore: loads the snapshot's RAM sections into place, a faulted page's section
@@ -976,7 +1008,7 @@ fn load_rest(
     file: &std::fs::File,
     index: &crate::stream::Index,
     faulted: &std::sync::mpsc::Receiver<u64>,
-) -> Result<(), String> {
+) -> Result<(), PostcopyError> {
     let mut section_of = vec![u32::MAX; p.pending.len() * 64];
     for (i, &(_, _, first, pages)) in index.runs.iter().enumerate() {
         for pg in first..first + pages {
@@ -1039,34 +1071,32 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     /// Section `i`, read and checked into `buf`: its memfd offset, its pages in `out`.
-    fn read(&self, i: usize, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<u64, String> {
+    fn read(&self, i: usize, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<u64, PostcopyError> {
         use std::os::unix::fs::FileExt;
         let (at, len, _, _) = self.index.runs[i];
         buf.resize(len as usize, 0);
         self.file
             .read_exact_at(&mut buf[..], at)
-            .map_err(|e| format!("cannot read the snapshot at byte {at} ({e})"))?;
+            .map_err(|e| PostcopyError::ReadSnapshot(at, Arc::new(e)))?;
         let mut r = Reader::resume(&buf[..], self.index.config.clone(), at);
-        match r.section().map_err(|e| e.to_string())? {
+        match r.section()? {
             Section::Ram { gpa, data } => {
                 let off = self
                     .p
                     .ram
                     .offset(gpa, data.len() as u64)
-                    .ok_or_else(|| format!("RAM at {gpa:#x} is outside this VM's memory"))?;
+                    .ok_or(PostcopyError::RamOutside(gpa))?;
                 out.clear();
                 out.extend_from_slice(data);
                 Ok(off as u64)
             }
-            _ => Err(format!(
-                "the section at byte {at} is not RAM, as its head said"
-            )),
+            _ => Err(PostcopyError::NotRam(at)),
         }
     }
 
     /// Loads section `i` (once), placing it a chunk at a time and serving faults between;
     /// page `first` (a fault's) before the rest.
-    fn load(&mut self, i: usize, first: Option<u64>) -> Result<(), String> {
+    fn load(&mut self, i: usize, first: Option<u64>) -> Result<(), PostcopyError> {
         if std::mem::replace(&mut self.loaded[i], true) {
             return Ok(());
         }
@@ -1094,7 +1124,7 @@ impl Loader<'_> {
 
     /// The pages faults wait for: from `current` (a section being placed: memfd offset and
     /// pages) at once, from other sections by loading them first.
-    fn serve_faults(&mut self, current: Option<(u64, &[u8])>) -> Result<(), String> {
+    fn serve_faults(&mut self, current: Option<(u64, &[u8])>) -> Result<(), PostcopyError> {
         while let Ok(pg) = self.faulted.try_recv() {
             if self.p.is_here(pg) {
                 continue;

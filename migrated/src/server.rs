@@ -743,7 +743,7 @@ impl migrated::Server for Server {
             crate::postcopy::Switched::Ran(r) => {
                 let (summary, broken) = match r {
                     Ok(s) => (s, String::new()),
-                    Err(e) => (Default::default(), e),
+                    Err(e) => (Default::default(), e.to_string()),
                 };
                 write_summary(results.get().init_summary(), &summary);
                 results.get().set_broken(&broken);
@@ -804,7 +804,7 @@ impl migrated::Server for Server {
         let r = blocking(move || Ok(server.wait(seen))).await?;
         match r {
             crate::postcopy::State::Done(Ok(s)) => write_summary(results.get().init_summary(), &s),
-            crate::postcopy::State::Done(Err(e)) => results.get().set_broken(&e),
+            crate::postcopy::State::Done(Err(e)) => results.get().set_broken(e.to_string()),
             crate::postcopy::State::Paused(why, n) => {
                 results.get().set_paused(&why);
                 results.get().set_pauses(n);
@@ -861,7 +861,7 @@ impl migrated::Server for Server {
             .await?;
             match r {
                 Ok(s) => write_summary(results.get().init_summary(), &s),
-                Err(e) => results.get().set_broken(&e),
+                Err(e) => results.get().set_broken(e.to_string()),
             }
             return Ok(());
         }
@@ -877,7 +877,7 @@ impl migrated::Server for Server {
             let stream = source_stream(&uri, fd, kind, tls.as_ref(), wait)?;
             server
                 .recover(stream)
-                .map_err(|e| TransferError::Recover(uri.clone(), e))
+                .map_err(|e| TransferError::Recover(uri.clone(), e.to_string()))
         })
         .await
     }

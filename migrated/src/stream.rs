@@ -553,7 +553,7 @@ impl Index {
                     r.at = one.at;
                     sections += 1;
                     if let Some(end) = got {
-                        check_end(&end, (sections - 1, ram_pages, zero_pages)).map_err(bad)?;
+                        check_end(&end, (sections - 1, ram_pages, zero_pages), start)?;
                         return Ok(Index {
                             config,
                             runs,
@@ -628,14 +628,18 @@ fn fill<R: Read>(r: &mut R, buf: &mut [u8], at: u64, inside: &str) -> Result<(),
 }
 
 /// The end marker's counts (its payload: sections, RAM pages, zero pages) against what came.
-fn check_end(payload: &[u8], seen: (u64, u64, u64)) -> Result<(), String> {
-    let at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap());
-    let counts = (at(0), at(8), at(16));
+/// `at`: where the end marker starts.
+fn check_end(payload: &[u8], seen: (u64, u64, u64), at: u64) -> Result<(), StreamError> {
+    let count = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap());
+    let counts = (count(0), count(8), count(16));
     if counts != seen {
-        return Err(format!(
+        return Err(StreamError::Bad {
+            at,
+            why: format!(
             "the end marker counts {} sections, {} RAM and {} zero pages; {} sections, {} and {} came",
             counts.0, counts.1, counts.2, seen.0, seen.1, seen.2
-        ));
+        ),
+        });
     }
     Ok(())
 }
@@ -884,8 +888,11 @@ impl<R: Read> Reader<R> {
                     return Err(bad(format!("{what} holds {len} bytes, 24 expected")));
                 }
                 if self.whole {
-                    check_end(payload, (self.sections, self.ram_pages, self.zero_pages))
-                        .map_err(bad)?;
+                    check_end(
+                        payload,
+                        (self.sections, self.ram_pages, self.zero_pages),
+                        start,
+                    )?;
                 }
                 self.ended = true;
                 Section::End

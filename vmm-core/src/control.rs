@@ -25,7 +25,7 @@ pub enum VmEvent {
     /// The incoming VM's stream, taken whole (its device state and size), or why not.
     Arrived(Arrival),
     /// Post-copy (the destination): every page came, or why not.
-    PostcopyDone(Result<PostcopySummary, String>),
+    PostcopyDone(Result<PostcopySummary, PostcopyFailed>),
     /// Post-copy (the destination): the channel broke (why); the VM waits for a recovery.
     PostcopyPaused(String),
 }
@@ -148,6 +148,17 @@ pub struct Saved {
     /// Whether a queue's backend writes guest RAM without a dirty log of its own (KVM's log
     /// does not see those writes, so every page goes again in the last pass).
     pub unlogged_writers: bool,
+}
+
+/// Why a destination's post-copy (or lazy restore) ended without every page.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyFailed {
+    /// migrated's page server said why the rest cannot come.
+    #[error("{0}")]
+    Broken(String),
+    /// migrated could not be asked (it died, or its connection broke).
+    #[error("migrated cannot be asked how post-copy goes: {0}")]
+    Unreachable(String),
 }
 
 /// What post-copy did: pages carried, faults that asked the source for a page, and the

@@ -9,8 +9,8 @@
 //! file or program by itself.
 
 use crate::control::LoopError;
-pub use crate::control::PostcopySummary;
 use crate::control::{MigrationRequest, Reply, VmEvent};
+pub use crate::control::{PostcopyFailed, PostcopySummary};
 use crate::helpers::migrated::{Migrated, MigratedError};
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
@@ -754,7 +754,7 @@ pub fn serve_faults(
 /// How the destination's post-copy went, as `postcopy_wait` hears it.
 pub enum PostcopyWait {
     /// Every page is here, or the rest cannot come (why).
-    Done(Result<PostcopySummary, String>),
+    Done(Result<PostcopySummary, crate::control::PostcopyFailed>),
     /// The channel broke (why); the count of breaks so far, to wait past this one.
     Paused(String, u64),
 }
@@ -781,8 +781,8 @@ pub fn postcopy_wait(m: &Migrated, seen: u64) -> PostcopyWait {
     match r {
         Ok((_, _, paused, n)) if !paused.is_empty() => PostcopyWait::Paused(paused, n),
         Ok((s, b, _, _)) if b.is_empty() => PostcopyWait::Done(Ok(s)),
-        Ok((_, b, _, _)) => PostcopyWait::Done(Err(b)),
-        Err(e) => PostcopyWait::Done(Err(crate::error_chain(&e))),
+        Ok((_, b, _, _)) => PostcopyWait::Done(Err(PostcopyFailed::Broken(b))),
+        Err(e) => PostcopyWait::Done(Err(PostcopyFailed::Unreachable(crate::error_chain(&e)))),
     }
 }
 

@@ -142,7 +142,7 @@ impl<'a> Running<'a> {
     /// page that was not there.
     fn postcopy_done(
         &mut self,
-        r: Result<crate::migration::PostcopySummary, String>,
+        r: Result<crate::migration::PostcopySummary, crate::control::PostcopyFailed>,
     ) -> Option<VmEvent> {
         let pc = self.postcopy.take()?;
         match r {
