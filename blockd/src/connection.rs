@@ -379,6 +379,9 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(features & !LOG_ALL);
+        if features & LOG_ALL != 0 {
+            crate::disk::slow_log_all();
+        }
         self.backend.set_log_all(features & LOG_ALL != 0);
         Ok(())
     }

@@ -232,6 +232,28 @@ pub fn broken_durability() -> bool {
     })
 }
 
+/// `BLOCKD_SLOW_LOG_ALL_MS=N`, for the migration tests only (tests/tests/migrate.rs): blockd
+/// takes N ms to start logging when a migration asks it to (VHOST_F_LOG_ALL), as a blockd on
+/// a loaded host may; the frontend must wait for it before its first pass. Said in the log.
+pub fn slow_log_all() {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        let ms = std::env::var("BLOCKD_SLOW_LOG_ALL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if ms > 0 {
+            log::warn!(
+                "BLOCKD_SLOW_LOG_ALL_MS={ms}: dirty page logging starts {ms} ms late (for a test)"
+            );
+        }
+        ms
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 pub fn flush_all() -> std::io::Result<()> {
     let disks: Vec<_> = WRITABLE
         .lock()

@@ -52,10 +52,8 @@ const F_CONFIG_WCE: u64 = 1 << 11;
 
 /// Negotiate VIRTIO_BLK_F_CONFIG_WCE (set before `probe`).
 pub static WANT_WCE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-/// Negotiate VIRTIO_F_EVENT_IDX (set before `probe`). Off unless a scenario asks (blk-seq
-/// does by default): with it on, the migration scenarios saw a block read back before a
-/// migration come out stale on the destination (`tg: mig error read N`, two full runs in
-/// three); that is under investigation, so they run without it, as before.
+/// Negotiate VIRTIO_F_EVENT_IDX (set before `probe`), as Linux's driver does: blk-seq (unless
+/// tg.seq.event-idx=0) and the migration scenarios.
 pub static WANT_EVENT_IDX: core::sync::atomic::AtomicBool =
     core::sync::atomic::AtomicBool::new(false);
 

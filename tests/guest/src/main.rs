@@ -742,6 +742,8 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
         .max(1);
     let words = mib << 17;
     blk::WANT_WCE.store(true, Ordering::Relaxed);
+    // As Linux's driver: the used ring's event index, and blockd's, in use across the move.
+    blk::WANT_EVENT_IDX.store(true, Ordering::Relaxed);
     let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
     let have_disk = blk::probe(&mut disks) > 0;
     let mut seq = 0u64;

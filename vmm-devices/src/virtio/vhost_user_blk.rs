@@ -485,9 +485,14 @@ impl VirtioDevice for VhostUserBlk {
         }
         if let Some((features, _)) = &self.active {
             let features = *features;
+            // SET_FEATURES has no reply of its own: GET_FEATURES after it returns once the
+            // backend has taken it (it answers messages in order). Until then it may write
+            // guest pages unlogged, and a pass that began meanwhile would leave them stale
+            // at the destination (QEMU waits for a reply here too while logging).
             let r = self.send_log_base().and_then(|()| {
                 self.frontend
                     .set_features(features | VHOST_USER_F_PROTOCOL_FEATURES | self.log_bit())
+                    .and_then(|()| self.frontend.get_features().map(|_| ()))
                     .map_err(|e| self.e("SET_FEATURES", e))
             });
             if let Err(e) = r {
