@@ -131,6 +131,7 @@ struct VmInfo {
   pid @6 :UInt32;         # vmm-core's process id
   uptimeMs @7 :UInt64;    # since vmm-core started
   boots @8 :UInt32;       # 1 + how many times the guest was reset and restarted
+  generationId @9 :Text;  # the VM generation ID (VMGenID), a GUID; new in each restored VM
 }
 
 # The VM's state, as QMP names them.

@@ -45,11 +45,30 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
         }
         let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
         for needle in [
-            "_S5_", "ACPI0013", "_EVT", "PNP0C0C", "PNP0501", "QEMU0001", "ACPI0010", "CSCN",
+            "_S5_",
+            "ACPI0013",
+            "_EVT",
+            "PNP0C0C",
+            "PNP0501",
+            "QEMU0001",
+            "ACPI0010",
+            "CSCN",
             "CTFY",
+            "VM_Gen_Counter",
+            "Notify (\\_SB.VGEN, 0x80)",
         ] {
             assert!(dsl.contains(needle), "the DSDT lacks {needle}:\n{dsl}");
         }
+        // VMGenID's ADDR: the generation ID's address, low and high halves.
+        let addr = dsl
+            .split("Name (ADDR, Package")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no VMGenID ADDR package:\n{dsl}"));
+        let addr: String = addr.chars().take_while(|&c| c != '}').collect();
+        assert!(
+            addr.contains("0x000FF000") && addr.contains("Zero"),
+            "ADDR {addr}"
+        );
         // A processor device per possible vCPU, each with _STA, _MAT and _EJ0.
         for needle in ["\"ACPI0007\"", "Method (_STA", "Name (_MAT", "Method (_EJ0"] {
             assert_eq!(

@@ -50,7 +50,26 @@ fn info_reports_the_vm_for_people_and_programs() {
         ),
         "{json}"
     );
-    assert!(json.contains("\"boots\":1}"), "{json}");
+    assert!(json.contains("\"boots\":1,\"generation_id\":\""), "{json}");
+    // The VM generation ID the API gives is the one the guest reads (VMGenID): the GUID's
+    // bytes, which the test guest prints as two little-endian halves.
+    let guid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("generation id: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let bytes: Vec<u8> = (0..16)
+        .map(|i| {
+            let hex = guid.replace('-', "");
+            u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect();
+    let half = |r: std::ops::Range<usize>| u64::from_le_bytes(bytes[r].try_into().unwrap());
+    let seen = format!(
+        "tg: vmgenid addr=0xff000 id={:#x}:{:#x}",
+        half(8..16),
+        half(0..8)
+    );
+    assert!(vm.stdout().contains(&seen), "{seen:?}:\n{}", vm.stdout());
     let (code, _, _) = vmmctl(&sock, &["shutdown", "--force"]);
     assert_eq!(code, 0);
     assert_eq!(vm.wait_exit(T), 0);

@@ -122,6 +122,11 @@ fn migrate_and_check(
     );
     let all = format!("{before}{after}");
     assert!(!all.contains("tg: mig error"), "a check failed:\n{all}");
+    // A live migration moves the same VM: its generation ID stays (a restore changes it).
+    assert!(
+        !after.contains("tg: vmgenid changed"),
+        "a migrated VM got a new generation ID:\n{after}"
+    );
     // Every block the guest saw acknowledged, on either side, is on disk intact.
     drop(dst);
     let acked = check_seq_blocks(img, &all);
@@ -366,6 +371,28 @@ fn stream_ram(path: &Path) -> Vec<(u64, Vec<u8>)> {
     }
 }
 
+/// Where vmm-core keeps the VM generation ID (VMGenID), 16 bytes.
+const VMGENID_ADDR: u64 = 0xff000;
+
+/// The generation ID in `ram` (a stream's RAM sections), taken out (zeroed) so that the rest
+/// compares.
+fn take_generation_id(ram: &mut [(u64, Vec<u8>)]) -> [u8; 16] {
+    let (gpa, data) = ram
+        .iter_mut()
+        .find(|(gpa, d)| (*gpa..*gpa + d.len() as u64).contains(&VMGENID_ADDR))
+        .expect("the generation ID's page is in the stream (it is never zero)");
+    let at = (VMGENID_ADDR - *gpa) as usize;
+    let id: [u8; 16] = data[at..at + 16].try_into().unwrap();
+    data[at..at + 16].fill(0);
+    id
+}
+
+/// The ID as the test guest prints it: "id=HIGH:LOW", its two little-endian halves in hex.
+fn guest_id(id: [u8; 16]) -> String {
+    let half = |r: std::ops::Range<usize>| u64::from_le_bytes(id[r].try_into().unwrap());
+    format!("id={:#x}:{:#x}", half(8..16), half(0..8))
+}
+
 fn restore(dir: &TempDir, snap: &Path, img: &Path, name: &str) -> (TestVm, std::path::PathBuf) {
     let sock = dir.join(&format!("{name}.sock"));
     let vm = TestVm::builder()
@@ -384,9 +411,11 @@ fn restore(dir: &TempDir, snap: &Path, img: &Path, name: &str) -> (TestVm, std::
 /// A snapshot of a paused guest, restored twice in new processes (each with a copy of the
 /// disk as it was), gives two identical guests: both come up paused as the original was, with
 /// the same RAM (a snapshot of each is byte for byte the original's RAM), and once resumed
-/// both go on from the same pass and print the same lines. The original goes on too.
+/// both go on from the same pass and print the same lines. The original goes on too. The one
+/// difference is the VM generation ID (VMGenID): each restore gets a new one, which the guest
+/// sees, told by the GED; the original's is the one its guest saw at boot.
 #[test]
-fn a_snapshot_restored_twice_gives_two_identical_guests() {
+fn a_snapshot_restored_twice_gives_two_identical_guests_with_new_generation_ids() {
     let dir = TempDir::new("snapshot");
     let img = disk(&dir);
     let sock = dir.join("src.sock");
@@ -438,26 +467,43 @@ fn a_snapshot_restored_twice_gives_two_identical_guests() {
             "restored VMs stay paused as saved: {info}"
         );
     }
-    // Their RAM is the snapshot's, byte for byte.
-    let original = stream_ram(&snap);
+    // Their RAM is the snapshot's, byte for byte, but for the VM generation ID: each restore
+    // has an ID of its own (VMGenID), neither the original's nor the other's.
+    let mut original = stream_ram(&snap);
+    let mut ids = vec![take_generation_id(&mut original)];
+    let booted = std::fs::read_to_string(dir.join("source.txt")).unwrap();
+    assert!(
+        booted.contains(&format!("tg: vmgenid addr=0xff000 {}", guest_id(ids[0]))),
+        "the original guest saw another ID at boot than its RAM holds:\n{booted}"
+    );
     for (n, s) in [("a", &a_sock), ("b", &b_sock)] {
         let again = dir.join(&format!("snap-{n}"));
         let (code, out, err) = vmmctl(s, &["snapshot", &format!("file:{}", again.display())]);
         assert_eq!(code, 0, "{out}{err}");
+        let mut ram = stream_ram(&again);
+        ids.push(take_generation_id(&mut ram));
         assert!(
-            stream_ram(&again) == original,
+            ram == original,
             "restored guest {n}'s RAM differs from the snapshot's"
         );
     }
+    assert!(
+        ids[0] != ids[1] && ids[0] != ids[2] && ids[1] != ids[2],
+        "the original and the two restores must have three generation IDs: {ids:x?}"
+    );
     for s in [&a_sock, &b_sock] {
         assert_eq!(vmmctl(s, &["resume"]).0, 0);
     }
     // Complete lines only: the guest may be writing the next one.
-    let lines = |n: &str| -> Vec<String> {
+    let text = |n: &str| -> String {
         let t = std::fs::read_to_string(dir.join(&format!("{n}.txt"))).unwrap();
-        t.rsplit_once('\n')
-            .map_or("", |(done, _)| done)
+        t.rsplit_once('\n').map_or("", |(done, _)| done).to_string()
+    };
+    // Each guest saw its new ID, told by the GED; apart from that line, they are the same.
+    let lines = |n: &str| -> Vec<String> {
+        text(n)
             .lines()
+            .filter(|l| !l.starts_with("tg: vmgenid changed"))
             .take(40)
             .map(|l| l.trim_end_matches('\r').to_string())
             .collect()
@@ -465,6 +511,16 @@ fn a_snapshot_restored_twice_gives_two_identical_guests() {
     wait_until(T, "both restored guests to go on", || {
         lines("a").len() >= 40 && lines("b").len() >= 40
     });
+    for (n, id) in [("a", ids[1]), ("b", ids[2])] {
+        let seen = format!("tg: vmgenid changed {} ged=1", guest_id(id));
+        assert_eq!(
+            text(n).matches("tg: vmgenid changed").count(),
+            1,
+            "{n}:\n{}",
+            text(n)
+        );
+        assert!(text(n).contains(&seen), "{n} wants {seen:?}:\n{}", text(n));
+    }
     let (la, lb) = (lines("a"), lines("b"));
     assert_eq!(la, lb, "the two restored guests differ");
     let first = first_pass(&la.join("\n"));

@@ -425,6 +425,9 @@ impl vmm::Server for VmmServer {
         info.set_pid(std::process::id());
         info.set_uptime_ms(self.shared.started.elapsed().as_millis() as u64);
         info.set_boots(s.boots);
+        if let Ok(id) = crate::boot::vmgenid::init() {
+            info.set_generation_id(crate::boot::vmgenid::format(&id));
+        }
         Ok(())
     }
 

@@ -140,6 +140,8 @@ pub struct ShapeGiven {
 }
 
 pub fn run(args: config::RunArgs, given: ShapeGiven) -> Result<Outcome, Error> {
+    // Drawn before any thread's system call filter is on.
+    boot::vmgenid::init().map_err(vm::VmError::Boot)?;
     let host = kvm::Host::detect();
     let live = args
         .incoming

@@ -1305,9 +1305,13 @@ fn format_info(
         .get_cmdline()?
         .to_str()
         .map_err(|e| capnp::Error::failed(e.to_string()))?;
+    let generation = info
+        .get_generation_id()?
+        .to_str()
+        .map_err(|e| capnp::Error::failed(e.to_string()))?;
     Ok(if json {
         format!(
-            "{{\"state\":{},\"cpus\":{},\"max_cpus\":{},\"memory_bytes\":{},\"kernel\":{},\"cmdline\":{},\"pid\":{},\"uptime_ms\":{},\"boots\":{}}}",
+            "{{\"state\":{},\"cpus\":{},\"max_cpus\":{},\"memory_bytes\":{},\"kernel\":{},\"cmdline\":{},\"pid\":{},\"uptime_ms\":{},\"boots\":{},\"generation_id\":{}}}",
             json_str(state),
             info.get_cpus(),
             info.get_max_cpus(),
@@ -1316,11 +1320,12 @@ fn format_info(
             json_str(cmdline),
             info.get_pid(),
             info.get_uptime_ms(),
-            info.get_boots()
+            info.get_boots(),
+            json_str(generation)
         )
     } else {
         format!(
-            "state:    {state}\nvCPUs:    {} online, {} max\nmemory:   {} MiB\nkernel:   {kernel}\ncmdline:  {cmdline}\npid:      {}\nuptime:   {:.1} s\nboots:    {}",
+            "state:    {state}\nvCPUs:    {} online, {} max\nmemory:   {} MiB\nkernel:   {kernel}\ncmdline:  {cmdline}\npid:      {}\nuptime:   {:.1} s\nboots:    {}\ngeneration id: {generation}",
             info.get_cpus(),
             info.get_max_cpus(),
             info.get_memory_bytes() >> 20,

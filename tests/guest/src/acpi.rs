@@ -22,6 +22,20 @@ fn rd64(a: u64) -> u64 {
     rd32(a) as u64 | (rd32(a + 4) as u64) << 32
 }
 
+/// An AML integer at `a`: its value and how many bytes it takes.
+fn aml_integer(a: u64) -> Option<(u64, u64)> {
+    Some(match rd8(a) {
+        0x00 => (0, 1),
+        0x01 => (1, 1),
+        0xff => (u64::MAX, 1),
+        0x0a => (rd8(a + 1) as u64, 2),
+        0x0b => (rd16(a + 1) as u64, 3),
+        0x0c => (rd32(a + 1) as u64, 5),
+        0x0e => (rd64(a + 1), 9),
+        _ => return None,
+    })
+}
+
 fn sig(a: u64, s: &[u8; 4]) -> bool {
     (0..4).all(|i| rd8(a + i) == s[i as usize])
 }
@@ -122,6 +136,26 @@ impl Tables {
         let len = rd32(f + 4) as u64;
         let x = if len >= 148 { rd64(f + 140) } else { 0 };
         Some(if x != 0 { x } else { rd32(f + 40) as u64 })
+    }
+
+    /// The VM generation ID's address: the VMGenID device's `ADDR` package (low and high 32
+    /// bits) in the DSDT, as Linux's vmgenid driver evaluates it.
+    pub fn vmgenid_addr(&self) -> Option<u64> {
+        let dsdt = self.dsdt()?;
+        let len = rd32(dsdt + 4) as u64;
+        let mut a = dsdt + 36;
+        while a + 8 < dsdt + len {
+            if sig(a, b"ADDR") && rd8(a + 4) == 0x12 {
+                let pkg_len_bytes = (rd8(a + 5) >> 6) as u64 + 1;
+                let mut elem = a + 5 + pkg_len_bytes + 1;
+                let (lo, n) = aml_integer(elem)?;
+                elem += n;
+                let (hi, _) = aml_integer(elem)?;
+                return Some(lo | hi << 32);
+            }
+            a += 1;
+        }
+        None
     }
 
     /// SLP_TYPa of \_S5, found the way small kernels do: the `_S5_` package in the DSDT.

@@ -90,6 +90,19 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         .u(tables.slp_typ_s5().map_or(0xff, |v| v as u64))
         .emit();
 
+    if let Some(addr) = tables.vmgenid_addr() {
+        VMGENID_ADDR.store(addr, Ordering::Relaxed);
+        let (lo, hi) = vmgenid();
+        Line::new()
+            .s("tg: vmgenid addr=")
+            .hex(addr)
+            .s(" id=")
+            .hex(hi)
+            .s(":")
+            .hex(lo)
+            .emit();
+    }
+
     let madt = tables.madt();
     Line::new()
         .s("tg: madt cpus=")
@@ -724,6 +737,25 @@ fn seq_block(at: *mut u64, seq: u64) {
     }
 }
 
+/// Where the VMM keeps the VM generation ID (the DSDT's VMGenID device; 0: none).
+static VMGENID_ADDR: AtomicU64 = AtomicU64::new(0);
+
+/// The VM generation ID, as two 64-bit halves (low, high); zero without one.
+fn vmgenid() -> (u64, u64) {
+    let a = VMGENID_ADDR.load(Ordering::Relaxed);
+    if a == 0 {
+        return (0, 0);
+    }
+    // SAFETY: the VMM's 16-byte ID, in identity-mapped reserved low memory, read volatile as
+    // the VMM rewrites it when the VM is restored.
+    unsafe {
+        (
+            core::ptr::read_volatile(a as *const u64),
+            core::ptr::read_volatile((a + 8) as *const u64),
+        )
+    }
+}
+
 /// The migration tests' guest: a counter in memory (the pass number), `tg.dirty.mib` MiB
 /// (default 8) at 64 MiB rewritten at CPL3 each pass with that pass's words after checking
 /// they still hold the previous pass's (so a page a migration lost or left stale is found on
@@ -767,14 +799,33 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
         unsafe { cbuf.add(j).write_volatile(CANARY ^ j as u64) };
     }
     let mut last_read: Option<u64> = None;
+    let mut generation = vmgenid();
     loop {
         // The ACPI power button (GED) ends the load, and the guest powers off.
         const GED_PORT: u16 = 0x610;
         const POWER_BUTTON: u8 = 1;
+        const VMGENID_CHANGED: u8 = 1 << 2;
         if io::inb(GED_PORT) & POWER_BUTTON != 0 {
             io::outb(GED_PORT, POWER_BUTTON);
             Line::new().s("tg: power button").emit();
             return;
+        }
+        // A restored (or cloned) VM gets a new generation ID, and the GED says so.
+        let now = vmgenid();
+        if now != generation {
+            generation = now;
+            let ged = io::inb(GED_PORT) & VMGENID_CHANGED != 0;
+            if ged {
+                io::outb(GED_PORT, VMGENID_CHANGED);
+            }
+            Line::new()
+                .s("tg: vmgenid changed id=")
+                .hex(now.1)
+                .s(":")
+                .hex(now.0)
+                .s(" ged=")
+                .u(ged as u64)
+                .emit();
         }
         pass += 1;
         if pass > 1 {

@@ -1,7 +1,7 @@
 //! ACPI tables generated in Rust (the acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced,
 //! with a sleep control register for power-off and a reset register), MADT and DSDT.
 
-use super::{BootError, ACPI_END, ACPI_START};
+use super::{vmgenid, BootError, ACPI_START};
 use crate::config::VmConfig;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -59,7 +59,7 @@ pub fn madt(cpus: u32, max_cpus: u32) -> Vec<u8> {
 }
 
 /// DSDT: \_S5 for power-off, the COM1 UART, the pvpanic device, the GED and power button,
-/// and a processor device per possible vCPU with the CPU hotplug methods.
+/// the VMGenID device, and a processor device per possible vCPU with the CPU hotplug methods.
 pub fn dsdt(max_cpus: u32) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
@@ -159,6 +159,13 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
                         ),
                         vec![&aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![])],
                     ),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::Zero {}, &aml::Local(0), &ged::EVENT_VMGENID),
+                            &ged::EVENT_VMGENID,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.VGEN"), &0x80u8)],
+                    ),
                 ],
             ),
         ],
@@ -170,6 +177,20 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
             &aml::Name::new("_UID".into(), &aml::Zero {}),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    // VMGenID, as QEMU and Firecracker describe it: Windows and Linux's vmgenid driver match
+    // the _CID (ACPICA upper-cases it to the driver's VM_GEN_COUNTER); the _HID is this VMM's
+    // own, a valid ACPI ID. ADDR is the ID's address (low and high 32 bits).
+    let (lo, hi) = (vmgenid::ADDR as u32, (vmgenid::ADDR >> 32) as u32);
+    aml::Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMMC0001"),
+            &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("ADDR".into(), &aml::Package::new(vec![&lo, &hi])),
         ],
     )
     .to_aml_bytes(&mut body);
@@ -501,7 +522,10 @@ pub fn write_tables(mem: &GuestMemory, config: &VmConfig) -> Result<u64, BootErr
     let mcfg_addr = align(madt_addr + madt.len() as u64);
     let mcfg = mcfg();
     let end = mcfg_addr + mcfg.len() as u64;
-    assert!(end <= ACPI_END, "ACPI tables overflow the BIOS area");
+    assert!(
+        end <= vmgenid::ADDR,
+        "ACPI tables overflow the BIOS area below the VM generation ID"
+    );
 
     let mut xsdt = XSDT::new(OEM_ID, *b"VMMXSDT ", 1);
     xsdt.add_entry(fadt_addr);

@@ -2,6 +2,7 @@
 //! note), initramfs, command line, memory map and ACPI tables.
 
 pub mod acpi;
+pub mod vmgenid;
 
 use crate::config::{KernelFormat, VmConfig};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -63,6 +64,8 @@ pub enum BootError {
     },
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
+    #[error("cannot draw the VM generation ID from /dev/urandom")]
+    GenerationId(#[source] std::io::Error),
     #[error("the memory map has {0} entries, more than the boot protocol carries")]
     TooManyE820(usize),
 }
@@ -207,6 +210,7 @@ pub fn load(mem: &GuestMemory, config: &VmConfig, files: &BootFiles) -> Result<E
     };
 
     let rsdp = acpi::write_tables(mem, config)?;
+    vmgenid::write(mem)?;
     let e820 = e820_map(config.memory);
     match entry {
         Entry::Pvh { .. } => write_pvh_info(mem, &e820, initrd, rsdp)?,

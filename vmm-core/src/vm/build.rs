@@ -165,7 +165,26 @@ impl Guest {
             None => None,
         };
         let fds = guest.create_vcpus(kvm, config, res, entry, incoming.as_ref())?;
+        if incoming.as_ref().is_some_and(|i| i.flag == "--restore") {
+            guest.new_generation()?;
+        }
         Ok((guest, fds, incoming))
+    }
+
+    /// A restored VM is a new instance of the one saved (there may be others from the same
+    /// snapshot): it gets this process's generation ID, and the GED tells the guest, which
+    /// runs its handler once its vCPUs (restored already) run.
+    fn new_generation(&self) -> Result<(), VmError> {
+        let id = crate::boot::vmgenid::write(&self.memory.guest)?;
+        log::info!(
+            "VM generation ID {} (a restored VM gets a new one)",
+            crate::boot::vmgenid::format(&id)
+        );
+        self.ged
+            .lock()
+            .unwrap()
+            .notify(ged::EVENT_VMGENID)
+            .map_err(VmError::EventFd)
     }
 
     /// Every boot vCPU exists before any runs: the boot vCPU starts the others by IPI. An

@@ -1,6 +1,7 @@
 //! The ACPI Generic Event Device (ACPI0013) of a hardware-reduced platform: one status
 //! register of pending events (write 1 to clear) and an edge interrupt. The DSDT's `_EVT`
-//! reads it and notifies the device concerned: the power button, or the CPU hotplug scan.
+//! reads it and notifies the device concerned: the power button, the CPU hotplug scan, or
+//! the VMGenID device.
 
 use crate::bus::{Action, PioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -11,6 +12,8 @@ pub const GSI: u32 = 9;
 pub const EVENT_POWER_BUTTON: u8 = 1 << 0;
 /// Status bit: a vCPU is being added or removed (see cpu_hotplug).
 pub const EVENT_CPU_HOTPLUG: u8 = 1 << 1;
+/// Status bit: the VM generation ID changed (a restore); the DSDT notifies the VMGenID device.
+pub const EVENT_VMGENID: u8 = 1 << 2;
 
 pub struct Ged {
     pending: u8,
