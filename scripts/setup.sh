@@ -54,6 +54,13 @@ if ! command -v cargo >/dev/null; then
     say "error: cargo is missing; install Rust with rustup (https://rustup.rs), then run this again"
     exit 1
 fi
+# rust-vmm's vhost-device-rng: an independent vhost-user-rng backend, which the virtio-rng
+# test drives with vmm-core's frontend. Built once into target/tools (about a minute).
+tools="$root/target/tools"
+if [ ! -x "$tools/bin/vhost-device-rng" ]; then
+    say "building vhost-device-rng 0.1.0 (rust-vmm) into $tools"
+    cargo install --quiet --locked vhost-device-rng --version 0.1.0 --root "$tools"
+fi
 if [ ! -e /dev/kvm ]; then
     say "warning: /dev/kvm is missing; VMs and the KVM tests cannot run on this host"
 fi

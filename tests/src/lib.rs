@@ -43,6 +43,22 @@ pub fn blockd_bin() -> PathBuf {
     vmm_core_bin().with_file_name("blockd")
 }
 
+/// A tool scripts/setup.sh builds into target/tools/bin (such as rust-vmm's vhost-device-rng).
+pub fn tool(name: &str) -> PathBuf {
+    let bin = vmm_core_bin()
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join("tools/bin")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} does not exist: scripts/setup.sh installs it (the README's test command runs it)",
+        bin.display()
+    );
+    bin
+}
+
 /// Runs `vmmctl --socket SOCKET ARGS`; returns (exit code, stdout, stderr).
 pub fn vmmctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vmmctl_bin())

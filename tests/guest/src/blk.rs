@@ -113,41 +113,41 @@ fn cfg_addr(slot: u8, reg: u8) -> u32 {
     0x8000_0000 | (u32::from(slot) << 11) | u32::from(reg & 0xfc)
 }
 
-fn cfg_read(slot: u8, reg: u8) -> u32 {
+pub fn cfg_read(slot: u8, reg: u8) -> u32 {
     outl(0xcf8, cfg_addr(slot, reg));
     inl(0xcfc)
 }
 
-fn cfg_write(slot: u8, reg: u8, v: u32) {
+pub fn cfg_write(slot: u8, reg: u8, v: u32) {
     outl(0xcf8, cfg_addr(slot, reg));
     outl(0xcfc, v);
 }
 
-fn r8(a: u64) -> u8 {
+pub fn r8(a: u64) -> u8 {
     // SAFETY: a device register in a BAR (identity mapped).
     unsafe { read_volatile(a as *const u8) }
 }
-fn r16(a: u64) -> u16 {
+pub fn r16(a: u64) -> u16 {
     // SAFETY: as r8.
     unsafe { read_volatile(a as *const u16) }
 }
-fn r32(a: u64) -> u32 {
+pub fn r32(a: u64) -> u32 {
     // SAFETY: as r8.
     unsafe { read_volatile(a as *const u32) }
 }
-fn w8(a: u64, v: u8) {
+pub fn w8(a: u64, v: u8) {
     // SAFETY: as r8.
     unsafe { write_volatile(a as *mut u8, v) }
 }
-fn w16(a: u64, v: u16) {
+pub fn w16(a: u64, v: u16) {
     // SAFETY: as r8.
     unsafe { write_volatile(a as *mut u16, v) }
 }
-fn w32(a: u64, v: u32) {
+pub fn w32(a: u64, v: u32) {
     // SAFETY: as r8.
     unsafe { write_volatile(a as *mut u32, v) }
 }
-fn w64(a: u64, v: u64) {
+pub fn w64(a: u64, v: u64) {
     w32(a, v as u32);
     w32(a + 4, (v >> 32) as u32);
 }
@@ -213,39 +213,104 @@ pub fn probe(found: &mut [Option<Disk>; MAX_DISKS]) -> usize {
     n
 }
 
-fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
+/// A virtio PCI function's register areas, found through its capabilities (virtio 1.2,
+/// 4.1.4): common, notify (with its multiplier) and device configuration, and the MSI-X
+/// capability's offset (0: none). Memory space and bus mastering are turned on.
+pub struct Caps {
+    pub common: u64,
+    pub notify: u64,
+    pub notify_mult: u32,
+    pub device: u64,
+    pub msix_cap: u8,
+}
+
+/// The address of BAR `i` of `slot`, as the firmware (or the VMM) assigned it, 32 or 64 bits
+/// wide.
+pub fn bar(slot: u8, i: u32) -> Result<u64, &'static str> {
+    if i > 5 {
+        return Err("bad-bar-index");
+    }
+    let reg = 0x10 + 4 * i as u8;
+    let lo = cfg_read(slot, reg);
+    if lo & 1 != 0 {
+        return Err("io-bar");
+    }
+    let hi = if (lo >> 1) & 3 == 2 && i < 5 {
+        u64::from(cfg_read(slot, reg + 4)) << 32
+    } else {
+        0
+    };
+    match hi | u64::from(lo & !0xf) {
+        0 => Err("bar-unassigned"),
+        a if a >= IDENTITY_MAPPED => Err("bar-above-4g"),
+        a => Ok(a),
+    }
+}
+
+pub fn caps(slot: u8) -> Result<Caps, &'static str> {
     // Memory space and bus mastering on.
     let cmd = cfg_read(slot, 4);
     cfg_write(slot, 4, (cmd & 0xffff) | 0x6);
-    // Each capability names its BAR: the address the firmware (or the VMM) gave it, 32 or 64
-    // bits wide.
-    let bar = |i: u32| -> Result<u64, &'static str> {
-        if i > 5 {
-            return Err("bad-bar-index");
-        }
-        let reg = 0x10 + 4 * i as u8;
-        let lo = cfg_read(slot, reg);
-        if lo & 1 != 0 {
-            return Err("io-bar");
-        }
-        let hi = if (lo >> 1) & 3 == 2 && i < 5 {
-            u64::from(cfg_read(slot, reg + 4)) << 32
-        } else {
-            0
-        };
-        match hi | u64::from(lo & !0xf) {
-            0 => Err("bar-unassigned"),
-            a if a >= IDENTITY_MAPPED => Err("bar-above-4g"),
-            a => Ok(a),
-        }
-    };
-    let mut d = Disk {
-        index,
-        slot,
+    let mut c = Caps {
         common: 0,
         notify: 0,
         notify_mult: 0,
         device: 0,
+        msix_cap: 0,
+    };
+    let mut cap = (cfg_read(slot, 0x34) & 0xff) as u8;
+    let mut guard = 0;
+    while cap != 0 && guard < 48 {
+        guard += 1;
+        let head = cfg_read(slot, cap);
+        let id = head & 0xff;
+        let next = ((head >> 8) & 0xff) as u8;
+        if id == 0x09 {
+            let cfg_type = (head >> 24) & 0xff;
+            // The first of each type is the one to use (virtio 1.2, 4.1.4.1).
+            let wanted = match cfg_type {
+                1 => c.common == 0,
+                2 => c.notify == 0,
+                4 => c.device == 0,
+                _ => false,
+            };
+            if wanted {
+                let at =
+                    bar(slot, cfg_read(slot, cap + 4) & 0xff)? + u64::from(cfg_read(slot, cap + 8));
+                match cfg_type {
+                    1 => c.common = at,
+                    2 => {
+                        c.notify = at;
+                        c.notify_mult = cfg_read(slot, cap + 16);
+                    }
+                    _ => c.device = at,
+                }
+            }
+        } else if id == 0x11 {
+            c.msix_cap = cap;
+        }
+        cap = next;
+    }
+    if c.common == 0 || c.notify == 0 {
+        return Err("missing-virtio-capabilities");
+    }
+    Ok(c)
+}
+
+fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
+    let caps = caps(slot)?;
+    if caps.device == 0 {
+        return Err("missing-virtio-capabilities");
+    }
+    let bar = |i: u32| bar(slot, i);
+    let msix_cap = caps.msix_cap;
+    let mut d = Disk {
+        index,
+        slot,
+        common: caps.common,
+        notify: caps.notify,
+        notify_mult: caps.notify_mult,
+        device: caps.device,
         features: 0,
         capacity: 0,
         blk_size: 512,
@@ -258,42 +323,6 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         kicks_skipped: 0,
         msix_table: 0,
     };
-    let mut msix_cap = 0u8;
-    let mut cap = (cfg_read(slot, 0x34) & 0xff) as u8;
-    let mut guard = 0;
-    while cap != 0 && guard < 48 {
-        guard += 1;
-        let head = cfg_read(slot, cap);
-        let id = head & 0xff;
-        let next = ((head >> 8) & 0xff) as u8;
-        if id == 0x09 {
-            let cfg_type = (head >> 24) & 0xff;
-            // The first of each type is the one to use (virtio 1.2, 4.1.4.1).
-            let wanted = match cfg_type {
-                1 => d.common == 0,
-                2 => d.notify == 0,
-                4 => d.device == 0,
-                _ => false,
-            };
-            if wanted {
-                let at = bar(cfg_read(slot, cap + 4) & 0xff)? + u64::from(cfg_read(slot, cap + 8));
-                match cfg_type {
-                    1 => d.common = at,
-                    2 => {
-                        d.notify = at;
-                        d.notify_mult = cfg_read(slot, cap + 16);
-                    }
-                    _ => d.device = at,
-                }
-            }
-        } else if id == 0x11 {
-            msix_cap = cap;
-        }
-        cap = next;
-    }
-    if d.common == 0 || d.notify == 0 || d.device == 0 {
-        return Err("missing-virtio-capabilities");
-    }
     let c = d.common;
     w8(c + 0x14, 0);
     w8(c + 0x14, 1); // ACKNOWLEDGE

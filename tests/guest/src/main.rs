@@ -10,6 +10,7 @@ mod acpi;
 mod blk;
 mod entry;
 mod io;
+mod rng;
 mod rt;
 mod smp;
 
@@ -188,6 +189,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk-seq" => blk_seq(cmdline),
         "dirty" => dirty(cmdline, stack_top),
         "migrate" => migrate_load(cmdline, stack_top),
+        "rng" => rng::scenario(cmdline),
         "reset" => {
             Line::new().s("tg: resetting").emit();
             tables.reset();

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// runs already.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
+    /// A virtio-rng device (the guest's entropy source), served over vhost-user-rng:
+    /// socket=PATH names a backend that runs already (such as rust-vmm's vhost-device-rng).
+    #[arg(long, value_name = "SPEC")]
+    pub rng: Option<String>,
     /// The blockd executable (default: the one next to vmm-core).
     #[arg(long, value_name = "PATH")]
     pub blockd: Option<PathBuf>,
@@ -185,6 +189,8 @@ pub struct VmConfig {
     /// kill or log.
     pub seccomp: String,
     pub disks: Vec<disk::DiskSpec>,
+    /// The vhost-user-rng backend's socket (--rng socket=PATH).
+    pub rng: Option<PathBuf>,
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
     pub incoming: Option<String>,
@@ -246,6 +252,8 @@ pub enum ConfigError {
     CmdlineNul,
     #[error(transparent)]
     Disk(#[from] disk::DiskSpecError),
+    #[error("--rng {0}: not an rng backend; write socket=PATH (a vhost-user-rng backend's socket, such as vhost-device-rng's)")]
+    Rng(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
 }
@@ -288,6 +296,14 @@ pub fn images_dir() -> PathBuf {
     cache.join("vmm").join("images")
 }
 
+/// `--rng socket=PATH`: the backend's socket.
+fn parse_rng(spec: &str) -> Result<PathBuf, ConfigError> {
+    match spec.split_once('=') {
+        Some(("socket", p)) if !p.is_empty() && !p.contains(',') => Ok(PathBuf::from(p)),
+        _ => Err(ConfigError::Rng(spec.to_string())),
+    }
+}
+
 /// The source's settings (`VmConfig::spec_toml`, from a stream's header) put into `args`
 /// where the command line left them out: the memory, the vCPUs (unless `cpus_given`), the
 /// disks (if none is given), the kernel, initramfs and command line (if not given).
@@ -310,6 +326,9 @@ pub fn apply_spec(args: &mut RunArgs, spec: &str, cpus_given: bool) {
                 .filter_map(|d| d.as_str().map(str::to_string))
                 .collect();
         }
+    }
+    if args.rng.is_none() {
+        args.rng = text("rng");
     }
     if args.kernel.is_none() {
         args.kernel = text("kernel").map(PathBuf::from);
@@ -350,6 +369,12 @@ impl VmConfig {
         };
         let disks: Vec<String> = self.disk_specs.iter().map(|d| q(&absolute(d))).collect();
         t += &format!("disk = [{}]\n", disks.join(", "));
+        if let Some(r) = &self.rng {
+            t += &format!(
+                "rng = {}\n",
+                q(&absolute(&format!("socket={}", r.display())))
+            );
+        }
         t
     }
 
@@ -378,6 +403,12 @@ impl VmConfig {
             ("stop-timeout", self.stop_timeout.as_secs().to_string()),
             ("serial", j(&self.serial_spec)),
             ("disk", format!("[{}]", disks.join(","))),
+            (
+                "rng",
+                self.rng
+                    .as_ref()
+                    .map_or("null".into(), |r| j(&format!("socket={}", r.display()))),
+            ),
             ("api-socket", path(&self.api_socket)),
             ("chardevd-socket", path(&self.chardevd_socket)),
             ("blockd-socket", path(&self.blockd_socket)),
@@ -530,6 +561,7 @@ impl VmConfig {
                 .iter()
                 .map(|d| disk::parse_disk(d))
                 .collect::<Result<_, _>>()?,
+            rng: args.rng.as_deref().map(parse_rng).transpose()?,
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,

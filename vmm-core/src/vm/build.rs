@@ -406,7 +406,8 @@ fn irq(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmError> {
 /// Each disk's count of queue kicks that reached vmm-core.
 type KicksMissed = Vec<(String, Arc<AtomicU64>)>;
 
-/// The PCI bus and its devices: a virtio-blk function per disk, served over vhost-user.
+/// The PCI bus and its devices: a virtio-blk function per disk and the virtio-rng function,
+/// each served over vhost-user.
 fn pci_bus(
     vm: &Arc<VmFd>,
     memory: &Memory,
@@ -418,9 +419,10 @@ fn pci_bus(
     let mut transports = Vec::new();
     for d in res.disks {
         let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
-        let dev = vmm_devices::virtio::vhost_user_blk::VhostUserBlk::connect(
+        let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
             &d.name,
             &d.socket,
+            vmm_devices::virtio::vhost_user::Kind::Blk,
             d.queues,
             memory.guest.clone(),
             memfd,
@@ -435,6 +437,28 @@ fn pci_bus(
             .ok_or_else(|| VmError::NoPciSlot(d.name.clone()))?;
         transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
+    }
+    if let Some(socket) = res.rng {
+        let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
+        let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
+            "rng0",
+            socket,
+            vmm_devices::virtio::vhost_user::Kind::Rng,
+            1,
+            memory.guest.clone(),
+            memfd,
+        )
+        .map_err(|e| VmError::RngSetup(socket.to_path_buf(), e))?;
+        let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let slot = pci
+            .add(transport.clone())
+            .ok_or_else(|| VmError::NoPciSlot("rng0".into()))?;
+        transports.push((slot, transport));
+        log::info!(
+            "rng0: virtio-rng at PCI 00:{slot:02x}.0, served by {}",
+            socket.display()
+        );
     }
     Ok((Arc::new(pci), transports, kicks_missed))
 }

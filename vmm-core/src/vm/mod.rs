@@ -58,6 +58,8 @@ pub enum VmError {
     /// A disk's backend failed during set-up of a boot.
     #[error("{0}: {1}")]
     DiskSetup(String, vmm_devices::virtio::VirtioError),
+    #[error("--rng socket={0}: {1}; start the vhost-user-rng backend first (vhost-device-rng --socket-path {0})")]
+    RngSetup(std::path::PathBuf, vmm_devices::virtio::VirtioError),
     #[error("{0}: no free PCI slot or BAR space")]
     NoPciSlot(String),
     #[error(transparent)]
@@ -203,6 +205,8 @@ fn helper_source(
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
     disks: &'a [crate::helpers::blockd::DiskBackend],
+    /// The vhost-user-rng backend's socket (--rng).
+    rng: Option<&'a std::path::Path>,
     migrated: Option<&'a Arc<crate::helpers::migrated::Migrated>>,
     /// A destination's userfaultfd, for post-copy (made before the main thread's filter).
     uffd: Option<&'a Result<vmm_sandbox::uffd::Uffd, vmm_sandbox::uffd::UffdError>>,
@@ -267,6 +271,7 @@ pub fn run(
     let res = Resources {
         boot: &boot_files,
         disks: &disks,
+        rng: config.rng.as_deref(),
         migrated: Some(&migrated),
         uffd: uffd.as_ref(),
     };

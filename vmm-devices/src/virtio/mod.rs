@@ -1,7 +1,7 @@
 //! virtio devices: the modern virtio-pci transport, and the vhost-user devices behind it.
 
 pub mod pci;
-pub mod vhost_user_blk;
+pub mod vhost_user;
 
 use std::path::PathBuf;
 use vmm_sys_util::eventfd::EventFd;

@@ -1,6 +1,7 @@
-//! A virtio-blk device whose queues are served by a vhost-user backend (blockd, or any
-//! compliant vhost-user-blk backend). vmm-core negotiates, hands over the guest RAM memfd, the
-//! vring addresses, and the kick and call eventfds; the data path then bypasses it.
+//! A virtio device whose queues are served by a vhost-user backend: virtio-blk (blockd, or
+//! any compliant vhost-user-blk backend) or virtio-rng (vhost-user-rng: chardevd, or rust-vmm's
+//! vhost-device-rng). vmm-core negotiates, hands over the guest RAM memfd, the vring
+//! addresses, and the kick and call eventfds; the data path then bypasses it.
 
 use super::{QueueSetup, VirtioDevice, VirtioError};
 use crate::layout::GuestMemory;
@@ -21,8 +22,34 @@ const VHOST_F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 pub const CONFIG_SIZE: usize = 60;
 const VIRTIO_BLK_F_MQ: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 
-pub struct VhostUserBlk {
+/// Which virtio device the backend serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// virtio-blk: a configuration space (capacity, queues, write cache) from the backend.
+    Blk,
+    /// virtio-rng: one queue, no configuration space.
+    Rng,
+}
+
+impl Kind {
+    fn device_type(self) -> u16 {
+        (match self {
+            Kind::Blk => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+            Kind::Rng => virtio_bindings::virtio_ids::VIRTIO_ID_RNG,
+        }) as u16
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Blk => "vhost-user-blk",
+            Kind::Rng => "vhost-user-rng",
+        }
+    }
+}
+
+pub struct VhostUserDevice {
     name: String,
+    kind: Kind,
     socket: PathBuf,
     frontend: Frontend,
     /// The backend's virtio features (without the vhost-user protocol bit).
@@ -89,7 +116,7 @@ struct Shake {
 }
 
 /// Connects, negotiates the protocol, and learns the backend's features and config space.
-fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
+fn handshake(socket: &Path, kind: Kind, queues: u16) -> Result<Shake, VirtioError> {
     let mut fe = Frontend::connect(socket, u64::from(queues))
         .map_err(|e| err(socket, "cannot connect", e))?;
     fe.set_owner().map_err(|e| err(socket, "SET_OWNER", e))?;
@@ -100,7 +127,11 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
         return Err(err(
             socket,
             "features",
-            "no VHOST_USER_F_PROTOCOL_FEATURES; a vhost-user-blk backend needs CONFIG",
+            format!(
+                "no VHOST_USER_F_PROTOCOL_FEATURES; vmm-core's {} frontend needs them (SET_VRING_ENABLE{})",
+                kind.name(),
+                if kind == Kind::Blk { ", CONFIG" } else { "" }
+            ),
         ));
     }
     let offered = fe
@@ -111,7 +142,7 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::PAGEFAULT;
-    if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+    if kind == Kind::Blk && !offered.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err(err(socket, "protocol features", "the backend lacks CONFIG"));
     }
     fe.set_protocol_features(offered & wanted)
@@ -129,22 +160,28 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
             format!("it serves {backend_queues} queue(s), {queues} were asked for"),
         ));
     }
-    let (_, config) = fe
-        .get_config(
-            0,
-            CONFIG_SIZE as u32,
-            VhostUserConfigFlags::WRITABLE,
-            &[0u8; CONFIG_SIZE],
-        )
-        .map_err(|e| err(socket, "GET_CONFIG", e))?;
-    let mut config = config.to_vec();
-    // The guest sees the queue count vmm-core was asked for.
-    config[34..36].copy_from_slice(&queues.to_le_bytes());
+    let config = match kind {
+        Kind::Blk => {
+            let (_, config) = fe
+                .get_config(
+                    0,
+                    CONFIG_SIZE as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &[0u8; CONFIG_SIZE],
+                )
+                .map_err(|e| err(socket, "GET_CONFIG", e))?;
+            let mut config = config.to_vec();
+            // The guest sees the queue count vmm-core was asked for.
+            config[34..36].copy_from_slice(&queues.to_le_bytes());
+            config
+        }
+        Kind::Rng => Vec::new(),
+    };
     let can_log =
         features & VHOST_F_LOG_ALL != 0 && offered.contains(VhostUserProtocolFeatures::LOG_SHMFD);
     // What the guest sees: the vhost-user bits are between vmm-core and the backend.
     let mut features = features & !(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL);
-    if queues == 1 {
+    if kind == Kind::Blk && queues == 1 {
         features &= !VIRTIO_BLK_F_MQ;
     }
     Ok(Shake {
@@ -157,18 +194,20 @@ fn handshake(socket: &Path, queues: u16) -> Result<Shake, VirtioError> {
     })
 }
 
-impl VhostUserBlk {
+impl VhostUserDevice {
     /// Connects and learns what the backend offers: features, queue count, config space.
     pub fn connect(
         name: &str,
         socket: &Path,
+        kind: Kind,
         queues: u16,
         mem: GuestMemory,
         memfd: std::fs::File,
-    ) -> Result<VhostUserBlk, VirtioError> {
-        let shake = handshake(socket, queues)?;
-        Ok(VhostUserBlk {
+    ) -> Result<VhostUserDevice, VirtioError> {
+        let shake = handshake(socket, kind, queues)?;
+        Ok(VhostUserDevice {
             name: name.to_string(),
+            kind,
             socket: socket.to_path_buf(),
             frontend: shake.frontend,
             features: shake.features,
@@ -355,9 +394,9 @@ impl VhostUserBlk {
     }
 }
 
-impl VirtioDevice for VhostUserBlk {
+impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u16 {
-        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16
+        self.kind.device_type()
     }
 
     fn num_queues(&self) -> u16 {
@@ -416,7 +455,7 @@ impl VirtioDevice for VhostUserBlk {
             tracks_inflight,
             can_log,
             can_postcopy,
-        } = handshake(&self.socket, self.queues)?;
+        } = handshake(&self.socket, self.kind, self.queues)?;
         self.can_postcopy = can_postcopy;
         // A backend that cannot log (another one than before) makes logs_dirty false, and a
         // migration's last pass resends all of RAM.
@@ -438,8 +477,8 @@ impl VirtioDevice for VhostUserBlk {
             self.tracks_inflight = tracks_inflight;
         }
         // The guest's write-cache setting, which the new backend does not know.
-        let wce = self.config[CONFIG_WRITEBACK];
-        if config[CONFIG_WRITEBACK] != wce {
+        let wce = self.config.get(CONFIG_WRITEBACK).copied();
+        if let Some(wce) = wce.filter(|&w| config.get(CONFIG_WRITEBACK) != Some(&w)) {
             self.frontend
                 .set_config(
                     CONFIG_WRITEBACK as u32,
@@ -645,6 +684,10 @@ impl VirtioDevice for VhostUserBlk {
             }
             .within(self.name.clone())
             .into());
+        }
+        if self.kind == Kind::Rng {
+            // No configuration space: the (empty) sizes matched.
+            return Ok(());
         }
         // Only the write-cache setting is the guest's to change; the rest (capacity,
         // geometry) is the disk's, and the destination's disk must match.
