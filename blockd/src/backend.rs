@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
-pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-pub use crate::vring::Vring;
+pub use vmm_vring::Memory;
+pub use vmm_vring::Vring;
 
 /// One connection's device. Cloned into each worker thread; the clones share everything.
 #[derive(Clone)]
@@ -65,7 +65,7 @@ pub struct Inner {
     /// started with one.
     logs: Vec<Mutex<Option<QueueLog>>>,
     /// The frontend's dirty log (SET_LOG_BASE), and whether it acked VHOST_F_LOG_ALL.
-    dirty: RwLock<Option<Arc<crate::dirty::DirtyLog>>>,
+    dirty: RwLock<Option<Arc<vmm_vring::dirty::DirtyLog>>>,
     log_all: AtomicBool,
     /// Per queue: the timer that wakes it when throttled requests may go.
     timers: Vec<Arc<Timer>>,
@@ -212,7 +212,7 @@ impl Backend {
     }
 
     /// The frontend's dirty log (SET_LOG_BASE); it is written while VHOST_F_LOG_ALL is acked.
-    pub fn set_dirty_log(&self, log: crate::dirty::DirtyLog) {
+    pub fn set_dirty_log(&self, log: vmm_vring::dirty::DirtyLog) {
         *self.0.dirty.write().unwrap() = Some(Arc::new(log));
     }
 

@@ -705,7 +705,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
-        let area = crate::dirty::DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
+        let area = vmm_vring::dirty::DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
             .map_err(|e| failed(format!("cannot map the dirty log ({e})")))?;
         self.backend.set_dirty_log(area);
         Ok(())

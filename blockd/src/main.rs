@@ -4,7 +4,6 @@
 
 mod backend;
 mod connection;
-mod dirty;
 mod disk;
 mod engine;
 mod exports;
@@ -14,7 +13,6 @@ mod inflight;
 mod request;
 mod rpc;
 mod throttle;
-mod vring;
 
 use anyhow::Context;
 use clap::Parser;

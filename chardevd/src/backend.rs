@@ -66,6 +66,38 @@ fn failed(msg: String) -> capnp::Error {
 }
 
 impl chardevd::Server for Server {
+    async fn rng(
+        self: Rc<Self>,
+        params: chardevd::RngParams,
+        mut results: chardevd::RngResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p
+            .get_name()?
+            .to_string()
+            .map_err(|e| failed(e.to_string()))?;
+        let (rate, burst) = (p.get_rate(), p.get_burst());
+        let mut fds = self.take_fds(&name, 2)?;
+        let source = std::fs::File::from(fds.pop().expect("two descriptors"));
+        let listener = std::os::unix::net::UnixListener::from(fds.pop().expect("two descriptors"));
+        let limit = (rate > 0).then_some(crate::rng::Limit {
+            rate,
+            burst: burst.max(1),
+        });
+        let who = name.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-vhost"))
+            .spawn(move || crate::rng::serve(who, listener, source, limit))
+            .map_err(|e| failed(format!("{name}: cannot start its thread ({e})")))?;
+        let text = match limit {
+            Some(l) => format!("vhost-user-rng, {} bytes/s, bursts of {}", l.rate, l.burst),
+            None => "vhost-user-rng, no rate limit".to_string(),
+        };
+        log::info!("{name}: {text}");
+        results.get().set_description(&text);
+        Ok(())
+    }
+
     async fn open(
         self: Rc<Self>,
         params: chardevd::OpenParams,

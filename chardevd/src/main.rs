@@ -4,6 +4,7 @@
 //! one that runs already (`--listen`, or a systemd socket).
 
 mod backend;
+mod rng;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -18,6 +18,12 @@ interface Chardevd {
   # input: where the backend's input goes from the first byte on (a client may connect and
   # type before anything else is called). description: what the backend is, for people
   # (for a pty, its path: "pty /dev/pts/3").
+
+  rng @1 (name :Text, rate :UInt64, burst :UInt64) -> (description :Text);
+  # A virtio-rng device served over vhost-user-rng. Before it, the side channel carries its
+  # name with two descriptors: a listening Unix socket (vmm-core's frontend connects to it,
+  # again after a restart) and the entropy source (the host's /dev/urandom, or a file).
+  # rate: bytes a second (0: no limit); burst: the token bucket's size in bytes.
 }
 
 struct Backend {

@@ -1,7 +1,8 @@
 //! A virtio-rng driver (virtio 1.2, 5.4): one request queue of device-writable buffers the
 //! device fills with entropy. The `rng` scenario reads `tg.rng.bytes` bytes (default 65536)
-//! in requests of `tg.rng.chunk` bytes (default 4096, at most 64 KiB) and prints how many came
-//! and their FNV-1a digest, so a test can compare them with what the backend served.
+//! in requests of `tg.rng.chunk` bytes (default 4096, at most 128 KiB) and prints how many
+//! came, in how many requests, the most one request got, and their FNV-1a digest, so a test
+//! can compare them with what the backend served.
 
 use crate::blk::{caps, cfg_read, r16, r8, w16, w64, w8};
 use crate::io::Line;
@@ -13,7 +14,8 @@ const VIRTIO_RNG_MODERN: u32 = 0x1044;
 const VIRTIO_RNG_TRANSITIONAL: u32 = 0x1005;
 const F_VERSION_1: u64 = 1 << 32;
 const QUEUE_SIZE: u16 = 16;
-const MAX_CHUNK: usize = 64 * 1024;
+/// The largest request this driver makes (twice what a device should give at once).
+const MAX_CHUNK: usize = 128 * 1024;
 const DESC_WRITE: u16 = 2;
 
 #[repr(C, align(4096))]
@@ -175,6 +177,8 @@ pub fn scenario(cmdline: &str) {
     let mut got = 0u64;
     let mut digest = 0xcbf2_9ce4_8422_2325u64;
     let mut requests = 0u64;
+    let mut most = 0u32;
+    Line::new().s("tg: rng start").emit();
     while got < want {
         let len = chunk.min((want - got) as u32);
         let Some(n) = rng.request(len) else {
@@ -185,6 +189,7 @@ pub fn scenario(cmdline: &str) {
             return;
         };
         requests += 1;
+        most = most.max(n);
         if n > len {
             Line::new()
                 .s("tg: rng error device wrote ")
@@ -206,6 +211,8 @@ pub fn scenario(cmdline: &str) {
         .u(got)
         .s(" requests=")
         .u(requests)
+        .s(" most=")
+        .u(most as u64)
         .s(" fnv=")
         .hex(digest)
         .emit();

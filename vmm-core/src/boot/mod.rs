@@ -64,7 +64,7 @@ pub enum BootError {
     },
     #[error("cannot write {0} into guest memory")]
     GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
-    #[error("cannot draw the VM generation ID from /dev/urandom")]
+    #[error("cannot draw the VM generation ID (getrandom)")]
     GenerationId(#[source] std::io::Error),
     #[error("the memory map has {0} entries, more than the boot protocol carries")]
     TooManyE820(usize),

@@ -6,7 +6,6 @@
 //! GED tells the guest when it changed.
 
 use super::BootError;
-use std::io::Read;
 use std::sync::OnceLock;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_devices::layout::GuestMemory;
@@ -16,16 +15,15 @@ pub const ADDR: u64 = 0xf_f000;
 
 static ID: OnceLock<[u8; 16]> = OnceLock::new();
 
-/// Draws this process's ID (from the host's /dev/urandom), once: call it before the threads'
-/// system call filters are on.
+/// Draws this process's ID (the getrandom system call: no device file, which a sandboxed or
+/// containerised vmm-core may lack), once.
 pub fn init() -> Result<[u8; 16], BootError> {
     if let Some(id) = ID.get() {
         return Ok(*id);
     }
     let mut id = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .map_err(BootError::GenerationId)?;
+    getrandom::getrandom(&mut id)
+        .map_err(|e| BootError::GenerationId(std::io::Error::other(e.to_string())))?;
     Ok(*ID.get_or_init(|| id))
 }
 

@@ -75,8 +75,10 @@ pub struct RunArgs {
     /// runs already.
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
-    /// A virtio-rng device (the guest's entropy source), served over vhost-user-rng:
-    /// socket=PATH names a backend that runs already (such as rust-vmm's vhost-device-rng).
+    /// A virtio-rng device (the guest's entropy source), served over vhost-user-rng by
+    /// chardevd: urandom (the host's /dev/urandom) or file=PATH (its bytes, in order), with
+    /// ,rate=BYTES (a second; 0 or none: no limit) and ,burst=BYTES (default: the rate); or
+    /// socket=PATH for a backend that runs already (such as rust-vmm's vhost-device-rng).
     #[arg(long, value_name = "SPEC")]
     pub rng: Option<String>,
     /// The blockd executable (default: the one next to vmm-core).
@@ -189,8 +191,10 @@ pub struct VmConfig {
     /// kill or log.
     pub seccomp: String,
     pub disks: Vec<disk::DiskSpec>,
-    /// The vhost-user-rng backend's socket (--rng socket=PATH).
-    pub rng: Option<PathBuf>,
+    /// The virtio-rng device and who serves it (--rng).
+    pub rng: Option<RngSpec>,
+    /// --rng as given.
+    pub rng_spec: Option<String>,
     pub blockd: PathBuf,
     pub blockd_socket: Option<PathBuf>,
     pub incoming: Option<String>,
@@ -252,8 +256,10 @@ pub enum ConfigError {
     CmdlineNul,
     #[error(transparent)]
     Disk(#[from] disk::DiskSpecError),
-    #[error("--rng {0}: not an rng backend; write socket=PATH (a vhost-user-rng backend's socket, such as vhost-device-rng's)")]
-    Rng(String),
+    #[error("--rng {0}: {1}; write urandom or file=PATH (with ,rate=BYTES ,burst=BYTES), or socket=PATH for a vhost-user-rng backend that runs already")]
+    Rng(String, String),
+    #[error("--rng {0}: chardevd serves the rng, and --serial direct starts none; give --rng socket=PATH or another --serial")]
+    RngNeedsChardevd(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
     Serial(String),
 }
@@ -296,12 +302,56 @@ pub fn images_dir() -> PathBuf {
     cache.join("vmm").join("images")
 }
 
-/// `--rng socket=PATH`: the backend's socket.
-fn parse_rng(spec: &str) -> Result<PathBuf, ConfigError> {
-    match spec.split_once('=') {
-        Some(("socket", p)) if !p.is_empty() && !p.contains(',') => Ok(PathBuf::from(p)),
-        _ => Err(ConfigError::Rng(spec.to_string())),
+/// The virtio-rng device's backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RngSpec {
+    /// A vhost-user-rng backend that runs already.
+    Socket(PathBuf),
+    /// chardevd serves it from the host's /dev/urandom (None) or a file, `rate` bytes a
+    /// second at most (0: no limit) with bursts of `burst`.
+    Chardevd {
+        file: Option<PathBuf>,
+        rate: u64,
+        burst: u64,
+    },
+}
+
+/// Parses `--rng`.
+fn parse_rng(spec: &str) -> Result<RngSpec, ConfigError> {
+    let bad = |why: &str| ConfigError::Rng(spec.to_string(), why.to_string());
+    let mut parts = spec.split(',');
+    let first = parts.next().unwrap_or_default();
+    let mut file = None;
+    match first.split_once('=') {
+        Some(("socket", p)) if !p.is_empty() => {
+            if parts.next().is_some() {
+                return Err(bad(
+                    "a socket= backend takes no other key (it limits its own rate)",
+                ));
+            }
+            return Ok(RngSpec::Socket(PathBuf::from(p)));
+        }
+        Some(("file", p)) if !p.is_empty() => file = Some(PathBuf::from(p)),
+        None if first == "urandom" => {}
+        _ => return Err(bad("not an entropy source")),
     }
+    let (mut rate, mut burst) = (0, None);
+    for part in parts {
+        let size = |v: &str| vmm_proto::size::parse(v, 1).map_err(|e| bad(&format!("{part}: {e}")));
+        match part.split_once('=') {
+            Some(("rate", v)) => rate = size(v)?,
+            Some(("burst", v)) => burst = Some(size(v)?),
+            _ => return Err(bad(&format!("{part}: not rate=BYTES or burst=BYTES"))),
+        }
+    }
+    if burst.is_some() && rate == 0 {
+        return Err(bad("burst= needs rate="));
+    }
+    Ok(RngSpec::Chardevd {
+        file,
+        rate,
+        burst: burst.unwrap_or(rate),
+    })
 }
 
 /// The source's settings (`VmConfig::spec_toml`, from a stream's header) put into `args`
@@ -358,7 +408,7 @@ impl VmConfig {
         let absolute = |spec: &str| -> String {
             spec.split(',')
                 .map(|part| match part.split_once('=') {
-                    Some((k @ ("path" | "socket"), p)) => format!(
+                    Some((k @ ("path" | "socket" | "file"), p)) => format!(
                         "{k}={}",
                         std::path::absolute(p).map_or(p.to_string(), |a| a.display().to_string())
                     ),
@@ -369,11 +419,8 @@ impl VmConfig {
         };
         let disks: Vec<String> = self.disk_specs.iter().map(|d| q(&absolute(d))).collect();
         t += &format!("disk = [{}]\n", disks.join(", "));
-        if let Some(r) = &self.rng {
-            t += &format!(
-                "rng = {}\n",
-                q(&absolute(&format!("socket={}", r.display())))
-            );
+        if let Some(r) = &self.rng_spec {
+            t += &format!("rng = {}\n", q(&absolute(r)));
         }
         t
     }
@@ -403,12 +450,7 @@ impl VmConfig {
             ("stop-timeout", self.stop_timeout.as_secs().to_string()),
             ("serial", j(&self.serial_spec)),
             ("disk", format!("[{}]", disks.join(","))),
-            (
-                "rng",
-                self.rng
-                    .as_ref()
-                    .map_or("null".into(), |r| j(&format!("socket={}", r.display()))),
-            ),
+            ("rng", self.rng_spec.as_deref().map_or("null".into(), j)),
             ("api-socket", path(&self.api_socket)),
             ("chardevd-socket", path(&self.chardevd_socket)),
             ("blockd-socket", path(&self.blockd_socket)),
@@ -552,7 +594,16 @@ impl VmConfig {
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
             api_socket: args.api_socket,
-            serial: serial::parse_serial(&args.serial)?,
+            serial: {
+                let serial = serial::parse_serial(&args.serial)?;
+                let served = args.rng.as_deref().map(parse_rng).transpose()?;
+                if serial.is_none() && matches!(served, Some(RngSpec::Chardevd { .. })) {
+                    return Err(ConfigError::RngNeedsChardevd(
+                        args.rng.clone().unwrap_or_default(),
+                    ));
+                }
+                serial
+            },
             chardevd_socket: args.chardevd_socket,
             sandbox: !args.no_sandbox,
             seccomp: args.seccomp,
@@ -562,6 +613,7 @@ impl VmConfig {
                 .map(|d| disk::parse_disk(d))
                 .collect::<Result<_, _>>()?,
             rng: args.rng.as_deref().map(parse_rng).transpose()?,
+            rng_spec: args.rng.clone(),
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
             incoming,

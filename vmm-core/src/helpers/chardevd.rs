@@ -51,6 +51,19 @@ impl Attached {
     }
 }
 
+/// The virtio-rng device chardevd serves over vhost-user-rng: the listening socket vmm-core's
+/// frontend connects to and the entropy source, handed to every chardevd start (a restarted
+/// one takes the same socket and reads on in the same source), and the device, which
+/// reconnects after a restart.
+pub struct Rng {
+    pub listener: std::os::fd::OwnedFd,
+    pub source: std::os::fd::OwnedFd,
+    /// Bytes a second (0: no limit), and the bucket's size.
+    pub rate: u64,
+    pub burst: u64,
+    pub device: super::blockd::DeviceSlot,
+}
+
 /// What a backend needs from the host, opened by vmm-core (chardevd opens no host path, so that
 /// it can run with an empty root): handed to every chardevd start over the side channel.
 /// Kept for the VM's life, so a restarted chardevd gets the same file, listening socket or
@@ -342,13 +355,14 @@ pub fn start(
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
     events: Arc<Events>,
+    rng: Option<Rng>,
 ) -> Result<(Supervisor, Ready), ChardevError> {
     let resources = Resources::open(&backend)?;
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let for_handle = buffer.clone();
     let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
     let thread = super::client_thread("chardevd-supervisor", move || async move {
-        let helper = (backend, resources);
+        let helper = (backend, resources, rng);
         supervise(mode, helper, buffer, input, events, first_tx, &mut controls).await
     })
     .map_err(|e| ChardevError::Rpc(format!("cannot start the supervisor thread: {e}")))?;
@@ -376,7 +390,7 @@ impl Ready {
 
 async fn supervise(
     mode: super::Source,
-    (backend, resources): (Backend, Resources),
+    (backend, resources, rng): (Backend, Resources, Option<Rng>),
     buffer: Arc<ConsoleBuffer>,
     input: InputFn,
     events: Arc<Events>,
@@ -391,6 +405,7 @@ async fn supervise(
             mode: &mode,
             backend: &backend,
             resources: &resources,
+            rng: rng.as_ref(),
             buffer: &buffer,
             input: &input,
             events: &events,
@@ -431,6 +446,7 @@ struct Helper<'a> {
     mode: &'a super::Source,
     backend: &'a Backend,
     resources: &'a Resources,
+    rng: Option<&'a Rng>,
     buffer: &'a ConsoleBuffer,
     input: &'a InputFn,
     events: &'a Arc<Events>,
@@ -446,6 +462,7 @@ async fn run_helper(
         mode,
         backend,
         resources,
+        rng,
         buffer,
         input,
         events,
@@ -466,7 +483,7 @@ async fn run_helper(
 
     // The side channel goes first (see proto/schema/chardevd.capnp), and with it the
     // descriptors the backend takes from us.
-    let side = side_channel(&ours, resources)
+    let side = side_channel(&ours, resources, rng)
         .map_err(|e| ChardevError::Rpc(format!("{who}: cannot hand it descriptors ({e})")))?;
     let side = vmm_proto::rpc::async_fd(side, false)
         .map_err(|e| ChardevError::Rpc(format!("{who}: side channel: {e}")))?;
@@ -505,6 +522,9 @@ async fn run_helper(
             });
         }
     };
+    if let Some(rng) = rng {
+        serve_rng(&server, rng, first.is_none(), &who).await?;
+    }
     let changed = {
         let mut d = buffer.description.lock().unwrap();
         let changed = *d != description;
@@ -603,6 +623,7 @@ fn write_backend(
 fn side_channel(
     control: &std::os::unix::net::UnixStream,
     resources: &Resources,
+    rng: Option<&Rng>,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
     use vmm_proto::fdpass;
     let (ours, theirs) = fdpass::seqpacket_pair()?;
@@ -615,7 +636,57 @@ fn side_channel(
         let fds: Vec<BorrowedFd> = resources.fds.iter().map(|f| f.as_fd()).collect();
         fdpass::send(ours.as_fd(), b"serial0", &fds)?;
     }
+    if let Some(r) = rng {
+        fdpass::send(
+            ours.as_fd(),
+            RNG.as_bytes(),
+            &[r.listener.as_fd(), r.source.as_fd()],
+        )?;
+    }
     Ok(ours)
+}
+
+/// The rng device's name.
+pub const RNG: &str = "rng0";
+
+/// Has chardevd serve the rng (its descriptors went on the side channel); after a restart,
+/// the device connects again.
+async fn serve_rng(
+    server: &chardevd::Client,
+    rng: &Rng,
+    restarted: bool,
+    who: &str,
+) -> Result<(), ChardevError> {
+    let mut req = server.rng_request();
+    req.get().set_name(RNG);
+    req.get().set_rate(rng.rate);
+    req.get().set_burst(rng.burst);
+    let reply = req.send().promise.await.map_err(|e| {
+        ChardevError::Rpc(format!(
+            "{who}: cannot serve {RNG}: {}",
+            vmm_proto::rpc::remote_message(&e)
+        ))
+    })?;
+    let description = reply
+        .get()
+        .and_then(|r| Ok(r.get_description()?.to_string().unwrap_or_default()))
+        .map_err(|e| ChardevError::Rpc(e.to_string()))?;
+    log::info!("{RNG}: {description}, served by {who}");
+    if restarted {
+        let dev = rng
+            .device
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|w| w.upgrade());
+        if let Some(dev) = dev {
+            match dev.lock().unwrap().reconnect() {
+                Ok(()) => log::info!("{RNG}: reconnected to the restarted chardevd"),
+                Err(e) => log::error!("{RNG}: cannot reconnect: {e}"),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Answers a request chardevd sent on the side channel: `connect NAME` (a unix-connect

@@ -438,7 +438,7 @@ fn pci_bus(
         transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
     }
-    if let Some(socket) = res.rng {
+    if let Some((socket, slot)) = res.rng {
         let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
         let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
             "rng0",
@@ -451,6 +451,7 @@ fn pci_bus(
         .map_err(|e| VmError::RngSetup(socket.to_path_buf(), e))?;
         let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
         let transport = Arc::new(Mutex::new(transport));
+        *slot.lock().unwrap() = Some(Arc::downgrade(&transport));
         let slot = pci
             .add(transport.clone())
             .ok_or_else(|| VmError::NoPciSlot("rng0".into()))?;

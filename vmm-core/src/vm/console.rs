@@ -153,6 +153,7 @@ pub(super) fn start_chardevd(
     shared: &api::Shared,
     tx: &Sender<VmEvent>,
     escapes: bool,
+    rng: Option<chardevd::Rng>,
 ) -> Result<chardevd::Supervisor, VmError> {
     let buffer = Arc::new(chardevd::ConsoleBuffer::new(chardevd::BUFFER_BYTES));
     let _ = console.output.set(buffer.clone());
@@ -191,6 +192,7 @@ pub(super) fn start_chardevd(
         buffer,
         input,
         shared.events.clone(),
+        rng,
     )?;
     *console.helper_ready.lock().unwrap() = Some(ready);
     *shared.console.lock().unwrap() = Some(supervisor.control.clone());

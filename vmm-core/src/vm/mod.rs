@@ -60,6 +60,8 @@ pub enum VmError {
     DiskSetup(String, vmm_devices::virtio::VirtioError),
     #[error("--rng socket={0}: {1}; start the vhost-user-rng backend first (vhost-device-rng --socket-path {0})")]
     RngSetup(std::path::PathBuf, vmm_devices::virtio::VirtioError),
+    #[error("--rng {0}: {1}")]
+    Rng(String, #[source] std::io::Error),
     #[error("{0}: no free PCI slot or BAR space")]
     NoPciSlot(String),
     #[error(transparent)]
@@ -205,8 +207,9 @@ fn helper_source(
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
     disks: &'a [crate::helpers::blockd::DiskBackend],
-    /// The vhost-user-rng backend's socket (--rng).
-    rng: Option<&'a std::path::Path>,
+    /// The virtio-rng device's vhost-user-rng socket (--rng), and where its transport goes
+    /// (for chardevd to reconnect it after a restart).
+    rng: Option<(&'a std::path::Path, &'a crate::helpers::blockd::DeviceSlot)>,
     migrated: Option<&'a Arc<crate::helpers::migrated::Migrated>>,
     /// A destination's userfaultfd, for post-copy (made before the main thread's filter).
     uffd: Option<&'a Result<vmm_sandbox::uffd::Uffd, vmm_sandbox::uffd::UffdError>>,
@@ -243,6 +246,7 @@ pub fn run(
     };
     // Disks: blockd processes live as long as vmm-core, across guest reboots.
     let (disks, run_dir) = start_disks(config, &shared, &tx)?;
+    let (rng, rng_served, run_dir) = rng_backend(config, run_dir)?;
     let supervisor = match &config.serial {
         Some(backend) => Some(console::start_chardevd(
             helper_source(config, &config.chardevd_socket, &config.chardevd),
@@ -251,6 +255,7 @@ pub fn run(
             &shared,
             &tx,
             raw.is_some(),
+            rng_served,
         )?),
         None => None,
     };
@@ -271,7 +276,7 @@ pub fn run(
     let res = Resources {
         boot: &boot_files,
         disks: &disks,
-        rng: config.rng.as_deref(),
+        rng: rng.as_ref().map(|(p, d)| (p.as_path(), d)),
         migrated: Some(&migrated),
         uffd: uffd.as_ref(),
     };
@@ -377,6 +382,48 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         migrated: std::sync::OnceLock::new(),
         migration: Default::default(),
     })
+}
+
+/// The virtio-rng device's socket and transport slot, and what chardevd needs to serve it
+/// (its listening socket, made in the run directory, and the entropy source).
+type RngBackend = (
+    Option<(std::path::PathBuf, crate::helpers::blockd::DeviceSlot)>,
+    Option<crate::helpers::chardevd::Rng>,
+    Option<crate::helpers::blockd::RunDir>,
+);
+
+fn rng_backend(
+    config: &VmConfig,
+    run_dir: Option<crate::helpers::blockd::RunDir>,
+) -> Result<RngBackend, VmError> {
+    use crate::config::RngSpec;
+    let spec = config.rng_spec.clone().unwrap_or_default();
+    let slot = crate::helpers::blockd::DeviceSlot::default();
+    match &config.rng {
+        None => Ok((None, None, run_dir)),
+        Some(RngSpec::Socket(p)) => Ok((Some((p.clone(), slot)), None, run_dir)),
+        Some(RngSpec::Chardevd { file, rate, burst }) => {
+            let bad = |e: std::io::Error| VmError::Rng(spec.clone(), e);
+            let source = std::fs::File::open(file.as_deref().unwrap_or("/dev/urandom".as_ref()))
+                .map_err(bad)?;
+            let run_dir = match run_dir {
+                Some(d) => d,
+                None => crate::helpers::blockd::RunDir::new().map_err(bad)?,
+            };
+            let socket = run_dir
+                .0
+                .join(format!("{}.sock", crate::helpers::chardevd::RNG));
+            let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(bad)?;
+            let served = crate::helpers::chardevd::Rng {
+                listener: listener.into(),
+                source: source.into(),
+                rate: *rate,
+                burst: *burst,
+                device: slot.clone(),
+            };
+            Ok((Some((socket, slot)), Some(served), Some(run_dir)))
+        }
+    }
 }
 
 /// Opens the disks and starts (or connects to) their blockd, whose handle goes to the API;
@@ -596,6 +643,14 @@ fn run_once(
         (Some(uri), 1) => Some(uri.as_str()),
         _ => None,
     };
+    // chardevd serves the rng: the device's handshake would wait for it, so it must be up
+    // (and have said why not, if it cannot be).
+    if matches!(config.rng, Some(crate::config::RngSpec::Chardevd { .. })) {
+        let ready = console.helper_ready.lock().unwrap().take();
+        if let Some(ready) = ready {
+            ready.wait()?;
+        }
+    }
     let (guest, fds, incoming) = match Guest::build(kvm, config, (tx, rx), console, res, incoming) {
         Err(VmError::Interrupted(event)) => return Ok(event),
         built => built?,

@@ -1,4 +1,4 @@
-//! One virtqueue as blockd's vhost-user backend holds it: the split ring (virtio-queue's
+//! One virtqueue as a vhost-user backend (blockd, chardevd) holds it: the split ring (virtio-queue's
 //! `Queue`), its kick and call eventfds, and whether the frontend enabled it. Shared by the
 //! connection's handler (which sets it up from the frontend's messages) and the queue's worker
 //! (which serves it), under a read-write lock.
@@ -7,7 +7,7 @@
 //! its post-copy support needs the userfaultfd crate, which needs bindgen and libclang to
 //! build, while blockd's own handler does post-copy with vmm_sandbox::uffd.)
 
-use crate::backend::Memory;
+use crate::Memory;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
