@@ -77,7 +77,26 @@ impl chardevd::Server for Server {
             .to_string()
             .map_err(|e| failed(e.to_string()))?;
         let (rate, burst) = (p.get_rate(), p.get_burst());
-        let mut fds = self.take_fds(&name, 2)?;
+        use vmm_proto::chardevd_capnp::RngLog;
+        let mode = p.get_log()?;
+        let mut fds = self.take_fds(&name, if mode == RngLog::None { 2 } else { 3 })?;
+        let log = match mode {
+            RngLog::None => crate::rng::Log::None,
+            RngLog::Record => {
+                let file = std::fs::File::from(fds.pop().expect("three descriptors"));
+                crate::rng::Log::Record(
+                    vmm_proto::record::Writer::append(file, crate::rng::LOG_KIND)
+                        .map_err(|e| failed(format!("{name}: its log: {e}")))?,
+                )
+            }
+            RngLog::Replay => {
+                let file = std::fs::File::from(fds.pop().expect("three descriptors"));
+                crate::rng::Log::Replay(
+                    vmm_proto::record::Reader::resume(file, crate::rng::LOG_KIND)
+                        .map_err(|e| failed(format!("{name}: its log: {e}")))?,
+                )
+            }
+        };
         let source = std::fs::File::from(fds.pop().expect("two descriptors"));
         let listener = std::os::unix::net::UnixListener::from(fds.pop().expect("two descriptors"));
         let limit = (rate > 0).then_some(crate::rng::Limit {
@@ -87,12 +106,17 @@ impl chardevd::Server for Server {
         let who = name.clone();
         std::thread::Builder::new()
             .name(format!("{name}-vhost"))
-            .spawn(move || crate::rng::serve(who, listener, source, limit))
+            .spawn(move || crate::rng::serve(who, listener, source, limit, log))
             .map_err(|e| failed(format!("{name}: cannot start its thread ({e})")))?;
-        let text = match limit {
+        let mut text = match limit {
             Some(l) => format!("vhost-user-rng, {} bytes/s, bursts of {}", l.rate, l.burst),
             None => "vhost-user-rng, no rate limit".to_string(),
         };
+        match mode {
+            RngLog::None => {}
+            RngLog::Record => text += ", recording what it serves",
+            RngLog::Replay => text += ", replaying a recording",
+        }
         log::info!("{name}: {text}");
         results.get().set_description(&text);
         Ok(())

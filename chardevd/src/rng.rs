@@ -81,12 +81,27 @@ impl Bucket {
     }
 }
 
+/// The log's kind (vmm_proto::record).
+pub const LOG_KIND: &str = "rng";
+
+/// Record/replay: each request's bytes go into the log, or come from it.
+pub enum Log {
+    None,
+    Record(vmm_proto::record::Writer<File>),
+    Replay(vmm_proto::record::Reader<File>),
+}
+
 /// What the queue's worker shares with the message handler.
 struct Shared {
     name: String,
     source: Mutex<File>,
+    log: Mutex<Log>,
+    /// Requests answered (by this chardevd), for the replay's messages.
+    answered: std::sync::atomic::AtomicU64,
+    /// A replay that diverged or ran out: no request is answered any more.
+    stopped: AtomicBool,
     limit: Option<Limit>,
-    log: Mutex<Option<DirtyLog>>,
+    dirty: Mutex<Option<DirtyLog>>,
     log_all: AtomicBool,
     /// The source ended (a file read to its end): said once.
     ended: AtomicBool,
@@ -94,12 +109,17 @@ struct Shared {
 
 /// Serves each connection to `listener` in turn (a frontend that reconnects, as vmm-core's
 /// after a restart, gets a fresh device), until the listener fails.
-pub fn serve(name: String, listener: UnixListener, source: File, limit: Option<Limit>) {
+pub fn serve(name: String, listener: UnixListener, source: File, limit: Option<Limit>, log: Log) {
+    let replaying = matches!(log, Log::Replay(_));
     let shared = Arc::new(Shared {
         name,
         source: Mutex::new(source),
-        limit,
-        log: Mutex::new(None),
+        log: Mutex::new(log),
+        answered: std::sync::atomic::AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
+        // A replay gives the recorded bytes as fast as they are asked for.
+        limit: if replaying { None } else { limit },
+        dirty: Mutex::new(None),
         log_all: AtomicBool::new(false),
         ended: AtomicBool::new(false),
     });
@@ -331,32 +351,36 @@ impl Worker {
                 .pop_descriptor_chain(&*mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let mut len = 0u32;
-            let mut room = (MAX_REQUEST as u64).min(allowed) as usize;
-            for d in chain.clone() {
-                if !d.is_write_only() || room == 0 {
-                    continue;
-                }
-                let n = (d.len() as usize).min(room);
-                let got = self.fill(n);
-                if got == 0 {
+            let segments: Vec<(GuestAddress, usize)> = chain
+                .clone()
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr(), d.len() as usize))
+                .collect();
+            let room: usize = segments.iter().map(|s| s.1).sum::<usize>().min(MAX_REQUEST);
+            let room = room.min(usize::try_from(allowed).unwrap_or(usize::MAX));
+            let Some(n) = self.produce(room) else {
+                // A replay that cannot go on: the request stays unanswered.
+                break;
+            };
+            let mut len = 0usize;
+            for (addr, cap) in segments {
+                if len == n {
                     break;
                 }
-                if mem.write_slice(&self.buf[..got], d.addr()).is_err() {
+                let k = cap.min(n - len);
+                if mem.write_slice(&self.buf[len..len + k], addr).is_err() {
                     log::warn!(
                         "{}: a buffer at {:#x} outside guest memory; the request gets what came before it",
                         self.shared.name,
-                        d.addr().0
+                        addr.0
                     );
                     break;
                 }
-                self.mark(d.addr().0, got as u64);
-                len += got as u32;
-                room -= got;
-                if got < n {
-                    break;
-                }
+                self.mark(addr.0, k as u64);
+                len += k;
             }
+            let len = len as u32;
+            self.shared.answered.fetch_add(1, Ordering::Relaxed);
             if let Some(b) = &mut self.bucket {
                 b.take(u64::from(len));
             }
@@ -373,6 +397,50 @@ impl Worker {
             let _ = self.vring.signal_used_queue();
         }
         wait
+    }
+
+    /// A request's bytes (at most `room`) into the buffer: from the source (recorded when
+    /// recording), or the recording's next request when replaying. None: the replay stops.
+    fn produce(&mut self, room: usize) -> Option<usize> {
+        if self.shared.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        let index = self.shared.answered.load(Ordering::Relaxed);
+        let mut log = self.shared.log.lock().unwrap();
+        let n = match &mut *log {
+            Log::Replay(r) => {
+                let why = match r.next_record() {
+                    Ok(Some(rec)) if rec.len() <= room => {
+                        self.buf[..rec.len()].copy_from_slice(&rec);
+                        return Some(rec.len());
+                    }
+                    Ok(Some(rec)) => format!(
+                        "request {index} has room for {room} bytes, and the recording gave it {}",
+                        rec.len()
+                    ),
+                    Ok(None) => format!("the recording ends before request {index}"),
+                    Err(e) => format!("request {index}: {e}"),
+                };
+                log::error!(
+                    "{}: replay diverged: {why}; the rng answers no more requests",
+                    self.shared.name
+                );
+                self.shared.stopped.store(true, Ordering::Relaxed);
+                return None;
+            }
+            _ => {
+                drop(log);
+                let n = self.fill(room);
+                log = self.shared.log.lock().unwrap();
+                n
+            }
+        };
+        if let Log::Record(w) = &mut *log {
+            if let Err(e) = w.record(&self.buf[..n]) {
+                log::error!("{}: cannot record request {index} ({e})", self.shared.name);
+            }
+        }
+        Some(n)
     }
 
     /// Reads up to `n` bytes of entropy into the buffer.
@@ -404,7 +472,7 @@ impl Worker {
     /// While a migration logs: the pages written.
     fn mark(&self, gpa: u64, len: u64) {
         if self.shared.log_all.load(Ordering::Acquire) {
-            if let Some(log) = self.shared.log.lock().unwrap().as_ref() {
+            if let Some(log) = self.shared.dirty.lock().unwrap().as_ref() {
                 log.mark(gpa, len);
             }
         }
@@ -688,7 +756,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
         let area = DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
             .map_err(|e| failed(format!("cannot map the dirty log ({e})")))?;
-        *self.shared.log.lock().unwrap() = Some(area);
+        *self.shared.dirty.lock().unwrap() = Some(area);
         Ok(())
     }
 }

@@ -19,11 +19,18 @@ interface Chardevd {
   # type before anything else is called). description: what the backend is, for people
   # (for a pty, its path: "pty /dev/pts/3").
 
-  rng @1 (name :Text, rate :UInt64, burst :UInt64) -> (description :Text);
+  rng @1 (name :Text, rate :UInt64, burst :UInt64, log :RngLog) -> (description :Text);
   # A virtio-rng device served over vhost-user-rng. Before it, the side channel carries its
   # name with two descriptors: a listening Unix socket (vmm-core's frontend connects to it,
-  # again after a restart) and the entropy source (the host's /dev/urandom, or a file).
+  # again after a restart) and the entropy source (the host's /dev/urandom, or a file); and
+  # a third, the log (vmm_proto::record), when `log` records or replays.
   # rate: bytes a second (0: no limit); burst: the token bucket's size in bytes.
+}
+
+enum RngLog {
+  none @0;
+  record @1;    # every request's bytes are appended to the log
+  replay @2;    # every request gets the log's next record instead of the source's bytes
 }
 
 struct Backend {

@@ -14,6 +14,7 @@ pub mod faults;
 pub mod fdpass;
 pub mod image;
 pub mod json;
+pub mod record;
 pub mod rpc;
 pub mod size;
 pub mod state;

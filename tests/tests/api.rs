@@ -65,7 +65,7 @@ fn info_reports_the_vm_for_people_and_programs() {
         .collect();
     let half = |r: std::ops::Range<usize>| u64::from_le_bytes(bytes[r].try_into().unwrap());
     let seen = format!(
-        "tg: vmgenid addr=0xff000 id={:#x}:{:#x}",
+        "tg: vmgenid addr=0xff000 id={:#018x}:{:#018x}",
         half(8..16),
         half(0..8)
     );

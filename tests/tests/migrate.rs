@@ -390,7 +390,7 @@ fn take_generation_id(ram: &mut [(u64, Vec<u8>)]) -> [u8; 16] {
 /// The ID as the test guest prints it: "id=HIGH:LOW", its two little-endian halves in hex.
 fn guest_id(id: [u8; 16]) -> String {
     let half = |r: std::ops::Range<usize>| u64::from_le_bytes(id[r].try_into().unwrap());
-    format!("id={:#x}:{:#x}", half(8..16), half(0..8))
+    format!("id={:#018x}:{:#018x}", half(8..16), half(0..8))
 }
 
 fn restore(dir: &TempDir, snap: &Path, img: &Path, name: &str) -> (TestVm, std::path::PathBuf) {

@@ -130,6 +130,17 @@ impl Line {
         self
     }
 
+    /// `v` as 0x and 16 hex digits (a fixed width: a line's length does not depend on it).
+    pub fn hex16(mut self, v: u64) -> Self {
+        self.push(b'0');
+        self.push(b'x');
+        for i in (0..16).rev() {
+            let d = ((v >> (i * 4)) & 0xf) as u8;
+            self.push(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        }
+        self
+    }
+
     pub fn hex(mut self, v: u64) -> Self {
         self.push(b'0');
         self.push(b'x');

@@ -98,9 +98,9 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             .s("tg: vmgenid addr=")
             .hex(addr)
             .s(" id=")
-            .hex(hi)
+            .hex16(hi)
             .s(":")
-            .hex(lo)
+            .hex16(lo)
             .emit();
     }
 
@@ -157,7 +157,8 @@ extern "C" fn guest_main(start_info: u64) -> ! {
             }
         }
         "echo" => {
-            // Console input: read lines from COM1 (polling its data-ready bit) and echo each.
+            // Console input: read lines from COM1 (polling its data-ready bit) and echo each,
+            // until "quit".
             let mut line = [0u8; 128];
             let mut n = 0;
             loop {
@@ -168,6 +169,10 @@ extern "C" fn guest_main(start_info: u64) -> ! {
                         let text = core::str::from_utf8(&line[..n]).unwrap_or("?");
                         Line::new().s("tg: echo ").s(text).emit();
                         n = 0;
+                        // "quit" ends the session (the guest powers off).
+                        if text == "quit" {
+                            break;
+                        }
                     }
                 } else if n < line.len() && b.is_ascii() && !b.is_ascii_control() {
                     line[n] = b;
@@ -822,9 +827,9 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
             }
             Line::new()
                 .s("tg: vmgenid changed id=")
-                .hex(now.1)
+                .hex16(now.1)
                 .s(":")
-                .hex(now.0)
+                .hex16(now.0)
                 .s(" ged=")
                 .u(ged as u64)
                 .emit();

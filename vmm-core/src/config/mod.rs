@@ -126,6 +126,15 @@ pub struct RunArgs {
     /// (`vmmctl migrate status` says when).
     #[arg(long, requires = "restore")]
     pub lazy: bool,
+    /// Record what the devices give the guest into DIR (made if missing): the console's
+    /// input (serial0.log, with where the guest's output stood) and the rng's bytes
+    /// (rng0.log). A replay gives them again.
+    #[arg(long, value_name = "DIR", conflicts_with = "replay")]
+    pub record: Option<PathBuf>,
+    /// Replay a recording (--record DIR): the console's input and the rng's bytes come from
+    /// the logs in DIR instead of the world (live console input is ignored).
+    #[arg(long, value_name = "DIR")]
+    pub replay: Option<PathBuf>,
     /// TLS for --incoming (QEMU's tls-creds): a directory with ca-cert.pem, server-cert.pem
     /// and server-key.pem; the source must present a certificate signed by the same CA.
     #[arg(long, value_name = "DIR")]
@@ -206,6 +215,8 @@ pub struct VmConfig {
     pub incoming_peeked: bool,
     /// --restore --lazy: RAM loads from the snapshot while the VM runs.
     pub lazy: bool,
+    /// --record DIR or --replay DIR.
+    pub recording: Option<Recording>,
     pub incoming_tls: crate::migration::TlsOptions,
     pub migrated: PathBuf,
     pub migrated_socket: Option<PathBuf>,
@@ -258,6 +269,10 @@ pub enum ConfigError {
     Disk(#[from] disk::DiskSpecError),
     #[error("--rng {0}: {1}; write urandom or file=PATH (with ,rate=BYTES ,burst=BYTES), or socket=PATH for a vhost-user-rng backend that runs already")]
     Rng(String, String),
+    #[error("--rng {0}: an rng that runs outside vmm-core's helpers cannot be recorded or replayed; give --rng urandom or file=PATH")]
+    RngNotRecorded(String),
+    #[error("--replay {0}: not a directory; give the directory a run with --record DIR wrote")]
+    Replay(PathBuf),
     #[error("--rng {0}: chardevd serves the rng, and --serial direct starts none; give --rng socket=PATH or another --serial")]
     RngNeedsChardevd(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
@@ -300,6 +315,37 @@ pub fn images_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
     cache.join("vmm").join("images")
+}
+
+/// Record/replay at the device boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recording {
+    Record(PathBuf),
+    Replay(PathBuf),
+}
+
+impl Recording {
+    /// The log of device `name` in the directory.
+    pub fn log(&self, name: &str) -> PathBuf {
+        match self {
+            Recording::Record(d) | Recording::Replay(d) => d.join(format!("{name}.log")),
+        }
+    }
+
+    /// Opens device `name`'s log: for appending (made if missing, with its directory) when
+    /// recording, for reading when replaying.
+    pub fn open(&self, name: &str) -> std::io::Result<std::fs::File> {
+        match self {
+            Recording::Record(d) => {
+                std::fs::create_dir_all(d)?;
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(self.log(name))
+            }
+            Recording::Replay(_) => std::fs::File::open(self.log(name)),
+        }
+    }
 }
 
 /// The virtio-rng device's backend.
@@ -623,6 +669,27 @@ impl VmConfig {
             incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
             incoming_peeked: false,
             lazy: args.lazy,
+            recording: match (args.record, args.replay) {
+                (r, p)
+                    if (r.is_some() || p.is_some())
+                        && args
+                            .rng
+                            .as_deref()
+                            .is_some_and(|s| s.starts_with("socket=")) =>
+                {
+                    return Err(ConfigError::RngNotRecorded(
+                        args.rng.clone().unwrap_or_default(),
+                    ))
+                }
+                (Some(d), _) => Some(Recording::Record(d)),
+                (None, Some(d)) => {
+                    if !d.is_dir() {
+                        return Err(ConfigError::Replay(d));
+                    }
+                    Some(Recording::Replay(d))
+                }
+                (None, None) => None,
+            },
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),

@@ -62,6 +62,8 @@ pub struct Rng {
     pub rate: u64,
     pub burst: u64,
     pub device: super::blockd::DeviceSlot,
+    /// --record or --replay: the log, and whether it is being replayed.
+    pub log: Option<(std::os::fd::OwnedFd, bool)>,
 }
 
 /// What a backend needs from the host, opened by vmm-core (chardevd opens no host path, so that
@@ -637,11 +639,11 @@ fn side_channel(
         fdpass::send(ours.as_fd(), b"serial0", &fds)?;
     }
     if let Some(r) = rng {
-        fdpass::send(
-            ours.as_fd(),
-            RNG.as_bytes(),
-            &[r.listener.as_fd(), r.source.as_fd()],
-        )?;
+        let mut fds = vec![r.listener.as_fd(), r.source.as_fd()];
+        if let Some((log, _)) = &r.log {
+            fds.push(log.as_fd());
+        }
+        fdpass::send(ours.as_fd(), RNG.as_bytes(), &fds)?;
     }
     Ok(ours)
 }
@@ -661,6 +663,12 @@ async fn serve_rng(
     req.get().set_name(RNG);
     req.get().set_rate(rng.rate);
     req.get().set_burst(rng.burst);
+    use vmm_proto::chardevd_capnp::RngLog;
+    req.get().set_log(match &rng.log {
+        None => RngLog::None,
+        Some((_, false)) => RngLog::Record,
+        Some((_, true)) => RngLog::Replay,
+    });
     let reply = req.send().promise.await.map_err(|e| {
         ChardevError::Rpc(format!(
             "{who}: cannot serve {RNG}: {}",

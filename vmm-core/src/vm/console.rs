@@ -23,6 +23,150 @@ pub(super) struct ConsoleInput {
     pub output: std::sync::OnceLock<Arc<chardevd::ConsoleBuffer>>,
     /// chardevd's first start, waited for before the first vCPU runs.
     pub helper_ready: Mutex<Option<chardevd::Ready>>,
+    /// --record or --replay: the console's input log.
+    pub log: std::sync::OnceLock<ConsoleLog>,
+    /// How many bytes the guest has written to its console (counted while recording or
+    /// replaying).
+    pub written: Arc<Written>,
+}
+
+/// The guest's console output so far, in bytes: where an input stands in a recording.
+#[derive(Default)]
+pub(super) struct Written {
+    bytes: Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+/// Record/replay of the console's input. A record is where the guest's output stood (bytes
+/// written so far, u64 LE) and the bytes given; a replay gives each once the guest's output
+/// has reached the same place, so input typed after a prompt comes after the prompt again.
+pub(super) enum ConsoleLog {
+    Record(Mutex<vmm_proto::record::Writer<std::fs::File>>),
+    Replay,
+}
+
+/// The log's name, and its kind in its header.
+const LOG: &str = "serial0";
+const KIND: &str = "console";
+
+/// Opens the console's log for --record or --replay (a replay's thread gives the recorded
+/// input as the guest's output reaches its place).
+pub(super) fn setup_recording(
+    config: &VmConfig,
+    console: &Arc<ConsoleInput>,
+) -> Result<(), VmError> {
+    use crate::config::Recording;
+    let Some(rec) = &config.recording else {
+        return Ok(());
+    };
+    let flag = match rec {
+        Recording::Record(_) => "--record",
+        Recording::Replay(_) => "--replay",
+    };
+    let bad = |e: String| VmError::Recording(format!("{flag} {}: {e}", rec.log(LOG).display()));
+    let file = rec.open(LOG).map_err(|e| bad(e.to_string()))?;
+    match rec {
+        Recording::Record(_) => {
+            let w =
+                vmm_proto::record::Writer::append(file, KIND).map_err(|e| bad(e.to_string()))?;
+            let _ = console.log.set(ConsoleLog::Record(Mutex::new(w)));
+            log::info!(
+                "serial0: recording its input into {}",
+                rec.log(LOG).display()
+            );
+        }
+        Recording::Replay(_) => {
+            let reader = vmm_proto::record::Reader::new(std::io::BufReader::new(file), KIND)
+                .map_err(|e| bad(e.to_string()))?;
+            let _ = console.log.set(ConsoleLog::Replay);
+            let console = console.clone();
+            std::thread::Builder::new()
+                .name("console-replay".into())
+                .spawn(move || {
+                    crate::threads::filter_service_thread("vmm-core (the console replay thread)");
+                    replay(&console, reader)
+                })
+                .map_err(|e| VmError::Thread("console replay", e))?;
+            log::info!(
+                "serial0: replaying its input from {}",
+                rec.log(LOG).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Gives the recorded input, each record once the guest's output has reached its place.
+fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Read>) {
+    let mut n = 0u64;
+    loop {
+        let rec = match reader.next_record() {
+            Ok(Some(r)) if r.len() >= 8 => r,
+            Ok(Some(_)) => {
+                log::error!("serial0: replay: record {n} is too short to be one; the rest of the recorded input is not given");
+                return;
+            }
+            Ok(None) => {
+                log::info!("serial0: replay: all {n} recorded input(s) given");
+                return;
+            }
+            Err(e) => {
+                log::error!("serial0: replay: {e}; the rest of the recorded input is not given");
+                return;
+            }
+        };
+        let at = u64::from_le_bytes(rec[..8].try_into().unwrap());
+        let mut written = console.written.bytes.lock().unwrap();
+        while *written < at {
+            written = console.written.changed.wait(written).unwrap();
+        }
+        drop(written);
+        feed_uart(console, &rec[8..]);
+        n += 1;
+    }
+}
+
+/// Gives the guest input from the world (a terminal, chardevd, a viewer): recorded while
+/// recording; while replaying, the recording's input is given instead and this is dropped.
+pub(super) fn deliver(console: &ConsoleInput, bytes: &[u8]) {
+    match console.log.get() {
+        Some(ConsoleLog::Record(w)) => {
+            let at = *console.written.bytes.lock().unwrap();
+            let mut rec = at.to_le_bytes().to_vec();
+            rec.extend_from_slice(bytes);
+            if let Err(e) = w.lock().unwrap().record(&rec) {
+                log::error!("serial0: cannot record its input ({e}); the recording misses it");
+            }
+        }
+        Some(ConsoleLog::Replay) => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!("serial0: console input ignored while the recording's is replayed");
+            }
+            return;
+        }
+        None => {}
+    }
+    feed_uart(console, bytes);
+}
+
+/// The UART's writer, counting what the guest writes (for record/replay).
+struct Counting {
+    inner: Box<dyn std::io::Write + Send>,
+    written: Arc<Written>,
+}
+
+impl std::io::Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        *self.written.bytes.lock().unwrap() += n as u64;
+        self.written.changed.notify_all();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Queues input for the guest's UART, holding back while its FIFO is full.
@@ -96,7 +240,7 @@ pub(super) fn console_input(console: Arc<ConsoleInput>, tx: Sender<VmEvent>, esc
         } else {
             (buf[..n].to_vec(), false)
         };
-        feed_uart(&console, &bytes);
+        deliver(&console, &bytes);
         if escape {
             let _ = tx.send(VmEvent::ConsoleEscape);
             return;
@@ -106,9 +250,16 @@ pub(super) fn console_input(console: Arc<ConsoleInput>, tx: Sender<VmEvent>, esc
 
 /// The UART's writer: chardevd's buffer when it serves the console, else stdout.
 pub(super) fn serial_out(console: &ConsoleInput) -> Box<dyn std::io::Write + Send> {
-    match console.output.get() {
+    let inner: Box<dyn std::io::Write + Send> = match console.output.get() {
         Some(buffer) => Box::new(chardevd::BufferWriter(buffer.clone())),
         None => Box::new(serial::RawStdout),
+    };
+    match console.log.get() {
+        Some(_) => Box::new(Counting {
+            inner,
+            written: console.written.clone(),
+        }),
+        None => inner,
     }
 }
 
@@ -171,7 +322,7 @@ pub(super) fn start_chardevd(
                 } else {
                     (bytes, false)
                 };
-                feed_uart(&input_to, &bytes);
+                deliver(&input_to, &bytes);
                 if escape {
                     let _ = quit.send(VmEvent::ConsoleEscape);
                 }

@@ -62,6 +62,9 @@ pub enum VmError {
     RngSetup(std::path::PathBuf, vmm_devices::virtio::VirtioError),
     #[error("--rng {0}: {1}")]
     Rng(String, #[source] std::io::Error),
+    /// A record/replay log that cannot be opened or read (the flag and the path in it).
+    #[error("{0}")]
+    Recording(String),
     #[error("{0}: no free PCI slot or BAR space")]
     NoPciSlot(String),
     #[error(transparent)]
@@ -231,6 +234,7 @@ pub fn run(
     let (tx, rx) = channel();
     start_signal_thread(tx.clone())?;
     let console = Arc::new(ConsoleInput::default());
+    console::setup_recording(config, &console)?;
     let raw = console::take_terminal(config, &console, &tx)?;
     let shared = new_shared(config);
     let _api = match &config.api_socket {
@@ -414,12 +418,27 @@ fn rng_backend(
                 .0
                 .join(format!("{}.sock", crate::helpers::chardevd::RNG));
             let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(bad)?;
+            let log = match &config.recording {
+                Some(rec) => {
+                    let replay = matches!(rec, crate::config::Recording::Replay(_));
+                    let file = rec.open(crate::helpers::chardevd::RNG).map_err(|e| {
+                        VmError::Recording(format!(
+                            "{} {}: {e}",
+                            if replay { "--replay" } else { "--record" },
+                            rec.log(crate::helpers::chardevd::RNG).display()
+                        ))
+                    })?;
+                    Some((file.into(), replay))
+                }
+                None => None,
+            };
             let served = crate::helpers::chardevd::Rng {
                 listener: listener.into(),
                 source: source.into(),
                 rate: *rate,
                 burst: *burst,
                 device: slot.clone(),
+                log,
             };
             Ok((Some((socket, slot)), Some(served), Some(run_dir)))
         }
