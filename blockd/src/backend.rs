@@ -196,18 +196,39 @@ impl Backend {
         let Some(log) = self.0.dirty.read().unwrap().clone() else {
             return;
         };
-        let Some(mem) = self.0.mem.read().unwrap().as_ref().map(|m| m.memory()) else {
-            return;
-        };
+        if let Some((_, chain)) = self.chain_at(vring, head) {
+            for s in &chain.writable {
+                log.mark(s.addr, s.len);
+            }
+        }
+    }
+
+    /// The chain at `head`, walked again from the descriptor table (with guest memory).
+    fn chain_at(
+        &self,
+        vring: &Vring,
+        head: u16,
+    ) -> Option<(vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap<()>>, Chain)> {
+        let mem = self.0.mem.read().unwrap().as_ref().map(|m| m.memory())?;
         let (table, size) = {
             let state = vring.get_ref();
             let q = state.get_queue();
             (q.desc_table(), q.size())
         };
-        if let Ok(chain) = Chain::at_head(&*mem, GuestAddress(table), size, head) {
-            for s in &chain.writable {
-                log.mark(s.addr, s.len);
-            }
+        let chain = Chain::at_head(&*mem, GuestAddress(table), size, head).ok()?;
+        Some((mem, chain))
+    }
+
+    /// While recording: the request at `head`, answered with `len` bytes, into the log.
+    fn record(&self, vring: &Vring, queue: usize, head: u16, len: u32) {
+        let Some(rec) = self.0.disk.recording.get() else {
+            return;
+        };
+        if rec.replaying() {
+            return;
+        }
+        if let Some((mem, chain)) = self.chain_at(vring, head) {
+            rec.record_answered(&mem, queue as u16, &chain, len);
         }
     }
 
@@ -236,6 +257,7 @@ impl Backend {
             l.answering(head);
         }
         self.log_writes(vring, head);
+        self.record(vring, queue, head, len);
         if let Err(e) = vring.add_used(head, len) {
             self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
             return;
@@ -397,6 +419,21 @@ impl Backend {
                 // (the frontend's control path may need it).
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
+                if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
+                    match rec.answer(&mem, queue as u16, &chain) {
+                        Ok(used) => {
+                            self.put_used(vring, queue, head, used);
+                            self.notify(vring, event_idx)?;
+                            continue;
+                        }
+                        Err(why) => {
+                            self.0
+                                .disk
+                                .stop(&self.0.name, format!("replay diverged at {why}"));
+                            return Ok(());
+                        }
+                    }
+                }
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
                     request::Prepared::Io(p) => {

@@ -212,6 +212,8 @@ pub struct Disk {
     pub stopped: std::sync::Mutex<Option<String>>,
     /// Requests held since it stopped, retried at resume.
     pub held_failed: std::sync::atomic::AtomicU32,
+    /// Its requests recorded, or answered from a recording.
+    pub recording: std::sync::OnceLock<crate::replay::Recording>,
 }
 
 /// Every writable disk of this process, for a flush at exit.
@@ -281,7 +283,11 @@ impl Disk {
     pub fn stop(&self, export: &str, reason: String) {
         let mut s = self.stopped.lock().unwrap();
         if s.is_none() {
-            log::error!("export {export}: stopped: {reason}; `resume` retries it");
+            if reason.starts_with("replay diverged") {
+                log::error!("export {export}: stopped: {reason}");
+            } else {
+                log::error!("export {export}: stopped: {reason}; `resume` retries it");
+            }
             *s = Some(reason.clone());
             if let Some(tx) = STOP_REPORTS.lock().unwrap().as_ref() {
                 let _ = tx.send((export.to_string(), reason));
@@ -344,6 +350,7 @@ impl Disk {
             timers: std::sync::Mutex::new(Vec::new()),
             stopped: std::sync::Mutex::new(None),
             held_failed: std::sync::atomic::AtomicU32::new(0),
+            recording: std::sync::OnceLock::new(),
         })
     }
 

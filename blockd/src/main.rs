@@ -10,6 +10,7 @@ mod exports;
 mod faults;
 mod image;
 mod inflight;
+mod replay;
 mod request;
 mod rpc;
 mod throttle;

@@ -53,19 +53,28 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Waits (up to 5 s) for the side channel's message for export `name`: its image and socket.
-fn take_fds(side: &OwnedFd, name: &str) -> Result<(File, OwnedFd), SideChannelError> {
+/// The image, the listening socket and (with `log`) the record/replay log.
+type Fds = (File, OwnedFd, Option<File>);
+
+fn take_fds(side: &OwnedFd, name: &str, log: bool) -> Result<Fds, SideChannelError> {
     let mut buf = [0u8; 128];
     let (n, mut fds) = vmm_proto::rpc::side_message(side.as_fd(), &mut buf, 5)?;
-    if &buf[..n] != name.as_bytes() || fds.len() != 2 {
+    let want = if log { 3 } else { 2 };
+    if &buf[..n] != name.as_bytes() || fds.len() != want {
         return Err(SideChannelError::Wrong(
             String::from_utf8_lossy(&buf[..n]).into_owned(),
             fds.len(),
-            "the export's name with the image and the listening socket",
+            if log {
+                "the export's name with the image, the listening socket and the log"
+            } else {
+                "the export's name with the image and the listening socket"
+            },
         ));
     }
+    let log = log.then(|| File::from(fds.pop().expect("three")));
     let listener = fds.pop().expect("two");
     let image = File::from(fds.pop().expect("two"));
-    Ok((image, listener))
+    Ok((image, listener, log))
 }
 
 impl blockd::Server for Server {
@@ -130,16 +139,18 @@ impl blockd::Server for Server {
         let image = e.get_image()?.to_str()?.to_string();
         let socket = e.get_socket()?.to_str()?.to_string();
         let readonly = e.get_readonly();
-        let (file, listener) = if e.get_fds_on_side_channel() {
+        use vmm_proto::blockd_capnp::DiskLog;
+        let log_mode = e.get_log()?;
+        let (file, listener, log) = if e.get_fds_on_side_channel() {
             let side = self.side.as_ref().ok_or_else(|| {
                 failed(format!(
                     "export {name}: fdsOnSideChannel, but this connection has no side channel"
                 ))
             })?;
-            let (file, l) =
-                take_fds(side, &name).map_err(|m| failed(format!("export {name}: {m}")))?;
+            let (file, l, log) = take_fds(side, &name, log_mode != DiskLog::None)
+                .map_err(|m| failed(format!("export {name}: {m}")))?;
             let listener = Listener::from(std::os::unix::net::UnixListener::from(l));
-            (file, listener)
+            (file, listener, log)
         } else {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -154,7 +165,12 @@ impl blockd::Server for Server {
             let listener = crate::bind_listener(std::path::Path::new(&socket)).map_err(|err| {
                 failed(format!("export {name}: cannot listen on {socket} ({err})"))
             })?;
-            (file, listener)
+            if log_mode != DiskLog::None {
+                return Err(failed(format!(
+                    "export {name}: a record/replay log comes on the side channel"
+                )));
+            }
+            (file, listener, None)
         };
         let options = disk::Options {
             readonly,
@@ -182,6 +198,22 @@ impl blockd::Server for Server {
             Disk::new(file, options)
                 .map_err(|err| failed(format!("export {name}: {image}: {err}")))?,
         );
+        if let Some(file) = log {
+            let rec = match log_mode {
+                DiskLog::Replay => crate::replay::Recording::to_replay(file),
+                _ => crate::replay::Recording::to_record(file),
+            }
+            .map_err(|err| failed(format!("export {name}: its log: {err}")))?;
+            log::info!(
+                "export {name}: {}",
+                if rec.replaying() {
+                    "replaying a recording of its requests (the image is not touched)"
+                } else {
+                    "recording its requests"
+                }
+            );
+            let _ = disk.recording.set(rec);
+        }
         if disk.looks_like_qcow2 {
             log::warn!("export {name}: {image} starts with the qcow2 magic but is served as raw, as asked; if it is qcow2, add format=qcow2 to its --disk");
         }

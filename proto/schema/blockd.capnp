@@ -112,6 +112,14 @@ struct Export {
                               # stops, the watcher is told; `resume` retries it), enospc (stop
                               # on ENOSPC, report anything else)
   writeError @11 :Text;       # the same for writes and flushes (QEMU's werror)
+  log @12 :DiskLog;           # record or replay its requests: the log comes as a third
+                              # descriptor on the side channel (after the image and socket)
+}
+
+enum DiskLog {
+  none @0;
+  record @1;
+  replay @2;
 }
 
 struct ExportInfo {

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
-use vmm_tests::{wait_until, TempDir, TestVm};
+use vmm_tests::{vmmctl, wait_until, TempDir, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -161,5 +161,160 @@ fn a_bad_replay_directory_or_log_is_refused_in_one_line() {
         err.lines().filter(|l| l.contains("error")).count(),
         1,
         "{err}"
+    );
+}
+
+/// A disk image of 16 MiB whose every 4 KiB block says which block it is.
+fn patterned_image(dir: &TempDir) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..16u64 << 20)
+        .map(|i| ((i >> 12) as u8).wrapping_mul(7) ^ (i as u8))
+        .collect();
+    std::fs::write(&img, bytes).unwrap();
+    img
+}
+
+/// Runs the blk-digest workload: `setup` runs once the guest waits (with the API socket),
+/// then the line that starts it is typed; returns the guest's digest line.
+fn digest_run(
+    dir: &TempDir,
+    img: &std::path::Path,
+    cmdline: &str,
+    args: &[&str],
+    setup: impl FnOnce(&std::path::Path),
+) -> String {
+    let sock = dir.join("console.sock");
+    let api = dir.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut vm = TestVm::builder()
+        .cmdline(cmdline)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args(["--serial", &format!("unix={}", sock.display())])
+        .args(["--api-socket", api.to_str().unwrap()])
+        .args(args.iter().copied())
+        .spawn();
+    wait_until(T, "the console socket", || sock.exists());
+    let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut seen = String::new();
+    let mut wait_for = |want: &str| loop {
+        let mut line = String::new();
+        if let Err(e) = reader.read_line(&mut line) {
+            panic!(
+                "waiting for {want:?}: {e}; the console so far:\n{seen}\n{}",
+                vm.stderr()
+            );
+        }
+        assert!(!line.is_empty(), "the console closed:\n{seen}");
+        seen.push_str(&line);
+        if line.contains(want) {
+            return line.trim_end().to_string();
+        }
+    };
+    wait_for("tg: blk digest waiting");
+    setup(&api);
+    client.write_all(b"go\r").unwrap();
+    let digest = wait_for("tg: blk digest ops=");
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    digest
+}
+
+/// The disk and console workload runs under random fault rules (EIO and delays on reads and
+/// writes) while recording. Replayed with no rule, on an image overwritten since, the guest
+/// sees the same statuses and data (its digest is the same), and the image is not written.
+#[test]
+fn a_disk_workload_under_random_faults_replays_identically_without_them() {
+    let dir = TempDir::new("replay-disk");
+    let img = patterned_image(&dir);
+    let rec = dir.join("rec");
+    let cmdline = "console=ttyS0 tg.scenario=blk-digest tg.blk.count=150 tg.blk.seed=7";
+    let recorded = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--record", rec.to_str().unwrap()],
+        |api| {
+            for rule in [
+                &[
+                    "--ops",
+                    "read,write",
+                    "--errno",
+                    "EIO",
+                    "--probability",
+                    "0.2",
+                ][..],
+                &["--ops", "read", "--delay-ms", "3", "--probability", "0.3"][..],
+            ] {
+                let mut args = vec!["disk", "fault", "add"];
+                args.extend_from_slice(rule);
+                let (code, out, err) = vmmctl(api, &args);
+                assert_eq!(code, 0, "{out}{err}");
+            }
+        },
+    );
+    let errors: u64 = recorded
+        .split("errors=")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        errors > 5 && errors < 100,
+        "the fault rules fired {errors} times: {recorded}"
+    );
+    // The image changes after the recording: a replay does not read it.
+    std::fs::write(&img, vec![0xabu8; 16 << 20]).unwrap();
+    let replayed = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--replay", rec.to_str().unwrap()],
+        |_| {},
+    );
+    assert_eq!(replayed, recorded);
+    let after = std::fs::read(&img).unwrap();
+    assert!(
+        after.iter().all(|&b| b == 0xab),
+        "the replay wrote the image"
+    );
+}
+
+/// A guest that sends other requests than the recorded ones (another seed) stops the replay
+/// at the first that differs, with a line that names the queue, the index, what was recorded
+/// and what came.
+#[test]
+fn a_disk_replay_that_diverges_names_the_first_differing_request() {
+    let dir = TempDir::new("replay-disk-diverge");
+    let img = patterned_image(&dir);
+    let rec = dir.join("rec");
+    digest_run(
+        &dir,
+        &img,
+        "console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=7",
+        &["--record", rec.to_str().unwrap()],
+        |_| {},
+    );
+    let out = dir.join("replayed.txt");
+    let vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=9")
+        .args(["--disk", &format!("path={}", img.display())])
+        .args(["--serial", &format!("file={}", out.display())])
+        .args(["--replay", rec.to_str().unwrap()])
+        .spawn();
+    wait_until(T, "the divergence", || {
+        vm.stderr().contains("replay diverged")
+    });
+    let err = vm.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.contains("replay diverged"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("replay diverged at queue 0, request 0: the recording has a ")
+            && line.contains(" at sector ")
+            && line.contains(", the guest sent a "),
+        "{line}"
     );
 }

@@ -192,6 +192,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk" => blk_scenario(cmdline, stack_top),
         "blk-bad" => blk_bad(stack_top),
         "blk-seq" => blk_seq(cmdline),
+        "blk-digest" => blk_digest(cmdline),
         "dirty" => dirty(cmdline, stack_top),
         "migrate" => migrate_load(cmdline, stack_top),
         "rng" => rng::scenario(cmdline),
@@ -893,6 +894,80 @@ fn migrate_load(cmdline: &str, stack_top: u64) {
                 .emit();
         }
     }
+}
+
+/// A disk and console workload for record/replay: once a line comes on the console,
+/// `tg.blk.count` requests (default 200), each a read or
+/// a write of 4 KiB at a sector drawn from `tg.blk.seed`, then "tg: blk digest ..." with the
+/// count of errors and an FNV-1a digest of every status and of the data of every read that
+/// succeeded. A replay of it must print the same line.
+fn blk_digest(cmdline: &str) {
+    let count = param(cmdline, "tg.blk.count=")
+        .and_then(parse_u64)
+        .unwrap_or(200);
+    let mut x = param(cmdline, "tg.blk.seed=")
+        .and_then(parse_u64)
+        .unwrap_or(1)
+        | 1;
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    if blk::probe(&mut disks) == 0 {
+        Line::new().s("tg: blk digest no disk").emit();
+        return;
+    }
+    let d = disks[0].as_mut().expect("probed");
+    let blocks = (d.capacity / 8).max(1);
+    let buf = blk::data_buf();
+    // The console's part: the workload starts when a line comes (after the host set its
+    // fault rules up).
+    Line::new().s("tg: blk digest waiting").emit();
+    loop {
+        let b = io::serial_get();
+        if b == b'\r' || b == b'\n' {
+            break;
+        }
+    }
+    let mut digest = 0xcbf2_9ce4_8422_2325u64;
+    let mut fnv = |b: u8| digest = (digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    let mut errors = 0u64;
+    for i in 0..count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let sector = (x % blocks) * 8;
+        let write = (x >> 32).is_multiple_of(3);
+        if write {
+            for j in 0..4096usize {
+                // SAFETY: the DMA data buffer, 64 KiB, of which 4 KiB are used here.
+                unsafe {
+                    buf.add(j)
+                        .write_volatile((i as u8).wrapping_mul(31) ^ j as u8)
+                };
+            }
+        }
+        let r = if write {
+            d.write(0, sector, buf as u64, 4096)
+        } else {
+            d.read(0, sector, buf as u64, 4096)
+        };
+        let status = r.map_or(0xff, |(s, _)| s);
+        fnv(status);
+        if status != 0 {
+            errors += 1;
+        } else if !write {
+            for j in 0..4096usize {
+                // SAFETY: as above; the device wrote it.
+                fnv(unsafe { buf.add(j).read_volatile() });
+            }
+        }
+    }
+    Line::new()
+        .s("tg: blk digest ops=")
+        .u(count)
+        .s(" errors=")
+        .u(errors)
+        .s(" fnv=")
+        .hex16(digest)
+        .emit();
 }
 
 fn blk_seq(cmdline: &str) {

@@ -13,6 +13,9 @@ use vmm_proto::rpc::RemoteError;
 /// What went wrong with the VM's disks and their blockd.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockdError {
+    /// A disk's record/replay log (the flag and the log's path in the first).
+    #[error("{0}: {1}")]
+    Recording(String, std::io::Error),
     #[error("--disk path={path}: cannot open it ({1}); check the path and its permissions, or add readonly=on", path = .0.display())]
     Open(PathBuf, std::io::Error),
     #[error("--disk path={path}: {1}", path = .0.display())]
@@ -280,6 +283,8 @@ struct Opened {
     image: std::fs::File,
     listener: std::os::unix::net::UnixListener,
     socket: PathBuf,
+    /// --record or --replay: its log, and whether it is replayed.
+    log: Option<(std::fs::File, bool)>,
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
@@ -290,6 +295,7 @@ pub fn start(
     report: super::SeccompReport,
     hooks: Hooks,
     lock_now: bool,
+    recording: Option<&crate::config::Recording>,
 ) -> Result<(Vec<DiskBackend>, Blockd), BlockdError> {
     let mut backends = Vec::new();
     let mut opened = Vec::new();
@@ -344,12 +350,30 @@ pub fn start(
             external: false,
             device: DeviceSlot::default(),
         });
+        let log = match recording {
+            Some(rec) => {
+                let replay = matches!(rec, crate::config::Recording::Replay(_));
+                let file = rec.open(&name).map_err(|e| {
+                    BlockdError::Recording(
+                        format!(
+                            "{} {}",
+                            if replay { "--replay" } else { "--record" },
+                            rec.log(&name).display()
+                        ),
+                        e,
+                    )
+                })?;
+                Some((file, replay))
+            }
+            None => None,
+        };
         opened.push(Opened {
             name,
             spec: d.clone(),
             image,
             listener,
             socket,
+            log,
         });
     }
     let mut handle = Blockd {
@@ -473,12 +497,12 @@ async fn attach(
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
     let connection = tokio::task::spawn_local(rpc);
     for o in opened {
-        fdpass::send(
-            side.as_fd(),
-            o.name.as_bytes(),
-            &[o.image.as_fd(), o.listener.as_fd()],
-        )
-        .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
+        let mut fds = vec![o.image.as_fd(), o.listener.as_fd()];
+        if let Some((log, _)) = &o.log {
+            fds.push(log.as_fd());
+        }
+        fdpass::send(side.as_fd(), o.name.as_bytes(), &fds)
+            .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
         let mut req = server.add_request();
         {
             let mut e = req.get().init_export();
@@ -498,6 +522,12 @@ async fn attach(
             e.set_write_error(&o.spec.werror);
             e.set_socket(o.socket.display().to_string());
             e.set_fds_on_side_channel(true);
+            use vmm_proto::blockd_capnp::DiskLog;
+            e.set_log(match &o.log {
+                None => DiskLog::None,
+                Some((_, false)) => DiskLog::Record,
+                Some((_, true)) => DiskLog::Replay,
+            });
         }
         if let Err(e) = req.send().promise.await {
             let path = o.spec.path.as_ref().map(|p| p.display().to_string());

@@ -489,6 +489,7 @@ fn start_disks(
         crate::helpers::stderr::seccomp_reporter(shared.events.clone()),
         hooks,
         config.incoming.is_none(),
+        config.recording.as_ref(),
     )?;
     *shared.blockd.lock().unwrap() = Some(blockd);
     Ok((disks, run_dir))

@@ -327,14 +327,30 @@ impl<'a> Running<'a> {
     }
 
     /// As QEMU's werror/rerror=stop: the VM pauses until someone resumes it.
+    /// A replay that diverged stops the disk the same way: the guest went another way than
+    /// the recording, and the VM pauses where it did.
     fn disk_stopped(&mut self, disk: String, reason: String) -> Option<VmEvent> {
         self.pause();
-        log::error!(
-            "{disk}: {reason}; the VM is paused (its error policy is stop); fix the cause, then `vmmctl resume` retries the request"
-        );
+        let diverged = reason.starts_with("replay diverged");
+        if diverged {
+            log::error!(
+                "{disk}: {reason}; the VM is paused where the guest left the recording (`vmmctl shutdown --force` ends it)"
+            );
+        } else {
+            log::error!(
+                "{disk}: {reason}; the VM is paused (its error policy is stop); fix the cause, then `vmmctl resume` retries the request"
+            );
+        }
         let events = &self.shared.events;
         events.emit("disk-stopped", format!("{disk}: {reason}"));
-        events.emit("paused", format!("{disk} stopped on an I/O error"));
+        events.emit(
+            "paused",
+            if diverged {
+                format!("{disk}: the replay diverged")
+            } else {
+                format!("{disk} stopped on an I/O error")
+            },
+        );
         None
     }
 

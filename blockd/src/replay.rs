@@ -1,0 +1,263 @@
+//! Record/replay of a disk's requests (vmm-core's `--record DIR` / `--replay DIR`).
+//!
+//! Recording, every request blockd answers goes into the disk's log (vmm_proto::record) as
+//! the guest saw it: its queue and index there, its header (type, sector), the length and a
+//! CRC-32 of what the guest gave (the header and a write's data), and everything blockd
+//! wrote back (a read's data, a GET_ID string, the status byte), with the used length. So a
+//! failure a fault rule injected is recorded as the guest saw it, too.
+//!
+//! Replaying, blockd answers each request from the log and touches no image: a read gets the
+//! recorded bytes even if the image changed since, a write is checked against the recording
+//! and not written, an injected error comes back with no rule set. A request that differs
+//! from the recorded one at its place (type, sector, lengths or written bytes) stops the
+//! export with a line that names the queue, the index, what was recorded and what came.
+
+use crate::request::Chain;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::Mutex;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_proto::record::{Reader, Writer};
+
+/// The log's kind.
+pub const KIND: &str = "disk";
+
+/// One recorded request.
+struct Rec {
+    queue: u16,
+    index: u64,
+    used: u32,
+    header: [u8; 16],
+    given_len: u32,
+    given_crc: u32,
+    written: Vec<u8>,
+}
+
+impl Rec {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(42 + self.written.len());
+        b.extend_from_slice(&self.queue.to_le_bytes());
+        b.extend_from_slice(&self.index.to_le_bytes());
+        b.extend_from_slice(&self.used.to_le_bytes());
+        b.extend_from_slice(&self.header);
+        b.extend_from_slice(&self.given_len.to_le_bytes());
+        b.extend_from_slice(&self.given_crc.to_le_bytes());
+        b.extend_from_slice(&self.written);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Rec> {
+        if b.len() < 38 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        Some(Rec {
+            queue: u16::from_le_bytes([b[0], b[1]]),
+            index: u64::from_le_bytes(b[2..10].try_into().unwrap()),
+            used: u32_at(10),
+            header: b[14..30].try_into().unwrap(),
+            given_len: u32_at(30),
+            given_crc: u32_at(34),
+            written: b[38..].to_vec(),
+        })
+    }
+
+    /// "read of sector 2048 (4096 bytes in)" and the like, for the divergence message.
+    fn describe(header: &[u8; 16], given: u32, room: usize) -> String {
+        let kind = u32::from_le_bytes(header[..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..].try_into().unwrap());
+        let what = match kind {
+            crate::request::T_IN => "a read",
+            crate::request::T_OUT => "a write",
+            crate::request::T_FLUSH => "a flush",
+            crate::request::T_GET_ID => "a GET_ID",
+            crate::request::T_DISCARD => "a discard",
+            crate::request::T_WRITE_ZEROES => "a write-zeroes",
+            _ => "an unknown request",
+        };
+        format!("{what} at sector {sector} ({given} bytes out, room for {room} back)")
+    }
+}
+
+enum Mode {
+    Record(Writer<File>),
+    Replay {
+        reader: Reader<File>,
+        /// Records read ahead for other queues than the one asked.
+        ahead: Vec<VecDeque<Rec>>,
+    },
+}
+
+/// A disk's recording, or the recording it replays.
+pub struct Recording {
+    mode: Mutex<Mode>,
+    /// Per queue: requests recorded or replayed so far (this blockd's).
+    next: Mutex<Vec<u64>>,
+}
+
+impl Recording {
+    pub fn to_record(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
+        Ok(Recording {
+            mode: Mutex::new(Mode::Record(Writer::append(file, KIND)?)),
+            next: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn to_replay(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
+        Ok(Recording {
+            mode: Mutex::new(Mode::Replay {
+                reader: Reader::resume(file, KIND)?,
+                ahead: Vec::new(),
+            }),
+            next: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn replaying(&self) -> bool {
+        matches!(*self.mode.lock().unwrap(), Mode::Replay { .. })
+    }
+
+    fn take_index(&self, queue: u16) -> u64 {
+        let mut next = self.next.lock().unwrap();
+        let q = usize::from(queue);
+        if next.len() <= q {
+            next.resize(q + 1, 0);
+        }
+        let i = next[q];
+        next[q] += 1;
+        i
+    }
+
+    /// What the guest gave (the readable segments) and the room it left (the writable ones).
+    fn given(mem: &GuestMemoryMmap<()>, chain: &Chain) -> (Vec<u8>, usize) {
+        let mut given = Vec::new();
+        for s in &chain.readable {
+            let start = given.len();
+            given.resize(start + s.len as usize, 0);
+            if mem
+                .read_slice(&mut given[start..], GuestAddress(s.addr))
+                .is_err()
+            {
+                given.truncate(start);
+            }
+        }
+        let room = chain.writable.iter().map(|s| s.len as usize).sum();
+        (given, room)
+    }
+
+    fn header(given: &[u8]) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        let n = given.len().min(16);
+        h[..n].copy_from_slice(&given[..n]);
+        h
+    }
+
+    /// Records a request blockd has just answered with `used` bytes written back.
+    pub fn record_answered(&self, mem: &GuestMemoryMmap<()>, queue: u16, chain: &Chain, used: u32) {
+        let mut mode = self.mode.lock().unwrap();
+        let Mode::Record(w) = &mut *mode else {
+            return;
+        };
+        let (given, _) = Self::given(mem, chain);
+        let mut written = Vec::new();
+        for s in &chain.writable {
+            let start = written.len();
+            written.resize(start + s.len as usize, 0);
+            if mem
+                .read_slice(&mut written[start..], GuestAddress(s.addr))
+                .is_err()
+            {
+                written.truncate(start);
+            }
+        }
+        let rec = Rec {
+            queue,
+            index: self.take_index(queue),
+            used,
+            header: Self::header(&given),
+            given_len: given.len() as u32,
+            given_crc: crc32fast::hash(&given),
+            written,
+        };
+        if let Err(e) = w.record(&rec.encode()) {
+            log::error!("cannot record request {} of queue {queue} ({e})", rec.index);
+        }
+    }
+
+    /// Answers a request from the recording: writes back what was recorded and returns the
+    /// used length, or says how the request differs from the recorded one.
+    pub fn answer(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        queue: u16,
+        chain: &Chain,
+    ) -> Result<u32, String> {
+        let index = self.take_index(queue);
+        let (given, room) = Self::given(mem, chain);
+        let rec = self.next_for(queue)?;
+        let Some(rec) = rec else {
+            return Err(format!(
+                "queue {queue}, request {index}: the recording has no more requests on this queue; the guest sent {}",
+                Rec::describe(&Self::header(&given), given.len() as u32, room)
+            ));
+        };
+        let same = rec.header == Self::header(&given)
+            && rec.given_len == given.len() as u32
+            && rec.given_crc == crc32fast::hash(&given)
+            && rec.written.len() == room;
+        if !same {
+            let extra = if rec.header == Self::header(&given) && rec.given_len == given.len() as u32
+            {
+                " (the same request with other bytes written)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "queue {queue}, request {index}: the recording has {}, the guest sent {}{extra}",
+                Rec::describe(&rec.header, rec.given_len, rec.written.len()),
+                Rec::describe(&Self::header(&given), given.len() as u32, room)
+            ));
+        }
+        let mut at = 0;
+        for s in &chain.writable {
+            let n = s.len as usize;
+            let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(s.addr));
+            at += n;
+        }
+        Ok(rec.used)
+    }
+
+    /// The next recorded request of `queue` (None: the recording has no more).
+    fn next_for(&self, queue: u16) -> Result<Option<Rec>, String> {
+        let mut mode = self.mode.lock().unwrap();
+        let Mode::Replay { reader, ahead } = &mut *mode else {
+            return Ok(None);
+        };
+        let q = usize::from(queue);
+        if ahead.len() <= q {
+            ahead.resize_with(q + 1, VecDeque::new);
+        }
+        if let Some(r) = ahead[q].pop_front() {
+            return Ok(Some(r));
+        }
+        loop {
+            let Some(payload) = reader
+                .next_record()
+                .map_err(|e| format!("queue {queue}: the recording: {e}"))?
+            else {
+                return Ok(None);
+            };
+            let rec = Rec::decode(&payload).ok_or_else(|| {
+                format!("queue {queue}: the recording holds a record too short to be a request")
+            })?;
+            let rq = usize::from(rec.queue);
+            if rq == q {
+                return Ok(Some(rec));
+            }
+            if ahead.len() <= rq {
+                ahead.resize_with(rq + 1, VecDeque::new);
+            }
+            ahead[rq].push_back(rec);
+        }
+    }
+}
