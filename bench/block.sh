@@ -5,7 +5,9 @@
 #   - blockd over vhost-user-blk (O_DIRECT on the image: --direct),
 #   - qemu-storage-daemon's vhost-user-blk export of the same file (cache.direct=on), when
 #     installed (Debian: qemu-system-common),
-#   - libblkio's io_uring driver straight on the file (O_DIRECT): this machine's ceiling.
+#   - libblkio's io_uring driver straight on the file (O_DIRECT): this machine's ceiling;
+#   - a second blockd that records every request (--record, as vmm-core's --record DIR):
+#     the cost of recording, as rec/blockd (the target: at most 10% lost).
 # Workloads: 4k random read and write at queue depth 32 and 1, 1 MiB sequential read and
 # write at depth 4. Prints IOPS, MB/s, p50/p99 latency, and the ratios ours/qsd and
 # ours/ceiling.
@@ -80,6 +82,10 @@ try:
     sock = os.path.join(tmp, "blockd.sock")
     served([f"{bindir}/blockd", "--image", img, "--socket", sock, "--direct"], sock, "blockd")
     targets["blockd"] = ("virtio-blk-vhost-user", sock, False)
+    rsock = os.path.join(tmp, "blockd-rec.sock")
+    served([f"{bindir}/blockd", "--image", img, "--socket", rsock, "--direct",
+            "--record", os.path.join(tmp, "disk.log")], rsock, "blockd --record")
+    targets["rec"] = ("virtio-blk-vhost-user", rsock, False)
     qsd = shutil.which("qemu-storage-daemon")
     if qsd:
         qsock = os.path.join(tmp, "qsd.sock")
@@ -106,10 +112,10 @@ try:
                    for key in workloads} for t in targets}
     print(f"medians of {rounds} round(s) of {secs} s per workload and target")
 
-    cols = [c for c in ("blockd", "qsd", "io_uring") if c in results]
+    cols = [c for c in ("blockd", "rec", "qsd", "io_uring") if c in results]
     print()
     print(f"{'workload':<22}" + "".join(f"{c+' IOPS':>14}{c+' MB/s':>12}{'p50/p99 us':>18}" for c in cols)
-          + f"{'ours/qsd':>10}{'ours/ceil':>10}")
+          + f"{'ours/qsd':>10}{'ours/ceil':>10}{'rec/ours':>10}")
     for key in workloads:
         w, bs, qd = key
         name = f"{w} {bs//1024}k qd{qd}"
@@ -120,7 +126,10 @@ try:
         ours = results["blockd"][key]["iops"]
         row += f"{ours / results['qsd'][key]['iops']:>10.2f}" if "qsd" in results else f"{'-':>10}"
         row += f"{ours / results['io_uring'][key]['iops']:>10.2f}"
+        row += f"{results['rec'][key]['iops'] / ours:>10.2f}"
         print(row)
+    log = os.path.join(tmp, "disk.log")
+    print(f"\nthe recording: {os.path.getsize(log) / 2**20:.0f} MiB of log for every run of the rec column")
 finally:
     cleanup()
 PY

@@ -78,6 +78,10 @@ struct Args {
     /// Serve one frontend connection, then exit.
     #[arg(long)]
     once: bool,
+    /// Record every request the export answers into this log (appended; made if missing), as
+    /// vmm-core's --record does for its disks.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["control_fd", "listen"])]
+    record: Option<PathBuf>,
     #[command(flatten)]
     sandbox: vmm_sandbox::Flags,
     /// Print the seccomp allowlist, a system call a line with its reason, and exit.
@@ -276,11 +280,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         )?)),
         (None, None) => unreachable!("clap requires one"),
     };
-    {
+    let mut keep = {
         use std::os::fd::AsRawFd;
-        let keep = vec![disk.raw_fd(), listener.as_raw_fd()];
-        confine(&args, keep)?;
+        vec![disk.raw_fd(), listener.as_raw_fd()]
+    };
+    if let Some(path) = &args.record {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("--record {}: cannot open it ({e})", path.display()))?;
+        keep.push(file.as_raw_fd());
+        let rec = replay::Recording::to_record(file)
+            .map_err(|e| anyhow::anyhow!("--record {}: {e}", path.display()))?;
+        let _ = disk.recording.set(rec);
     }
+    confine(&args, keep)?;
     stop_on_signals();
     let image = args
         .image
