@@ -284,20 +284,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         use std::os::fd::AsRawFd;
         vec![disk.raw_fd(), listener.as_raw_fd()]
     };
-    if let Some(path) = &args.record {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("--record {}: cannot open it ({e})", path.display()))?;
-        keep.push(file.as_raw_fd());
+    let record = match &args.record {
+        Some(path) => {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|e| {
+                    anyhow::anyhow!("--record {}: cannot open it ({e})", path.display())
+                })?;
+            keep.push(file.as_raw_fd());
+            Some((path, file))
+        }
+        None => None,
+    };
+    confine(&args, keep)?;
+    // Before any thread starts: they inherit the blocked signals that sigwait takes.
+    stop_on_signals();
+    // The recorder's thread starts in the sandboxed process (the jail may fork).
+    if let Some((path, file)) = record {
         let rec = replay::Recording::to_record(file)
             .map_err(|e| anyhow::anyhow!("--record {}: {e}", path.display()))?;
         let _ = disk.recording.set(rec);
     }
-    confine(&args, keep)?;
-    stop_on_signals();
     let image = args
         .image
         .as_ref()

@@ -80,7 +80,9 @@ impl Rec {
 }
 
 enum Mode {
-    Record(Writer<File>),
+    /// Records go to a thread of their own, which appends them (in order, each written to
+    /// the kernel as soon as the thread gets it): the queue's worker only copies.
+    Record(std::sync::mpsc::Sender<Vec<u8>>),
     Replay {
         reader: Reader<File>,
         /// Records read ahead for other queues than the one asked.
@@ -97,8 +99,26 @@ pub struct Recording {
 
 impl Recording {
     pub fn to_record(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
+        let mut w = Writer::append(std::io::BufWriter::new(file), KIND)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || {
+                use std::io::Write;
+                // Whatever came meanwhile goes in one write; then to the kernel.
+                while let Ok(rec) = rx.recv() {
+                    let mut r = w.record(&rec);
+                    while let (Ok(()), Ok(more)) = (&r, rx.try_recv()) {
+                        r = w.record(&more);
+                    }
+                    if let Err(e) = r.and_then(|()| Ok(w.get_mut().flush()?)) {
+                        log::error!("cannot write the recording ({e}); it stops here");
+                        return;
+                    }
+                }
+            })?;
         Ok(Recording {
-            mode: Mutex::new(Mode::Record(Writer::append(file, KIND)?)),
+            mode: Mutex::new(Mode::Record(tx)),
             next: Mutex::new(Vec::new()),
         })
     }
@@ -154,9 +174,9 @@ impl Recording {
 
     /// Records a request blockd has just answered with `used` bytes written back.
     pub fn record_answered(&self, mem: &GuestMemoryMmap<()>, queue: u16, chain: &Chain, used: u32) {
-        let mut mode = self.mode.lock().unwrap();
-        let Mode::Record(w) = &mut *mode else {
-            return;
+        let tx = match &*self.mode.lock().unwrap() {
+            Mode::Record(tx) => tx.clone(),
+            Mode::Replay { .. } => return,
         };
         let (given, _) = Self::given(mem, chain);
         let mut written = Vec::new();
@@ -179,8 +199,9 @@ impl Recording {
             given_crc: crc32fast::hash(&given),
             written,
         };
-        if let Err(e) = w.record(&rec.encode()) {
-            log::error!("cannot record request {} of queue {queue} ({e})", rec.index);
+        let index = rec.index;
+        if tx.send(rec.encode()).is_err() {
+            log::error!("cannot record request {index} of queue {queue}: the recorder stopped");
         }
     }
 

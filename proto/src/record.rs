@@ -40,11 +40,10 @@ pub struct Writer<W: Write> {
     out: W,
 }
 
-impl Writer<std::fs::File> {
+impl<W: Write + std::io::Seek> Writer<W> {
     /// A log of `kind` in `file`, opened for appending: a restarted helper that is handed the
     /// same file goes on after what its predecessor wrote.
-    pub fn append(file: std::fs::File, kind: &str) -> Result<Self, RecordError> {
-        use std::io::Seek;
+    pub fn append(file: W, kind: &str) -> Result<Self, RecordError> {
         let mut w = Writer { out: file };
         // (lseek, not fstat: a sandboxed helper's allowlist has the one, not always the other)
         if w.out.seek(std::io::SeekFrom::End(0))? == 0 {
@@ -73,6 +72,10 @@ impl<W: Write> Writer<W> {
 
     pub fn into_inner(self) -> W {
         self.out
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
     }
 }
 
