@@ -265,6 +265,10 @@ pub fn flush_all() -> std::io::Result<()> {
         .collect();
     for d in disks {
         d.flush()?;
+        // Everything recorded goes into the log before blockd exits.
+        if let Some(r) = d.recording.get() {
+            r.finish();
+        }
     }
     Ok(())
 }

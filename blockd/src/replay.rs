@@ -93,6 +93,9 @@ enum Mode {
 /// A disk's recording, or the recording it replays.
 pub struct Recording {
     mode: Mutex<Mode>,
+    /// The recorder's thread, joined when the recording ends (so that every record is in the
+    /// log before blockd exits).
+    recorder: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Per queue: requests recorded or replayed so far (this blockd's).
     next: Mutex<Vec<u64>>,
 }
@@ -101,7 +104,7 @@ impl Recording {
     pub fn to_record(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
         let mut w = Writer::append(std::io::BufWriter::new(file), KIND)?;
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        std::thread::Builder::new()
+        let recorder = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
                 use std::io::Write;
@@ -119,6 +122,7 @@ impl Recording {
             })?;
         Ok(Recording {
             mode: Mutex::new(Mode::Record(tx)),
+            recorder: Mutex::new(Some(recorder)),
             next: Mutex::new(Vec::new()),
         })
     }
@@ -129,8 +133,22 @@ impl Recording {
                 reader: Reader::resume(file, KIND)?,
                 ahead: Vec::new(),
             }),
+            recorder: Mutex::new(None),
             next: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Ends the recording: every record sent is written, and the thread ends.
+    pub fn finish(&self) {
+        let (tx, _) = std::sync::mpsc::channel();
+        let mut mode = self.mode.lock().unwrap();
+        if let Mode::Record(old) = &mut *mode {
+            drop(std::mem::replace(old, tx));
+        }
+        drop(mode);
+        if let Some(t) = self.recorder.lock().unwrap().take() {
+            let _ = t.join();
+        }
     }
 
     pub fn replaying(&self) -> bool {
@@ -280,5 +298,11 @@ impl Recording {
             }
             ahead[rq].push_back(rec);
         }
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
