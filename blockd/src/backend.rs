@@ -228,7 +228,12 @@ impl Backend {
             return;
         }
         if let Some((mem, chain)) = self.chain_at(vring, head) {
-            rec.record_answered(&mem, queue as u16, &chain, len);
+            let (readable, writable) = chain.pieces();
+            let segs = crate::replay::Segments {
+                readable: &readable,
+                writable: &writable,
+            };
+            rec.record_answered(&mem, queue as u16, &segs, len);
         }
     }
 
@@ -420,7 +425,12 @@ impl Backend {
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
                 if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
-                    match rec.answer(&mem, queue as u16, &chain) {
+                    let (readable, writable) = chain.pieces();
+                    let segs = crate::replay::Segments {
+                        readable: &readable,
+                        writable: &writable,
+                    };
+                    match rec.answer(&mem, queue as u16, &segs) {
                         Ok(used) => {
                             self.put_used(vring, queue, head, used);
                             self.notify(vring, event_idx)?;

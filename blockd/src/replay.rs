@@ -12,7 +12,6 @@
 //! from the recorded one at its place (type, sector, lengths or written bytes) stops the
 //! export with a line that names the queue, the index, what was recorded and what came.
 
-use crate::request::Chain;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::Mutex;
@@ -21,6 +20,18 @@ use vmm_proto::record::{Reader, Writer};
 
 /// The log's kind.
 pub const KIND: &str = "disk";
+
+/// A request's memory as (guest address, length) pieces: what the device reads (the header
+/// and a write's data), then what it writes (data, status).
+pub struct Segments<'a> {
+    pub readable: &'a [(u64, u64)],
+    pub writable: &'a [(u64, u64)],
+}
+
+/// How a replayed request differs from the recorded one at its place.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Diverged(String);
 
 /// One recorded request.
 struct Rec {
@@ -66,13 +77,14 @@ impl Rec {
     fn describe(header: &[u8; 16], given: u32, room: usize) -> String {
         let kind = u32::from_le_bytes(header[..4].try_into().unwrap());
         let sector = u64::from_le_bytes(header[8..].try_into().unwrap());
+        use virtio_bindings::virtio_blk as blk;
         let what = match kind {
-            crate::request::T_IN => "a read",
-            crate::request::T_OUT => "a write",
-            crate::request::T_FLUSH => "a flush",
-            crate::request::T_GET_ID => "a GET_ID",
-            crate::request::T_DISCARD => "a discard",
-            crate::request::T_WRITE_ZEROES => "a write-zeroes",
+            blk::VIRTIO_BLK_T_IN => "a read",
+            blk::VIRTIO_BLK_T_OUT => "a write",
+            blk::VIRTIO_BLK_T_FLUSH => "a flush",
+            blk::VIRTIO_BLK_T_GET_ID => "a GET_ID",
+            blk::VIRTIO_BLK_T_DISCARD => "a discard",
+            blk::VIRTIO_BLK_T_WRITE_ZEROES => "a write-zeroes",
             _ => "an unknown request",
         };
         format!("{what} at sector {sector} ({given} bytes out, room for {room} back)")
@@ -167,19 +179,9 @@ impl Recording {
     }
 
     /// What the guest gave (the readable segments) and the room it left (the writable ones).
-    fn given(mem: &GuestMemoryMmap<()>, chain: &Chain) -> (Vec<u8>, usize) {
-        let mut given = Vec::new();
-        for s in &chain.readable {
-            let start = given.len();
-            given.resize(start + s.len as usize, 0);
-            if mem
-                .read_slice(&mut given[start..], GuestAddress(s.addr))
-                .is_err()
-            {
-                given.truncate(start);
-            }
-        }
-        let room = chain.writable.iter().map(|s| s.len as usize).sum();
+    fn given(mem: &GuestMemoryMmap<()>, chain: &Segments) -> (Vec<u8>, usize) {
+        let given = read_all(mem, chain.readable);
+        let room = chain.writable.iter().map(|s| s.1 as usize).sum();
         (given, room)
     }
 
@@ -191,23 +193,19 @@ impl Recording {
     }
 
     /// Records a request blockd has just answered with `used` bytes written back.
-    pub fn record_answered(&self, mem: &GuestMemoryMmap<()>, queue: u16, chain: &Chain, used: u32) {
+    pub fn record_answered(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        queue: u16,
+        chain: &Segments,
+        used: u32,
+    ) {
         let tx = match &*self.mode.lock().unwrap() {
             Mode::Record(tx) => tx.clone(),
             Mode::Replay { .. } => return,
         };
         let (given, _) = Self::given(mem, chain);
-        let mut written = Vec::new();
-        for s in &chain.writable {
-            let start = written.len();
-            written.resize(start + s.len as usize, 0);
-            if mem
-                .read_slice(&mut written[start..], GuestAddress(s.addr))
-                .is_err()
-            {
-                written.truncate(start);
-            }
-        }
+        let written = read_all(mem, chain.writable);
         let rec = Rec {
             queue,
             index: self.take_index(queue),
@@ -229,16 +227,16 @@ impl Recording {
         &self,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
-        chain: &Chain,
-    ) -> Result<u32, String> {
+        chain: &Segments,
+    ) -> Result<u32, Diverged> {
         let index = self.take_index(queue);
         let (given, room) = Self::given(mem, chain);
         let rec = self.next_for(queue)?;
         let Some(rec) = rec else {
-            return Err(format!(
+            return Err(Diverged(format!(
                 "queue {queue}, request {index}: the recording has no more requests on this queue; the guest sent {}",
                 Rec::describe(&Self::header(&given), given.len() as u32, room)
-            ));
+            )));
         };
         let same = rec.header == Self::header(&given)
             && rec.given_len == given.len() as u32
@@ -251,23 +249,24 @@ impl Recording {
             } else {
                 ""
             };
-            return Err(format!(
+            return Err(Diverged(format!(
                 "queue {queue}, request {index}: the recording has {}, the guest sent {}{extra}",
                 Rec::describe(&rec.header, rec.given_len, rec.written.len()),
                 Rec::describe(&Self::header(&given), given.len() as u32, room)
-            ));
+            )));
         }
         let mut at = 0;
-        for s in &chain.writable {
-            let n = s.len as usize;
-            let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(s.addr));
+        for &(addr, len) in chain.writable {
+            let n = len as usize;
+            let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(addr));
             at += n;
         }
         Ok(rec.used)
     }
 
-    /// The next recorded request of `queue` (None: the recording has no more).
-    fn next_for(&self, queue: u16) -> Result<Option<Rec>, String> {
+    /// The next recorded request of `queue` (None: the recording has no more); Err: why the
+    /// recording cannot be read on.
+    fn next_for(&self, queue: u16) -> Result<Option<Rec>, Diverged> {
         let mut mode = self.mode.lock().unwrap();
         let Mode::Replay { reader, ahead } = &mut *mode else {
             return Ok(None);
@@ -282,12 +281,14 @@ impl Recording {
         loop {
             let Some(payload) = reader
                 .next_record()
-                .map_err(|e| format!("queue {queue}: the recording: {e}"))?
+                .map_err(|e| Diverged(format!("queue {queue}: the recording: {e}")))?
             else {
                 return Ok(None);
             };
             let rec = Rec::decode(&payload).ok_or_else(|| {
-                format!("queue {queue}: the recording holds a record too short to be a request")
+                Diverged(format!(
+                    "queue {queue}: the recording holds a record too short to be a request"
+                ))
             })?;
             let rq = usize::from(rec.queue);
             if rq == q {
@@ -305,4 +306,21 @@ impl Drop for Recording {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// The bytes of guest memory at `segs`, one after the other (a piece outside guest memory is
+/// left out).
+fn read_all(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(addr, len) in segs {
+        let start = out.len();
+        out.resize(start + len as usize, 0);
+        if mem
+            .read_slice(&mut out[start..], GuestAddress(addr))
+            .is_err()
+        {
+            out.truncate(start);
+        }
+    }
+    out
 }

@@ -34,6 +34,9 @@ pub struct Seg {
     pub len: u64,
 }
 
+/// Pieces of guest memory as (guest address, length).
+pub type Pieces = Vec<(u64, u64)>;
+
 /// The chain, split into what the device reads and what it writes.
 #[derive(Debug, Default)]
 pub struct Chain {
@@ -44,6 +47,12 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// Its readable and writable pieces, as (guest address, length).
+    pub fn pieces(&self) -> (Pieces, Pieces) {
+        let p = |v: &[Seg]| v.iter().map(|s| (s.addr, s.len)).collect();
+        (p(&self.readable), p(&self.writable))
+    }
+
     pub fn from_descriptors(descs: impl Iterator<Item = Descriptor>) -> Chain {
         let mut c = Chain::default();
         for d in descs {

@@ -538,6 +538,7 @@ impl VmConfig {
     pub fn from_args(args: RunArgs, host: &Host) -> Result<VmConfig, ConfigError> {
         let (cpus, max_cpus) = parse_cpus(&args.cpus)?;
         let memory = parse_memory(&args.memory)?;
+        let (serial, rng, recording) = console_rng_and_recording(&args)?;
         if let Some(total) = host.mem_total {
             if memory > total {
                 return Err(ConfigError::MemoryTooLarge(
@@ -640,16 +641,7 @@ impl VmConfig {
             print_boot_times: args.print_boot_times,
             pvm: host.pvm,
             api_socket: args.api_socket,
-            serial: {
-                let serial = serial::parse_serial(&args.serial)?;
-                let served = args.rng.as_deref().map(parse_rng).transpose()?;
-                if serial.is_none() && matches!(served, Some(RngSpec::Chardevd { .. })) {
-                    return Err(ConfigError::RngNeedsChardevd(
-                        args.rng.clone().unwrap_or_default(),
-                    ));
-                }
-                serial
-            },
+            serial,
             chardevd_socket: args.chardevd_socket,
             sandbox: !args.no_sandbox,
             seccomp: args.seccomp,
@@ -658,7 +650,7 @@ impl VmConfig {
                 .iter()
                 .map(|d| disk::parse_disk(d))
                 .collect::<Result<_, _>>()?,
-            rng: args.rng.as_deref().map(parse_rng).transpose()?,
+            rng,
             rng_spec: args.rng.clone(),
             blockd: args.blockd.unwrap_or_else(|| sibling("blockd")),
             blockd_socket: args.blockd_socket,
@@ -669,27 +661,7 @@ impl VmConfig {
             incoming_timeout: std::time::Duration::from_secs(args.incoming_timeout.into()),
             incoming_peeked: false,
             lazy: args.lazy,
-            recording: match (args.record, args.replay) {
-                (r, p)
-                    if (r.is_some() || p.is_some())
-                        && args
-                            .rng
-                            .as_deref()
-                            .is_some_and(|s| s.starts_with("socket=")) =>
-                {
-                    return Err(ConfigError::RngNotRecorded(
-                        args.rng.clone().unwrap_or_default(),
-                    ))
-                }
-                (Some(d), _) => Some(Recording::Record(d)),
-                (None, Some(d)) => {
-                    if !d.is_dir() {
-                        return Err(ConfigError::Replay(d));
-                    }
-                    Some(Recording::Replay(d))
-                }
-                (None, None) => None,
-            },
+            recording,
             incoming_tls: crate::migration::TlsOptions {
                 creds: args.tls_creds.unwrap_or_default(),
                 hostname: String::new(),
@@ -704,6 +676,30 @@ impl VmConfig {
             }),
         })
     }
+}
+
+/// The console, the rng and the recording, as `console_rng_and_recording` checked them.
+type DeviceSpecs = (Option<serial::Backend>, Option<RngSpec>, Option<Recording>);
+
+/// --serial, --rng and --record/--replay, checked against each other: chardevd serves the
+/// rng, and only the helpers' devices are recorded.
+fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError> {
+    let serial = serial::parse_serial(&args.serial)?;
+    let rng = args.rng.as_deref().map(parse_rng).transpose()?;
+    let given = || args.rng.clone().unwrap_or_default();
+    if serial.is_none() && matches!(rng, Some(RngSpec::Chardevd { .. })) {
+        return Err(ConfigError::RngNeedsChardevd(given()));
+    }
+    let recording = match (&args.record, &args.replay) {
+        (None, None) => None,
+        _ if matches!(rng, Some(RngSpec::Socket(_))) => {
+            return Err(ConfigError::RngNotRecorded(given()))
+        }
+        (Some(d), _) => Some(Recording::Record(d.clone())),
+        (None, Some(d)) if !d.is_dir() => return Err(ConfigError::Replay(d.clone())),
+        (None, Some(d)) => Some(Recording::Replay(d.clone())),
+    };
+    Ok((serial, rng, recording))
 }
 
 /// With no --kernel: Debian's stock kernel and our initramfs on hardware KVM; on KVM-PVM,

@@ -287,6 +287,19 @@ struct Opened {
     log: Option<(std::fs::File, bool)>,
 }
 
+/// A disk's --record or --replay log, and whether it is replayed.
+fn open_log(
+    rec: &crate::config::Recording,
+    name: &str,
+) -> Result<(std::fs::File, bool), BlockdError> {
+    let replay = matches!(rec, crate::config::Recording::Replay(_));
+    let file = rec.open(name).map_err(|e| {
+        let flag = if replay { "--replay" } else { "--record" };
+        BlockdError::Recording(format!("{flag} {}", rec.log(name).display()), e)
+    })?;
+    Ok((file, replay))
+}
+
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
 pub fn start(
     disks: &[DiskSpec],
@@ -350,23 +363,7 @@ pub fn start(
             external: false,
             device: DeviceSlot::default(),
         });
-        let log = match recording {
-            Some(rec) => {
-                let replay = matches!(rec, crate::config::Recording::Replay(_));
-                let file = rec.open(&name).map_err(|e| {
-                    BlockdError::Recording(
-                        format!(
-                            "{} {}",
-                            if replay { "--replay" } else { "--record" },
-                            rec.log(&name).display()
-                        ),
-                        e,
-                    )
-                })?;
-                Some((file, replay))
-            }
-            None => None,
-        };
+        let log = recording.map(|rec| open_log(rec, &name)).transpose()?;
         opened.push(Opened {
             name,
             spec: d.clone(),
