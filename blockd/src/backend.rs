@@ -233,7 +233,7 @@ impl Backend {
                 readable: &readable,
                 writable: &writable,
             };
-            rec.record_answered(&mem, queue as u16, &segs, len);
+            rec.record_answered(&mem, queue as u16, head, &segs, len);
         }
     }
 
@@ -431,7 +431,11 @@ impl Backend {
                         writable: &writable,
                     };
                     match rec.answer(&mem, queue as u16, &segs) {
-                        Ok(used) => {
+                        Ok((used, delay_ms)) => {
+                            // A delay a fault rule injected comes back, as the guest saw it.
+                            if delay_ms > 0 {
+                                std::thread::sleep(Duration::from_millis(delay_ms.into()));
+                            }
                             self.put_used(vring, queue, head, used);
                             self.notify(vring, event_idx)?;
                             continue;
@@ -447,7 +451,7 @@ impl Backend {
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
                     request::Prepared::Io(p) => {
-                        let p = match self.inject(head, p, &mut held.delayed) {
+                        let p = match self.inject(q.queue, head, p, &mut held.delayed) {
                             Injected::Go(p) => p,
                             Injected::Held => continue,
                             Injected::Failed(p, errno) => {
@@ -534,7 +538,7 @@ impl Backend {
             .fetch_sub(failed.len() as u32, Ordering::AcqRel);
         let mut retry = Vec::new();
         for (head, p) in failed {
-            match self.inject(head, p, &mut held.delayed) {
+            match self.inject(q.queue, head, p, &mut held.delayed) {
                 Injected::Go(p) => retry.push((head, p)),
                 Injected::Held => {}
                 Injected::Failed(p, errno) => {
@@ -552,6 +556,7 @@ impl Backend {
     /// Applies the fault rules to a request about to be done.
     fn inject(
         &self,
+        queue: usize,
         head: u16,
         p: request::Pending,
         delayed: &mut Vec<(Instant, u16, request::Pending)>,
@@ -567,6 +572,9 @@ impl Backend {
             None => Injected::Go(p),
             Some((_, faults::Action::Errno(e))) => Injected::Failed(p, e),
             Some((_, faults::Action::DelayMs(ms))) => {
+                if let Some(rec) = self.0.disk.recording.get() {
+                    rec.delayed(queue as u16, head, ms);
+                }
                 delayed.push((Instant::now() + Duration::from_millis(ms.into()), head, p));
                 Injected::Held
             }

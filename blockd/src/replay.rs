@@ -38,6 +38,8 @@ struct Rec {
     queue: u16,
     index: u64,
     used: u32,
+    /// The delay a fault rule injected (ms; 0: none).
+    delay_ms: u32,
     header: [u8; 16],
     given_len: u32,
     given_crc: u32,
@@ -50,6 +52,7 @@ impl Rec {
         b.extend_from_slice(&self.queue.to_le_bytes());
         b.extend_from_slice(&self.index.to_le_bytes());
         b.extend_from_slice(&self.used.to_le_bytes());
+        b.extend_from_slice(&self.delay_ms.to_le_bytes());
         b.extend_from_slice(&self.header);
         b.extend_from_slice(&self.given_len.to_le_bytes());
         b.extend_from_slice(&self.given_crc.to_le_bytes());
@@ -58,7 +61,7 @@ impl Rec {
     }
 
     fn decode(b: &[u8]) -> Option<Rec> {
-        if b.len() < 38 {
+        if b.len() < 42 {
             return None;
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
@@ -66,10 +69,11 @@ impl Rec {
             queue: u16::from_le_bytes([b[0], b[1]]),
             index: u64::from_le_bytes(b[2..10].try_into().unwrap()),
             used: u32_at(10),
-            header: b[14..30].try_into().unwrap(),
-            given_len: u32_at(30),
-            given_crc: u32_at(34),
-            written: b[38..].to_vec(),
+            delay_ms: u32_at(14),
+            header: b[18..34].try_into().unwrap(),
+            given_len: u32_at(34),
+            given_crc: u32_at(38),
+            written: b[42..].to_vec(),
         })
     }
 
@@ -110,6 +114,8 @@ pub struct Recording {
     recorder: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Per queue: requests recorded or replayed so far (this blockd's).
     next: Mutex<Vec<u64>>,
+    /// Requests (by head) a fault rule delays, with the delay: recorded with their answer.
+    delays: Mutex<std::collections::HashMap<(u16, u16), u32>>,
 }
 
 impl Recording {
@@ -136,6 +142,7 @@ impl Recording {
             mode: Mutex::new(Mode::Record(tx)),
             recorder: Mutex::new(Some(recorder)),
             next: Mutex::new(Vec::new()),
+            delays: Mutex::default(),
         })
     }
 
@@ -147,6 +154,7 @@ impl Recording {
             }),
             recorder: Mutex::new(None),
             next: Mutex::new(Vec::new()),
+            delays: Mutex::default(),
         })
     }
 
@@ -161,6 +169,11 @@ impl Recording {
         if let Some(t) = self.recorder.lock().unwrap().take() {
             let _ = t.join();
         }
+    }
+
+    /// A fault rule delays the request at `head` by `ms` (recorded with its answer).
+    pub fn delayed(&self, queue: u16, head: u16, ms: u32) {
+        self.delays.lock().unwrap().insert((queue, head), ms);
     }
 
     pub fn replaying(&self) -> bool {
@@ -197,6 +210,7 @@ impl Recording {
         &self,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
+        head: u16,
         chain: &Segments,
         used: u32,
     ) {
@@ -210,6 +224,12 @@ impl Recording {
             queue,
             index: self.take_index(queue),
             used,
+            delay_ms: self
+                .delays
+                .lock()
+                .unwrap()
+                .remove(&(queue, head))
+                .unwrap_or(0),
             header: Self::header(&given),
             given_len: given.len() as u32,
             given_crc: crc32fast::hash(&given),
@@ -222,13 +242,14 @@ impl Recording {
     }
 
     /// Answers a request from the recording: writes back what was recorded and returns the
-    /// used length, or says how the request differs from the recorded one.
+    /// used length and the delay a fault rule had injected, or says how the request differs
+    /// from the recorded one.
     pub fn answer(
         &self,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
         chain: &Segments,
-    ) -> Result<u32, Diverged> {
+    ) -> Result<(u32, u32), Diverged> {
         let index = self.take_index(queue);
         let (given, room) = Self::given(mem, chain);
         let rec = self.next_for(queue)?;
@@ -261,7 +282,7 @@ impl Recording {
             let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(addr));
             at += n;
         }
-        Ok(rec.used)
+        Ok((rec.used, rec.delay_ms))
     }
 
     /// The next recorded request of `queue` (None: the recording has no more); Err: why the

@@ -318,3 +318,46 @@ fn a_disk_replay_that_diverges_names_the_first_differing_request() {
         "{line}"
     );
 }
+
+/// Delays a fault rule injected while recording come back in the replay with no rule set:
+/// 20 requests each held 100 ms take at least 2 s again.
+#[test]
+fn delays_injected_while_recording_come_back_in_the_replay() {
+    let dir = TempDir::new("replay-disk-delays");
+    let img = patterned_image(&dir);
+    let rec = dir.join("rec");
+    let cmdline = "console=ttyS0 tg.scenario=blk-digest tg.blk.count=20 tg.blk.seed=5";
+    let recorded = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--record", rec.to_str().unwrap()],
+        |api| {
+            let args = [
+                "disk",
+                "fault",
+                "add",
+                "--ops",
+                "read,write",
+                "--delay-ms",
+                "100",
+            ];
+            let (code, out, err) = vmmctl(api, &args);
+            assert_eq!(code, 0, "{out}{err}");
+        },
+    );
+    let start = std::time::Instant::now();
+    let replayed = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--replay", rec.to_str().unwrap()],
+        |_| {},
+    );
+    let took = start.elapsed();
+    assert_eq!(replayed, recorded);
+    assert!(
+        took >= Duration::from_secs(2),
+        "20 requests delayed 100 ms each replayed in {took:?}"
+    );
+}
