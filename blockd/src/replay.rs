@@ -114,6 +114,8 @@ pub struct Recording {
     recorder: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Per queue: requests recorded or replayed so far (this blockd's).
     next: Mutex<Vec<u64>>,
+    /// Requests recorded, or answered from the recording.
+    done: std::sync::atomic::AtomicU64,
     /// Requests (by head) a fault rule delays, with the delay: recorded with their answer.
     delays: Mutex<std::collections::HashMap<(u16, u16), u32>>,
 }
@@ -142,6 +144,7 @@ impl Recording {
             mode: Mutex::new(Mode::Record(tx)),
             recorder: Mutex::new(Some(recorder)),
             next: Mutex::new(Vec::new()),
+            done: Default::default(),
             delays: Mutex::default(),
         })
     }
@@ -154,6 +157,7 @@ impl Recording {
             }),
             recorder: Mutex::new(None),
             next: Mutex::new(Vec::new()),
+            done: Default::default(),
             delays: Mutex::default(),
         })
     }
@@ -174,6 +178,16 @@ impl Recording {
     /// A fault rule delays the request at `head` by `ms` (recorded with its answer).
     pub fn delayed(&self, queue: u16, head: u16, ms: u32) {
         self.delays.lock().unwrap().insert((queue, head), ms);
+    }
+
+    /// Where it stands, for `vmmctl replay status`.
+    pub fn status(&self) -> String {
+        let n = self.done.load(std::sync::atomic::Ordering::Relaxed);
+        if self.replaying() {
+            format!("replaying, {n} request(s) answered")
+        } else {
+            format!("recording, {n} request(s)")
+        }
     }
 
     pub fn replaying(&self) -> bool {
@@ -236,6 +250,7 @@ impl Recording {
             written,
         };
         let index = rec.index;
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if tx.send(rec.encode()).is_err() {
             log::error!("cannot record request {index} of queue {queue}: the recorder stopped");
         }
@@ -282,6 +297,7 @@ impl Recording {
             let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(addr));
             at += n;
         }
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((rec.used, rec.delay_ms))
     }
 

@@ -484,6 +484,9 @@ pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Ex
     info.set_invalid(d.stats.invalid.load(Ordering::Relaxed));
     info.set_interrupts(d.stats.interrupts.load(Ordering::Relaxed));
     info.set_interrupts_suppressed(d.stats.interrupts_suppressed.load(Ordering::Relaxed));
+    if let Some(r) = d.recording.get() {
+        info.set_replay(r.status());
+    }
     let ops = exports::op_stats(d);
     let mut list = info.init_ops(ops.len() as u32);
     for (i, (op, s)) in ops.iter().enumerate() {

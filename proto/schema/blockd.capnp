@@ -141,6 +141,8 @@ struct ExportInfo {
   writeError @15 :Text;
   interrupts @16 :UInt64;     # used-ring notifications sent to the guest
   interruptsSuppressed @17 :UInt64;  # left out: the driver's used_event (EVENT_IDX) asked for none
+  replay @18 :Text;           # record/replay: "recording, N request(s)" or "replaying, N
+                              # request(s) answered" (empty: neither)
 }
 
 struct OpStats {

@@ -131,6 +131,7 @@ struct VmInfo {
   pid @6 :UInt32;         # vmm-core's process id
   uptimeMs @7 :UInt64;    # since vmm-core started
   boots @8 :UInt32;       # 1 + how many times the guest was reset and restarted
+  replay @10 :Text;       # --record/--replay: where the console's log stands (empty: neither)
   generationId @9 :Text;  # the VM generation ID (VMGenID), a GUID; new in each restored VM
 }
 

@@ -296,10 +296,12 @@ fn a_disk_replay_that_diverges_names_the_first_differing_request() {
         |_| {},
     );
     let out = dir.join("replayed.txt");
+    let api = dir.join("replay-api.sock");
     let vm = TestVm::builder()
         .cmdline("console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=9")
         .args(["--disk", &format!("path={}", img.display())])
         .args(["--serial", &format!("file={}", out.display())])
+        .args(["--api-socket", api.to_str().unwrap()])
         .args(["--replay", rec.to_str().unwrap()])
         .spawn();
     wait_until(T, "the divergence", || {
@@ -316,6 +318,23 @@ fn a_disk_replay_that_diverges_names_the_first_differing_request() {
             && line.contains(" at sector ")
             && line.contains(", the guest sent a "),
         "{line}"
+    );
+    // Where the replay stands: the console's one input given, no disk request answered,
+    // and why the disk stopped.
+    let (code, status, err) = vmmctl(&api, &["replay", "status"]);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = status.lines();
+    assert_eq!(
+        lines.next(),
+        Some("console: replaying, 1 of 1 input(s) given"),
+        "{status}"
+    );
+    let disk = lines.next().unwrap_or_default();
+    assert!(
+        disk.starts_with(
+            "disk0: replaying, 0 request(s) answered; stopped: replay diverged at queue 0, request 0:"
+        ),
+        "{status}"
     );
 }
 

@@ -111,6 +111,8 @@ pub struct Shared {
     pub events: Arc<Events>,
     /// The console's chardevd device, when it has one.
     pub console: Mutex<Option<crate::helpers::chardevd::ControlSender>>,
+    /// --record/--replay: where the console's log stands ("recording, 3 input(s)").
+    pub console_replay: std::sync::OnceLock<Arc<Mutex<String>>>,
     /// The console's output (for attached viewers) and where their input goes, when the
     /// console is served by chardevd.
     pub console_view: std::sync::OnceLock<(
@@ -425,6 +427,9 @@ impl vmm::Server for VmmServer {
         info.set_pid(std::process::id());
         info.set_uptime_ms(self.shared.started.elapsed().as_millis() as u64);
         info.set_boots(s.boots);
+        if let Some(r) = self.shared.console_replay.get() {
+            info.set_replay(&*r.lock().unwrap());
+        }
         if let Ok(id) = crate::boot::vmgenid::init() {
             info.set_generation_id(crate::boot::vmgenid::format(&id));
         }
@@ -859,6 +864,7 @@ impl vmm::Server for VmmServer {
             x.set_invalid(d.invalid);
             x.set_interrupts(d.interrupts);
             x.set_interrupts_suppressed(d.interrupts_suppressed);
+            x.set_replay(&d.replay);
             d.throttle.write(x.reborrow().init_throttle());
             x.set_stopped(&d.stopped);
             x.set_read_error(&d.read_error);

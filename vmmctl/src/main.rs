@@ -154,6 +154,12 @@ enum Command {
         #[command(subcommand)]
         action: DiskAction,
     },
+    /// Record/replay (vmm-core run --record DIR / --replay DIR): `replay status` says where
+    /// each log stands (the console's inputs, each disk's requests).
+    Replay {
+        #[command(subcommand)]
+        action: ReplayAction,
+    },
     /// Fault injection on the console's backend in chardevd.
     ConsoleFault {
         #[command(subcommand)]
@@ -162,6 +168,12 @@ enum Command {
         #[arg(long, value_name = "NAME", default_value = "serial0", global = true)]
         device: String,
     },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum ReplayAction {
+    /// Where each log stands: "console: replaying, 2 of 3 input(s) given", "disk0: ...".
+    Status,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -646,6 +658,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Reboot => "reboot",
         Command::Events => "events",
         Command::Devices => "devices",
+        Command::Replay { .. } => "replay status",
         Command::DirtyRate { .. } => "dirty-rate",
         Command::Migrate { target, .. } if target == "status" => "migrate status",
         Command::Migrate { target, .. } if target == "cancel" => "migrate cancel",
@@ -730,6 +743,7 @@ impl Session {
             } => self.disk_throttle(&name, &spec).await,
             Command::Disk { action } => self.disks(&action).await,
             Command::Devices => self.devices().await,
+            Command::Replay { .. } => self.replay_status().await,
             Command::Console { device, .. } => self.console_dump(&device).await,
             Command::ConsoleFault { rule, device } => self.console_fault(rule, &device).await,
             Command::Snapshot { .. } | Command::Events => unreachable!("runs_long"),
@@ -1031,6 +1045,69 @@ impl Session {
     }
 
     /// `disk list` and `disk stats [NAME]`.
+    /// Where the console's and each disk's record/replay logs stand.
+    async fn replay_status(&self) -> Result<String, Failure> {
+        let fail = |e| self.fail(e);
+        let info = self
+            .client
+            .info_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let console = text(info.get().and_then(|r| r.get_info()?.get_replay())).map_err(fail)?;
+        let reply = self
+            .client
+            .disks_request()
+            .send()
+            .promise
+            .await
+            .map_err(fail)?;
+        let list = reply.get().and_then(|r| r.get_disks()).map_err(fail)?;
+        let mut rows = Vec::new();
+        if !console.is_empty() {
+            rows.push(("console".to_string(), console, String::new()));
+        }
+        for d in list.iter() {
+            let replay = text(d.get_replay()).map_err(fail)?;
+            if !replay.is_empty() {
+                let stopped = text(d.get_stopped()).map_err(fail)?;
+                rows.push((text(d.get_name()).map_err(fail)?, replay, stopped));
+            }
+        }
+        if self.json {
+            let items: Vec<String> = rows
+                .iter()
+                .map(|(n, r, s)| {
+                    format!(
+                        "{{\"device\":{},\"status\":{},\"stopped\":{}}}",
+                        json_str(n),
+                        json_str(r),
+                        json_str(s)
+                    )
+                })
+                .collect();
+            return Ok(format!("[{}]", items.join(",")));
+        }
+        if rows.is_empty() {
+            return Ok(
+                "no recording and no replay (vmm-core run --record DIR or --replay DIR)"
+                    .to_string(),
+            );
+        }
+        Ok(rows
+            .iter()
+            .map(|(n, r, s)| {
+                if s.is_empty() {
+                    format!("{n}: {r}")
+                } else {
+                    format!("{n}: {r}; stopped: {s}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     async fn disks(&self, action: &DiskAction) -> Result<String, Failure> {
         let fail = |e| self.fail(e);
         let reply = self

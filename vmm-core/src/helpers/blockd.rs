@@ -128,6 +128,8 @@ pub struct DiskInfo {
     /// Interrupts sent to the guest, and those its used_event (EVENT_IDX) spared.
     pub interrupts: u64,
     pub interrupts_suppressed: u64,
+    /// Record/replay: where its log stands (empty: neither).
+    pub replay: String,
     pub ops: Vec<OpInfo>,
     pub throttle: vmm_proto::throttle::Spec,
     /// Why blockd stopped it on an I/O error (empty: it serves), and its error policies.
@@ -744,6 +746,7 @@ async fn serve(
                                 invalid: x.get_invalid(),
                                 interrupts: x.get_interrupts(),
                                 interrupts_suppressed: x.get_interrupts_suppressed(),
+                                replay: x.get_replay()?.to_string()?,
                                 ops,
                                 throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
                                 stopped: x.get_stopped()?.to_string()?,

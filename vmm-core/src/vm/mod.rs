@@ -237,6 +237,9 @@ pub fn run(
     console::setup_recording(config, &console)?;
     let raw = console::take_terminal(config, &console, &tx)?;
     let shared = new_shared(config);
+    if config.recording.is_some() {
+        let _ = shared.console_replay.set(console.status.clone());
+    }
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(
             path,
@@ -381,6 +384,7 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         events: Default::default(),
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
+        console_replay: std::sync::OnceLock::new(),
         incoming_tls: config.incoming_tls.clone(),
         blockd: Mutex::new(None),
         migrated: std::sync::OnceLock::new(),
