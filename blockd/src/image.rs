@@ -48,10 +48,7 @@ impl Qcow2Image {
             .write(writable)
             .open(DenyImplicitOpenGate::default())
             .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot open the qcow2 image ({e}); images with a backing file or an external data file are not supported"),
-                )
+                std::io::Error::new(e.kind(), format!("cannot open the qcow2 image ({e})"))
             })?;
         let access = FormatAccess::new(q);
         let size = access.size();

@@ -254,6 +254,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd")?),
         (None, None) => unreachable!("clap requires one"),
     };
+    if let (Some(path), image::Format::Qcow2) = (&args.image, args.format) {
+        vmm_proto::image::check_qcow2(path, &file)
+            .map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
+    }
     let options = disk::Options {
         readonly: args.readonly,
         queues: args.queues,

@@ -360,3 +360,88 @@ fn two_vms_on_one_image_the_second_is_refused_naming_the_first() {
         "nothing wrote it"
     );
 }
+
+/// qcow2 images that `qemu-img` made and blockd cannot serve are refused before anything
+/// starts, each with one line that names the cause: zstd compression, extended L2 entries,
+/// a backing file that is missing, a loop in the backing chain, and (not served yet) a chain.
+#[test]
+fn qcow2_images_blockd_cannot_serve_are_refused_naming_the_cause() {
+    let dir = TempDir::new("qcow2-refused");
+    let qemu_img = |args: &[&str]| {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .current_dir(&dir.0)
+            .output()
+            .expect("qemu-img (Debian's qemu-utils; scripts/setup.sh installs it)");
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    };
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        "zstd.qcow2",
+        "16M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "l2.qcow2",
+        "16M",
+    ]);
+    qemu_img(&["create", "-q", "-f", "raw", "base.raw", "16M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.raw",
+        "-F",
+        "raw",
+        "-u",
+        "lost.qcow2",
+        "16M",
+    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "16M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
+    ]);
+    qemu_img(&[
+        "rebase", "-q", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
+    ]);
+    let p = |n: &str| dir.join(n).display().to_string();
+    for (image, cause) in [
+        ("zstd.qcow2", "a qcow2 image compressed with zstd; blockd reads zlib-compressed clusters only".to_string()),
+        ("l2.qcow2", "a qcow2 image with extended L2 entries (subclusters), which blockd does not read".to_string()),
+        ("lost.qcow2", format!("its backing file {} (named by {}) does not exist", p("gone.raw"), p("lost.qcow2"))),
+        ("a.qcow2", format!("its backing chain has a loop: {} -> {} -> {}", p("a.qcow2"), p("b.qcow2"), p("a.qcow2"))),
+        ("ov.qcow2", format!("a qcow2 overlay on a backing chain ({} -> {}); blockd does not serve backing chains yet", p("ov.qcow2"), p("base.raw"))),
+    ] {
+        let disk = format!("path={},format=qcow2", p(image));
+        let out = Command::new(vmm_core_bin())
+            .args(["run", "--kernel"])
+            .arg(vmm_tests::test_guest())
+            .args(["--disk", &disk])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{disk}: {err}");
+        let line = err.trim_end();
+        assert_eq!(line.lines().count(), 1, "{disk}: {err}");
+        assert!(
+            line.starts_with(&format!("error: --disk {disk}: {cause}")),
+            "{disk}: wanted {cause:?}:\n{err}"
+        );
+    }
+}

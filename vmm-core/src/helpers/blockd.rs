@@ -20,6 +20,8 @@ pub enum BlockdError {
     Open(PathBuf, std::io::Error),
     #[error("--disk path={path}: {1}", path = .0.display())]
     NotAnImage(PathBuf, vmm_proto::image::NotAnImage),
+    #[error("--disk path={path},format=qcow2: {1}", path = .0.display())]
+    Unservable(PathBuf, vmm_proto::image::Unservable),
     #[error("{0}: cannot listen on {path} ({2})", path = .1.display())]
     Listen(String, PathBuf, std::io::Error),
     #[error("cannot create a private directory for the disks' sockets ({0}); check $XDG_RUNTIME_DIR or $TMPDIR")]
@@ -346,6 +348,10 @@ pub fn start(
             .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
+        if d.format == "qcow2" {
+            vmm_proto::image::check_qcow2(path, &image)
+                .map_err(|e| BlockdError::Unservable(path.clone(), e))?;
+        }
         let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
         // An incoming VM's images are still the source's: it locks them when it arrives.
