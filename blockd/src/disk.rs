@@ -308,7 +308,17 @@ impl Disk {
         self.held_failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    #[cfg(test)]
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
+        Disk::with_backing(file, options, Vec::new())
+    }
+
+    /// A qcow2 image over its backing chain (nearest first; see Qcow2Image::open).
+    pub fn with_backing(
+        file: File,
+        options: Options,
+        backing: Vec<(File, crate::image::Format)>,
+    ) -> std::io::Result<Disk> {
         broken_durability();
         let (file_len, block_size) = geometry(&file)?;
         let mut looks_like_qcow2 = false;
@@ -323,6 +333,7 @@ impl Disk {
             crate::image::Format::Qcow2 => Some(crate::image::Qcow2Image::open(
                 file.try_clone()?,
                 !options.readonly,
+                backing,
             )?),
         };
         let len = match &qcow2 {

@@ -41,11 +41,45 @@ pub struct Qcow2Image {
     pub size: u64,
 }
 
+/// One image of a backing chain, read-only, over what lies below it.
+fn layer(
+    file: File,
+    format: Format,
+    below: Option<FormatAccess<imago::file::File>>,
+) -> std::io::Result<FormatAccess<imago::file::File>> {
+    let storage = imago::file::File::try_from(file)?;
+    Ok(match format {
+        Format::Raw => FormatAccess::new(
+            imago::raw::Raw::builder(storage)
+                .write(false)
+                .open(DenyImplicitOpenGate::default())?,
+        ),
+        Format::Qcow2 => FormatAccess::new(
+            Qcow2::<imago::file::File>::builder(storage)
+                .write(false)
+                .backing(below)
+                .open(DenyImplicitOpenGate::default())?,
+        ),
+    })
+}
+
 impl Qcow2Image {
-    pub fn open(file: File, writable: bool) -> std::io::Result<Qcow2Image> {
+    /// The image, over its backing chain (`backing`, nearest first, each opened by
+    /// whoever could: blockd's sandbox opens no path). Reads fall through the chain; writes go
+    /// to the image only.
+    pub fn open(
+        file: File,
+        writable: bool,
+        backing: Vec<(File, Format)>,
+    ) -> std::io::Result<Qcow2Image> {
+        let mut below = None;
+        for (f, format) in backing.into_iter().rev() {
+            below = Some(layer(f, format, below)?);
+        }
         let storage = imago::file::File::try_from(file)?;
         let q = Qcow2::<imago::file::File>::builder(storage)
             .write(writable)
+            .backing(below)
             .open(DenyImplicitOpenGate::default())
             .map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot open the qcow2 image ({e})"))

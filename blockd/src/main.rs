@@ -254,10 +254,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(fd)) => File::from(inherited(fd, "--image-fd", "blockd")?),
         (None, None) => unreachable!("clap requires one"),
     };
+    // A qcow2 image's backing chain, opened now (the sandbox opens no path), read-only.
+    let mut backing = Vec::new();
     if let (Some(path), image::Format::Qcow2) = (&args.image, args.format) {
-        vmm_proto::image::check_qcow2(path, &file)
+        let chain = vmm_proto::image::check_qcow2(path, &file)
             .map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
+        for layer in chain {
+            let f = File::open(&layer.path).map_err(|e| {
+                anyhow::anyhow!(
+                    "--image {}: its backing file {}: {e}",
+                    path.display(),
+                    layer.path.display()
+                )
+            })?;
+            let format = if layer.format == "qcow2" {
+                image::Format::Qcow2
+            } else {
+                image::Format::Raw
+            };
+            backing.push((f, format));
+        }
     }
+    let backing_fds: Vec<i32> = {
+        use std::os::fd::AsRawFd;
+        backing.iter().map(|(f, _)| f.as_raw_fd()).collect()
+    };
     let options = disk::Options {
         readonly: args.readonly,
         queues: args.queues,
@@ -268,8 +289,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         read_error: args.read_error,
         write_error: args.write_error,
     };
-    let disk =
-        Arc::new(disk::Disk::new(file, options).map_err(|e| anyhow::anyhow!("the image: {e}"))?);
+    let disk = Arc::new(
+        disk::Disk::with_backing(file, options, backing)
+            .map_err(|e| anyhow::anyhow!("the image: {e}"))?,
+    );
     if disk.looks_like_qcow2 {
         log::warn!("the image starts with the qcow2 magic but is served as raw, as asked; if it is qcow2, pass --format qcow2");
     }
@@ -288,6 +311,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         use std::os::fd::AsRawFd;
         vec![disk.raw_fd(), listener.as_raw_fd()]
     };
+    keep.extend(backing_fds);
     let record = match &args.record {
         Some(path) => {
             use std::os::fd::AsRawFd;

@@ -53,13 +53,19 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Waits (up to 5 s) for the side channel's message for export `name`: its image and socket.
-/// The image, the listening socket and (with `log`) the record/replay log.
-type Fds = (File, OwnedFd, Option<File>);
+/// The image, the listening socket, (with `log`) the record/replay log, and the backing
+/// chain's files.
+type Fds = (File, OwnedFd, Option<File>, Vec<File>);
 
-fn take_fds(side: &OwnedFd, name: &str, log: bool) -> Result<Fds, SideChannelError> {
+fn take_fds(
+    side: &OwnedFd,
+    name: &str,
+    log: bool,
+    backing: usize,
+) -> Result<Fds, SideChannelError> {
     let mut buf = [0u8; 128];
     let (n, mut fds) = vmm_proto::rpc::side_message(side.as_fd(), &mut buf, 5)?;
-    let want = if log { 3 } else { 2 };
+    let want = if log { 3 } else { 2 } + backing;
     if &buf[..n] != name.as_bytes() || fds.len() != want {
         return Err(SideChannelError::Wrong(
             String::from_utf8_lossy(&buf[..n]).into_owned(),
@@ -71,10 +77,15 @@ fn take_fds(side: &OwnedFd, name: &str, log: bool) -> Result<Fds, SideChannelErr
             },
         ));
     }
+    let chain: Vec<File> = fds
+        .split_off(fds.len() - backing)
+        .into_iter()
+        .map(File::from)
+        .collect();
     let log = log.then(|| File::from(fds.pop().expect("three")));
     let listener = fds.pop().expect("two");
     let image = File::from(fds.pop().expect("two"));
-    Ok((image, listener, log))
+    Ok((image, listener, log, chain))
 }
 
 impl blockd::Server for Server {
@@ -141,16 +152,29 @@ impl blockd::Server for Server {
         let readonly = e.get_readonly();
         use vmm_proto::blockd_capnp::DiskLog;
         let log_mode = e.get_log()?;
-        let (file, listener, log) = if e.get_fds_on_side_channel() {
+        let mut backing_formats = Vec::new();
+        for f in e.get_backing()?.iter() {
+            let f = f?.to_str()?;
+            backing_formats.push(
+                f.parse::<Format>()
+                    .map_err(|m| failed(format!("export {name}: a backing file's format {m}")))?,
+            );
+        }
+        let (file, listener, log, chain) = if e.get_fds_on_side_channel() {
             let side = self.side.as_ref().ok_or_else(|| {
                 failed(format!(
                     "export {name}: fdsOnSideChannel, but this connection has no side channel"
                 ))
             })?;
-            let (file, l, log) = take_fds(side, &name, log_mode != DiskLog::None)
-                .map_err(|m| failed(format!("export {name}: {m}")))?;
+            let (file, l, log, chain) = take_fds(
+                side,
+                &name,
+                log_mode != DiskLog::None,
+                backing_formats.len(),
+            )
+            .map_err(|m| failed(format!("export {name}: {m}")))?;
             let listener = Listener::from(std::os::unix::net::UnixListener::from(l));
-            (file, listener, log)
+            (file, listener, log, chain)
         } else {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -165,12 +189,12 @@ impl blockd::Server for Server {
             let listener = crate::bind_listener(std::path::Path::new(&socket)).map_err(|err| {
                 failed(format!("export {name}: cannot listen on {socket} ({err})"))
             })?;
-            if log_mode != DiskLog::None {
+            if log_mode != DiskLog::None || !backing_formats.is_empty() {
                 return Err(failed(format!(
-                    "export {name}: a record/replay log comes on the side channel"
+                    "export {name}: a record/replay log and backing files come on the side channel"
                 )));
             }
-            (file, listener, None)
+            (file, listener, None, Vec::new())
         };
         let options = disk::Options {
             readonly,
@@ -195,8 +219,12 @@ impl blockd::Server for Server {
                 .map_err(|m| failed(format!("export {name}: writeError {m}")))?,
         };
         let disk = Arc::new(
-            Disk::new(file, options)
-                .map_err(|err| failed(format!("export {name}: {image}: {err}")))?,
+            Disk::with_backing(
+                file,
+                options,
+                chain.into_iter().zip(backing_formats).collect(),
+            )
+            .map_err(|err| failed(format!("export {name}: {image}: {err}")))?,
         );
         if let Some(file) = log {
             let rec = match log_mode {

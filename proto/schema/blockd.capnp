@@ -114,6 +114,9 @@ struct Export {
   writeError @11 :Text;       # the same for writes and flushes (QEMU's werror)
   log @12 :DiskLog;           # record or replay its requests: the log comes as a third
                               # descriptor on the side channel (after the image and socket)
+  backing @13 :List(Text);    # a qcow2 image's backing chain, nearest first: each file's
+                              # format (raw, qcow2); the files follow the others on the side
+                              # channel, read-only, in the same order
 }
 
 enum DiskLog {

@@ -11,7 +11,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// The most descriptors one message carries.
-pub const MAX_FDS: usize = 8;
+pub const MAX_FDS: usize = 24;
 
 /// The preamble byte that carries a side channel on a new control connection.
 pub const SIDE_CHANNEL_PREAMBLE: u8 = 1;

@@ -363,7 +363,7 @@ fn two_vms_on_one_image_the_second_is_refused_naming_the_first() {
 
 /// qcow2 images that `qemu-img` made and blockd cannot serve are refused before anything
 /// starts, each with one line that names the cause: zstd compression, extended L2 entries,
-/// a backing file that is missing, a loop in the backing chain, and (not served yet) a chain.
+/// a backing file that is missing, and a loop in the backing chain.
 #[test]
 fn qcow2_images_blockd_cannot_serve_are_refused_naming_the_cause() {
     let dir = TempDir::new("qcow2-refused");
@@ -421,11 +421,33 @@ fn qcow2_images_blockd_cannot_serve_are_refused_naming_the_cause() {
     ]);
     let p = |n: &str| dir.join(n).display().to_string();
     for (image, cause) in [
-        ("zstd.qcow2", "a qcow2 image compressed with zstd; blockd reads zlib-compressed clusters only".to_string()),
-        ("l2.qcow2", "a qcow2 image with extended L2 entries (subclusters), which blockd does not read".to_string()),
-        ("lost.qcow2", format!("its backing file {} (named by {}) does not exist", p("gone.raw"), p("lost.qcow2"))),
-        ("a.qcow2", format!("its backing chain has a loop: {} -> {} -> {}", p("a.qcow2"), p("b.qcow2"), p("a.qcow2"))),
-        ("ov.qcow2", format!("a qcow2 overlay on a backing chain ({} -> {}); blockd does not serve backing chains yet", p("ov.qcow2"), p("base.raw"))),
+        (
+            "zstd.qcow2",
+            "a qcow2 image compressed with zstd; blockd reads zlib-compressed clusters only"
+                .to_string(),
+        ),
+        (
+            "l2.qcow2",
+            "a qcow2 image with extended L2 entries (subclusters), which blockd does not read"
+                .to_string(),
+        ),
+        (
+            "lost.qcow2",
+            format!(
+                "its backing file {} (named by {}) does not exist",
+                p("gone.raw"),
+                p("lost.qcow2")
+            ),
+        ),
+        (
+            "a.qcow2",
+            format!(
+                "its backing chain has a loop: {} -> {} -> {}",
+                p("a.qcow2"),
+                p("b.qcow2"),
+                p("a.qcow2")
+            ),
+        ),
     ] {
         let disk = format!("path={},format=qcow2", p(image));
         let out = Command::new(vmm_core_bin())
@@ -444,4 +466,212 @@ fn qcow2_images_blockd_cannot_serve_are_refused_naming_the_cause() {
             "{disk}: wanted {cause:?}:\n{err}"
         );
     }
+}
+
+/// Runs `qemu-img` (or `qemu-io`) in `dir`; panics with its output if it fails.
+fn qemu(tool: &str, dir: &TempDir, args: &[&str]) -> std::process::Output {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(&dir.0)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool} (Debian's qemu-utils; scripts/setup.sh installs it): {e}")
+        });
+    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+    out
+}
+
+/// A 16 MiB raw image whose every 4 KiB block says which block it is.
+fn patterned(path: &Path) -> Vec<u8> {
+    let bytes: Vec<u8> = (0..16u64 << 20)
+        .map(|i| ((i >> 12) as u8).wrapping_mul(13) ^ (i as u8))
+        .collect();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+/// The test guest's disk workload (reads and writes at sectors from `seed`) on `disk`; its
+/// digest line (every status and every byte read).
+fn digest_on(disk: &str, seed: u32) -> String {
+    let mut vm = TestVm::builder()
+        .cmdline(&format!(
+            "console=ttyS0 tg.scenario=blk-digest tg.blk.wait=0 tg.blk.count=120 tg.blk.seed={seed}"
+        ))
+        .args(["--disk", disk])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{disk}: {}", vm.stderr());
+    let out = vm.stdout();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tg: blk digest ops="))
+        .unwrap_or_else(|| panic!("{disk}:\n{out}"))
+        .to_string();
+    assert!(line.contains(" errors=0 "), "{disk}: {line}");
+    line
+}
+
+/// qcow2 overlays made by qemu-img, on a raw base, on a qcow2 base, and a chain of three: the
+/// guest sees what a flat copy of the chain holds (the same digest of every byte read, with
+/// the same writes), the writes land in the top layer only (the layers below are unchanged),
+/// `qemu-img check` finds the overlay clean and `qemu-img compare` finds it equal to the flat
+/// copy that took the same writes.
+#[test]
+fn qcow2_overlays_read_through_their_chain_and_write_their_top() {
+    let dir = TempDir::new("qcow2-chains");
+    let p = |n: &str| dir.join(n).display().to_string();
+    let base = patterned(&dir.join("base.raw"));
+    qemu(
+        "qemu-img",
+        &dir,
+        &["convert", "-q", "-O", "qcow2", "base.raw", "base.qcow2"],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "on-raw.qcow2",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "on-qcow2.qcow2",
+        ],
+    );
+    // Three: base.raw <- mid.qcow2 (with a megabyte of its own) <- top.qcow2.
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "mid.qcow2",
+        ],
+    );
+    qemu(
+        "qemu-io",
+        &dir,
+        &["-f", "qcow2", "-c", "write -q -P 0x5a 1M 1M", "mid.qcow2"],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let mid_before = std::fs::read(dir.join("mid.qcow2")).unwrap();
+    for (top, seed) in [
+        ("on-raw.qcow2", 11),
+        ("on-qcow2.qcow2", 12),
+        ("top.qcow2", 13),
+    ] {
+        // What the chain holds, flat, takes the same workload.
+        let flat = format!("{top}.flat");
+        qemu(
+            "qemu-img",
+            &dir,
+            &["convert", "-q", "-O", "raw", top, &flat],
+        );
+        let expected = digest_on(&format!("path={}", p(&flat)), seed);
+        let got = digest_on(&format!("path={},format=qcow2", p(top)), seed);
+        assert_eq!(
+            got, expected,
+            "{top}: the guest saw other data than the flat copy's"
+        );
+        qemu("qemu-img", &dir, &["check", "-q", top]);
+        qemu("qemu-img", &dir, &["compare", "-q", top, &flat]);
+    }
+    assert!(
+        std::fs::read(dir.join("base.raw")).unwrap() == base,
+        "the raw base was written"
+    );
+    assert!(
+        std::fs::read(dir.join("mid.qcow2")).unwrap() == mid_before,
+        "the middle layer was written"
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &["compare", "-q", "base.qcow2", "base.raw"],
+    );
+}
+
+/// Two VMs run at once on overlays of one read-only base (each takes a shared lock on it):
+/// both run their workload, each overlay ends equal to a flat copy that took the same writes,
+/// and the base is unchanged.
+#[test]
+fn two_vms_share_one_read_only_base_with_their_own_overlays() {
+    let dir = TempDir::new("qcow2-shared-base");
+    let p = |n: &str| dir.join(n).display().to_string();
+    let base = patterned(&dir.join("base.raw"));
+    for ov in ["a.qcow2", "b.qcow2"] {
+        qemu(
+            "qemu-img",
+            &dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", ov,
+            ],
+        );
+    }
+    let spawn = |ov: &str, seed: u32| {
+        TestVm::builder()
+            .cmdline(&format!(
+                "console=ttyS0 tg.scenario=blk-digest tg.blk.wait=0 tg.blk.count=120 tg.blk.seed={seed}"
+            ))
+            .args(["--disk", &format!("path={},format=qcow2", p(ov))])
+            .spawn()
+    };
+    let (mut a, mut b) = (spawn("a.qcow2", 21), spawn("b.qcow2", 22));
+    assert_eq!(a.wait_exit(T), 0, "{}", a.stderr());
+    assert_eq!(b.wait_exit(T), 0, "{}", b.stderr());
+    for (ov, seed, vm) in [("a.qcow2", 21, &a), ("b.qcow2", 22, &b)] {
+        std::fs::copy(dir.join("base.raw"), dir.join(&format!("{ov}.flat"))).unwrap();
+        let expected = digest_on(&format!("path={}", p(&format!("{ov}.flat"))), seed);
+        assert!(
+            vm.stdout().contains(&expected),
+            "{ov}: wanted {expected}:\n{}",
+            vm.stdout()
+        );
+        qemu(
+            "qemu-img",
+            &dir,
+            &["compare", "-q", ov, &format!("{ov}.flat")],
+        );
+    }
+    assert!(
+        std::fs::read(dir.join("base.raw")).unwrap() == base,
+        "the shared base was written"
+    );
 }

@@ -919,11 +919,14 @@ fn blk_digest(cmdline: &str) {
     let buf = blk::data_buf();
     // The console's part: the workload starts when a line comes (after the host set its
     // fault rules up).
-    Line::new().s("tg: blk digest waiting").emit();
-    loop {
-        let b = io::serial_get();
-        if b == b'\r' || b == b'\n' {
-            break;
+    // tg.blk.wait=0: no console line to wait for.
+    if param(cmdline, "tg.blk.wait=").and_then(parse_u64) != Some(0) {
+        Line::new().s("tg: blk digest waiting").emit();
+        loop {
+            let b = io::serial_get();
+            if b == b'\r' || b == b'\n' {
+                break;
+            }
         }
     }
     let mut digest = 0xcbf2_9ce4_8422_2325u64;

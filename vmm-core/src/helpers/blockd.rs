@@ -289,6 +289,8 @@ struct Opened {
     socket: PathBuf,
     /// --record or --replay: its log, and whether it is replayed.
     log: Option<(std::fs::File, bool)>,
+    /// A qcow2 image's backing chain, nearest first: each file (read-only) and its format.
+    backing: Vec<(std::fs::File, &'static str)>,
 }
 
 /// A disk's --record or --replay log, and whether it is replayed.
@@ -348,9 +350,24 @@ pub fn start(
             .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
-        if d.format == "qcow2" {
+        let chain = if d.format == "qcow2" {
             vmm_proto::image::check_qcow2(path, &image)
-                .map_err(|e| BlockdError::Unservable(path.clone(), e))?;
+                .map_err(|e| BlockdError::Unservable(path.clone(), e))?
+        } else {
+            Vec::new()
+        };
+        // The backing chain, read-only and shared (many VMs may stand on one base).
+        let mut backing = Vec::new();
+        for layer in &chain {
+            let f = std::fs::File::open(&layer.path)
+                .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
+            let lock = super::image_lock::ImageLock::new(&layer.path, &f, false)
+                .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
+            if lock_now {
+                lock.take(true)?;
+            }
+            locks.push(lock);
+            backing.push((f, layer.format));
         }
         let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
@@ -379,6 +396,7 @@ pub fn start(
             listener,
             socket,
             log,
+            backing,
         });
     }
     let mut handle = Blockd {
@@ -506,6 +524,7 @@ async fn attach(
         if let Some((log, _)) = &o.log {
             fds.push(log.as_fd());
         }
+        fds.extend(o.backing.iter().map(|(f, _)| f.as_fd()));
         fdpass::send(side.as_fd(), o.name.as_bytes(), &fds)
             .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
         let mut req = server.add_request();
@@ -527,6 +546,10 @@ async fn attach(
             e.set_write_error(&o.spec.werror);
             e.set_socket(o.socket.display().to_string());
             e.set_fds_on_side_channel(true);
+            let mut formats = e.reborrow().init_backing(o.backing.len() as u32);
+            for (i, (_, format)) in o.backing.iter().enumerate() {
+                formats.set(i as u32, *format);
+            }
             use vmm_proto::blockd_capnp::DiskLog;
             e.set_log(match &o.log {
                 None => DiskLog::None,
