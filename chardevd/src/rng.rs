@@ -596,8 +596,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
         self.check(index)?;
-        // GET_VRING_BASE stops the ring; a request is answered whole by the worker, under the
-        // ring's lock, so none is half done once it has the lock.
+        // GET_VRING_BASE stops the ring: the worker takes no more requests. One it holds is
+        // still answered (the frontend waits for the used index to reach this base).
         self.vring.set_queue_ready(false);
         let next = self.vring.queue_next_avail();
         *self.kick.lock().unwrap() = None;
