@@ -293,6 +293,36 @@ struct Opened {
     backing: Vec<(std::fs::File, &'static str)>,
 }
 
+/// A qcow2 image's backing chain (nearest first): each layer opened read-only, with its
+/// format, under a shared lock (many VMs may stand on one base), taken now unless the VM is
+/// incoming. A raw image has none.
+fn open_chain(
+    d: &DiskSpec,
+    path: &std::path::Path,
+    image: &std::fs::File,
+    lock_now: bool,
+    locks: &mut Vec<super::image_lock::ImageLock>,
+) -> Result<Vec<(std::fs::File, &'static str)>, BlockdError> {
+    if d.format != "qcow2" {
+        return Ok(Vec::new());
+    }
+    let chain = vmm_proto::image::check_qcow2(path, image)
+        .map_err(|e| BlockdError::Unservable(path.to_path_buf(), e))?;
+    let mut backing = Vec::new();
+    for layer in &chain {
+        let f = std::fs::File::open(&layer.path)
+            .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
+        let lock = super::image_lock::ImageLock::new(&layer.path, &f, false)
+            .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
+        if lock_now {
+            lock.take(true)?;
+        }
+        locks.push(lock);
+        backing.push((f, layer.format));
+    }
+    Ok(backing)
+}
+
 /// A disk's --record or --replay log, and whether it is replayed.
 fn open_log(
     rec: &crate::config::Recording,
@@ -350,25 +380,7 @@ pub fn start(
             .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
-        let chain = if d.format == "qcow2" {
-            vmm_proto::image::check_qcow2(path, &image)
-                .map_err(|e| BlockdError::Unservable(path.clone(), e))?
-        } else {
-            Vec::new()
-        };
-        // The backing chain, read-only and shared (many VMs may stand on one base).
-        let mut backing = Vec::new();
-        for layer in &chain {
-            let f = std::fs::File::open(&layer.path)
-                .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
-            let lock = super::image_lock::ImageLock::new(&layer.path, &f, false)
-                .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
-            if lock_now {
-                lock.take(true)?;
-            }
-            locks.push(lock);
-            backing.push((f, layer.format));
-        }
+        let backing = open_chain(d, path, &image, lock_now, &mut locks)?;
         let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
             .map_err(|e| BlockdError::Open(path.clone(), e))?;
         // An incoming VM's images are still the source's: it locks them when it arrives.
