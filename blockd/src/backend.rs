@@ -186,20 +186,34 @@ impl Backend {
         *self.0.logs[q].lock().unwrap() = log;
     }
 
-    /// While a migration logs dirty pages: marks every page of the chain's device-writable
-    /// buffers (what blockd may have written into guest memory for this request), just before
-    /// the guest is told it is done.
-    fn log_writes(&self, vring: &Vring, head: u16) {
-        if !self.0.log_all.load(Ordering::Acquire) {
+    /// Before the guest is told a request is done, what its answer wrote into guest memory
+    /// (the chain's device-writable buffers: read data, status bytes, GET_ID strings) is
+    /// marked in the frontend's dirty log while a migration logs, and the request goes into
+    /// the recording while one is made: one walk of the chain serves both.
+    fn log_answer(&self, vring: &Vring, queue: usize, head: u16, len: u32) {
+        let dirty = match self.0.log_all.load(Ordering::Acquire) {
+            true => self.0.dirty.read().unwrap().clone(),
+            false => None,
+        };
+        let rec = self.0.disk.recording.get().filter(|r| !r.replaying());
+        if dirty.is_none() && rec.is_none() {
             return;
         }
-        let Some(log) = self.0.dirty.read().unwrap().clone() else {
+        let Some((mem, chain)) = self.chain_at(vring, head) else {
             return;
         };
-        if let Some((_, chain)) = self.chain_at(vring, head) {
+        if let Some(log) = dirty {
             for s in &chain.writable {
                 log.mark(s.addr, s.len);
             }
+        }
+        if let Some(rec) = rec {
+            let (readable, writable) = chain.pieces();
+            let segs = crate::replay::Segments {
+                readable: &readable,
+                writable: &writable,
+            };
+            rec.record_answered(&mem, queue as u16, head, &segs, len);
         }
     }
 
@@ -217,24 +231,6 @@ impl Backend {
         };
         let chain = Chain::at_head(&*mem, GuestAddress(table), size, head).ok()?;
         Some((mem, chain))
-    }
-
-    /// While recording: the request at `head`, answered with `len` bytes, into the log.
-    fn record(&self, vring: &Vring, queue: usize, head: u16, len: u32) {
-        let Some(rec) = self.0.disk.recording.get() else {
-            return;
-        };
-        if rec.replaying() {
-            return;
-        }
-        if let Some((mem, chain)) = self.chain_at(vring, head) {
-            let (readable, writable) = chain.pieces();
-            let segs = crate::replay::Segments {
-                readable: &readable,
-                writable: &writable,
-            };
-            rec.record_answered(&mem, queue as u16, head, &segs, len);
-        }
     }
 
     /// The frontend's dirty log (SET_LOG_BASE); it is written while VHOST_F_LOG_ALL is acked.
@@ -261,8 +257,7 @@ impl Backend {
         if let Some(l) = log.as_ref() {
             l.answering(head);
         }
-        self.log_writes(vring, head);
-        self.record(vring, queue, head, len);
+        self.log_answer(vring, queue, head, len);
         if let Err(e) = vring.add_used(head, len) {
             self.complain(queue, &format!("cannot return descriptor {head} ({e})"));
             return;
@@ -336,6 +331,39 @@ impl Backend {
         // Errors here would end the worker for good; a guest's bad queue only gets logged.
         if let Err(e) = self.process_queue(vring, q) {
             log::warn!("queue {q}: cannot signal the guest: {e}");
+        }
+    }
+
+    /// Answers the request at `head` from the recording being replayed (with the delay a
+    /// fault rule had injected); false: it differs from the recorded one, and the export
+    /// stopped saying how.
+    fn replay_one(
+        &self,
+        q: &Q,
+        rec: &crate::replay::Recording,
+        head: u16,
+        chain: &Chain,
+    ) -> std::io::Result<bool> {
+        let (readable, writable) = chain.pieces();
+        let segs = crate::replay::Segments {
+            readable: &readable,
+            writable: &writable,
+        };
+        match rec.answer(q.mem, q.queue as u16, &segs) {
+            Ok((used, delay_ms)) => {
+                if delay_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(delay_ms.into()));
+                }
+                self.put_used(q.vring, q.queue, head, used);
+                self.notify(q.vring, q.event_idx)?;
+                Ok(true)
+            }
+            Err(why) => {
+                self.0
+                    .disk
+                    .stop(&self.0.name, format!("replay diverged at {why}"));
+                Ok(false)
+            }
         }
     }
 
@@ -425,28 +453,10 @@ impl Backend {
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
                 if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
-                    let (readable, writable) = chain.pieces();
-                    let segs = crate::replay::Segments {
-                        readable: &readable,
-                        writable: &writable,
-                    };
-                    match rec.answer(&mem, queue as u16, &segs) {
-                        Ok((used, delay_ms)) => {
-                            // A delay a fault rule injected comes back, as the guest saw it.
-                            if delay_ms > 0 {
-                                std::thread::sleep(Duration::from_millis(delay_ms.into()));
-                            }
-                            self.put_used(vring, queue, head, used);
-                            self.notify(vring, event_idx)?;
-                            continue;
-                        }
-                        Err(why) => {
-                            self.0
-                                .disk
-                                .stop(&self.0.name, format!("replay diverged at {why}"));
-                            return Ok(());
-                        }
+                    if self.replay_one(&q, rec, head, &chain)? {
+                        continue;
                     }
+                    return Ok(());
                 }
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),

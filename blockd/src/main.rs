@@ -260,19 +260,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let chain = vmm_proto::image::check_qcow2(path, &file)
             .map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
         for layer in chain {
-            let f = File::open(&layer.path).map_err(|e| {
-                anyhow::anyhow!(
-                    "--image {}: its backing file {}: {e}",
-                    path.display(),
-                    layer.path.display()
-                )
-            })?;
             let format = if layer.format == "qcow2" {
                 image::Format::Qcow2
             } else {
                 image::Format::Raw
             };
-            backing.push((f, format));
+            backing.push((layer.file, format));
         }
     }
     let backing_fds: Vec<i32> = {

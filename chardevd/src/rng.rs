@@ -188,7 +188,8 @@ struct Handler {
     /// The worker: told to look (a kick, a new kick fd) or to exit.
     wake: Arc<EventFd>,
     exit: Arc<EventFd>,
-    kick: Arc<Mutex<Option<OwnedFd>>>,
+    /// A new kick descriptor for the worker (Some(None): none any more), taken by it.
+    kick: Arc<Mutex<Option<Option<OwnedFd>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -277,7 +278,8 @@ struct Worker {
     vring: Vring,
     wake: Arc<EventFd>,
     exit: Arc<EventFd>,
-    kick: Arc<Mutex<Option<OwnedFd>>>,
+    /// A new kick descriptor for the worker (Some(None): none any more), taken by it.
+    kick: Arc<Mutex<Option<Option<OwnedFd>>>>,
     /// Guest memory as the frontend's table maps it (swapped whole by the handler).
     mem: Memory,
     bucket: Option<Bucket>,
@@ -288,9 +290,11 @@ impl Worker {
     fn run(mut self) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let mut timeout: Option<Duration> = None;
+        let mut kick: Option<OwnedFd> = None;
         loop {
-            let kick = self.kick.lock().unwrap().as_ref().map(|k| k.try_clone());
-            let kick = kick.and_then(|k| k.ok());
+            if let Some(new) = self.kick.lock().unwrap().take() {
+                kick = new;
+            }
             let mut fds = vec![
                 PollFd::new(self.exit.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
@@ -600,7 +604,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         // still answered (the frontend waits for the used index to reach this base).
         self.vring.set_queue_ready(false);
         let next = self.vring.queue_next_avail();
-        *self.kick.lock().unwrap() = None;
+        *self.kick.lock().unwrap() = Some(None);
         self.vring.set_kick(None);
         self.vring.set_call(None);
         self.poke();
@@ -614,7 +618,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
             .map(|f| f.as_fd().try_clone_to_owned())
             .transpose()
             .map_err(Error::ReqHandlerError)?;
-        *self.kick.lock().unwrap() = dup;
+        *self.kick.lock().unwrap() = Some(dup);
         self.vring.set_kick(fd);
         self.maybe_start();
         Ok(())

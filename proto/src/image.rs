@@ -69,11 +69,13 @@ pub enum Unservable {
 /// chain from opening descriptors without end).
 pub const MAX_CHAIN: usize = 16;
 
-/// A backing image under a qcow2 overlay: where it is and its format ("raw" or "qcow2").
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A backing image under a qcow2 overlay: where it is, its format ("raw" or "qcow2"), and
+/// the file, open read-only (as the walk opened it).
+#[derive(Debug)]
 pub struct Layer {
     pub path: std::path::PathBuf,
     pub format: &'static str,
+    pub file: std::fs::File,
 }
 
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -209,6 +211,7 @@ pub fn check_qcow2(path: &std::path::Path, f: &std::fs::File) -> Result<Vec<Laye
         chain.push(Layer {
             path: resolved.clone(),
             format: if qcow2 { "qcow2" } else { "raw" },
+            file,
         });
         current = resolved;
     }

@@ -367,58 +367,82 @@ fn two_vms_on_one_image_the_second_is_refused_naming_the_first() {
 #[test]
 fn qcow2_images_blockd_cannot_serve_are_refused_naming_the_cause() {
     let dir = TempDir::new("qcow2-refused");
-    let qemu_img = |args: &[&str]| {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .current_dir(&dir.0)
-            .output()
-            .expect("qemu-img (Debian's qemu-utils; scripts/setup.sh installs it)");
-        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-    };
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        "zstd.qcow2",
-        "16M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "l2.qcow2",
-        "16M",
-    ]);
-    qemu_img(&["create", "-q", "-f", "raw", "base.raw", "16M"]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "gone.raw",
-        "-F",
-        "raw",
-        "-u",
-        "lost.qcow2",
-        "16M",
-    ]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "a.qcow2", "16M"]);
-    qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-    ]);
-    qemu_img(&[
-        "rebase", "-q", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
-    ]);
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "zstd.qcow2",
+            "16M",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "l2.qcow2",
+            "16M",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &["create", "-q", "-f", "raw", "base.raw", "16M"],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "gone.raw",
+            "-F",
+            "raw",
+            "-u",
+            "lost.qcow2",
+            "16M",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "16M"],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
+        ],
+    );
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "rebase", "-q", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
+        ],
+    );
     let p = |n: &str| dir.join(n).display().to_string();
     for (image, cause) in [
         (

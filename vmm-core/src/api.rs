@@ -112,7 +112,7 @@ pub struct Shared {
     /// The console's chardevd device, when it has one.
     pub console: Mutex<Option<crate::helpers::chardevd::ControlSender>>,
     /// --record/--replay: where the console's log stands ("recording, 3 input(s)").
-    pub console_replay: std::sync::OnceLock<Arc<Mutex<String>>>,
+    pub console_replay: std::sync::OnceLock<Arc<crate::control::LogProgress>>,
     /// The console's output (for attached viewers) and where their input goes, when the
     /// console is served by chardevd.
     pub console_view: std::sync::OnceLock<(
@@ -428,7 +428,7 @@ impl vmm::Server for VmmServer {
         info.set_uptime_ms(self.shared.started.elapsed().as_millis() as u64);
         info.set_boots(s.boots);
         if let Some(r) = self.shared.console_replay.get() {
-            info.set_replay(&*r.lock().unwrap());
+            info.set_replay(r.status());
         }
         if let Ok(id) = crate::boot::vmgenid::init() {
             info.set_generation_id(crate::boot::vmgenid::format(&id));

@@ -208,3 +208,38 @@ impl std::fmt::Display for PostcopySummary {
         Ok(())
     }
 }
+
+/// How far the console's log has come: inputs recorded, or given of those recorded.
+#[derive(Default)]
+pub struct LogProgress {
+    replaying: std::sync::atomic::AtomicBool,
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl LogProgress {
+    /// "recording, 3 input(s)" or "replaying, 2 of 3 input(s) given".
+    pub fn status(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let done = self.done.load(Relaxed);
+        if self.replaying.load(Relaxed) {
+            format!(
+                "replaying, {done} of {} input(s) given",
+                self.total.load(Relaxed)
+            )
+        } else {
+            format!("recording, {done} input(s)")
+        }
+    }
+
+    /// A replay of `total` recorded inputs begins.
+    pub fn replaying(&self, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.replaying.store(true, Relaxed);
+        self.total.store(total, Relaxed);
+    }
+
+    pub fn one_more(&self) {
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}

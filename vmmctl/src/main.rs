@@ -1044,7 +1044,6 @@ impl Session {
         Ok(done(self.json, &format!("{name}: throttle {spec}")))
     }
 
-    /// `disk list` and `disk stats [NAME]`.
     /// Where the console's and each disk's record/replay logs stand.
     async fn replay_status(&self) -> Result<String, Failure> {
         let fail = |e| self.fail(e);
@@ -1108,6 +1107,7 @@ impl Session {
             .join("\n"))
     }
 
+    /// `disk list` and `disk stats [NAME]`.
     async fn disks(&self, action: &DiskAction) -> Result<String, Failure> {
         let fail = |e| self.fail(e);
         let reply = self

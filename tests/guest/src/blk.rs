@@ -22,7 +22,7 @@ const VIRTIO_BLK_MODERN: u32 = 0x1042;
 const VIRTIO_BLK_TRANSITIONAL: u32 = 0x1001;
 /// What the guest's page tables map (tests/guest/src/entry.rs): BARs must lie below.
 const IDENTITY_MAPPED: u64 = 4 << 30;
-const QUEUE_SIZE: u16 = 64;
+pub const QUEUE_SIZE: u16 = 64;
 const MAX_QUEUES: usize = 4;
 const MAX_DISKS: usize = 4;
 pub const CHUNK: usize = 64 * 1024;
@@ -63,14 +63,24 @@ const DESC_WRITE: u16 = 2;
 const LAPIC: u64 = 0xfee0_0000;
 const MSI_VECTOR_BASE: u32 = 0x40;
 
+/// A split virtqueue's memory, of QUEUE_SIZE entries (the rng's driver uses it too).
 #[repr(C, align(4096))]
-struct QueueMem {
-    desc: [[u64; 2]; QUEUE_SIZE as usize],
+pub struct QueueMem {
+    pub desc: [[u64; 2]; QUEUE_SIZE as usize],
     /// flags, idx, ring[64], used_event
-    avail: [u16; 3 + QUEUE_SIZE as usize],
+    pub avail: [u16; 3 + QUEUE_SIZE as usize],
     _pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
     /// flags+idx (one u32), then (id, len) pairs, then avail_event.
-    used: [u32; 2 + 2 * QUEUE_SIZE as usize],
+    pub used: [u32; 2 + 2 * QUEUE_SIZE as usize],
+}
+
+impl QueueMem {
+    pub const EMPTY: QueueMem = QueueMem {
+        desc: [[0; 2]; QUEUE_SIZE as usize],
+        avail: [0; 3 + QUEUE_SIZE as usize],
+        _pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
+        used: [0; 2 + 2 * QUEUE_SIZE as usize],
+    };
 }
 
 #[repr(C, align(4096))]
@@ -84,16 +94,7 @@ struct Dma {
 }
 
 static mut DMA: Dma = Dma {
-    queues: [const {
-        [const {
-            QueueMem {
-                desc: [[0; 2]; QUEUE_SIZE as usize],
-                avail: [0; 3 + QUEUE_SIZE as usize],
-                _pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
-                used: [0; 2 + 2 * QUEUE_SIZE as usize],
-            }
-        }; MAX_QUEUES]
-    }; MAX_DISKS],
+    queues: [const { [QueueMem::EMPTY; MAX_QUEUES] }; MAX_DISKS],
     small: [[[0; 128]; MAX_QUEUES]; MAX_DISKS],
     batch: [[[0; 32]; BATCH]; MAX_DISKS],
     data: [0; CHUNK],

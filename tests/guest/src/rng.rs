@@ -4,7 +4,7 @@
 //! came, in how many requests, the most one request got, and their FNV-1a digest, so a test
 //! can compare them with what the backend served.
 
-use crate::blk::{caps, cfg_read, r16, r8, w16, w64, w8};
+use crate::blk::{caps, cfg_read, r16, r8, w16, w64, w8, QueueMem, QUEUE_SIZE};
 use crate::io::Line;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
@@ -13,34 +13,18 @@ const VIRTIO_VENDOR: u32 = 0x1af4;
 const VIRTIO_RNG_MODERN: u32 = 0x1044;
 const VIRTIO_RNG_TRANSITIONAL: u32 = 0x1005;
 const F_VERSION_1: u64 = 1 << 32;
-const QUEUE_SIZE: u16 = 16;
 /// The largest request this driver makes (twice what a device should give at once).
 const MAX_CHUNK: usize = 128 * 1024;
 const DESC_WRITE: u16 = 2;
 
 #[repr(C, align(4096))]
-struct Ring {
-    desc: [[u64; 2]; QUEUE_SIZE as usize],
-    /// flags, idx, ring[16], used_event
-    avail: [u16; 3 + QUEUE_SIZE as usize],
-    _pad: [u8; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
-    /// flags+idx (one u32), then (id, len) pairs, then avail_event.
-    used: [u32; 2 + 2 * QUEUE_SIZE as usize],
-}
-
-#[repr(C, align(4096))]
 struct Dma {
-    ring: Ring,
+    ring: QueueMem,
     data: [u8; MAX_CHUNK],
 }
 
 static mut DMA: Dma = Dma {
-    ring: Ring {
-        desc: [[0; 2]; QUEUE_SIZE as usize],
-        avail: [0; 3 + QUEUE_SIZE as usize],
-        _pad: [0; 4096 - 16 * QUEUE_SIZE as usize - 2 * (3 + QUEUE_SIZE as usize)],
-        used: [0; 2 + 2 * QUEUE_SIZE as usize],
-    },
+    ring: QueueMem::EMPTY,
     data: [0; MAX_CHUNK],
 };
 

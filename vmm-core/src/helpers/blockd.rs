@@ -309,16 +309,14 @@ fn open_chain(
     let chain = vmm_proto::image::check_qcow2(path, image)
         .map_err(|e| BlockdError::Unservable(path.to_path_buf(), e))?;
     let mut backing = Vec::new();
-    for layer in &chain {
-        let f = std::fs::File::open(&layer.path)
-            .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
-        let lock = super::image_lock::ImageLock::new(&layer.path, &f, false)
+    for layer in chain {
+        let lock = super::image_lock::ImageLock::new(&layer.path, &layer.file, false)
             .map_err(|e| BlockdError::Open(layer.path.clone(), e))?;
         if lock_now {
             lock.take(true)?;
         }
         locks.push(lock);
-        backing.push((f, layer.format));
+        backing.push((layer.file, layer.format));
     }
     Ok(backing)
 }

@@ -28,9 +28,8 @@ pub(super) struct ConsoleInput {
     /// How many bytes the guest has written to its console (counted while recording or
     /// replaying).
     pub written: Arc<Written>,
-    /// Where the log stands, for `vmmctl replay status`, and the inputs recorded so far.
-    pub status: Arc<Mutex<String>>,
-    recorded: std::sync::atomic::AtomicU64,
+    /// Where the log stands, for `vmmctl replay status`.
+    pub progress: Arc<crate::control::LogProgress>,
 }
 
 /// The guest's console output so far, in bytes: where an input stands in a recording.
@@ -73,7 +72,6 @@ pub(super) fn setup_recording(
             let w =
                 vmm_proto::record::Writer::append(file, KIND).map_err(|e| bad(e.to_string()))?;
             let _ = console.log.set(ConsoleLog::Record(Mutex::new(w)));
-            *console.status.lock().unwrap() = "recording, 0 input(s)".into();
             log::info!(
                 "serial0: recording its input into {}",
                 rec.log(LOG).display()
@@ -94,14 +92,14 @@ pub(super) fn setup_recording(
                     }
                     n
                 });
-            *console.status.lock().unwrap() = format!("replaying, 0 of {total} input(s) given");
+            console.progress.replaying(total);
             let _ = console.log.set(ConsoleLog::Replay);
             let console = console.clone();
             std::thread::Builder::new()
                 .name("console-replay".into())
                 .spawn(move || {
                     crate::threads::filter_service_thread("vmm-core (the console replay thread)");
-                    replay(&console, reader, total)
+                    replay(&console, reader)
                 })
                 .map_err(|e| VmError::Thread("console replay", e))?;
             log::info!(
@@ -114,7 +112,7 @@ pub(super) fn setup_recording(
 }
 
 /// Gives the recorded input, each record once the guest's output has reached its place.
-fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Read>, total: u64) {
+fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Read>) {
     let mut n = 0u64;
     loop {
         let rec = match reader.next_record() {
@@ -140,7 +138,7 @@ fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Rea
         drop(written);
         feed_uart(console, &rec[8..]);
         n += 1;
-        *console.status.lock().unwrap() = format!("replaying, {n} of {total} input(s) given");
+        console.progress.one_more();
     }
 }
 
@@ -155,11 +153,7 @@ pub(super) fn deliver(console: &ConsoleInput, bytes: &[u8]) {
             if let Err(e) = w.lock().unwrap().record(&rec) {
                 log::error!("serial0: cannot record its input ({e}); the recording misses it");
             } else {
-                let n = console
-                    .recorded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1;
-                *console.status.lock().unwrap() = format!("recording, {n} input(s)");
+                console.progress.one_more();
             }
         }
         Some(ConsoleLog::Replay) => {

@@ -238,7 +238,7 @@ pub fn run(
     let raw = console::take_terminal(config, &console, &tx)?;
     let shared = new_shared(config);
     if config.recording.is_some() {
-        let _ = shared.console_replay.set(console.status.clone());
+        let _ = shared.console_replay.set(console.progress.clone());
     }
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(

@@ -305,6 +305,17 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// The guest's write-cache setting (virtio-blk's config byte) to the backend.
+    fn send_writeback(&mut self, wce: u8) -> Result<(), VirtioError> {
+        self.frontend
+            .set_config(
+                CONFIG_WRITEBACK as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &[wce],
+            )
+            .map_err(|e| self.e("SET_CONFIG", e))
+    }
+
     /// Guest RAM as the backend maps it: each region from the memfd.
     fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         self.mem
@@ -479,13 +490,7 @@ impl VirtioDevice for VhostUserDevice {
         // The guest's write-cache setting, which the new backend does not know.
         let wce = self.config.get(CONFIG_WRITEBACK).copied();
         if let Some(wce) = wce.filter(|&w| config.get(CONFIG_WRITEBACK) != Some(&w)) {
-            self.frontend
-                .set_config(
-                    CONFIG_WRITEBACK as u32,
-                    VhostUserConfigFlags::WRITABLE,
-                    &[wce],
-                )
-                .map_err(|e| self.e("SET_CONFIG", e))?;
+            self.send_writeback(wce)?;
         }
         let Some((features, rings)) = self.active.take() else {
             // The driver has not started the device: nothing more to set up.
@@ -696,13 +701,7 @@ impl VirtioDevice for VhostUserDevice {
         }
         let wce = bytes[CONFIG_WRITEBACK];
         if wce != self.config[CONFIG_WRITEBACK] {
-            self.frontend
-                .set_config(
-                    CONFIG_WRITEBACK as u32,
-                    VhostUserConfigFlags::WRITABLE,
-                    &[wce],
-                )
-                .map_err(|e| self.e("SET_CONFIG", e))?;
+            self.send_writeback(wce)?;
             self.config[CONFIG_WRITEBACK] = wce;
         }
         Ok(())
