@@ -428,8 +428,5 @@ fn stop_on_signals() {
 /// A listening vhost-user socket at `path` (replacing a stale one). The path is not removed
 /// when the listener goes: a sandboxed blockd cannot reach it then (the jail removes it).
 pub fn bind_listener(path: &std::path::Path) -> std::io::Result<Listener> {
-    let _ = std::fs::remove_file(path);
-    Ok(Listener::from(std::os::unix::net::UnixListener::bind(
-        path,
-    )?))
+    Ok(Listener::from(vmm_proto::unix::bind(path, 0o600)?))
 }

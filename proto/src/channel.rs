@@ -342,8 +342,7 @@ pub fn open_destination(uri: &Uri) -> Result<Opened, ChannelError> {
             Kind::Listener,
         ),
         Uri::Unix(p) => {
-            let _ = std::fs::remove_file(p);
-            let l = std::os::unix::net::UnixListener::bind(p).map_err(listen_failed)?;
+            let l = crate::unix::bind(p, 0o600).map_err(listen_failed)?;
             guard.socket = Some(p.clone());
             (l.into(), Kind::Listener)
         }

@@ -20,6 +20,7 @@ pub mod size;
 pub mod state;
 pub mod terminal;
 pub mod throttle;
+pub mod unix;
 
 /// A state message as a restore gets it: written out as bytes (as in a stream) and read back.
 /// The device state tests of vmm-core and vmm-devices use it.

@@ -72,11 +72,8 @@ pub fn control(
         return Ok(Control::Connection(UnixStream::from(fd)));
     }
     if let Some(path) = listen.filter(|p| p.as_os_str() != "systemd") {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_file(path);
-        let l =
-            UnixListener::bind(path).map_err(|e| ControlError::Listen(path.to_path_buf(), e))?;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        let l = vmm_proto::unix::bind(path, 0o600)
+            .map_err(|e| ControlError::Listen(path.to_path_buf(), e))?;
         return Ok(Control::Listener(l, Some(path.to_path_buf())));
     }
     let mut fds = crate::systemd::listen_fds();

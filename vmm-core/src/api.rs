@@ -7,7 +7,7 @@ use crate::control::{ApiRequest, Request, VmEvent};
 use crate::events::Events;
 use crate::helpers::blockd::BlockdError;
 use futures::channel::oneshot;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -186,16 +186,13 @@ pub fn start(
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_path_buf()));
         }
-        // A socket nobody listens on: left over from a VMM that was killed.
-        let _ = std::fs::remove_file(path);
+        // A socket nobody listens on, left over from a VMM that was killed: replaced.
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+    let listener =
+        vmm_proto::unix::bind(path, 0o600).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
     let guard = ApiSocket {
         path: path.to_path_buf(),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;

@@ -128,8 +128,7 @@ impl Resources {
                 r.fds.push(file.into());
             }
             Backend::UnixServer(path) => {
-                let _ = std::fs::remove_file(path);
-                let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+                let listener = vmm_proto::unix::bind(path.as_ref(), 0o600).map_err(|e| {
                     ChardevError::Resource(format!(
                         "--serial unix={path}: cannot listen on it ({e})"
                     ))
