@@ -342,14 +342,28 @@ impl Backend {
         q: &Q,
         rec: &crate::replay::Recording,
         head: u16,
-        chain: &Chain,
+        chain: Chain,
     ) -> std::io::Result<bool> {
         let (readable, writable) = chain.pieces();
         let segs = crate::replay::Segments {
             readable: &readable,
             writable: &writable,
         };
-        match rec.answer(q.mem, q.queue as u16, &segs) {
+        let disk = &self.0.disk;
+        // A write the guest asks again, done on the working copy.
+        let apply = || match request::prepare(disk, q.mem, chain) {
+            request::Prepared::Io(p) => p.io.run(disk).map(|_| ()).map_err(|e| e.to_string()),
+            request::Prepared::Done(d, _) if d.status == 0 => Ok(()),
+            request::Prepared::Done(d, why) => Err(why.unwrap_or(format!("status {}", d.status))),
+        };
+        let read = |offset, buf: &mut [u8]| {
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            disk.rw(&mut iov, offset, false)
+        };
+        match rec.answer(read, q.mem, q.queue as u16, &segs, apply) {
             Ok((used, delay_ms)) => {
                 if delay_ms > 0 {
                     std::thread::sleep(Duration::from_millis(delay_ms.into()));
@@ -453,7 +467,7 @@ impl Backend {
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
                 if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
-                    if self.replay_one(&q, rec, head, &chain)? {
+                    if self.replay_one(&q, rec, head, chain)? {
                         continue;
                     }
                     return Ok(());
@@ -461,6 +475,11 @@ impl Backend {
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),
                     request::Prepared::Io(p) => {
+                        if let Some(rec) = self.0.disk.recording.get() {
+                            if !p.io.flush {
+                                rec.begins(queue as u16, head, p.io.write, p.io.offset, p.io.len);
+                            }
+                        }
                         let p = match self.inject(q.queue, head, p, &mut held.delayed) {
                             Injected::Go(p) => p,
                             Injected::Held => continue,

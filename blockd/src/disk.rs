@@ -438,6 +438,14 @@ impl Disk {
         offset.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
+    /// A discard or write-zeroes of `len` bytes at `offset` begins (or ends): a recording on
+    /// a base copy keeps the bytes of reads it may race.
+    pub fn zeroing(&self, offset: u64, len: u64, begins: bool) {
+        if let Some(r) = self.recording.get() {
+            r.zeroing(offset, len, begins);
+        }
+    }
+
     /// Reads into (or, with `write`, writes from) the buffers, all of them, at `offset`.
     pub fn rw(&self, iovs: &mut [libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
         if let Some(q) = &self.qcow2 {

@@ -79,7 +79,9 @@ struct Args {
     #[arg(long)]
     once: bool,
     /// Record every request the export answers into this log (appended; made if missing), as
-    /// vmm-core's --record does for its disks.
+    /// vmm-core's --record does for its disks. A new log of an --image with no backing file
+    /// starts from a copy of it, PATH.base (reads of blocks not written since are logged as
+    /// checksums).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["control_fd", "listen"])]
     record: Option<PathBuf>,
     #[command(flatten)]
@@ -304,6 +306,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         use std::os::fd::AsRawFd;
         vec![disk.raw_fd(), listener.as_raw_fd()]
     };
+    let flat = backing_fds.is_empty();
     keep.extend(backing_fds);
     let record = match &args.record {
         Some(path) => {
@@ -316,16 +319,32 @@ fn run(args: Args) -> anyhow::Result<()> {
                     anyhow::anyhow!("--record {}: cannot open it ({e})", path.display())
                 })?;
             keep.push(file.as_raw_fd());
-            Some((path, file))
+            // A new log of a flat image starts from a copy of it (reads logged as checksums).
+            let base = match (&args.image, flat) {
+                (Some(image), true) => vmm_proto::image::base_copy(image, path)
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "--record {}: cannot copy the image beside it as {} ({e})",
+                            path.display(),
+                            vmm_proto::image::base_of(path).display()
+                        )
+                    })?
+                    .map(|b| {
+                        log::info!("recording on a base copy of the image: {}", b.display());
+                        disk.size
+                    }),
+                _ => None,
+            };
+            Some((path, file, base))
         }
         None => None,
     };
     confine(&args, keep)?;
     // Before any thread starts: they inherit the blocked signals that sigwait takes.
     stop_on_signals();
-    // The recorder's thread starts in the sandboxed process (the jail may fork).
-    if let Some((path, file)) = record {
-        let rec = replay::Recording::to_record(file)
+    // The recording begins in the sandboxed process.
+    if let Some((path, file, base)) = record {
+        let rec = replay::Recording::to_record(file, base)
             .map_err(|e| anyhow::anyhow!("--record {}: {e}", path.display()))?;
         let _ = disk.recording.set(rec);
     }

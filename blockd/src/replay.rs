@@ -6,11 +6,18 @@
 //! wrote back (a read's data, a GET_ID string, the status byte), with the used length. So a
 //! failure a fault rule injected is recorded as the guest saw it, too.
 //!
+//! On a base copy (vmm-core copies the image beside a new log when the recording starts), a
+//! read that succeeded on blocks nobody has written since the start is logged as a CRC-32 of
+//! its data, not the data: the copy holds those bytes. Blocks are marked written before a
+//! write, discard or write-zeroes is done, so a read that may have seen one keeps its bytes.
+//!
 //! Replaying, blockd answers each request from the log and touches no image: a read gets the
-//! recorded bytes even if the image changed since, a write is checked against the recording
-//! and not written, an injected error comes back with no rule set. A request that differs
-//! from the recorded one at its place (type, sector, lengths or written bytes) stops the
-//! export with a line that names the queue, the index, what was recorded and what came.
+//! recorded bytes even if the image changed since (from the log, or from the base copy,
+//! which is then the export's image, checked against the recorded CRC), a write is checked
+//! against the recording and not written, an injected error comes back with no rule set. A
+//! request that differs from the recorded one at its place (type, sector, lengths or written
+//! bytes) stops the export with a line that names the queue, the index, what was recorded
+//! and what came.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -18,8 +25,18 @@ use std::sync::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_proto::record::{Reader, Writer};
 
-/// The log's kind.
-pub const KIND: &str = "disk";
+/// The log's kind ("disk2": records carry the room, where a read's bytes are and their CRC).
+pub const KIND: &str = "disk2";
+
+/// A record's flag: the read's data is in the base copy (at the header's sector), not here.
+const FROM_BASE: u8 = 1;
+
+/// A record's flag: blockd wrote the status byte alone (a request that failed with nothing
+/// transferred, used length 1): the rest of the room is the guest's, untouched.
+const STATUS_ONLY: u8 = 2;
+
+/// Bytes of a record before what was written back.
+const REC_HEAD: usize = 51;
 
 /// A request's memory as (guest address, length) pieces: what the device reads (the header
 /// and a write's data), then what it writes (data, status).
@@ -43,12 +60,18 @@ struct Rec {
     header: [u8; 16],
     given_len: u32,
     given_crc: u32,
+    /// The device-writable bytes the request had (data and status).
+    room: u32,
+    flags: u8,
+    /// FROM_BASE: CRC-32 of the data read (all but the status byte).
+    data_crc: u32,
+    /// What blockd wrote back: all of the room, or (FROM_BASE) the status byte alone.
     written: Vec<u8>,
 }
 
 impl Rec {
     fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(42 + self.written.len());
+        let mut b = Vec::with_capacity(REC_HEAD + self.written.len());
         b.extend_from_slice(&self.queue.to_le_bytes());
         b.extend_from_slice(&self.index.to_le_bytes());
         b.extend_from_slice(&self.used.to_le_bytes());
@@ -56,16 +79,19 @@ impl Rec {
         b.extend_from_slice(&self.header);
         b.extend_from_slice(&self.given_len.to_le_bytes());
         b.extend_from_slice(&self.given_crc.to_le_bytes());
+        b.extend_from_slice(&self.room.to_le_bytes());
+        b.push(self.flags);
+        b.extend_from_slice(&self.data_crc.to_le_bytes());
         b.extend_from_slice(&self.written);
         b
     }
 
     fn decode(b: &[u8]) -> Option<Rec> {
-        if b.len() < 42 {
+        if b.len() < REC_HEAD {
             return None;
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        Some(Rec {
+        let rec = Rec {
             queue: u16::from_le_bytes([b[0], b[1]]),
             index: u64::from_le_bytes(b[2..10].try_into().unwrap()),
             used: u32_at(10),
@@ -73,8 +99,20 @@ impl Rec {
             header: b[18..34].try_into().unwrap(),
             given_len: u32_at(34),
             given_crc: u32_at(38),
-            written: b[42..].to_vec(),
-        })
+            room: u32_at(42),
+            flags: b[46],
+            data_crc: u32_at(47),
+            written: b[REC_HEAD..].to_vec(),
+        };
+        let whole = rec.flags == 0 && rec.written.len() == rec.room as usize;
+        let base = rec.flags == FROM_BASE && rec.written.len() == 1 && rec.room > 1;
+        let status = rec.flags == STATUS_ONLY && rec.written.len() == 1 && rec.room > 1;
+        (whole || base || status).then_some(rec)
+    }
+
+    /// The read's offset on the disk (its header's sector).
+    fn offset(&self) -> u64 {
+        u64::from_le_bytes(self.header[8..].try_into().unwrap()).saturating_mul(512)
     }
 
     /// "read of sector 2048 (4096 bytes in)" and the like, for the divergence message.
@@ -96,9 +134,10 @@ impl Rec {
 }
 
 enum Mode {
-    /// Records go to a thread of their own, which appends them (in order, each written to
-    /// the kernel as soon as the thread gets it): the queue's worker only copies.
-    Record(std::sync::mpsc::Sender<Vec<u8>>),
+    /// Each record is appended by the queue's worker that answered the request, one write
+    /// to the kernel, before the guest is told (a killed blockd loses no answered request;
+    /// records are small: a read's bytes only when no copy will hold them).
+    Record(Option<Writer<File>>),
     Replay {
         reader: Reader<File>,
         /// Records read ahead for other queues than the one asked.
@@ -109,69 +148,185 @@ enum Mode {
 /// A disk's recording, or the recording it replays.
 pub struct Recording {
     mode: Mutex<Mode>,
-    /// The recorder's thread, joined when the recording ends (so that every record is in the
-    /// log before blockd exits).
-    recorder: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Per queue: requests recorded or replayed so far (this blockd's).
     next: Mutex<Vec<u64>>,
     /// Requests recorded, or answered from the recording.
     done: std::sync::atomic::AtomicU64,
     /// Requests (by head) a fault rule delays, with the delay: recorded with their answer.
     delays: Mutex<std::collections::HashMap<(u16, u16), u32>>,
+    /// Recording on a base copy: what writes do, to tell the reads a replay reproduces.
+    tracking: Option<Tracking>,
+    /// Replaying on a working copy of the base: the guest's writes are done there.
+    on_copy: bool,
+}
+
+/// The granule of write tracking (per chunk: 8 bytes of state, 8 MiB for a TiB).
+const CHUNK: u64 = 1 << 20;
+
+/// Recording on a base copy, a read's data is logged as a CRC-32 when a replay will find the
+/// same bytes in its working copy (the base with the replayed writes done in order): when no
+/// write to its chunks was in flight as it began, and none began before it ended. Otherwise
+/// (a write raced it), its bytes are kept.
+struct Tracking {
+    /// Writes begun, a counter: a write's chunks take the count as it begins.
+    epoch: std::sync::atomic::AtomicU64,
+    /// Per chunk: writes in flight on it.
+    inflight: Vec<std::sync::atomic::AtomicU32>,
+    /// Per chunk: the epoch of the last write that began on it.
+    last: Vec<std::sync::atomic::AtomicU64>,
+    /// Requests begun (by queue and head), until they are answered.
+    begun: Mutex<std::collections::HashMap<(u16, u16), Begun>>,
+}
+
+enum Begun {
+    /// A read, with the epoch as it began; clean: no write to its chunks was in flight.
+    Read {
+        epoch: u64,
+        clean: bool,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Tracking {
+    fn new(size: u64) -> Tracking {
+        let n = size.div_ceil(CHUNK) as usize;
+        Tracking {
+            epoch: Default::default(),
+            inflight: (0..n).map(|_| Default::default()).collect(),
+            last: (0..n).map(|_| Default::default()).collect(),
+            begun: Mutex::default(),
+        }
+    }
+
+    fn chunks(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let end = offset.saturating_add(len.max(1)).div_ceil(CHUNK) as usize;
+        (offset / CHUNK) as usize..end.min(self.inflight.len())
+    }
+
+    fn write_begins(&self, offset: u64, len: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let e = self.epoch.fetch_add(1, SeqCst) + 1;
+        for c in self.chunks(offset, len) {
+            self.inflight[c].fetch_add(1, SeqCst);
+            self.last[c].fetch_max(e, SeqCst);
+        }
+    }
+
+    fn write_ends(&self, offset: u64, len: u64) {
+        for c in self.chunks(offset, len) {
+            self.inflight[c].fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn read_begins(&self, offset: u64, len: u64) -> Begun {
+        use std::sync::atomic::Ordering::SeqCst;
+        let epoch = self.epoch.load(SeqCst);
+        let clean = self
+            .chunks(offset, len)
+            .all(|c| self.inflight[c].load(SeqCst) == 0);
+        Begun::Read { epoch, clean }
+    }
+
+    /// Whether the read that began so, of `len` bytes at `offset`, saw what the working copy
+    /// will hold at its place in a replay.
+    fn reproducible(&self, begun: &Begun, offset: u64, len: u64) -> bool {
+        let Begun::Read { epoch, clean } = begun else {
+            return false;
+        };
+        *clean
+            && self
+                .chunks(offset, len)
+                .all(|c| self.last[c].load(std::sync::atomic::Ordering::SeqCst) <= *epoch)
+    }
 }
 
 impl Recording {
-    pub fn to_record(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
-        let mut w = Writer::append(std::io::BufWriter::new(file), KIND)?;
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let recorder = std::thread::Builder::new()
-            .name("recorder".into())
-            .spawn(move || {
-                use std::io::Write;
-                // Whatever came meanwhile goes in one write; then to the kernel.
-                while let Ok(rec) = rx.recv() {
-                    let mut r = w.record(&rec);
-                    while let (Ok(()), Ok(more)) = (&r, rx.try_recv()) {
-                        r = w.record(&more);
-                    }
-                    if let Err(e) = r.and_then(|()| Ok(w.get_mut().flush()?)) {
-                        log::error!("cannot write the recording ({e}); it stops here");
-                        return;
-                    }
-                }
-            })?;
+    /// Records into `file` (appended: a restarted blockd goes on in its predecessor's log);
+    /// with `base` (the disk's size), on a base copy of the image made as the log began.
+    pub fn to_record(
+        file: File,
+        base: Option<u64>,
+    ) -> Result<Recording, vmm_proto::record::RecordError> {
+        let w = Writer::append(file, KIND)?;
         Ok(Recording {
-            mode: Mutex::new(Mode::Record(tx)),
-            recorder: Mutex::new(Some(recorder)),
+            mode: Mutex::new(Mode::Record(Some(w))),
             next: Mutex::new(Vec::new()),
             done: Default::default(),
             delays: Mutex::default(),
+            tracking: base.map(Tracking::new),
+            on_copy: false,
         })
     }
 
-    pub fn to_replay(file: File) -> Result<Recording, vmm_proto::record::RecordError> {
+    /// Replays `file`; `on_copy`: the export's image is a working copy of the recording's
+    /// base, where the guest's writes are done (so that reads logged as checksums find their
+    /// bytes).
+    pub fn to_replay(
+        file: File,
+        on_copy: bool,
+    ) -> Result<Recording, vmm_proto::record::RecordError> {
         Ok(Recording {
             mode: Mutex::new(Mode::Replay {
                 reader: Reader::resume(file, KIND)?,
                 ahead: Vec::new(),
             }),
-            recorder: Mutex::new(None),
             next: Mutex::new(Vec::new()),
             done: Default::default(),
             delays: Mutex::default(),
+            tracking: None,
+            on_copy,
         })
     }
 
-    /// Ends the recording: every record sent is written, and the thread ends.
+    /// Ends the recording: no record is written after (each one is in the log already).
     pub fn finish(&self) {
-        let (tx, _) = std::sync::mpsc::channel();
-        let mut mode = self.mode.lock().unwrap();
-        if let Mode::Record(old) = &mut *mode {
-            drop(std::mem::replace(old, tx));
+        if let Mode::Record(w) = &mut *self.mode.lock().unwrap() {
+            w.take();
         }
-        drop(mode);
-        if let Some(t) = self.recorder.lock().unwrap().take() {
-            let _ = t.join();
+    }
+
+    /// A request with a transfer begins (after it was checked, before its I/O): a write's
+    /// chunks are marked, a read notes the epoch (recording on a base copy).
+    pub fn begins(&self, queue: u16, head: u16, write: bool, offset: u64, len: u64) {
+        let Some(t) = &self.tracking else {
+            return;
+        };
+        let begun = if write {
+            t.write_begins(offset, len);
+            Begun::Write { offset, len }
+        } else {
+            t.read_begins(offset, len)
+        };
+        t.begun.lock().unwrap().insert((queue, head), begun);
+    }
+
+    /// A discard or write-zeroes (done within the request's checks) begins, or ends.
+    pub fn zeroing(&self, offset: u64, len: u64, begins: bool) {
+        if let Some(t) = &self.tracking {
+            if begins {
+                t.write_begins(offset, len);
+            } else {
+                t.write_ends(offset, len);
+            }
+        }
+    }
+
+    /// The request at `head` is answered: a write's chunks are free again; for a read, whether
+    /// a replay's working copy will hold what it read.
+    fn answered(&self, queue: u16, head: u16, offset: u64, len: u64) -> bool {
+        let Some(t) = &self.tracking else {
+            return false;
+        };
+        match t.begun.lock().unwrap().remove(&(queue, head)) {
+            Some(Begun::Write { offset, len }) => {
+                t.write_ends(offset, len);
+                false
+            }
+            Some(b) => t.reproducible(&b, offset, len),
+            None => false,
         }
     }
 
@@ -205,18 +360,20 @@ impl Recording {
         i
     }
 
-    /// What the guest gave (the readable segments) and the room it left (the writable ones).
-    fn given(mem: &GuestMemoryMmap<()>, chain: &Segments) -> (Vec<u8>, usize) {
-        let given = read_all(mem, chain.readable);
+    /// What the guest gave (the readable segments: its header, length and CRC-32, read
+    /// without a copy of the whole) and the room it left (the writable ones).
+    fn given(mem: &GuestMemoryMmap<()>, chain: &Segments) -> (Given, usize) {
+        let mut header = [0u8; 16];
+        let mut len = 0usize;
+        let crc = crc_of(mem, chain.readable, |piece| {
+            if len < 16 {
+                let n = piece.len().min(16 - len);
+                header[len..len + n].copy_from_slice(&piece[..n]);
+            }
+            len += piece.len();
+        });
         let room = chain.writable.iter().map(|s| s.1 as usize).sum();
-        (given, room)
-    }
-
-    fn header(given: &[u8]) -> [u8; 16] {
-        let mut h = [0u8; 16];
-        let n = given.len().min(16);
-        h[..n].copy_from_slice(&given[..n]);
-        h
+        (Given { header, len, crc }, room)
     }
 
     /// Records a request blockd has just answered with `used` bytes written back.
@@ -228,12 +385,32 @@ impl Recording {
         chain: &Segments,
         used: u32,
     ) {
-        let tx = match &*self.mode.lock().unwrap() {
-            Mode::Record(tx) => tx.clone(),
-            Mode::Replay { .. } => return,
+        if !matches!(*self.mode.lock().unwrap(), Mode::Record(Some(_))) {
+            return;
+        }
+        let (given, room) = Self::given(mem, chain);
+        // A read that worked, whose bytes a replay's working copy will hold: its CRC alone.
+        let kind = u32::from_le_bytes(given.header[..4].try_into().unwrap());
+        let status = chain
+            .writable
+            .last()
+            .and_then(|&(a, l)| mem.read_obj::<u8>(GuestAddress(a + l - 1)).ok());
+        let data = room.saturating_sub(1) as u64;
+        let offset = u64::from_le_bytes(given.header[8..].try_into().unwrap()).saturating_mul(512);
+        let reproducible = self.answered(queue, head, offset, data);
+        let base = kind == virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
+            && status == Some(0)
+            && used as usize == room
+            && data > 0
+            && reproducible;
+        let (flags, data_crc, written) = match (base, status) {
+            (true, Some(s)) => {
+                let data_segs = without_last_byte(chain.writable);
+                (FROM_BASE, crc_of(mem, &data_segs, |_| {}), vec![s])
+            }
+            (false, Some(s)) if s != 0 && used <= 1 && room > 1 => (STATUS_ONLY, 0, vec![s]),
+            _ => (0, 0, read_all(mem, chain.writable)),
         };
-        let (given, _) = Self::given(mem, chain);
-        let written = read_all(mem, chain.writable);
         let rec = Rec {
             queue,
             index: self.take_index(queue),
@@ -244,26 +421,44 @@ impl Recording {
                 .unwrap()
                 .remove(&(queue, head))
                 .unwrap_or(0),
-            header: Self::header(&given),
-            given_len: given.len() as u32,
-            given_crc: crc32fast::hash(&given),
+            header: given.header,
+            given_len: given.len as u32,
+            given_crc: given.crc,
+            room: room as u32,
+            flags,
+            data_crc,
             written,
         };
         let index = rec.index;
-        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if tx.send(rec.encode()).is_err() {
-            log::error!("cannot record request {index} of queue {queue}: the recorder stopped");
+        let payload = rec.encode();
+        let mut mode = self.mode.lock().unwrap();
+        let Mode::Record(Some(w)) = &mut *mode else {
+            return;
+        };
+        if let Err(e) = w.record(&payload) {
+            log::error!(
+                "cannot record request {index} of queue {queue} ({e}); the recording stops here"
+            );
+            *mode = Mode::Record(None);
+            return;
         }
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Answers a request from the recording: writes back what was recorded and returns the
     /// used length and the delay a fault rule had injected, or says how the request differs
     /// from the recorded one.
+    /// On a working copy, `apply` does a recorded write that worked (write, discard or
+    /// write-zeroes) there first, as the guest asks it again.
+    /// `read` reads the working copy (the export's image) at an offset, for reads logged as
+    /// checksums.
     pub fn answer(
         &self,
+        read: impl FnOnce(u64, &mut [u8]) -> std::io::Result<u64>,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
         chain: &Segments,
+        apply: impl FnOnce() -> Result<(), String>,
     ) -> Result<(u32, u32), Diverged> {
         let index = self.take_index(queue);
         let (given, room) = Self::given(mem, chain);
@@ -271,31 +466,71 @@ impl Recording {
         let Some(rec) = rec else {
             return Err(Diverged(format!(
                 "queue {queue}, request {index}: the recording has no more requests on this queue; the guest sent {}",
-                Rec::describe(&Self::header(&given), given.len() as u32, room)
+                Rec::describe(&given.header, given.len as u32, room)
             )));
         };
-        let same = rec.header == Self::header(&given)
-            && rec.given_len == given.len() as u32
-            && rec.given_crc == crc32fast::hash(&given)
-            && rec.written.len() == room;
+        let same = rec.header == given.header
+            && rec.given_len == given.len as u32
+            && rec.given_crc == given.crc
+            && rec.room as usize == room;
         if !same {
-            let extra = if rec.header == Self::header(&given) && rec.given_len == given.len() as u32
-            {
+            let extra = if rec.header == given.header && rec.given_len == given.len as u32 {
                 " (the same request with other bytes written)"
             } else {
                 ""
             };
             return Err(Diverged(format!(
                 "queue {queue}, request {index}: the recording has {}, the guest sent {}{extra}",
-                Rec::describe(&rec.header, rec.given_len, rec.written.len()),
-                Rec::describe(&Self::header(&given), given.len() as u32, room)
+                Rec::describe(&rec.header, rec.given_len, rec.room as usize),
+                Rec::describe(&given.header, given.len as u32, room)
             )));
         }
-        let mut at = 0;
-        for &(addr, len) in chain.writable {
-            let n = len as usize;
-            let _ = mem.write_slice(&rec.written[at..at + n], GuestAddress(addr));
-            at += n;
+        use virtio_bindings::virtio_blk as blk;
+        let kind = u32::from_le_bytes(rec.header[..4].try_into().unwrap());
+        let writes = matches!(
+            kind,
+            blk::VIRTIO_BLK_T_OUT | blk::VIRTIO_BLK_T_DISCARD | blk::VIRTIO_BLK_T_WRITE_ZEROES
+        );
+        if self.on_copy && writes && rec.written.last() == Some(&0) {
+            apply().map_err(|e| {
+                Diverged(format!(
+                    "queue {queue}, request {index}: {} cannot be done on the working copy: {e}",
+                    Rec::describe(&rec.header, rec.given_len, rec.room as usize)
+                ))
+            })?;
+        }
+        let written = if rec.flags & FROM_BASE != 0 {
+            // The data from the base copy (the export's image now), as it was read then.
+            let mut data = vec![0u8; room - 1];
+            let read = read(rec.offset(), &mut data);
+            if !matches!(read, Ok(n) if n as usize == data.len())
+                || crc32fast::hash(&data) != rec.data_crc
+            {
+                return Err(Diverged(format!(
+                    "queue {queue}, request {index}: {} is to come from the working copy of the recording's base copy, which does not hold what was read there when recording ({}); replay with the base copy the recording made",
+                    Rec::describe(&rec.header, rec.given_len, rec.room as usize),
+                    match read {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "its CRC-32 differs".into(),
+                    }
+                )));
+            }
+            data.extend_from_slice(&rec.written);
+            data
+        } else {
+            rec.written
+        };
+        if rec.flags == STATUS_ONLY {
+            if let Some(&(addr, len)) = chain.writable.last() {
+                let _ = mem.write_slice(&written, GuestAddress(addr + len - 1));
+            }
+        } else {
+            let mut at = 0;
+            for &(addr, len) in chain.writable {
+                let n = len as usize;
+                let _ = mem.write_slice(&written[at..at + n], GuestAddress(addr));
+                at += n;
+            }
         }
         self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((rec.used, rec.delay_ms))
@@ -345,6 +580,48 @@ impl Drop for Recording {
     }
 }
 
+/// What a request gave: its first 16 bytes (the header), its length and its CRC-32.
+struct Given {
+    header: [u8; 16],
+    len: usize,
+    crc: u32,
+}
+
+/// The CRC-32 of guest memory at `segs`, one after the other (a piece outside guest memory
+/// is left out), read in pieces that `each` sees too: no copy of the whole.
+fn crc_of(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)], mut each: impl FnMut(&[u8])) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = [0u8; 16384];
+    for &(addr, len) in segs {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            if mem
+                .read_slice(&mut buf[..n], GuestAddress(addr + done))
+                .is_err()
+            {
+                break;
+            }
+            h.update(&buf[..n]);
+            each(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    h.finalize()
+}
+
+/// The pieces less their last byte (a read's data without its status byte).
+fn without_last_byte(segs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut v = segs.to_vec();
+    if let Some(last) = v.last_mut() {
+        last.1 = last.1.saturating_sub(1);
+        if last.1 == 0 {
+            v.pop();
+        }
+    }
+    v
+}
+
 /// The bytes of guest memory at `segs`, one after the other (a piece outside guest memory is
 /// left out).
 fn read_all(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)]) -> Vec<u8> {
@@ -360,4 +637,42 @@ fn read_all(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)]) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Begun, Tracking, CHUNK};
+
+    #[test]
+    fn a_read_is_reproducible_unless_a_write_to_its_chunks_races_it() {
+        let t = Tracking::new(8 * CHUNK);
+        // No write anywhere near: reproducible.
+        let r = t.read_begins(0, 4096);
+        assert!(t.reproducible(&r, 0, 4096));
+        // A write elsewhere begins and ends meanwhile: still reproducible.
+        let r = t.read_begins(0, 4096);
+        t.write_begins(4 * CHUNK, 4096);
+        t.write_ends(4 * CHUNK, 4096);
+        assert!(t.reproducible(&r, 0, 4096));
+        // A write to the same chunk begins after the read began: not.
+        let r = t.read_begins(0, 4096);
+        t.write_begins(8192, 4096);
+        assert!(!t.reproducible(&r, 0, 4096));
+        // ... and while it is in flight, a read that begins is not either, even once the
+        // write has ended.
+        let r = t.read_begins(0, 4096);
+        t.write_ends(8192, 4096);
+        assert!(!t.reproducible(&r, 0, 4096));
+        // After it, reads are again.
+        let r = t.read_begins(0, 4096);
+        assert!(t.reproducible(&r, 0, 4096));
+        // A read across a chunk boundary sees a write in its second chunk.
+        let r = t.read_begins(CHUNK - 4096, 8192);
+        t.write_begins(CHUNK, 512);
+        t.write_ends(CHUNK, 512);
+        assert!(!t.reproducible(&r, CHUNK - 4096, 8192));
+        // A write is never one.
+        let w = Begun::Write { offset: 0, len: 1 };
+        assert!(!t.reproducible(&w, 0, 4096));
+    }
 }

@@ -595,11 +595,13 @@ fn parse<M: GuestMemoryBackend>(
             }
             let start = std::time::Instant::now();
             for (offset, bytes, unmap) in ranges {
+                disk.zeroing(offset, bytes, true);
                 let r = if discard {
                     disk.discard(offset, bytes)
                 } else {
                     disk.write_zeroes(offset, bytes, unmap)
                 };
+                disk.zeroing(offset, bytes, false);
                 if let Err(e) = r {
                     stats.errors.fetch_add(1, Relaxed);
                     return (S_IOERR, 0, Some(format!("at byte {offset}: {e}")));

@@ -228,16 +228,19 @@ impl blockd::Server for Server {
         );
         if let Some(file) = log {
             let rec = match log_mode {
-                DiskLog::Replay => crate::replay::Recording::to_replay(file),
-                _ => crate::replay::Recording::to_record(file),
+                DiskLog::Replay => crate::replay::Recording::to_replay(file, false),
+                DiskLog::ReplayOnCopy => crate::replay::Recording::to_replay(file, true),
+                DiskLog::RecordOnBase => crate::replay::Recording::to_record(file, Some(disk.size)),
+                _ => crate::replay::Recording::to_record(file, None),
             }
             .map_err(|err| failed(format!("export {name}: its log: {err}")))?;
             log::info!(
                 "export {name}: {}",
-                if rec.replaying() {
-                    "replaying a recording of its requests (the image is not touched)"
-                } else {
-                    "recording its requests"
+                match log_mode {
+                    DiskLog::Replay => "replaying a recording of its requests (the image is not touched)",
+                    DiskLog::ReplayOnCopy => "replaying a recording of its requests on a working copy of its base (the image is not touched)",
+                    DiskLog::RecordOnBase => "recording its requests (reads as checksums of what a replay's copy will hold)",
+                    _ => "recording its requests",
                 }
             );
             let _ = disk.recording.set(rec);

@@ -123,6 +123,13 @@ enum DiskLog {
   none @0;
   record @1;
   replay @2;
+  recordOnBase @3;            # record, with a copy of the image as it was at the start (made
+                              # by vmm-core beside the log): a read that no write raced is
+                              # logged as a checksum, its bytes to come from a working copy
+                              # of that copy on replay
+  replayOnCopy @4;            # replay, the image being a working copy of the recording's
+                              # base copy: the guest's writes are done there, so that reads
+                              # logged as checksums find their bytes
 }
 
 struct ExportInfo {

@@ -263,3 +263,120 @@ mod tests {
         assert!(super::check(&exe).is_ok());
     }
 }
+
+/// The base copy of the image at `image` for a recording whose log is at `log`: `LOG.base`,
+/// made anew (sparse, see copy_sparse) when the log is new (missing or empty), before its
+/// first record. None: the log has records already (the copy beside it, if any, is that
+/// recording's and stays as it is).
+pub fn base_copy(
+    image: &std::path::Path,
+    log: &std::path::Path,
+) -> std::io::Result<Option<std::path::PathBuf>> {
+    if std::fs::metadata(log).is_ok_and(|m| m.len() > 0) {
+        return Ok(None);
+    }
+    let base = base_of(log);
+    let src = std::fs::File::open(image)?;
+    let dst = std::fs::File::create(&base)?;
+    copy_sparse(&src, &dst)?;
+    Ok(Some(base))
+}
+
+/// A replay's working copy of a recording's base copy at `work`, made anew (sparse), open
+/// for reading and writing: the replayed writes are done there.
+pub fn working_copy(
+    base: &std::path::Path,
+    work: &std::path::Path,
+) -> std::io::Result<std::fs::File> {
+    let src = std::fs::File::open(base)?;
+    let dst = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(work)?;
+    copy_sparse(&src, &dst)?;
+    Ok(dst)
+}
+
+/// Where a replay's working copy is: beside the log, `LOG.work`.
+pub fn work_of(log: &std::path::Path) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".work");
+    name.into()
+}
+
+/// Where the base copy of a recording's log is: beside it, `LOG.base`.
+pub fn base_of(log: &std::path::Path) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".base");
+    name.into()
+}
+
+/// Copies `src` (its whole length, from offset 0) into the empty file `dst`, holes as holes:
+/// only the extents with data are copied (copy_file_range, which shares the blocks on file
+/// systems that can, as XFS and btrfs do). The base copy a disk's recording starts from.
+pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> std::io::Result<u64> {
+    use nix::unistd::{lseek, Whence};
+    let size = src.metadata()?.len();
+    dst.set_len(size)?;
+    let mut at = 0i64;
+    let end = size as i64;
+    while at < end {
+        let data = match lseek(src, at, Whence::SeekData) {
+            Ok(d) => d,
+            // No data after `at`: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(src, data, Whence::SeekHole).map_err(std::io::Error::from)?;
+        let (mut from, mut to) = (data, data);
+        while from < hole {
+            let left = (hole - from) as usize;
+            let n = nix::fcntl::copy_file_range(src, Some(&mut from), dst, Some(&mut to), left)
+                .map_err(std::io::Error::from)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the image ended while it was copied",
+                ));
+            }
+        }
+        at = hole;
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod copy_tests {
+    #[test]
+    fn a_sparse_copy_holds_the_same_bytes_and_the_holes_stay_holes() {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("vmm-copy-sparse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let mut f = std::fs::File::create(&a).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all(b"start").unwrap();
+        f.seek(std::io::SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        drop(f);
+        let src = std::fs::File::open(&a).unwrap();
+        let dst = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&b)
+            .unwrap();
+        assert_eq!(super::copy_sparse(&src, &dst).unwrap(), 64 << 20);
+        drop(dst);
+        let same = std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap();
+        let blocks = std::fs::metadata(&b).unwrap().blocks();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(same, "the copy differs");
+        assert!(
+            blocks < 1024,
+            "the copy is not sparse: {blocks} blocks of 512 bytes"
+        );
+    }
+}

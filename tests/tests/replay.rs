@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
-use vmm_tests::{vmmctl, wait_until, TempDir, TestVm};
+use vmm_tests::{process_name, vmmctl, wait_until, TempDir, TestVm};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -167,11 +167,15 @@ fn a_bad_replay_directory_or_log_is_refused_in_one_line() {
 /// A disk image of 16 MiB whose every 4 KiB block says which block it is.
 fn patterned_image(dir: &TempDir) -> std::path::PathBuf {
     let img = dir.join("disk.img");
-    let bytes: Vec<u8> = (0..16u64 << 20)
-        .map(|i| ((i >> 12) as u8).wrapping_mul(7) ^ (i as u8))
-        .collect();
-    std::fs::write(&img, bytes).unwrap();
+    std::fs::write(&img, pattern()).unwrap();
     img
+}
+
+/// 16 MiB whose bytes tell their place.
+fn pattern() -> Vec<u8> {
+    (0..16u64 << 20)
+        .map(|i| ((i >> 12) as u8).wrapping_mul(7) ^ (i as u8))
+        .collect()
 }
 
 /// Runs the blk-digest workload: `setup` runs once the guest waits (with the API socket),
@@ -181,7 +185,7 @@ fn digest_run(
     img: &std::path::Path,
     cmdline: &str,
     args: &[&str],
-    setup: impl FnOnce(&std::path::Path),
+    setup: impl FnOnce(&std::path::Path, &TestVm),
 ) -> String {
     let sock = dir.join("console.sock");
     let api = dir.join("api.sock");
@@ -213,7 +217,7 @@ fn digest_run(
         }
     };
     wait_for("tg: blk digest waiting");
-    setup(&api);
+    setup(&api, &vm);
     client.write_all(b"go\r").unwrap();
     let digest = wait_for("tg: blk digest ops=");
     assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
@@ -234,7 +238,7 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         &img,
         cmdline,
         &["--record", rec.to_str().unwrap()],
-        |api| {
+        |api, _| {
             for rule in [
                 &[
                     "--ops",
@@ -263,6 +267,20 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         errors > 5 && errors < 100,
         "the fault rules fired {errors} times: {recorded}"
     );
+    // The recording started from a copy of the image beside its log, and kept the bytes of
+    // no read of blocks that copy holds: its log is smaller than what the guest read.
+    let base = rec.join("disk0.log.base");
+    let original = std::fs::read(&base).unwrap();
+    assert!(
+        original == pattern(),
+        "the copy is not the image as the recording began"
+    );
+    // 150 requests of 4 KiB, two in three reads: about 400 KiB read.
+    let log_bytes = std::fs::metadata(rec.join("disk0.log")).unwrap().len();
+    assert!(
+        log_bytes < 150 * 4096 / 8,
+        "{log_bytes} bytes of log for 150 requests: reads' bytes were kept"
+    );
     // The image changes after the recording: a replay does not read it.
     std::fs::write(&img, vec![0xabu8; 16 << 20]).unwrap();
     let replayed = digest_run(
@@ -270,13 +288,36 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         &img,
         cmdline,
         &["--replay", rec.to_str().unwrap()],
-        |_| {},
+        |_, _| {},
     );
     assert_eq!(replayed, recorded);
     let after = std::fs::read(&img).unwrap();
     assert!(
         after.iter().all(|&b| b == 0xab),
         "the replay wrote the image"
+    );
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        original,
+        "the replay wrote the copy"
+    );
+    // A copy that no longer holds what was read stops the replay at the first such read,
+    // saying so (reads do come from it).
+    std::fs::write(&base, vec![0xcdu8; 16 << 20]).unwrap();
+    let api = dir.join("replay-bad-base.sock");
+    let vm = TestVm::builder()
+        .cmdline(cmdline)
+        .args(["--disk", &format!("path={}", img.display())])
+        .args(["--api-socket", api.to_str().unwrap()])
+        .args(["--replay", rec.to_str().unwrap()])
+        .spawn();
+    wait_until(T, "the divergence", || {
+        vm.stderr().contains("replay diverged")
+    });
+    let err = vm.stderr();
+    assert!(
+        err.contains("is to come from the working copy of the recording's base copy, which does not hold what was read there when recording"),
+        "{err}"
     );
 }
 
@@ -293,7 +334,7 @@ fn a_disk_replay_that_diverges_names_the_first_differing_request() {
         &img,
         "console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=7",
         &["--record", rec.to_str().unwrap()],
-        |_| {},
+        |_, _| {},
     );
     let out = dir.join("replayed.txt");
     let api = dir.join("replay-api.sock");
@@ -351,7 +392,7 @@ fn delays_injected_while_recording_come_back_in_the_replay() {
         &img,
         cmdline,
         &["--record", rec.to_str().unwrap()],
-        |api| {
+        |api, _| {
             let args = [
                 "disk",
                 "fault",
@@ -371,7 +412,7 @@ fn delays_injected_while_recording_come_back_in_the_replay() {
         &img,
         cmdline,
         &["--replay", rec.to_str().unwrap()],
-        |_| {},
+        |_, _| {},
     );
     let took = start.elapsed();
     assert_eq!(replayed, recorded);
@@ -379,4 +420,51 @@ fn delays_injected_while_recording_come_back_in_the_replay() {
         took >= Duration::from_secs(2),
         "20 requests delayed 100 ms each replayed in {took:?}"
     );
+}
+
+/// A blockd killed as a recording starts (before the workload) is restarted by vmm-core with
+/// the same log, and what the new one records there replays: the guest sees what it saw.
+#[test]
+fn a_blockd_restarted_while_recording_goes_on_in_the_same_log() {
+    let dir = TempDir::new("replay-disk-restart");
+    let img = patterned_image(&dir);
+    let rec = dir.join("rec");
+    let log = rec.join("disk0.log");
+    let cmdline = "console=ttyS0 tg.scenario=blk-digest tg.blk.count=150 tg.blk.seed=11";
+    let mut before = 0;
+    let recorded = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--record", rec.to_str().unwrap()],
+        |api, vm| {
+            let pids: Vec<u32> = vm
+                .children()
+                .into_iter()
+                .filter(|p| process_name(*p) == "blockd")
+                .collect();
+            assert_eq!(pids.len(), 1, "{pids:?}");
+            wait_until(T, "the log", || log.exists());
+            before = std::fs::metadata(&log).unwrap().len();
+            // SAFETY: kill on the PID of blockd, which the test's vmm-core started.
+            unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+            wait_until(T, "the disk back with a new blockd", || {
+                let (_, out, _) = vmmctl(api, &["disk", "list"]);
+                vm.stderr().contains("restarted blockd") && out.contains(" connected ")
+            });
+        },
+    );
+    let after = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        after > before + 150 * 40,
+        "the log grew from {before} to {after} bytes for 150 requests"
+    );
+    let replayed = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--replay", rec.to_str().unwrap()],
+        |_, _| {},
+    );
+    assert_eq!(replayed, recorded);
 }

@@ -7312,6 +7312,8 @@ pub enum DiskLog {
     None = 0,
     Record = 1,
     Replay = 2,
+    RecordOnBase = 3,
+    ReplayOnCopy = 4,
 }
 
 impl ::capnp::introspect::Introspect for DiskLog {
@@ -7327,6 +7329,8 @@ impl ::core::convert::TryFrom<u16> for DiskLog {
             0 => ::core::result::Result::Ok(Self::None),
             1 => ::core::result::Result::Ok(Self::Record),
             2 => ::core::result::Result::Ok(Self::Replay),
+            3 => ::core::result::Result::Ok(Self::RecordOnBase),
+            4 => ::core::result::Result::Ok(Self::ReplayOnCopy),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -7339,7 +7343,7 @@ impl ::capnp::traits::HasTypeId for DiskLog {
     const TYPE_ID: u64 = 0xc8f1_619a_7625_0a3cu64;
 }
 mod disk_log {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 39] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(60, 10, 37, 118, 154, 97, 241, 200),
     ::capnp::word(13, 0, 0, 0, 2, 0, 0, 0),
@@ -7349,26 +7353,36 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
     ::capnp::word(21, 0, 0, 0, 170, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 79, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 127, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(98, 108, 111, 99, 107, 100, 46, 99),
     ::capnp::word(97, 112, 110, 112, 58, 68, 105, 115),
     ::capnp::word(107, 76, 111, 103, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(12, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 42, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 42, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(21, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 58, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(13, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(37, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 106, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 106, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(110, 111, 110, 101, 0, 0, 0, 0),
     ::capnp::word(114, 101, 99, 111, 114, 100, 0, 0),
     ::capnp::word(114, 101, 112, 108, 97, 121, 0, 0),
+    ::capnp::word(114, 101, 99, 111, 114, 100, 79, 110),
+    ::capnp::word(66, 97, 115, 101, 0, 0, 0, 0),
+    ::capnp::word(114, 101, 112, 108, 97, 121, 79, 110),
+    ::capnp::word(67, 111, 112, 121, 0, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

@@ -8,6 +8,7 @@
 //! backend that runs already instead.
 
 use crate::config::disk::DiskSpec;
+use vmm_proto::blockd_capnp::DiskLog;
 use vmm_proto::rpc::RemoteError;
 
 /// What went wrong with the VM's disks and their blockd.
@@ -287,8 +288,8 @@ struct Opened {
     image: std::fs::File,
     listener: std::os::unix::net::UnixListener,
     socket: PathBuf,
-    /// --record or --replay: its log, and whether it is replayed.
-    log: Option<(std::fs::File, bool)>,
+    /// --record or --replay: its log, and how blockd takes it.
+    log: Option<(std::fs::File, vmm_proto::blockd_capnp::DiskLog)>,
     /// A qcow2 image's backing chain, nearest first: each file (read-only) and its format.
     backing: Vec<(std::fs::File, &'static str)>,
 }
@@ -321,17 +322,58 @@ fn open_chain(
     Ok(backing)
 }
 
-/// A disk's --record or --replay log, and whether it is replayed.
+/// A disk's --record or --replay log and how blockd takes it, with the image blockd is to
+/// serve: a new recording of a flat image (no backing chain) starts from a copy of it beside
+/// the log (`LOG.base`: reads no write raced are logged as checksums), and a replay of such a
+/// recording serves a working copy of it (`LOG.work`, made anew) in the image's place, where
+/// the guest's replayed writes are done.
 fn open_log(
     rec: &crate::config::Recording,
     name: &str,
-) -> Result<(std::fs::File, bool), BlockdError> {
+    path: &std::path::Path,
+    image: std::fs::File,
+    flat: bool,
+) -> Result<(std::fs::File, DiskLog, std::fs::File), BlockdError> {
     let replay = matches!(rec, crate::config::Recording::Replay(_));
-    let file = rec.open(name).map_err(|e| {
-        let flag = if replay { "--replay" } else { "--record" };
-        BlockdError::Recording(format!("{flag} {}", rec.log(name).display()), e)
-    })?;
-    Ok((file, replay))
+    let flag = if replay { "--replay" } else { "--record" };
+    let log = rec.log(name);
+    let failed = |what: String, e| BlockdError::Recording(format!("{flag} {what}"), e);
+    let file = rec
+        .open(name)
+        .map_err(|e| failed(log.display().to_string(), e))?;
+    let base = vmm_proto::image::base_of(&log);
+    if replay {
+        if !base.exists() {
+            return Ok((file, DiskLog::Replay, image));
+        }
+        let work = vmm_proto::image::work_of(&log);
+        let copy = vmm_proto::image::working_copy(&base, &work).map_err(|e| {
+            failed(
+                format!("{}: cannot copy {} there", work.display(), base.display()),
+                e,
+            )
+        })?;
+        log::info!(
+            "{name}: replaying on a working copy of the recording's base, {}",
+            work.display()
+        );
+        return Ok((file, DiskLog::ReplayOnCopy, copy));
+    }
+    if !flat {
+        return Ok((file, DiskLog::Record, image));
+    }
+    match vmm_proto::image::base_copy(path, &log).map_err(|e| {
+        failed(
+            format!("{}: cannot copy the image there", base.display()),
+            e,
+        )
+    })? {
+        Some(b) => {
+            log::info!("{name}: recording on a copy of its image, {}", b.display());
+            Ok((file, DiskLog::RecordOnBase, image))
+        }
+        None => Ok((file, DiskLog::Record, image)),
+    }
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
@@ -398,7 +440,13 @@ pub fn start(
             external: false,
             device: DeviceSlot::default(),
         });
-        let log = recording.map(|rec| open_log(rec, &name)).transpose()?;
+        let (log, image) = match recording {
+            Some(rec) => {
+                let (file, how, image) = open_log(rec, &name, path, image, backing.is_empty())?;
+                (Some((file, how)), image)
+            }
+            None => (None, image),
+        };
         opened.push(Opened {
             name,
             spec: d.clone(),
@@ -560,11 +608,9 @@ async fn attach(
             for (i, (_, format)) in o.backing.iter().enumerate() {
                 formats.set(i as u32, *format);
             }
-            use vmm_proto::blockd_capnp::DiskLog;
             e.set_log(match &o.log {
                 None => DiskLog::None,
-                Some((_, false)) => DiskLog::Record,
-                Some((_, true)) => DiskLog::Replay,
+                Some((_, how)) => *how,
             });
         }
         if let Err(e) = req.send().promise.await {
