@@ -238,7 +238,7 @@ impl blockd::Server for Server {
                 "export {name}: {}",
                 match log_mode {
                     DiskLog::Replay => "replaying a recording of its requests (the image is not touched)",
-                    DiskLog::ReplayOnCopy => "replaying a recording of its requests on a working copy of its base (the image is not touched)",
+                    DiskLog::ReplayOnCopy => "replaying a recording of its requests, the guest's writes done on the image it was given (vmm-core's working copy of the recording's base, or with --replay-writes=apply the disk's image)",
                     DiskLog::RecordOnBase => "recording its requests (reads as checksums of what a replay's copy will hold)",
                     _ => "recording its requests",
                 }

@@ -76,7 +76,7 @@ impl chardevd::Server for Server {
             .get_name()?
             .to_string()
             .map_err(|e| failed(e.to_string()))?;
-        let (rate, burst) = (p.get_rate(), p.get_burst());
+        let (rate, burst, egd) = (p.get_rate(), p.get_burst(), p.get_egd());
         use vmm_proto::chardevd_capnp::RngLog;
         let mode = p.get_log()?;
         let mut fds = self.take_fds(&name, if mode == RngLog::None { 2 } else { 3 })?;
@@ -106,12 +106,15 @@ impl chardevd::Server for Server {
         let who = name.clone();
         std::thread::Builder::new()
             .name(format!("{name}-vhost"))
-            .spawn(move || crate::rng::serve(who, listener, source, limit, log))
+            .spawn(move || crate::rng::serve(who, listener, source, egd, limit, log))
             .map_err(|e| failed(format!("{name}: cannot start its thread ({e})")))?;
         let mut text = match limit {
             Some(l) => format!("vhost-user-rng, {} bytes/s, bursts of {}", l.rate, l.burst),
             None => "vhost-user-rng, no rate limit".to_string(),
         };
+        if egd {
+            text += ", from an EGD daemon";
+        }
         match mode {
             RngLog::None => {}
             RngLog::Record => text += ", recording what it serves",

@@ -11,7 +11,7 @@
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +95,8 @@ pub enum Log {
 struct Shared {
     name: String,
     source: Mutex<File>,
+    /// The source is an EGD daemon's connection: asked for each piece.
+    egd: bool,
     log: Mutex<Log>,
     /// Requests answered (by this chardevd), for the replay's messages.
     answered: std::sync::atomic::AtomicU64,
@@ -109,11 +111,19 @@ struct Shared {
 
 /// Serves each connection to `listener` in turn (a frontend that reconnects, as vmm-core's
 /// after a restart, gets a fresh device), until the listener fails.
-pub fn serve(name: String, listener: UnixListener, source: File, limit: Option<Limit>, log: Log) {
+pub fn serve(
+    name: String,
+    listener: UnixListener,
+    source: File,
+    egd: bool,
+    limit: Option<Limit>,
+    log: Log,
+) {
     let replaying = matches!(log, Log::Replay(_));
     let shared = Arc::new(Shared {
         name,
         source: Mutex::new(source),
+        egd,
         log: Mutex::new(log),
         answered: std::sync::atomic::AtomicU64::new(0),
         stopped: AtomicBool::new(false),
@@ -449,6 +459,9 @@ impl Worker {
 
     /// Reads up to `n` bytes of entropy into the buffer.
     fn fill(&mut self, n: usize) -> usize {
+        if self.shared.egd {
+            return self.fill_egd(n);
+        }
         let mut src = self.shared.source.lock().unwrap();
         let mut got = 0;
         while got < n {
@@ -469,6 +482,30 @@ impl Worker {
                     break;
                 }
             }
+        }
+        got
+    }
+
+    /// `n` bytes from an EGD daemon: [0x02, k] asks for k bytes (at most 255), which it sends
+    /// (QEMU's rng-egd asks the same way).
+    fn fill_egd(&mut self, n: usize) -> usize {
+        let mut src = self.shared.source.lock().unwrap();
+        let mut got = 0;
+        while got < n {
+            let k = (n - got).min(255);
+            let asked = src
+                .write_all(&[0x02, k as u8])
+                .and_then(|()| src.read_exact(&mut self.buf[got..got + k]));
+            if let Err(e) = asked {
+                if !self.shared.ended.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "{}: the entropy daemon does not answer ({e}); requests get what it gave",
+                        self.shared.name
+                    );
+                }
+                break;
+            }
+            got += k;
         }
         got
     }

@@ -19,12 +19,14 @@ interface Chardevd {
   # type before anything else is called). description: what the backend is, for people
   # (for a pty, its path: "pty /dev/pts/3").
 
-  rng @1 (name :Text, rate :UInt64, burst :UInt64, log :RngLog) -> (description :Text);
+  rng @1 (name :Text, rate :UInt64, burst :UInt64, log :RngLog, egd :Bool) -> (description :Text);
   # A virtio-rng device served over vhost-user-rng. Before it, the side channel carries its
   # name with two descriptors: a listening Unix socket (vmm-core's frontend connects to it,
   # again after a restart) and the entropy source (the host's /dev/urandom, or a file); and
   # a third, the log (vmm_proto::record), when `log` records or replays.
   # rate: bytes a second (0: no limit); burst: the token bucket's size in bytes.
+  # egd: the source is a connection to an entropy daemon, asked in the EGD protocol (as
+  # QEMU's rng-egd): [0x02, n] for n bytes (1 to 255), which it sends back.
 }
 
 enum RngLog {

@@ -133,6 +133,7 @@ struct VmInfo {
   boots @8 :UInt32;       # 1 + how many times the guest was reset and restarted
   replay @10 :Text;       # --record/--replay: where the console's log stands (empty: neither)
   generationId @9 :Text;  # the VM generation ID (VMGenID), a GUID; new in each restored VM
+  rngReplay @11 :Text;    # --record/--replay: where the rng's log stands (empty: neither)
 }
 
 # The VM's state, as QMP names them.

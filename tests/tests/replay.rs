@@ -114,10 +114,12 @@ fn a_replay_that_diverges_names_the_first_request_it_cannot_answer() {
         .spawn();
     assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
     // Four requests of 4 KiB were recorded; this guest asks for a fifth.
+    let api = dir.join("api.sock");
     let vm = TestVm::builder()
         .cmdline("console=ttyS0 tg.scenario=rng tg.rng.bytes=20480")
         .args(["--rng", "urandom"])
         .args(["--replay", rec.to_str().unwrap()])
+        .args(["--api-socket", api.to_str().unwrap()])
         .spawn();
     wait_until(T, "the divergence", || {
         vm.stderr().contains("replay diverged")
@@ -130,6 +132,21 @@ fn a_replay_that_diverges_names_the_first_request_it_cannot_answer() {
         "{err}"
     );
     assert!(!vm.stdout().contains("tg: rng bytes="), "{}", vm.stdout());
+    // `replay status` says where the rng's log stands: read to its end.
+    let (code, status, err) = vmmctl(&api, &["replay", "status"]);
+    assert_eq!(code, 0, "{err}");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("rng0: replaying, "))
+        .unwrap_or_else(|| panic!("{status}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.len() >= 3 && numbers[1] == numbers[2] && numbers[1] > 16384,
+        "{line}"
+    );
 }
 
 /// A --replay directory that does not exist, and a log that is not one, get one line each.
@@ -161,6 +178,13 @@ fn a_bad_replay_directory_or_log_is_refused_in_one_line() {
         err.lines().filter(|l| l.contains("error")).count(),
         1,
         "{err}"
+    );
+    // --replay-writes apply with nothing to replay.
+    let mut vm = TestVm::builder().args(["--replay-writes", "apply"]).spawn();
+    assert_eq!(vm.wait_exit(T), 2);
+    assert_eq!(
+        vm.stderr().trim(),
+        "error: --replay-writes apply: there is no --replay; give --replay DIR with it"
     );
 }
 
@@ -281,6 +305,7 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         log_bytes < 150 * 4096 / 8,
         "{log_bytes} bytes of log for 150 requests: reads' bytes were kept"
     );
+    let recorded_image = std::fs::read(&img).unwrap();
     // The image changes after the recording: a replay does not read it.
     std::fs::write(&img, vec![0xabu8; 16 << 20]).unwrap();
     let replayed = digest_run(
@@ -300,6 +325,26 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         std::fs::read(&base).unwrap(),
         original,
         "the replay wrote the copy"
+    );
+    // --replay-writes=apply on the image as the recording began: the guest's writes land
+    // there, and it ends as the recording left it.
+    std::fs::write(&img, pattern()).unwrap();
+    let applied = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &[
+            "--replay",
+            rec.to_str().unwrap(),
+            "--replay-writes",
+            "apply",
+        ],
+        |_, _| {},
+    );
+    assert_eq!(applied, recorded);
+    assert!(
+        std::fs::read(&img).unwrap() == recorded_image,
+        "the image after a replay that applies the writes is not the recorded run's"
     );
     // A copy that no longer holds what was read stops the replay at the first such read,
     // saying so (reads do come from it).

@@ -99,6 +99,61 @@ fn chardevd_serves_a_files_bytes_in_order_64_kib_at_most() {
     );
 }
 
+/// An entropy daemon on a unix socket, asked in the EGD protocol as QEMU's rng-egd asks it
+/// ([0x02, n] for n bytes): the test's own daemon serves known bytes and counts what it was
+/// asked; the guest reads them in order.
+#[test]
+fn chardevd_asks_an_egd_daemon_for_the_guests_bytes() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("rng-egd");
+    let (_, bytes) = known_bytes(&dir);
+    let sock = dir.join("egd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let served = bytes.clone();
+    let daemon = std::thread::spawn(move || -> (u64, u64) {
+        let (mut c, _) = listener.accept().unwrap();
+        let (mut asked, mut sent) = (0u64, 0usize);
+        let mut cmd = [0u8; 2];
+        while c.read_exact(&mut cmd).is_ok() {
+            assert_eq!(cmd[0], 0x02, "not a blocking read command: {cmd:?}");
+            let n = usize::from(cmd[1]);
+            assert!(n > 0, "a request for 0 bytes");
+            if c.write_all(&served[sent..sent + n]).is_err() {
+                break;
+            }
+            sent += n;
+            asked += 1;
+        }
+        (asked, sent as u64)
+    });
+    let want = 64 << 10;
+    let mut vm = TestVm::builder()
+        .cmdline(&format!(
+            "console=ttyS0 tg.scenario=rng tg.rng.bytes={want}"
+        ))
+        .args(["--rng", &format!("egd={}", sock.display())])
+        .spawn();
+    let status = vm.wait_exit(T);
+    let out = vm.stdout();
+    assert_eq!(status, 0, "{out}\n{}", vm.stderr());
+    let line = format!(
+        "tg: rng bytes={want} requests=16 most=4096 fnv={:#x}",
+        fnv(&bytes[..want])
+    );
+    assert!(out.contains(&line), "wanted {line:?}:\n{out}");
+    assert!(
+        vm.stderr()
+            .contains("rng0: vhost-user-rng, no rate limit, from an EGD daemon"),
+        "{}",
+        vm.stderr()
+    );
+    drop(vm);
+    let (asked, sent) = daemon.join().unwrap();
+    assert_eq!(sent, want as u64);
+    // 4 KiB requests, at most 255 bytes a command: 17 commands each.
+    assert_eq!(asked, 16 * 17, "{asked} commands for {sent} bytes");
+}
+
 /// The host's /dev/urandom by default: two guests read 64 KiB each, and get different bytes.
 #[test]
 fn urandom_gives_each_guest_bytes_of_its_own() {
@@ -263,7 +318,7 @@ fn a_bad_rng_spec_or_a_missing_backend_is_refused_in_one_line() {
     for (spec, wanted) in [
         (
             "random",
-            "--rng random: not an entropy source; write urandom or file=PATH",
+            "--rng random: not an entropy source; write urandom, file=PATH or egd=PATH",
         ),
         (
             "urandom,rate=fast",
@@ -281,6 +336,10 @@ fn a_bad_rng_spec_or_a_missing_backend_is_refused_in_one_line() {
         (
             &*format!("socket={}", dir.join("none.sock").display()),
             "start the vhost-user-rng backend first",
+        ),
+        (
+            &*format!("egd={}", dir.join("none.sock").display()),
+            "cannot connect to the entropy daemon there (No such file or directory (os error 2)); start it first",
         ),
     ] {
         let mut vm = TestVm::builder()

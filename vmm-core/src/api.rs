@@ -113,6 +113,9 @@ pub struct Shared {
     pub console: Mutex<Option<crate::helpers::chardevd::ControlSender>>,
     /// --record/--replay: where the console's log stands ("recording, 3 input(s)").
     pub console_replay: std::sync::OnceLock<Arc<crate::control::LogProgress>>,
+    /// --record/--replay with an rng: where its log stands (chardevd reads or writes it; the
+    /// offset is shared with this copy of its descriptor).
+    pub rng_replay: std::sync::OnceLock<crate::control::SharedLog>,
     /// The console's output (for attached viewers) and where their input goes, when the
     /// console is served by chardevd.
     pub console_view: std::sync::OnceLock<(
@@ -165,6 +168,10 @@ pub fn allowlist() -> Vec<vmm_sandbox::seccomp::Allow> {
             "peers with another uid are refused (SO_PEERCRED)",
         ),
         allow("pipe2", "tokio's signal pipe"),
+        allow(
+            "lseek",
+            "where the rng's record/replay log stands (the offset chardevd shares)",
+        ),
         allow(
             "wait4",
             "tokio's process driver (part of its I/O driver) reaps, on SIGCHLD, children another runtime of vmm-core dropped (its orphan queue is process-wide)",
@@ -426,6 +433,9 @@ impl vmm::Server for VmmServer {
         info.set_boots(s.boots);
         if let Some(r) = self.shared.console_replay.get() {
             info.set_replay(r.status());
+        }
+        if let Some(r) = self.shared.rng_replay.get() {
+            info.set_rng_replay(r.status());
         }
         if let Ok(id) = crate::boot::vmgenid::init() {
             info.set_generation_id(crate::boot::vmgenid::format(&id));

@@ -243,3 +243,33 @@ impl LogProgress {
         self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// A log a helper writes or reads (the rng's): a copy of its descriptor, whose offset is the
+/// helper's, to say where it stands.
+pub struct SharedLog {
+    file: std::fs::File,
+    /// Replaying: the log's length.
+    replay_of: Option<u64>,
+}
+
+impl SharedLog {
+    pub fn new(file: std::fs::File, replaying: bool) -> std::io::Result<SharedLog> {
+        let replay_of = replaying
+            .then(|| file.metadata().map(|m| m.len()))
+            .transpose()?;
+        Ok(SharedLog { file, replay_of })
+    }
+
+    /// "recording, 4096 byte(s) of log" or "replaying, 2048 of 4096 byte(s) of log read".
+    pub fn status(&self) -> String {
+        use std::io::Seek;
+        let at = match (&self.file).stream_position() {
+            Ok(at) => at,
+            Err(e) => return format!("unknown ({e})"),
+        };
+        match self.replay_of {
+            Some(total) => format!("replaying, {at} of {total} byte(s) of log read"),
+            None => format!("recording, {at} byte(s) of log"),
+        }
+    }
+}

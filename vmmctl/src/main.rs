@@ -1055,6 +1055,7 @@ impl Session {
             .await
             .map_err(fail)?;
         let console = text(info.get().and_then(|r| r.get_info()?.get_replay())).map_err(fail)?;
+        let rng = text(info.get().and_then(|r| r.get_info()?.get_rng_replay())).map_err(fail)?;
         let reply = self
             .client
             .disks_request()
@@ -1066,6 +1067,9 @@ impl Session {
         let mut rows = Vec::new();
         if !console.is_empty() {
             rows.push(("console".to_string(), console, String::new()));
+        }
+        if !rng.is_empty() {
+            rows.push(("rng0".to_string(), rng, String::new()));
         }
         for d in list.iter() {
             let replay = text(d.get_replay()).map_err(fail)?;

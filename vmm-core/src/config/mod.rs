@@ -76,9 +76,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// A virtio-rng device (the guest's entropy source), served over vhost-user-rng by
-    /// chardevd: urandom (the host's /dev/urandom) or file=PATH (its bytes, in order), with
-    /// ,rate=BYTES (a second; 0 or none: no limit) and ,burst=BYTES (default: the rate); or
-    /// socket=PATH for a backend that runs already (such as rust-vmm's vhost-device-rng).
+    /// chardevd: urandom (the host's /dev/urandom), file=PATH (its bytes, in order: a file,
+    /// a FIFO or a character device such as /dev/hwrng) or egd=PATH (an entropy daemon on a
+    /// unix socket, asked as QEMU's rng-egd asks it, in the EGD protocol), with ,rate=BYTES (a
+    /// second; 0 or none: no limit) and ,burst=BYTES (default: the rate); or socket=PATH for
+    /// a backend that runs already (such as rust-vmm's vhost-device-rng).
     #[arg(long, value_name = "SPEC")]
     pub rng: Option<String>,
     /// The blockd executable (default: the one next to vmm-core).
@@ -127,14 +129,22 @@ pub struct RunArgs {
     #[arg(long, requires = "restore")]
     pub lazy: bool,
     /// Record what the devices give the guest into DIR (made if missing): the console's
-    /// input (serial0.log, with where the guest's output stood) and the rng's bytes
-    /// (rng0.log). A replay gives them again.
+    /// input (serial0.log, with where the guest's output stood), the rng's bytes (rng0.log)
+    /// and each disk's requests and answers (disk0.log, with disk0.log.base, a copy of the
+    /// image as the recording began). A replay gives them again.
     #[arg(long, value_name = "DIR", conflicts_with = "replay")]
     pub record: Option<PathBuf>,
-    /// Replay a recording (--record DIR): the console's input and the rng's bytes come from
-    /// the logs in DIR instead of the world (live console input is ignored).
+    /// Replay a recording (--record DIR): the console's input, the rng's bytes and the disks'
+    /// answers come from the logs in DIR instead of the world (live console input is
+    /// ignored; the disks' images are not touched).
     #[arg(long, value_name = "DIR")]
     pub replay: Option<PathBuf>,
+    /// What a replay does with the guest's writes to its disks: check them against the
+    /// recording (the image is not touched; reads come from the log or a working copy of the
+    /// recording's base), or apply them to the image itself as well, which must then hold
+    /// what the recording's base held (a read that finds other bytes stops the replay).
+    #[arg(long, value_name = "MODE", value_parser = ["check", "apply"], default_value = "check")]
+    pub replay_writes: String,
     /// TLS for --incoming (QEMU's tls-creds): a directory with ca-cert.pem, server-cert.pem
     /// and server-key.pem; the source must present a certificate signed by the same CA.
     #[arg(long, value_name = "DIR")]
@@ -267,12 +277,14 @@ pub enum ConfigError {
     CmdlineNul,
     #[error(transparent)]
     Disk(#[from] disk::DiskSpecError),
-    #[error("--rng {0}: {1}; write urandom or file=PATH (with ,rate=BYTES ,burst=BYTES), or socket=PATH for a vhost-user-rng backend that runs already")]
+    #[error("--rng {0}: {1}; write urandom, file=PATH or egd=PATH (with ,rate=BYTES ,burst=BYTES), or socket=PATH for a vhost-user-rng backend that runs already")]
     Rng(String, String),
-    #[error("--rng {0}: an rng that runs outside vmm-core's helpers cannot be recorded or replayed; give --rng urandom or file=PATH")]
+    #[error("--rng {0}: an rng that runs outside vmm-core's helpers cannot be recorded or replayed; give --rng urandom, file=PATH or egd=PATH")]
     RngNotRecorded(String),
     #[error("--replay {0}: not a directory; give the directory a run with --record DIR wrote")]
     Replay(PathBuf),
+    #[error("--replay-writes apply: there is no --replay; give --replay DIR with it")]
+    ReplayWritesAlone,
     #[error("--rng {0}: chardevd serves the rng, and --serial direct starts none; give --rng socket=PATH or another --serial")]
     RngNeedsChardevd(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
@@ -321,14 +333,16 @@ pub fn images_dir() -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recording {
     Record(PathBuf),
-    Replay(PathBuf),
+    /// The directory, and whether the guest's writes are done on its disks' images
+    /// (--replay-writes=apply).
+    Replay(PathBuf, bool),
 }
 
 impl Recording {
     /// The log of device `name` in the directory.
     pub fn log(&self, name: &str) -> PathBuf {
         match self {
-            Recording::Record(d) | Recording::Replay(d) => d.join(format!("{name}.log")),
+            Recording::Record(d) | Recording::Replay(d, _) => d.join(format!("{name}.log")),
         }
     }
 
@@ -343,7 +357,7 @@ impl Recording {
                     .create(true)
                     .open(self.log(name))
             }
-            Recording::Replay(_) => std::fs::File::open(self.log(name)),
+            Recording::Replay(..) => std::fs::File::open(self.log(name)),
         }
     }
 }
@@ -356,7 +370,10 @@ pub enum RngSpec {
     /// chardevd serves it from the host's /dev/urandom (None) or a file, `rate` bytes a
     /// second at most (0: no limit) with bursts of `burst`.
     Chardevd {
+        /// None: the host's /dev/urandom.
         file: Option<PathBuf>,
+        /// The source is an EGD daemon's unix socket at `file`.
+        egd: bool,
         rate: u64,
         burst: u64,
     },
@@ -368,6 +385,7 @@ fn parse_rng(spec: &str) -> Result<RngSpec, ConfigError> {
     let mut parts = spec.split(',');
     let first = parts.next().unwrap_or_default();
     let mut file = None;
+    let mut egd = false;
     match first.split_once('=') {
         Some(("socket", p)) if !p.is_empty() => {
             if parts.next().is_some() {
@@ -378,6 +396,10 @@ fn parse_rng(spec: &str) -> Result<RngSpec, ConfigError> {
             return Ok(RngSpec::Socket(PathBuf::from(p)));
         }
         Some(("file", p)) if !p.is_empty() => file = Some(PathBuf::from(p)),
+        Some(("egd", p)) if !p.is_empty() => {
+            file = Some(PathBuf::from(p));
+            egd = true;
+        }
         None if first == "urandom" => {}
         _ => return Err(bad("not an entropy source")),
     }
@@ -395,6 +417,7 @@ fn parse_rng(spec: &str) -> Result<RngSpec, ConfigError> {
     }
     Ok(RngSpec::Chardevd {
         file,
+        egd,
         rate,
         burst: burst.unwrap_or(rate),
     })
@@ -690,6 +713,9 @@ fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError>
     if serial.is_none() && matches!(rng, Some(RngSpec::Chardevd { .. })) {
         return Err(ConfigError::RngNeedsChardevd(given()));
     }
+    if args.replay_writes == "apply" && args.replay.is_none() {
+        return Err(ConfigError::ReplayWritesAlone);
+    }
     let recording = match (&args.record, &args.replay) {
         (None, None) => None,
         _ if matches!(rng, Some(RngSpec::Socket(_))) => {
@@ -697,7 +723,7 @@ fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError>
         }
         (Some(d), _) => Some(Recording::Record(d.clone())),
         (None, Some(d)) if !d.is_dir() => return Err(ConfigError::Replay(d.clone())),
-        (None, Some(d)) => Some(Recording::Replay(d.clone())),
+        (None, Some(d)) => Some(Recording::Replay(d.clone(), args.replay_writes == "apply")),
     };
     Ok((serial, rng, recording))
 }

@@ -334,7 +334,7 @@ fn open_log(
     image: std::fs::File,
     flat: bool,
 ) -> Result<(std::fs::File, DiskLog, std::fs::File), BlockdError> {
-    let replay = matches!(rec, crate::config::Recording::Replay(_));
+    let replay = matches!(rec, crate::config::Recording::Replay(..));
     let flag = if replay { "--replay" } else { "--record" };
     let log = rec.log(name);
     let failed = |what: String, e| BlockdError::Recording(format!("{flag} {what}"), e);
@@ -342,6 +342,14 @@ fn open_log(
         .open(name)
         .map_err(|e| failed(log.display().to_string(), e))?;
     let base = vmm_proto::image::base_of(&log);
+    if let crate::config::Recording::Replay(_, true) = rec {
+        // --replay-writes=apply: on the image itself (reads logged as checksums from it).
+        log::info!(
+            "{name}: replaying with the guest's writes done on {}",
+            path.display()
+        );
+        return Ok((file, DiskLog::ReplayOnCopy, image));
+    }
     if replay {
         if !base.exists() {
             return Ok((file, DiskLog::Replay, image));

@@ -58,6 +58,8 @@ impl Attached {
 pub struct Rng {
     pub listener: std::os::fd::OwnedFd,
     pub source: std::os::fd::OwnedFd,
+    /// The source is an EGD daemon's socket (asked for each request's bytes).
+    pub egd: bool,
     /// Bytes a second (0: no limit), and the bucket's size.
     pub rate: u64,
     pub burst: u64,
@@ -661,6 +663,7 @@ async fn serve_rng(
     let mut req = server.rng_request();
     req.get().set_name(RNG);
     req.get().set_rate(rng.rate);
+    req.get().set_egd(rng.egd);
     req.get().set_burst(rng.burst);
     use vmm_proto::chardevd_capnp::RngLog;
     req.get().set_log(match &rng.log {

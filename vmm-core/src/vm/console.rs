@@ -63,7 +63,7 @@ pub(super) fn setup_recording(
     };
     let flag = match rec {
         Recording::Record(_) => "--record",
-        Recording::Replay(_) => "--replay",
+        Recording::Replay(..) => "--replay",
     };
     let bad = |e: String| VmError::Recording(format!("{flag} {}: {e}", rec.log(LOG).display()));
     let file = rec.open(LOG).map_err(|e| bad(e.to_string()))?;
@@ -77,7 +77,7 @@ pub(super) fn setup_recording(
                 rec.log(LOG).display()
             );
         }
-        Recording::Replay(_) => {
+        Recording::Replay(..) => {
             let reader = vmm_proto::record::Reader::new(std::io::BufReader::new(file), KIND)
                 .map_err(|e| bad(e.to_string()))?;
             // How many there are, for the status (a second reader counts them).

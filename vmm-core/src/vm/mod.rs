@@ -253,7 +253,7 @@ pub fn run(
     };
     // Disks: blockd processes live as long as vmm-core, across guest reboots.
     let (disks, run_dir) = start_disks(config, &shared, &tx)?;
-    let (rng, rng_served, run_dir) = rng_backend(config, run_dir)?;
+    let (rng, rng_served, run_dir) = rng_backend(config, run_dir, &shared)?;
     let supervisor = match &config.serial {
         Some(backend) => Some(console::start_chardevd(
             helper_source(config, &config.chardevd_socket, &config.chardevd),
@@ -385,6 +385,7 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         console: Mutex::new(None),
         console_view: std::sync::OnceLock::new(),
         console_replay: std::sync::OnceLock::new(),
+        rng_replay: std::sync::OnceLock::new(),
         incoming_tls: config.incoming_tls.clone(),
         blockd: Mutex::new(None),
         migrated: std::sync::OnceLock::new(),
@@ -403,6 +404,7 @@ type RngBackend = (
 fn rng_backend(
     config: &VmConfig,
     run_dir: Option<crate::helpers::blockd::RunDir>,
+    shared: &api::Shared,
 ) -> Result<RngBackend, VmError> {
     use crate::config::RngSpec;
     let spec = config.rng_spec.clone().unwrap_or_default();
@@ -410,10 +412,28 @@ fn rng_backend(
     match &config.rng {
         None => Ok((None, None, run_dir)),
         Some(RngSpec::Socket(p)) => Ok((Some((p.clone(), slot)), None, run_dir)),
-        Some(RngSpec::Chardevd { file, rate, burst }) => {
+        Some(RngSpec::Chardevd {
+            file,
+            egd,
+            rate,
+            burst,
+        }) => {
             let bad = |e: std::io::Error| VmError::Rng(spec.clone(), e);
-            let source = std::fs::File::open(file.as_deref().unwrap_or("/dev/urandom".as_ref()))
-                .map_err(bad)?;
+            let path = file.as_deref().unwrap_or("/dev/urandom".as_ref());
+            let source: std::os::fd::OwnedFd = if *egd {
+                std::os::unix::net::UnixStream::connect(path)
+                    .map_err(|e| {
+                        bad(std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot connect to the entropy daemon there ({e}); start it first"
+                            ),
+                        ))
+                    })?
+                    .into()
+            } else {
+                std::fs::File::open(path).map_err(bad)?.into()
+            };
             let run_dir = match run_dir {
                 Some(d) => d,
                 None => crate::helpers::blockd::RunDir::new().map_err(bad)?,
@@ -424,21 +444,29 @@ fn rng_backend(
             let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(bad)?;
             let log = match &config.recording {
                 Some(rec) => {
-                    let replay = matches!(rec, crate::config::Recording::Replay(_));
-                    let file = rec.open(crate::helpers::chardevd::RNG).map_err(|e| {
+                    let replay = matches!(rec, crate::config::Recording::Replay(..));
+                    let failed = |e: std::io::Error| {
                         VmError::Recording(format!(
                             "{} {}: {e}",
                             if replay { "--replay" } else { "--record" },
                             rec.log(crate::helpers::chardevd::RNG).display()
                         ))
-                    })?;
+                    };
+                    let file = rec.open(crate::helpers::chardevd::RNG).map_err(failed)?;
+                    // vmm-core keeps a copy to say where the log stands.
+                    let view = file
+                        .try_clone()
+                        .and_then(|f| crate::control::SharedLog::new(f, replay))
+                        .map_err(failed)?;
+                    let _ = shared.rng_replay.set(view);
                     Some((file.into(), replay))
                 }
                 None => None,
             };
             let served = crate::helpers::chardevd::Rng {
                 listener: listener.into(),
-                source: source.into(),
+                source,
+                egd: *egd,
                 rate: *rate,
                 burst: *burst,
                 device: slot.clone(),
