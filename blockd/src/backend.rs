@@ -170,6 +170,10 @@ impl Backend {
     /// Tells the guest the used ring moved: an interrupt, unless under EVENT_IDX the driver's
     /// used_event says it does not want one yet. Both are counted.
     fn notify(&self, vring: &Vring, event_idx: bool) -> std::io::Result<()> {
+        // The recording has every answer the guest may see now.
+        if let Some(rec) = self.0.disk.recording.get() {
+            rec.flush();
+        }
         let wanted = !event_idx || vring.needs_notification().unwrap_or(true);
         let stats = &self.0.disk.stats;
         if wanted {

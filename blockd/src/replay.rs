@@ -134,10 +134,10 @@ impl Rec {
 }
 
 enum Mode {
-    /// Each record is appended by the queue's worker that answered the request, one write
-    /// to the kernel, before the guest is told (a killed blockd loses no answered request;
-    /// records are small: a read's bytes only when no copy will hold them).
-    Record(Option<Writer<File>>),
+    /// Each record is appended by the queue's worker that answered the request, and goes to
+    /// the kernel before the guest is told (`flush`, as blockd notifies it: once for a batch
+    /// of completions), so a killed blockd loses no request the guest heard of.
+    Record(Option<Writer<std::io::BufWriter<File>>>),
     Replay {
         reader: Reader<File>,
         /// Records read ahead for other queues than the one asked.
@@ -250,7 +250,7 @@ impl Recording {
         file: File,
         base: Option<u64>,
     ) -> Result<Recording, vmm_proto::record::RecordError> {
-        let w = Writer::append(file, KIND)?;
+        let w = Writer::append(std::io::BufWriter::with_capacity(1 << 20, file), KIND)?;
         Ok(Recording {
             mode: Mutex::new(Mode::Record(Some(w))),
             next: Mutex::new(Vec::new()),
@@ -281,10 +281,24 @@ impl Recording {
         })
     }
 
-    /// Ends the recording: no record is written after (each one is in the log already).
+    /// Ends the recording: what is buffered goes to the log, and nothing after.
     pub fn finish(&self) {
+        self.flush();
         if let Mode::Record(w) = &mut *self.mode.lock().unwrap() {
             w.take();
+        }
+    }
+
+    /// The records of the requests answered so far go to the kernel (before the guest is
+    /// told of them).
+    pub fn flush(&self) {
+        use std::io::Write;
+        let mut mode = self.mode.lock().unwrap();
+        if let Mode::Record(Some(w)) = &mut *mode {
+            if let Err(e) = w.get_mut().flush() {
+                log::error!("cannot write the recording ({e}); it stops here");
+                *mode = Mode::Record(None);
+            }
         }
     }
 
@@ -590,24 +604,29 @@ struct Given {
 /// The CRC-32 of guest memory at `segs`, one after the other (a piece outside guest memory
 /// is left out), read in pieces that `each` sees too: no copy of the whole.
 fn crc_of(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)], mut each: impl FnMut(&[u8])) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = [0u8; 16384];
-    for &(addr, len) in segs {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            if mem
-                .read_slice(&mut buf[..n], GuestAddress(addr + done))
-                .is_err()
-            {
-                break;
-            }
-            h.update(&buf[..n]);
-            each(&buf[..n]);
-            done += n as u64;
-        }
+    thread_local! {
+        // The worker's buffer, made once (not a fresh zeroed array for every request).
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65536]);
     }
-    h.finalize()
+    BUF.with_borrow_mut(|buf| {
+        let mut h = crc32fast::Hasher::new();
+        for &(addr, len) in segs {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                if mem
+                    .read_slice(&mut buf[..n], GuestAddress(addr + done))
+                    .is_err()
+                {
+                    break;
+                }
+                h.update(&buf[..n]);
+                each(&buf[..n]);
+                done += n as u64;
+            }
+        }
+        h.finalize()
+    })
 }
 
 /// The pieces less their last byte (a read's data without its status byte).
