@@ -186,6 +186,15 @@ fn a_bad_replay_directory_or_log_is_refused_in_one_line() {
         vm.stderr().trim(),
         "error: --replay-writes apply: there is no --replay; give --replay DIR with it"
     );
+    // A --record directory that cannot be made (/proc takes no new directory).
+    let mut vm = TestVm::builder()
+        .args(["--record", "/proc/vmm-test-record"])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 2);
+    assert_eq!(
+        vm.stderr().trim(),
+        "error: --record /proc/vmm-test-record: cannot make the directory (No such file or directory (os error 2)); give one this user can write"
+    );
 }
 
 /// A disk image of 16 MiB whose every 4 KiB block says which block it is.

@@ -285,6 +285,8 @@ pub enum ConfigError {
     Replay(PathBuf),
     #[error("--replay-writes apply: there is no --replay; give --replay DIR with it")]
     ReplayWritesAlone,
+    #[error("--record {dir}: cannot make the directory ({err}); give one this user can write", dir = .0.display(), err = .1)]
+    Record(PathBuf, std::io::Error),
     #[error("--rng {0}: chardevd serves the rng, and --serial direct starts none; give --rng socket=PATH or another --serial")]
     RngNeedsChardevd(String),
     #[error("--serial {0}: not a console backend; write stdio, pty, file=PATH[,append], ring=BYTES, unix=PATH, unix-connect=PATH[,reconnect=MS], null or direct")]
@@ -721,7 +723,10 @@ fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError>
         _ if matches!(rng, Some(RngSpec::Socket(_))) => {
             return Err(ConfigError::RngNotRecorded(given()))
         }
-        (Some(d), _) => Some(Recording::Record(d.clone())),
+        (Some(d), _) => {
+            std::fs::create_dir_all(d).map_err(|e| ConfigError::Record(d.clone(), e))?;
+            Some(Recording::Record(d.clone()))
+        }
         (None, Some(d)) if !d.is_dir() => return Err(ConfigError::Replay(d.clone())),
         (None, Some(d)) => Some(Recording::Replay(d.clone(), args.replay_writes == "apply")),
     };
