@@ -358,21 +358,40 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
     // A copy that no longer holds what was read stops the replay at the first such read,
     // saying so (reads do come from it).
     std::fs::write(&base, vec![0xcdu8; 16 << 20]).unwrap();
-    let api = dir.join("replay-bad-base.sock");
+    let (_vm, err) = replay_until_it_diverges(
+        cmdline,
+        &img,
+        &rec,
+        &[
+            "--api-socket",
+            dir.join("replay-bad-base.sock").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("is to come from the working copy of the recording's base copy, which does not hold what was read there when recording"),
+        "{err}"
+    );
+}
+
+/// A replay of `rec` on `img` with `cmdline` (and `args`), until a disk says it diverged: the
+/// VM (still running) and its log.
+fn replay_until_it_diverges(
+    cmdline: &str,
+    img: &std::path::Path,
+    rec: &std::path::Path,
+    args: &[&str],
+) -> (TestVm, String) {
     let vm = TestVm::builder()
         .cmdline(cmdline)
         .args(["--disk", &format!("path={}", img.display())])
-        .args(["--api-socket", api.to_str().unwrap()])
         .args(["--replay", rec.to_str().unwrap()])
+        .args(args.iter().copied())
         .spawn();
     wait_until(T, "the divergence", || {
         vm.stderr().contains("replay diverged")
     });
     let err = vm.stderr();
-    assert!(
-        err.contains("is to come from the working copy of the recording's base copy, which does not hold what was read there when recording"),
-        "{err}"
-    );
+    (vm, err)
 }
 
 /// A guest that sends other requests than the recorded ones (another seed) stops the replay
@@ -392,17 +411,17 @@ fn a_disk_replay_that_diverges_names_the_first_differing_request() {
     );
     let out = dir.join("replayed.txt");
     let api = dir.join("replay-api.sock");
-    let vm = TestVm::builder()
-        .cmdline("console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=9")
-        .args(["--disk", &format!("path={}", img.display())])
-        .args(["--serial", &format!("file={}", out.display())])
-        .args(["--api-socket", api.to_str().unwrap()])
-        .args(["--replay", rec.to_str().unwrap()])
-        .spawn();
-    wait_until(T, "the divergence", || {
-        vm.stderr().contains("replay diverged")
-    });
-    let err = vm.stderr();
+    let (_vm, err) = replay_until_it_diverges(
+        "console=ttyS0 tg.scenario=blk-digest tg.blk.count=10 tg.blk.seed=9",
+        &img,
+        &rec,
+        &[
+            "--serial",
+            &format!("file={}", out.display()),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
     let line = err
         .lines()
         .find(|l| l.contains("replay diverged"))
