@@ -793,5 +793,15 @@ impl Drop for CrashFs {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
             let _ = self.child.wait();
         }
+        // crashfs unmounts as it ends, but not while the killed blockd's process still holds
+        // the image open (seen under load): then the mount outlives it and its directory
+        // cannot be removed. Detached lazily here, so the test leaves nothing behind.
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(4) == Some(&*self.mnt.to_string_lossy()))
+        });
+        if mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
     }
 }
