@@ -209,6 +209,38 @@ fn main() {
     }
 }
 
+/// `--record PATH`: the log, opened for appending before the sandbox, and (a new log of a
+/// flat image, of `size` bytes) the base copy made beside it: reads are then logged as
+/// checksums.
+fn open_recording<'a>(
+    path: &'a std::path::Path,
+    image: Option<&std::path::Path>,
+    flat: bool,
+    size: u64,
+) -> anyhow::Result<(&'a std::path::Path, File, Option<u64>)> {
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("--record {}: cannot open it ({e})", path.display()))?;
+    let base = match (image, flat) {
+        (Some(image), true) => vmm_proto::image::base_copy(image, path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--record {}: cannot copy the image beside it as {} ({e})",
+                    path.display(),
+                    vmm_proto::image::base_of(path).display()
+                )
+            })?
+            .map(|b| {
+                log::info!("recording on a base copy of the image: {}", b.display());
+                size
+            }),
+        _ => None,
+    };
+    Ok((path, file, base))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     if args.print_seccomp {
         let list = vmm_sandbox::seccomp::with_base(allowlist());
@@ -308,37 +340,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let flat = backing_fds.is_empty();
     keep.extend(backing_fds);
-    let record = match &args.record {
-        Some(path) => {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|e| {
-                    anyhow::anyhow!("--record {}: cannot open it ({e})", path.display())
-                })?;
-            keep.push(file.as_raw_fd());
-            // A new log of a flat image starts from a copy of it (reads logged as checksums).
-            let base = match (&args.image, flat) {
-                (Some(image), true) => vmm_proto::image::base_copy(image, path)
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "--record {}: cannot copy the image beside it as {} ({e})",
-                            path.display(),
-                            vmm_proto::image::base_of(path).display()
-                        )
-                    })?
-                    .map(|b| {
-                        log::info!("recording on a base copy of the image: {}", b.display());
-                        disk.size
-                    }),
-                _ => None,
-            };
-            Some((path, file, base))
-        }
-        None => None,
-    };
+    let record = args
+        .record
+        .as_deref()
+        .map(|path| open_recording(path, args.image.as_deref(), flat, disk.size))
+        .transpose()?;
+    if let Some((_, file, _)) = &record {
+        use std::os::fd::AsRawFd;
+        keep.push(file.as_raw_fd());
+    }
     confine(&args, keep)?;
     // Before any thread starts: they inherit the blocked signals that sigwait takes.
     stop_on_signals();

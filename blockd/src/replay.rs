@@ -158,6 +158,8 @@ pub struct Recording {
     tracking: Option<Tracking>,
     /// Replaying on a working copy of the base: the guest's writes are done there.
     on_copy: bool,
+    /// Replaying (fixed at the start; asked for every request, without the mode's lock).
+    replaying: bool,
 }
 
 /// The granule of write tracking (per chunk: 8 bytes of state, 8 MiB for a TiB).
@@ -258,6 +260,7 @@ impl Recording {
             delays: Mutex::default(),
             tracking: base.map(Tracking::new),
             on_copy: false,
+            replaying: false,
         })
     }
 
@@ -278,6 +281,7 @@ impl Recording {
             delays: Mutex::default(),
             tracking: None,
             on_copy,
+            replaying: true,
         })
     }
 
@@ -360,7 +364,7 @@ impl Recording {
     }
 
     pub fn replaying(&self) -> bool {
-        matches!(*self.mode.lock().unwrap(), Mode::Replay { .. })
+        self.replaying
     }
 
     fn take_index(&self, queue: u16) -> u64 {
@@ -399,7 +403,7 @@ impl Recording {
         chain: &Segments,
         used: u32,
     ) {
-        if !matches!(*self.mode.lock().unwrap(), Mode::Record(Some(_))) {
+        if self.replaying {
             return;
         }
         let (given, room) = Self::given(mem, chain);
