@@ -293,6 +293,25 @@ impl Recording {
         }
     }
 
+    /// Everything recorded so far goes into the log; returns the log's length then (where a
+    /// replay from this point reads on). Err: the recording stopped, or this is a replay.
+    pub fn mark(&self) -> Result<u64, String> {
+        use std::io::{Seek, Write};
+        let mut mode = self.mode.lock().unwrap();
+        let Mode::Record(Some(w)) = &mut *mode else {
+            return Err(
+                "it is not recording (a replay, or a recording that stopped on an error)".into(),
+            );
+        };
+        let out = w.get_mut();
+        out.flush()
+            .map_err(|e| format!("cannot write the log ({e})"))?;
+        // (Opened for appending: the offset is the end once what was buffered is written.)
+        out.get_mut()
+            .stream_position()
+            .map_err(|e| format!("cannot tell where the log stands ({e})"))
+    }
+
     /// The records of the requests answered so far go to the kernel (before the guest is
     /// told of them).
     pub fn flush(&self) {
@@ -367,14 +386,15 @@ impl Recording {
         self.replaying
     }
 
-    fn take_index(&self, queue: u16) -> u64 {
+    /// The next index on `queue` (`known`: the recorded one), and the one after it is next.
+    fn take_index(&self, queue: u16, known: Option<u64>) -> u64 {
         let mut next = self.next.lock().unwrap();
         let q = usize::from(queue);
         if next.len() <= q {
             next.resize(q + 1, 0);
         }
-        let i = next[q];
-        next[q] += 1;
+        let i = known.unwrap_or(next[q]);
+        next[q] = i + 1;
         i
     }
 
@@ -431,7 +451,7 @@ impl Recording {
         };
         let rec = Rec {
             queue,
-            index: self.take_index(queue),
+            index: self.take_index(queue, None),
             used,
             delay_ms: self
                 .delays
@@ -478,9 +498,11 @@ impl Recording {
         chain: &Segments,
         apply: impl FnOnce() -> Result<(), String>,
     ) -> Result<(u32, u32), Diverged> {
-        let index = self.take_index(queue);
         let (given, room) = Self::given(mem, chain);
         let rec = self.next_for(queue)?;
+        // The request's index on its queue: the recorded one (a replay from a snapshot's mark
+        // starts past the first), else the one after the last answered.
+        let index = self.take_index(queue, rec.as_ref().map(|r| r.index));
         let Some(rec) = rec else {
             return Err(Diverged(format!(
                 "queue {queue}, request {index}: the recording has no more requests on this queue; the guest sent {}",

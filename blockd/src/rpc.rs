@@ -89,6 +89,31 @@ fn take_fds(
 }
 
 impl blockd::Server for Server {
+    async fn mark(
+        self: CapRc<Self>,
+        params: blockd::MarkParams,
+        mut results: blockd::MarkResults,
+    ) -> Result<(), capnp::Error> {
+        let name = params.get()?.get_name()?.to_string()?;
+        let exports = self.exports.borrow();
+        let x = exports
+            .get(&name)
+            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
+        let rec =
+            x.disk.recording.get().ok_or_else(|| {
+                failed(format!("mark: export {name} is not recorded (no --record)"))
+            })?;
+        x.disk
+            .flush()
+            .map_err(|e| failed(format!("mark: export {name}: cannot flush its image ({e})")))?;
+        let at = rec
+            .mark()
+            .map_err(|e| failed(format!("mark: export {name}: {e}")))?;
+        log::info!("export {name}: marked at byte {at} of its log (a snapshot)");
+        results.get().set_log_bytes(at);
+        Ok(())
+    }
+
     async fn userfaultfd_device(
         self: CapRc<Self>,
         _: blockd::UserfaultfdDeviceParams,

@@ -46,6 +46,11 @@ interface Blockd {
   # "userfaultfd", with its descriptor): blockd makes the userfaultfd a post-copy destination's
   # POSTCOPY_ADVISE asks for from it. (An unprivileged blockd, as under its systemd unit,
   # cannot open the device; a descriptor's access was checked when it was opened.)
+
+  mark @11 (name :Text) -> (logBytes :UInt64);
+  # Export `name`, recording, at a snapshot (its queues stopped): the image is flushed (a copy
+  # of it now holds what the guest wrote) and the log too; returns where the log stands
+  # (its length in bytes), from which a replay of that snapshot goes on.
 }
 
 interface Watcher {

@@ -292,6 +292,21 @@ struct VmState {
   pci @7 :List(VirtioPci);
   paused @8 :Bool;               # paused by the user (a restore stays paused too)
   boot @9 :BootSpec;             # what a reset boots (the source's, checked on arrival)
+  recording @10 :RecordMarks;    # taken while recording (--record): where each log stood
+}
+
+# Where each of a recording's logs stood when a snapshot was taken: `vmm-core run --restore
+# file:SNAP --replay DIR` goes on from there.
+struct RecordMarks {
+  logs @0 :List(LogMark);
+  consoleWritten @1 :UInt64;     # bytes the guest had written to its console (where input
+                                 # stands in the console's log)
+}
+
+struct LogMark {
+  name @0 :Text;                 # the device: serial0, rng0, disk0, ...
+  bytes @1 :UInt64;              # its log's length then (a disk recorded on a base copy has
+                                 # the image as it was then beside it: LOG.at-BYTES)
 }
 
 # The files and command line the VM boots from at a reset: a VM that moves keeps them.

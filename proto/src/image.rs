@@ -299,6 +299,14 @@ pub fn working_copy(
     Ok(dst)
 }
 
+/// Where a recording keeps its image as it was at a snapshot, when the log was `bytes` long:
+/// beside the log, `LOG.at-BYTES` (a replay from that snapshot works on a copy of it).
+pub fn at_mark(log: &std::path::Path, bytes: u64) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(format!(".at-{bytes}"));
+    name.into()
+}
+
 /// Where a replay's working copy is: beside the log, `LOG.work`.
 pub fn work_of(log: &std::path::Path) -> std::path::PathBuf {
     let mut name = log.as_os_str().to_owned();

@@ -243,7 +243,11 @@ fn digest_run(
                 vm.stderr()
             );
         }
-        assert!(!line.is_empty(), "the console closed:\n{seen}");
+        assert!(
+            !line.is_empty(),
+            "the console closed:\n{seen}\n{}",
+            vm.stderr()
+        );
         seen.push_str(&line);
         if line.contains(want) {
             return line.trim_end().to_string();
@@ -540,4 +544,124 @@ fn a_blockd_restarted_while_recording_goes_on_in_the_same_log() {
         |_, _| {},
     );
     assert_eq!(replayed, recorded);
+}
+
+/// A snapshot taken in the middle of a recorded disk workload (under fault rules) says where
+/// each log stood, and keeps the image as it was then beside the disk's log. Restored with
+/// `--replay` and no rule, on an image overwritten since, the guest goes on from the snapshot
+/// and ends with the recorded run's digest; a snapshot taken without recording is refused
+/// for a replay in one line.
+#[test]
+fn a_replay_goes_on_from_a_snapshot_taken_while_recording() {
+    let dir = TempDir::new("replay-from-snapshot");
+    let img = patterned_image(&dir);
+    let rec = dir.join("rec");
+    let snap = dir.join("snap");
+    let cmdline = "console=ttyS0 tg.scenario=blk-digest tg.blk.count=600 tg.blk.seed=13";
+    let recorded = digest_run(
+        &dir,
+        &img,
+        cmdline,
+        &["--record", rec.to_str().unwrap(), "--memory", "64M"],
+        |api, _| {
+            for rule in [
+                &[
+                    "--ops",
+                    "read,write",
+                    "--errno",
+                    "EIO",
+                    "--probability",
+                    "0.2",
+                ][..],
+                &["--ops", "read", "--delay-ms", "4", "--probability", "0.5"][..],
+            ] {
+                let mut args = vec!["disk", "fault", "add"];
+                args.extend_from_slice(rule);
+                let (code, out, err) = vmmctl(api, &args);
+                assert_eq!(code, 0, "{out}{err}");
+            }
+            // Once the workload is under way (the line that starts it comes after this),
+            // pause, snapshot and go on.
+            let (api, snap) = (api.to_path_buf(), snap.clone());
+            let log = rec.join("disk0.log");
+            std::thread::spawn(move || {
+                wait_until(T, "the workload under way", || {
+                    std::fs::metadata(&log).is_ok_and(|m| m.len() > 4000)
+                });
+                for args in [
+                    &["pause"][..],
+                    &["snapshot", &format!("file:{}", snap.display())][..],
+                    &["resume"][..],
+                ] {
+                    let (code, out, err) = vmmctl(&api, args);
+                    assert_eq!(code, 0, "{args:?}: {out}{err}");
+                }
+            });
+        },
+    );
+    // The snapshot came mid-way: the image as it was then is beside the log, marked at a
+    // place before the log's end.
+    let end = std::fs::metadata(rec.join("disk0.log")).unwrap().len();
+    let marked: Vec<u64> = std::fs::read_dir(&rec)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("disk0.log.at-")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(marked.len(), 1, "{marked:?}");
+    assert!(
+        marked[0] > 4000 && marked[0] < end,
+        "the snapshot marks byte {} of a log of {end}",
+        marked[0]
+    );
+    std::fs::write(&img, vec![0xabu8; 16 << 20]).unwrap();
+    let out = dir.join("restored.txt");
+    let api = dir.join("restored.sock");
+    let mut vm = TestVm::builder()
+        .args(["--restore", &format!("file:{}", snap.display())])
+        .args(["--replay", rec.to_str().unwrap()])
+        .args(["--serial", &format!("file={}", out.display())])
+        .args(["--api-socket", api.to_str().unwrap()])
+        .spawn();
+    wait_until(T, "the restored VM", || {
+        vm.stderr().contains("the VM is here")
+    });
+    let (code, o, e) = vmmctl(&api, &["resume"]);
+    assert_eq!(code, 0, "{o}{e}");
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    let console = std::fs::read_to_string(&out).unwrap();
+    let digest = console
+        .lines()
+        .find(|l| l.contains("tg: blk digest ops="))
+        .unwrap_or_else(|| panic!("no digest after the restore:\n{console}\n{}", vm.stderr()));
+    assert_eq!(digest.trim_end(), recorded);
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|&b| b == 0xab),
+        "the replay wrote the image"
+    );
+
+    // A snapshot of a VM that does not record says nowhere where a log stood.
+    let plain = dir.join("plain-snap");
+    let api = dir.join("plain.sock");
+    let vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=echo")
+        .args(["--memory", "64M", "--api-socket", api.to_str().unwrap()])
+        .spawn();
+    wait_until(T, "the API", || api.exists());
+    assert_eq!(vmmctl(&api, &["pause"]).0, 0);
+    let (code, o, e) = vmmctl(&api, &["snapshot", &format!("file:{}", plain.display())]);
+    assert_eq!(code, 0, "{o}{e}");
+    drop(vm);
+    let mut vm = TestVm::builder()
+        .args(["--restore", &format!("file:{}", plain.display())])
+        .args(["--replay", rec.to_str().unwrap()])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 2, "{}", vm.stderr());
+    let err = vm.stderr();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("the snapshot was not taken while recording"),
+        "{err}"
+    );
 }

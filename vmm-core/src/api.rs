@@ -116,6 +116,9 @@ pub struct Shared {
     /// --record/--replay with an rng: where its log stands (chardevd reads or writes it; the
     /// offset is shared with this copy of its descriptor).
     pub rng_replay: std::sync::OnceLock<crate::control::SharedLog>,
+    /// --record/--replay: how many bytes the guest has written to its console (a snapshot
+    /// of a recording VM keeps it with its marks).
+    pub console_written: std::sync::OnceLock<Arc<crate::control::ConsoleWritten>>,
     /// The console's output (for attached viewers) and where their input goes, when the
     /// console is served by chardevd.
     pub console_view: std::sync::OnceLock<(

@@ -244,6 +244,32 @@ impl LogProgress {
     }
 }
 
+/// The guest's console output so far, in bytes: where an input stands in a recording.
+#[derive(Default)]
+pub struct ConsoleWritten {
+    bytes: std::sync::Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl ConsoleWritten {
+    pub fn get(&self) -> u64 {
+        *self.bytes.lock().unwrap()
+    }
+
+    pub fn add(&self, n: u64) {
+        *self.bytes.lock().unwrap() += n;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the guest has written `at` bytes.
+    pub fn wait_for(&self, at: u64) {
+        let mut b = self.bytes.lock().unwrap();
+        while *b < at {
+            b = self.changed.wait(b).unwrap();
+        }
+    }
+}
+
 /// A log a helper writes or reads (the rng's): a copy of its descriptor, whose offset is the
 /// helper's, to say where it stands.
 pub struct SharedLog {

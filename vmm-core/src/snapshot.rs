@@ -24,6 +24,8 @@ pub enum SaveError {
     Vcpu(#[from] crate::vcpu::VcpuError),
     #[error("the vCPUs did not save their state within 10 s")]
     Timeout,
+    #[error("the recording's marks: {0}")]
+    Marks(String),
 }
 
 /// The VM's devices, as a save or a restore reaches them.
@@ -36,8 +38,60 @@ pub struct Devices<'a> {
     pub pci: &'a [(u8, Arc<Mutex<VirtioPci>>)],
 }
 
+/// Where each of a recording's logs stood at a snapshot (proto/schema/state.capnp's
+/// RecordMarks): a replay of the snapshot goes on from there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordMarks {
+    /// (device, its log's length in bytes then).
+    pub logs: Vec<(String, u64)>,
+    /// Bytes the guest had written to its console.
+    pub console_written: u64,
+}
+
+impl RecordMarks {
+    /// Where `name`'s log stood (None: the device had no log then).
+    pub fn of(&self, name: &str) -> Option<u64> {
+        self.logs.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
+    }
+
+    fn write(&self, mut b: vmm_proto::state_capnp::record_marks::Builder) {
+        b.set_console_written(self.console_written);
+        let mut l = b.init_logs(self.logs.len() as u32);
+        for (i, (name, bytes)) in self.logs.iter().enumerate() {
+            let mut m = l.reborrow().get(i as u32);
+            m.set_name(name);
+            m.set_bytes(*bytes);
+        }
+    }
+
+    /// The marks a VM state holds (None: it was not taken while recording).
+    pub fn read(state: &[u8]) -> Result<Option<RecordMarks>, StateError> {
+        let msg = capnp::serialize::read_message(&mut &state[..], Default::default())
+            .map_err(StateError::read("the VM's state is not readable"))?;
+        let e = StateError::read("the recording's marks");
+        let r = msg.get_root::<vm_state::Reader>().map_err(&e)?;
+        if !r.has_recording() {
+            return Ok(None);
+        }
+        let m = r.get_recording().map_err(&e)?;
+        let mut logs = Vec::new();
+        for l in m.get_logs().map_err(&e)?.iter() {
+            let name = l
+                .get_name()
+                .map_err(&e)?
+                .to_string()
+                .map_err(|_| StateError::NotText("a recording mark's name"))?;
+            logs.push((name, l.get_bytes()));
+        }
+        Ok(Some(RecordMarks {
+            logs,
+            console_written: m.get_console_written(),
+        }))
+    }
+}
+
 /// What a save needs besides the devices.
-pub struct Taken {
+pub struct Taken<'a> {
     pub vcpus: Vec<VcpuState>,
     /// kvmclock as it stopped at the pause (None: read it now).
     pub clock: Option<kvm_bindings::kvm_clock_data>,
@@ -45,6 +99,8 @@ pub struct Taken {
     pub max_cpus: u32,
     pub paused: bool,
     pub boot: Boot,
+    /// Recording: where each log stands, taken once the queues stopped.
+    pub marks: Option<&'a dyn Fn() -> Result<RecordMarks, String>>,
 }
 
 /// What a reset boots: the kernel and initramfs (absolute paths; "" for none) and the
@@ -95,7 +151,7 @@ impl Boot {
 }
 
 /// Saves the paused VM's state (the virtio queues stop here, once what they hold completed).
-pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, SaveError> {
+pub fn save(d: &Devices, t: &Taken<'_>) -> Result<Vec<u8>, SaveError> {
     let mut kvm = KvmState::save(d.vm)?;
     if let Some(c) = t.clock {
         kvm.clock = c;
@@ -124,11 +180,16 @@ pub fn save(d: &Devices, t: &Taken) -> Result<Vec<u8>, SaveError> {
         .lock()
         .unwrap()
         .save(b.reborrow().init_cpu_hotplug());
-    let mut l = b.init_pci(d.pci.len() as u32);
+    let mut l = b.reborrow().init_pci(d.pci.len() as u32);
     for (i, (slot, dev)) in d.pci.iter().enumerate() {
         let mut dev = dev.lock().unwrap();
         dev.save(*slot, l.reborrow().get(i as u32))
             .map_err(|e| SaveError::Pci(*slot, e))?;
+    }
+    // The queues stopped with what they held answered: every log is where the guest is.
+    if let Some(take) = t.marks {
+        let marks = take().map_err(SaveError::Marks)?;
+        marks.write(b.init_recording());
     }
     Ok(capnp::serialize::write_message_to_words(&msg))
 }

@@ -85,6 +85,52 @@ pub fn snapshot_spec(path: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The VM state a snapshot holds (its "vm" device section), found by walking the sections'
+/// heads (RAM is skipped, not read). Only what a replay from the snapshot needs before the
+/// VM is built: the restore itself reads and checks the whole file.
+pub fn snapshot_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut head = [0u8; 20];
+    f.read_exact(&mut head)?;
+    if &head[..8] != b"VMMSTATE" {
+        return Ok(None);
+    }
+    let cfg_len = u32::from_le_bytes(head[16..20].try_into().expect("4 bytes"));
+    f.seek(SeekFrom::Current(i64::from(cfg_len) + 4))?;
+    const DEVICE: u8 = 3;
+    const END: u8 = 0xff;
+    loop {
+        let mut sect = [0u8; 9];
+        f.read_exact(&mut sect)?;
+        let len = u64::from_le_bytes(sect[1..].try_into().expect("8 bytes"));
+        match sect[0] {
+            END => return Ok(None),
+            DEVICE if len <= 64 << 20 => {
+                let mut payload = vec![0u8; len as usize];
+                f.read_exact(&mut payload)?;
+                let mut crc = [0u8; 4];
+                f.read_exact(&mut crc)?;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&sect);
+                h.update(&payload);
+                if h.finalize().to_le_bytes() != crc {
+                    return Err(std::io::Error::other("its device state fails its checksum"));
+                }
+                let n = usize::from(u16::from_le_bytes([payload[0], payload[1]]));
+                if payload.get(2..2 + n) == Some(b"vm") {
+                    return Ok(Some(payload[2 + n..].to_vec()));
+                }
+            }
+            _ => {
+                let skip = i64::try_from(len.saturating_add(4))
+                    .map_err(|_| std::io::Error::other("a section's length is out of range"))?;
+                f.seek_relative(skip)?;
+            }
+        }
+    }
+}
+
 /// Settings in TOML text (from `path`, as errors name it) as arguments.
 fn settings(
     text: &str,

@@ -283,6 +283,8 @@ pub enum ConfigError {
     RngNotRecorded(String),
     #[error("--replay {0}: not a directory; give the directory a run with --record DIR wrote")]
     Replay(PathBuf),
+    #[error("--restore {0} --replay: {1}")]
+    ReplayFrom(String, String),
     #[error("--replay-writes apply: there is no --replay; give --replay DIR with it")]
     ReplayWritesAlone,
     #[error("--record {dir}: cannot make the directory ({err}); give one this user can write", dir = .0.display(), err = .1)]
@@ -335,16 +337,20 @@ pub fn images_dir() -> PathBuf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recording {
     Record(PathBuf),
-    /// The directory, and whether the guest's writes are done on its disks' images
-    /// (--replay-writes=apply).
-    Replay(PathBuf, bool),
+    /// The directory, whether the guest's writes are done on its disks' images
+    /// (--replay-writes=apply), and with --restore, where the snapshot says each log stood.
+    Replay(
+        PathBuf,
+        bool,
+        Option<std::sync::Arc<crate::snapshot::RecordMarks>>,
+    ),
 }
 
 impl Recording {
     /// The log of device `name` in the directory.
     pub fn log(&self, name: &str) -> PathBuf {
         match self {
-            Recording::Record(d) | Recording::Replay(d, _) => d.join(format!("{name}.log")),
+            Recording::Record(d) | Recording::Replay(d, ..) => d.join(format!("{name}.log")),
         }
     }
 
@@ -359,7 +365,33 @@ impl Recording {
                     .create(true)
                     .open(self.log(name))
             }
-            Recording::Replay(..) => std::fs::File::open(self.log(name)),
+            Recording::Replay(_, _, None) => std::fs::File::open(self.log(name)),
+            Recording::Replay(_, _, Some(marks)) => {
+                // From a snapshot: read on from where the log stood when it was taken.
+                use std::io::Seek;
+                let mut f = std::fs::File::open(self.log(name))?;
+                let at = marks.of(name).ok_or_else(|| {
+                    std::io::Error::other(
+                        "the snapshot has no mark for this log (the device was not recorded when it was taken)",
+                    )
+                })?;
+                let len = f.metadata()?.len();
+                if at > len {
+                    return Err(std::io::Error::other(format!(
+                        "the snapshot marks byte {at} of this log, which has {len}: not the recording the snapshot was taken in"
+                    )));
+                }
+                f.seek(std::io::SeekFrom::Start(at))?;
+                Ok(f)
+            }
+        }
+    }
+
+    /// A replay from a snapshot: where the snapshot says each log stood.
+    pub fn marks(&self) -> Option<&crate::snapshot::RecordMarks> {
+        match self {
+            Recording::Replay(_, _, Some(m)) => Some(m),
+            _ => None,
         }
     }
 }
@@ -728,9 +760,37 @@ fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError>
             Some(Recording::Record(d.clone()))
         }
         (None, Some(d)) if !d.is_dir() => return Err(ConfigError::Replay(d.clone())),
-        (None, Some(d)) => Some(Recording::Replay(d.clone(), args.replay_writes == "apply")),
+        (None, Some(d)) => Some(Recording::Replay(
+            d.clone(),
+            args.replay_writes == "apply",
+            replay_from(args.restore.as_deref())?,
+        )),
     };
     Ok((serial, rng, recording))
+}
+
+/// --replay with --restore file:SNAP: where the snapshot says each log stood (it must have
+/// been taken while recording).
+fn replay_from(
+    restore: Option<&str>,
+) -> Result<Option<std::sync::Arc<crate::snapshot::RecordMarks>>, ConfigError> {
+    let Some(r) = restore else {
+        return Ok(None);
+    };
+    let bad = |why: String| ConfigError::ReplayFrom(r.to_string(), why);
+    let Some(path) = r.strip_prefix("file:") else {
+        return Err(bad(
+            "a replay goes on from a snapshot file (file:PATH), not a live channel".into(),
+        ));
+    };
+    let state = file::snapshot_state(Path::new(path))
+        .map_err(|e| bad(format!("cannot read the snapshot's state ({e})")))?
+        .ok_or_else(|| bad("not a snapshot with a VM state in it".into()))?;
+    crate::snapshot::RecordMarks::read(&state)
+        .map_err(|e| bad(e.to_string()))?
+        .map(std::sync::Arc::new)
+        .ok_or_else(|| bad("the snapshot was not taken while recording (no --record), so it says nowhere where a log stood; replay from the recording's start (without --restore), or snapshot a VM run with --record".into()))
+        .map(Some)
 }
 
 /// With no --kernel: Debian's stock kernel and our initramfs on hardware KVM; on KVM-PVM,

@@ -67,7 +67,7 @@ pub enum BlockdError {
 
 /// blockd's answer to a command.
 type Answer<T> = std::sync::mpsc::Sender<Result<T, BlockdError>>;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A disk's vhost-user backend: an export of the VM's blockd, or a socket given.
@@ -157,6 +157,9 @@ enum Command {
     ListRules(Answer<Vec<vmm_proto::faults::Rule>>),
     /// Retry what stopped exports hold; how many requests that is.
     Resume(Answer<u32>),
+    /// A recorded export's image and log flushed; where its log stands (bytes). With (image,
+    /// log): the image is copied beside the log as it is now (`LOG.at-BYTES`).
+    Mark(String, Option<(PathBuf, PathBuf)>, Answer<u64>),
 }
 
 /// Called with (disk, reason) when blockd stops a disk on an I/O error (error policy stop or
@@ -260,6 +263,21 @@ impl Blockd {
         self.ask(Command::Resume)
     }
 
+    /// At a snapshot of a recorded VM (its queues stopped): disk `name`'s image and log are
+    /// flushed; returns the log's length, where a replay from the snapshot reads on.
+    /// With `keep` (the image, the log): the image as it is now is copied beside the log
+    /// (`LOG.at-BYTES`), on the client thread, which may open files (the VM's threads may
+    /// not); the VM stays paused meanwhile, so a large image on a file system without
+    /// reflinks lengthens the pause.
+    pub fn mark(&self, name: &str, keep: Option<(PathBuf, PathBuf)>) -> Result<u64, BlockdError> {
+        let c = self.commands.as_ref().ok_or(BlockdError::NoBlockd)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.send(Command::Mark(name.to_string(), keep, tx))
+            .map_err(|_| BlockdError::NotRunning)?;
+        rx.recv_timeout(std::time::Duration::from_secs(600))
+            .map_err(|_| BlockdError::NoAnswer)?
+    }
+
     pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), BlockdError> {
         if self.external.iter().any(|d| d.name == name) {
             return Err(BlockdError::External(name.to_string()));
@@ -342,7 +360,7 @@ fn open_log(
         .open(name)
         .map_err(|e| failed(log.display().to_string(), e))?;
     let base = vmm_proto::image::base_of(&log);
-    if let crate::config::Recording::Replay(_, true) = rec {
+    if let crate::config::Recording::Replay(_, true, _) = rec {
         // --replay-writes=apply: on the image itself (reads logged as checksums from it).
         log::info!(
             "{name}: replaying with the guest's writes done on {}",
@@ -354,6 +372,20 @@ fn open_log(
         if !base.exists() {
             return Ok((file, DiskLog::Replay, image));
         }
+        // From a snapshot: the image as it was then, which the recording kept beside the log.
+        let base = match rec.marks().and_then(|m| m.of(name)) {
+            Some(at) => {
+                let then = vmm_proto::image::at_mark(&log, at);
+                if !then.exists() {
+                    return Err(failed(
+                        format!("{}: the image as it was at the snapshot is not there; give the directory the snapshot's recording wrote", then.display()),
+                        std::io::ErrorKind::NotFound.into(),
+                    ));
+                }
+                then
+            }
+            None => base,
+        };
         let work = vmm_proto::image::work_of(&log);
         let copy = vmm_proto::image::working_copy(&base, &work).map_err(|e| {
             failed(
@@ -678,6 +710,9 @@ fn refuse(cmd: Command, why: fn() -> BlockdError) {
         Command::Resume(reply) => {
             let _ = reply.send(Err(why()));
         }
+        Command::Mark(_, _, reply) => {
+            let _ = reply.send(Err(why()));
+        }
     }
 }
 
@@ -909,6 +944,21 @@ async fn serve(
                     .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
+            Command::Mark(name, keep, reply) => {
+                let mut req = server.mark_request();
+                req.get().set_name(&name);
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .and_then(|r| Ok(r.get()?.get_log_bytes()))
+                    .map_err(|e| BlockdError::Remote(e.into()))
+                    .and_then(|bytes| match keep {
+                        Some((image, log)) => keep_image(&image, &log, bytes).map(|()| bytes),
+                        None => Ok(bytes),
+                    });
+                let _ = reply.send(r);
+            }
             Command::Throttle(name, spec, reply) => {
                 let mut req = server.set_throttle_request();
                 req.get().set_name(&name);
@@ -926,6 +976,28 @@ async fn serve(
             }
         }
     }
+}
+
+/// A recording's image as it is at a snapshot's mark (blockd flushed it), copied beside the
+/// log as `LOG.at-BYTES` (sparse; shared blocks where the file system can).
+fn keep_image(image: &Path, log: &Path, bytes: u64) -> Result<(), BlockdError> {
+    let then = vmm_proto::image::at_mark(log, bytes);
+    let copy = || -> std::io::Result<()> {
+        let src = std::fs::File::open(image)?;
+        let dst = std::fs::File::create(&then)?;
+        vmm_proto::image::copy_sparse(&src, &dst).map(|_| ())
+    };
+    copy().map_err(|e| {
+        BlockdError::Recording(
+            format!(
+                "--record {}: cannot keep the image as it is now there",
+                then.display()
+            ),
+            e,
+        )
+    })?;
+    log::info!("{}: the image as the snapshot saw it", then.display());
+    Ok(())
 }
 
 /// Keeps a disk's throttle as blockd now has it, to give a restarted blockd: a disk that

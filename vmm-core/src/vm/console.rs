@@ -27,16 +27,9 @@ pub(super) struct ConsoleInput {
     pub log: std::sync::OnceLock<ConsoleLog>,
     /// How many bytes the guest has written to its console (counted while recording or
     /// replaying).
-    pub written: Arc<Written>,
+    pub written: Arc<crate::control::ConsoleWritten>,
     /// Where the log stands, for `vmmctl replay status`.
     pub progress: Arc<crate::control::LogProgress>,
-}
-
-/// The guest's console output so far, in bytes: where an input stands in a recording.
-#[derive(Default)]
-pub(super) struct Written {
-    bytes: Mutex<u64>,
-    changed: std::sync::Condvar,
 }
 
 /// Record/replay of the console's input. A record is where the guest's output stood (bytes
@@ -77,14 +70,19 @@ pub(super) fn setup_recording(
                 rec.log(LOG).display()
             );
         }
-        Recording::Replay(..) => {
-            let reader = vmm_proto::record::Reader::new(std::io::BufReader::new(file), KIND)
-                .map_err(|e| bad(e.to_string()))?;
+        Recording::Replay(_, _, marks) => {
+            // (From a snapshot's mark: `open` put the offset there, and the guest had written
+            // so much then.)
+            if let Some(m) = marks {
+                console.written.add(m.console_written);
+            }
+            let reader =
+                vmm_proto::record::Reader::resume(file, KIND).map_err(|e| bad(e.to_string()))?;
             // How many there are, for the status (a second reader counts them).
             let total = rec
                 .open(LOG)
                 .ok()
-                .and_then(|f| vmm_proto::record::Reader::new(std::io::BufReader::new(f), KIND).ok())
+                .and_then(|f| vmm_proto::record::Reader::resume(f, KIND).ok())
                 .map_or(0, |mut r| {
                     let mut n = 0u64;
                     while let Ok(Some(_)) = r.next_record() {
@@ -131,11 +129,7 @@ fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Rea
             }
         };
         let at = u64::from_le_bytes(rec[..8].try_into().unwrap());
-        let mut written = console.written.bytes.lock().unwrap();
-        while *written < at {
-            written = console.written.changed.wait(written).unwrap();
-        }
-        drop(written);
+        console.written.wait_for(at);
         feed_uart(console, &rec[8..]);
         n += 1;
         console.progress.one_more();
@@ -147,7 +141,7 @@ fn replay(console: &ConsoleInput, mut reader: vmm_proto::record::Reader<impl Rea
 pub(super) fn deliver(console: &ConsoleInput, bytes: &[u8]) {
     match console.log.get() {
         Some(ConsoleLog::Record(w)) => {
-            let at = *console.written.bytes.lock().unwrap();
+            let at = console.written.get();
             let mut rec = at.to_le_bytes().to_vec();
             rec.extend_from_slice(bytes);
             if let Err(e) = w.lock().unwrap().record(&rec) {
@@ -171,14 +165,13 @@ pub(super) fn deliver(console: &ConsoleInput, bytes: &[u8]) {
 /// The UART's writer, counting what the guest writes (for record/replay).
 struct Counting {
     inner: Box<dyn std::io::Write + Send>,
-    written: Arc<Written>,
+    written: Arc<crate::control::ConsoleWritten>,
 }
 
 impl std::io::Write for Counting {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        *self.written.bytes.lock().unwrap() += n as u64;
-        self.written.changed.notify_all();
+        self.written.add(n as u64);
         Ok(n)
     }
 

@@ -3,6 +3,7 @@
 
 mod build;
 mod console;
+mod marks;
 mod running;
 
 use crate::api;
@@ -239,6 +240,7 @@ pub fn run(
     let shared = new_shared(config);
     if config.recording.is_some() {
         let _ = shared.console_replay.set(console.progress.clone());
+        let _ = shared.console_written.set(console.written.clone());
     }
     let _api = match &config.api_socket {
         Some(path) => Some(api::start(
@@ -386,6 +388,7 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         console_view: std::sync::OnceLock::new(),
         console_replay: std::sync::OnceLock::new(),
         rng_replay: std::sync::OnceLock::new(),
+        console_written: std::sync::OnceLock::new(),
         incoming_tls: config.incoming_tls.clone(),
         blockd: Mutex::new(None),
         migrated: std::sync::OnceLock::new(),

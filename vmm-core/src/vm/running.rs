@@ -642,8 +642,29 @@ impl<'a> Running<'a> {
             self.pause();
             self.migration_paused = true;
         }
-        let state = save_vm(&self.guest, self.paused_clock, self.config, was_paused)
-            .map_err(LoopError::failed)?;
+        // A snapshot of a VM that records says where each log stands.
+        let snapshot = self
+            .shared
+            .migration
+            .lock()
+            .unwrap()
+            .uri
+            .starts_with("file:");
+        let recording = matches!(
+            self.config.recording,
+            Some(crate::config::Recording::Record(_))
+        );
+        let take = || super::marks::take(self.config, self.shared);
+        let marks = (snapshot && recording)
+            .then_some(&take as &dyn Fn() -> Result<crate::snapshot::RecordMarks, String>);
+        let state = save_vm(
+            &self.guest,
+            self.paused_clock,
+            self.config,
+            was_paused,
+            marks,
+        )
+        .map_err(LoopError::failed)?;
         let mut dirty = match self.dirty_logging {
             true => Some(self.take_dirty().map_err(LoopError::failed)?),
             false => None,
@@ -744,6 +765,7 @@ fn save_vm(
     clock: Option<kvm_bindings::kvm_clock_data>,
     config: &VmConfig,
     paused: bool,
+    marks: Option<&dyn Fn() -> Result<crate::snapshot::RecordMarks, String>>,
 ) -> Result<Vec<u8>, SaveError> {
     let state = &guest.state;
     let ids: Vec<u32> = guest
@@ -783,6 +805,7 @@ fn save_vm(
             max_cpus: config.max_cpus,
             paused,
             boot: crate::snapshot::Boot::of(config),
+            marks,
         },
     )
 }
