@@ -70,8 +70,10 @@ struct Rec {
 }
 
 impl Rec {
-    fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(REC_HEAD + self.written.len());
+    /// The record into `b` (cleared first).
+    fn encode_into(&self, b: &mut Vec<u8>) {
+        b.clear();
+        b.reserve(REC_HEAD + self.written.len());
         b.extend_from_slice(&self.queue.to_le_bytes());
         b.extend_from_slice(&self.index.to_le_bytes());
         b.extend_from_slice(&self.used.to_le_bytes());
@@ -83,7 +85,6 @@ impl Rec {
         b.push(self.flags);
         b.extend_from_slice(&self.data_crc.to_le_bytes());
         b.extend_from_slice(&self.written);
-        b
     }
 
     fn decode(b: &[u8]) -> Option<Rec> {
@@ -148,12 +149,11 @@ enum Mode {
 /// A disk's recording, or the recording it replays.
 pub struct Recording {
     mode: Mutex<Mode>,
-    /// Per queue: requests recorded or replayed so far (this blockd's).
-    next: Mutex<Vec<u64>>,
+    /// Per queue: the next index, and per head what a request in flight has noted (one lock,
+    /// indexed by head: no hashing on the hot path).
+    queues: Mutex<Vec<QueueNotes>>,
     /// Requests recorded, or answered from the recording.
     done: std::sync::atomic::AtomicU64,
-    /// Requests (by head) a fault rule delays, with the delay: recorded with their answer.
-    delays: Mutex<std::collections::HashMap<(u16, u16), u32>>,
     /// Recording on a base copy: what writes do, to tell the reads a replay reproduces.
     tracking: Option<Tracking>,
     /// Replaying on a working copy of the base: the guest's writes are done there.
@@ -176,10 +176,37 @@ struct Tracking {
     inflight: Vec<std::sync::atomic::AtomicU32>,
     /// Per chunk: the epoch of the last write that began on it.
     last: Vec<std::sync::atomic::AtomicU64>,
-    /// Requests begun (by queue and head), until they are answered.
-    begun: Mutex<std::collections::HashMap<(u16, u16), Begun>>,
 }
 
+/// A queue's requests as the recording follows them.
+#[derive(Default)]
+struct QueueNotes {
+    /// Requests recorded or replayed so far (this blockd's): the next one's index.
+    next: u64,
+    /// By head: what its request noted as it began (until it is answered).
+    heads: Vec<HeadNote>,
+}
+
+/// What a request in flight noted, by its head.
+#[derive(Default, Clone, Copy)]
+struct HeadNote {
+    /// Recording on a base copy: how it began (reads, and writes to end).
+    begun: Option<Begun>,
+    /// The delay a fault rule injected (ms; 0: none), recorded with its answer.
+    delay_ms: u32,
+}
+
+impl QueueNotes {
+    fn head(&mut self, head: u16) -> &mut HeadNote {
+        let h = usize::from(head);
+        if self.heads.len() <= h {
+            self.heads.resize(h + 1, HeadNote::default());
+        }
+        &mut self.heads[h]
+    }
+}
+
+#[derive(Clone, Copy)]
 enum Begun {
     /// A read, with the epoch as it began; clean: no write to its chunks was in flight.
     Read {
@@ -199,7 +226,6 @@ impl Tracking {
             epoch: Default::default(),
             inflight: (0..n).map(|_| Default::default()).collect(),
             last: (0..n).map(|_| Default::default()).collect(),
-            begun: Mutex::default(),
         }
     }
 
@@ -255,9 +281,8 @@ impl Recording {
         let w = Writer::append(std::io::BufWriter::with_capacity(1 << 20, file), KIND)?;
         Ok(Recording {
             mode: Mutex::new(Mode::Record(Some(w))),
-            next: Mutex::new(Vec::new()),
+            queues: Mutex::default(),
             done: Default::default(),
-            delays: Mutex::default(),
             tracking: base.map(Tracking::new),
             on_copy: false,
             replaying: false,
@@ -276,9 +301,8 @@ impl Recording {
                 reader: Reader::resume(file, KIND)?,
                 ahead: Vec::new(),
             }),
-            next: Mutex::new(Vec::new()),
+            queues: Mutex::default(),
             done: Default::default(),
-            delays: Mutex::default(),
             tracking: None,
             on_copy,
             replaying: true,
@@ -337,7 +361,16 @@ impl Recording {
         } else {
             t.read_begins(offset, len)
         };
-        t.begun.lock().unwrap().insert((queue, head), begun);
+        self.with_queue(queue, |q| q.head(head).begun = Some(begun));
+    }
+
+    fn with_queue<T>(&self, queue: u16, f: impl FnOnce(&mut QueueNotes) -> T) -> T {
+        let mut queues = self.queues.lock().unwrap();
+        let q = usize::from(queue);
+        if queues.len() <= q {
+            queues.resize_with(q + 1, QueueNotes::default);
+        }
+        f(&mut queues[q])
     }
 
     /// A discard or write-zeroes (done within the request's checks) begins, or ends.
@@ -351,13 +384,13 @@ impl Recording {
         }
     }
 
-    /// The request at `head` is answered: a write's chunks are free again; for a read, whether
-    /// a replay's working copy will hold what it read.
-    fn answered(&self, queue: u16, head: u16, offset: u64, len: u64) -> bool {
+    /// The request at `head` is answered, as it `began`: a write's chunks are free again; for
+    /// a read, whether a replay's working copy will hold what it read.
+    fn answered(&self, began: Option<Begun>, offset: u64, len: u64) -> bool {
         let Some(t) = &self.tracking else {
             return false;
         };
-        match t.begun.lock().unwrap().remove(&(queue, head)) {
+        match began {
             Some(Begun::Write { offset, len }) => {
                 t.write_ends(offset, len);
                 false
@@ -369,7 +402,7 @@ impl Recording {
 
     /// A fault rule delays the request at `head` by `ms` (recorded with its answer).
     pub fn delayed(&self, queue: u16, head: u16, ms: u32) {
-        self.delays.lock().unwrap().insert((queue, head), ms);
+        self.with_queue(queue, |q| q.head(head).delay_ms = ms);
     }
 
     /// Where it stands, for `vmmctl replay status`.
@@ -388,14 +421,11 @@ impl Recording {
 
     /// The next index on `queue` (`known`: the recorded one), and the one after it is next.
     fn take_index(&self, queue: u16, known: Option<u64>) -> u64 {
-        let mut next = self.next.lock().unwrap();
-        let q = usize::from(queue);
-        if next.len() <= q {
-            next.resize(q + 1, 0);
-        }
-        let i = known.unwrap_or(next[q]);
-        next[q] = i + 1;
-        i
+        self.with_queue(queue, |q| {
+            let i = known.unwrap_or(q.next);
+            q.next = i + 1;
+            i
+        })
     }
 
     /// What the guest gave (the readable segments: its header, length and CRC-32, read
@@ -403,7 +433,7 @@ impl Recording {
     fn given(mem: &GuestMemoryMmap<()>, chain: &Segments) -> (Given, usize) {
         let mut header = [0u8; 16];
         let mut len = 0usize;
-        let crc = crc_of(mem, chain.readable, |piece| {
+        let crc = crc_of(mem, chain.readable, u64::MAX, |piece| {
             if len < 16 {
                 let n = piece.len().min(16 - len);
                 header[len..len + n].copy_from_slice(&piece[..n]);
@@ -435,30 +465,28 @@ impl Recording {
             .and_then(|&(a, l)| mem.read_obj::<u8>(GuestAddress(a + l - 1)).ok());
         let data = room.saturating_sub(1) as u64;
         let offset = u64::from_le_bytes(given.header[8..].try_into().unwrap()).saturating_mul(512);
-        let reproducible = self.answered(queue, head, offset, data);
+        // What it noted as it began, its index: one lock.
+        let (note, index) = self.with_queue(queue, |q| {
+            let note = std::mem::take(q.head(head));
+            q.next += 1;
+            (note, q.next - 1)
+        });
+        let reproducible = self.answered(note.begun, offset, data);
         let base = kind == virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
             && status == Some(0)
             && used as usize == room
             && data > 0
             && reproducible;
         let (flags, data_crc, written) = match (base, status) {
-            (true, Some(s)) => {
-                let data_segs = without_last_byte(chain.writable);
-                (FROM_BASE, crc_of(mem, &data_segs, |_| {}), vec![s])
-            }
+            (true, Some(s)) => (FROM_BASE, crc_of(mem, chain.writable, data, |_| {}), vec![s]),
             (false, Some(s)) if s != 0 && used <= 1 && room > 1 => (STATUS_ONLY, 0, vec![s]),
             _ => (0, 0, read_all(mem, chain.writable)),
         };
         let rec = Rec {
             queue,
-            index: self.take_index(queue, None),
+            index,
             used,
-            delay_ms: self
-                .delays
-                .lock()
-                .unwrap()
-                .remove(&(queue, head))
-                .unwrap_or(0),
+            delay_ms: note.delay_ms,
             header: given.header,
             given_len: given.len as u32,
             given_crc: given.crc,
@@ -467,20 +495,31 @@ impl Recording {
             data_crc,
             written,
         };
-        let index = rec.index;
-        let payload = rec.encode();
-        let mut mode = self.mode.lock().unwrap();
-        let Mode::Record(Some(w)) = &mut *mode else {
-            return;
-        };
-        if let Err(e) = w.record(&payload) {
-            log::error!(
-                "cannot record request {index} of queue {queue} ({e}); the recording stops here"
-            );
-            *mode = Mode::Record(None);
-            return;
+        thread_local! {
+            // The worker's record, encoded here (not a new buffer for every request).
+            static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let written = PAYLOAD.with_borrow_mut(|payload| {
+            rec.encode_into(payload);
+            let mut mode = self.mode.lock().unwrap();
+            let Mode::Record(Some(w)) = &mut *mode else {
+                return Ok(false);
+            };
+            let r = w.record_buffered(payload);
+            if r.is_err() {
+                *mode = Mode::Record(None);
+            }
+            r.map(|()| true)
+        });
+        match written {
+            Ok(true) => {
+                self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => log::error!(
+                "cannot record request {index} of queue {queue} ({e}); the recording stops here"
+            ),
+        }
     }
 
     /// Answers a request from the recording: writes back what was recorded and returns the
@@ -627,9 +666,15 @@ struct Given {
     crc: u32,
 }
 
-/// The CRC-32 of guest memory at `segs`, one after the other (a piece outside guest memory
-/// is left out), read in pieces that `each` sees too: no copy of the whole.
-fn crc_of(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)], mut each: impl FnMut(&[u8])) -> u32 {
+/// The CRC-32 of the first `limit` bytes of guest memory at `segs`, one after the other (a
+/// piece outside guest memory is left out), read in pieces that `each` sees too: no copy of
+/// the whole.
+fn crc_of(
+    mem: &GuestMemoryMmap<()>,
+    segs: &[(u64, u64)],
+    mut limit: u64,
+    mut each: impl FnMut(&[u8]),
+) -> u32 {
     thread_local! {
         // The worker's buffer, made once (not a fresh zeroed array for every request).
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65536]);
@@ -637,6 +682,8 @@ fn crc_of(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)], mut each: impl FnMut(&
     BUF.with_borrow_mut(|buf| {
         let mut h = crc32fast::Hasher::new();
         for &(addr, len) in segs {
+            let len = len.min(limit);
+            limit -= len;
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(buf.len() as u64) as usize;
@@ -653,18 +700,6 @@ fn crc_of(mem: &GuestMemoryMmap<()>, segs: &[(u64, u64)], mut each: impl FnMut(&
         }
         h.finalize()
     })
-}
-
-/// The pieces less their last byte (a read's data without its status byte).
-fn without_last_byte(segs: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut v = segs.to_vec();
-    if let Some(last) = v.last_mut() {
-        last.1 = last.1.saturating_sub(1);
-        if last.1 == 0 {
-            v.pop();
-        }
-    }
-    v
 }
 
 /// The bytes of guest memory at `segs`, one after the other (a piece outside guest memory is

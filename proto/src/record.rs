@@ -70,6 +70,18 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// One record, for a buffered writer (its head and payload go in as two writes, with no
+    /// copy made first; the buffer makes them one write to the file, or a crash that cuts
+    /// the last record leaves it cut short, which a reader reports as the recording's end).
+    pub fn record_buffered(&mut self, payload: &[u8]) -> Result<(), RecordError> {
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.out.write_all(&head)?;
+        self.out.write_all(payload)?;
+        Ok(())
+    }
+
     pub fn into_inner(self) -> W {
         self.out
     }
