@@ -478,7 +478,11 @@ impl Recording {
             && data > 0
             && reproducible;
         let (flags, data_crc, written) = match (base, status) {
-            (true, Some(s)) => (FROM_BASE, crc_of(mem, chain.writable, data, |_| {}), vec![s]),
+            (true, Some(s)) => (
+                FROM_BASE,
+                crc_of(mem, chain.writable, data, |_| {}),
+                vec![s],
+            ),
             (false, Some(s)) if s != 0 && used <= 1 && room > 1 => (STATUS_ONLY, 0, vec![s]),
             _ => (0, 0, read_all(mem, chain.writable)),
         };

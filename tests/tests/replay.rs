@@ -665,3 +665,61 @@ fn a_replay_goes_on_from_a_snapshot_taken_while_recording() {
         "{err}"
     );
 }
+
+/// A disk that is a qcow2 overlay on a raw base (as `qemu-img create -b` makes it) records on
+/// a copy of its top layer: reads are logged as checksums (the log stays small), and the
+/// replay, on a working copy of that layer over the same base, gives the guest what it saw,
+/// with the overlay untouched.
+#[test]
+fn a_recording_on_a_qcow2_overlay_keeps_its_reads_as_checksums_and_replays() {
+    let dir = TempDir::new("replay-overlay");
+    let base = patterned_image(&dir);
+    let overlay = dir.join("overlay.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}; install qemu-utils (scripts/setup.sh does)"));
+    assert!(out.status.success(), "{out:?}");
+    let rec = dir.join("rec");
+    let cmdline = "console=ttyS0 tg.scenario=blk-digest tg.blk.count=150 tg.blk.seed=17";
+    let recorded = digest_run(
+        &dir,
+        &overlay,
+        cmdline,
+        &["--record", rec.to_str().unwrap()],
+        |api, _| {
+            let rule = [
+                "disk",
+                "fault",
+                "add",
+                "--ops",
+                "read,write",
+                "--errno",
+                "EIO",
+            ];
+            let (code, out, err) = vmmctl(api, &[&rule[..], &["--probability", "0.2"]].concat());
+            assert_eq!(code, 0, "{out}{err}");
+        },
+    );
+    assert!(rec.join("disk0.log.base").exists());
+    let log_bytes = std::fs::metadata(rec.join("disk0.log")).unwrap().len();
+    assert!(
+        log_bytes < 150 * 4096 / 8,
+        "{log_bytes} bytes of log for 150 requests: reads' bytes were kept"
+    );
+    let before = std::fs::read(&overlay).unwrap();
+    let replayed = digest_run(
+        &dir,
+        &overlay,
+        cmdline,
+        &["--replay", rec.to_str().unwrap()],
+        |_, _| {},
+    );
+    assert_eq!(replayed, recorded);
+    assert!(
+        std::fs::read(&overlay).unwrap() == before,
+        "the replay wrote the overlay"
+    );
+}

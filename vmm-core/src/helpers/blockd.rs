@@ -341,16 +341,17 @@ fn open_chain(
 }
 
 /// A disk's --record or --replay log and how blockd takes it, with the image blockd is to
-/// serve: a new recording of a flat image (no backing chain) starts from a copy of it beside
-/// the log (`LOG.base`: reads no write raced are logged as checksums), and a replay of such a
-/// recording serves a working copy of it (`LOG.work`, made anew) in the image's place, where
-/// the guest's replayed writes are done.
+/// serve: a new recording starts from a copy of the image beside the log (`LOG.base`: reads
+/// no write raced are logged as checksums), and a replay of such a recording serves a
+/// working copy of it (`LOG.work`, made anew) in the image's place, where the guest's
+/// replayed writes are done. A qcow2 image's copy is of its top layer: the backing chain,
+/// read-only, is the image's own, opened as for a run (a replay's checksums catch a base
+/// that changed since).
 fn open_log(
     rec: &crate::config::Recording,
     name: &str,
     path: &std::path::Path,
     image: std::fs::File,
-    flat: bool,
 ) -> Result<(std::fs::File, DiskLog, std::fs::File), BlockdError> {
     let replay = matches!(rec, crate::config::Recording::Replay(..));
     let flag = if replay { "--replay" } else { "--record" };
@@ -398,9 +399,6 @@ fn open_log(
             work.display()
         );
         return Ok((file, DiskLog::ReplayOnCopy, copy));
-    }
-    if !flat {
-        return Ok((file, DiskLog::Record, image));
     }
     match vmm_proto::image::base_copy(path, &log).map_err(|e| {
         failed(
@@ -482,7 +480,7 @@ pub fn start(
         });
         let (log, image) = match recording {
             Some(rec) => {
-                let (file, how, image) = open_log(rec, &name, path, image, backing.is_empty())?;
+                let (file, how, image) = open_log(rec, &name, path, image)?;
                 (Some((file, how)), image)
             }
             None => (None, image),
