@@ -30,6 +30,11 @@ struct Held {
     delayed: Vec<(Instant, u16, request::Pending)>,
     /// Requests that failed while the error policy stops the export: retried at resume.
     failed: VecDeque<(u16, request::Pending)>,
+    /// Replaying: requests matched to their records, waiting for the ones the recording
+    /// answered before them on this queue (by head, with their chain).
+    replay: Vec<(u16, Chain, crate::replay::Matched)>,
+    /// Replaying: the place of the next answer on this queue.
+    replay_next: u64,
 }
 
 /// A worker's queue while it answers requests.
@@ -338,23 +343,67 @@ impl Backend {
         }
     }
 
-    /// Answers the request at `head` from the recording being replayed (with the delay a
-    /// fault rule had injected); false: it differs from the recorded one, and the export
-    /// stopped saying how.
+    /// Takes the request at `head` into the replay: matched to its record, it is answered
+    /// once every request its queue's recording answered before it is (so the guest sees
+    /// completions in the recorded order), after the delay a fault rule had injected. False:
+    /// it differs from the recording, and the export stopped saying how.
     fn replay_one(
         &self,
         q: &Q,
         rec: &crate::replay::Recording,
         head: u16,
         chain: Chain,
+        held: &mut Held,
     ) -> std::io::Result<bool> {
         let (readable, writable) = chain.pieces();
         let segs = crate::replay::Segments {
             readable: &readable,
             writable: &writable,
         };
+        match rec.matched(q.mem, q.queue as u16, &segs) {
+            Ok(m) => held.replay.push((head, chain, m)),
+            Err(why) => return Ok(self.diverged(why)),
+        }
+        let mut answered = false;
+        while let Some(at) = held
+            .replay
+            .iter()
+            .position(|(_, _, m)| m.ord == held.replay_next)
+        {
+            let (head, chain, m) = held.replay.swap_remove(at);
+            held.replay_next += 1;
+            match self.replay_answer(q, rec, chain, m) {
+                Ok((used, delay_ms)) => {
+                    if delay_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(delay_ms.into()));
+                    }
+                    self.put_used(q.vring, q.queue, head, used);
+                    answered = true;
+                }
+                Err(why) => return Ok(self.diverged(why)),
+            }
+        }
+        if answered {
+            self.notify(q.vring, q.event_idx)?;
+        }
+        Ok(true)
+    }
+
+    /// Answers a matched request from the recording (a write done on the working copy, a
+    /// read's bytes from it or the log).
+    fn replay_answer(
+        &self,
+        q: &Q,
+        rec: &crate::replay::Recording,
+        chain: Chain,
+        m: crate::replay::Matched,
+    ) -> Result<(u32, u32), crate::replay::Diverged> {
+        let (readable, writable) = chain.pieces();
+        let segs = crate::replay::Segments {
+            readable: &readable,
+            writable: &writable,
+        };
         let disk = &self.0.disk;
-        // A write the guest asks again, done on the working copy.
         let apply = || match request::prepare(disk, q.mem, chain) {
             request::Prepared::Io(p) => p.io.run(disk).map(|_| ()).map_err(|e| e.to_string()),
             request::Prepared::Done(d, _) if d.status == 0 => Ok(()),
@@ -367,22 +416,15 @@ impl Backend {
             }];
             disk.rw(&mut iov, offset, false)
         };
-        match rec.answer(read, q.mem, q.queue as u16, &segs, apply) {
-            Ok((used, delay_ms)) => {
-                if delay_ms > 0 {
-                    std::thread::sleep(Duration::from_millis(delay_ms.into()));
-                }
-                self.put_used(q.vring, q.queue, head, used);
-                self.notify(q.vring, q.event_idx)?;
-                Ok(true)
-            }
-            Err(why) => {
-                self.0
-                    .disk
-                    .stop(&self.0.name, format!("replay diverged at {why}"));
-                Ok(false)
-            }
-        }
+        rec.complete(m, read, q.mem, q.queue as u16, &segs, apply)
+    }
+
+    /// The replay diverged: the export stops, saying why. (Always false: the queue stops.)
+    fn diverged(&self, why: crate::replay::Diverged) -> bool {
+        self.0
+            .disk
+            .stop(&self.0.name, format!("replay diverged at {why}"));
+        false
     }
 
     /// The queue's throttle timer fired: held requests may go now.
@@ -471,7 +513,7 @@ impl Backend {
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
                 if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
-                    if self.replay_one(&q, rec, head, chain)? {
+                    if self.replay_one(&q, rec, head, chain, &mut held)? {
                         continue;
                     }
                     return Ok(());

@@ -141,8 +141,8 @@ enum Mode {
     Record(Option<Writer<std::io::BufWriter<File>>>),
     Replay {
         reader: Reader<File>,
-        /// Records read ahead for other queues than the one asked.
-        ahead: Vec<VecDeque<Rec>>,
+        /// Per queue: records read and not matched yet.
+        ahead: Vec<Ahead>,
     },
 }
 
@@ -526,48 +526,99 @@ impl Recording {
         }
     }
 
-    /// Answers a request from the recording: writes back what was recorded and returns the
-    /// used length and the delay a fault rule had injected, or says how the request differs
-    /// from the recorded one.
+    /// Finds the recorded request that a request the guest sent now is: the first of its
+    /// queue's records not matched yet that has the same header, bytes out and room, among
+    /// the next `WINDOW` (a request can be that far ahead of those the recording answered
+    /// before it, when requests in flight completed out of order). Err: none is, and how
+    /// the request differs from the first record still to come.
+    pub fn matched(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        queue: u16,
+        chain: &Segments,
+    ) -> Result<Matched, Diverged> {
+        let (given, room) = Self::given(mem, chain);
+        let same = |rec: &Rec| {
+            rec.header == given.header
+                && rec.given_len == given.len as u32
+                && rec.given_crc == given.crc
+                && rec.room as usize == room
+        };
+        let mut mode = self.mode.lock().unwrap();
+        let Mode::Replay { reader, ahead } = &mut *mode else {
+            return Err(Diverged(format!("queue {queue}: not replaying")));
+        };
+        let q = usize::from(queue);
+        if ahead.len() <= q {
+            ahead.resize_with(q + 1, Ahead::default);
+        }
+        loop {
+            if let Some(at) = ahead[q].recs.iter().position(|(_, r)| same(r)) {
+                let (ord, rec) = ahead[q].recs.remove(at).expect("found");
+                return Ok(Matched { ord, rec });
+            }
+            if ahead[q].recs.len() >= WINDOW {
+                break;
+            }
+            let Some(payload) = reader
+                .next_record()
+                .map_err(|e| Diverged(format!("queue {queue}: the recording: {e}")))?
+            else {
+                break;
+            };
+            let rec = Rec::decode(&payload).ok_or_else(|| {
+                Diverged(format!(
+                    "queue {queue}: the recording holds a record too short to be a request"
+                ))
+            })?;
+            let rq = usize::from(rec.queue);
+            if ahead.len() <= rq {
+                ahead.resize_with(rq + 1, Ahead::default);
+            }
+            let a = &mut ahead[rq];
+            a.recs.push_back((a.next_ord, rec));
+            a.next_ord += 1;
+        }
+        let sent = Rec::describe(&given.header, given.len as u32, room);
+        Err(Diverged(match ahead[q].recs.front() {
+            None => format!(
+                "queue {queue}, request {}: the recording has no more requests on this queue; the guest sent {sent}",
+                self.take_index(queue, None)
+            ),
+            Some((_, rec)) => {
+                let extra = if rec.header == given.header && rec.given_len == given.len as u32 {
+                    " (the same request with other bytes written)"
+                } else {
+                    ""
+                };
+                format!(
+                    "queue {queue}, request {}: the recording has {}, the guest sent {sent}{extra}",
+                    rec.index,
+                    Rec::describe(&rec.header, rec.given_len, rec.room as usize),
+                )
+            }
+        }))
+    }
+
+    /// Answers a matched request as it was recorded (in the recorded order of its queue's
+    /// answers, which the caller keeps): writes back what was recorded and returns the used
+    /// length and the delay a fault rule had injected, or says why it cannot.
     /// On a working copy, `apply` does a recorded write that worked (write, discard or
     /// write-zeroes) there first, as the guest asks it again.
     /// `read` reads the working copy (the export's image) at an offset, for reads logged as
     /// checksums.
-    pub fn answer(
+    pub fn complete(
         &self,
+        m: Matched,
         read: impl FnOnce(u64, &mut [u8]) -> std::io::Result<u64>,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
         chain: &Segments,
         apply: impl FnOnce() -> Result<(), String>,
     ) -> Result<(u32, u32), Diverged> {
-        let (given, room) = Self::given(mem, chain);
-        let rec = self.next_for(queue)?;
-        // The request's index on its queue: the recorded one (a replay from a snapshot's mark
-        // starts past the first), else the one after the last answered.
-        let index = self.take_index(queue, rec.as_ref().map(|r| r.index));
-        let Some(rec) = rec else {
-            return Err(Diverged(format!(
-                "queue {queue}, request {index}: the recording has no more requests on this queue; the guest sent {}",
-                Rec::describe(&given.header, given.len as u32, room)
-            )));
-        };
-        let same = rec.header == given.header
-            && rec.given_len == given.len as u32
-            && rec.given_crc == given.crc
-            && rec.room as usize == room;
-        if !same {
-            let extra = if rec.header == given.header && rec.given_len == given.len as u32 {
-                " (the same request with other bytes written)"
-            } else {
-                ""
-            };
-            return Err(Diverged(format!(
-                "queue {queue}, request {index}: the recording has {}, the guest sent {}{extra}",
-                Rec::describe(&rec.header, rec.given_len, rec.room as usize),
-                Rec::describe(&given.header, given.len as u32, room)
-            )));
-        }
+        let rec = m.rec;
+        let index = self.take_index(queue, Some(rec.index));
+        let room = rec.room as usize;
         use virtio_bindings::virtio_blk as blk;
         let kind = u32::from_le_bytes(rec.header[..4].try_into().unwrap());
         let writes = matches!(
@@ -578,7 +629,7 @@ impl Recording {
             apply().map_err(|e| {
                 Diverged(format!(
                     "queue {queue}, request {index}: {} cannot be done on the working copy: {e}",
-                    Rec::describe(&rec.header, rec.given_len, rec.room as usize)
+                    Rec::describe(&rec.header, rec.given_len, room)
                 ))
             })?;
         }
@@ -591,7 +642,7 @@ impl Recording {
             {
                 return Err(Diverged(format!(
                     "queue {queue}, request {index}: {} is to come from the working copy of the recording's base copy, which does not hold what was read there when recording ({}); replay with the base copy the recording made",
-                    Rec::describe(&rec.header, rec.given_len, rec.room as usize),
+                    Rec::describe(&rec.header, rec.given_len, room),
                     match read {
                         Err(e) => e.to_string(),
                         Ok(_) => "its CRC-32 differs".into(),
@@ -618,43 +669,25 @@ impl Recording {
         self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok((rec.used, rec.delay_ms))
     }
+}
 
-    /// The next recorded request of `queue` (None: the recording has no more); Err: why the
-    /// recording cannot be read on.
-    fn next_for(&self, queue: u16) -> Result<Option<Rec>, Diverged> {
-        let mut mode = self.mode.lock().unwrap();
-        let Mode::Replay { reader, ahead } = &mut *mode else {
-            return Ok(None);
-        };
-        let q = usize::from(queue);
-        if ahead.len() <= q {
-            ahead.resize_with(q + 1, VecDeque::new);
-        }
-        if let Some(r) = ahead[q].pop_front() {
-            return Ok(Some(r));
-        }
-        loop {
-            let Some(payload) = reader
-                .next_record()
-                .map_err(|e| Diverged(format!("queue {queue}: the recording: {e}")))?
-            else {
-                return Ok(None);
-            };
-            let rec = Rec::decode(&payload).ok_or_else(|| {
-                Diverged(format!(
-                    "queue {queue}: the recording holds a record too short to be a request"
-                ))
-            })?;
-            let rq = usize::from(rec.queue);
-            if rq == q {
-                return Ok(Some(rec));
-            }
-            if ahead.len() <= rq {
-                ahead.resize_with(rq + 1, VecDeque::new);
-            }
-            ahead[rq].push_back(rec);
-        }
-    }
+/// A request the guest sent, matched to its record.
+pub struct Matched {
+    /// Its place among its queue's recorded answers (from where the replay began): it is
+    /// answered after those before it.
+    pub ord: u64,
+    rec: Rec,
+}
+
+/// How far ahead of the answers still to come a request's record may be (the most requests
+/// a queue holds in flight).
+const WINDOW: usize = 1024;
+
+/// A queue's records read ahead and not matched yet, with their places.
+#[derive(Default)]
+struct Ahead {
+    recs: VecDeque<(u64, Rec)>,
+    next_ord: u64,
 }
 
 impl Drop for Recording {

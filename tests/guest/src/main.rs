@@ -929,6 +929,12 @@ fn blk_digest(cmdline: &str) {
             }
         }
     }
+    // tg.blk.batch=N: every fourth step writes N blocks at once instead (at most blk::BATCH),
+    // and the order they complete in goes into the digest too.
+    let batch = param(cmdline, "tg.blk.batch=")
+        .and_then(parse_u64)
+        .unwrap_or(0)
+        .min(blk::BATCH as u64) as usize;
     let mut digest = 0xcbf2_9ce4_8422_2325u64;
     let mut fnv = |b: u8| digest = (digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     let mut errors = 0u64;
@@ -936,6 +942,30 @@ fn blk_digest(cmdline: &str) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
+        if batch > 0 && i % 4 == 3 {
+            let mut sectors = [0u64; blk::BATCH];
+            for (k, s) in sectors[..batch].iter_mut().enumerate() {
+                *s = ((x >> (k * 5)) % blocks) * 8;
+            }
+            for j in 0..4096 * batch {
+                // SAFETY: the DMA data buffer, 64 KiB, of which at most 32 KiB are used here.
+                unsafe {
+                    buf.add(j)
+                        .write_volatile((i as u8) ^ (j >> 12) as u8 ^ j as u8)
+                };
+            }
+            let done = d.write_batch(0, &sectors[..batch], buf as u64, |k, status| {
+                fnv(k as u8);
+                fnv(status);
+                if status != 0 {
+                    errors += 1;
+                }
+            });
+            if done != batch {
+                fnv(0xfd);
+            }
+            continue;
+        }
         let sector = (x % blocks) * 8;
         let write = (x >> 32).is_multiple_of(3);
         if write {
