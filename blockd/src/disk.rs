@@ -199,8 +199,8 @@ pub struct Disk {
     /// Served as raw (as asked), but it starts with the qcow2 magic: the caller warns, in
     /// the words of its own flags.
     pub looks_like_qcow2: bool,
-    /// Size in bytes, a whole number of sectors.
-    pub size: u64,
+    /// Size in bytes, a whole number of sectors (it grows with `resize`).
+    size: AtomicU64,
     pub options: Options,
     writethrough: AtomicBool,
     pub stats: Stats,
@@ -357,7 +357,7 @@ impl Disk {
             looks_like_qcow2,
             file,
             qcow2,
-            size,
+            size: AtomicU64::new(size),
             writethrough: AtomicBool::new(options.writethrough),
             options,
             stats: Stats::default(),
@@ -367,6 +367,62 @@ impl Disk {
             held_failed: std::sync::atomic::AtomicU32::new(0),
             recording: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Size in bytes, a whole number of sectors.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the disk to `bytes` (a raw file is extended, a qcow2 image's virtual size grows,
+    /// reading as zeroes; a block device must have grown to it already); returns the size it
+    /// had. Shrinking a raw file is refused unless `force` (the data past the end is lost).
+    pub fn resize(&self, bytes: u64, force: bool) -> Result<u64, String> {
+        let old = self.size();
+        let block = u64::from(self.block_size);
+        if self.options.readonly {
+            return Err("the export is read-only".into());
+        }
+        if self.recording.get().is_some() {
+            return Err("it is recorded or replayed (--record, --replay), and a recording does not hold a resize".into());
+        }
+        if bytes == 0 || !bytes.is_multiple_of(block) {
+            return Err(format!(
+                "{bytes} bytes is not a whole, non-zero number of {block}-byte blocks"
+            ));
+        }
+        let (now, _) = geometry(&self.file).map_err(|e| format!("cannot read its size ({e})"))?;
+        let device = {
+            use std::os::unix::fs::FileTypeExt;
+            self.file
+                .metadata()
+                .is_ok_and(|m| m.file_type().is_block_device())
+        };
+        if bytes < old && !force {
+            return Err(format!(
+                "{bytes} bytes is less than its {old}: shrinking loses the data past the new end; give --force if that is meant"
+            ));
+        }
+        match (&self.qcow2, device) {
+            (_, true) if bytes != now => {
+                return Err(format!(
+                    "a block device of {now} bytes: grow the device first (e.g. lvextend), then give its size"
+                ))
+            }
+            (_, true) => {}
+            (Some(_), _) if bytes < old => {
+                return Err("a qcow2 image is not shrunk while in use; shrink it offline (qemu-img resize --shrink)".into())
+            }
+            (Some(q), _) => q
+                .grow(bytes)
+                .map_err(|e| format!("cannot grow the qcow2 image ({e})"))?,
+            (None, false) => self
+                .file
+                .set_len(bytes)
+                .map_err(|e| format!("cannot set the image file's length ({e})"))?,
+        }
+        self.size.store(bytes, Ordering::Release);
+        Ok(old)
     }
 
     pub fn features(&self) -> u64 {
@@ -408,7 +464,7 @@ impl Disk {
         let put = |c: &mut [u8; CONFIG_SIZE], off: usize, bytes: &[u8]| {
             c[off..off + bytes.len()].copy_from_slice(bytes)
         };
-        put(&mut c, 0, &(self.size >> SECTOR_SHIFT).to_le_bytes());
+        put(&mut c, 0, &(self.size() >> SECTOR_SHIFT).to_le_bytes());
         put(&mut c, 8, &SIZE_MAX.to_le_bytes());
         // Two descriptors go to the header and the status.
         put(
@@ -435,7 +491,9 @@ impl Disk {
 
     /// Whether `len` bytes at `offset` lie inside the disk.
     pub fn contains(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size)
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 
     /// A discard or write-zeroes of `len` bytes at `offset` begins (or ends): a recording on
@@ -786,7 +844,7 @@ mod tests {
     #[test]
     fn config_space_describes_the_disk() {
         let (d, _) = disk(&[0u8; 4096 + 100], false);
-        assert_eq!(d.size, 4096);
+        assert_eq!(d.size(), 4096);
         let c = d.config();
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 8);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 126);

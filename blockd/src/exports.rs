@@ -61,7 +61,7 @@ impl Export {
             .spawn(move || serve(&n, d, listener, &c, once))?;
         log::info!(
             "export {name}: {image}, {} bytes{}, {} queue(s), on {socket}",
-            disk.size,
+            disk.size(),
             if disk.options.readonly {
                 " read-only"
             } else {

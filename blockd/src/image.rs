@@ -132,6 +132,15 @@ impl Qcow2Image {
         Ok(n as u64)
     }
 
+    /// Grows the virtual size to `bytes`; the new range reads as zeroes (no backing file's
+    /// data shows through).
+    pub fn grow(&self, bytes: u64) -> std::io::Result<()> {
+        self.access
+            .read()
+            .unwrap()
+            .resize_grow(bytes, imago::format::PreallocateMode::Zero)
+    }
+
     /// Writes cached metadata back and makes everything durable.
     pub fn flush(&self) -> std::io::Result<()> {
         let a = self.access.read().unwrap();

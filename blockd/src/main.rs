@@ -343,7 +343,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let record = args
         .record
         .as_deref()
-        .map(|path| open_recording(path, args.image.as_deref(), flat, disk.size))
+        .map(|path| open_recording(path, args.image.as_deref(), flat, disk.size()))
         .transpose()?;
     if let Some((_, file, _)) = &record {
         use std::os::fd::AsRawFd;

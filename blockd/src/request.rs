@@ -443,7 +443,7 @@ fn data_transfer<M: GuestMemoryBackend>(
         return invalid(format!(
             "sectors {sector}+{} are beyond the disk's {}",
             len >> SECTOR_SHIFT,
-            disk.size >> SECTOR_SHIFT
+            disk.size() >> SECTOR_SHIFT
         ));
     }
     if write && disk.options.readonly {

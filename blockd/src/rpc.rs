@@ -114,6 +114,27 @@ impl blockd::Server for Server {
         Ok(())
     }
 
+    async fn resize(
+        self: CapRc<Self>,
+        params: blockd::ResizeParams,
+        mut results: blockd::ResizeResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let exports = self.exports.borrow();
+        let x = exports
+            .get(&name)
+            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
+        let bytes = p.get_bytes();
+        let old = x
+            .disk
+            .resize(bytes, p.get_force())
+            .map_err(|e| failed(format!("resize {name} to {bytes} bytes: {e}")))?;
+        log::info!("export {name}: resized from {old} to {bytes} bytes");
+        results.get().set_old(old);
+        Ok(())
+    }
+
     async fn userfaultfd_device(
         self: CapRc<Self>,
         _: blockd::UserfaultfdDeviceParams,
@@ -255,7 +276,9 @@ impl blockd::Server for Server {
             let rec = match log_mode {
                 DiskLog::Replay => crate::replay::Recording::to_replay(file, false),
                 DiskLog::ReplayOnCopy => crate::replay::Recording::to_replay(file, true),
-                DiskLog::RecordOnBase => crate::replay::Recording::to_record(file, Some(disk.size)),
+                DiskLog::RecordOnBase => {
+                    crate::replay::Recording::to_record(file, Some(disk.size()))
+                }
                 _ => crate::replay::Recording::to_record(file, None),
             }
             .map_err(|err| failed(format!("export {name}: its log: {err}")))?;
@@ -532,7 +555,7 @@ pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Ex
     });
     info.set_readonly(d.options.readonly);
     info.set_queues(d.options.queues);
-    info.set_size(d.size);
+    info.set_size(d.size());
     info.set_socket(&x.socket);
     info.set_connected(x.control.connected.load(Ordering::Acquire));
     info.set_writeback(!d.writethrough());

@@ -51,6 +51,12 @@ interface Blockd {
   # Export `name`, recording, at a snapshot (its queues stopped): the image is flushed (a copy
   # of it now holds what the guest wrote) and the log too; returns where the log stands
   # (its length in bytes), from which a replay of that snapshot goes on.
+
+  resize @12 (name :Text, bytes :UInt64, force :Bool) -> (old :UInt64);
+  # Export `name` grows to `bytes` (a raw file is extended, a qcow2 image's virtual size
+  # grows; a block device must have grown to it already); returns the size it had. Shrinking
+  # is refused unless `force` (raw files only). The frontend tells the guest (a virtio
+  # config-change interrupt) and reads the config space again.
 }
 
 interface Watcher {

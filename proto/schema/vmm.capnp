@@ -87,6 +87,11 @@ interface Vmm {
   # (what a --config file may hold), defaults filled in.
   config @22 () -> (json :Text);
 
+  diskResize @25 (name :Text, bytes :UInt64, force :Bool) -> (old :UInt64);
+  # Grows disk `name` to `bytes` on a running VM (blockd grows the image; a block device must
+  # have grown already) and tells the guest (a virtio config-change interrupt). Shrinking is
+  # refused unless `force`. Returns the size it had.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

@@ -1129,3 +1129,84 @@ fn event_idx_spares_the_interrupts_the_driver_did_not_ask_for() {
         drop(vm);
     }
 }
+
+/// A disk grown while the guest runs (`vmmctl disk resize`), raw and qcow2: blockd grows the
+/// image, the guest gets a configuration-change interrupt (its generation moves), sees the
+/// new capacity without a reboot, and writes and reads its last block, past the old end;
+/// the bytes are in the image. A shrink without --force, a size that is not one, and a disk
+/// that does not exist are refused in one line each, and nothing changes.
+#[test]
+fn a_disk_grown_online_is_seen_by_the_guest_and_used_past_its_old_end() {
+    let dir = TempDir::new("resize");
+    for format in ["raw", "qcow2"] {
+        let img = dir.join(&format!("disk.{format}"));
+        if format == "raw" {
+            std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+        } else {
+            let (ok, out) =
+                qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+            assert!(ok, "{out}");
+        }
+        let api = dir.join(&format!("{format}.sock"));
+        let mut vm = TestVm::builder()
+            .cmdline("console=ttyS0 tg.scenario=blk-resize")
+            .arg("--disk")
+            .arg(format!("path={},format={format}", img.display()))
+            .args(["--api-socket", api.to_str().unwrap()])
+            .spawn();
+        vm.wait_for("tg: resize capacity=32768 generation=0 waiting", T);
+        let vmmctl = |args: &[&str]| vmm_tests::vmmctl(&api, args);
+        for (args, want) in [
+            (&["disk", "resize", "disk0", "8M"][..], "--force"),
+            (&["disk", "resize", "disk0", "lots"][..], "not a size"),
+            (
+                &["disk", "resize", "disk9", "32M"][..],
+                "no export \"disk9\"",
+            ),
+        ] {
+            let (code, out, err) = vmmctl(args);
+            assert_ne!(code, 0, "{args:?}: {out}");
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        let (code, out, err) = vmmctl(&["disk", "resize", "disk0", "24M"]);
+        assert_eq!(code, 0, "{out}{err}\n{}", vm.stderr());
+        assert!(
+            out.contains("disk0: resized from 16777216 to 25165824 bytes"),
+            "{out}"
+        );
+        vm.wait_for("tg: resize config-irq capacity=49152 generation=1", T);
+        vm.wait_for(
+            "tg: resize sector=49144 write-status=0 read-status=0 data=ok",
+            T,
+        );
+        assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+        // The block past the old end is in the image.
+        let data = match format {
+            "raw" => {
+                assert_eq!(std::fs::metadata(&img).unwrap().len(), 24 << 20);
+                std::fs::read(&img).unwrap()[(24 << 20) - 4096..].to_vec()
+            }
+            _ => {
+                let (ok, out) = qemu_img(&["check", img.to_str().unwrap()]);
+                assert!(ok, "qemu-img check: {out}");
+                let (ok, info) = qemu_img(&["info", img.to_str().unwrap()]);
+                assert!(ok && info.contains("virtual size: 24 MiB"), "{info}");
+                let raw = dir.join("converted.raw");
+                let (ok, out) = qemu_img(&[
+                    "convert",
+                    "-O",
+                    "raw",
+                    img.to_str().unwrap(),
+                    raw.to_str().unwrap(),
+                ]);
+                assert!(ok, "{out}");
+                std::fs::read(&raw).unwrap()[(24 << 20) - 4096..].to_vec()
+            }
+        };
+        assert!(
+            data.iter().enumerate().all(|(j, &b)| b == (j as u8) ^ 0x5a),
+            "{format}: the guest's last block is not in the image"
+        );
+    }
+}

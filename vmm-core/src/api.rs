@@ -810,6 +810,21 @@ impl vmm::Server for VmmServer {
         self.on_blockd(move |b| b.throttle(&name, spec)).await
     }
 
+    async fn disk_resize(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskResizeParams,
+        mut results: vmm::DiskResizeResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let (bytes, force) = (p.get_bytes(), p.get_force());
+        let n = name.clone();
+        let old = self.on_blockd(move |b| b.resize(&n, bytes, force)).await?;
+        self.ask(Request::DiskResized { name }).await?;
+        results.get().set_old(old);
+        Ok(())
+    }
+
     async fn disk_fault_add(
         self: capnp::capability::Rc<Self>,
         params: vmm::DiskFaultAddParams,

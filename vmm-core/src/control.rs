@@ -71,6 +71,8 @@ pub enum LoopError {
     PostcopyPaused,
     #[error("cannot hand guest RAM to migrated")]
     Memfd(#[source] std::io::Error),
+    #[error("no device {0} in the guest")]
+    NoDevice(String),
     #[error(transparent)]
     Failed(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -83,7 +85,7 @@ impl LoopError {
 }
 
 /// A management API request that only the VM's main loop can carry out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Pause,
     Resume,
@@ -100,6 +102,11 @@ pub enum Request {
     /// guest wrote meanwhile in the API's status (`dirty_pages`).
     DirtyLog {
         on: bool,
+    },
+    /// Disk `name`'s backend grew it: its device reads its configuration again and tells
+    /// the guest (a config-change interrupt).
+    DiskResized {
+        name: String,
     },
 }
 

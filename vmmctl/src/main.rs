@@ -205,6 +205,17 @@ enum DiskAction {
     /// Limits: bps, bps-rd, bps-wr, iops, iops-rd, iops-wr, each also with -max (burst rate)
     /// and -max-length (seconds).
     Throttle { name: String, spec: String },
+    /// Grow a disk while the guest runs: SIZE is its new size (`20G`, `1536M`, bytes); a raw
+    /// image file is extended, a qcow2 image's virtual size grows (reading as zeroes), a block
+    /// device must have grown already (give its size). The guest is told (a virtio
+    /// config-change interrupt) and sees the new capacity without a reboot.
+    Resize {
+        name: String,
+        size: String,
+        /// Shrink it (a raw file only): the data past the new end is lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// (--blockd) Serve an image as a new export, until `disk remove`.
     Add {
         name: String,
@@ -600,6 +611,9 @@ fn check_locally(command: &Command) -> Result<(), Failure> {
             2,
             "disk add and disk remove are for a blockd of its own (--blockd PATH); a VM's disks are given with vmm-core's --disk".into(),
         )),
+        Command::Disk {
+            action: DiskAction::Resize { name, size, .. },
+        } if parse_disk_size(name, size).is_err() => parse_disk_size(name, size).map(drop),
         Command::Migrate {
             bandwidth: Some(b), ..
         } if parse_rate("--bandwidth", b).is_err() => parse_rate("--bandwidth", b).map(drop),
@@ -675,6 +689,7 @@ fn command_name(command: &Command) -> &'static str {
             DiskAction::Stats { .. } => "disk stats",
             DiskAction::Fault { .. } => "disk fault",
             DiskAction::Throttle { .. } => "disk throttle",
+            DiskAction::Resize { .. } => "disk resize",
             DiskAction::Resume { .. } => "disk resume",
             DiskAction::Add { .. } => "disk add",
             DiskAction::Remove { .. } => "disk remove",
@@ -741,6 +756,9 @@ impl Session {
             Command::Disk {
                 action: DiskAction::Throttle { name, spec },
             } => self.disk_throttle(&name, &spec).await,
+            Command::Disk {
+                action: DiskAction::Resize { name, size, force },
+            } => self.disk_resize(&name, &size, force).await,
             Command::Disk { action } => self.disks(&action).await,
             Command::Devices => self.devices().await,
             Command::Replay { .. } => self.replay_status().await,
@@ -1042,6 +1060,20 @@ impl Session {
         spec.write(req.get().init_throttle());
         req.send().promise.await.map_err(|e| self.fail(e))?;
         Ok(done(self.json, &format!("{name}: throttle {spec}")))
+    }
+
+    async fn disk_resize(&self, name: &str, size: &str, force: bool) -> Result<String, Failure> {
+        let bytes = parse_disk_size(name, size)?;
+        let mut req = self.client.disk_resize_request();
+        req.get().set_name(name);
+        req.get().set_bytes(bytes);
+        req.get().set_force(force);
+        let reply = req.send().promise.await.map_err(|e| self.fail(e))?;
+        let old = reply.get().map_err(|e| self.fail(e))?.get_old();
+        Ok(done(
+            self.json,
+            &format!("{name}: resized from {old} to {bytes} bytes; the guest was told"),
+        ))
     }
 
     /// Where the console's and each disk's record/replay logs stand.
@@ -1505,6 +1537,7 @@ fn format_disks(
             DiskAction::List
             | DiskAction::Fault { .. }
             | DiskAction::Throttle { .. }
+            | DiskAction::Resize { .. }
             | DiskAction::Add { .. }
             | DiskAction::Resume { .. }
             | DiskAction::Remove { .. } => out.push(format!(
@@ -1634,6 +1667,19 @@ async fn blockd_action(
             req.get().set_name(name);
             req.send().promise.await.map_err(fail)?;
             Ok(done(json, &format!("{name}: removed")))
+        }
+        DiskAction::Resize { name, size, force } => {
+            let bytes = parse_disk_size(name, size)?;
+            let mut req = server.resize_request();
+            req.get().set_name(name);
+            req.get().set_bytes(bytes);
+            req.get().set_force(*force);
+            let reply = req.send().promise.await.map_err(fail)?;
+            let old = reply.get().map_err(fail)?.get_old();
+            Ok(done(
+                json,
+                &format!("{name}: resized from {old} to {bytes} bytes (the frontend is not told: tell it yourself)"),
+            ))
         }
         DiskAction::Throttle { name, spec } => {
             let spec = vmm_proto::throttle::Spec::parse(spec)
@@ -1792,6 +1838,20 @@ impl BlockdSession {
     /// `disk fault ...` on every export of this blockd.
     async fn fault(&self, rule: &DiskFault) -> Result<String, Failure> {
         run_fault(&self.server, rule, self.json, |e| self.fail(e)).await
+    }
+}
+
+/// `disk resize NAME SIZE`: bytes, "20G" (K, M, G, T are powers of 1024).
+fn parse_disk_size(name: &str, s: &str) -> Result<u64, Failure> {
+    match vmm_proto::size::parse(s, 1) {
+        Ok(n) if n > 0 => Ok(n),
+        Ok(_) | Err(vmm_proto::size::SizeError::Malformed(_)) => Err(Failure(
+            2,
+            format!("disk resize {name} {s}: not a size; write bytes, or 20G, 1536M and the like"),
+        )),
+        Err(vmm_proto::size::SizeError::TooLarge(_)) => {
+            Err(Failure(2, format!("disk resize {name} {s}: too large")))
+        }
     }
 }
 

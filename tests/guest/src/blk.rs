@@ -62,6 +62,8 @@ const DESC_WRITE: u16 = 2;
 
 const LAPIC: u64 = 0xfee0_0000;
 const MSI_VECTOR_BASE: u32 = 0x40;
+/// The LAPIC vector of a disk's configuration-change interrupt.
+const CONFIG_VECTOR: u32 = 0x5f;
 
 /// A split virtqueue's memory, of QUEUE_SIZE entries (the rng's driver uses it too).
 #[repr(C, align(4096))]
@@ -389,6 +391,16 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
             w32(e + 8, MSI_VECTOR_BASE + v as u32);
             w32(e + 12, 0);
         }
+        // The vector after the queues' tells of configuration changes (a disk that grew).
+        let size = u64::from(cfg_read(slot, msix_cap) >> 16 & 0x7ff) + 1;
+        if size > d.queues as u64 {
+            let e = d.msix_table + 16 * d.queues as u64;
+            w32(e, LAPIC as u32);
+            w32(e + 4, 0);
+            w32(e + 8, CONFIG_VECTOR);
+            w32(e + 12, 0);
+            w16(d.common + 0x10, d.queues);
+        }
         let mc = cfg_read(slot, msix_cap);
         cfg_write(slot, msix_cap, mc | (1 << 31));
     }
@@ -695,6 +707,19 @@ impl Disk {
         let v = MSI_VECTOR_BASE + q as u32;
         let irr = r32(LAPIC + 0x200 + u64::from(v / 32) * 0x10);
         irr & (1 << (v % 32)) != 0
+    }
+
+    /// Whether a configuration-change interrupt is pending in the BSP's LAPIC.
+    pub fn config_irq_seen(&self) -> bool {
+        let v = CONFIG_VECTOR;
+        r32(LAPIC + 0x200 + u64::from(v / 32) * 0x10) & (1 << (v % 32)) != 0
+    }
+
+    /// The configuration's generation and the capacity (sectors) it says now.
+    pub fn read_capacity(&mut self) -> (u8, u64) {
+        let g = r8(self.common + 0x15);
+        self.capacity = r32(self.device) as u64 | (u64::from(r32(self.device + 4)) << 32);
+        (g, self.capacity)
     }
 
     pub fn read_only(&self) -> bool {

@@ -193,6 +193,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk-bad" => blk_bad(stack_top),
         "blk-seq" => blk_seq(cmdline),
         "blk-digest" => blk_digest(cmdline),
+        "blk-resize" => blk_resize(),
         "dirty" => dirty(cmdline, stack_top),
         "migrate" => migrate_load(cmdline, stack_top),
         "rng" => rng::scenario(cmdline),
@@ -1000,6 +1001,69 @@ fn blk_digest(cmdline: &str) {
         .u(errors)
         .s(" fnv=")
         .hex16(digest)
+        .emit();
+}
+
+/// Waits for disk 0 to grow (a configuration-change interrupt), then writes and reads back
+/// the last 4 KiB of the new capacity, past the old end.
+fn blk_resize() {
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    if blk::probe(&mut disks) == 0 {
+        Line::new().s("tg: resize no disk").emit();
+        return;
+    }
+    let d = disks[0].as_mut().expect("probed");
+    let (g0, old) = d.read_capacity();
+    Line::new()
+        .s("tg: resize capacity=")
+        .u(old)
+        .s(" generation=")
+        .u(g0.into())
+        .s(" waiting")
+        .emit();
+    let mut spins = 0u64;
+    while !d.config_irq_seen() {
+        spins += 1;
+        if spins > 4_000_000_000 {
+            Line::new().s("tg: resize no config interrupt").emit();
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    let (g, cap) = d.read_capacity();
+    Line::new()
+        .s("tg: resize config-irq capacity=")
+        .u(cap)
+        .s(" generation=")
+        .u(g.into())
+        .emit();
+    if cap <= old {
+        return;
+    }
+    let buf = blk::data_buf();
+    let sector = cap - 8;
+    for j in 0..4096usize {
+        // SAFETY: the DMA data buffer, 64 KiB, of which 4 KiB are used here.
+        unsafe { buf.add(j).write_volatile((j as u8) ^ 0x5a) };
+    }
+    let w = d
+        .write(0, sector, buf as u64, 4096)
+        .map_or(0xff, |(s, _)| s);
+    for j in 0..4096usize {
+        // SAFETY: as above.
+        unsafe { buf.add(j).write_volatile(0) };
+    }
+    let r = d.read(0, sector, buf as u64, 4096).map_or(0xff, |(s, _)| s);
+    // SAFETY: as above; the device wrote it.
+    let same = (0..4096usize).all(|j| unsafe { buf.add(j).read_volatile() } == (j as u8) ^ 0x5a);
+    Line::new()
+        .s("tg: resize sector=")
+        .u(sector)
+        .s(" write-status=")
+        .u(w.into())
+        .s(" read-status=")
+        .u(r.into())
+        .s(if same { " data=ok" } else { " data=differs" })
         .emit();
 }
 

@@ -157,6 +157,8 @@ enum Command {
     ListRules(Answer<Vec<vmm_proto::faults::Rule>>),
     /// Retry what stopped exports hold; how many requests that is.
     Resume(Answer<u32>),
+    /// An export grown (or shrunk, forced) to the bytes given; the size it had.
+    Resize(String, u64, bool, Answer<u64>),
     /// A recorded export's image and log flushed; where its log stands (bytes). With (image,
     /// log): the image is copied beside the log as it is now (`LOG.at-BYTES`).
     Mark(String, Option<(PathBuf, PathBuf)>, Answer<u64>),
@@ -261,6 +263,14 @@ impl Blockd {
             return Ok(0);
         }
         self.ask(Command::Resume)
+    }
+
+    /// Grows disk `name` to `bytes` (shrinks it with `force`); returns the size it had.
+    pub fn resize(&self, name: &str, bytes: u64, force: bool) -> Result<u64, BlockdError> {
+        if self.external.iter().any(|d| d.name == name) {
+            return Err(BlockdError::External(name.to_string()));
+        }
+        self.ask(|tx| Command::Resize(name.to_string(), bytes, force, tx))
     }
 
     /// At a snapshot of a recorded VM (its queues stopped): disk `name`'s image and log are
@@ -708,6 +718,9 @@ fn refuse(cmd: Command, why: fn() -> BlockdError) {
         Command::Resume(reply) => {
             let _ = reply.send(Err(why()));
         }
+        Command::Resize(_, _, _, reply) => {
+            let _ = reply.send(Err(why()));
+        }
         Command::Mark(_, _, reply) => {
             let _ = reply.send(Err(why()));
         }
@@ -939,6 +952,19 @@ async fn serve(
                     .promise
                     .await
                     .and_then(|r| Ok(r.get()?.get_retried()))
+                    .map_err(|e| BlockdError::Remote(e.into()));
+                let _ = reply.send(r);
+            }
+            Command::Resize(name, bytes, force, reply) => {
+                let mut req = server.resize_request();
+                req.get().set_name(&name);
+                req.get().set_bytes(bytes);
+                req.get().set_force(force);
+                let r = req
+                    .send()
+                    .promise
+                    .await
+                    .and_then(|r| Ok(r.get()?.get_old()))
                     .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }

@@ -394,6 +394,9 @@ impl<'a> Running<'a> {
             Request::DirtyLog { on } => {
                 let _ = reply.send(self.dirty_rate_log(on).map_err(LoopError::failed));
             }
+            Request::DiskResized { name } => {
+                let _ = reply.send(self.disk_resized(&name));
+            }
             // A vCPU waiting for a page the broken channel cannot bring would hold the pause
             // (and this loop) forever.
             Request::Pause if self.shared.migration.lock().unwrap().phase == "postcopy-paused" => {
@@ -420,6 +423,31 @@ impl<'a> Running<'a> {
             }
         }
         None
+    }
+
+    /// Disk `name` grew: its device reads its configuration again and tells the guest.
+    fn disk_resized(&self, name: &str) -> Result<(), LoopError> {
+        let t = self
+            .guest
+            .transports
+            .iter()
+            .find(|(_, t)| t.lock().unwrap().device_name() == name)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| LoopError::NoDevice(name.to_string()))?;
+        let changed = t
+            .lock()
+            .unwrap()
+            .config_changed()
+            .map_err(LoopError::failed)?;
+        log::info!(
+            "{name}: {}",
+            if changed {
+                "its new size is in its configuration; the guest was told"
+            } else {
+                "its configuration did not change"
+            }
+        );
+        Ok(())
     }
 
     /// `vmmctl dirty-rate`: KVM's dirty log on (cleared), or off with the count of pages the

@@ -115,6 +115,11 @@ pub trait VirtioDevice: Send {
     fn postcopy_end(&mut self) -> Result<(), VirtioError> {
         Ok(())
     }
+    /// The backend's configuration changed (a disk grew): read it again. Returns whether it
+    /// differs, so that the guest is told (a config-change interrupt).
+    fn refresh_config(&mut self) -> Result<bool, VirtioError> {
+        Ok(false)
+    }
     /// The device's configuration space as the guest set it, and the same put back.
     fn config_bytes(&self) -> Vec<u8>;
     fn restore_config(&mut self, bytes: &[u8]) -> Result<(), VirtioError>;

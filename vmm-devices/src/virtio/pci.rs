@@ -64,6 +64,8 @@ pub struct VirtioPci {
     driver_features: u64,
     status: u8,
     config_vector: u16,
+    /// Bumped at each change of the device's configuration the device makes itself.
+    config_generation: u8,
     queue_select: u16,
     queues: Vec<Queue>,
     kicks: Vec<EventFd>,
@@ -80,6 +82,35 @@ pub struct VirtioPci {
 }
 
 impl VirtioPci {
+    /// The backend's configuration changed (a disk grew): the device reads it again, and
+    /// the driver is told (the generation moves, and a config-change interrupt on its
+    /// vector, virtio 1.2 4.1.4.3). Returns whether anything changed.
+    pub fn config_changed(&mut self) -> Result<bool, VirtioError> {
+        if !self.device.refresh_config()? {
+            return Ok(false);
+        }
+        self.config_generation = self.config_generation.wrapping_add(1);
+        let v = self.config_vector;
+        if v != NO_VECTOR && self.msix.deliverable(v) {
+            let e = self.msix.entries[usize::from(v)];
+            let msi = kvm_bindings::kvm_msi {
+                address_lo: e.addr as u32,
+                address_hi: (e.addr >> 32) as u32,
+                data: e.data,
+                ..Default::default()
+            };
+            if let Err(e) = self.routing.vm().signal_msi(msi) {
+                log::warn!("{}: cannot signal the config change ({e})", self.name());
+            }
+        } else {
+            log::info!(
+                "{}: its configuration changed; the driver has no config vector to be told on (it sees the new generation when it reads)",
+                self.name()
+            );
+        }
+        Ok(true)
+    }
+
     /// The device's backend restarted: set it up again as the driver left it.
     pub fn reconnect(&mut self) -> Result<(), VirtioError> {
         self.device.reconnect()
@@ -139,6 +170,7 @@ impl VirtioPci {
             driver_features: 0,
             status: 0,
             config_vector: NO_VECTOR,
+            config_generation: 0,
             queue_select: 0,
             queues: vec![
                 Queue {
@@ -462,7 +494,7 @@ impl VirtioPci {
             0x10 => u64::from(self.config_vector),
             0x12 => self.queues.len() as u64,
             0x14 => u64::from(self.status),
-            0x15 => 0,
+            0x15 => u64::from(self.config_generation),
             0x16 => u64::from(self.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),
             0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),

@@ -428,6 +428,28 @@ impl VirtioDevice for VhostUserDevice {
         }
     }
 
+    fn refresh_config(&mut self) -> Result<bool, VirtioError> {
+        if self.kind != Kind::Blk {
+            return Ok(false);
+        }
+        let (_, now) = self
+            .frontend
+            .get_config(
+                0,
+                CONFIG_SIZE as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &[0u8; CONFIG_SIZE],
+            )
+            .map_err(|e| self.e("GET_CONFIG", e))?;
+        // The capacity (sectors, the first 8 bytes) is what a backend changes under a running
+        // guest; the rest stays as the guest and vmm-core set it.
+        let changed = self.config.get(..8) != now.get(..8);
+        if changed {
+            self.config[..8].copy_from_slice(&now[..8]);
+        }
+        Ok(changed)
+    }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let off = offset as usize;
         if off + data.len() > self.config.len() {
