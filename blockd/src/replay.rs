@@ -111,6 +111,18 @@ impl Rec {
         (whole || base || status).then_some(rec)
     }
 
+    /// Whether a replay on a working copy does it there: a read logged as a checksum (its
+    /// bytes come from the copy), or a write, discard or write-zeroes that worked.
+    fn on_copy(&self) -> bool {
+        use virtio_bindings::virtio_blk as blk;
+        let kind = u32::from_le_bytes(self.header[..4].try_into().unwrap());
+        let writes = matches!(
+            kind,
+            blk::VIRTIO_BLK_T_OUT | blk::VIRTIO_BLK_T_DISCARD | blk::VIRTIO_BLK_T_WRITE_ZEROES
+        );
+        self.flags & FROM_BASE != 0 || (writes && self.written.last() == Some(&0))
+    }
+
     /// The read's offset on the disk (its header's sector).
     fn offset(&self) -> u64 {
         u64::from_le_bytes(self.header[8..].try_into().unwrap()).saturating_mul(512)
@@ -143,6 +155,8 @@ enum Mode {
         reader: Reader<File>,
         /// Per queue: records read and not matched yet.
         ahead: Vec<Ahead>,
+        /// Operations on the working copy in the records read so far (the next one's turn).
+        copy_ops: u64,
     },
 }
 
@@ -160,6 +174,10 @@ pub struct Recording {
     on_copy: bool,
     /// Replaying (fixed at the start; asked for every request, without the mode's lock).
     replaying: bool,
+    /// Replaying on a working copy: the turn of the next operation on it (a write done, or
+    /// a read taken from it), in the recording's order across queues.
+    copy_turn: Mutex<u64>,
+    copy_turned: std::sync::Condvar,
 }
 
 /// The granule of write tracking (per chunk: 8 bytes of state, 8 MiB for a TiB).
@@ -286,6 +304,8 @@ impl Recording {
             tracking: base.map(Tracking::new),
             on_copy: false,
             replaying: false,
+            copy_turn: Mutex::new(0),
+            copy_turned: std::sync::Condvar::new(),
         })
     }
 
@@ -300,12 +320,15 @@ impl Recording {
             mode: Mutex::new(Mode::Replay {
                 reader: Reader::resume(file, KIND)?,
                 ahead: Vec::new(),
+                copy_ops: 0,
             }),
             queues: Mutex::default(),
             done: Default::default(),
             tracking: None,
             on_copy,
             replaying: true,
+            copy_turn: Mutex::new(0),
+            copy_turned: std::sync::Condvar::new(),
         })
     }
 
@@ -545,7 +568,12 @@ impl Recording {
                 && rec.room as usize == room
         };
         let mut mode = self.mode.lock().unwrap();
-        let Mode::Replay { reader, ahead } = &mut *mode else {
+        let Mode::Replay {
+            reader,
+            ahead,
+            copy_ops,
+        } = &mut *mode
+        else {
             return Err(Diverged(format!("queue {queue}: not replaying")));
         };
         let q = usize::from(queue);
@@ -553,9 +581,9 @@ impl Recording {
             ahead.resize_with(q + 1, Ahead::default);
         }
         loop {
-            if let Some(at) = ahead[q].recs.iter().position(|(_, r)| same(r)) {
-                let (ord, rec) = ahead[q].recs.remove(at).expect("found");
-                return Ok(Matched { ord, rec });
+            if let Some(at) = ahead[q].recs.iter().position(|(_, _, r)| same(r)) {
+                let (ord, turn, rec) = ahead[q].recs.remove(at).expect("found");
+                return Ok(Matched { ord, turn, rec });
             }
             if ahead[q].recs.len() >= WINDOW {
                 break;
@@ -575,8 +603,13 @@ impl Recording {
             if ahead.len() <= rq {
                 ahead.resize_with(rq + 1, Ahead::default);
             }
+            // An operation on the working copy takes its turn among them all.
+            let turn = (self.on_copy && rec.on_copy()).then(|| {
+                *copy_ops += 1;
+                *copy_ops - 1
+            });
             let a = &mut ahead[rq];
-            a.recs.push_back((a.next_ord, rec));
+            a.recs.push_back((a.next_ord, turn, rec));
             a.next_ord += 1;
         }
         let sent = Rec::describe(&given.header, given.len as u32, room);
@@ -585,7 +618,7 @@ impl Recording {
                 "queue {queue}, request {}: the recording has no more requests on this queue; the guest sent {sent}",
                 self.take_index(queue, None)
             ),
-            Some((_, rec)) => {
+            Some((_, _, rec)) => {
                 let extra = if rec.header == given.header && rec.given_len == given.len as u32 {
                     " (the same request with other bytes written)"
                 } else {
@@ -618,6 +651,16 @@ impl Recording {
     ) -> Result<(u32, u32), Diverged> {
         let rec = m.rec;
         let index = self.take_index(queue, Some(rec.index));
+        // On the working copy, in the recorded order across queues: a read another queue's
+        // later write would change comes first, and a write earlier than a read is done.
+        let _turn = match m.turn {
+            Some(t) => Some(self.copy_turn(t).map_err(|waited| {
+                Diverged(format!(
+                    "queue {queue}, request {index}: waited {waited} s for a request of another queue that the recording answered before it and that has not come"
+                ))
+            })?),
+            None => None,
+        };
         let room = rec.room as usize;
         use virtio_bindings::virtio_blk as blk;
         let kind = u32::from_le_bytes(rec.header[..4].try_into().unwrap());
@@ -676,7 +719,36 @@ pub struct Matched {
     /// Its place among its queue's recorded answers (from where the replay began): it is
     /// answered after those before it.
     pub ord: u64,
+    /// Its turn among the operations on the working copy, of every queue.
+    turn: Option<u64>,
     rec: Rec,
+}
+
+/// An operation's turn on the working copy: the next one's comes when it drops.
+struct CopyTurn<'a>(&'a Recording);
+
+impl Drop for CopyTurn<'_> {
+    fn drop(&mut self) {
+        *self.0.copy_turn.lock().unwrap() += 1;
+        self.0.copy_turned.notify_all();
+    }
+}
+
+impl Recording {
+    /// Waits for turn `t` on the working copy (Err: the seconds waited in vain).
+    fn copy_turn(&self, t: u64) -> Result<CopyTurn<'_>, u64> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        let mut at = self.copy_turn.lock().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while *at < t {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(WAIT.as_secs());
+            }
+            at = self.copy_turned.wait_timeout(at, deadline - now).unwrap().0;
+        }
+        Ok(CopyTurn(self))
+    }
 }
 
 /// How far ahead of the answers still to come a request's record may be (the most requests
@@ -686,7 +758,8 @@ const WINDOW: usize = 1024;
 /// A queue's records read ahead and not matched yet, with their places.
 #[derive(Default)]
 struct Ahead {
-    recs: VecDeque<(u64, Rec)>,
+    /// (place on the queue, turn on the working copy, record)
+    recs: VecDeque<(u64, Option<u64>, Rec)>,
     next_ord: u64,
 }
 

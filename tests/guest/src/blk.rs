@@ -30,8 +30,8 @@ pub const CHUNK: usize = 64 * 1024;
 pub const BATCH: usize = 8;
 pub const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
@@ -456,6 +456,13 @@ impl Disk {
     /// Sends one request on queue `q` and polls for its completion. Returns the status byte
     /// and the used length, or None if the device never answered.
     pub fn request(&mut self, q: usize, kind: u32, sector: u64, bufs: &[Buf]) -> Option<(u8, u32)> {
+        self.submit(q, kind, sector, bufs);
+        self.complete(q)
+    }
+
+    /// Sends one request on queue `q` without waiting (`complete` waits; one request in flight
+    /// per queue).
+    pub fn submit(&mut self, q: usize, kind: u32, sector: u64, bufs: &[Buf]) {
         let small = self.small(q);
         let hdr = small;
         let status = small + 16;
@@ -487,8 +494,16 @@ impl Disk {
             }
         }
         let _ = head;
-        let r = self.push_and_wait(q, qm, 200_000_000)?;
-        Some((r8(status), r.1))
+        self.push(q, qm);
+    }
+
+    /// Waits for the request `submit` sent on queue `q`: its status byte and used length, or
+    /// None if the device never answered.
+    pub fn complete(&mut self, q: usize) -> Option<(u8, u32)> {
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
+        let r = self.wait_used(q, qm, 200_000_000)?;
+        Some((r8(self.small(q) + 16), r.1))
     }
 
     pub fn read(&mut self, q: usize, sector: u64, buf: u64, len: u32) -> Option<(u8, u32)> {
@@ -657,6 +672,12 @@ impl Disk {
     }
 
     fn push_and_wait(&mut self, q: usize, qm: *mut QueueMem, max_spins: u64) -> Option<(u8, u32)> {
+        self.push(q, qm);
+        self.wait_used(q, qm, max_spins)
+    }
+
+    /// Publishes the chain at descriptor 0 of queue `q` and kicks.
+    fn push(&mut self, q: usize, qm: *mut QueueMem) {
         let idx = self.next_avail[q];
         // EVENT_IDX: an interrupt for this one request.
         set_used_event(qm, self.last_used[q]);
@@ -670,6 +691,10 @@ impl Disk {
         self.next_avail[q] = idx.wrapping_add(1);
         fence(Ordering::SeqCst);
         self.kick(q, qm, idx, idx.wrapping_add(1));
+    }
+
+    /// Polls queue `q` for its next used element: (status byte, used length).
+    fn wait_used(&mut self, q: usize, qm: *mut QueueMem, max_spins: u64) -> Option<(u8, u32)> {
         let mut spins = 0u64;
         while used_idx(qm) == self.last_used[q] {
             spins += 1;

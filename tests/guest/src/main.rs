@@ -936,6 +936,7 @@ fn blk_digest(cmdline: &str) {
         .and_then(parse_u64)
         .unwrap_or(0)
         .min(blk::BATCH as u64) as usize;
+    let xq = param(cmdline, "tg.blk.xq=").and_then(parse_u64) == Some(1) && d.queues >= 2;
     let mut digest = 0xcbf2_9ce4_8422_2325u64;
     let mut fnv = |b: u8| digest = (digest ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     let mut errors = 0u64;
@@ -943,6 +944,33 @@ fn blk_digest(cmdline: &str) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
+        // tg.blk.xq=1 (a disk with two queues): every fourth step writes a block on queue 0
+        // and reads it on queue 1 at once; which the read sees goes into the digest.
+        if xq && i % 4 == 1 {
+            let sector = (x % blocks) * 8;
+            let rbuf = buf as u64 + 32768;
+            for j in 0..4096usize {
+                // SAFETY: the DMA data buffer, 64 KiB: the write's 4 KiB at its start.
+                unsafe {
+                    buf.add(j)
+                        .write_volatile((i as u8).wrapping_add(j as u8) ^ 0xc3)
+                };
+            }
+            d.submit(0, blk::T_OUT, sector, &[(buf as u64, 4096, false)]);
+            d.submit(1, blk::T_IN, sector, &[(rbuf, 4096, true)]);
+            let w = d.complete(0).map_or(0xff, |(s, _)| s);
+            let r = d.complete(1).map_or(0xff, |(s, _)| s);
+            fnv(w);
+            fnv(r);
+            errors += u64::from(w != 0) + u64::from(r != 0);
+            if r == 0 {
+                for j in 0..4096usize {
+                    // SAFETY: as above, the read's 4 KiB at 32 KiB; the device wrote it.
+                    fnv(unsafe { buf.add(32768 + j).read_volatile() });
+                }
+            }
+            continue;
+        }
         if batch > 0 && i % 4 == 3 {
             let mut sectors = [0u64; blk::BATCH];
             for (k, s) in sectors[..batch].iter_mut().enumerate() {
