@@ -33,6 +33,8 @@ struct Held {
     /// Replaying: requests matched to their records, waiting for the ones the recording
     /// answered before them on this queue (by head, with their chain).
     replay: Vec<(u16, Chain, crate::replay::Matched)>,
+    /// Replaying: since when a request waits there for one that has not come.
+    replay_waiting: Option<Instant>,
     /// Replaying: the place of the next answer on this queue.
     replay_next: u64,
 }
@@ -372,6 +374,7 @@ impl Backend {
         {
             let (head, chain, m) = held.replay.swap_remove(at);
             held.replay_next += 1;
+            held.replay_waiting = None;
             match self.replay_answer(q, rec, chain, m) {
                 Ok((used, delay_ms)) => {
                     if delay_ms > 0 {
@@ -386,7 +389,32 @@ impl Backend {
         if answered {
             self.notify(q.vring, q.event_idx)?;
         }
+        if !held.replay.is_empty() {
+            held.replay_waiting.get_or_insert_with(Instant::now);
+        }
         Ok(true)
+    }
+
+    /// Replaying, requests that wait for one the recording answered before them on this
+    /// queue: after 30 s without it, the guest diverged (it sends something else, or
+    /// nothing); until then the queue's timer comes back to look. False: it diverged.
+    fn replay_waits(&self, q: &Q, held: &Held) -> bool {
+        const WAIT: Duration = Duration::from_secs(30);
+        let Some(since) = held.replay_waiting.filter(|_| !held.replay.is_empty()) else {
+            return true;
+        };
+        let waited = since.elapsed();
+        if waited < WAIT {
+            self.0.timers[q.queue].arm(WAIT - waited);
+            return true;
+        }
+        !self.diverged(crate::replay::Diverged::new(format!(
+            "queue {}: {} request(s) wait for the one the recording answered before them on this queue (its answer {} from where the replay began), which the guest has not sent in {} s",
+            q.queue,
+            held.replay.len(),
+            held.replay_next,
+            WAIT.as_secs()
+        )))
     }
 
     /// Answers a matched request from the recording (a write done on the working copy, a
@@ -558,6 +586,11 @@ impl Backend {
                 Ok(true) => continue,
                 _ => break,
             }
+        }
+        if self.0.disk.recording.get().is_some_and(|r| r.replaying())
+            && !self.replay_waits(&q, &held)
+        {
+            return Ok(());
         }
         // Delayed requests whose time has come join the held ones.
         release_delayed(&mut held, timer);

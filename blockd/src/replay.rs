@@ -50,6 +50,12 @@ pub struct Segments<'a> {
 #[error("{0}")]
 pub struct Diverged(String);
 
+impl Diverged {
+    pub fn new(why: String) -> Diverged {
+        Diverged(why)
+    }
+}
+
 /// One recorded request.
 struct Rec {
     queue: u16,
