@@ -30,6 +30,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// Export `name`'s disk, or the error that names the export and where to look.
+    fn disk(&self, name: &str) -> Result<Arc<Disk>, capnp::Error> {
+        self.exports
+            .borrow()
+            .get(name)
+            .map(|x| x.disk.clone())
+            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))
+    }
+
     pub fn new(exports: Exports, side: Option<OwnedFd>, queue_size: u16) -> Server {
         Server {
             exports,
@@ -95,16 +104,12 @@ impl blockd::Server for Server {
         mut results: blockd::MarkResults,
     ) -> Result<(), capnp::Error> {
         let name = params.get()?.get_name()?.to_string()?;
-        let exports = self.exports.borrow();
-        let x = exports
-            .get(&name)
-            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
-        let rec =
-            x.disk.recording.get().ok_or_else(|| {
-                failed(format!("mark: export {name} is not recorded (no --record)"))
-            })?;
-        x.disk
-            .flush()
+        let disk = self.disk(&name)?;
+        let rec = disk
+            .recording
+            .get()
+            .ok_or_else(|| failed(format!("mark: export {name} is not recorded (no --record)")))?;
+        disk.flush()
             .map_err(|e| failed(format!("mark: export {name}: cannot flush its image ({e})")))?;
         let at = rec
             .mark()
@@ -121,13 +126,9 @@ impl blockd::Server for Server {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let name = p.get_name()?.to_string()?;
-        let exports = self.exports.borrow();
-        let x = exports
-            .get(&name)
-            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
         let bytes = p.get_bytes();
-        let old = x
-            .disk
+        let old = self
+            .disk(&name)?
             .resize(bytes, p.get_force())
             .map_err(|e| failed(format!("resize {name} to {bytes} bytes: {e}")))?;
         log::info!("export {name}: resized from {old} to {bytes} bytes");
@@ -345,11 +346,8 @@ impl blockd::Server for Server {
         limits
             .validate()
             .map_err(|m| failed(format!("export {name}: throttle: {m}")))?;
-        let exports = self.exports.borrow();
-        let x = exports
-            .get(&name)
-            .ok_or_else(|| failed(format!("no export {name:?} (list shows what there is)")))?;
-        let current = x.disk.throttle.lock().unwrap().clone();
+        let disk = self.disk(&name)?;
+        let current = disk.throttle.lock().unwrap().clone();
         let next = if group.is_empty() {
             match current {
                 _ if limits.is_off() => None,
@@ -385,9 +383,9 @@ impl blockd::Server for Server {
             None => log::info!("export {name}: throttling off"),
             Some(g) => log::info!("export {name}: throttled: {}", g.limits().to_spec(&g.name)),
         }
-        *x.disk.throttle.lock().unwrap() = next;
+        *disk.throttle.lock().unwrap() = next;
         // Requests held under the old settings are looked at again now.
-        for t in x.disk.timers.lock().unwrap().iter() {
+        for t in disk.timers.lock().unwrap().iter() {
             t.arm(std::time::Duration::ZERO);
         }
         Ok(())

@@ -74,9 +74,13 @@ fn migrate_and_check(
         .map_or(300, |i| extra[i + 1].parse().unwrap());
     // The source exits by itself, with status 0.
     assert_eq!(src.wait_exit(T), 0, "the source's log:\n{}", src.stderr());
+    // The pause stays within the limit, unless the passes ran out first (--max-passes): then
+    // vmm-core pauses anyway and says so. (On a loaded 2-core host the guest's dirtying can
+    // outrun a slow channel; the downtime itself is the subject of its own tests.)
+    let forced = out.contains("(forced at --max-passes: over the downtime limit)");
     assert!(
-        paused <= limit,
-        "paused {paused} ms, over the {limit} ms limit: {out}\n{}",
+        paused <= limit || forced,
+        "paused {paused} ms, over the {limit} ms limit, and not said to be forced: {out}\n{}",
         src.stderr()
     );
     assert!(

@@ -197,6 +197,16 @@ fn a_bad_replay_directory_or_log_is_refused_in_one_line() {
     );
 }
 
+/// Adds blockd fault rules to the VM at `api` (each the arguments after `disk fault add`).
+fn add_fault_rules(api: &std::path::Path, rules: &[&[&str]]) {
+    for rule in rules {
+        let mut args = vec!["disk", "fault", "add"];
+        args.extend_from_slice(rule);
+        let (code, out, err) = vmmctl(api, &args);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+}
+
 /// A disk image of 16 MiB whose every 4 KiB block says which block it is.
 fn patterned_image(dir: &TempDir) -> std::path::PathBuf {
     let img = dir.join("disk.img");
@@ -293,22 +303,20 @@ fn a_disk_workload_under_random_faults_replays_identically_without_them() {
         cmdline,
         &["--record", rec.to_str().unwrap()],
         |api, _| {
-            for rule in [
+            add_fault_rules(
+                api,
                 &[
-                    "--ops",
-                    "read,write",
-                    "--errno",
-                    "EIO",
-                    "--probability",
-                    "0.2",
-                ][..],
-                &["--ops", "read", "--delay-ms", "3", "--probability", "0.3"][..],
-            ] {
-                let mut args = vec!["disk", "fault", "add"];
-                args.extend_from_slice(rule);
-                let (code, out, err) = vmmctl(api, &args);
-                assert_eq!(code, 0, "{out}{err}");
-            }
+                    &[
+                        "--ops",
+                        "read,write",
+                        "--errno",
+                        "EIO",
+                        "--probability",
+                        "0.2",
+                    ][..],
+                    &["--ops", "read", "--delay-ms", "3", "--probability", "0.3"][..],
+                ],
+            );
         },
     );
     let errors: u64 = recorded
@@ -581,22 +589,20 @@ fn a_replay_goes_on_from_a_snapshot_taken_while_recording() {
         cmdline,
         &["--record", rec.to_str().unwrap(), "--memory", "64M"],
         |api, _| {
-            for rule in [
+            add_fault_rules(
+                api,
                 &[
-                    "--ops",
-                    "read,write",
-                    "--errno",
-                    "EIO",
-                    "--probability",
-                    "0.2",
-                ][..],
-                &["--ops", "read", "--delay-ms", "4", "--probability", "0.5"][..],
-            ] {
-                let mut args = vec!["disk", "fault", "add"];
-                args.extend_from_slice(rule);
-                let (code, out, err) = vmmctl(api, &args);
-                assert_eq!(code, 0, "{out}{err}");
-            }
+                    &[
+                        "--ops",
+                        "read,write",
+                        "--errno",
+                        "EIO",
+                        "--probability",
+                        "0.2",
+                    ][..],
+                    &["--ops", "read", "--delay-ms", "4", "--probability", "0.5"][..],
+                ],
+            );
             // Once the workload is under way (the line that starts it comes after this),
             // pause, snapshot and go on.
             let (api, snap) = (api.to_path_buf(), snap.clone());
@@ -707,17 +713,17 @@ fn a_recording_on_a_qcow2_overlay_keeps_its_reads_as_checksums_and_replays() {
         cmdline,
         &["--record", rec.to_str().unwrap()],
         |api, _| {
-            let rule = [
-                "disk",
-                "fault",
-                "add",
-                "--ops",
-                "read,write",
-                "--errno",
-                "EIO",
-            ];
-            let (code, out, err) = vmmctl(api, &[&rule[..], &["--probability", "0.2"]].concat());
-            assert_eq!(code, 0, "{out}{err}");
+            add_fault_rules(
+                api,
+                &[&[
+                    "--ops",
+                    "read,write",
+                    "--errno",
+                    "EIO",
+                    "--probability",
+                    "0.2",
+                ]],
+            );
         },
     );
     assert!(rec.join("disk0.log.base").exists());
@@ -758,22 +764,20 @@ fn requests_in_flight_together_complete_in_the_recorded_order_on_replay() {
         cmdline,
         &["--record", rec.to_str().unwrap()],
         |api, _| {
-            for rule in [
-                &["--ops", "write", "--delay-ms", "3", "--probability", "0.4"][..],
+            add_fault_rules(
+                api,
                 &[
-                    "--ops",
-                    "read,write",
-                    "--errno",
-                    "EIO",
-                    "--probability",
-                    "0.1",
-                ][..],
-            ] {
-                let mut args = vec!["disk", "fault", "add"];
-                args.extend_from_slice(rule);
-                let (code, out, err) = vmmctl(api, &args);
-                assert_eq!(code, 0, "{out}{err}");
-            }
+                    &["--ops", "write", "--delay-ms", "3", "--probability", "0.4"][..],
+                    &[
+                        "--ops",
+                        "read,write",
+                        "--errno",
+                        "EIO",
+                        "--probability",
+                        "0.1",
+                    ][..],
+                ],
+            );
         },
     );
     let replayed = digest_run(
@@ -809,9 +813,10 @@ fn a_read_and_a_write_on_two_queues_replay_in_the_recorded_order() {
         cmdline,
         &["--record", rec.to_str().unwrap()],
         |api, _| {
-            let rule = ["disk", "fault", "add", "--ops", "write", "--delay-ms", "3"];
-            let (code, out, err) = vmmctl(api, &[&rule[..], &["--probability", "0.5"]].concat());
-            assert_eq!(code, 0, "{out}{err}");
+            add_fault_rules(
+                api,
+                &[&["--ops", "write", "--delay-ms", "3", "--probability", "0.5"]],
+            );
         },
     );
     let replayed = digest_run_on(

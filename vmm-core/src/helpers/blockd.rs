@@ -157,6 +157,11 @@ enum Command {
     ListRules(Answer<Vec<vmm_proto::faults::Rule>>),
     /// Retry what stopped exports hold; how many requests that is.
     Resume(Answer<u32>),
+    /// A change to an export's image, or a mark in its recording.
+    Image(ImageCommand),
+}
+
+enum ImageCommand {
     /// An export grown (or shrunk, forced) to the bytes given; the size it had.
     Resize(String, u64, bool, Answer<u64>),
     /// A recorded export's image and log flushed; where its log stands (bytes). With (image,
@@ -270,7 +275,7 @@ impl Blockd {
         if self.external.iter().any(|d| d.name == name) {
             return Err(BlockdError::External(name.to_string()));
         }
-        self.ask(|tx| Command::Resize(name.to_string(), bytes, force, tx))
+        self.ask(|tx| Command::Image(ImageCommand::Resize(name.to_string(), bytes, force, tx)))
     }
 
     /// At a snapshot of a recorded VM (its queues stopped): disk `name`'s image and log are
@@ -282,8 +287,12 @@ impl Blockd {
     pub fn mark(&self, name: &str, keep: Option<(PathBuf, PathBuf)>) -> Result<u64, BlockdError> {
         let c = self.commands.as_ref().ok_or(BlockdError::NoBlockd)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        c.send(Command::Mark(name.to_string(), keep, tx))
-            .map_err(|_| BlockdError::NotRunning)?;
+        c.send(Command::Image(ImageCommand::Mark(
+            name.to_string(),
+            keep,
+            tx,
+        )))
+        .map_err(|_| BlockdError::NotRunning)?;
         rx.recv_timeout(std::time::Duration::from_secs(600))
             .map_err(|_| BlockdError::NoAnswer)?
     }
@@ -718,10 +727,8 @@ fn refuse(cmd: Command, why: fn() -> BlockdError) {
         Command::Resume(reply) => {
             let _ = reply.send(Err(why()));
         }
-        Command::Resize(_, _, _, reply) => {
-            let _ = reply.send(Err(why()));
-        }
-        Command::Mark(_, _, reply) => {
+        Command::Image(ImageCommand::Resize(_, _, _, reply))
+        | Command::Image(ImageCommand::Mark(_, _, reply)) => {
             let _ = reply.send(Err(why()));
         }
     }
@@ -955,34 +962,7 @@ async fn serve(
                     .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
-            Command::Resize(name, bytes, force, reply) => {
-                let mut req = server.resize_request();
-                req.get().set_name(&name);
-                req.get().set_bytes(bytes);
-                req.get().set_force(force);
-                let r = req
-                    .send()
-                    .promise
-                    .await
-                    .and_then(|r| Ok(r.get()?.get_old()))
-                    .map_err(|e| BlockdError::Remote(e.into()));
-                let _ = reply.send(r);
-            }
-            Command::Mark(name, keep, reply) => {
-                let mut req = server.mark_request();
-                req.get().set_name(&name);
-                let r = req
-                    .send()
-                    .promise
-                    .await
-                    .and_then(|r| Ok(r.get()?.get_log_bytes()))
-                    .map_err(|e| BlockdError::Remote(e.into()))
-                    .and_then(|bytes| match keep {
-                        Some((image, log)) => keep_image(&image, &log, bytes).map(|()| bytes),
-                        None => Ok(bytes),
-                    });
-                let _ = reply.send(r);
-            }
+            Command::Image(c) => image_command(server, c).await,
             Command::Throttle(name, spec, reply) => {
                 let mut req = server.set_throttle_request();
                 req.get().set_name(&name);
@@ -998,6 +978,41 @@ async fn serve(
                 }
                 let _ = reply.send(r);
             }
+        }
+    }
+}
+
+/// A command that changes or marks an export's image: a resize, or a recording's mark at a
+/// snapshot (with the image kept as it is then).
+async fn image_command(server: &vmm_proto::blockd_capnp::blockd::Client, cmd: ImageCommand) {
+    match cmd {
+        ImageCommand::Resize(name, bytes, force, reply) => {
+            let mut req = server.resize_request();
+            req.get().set_name(&name);
+            req.get().set_bytes(bytes);
+            req.get().set_force(force);
+            let r = req
+                .send()
+                .promise
+                .await
+                .and_then(|r| Ok(r.get()?.get_old()))
+                .map_err(|e| BlockdError::Remote(e.into()));
+            let _ = reply.send(r);
+        }
+        ImageCommand::Mark(name, keep, reply) => {
+            let mut req = server.mark_request();
+            req.get().set_name(&name);
+            let r = req
+                .send()
+                .promise
+                .await
+                .and_then(|r| Ok(r.get()?.get_log_bytes()))
+                .map_err(|e| BlockdError::Remote(e.into()))
+                .and_then(|bytes| match keep {
+                    Some((image, log)) => keep_image(&image, &log, bytes).map(|()| bytes),
+                    None => Ok(bytes),
+                });
+            let _ = reply.send(r);
         }
     }
 }
