@@ -117,8 +117,10 @@ pub fn snapshot_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
                 if h.finalize().to_le_bytes() != crc {
                     return Err(std::io::Error::other("its device state fails its checksum"));
                 }
-                let n = usize::from(u16::from_le_bytes([payload[0], payload[1]]));
-                if payload.get(2..2 + n) == Some(b"vm") {
+                let n = payload.get(..2).map_or(usize::MAX, |b| {
+                    usize::from(u16::from_le_bytes([b[0], b[1]]))
+                });
+                if payload.get(2..2 + n.min(payload.len())) == Some(b"vm") {
                     return Ok(Some(payload[2 + n..].to_vec()));
                 }
             }
@@ -246,6 +248,52 @@ pub fn expand(argv: Vec<OsString>, run: &clap::Command) -> Result<Vec<OsString>,
 mod tests {
     use super::*;
     use clap::Args;
+
+    /// A snapshot's head and the sections given, each with its checksum, then END.
+    fn snapshot_with(sections: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut f = b"VMMSTATE".to_vec();
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&4096u32.to_le_bytes());
+        f.extend_from_slice(&0u32.to_le_bytes());
+        f.extend_from_slice(&0u32.to_le_bytes());
+        for (kind, payload) in sections.iter().chain([(0xff, &[][..])].iter()) {
+            let mut head = vec![*kind];
+            head.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            let mut h = crc32fast::Hasher::new();
+            h.update(&head);
+            h.update(payload);
+            f.extend_from_slice(&head);
+            f.extend_from_slice(payload);
+            f.extend_from_slice(&h.finalize().to_le_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn a_snapshots_vm_state_is_found_past_ram_and_a_malformed_section_is_no_panic() {
+        let dir = std::env::temp_dir().join(format!("vmm-snapstate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("snap");
+        let mut vm = 2u16.to_le_bytes().to_vec();
+        vm.extend_from_slice(b"vm");
+        vm.extend_from_slice(b"the state");
+        // RAM is skipped; a device section too short to name its device is passed over.
+        std::fs::write(
+            &path,
+            snapshot_with(&[(1, &[7u8; 4104]), (3, &[2]), (3, &vm)]),
+        )
+        .unwrap();
+        assert_eq!(snapshot_state(&path).unwrap(), Some(b"the state".to_vec()));
+        std::fs::write(&path, snapshot_with(&[(3, &[2])])).unwrap();
+        assert_eq!(snapshot_state(&path).unwrap(), None);
+        // A flipped byte in the state is said, not taken.
+        let mut bad = snapshot_with(&[(3, &vm)]);
+        let at = bad.len() - 13 - 5;
+        bad[at] ^= 1;
+        std::fs::write(&path, bad).unwrap();
+        assert!(snapshot_state(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn run() -> clap::Command {
         crate::config::RunArgs::augment_args(clap::Command::new("run"))
