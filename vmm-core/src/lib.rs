@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod kvm_state;
 pub mod memory;
 pub mod migration;
+pub mod record_marks;
 pub mod snapshot;
 pub mod threads;
 pub mod vcpu;

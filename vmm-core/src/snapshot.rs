@@ -38,58 +38,6 @@ pub struct Devices<'a> {
     pub pci: &'a [(u8, Arc<Mutex<VirtioPci>>)],
 }
 
-/// Where each of a recording's logs stood at a snapshot (proto/schema/state.capnp's
-/// RecordMarks): a replay of the snapshot goes on from there.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RecordMarks {
-    /// (device, its log's length in bytes then).
-    pub logs: Vec<(String, u64)>,
-    /// Bytes the guest had written to its console.
-    pub console_written: u64,
-}
-
-impl RecordMarks {
-    /// Where `name`'s log stood (None: the device had no log then).
-    pub fn of(&self, name: &str) -> Option<u64> {
-        self.logs.iter().find(|(n, _)| n == name).map(|(_, b)| *b)
-    }
-
-    fn write(&self, mut b: vmm_proto::state_capnp::record_marks::Builder) {
-        b.set_console_written(self.console_written);
-        let mut l = b.init_logs(self.logs.len() as u32);
-        for (i, (name, bytes)) in self.logs.iter().enumerate() {
-            let mut m = l.reborrow().get(i as u32);
-            m.set_name(name);
-            m.set_bytes(*bytes);
-        }
-    }
-
-    /// The marks a VM state holds (None: it was not taken while recording).
-    pub fn read(state: &[u8]) -> Result<Option<RecordMarks>, StateError> {
-        let msg = capnp::serialize::read_message(&mut &state[..], Default::default())
-            .map_err(StateError::read("the VM's state is not readable"))?;
-        let e = StateError::read("the recording's marks");
-        let r = msg.get_root::<vm_state::Reader>().map_err(&e)?;
-        if !r.has_recording() {
-            return Ok(None);
-        }
-        let m = r.get_recording().map_err(&e)?;
-        let mut logs = Vec::new();
-        for l in m.get_logs().map_err(&e)?.iter() {
-            let name = l
-                .get_name()
-                .map_err(&e)?
-                .to_string()
-                .map_err(|_| StateError::NotText("a recording mark's name"))?;
-            logs.push((name, l.get_bytes()));
-        }
-        Ok(Some(RecordMarks {
-            logs,
-            console_written: m.get_console_written(),
-        }))
-    }
-}
-
 /// What a save needs besides the devices.
 pub struct Taken<'a> {
     pub vcpus: Vec<VcpuState>,
@@ -100,7 +48,7 @@ pub struct Taken<'a> {
     pub paused: bool,
     pub boot: Boot,
     /// Recording: where each log stands, taken once the queues stopped.
-    pub marks: Option<&'a dyn Fn() -> Result<RecordMarks, String>>,
+    pub marks: Option<&'a dyn Fn() -> Result<crate::record_marks::RecordMarks, String>>,
 }
 
 /// What a reset boots: the kernel and initramfs (absolute paths; "" for none) and the

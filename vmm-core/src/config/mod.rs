@@ -342,7 +342,7 @@ pub enum Recording {
     Replay(
         PathBuf,
         bool,
-        Option<std::sync::Arc<crate::snapshot::RecordMarks>>,
+        Option<std::sync::Arc<crate::record_marks::RecordMarks>>,
     ),
 }
 
@@ -388,7 +388,7 @@ impl Recording {
     }
 
     /// A replay from a snapshot: where the snapshot says each log stood.
-    pub fn marks(&self) -> Option<&crate::snapshot::RecordMarks> {
+    pub fn marks(&self) -> Option<&crate::record_marks::RecordMarks> {
         match self {
             Recording::Replay(_, _, Some(m)) => Some(m),
             _ => None,
@@ -773,7 +773,7 @@ fn console_rng_and_recording(args: &RunArgs) -> Result<DeviceSpecs, ConfigError>
 /// been taken while recording).
 fn replay_from(
     restore: Option<&str>,
-) -> Result<Option<std::sync::Arc<crate::snapshot::RecordMarks>>, ConfigError> {
+) -> Result<Option<std::sync::Arc<crate::record_marks::RecordMarks>>, ConfigError> {
     let Some(r) = restore else {
         return Ok(None);
     };
@@ -786,7 +786,7 @@ fn replay_from(
     let state = file::snapshot_state(Path::new(path))
         .map_err(|e| bad(format!("cannot read the snapshot's state ({e})")))?
         .ok_or_else(|| bad("not a snapshot with a VM state in it".into()))?;
-    crate::snapshot::RecordMarks::read(&state)
+    crate::record_marks::RecordMarks::read(&state)
         .map_err(|e| bad(e.to_string()))?
         .map(std::sync::Arc::new)
         .ok_or_else(|| bad("the snapshot was not taken while recording (no --record), so it says nowhere where a log stood; replay from the recording's start (without --restore), or snapshot a VM run with --record".into()))

@@ -7,7 +7,7 @@
 
 use crate::api::Shared;
 use crate::config::{Recording, VmConfig};
-use crate::snapshot::RecordMarks;
+use crate::record_marks::RecordMarks;
 
 /// Where each log stands now (the VM paused, its queues stopped).
 pub(super) fn take(config: &VmConfig, shared: &Shared) -> Result<RecordMarks, String> {

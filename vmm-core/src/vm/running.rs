@@ -684,7 +684,7 @@ impl<'a> Running<'a> {
         );
         let take = || super::marks::take(self.config, self.shared);
         let marks = (snapshot && recording)
-            .then_some(&take as &dyn Fn() -> Result<crate::snapshot::RecordMarks, String>);
+            .then_some(&take as &dyn Fn() -> Result<crate::record_marks::RecordMarks, String>);
         let state = save_vm(
             &self.guest,
             self.paused_clock,
@@ -793,7 +793,7 @@ fn save_vm(
     clock: Option<kvm_bindings::kvm_clock_data>,
     config: &VmConfig,
     paused: bool,
-    marks: Option<&dyn Fn() -> Result<crate::snapshot::RecordMarks, String>>,
+    marks: Option<&dyn Fn() -> Result<crate::record_marks::RecordMarks, String>>,
 ) -> Result<Vec<u8>, SaveError> {
     let state = &guest.state;
     let ids: Vec<u32> = guest
