@@ -92,6 +92,17 @@ interface Vmm {
   # have grown already) and tells the guest (a virtio config-change interrupt). Shrinking is
   # refused unless `force`. Returns the size it had.
 
+  diskAdd @26 (spec :Text) -> (name :Text, slot :UInt8);
+  # Hot-adds a disk to the running VM: `spec` is what --disk takes (path=FILE,... or
+  # socket=PATH,...). blockd serves it as a new export, its virtio-blk function goes in the
+  # first free PCI slot of bus 0, and the guest is told (ACPI PCI hotplug through the GED).
+  # Returns its name (diskN) and slot.
+
+  diskRemove @27 (name :Text, timeoutMs :UInt32) -> ();
+  # Hot-removes disk `name`: the guest is asked to eject it (ACPI eject request) and the call
+  # returns once it did: the function is off the bus and blockd's export ended. A guest that
+  # does not eject it within `timeoutMs` gets an error, and the disk stays.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

@@ -395,6 +395,21 @@ impl VmmServer {
 
 impl VmmServer {
     /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread).
+    /// As on_blockd, for a change to the disks themselves (hot-add, hot-remove).
+    async fn on_blockd_mut<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::helpers::blockd::Blockd) -> Result<T, BlockdError> + Send + 'static,
+    ) -> Result<T, capnp::Error> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_mut() {
+            Some(b) => f(b),
+            None => Err(BlockdError::NoBlockd),
+        })
+        .await
+        .map_err(|e| capnp::Error::failed(e.to_string()))?
+        .map_err(|e| failed(&e))
+    }
+
     async fn on_blockd<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::helpers::blockd::Blockd) -> Result<T, BlockdError> + Send + 'static,
@@ -823,6 +838,73 @@ impl vmm::Server for VmmServer {
         self.ask(Request::DiskResized { name }).await?;
         results.get().set_old(old);
         Ok(())
+    }
+
+    async fn disk_add(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskAddParams,
+        mut results: vmm::DiskAddResults,
+    ) -> Result<(), capnp::Error> {
+        let text = params.get()?.get_spec()?.to_string()?;
+        let spec = crate::config::disk::parse_disk(&text).map_err(|e| failed(&e))?;
+        let backend = self.on_blockd_mut(move |b| b.add_disk(&spec)).await?;
+        let name = backend.name.clone();
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .events
+            .send(VmEvent::Disk(crate::control::DiskChange::Add(
+                backend, reply,
+            )));
+        let plugged = match (sent, answer.await) {
+            (Ok(()), Ok(Ok(slot))) => Ok(slot),
+            (Ok(()), Ok(Err(e))) => Err(failed(&e)),
+            _ => Err(capnp::Error::failed(
+                "the VM stopped before the disk was plugged in".into(),
+            )),
+        };
+        match plugged {
+            Ok(slot) => {
+                results.get().set_name(&name);
+                results.get().set_slot(slot);
+                Ok(())
+            }
+            Err(e) => {
+                // Not in the guest: blockd lets it go again.
+                let n = name.clone();
+                if let Err(undo) = self.on_blockd_mut(move |b| b.remove_disk(&n)).await {
+                    log::warn!("{name}: cannot end its export after a failed hot-add: {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn disk_remove(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskRemoveParams,
+        _: vmm::DiskRemoveResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let timeout_ms = p.get_timeout_ms();
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(VmEvent::Disk(crate::control::DiskChange::Remove {
+                name: name.clone(),
+                timeout_ms,
+                reply,
+            }))
+            .map_err(|_| capnp::Error::failed("the VM is shutting down".into()))?;
+        match answer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(failed(&e)),
+            Err(_) => {
+                return Err(capnp::Error::failed(
+                    "the VM stopped before the guest ejected the disk".into(),
+                ))
+            }
+        }
+        self.on_blockd_mut(move |b| b.remove_disk(&name)).await
     }
 
     async fn disk_fault_add(

@@ -18,6 +18,10 @@ pub enum VmEvent {
     Api(ApiRequest),
     /// The guest acted on the CPU hotplug controller.
     Hotplug(HotplugEvent),
+    /// A disk comes or goes (the management API).
+    Disk(DiskChange),
+    /// The guest ejected the devices of these PCI slots (a bit each), as asked.
+    PciEjected(u32),
     /// blockd stopped a disk on an I/O error (its error policy): (disk, reason).
     DiskStopped(String, String),
     /// A step of a migration or snapshot.
@@ -28,6 +32,28 @@ pub enum VmEvent {
     PostcopyDone(Result<PostcopySummary, PostcopyFailed>),
     /// Post-copy (the destination): the channel broke (why); the VM waits for a recovery.
     PostcopyPaused(String),
+}
+
+/// A disk that comes or goes while the VM runs (PCI hotplug).
+pub enum DiskChange {
+    /// Put the disk's virtio-blk function on the bus and tell the guest: its PCI slot.
+    Add(crate::helpers::blockd::DiskBackend, Reply<u8>),
+    /// Ask the guest to eject disk `name`: answered once it did (the function is then off
+    /// the bus and its backend disconnected), or when `timeout_ms` passed (it stays).
+    Remove {
+        name: String,
+        timeout_ms: u32,
+        reply: Reply<()>,
+    },
+}
+
+impl std::fmt::Debug for DiskChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskChange::Add(d, _) => write!(f, "Add({})", d.name),
+            DiskChange::Remove { name, .. } => write!(f, "Remove({name})"),
+        }
+    }
 }
 
 /// An incoming VM's device state and stream size, or why it did not come.
@@ -73,6 +99,14 @@ pub enum LoopError {
     Memfd(#[source] std::io::Error),
     #[error("no device {0} in the guest")]
     NoDevice(String),
+    #[error("disk {0}: the guest did not eject it within {1} ms, so it stays (does the guest support ACPI PCI hotplug, and has it stopped using the disk?)")]
+    DiskNotEjected(String, u32),
+    #[error("disk {0} is being removed already; wait for that to end")]
+    DiskRemoving(String),
+    #[error("{0}: no free PCI slot (bus 0 has 31); remove a device first")]
+    NoPciSlot(String),
+    #[error("{0}: cannot be hot-removed (only disks can)")]
+    NotRemovable(String),
     #[error(transparent)]
     Failed(Box<dyn std::error::Error + Send + Sync>),
 }

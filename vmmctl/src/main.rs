@@ -216,15 +216,20 @@ enum DiskAction {
         #[arg(long)]
         force: bool,
     },
-    /// (--blockd) Serve an image as a new export, until `disk remove`.
+    /// Add a disk. To a running VM: SPEC is what vmm-core's --disk takes
+    /// (`path=FILE[,format=qcow2][,readonly=on][,queues=N]...` or `socket=PATH`); blockd serves
+    /// it, it goes into the first free PCI slot and the guest is told (ACPI PCI hotplug). To a
+    /// blockd of its own (--blockd): SPEC is the export's name, with --image and --vhost-socket;
+    /// it is served until `disk remove`.
     Add {
+        #[arg(value_name = "SPEC")]
         name: String,
-        /// The image (vmmctl opens it and hands blockd the descriptor).
+        /// (--blockd) The image (vmmctl opens it and hands blockd the descriptor).
         #[arg(long, value_name = "PATH")]
-        image: PathBuf,
-        /// Where the vhost-user frontend connects (vmmctl binds it).
+        image: Option<PathBuf>,
+        /// (--blockd) Where the vhost-user frontend connects (vmmctl binds it).
         #[arg(long, value_name = "PATH")]
-        vhost_socket: PathBuf,
+        vhost_socket: Option<PathBuf>,
         #[arg(long, default_value = "raw")]
         format: String,
         #[arg(long)]
@@ -232,7 +237,9 @@ enum DiskAction {
         #[arg(long, default_value_t = 1)]
         queues: u16,
     },
-    /// (--blockd) Stop serving an export.
+    /// Remove a disk. From a running VM: the guest is asked to eject it (ACPI eject request),
+    /// and this returns once it did (within --timeout seconds; else the disk stays); blockd's
+    /// export ends. From a blockd of its own (--blockd): stop serving the export.
     Remove { name: String },
 }
 
@@ -577,7 +584,10 @@ async fn run(cli: &Cli) -> Result<String, Failure> {
     // A guest has --timeout to take vCPUs, and dirty-rate measures for --ms: each gets its
     // time on top of the deadline.
     let extra = match &command {
-        Command::Cpus { action: Some(_) } => wait,
+        Command::Cpus { action: Some(_) }
+        | Command::Disk {
+            action: DiskAction::Remove { .. },
+        } => wait,
         Command::DirtyRate { ms } => Duration::from_millis(u64::from(*ms)),
         _ => Duration::ZERO,
     };
@@ -606,10 +616,16 @@ fn check_locally(command: &Command) -> Result<(), Failure> {
             "disk resume is for a blockd of its own (--blockd PATH); for a VM, `vmmctl resume` resumes it and retries its disks".into(),
         )),
         Command::Disk {
-            action: DiskAction::Add { .. } | DiskAction::Remove { .. },
-        } => Err(Failure(
+            action:
+                DiskAction::Add {
+                    name,
+                    image,
+                    vhost_socket,
+                    ..
+                },
+        } if image.is_some() || vhost_socket.is_some() => Err(Failure(
             2,
-            "disk add and disk remove are for a blockd of its own (--blockd PATH); a VM's disks are given with vmm-core's --disk".into(),
+            format!("disk add {name}: --image and --vhost-socket are for a blockd of its own (--blockd PATH); to a VM, give the disk as vmm-core's --disk takes it: disk add path=FILE[,format=qcow2][,readonly=on]"),
         )),
         Command::Disk {
             action: DiskAction::Resize { name, size, .. },
@@ -759,6 +775,12 @@ impl Session {
             Command::Disk {
                 action: DiskAction::Resize { name, size, force },
             } => self.disk_resize(&name, &size, force).await,
+            Command::Disk {
+                action: DiskAction::Add { name, .. },
+            } => self.disk_add(&name).await,
+            Command::Disk {
+                action: DiskAction::Remove { name },
+            } => self.disk_remove(&name, timeout).await,
             Command::Disk { action } => self.disks(&action).await,
             Command::Devices => self.devices().await,
             Command::Replay { .. } => self.replay_status().await,
@@ -1060,6 +1082,35 @@ impl Session {
         spec.write(req.get().init_throttle());
         req.send().promise.await.map_err(|e| self.fail(e))?;
         Ok(done(self.json, &format!("{name}: throttle {spec}")))
+    }
+
+    async fn disk_add(&self, spec: &str) -> Result<String, Failure> {
+        let mut req = self.client.disk_add_request();
+        req.get().set_spec(spec);
+        let reply = req.send().promise.await.map_err(|e| self.fail(e))?;
+        let r = reply.get().map_err(|e| self.fail(e))?;
+        let name = r
+            .get_name()
+            .map_err(|e| self.fail(e))?
+            .to_string()
+            .map_err(|e| self.fail(e.into()))?;
+        let slot = r.get_slot();
+        Ok(if self.json {
+            format!("{{\"name\":{},\"slot\":{slot}}}", json_str(&name))
+        } else {
+            format!("{name}: added at PCI 00:{slot:02x}.0; the guest was told")
+        })
+    }
+
+    async fn disk_remove(&self, name: &str, timeout: f64) -> Result<String, Failure> {
+        let mut req = self.client.disk_remove_request();
+        req.get().set_name(name);
+        req.get().set_timeout_ms((timeout * 1000.0).ceil() as u32);
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(
+            self.json,
+            &format!("{name}: the guest ejected it; removed"),
+        ))
     }
 
     async fn disk_resize(&self, name: &str, size: &str, force: bool) -> Result<String, Failure> {
@@ -1659,6 +1710,12 @@ async fn blockd_action(
             readonly,
             queues,
         } => {
+            let (Some(image), Some(vhost_socket)) = (image, vhost_socket) else {
+                return Err(Failure(
+                    2,
+                    format!("disk add {name}: a blockd of its own needs --image PATH and --vhost-socket PATH"),
+                ));
+            };
             b.add(name, image, vhost_socket, format, *readonly, *queues)
                 .await
         }

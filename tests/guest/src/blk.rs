@@ -300,7 +300,8 @@ pub fn caps(slot: u8) -> Result<Caps, &'static str> {
     Ok(c)
 }
 
-fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
+/// Brings up the virtio-blk function at `slot` as disk `index` (its DMA area).
+pub fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
     let caps = caps(slot)?;
     if caps.device == 0 {
         return Err("missing-virtio-capabilities");
@@ -414,6 +415,9 @@ fn init(index: usize, slot: u8) -> Result<Disk, &'static str> {
         w16(c + 0x18, QUEUE_SIZE);
         // SAFETY: only addresses of the static DMA area are taken.
         let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[index][q as usize]) };
+        // Fresh rings: this memory may hold the rings of a disk ejected from this index.
+        // SAFETY: the queue's memory is this driver's until the device is told where it is.
+        unsafe { core::ptr::write_bytes(qm, 0, 1) };
         // SAFETY: as above.
         let (desc, avail, used) = unsafe {
             (
@@ -587,8 +591,15 @@ impl Disk {
         q: usize,
         sectors: &[u64],
         buf: u64,
-        mut done: impl FnMut(usize, u8),
+        done: impl FnMut(usize, u8),
     ) -> usize {
+        let n = self.submit_batch(q, sectors, buf);
+        self.reap_batch(q, n, 200_000_000, done)
+    }
+
+    /// Puts writes of 4 KiB at `sectors[i]` (at most BATCH) in flight on queue `q`, from
+    /// `buf + 4096 * i`, with one kick; returns how many. `reap_batch` waits for them.
+    pub fn submit_batch(&mut self, q: usize, sectors: &[u64], buf: u64) -> usize {
         let n = sectors.len().min(BATCH);
         // SAFETY: only addresses of the static DMA area are taken.
         let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
@@ -634,12 +645,28 @@ impl Disk {
         self.next_avail[q] = idx.wrapping_add(n as u16);
         fence(Ordering::SeqCst);
         self.kick(q, qm, idx, idx.wrapping_add(n as u16));
+        n
+    }
+
+    /// Waits for the `n` writes `submit_batch` put on queue `q` (each wait given up after
+    /// `max_spins`): `done(i, status)` as each completes. Returns how many completed.
+    pub fn reap_batch(
+        &mut self,
+        q: usize,
+        n: usize,
+        max_spins: u64,
+        mut done: impl FnMut(usize, u8),
+    ) -> usize {
+        // SAFETY: only addresses of the static DMA area are taken.
+        let qm = unsafe { core::ptr::addr_of_mut!((*dma()).queues[self.index][q]) };
+        // SAFETY: as above.
+        let small = unsafe { core::ptr::addr_of_mut!((*dma()).batch[self.index]) } as u64;
         let mut got = 0;
         while got < n {
             let mut spins = 0u64;
             while used_idx(qm) == self.last_used[q] {
                 spins += 1;
-                if spins > 200_000_000 {
+                if spins > max_spins {
                     return got;
                 }
                 core::hint::spin_loop();

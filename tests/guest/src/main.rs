@@ -194,6 +194,7 @@ extern "C" fn guest_main(start_info: u64) -> ! {
         "blk-seq" => blk_seq(cmdline),
         "blk-digest" => blk_digest(cmdline),
         "blk-resize" => blk_resize(),
+        "blk-hotplug" => blk_hotplug(cmdline),
         "dirty" => dirty(cmdline, stack_top),
         "migrate" => migrate_load(cmdline, stack_top),
         "rng" => rng::scenario(cmdline),
@@ -1034,6 +1035,154 @@ fn blk_digest(cmdline: &str) {
 
 /// Waits for disk 0 to grow (a configuration-change interrupt), then writes and reads back
 /// the last 4 KiB of the new capacity, past the old end.
+/// The VMM's PCI hotplug controller (vmm-devices' platform/pci_hotplug.rs): PCIU, PCID, B0EJ.
+const PCI_HOTPLUG_PORT: u16 = 0x0ce8;
+const GED_PCI_HOTPLUG: u8 = 1 << 3;
+
+/// Disk hotplug as an ACPI driver does it, on the registers directly: each GED PCI event is
+/// taken (cleared), PCIU and PCID read. A disk put in a slot is brought up and written: the
+/// `blk` pattern (seed tg.blk.seed) over its first 256 KiB, flushed, read back and checked. A
+/// disk to eject is ejected (B0EJ): with tg.hp.inflight=1 only after a batch of 4 KiB writes
+/// (pattern words at sectors 1024 + 8i) was put in flight and not waited for; the writes'
+/// completions are then counted (the device must complete or fail each one). tg.hp.ignore=1:
+/// eject requests are ignored. The power button ends it.
+fn blk_hotplug(cmdline: &str) {
+    let seed = param(cmdline, "tg.blk.seed=")
+        .and_then(parse_u64)
+        .unwrap_or(1);
+    let inflight = param(cmdline, "tg.hp.inflight=") == Some("1");
+    let ignore = param(cmdline, "tg.hp.ignore=") == Some("1");
+    let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
+    let n = blk::probe(&mut disks);
+    Line::new()
+        .s("tg: hotplug-blk ready disks=")
+        .u(n as u64)
+        .emit();
+    loop {
+        let ged = io::inb(GED_PORT);
+        if ged & 1 != 0 {
+            io::outb(GED_PORT, 1);
+            Line::new().s("tg: power button").emit();
+            return;
+        }
+        if ged & GED_PCI_HOTPLUG == 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        io::outb(GED_PORT, GED_PCI_HOTPLUG);
+        let up = io::inl(PCI_HOTPLUG_PORT);
+        let down = io::inl(PCI_HOTPLUG_PORT + 4);
+        Line::new()
+            .s("tg: pci-event up=")
+            .hex(up.into())
+            .s(" down=")
+            .hex(down.into())
+            .emit();
+        for slot in (1..32u8).filter(|s| up & (1 << s) != 0) {
+            let Some(i) = disks.iter().position(Option::is_none) else {
+                Line::new().s("tg: error hp no room").emit();
+                continue;
+            };
+            match blk::init(i, slot) {
+                Ok(d) => disks[i] = Some(hp_write_check(d, seed)),
+                Err(why) => Line::new().s("tg: error hp init ").s(why).emit(),
+            }
+        }
+        for slot in (1..32u8).filter(|s| down & (1 << s) != 0) {
+            let at = disks
+                .iter()
+                .position(|d| d.as_ref().is_some_and(|d| d.slot == slot));
+            if ignore {
+                Line::new()
+                    .s("tg: hp-eject-ignored slot=")
+                    .u(slot.into())
+                    .emit();
+                continue;
+            }
+            let mut line = Line::new().s("tg: hp-ejected slot=").u(slot.into());
+            let mut pending = None;
+            if let (true, Some(i)) = (inflight, at) {
+                let d = disks[i].as_mut().expect("found");
+                let buf = blk::data_buf() as u64;
+                let mut sectors = [0u64; blk::BATCH];
+                for (k, s) in sectors.iter_mut().enumerate() {
+                    *s = 1024 + 8 * k as u64;
+                    hp_fill(buf + 4096 * k as u64, *s * 512, seed);
+                }
+                pending = Some(d.submit_batch(0, &sectors, buf));
+            }
+            io::outl(PCI_HOTPLUG_PORT + 8, 1 << slot);
+            if let (Some(n), Some(i)) = (pending, at) {
+                let d = disks[i].as_mut().expect("found");
+                let mut ok = 0u64;
+                let got = d.reap_batch(0, n, 2_000_000_000, |_, st| ok += u64::from(st == 0));
+                line = line
+                    .s(" in-flight=")
+                    .u(n as u64)
+                    .s(" answered=")
+                    .u(got as u64)
+                    .s(" ok=")
+                    .u(ok);
+            }
+            line.emit();
+            if let Some(i) = at {
+                disks[i] = None;
+            }
+        }
+    }
+}
+
+/// Fills 4 KiB at `buf` with the `blk` pattern of the disk bytes at `offset`.
+fn hp_fill(buf: u64, offset: u64, seed: u64) {
+    for w in 0..512u64 {
+        let v = (offset / 8 + w).wrapping_add(seed).wrapping_mul(blk::K);
+        // SAFETY: the caller's buffer in the DMA area, 4 KiB.
+        unsafe { ((buf + 8 * w) as *mut u64).write_volatile(v) };
+    }
+}
+
+/// A hot-added disk written with the pattern over its first 256 KiB, flushed, read back and
+/// checked; reported as "tg: hp-added".
+fn hp_write_check(mut d: blk::Disk, seed: u64) -> blk::Disk {
+    let buf = blk::data_buf() as u64;
+    let chunk = blk::CHUNK as u64;
+    let mut write = 0u8;
+    let mut same = true;
+    for c in 0..(256 * 1024 / chunk) {
+        let at = c * chunk;
+        for k in 0..chunk / 4096 {
+            hp_fill(buf + 4096 * k, at + 4096 * k, seed);
+        }
+        write |= d
+            .write(0, at / 512, buf, chunk as u32)
+            .map_or(0xff, |(s, _)| s);
+    }
+    write |= d.flush(0).map_or(0xff, |(s, _)| s);
+    for c in 0..(256 * 1024 / chunk) {
+        let at = c * chunk;
+        // SAFETY: the DMA data buffer, cleared before the device writes it.
+        unsafe { core::ptr::write_bytes(buf as *mut u8, 0, chunk as usize) };
+        write |= d
+            .read(0, at / 512, buf, chunk as u32)
+            .map_or(0xff, |(s, _)| s);
+        for w in 0..chunk / 8 {
+            let want = (at / 8 + w).wrapping_add(seed).wrapping_mul(blk::K);
+            // SAFETY: as above; the device wrote it.
+            same &= unsafe { ((buf + 8 * w) as *const u64).read_volatile() } == want;
+        }
+    }
+    Line::new()
+        .s("tg: hp-added slot=")
+        .u(d.slot.into())
+        .s(" capacity=")
+        .u(d.capacity)
+        .s(" status=")
+        .u(write.into())
+        .s(if same { " data=ok" } else { " data=differs" })
+        .emit();
+    d
+}
+
 fn blk_resize() {
     let mut disks: [Option<blk::Disk>; 4] = [None, None, None, None];
     if blk::probe(&mut disks) == 0 {

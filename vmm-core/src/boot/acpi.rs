@@ -11,7 +11,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_devices::layout::{GuestMemory, IOAPIC_ADDR, LAPIC_ADDR};
-use vmm_devices::platform::{cpu_hotplug, ged, power, pvpanic, serial};
+use vmm_devices::platform::{cpu_hotplug, ged, pci_hotplug, power, pvpanic, serial};
 
 const OEM_ID: [u8; 6] = *b"VMMCOR";
 
@@ -166,6 +166,13 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
                         ),
                         vec![&aml::Notify::new(&aml::Path::new("\\_SB_.VGEN"), &0x80u8)],
                     ),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::Zero {}, &aml::Local(0), &ged::EVENT_PCI_HOTPLUG),
+                            &ged::EVENT_PCI_HOTPLUG,
+                        ),
+                        vec![&aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![])],
+                    ),
                 ],
             ),
         ],
@@ -200,37 +207,46 @@ pub fn dsdt(max_cpus: u32) -> Vec<u8> {
 }
 
 /// The PCI root bridge (bus 0: config ports 0xCF8-0xCFF, the I/O space around them and the 32-bit
-/// MMIO window BARs are assigned from), and a motherboard device that reserves the ECAM area,
-/// which Linux wants before it trusts MCFG.
+/// MMIO window BARs are assigned from), with ACPI PCI hotplug (what Linux's acpiphp drives, as
+/// on QEMU's i440fx): a device object per slot with `_ADR`, `_SUN` and `_EJ0` (which ejects it
+/// through the controller's B0EJ), and `PCNT`, which the GED's PCI event calls: it notifies
+/// each slot a device came to (device check) or is to leave (eject request). And a motherboard
+/// device that reserves the ECAM area, which Linux wants before it trusts MCFG.
 fn pci_aml(body: &mut Vec<u8>) {
     use vmm_devices::pci::{ECAM_BASE, ECAM_SIZE, MEM32_BASE, MEM32_END};
-    aml::Device::new(
-        "_SB_.PCI0".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_UID".into(), &aml::Zero {}),
-            &aml::Name::new("_SEG".into(), &aml::Zero {}),
-            &aml::Name::new("_BBN".into(), &aml::Zero {}),
-            &aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![
-                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
-                    &aml::IO::new(0xcf8, 0xcf8, 1, 8),
-                    &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
-                    &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
-                    &aml::AddressSpace::new_memory(
-                        aml::AddressSpaceCacheable::NotCacheable,
-                        true,
-                        MEM32_BASE as u32,
-                        MEM32_END as u32,
-                        None,
-                    ),
-                ]),
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![
+            &aml::AddressSpace::new_bus_number(0u16, 0u16),
+            &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+            &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
+            &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
+            &aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                MEM32_BASE as u32,
+                MEM32_END as u32,
+                None,
             ),
-        ],
-    )
-    .to_aml_bytes(body);
+        ]),
+    );
+    let [region, field, reserve] = pci_hotplug_registers();
+    let slots: Vec<Raw> = (1..32u32).map(pci_slot).collect();
+    let pcnt = pcnt_method();
+    let mut children: Vec<&dyn Aml> = Vec::new();
+    let (hid, cid) = (
+        aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+        aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+    );
+    let (uid, seg, bbn) = (
+        aml::Name::new("_UID".into(), &aml::Zero {}),
+        aml::Name::new("_SEG".into(), &aml::Zero {}),
+        aml::Name::new("_BBN".into(), &aml::Zero {}),
+    );
+    children.extend([&hid as &dyn Aml, &cid, &uid, &seg, &bbn, &crs]);
+    children.extend([&region as &dyn Aml, &field, &reserve, &pcnt]);
+    children.extend(slots.iter().map(|s| s as &dyn Aml));
+    aml::Device::new("_SB_.PCI0".into(), children).to_aml_bytes(body);
     aml::Device::new(
         "_SB_.MBRD".into(),
         vec![
@@ -247,6 +263,99 @@ fn pci_aml(body: &mut Vec<u8>) {
         ],
     )
     .to_aml_bytes(body);
+}
+
+/// The PCI hotplug controller's registers (pci_hotplug::PORT): PCIU (slots added; reading
+/// clears it), PCID (slots to eject) and B0EJ (eject); and a device that reserves its ports.
+fn pci_hotplug_registers() -> [Raw; 3] {
+    let region = aml::OpRegion::new(
+        "PCST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &pci_hotplug::PORT,
+        &pci_hotplug::LEN,
+    );
+    let field = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    );
+    let reserve = raw(&aml::Device::new(
+        "PHPR".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &aml::Name::new("_UID".into(), &"PCI Hotplug resources"),
+            &aml::Name::new("_STA".into(), &0x0bu8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    pci_hotplug::PORT,
+                    pci_hotplug::PORT,
+                    1,
+                    pci_hotplug::LEN as u8,
+                )]),
+            ),
+        ],
+    ));
+    [raw(&region), raw(&field), reserve]
+}
+
+/// Slot `n` of bus 0: its device (function 0) and how the guest ejects it.
+fn pci_slot(n: u32) -> Raw {
+    let bit = 1u32 << n;
+    raw(&aml::Device::new(
+        format!("S{n:03X}").as_str().into(),
+        vec![
+            &aml::Name::new("_ADR".into(), &(n << 16)),
+            &aml::Name::new("_SUN".into(), &n),
+            &aml::Method::new(
+                "_EJ0".into(),
+                1,
+                false,
+                vec![&aml::Store::new(&aml::Path::new("B0EJ"), &bit)],
+            ),
+        ],
+    ))
+}
+
+/// PCNT: the slots added since the last scan get a device check (1), those to be ejected an
+/// eject request (3).
+fn pcnt_method() -> Raw {
+    let paths: Vec<aml::Path> = (1..32u32)
+        .map(|n| aml::Path::new(&format!("S{n:03X}")))
+        .collect();
+    let bits: Vec<u32> = (1..32u32).map(|n| 1 << n).collect();
+    let tests = |local: u8| -> Vec<Raw> {
+        bits.iter()
+            .map(|b| {
+                raw(&aml::Equal::new(
+                    &aml::And::new(&aml::Zero {}, &aml::Local(local), b),
+                    b,
+                ))
+            })
+            .collect()
+    };
+    let (added, leaving) = (tests(0), tests(1));
+    let check: Vec<aml::Notify> = paths.iter().map(|p| aml::Notify::new(p, &1u8)).collect();
+    let eject: Vec<aml::Notify> = paths.iter().map(|p| aml::Notify::new(p, &3u8)).collect();
+    let mut ifs: Vec<aml::If> = Vec::new();
+    for i in 0..paths.len() {
+        ifs.push(aml::If::new(&added[i], vec![&check[i]]));
+        ifs.push(aml::If::new(&leaving[i], vec![&eject[i]]));
+    }
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let (up, down) = (
+        aml::Store::new(&aml::Local(0), &pciu),
+        aml::Store::new(&aml::Local(1), &pcid),
+    );
+    let mut body: Vec<&dyn Aml> = vec![&up, &down];
+    body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    raw(&aml::Method::new("PCNT".into(), 0, true, body))
 }
 
 /// MCFG: ECAM for segment 0, bus 0.

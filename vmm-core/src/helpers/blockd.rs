@@ -57,6 +57,12 @@ pub enum BlockdError {
     Restarting,
     #[error("this VM has no disks served by blockd")]
     NoBlockd,
+    #[error("hot-adding an image needs the VM's blockd, which runs when the VM starts with a path= disk; start the VM with one, or add a socket= disk served by a backend of its own")]
+    NoBlockdToAdd,
+    #[error("cannot hot-add a disk to a VM that records or replays (--record, --replay): the recording holds the disks it began with")]
+    AddWhileRecording,
+    #[error("disk {0} is served by a backend of its own (socket=); nothing to end in blockd")]
+    NotServed(String),
     #[error("blockd is not running")]
     NotRunning,
     #[error("blockd did not answer within 5 s")]
@@ -159,6 +165,23 @@ enum Command {
     Resume(Answer<u32>),
     /// A change to an export's image, or a mark in its recording.
     Image(ImageCommand),
+    /// A disk hot-added or hot-removed.
+    Disk(DiskCommand),
+}
+
+/// What the disk to hot-add is: its spec, name, the sockets' directory, and where its
+/// transport goes (for reconnecting after a restart).
+type NewDisk = Box<(DiskSpec, String, PathBuf, DeviceSlot)>;
+
+enum DiskCommand {
+    /// Open the disk and add its export: its backend and its images' locks.
+    Add(
+        NewDisk,
+        Answer<(DiskBackend, Vec<super::image_lock::ImageLock>)>,
+    ),
+    /// End the export (the guest ejected the disk) and let go of its images' locks (here:
+    /// the API's threads may not).
+    Remove(String, Vec<super::image_lock::ImageLock>, Answer<()>),
 }
 
 enum ImageCommand {
@@ -196,8 +219,14 @@ pub struct Blockd {
     /// The blockd vmm-core started (the latest, after restarts).
     child: Arc<std::sync::Mutex<Option<std::process::Child>>>,
     external: Vec<DiskInfo>,
-    /// Each image's lock (see image_lock.rs).
-    locks: Vec<super::image_lock::ImageLock>,
+    /// Each image's lock (see image_lock.rs), by disk.
+    locks: Vec<(String, super::image_lock::ImageLock)>,
+    /// Every disk's name (hot-added ones too).
+    names: Vec<String>,
+    /// The private directory of the exports' sockets (a VM with a path= disk has one).
+    dir: Option<PathBuf>,
+    /// The VM records or replays: no disk can be hot-added.
+    recording: bool,
 }
 
 impl Blockd {
@@ -205,7 +234,7 @@ impl Blockd {
     /// failed, as it goes on).
     /// (From the main thread, under its seccomp filter: the holders are not named.)
     pub fn lock_images(&self) -> Result<(), super::image_lock::LockError> {
-        for l in &self.locks {
+        for (_, l) in &self.locks {
             l.take(false)?;
         }
         if !self.locks.is_empty() {
@@ -217,7 +246,7 @@ impl Blockd {
     /// Lets go of every image's lock: the destination of a migration on this host takes
     /// them.
     pub fn release_images(&self) {
-        for l in &self.locks {
+        for (_, l) in &self.locks {
             l.release();
         }
         if !self.locks.is_empty() {
@@ -295,6 +324,59 @@ impl Blockd {
         .map_err(|_| BlockdError::NotRunning)?;
         rx.recv_timeout(std::time::Duration::from_secs(600))
             .map_err(|_| BlockdError::NoAnswer)?
+    }
+
+    /// A disk for a running VM (hot-add): its image opened, locked and handed to blockd as
+    /// a new export (on the client thread, which may open files), or a socket= backend
+    /// taken as it is. Returns its backend, for the VM's main loop to plug in.
+    pub fn add_disk(&mut self, spec: &DiskSpec) -> Result<DiskBackend, BlockdError> {
+        let name = (0..)
+            .map(|i| format!("disk{i}"))
+            .find(|n| !self.names.contains(n))
+            .expect("a free name");
+        if spec.path.is_some() {
+            if self.recording {
+                return Err(BlockdError::AddWhileRecording);
+            }
+            let (Some(c), Some(dir)) = (self.commands.as_ref(), self.dir.clone()) else {
+                return Err(BlockdError::NoBlockdToAdd);
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let device = DeviceSlot::default();
+            c.send(Command::Disk(DiskCommand::Add(
+                Box::new((spec.clone(), name.clone(), dir, device)),
+                tx,
+            )))
+            .map_err(|_| BlockdError::NotRunning)?;
+            let (backend, locks) = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .map_err(|_| BlockdError::NoAnswer)??;
+            self.locks
+                .extend(locks.into_iter().map(|l| (name.clone(), l)));
+            self.names.push(name);
+            return Ok(backend);
+        }
+        let disk = open_disk(spec, name.clone(), None, true, None)?;
+        self.external.extend(disk.external);
+        self.names.push(name);
+        Ok(disk.backend)
+    }
+
+    /// A disk the guest ejected: blockd ends its export (its socket goes) and its image's
+    /// locks are let go; a socket= backend is forgotten.
+    pub fn remove_disk(&mut self, name: &str) -> Result<(), BlockdError> {
+        self.names.retain(|n| n != name);
+        let before = self.external.len();
+        self.external.retain(|d| d.name != name);
+        if self.external.len() != before {
+            return Ok(());
+        }
+        let (locks, kept) = std::mem::take(&mut self.locks)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.locks = kept;
+        let locks = locks.into_iter().map(|(_, l)| l).collect();
+        self.ask(|tx| Command::Disk(DiskCommand::Remove(name.to_string(), locks, tx)))
     }
 
     pub fn throttle(&self, name: &str, spec: vmm_proto::throttle::Spec) -> Result<(), BlockdError> {
@@ -433,6 +515,99 @@ fn open_log(
     }
 }
 
+/// A disk opened for the VM: its backend, and for a path= disk what blockd is handed and the
+/// locks of its image and backing chain (for a socket= disk, what `disk list` shows).
+struct OpenedDisk {
+    backend: DiskBackend,
+    opened: Option<Opened>,
+    external: Option<DiskInfo>,
+    locks: Vec<super::image_lock::ImageLock>,
+}
+
+/// Opens disk `name`: its image (checked), backing chain, locks (taken now unless the VM is
+/// incoming), record/replay log, and a listening socket in `dir`; or takes a socket= backend.
+fn open_disk(
+    d: &DiskSpec,
+    name: String,
+    dir: Option<&Path>,
+    lock_now: bool,
+    recording: Option<&crate::config::Recording>,
+) -> Result<OpenedDisk, BlockdError> {
+    if let Some(socket) = &d.socket {
+        return Ok(OpenedDisk {
+            backend: DiskBackend {
+                name: name.clone(),
+                socket: socket.clone(),
+                queues: d.queues,
+                image: "vhost-user socket".into(),
+                external: true,
+                device: DeviceSlot::default(),
+            },
+            opened: None,
+            external: Some(DiskInfo {
+                name,
+                image: "(an external vhost-user-blk backend)".into(),
+                queues: d.queues,
+                socket: socket.display().to_string(),
+                ..Default::default()
+            }),
+            locks: Vec::new(),
+        });
+    }
+    let path = d.path.as_ref().expect("parse_disk gives path or socket");
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| BlockdError::Open(path.clone(), e))?;
+    vmm_proto::image::check(&meta).map_err(|e| BlockdError::NotAnImage(path.clone(), e))?;
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!d.readonly)
+        .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .map_err(|e| BlockdError::Open(path.clone(), e))?;
+    let mut locks = Vec::new();
+    let backing = open_chain(d, path, &image, lock_now, &mut locks)?;
+    let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
+        .map_err(|e| BlockdError::Open(path.clone(), e))?;
+    // An incoming VM's images are still the source's: it locks them when it arrives.
+    if lock_now {
+        lock.take(true)?;
+    }
+    locks.push(lock);
+    let dir = dir.expect("a run directory exists when a disk has a path");
+    let socket = dir.join(format!("{name}.sock"));
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| BlockdError::Listen(name.clone(), socket.clone(), e))?;
+    let backend = DiskBackend {
+        name: name.clone(),
+        socket: socket.clone(),
+        queues: d.queues,
+        image: path.display().to_string(),
+        external: false,
+        device: DeviceSlot::default(),
+    };
+    let (log, image) = match recording {
+        Some(rec) => {
+            let (file, how, image) = open_log(rec, &name, path, image)?;
+            (Some((file, how)), image)
+        }
+        None => (None, image),
+    };
+    Ok(OpenedDisk {
+        backend,
+        opened: Some(Opened {
+            name,
+            spec: d.clone(),
+            image,
+            listener,
+            socket,
+            log,
+            backing,
+        }),
+        external: None,
+        locks,
+    })
+}
+
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
 pub fn start(
     disks: &[DiskSpec],
@@ -447,72 +622,21 @@ pub fn start(
     let mut opened = Vec::new();
     let mut locks = Vec::new();
     let mut external = Vec::new();
+    let mut names = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let name = format!("disk{i}");
-        if let Some(socket) = &d.socket {
-            backends.push(DiskBackend {
-                name: name.clone(),
-                socket: socket.clone(),
-                queues: d.queues,
-                image: "vhost-user socket".into(),
-                external: true,
-                device: DeviceSlot::default(),
-            });
-            external.push(DiskInfo {
-                name,
-                image: "(an external vhost-user-blk backend)".into(),
-                queues: d.queues,
-                socket: socket.display().to_string(),
-                ..Default::default()
-            });
-            continue;
-        }
-        let path = d.path.as_ref().expect("parse_disk gives path or socket");
-        use std::os::unix::fs::OpenOptionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| BlockdError::Open(path.clone(), e))?;
-        vmm_proto::image::check(&meta).map_err(|e| BlockdError::NotAnImage(path.clone(), e))?;
-        let image = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!d.readonly)
-            .custom_flags(if d.direct { libc::O_DIRECT } else { 0 })
-            .open(path)
-            .map_err(|e| BlockdError::Open(path.clone(), e))?;
-        let backing = open_chain(d, path, &image, lock_now, &mut locks)?;
-        let lock = super::image_lock::ImageLock::new(path, &image, !d.readonly)
-            .map_err(|e| BlockdError::Open(path.clone(), e))?;
-        // An incoming VM's images are still the source's: it locks them when it arrives.
-        if lock_now {
-            lock.take(true)?;
-        }
-        locks.push(lock);
-        let dir = dir.expect("a run directory exists when a disk has a path");
-        let socket = dir.0.join(format!("{name}.sock"));
-        let listener = std::os::unix::net::UnixListener::bind(&socket)
-            .map_err(|e| BlockdError::Listen(name.clone(), socket.clone(), e))?;
-        backends.push(DiskBackend {
-            name: name.clone(),
-            socket: socket.clone(),
-            queues: d.queues,
-            image: path.display().to_string(),
-            external: false,
-            device: DeviceSlot::default(),
-        });
-        let (log, image) = match recording {
-            Some(rec) => {
-                let (file, how, image) = open_log(rec, &name, path, image)?;
-                (Some((file, how)), image)
-            }
-            None => (None, image),
-        };
-        opened.push(Opened {
-            name,
-            spec: d.clone(),
-            image,
-            listener,
-            socket,
-            log,
-            backing,
-        });
+        let disk = open_disk(
+            d,
+            name.clone(),
+            dir.map(|d| d.0.as_path()),
+            lock_now,
+            recording,
+        )?;
+        backends.push(disk.backend);
+        opened.extend(disk.opened);
+        external.extend(disk.external);
+        locks.extend(disk.locks.into_iter().map(|l| (name.clone(), l)));
+        names.push(name);
     }
     let mut handle = Blockd {
         commands: None,
@@ -520,6 +644,9 @@ pub fn start(
         child: Arc::default(),
         external,
         locks,
+        names,
+        dir: dir.map(|d| d.0.clone()),
+        recording: recording.is_some(),
     };
     if opened.is_empty() {
         return Ok((backends, handle));
@@ -616,17 +743,10 @@ pub type DeviceSlot = Arc<
 /// images and listening sockets vmm-core keeps), and the watcher.
 async fn attach(
     control: std::os::unix::net::UnixStream,
-    opened: &[Opened],
+    disks: &ClientDisks,
     on_stop: &std::rc::Rc<OnStop>,
-    throttles: &std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
     uffd_dev: Option<&vmm_sandbox::uffd::Device>,
-) -> Result<
-    (
-        vmm_proto::blockd_capnp::blockd::Client,
-        tokio::task::JoinHandle<Result<(), capnp::Error>>,
-    ),
-    BlockdError,
-> {
+) -> Result<Attached, BlockdError> {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
     use vmm_proto::fdpass;
@@ -634,46 +754,8 @@ async fn attach(
     let stream = vmm_proto::rpc::tokio_stream(control).map_err(BlockdError::Stream)?;
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
     let connection = tokio::task::spawn_local(rpc);
-    for o in opened {
-        let mut fds = vec![o.image.as_fd(), o.listener.as_fd()];
-        if let Some((log, _)) = &o.log {
-            fds.push(log.as_fd());
-        }
-        fds.extend(o.backing.iter().map(|(f, _)| f.as_fd()));
-        fdpass::send(side.as_fd(), o.name.as_bytes(), &fds)
-            .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
-        let mut req = server.add_request();
-        {
-            let mut e = req.get().init_export();
-            e.set_name(&o.name);
-            e.set_image(
-                o.spec
-                    .path
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            );
-            e.set_format(&o.spec.format);
-            e.set_readonly(o.spec.readonly);
-            e.set_queues(o.spec.queues);
-            e.set_serial(o.spec.serial.as_deref().unwrap_or(&o.name));
-            e.set_read_error(&o.spec.rerror);
-            e.set_write_error(&o.spec.werror);
-            e.set_socket(o.socket.display().to_string());
-            e.set_fds_on_side_channel(true);
-            let mut formats = e.reborrow().init_backing(o.backing.len() as u32);
-            for (i, (_, format)) in o.backing.iter().enumerate() {
-                formats.set(i as u32, *format);
-            }
-            e.set_log(match &o.log {
-                None => DiskLog::None,
-                Some((_, how)) => *how,
-            });
-        }
-        if let Err(e) = req.send().promise.await {
-            let path = o.spec.path.as_ref().map(|p| p.display().to_string());
-            return Err(BlockdError::Refused(path.unwrap_or_default(), e.into()));
-        }
+    for o in &disks.opened {
+        add_export(&side, &server, o).await?;
     }
     if let Some(dev) = uffd_dev {
         fdpass::send(side.as_fd(), b"userfaultfd", &[dev.fd()])
@@ -685,16 +767,10 @@ async fn attach(
     }
     // The disks' throttles: from --disk, as changed since (a restarted blockd gets them
     // again). Those with limits go first, so that a group exists before a member joins it.
-    let mut ordered: Vec<_> = throttles.iter().collect();
+    let mut ordered: Vec<_> = disks.throttles.iter().collect();
     ordered.sort_by_key(|(_, t)| t.is_off());
     for (name, spec) in ordered {
-        let mut req = server.set_throttle_request();
-        req.get().set_name(name);
-        spec.write(req.get().init_throttle());
-        req.send()
-            .promise
-            .await
-            .map_err(|e| BlockdError::Throttle(name.clone(), Box::new(spec.clone()), e.into()))?;
+        set_throttle(&server, name, spec).await?;
     }
     // Stops on I/O errors (error policy) come back through a watcher.
     let mut req = server.watch_request();
@@ -704,7 +780,93 @@ async fn attach(
         .promise
         .await
         .map_err(|e| BlockdError::Watch(e.into()))?;
-    Ok((server, connection))
+    Ok(Attached {
+        server,
+        side,
+        connection,
+    })
+}
+
+/// blockd on a control connection: its RPC client, the side channel that carries
+/// descriptors, and the connection's task.
+struct Attached {
+    server: vmm_proto::blockd_capnp::blockd::Client,
+    side: std::os::fd::OwnedFd,
+    connection: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+}
+
+/// What the client thread keeps of the disks, to add them again to a restarted blockd: the
+/// exports (the images and listening sockets vmm-core keeps), each disk's transport, and the
+/// throttles as set.
+struct ClientDisks {
+    opened: Vec<Opened>,
+    devices: Vec<(String, DeviceSlot)>,
+    throttles: std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
+}
+
+async fn set_throttle(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    name: &str,
+    spec: &vmm_proto::throttle::Spec,
+) -> Result<(), BlockdError> {
+    let mut req = server.set_throttle_request();
+    req.get().set_name(name);
+    spec.write(req.get().init_throttle());
+    req.send()
+        .promise
+        .await
+        .map(|_| ())
+        .map_err(|e| BlockdError::Throttle(name.to_string(), Box::new(spec.clone()), e.into()))
+}
+
+/// Hands blockd an export's descriptors on the side channel and adds the export.
+async fn add_export(
+    side: &std::os::fd::OwnedFd,
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    o: &Opened,
+) -> Result<(), BlockdError> {
+    use std::os::fd::AsFd;
+    use vmm_proto::fdpass;
+    let mut fds = vec![o.image.as_fd(), o.listener.as_fd()];
+    if let Some((log, _)) = &o.log {
+        fds.push(log.as_fd());
+    }
+    fds.extend(o.backing.iter().map(|(f, _)| f.as_fd()));
+    fdpass::send(side.as_fd(), o.name.as_bytes(), &fds)
+        .map_err(|e| BlockdError::HandImage(o.name.clone(), e))?;
+    let mut req = server.add_request();
+    {
+        let mut e = req.get().init_export();
+        e.set_name(&o.name);
+        e.set_image(
+            o.spec
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+        e.set_format(&o.spec.format);
+        e.set_readonly(o.spec.readonly);
+        e.set_queues(o.spec.queues);
+        e.set_serial(o.spec.serial.as_deref().unwrap_or(&o.name));
+        e.set_read_error(&o.spec.rerror);
+        e.set_write_error(&o.spec.werror);
+        e.set_socket(o.socket.display().to_string());
+        e.set_fds_on_side_channel(true);
+        let mut formats = e.reborrow().init_backing(o.backing.len() as u32);
+        for (i, (_, format)) in o.backing.iter().enumerate() {
+            formats.set(i as u32, *format);
+        }
+        e.set_log(match &o.log {
+            None => DiskLog::None,
+            Some((_, how)) => *how,
+        });
+    }
+    if let Err(e) = req.send().promise.await {
+        let path = o.spec.path.as_ref().map(|p| p.display().to_string());
+        return Err(BlockdError::Refused(path.unwrap_or_default(), e.into()));
+    }
+    Ok(())
 }
 
 /// Answers a command without blockd.
@@ -731,6 +893,15 @@ fn refuse(cmd: Command, why: fn() -> BlockdError) {
         | Command::Image(ImageCommand::Mark(_, _, reply)) => {
             let _ = reply.send(Err(why()));
         }
+        Command::Disk(DiskCommand::Add(_, reply)) => {
+            let _ = reply.send(Err(why()));
+        }
+        Command::Disk(DiskCommand::Remove(_, locks, reply)) => {
+            for l in locks {
+                l.release();
+            }
+            let _ = reply.send(Err(why()));
+        }
     }
 }
 
@@ -751,15 +922,20 @@ async fn client(
         child,
     } = restart;
     let on_stop = std::rc::Rc::new(hooks.on_stop);
-    let mut throttles: std::collections::BTreeMap<String, vmm_proto::throttle::Spec> = opened
+    let throttles = opened
         .iter()
         .filter_map(|o| o.spec.throttle.clone().map(|t| (o.name.clone(), t)))
         .collect();
+    let mut disks = ClientDisks {
+        opened,
+        devices,
+        throttles,
+    };
     let mut control = Some(first);
     let mut restarts = 0u32;
     loop {
         let attached = match control.take() {
-            Some(c) => attach(c, &opened, &on_stop, &throttles, uffd_dev.as_deref()).await,
+            Some(c) => attach(c, &disks, &on_stop, uffd_dev.as_deref()).await,
             None => Err(BlockdError::NoConnection),
         };
         match attached {
@@ -768,12 +944,12 @@ async fn client(
                 return;
             }
             Err(e) => log::warn!("restarted blockd, but {e}; trying again"),
-            Ok((server, mut connection)) => {
+            Ok(mut a) => {
                 if restarts == 0 {
                     let _ = ready.send(Ok(()));
                 } else {
                     let mut done = Vec::new();
-                    for (name, slot) in &devices {
+                    for (name, slot) in &disks.devices {
                         let dev = slot.lock().unwrap().as_ref().and_then(|w| w.upgrade());
                         let Some(dev) = dev else { continue };
                         let r = dev.lock().unwrap().reconnect();
@@ -793,12 +969,12 @@ async fn client(
                         }
                     ));
                 }
-                if serve(&server, &mut connection, &mut commands, &mut throttles).await {
+                if serve(&mut a, &mut commands, &mut disks).await {
                     // The VM ends: closing the connection stops blockd; a blockd this thread
                     // started must end before the thread does (a parent-death signal follows the thread).
-                    connection.abort();
-                    let _ = connection.await;
-                    drop(server);
+                    a.connection.abort();
+                    let _ = a.connection.await;
+                    drop(a.server);
                     if let Some(c) = child.lock().unwrap().take() {
                         super::end("blockd", c, std::time::Duration::from_secs(10));
                     }
@@ -843,18 +1019,18 @@ async fn client(
 
 /// Serves the API's commands until the VM ends (true) or blockd's connection ends (false).
 async fn serve(
-    server: &vmm_proto::blockd_capnp::blockd::Client,
-    connection: &mut tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    a: &mut Attached,
     commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
-    throttles: &mut std::collections::BTreeMap<String, vmm_proto::throttle::Spec>,
+    disks: &mut ClientDisks,
 ) -> bool {
+    let server = &a.server;
     loop {
         let cmd = tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(c) => c,
                 None => return true,
             },
-            _ = &mut *connection => return false,
+            _ = &mut a.connection => return false,
         };
         match cmd {
             Command::List(reply) => {
@@ -963,6 +1139,7 @@ async fn serve(
                 let _ = reply.send(r);
             }
             Command::Image(c) => image_command(server, c).await,
+            Command::Disk(c) => disk_command(server, &a.side, c, disks).await,
             Command::Throttle(name, spec, reply) => {
                 let mut req = server.set_throttle_request();
                 req.get().set_name(&name);
@@ -974,10 +1151,75 @@ async fn serve(
                     .map(|_| ())
                     .map_err(|e| BlockdError::Remote(e.into()));
                 if r.is_ok() {
-                    remember_throttle(throttles, name, spec);
+                    remember_throttle(&mut disks.throttles, name, spec);
                 }
                 let _ = reply.send(r);
             }
+        }
+    }
+}
+
+/// A disk hot-added (opened here, where files may be opened, and added as an export, with
+/// its throttle) or hot-removed (its export ended, its socket removed); a restarted blockd
+/// gets the disks as they are now.
+async fn disk_command(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    side: &std::os::fd::OwnedFd,
+    cmd: DiskCommand,
+    disks: &mut ClientDisks,
+) {
+    match cmd {
+        DiskCommand::Add(new, reply) => {
+            let (spec, name, dir, device) = *new;
+            let added = async {
+                let mut d = open_disk(&spec, name.clone(), Some(&dir), true, None)?;
+                let o = d.opened.take().expect("a path= disk is handed to blockd");
+                let mut r = add_export(side, server, &o).await;
+                if let (Ok(()), Some(t)) = (&r, &spec.throttle) {
+                    r = set_throttle(server, &name, t).await;
+                    if r.is_err() {
+                        let mut req = server.remove_request();
+                        req.get().set_name(&name);
+                        let _ = req.send().promise.await;
+                    }
+                }
+                if let Err(e) = r {
+                    let _ = std::fs::remove_file(&o.socket);
+                    for l in &d.locks {
+                        l.release();
+                    }
+                    return Err(e);
+                }
+                if let Some(t) = &spec.throttle {
+                    disks.throttles.insert(name.clone(), t.clone());
+                }
+                d.backend.device = device.clone();
+                disks.opened.push(o);
+                disks.devices.push((name.clone(), device));
+                log::info!("{name}: blockd serves {}", d.backend.image);
+                Ok((d.backend, d.locks))
+            };
+            let _ = reply.send(added.await);
+        }
+        DiskCommand::Remove(name, locks, reply) => {
+            let mut req = server.remove_request();
+            req.get().set_name(&name);
+            let r = req
+                .send()
+                .promise
+                .await
+                .map(|_| ())
+                .map_err(|e| BlockdError::Remote(e.into()));
+            if let Some(i) = disks.opened.iter().position(|o| o.name == name) {
+                let o = disks.opened.remove(i);
+                let _ = std::fs::remove_file(&o.socket);
+            }
+            disks.devices.retain(|(n, _)| *n != name);
+            disks.throttles.remove(&name);
+            for l in locks {
+                l.release();
+            }
+            let _ = reply.send(r);
         }
     }
 }

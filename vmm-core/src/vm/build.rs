@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm_devices::bus::IoBus;
 use vmm_devices::platform::cpu_hotplug::{self, CpuHotplug};
+use vmm_devices::platform::pci_hotplug::{self, PciHotplug};
 use vmm_devices::platform::{ged, power, pvpanic, serial};
 use vmm_devices::virtio::pci::VirtioPci;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -43,6 +44,11 @@ pub(super) struct Guest {
     /// Each disk's count of queue kicks that reached vmm-core (they should not).
     pub kicks_missed: KicksMissed,
     pub hotplug: Arc<Mutex<CpuHotplug>>,
+    /// Bus 0 (devices come and go on it: PCI hotplug), its controller, and the MSI routes
+    /// a new function's vectors get.
+    pub pci: Arc<vmm_devices::pci::PciBus>,
+    pub pci_hotplug: Arc<Mutex<PciHotplug>>,
+    pub routing: Arc<vmm_devices::pci::msix::Routing>,
     pub ged: Arc<Mutex<ged::Ged>>,
     pub uart: Arc<Mutex<serial::SerialDevice>>,
     pub vm: Arc<VmFd>,
@@ -114,8 +120,14 @@ impl Guest {
                 let _ = tx.send(VmEvent::Hotplug(e));
             })
         })));
-        let (pci, transports, kicks_missed) = pci_bus(&vm, &memory, res)?;
-        let bus = Arc::new(io_bus(pci, &uart, &ged, &hotplug));
+        let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new({
+            let tx = tx.clone();
+            Box::new(move |slots| {
+                let _ = tx.send(VmEvent::PciEjected(slots));
+            })
+        })));
+        let (pci, routing, transports, kicks_missed) = pci_bus(&vm, &memory, res)?;
+        let bus = Arc::new(io_bus(pci.clone(), &uart, &ged, &hotplug, &pci_hotplug));
         let state = Arc::new(RunState::default());
         let vcpus = Vcpus::new(crate::vcpu::set::Common {
             bus: bus.clone(),
@@ -140,6 +152,9 @@ impl Guest {
             transports,
             kicks_missed,
             hotplug,
+            pci,
+            pci_hotplug,
+            routing,
             ged,
             uart,
             vm,
@@ -404,31 +419,49 @@ fn irq(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd, VmError> {
 }
 
 /// Each disk's count of queue kicks that reached vmm-core.
-type KicksMissed = Vec<(String, Arc<AtomicU64>)>;
+pub(super) type KicksMissed = Vec<(String, Arc<AtomicU64>)>;
+
+/// A disk's virtio-blk function, connected to its vhost-user backend (not on a bus yet).
+pub(super) fn disk_transport(
+    memory: &Memory,
+    routing: &Arc<vmm_devices::pci::msix::Routing>,
+    d: &crate::helpers::blockd::DiskBackend,
+) -> Result<VirtioPci, VmError> {
+    let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
+    let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
+        &d.name,
+        &d.socket,
+        vmm_devices::virtio::vhost_user::Kind::Blk,
+        d.queues,
+        memory.guest.clone(),
+        memfd,
+    )
+    .map_err(|e| VmError::DiskSetup(d.name.clone(), e))?;
+    VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)
+}
 
 /// The PCI bus and its devices: a virtio-blk function per disk and the virtio-rng function,
 /// each served over vhost-user.
+#[allow(clippy::type_complexity)]
 fn pci_bus(
     vm: &Arc<VmFd>,
     memory: &Memory,
     res: &Resources,
-) -> Result<(Arc<vmm_devices::pci::PciBus>, Transports, KicksMissed), VmError> {
+) -> Result<
+    (
+        Arc<vmm_devices::pci::PciBus>,
+        Arc<vmm_devices::pci::msix::Routing>,
+        Transports,
+        KicksMissed,
+    ),
+    VmError,
+> {
     let routing = Arc::new(vmm_devices::pci::msix::Routing::new(vm.clone()));
-    let mut pci = vmm_devices::pci::PciBus::default();
+    let pci = vmm_devices::pci::PciBus::default();
     let mut kicks_missed = Vec::new();
     let mut transports = Vec::new();
-    for d in res.disks {
-        let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
-        let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
-            &d.name,
-            &d.socket,
-            vmm_devices::virtio::vhost_user::Kind::Blk,
-            d.queues,
-            memory.guest.clone(),
-            memfd,
-        )
-        .map_err(|e| VmError::DiskSetup(d.name.clone(), e))?;
-        let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
+    for d in res.disks.lock().unwrap().iter() {
+        let transport = disk_transport(memory, &routing, d)?;
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
         let transport = Arc::new(Mutex::new(transport));
         *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
@@ -461,7 +494,7 @@ fn pci_bus(
             socket.display()
         );
     }
-    Ok((Arc::new(pci), transports, kicks_missed))
+    Ok((Arc::new(pci), routing, transports, kicks_missed))
 }
 
 /// The port-I/O bus with the platform's devices, and MMIO to the PCI bus.
@@ -470,6 +503,7 @@ fn io_bus(
     uart: &Arc<Mutex<serial::SerialDevice>>,
     ged: &Arc<Mutex<ged::Ged>>,
     hotplug: &Arc<Mutex<CpuHotplug>>,
+    pci_hotplug: &Arc<Mutex<PciHotplug>>,
 ) -> IoBus {
     let mut bus = IoBus::default();
     bus.insert(
@@ -480,6 +514,7 @@ fn io_bus(
     bus.mmio = Some(pci);
     bus.insert(ged::PORT, 1, ged.clone());
     bus.insert(cpu_hotplug::PORT, cpu_hotplug::LEN, hotplug.clone());
+    bus.insert(pci_hotplug::PORT, pci_hotplug::LEN, pci_hotplug.clone());
     bus.insert(serial::COM1_BASE, 8, uart.clone());
     bus.insert(
         power::SLEEP_CONTROL_PORT,
@@ -540,9 +575,16 @@ fn wait_for_arrival(rx: &Receiver<VmEvent>) -> Result<crate::control::Arrival, V
             VmEvent::DiskStopped(disk, why) => {
                 log::warn!("{disk} stopped before the VM arrived: {why}")
             }
+            VmEvent::Disk(crate::control::DiskChange::Add(_, r)) => {
+                let _ = r.send(Err(LoopError::NotArrived));
+            }
+            VmEvent::Disk(crate::control::DiskChange::Remove { reply, .. }) => {
+                let _ = reply.send(Err(LoopError::NotArrived));
+            }
             VmEvent::DumpVcpus
             | VmEvent::Vcpu(_)
             | VmEvent::Hotplug(_)
+            | VmEvent::PciEjected(_)
             | VmEvent::PostcopyDone(_)
             | VmEvent::PostcopyPaused(_) => {}
         }

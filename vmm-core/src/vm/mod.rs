@@ -210,7 +210,8 @@ fn helper_source(
 /// What every boot of the guest uses, opened or started once.
 struct Resources<'a> {
     boot: &'a boot::BootFiles,
-    disks: &'a [crate::helpers::blockd::DiskBackend],
+    /// The disks, as hot-add and hot-remove leave them (a reset's new boot has them all).
+    disks: &'a std::sync::Mutex<Vec<crate::helpers::blockd::DiskBackend>>,
     /// The virtio-rng device's vhost-user-rng socket (--rng), and where its transport goes
     /// (for chardevd to reconnect it after a restart).
     rng: Option<(&'a std::path::Path, &'a crate::helpers::blockd::DeviceSlot)>,
@@ -255,6 +256,7 @@ pub fn run(
     };
     // Disks: blockd processes live as long as vmm-core, across guest reboots.
     let (disks, run_dir) = start_disks(config, &shared, &tx)?;
+    let disks = std::sync::Mutex::new(disks);
     let (rng, rng_served, run_dir) = rng_backend(config, run_dir, &shared)?;
     let supervisor = match &config.serial {
         Some(backend) => Some(console::start_chardevd(
@@ -670,6 +672,8 @@ fn run_guest(
             | VmEvent::Arrived(_)
             | VmEvent::PostcopyDone(_)
             | VmEvent::PostcopyPaused(_)
+            | VmEvent::Disk(_)
+            | VmEvent::PciEjected(_)
             | VmEvent::Hotplug(_) => {
                 unreachable!("not a stop")
             }
@@ -720,7 +724,7 @@ fn run_once(
         Some(inc) => arrive(&guest, inc, shared, res, tx)?,
         None => None,
     };
-    let mut running = Running::new(guest, config, shared, paused_clock);
+    let mut running = Running::new(guest, config, shared, paused_clock, res.disks);
     if let (Some(inc), Some(Ok(uffd))) = (&incoming, res.uffd) {
         if inc.postcopy {
             running.postcopy = Some(running::Postcopy {
@@ -746,7 +750,7 @@ fn run_once(
     }
     let guest = running.stop(tx, rx);
     *console.target.lock().unwrap() = None;
-    if !res.disks.is_empty() {
+    if !res.disks.lock().unwrap().is_empty() {
         log_exits(&guest);
     }
     Ok(event)

@@ -6,7 +6,7 @@ use super::build::{Guest, Transports};
 use crate::api;
 use crate::config::VmConfig;
 use crate::control::{
-    ApiRequest, LoopError, MigrationRequest, Reply, Request, Saved, VcpuEvent, VmEvent,
+    ApiRequest, DiskChange, LoopError, MigrationRequest, Reply, Request, Saved, VcpuEvent, VmEvent,
 };
 use crate::memory::MemoryError;
 use crate::snapshot::SaveError;
@@ -19,6 +19,15 @@ use std::time::{Duration, Instant};
 use vmm_devices::dirty_log::SharedDirtyLog;
 use vmm_devices::platform::cpu_hotplug::HotplugEvent;
 use vmm_devices::platform::ged;
+
+/// A disk's hot-remove that waits for the guest to eject it.
+struct DiskRemoval {
+    name: String,
+    slot: u8,
+    deadline: Instant,
+    timeout_ms: u32,
+    reply: Reply<()>,
+}
 
 /// A vCPU change that waits for the guest.
 struct CpuChange {
@@ -61,6 +70,9 @@ pub(super) struct Running<'a> {
     /// The guest's own end (a reset, power-off or panic) that came during post-copy: it
     /// ends the run once every page is here.
     deferred: Option<VmEvent>,
+    /// The VM's disks (hot-add and hot-remove change them; each boot has them all).
+    disks: &'a std::sync::Mutex<Vec<crate::helpers::blockd::DiskBackend>>,
+    removals: Vec<DiskRemoval>,
 }
 
 /// What a destination in post-copy holds until every page is here.
@@ -77,6 +89,7 @@ impl<'a> Running<'a> {
         config: &'a VmConfig,
         shared: &'a api::Shared,
         paused_clock: Option<kvm_bindings::kvm_clock_data>,
+        disks: &'a std::sync::Mutex<Vec<crate::helpers::blockd::DiskBackend>>,
     ) -> Running<'a> {
         Running {
             guest,
@@ -91,6 +104,8 @@ impl<'a> Running<'a> {
             images_released: false,
             postcopy: None,
             deferred: None,
+            disks,
+            removals: Vec::new(),
         }
     }
 
@@ -105,6 +120,8 @@ impl<'a> Running<'a> {
                 VmEvent::Migration(req) => self.migration(req),
                 VmEvent::DumpVcpus => self.dump_vcpus(),
                 VmEvent::Hotplug(event) => self.hotplug(event),
+                VmEvent::Disk(change) => self.disk_change(change),
+                VmEvent::PciEjected(slots) => self.pci_ejected(slots),
                 VmEvent::Api(req) => self.api(req),
                 VmEvent::Signal(sig) => self.signal(sig),
                 // Only an incoming VM's wait takes it (build.rs).
@@ -216,10 +233,14 @@ impl<'a> Running<'a> {
     /// The next event; None when a vCPU change timed out instead (it is answered here). The
     /// end of a graceful stop's wait is a SIGTERM that stops the VM.
     fn next_event(&mut self, rx: &Receiver<VmEvent>) -> Option<VmEvent> {
-        let deadline = match (self.change.as_ref().map(|c| c.deadline), self.stopping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = [
+            self.change.as_ref().map(|c| c.deadline),
+            self.stopping,
+            self.removals.iter().map(|r| r.deadline).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let next = match deadline {
             Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -241,6 +262,7 @@ impl<'a> Running<'a> {
                 {
                     self.cpu_change_timed_out();
                 }
+                self.disk_removals_timed_out();
                 None
             }
             Err(_) => panic!("the signal thread holds a sender for the life of the process"),
@@ -324,6 +346,135 @@ impl<'a> Running<'a> {
             .events
             .emit("cpu-change-failed", err.to_string());
         let _ = c.reply.send(Err(err));
+    }
+
+    /// A disk comes: its function goes on the bus and the guest hears of it (the GED's PCI
+    /// event); or one is to go: the guest is asked to eject it.
+    fn disk_change(&mut self, change: DiskChange) -> Option<VmEvent> {
+        match change {
+            DiskChange::Add(d, reply) => {
+                let _ = reply.send(self.disk_add(d));
+            }
+            DiskChange::Remove {
+                name,
+                timeout_ms,
+                reply,
+            } => match self.disk_remove(&name) {
+                Ok(slot) => self.removals.push(DiskRemoval {
+                    name,
+                    slot,
+                    deadline: Instant::now() + Duration::from_millis(timeout_ms.into()),
+                    timeout_ms,
+                    reply,
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+        }
+        None
+    }
+
+    fn disk_add(&mut self, d: crate::helpers::blockd::DiskBackend) -> Result<u8, LoopError> {
+        let g = &mut self.guest;
+        let transport =
+            super::build::disk_transport(&g.memory, &g.routing, &d).map_err(LoopError::failed)?;
+        let missed = transport.notify_exits.clone();
+        let transport = std::sync::Arc::new(std::sync::Mutex::new(transport));
+        let Some(slot) = g.pci.add(transport.clone()) else {
+            transport.lock().unwrap().unplug();
+            return Err(LoopError::NoPciSlot(d.name.clone()));
+        };
+        *d.device.lock().unwrap() = Some(std::sync::Arc::downgrade(&transport));
+        g.transports.push((slot, transport));
+        g.kicks_missed.push((d.name.clone(), missed));
+        g.pci_hotplug.lock().unwrap().inserted(slot);
+        log::info!(
+            "{}: virtio-blk hot-added at PCI 00:{slot:02x}.0 ({}); telling the guest",
+            d.name,
+            d.image
+        );
+        self.shared
+            .events
+            .emit("disk-added", format!("{} at PCI 00:{slot:02x}.0", d.name));
+        self.disks.lock().unwrap().push(d);
+        g.ged
+            .lock()
+            .unwrap()
+            .notify(ged::EVENT_PCI_HOTPLUG)
+            .map_err(LoopError::Interrupt)?;
+        Ok(slot)
+    }
+
+    /// Asks the guest to eject disk `name`; its slot.
+    fn disk_remove(&mut self, name: &str) -> Result<u8, LoopError> {
+        let g = &self.guest;
+        let slot = g
+            .transports
+            .iter()
+            .find(|(_, t)| t.lock().unwrap().device_name() == name)
+            .map(|(s, _)| *s)
+            .ok_or_else(|| LoopError::NoDevice(name.to_string()))?;
+        if !self.disks.lock().unwrap().iter().any(|d| d.name == name) {
+            return Err(LoopError::NotRemovable(name.to_string()));
+        }
+        if self.removals.iter().any(|r| r.name == name) {
+            return Err(LoopError::DiskRemoving(name.to_string()));
+        }
+        g.pci_hotplug.lock().unwrap().ask_eject(slot, true);
+        g.ged
+            .lock()
+            .unwrap()
+            .notify(ged::EVENT_PCI_HOTPLUG)
+            .map_err(LoopError::Interrupt)?;
+        log::info!("{name}: asking the guest to eject it (PCI 00:{slot:02x}.0)");
+        Ok(slot)
+    }
+
+    /// The guest ejected these slots' functions: each leaves the bus, its backend stops its
+    /// queues and is disconnected, and the removal that waited is answered.
+    fn pci_ejected(&mut self, slots: u32) -> Option<VmEvent> {
+        for slot in (0..32u8).filter(|s| slots & (1 << s) != 0) {
+            let g = &mut self.guest;
+            g.pci.remove(slot);
+            let Some(i) = g.transports.iter().position(|(s, _)| *s == slot) else {
+                continue;
+            };
+            let (_, t) = g.transports.remove(i);
+            let name = {
+                let mut t = t.lock().unwrap();
+                t.unplug();
+                t.device_name().to_string()
+            };
+            drop(t);
+            g.kicks_missed.retain(|(n, _)| *n != name);
+            self.disks.lock().unwrap().retain(|d| d.name != name);
+            log::info!("{name}: the guest ejected it; PCI 00:{slot:02x}.0 is empty");
+            self.shared.events.emit("disk-removed", name.clone());
+            if let Some(i) = self.removals.iter().position(|r| r.slot == slot) {
+                let _ = self.removals.remove(i).reply.send(Ok(()));
+            }
+        }
+        None
+    }
+
+    /// Removals the guest did not do in time: it is no longer asked, and the disk stays.
+    fn disk_removals_timed_out(&mut self) {
+        let now = Instant::now();
+        let (late, waiting) = std::mem::take(&mut self.removals)
+            .into_iter()
+            .partition(|r| r.deadline <= now);
+        self.removals = waiting;
+        for r in late {
+            self.guest
+                .pci_hotplug
+                .lock()
+                .unwrap()
+                .ask_eject(r.slot, false);
+            let err = LoopError::DiskNotEjected(r.name, r.timeout_ms);
+            log::warn!("{err}");
+            let _ = r.reply.send(Err(err));
+        }
     }
 
     /// As QEMU's werror/rerror=stop: the VM pauses until someone resumes it.
@@ -766,8 +917,8 @@ impl<'a> Running<'a> {
                 VmEvent::Vcpu(VcpuEvent::Failed(id, msg)) => {
                     log::warn!("vCPU {id} while stopping: {msg}")
                 }
-                // The next boot has its own vCPUs.
-                VmEvent::Vcpu(_) | VmEvent::Hotplug(_) => {}
+                // The next boot has its own vCPUs and PCI functions.
+                VmEvent::Vcpu(_) | VmEvent::Hotplug(_) | VmEvent::PciEjected(_) => {}
                 other => carried.push(other),
             }
         }

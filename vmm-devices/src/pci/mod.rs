@@ -30,12 +30,16 @@ pub trait PciDevice: Send {
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
-/// Bus 0's devices by slot (function 0 only).
+/// Each slot's share of the 32-bit MMIO window: its BARs are assigned there, so that a slot's
+/// addresses do not depend on what else is (or was) on the bus.
+pub const SLOT_WINDOW: u64 = (MEM32_END + 1 - MEM32_BASE) / 32;
+
+/// Bus 0's devices by slot (function 0 only). Devices come and go while the VM runs (PCI
+/// hotplug), so the slots are behind a lock that vCPU exits take for reading.
 pub struct PciBus {
-    slots: Vec<Option<SharedPciDevice>>,
+    slots: std::sync::RwLock<Vec<Option<SharedPciDevice>>>,
     /// The type-1 CONFIG_ADDRESS register.
     address: Mutex<u32>,
-    next_mem32: Mutex<u64>,
 }
 
 impl Default for PciBus {
@@ -43,39 +47,53 @@ impl Default for PciBus {
         let mut slots: Vec<Option<SharedPciDevice>> = (0..32).map(|_| None).collect();
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
         PciBus {
-            slots,
+            slots: std::sync::RwLock::new(slots),
             address: Mutex::new(0),
-            next_mem32: Mutex::new(MEM32_BASE),
         }
     }
 }
 
 impl PciBus {
-    /// Places the device in the next free slot and assigns its BARs; returns the slot.
-    pub fn add(&mut self, dev: SharedPciDevice) -> Option<u8> {
-        let slot = self.slots.iter().position(|s| s.is_none())?;
+    /// Places the device in the first free slot and assigns its BARs in that slot's window;
+    /// returns the slot (None: no slot free, or BARs larger than a slot's window).
+    pub fn add(&self, dev: SharedPciDevice) -> Option<u8> {
+        let mut slots = self.slots.write().unwrap();
+        let slot = slots.iter().position(|s| s.is_none())?;
         {
             let mut d = dev.lock().unwrap();
-            let mut next = self.next_mem32.lock().unwrap();
+            let base = MEM32_BASE + slot as u64 * SLOT_WINDOW;
+            let mut next = base;
             for bar in d.config().bars.iter_mut().flatten() {
-                let addr = (*next + bar.size - 1) & !(bar.size - 1);
-                if addr + bar.size - 1 > MEM32_END {
+                let addr = (next + bar.size - 1) & !(bar.size - 1);
+                if addr + bar.size > base + SLOT_WINDOW {
                     return None;
                 }
                 bar.addr = addr;
-                *next = addr + bar.size;
+                next = addr + bar.size;
             }
             d.config().sync_bars();
         }
-        self.slots[slot] = Some(dev);
+        slots[slot] = Some(dev);
         Some(slot as u8)
     }
 
-    fn device(&self, bus: u8, slot: u8, func: u8) -> Option<&SharedPciDevice> {
+    /// Takes the device out of `slot` (never the host bridge's); the slot reads as empty.
+    pub fn remove(&self, slot: u8) -> Option<SharedPciDevice> {
+        if slot == 0 {
+            return None;
+        }
+        self.slots
+            .write()
+            .unwrap()
+            .get_mut(usize::from(slot))?
+            .take()
+    }
+
+    fn device(&self, bus: u8, slot: u8, func: u8) -> Option<SharedPciDevice> {
         if bus != 0 || func != 0 {
             return None;
         }
-        self.slots.get(usize::from(slot))?.as_ref()
+        self.slots.read().unwrap().get(usize::from(slot))?.clone()
     }
 
     fn config_read(&self, bus: u8, slot: u8, func: u8, offset: usize, data: &mut [u8]) {
@@ -96,11 +114,11 @@ impl PciBus {
         }
     }
 
-    fn bar_at(&self, addr: u64) -> Option<(&SharedPciDevice, usize, u64)> {
-        for dev in self.slots.iter().flatten() {
+    fn bar_at(&self, addr: u64) -> Option<(SharedPciDevice, usize, u64)> {
+        for dev in self.slots.read().unwrap().iter().flatten() {
             let mut d = dev.lock().unwrap();
             if let Some((bar, off)) = d.config().decode(addr) {
-                return Some((dev, bar, off));
+                return Some((dev.clone(), bar, off));
             }
         }
         None
@@ -248,7 +266,7 @@ mod tests {
 
     #[test]
     fn enumerate_size_and_move_a_bar() {
-        let mut bus = PciBus::default();
+        let bus = PciBus::default();
         let mut cs = ConfigSpace::new(0x1af4, 0x1042, 0x01_80_00, 0x1af4, 0x42);
         cs.add_bar(0, 0x4000);
         let slot = bus
@@ -261,11 +279,12 @@ mod tests {
         assert_eq!(cfg_read32(&mut t, 1, 0), 0x1042_1af4);
         assert_eq!(cfg_read32(&mut t, 2, 0), 0xffff_ffff);
         let bar = cfg_read32(&mut t, 1, 0x10);
-        assert_eq!(bar, MEM32_BASE as u32);
+        let first = MEM32_BASE + SLOT_WINDOW;
+        assert_eq!(u64::from(bar), first, "slot 1's window");
         // Decoding is off until the guest enables memory space.
-        assert!(!bus.mmio_write(MEM32_BASE + 8, &[1]));
+        assert!(!bus.mmio_write(first + 8, &[1]));
         cfg_write32(&mut t, 1, 0x04, 0x2);
-        assert!(bus.mmio_write(MEM32_BASE + 8, &[1]));
+        assert!(bus.mmio_write(first + 8, &[1]));
         // Sizing: all ones reads back the size mask.
         cfg_write32(&mut t, 1, 0x10, 0xffff_ffff);
         assert_eq!(cfg_read32(&mut t, 1, 0x10), !(0x4000u32 - 1));
@@ -273,10 +292,23 @@ mod tests {
         let mut b = [0u8; 1];
         assert!(bus.mmio_read(0xd000_0008, &mut b));
         assert_eq!(b[0], 1);
-        assert!(!bus.mmio_read(MEM32_BASE + 8, &mut b));
+        assert!(!bus.mmio_read(first + 8, &mut b));
         // ECAM sees the same space.
         let mut w = [0u8; 4];
         assert!(bus.mmio_read(ECAM_BASE + (1 << 15), &mut w));
         assert_eq!(u32::from_le_bytes(w), 0x1042_1af4);
+        // Hot-removed: the slot reads as empty and the BAR decodes no more; a device added
+        // again gets the same slot and window.
+        assert!(bus.remove(0).is_none(), "the host bridge stays");
+        assert!(bus.remove(1).is_some());
+        assert_eq!(cfg_read32(&mut t, 1, 0), 0xffff_ffff);
+        assert!(!bus.mmio_read(0xd000_0008, &mut b));
+        let mut cs = ConfigSpace::new(0x1af4, 0x1042, 0x01_80_00, 0x1af4, 0x42);
+        cs.add_bar(0, 0x4000);
+        assert_eq!(
+            bus.add(Arc::new(Mutex::new(Dev(cs, vec![0; 0x4000])))),
+            Some(1)
+        );
+        assert_eq!(u64::from(cfg_read32(&mut t, 1, 0x10)), first);
     }
 }

@@ -106,8 +106,9 @@ impl MsixTable {
     }
 }
 
-/// The next free GSI, and each MSI GSI's (address, data).
-type MsiRoutes = (u32, BTreeMap<u32, (u64, u32)>);
+/// The next GSI never used, those a removed device gave back, and each MSI GSI's (address,
+/// data).
+type MsiRoutes = (u32, Vec<u32>, BTreeMap<u32, (u64, u32)>);
 
 /// The VM's GSI routing: the IOAPIC and PIC's default routes, plus one MSI route per vector
 /// of every MSI-X device.
@@ -120,7 +121,7 @@ impl Routing {
     pub fn new(vm: Arc<VmFd>) -> Routing {
         Routing {
             vm,
-            msi: Mutex::new((FIRST_MSI_GSI, BTreeMap::new())),
+            msi: Mutex::new((FIRST_MSI_GSI, Vec::new(), BTreeMap::new())),
         }
     }
 
@@ -128,22 +129,47 @@ impl Routing {
         &self.vm
     }
 
+    /// `n` GSIs for a device's vectors: those given back first, then new ones.
     pub fn allocate(&self, n: u16) -> Vec<u32> {
         let mut m = self.msi.lock().unwrap();
-        let first = m.0;
-        m.0 += u32::from(n);
-        (first..first + u32::from(n)).collect()
+        let mut out = Vec::with_capacity(usize::from(n));
+        while out.len() < usize::from(n) {
+            match m.1.pop() {
+                Some(g) => out.push(g),
+                None => {
+                    out.push(m.0);
+                    m.0 += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// A device left the bus: its GSIs' routes go (the table is committed without them) and
+    /// the numbers are free for the next device.
+    pub fn release(&self, gsis: &[u32]) -> Result<(), kvm_ioctls::Error> {
+        let mut m = self.msi.lock().unwrap();
+        for g in gsis {
+            m.2.remove(g);
+        }
+        m.1.extend_from_slice(gsis);
+        self.commit(&m.2)
     }
 
     /// Points `gsi` at an MSI address and data and commits the table.
     pub fn set_msi(&self, gsi: u32, addr: u64, data: u32) -> Result<(), kvm_ioctls::Error> {
         let mut m = self.msi.lock().unwrap();
-        if m.1.get(&gsi) == Some(&(addr, data)) {
+        if m.2.get(&gsi) == Some(&(addr, data)) {
             return Ok(());
         }
-        m.1.insert(gsi, (addr, data));
+        m.2.insert(gsi, (addr, data));
+        self.commit(&m.2)
+    }
+
+    /// KVM_SET_GSI_ROUTING with the default routes and these MSI routes.
+    fn commit(&self, routes: &BTreeMap<u32, (u64, u32)>) -> Result<(), kvm_ioctls::Error> {
         let mut entries = default_routes();
-        for (&gsi, &(addr, data)) in &m.1 {
+        for (&gsi, &(addr, data)) in routes {
             let mut e = kvm_irq_routing_entry {
                 gsi,
                 type_: KVM_IRQ_ROUTING_MSI,

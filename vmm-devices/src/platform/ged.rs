@@ -1,7 +1,7 @@
 //! The ACPI Generic Event Device (ACPI0013) of a hardware-reduced platform: one status
 //! register of pending events (write 1 to clear) and an edge interrupt. The DSDT's `_EVT`
-//! reads it and notifies the device concerned: the power button, the CPU hotplug scan, or
-//! the VMGenID device.
+//! reads it and notifies the device concerned: the power button, the CPU or PCI hotplug scan,
+//! or the VMGenID device.
 
 use crate::bus::{Action, PioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -14,6 +14,8 @@ pub const EVENT_POWER_BUTTON: u8 = 1 << 0;
 pub const EVENT_CPU_HOTPLUG: u8 = 1 << 1;
 /// Status bit: the VM generation ID changed (a restore); the DSDT notifies the VMGenID device.
 pub const EVENT_VMGENID: u8 = 1 << 2;
+/// Status bit: a PCI device is being added or removed (see pci_hotplug).
+pub const EVENT_PCI_HOTPLUG: u8 = 1 << 3;
 
 pub struct Ged {
     pending: u8,

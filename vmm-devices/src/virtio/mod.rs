@@ -74,6 +74,11 @@ pub trait VirtioDevice: Send {
     fn reconnect(&mut self) -> Result<(), VirtioError> {
         Ok(())
     }
+    /// The device is leaving the VM (hot-remove): waits, up to `limit`, until the backend has
+    /// answered every request the driver made available. Returns how many it has not.
+    fn drain(&mut self, _limit: std::time::Duration) -> u64 {
+        0
+    }
     /// For a snapshot or a migration, with the VM paused: stops the started queues once the
     /// requests they hold have completed, and returns where each goes on (by queue index).
     fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, VirtioError>;

@@ -111,6 +111,28 @@ impl VirtioPci {
         Ok(true)
     }
 
+    /// The function leaves the bus (hot-remove, once the guest ejected it): its backend
+    /// answers what the driver queued, then stops its queues, and its ioeventfds, irqfds
+    /// and MSI routes go. (It is off the bus
+    /// already, so nothing uses the GSIs it gave back.)
+    pub fn unplug(&mut self) {
+        if self.active {
+            // A guest may eject a device with requests still queued: each is answered
+            // first (10 s at most), so that none is lost.
+            let left = self.device.drain(std::time::Duration::from_secs(10));
+            if left > 0 {
+                log::warn!(
+                    "{}: its backend did not answer {left} request(s) within 10 s; they are dropped with the device",
+                    self.name()
+                );
+            }
+        }
+        self.reset();
+        if let Err(e) = self.routing.release(&self.gsis) {
+            log::warn!("{}: cannot remove its interrupt routes ({e})", self.name());
+        }
+    }
+
     /// The device's backend restarted: set it up again as the driver left it.
     pub fn reconnect(&mut self) -> Result<(), VirtioError> {
         self.device.reconnect()

@@ -635,6 +635,28 @@ impl VirtioDevice for VhostUserDevice {
         })
     }
 
+    fn drain(&mut self, limit: std::time::Duration) -> u64 {
+        use vm_memory::Bytes;
+        let Some((_, rings)) = &self.active else {
+            return 0;
+        };
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            // The rings run: what the driver made available (and kicked) the backend takes
+            // and answers.
+            let mut left = 0u64;
+            for r in rings {
+                let avail: u16 = self.mem.read_obj(GuestAddress(r.avail + 2)).unwrap_or(0);
+                let used: u16 = self.mem.read_obj(GuestAddress(r.used + 2)).unwrap_or(0);
+                left += u64::from(avail.wrapping_sub(used));
+            }
+            if left == 0 || std::time::Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, VirtioError> {
         use vm_memory::Bytes;
         let Some((_, rings)) = &self.active else {
