@@ -16,13 +16,14 @@
 # order rotating, and the table shows medians over the rounds.
 #
 # usage: bench/block.sh [SECONDS_PER_RUN] [IMAGE_MIB] [ROUNDS]     (default 5, 1024 and 3)
+#        WORKLOADS="write:1048576:4 randread:4096:32" bench/block.sh ...   (only these)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-5}
 mib=${2:-1024}
 rounds=${3:-3}
 (cd "$root" && cargo build --release --quiet -p blockd && cargo build --release --quiet -p vmm-tests --bin blkio-bench)
-echo "command: bench/block.sh $secs $mib $rounds"
+echo "command: ${WORKLOADS:+WORKLOADS=\"$WORKLOADS\" }bench/block.sh $secs $mib $rounds"
 echo "host: $(uname -r), $(nproc) CPUs; image ${mib} MiB on $(df -T /var/tmp | awk 'NR==2{print $2}')"
 exec python3 - "$secs" "$mib" "$rounds" "$root/target/release" <<'PY'
 import os, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -58,6 +59,10 @@ try:
                     "status=none"], check=True)
     workloads = [("randread", 4096, 32), ("randwrite", 4096, 32), ("randread", 4096, 1),
                  ("randwrite", 4096, 1), ("read", 1 << 20, 4), ("write", 1 << 20, 4)]
+    if os.environ.get("WORKLOADS"):
+        # WORKLOADS="write:1048576:4 randread:4096:32": only these (kind:bytes:depth).
+        workloads = [(w, int(b), int(q)) for w, b, q in
+                     (x.split(":") for x in os.environ["WORKLOADS"].split())]
 
     def one(driver, path, key, direct=False):
         w, bs, qd = key

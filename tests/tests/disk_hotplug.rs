@@ -276,3 +276,70 @@ fn a_disk_the_guest_does_not_eject_stays() {
     ok(&api, &["shutdown"], &vm);
     assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
 }
+
+/// A hot-added disk goes with a snapshot of the VM: restored with the disks given in the order
+/// they sit on the bus (`--disk boot --disk hot`), the guest goes on with it, and the restored
+/// VM can hot-remove it and add it back (the data the guest writes again checks). Restored
+/// without it, the state is refused in one line that says what to give.
+#[test]
+fn a_hot_added_disk_goes_with_a_snapshot_of_the_vm() {
+    let dir = TempDir::new("disk-hotplug-snapshot");
+    let (api, mut vm) = start(&dir, "");
+    let raw = dir.join("hot.raw");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    ok(
+        &api,
+        &["disk", "add", &format!("path={}", raw.display())],
+        &vm,
+    );
+    vm.wait_for("tg: hp-added slot=2 capacity=8192 status=0 data=ok", T);
+    ok(&api, &["pause"], &vm);
+    let snap = dir.join("snap");
+    ok(
+        &api,
+        &["snapshot", &format!("file:{}", snap.display())],
+        &vm,
+    );
+    ok(&api, &["shutdown", "--force"], &vm);
+    vm.wait_exit(T);
+    let boot = dir.join("boot.raw");
+    let restore = |disks: &[&Path], api: &Path| {
+        let mut b = TestVm::builder()
+            .args(["--api-socket", api.to_str().unwrap()])
+            .args(["--restore", &format!("file:{}", snap.display())]);
+        for d in disks {
+            b = b.arg("--disk").arg(format!("path={}", d.display()));
+        }
+        b.spawn()
+    };
+    let mut short = restore(&[&boot], &dir.join("short.sock"));
+    assert_ne!(short.wait_exit(T), 0);
+    assert!(
+        short
+            .stderr()
+            .contains("the state has 2 PCI device(s), this VM 1; give it the same --disk options"),
+        "{}",
+        short.stderr()
+    );
+    let api = dir.join("restored.sock");
+    let mut vm = restore(&[&boot, &raw], &api);
+    vmm_tests::wait_until(T, "the restore", || vm.stderr().contains("the VM is here"));
+    ok(&api, &["resume"], &vm);
+    ok(&api, &["disk", "remove", "disk1"], &vm);
+    vm.wait_for("tg: hp-ejected slot=2", T);
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let out = ok(
+        &api,
+        &["disk", "add", &format!("path={}", raw.display())],
+        &vm,
+    );
+    assert!(out.contains("disk1: added at PCI 00:02.0"), "{out}");
+    vm.wait_for("tg: hp-added slot=2 capacity=8192 status=0 data=ok", T);
+    ok(&api, &["shutdown"], &vm);
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    assert_eq!(
+        std::fs::read(&raw).unwrap()[..256 << 10],
+        blk_pattern(256 << 10, 7)[..],
+        "what the restored guest wrote"
+    );
+}

@@ -107,6 +107,8 @@ pub enum LoopError {
     NoPciSlot(String),
     #[error("{0}: cannot be hot-removed (only disks can)")]
     NotRemovable(String),
+    #[error("a migration or snapshot is under way ({0}); add or remove disks before it starts or once it has ended")]
+    Migrating(String),
     #[error(transparent)]
     Failed(Box<dyn std::error::Error + Send + Sync>),
 }

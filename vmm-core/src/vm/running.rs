@@ -351,6 +351,28 @@ impl<'a> Running<'a> {
     /// A disk comes: its function goes on the bus and the guest hears of it (the GED's PCI
     /// event); or one is to go: the guest is asked to eject it.
     fn disk_change(&mut self, change: DiskChange) -> Option<VmEvent> {
+        // The state a migration or snapshot sends must have the devices the destination
+        // was given.
+        let phase = self.shared.migration.lock().unwrap().phase.clone();
+        let busy = [
+            "setup",
+            "pre-copy",
+            "stop-and-copy",
+            "postcopy-active",
+            "postcopy-paused",
+        ];
+        if busy.contains(&phase.as_str()) {
+            let err = || LoopError::Migrating(phase.clone());
+            match change {
+                DiskChange::Add(_, reply) => {
+                    let _ = reply.send(Err(err()));
+                }
+                DiskChange::Remove { reply, .. } => {
+                    let _ = reply.send(Err(err()));
+                }
+            }
+            return None;
+        }
         match change {
             DiskChange::Add(d, reply) => {
                 let _ = reply.send(self.disk_add(d));
@@ -816,6 +838,11 @@ impl<'a> Running<'a> {
     /// Pauses the VM (unless the user had), saves its state, and with the dirty log on takes
     /// the pages written since the last pass, the used rings among them.
     fn save(&mut self) -> Result<Saved, LoopError> {
+        // A disk the guest is asked to eject may leave at any moment: the state would not
+        // say whether the destination has it.
+        if let Some(r) = self.removals.first() {
+            return Err(LoopError::DiskRemoving(r.name.clone()));
+        }
         let was_paused = self.shared.status.lock().unwrap().paused;
         if !was_paused {
             self.pause();
