@@ -48,6 +48,19 @@ fn wait_count(vm: &TestVm, marker: &str, n: usize) {
     }
 }
 
+/// A 4 MiB raw image hot-added (the guest's disk1); its path.
+fn add_raw(dir: &TempDir, api: &Path, vm: &TestVm) -> std::path::PathBuf {
+    let raw = dir.join("hot.raw");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let out = ok(
+        api,
+        &["disk", "add", &format!("path={}", raw.display())],
+        vm,
+    );
+    assert!(out.contains("disk1: added at PCI 00:02.0"), "{out}");
+    raw
+}
+
 fn ok(api: &Path, args: &[&str], vm: &TestVm) -> String {
     let (code, out, err) = vmm_tests::vmmctl(api, args);
     assert_eq!(code, 0, "vmmctl {args:?}: {out}{err}\n{}", vm.stderr());
@@ -193,13 +206,7 @@ fn disks_hot_added_and_removed_keep_what_the_guest_wrote() {
 fn a_disk_ejected_with_writes_in_flight_answers_every_one() {
     let dir = TempDir::new("disk-hotplug-inflight");
     let (api, mut vm) = start(&dir, "tg.hp.inflight=1");
-    let raw = dir.join("hot.raw");
-    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
-    ok(
-        &api,
-        &["disk", "add", &format!("path={}", raw.display())],
-        &vm,
-    );
+    let raw = add_raw(&dir, &api, &vm);
     vm.wait_for("tg: hp-added slot=2", T);
     // The first four writes fail, the others take 300 ms each: the eject comes while they are in
     // blockd's hands or still queued.
@@ -248,13 +255,7 @@ fn a_disk_ejected_with_writes_in_flight_answers_every_one() {
 fn a_disk_the_guest_does_not_eject_stays() {
     let dir = TempDir::new("disk-hotplug-ignored");
     let (api, mut vm) = start(&dir, "tg.hp.ignore=1");
-    let raw = dir.join("hot.raw");
-    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
-    ok(
-        &api,
-        &["disk", "add", &format!("path={}", raw.display())],
-        &vm,
-    );
+    add_raw(&dir, &api, &vm);
     vm.wait_for("tg: hp-added slot=2", T);
     let (code, out, err) = vmm_tests::vmmctl(&api, &["--timeout", "2", "disk", "remove", "disk1"]);
     assert_ne!(code, 0, "{out}");
@@ -285,13 +286,7 @@ fn a_disk_the_guest_does_not_eject_stays() {
 fn a_hot_added_disk_goes_with_a_snapshot_of_the_vm() {
     let dir = TempDir::new("disk-hotplug-snapshot");
     let (api, mut vm) = start(&dir, "");
-    let raw = dir.join("hot.raw");
-    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
-    ok(
-        &api,
-        &["disk", "add", &format!("path={}", raw.display())],
-        &vm,
-    );
+    let raw = add_raw(&dir, &api, &vm);
     vm.wait_for("tg: hp-added slot=2 capacity=8192 status=0 data=ok", T);
     ok(&api, &["pause"], &vm);
     let snap = dir.join("snap");

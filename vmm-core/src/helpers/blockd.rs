@@ -1178,9 +1178,7 @@ async fn disk_command(
                 if let (Ok(()), Some(t)) = (&r, &spec.throttle) {
                     r = set_throttle(server, &name, t).await;
                     if r.is_err() {
-                        let mut req = server.remove_request();
-                        req.get().set_name(&name);
-                        let _ = req.send().promise.await;
+                        let _ = end_export(server, &name).await;
                     }
                 }
                 if let Err(e) = r {
@@ -1202,14 +1200,7 @@ async fn disk_command(
             let _ = reply.send(added.await);
         }
         DiskCommand::Remove(name, locks, reply) => {
-            let mut req = server.remove_request();
-            req.get().set_name(&name);
-            let r = req
-                .send()
-                .promise
-                .await
-                .map(|_| ())
-                .map_err(|e| BlockdError::Remote(e.into()));
+            let r = end_export(server, &name).await;
             if let Some(i) = disks.opened.iter().position(|o| o.name == name) {
                 let o = disks.opened.remove(i);
                 let _ = std::fs::remove_file(&o.socket);
@@ -1222,6 +1213,19 @@ async fn disk_command(
             let _ = reply.send(r);
         }
     }
+}
+
+async fn end_export(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    name: &str,
+) -> Result<(), BlockdError> {
+    let mut req = server.remove_request();
+    req.get().set_name(name);
+    req.send()
+        .promise
+        .await
+        .map(|_| ())
+        .map_err(|e| BlockdError::Remote(e.into()))
 }
 
 /// A command that changes or marks an export's image: a resize, or a recording's mark at a
