@@ -103,7 +103,7 @@ pub struct Shared {
     pub config_json: String,
     /// What the VM is (kernel, initramfs, command line, memory, vCPUs, disks) as a --config
     /// file: a snapshot carries it, and `run --restore` takes it.
-    pub spec_toml: String,
+    pub spec_toml: std::sync::Mutex<String>,
     /// The VM's disks' blockd (statistics for `disks`).
     pub blockd: Mutex<Option<crate::helpers::blockd::Blockd>>,
     pub status: Mutex<Status>,
@@ -543,7 +543,7 @@ impl vmm::Server for VmmServer {
             (s.memory, s.max_cpus)
         };
         let opts = crate::migration::Options {
-            spec: self.shared.spec_toml.clone(),
+            spec: self.shared.spec_toml.lock().unwrap().clone(),
             uri,
             downtime_ms: match o.get_downtime_ms() {
                 0 => crate::migration::DEFAULT_DOWNTIME_MS,
@@ -847,7 +847,9 @@ impl vmm::Server for VmmServer {
     ) -> Result<(), capnp::Error> {
         let text = params.get()?.get_spec()?.to_string()?;
         let spec = crate::config::disk::parse_disk(&text).map_err(|e| failed(&e))?;
-        let backend = self.on_blockd_mut(move |b| b.add_disk(&spec)).await?;
+        let backend = self
+            .on_blockd_mut(move |b| b.add_disk(&spec, &text))
+            .await?;
         let name = backend.name.clone();
         let (reply, answer) = oneshot::channel();
         let sent = self

@@ -20,6 +20,12 @@ pub struct DiskSpec {
     pub werror: String,
     /// blockd's throttle at start (`throttle.iops=200,throttle.group=g`, QEMU's names).
     pub throttle: Option<vmm_proto::throttle::Spec>,
+    /// Its name (default diskN, N its place among the disks) and PCI slot on bus 0 (default
+    /// the first free), as QEMU's id= and addr=: what a snapshot or migration of a VM whose
+    /// disks changed (hot-add, hot-remove) carries, so that the destination has each disk
+    /// where the state has it.
+    pub name: Option<String>,
+    pub slot: Option<u8>,
 }
 
 pub const MAX_QUEUES: u16 = 16;
@@ -44,13 +50,15 @@ impl DiskSpecError {
 
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
-    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME] or socket=PATH[,queues=N]";
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME][,name=NAME][,slot=N] or socket=PATH[,queues=N][,name=NAME][,slot=N]";
     let mut d = DiskSpec {
         path: None,
         socket: None,
         readonly: false,
         queues: 1,
         serial: None,
+        name: None,
+        slot: None,
         format: "raw".into(),
         direct: false,
         rerror: "report".into(),
@@ -102,6 +110,32 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
                 } else {
                     d.werror = v.to_string()
                 }
+            }
+            "name" => {
+                let ok = !v.is_empty()
+                    && v.len() <= 32
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !ok {
+                    return Err(DiskSpecError::new(
+                        s,
+                        format!("name={v}: write 1 to 32 letters, digits, - or _"),
+                    ));
+                }
+                d.name = Some(v.to_string())
+            }
+            "slot" => {
+                d.slot = Some(
+                    v.parse::<u8>()
+                        .ok()
+                        .filter(|n| (1..32).contains(n))
+                        .ok_or_else(|| {
+                            DiskSpecError::new(
+                                s,
+                                format!("slot={v}; write a PCI slot from 1 to 31"),
+                            )
+                        })?,
+                )
             }
             "serial" => {
                 if v.len() > 20 {
@@ -173,6 +207,8 @@ mod tests {
         assert!(d.readonly);
         assert_eq!(d.queues, 2);
         assert!(parse_disk("socket=/s,queues=4").is_ok());
+        let d = parse_disk("path=/x,name=data-1,slot=5").unwrap();
+        assert_eq!((d.name.as_deref(), d.slot), (Some("data-1"), Some(5)));
         for bad in [
             "",
             "x.img",
@@ -183,6 +219,9 @@ mod tests {
             "path=/x,colour=red",
             "socket=/s,readonly=on",
             "path=/x,format=vmdk",
+            "path=/x,slot=0",
+            "path=/x,slot=32",
+            "path=/x,name=a/b",
         ] {
             let e = parse_disk(bad).unwrap_err().to_string();
             assert!(e.starts_with("--disk "), "{e}");

@@ -499,6 +499,12 @@ impl VmConfig {
     /// kernel, initramfs, command line, memory, vCPUs and disks. A snapshot carries it in
     /// its header, and `run --restore file:P` takes it, so that no flag need be repeated.
     pub fn spec_toml(&self) -> String {
+        self.spec_toml_with(&self.disk_specs)
+    }
+
+    /// As `spec_toml`, with these disks (the VM's as they are now, after hot-add or
+    /// hot-remove) in place of the --disk options it started with.
+    pub fn spec_toml_with(&self, disk_specs: &[String]) -> String {
         use vmm_proto::json::string as q;
         let mut t = format!("kernel = {}\n", q(&self.kernel.display().to_string()));
         if let Some(i) = &self.initramfs {
@@ -520,7 +526,7 @@ impl VmConfig {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let disks: Vec<String> = self.disk_specs.iter().map(|d| q(&absolute(d))).collect();
+        let disks: Vec<String> = disk_specs.iter().map(|d| q(&absolute(d))).collect();
         t += &format!("disk = [{}]\n", disks.join(", "));
         if let Some(r) = &self.rng_spec {
             t += &format!("rng = {}\n", q(&absolute(r)));

@@ -61,8 +61,8 @@ pub enum BlockdError {
     NoBlockdToAdd,
     #[error("cannot hot-add a disk to a VM that records or replays (--record, --replay): the recording holds the disks it began with")]
     AddWhileRecording,
-    #[error("disk {0} is served by a backend of its own (socket=); nothing to end in blockd")]
-    NotServed(String),
+    #[error("two disks are named {0}; give each its own name=")]
+    SameName(String),
     #[error("blockd is not running")]
     NotRunning,
     #[error("blockd did not answer within 5 s")]
@@ -86,6 +86,9 @@ pub struct DiskBackend {
     pub external: bool,
     /// Its transport in the running boot, for reconnecting after blockd restarts.
     pub device: DeviceSlot,
+    /// The PCI slot it asks for (slot=), and its --disk spec as given.
+    pub slot: Option<u8>,
+    pub spec: String,
 }
 
 /// The private directory that holds blockd's sockets; removed with everything in it.
@@ -329,11 +332,15 @@ impl Blockd {
     /// A disk for a running VM (hot-add): its image opened, locked and handed to blockd as
     /// a new export (on the client thread, which may open files), or a socket= backend
     /// taken as it is. Returns its backend, for the VM's main loop to plug in.
-    pub fn add_disk(&mut self, spec: &DiskSpec) -> Result<DiskBackend, BlockdError> {
-        let name = (0..)
-            .map(|i| format!("disk{i}"))
-            .find(|n| !self.names.contains(n))
-            .expect("a free name");
+    pub fn add_disk(&mut self, spec: &DiskSpec, text: &str) -> Result<DiskBackend, BlockdError> {
+        let name = match &spec.name {
+            Some(n) if self.names.contains(n) => return Err(BlockdError::SameName(n.clone())),
+            Some(n) => n.clone(),
+            None => (0..)
+                .map(|i| format!("disk{i}"))
+                .find(|n| !self.names.contains(n))
+                .expect("a free name"),
+        };
         if spec.path.is_some() {
             if self.recording {
                 return Err(BlockdError::AddWhileRecording);
@@ -348,17 +355,19 @@ impl Blockd {
                 tx,
             )))
             .map_err(|_| BlockdError::NotRunning)?;
-            let (backend, locks) = rx
+            let (mut backend, locks) = rx
                 .recv_timeout(std::time::Duration::from_secs(30))
                 .map_err(|_| BlockdError::NoAnswer)??;
             self.locks
                 .extend(locks.into_iter().map(|l| (name.clone(), l)));
             self.names.push(name);
+            backend.spec = text.to_string();
             return Ok(backend);
         }
-        let disk = open_disk(spec, name.clone(), None, true, None)?;
+        let mut disk = open_disk(spec, name.clone(), None, true, None)?;
         self.external.extend(disk.external);
         self.names.push(name);
+        disk.backend.spec = text.to_string();
         Ok(disk.backend)
     }
 
@@ -542,6 +551,8 @@ fn open_disk(
                 image: "vhost-user socket".into(),
                 external: true,
                 device: DeviceSlot::default(),
+                slot: d.slot,
+                spec: String::new(),
             },
             opened: None,
             external: Some(DiskInfo {
@@ -584,6 +595,8 @@ fn open_disk(
         image: path.display().to_string(),
         external: false,
         device: DeviceSlot::default(),
+        slot: d.slot,
+        spec: String::new(),
     };
     let (log, image) = match recording {
         Some(rec) => {
@@ -609,8 +622,9 @@ fn open_disk(
 }
 
 /// Opens each disk's image and listening socket, starts blockd, and adds the exports.
+/// (`disks`: each parsed, and as given, for what a snapshot carries.)
 pub fn start(
-    disks: &[DiskSpec],
+    disks: &[(DiskSpec, String)],
     source: super::Source,
     dir: Option<&RunDir>,
     report: super::SeccompReport,
@@ -623,15 +637,19 @@ pub fn start(
     let mut locks = Vec::new();
     let mut external = Vec::new();
     let mut names = Vec::new();
-    for (i, d) in disks.iter().enumerate() {
-        let name = format!("disk{i}");
-        let disk = open_disk(
+    for (i, (d, text)) in disks.iter().enumerate() {
+        let name = d.name.clone().unwrap_or_else(|| format!("disk{i}"));
+        if names.contains(&name) {
+            return Err(BlockdError::SameName(name));
+        }
+        let mut disk = open_disk(
             d,
             name.clone(),
             dir.map(|d| d.0.as_path()),
             lock_now,
             recording,
         )?;
+        disk.backend.spec = text.clone();
         backends.push(disk.backend);
         opened.extend(disk.opened);
         external.extend(disk.external);

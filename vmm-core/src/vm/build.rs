@@ -466,7 +466,7 @@ fn pci_bus(
         let transport = Arc::new(Mutex::new(transport));
         *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
         let slot = pci
-            .add(transport.clone())
+            .add_at(transport.clone(), d.slot)
             .ok_or_else(|| VmError::NoPciSlot(d.name.clone()))?;
         transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);

@@ -366,7 +366,7 @@ fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
 fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
     Arc::new(api::Shared {
         config_json: config.to_json(),
-        spec_toml: config.spec_toml(),
+        spec_toml: std::sync::Mutex::new(config.spec_toml()),
         status: Mutex::new(api::Status {
             phase: if config.incoming.is_some() {
                 api::Phase::Incoming
@@ -519,8 +519,14 @@ fn start_disks(
             let _ = stops.send(VmEvent::DiskStopped(disk, reason));
         }),
     };
+    let given: Vec<_> = config
+        .disks
+        .iter()
+        .cloned()
+        .zip(config.disk_specs.iter().cloned())
+        .collect();
     let (disks, blockd) = crate::helpers::blockd::start(
-        &config.disks,
+        &given,
         helper_source(config, &config.blockd_socket, &config.blockd),
         run_dir.as_ref(),
         crate::helpers::stderr::seccomp_reporter(shared.events.clone()),

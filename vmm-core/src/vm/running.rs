@@ -403,7 +403,7 @@ impl<'a> Running<'a> {
             super::build::disk_transport(&g.memory, &g.routing, &d).map_err(LoopError::failed)?;
         let missed = transport.notify_exits.clone();
         let transport = std::sync::Arc::new(std::sync::Mutex::new(transport));
-        let Some(slot) = g.pci.add(transport.clone()) else {
+        let Some(slot) = g.pci.add_at(transport.clone(), d.slot) else {
             transport.lock().unwrap().unplug();
             return Err(LoopError::NoPciSlot(d.name.clone()));
         };
@@ -420,6 +420,8 @@ impl<'a> Running<'a> {
             .events
             .emit("disk-added", format!("{} at PCI 00:{slot:02x}.0", d.name));
         self.disks.lock().unwrap().push(d);
+        self.publish_spec();
+        let g = &self.guest;
         g.ged
             .lock()
             .unwrap()
@@ -471,6 +473,7 @@ impl<'a> Running<'a> {
             drop(t);
             g.kicks_missed.retain(|(n, _)| *n != name);
             self.disks.lock().unwrap().retain(|d| d.name != name);
+            self.publish_spec();
             log::info!("{name}: the guest ejected it; PCI 00:{slot:02x}.0 is empty");
             self.shared.events.emit("disk-removed", name.clone());
             if let Some(i) = self.removals.iter().position(|r| r.slot == slot) {
@@ -478,6 +481,37 @@ impl<'a> Running<'a> {
             }
         }
         None
+    }
+
+    /// The disks changed: what a snapshot or migration carries (the settings a restore or
+    /// destination takes when it is given no --disk) lists them as they are now, each with
+    /// its name and slot, so that every disk is where the state has it.
+    fn publish_spec(&self) {
+        let specs: Vec<String> = self
+            .disks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let slot = self
+                    .guest
+                    .transports
+                    .iter()
+                    .find(|(_, t)| t.lock().unwrap().device_name() == d.name)
+                    .map(|(s, _)| *s);
+                let kept: Vec<&str> = d
+                    .spec
+                    .split(',')
+                    .filter(|p| !p.starts_with("name=") && !p.starts_with("slot="))
+                    .collect();
+                let mut spec = format!("{},name={}", kept.join(","), d.name);
+                if let Some(s) = slot {
+                    spec += &format!(",slot={s}");
+                }
+                spec
+            })
+            .collect();
+        *self.shared.spec_toml.lock().unwrap() = self.config.spec_toml_with(&specs);
     }
 
     /// Removals the guest did not do in time: it is no longer asked, and the disk stays.

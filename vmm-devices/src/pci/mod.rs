@@ -57,8 +57,18 @@ impl PciBus {
     /// Places the device in the first free slot and assigns its BARs in that slot's window;
     /// returns the slot (None: no slot free, or BARs larger than a slot's window).
     pub fn add(&self, dev: SharedPciDevice) -> Option<u8> {
+        self.add_at(dev, None)
+    }
+
+    /// As `add`, in slot `want` when given (None: that slot is not free).
+    pub fn add_at(&self, dev: SharedPciDevice, want: Option<u8>) -> Option<u8> {
         let mut slots = self.slots.write().unwrap();
-        let slot = slots.iter().position(|s| s.is_none())?;
+        let slot = match want {
+            Some(w) => {
+                Some(usize::from(w)).filter(|&w| slots.get(w).is_some_and(Option::is_none))?
+            }
+            None => slots.iter().position(|s| s.is_none())?,
+        };
         {
             let mut d = dev.lock().unwrap();
             let base = MEM32_BASE + slot as u64 * SLOT_WINDOW;
