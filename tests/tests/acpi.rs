@@ -56,6 +56,16 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
             "CTFY",
             "VM_Gen_Counter",
             "Notify (\\_SB.VGEN, 0x80)",
+            // ACPI PCI hotplug: the controller's registers, a slot object with its eject,
+            // the scan the GED's PCI event calls, and its notifications.
+            "OperationRegion (PCST, SystemIO, 0x0CE8, 0x0C)",
+            "B0EJ,   32",
+            "Device (S01F)",
+            "Name (_SUN, 0x1F)",
+            "Method (_EJ0, 1, NotSerialized)",
+            "\\_SB.PCI0.PCNT ()",
+            "Notify (S002, One)",
+            "Notify (S002, 0x03)",
         ] {
             assert!(dsl.contains(needle), "the DSDT lacks {needle}:\n{dsl}");
         }
@@ -70,10 +80,16 @@ fn iasl_disassembles_every_table_and_recompiles_the_dsdt() {
             "ADDR {addr}"
         );
         // A processor device per possible vCPU, each with _STA, _MAT and _EJ0.
-        for needle in ["\"ACPI0007\"", "Method (_STA", "Name (_MAT", "Method (_EJ0"] {
+        // (And each of PCI bus 0's 31 slots has an _EJ0 too.)
+        for (needle, n) in [
+            ("\"ACPI0007\"", max),
+            ("Method (_STA", max),
+            ("Name (_MAT", max),
+            ("Method (_EJ0", max + 31),
+        ] {
             assert_eq!(
                 dsl.matches(needle).count(),
-                max as usize,
+                n as usize,
                 "{needle} in:\n{dsl}"
             );
         }
