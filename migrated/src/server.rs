@@ -7,7 +7,7 @@ use crate::ram::Ram;
 use crate::stream::{Config, Reader, Section, StreamError, Writer, Zeros, PAGE};
 use crate::tls::{self, Tls};
 use crate::wire::{
-    refuse_to, refused, ReceiveError, TransferError, ACKED, REFUSED, STARTED, VM_SECTION,
+    cut_short, refuse_to, refused, ReceiveError, TransferError, ACKED, REFUSED, STARTED, VM_SECTION,
 };
 use capnp::capability::Rc as CapRc;
 use std::io::{BufWriter, Read, Write};
@@ -373,9 +373,10 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<PassSent, Tran
             buf.extend_from_slice(
                 &o.ram.bytes()[(p * PAGE as u64) as usize..(q * PAGE as u64) as usize],
             );
-            o.writer
-                .ram(gpa + (p - first) * PAGE as u64, &buf, zeros)
-                .map_err(io)?;
+            if let Err(e) = o.writer.ram(gpa + (p - first) * PAGE as u64, &buf, zeros) {
+                // The peer closed: what it said first names why.
+                return Err(cut_short(uri, o.writer.get_mut().get_mut().as_mut(), e));
+            }
             o.sent
                 .bytes
                 .store(o.writer.bytes(), std::sync::atomic::Ordering::Relaxed);
@@ -396,10 +397,11 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<PassSent, Tran
         // The pass is over when the destination has written all of it into guest RAM: its
         // time gives the real bandwidth, and nothing of it is in flight when the VM pauses.
         let n = o.passes;
-        o.writer.pass(n).map_err(io)?;
-        let w = o.writer.get_mut();
-        w.flush().map_err(io)?;
-        let s = w.get_mut();
+        if let Err(e) = o.writer.pass(n).and_then(|()| o.writer.get_mut().flush()) {
+            // The peer closed: what it said first names why.
+            return Err(cut_short(uri, o.writer.get_mut().get_mut().as_mut(), e));
+        }
+        let s = o.writer.get_mut().get_mut();
         let mut ack = [0u8; 5];
         s.read_exact(&mut ack[..1]).map_err(io)?;
         if ack[0] == REFUSED {

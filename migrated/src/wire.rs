@@ -123,6 +123,22 @@ pub(crate) fn refused(uri: Uri, s: &mut dyn Read) -> TransferError {
     TransferError::Refused(uri, "(it gave no reason)".to_string())
 }
 
+/// A write the peer cut short (it closed the connection): what it said before it closed, if
+/// anything: a destination's REFUSED and reason, or a VM API socket's Cap'n Proto error (its
+/// first byte 0: the peer is no destination). Otherwise the write's own error.
+pub(crate) fn cut_short(uri: Uri, s: &mut dyn Read, e: std::io::Error) -> TransferError {
+    use std::io::ErrorKind::*;
+    if !matches!(e.kind(), BrokenPipe | ConnectionReset) {
+        return TransferError::Transfer(uri, e);
+    }
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) if b[0] == REFUSED => refused(uri, s),
+        Ok(1) if b[0] == 0 => TransferError::NotADestination(uri),
+        _ => TransferError::Transfer(uri, e),
+    }
+}
+
 /// Tells the source why the VM is refused (REFUSED, a u16 length and the reason).
 pub(crate) fn refuse_to(s: &mut dyn Write, why: &str) {
     let m = &why.as_bytes()[..why.len().min(4000)];
