@@ -131,6 +131,18 @@ fn disks_hot_added_and_removed_keep_what_the_guest_wrote() {
     assert!(out.contains("disk1: added at PCI 00:02.0"), "{out}");
     vm.wait_for("tg: pci-event up=0x4 down=0x0", T);
     vm.wait_for("tg: hp-added slot=2 capacity=8192 status=0 data=ok", T);
+    // A slot that is taken: refused in one line, and blockd lets the image go again.
+    let (code, _, err) = vmm_tests::vmmctl(
+        &api,
+        &[
+            "disk",
+            "add",
+            &format!("path={},format=qcow2,slot=2", qcow2.display()),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("disk2: PCI slot 2 is taken"), "{err}");
     let out = ok(
         &api,
         &[

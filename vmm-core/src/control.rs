@@ -105,6 +105,8 @@ pub enum LoopError {
     DiskRemoving(String),
     #[error("{0}: no free PCI slot (bus 0 has 31); remove a device first")]
     NoPciSlot(String),
+    #[error("{0}: PCI slot {1} is taken (or not a slot); give another slot=, or none for the first free one")]
+    SlotTaken(String, u8),
     #[error("{0}: cannot be hot-removed (only disks can)")]
     NotRemovable(String),
     #[error("a migration or snapshot is under way ({0}); add or remove disks before it starts or once it has ended")]

@@ -460,14 +460,21 @@ fn pci_bus(
     let pci = vmm_devices::pci::PciBus::default();
     let mut kicks_missed = Vec::new();
     let mut transports = Vec::new();
-    for d in res.disks.lock().unwrap().iter() {
+    // Disks that ask for a slot (slot=) take it first; the others fill the rest in order.
+    let disks = res.disks.lock().unwrap();
+    let mut ordered: Vec<_> = disks.iter().collect();
+    ordered.sort_by_key(|d| d.slot.is_none());
+    for d in ordered {
         let transport = disk_transport(memory, &routing, d)?;
         kicks_missed.push((d.name.clone(), transport.notify_exits.clone()));
         let transport = Arc::new(Mutex::new(transport));
         *d.device.lock().unwrap() = Some(Arc::downgrade(&transport));
         let slot = pci
             .add_at(transport.clone(), d.slot)
-            .ok_or_else(|| VmError::NoPciSlot(d.name.clone()))?;
+            .ok_or_else(|| match d.slot {
+                Some(s) => VmError::SlotTaken(d.name.clone(), s),
+                None => VmError::NoPciSlot(d.name.clone()),
+            })?;
         transports.push((slot, transport));
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
     }

@@ -68,6 +68,8 @@ pub enum VmError {
     Recording(String),
     #[error("{0}: no free PCI slot or BAR space")]
     NoPciSlot(String),
+    #[error("{0}: PCI slot {1} is taken by another disk; give each disk its own slot=")]
+    SlotTaken(String, u8),
     #[error(transparent)]
     Migration(#[from] crate::helpers::migrated::MigratedError),
     /// The incoming VM could not be taken (a user error when the stream or its source is).

@@ -405,7 +405,10 @@ impl<'a> Running<'a> {
         let transport = std::sync::Arc::new(std::sync::Mutex::new(transport));
         let Some(slot) = g.pci.add_at(transport.clone(), d.slot) else {
             transport.lock().unwrap().unplug();
-            return Err(LoopError::NoPciSlot(d.name.clone()));
+            return Err(match d.slot {
+                Some(s) => LoopError::SlotTaken(d.name.clone(), s),
+                None => LoopError::NoPciSlot(d.name.clone()),
+            });
         };
         *d.device.lock().unwrap() = Some(std::sync::Arc::downgrade(&transport));
         g.transports.push((slot, transport));
