@@ -37,7 +37,7 @@ pub enum VmEvent {
 /// A disk that comes or goes while the VM runs (PCI hotplug).
 pub enum DiskChange {
     /// Put the disk's virtio-blk function on the bus and tell the guest: its PCI slot.
-    Add(crate::helpers::blockd::DiskBackend, Reply<u8>),
+    Add(crate::disk_backend::DiskBackend, Reply<u8>),
     /// Ask the guest to eject disk `name`: answered once it did (the function is then off
     /// the bus and its backend disconnected), or when `timeout_ms` passed (it stays).
     Remove {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod control;
+pub mod disk_backend;
 pub mod events;
 pub mod helpers;
 pub mod kvm;

@@ -76,20 +76,7 @@ type Answer<T> = std::sync::mpsc::Sender<Result<T, BlockdError>>;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A disk's vhost-user backend: an export of the VM's blockd, or a socket given.
-pub struct DiskBackend {
-    pub name: String,
-    pub socket: PathBuf,
-    pub queues: u16,
-    /// Where it came from, for `vmmctl disk list` (the image's path, or "vhost-user socket").
-    pub image: String,
-    pub external: bool,
-    /// Its transport in the running boot, for reconnecting after blockd restarts.
-    pub device: DeviceSlot,
-    /// The PCI slot it asks for (slot=), and its --disk spec as given.
-    pub slot: Option<u8>,
-    pub spec: String,
-}
+pub use crate::disk_backend::{DeviceSlot, DiskBackend};
 
 /// The private directory that holds blockd's sockets; removed with everything in it.
 pub struct RunDir(pub PathBuf);
@@ -749,13 +736,6 @@ struct Restart {
     /// The blockd vmm-core started (None when it connects to systemd's).
     child: Arc<std::sync::Mutex<Option<std::process::Child>>>,
 }
-
-/// The transports of the disks blockd serves, set at each boot, to reconnect after a restart.
-pub type DeviceSlot = Arc<
-    std::sync::Mutex<
-        Option<std::sync::Weak<std::sync::Mutex<vmm_devices::virtio::pci::VirtioPci>>>,
-    >,
->;
 
 /// Sets blockd up on a new control connection: the side channel, the exports (with the
 /// images and listening sockets vmm-core keeps), and the watcher.
