@@ -394,8 +394,8 @@ impl VmmServer {
 }
 
 impl VmmServer {
-    /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread).
-    /// As on_blockd, for a change to the disks themselves (hot-add, hot-remove).
+    /// Runs `f` on the VM's blockd (it waits for blockd's answer, off this thread); `f` may
+    /// change the disks themselves (hot-add, hot-remove).
     async fn on_blockd_mut<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut crate::helpers::blockd::Blockd) -> Result<T, BlockdError> + Send + 'static,
@@ -410,18 +410,12 @@ impl VmmServer {
         .map_err(|e| failed(&e))
     }
 
+    /// As on_blockd_mut, for a command that leaves the disks as they are.
     async fn on_blockd<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::helpers::blockd::Blockd) -> Result<T, BlockdError> + Send + 'static,
     ) -> Result<T, capnp::Error> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || match shared.blockd.lock().unwrap().as_ref() {
-            Some(b) => f(b),
-            None => Err(BlockdError::NoBlockd),
-        })
-        .await
-        .map_err(|e| capnp::Error::failed(e.to_string()))?
-        .map_err(|e| failed(&e))
+        self.on_blockd_mut(move |b| f(b)).await
     }
 }
 
