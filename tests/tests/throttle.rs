@@ -318,21 +318,44 @@ fn bad_throttle_settings_get_one_line_errors_and_change_nothing() {
     assert!(out.contains("throttle=iops=300 "), "{out}");
 }
 
-/// Writes per second blockd did for the VM's disk0 over `secs`, by its own count.
+/// Writes per second blockd did for the VM's disk0 over about `secs`, by its own count, timed
+/// from the middle of one query to the middle of the next.
 fn vm_writes_per_s(sock: &Path, secs: u64) -> f64 {
-    let writes = || -> u64 {
+    let writes = || -> (u64, Instant) {
+        let start = Instant::now();
         let (code, out, err) = vmm_tests::vmmctl(sock, &["--json", "disk", "list"]);
+        let mid = start + start.elapsed() / 2;
         assert_eq!(code, 0, "{err}");
         let key = "{\"op\":\"write\",\"requests\":";
         let k = out
             .find(key)
             .unwrap_or_else(|| panic!("no write count in {out}"));
         let v = &out[k + key.len()..];
-        v[..v.find(',').unwrap()].parse().unwrap()
+        (v[..v.find(',').unwrap()].parse().unwrap(), mid)
     };
-    let before = writes();
+    let (before, t0) = writes();
     std::thread::sleep(Duration::from_secs(secs));
-    (writes() - before) as f64 / secs as f64
+    let (after, t1) = writes();
+    (after - before) as f64 / (t1 - t0).as_secs_f64()
+}
+
+/// Checks that a guest writing as fast as it can gets `limit` writes/s (±10%). The throttle is
+/// a ceiling: no window may go over it. A guest on a loaded host (PVM emulates its kernel) may
+/// fall behind in one window, so up to three windows are measured and one must reach it.
+fn assert_vm_writes_at(sock: &Path, limit: f64) {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let got = vm_writes_per_s(sock, 3);
+        seen.push(got);
+        assert!(
+            got <= limit * 1.1,
+            "{got} writes/s at iops={limit}: over the limit (windows: {seen:?})"
+        );
+        if got >= limit * 0.9 {
+            return;
+        }
+    }
+    panic!("writes/s at iops={limit} stayed below it in every window: {seen:?}");
 }
 
 /// The same through a VM's API: vmm-core passes `disk throttle` to its blockd, and `disk
@@ -356,8 +379,7 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
     // The throttle given at start, as listed and as the guest gets it.
     let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
     assert!(out.contains("throttle=group=vm,iops=100 "), "{out}");
-    let got = vm_writes_per_s(&sock, 3);
-    assert!((90.0..=110.0).contains(&got), "{got} writes/s at iops=100");
+    assert_vm_writes_at(&sock, 100.0);
     let (code, out, err) = vmm_tests::vmmctl(
         &sock,
         &[
@@ -397,8 +419,7 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
     let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "throttle", "disk0", "iops=50"]);
     assert_eq!(code, 0, "{err}");
     std::thread::sleep(Duration::from_millis(500));
-    let got = vm_writes_per_s(&sock, 3);
-    assert!((45.0..=55.0).contains(&got), "{got} writes/s at iops=50");
+    assert_vm_writes_at(&sock, 50.0);
     let (code, _, err) = vmm_tests::vmmctl(&sock, &["disk", "throttle", "disk7", "iops=5"]);
     assert_eq!(code, 1);
     assert!(err.contains("no export \"disk7\""), "{err}");
