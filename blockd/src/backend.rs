@@ -140,6 +140,9 @@ impl Backend {
         let Some(atomic) = self.0.mem.read().unwrap().clone() else {
             return Ok(());
         };
+        // Completions are answered even while the disk pauses; a short one's rest is done
+        // on the image, so the disk counts busy until then.
+        let _busy = self.0.disk.busy_anyway();
         let mem = atomic.memory();
         let mut done = Vec::new();
         if let Some(e) = self.0.engines[queue].lock().unwrap().as_mut() {
@@ -487,6 +490,10 @@ impl Backend {
 
     fn process_queue(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
         let Some(atomic) = self.0.mem.read().unwrap().clone() else {
+            return Ok(());
+        };
+        // A snapshot or commit swaps the image: requests wait on the ring meanwhile.
+        let Some(_busy) = self.0.disk.enter() else {
             return Ok(());
         };
         let mem = atomic.memory();

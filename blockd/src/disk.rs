@@ -187,12 +187,31 @@ pub struct Stats {
     pub interrupts_suppressed: AtomicU64,
 }
 
-pub struct Disk {
+/// The image layers a disk serves: the top, which takes the writes, over its backing chain.
+/// A live external snapshot stacks a new top on them; a commit merges the top down.
+pub struct Layers {
     file: File,
     pub format: crate::image::Format,
     qcow2: Option<crate::image::Qcow2Image>,
     /// The image is open with O_DIRECT: unaligned requests go through an aligned bounce buffer.
     direct: bool,
+    /// The backing chain's files, nearest first (kept to stack a new top on them).
+    backing: Vec<(File, crate::image::Format)>,
+}
+
+pub struct Disk {
+    /// Its image and backing chain; swapped only while the disk is quiesced (`quiesce`).
+    layers: std::sync::RwLock<Layers>,
+    /// Requests may not start (a snapshot or commit swaps the layers).
+    paused: AtomicBool,
+    /// Queue workers inside their loop plus transfers in flight in io_uring: what `quiesce`
+    /// waits to drain.
+    pub busy: std::sync::Arc<AtomicU64>,
+    /// A commit under way: what the guest wrote since it started (see `commit`), and how far
+    /// it is.
+    pub job: std::sync::Mutex<Option<crate::commit::Job>>,
+    /// The top image's path since a snapshot or commit changed it, for `list`.
+    pub shown: std::sync::Mutex<Option<String>>,
     /// The image's logical block size (a block device's; 512 for a file): what the guest is
     /// told (VIRTIO_BLK_F_BLK_SIZE), and the alignment O_DIRECT transfers need.
     pub block_size: u32,
@@ -320,26 +339,14 @@ impl Disk {
         backing: Vec<(File, crate::image::Format)>,
     ) -> std::io::Result<Disk> {
         broken_durability();
-        let (file_len, block_size) = geometry(&file)?;
-        let mut looks_like_qcow2 = false;
-        let qcow2 = match options.format {
-            crate::image::Format::Raw => {
-                let mut magic = [0u8; 4];
-                looks_like_qcow2 = std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0)
-                    .is_ok()
-                    && magic == crate::image::QCOW2_MAGIC;
-                None
-            }
-            crate::image::Format::Qcow2 => Some(crate::image::Qcow2Image::open(
-                file.try_clone()?,
-                !options.readonly,
-                backing,
-            )?),
+        let (_, block_size) = geometry(&file)?;
+        let looks_like_qcow2 = options.format == crate::image::Format::Raw && {
+            let mut magic = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
+                && magic == crate::image::QCOW2_MAGIC
         };
-        let len = match &qcow2 {
-            Some(q) => q.size,
-            None => file_len,
-        };
+        let layers = Layers::open(file, options.format, !options.readonly, backing)?;
+        let len = layers.size()?;
         let size = len & !(u64::from(block_size) - 1);
         if size != len {
             log::warn!(
@@ -347,16 +354,14 @@ impl Disk {
                 len - size
             );
         }
-        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
-            .map(nix::fcntl::OFlag::from_bits_retain)
-            .unwrap_or(nix::fcntl::OFlag::empty());
         Ok(Disk {
-            format: options.format,
-            direct: flags.contains(nix::fcntl::OFlag::O_DIRECT),
+            layers: std::sync::RwLock::new(layers),
+            paused: AtomicBool::new(false),
+            busy: std::sync::Arc::new(AtomicU64::new(0)),
+            job: std::sync::Mutex::new(None),
+            shown: std::sync::Mutex::new(None),
             block_size,
             looks_like_qcow2,
-            file,
-            qcow2,
             size: AtomicU64::new(size),
             writethrough: AtomicBool::new(options.writethrough),
             options,
@@ -369,7 +374,54 @@ impl Disk {
         })
     }
 
-    /// Size in bytes, a whole number of sectors.
+    /// A queue worker starts taking requests: None while the disk is paused (the worker
+    /// leaves them on its ring; `resume_after_pause` wakes it). The guard counts it busy.
+    pub fn enter(&self) -> Option<Busy<'_>> {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        if self.paused.load(Ordering::SeqCst) {
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Busy(&self.busy))
+    }
+
+    /// Counts the caller busy whether or not the disk pauses (completions must be answered).
+    pub fn busy_anyway(&self) -> Busy<'_> {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(&self.busy)
+    }
+
+    /// Pauses the disk and waits (up to `timeout`) until no request touches its image: no
+    /// worker in its loop, nothing in flight in io_uring. Requests delayed by a fault rule or
+    /// held by the throttle stay where they are. The guard lets them go again when dropped.
+    pub fn quiesce(&self, timeout: std::time::Duration) -> Result<Quiesced<'_>, String> {
+        if self.paused.swap(true, Ordering::SeqCst) {
+            return Err("another snapshot or commit is pausing it".into());
+        }
+        let q = Quiesced(self);
+        let deadline = std::time::Instant::now() + timeout;
+        while self.busy.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "its requests in flight did not finish within {} s",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Ok(q)
+    }
+
+    /// Runs `f` on the layers, which it may replace (the disk must be quiesced).
+    pub fn with_layers_mut<T>(&self, _quiesced: &Quiesced, f: impl FnOnce(&mut Layers) -> T) -> T {
+        f(&mut self.layers.write().unwrap())
+    }
+
+    /// Runs `f` on the layers as they are.
+    pub fn with_layers<T>(&self, f: impl FnOnce(&Layers) -> T) -> T {
+        f(&self.layers.read().unwrap())
+    }
+
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -391,10 +443,15 @@ impl Disk {
                 "{bytes} bytes is not a whole, non-zero number of {block}-byte blocks"
             ));
         }
-        let (now, _) = geometry(&self.file).map_err(|e| format!("cannot read its size ({e})"))?;
+        if self.job.lock().unwrap().is_some() {
+            return Err("a commit is under way; resize it when the commit is done".into());
+        }
+        let layers = self.layers.read().unwrap();
+        let (now, _) = geometry(&layers.file).map_err(|e| format!("cannot read its size ({e})"))?;
         let device = {
             use std::os::unix::fs::FileTypeExt;
-            self.file
+            layers
+                .file
                 .metadata()
                 .is_ok_and(|m| m.file_type().is_block_device())
         };
@@ -403,7 +460,7 @@ impl Disk {
                 "{bytes} bytes is less than its {old}: shrinking loses the data past the new end; give --force if that is meant"
             ));
         }
-        match (&self.qcow2, device) {
+        match (&layers.qcow2, device) {
             (_, true) if bytes != now => {
                 return Err(format!(
                     "a block device of {now} bytes: grow the device first (e.g. lvextend), then give its size"
@@ -416,7 +473,7 @@ impl Disk {
             (Some(q), _) => q
                 .grow(bytes)
                 .map_err(|e| format!("cannot grow the qcow2 image ({e})"))?,
-            (None, false) => self
+            (None, false) => layers
                 .file
                 .set_len(bytes)
                 .map_err(|e| format!("cannot set the image file's length ({e})"))?,
@@ -445,7 +502,11 @@ impl Disk {
     }
 
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.layers.read().unwrap().direct
+    }
+
+    pub fn format(&self) -> crate::image::Format {
+        self.layers.read().unwrap().format
     }
 
     pub fn writethrough(&self) -> bool {
@@ -506,6 +567,167 @@ impl Disk {
 
     /// Reads into (or, with `write`, writes from) the buffers, all of them, at `offset`.
     pub fn rw(&self, iovs: &mut [libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
+        let len: usize = iovs.iter().map(|v| v.iov_len).sum();
+        let r = self.layers.read().unwrap().rw(
+            iovs,
+            offset,
+            write,
+            write && self.writethrough(),
+            self.block_size,
+        );
+        if write {
+            self.written(offset, len as u64);
+        }
+        r
+    }
+
+    /// A commit under way learns what the guest changed (whether it worked or not: a failed
+    /// write may have changed some of it).
+    fn written(&self, offset: u64, len: u64) {
+        if let Some(j) = self.job.lock().unwrap().as_mut() {
+            j.written(offset, len);
+        }
+    }
+
+    /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
+    /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
+    pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
+        let l = self.layers.read().unwrap();
+        l.qcow2.is_none()
+            && self.job.lock().unwrap().is_none()
+            && (!l.direct || l.direct_aligned(iovs, offset, self.block_size))
+    }
+
+    /// The top image's descriptor, for io_uring (valid while the disk's worker is busy: the
+    /// layers are swapped only when it is quiesced).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.layers.read().unwrap().file.as_raw_fd()
+    }
+
+    /// preadv2/pwritev2 flags for a write now: RWF_DSYNC when writes must be durable.
+    pub fn write_flags(&self) -> i32 {
+        if self.writethrough() {
+            libc::RWF_DSYNC
+        } else {
+            0
+        }
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        if broken_durability() {
+            return Ok(());
+        }
+        self.layers.read().unwrap().flush()
+    }
+
+    /// Deallocates the range: it reads back as zeroes and the file gets sparse there.
+    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.layers.read().unwrap().discard(offset, len);
+        self.written(offset, len);
+        r
+    }
+
+    /// Zeroes the range; with `unmap` it may be deallocated too.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        let r = self.layers.read().unwrap().write_zeroes(
+            offset,
+            len,
+            unmap,
+            self.writethrough(),
+            self.block_size,
+        );
+        self.written(offset, len);
+        r
+    }
+}
+
+/// A queue worker in its loop (see `Disk::enter`).
+pub struct Busy<'a>(&'a AtomicU64);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A paused disk with nothing in flight (see `Disk::quiesce`); dropped, it serves again and
+/// its queues take what waited.
+pub struct Quiesced<'a>(&'a Disk);
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        self.0.paused.store(false, Ordering::SeqCst);
+        for t in self.0.timers.lock().unwrap().iter() {
+            t.arm(std::time::Duration::ZERO);
+        }
+    }
+}
+
+impl Layers {
+    /// The image (a qcow2 one over its backing chain, nearest first).
+    pub fn open(
+        file: File,
+        format: crate::image::Format,
+        writable: bool,
+        backing: Vec<(File, crate::image::Format)>,
+    ) -> std::io::Result<Layers> {
+        let qcow2 = match format {
+            crate::image::Format::Raw => None,
+            crate::image::Format::Qcow2 => {
+                let chain = backing
+                    .iter()
+                    .map(|(f, fmt)| Ok((f.try_clone()?, *fmt)))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                Some(crate::image::Qcow2Image::open(
+                    file.try_clone()?,
+                    writable,
+                    chain,
+                )?)
+            }
+        };
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .map(nix::fcntl::OFlag::from_bits_retain)
+            .unwrap_or(nix::fcntl::OFlag::empty());
+        Ok(Layers {
+            direct: flags.contains(nix::fcntl::OFlag::O_DIRECT),
+            file,
+            format,
+            qcow2,
+            backing,
+        })
+    }
+
+    /// The virtual size in bytes.
+    pub fn size(&self) -> std::io::Result<u64> {
+        match &self.qcow2 {
+            Some(q) => Ok(q.size()),
+            None => Ok(geometry(&self.file)?.0),
+        }
+    }
+
+    pub fn top(&self) -> &File {
+        &self.file
+    }
+
+    pub fn qcow2(&self) -> Option<&crate::image::Qcow2Image> {
+        self.qcow2.as_ref()
+    }
+
+    /// The backing chain, nearest first.
+    pub fn backing(&self) -> &[(File, crate::image::Format)] {
+        &self.backing
+    }
+
+    /// Reads into (or, with `write`, writes from) the buffers, all of them, at `offset`;
+    /// `durable`: the write is on the disk when it returns.
+    pub fn rw(
+        &self,
+        iovs: &mut [libc::iovec],
+        offset: u64,
+        write: bool,
+        durable: bool,
+        block_size: u32,
+    ) -> std::io::Result<u64> {
         if let Some(q) = &self.qcow2 {
             // SAFETY: the iovecs name memory valid for the call (this function's contract).
             let n = unsafe {
@@ -515,22 +737,29 @@ impl Disk {
                     q.readv(iovs, offset)?
                 }
             };
-            if write && self.writethrough() {
+            if write && durable {
                 q.flush()?;
             }
             return Ok(n);
         }
-        if self.direct && !self.direct_aligned(iovs, offset) {
-            return self.rw_bounced(iovs, offset, write);
+        if self.direct && !self.direct_aligned(iovs, offset, block_size) {
+            return self.rw_bounced(iovs, offset, write, durable, block_size);
         }
-        self.rw_direct(iovs, offset, write)
+        self.rw_direct(iovs, offset, write, durable)
     }
 
     /// O_DIRECT with buffers it cannot take: through an aligned copy of the whole blocks the
     /// transfer touches. A write that covers part of a block reads that block first (a
     /// guest that respects the block size it was told never needs this).
-    fn rw_bounced(&self, iovs: &[libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
-        let block = u64::from(self.block_size);
+    fn rw_bounced(
+        &self,
+        iovs: &[libc::iovec],
+        offset: u64,
+        write: bool,
+        durable: bool,
+        block_size: u32,
+    ) -> std::io::Result<u64> {
+        let block = u64::from(block_size);
         let total: usize = iovs.iter().map(|v| v.iov_len).sum();
         let start = offset - offset % block;
         let end = (offset + total as u64).div_ceil(block) * block;
@@ -562,7 +791,7 @@ impl Disk {
                 iov_base: buf.as_mut_ptr() as *mut libc::c_void,
                 iov_len: (end - start) as usize,
             }];
-            self.rw_direct(&mut one, start, write)
+            self.rw_direct(&mut one, start, write, durable)
         };
         if write {
             if head != 0 || end - start != total as u64 {
@@ -582,12 +811,9 @@ impl Disk {
         iovs: &mut [libc::iovec],
         mut offset: u64,
         write: bool,
+        durable: bool,
     ) -> std::io::Result<u64> {
-        let flags = if write && self.writethrough() {
-            libc::RWF_DSYNC
-        } else {
-            0
-        };
+        let flags = if write && durable { libc::RWF_DSYNC } else { 0 };
         let mut done = 0u64;
         let mut iovs = &mut iovs[..];
         while !iovs.is_empty() {
@@ -640,16 +866,10 @@ impl Disk {
         Ok(done)
     }
 
-    /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
-    /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
-    pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
-        self.qcow2.is_none() && (!self.direct || self.direct_aligned(iovs, offset))
-    }
-
     /// Whether O_DIRECT takes these buffers at `offset` as they are: memory aligned to 512
     /// bytes, offset and lengths to the block size.
-    fn direct_aligned(&self, iovs: &[libc::iovec], offset: u64) -> bool {
-        let block = self.block_size as usize;
+    fn direct_aligned(&self, iovs: &[libc::iovec], offset: u64, block_size: u32) -> bool {
+        let block = block_size as usize;
         (offset as usize).is_multiple_of(block)
             && iovs.iter().all(|v| {
                 (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN)
@@ -657,23 +877,7 @@ impl Disk {
             })
     }
 
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
-    }
-
-    /// preadv2/pwritev2 flags for a write now: RWF_DSYNC when writes must be durable.
-    pub fn write_flags(&self) -> i32 {
-        if self.writethrough() {
-            libc::RWF_DSYNC
-        } else {
-            0
-        }
-    }
-
     pub fn flush(&self) -> std::io::Result<()> {
-        if broken_durability() {
-            return Ok(());
-        }
         match &self.qcow2 {
             Some(q) => q.flush(),
             None => self.file.sync_data(),
@@ -693,14 +897,21 @@ impl Disk {
     }
 
     /// Zeroes the range; with `unmap` it may be deallocated too.
-    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        durable: bool,
+        block_size: u32,
+    ) -> std::io::Result<()> {
         if let Some(q) = &self.qcow2 {
             if unmap {
                 q.discard(offset, len)?;
             } else {
                 q.write_zeroes(offset, len)?;
             }
-            if self.writethrough() {
+            if durable {
                 q.flush()?;
             }
             return Ok(());
@@ -712,17 +923,22 @@ impl Disk {
         };
         match self.fallocate(mode, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
+                self.write_zero_buffers(offset, len, block_size)
             }
             r => r,
         }?;
-        if self.writethrough() {
+        if durable {
             self.flush()?;
         }
         Ok(())
     }
 
-    fn write_zero_buffers(&self, mut offset: u64, len: u64) -> std::io::Result<()> {
+    fn write_zero_buffers(
+        &self,
+        mut offset: u64,
+        len: u64,
+        block_size: u32,
+    ) -> std::io::Result<()> {
         let zeroes = vec![0u8; 1 << 20];
         let end = offset + len;
         while offset < end {
@@ -731,7 +947,7 @@ impl Disk {
                 iov_base: zeroes.as_ptr() as *mut libc::c_void,
                 iov_len: n,
             }];
-            self.rw(&mut iov, offset, true)?;
+            self.rw(&mut iov, offset, true, false, block_size)?;
             offset += n as u64;
         }
         Ok(())
@@ -803,7 +1019,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(d.direct);
+        assert!(d.is_direct());
         // A buffer at an odd address.
         let v = vec![9u8; 1024 + 1];
         let mut iov = [libc::iovec {

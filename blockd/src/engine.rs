@@ -16,6 +16,8 @@ pub struct Engine {
     slots: Vec<Option<(u16, Pending)>>,
     free: Vec<usize>,
     queued: usize,
+    /// The disk's busy count (see `Disk::quiesce`): each transfer in flight counts.
+    busy: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 // SAFETY: the iovecs inside pending requests point into the guest RAM mapping, which outlives
@@ -37,6 +39,7 @@ impl Engine {
             slots: Vec::new(),
             free: Vec::new(),
             queued: 0,
+            busy: None,
         })
     }
 
@@ -77,6 +80,8 @@ impl Engine {
         }
         self.slots[slot] = Some((head, pending));
         self.queued += 1;
+        disk.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.busy.get_or_insert_with(|| disk.busy.clone());
         Ok(())
     }
 
@@ -107,12 +112,25 @@ impl Engine {
                 continue;
             };
             self.free.push(slot as usize);
+            if let Some(b) = &self.busy {
+                b.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
             let r = if res < 0 {
                 Err(std::io::Error::from_raw_os_error(-res))
             } else {
                 Ok(res as u64)
             };
             out.push((head, pending, r));
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// Transfers still in flight when the connection goes no longer hold the disk busy.
+    fn drop(&mut self) {
+        if let Some(b) = &self.busy {
+            let left = (self.slots.len() - self.free.len()) as u64;
+            b.fetch_sub(left, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

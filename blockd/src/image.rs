@@ -31,6 +31,26 @@ impl std::str::FromStr for Format {
     }
 }
 
+impl Format {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What an image holds for a range (see `Qcow2Image::allocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alloc {
+    /// Its own data.
+    Data,
+    /// Zeroes it says (over whatever lies below).
+    Zero,
+    /// Nothing: what lies below shows through.
+    Below,
+}
+
 /// The qcow2 magic, "QFI\xfb".
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
@@ -38,7 +58,6 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// imago wants exclusive access for) take it alone.
 pub struct Qcow2Image {
     access: RwLock<FormatAccess<imago::file::File>>,
-    pub size: u64,
 }
 
 /// One image of a backing chain, read-only, over what lies below it.
@@ -84,12 +103,45 @@ impl Qcow2Image {
             .map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot open the qcow2 image ({e})"))
             })?;
-        let access = FormatAccess::new(q);
-        let size = access.size();
         Ok(Qcow2Image {
-            access: RwLock::new(access),
-            size,
+            access: RwLock::new(FormatAccess::new(q)),
         })
+    }
+
+    /// The virtual size now.
+    pub fn size(&self) -> u64 {
+        self.access.read().unwrap().size()
+    }
+
+    /// Formats `file` (empty) as a qcow2 image of `size` bytes over a backing file: its name
+    /// as the header is to give it (absolute, or relative to the new image) and its format.
+    pub fn create_overlay(
+        file: &File,
+        size: u64,
+        backing: &str,
+        format: Format,
+    ) -> std::io::Result<()> {
+        use imago::FormatCreateBuilder;
+        let storage = imago::file::File::try_from(file.try_clone()?)?;
+        Qcow2::<imago::file::File>::create_builder(storage)
+            .size(size)
+            .backing(backing.to_string(), format.as_str().to_string())
+            .create()
+    }
+
+    /// What this image itself holds for `len` bytes at `offset` (not its backing chain):
+    /// how far that goes and what it is.
+    pub fn allocation(&self, offset: u64, len: u64) -> std::io::Result<(Alloc, u64)> {
+        use imago::format::drivers::ShallowMapping;
+        let a = self.access.read().unwrap();
+        let (m, n) = a.get_shallow_mapping(offset, len)?;
+        let what = match m {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Alloc::Data,
+            ShallowMapping::Zero { explicit: true, .. } => Alloc::Zero,
+            ShallowMapping::Eof { .. } => return Ok((Alloc::Below, 0)),
+            _ => Alloc::Below,
+        };
+        Ok((what, n.min(len)))
     }
 
     /// # Safety

@@ -3,6 +3,7 @@
 //! sets the device up.
 
 mod backend;
+mod commit;
 mod connection;
 mod disk;
 mod engine;

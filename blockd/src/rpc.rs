@@ -97,6 +97,43 @@ fn take_fds(
     Ok((image, listener, log, chain))
 }
 
+/// Runs `f` on a thread of its own (it may wait for a disk to quiesce, or copy for long),
+/// so that the control connection keeps answering meanwhile.
+async fn on_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, capnp::Error> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("blockd-job".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| failed(format!("cannot start a thread ({e})")))?;
+    rx.await
+        .map_err(|_| failed("the job's thread ended without an answer".into()))
+}
+
+impl Server {
+    /// One descriptor the side channel brings, under the message `what`.
+    fn one_fd(&self, what: &str) -> Result<File, capnp::Error> {
+        let side = self
+            .side
+            .as_ref()
+            .ok_or_else(|| failed(format!("{what}: this connection has no side channel")))?;
+        let mut buf = [0u8; 160];
+        let (n, mut fds) = vmm_proto::rpc::side_message(side.as_fd(), &mut buf, 5)
+            .map_err(|e| failed(format!("{what}: {e}")))?;
+        if &buf[..n] != what.as_bytes() || fds.len() != 1 {
+            return Err(failed(format!(
+                "{what}: the side channel brought {:?} with {} descriptor(s), not that with one",
+                String::from_utf8_lossy(&buf[..n]),
+                fds.len()
+            )));
+        }
+        Ok(File::from(fds.pop().expect("one")))
+    }
+}
+
 impl blockd::Server for Server {
     async fn mark(
         self: CapRc<Self>,
@@ -133,6 +170,45 @@ impl blockd::Server for Server {
             .map_err(|e| failed(format!("resize {name} to {bytes} bytes: {e}")))?;
         log::info!("export {name}: resized from {old} to {bytes} bytes");
         results.get().set_old(old);
+        Ok(())
+    }
+
+    async fn snapshot(
+        self: CapRc<Self>,
+        params: blockd::SnapshotParams,
+        _: blockd::SnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let overlay = p.get_overlay()?.to_string()?;
+        let backing = p.get_backing_name()?.to_string()?;
+        let disk = self.disk(&name)?;
+        let file = self.one_fd(&format!("snapshot:{name}"))?;
+        let d = disk.clone();
+        let r = on_thread(move || crate::commit::snapshot(&d, file, &backing)).await?;
+        r.map_err(|e| failed(format!("snapshot {name}: {e}")))?;
+        log::info!("export {name}: live snapshot: its writes go to {overlay} now");
+        *disk.shown.lock().unwrap() = Some(overlay);
+        Ok(())
+    }
+
+    async fn commit(
+        self: CapRc<Self>,
+        params: blockd::CommitParams,
+        mut results: blockd::CommitResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let base = p.get_base()?.to_string()?;
+        let disk = self.disk(&name)?;
+        let file = self.one_fd(&format!("commit:{name}"))?;
+        let d = disk.clone();
+        log::info!("export {name}: commit into {base} starts");
+        let r = on_thread(move || crate::commit::commit(&d, file)).await?;
+        let bytes = r.map_err(|e| failed(format!("commit {name}: {e}")))?;
+        log::info!("export {name}: committed ({bytes} bytes copied); its top is {base} now");
+        *disk.shown.lock().unwrap() = Some(base);
+        results.get().set_bytes(bytes);
         Ok(())
     }
 
@@ -546,8 +622,14 @@ pub fn fill_info(mut info: vmm_proto::blockd_capnp::export_info::Builder, x: &Ex
     }
     let d = &x.disk;
     info.set_name(&x.name);
-    info.set_image(&x.image);
-    info.set_format(match d.format {
+    match d.shown.lock().unwrap().as_deref() {
+        Some(top) => info.set_image(top),
+        None => info.set_image(&x.image),
+    }
+    if let Some(j) = d.job.lock().unwrap().as_ref() {
+        info.set_job(j.describe());
+    }
+    info.set_format(match d.format() {
         Format::Raw => "raw",
         Format::Qcow2 => "qcow2",
     });

@@ -57,6 +57,19 @@ interface Blockd {
   # grows; a block device must have grown to it already); returns the size it had. Shrinking
   # is refused unless `force` (raw files only). The frontend tells the guest (a virtio
   # config-change interrupt) and reads the config space again.
+
+  snapshot @13 (name :Text, overlay :Text, backingName :Text) -> ();
+  # A live external snapshot: export `name` gets a new qcow2 overlay on top, and the guest's
+  # writes go there from then on; the old top is read-only from then on. The overlay, an
+  # empty file opened read-write, comes on the side channel first (one message,
+  # "snapshot:NAME", with its descriptor); blockd formats it, its header naming the old top
+  # as `backingName`. `overlay` is its path, for `list` to show.
+
+  commit @14 (name :Text, base :Text) -> (bytes :UInt64);
+  # Export `name`'s top overlay is merged into the layer below it while the guest runs, and
+  # that layer becomes the export's top. The base, opened read-write, comes on the side
+  # channel first ("commit:NAME", with its descriptor); `base` is its path, for `list`.
+  # Returns, when done, the bytes copied; meanwhile `list` shows how far it is (job).
 }
 
 interface Watcher {
@@ -164,6 +177,7 @@ struct ExportInfo {
   interruptsSuppressed @17 :UInt64;  # left out: the driver's used_event (EVENT_IDX) asked for none
   replay @18 :Text;           # record/replay: "recording, N request(s)" or "replaying, N
                               # request(s) answered" (empty: neither)
+  job @19 :Text;              # a commit under way: its pass and the MiB copied (empty: none)
 }
 
 struct OpStats {

@@ -103,6 +103,18 @@ interface Vmm {
   # returns once it did: the function is off the bus and blockd's export ended. A guest that
   # does not eject it within `timeoutMs` gets an error, and the disk stays.
 
+  diskSnapshot @28 (name :Text, overlay :Text) -> ();
+  # A live external snapshot of disk `name` (libvirt's snapshot-create --disk-only): a new
+  # qcow2 overlay is made at `overlay` (which must not exist), over the disk's image, and the
+  # guest's writes go there from then on. The old image is read-only from then on (under a
+  # shared lock) and can be copied away. Snapshots and migrations carry the new chain.
+
+  diskCommit @29 (name :Text) -> (bytes :UInt64, base :Text);
+  # Merges disk `name`'s top overlay into the image below it while the guest runs (libvirt's
+  # blockcommit --active --pivot), which then is the disk's image. Returns when done, with the
+  # bytes copied and the base's path; meanwhile `disks` shows how far it is (job). The
+  # overlay is left where it is, no longer used.
+
   events @5 (sink :EventSink) -> ();
   # From now on, every event goes to sink, in order, until the VM ends or a call to sink
   # fails. A sink that falls more than 1024 events behind is dropped (and that is logged).

@@ -100,7 +100,7 @@ pub struct Status {
 
 pub struct Shared {
     /// The effective run settings, as `vmmctl config` prints them.
-    pub config_json: String,
+    pub config_json: std::sync::Mutex<String>,
     /// What the VM is (kernel, initramfs, command line, memory, vCPUs, disks) as a --config
     /// file: a snapshot carries it, and `run --restore` takes it.
     pub spec_toml: std::sync::Mutex<String>,
@@ -131,6 +131,8 @@ pub struct Shared {
     pub migration: crate::migration::Progress,
     /// --incoming's TLS settings (a post-copy recovery on the destination listens with them).
     pub incoming_tls: crate::migration::TlsOptions,
+    /// Disk commits under way: a migration or snapshot waits for them.
+    pub commits: Mutex<Vec<String>>,
 }
 
 /// The devices every VM has: name, kind, and where it is.
@@ -410,6 +412,31 @@ impl VmmServer {
         .map_err(|e| failed(&e))
     }
 
+    /// Refuses a snapshot or commit of disk `name` while a migration or snapshot of the VM
+    /// runs (the destination opens the images the stream names) or a commit of it runs.
+    fn disk_image_may_change(&self, name: &str) -> Result<(), capnp::Error> {
+        let st = self.shared.migration.lock().unwrap();
+        if st.under_way() {
+            return Err(capnp::Error::failed(format!(
+                "{name}: a migration or snapshot of the VM is under way ({}); change its images when it is done",
+                st.phase
+            )));
+        }
+        if self
+            .shared
+            .commits
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n == name)
+        {
+            return Err(capnp::Error::failed(format!(
+                "{name}: a commit of it is under way; wait for it to end"
+            )));
+        }
+        Ok(())
+    }
+
     /// As on_blockd_mut, for a command that leaves the disks as they are.
     async fn on_blockd<T: Send + 'static>(
         &self,
@@ -510,10 +537,12 @@ impl vmm::Server for VmmServer {
         let m = self.migrated()?;
         {
             let mut st = self.shared.migration.lock().unwrap();
-            if matches!(
-                st.phase.as_str(),
-                "setup" | "pre-copy" | "stop-and-copy" | "postcopy-active"
-            ) {
+            if let Some(n) = self.shared.commits.lock().unwrap().first() {
+                return Err(capnp::Error::failed(format!(
+                    "a commit of disk {n} is under way; migrate or save when it is done (the destination opens the images as they will be)"
+                )));
+            }
+            if st.under_way() && st.phase != "postcopy-paused" {
                 return Err(capnp::Error::failed(format!(
                     "a migration to {} is under way; wait for it or `vmmctl migrate cancel`",
                     st.uri
@@ -588,7 +617,9 @@ impl vmm::Server for VmmServer {
         _: vmm::ConfigParams,
         mut results: vmm::ConfigResults,
     ) -> Result<(), capnp::Error> {
-        results.get().set_json(&self.shared.config_json);
+        results
+            .get()
+            .set_json(self.shared.config_json.lock().unwrap().as_str());
         Ok(())
     }
 
@@ -834,6 +865,61 @@ impl vmm::Server for VmmServer {
         Ok(())
     }
 
+    async fn disk_snapshot(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskSnapshotParams,
+        _: vmm::DiskSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let name = p.get_name()?.to_string()?;
+        let overlay = std::path::PathBuf::from(p.get_overlay()?.to_str()?);
+        self.disk_image_may_change(&name)?;
+        let (n, o) = (name.clone(), overlay.clone());
+        self.on_blockd_mut(move |b| b.snapshot(&n, &o)).await?;
+        let path = std::path::absolute(&overlay).unwrap_or(overlay);
+        self.ask(Request::DiskImage {
+            name,
+            path,
+            format: "qcow2",
+        })
+        .await
+    }
+
+    async fn disk_commit(
+        self: capnp::capability::Rc<Self>,
+        params: vmm::DiskCommitParams,
+        mut results: vmm::DiskCommitResults,
+    ) -> Result<(), capnp::Error> {
+        let name = params.get()?.get_name()?.to_string()?;
+        self.disk_image_may_change(&name)?;
+        let n = name.clone();
+        let done = self.on_blockd_mut(move |b| b.commit(&n)).await?;
+        self.shared.commits.lock().unwrap().push(name.clone());
+        let answer = done.await;
+        self.shared.commits.lock().unwrap().retain(|n| *n != name);
+        let (locks, r) = answer.map_err(|_| {
+            capnp::Error::failed(format!(
+                "{name}: blockd's client ended before the commit did"
+            ))
+        })?;
+        let n = name.clone();
+        self.on_blockd_mut(move |b| {
+            b.put_locks(&n, locks);
+            Ok(())
+        })
+        .await?;
+        let (bytes, base, format) = r.map_err(|e| failed(&e))?;
+        self.ask(Request::DiskImage {
+            name,
+            path: base.clone(),
+            format,
+        })
+        .await?;
+        results.get().set_bytes(bytes);
+        results.get().set_base(base.display().to_string());
+        Ok(())
+    }
+
     async fn disk_add(
         self: capnp::capability::Rc<Self>,
         params: vmm::DiskAddParams,
@@ -968,6 +1054,7 @@ impl vmm::Server for VmmServer {
             x.set_interrupts(d.interrupts);
             x.set_interrupts_suppressed(d.interrupts_suppressed);
             x.set_replay(&d.replay);
+            x.set_job(&d.job);
             d.throttle.write(x.reborrow().init_throttle());
             x.set_stopped(&d.stopped);
             x.set_read_error(&d.read_error);

@@ -146,6 +146,12 @@ pub enum Request {
     DiskResized {
         name: String,
     },
+    /// Disk `name`'s image is `path` now (a live snapshot, a commit).
+    DiskImage {
+        name: String,
+        path: std::path::PathBuf,
+        format: &'static str,
+    },
 }
 
 /// A request and where its answer goes.

@@ -167,6 +167,17 @@ pub struct Status {
     pub destination: bool,
 }
 
+impl Status {
+    /// A migration or snapshot is sending the VM (or, post-copy, the destination runs it
+    /// while pages still come): the devices must stay what the stream says.
+    pub fn under_way(&self) -> bool {
+        matches!(
+            self.phase.as_str(),
+            "setup" | "pre-copy" | "stop-and-copy" | "postcopy-active" | "postcopy-paused"
+        )
+    }
+}
+
 /// The least of the downtime limit kept for what the pause holds besides the last pages
 /// (a quarter of the limit is kept, and at least this).
 pub const RESERVE_MIN_MS: u64 = 5;

@@ -241,6 +241,19 @@ enum DiskAction {
     /// and this returns once it did (within --timeout seconds; else the disk stays); blockd's
     /// export ends. From a blockd of its own (--blockd): stop serving the export.
     Remove { name: String },
+    /// A live external snapshot of a VM's disk (libvirt's snapshot-create --disk-only): a new
+    /// qcow2 overlay is made at --overlay over the disk's image, and the guest's writes go
+    /// there from then on. The old image is read-only from then on and can be copied away.
+    Snapshot {
+        name: String,
+        /// The new overlay's path (it must not exist yet).
+        #[arg(long, value_name = "PATH")]
+        overlay: String,
+    },
+    /// Merge a VM's disk's top overlay into the image below it while the guest runs; that
+    /// image is then the disk's (libvirt's blockcommit --active --pivot). Shows how far it
+    /// is as it goes. The overlay stays where it is, no longer used.
+    Commit { name: String },
 }
 
 #[derive(Subcommand, Clone)]
@@ -489,6 +502,9 @@ fn runs_long(command: &Command) -> bool {
             !matches!(target.as_str(), "status" | "cancel" | "postcopy")
         }
         Command::Snapshot { .. } | Command::Events => true,
+        Command::Disk {
+            action: DiskAction::Commit { .. },
+        } => true,
         Command::Console { dump, .. } => !dump,
         _ => false,
     }
@@ -709,6 +725,8 @@ fn command_name(command: &Command) -> &'static str {
             DiskAction::Resume { .. } => "disk resume",
             DiskAction::Add { .. } => "disk add",
             DiskAction::Remove { .. } => "disk remove",
+            DiskAction::Snapshot { .. } => "disk snapshot",
+            DiskAction::Commit { .. } => "disk commit",
         },
     }
 }
@@ -781,6 +799,9 @@ impl Session {
             Command::Disk {
                 action: DiskAction::Remove { name },
             } => self.disk_remove(&name, timeout).await,
+            Command::Disk {
+                action: DiskAction::Snapshot { name, overlay },
+            } => self.disk_snapshot(&name, &peer::absolute(&overlay)).await,
             Command::Disk { action } => self.disks(&action).await,
             Command::Devices => self.devices().await,
             Command::Replay { .. } => self.replay_status().await,
@@ -856,6 +877,9 @@ impl Session {
                 self.snapshot(&peer::absolute_uri(&uri), compress, workset_ms.unwrap_or(0))
                     .await
             }
+            Command::Disk {
+                action: DiskAction::Commit { name },
+            } => self.disk_commit(&name).await,
             Command::Console { device, .. } => {
                 let input = self.console_attach(&device).await?;
                 let why = attach(&device, input, connection).await;
@@ -1111,6 +1135,57 @@ impl Session {
             self.json,
             &format!("{name}: the guest ejected it; removed"),
         ))
+    }
+
+    async fn disk_snapshot(&self, name: &str, overlay: &str) -> Result<String, Failure> {
+        let mut req = self.client.disk_snapshot_request();
+        req.get().set_name(name);
+        req.get().set_overlay(overlay);
+        req.send().promise.await.map_err(|e| self.fail(e))?;
+        Ok(done(
+            self.json,
+            &format!("{name}: its writes go to {overlay} now; the image below is read-only"),
+        ))
+    }
+
+    /// Commits, printing how far it is as it changes, twice a second at most (on stderr,
+    /// unless --json).
+    async fn disk_commit(&self, name: &str) -> Result<String, Failure> {
+        let mut req = self.client.disk_commit_request();
+        req.get().set_name(name);
+        let answer = req.send().promise;
+        tokio::pin!(answer);
+        let mut shown = String::new();
+        let reply = loop {
+            tokio::select! {
+                r = &mut answer => break r.map_err(|e| self.fail(e))?,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let job = self.disk_job(name).await.unwrap_or_default();
+                    if !self.json && !job.is_empty() && job != shown {
+                        eprintln!("{name}: {job}");
+                        shown = job;
+                    }
+                }
+            }
+        };
+        let r = reply.get().map_err(|e| self.fail(e))?;
+        let bytes = r.get_bytes();
+        let base = text(r.get_base()).map_err(|e| self.fail(e))?;
+        Ok(done(
+            self.json,
+            &format!("{name}: committed into {base} ({bytes} bytes copied); that is its image now"),
+        ))
+    }
+
+    /// Disk `name`'s job as `disks` shows it (empty: none).
+    async fn disk_job(&self, name: &str) -> Result<String, capnp::Error> {
+        let reply = self.client.disks_request().send().promise.await?;
+        for d in reply.get()?.get_disks()?.iter() {
+            if d.get_name()?.to_str()? == name {
+                return Ok(d.get_job()?.to_str()?.to_string());
+            }
+        }
+        Ok(String::new())
     }
 
     async fn disk_resize(&self, name: &str, size: &str, force: bool) -> Result<String, Failure> {
@@ -1591,6 +1666,8 @@ fn format_disks(
             | DiskAction::Resize { .. }
             | DiskAction::Add { .. }
             | DiskAction::Resume { .. }
+            | DiskAction::Snapshot { .. }
+            | DiskAction::Commit { .. }
             | DiskAction::Remove { .. } => out.push(format!(
                 "{name:<8} {format:<6} {:>10} {}{} queues={} {} throttle={throttle} {image}{}",
                 human(d.get_size()),
@@ -1602,9 +1679,10 @@ fn format_disks(
                 } else {
                     "idle"
                 },
-                match text(d.get_stopped())? {
-                    why if why.is_empty() => String::new(),
-                    why => format!(" STOPPED: {why}"),
+                match (text(d.get_stopped())?, text(d.get_job())?) {
+                    (why, _) if !why.is_empty() => format!(" STOPPED: {why}"),
+                    (_, job) if !job.is_empty() => format!(" ({job})"),
+                    _ => String::new(),
                 },
             )),
             DiskAction::Stats { .. } => {
@@ -1725,6 +1803,10 @@ async fn blockd_action(
             req.send().promise.await.map_err(fail)?;
             Ok(done(json, &format!("{name}: removed")))
         }
+        DiskAction::Snapshot { .. } | DiskAction::Commit { .. } => Err(Failure(
+            2,
+            "disk snapshot and disk commit are for a VM's API (vmm-core makes the overlay, opens the base and moves the image locks); give --api-socket, not --blockd".into(),
+        )),
         DiskAction::Resize { name, size, force } => {
             let bytes = parse_disk_size(name, size)?;
             let mut req = server.resize_request();

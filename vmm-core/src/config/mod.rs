@@ -537,12 +537,17 @@ impl VmConfig {
     /// The effective settings as a JSON object keyed by `run`'s flags (a --config file's
     /// keys), for `vmmctl config`.
     pub fn to_json(&self) -> String {
+        self.to_json_with(&self.disk_specs)
+    }
+
+    /// As `to_json`, with the disks as they are now (hot-added, removed, on new images).
+    pub fn to_json_with(&self, disk_specs: &[String]) -> String {
         use vmm_proto::json::string as j;
         let path = |p: &Option<PathBuf>| {
             p.as_ref()
                 .map_or("null".into(), |p| j(&p.display().to_string()))
         };
-        let disks: Vec<String> = self.disk_specs.iter().map(|d| j(d)).collect();
+        let disks: Vec<String> = disk_specs.iter().map(|d| j(d)).collect();
         let fields = [
             ("kernel", j(&self.kernel.display().to_string())),
             ("initramfs", path(&self.initramfs)),

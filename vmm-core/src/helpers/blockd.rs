@@ -65,6 +65,8 @@ pub enum BlockdError {
     SameName(String),
     #[error("blockd is not running")]
     NotRunning,
+    #[error("disk {0}: {1}")]
+    DiskImage(String, String),
     #[error("blockd did not answer within 5 s")]
     NoAnswer,
     #[error("disk {0} is served by a backend of its own (socket=); throttle it there")]
@@ -129,6 +131,8 @@ pub struct DiskInfo {
     pub interrupts_suppressed: u64,
     /// Record/replay: where its log stands (empty: neither).
     pub replay: String,
+    /// A commit under way: how far it is (empty: none).
+    pub job: String,
     pub ops: Vec<OpInfo>,
     pub throttle: vmm_proto::throttle::Spec,
     /// Why blockd stopped it on an I/O error (empty: it serves), and its error policies.
@@ -174,7 +178,28 @@ enum DiskCommand {
     Remove(String, Vec<super::image_lock::ImageLock>, Answer<()>),
 }
 
+/// A snapshot's or commit's answer: the disk's locks as they are now, and what happened.
+type LocksAnd<T> = (Vec<super::image_lock::ImageLock>, Result<T, BlockdError>);
+
+/// A commit's answer, when it is done: the bytes copied, the base's path and format.
+pub type CommitDone = tokio::sync::oneshot::Receiver<LocksAnd<(u64, PathBuf, &'static str)>>;
+
 enum ImageCommand {
+    /// A live external snapshot of an export onto a new overlay (its path); the disk's locks
+    /// go along and come back (the old top's shared now, the overlay's exclusive).
+    Snapshot(
+        String,
+        PathBuf,
+        Vec<super::image_lock::ImageLock>,
+        std::sync::mpsc::Sender<LocksAnd<()>>,
+    ),
+    /// A commit of an export's top overlay into its base, answered when done: the bytes
+    /// copied and the base's path.
+    Commit(
+        String,
+        Vec<super::image_lock::ImageLock>,
+        tokio::sync::oneshot::Sender<LocksAnd<(u64, PathBuf, &'static str)>>,
+    ),
     /// An export grown (or shrunk, forced) to the bytes given; the size it had.
     Resize(String, u64, bool, Answer<u64>),
     /// A recorded export's image and log flushed; where its log stands (bytes). With (image,
@@ -287,6 +312,76 @@ impl Blockd {
             return Ok(0);
         }
         self.ask(Command::Resume)
+    }
+
+    /// Takes disk `name`'s locks out, for the client thread to change.
+    fn take_locks(&mut self, name: &str) -> Vec<super::image_lock::ImageLock> {
+        let (mine, kept) = std::mem::take(&mut self.locks)
+            .into_iter()
+            .partition(|(n, _)| n == name);
+        self.locks = kept;
+        mine.into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// Gives disk `name`'s locks back.
+    pub fn put_locks(&mut self, name: &str, locks: Vec<super::image_lock::ImageLock>) {
+        self.locks
+            .extend(locks.into_iter().map(|l| (name.to_string(), l)));
+    }
+
+    /// A path= disk of this VM's blockd, or why not.
+    fn served(&self, name: &str) -> Result<(), BlockdError> {
+        if self.external.iter().any(|d| d.name == name) {
+            return Err(BlockdError::External(name.to_string()));
+        }
+        if !self.names.iter().any(|n| n == name) {
+            return Err(BlockdError::DiskImage(
+                name.to_string(),
+                "no such disk (disk list shows them)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A live external snapshot: disk `name` goes on a new qcow2 overlay at `overlay`.
+    pub fn snapshot(&mut self, name: &str, overlay: &Path) -> Result<(), BlockdError> {
+        self.served(name)?;
+        let c = self.commands.as_ref().ok_or(BlockdError::NoBlockd)?.clone();
+        let locks = self.take_locks(name);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cmd = ImageCommand::Snapshot(name.to_string(), overlay.to_path_buf(), locks, tx);
+        if let Err(e) = c.send(Command::Image(cmd)) {
+            if let Command::Image(ImageCommand::Snapshot(_, _, locks, _)) = e.0 {
+                self.put_locks(name, locks);
+            }
+            return Err(BlockdError::NotRunning);
+        }
+        // blockd waits up to 10 s for the disk's requests in flight.
+        let (locks, r) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .map_err(|_| BlockdError::NoAnswer)?;
+        self.put_locks(name, locks);
+        r
+    }
+
+    /// Starts a commit of disk `name`'s top overlay into its base; the answer comes when it
+    /// is done (the locks then go back with `put_locks`).
+    pub fn commit(&mut self, name: &str) -> Result<CommitDone, BlockdError> {
+        self.served(name)?;
+        let c = self.commands.as_ref().ok_or(BlockdError::NoBlockd)?.clone();
+        let locks = self.take_locks(name);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = c.send(Command::Image(ImageCommand::Commit(
+            name.to_string(),
+            locks,
+            tx,
+        ))) {
+            if let Command::Image(ImageCommand::Commit(_, locks, _)) = e.0 {
+                self.put_locks(name, locks);
+            }
+            return Err(BlockdError::NotRunning);
+        }
+        Ok(rx)
     }
 
     /// Grows disk `name` to `bytes` (shrinks it with `force`); returns the size it had.
@@ -891,6 +986,12 @@ fn refuse(cmd: Command, why: fn() -> BlockdError) {
         | Command::Image(ImageCommand::Mark(_, _, reply)) => {
             let _ = reply.send(Err(why()));
         }
+        Command::Image(ImageCommand::Snapshot(_, _, locks, reply)) => {
+            let _ = reply.send((locks, Err(why())));
+        }
+        Command::Image(ImageCommand::Commit(_, locks, reply)) => {
+            let _ = reply.send((locks, Err(why())));
+        }
         Command::Disk(DiskCommand::Add(_, reply)) => {
             let _ = reply.send(Err(why()));
         }
@@ -1022,12 +1123,25 @@ async fn serve(
     disks: &mut ClientDisks,
 ) -> bool {
     let server = &a.server;
+    // Commits run as tasks of their own; each tells, when done, what the export's image is.
+    let (committed_tx, mut committed) = tokio::sync::mpsc::unbounded_channel::<Committed>();
     loop {
         let cmd = tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(c) => c,
                 None => return true,
             },
+            Some(c) = committed.recv() => {
+                if let Some(o) = disks.opened.iter_mut().find(|o| o.name == c.name) {
+                    o.image = c.image;
+                    o.spec.path = Some(c.path);
+                    o.spec.format = c.format.to_string();
+                    if !o.backing.is_empty() {
+                        o.backing.remove(0);
+                    }
+                }
+                continue;
+            }
             _ = &mut a.connection => return false,
         };
         match cmd {
@@ -1067,6 +1181,7 @@ async fn serve(
                                 interrupts: x.get_interrupts(),
                                 interrupts_suppressed: x.get_interrupts_suppressed(),
                                 replay: x.get_replay()?.to_string()?,
+                                job: x.get_job()?.to_string()?,
                                 ops,
                                 throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
                                 stopped: x.get_stopped()?.to_string()?,
@@ -1136,6 +1251,19 @@ async fn serve(
                     .map_err(|e| BlockdError::Remote(e.into()));
                 let _ = reply.send(r);
             }
+            Command::Image(ImageCommand::Snapshot(name, overlay, mut locks, reply)) => {
+                let r = snapshot(server, &a.side, disks, &name, &overlay, &mut locks).await;
+                let _ = reply.send((locks, r));
+            }
+            Command::Image(ImageCommand::Commit(name, locks, reply)) => commit(
+                server,
+                &a.side,
+                disks,
+                name,
+                locks,
+                reply,
+                committed_tx.clone(),
+            ),
             Command::Image(c) => image_command(server, c).await,
             Command::Disk(c) => disk_command(server, &a.side, c, disks).await,
             Command::Throttle(name, spec, reply) => {
@@ -1226,6 +1354,255 @@ async fn end_export(
         .map_err(|e| BlockdError::Remote(e.into()))
 }
 
+/// A commit done: export `name`'s image is now its old base.
+struct Committed {
+    name: String,
+    image: std::fs::File,
+    path: PathBuf,
+    format: &'static str,
+}
+
+/// The absolute form of `p` (as a qcow2 header names a backing file).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// A live external snapshot of export `name`: a new overlay file is made at `overlay`
+/// (it must not exist), locked for writing and handed to blockd, which formats it over the
+/// old top and serves it; the old top's lock becomes a shared one.
+async fn snapshot(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    side: &std::os::fd::OwnedFd,
+    disks: &mut ClientDisks,
+    name: &str,
+    overlay: &Path,
+    locks: &mut Vec<super::image_lock::ImageLock>,
+) -> Result<(), BlockdError> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |why: String| BlockdError::DiskImage(name.to_string(), why);
+    let o = disks
+        .opened
+        .iter_mut()
+        .find(|o| o.name == name)
+        .ok_or_else(|| failed("no such disk (disk list shows them)".into()))?;
+    if o.spec.readonly {
+        return Err(failed(
+            "it is read-only (readonly=on): a snapshot of it would hold no writes".into(),
+        ));
+    }
+    let top = absolute(o.spec.path.as_ref().expect("a path= disk"));
+    let overlay = absolute(overlay);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(if o.spec.direct { libc::O_DIRECT } else { 0 })
+        .open(&overlay)
+        .map_err(|e| {
+            failed(format!(
+                "--overlay {}: cannot create it ({e}); give a new file's path in a directory that exists",
+                overlay.display()
+            ))
+        })?;
+    let undo = |why: BlockdError| {
+        let _ = std::fs::remove_file(&overlay);
+        why
+    };
+    let lock = super::image_lock::ImageLock::new(&overlay, &file, true)
+        .map_err(|e| undo(BlockdError::Open(overlay.clone(), e)))?;
+    lock.take(true).map_err(|e| undo(e.into()))?;
+    let what = format!("snapshot:{name}");
+    vmm_proto::fdpass::send(side.as_fd(), what.as_bytes(), &[file.as_fd()])
+        .map_err(|e| undo(BlockdError::HandImage(name.to_string(), e)))?;
+    let mut req = server.snapshot_request();
+    req.get().set_name(name);
+    req.get().set_overlay(overlay.display().to_string());
+    req.get().set_backing_name(top.display().to_string());
+    if let Err(e) = req.send().promise.await {
+        lock.release();
+        return Err(undo(BlockdError::Remote(e.into())));
+    }
+    // The old top is read from now on: other VMs may read it too (a copy, a backup).
+    for l in locks.iter_mut() {
+        if l.is_exclusive() {
+            if let Err(e) = l.downgrade() {
+                log::warn!("{name}: the old image's lock stays exclusive: {e}");
+            }
+        }
+    }
+    locks.push(lock);
+    let old = o
+        .image
+        .try_clone()
+        .map_err(|e| BlockdError::Open(top.clone(), e))?;
+    let format = if o.spec.format == "qcow2" {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    o.backing.insert(0, (old, format));
+    o.image = file;
+    o.spec.path = Some(overlay.clone());
+    o.spec.format = "qcow2".into();
+    log::info!(
+        "{name}: live snapshot: writes go to {} over {}",
+        overlay.display(),
+        top.display()
+    );
+    Ok(())
+}
+
+/// A commit of export `name`'s top overlay into its base: the base is opened for writing
+/// and locked exclusively (in place of its shared lock), handed to blockd, and the rest
+/// waits for blockd on a task of its own. Its answer comes back with the disk's locks: the
+/// base's exclusive and the overlay's let go when it worked, as they were when not.
+fn commit(
+    server: &vmm_proto::blockd_capnp::blockd::Client,
+    side: &std::os::fd::OwnedFd,
+    disks: &mut ClientDisks,
+    name: String,
+    locks: Vec<super::image_lock::ImageLock>,
+    reply: tokio::sync::oneshot::Sender<LocksAnd<(u64, PathBuf, &'static str)>>,
+    committed: tokio::sync::mpsc::UnboundedSender<Committed>,
+) {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |why: String| BlockdError::DiskImage(name.clone(), why);
+    let Some(o) = disks.opened.iter().find(|o| o.name == name) else {
+        let _ = reply.send((
+            locks,
+            Err(failed("no such disk (disk list shows them)".into())),
+        ));
+        return;
+    };
+    let top = o.spec.path.clone().expect("a path= disk");
+    let base = if o.spec.format == "qcow2" {
+        vmm_proto::image::check_qcow2(&top, &o.image)
+            .map_err(|e| BlockdError::Unservable(top.clone(), e))
+            .map(|chain| chain.into_iter().next())
+    } else {
+        Ok(None)
+    };
+    let base = match base {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            let why = format!(
+                "{} has no backing file: there is nothing to commit it into",
+                top.display()
+            );
+            let _ = reply.send((locks, Err(failed(why))));
+            return;
+        }
+        Err(e) => {
+            let _ = reply.send((locks, Err(e)));
+            return;
+        }
+    };
+    let direct = o.spec.direct;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(&base.path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            let why = format!(
+                "cannot open its base {} for writing ({e}); check its permissions",
+                base.path.display()
+            );
+            let _ = reply.send((locks, Err(failed(why))));
+            return;
+        }
+    };
+    // Our own shared lock on the base goes, for the exclusive one (another VM that reads
+    // the base keeps its shared lock, and then the commit is refused).
+    let shared = locks.iter().position(|l| l.path() == base.path);
+    if let Some(i) = shared {
+        locks[i].release();
+    }
+    let exclusive = match super::image_lock::ImageLock::new(&base.path, &file, true) {
+        Ok(l) => l.take(true).map(|()| l),
+        Err(e) => Err(super::image_lock::LockError::Fcntl(
+            base.path.clone(),
+            nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        )),
+    };
+    let base_path = base.path.clone();
+    let retake = move |locks: &Vec<super::image_lock::ImageLock>| {
+        if let Some(i) = shared {
+            if let Err(e) = locks[i].take(false) {
+                log::warn!(
+                    "{}: cannot take its shared lock again: {e}",
+                    base_path.display()
+                );
+            }
+        }
+    };
+    let exclusive = match exclusive {
+        Ok(l) => l,
+        Err(e) => {
+            retake(&locks);
+            let _ = reply.send((locks, Err(e.into())));
+            return;
+        }
+    };
+    let what = format!("commit:{name}");
+    if let Err(e) = vmm_proto::fdpass::send(side.as_fd(), what.as_bytes(), &[file.as_fd()]) {
+        exclusive.release();
+        retake(&locks);
+        let _ = reply.send((locks, Err(BlockdError::HandImage(name.clone(), e))));
+        return;
+    }
+    let mut req = server.commit_request();
+    req.get().set_name(&name);
+    req.get().set_base(base.path.display().to_string());
+    let promise = req.send().promise;
+    log::info!(
+        "{name}: committing {} into {}",
+        top.display(),
+        base.path.display()
+    );
+    tokio::task::spawn_local(async move {
+        let r = promise
+            .await
+            .and_then(|r| Ok(r.get()?.get_bytes()))
+            .map_err(|e| BlockdError::Remote(e.into()));
+        let bytes = match r {
+            Ok(b) => b,
+            Err(e) => {
+                exclusive.release();
+                retake(&locks);
+                let _ = reply.send((locks, Err(e)));
+                return;
+            }
+        };
+        // The overlay is no longer used; the base is the disk's image, written by this VM.
+        let mut kept = Vec::new();
+        for (i, l) in locks.into_iter().enumerate() {
+            if l.is_exclusive() || Some(i) == shared {
+                l.release();
+            } else {
+                kept.push(l);
+            }
+        }
+        kept.push(exclusive);
+        log::info!(
+            "{name}: committed ({bytes} bytes copied); its image is {}",
+            base.path.display()
+        );
+        let _ = committed.send(Committed {
+            name: name.clone(),
+            image: file,
+            path: base.path.clone(),
+            format: base.format,
+        });
+        let _ = reply.send((kept, Ok((bytes, base.path, base.format))));
+    });
+}
+
 /// A command that changes or marks an export's image: a resize, or a recording's mark at a
 /// snapshot (with the image kept as it is then).
 async fn image_command(server: &vmm_proto::blockd_capnp::blockd::Client, cmd: ImageCommand) {
@@ -1242,6 +1619,12 @@ async fn image_command(server: &vmm_proto::blockd_capnp::blockd::Client, cmd: Im
                 .and_then(|r| Ok(r.get()?.get_old()))
                 .map_err(|e| BlockdError::Remote(e.into()));
             let _ = reply.send(r);
+        }
+        ImageCommand::Snapshot(_, _, locks, reply) => {
+            let _ = reply.send((locks, Err(BlockdError::NoConnection)));
+        }
+        ImageCommand::Commit(_, locks, reply) => {
+            let _ = reply.send((locks, Err(BlockdError::NoConnection)));
         }
         ImageCommand::Mark(name, keep, reply) => {
             let mut req = server.mark_request();

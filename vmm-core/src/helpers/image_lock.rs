@@ -73,6 +73,22 @@ impl ImageLock {
         }
     }
 
+    /// The image's path, as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_exclusive(&self) -> bool {
+        self.exclusive
+    }
+
+    /// The VM no longer writes the image (a live snapshot put an overlay on it): the lock
+    /// becomes a shared one, at once (no other VM can slip in between).
+    pub fn downgrade(&mut self) -> Result<(), LockError> {
+        self.exclusive = false;
+        self.take(true)
+    }
+
     /// Lets go of it (the migration's hand-over to the destination).
     pub fn release(&self) {
         let none = lock_of(libc::F_UNLCK as libc::c_short);

@@ -367,7 +367,7 @@ fn wait_for_signals(set: SigSet, tx: Sender<VmEvent>) {
 /// What the API reads, at start.
 fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
     Arc::new(api::Shared {
-        config_json: config.to_json(),
+        config_json: std::sync::Mutex::new(config.to_json()),
         spec_toml: std::sync::Mutex::new(config.spec_toml()),
         status: Mutex::new(api::Status {
             phase: if config.incoming.is_some() {
@@ -394,6 +394,7 @@ fn new_shared(config: &VmConfig) -> Arc<api::Shared> {
         rng_replay: std::sync::OnceLock::new(),
         console_written: std::sync::OnceLock::new(),
         incoming_tls: config.incoming_tls.clone(),
+        commits: std::sync::Mutex::new(Vec::new()),
         blockd: Mutex::new(None),
         migrated: std::sync::OnceLock::new(),
         migration: Default::default(),

@@ -353,16 +353,9 @@ impl<'a> Running<'a> {
     fn disk_change(&mut self, change: DiskChange) -> Option<VmEvent> {
         // The state a migration or snapshot sends must have the devices the destination
         // was given.
-        let phase = self.shared.migration.lock().unwrap().phase.clone();
-        let busy = [
-            "setup",
-            "pre-copy",
-            "stop-and-copy",
-            "postcopy-active",
-            "postcopy-paused",
-        ];
-        if busy.contains(&phase.as_str()) {
-            let err = || LoopError::Migrating(phase.clone());
+        let status = self.shared.migration.lock().unwrap().clone();
+        if status.under_way() {
+            let err = || LoopError::Migrating(status.phase.clone());
             match change {
                 DiskChange::Add(_, reply) => {
                     let _ = reply.send(Err(err()));
@@ -515,6 +508,7 @@ impl<'a> Running<'a> {
             })
             .collect();
         *self.shared.spec_toml.lock().unwrap() = self.config.spec_toml_with(&specs);
+        *self.shared.config_json.lock().unwrap() = self.config.to_json_with(&specs);
     }
 
     /// Removals the guest did not do in time: it is no longer asked, and the disk stays.
@@ -607,6 +601,10 @@ impl<'a> Running<'a> {
             Request::DiskResized { name } => {
                 let _ = reply.send(self.disk_resized(&name));
             }
+            Request::DiskImage { name, path, format } => {
+                self.disk_image(&name, &path, format);
+                let _ = reply.send(Ok(()));
+            }
             // A vCPU waiting for a page the broken channel cannot bring would hold the pause
             // (and this loop) forever.
             Request::Pause if self.shared.migration.lock().unwrap().phase == "postcopy-paused" => {
@@ -633,6 +631,29 @@ impl<'a> Running<'a> {
             }
         }
         None
+    }
+
+    /// Disk `name`'s image is another now (a live snapshot's overlay, or the base a commit
+    /// merged into): what a snapshot or migration carries says so.
+    fn disk_image(&self, name: &str, path: &std::path::Path, format: &str) {
+        if let Some(d) = self
+            .disks
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .find(|d| d.name == name)
+        {
+            let kept: Vec<&str> = d
+                .spec
+                .split(',')
+                .filter(|p| !p.starts_with("path=") && !p.starts_with("format="))
+                .collect();
+            d.spec = format!("path={},format={format},{}", path.display(), kept.join(","))
+                .trim_end_matches(',')
+                .to_string();
+            d.image = path.display().to_string();
+        }
+        self.publish_spec();
     }
 
     /// Disk `name` grew: its device reads its configuration again and tells the guest.
