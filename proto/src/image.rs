@@ -154,10 +154,25 @@ fn header(f: &std::fs::File) -> std::io::Result<Option<Header>> {
 /// it, as qemu-img does. A missing backing file and a loop are named. A file that is not qcow2
 /// has no chain.
 pub fn check_qcow2(path: &std::path::Path, f: &std::fs::File) -> Result<Vec<Layer>, Unservable> {
-    let Some(h) = header(f).map_err(Unservable::Read)? else {
+    check_chain(path, f, None)
+}
+
+/// As `check_qcow2`, with the image's backing file given (`backing=`) in place of the one
+/// its header names: its format is what the file is, and its own header leads on.
+pub fn check_chain(
+    path: &std::path::Path,
+    f: &std::fs::File,
+    backing: Option<&std::path::Path>,
+) -> Result<Vec<Layer>, Unservable> {
+    let Some(mut h) = header(f).map_err(Unservable::Read)? else {
         return Ok(Vec::new());
     };
     features(&h)?;
+    if let Some(b) = backing {
+        let b = std::path::absolute(b).unwrap_or_else(|_| b.to_path_buf());
+        h.backing = Some(b.display().to_string());
+        h.backing_format = None;
+    }
     let mut seen = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
     let mut names = vec![path.display().to_string()];
     let mut chain = Vec::new();

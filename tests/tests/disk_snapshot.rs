@@ -434,3 +434,105 @@ fn a_long_commit_shows_its_progress_and_ends_with_the_data_merged() {
         }
     }
 }
+
+/// After a live snapshot the disk is its overlay chain everywhere: a blockd killed and
+/// restarted serves the chain (the guest's writes go on, into the overlay), and a snapshot
+/// of the VM carries it, so a restore given no --disk opens the overlay over its base. In
+/// the end the base holds only blocks written before the live snapshot, and the chain every
+/// block either VM had acknowledged.
+#[test]
+fn the_overlay_chain_survives_a_blockd_restart_and_goes_with_a_snapshot_of_the_vm() {
+    let dir = TempDir::new("disk-snapshot-carry");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0u8; (BLOCKS * 4096) as usize]).unwrap();
+    let ov = dir.join("ov.qcow2");
+    let api = dir.join("api.sock");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk-seq tg.seq.count=100000000")
+        .args(["--api-socket", api.to_str().unwrap()])
+        .args([
+            "--disk",
+            &format!("path={},throttle.iops=200", base.display()),
+        ])
+        .spawn();
+    wait_ack(&vm, 30);
+    ok(
+        &api,
+        &[
+            "disk",
+            "snapshot",
+            "disk0",
+            "--overlay",
+            ov.to_str().unwrap(),
+        ],
+        &vm,
+    );
+    let blockd: Vec<u32> = vmm_tests::children_of(vm.pid())
+        .into_iter()
+        .filter(|p| vmm_tests::process_name(*p) == "blockd")
+        .collect();
+    assert_eq!(blockd.len(), 1, "{blockd:?}");
+    // SAFETY: SIGKILL to the blockd our vmm-core started (its child, by PID).
+    unsafe { libc::kill(blockd[0] as libc::pid_t, libc::SIGKILL) };
+    vmm_tests::wait_until(T, "blockd's restart", || {
+        vm.stderr().contains("restarted blockd (restart 1)")
+    });
+    let n = last_ack(&vm);
+    wait_ack(&vm, n + 30);
+    let list = ok(&api, &["disk", "list"], &vm);
+    assert!(list.contains(ov.to_str().unwrap()), "{list}");
+    ok(&api, &["pause"], &vm);
+    let snap = dir.join("snap");
+    ok(
+        &api,
+        &["snapshot", &format!("file:{}", snap.display())],
+        &vm,
+    );
+    ok(&api, &["shutdown", "--force"], &vm);
+    vm.wait_exit(T);
+    let first = vm.stdout();
+    let in_base = written(&std::fs::read(&base).unwrap(), "base.raw");
+
+    let api = dir.join("restored.sock");
+    let mut vm = TestVm::builder()
+        .args(["--api-socket", api.to_str().unwrap()])
+        .args(["--restore", &format!("file:{}", snap.display())])
+        .spawn();
+    vmm_tests::wait_until(T, "the restore", || {
+        vm.stderr().contains("the VM is here") || vm.stderr().contains("error")
+    });
+    let list = ok(&api, &["disk", "list"], &vm);
+    assert!(
+        list.contains(ov.to_str().unwrap()) && list.contains("qcow2"),
+        "{list}"
+    );
+    ok(&api, &["resume"], &vm);
+    let n = seq_acks(&first).last().copied().unwrap();
+    wait_ack(&vm, n + 30);
+    ok(&api, &["shutdown", "--force"], &vm);
+    vm.wait_exit(T);
+    let second = vm.stdout();
+
+    // The base: what came before the live snapshot, untouched since.
+    assert_eq!(
+        written(&std::fs::read(&base).unwrap(), "base.raw at the end"),
+        in_base
+    );
+    let m = in_base.len() as u64;
+    assert_eq!(
+        in_base,
+        (0..m).collect::<Vec<_>>(),
+        "base.raw: not a prefix"
+    );
+    assert!(m >= 30, "{m}");
+    qemu_img(&["check", "-q", ov.to_str().unwrap()]);
+    let chain = all_data(&dir, &ov);
+    let acked: Vec<u64> = seq_acks(&first)
+        .into_iter()
+        .chain(seq_acks(&second))
+        .collect();
+    assert!(*acked.last().unwrap() > m + 60);
+    for seq in acked {
+        assert!(seq_block_intact(&chain, BLOCKS, seq), "block {seq}: lost");
+    }
+}

@@ -699,3 +699,86 @@ fn two_vms_share_one_read_only_base_with_their_own_overlays() {
         "the shared base was written"
     );
 }
+
+/// `backing=` gives an overlay's backing file in place of the one its header names (QEMU's
+/// -blockdev backing=): an overlay whose base was moved is refused in one line naming the
+/// missing file; given the base where it is now, the guest sees what a flat copy of that
+/// chain holds and the base is not written. A raw disk with backing= is refused in one line.
+#[test]
+fn backing_given_on_the_command_line_takes_the_place_of_the_headers() {
+    let dir = TempDir::new("qcow2-backing-given");
+    let p = |n: &str| dir.join(n).display().to_string();
+    let base = patterned(&dir.join("base.raw"));
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+        ],
+    );
+    std::fs::rename(dir.join("base.raw"), dir.join("moved.raw")).unwrap();
+    std::fs::write(dir.join("flat.raw"), &base).unwrap();
+    std::fs::write(dir.join("plain.raw"), [0u8; 4096]).unwrap();
+    let refused = |disk: &str| {
+        let out = Command::new(vmm_core_bin())
+            .args(["run", "--kernel"])
+            .arg(vmm_tests::test_guest())
+            .args(["--disk", disk])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        assert_eq!(out.status.code(), Some(2), "{disk}: {err}");
+        assert_eq!(err.lines().count(), 1, "{disk}: {err}");
+        err
+    };
+    let err = refused(&format!("path={},format=qcow2", p("ov.qcow2")));
+    assert!(
+        err.contains(&format!("its backing file {} (named by", p("base.raw"))),
+        "{err}"
+    );
+    let err = refused(&format!(
+        "path={},backing={}",
+        p("plain.raw"),
+        p("moved.raw")
+    ));
+    assert!(
+        err.contains("backing= is a qcow2 overlay's; add format=qcow2"),
+        "{err}"
+    );
+    let expected = digest_on(&format!("path={}", p("flat.raw")), 31);
+    let got = digest_on(
+        &format!(
+            "path={},format=qcow2,backing={}",
+            p("ov.qcow2"),
+            p("moved.raw")
+        ),
+        31,
+    );
+    assert_eq!(
+        got, expected,
+        "the guest saw other data than the flat copy's"
+    );
+    // qemu-img follows the header: pointed at the moved base, the overlay is clean and equal
+    // to the flat copy that took the same writes.
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "rebase",
+            "-q",
+            "-u",
+            "-b",
+            "moved.raw",
+            "-F",
+            "raw",
+            "ov.qcow2",
+        ],
+    );
+    qemu("qemu-img", &dir, &["check", "-q", "ov.qcow2"]);
+    qemu("qemu-img", &dir, &["compare", "-q", "ov.qcow2", "flat.raw"]);
+    assert!(
+        std::fs::read(dir.join("moved.raw")).unwrap() == base,
+        "the base was written"
+    );
+}

@@ -26,6 +26,9 @@ pub struct DiskSpec {
     /// where the state has it.
     pub name: Option<String>,
     pub slot: Option<u8>,
+    /// A qcow2 overlay's backing file, in place of the one its header names (QEMU's
+    /// -blockdev backing=): its format is what the file is; its own chain follows its header.
+    pub backing: Option<PathBuf>,
 }
 
 pub const MAX_QUEUES: u16 = 16;
@@ -50,7 +53,7 @@ impl DiskSpecError {
 
 /// Parses `path=FILE[,readonly=on|off][,queues=N][,serial=ID]` or `socket=PATH[,queues=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
-    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME][,name=NAME][,slot=N] or socket=PATH[,queues=N][,name=NAME][,slot=N]";
+    let usage = "write path=FILE[,format=raw|qcow2][,readonly=on][,queues=N][,serial=ID][,direct=on][,rerror=POLICY][,werror=POLICY][,throttle.LIMIT=N][,throttle.group=NAME][,name=NAME][,slot=N][,backing=FILE] or socket=PATH[,queues=N][,name=NAME][,slot=N]";
     let mut d = DiskSpec {
         path: None,
         socket: None,
@@ -59,6 +62,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
         serial: None,
         name: None,
         slot: None,
+        backing: None,
         format: "raw".into(),
         direct: false,
         rerror: "report".into(),
@@ -77,6 +81,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
         match k {
             "path" if !v.is_empty() => d.path = Some(PathBuf::from(v)),
             "socket" if !v.is_empty() => d.socket = Some(PathBuf::from(v)),
+            "backing" if !v.is_empty() => d.backing = Some(PathBuf::from(v)),
             "readonly" => d.readonly = on_off(s, k, v)?,
             "queues" => {
                 d.queues = v
@@ -164,6 +169,13 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, DiskSpecError> {
             ));
         }
         d.throttle = Some(spec);
+    }
+    if d.backing.is_some() && d.format != "qcow2" {
+        return Err(DiskSpecError::new(
+            s,
+            "backing= is a qcow2 overlay's; add format=qcow2 (a raw image has no backing file)"
+                .to_string(),
+        ));
     }
     match (&d.path, &d.socket) {
         (None, None) => Err(DiskSpecError::new(s, format!("no path= or socket=; {usage}"))),

@@ -517,7 +517,7 @@ impl VmConfig {
         let absolute = |spec: &str| -> String {
             spec.split(',')
                 .map(|part| match part.split_once('=') {
-                    Some((k @ ("path" | "socket" | "file"), p)) => format!(
+                    Some((k @ ("path" | "socket" | "file" | "backing"), p)) => format!(
                         "{k}={}",
                         std::path::absolute(p).map_or(p.to_string(), |a| a.display().to_string())
                     ),

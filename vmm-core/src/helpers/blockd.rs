@@ -517,7 +517,7 @@ fn open_chain(
     if d.format != "qcow2" {
         return Ok(Vec::new());
     }
-    let chain = vmm_proto::image::check_qcow2(path, image)
+    let chain = vmm_proto::image::check_chain(path, image, d.backing.as_deref())
         .map_err(|e| BlockdError::Unservable(path.to_path_buf(), e))?;
     let mut backing = Vec::new();
     for layer in chain {
@@ -1136,6 +1136,7 @@ async fn serve(
                     o.image = c.image;
                     o.spec.path = Some(c.path);
                     o.spec.format = c.format.to_string();
+                    o.spec.backing = None;
                     if !o.backing.is_empty() {
                         o.backing.remove(0);
                     }
@@ -1391,6 +1392,13 @@ async fn snapshot(
             "it is read-only (readonly=on): a snapshot of it would hold no writes".into(),
         ));
     }
+    if let Some(b) = &o.spec.backing {
+        return Err(failed(format!(
+            "it was given backing={}, which its header does not name, and an overlay's chain follows the headers; write it into the image first (qemu-img rebase -u -b {} -F FORMAT IMAGE)",
+            b.display(),
+            b.display()
+        )));
+    }
     let top = absolute(o.spec.path.as_ref().expect("a path= disk"));
     let overlay = absolute(overlay);
     let file = std::fs::OpenOptions::new()
@@ -1446,6 +1454,8 @@ async fn snapshot(
     o.image = file;
     o.spec.path = Some(overlay.clone());
     o.spec.format = "qcow2".into();
+    // The overlay's header names the old top; a backing= given for the old top is its own.
+    o.spec.backing = None;
     log::info!(
         "{name}: live snapshot: writes go to {} over {}",
         overlay.display(),
@@ -1479,7 +1489,7 @@ fn commit(
     };
     let top = o.spec.path.clone().expect("a path= disk");
     let base = if o.spec.format == "qcow2" {
-        vmm_proto::image::check_qcow2(&top, &o.image)
+        vmm_proto::image::check_chain(&top, &o.image, o.spec.backing.as_deref())
             .map_err(|e| BlockdError::Unservable(top.clone(), e))
             .map(|chain| chain.into_iter().next())
     } else {

@@ -646,7 +646,11 @@ impl<'a> Running<'a> {
             let kept: Vec<&str> = d
                 .spec
                 .split(',')
-                .filter(|p| !p.starts_with("path=") && !p.starts_with("format="))
+                .filter(|p| {
+                    !["path=", "format=", "backing="]
+                        .iter()
+                        .any(|k| p.starts_with(k))
+                })
                 .collect();
             d.spec = format!("path={},format={format},{}", path.display(), kept.join(","))
                 .trim_end_matches(',')
