@@ -16,12 +16,10 @@
 
 use crate::disk::{Disk, Layers};
 use crate::image::{Alloc, Format, Qcow2Image};
-use std::collections::BTreeSet;
+use crate::job::{Job, CHUNK};
 use std::fs::File;
 use std::time::Duration;
 
-/// The unit in which guest writes are tracked during a commit.
-const CHUNK: u64 = 64 << 10;
 /// Copies go in pieces of at most this size.
 const PIECE: u64 = 1 << 20;
 /// How long the guest's requests may be held while a snapshot or commit swaps the image.
@@ -30,38 +28,6 @@ const PAUSE: Duration = Duration::from_secs(10);
 const LAST_PASS: usize = 64;
 /// ...or after this many passes (a guest that writes faster than the copy goes).
 const MAX_PASSES: u32 = 30;
-
-/// A commit under way.
-#[derive(Debug, Default)]
-pub struct Job {
-    /// Chunks the guest changed since the last pass took them.
-    dirty: BTreeSet<u64>,
-    /// Bytes copied so far, and to copy in all (as known now: it grows as the guest writes).
-    pub done: u64,
-    pub total: u64,
-    pub pass: u32,
-}
-
-impl Job {
-    /// The guest changed `len` bytes at `offset`.
-    pub fn written(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let (first, last) = (offset / CHUNK, (offset + len - 1) / CHUNK);
-        self.dirty.extend(first..=last);
-    }
-
-    /// What `disk list` shows.
-    pub fn describe(&self) -> String {
-        format!(
-            "commit: pass {}, {:.1} of {:.1} MiB copied",
-            self.pass,
-            self.done as f64 / (1 << 20) as f64,
-            self.total as f64 / (1 << 20) as f64
-        )
-    }
-}
 
 /// Stacks a new qcow2 overlay (`overlay`: an empty file, opened read-write) on the disk:
 /// its header names the old top as `backing_name`. Guest writes go to it from then on.

@@ -209,7 +209,7 @@ pub struct Disk {
     pub busy: std::sync::Arc<AtomicU64>,
     /// A commit under way: what the guest wrote since it started (see `commit`), and how far
     /// it is.
-    pub job: std::sync::Mutex<Option<crate::commit::Job>>,
+    pub job: std::sync::Mutex<Option<crate::job::Job>>,
     /// The top image's path since a snapshot or commit changed it, for `list`.
     pub shown: std::sync::Mutex<Option<String>>,
     /// The image's logical block size (a block device's; 512 for a file): what the guest is

@@ -11,6 +11,7 @@ mod exports;
 mod faults;
 mod image;
 mod inflight;
+mod job;
 mod replay;
 mod request;
 mod rpc;

@@ -153,10 +153,10 @@ fn fork_into_the_pid_namespace(who: &'static str) -> Result<(), SandboxError> {
                 nix::poll::PollFlags::POLLIN,
             )];
             if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(step("poll"))? > 0 {
-                return Err(SandboxError::Jail(
-                    "the parent-death signal",
-                    nix::Error::ESRCH,
-                ));
+                // The VMM went away while this helper started (it refused its own settings,
+                // say): nobody is left to serve or to tell, and a line on the VMM's stderr
+                // would only trail its one-line error.
+                std::process::exit(1);
             }
             drop(parent_alive);
             // The child takes the stop signals itself.

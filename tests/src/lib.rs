@@ -387,6 +387,23 @@ impl TestVm {
         self.child.id()
     }
 
+    /// SIGKILLs the VM's one helper named `name` (its child, by PID) and waits until
+    /// vmm-core says it started the `restart`th one in its place.
+    pub fn kill_helper(&self, name: &str, restart: u32) {
+        let pids: Vec<u32> = self
+            .children()
+            .into_iter()
+            .filter(|p| process_name(*p) == name)
+            .collect();
+        assert_eq!(pids.len(), 1, "{name}: {pids:?}");
+        // SAFETY: SIGKILL to a helper this test's vmm-core started (its child, by PID).
+        unsafe { libc::kill(pids[0] as libc::pid_t, libc::SIGKILL) };
+        let said = format!("restarted {name} (restart {restart})");
+        wait_until(Duration::from_secs(60), &said, || {
+            self.stderr().contains(&said)
+        });
+    }
+
     pub fn stdout(&self) -> String {
         self.captured.0.lock().unwrap().stdout.clone()
     }

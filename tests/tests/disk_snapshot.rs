@@ -78,6 +78,18 @@ fn ok(api: &Path, args: &[&str], vm: &TestVm) -> String {
     out + &err
 }
 
+/// A VM whose guest runs the sequence writer (`count` blocks) on `disk`, with its API on
+/// `api`.
+fn seq_writer(api: &Path, count: u64, disk: &str) -> TestVm {
+    TestVm::builder()
+        .cmdline(&format!(
+            "console=ttyS0 tg.scenario=blk-seq tg.seq.count={count}"
+        ))
+        .args(["--api-socket", api.to_str().unwrap()])
+        .args(["--disk", disk])
+        .spawn()
+}
+
 fn last_ack(vm: &TestVm) -> u64 {
     seq_acks(&vm.stdout()).last().copied().unwrap_or(0)
 }
@@ -109,16 +121,11 @@ fn live_snapshots_split_the_writes_and_commits_merge_them_back() {
     std::fs::write(&base, vec![0u8; (BLOCKS * 4096) as usize]).unwrap();
     let (ov1, ov2) = (dir.join("ov1.qcow2"), dir.join("ov2.qcow2"));
     let api = dir.join("api.sock");
-    let mut vm = TestVm::builder()
-        .cmdline(&format!(
-            "console=ttyS0 tg.scenario=blk-seq tg.seq.count={WRITES}"
-        ))
-        .args(["--api-socket", api.to_str().unwrap()])
-        .args([
-            "--disk",
-            &format!("path={},throttle.iops=400", base.display()),
-        ])
-        .spawn();
+    let mut vm = seq_writer(
+        &api,
+        WRITES,
+        &format!("path={},throttle.iops=400", base.display()),
+    );
     wait_ack(&vm, 100);
     let before1 = last_ack(&vm);
     let out = ok(
@@ -364,14 +371,11 @@ fn a_long_commit_shows_its_progress_and_ends_with_the_data_merged() {
         .expect("qemu-io (qemu-utils)");
     assert!(io.status.success(), "{io:?}");
     let api = dir.join("api.sock");
-    let mut vm = TestVm::builder()
-        .cmdline("console=ttyS0 tg.scenario=blk-seq tg.seq.count=100000000")
-        .args(["--api-socket", api.to_str().unwrap()])
-        .args([
-            "--disk",
-            &format!("path={},format=qcow2,throttle.iops=200", ov.display()),
-        ])
-        .spawn();
+    let mut vm = seq_writer(
+        &api,
+        100_000_000,
+        &format!("path={},format=qcow2,throttle.iops=200", ov.display()),
+    );
     wait_ack(&vm, 20);
     let commit = std::process::Command::new(vmm_tests::vmmctl_bin())
         .args(["--socket", api.to_str().unwrap(), "disk", "commit", "disk0"])
@@ -447,14 +451,11 @@ fn the_overlay_chain_survives_a_blockd_restart_and_goes_with_a_snapshot_of_the_v
     std::fs::write(&base, vec![0u8; (BLOCKS * 4096) as usize]).unwrap();
     let ov = dir.join("ov.qcow2");
     let api = dir.join("api.sock");
-    let mut vm = TestVm::builder()
-        .cmdline("console=ttyS0 tg.scenario=blk-seq tg.seq.count=100000000")
-        .args(["--api-socket", api.to_str().unwrap()])
-        .args([
-            "--disk",
-            &format!("path={},throttle.iops=200", base.display()),
-        ])
-        .spawn();
+    let mut vm = seq_writer(
+        &api,
+        100_000_000,
+        &format!("path={},throttle.iops=200", base.display()),
+    );
     wait_ack(&vm, 30);
     ok(
         &api,
@@ -467,16 +468,7 @@ fn the_overlay_chain_survives_a_blockd_restart_and_goes_with_a_snapshot_of_the_v
         ],
         &vm,
     );
-    let blockd: Vec<u32> = vmm_tests::children_of(vm.pid())
-        .into_iter()
-        .filter(|p| vmm_tests::process_name(*p) == "blockd")
-        .collect();
-    assert_eq!(blockd.len(), 1, "{blockd:?}");
-    // SAFETY: SIGKILL to the blockd our vmm-core started (its child, by PID).
-    unsafe { libc::kill(blockd[0] as libc::pid_t, libc::SIGKILL) };
-    vmm_tests::wait_until(T, "blockd's restart", || {
-        vm.stderr().contains("restarted blockd (restart 1)")
-    });
+    vm.kill_helper("blockd", 1);
     let n = last_ack(&vm);
     wait_ack(&vm, n + 30);
     let list = ok(&api, &["disk", "list"], &vm);

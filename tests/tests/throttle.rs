@@ -400,16 +400,7 @@ fn vmmctl_throttles_a_vms_disk_through_vmm_core() {
         "{out}"
     );
     // blockd dies; the one vmm-core starts in its place gets the disk's throttle as it was.
-    let blockd: Vec<u32> = vmm_tests::children_of(vm.pid())
-        .into_iter()
-        .filter(|p| vmm_tests::process_name(*p) == "blockd")
-        .collect();
-    assert_eq!(blockd.len(), 1, "{blockd:?}");
-    // SAFETY: SIGKILL to the blockd our vmm-core started (its child, by PID).
-    unsafe { libc::kill(blockd[0] as libc::pid_t, libc::SIGKILL) };
-    wait_until(T, "blockd's restart", || {
-        vm.stderr().contains("restarted blockd (restart 1)")
-    });
+    vm.kill_helper("blockd", 1);
     let (_, out, _) = vmm_tests::vmmctl(&sock, &["disk", "list"]);
     assert!(
         out.contains("throttle=bps=1048576,bps-max=4194304,bps-max-length=3 "),

@@ -427,16 +427,32 @@ pub(super) fn disk_transport(
     routing: &Arc<vmm_devices::pci::msix::Routing>,
     d: &crate::helpers::blockd::DiskBackend,
 ) -> Result<VirtioPci, VmError> {
+    let kind = vmm_devices::virtio::vhost_user::Kind::Blk;
+    vhost_user_transport(memory, routing, (&d.name, &d.socket), kind, d.queues, |e| {
+        VmError::DiskSetup(d.name.clone(), e)
+    })
+}
+
+/// A virtio PCI function whose device (`kind`, with `queues`) is served over vhost-user:
+/// (its name, the backend's socket); `failed` names a backend that cannot serve it.
+fn vhost_user_transport(
+    memory: &Memory,
+    routing: &Arc<vmm_devices::pci::msix::Routing>,
+    (name, socket): (&str, &std::path::Path),
+    kind: vmm_devices::virtio::vhost_user::Kind,
+    queues: u16,
+    failed: impl FnOnce(vmm_devices::virtio::VirtioError) -> VmError,
+) -> Result<VirtioPci, VmError> {
     let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
     let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
-        &d.name,
-        &d.socket,
-        vmm_devices::virtio::vhost_user::Kind::Blk,
-        d.queues,
+        name,
+        socket,
+        kind,
+        queues,
         memory.guest.clone(),
         memfd,
     )
-    .map_err(|e| VmError::DiskSetup(d.name.clone(), e))?;
+    .map_err(failed)?;
     VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)
 }
 
@@ -479,17 +495,10 @@ fn pci_bus(
         log::debug!("{}: virtio-blk at PCI 00:{slot:02x}.0", d.name);
     }
     if let Some((socket, slot)) = res.rng {
-        let memfd = memory.memfd.try_clone().map_err(VmError::EventFd)?;
-        let dev = vmm_devices::virtio::vhost_user::VhostUserDevice::connect(
-            "rng0",
-            socket,
-            vmm_devices::virtio::vhost_user::Kind::Rng,
-            1,
-            memory.guest.clone(),
-            memfd,
-        )
-        .map_err(|e| VmError::RngSetup(socket.to_path_buf(), e))?;
-        let transport = VirtioPci::new(Box::new(dev), routing.clone()).map_err(VmError::EventFd)?;
+        let kind = vmm_devices::virtio::vhost_user::Kind::Rng;
+        let transport = vhost_user_transport(memory, &routing, ("rng0", socket), kind, 1, |e| {
+            VmError::RngSetup(socket.to_path_buf(), e)
+        })?;
         let transport = Arc::new(Mutex::new(transport));
         *slot.lock().unwrap() = Some(Arc::downgrade(&transport));
         let slot = pci
