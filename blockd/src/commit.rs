@@ -31,13 +31,17 @@ const MAX_PASSES: u32 = 30;
 
 /// Stacks a new qcow2 overlay (`overlay`: an empty file, opened read-write) on the disk:
 /// its header names the old top as `backing_name`. Guest writes go to it from then on.
-pub fn snapshot(disk: &Disk, overlay: File, backing_name: &str) -> Result<(), String> {
+/// Returns how long the disk held the guest's requests.
+pub fn snapshot(disk: &Disk, overlay: File, backing_name: &str) -> Result<Duration, String> {
     refuse_busy(disk)?;
     let (format, size) = disk.with_layers(|l| (l.format, disk.size()));
     Qcow2Image::create_overlay(&overlay, size, backing_name, format)
         .map_err(|e| format!("cannot make the overlay a qcow2 image ({e})"))?;
+    // Most of the flush is done before the pause; the one inside takes what came since.
+    disk.flush()
+        .map_err(|e| format!("cannot flush the image before the snapshot ({e})"))?;
     let q = disk.quiesce(PAUSE)?;
-    disk.with_layers_mut(&q, |l| {
+    disk.with_layers_mut(&q, |l| -> Result<(), String> {
         l.flush()
             .map_err(|e| format!("cannot flush the image before the snapshot ({e})"))?;
         let mut chain = vec![(clone(l.top())?, l.format)];
@@ -48,7 +52,8 @@ pub fn snapshot(disk: &Disk, overlay: File, backing_name: &str) -> Result<(), St
             .map_err(|e| format!("cannot open the new overlay ({e})"))?;
         *l = new;
         Ok(())
-    })
+    })?;
+    Ok(q.held())
 }
 
 fn clone(f: &File) -> Result<File, String> {
@@ -74,8 +79,9 @@ fn refuse_busy(disk: &Disk) -> Result<(), String> {
 }
 
 /// Merges the top overlay into the layer below it (`base`: that layer's file, opened
-/// read-write), which then becomes the disk's top. Returns the bytes copied.
-pub fn commit(disk: &Disk, base: File) -> Result<u64, String> {
+/// read-write), which then becomes the disk's top. Returns the bytes copied and how long the
+/// last pass held the guest's requests.
+pub fn commit(disk: &Disk, base: File) -> Result<(u64, Duration), String> {
     refuse_busy(disk)?;
     let (base_format, rest) = disk.with_layers(|l| -> Result<_, String> {
         if l.qcow2().is_none() || l.backing().is_empty() {
@@ -101,7 +107,7 @@ pub fn commit(disk: &Disk, base: File) -> Result<u64, String> {
     *disk.job.lock().unwrap() = Some(Job::default());
     let r = run(disk, &below, size).and_then(|()| finish(disk, below, size));
     let job = disk.job.lock().unwrap().take();
-    r.map(|()| job.map_or(0, |j| j.done))
+    r.map(|held| (job.map_or(0, |j| j.done), held))
 }
 
 /// Grows a raw file or qcow2 image to `size` bytes.
@@ -164,7 +170,12 @@ fn run(disk: &Disk, below: &Layers, size: u64) -> Result<(), String> {
 
 /// The last pass, with the disk quiesced: the chunks left are copied, the base is flushed,
 /// and it becomes the top.
-fn finish(disk: &Disk, below: Layers, size: u64) -> Result<(), String> {
+fn finish(disk: &Disk, below: Layers, size: u64) -> Result<Duration, String> {
+    // What the passes copied is made durable before the pause; the flush inside takes the
+    // last chunks only.
+    below
+        .flush()
+        .map_err(|e| format!("cannot flush the base ({e})"))?;
     let q = disk.quiesce(PAUSE)?;
     let last = disk
         .job
@@ -173,7 +184,7 @@ fn finish(disk: &Disk, below: Layers, size: u64) -> Result<(), String> {
         .as_mut()
         .map(|j| std::mem::take(&mut j.dirty))
         .unwrap_or_default();
-    disk.with_layers_mut(&q, |top| {
+    disk.with_layers_mut(&q, |top| -> Result<(), String> {
         for c in last {
             let start = c * CHUNK;
             let len = CHUNK.min(size.saturating_sub(start));
@@ -188,7 +199,8 @@ fn finish(disk: &Disk, below: Layers, size: u64) -> Result<(), String> {
             .map_err(|e| format!("cannot flush the base ({e})"))?;
         *top = below;
         Ok(())
-    })
+    })?;
+    Ok(q.held())
 }
 
 /// Copies what the top holds in `len` bytes at `start` into the base.

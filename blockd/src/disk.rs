@@ -398,7 +398,7 @@ impl Disk {
         if self.paused.swap(true, Ordering::SeqCst) {
             return Err("another snapshot or commit is pausing it".into());
         }
-        let q = Quiesced(self);
+        let q = Quiesced(self, std::time::Instant::now());
         let deadline = std::time::Instant::now() + timeout;
         while self.busy.load(Ordering::SeqCst) > 0 {
             if std::time::Instant::now() >= deadline {
@@ -652,7 +652,14 @@ impl Drop for Busy<'_> {
 
 /// A paused disk with nothing in flight (see `Disk::quiesce`); dropped, it serves again and
 /// its queues take what waited.
-pub struct Quiesced<'a>(&'a Disk);
+pub struct Quiesced<'a>(&'a Disk, std::time::Instant);
+
+impl Quiesced<'_> {
+    /// How long the disk has held its requests so far.
+    pub fn held(&self) -> std::time::Duration {
+        self.1.elapsed()
+    }
+}
 
 impl Drop for Quiesced<'_> {
     fn drop(&mut self) {

@@ -186,8 +186,11 @@ impl blockd::Server for Server {
         let file = self.one_fd(&format!("snapshot:{name}"))?;
         let d = disk.clone();
         let r = on_thread(move || crate::commit::snapshot(&d, file, &backing)).await?;
-        r.map_err(|e| failed(format!("snapshot {name}: {e}")))?;
-        log::info!("export {name}: live snapshot: its writes go to {overlay} now");
+        let held = r.map_err(|e| failed(format!("snapshot {name}: {e}")))?;
+        log::info!(
+            "export {name}: live snapshot: its writes go to {overlay} now (requests held {:.1} ms)",
+            held.as_secs_f64() * 1e3
+        );
         *disk.shown.lock().unwrap() = Some(overlay);
         Ok(())
     }
@@ -205,8 +208,11 @@ impl blockd::Server for Server {
         let d = disk.clone();
         log::info!("export {name}: commit into {base} starts");
         let r = on_thread(move || crate::commit::commit(&d, file)).await?;
-        let bytes = r.map_err(|e| failed(format!("commit {name}: {e}")))?;
-        log::info!("export {name}: committed ({bytes} bytes copied); its top is {base} now");
+        let (bytes, held) = r.map_err(|e| failed(format!("commit {name}: {e}")))?;
+        log::info!(
+            "export {name}: committed ({bytes} bytes copied; requests held {:.1} ms for the last pass); its top is {base} now",
+            held.as_secs_f64() * 1e3
+        );
         *disk.shown.lock().unwrap() = Some(base);
         results.get().set_bytes(bytes);
         Ok(())

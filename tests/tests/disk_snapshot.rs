@@ -226,6 +226,10 @@ fn live_snapshots_split_the_writes_and_commits_merge_them_back() {
     assert!(err.contains("has no backing file"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     wait_ack(&vm, WRITES - 1);
+    // How long each switch held the guest's requests (blockd's log), for the record.
+    for l in vm.stderr().lines().filter(|l| l.contains("requests held")) {
+        println!("{l}");
+    }
     let out = vm.stdout();
     assert!(!out.contains("tg: seq error"), "{out}");
     vmm_tests::vmmctl(&api, &["shutdown", "--force"]);
