@@ -403,3 +403,98 @@ mod copy_tests {
         );
     }
 }
+
+/// What a writer killed while imago 0.2.6 hooked a new L2 table (or a grown L1 table) into a
+/// qcow2 image can leave: the L1 entry (or the header's L1 pointer) written, the refcount that
+/// counts the new cluster not, so that the next allocation could take that cluster again.
+/// Sets each such refcount to 1 (what it was to be) and returns how many; an image without
+/// the fault is not written. Its refcount block must exist (one covers 2 GiB of image at the
+/// default sizes); where it does not, the error says to run `qemu-img check -r all`.
+/// Call it with no writer on the image.
+pub fn repair_l2_refcounts(f: &std::fs::File) -> Result<u32, String> {
+    use std::os::unix::fs::FileExt;
+    let io = |what: &str, e: std::io::Error| format!("cannot read its {what} ({e})");
+    let mut h = [0u8; 104];
+    let n = f.read_at(&mut h, 0).map_err(|e| io("header", e))?;
+    if n < 72 || h[..4] != QCOW2_MAGIC {
+        return Ok(0);
+    }
+    let u32_at = |b: &[u8], i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+    let version = u32_at(&h, 4);
+    let cluster_bits = u32_at(&h, 20);
+    let l1_size = u64::from(u32_at(&h, 36));
+    let l1_offset = u64_at(&h, 40);
+    let rt_offset = u64_at(&h, 48);
+    let rt_clusters = u64::from(u32_at(&h, 56));
+    let refcount_order = if version >= 3 && n >= 104 {
+        u32_at(&h, 96)
+    } else {
+        4
+    };
+    if !(9..=21).contains(&cluster_bits) || refcount_order > 6 || l1_size > 1 << 25 {
+        return Err("its header is out of range".into());
+    }
+    let cluster = 1u64 << cluster_bits;
+    let bits = 1u64 << refcount_order;
+    let per_block = cluster * 8 / bits;
+    // The clusters to check: the L1 table's own, and every L2 table it points to.
+    let mut l1 = vec![0u8; (l1_size * 8) as usize];
+    f.read_exact_at(&mut l1, l1_offset)
+        .map_err(|e| io("L1 table", e))?;
+    let mut clusters: Vec<u64> =
+        (l1_offset >> cluster_bits..(l1_offset + l1_size * 8).div_ceil(cluster)).collect();
+    const L1E_OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+    clusters.extend(
+        l1.chunks_exact(8)
+            .map(|e| u64::from_be_bytes(e.try_into().unwrap()) & L1E_OFFSET)
+            .filter(|&o| o != 0)
+            .map(|o| o >> cluster_bits),
+    );
+    let mut repaired = 0;
+    for c in clusters {
+        let index = c / per_block;
+        if index >= rt_clusters * cluster / 8 {
+            return Err(format!(
+                "cluster {c} is past its refcount table; repair it with `qemu-img check -r all`"
+            ));
+        }
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, rt_offset + index * 8)
+            .map_err(|e| io("refcount table", e))?;
+        let block = u64::from_be_bytes(e) & !0x1ff;
+        if block == 0 {
+            return Err(format!(
+                "cluster {c} has no refcount block; repair it with `qemu-img check -r all`"
+            ));
+        }
+        let bit = (c % per_block) * bits;
+        let at = block + bit / 8;
+        let width = bits.div_ceil(8) as usize;
+        let mut r = [0u8; 8];
+        f.read_exact_at(&mut r[..width], at)
+            .map_err(|e| io("refcount block", e))?;
+        let count = if bits >= 8 {
+            r[..width].iter().fold(0u64, |v, &b| v << 8 | u64::from(b))
+        } else {
+            // Narrower entries are packed from the low bits of each byte up (as QEMU reads them).
+            u64::from(r[0] >> (bit % 8)) & ((1 << bits) - 1)
+        };
+        if count != 0 {
+            continue;
+        }
+        if bits >= 8 {
+            r[width - 1] = 1;
+        } else {
+            r[0] |= 1 << (bit % 8);
+        }
+        f.write_all_at(&r[..width], at)
+            .map_err(|e| format!("cannot write its refcount block ({e})"))?;
+        repaired += 1;
+    }
+    if repaired > 0 {
+        f.sync_data()
+            .map_err(|e| format!("cannot flush the repaired refcounts ({e})"))?;
+    }
+    Ok(repaired)
+}

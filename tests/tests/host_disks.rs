@@ -782,3 +782,145 @@ fn backing_given_on_the_command_line_takes_the_place_of_the_headers() {
         "the base was written"
     );
 }
+
+/// The refcount block entry (offset in the file, 16-bit) of the L2 table that a qcow2
+/// image's first L1 entry points to (qemu-img's defaults: 16-bit refcounts).
+fn l2_refcount_at(img: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(img).unwrap();
+    let mut h = [0u8; 104];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let u64_at = |b: &[u8], i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(h[20..24].try_into().unwrap());
+    assert_eq!(
+        u32::from_be_bytes(h[96..100].try_into().unwrap()),
+        4,
+        "16-bit refcounts"
+    );
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, u64_at(&h, 40)).unwrap();
+    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "no L2 table");
+    let c = l2 >> cluster_bits;
+    let per_block = (1u64 << cluster_bits) * 8 / 16;
+    f.read_exact_at(&mut e, u64_at(&h, 48) + (c / per_block) * 8)
+        .unwrap();
+    (u64::from_be_bytes(e) & !0x1ff) + (c % per_block) * 2
+}
+
+/// What a blockd killed while imago hooks a new L2 table in can leave (the L1 entry written,
+/// the table's refcount not: made here by zeroing that refcount in a qemu-img overlay, which
+/// `qemu-img check` then calls an error) is repaired before blockd serves the image: vmm-core
+/// says so, the guest's writes land, and `qemu-img check` finds the image clean.
+#[test]
+fn an_l2_table_left_uncounted_is_counted_before_blockd_serves_the_image() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("qcow2-repair");
+    let p = |n: &str| dir.join(n).display().to_string();
+    patterned(&dir.join("base.raw"));
+    qemu(
+        "qemu-img",
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+        ],
+    );
+    qemu(
+        "qemu-io",
+        &dir,
+        &["-f", "qcow2", "-c", "write -q -P 0x11 0 4k", "ov.qcow2"],
+    );
+    let at = l2_refcount_at(&dir.join("ov.qcow2"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("ov.qcow2"))
+        .unwrap();
+    f.write_all_at(&[0, 0], at).unwrap();
+    drop(f);
+    let broken = Command::new("qemu-img")
+        .args(["check", &p("ov.qcow2")])
+        .output()
+        .unwrap();
+    assert_eq!(broken.status.code(), Some(2), "{broken:?}");
+    let mut vm = TestVm::builder()
+        .cmdline("console=ttyS0 tg.scenario=blk-seq tg.seq.count=64")
+        .args(["--disk", &format!("path={},format=qcow2", p("ov.qcow2"))])
+        .spawn();
+    assert_eq!(vm.wait_exit(T), 0, "{}", vm.stderr());
+    assert!(
+        vm.stderr()
+            .contains("set 1 refcount(s) that a killed blockd had left at 0"),
+        "{}",
+        vm.stderr()
+    );
+    qemu("qemu-img", &dir, &["check", "-q", "ov.qcow2"]);
+    qemu(
+        "qemu-img",
+        &dir,
+        &["convert", "-q", "-O", "raw", "ov.qcow2", "flat.raw"],
+    );
+    let flat = std::fs::read(dir.join("flat.raw")).unwrap();
+    assert_eq!(
+        vmm_tests::check_seq_blocks(&dir.join("flat.raw"), &vm.stdout()),
+        64
+    );
+    assert_eq!(flat.len(), 16 << 20);
+}
+
+/// blockd SIGKILLed during a qcow2 overlay's first writes, ten times, each at another moment:
+/// the restarted blockd serves on, every block the guest saw acknowledged is in the image,
+/// and `qemu-img check` finds no error (leaked clusters, status 3, are allowed: as after a
+/// QEMU crash, a cluster counted but not yet mapped stays counted).
+#[test]
+fn a_blockd_killed_during_a_qcow2_overlays_first_writes_leaves_no_cluster_taken_twice() {
+    let mut repaired = 0;
+    for round in 0..10u64 {
+        let dir = TempDir::new("qcow2-kill");
+        let p = |n: &str| dir.join(n).display().to_string();
+        std::fs::write(dir.join("base.raw"), vec![0u8; 8 << 20]).unwrap();
+        qemu(
+            "qemu-img",
+            &dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
+            ],
+        );
+        let api = dir.join("api.sock");
+        let mut vm = TestVm::builder()
+            .cmdline("console=ttyS0 tg.scenario=blk-seq tg.seq.count=100000000")
+            .args(["--api-socket", api.to_str().unwrap()])
+            .args([
+                "--disk",
+                &format!("path={},format=qcow2,throttle.iops=200", p("ov.qcow2")),
+            ])
+            .spawn();
+        vm.wait_for("tg: seq writeback=", T);
+        std::thread::sleep(Duration::from_micros(round * 300));
+        vm.kill_helper("blockd", 1);
+        let acked = || vmm_tests::seq_acks(&vm.stdout()).len();
+        let n = acked();
+        vmm_tests::wait_until(T, "30 more acknowledgements", || acked() >= n + 30);
+        vmm_tests::vmmctl(&api, &["shutdown", "--force"]);
+        vm.wait_exit(T);
+        if vm.stderr().contains("that a killed blockd had left at 0") {
+            repaired += 1;
+        }
+        let check = Command::new("qemu-img")
+            .args(["check", &p("ov.qcow2")])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            matches!(check.status.code(), Some(0 | 3)) && !said.contains("ERROR"),
+            "round {round}: qemu-img check: {said}\n{}",
+            vm.stderr()
+        );
+        qemu(
+            "qemu-img",
+            &dir,
+            &["convert", "-q", "-O", "raw", "ov.qcow2", "flat.raw"],
+        );
+        vmm_tests::check_seq_blocks(&dir.join("flat.raw"), &vm.stdout());
+    }
+    println!("rounds in which vmm-core repaired a refcount: {repaired} of 10");
+}

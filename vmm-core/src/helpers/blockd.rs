@@ -920,6 +920,9 @@ async fn add_export(
 ) -> Result<(), BlockdError> {
     use std::os::fd::AsFd;
     use vmm_proto::fdpass;
+    if o.spec.format == "qcow2" && !o.spec.readonly {
+        repair(o)?;
+    }
     let mut fds = vec![o.image.as_fd(), o.listener.as_fd()];
     if let Some((log, _)) = &o.log {
         fds.push(log.as_fd());
@@ -958,6 +961,30 @@ async fn add_export(
     if let Err(e) = req.send().promise.await {
         let path = o.spec.path.as_ref().map(|p| p.display().to_string());
         return Err(BlockdError::Refused(path.unwrap_or_default(), e.into()));
+    }
+    Ok(())
+}
+
+/// A writable qcow2 image, before a blockd serves it (again): the refcounts a killed blockd
+/// may have left unwritten are set (see vmm_proto::image::repair_l2_refcounts). Through a
+/// descriptor of its own, without O_DIRECT (its reads and writes are small).
+fn repair(o: &Opened) -> Result<(), BlockdError> {
+    use std::os::fd::AsRawFd;
+    let path = o.spec.path.clone().unwrap_or_default();
+    let failed =
+        |why: String| BlockdError::DiskImage(o.name.clone(), format!("{}: {why}", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", o.image.as_raw_fd()))
+        .map_err(|e| failed(format!("cannot open it again to check its refcounts ({e})")))?;
+    let n = vmm_proto::image::repair_l2_refcounts(&f).map_err(failed)?;
+    if n > 0 {
+        log::warn!(
+            "{}: {}: set {n} refcount(s) that a killed blockd had left at 0 (imago writes a new L2 table's L1 entry first)",
+            o.name,
+            path.display()
+        );
     }
     Ok(())
 }
