@@ -502,6 +502,9 @@ struct Opened {
     log: Option<(std::fs::File, vmm_proto::blockd_capnp::DiskLog)>,
     /// A qcow2 image's backing chain, nearest first: each file (read-only) and its format.
     backing: Vec<(std::fs::File, &'static str)>,
+    /// Its lock was taken when it was opened: no other VM writes it (an incoming VM's images
+    /// are still its source's until it arrives).
+    owned: bool,
 }
 
 /// A qcow2 image's backing chain (nearest first): each layer opened read-only, with its
@@ -697,6 +700,7 @@ fn open_disk(
             socket,
             log,
             backing,
+            owned: lock_now,
         }),
         external: None,
         locks,
@@ -839,6 +843,7 @@ async fn attach(
     disks: &ClientDisks,
     on_stop: &std::rc::Rc<OnStop>,
     uffd_dev: Option<&vmm_sandbox::uffd::Device>,
+    restart: bool,
 ) -> Result<Attached, BlockdError> {
     use std::os::fd::AsFd;
     use vmm_proto::blockd_capnp::blockd;
@@ -848,7 +853,8 @@ async fn attach(
     let (rpc, server): (_, blockd::Client) = vmm_proto::rpc::client(stream);
     let connection = tokio::task::spawn_local(rpc);
     for o in &disks.opened {
-        add_export(&side, &server, o).await?;
+        // A restart follows a blockd that may have died mid-write: its images are checked.
+        add_export(&side, &server, o, restart || o.owned).await?;
     }
     if let Some(dev) = uffd_dev {
         fdpass::send(side.as_fd(), b"userfaultfd", &[dev.fd()])
@@ -913,14 +919,17 @@ async fn set_throttle(
 }
 
 /// Hands blockd an export's descriptors on the side channel and adds the export.
+/// Hands blockd an export; `check`: a writable qcow2 image's refcounts are repaired first
+/// (see `repair`), when no other process may be writing it.
 async fn add_export(
     side: &std::os::fd::OwnedFd,
     server: &vmm_proto::blockd_capnp::blockd::Client,
     o: &Opened,
+    check: bool,
 ) -> Result<(), BlockdError> {
     use std::os::fd::AsFd;
     use vmm_proto::fdpass;
-    if o.spec.format == "qcow2" && !o.spec.readonly {
+    if check && o.spec.format == "qcow2" && !o.spec.readonly {
         repair(o)?;
     }
     let mut fds = vec![o.image.as_fd(), o.listener.as_fd()];
@@ -1061,7 +1070,7 @@ async fn client(
     let mut restarts = 0u32;
     loop {
         let attached = match control.take() {
-            Some(c) => attach(c, &disks, &on_stop, uffd_dev.as_deref()).await,
+            Some(c) => attach(c, &disks, &on_stop, uffd_dev.as_deref(), restarts > 0).await,
             None => Err(BlockdError::NoConnection),
         };
         match attached {
@@ -1328,7 +1337,7 @@ async fn disk_command(
             let added = async {
                 let mut d = open_disk(&spec, name.clone(), Some(&dir), true, None)?;
                 let o = d.opened.take().expect("a path= disk is handed to blockd");
-                let mut r = add_export(side, server, &o).await;
+                let mut r = add_export(side, server, &o, true).await;
                 if let (Ok(()), Some(t)) = (&r, &spec.throttle) {
                     r = set_throttle(server, &name, t).await;
                     if r.is_err() {
