@@ -387,12 +387,15 @@ fn a_long_commit_shows_its_progress_and_ends_with_the_data_merged() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut job = String::new();
+    let (mut job, mut job_json) = (String::new(), false);
     let deadline = Instant::now() + T;
     while job.is_empty() && Instant::now() < deadline {
         let (_, list, _) = vmm_tests::vmmctl(&api, &["disk", "list"]);
         if let Some(at) = list.find("(commit: pass ") {
             job = list[at..].lines().next().unwrap().to_string();
+            let (_, json, _) = vmm_tests::vmmctl(&api, &["--json", "disk", "list"]);
+            assert!(json.contains("\"job\":\""), "{json}");
+            job_json |= json.contains("\"job\":\"commit: pass ");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -403,6 +406,10 @@ fn a_long_commit_shows_its_progress_and_ends_with_the_data_merged() {
     );
     assert!(out.status.success(), "{stdout}{stderr}\n{}", vm.stderr());
     assert!(job.contains("MiB copied"), "disk list never showed the job");
+    // (The JSON's query came a moment later: the job may have ended by then, rarely.)
+    if !job_json {
+        println!("disk list --json came after the commit's end");
+    }
     assert!(
         stderr.contains("disk0: commit: pass 1, "),
         "no progress shown: {stderr}"

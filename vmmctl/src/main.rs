@@ -1637,7 +1637,7 @@ fn format_disks(
                 })
                 .collect();
             out.push(format!(
-                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"interrupts\":{},\"interrupts_suppressed\":{},\"throttle\":{},\"stopped\":{},\"read_error\":{},\"write_error\":{},\"ops\":[{}]}}",
+                "{{\"name\":{},\"image\":{},\"format\":{},\"readonly\":{},\"queues\":{},\"size\":{},\"socket\":{},\"connected\":{},\"writeback\":{},\"direct\":{},\"invalid\":{},\"interrupts\":{},\"interrupts_suppressed\":{},\"throttle\":{},\"stopped\":{},\"job\":{},\"read_error\":{},\"write_error\":{},\"ops\":[{}]}}",
                 json_str(&name),
                 json_str(&image),
                 json_str(&format),
@@ -1653,6 +1653,7 @@ fn format_disks(
                 d.get_interrupts_suppressed(),
                 json_str(&throttle.to_string()),
                 json_str(&text(d.get_stopped())?),
+                json_str(&text(d.get_job())?),
                 json_str(&text(d.get_read_error())?),
                 json_str(&text(d.get_write_error())?),
                 ops_json.join(",")
