@@ -342,6 +342,10 @@ impl Backend {
                 return;
             }
         }
+        // A snapshot or commit swaps the image: requests wait on the ring meanwhile.
+        let Some(_busy) = self.0.disk.enter() else {
+            return;
+        };
         // Errors here would end the worker for good; a guest's bad queue only gets logged.
         if let Err(e) = self.process_queue(vring, q) {
             log::warn!("queue {q}: cannot signal the guest: {e}");
@@ -490,10 +494,6 @@ impl Backend {
 
     fn process_queue(&self, vring: &Vring, queue: usize) -> std::io::Result<()> {
         let Some(atomic) = self.0.mem.read().unwrap().clone() else {
-            return Ok(());
-        };
-        // A snapshot or commit swaps the image: requests wait on the ring meanwhile.
-        let Some(_busy) = self.0.disk.enter() else {
             return Ok(());
         };
         let mem = atomic.memory();

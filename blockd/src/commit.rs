@@ -16,7 +16,7 @@
 
 use crate::disk::{Disk, Layers};
 use crate::image::{Alloc, Format, Qcow2Image};
-use crate::job::{Job, CHUNK};
+use crate::job::CHUNK;
 use std::fs::File;
 use std::time::Duration;
 
@@ -104,9 +104,9 @@ pub fn commit(disk: &Disk, base: File) -> Result<(u64, Duration), String> {
             format!("cannot grow the backing file from {base_size} to {size} bytes ({e})")
         })?;
     }
-    *disk.job.lock().unwrap() = Some(Job::default());
+    disk.begin_job();
     let r = run(disk, &below, size).and_then(|()| finish(disk, below, size));
-    let job = disk.job.lock().unwrap().take();
+    let job = disk.end_job();
     r.map(|held| (job.map_or(0, |j| j.done), held))
 }
 

@@ -210,6 +210,8 @@ pub struct Disk {
     /// A commit under way: what the guest wrote since it started (see `commit`), and how far
     /// it is.
     pub job: std::sync::Mutex<Option<crate::job::Job>>,
+    /// `job` is set: writes take its lock to be counted (none is taken otherwise).
+    committing: AtomicBool,
     /// The top image's path since a snapshot or commit changed it, for `list`.
     pub shown: std::sync::Mutex<Option<String>>,
     /// The image's logical block size (a block device's; 512 for a file): what the guest is
@@ -359,6 +361,7 @@ impl Disk {
             paused: AtomicBool::new(false),
             busy: std::sync::Arc::new(AtomicU64::new(0)),
             job: std::sync::Mutex::new(None),
+            committing: AtomicBool::new(false),
             shown: std::sync::Mutex::new(None),
             block_size,
             looks_like_qcow2,
@@ -584,18 +587,33 @@ impl Disk {
     /// A commit under way learns what the guest changed (whether it worked or not: a failed
     /// write may have changed some of it).
     fn written(&self, offset: u64, len: u64) {
+        // (A write that finds no commit yet is done before the commit's first pass reads.)
+        if !self.committing.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(j) = self.job.lock().unwrap().as_mut() {
             j.written(offset, len);
         }
+    }
+
+    /// A commit starts counting the guest's writes.
+    pub fn begin_job(&self) {
+        *self.job.lock().unwrap() = Some(crate::job::Job::default());
+        self.committing.store(true, Ordering::SeqCst);
+    }
+
+    /// The commit ends: its account.
+    pub fn end_job(&self) -> Option<crate::job::Job> {
+        self.committing.store(false, Ordering::SeqCst);
+        self.job.lock().unwrap().take()
     }
 
     /// Whether this transfer can go to the image file as it is (raw, and aligned if O_DIRECT):
     /// then an asynchronous engine may do it on `raw_fd` with `write_flags`.
     pub fn plain_io(&self, iovs: &[libc::iovec], offset: u64) -> bool {
         let l = self.layers.read().unwrap();
-        l.qcow2.is_none()
-            && self.job.lock().unwrap().is_none()
-            && (!l.direct || l.direct_aligned(iovs, offset, self.block_size))
+        // (A commit's top is qcow2: its writes are counted on the way through `rw`.)
+        l.qcow2.is_none() && (!l.direct || l.direct_aligned(iovs, offset, self.block_size))
     }
 
     /// The top image's descriptor, for io_uring (valid while the disk's worker is busy: the

@@ -1184,52 +1184,7 @@ async fn serve(
         match cmd {
             Command::List(reply) => {
                 let r = server.list_request().send().promise.await;
-                let out = r
-                    .and_then(|r| {
-                        let list = r.get()?.get_exports()?;
-                        let mut v = Vec::new();
-                        for x in list.iter() {
-                            let mut ops = Vec::new();
-                            for o in x.get_ops()?.iter() {
-                                ops.push(OpInfo {
-                                    op: o.get_op()?.to_string()?,
-                                    requests: o.get_requests(),
-                                    bytes: o.get_bytes(),
-                                    errors: o.get_errors(),
-                                    latency: o
-                                        .get_latency()?
-                                        .iter()
-                                        .map(|b| (b.get_up_to_us(), b.get_count()))
-                                        .collect(),
-                                });
-                            }
-                            v.push(DiskInfo {
-                                name: x.get_name()?.to_string()?,
-                                image: x.get_image()?.to_string()?,
-                                format: x.get_format()?.to_string()?,
-                                readonly: x.get_readonly(),
-                                queues: x.get_queues(),
-                                size: x.get_size(),
-                                socket: x.get_socket()?.to_string()?,
-                                connected: x.get_connected(),
-                                writeback: x.get_writeback(),
-                                direct: x.get_direct(),
-                                invalid: x.get_invalid(),
-                                interrupts: x.get_interrupts(),
-                                interrupts_suppressed: x.get_interrupts_suppressed(),
-                                replay: x.get_replay()?.to_string()?,
-                                job: x.get_job()?.to_string()?,
-                                ops,
-                                throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
-                                stopped: x.get_stopped()?.to_string()?,
-                                read_error: x.get_read_error()?.to_string()?,
-                                write_error: x.get_write_error()?.to_string()?,
-                            });
-                        }
-                        Ok(v)
-                    })
-                    .map_err(BlockdError::Rpc);
-                let _ = reply.send(out);
+                let _ = reply.send(r.and_then(read_exports).map_err(BlockdError::Rpc));
             }
             Command::Fault(fault, reply) => {
                 let mut req = server.inject_fault_request();
@@ -1389,6 +1344,53 @@ async fn end_export(
         .await
         .map(|_| ())
         .map_err(|e| BlockdError::Remote(e.into()))
+}
+
+/// blockd's list of exports, as `disk list` shows it.
+fn read_exports(
+    r: capnp::capability::Response<vmm_proto::blockd_capnp::blockd::list_results::Owned>,
+) -> capnp::Result<Vec<DiskInfo>> {
+    let list = r.get()?.get_exports()?;
+    let mut v = Vec::new();
+    for x in list.iter() {
+        let mut ops = Vec::new();
+        for o in x.get_ops()?.iter() {
+            ops.push(OpInfo {
+                op: o.get_op()?.to_string()?,
+                requests: o.get_requests(),
+                bytes: o.get_bytes(),
+                errors: o.get_errors(),
+                latency: o
+                    .get_latency()?
+                    .iter()
+                    .map(|b| (b.get_up_to_us(), b.get_count()))
+                    .collect(),
+            });
+        }
+        v.push(DiskInfo {
+            name: x.get_name()?.to_string()?,
+            image: x.get_image()?.to_string()?,
+            format: x.get_format()?.to_string()?,
+            readonly: x.get_readonly(),
+            queues: x.get_queues(),
+            size: x.get_size(),
+            socket: x.get_socket()?.to_string()?,
+            connected: x.get_connected(),
+            writeback: x.get_writeback(),
+            direct: x.get_direct(),
+            invalid: x.get_invalid(),
+            interrupts: x.get_interrupts(),
+            interrupts_suppressed: x.get_interrupts_suppressed(),
+            replay: x.get_replay()?.to_string()?,
+            job: x.get_job()?.to_string()?,
+            ops,
+            throttle: vmm_proto::throttle::Spec::read(x.get_throttle()?)?,
+            stopped: x.get_stopped()?.to_string()?,
+            read_error: x.get_read_error()?.to_string()?,
+            write_error: x.get_write_error()?.to_string()?,
+        });
+    }
+    Ok(v)
 }
 
 /// A commit done: export `name`'s image is now its old base.
