@@ -7,7 +7,8 @@
 #     installed (Debian: qemu-system-common),
 #   - libblkio's io_uring driver straight on the file (O_DIRECT): this machine's ceiling;
 #   - a second blockd that records every request (--record, as vmm-core's --record DIR):
-#     the cost of recording, as rec/blockd (the target: at most 10% lost).
+#     the cost of recording, as rec/blockd (the target: at most 10% lost), measured back to
+#     back with blockd in every round: the median of the rounds' ratios.
 # Workloads: 4k random read and write at queue depth 32 and 1, 1 MiB sequential read and
 # write at depth 4. Prints IOPS, MB/s, p50/p99 latency, and the ratios ours/qsd and
 # ours/ceiling.
@@ -115,10 +116,15 @@ try:
     print(f"sync after the servers started (the recording's base copy): {time.monotonic() - t0:.1f} s")
 
     runs = {t: {k: [] for k in workloads} for t in targets}
-    names = list(targets)
+    # blockd and its recording twin run back to back in every round (which of them goes
+    # first alternates), so that rec/ours compares runs seconds apart: it is the
+    # median of the rounds' own ratios.
+    units = [("blockd", "rec")] + [(t,) for t in targets if t not in ("blockd", "rec")]
     for r in range(rounds):
         for k, key in enumerate(workloads):
-            order = names[(r + k) % len(names):] + names[:(r + k) % len(names)]
+            at = (r + k) % len(units)
+            order = [t for u in units[at:] + units[:at]
+                     for t in (u if (r + k) % 2 == 0 else u[::-1])]
             for t in order:
                 driver, path, direct = targets[t]
                 runs[t][key].append(one(driver, path, key, direct))
@@ -142,7 +148,7 @@ try:
         ours = results["blockd"][key]["iops"]
         row += f"{ours / results['qsd'][key]['iops']:>10.2f}" if "qsd" in results else f"{'-':>10}"
         row += f"{ours / results['io_uring'][key]['iops']:>10.2f}"
-        row += f"{results['rec'][key]['iops'] / ours:>10.2f}"
+        row += f"{med([float(a['iops']) / float(b['iops']) for a, b in zip(runs['rec'][key], runs['blockd'][key])]):>10.2f}"
         print(row)
     log = os.path.join(tmp, "disk.log")
     print(f"\nthe recording: {os.path.getsize(log) / 2**20:.0f} MiB of log for every run of the rec column")

@@ -202,33 +202,27 @@ impl Backend {
 
     /// Before the guest is told a request is done, what its answer wrote into guest memory
     /// (the chain's device-writable buffers: read data, status bytes, GET_ID strings) is
-    /// marked in the frontend's dirty log while a migration logs, and the request goes into
-    /// the recording while one is made: one walk of the chain serves both.
+    /// marked in the frontend's dirty log while a migration logs (from a walk of the chain
+    /// again), and the request goes into the recording while one is made (from what it
+    /// noted as the request came).
     fn log_answer(&self, vring: &Vring, queue: usize, head: u16, len: u32) {
-        let dirty = match self.0.log_all.load(Ordering::Acquire) {
-            true => self.0.dirty.read().unwrap().clone(),
-            false => None,
-        };
-        let rec = self.0.disk.recording.get().filter(|r| !r.replaying());
-        if dirty.is_none() && rec.is_none() {
-            return;
-        }
-        let Some((mem, chain)) = self.chain_at(vring, head) else {
-            return;
-        };
-        if let Some(log) = dirty {
-            for s in &chain.writable {
-                log.mark(s.addr, s.len);
+        if self.0.log_all.load(Ordering::Acquire) {
+            let dirty = self.0.dirty.read().unwrap().clone();
+            if let (Some(log), Some((_, chain))) = (dirty, self.chain_at(vring, head)) {
+                for s in &chain.writable {
+                    log.mark(s.addr, s.len);
+                }
             }
         }
-        if let Some(rec) = rec {
-            let (readable, writable) = chain.pieces();
-            let segs = crate::replay::Segments {
-                readable: &readable,
-                writable: &writable,
-            };
-            rec.record_answered(&mem, queue as u16, head, &segs, len);
-        }
+        let Some(rec) = self.0.disk.recording.get().filter(|r| !r.replaying()) else {
+            return;
+        };
+        let Some(mem) = self.0.mem.read().unwrap().as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        rec.record_answered(&mem, queue as u16, head, len, || {
+            self.chain_at(vring, head).map(|(_, chain)| chain.pieces())
+        });
     }
 
     /// The chain at `head`, walked again from the descriptor table (with guest memory).
@@ -547,11 +541,20 @@ impl Backend {
                 // (the frontend's control path may need it).
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, chain)) = next else { break };
-                if let Some(rec) = self.0.disk.recording.get().filter(|r| r.replaying()) {
-                    if self.replay_one(&q, rec, head, chain, &mut held)? {
-                        continue;
+                if let Some(rec) = self.0.disk.recording.get() {
+                    if rec.replaying() {
+                        if self.replay_one(&q, rec, head, chain, &mut held)? {
+                            continue;
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
+                    rec.submitted(
+                        &mem,
+                        queue as u16,
+                        head,
+                        chain.readable.iter().map(|s| (s.addr, s.len)),
+                        chain.writable.iter().map(|s| (s.addr, s.len)),
+                    );
                 }
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),

@@ -212,19 +212,24 @@ struct QueueNotes {
 }
 
 /// What a request in flight noted, by its head.
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 struct HeadNote {
     /// Recording on a base copy: how it began (reads, and writes to end).
     begun: Option<Begun>,
     /// The delay a fault rule injected (ms; 0: none), recorded with its answer.
     delay_ms: u32,
+    /// Recording: what the guest gave, taken as the request came (`submitted`).
+    given: Option<Given>,
+    /// Recording: the room it left for the answer (its writable pieces), as it came; the
+    /// vector is kept for the head's next request.
+    writable: Vec<(u64, u64)>,
 }
 
 impl QueueNotes {
     fn head(&mut self, head: u16) -> &mut HeadNote {
         let h = usize::from(head);
         if self.heads.len() <= h {
-            self.heads.resize(h + 1, HeadNote::default());
+            self.heads.resize_with(h + 1, HeadNote::default);
         }
         &mut self.heads[h]
     }
@@ -460,47 +465,89 @@ impl Recording {
     /// What the guest gave (the readable segments: its header, length and CRC-32, read
     /// without a copy of the whole) and the room it left (the writable ones).
     fn given(mem: &GuestMemoryMmap<()>, chain: &Segments) -> (Given, usize) {
+        let room = chain.writable.iter().map(|s| s.1 as usize).sum();
+        (Self::given_by(mem, chain.readable.iter().copied()), room)
+    }
+
+    fn given_by(mem: &GuestMemoryMmap<()>, readable: impl Iterator<Item = (u64, u64)>) -> Given {
         let mut header = [0u8; 16];
         let mut len = 0usize;
-        let crc = crc_of(mem, chain.readable, u64::MAX, |piece| {
+        let crc = crc_of(mem, readable, u64::MAX, |piece| {
             if len < 16 {
                 let n = piece.len().min(16 - len);
                 header[len..len + n].copy_from_slice(&piece[..n]);
             }
             len += piece.len();
         });
-        let room = chain.writable.iter().map(|s| s.1 as usize).sum();
-        (Given { header, len, crc }, room)
+        Given { header, len, crc }
     }
 
-    /// Records a request blockd has just answered with `used` bytes written back.
+    /// Recording, a request came at `head` of `queue` (`readable`, `writable`: its pieces):
+    /// what it gave (a write's data) is taken now, before any I/O, and the room it left is
+    /// kept for its answer, so that the answer needs no walk of its chain again.
+    pub fn submitted(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        queue: u16,
+        head: u16,
+        readable: impl Iterator<Item = (u64, u64)>,
+        writable: impl Iterator<Item = (u64, u64)>,
+    ) {
+        if self.replaying {
+            return;
+        }
+        let given = Self::given_by(mem, readable);
+        self.with_queue(queue, |q| {
+            let note = q.head(head);
+            note.given = Some(given);
+            note.writable.clear();
+            note.writable.extend(writable);
+        });
+    }
+
+    /// Records a request blockd has just answered with `used` bytes written back. What the
+    /// request gave and the room it left were noted as it came (`submitted`); for one that
+    /// came before (to a blockd that restarted since), `walk` finds its chain's pieces.
     pub fn record_answered(
         &self,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
         head: u16,
-        chain: &Segments,
         used: u32,
+        walk: impl FnOnce() -> Option<(Vec<(u64, u64)>, Vec<(u64, u64)>)>,
     ) {
         if self.replaying {
             return;
         }
-        let (given, room) = Self::given(mem, chain);
+        // What it noted as it came and began.
+        let (begun, delay_ms, given, mut writable) = self.with_queue(queue, |q| {
+            let note = q.head(head);
+            (
+                note.begun.take(),
+                std::mem::take(&mut note.delay_ms),
+                note.given.take(),
+                std::mem::take(&mut note.writable),
+            )
+        });
+        let given = match given {
+            Some(g) => g,
+            None => {
+                let Some((readable, w)) = walk() else {
+                    return;
+                };
+                writable = w;
+                Self::given_by(mem, readable.into_iter())
+            }
+        };
+        let room: usize = writable.iter().map(|s| s.1 as usize).sum();
         // A read that worked, whose bytes a replay's working copy will hold: its CRC alone.
         let kind = u32::from_le_bytes(given.header[..4].try_into().unwrap());
-        let status = chain
-            .writable
+        let status = writable
             .last()
             .and_then(|&(a, l)| mem.read_obj::<u8>(GuestAddress(a + l - 1)).ok());
         let data = room.saturating_sub(1) as u64;
         let offset = u64::from_le_bytes(given.header[8..].try_into().unwrap()).saturating_mul(512);
-        // What it noted as it began, its index: one lock.
-        let (note, index) = self.with_queue(queue, |q| {
-            let note = std::mem::take(q.head(head));
-            q.next += 1;
-            (note, q.next - 1)
-        });
-        let reproducible = self.answered(note.begun, offset, data);
+        let reproducible = self.answered(begun, offset, data);
         let base = kind == virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
             && status == Some(0)
             && used as usize == room
@@ -509,17 +556,27 @@ impl Recording {
         let (flags, data_crc, written) = match (base, status) {
             (true, Some(s)) => (
                 FROM_BASE,
-                crc_of(mem, chain.writable, data, |_| {}),
+                crc_of(mem, writable.iter().copied(), data, |_| {}),
                 vec![s],
             ),
             (false, Some(s)) if s != 0 && used <= 1 && room > 1 => (STATUS_ONLY, 0, vec![s]),
-            _ => (0, 0, read_all(mem, chain.writable)),
+            _ => (0, 0, read_all(mem, &writable)),
         };
+        // Its index; the vector goes back for the head's next request.
+        writable.clear();
+        let index = self.with_queue(queue, |q| {
+            let note = q.head(head);
+            if note.writable.capacity() == 0 {
+                note.writable = writable;
+            }
+            q.next += 1;
+            q.next - 1
+        });
         let rec = Rec {
             queue,
             index,
             used,
-            delay_ms: note.delay_ms,
+            delay_ms,
             header: given.header,
             given_len: given.len as u32,
             given_crc: given.crc,
@@ -776,6 +833,7 @@ impl Drop for Recording {
 }
 
 /// What a request gave: its first 16 bytes (the header), its length and its CRC-32.
+#[derive(Clone, Copy)]
 struct Given {
     header: [u8; 16],
     len: usize,
@@ -783,39 +841,33 @@ struct Given {
 }
 
 /// The CRC-32 of the first `limit` bytes of guest memory at `segs`, one after the other (a
-/// piece outside guest memory is left out), read in pieces that `each` sees too: no copy of
-/// the whole.
+/// piece outside guest memory is left out), hashed where they are (no copy: this is on
+/// every recorded request's path) and shown to `each` as they pass.
 fn crc_of(
     mem: &GuestMemoryMmap<()>,
-    segs: &[(u64, u64)],
+    segs: impl IntoIterator<Item = (u64, u64)>,
     mut limit: u64,
     mut each: impl FnMut(&[u8]),
 ) -> u32 {
-    thread_local! {
-        // The worker's buffer, made once (not a fresh zeroed array for every request).
-        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65536]);
-    }
-    BUF.with_borrow_mut(|buf| {
-        let mut h = crc32fast::Hasher::new();
-        for &(addr, len) in segs {
-            let len = len.min(limit);
-            limit -= len;
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                if mem
-                    .read_slice(&mut buf[..n], GuestAddress(addr + done))
-                    .is_err()
-                {
-                    break;
-                }
-                h.update(&buf[..n]);
-                each(&buf[..n]);
-                done += n as u64;
-            }
+    use vm_memory::GuestMemoryBackend;
+    let mut h = crc32fast::Hasher::new();
+    for (addr, len) in segs {
+        let len = len.min(limit);
+        limit -= len;
+        for slice in mem.get_slices(GuestAddress(addr), len as usize) {
+            let Ok(v) = slice else { break };
+            let guard = v.ptr_guard();
+            // SAFETY: the pointer and length are those of a slice of a guest memory region
+            // that `mem` (borrowed for this call) keeps mapped, and the bytes are only read,
+            // as u8 (every value is one), within this call. The guest may write them
+            // meanwhile, as it may during any copy of them: the hash is then of what was
+            // there as it passed, and a replay that finds other bytes says so.
+            let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), v.len()) };
+            h.update(bytes);
+            each(bytes);
         }
-        h.finalize()
-    })
+    }
+    h.finalize()
 }
 
 /// The bytes of guest memory at `segs`, one after the other (a piece outside guest memory is
