@@ -10,8 +10,10 @@
 #     the cost of recording, as rec/blockd (the target: at most 10% lost), measured back to
 #     back with blockd in every round: the median of the rounds' ratios.
 # Workloads: 4k random read and write at queue depth 32 and 1, 1 MiB sequential read and
-# write at depth 4. Prints IOPS, MB/s, p50/p99 latency, and the ratios ours/qsd and
-# ours/ceiling.
+# write at depth 4. Prints IOPS, MB/s, p50/p99 latency, the ratios ours/qsd and
+# ours/ceiling, and each server's CPU time per request: the utime+stime its process (and,
+# for blockd, the jailed child that serves) spent over the run, over the requests done.
+# qemu-storage-daemon is QEMU 10.0.2's, installed from bookworm-backports (bench/qemu10.sh).
 #
 # Both servers run throughout; each round measures every workload on each target in turn, the
 # order rotating, and the table shows medians over the rounds.
@@ -26,9 +28,13 @@ secs=${1:-5}
 mib=${2:-1024}
 rounds=${3:-3}
 (cd "$root" && cargo build --release --quiet -p blockd && cargo build --release --quiet -p vmm-tests --bin blkio-bench)
+. "$root/bench/qemu10.sh"
 echo "command: ${WORKLOADS:+WORKLOADS=\"$WORKLOADS\" }bench/block.sh $secs $mib $rounds"
 where=/var/tmp; [ "${IN_MEMORY:-0}" = 1 ] && where=/dev/shm
 echo "host: $(uname -r), $(nproc) CPUs; image ${mib} MiB on $(df -T $where | awk 'NR==2{print $2}')${IN_MEMORY:+ (IN_MEMORY: page cache, no O_DIRECT)}"
+qsd=$(command -v qemu-storage-daemon || true)
+echo "qemu-storage-daemon: $([ -n "$qsd" ] && "$qsd" --version | head -1 || echo "not installed")"
+echo "blockd: $(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
 exec python3 - "$secs" "$mib" "$rounds" "$root/target/release" <<'PY'
 import os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
@@ -70,14 +76,38 @@ try:
         workloads = [(w, int(b), int(q)) for w, b, q in
                      (x.split(":") for x in os.environ["WORKLOADS"].split())]
 
-    def one(driver, path, key, direct=False):
+    def cpu_ticks(pid):
+        """utime+stime of `pid` and its children (blockd serves from a jailed child), in ticks."""
+        total = 0
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        for p in [pid] + kids:
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+        return total
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(driver, path, key, direct=False, server=None):
         w, bs, qd = key
         cmd = [f"{bindir}/blkio-bench", "--driver", driver, "--path", path]
         if direct:
             cmd.append("--direct")
         cmd += ["run", "--workload", w, "--bs", str(bs), "--qd", str(qd), "--seconds", secs]
+        before = cpu_ticks(server.pid) if server else 0
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-        return dict(kv.split("=") for kv in line.split())
+        r = dict(kv.split("=") for kv in line.split())
+        if server:
+            requests = float(r["iops"]) * float(secs)
+            r["cpu_us"] = (cpu_ticks(server.pid) - before) / tick * 1e6 / max(requests, 1)
+        return r
 
     def served(argv, sock, what):
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -91,16 +121,17 @@ try:
     # the disk's own state, other load) hits them alike; medians over the rounds are shown.
     targets = {}
     sock = os.path.join(tmp, "blockd.sock")
-    served([f"{bindir}/blockd", "--image", img, "--socket", sock] + direct, sock, "blockd")
+    servers = {}
+    servers["blockd"] = served([f"{bindir}/blockd", "--image", img, "--socket", sock] + direct, sock, "blockd")
     targets["blockd"] = ("virtio-blk-vhost-user", sock, False)
     rsock = os.path.join(tmp, "blockd-rec.sock")
-    served([f"{bindir}/blockd", "--image", img, "--socket", rsock] + direct + [
+    servers["rec"] = served([f"{bindir}/blockd", "--image", img, "--socket", rsock] + direct + [
             "--record", os.path.join(tmp, "disk.log")], rsock, "blockd --record")
     targets["rec"] = ("virtio-blk-vhost-user", rsock, False)
     qsd = shutil.which("qemu-storage-daemon")
     if qsd:
         qsock = os.path.join(tmp, "qsd.sock")
-        served([qsd, "--blockdev",
+        servers["qsd"] = served([qsd, "--blockdev",
                 f"driver=file,node-name=file0,filename={img}," + ("cache.direct=off" if in_memory else "cache.direct=on,aio=native"),
                 "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,writable=on,"
                 f"addr.type=unix,addr.path={qsock}"], qsock, "qemu-storage-daemon")
@@ -127,7 +158,7 @@ try:
                      for t in (u if (r + k) % 2 == 0 else u[::-1])]
             for t in order:
                 driver, path, direct = targets[t]
-                runs[t][key].append(one(driver, path, key, direct))
+                runs[t][key].append(one(driver, path, key, direct, servers.get(t)))
     med = lambda xs: statistics.median(xs)
     results = {t: {key: {m: med([float(x[m]) for x in runs[t][key]])
                          for m in ("iops", "mbps", "p50_us", "p99_us")}
@@ -137,7 +168,8 @@ try:
     cols = [c for c in ("blockd", "rec", "qsd", "io_uring") if c in results]
     print()
     print(f"{'workload':<22}" + "".join(f"{c+' IOPS':>14}{c+' MB/s':>12}{'p50/p99 us':>18}" for c in cols)
-          + f"{'ours/qsd':>10}{'ours/ceil':>10}{'rec/ours':>10}")
+          + f"{'ours/qsd':>10}{'ours/ceil':>10}{'rec/ours':>10}"
+          + "".join(f"{c + ' CPU us/req':>20}" for c in servers))
     for key in workloads:
         w, bs, qd = key
         name = f"{w} {bs//1024}k qd{qd}"
@@ -149,6 +181,8 @@ try:
         row += f"{ours / results['qsd'][key]['iops']:>10.2f}" if "qsd" in results else f"{'-':>10}"
         row += f"{ours / results['io_uring'][key]['iops']:>10.2f}"
         row += f"{med([float(a['iops']) / float(b['iops']) for a, b in zip(runs['rec'][key], runs['blockd'][key])]):>10.2f}"
+        for c in servers:
+            row += f"{med([x['cpu_us'] for x in runs[c][key]]):>20.2f}"
         print(row)
     log = os.path.join(tmp, "disk.log")
     print(f"\nthe recording: {os.path.getsize(log) / 2**20:.0f} MiB of log for every run of the rec column")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Boot benchmark: the test guest under vmm-core, and under QEMU when it is installed, in the
 # same run, alternating. Prints median/min/max of
-#   - process start to the first KVM_RUN (vmm-core only: the VMM's own start-up),
+#   - process start to the first KVM_RUN (vmm-core only: the VMM's own start-up, helpers
+#     spawned and jailed), with vmm-core's CPU time by then, the helpers' CPU time by the
+#     ready marker, and each start-up phase's end (time and CPU: --print-boot-times),
 #   - process start to the guest's ready marker ("tg: ready" on the serial console),
 # the ratio ours/QEMU to the ready marker, and vmm-core's resident memory beyond the guest RAM
 # it touched (VmRSS - RssShmem, sampled at the ready marker), and that of its helpers. The
@@ -16,16 +18,16 @@ runs=${1:-20}
 cpus=${VMM_BENCH_CPUS:-1}
 memory=${VMM_BENCH_MEMORY:-128M}
 
-(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p vmmctl)
+(cd "$root" && cargo build --release --quiet -p vmm-core -p chardevd -p migrated -p vmmctl)
 (cd "$root/tests/guest" && cargo build --release --quiet 2>/dev/null)
 vmm="$root/target/release/vmm-core"
 guest="$root/tests/guest/target/release/test-guest"
-qemu=$(command -v qemu-system-x86_64 || true)
+. "$root/bench/qemu10.sh"
 
 echo "command: bench/boot.sh $runs   (cpus=$cpus memory=$memory)"
 echo "host: $(uname -r), $(nproc) CPUs, KVM-PVM: $([ -d /sys/module/kvm_pvm ] && echo yes || echo no)"
 echo "vmm-core: $vmm"
-echo "qemu: ${qemu:-not installed (apt-get install qemu-system-x86 for a side-by-side run)}"
+if [ -n "$qemu" ]; then echo "qemu: $qemu_version ($qemu)"; else echo "qemu: not installed (bench/qemu10.sh installs QEMU 10.0.2 on Debian 12)"; fi
 
 exec python3 - "$runs" "$cpus" "$memory" "$vmm" "$guest" "$qemu" <<'PY'
 import os, signal, statistics, subprocess, sys, threading, time
@@ -52,6 +54,26 @@ def helpers_rss(pid):
                 total += rss_beyond_guest(int(c))
     return total
 
+def children_cpu_ms(pid):
+    """CPU ms (utime+stime) of the process's children and theirs (the helpers and their
+    jailed processes), so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        for t in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    for c in f.read().split():
+                        stack.append(int(c))
+                        with open(f"/proc/{c}/stat") as s:
+                            fields = s.read().rsplit(")", 1)[1].split()
+                        total += int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+    return total * 1000 / tick
+
 def boot(argv, want_first_run):
     """Starts argv, returns (ms to first KVM_RUN or None, ms to ready, KiB beyond guest RAM)."""
     t0 = time.time_ns()
@@ -70,18 +92,25 @@ def boot(argv, want_first_run):
     t_ready = time.time_ns()
     rss = rss_beyond_guest(p.pid)
     helpers = helpers_rss(p.pid)
+    helpers_cpu = children_cpu_ms(p.pid)
     # SIGINT: both stop at once (vmm-core would ask the guest on SIGTERM, and wait).
     p.send_signal(signal.SIGINT)
     p.wait(timeout=30)
     reader.join(timeout=5)
-    first = None
+    phases = {}
     if want_first_run:
+        # "boot-time PHASE unix-ns=N cpu-us=C": each phase's end (the first time it ends),
+        # in ms since the process started, and vmm-core's CPU ms by then.
         for line in b"".join(err).decode(errors="replace").splitlines():
-            if "boot-time first-kvm-run unix-ns=" in line:
-                first = (int(line.rsplit("=", 1)[1]) - t0) / 1e6
-        if first is None:
+            if "boot-time " not in line:
+                continue
+            words = line.split("boot-time ", 1)[1].split()
+            kv = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            if words[0] not in phases and "unix-ns" in kv:
+                phases[words[0]] = ((int(kv["unix-ns"]) - t0) / 1e6, int(kv.get("cpu-us", 0)) / 1e3)
+        if "first-kvm-run" not in phases:
             sys.exit("error: vmm-core printed no first-KVM_RUN time")
-    return first, (t_ready - t0) / 1e6, rss, helpers
+    return phases, (t_ready - t0) / 1e6, rss, helpers, helpers_cpu
 
 ours_cmd = [vmm, "run", "--kernel", guest, "--cpus", cpus, "--memory", memory,
             "--cmdline", cmdline, "--print-boot-times"]
@@ -101,7 +130,15 @@ def stats(xs):
     return f"median {statistics.median(xs):8.2f}  min {min(xs):8.2f}  max {max(xs):8.2f}"
 
 print(f"\n{runs} runs each, milliseconds")
-print(f"vmm-core  start -> first KVM_RUN   {stats([o[0] for o in ours])}")
+print(f"vmm-core  start -> first KVM_RUN   {stats([o[0]['first-kvm-run'][0] for o in ours])}")
+print(f"          its CPU by then (ms)     {stats([o[0]['first-kvm-run'][1] for o in ours])}"
+      f"   (vmm-core's own, all threads; the helpers' by the ready marker: "
+      f"median {statistics.median([o[4] for o in ours]):.1f})")
+names = [n for n in ours[0][0] if all(n in o[0] for o in ours)]
+print("          phases (each one's end, medians: ms since start / vmm-core CPU ms):")
+print("            " + ", ".join(
+    f"{n} {statistics.median([o[0][n][0] for o in ours]):.2f}/{statistics.median([o[0][n][1] for o in ours]):.2f}"
+    for n in names))
 print(f"vmm-core  start -> ready marker    {stats([o[1] for o in ours])}")
 if theirs:
     print(f"QEMU      start -> ready marker    {stats([t[1] for t in theirs])}")

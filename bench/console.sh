@@ -14,13 +14,13 @@ bytes=${2:-1048576}
 (cd "$root/tests/guest" && cargo build --release --quiet 2>/dev/null)
 vmm="$root/target/release/vmm-core"
 guest="$root/tests/guest/target/release/test-guest"
-qemu=$(command -v qemu-system-x86_64 || true)
+. "$root/bench/qemu10.sh"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "command: bench/console.sh $runs $bytes"
 echo "host: $(uname -r), $(nproc) CPUs, KVM-PVM: $([ -d /sys/module/kvm_pvm ] && echo yes || echo no)"
-echo "qemu: ${qemu:-not installed (apt-get install qemu-system-x86 for a side-by-side run)}"
+if [ -n "$qemu" ]; then echo "qemu: $qemu_version ($qemu)"; else echo "qemu: not installed (bench/qemu10.sh installs QEMU 10.0.2 on Debian 12)"; fi
 
 exec python3 - "$runs" "$bytes" "$vmm" "$guest" "$qemu" "$work" <<'PY'
 import os, statistics, subprocess, sys, time

@@ -29,7 +29,7 @@ case "$part" in all|precopy|postcopy) ;; *) echo "bench/migrate.sh: part $part: 
 (cd "$root/tests/guest" && cargo build --release --quiet 2>/dev/null)
 bin="$root/target/release"
 guest="$root/tests/guest/target/release/test-guest"
-qemu=$(command -v qemu-system-x86_64 || true)
+. "$root/bench/qemu10.sh"
 work=$(mktemp -d /tmp/vmm-bench-migrate-XXXXXX)
 trap 'rm -rf "$work"' EXIT
 

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod boot_times;
 pub mod config;
 pub mod control;
 pub mod disk_backend;

@@ -164,7 +164,7 @@ pub struct RunArgs {
     /// $VMM_LOG, else info). The helpers get the same level.
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
     pub log_level: Option<String>,
-    /// Print boot timestamps (unix ns) on stderr, for bench/boot.sh.
+    /// Print start-up timestamps (unix ns) and CPU time per phase on stderr, for bench/boot.sh.
     #[arg(long, hide = true)]
     pub print_boot_times: bool,
 }

@@ -438,11 +438,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuFd {
             log_state(&vcpu, id);
         }
         if first && ctx.print_boot_times && id == 0 {
-            let ns = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            log::info!("boot-time first-kvm-run unix-ns={ns}");
+            crate::boot_times::mark("first-kvm-run");
         }
         first = false;
         let next = match vcpu.run() {

@@ -35,6 +35,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create the KVM VM")]
     CreateVm(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
     #[error("cannot set up {0}")]
     Setup(&'static str, #[source] kvm_ioctls::Error),
     #[error("cannot create an eventfd")]
@@ -220,6 +222,8 @@ struct Resources<'a> {
     migrated: Option<&'a Arc<crate::helpers::migrated::Migrated>>,
     /// A destination's userfaultfd, for post-copy (made before the main thread's filter).
     uffd: Option<&'a Result<vmm_sandbox::uffd::Uffd, vmm_sandbox::uffd::UffdError>>,
+    /// The first boot's memory and VM, made while the helpers started.
+    early: &'a build::Early,
 }
 
 /// Runs the VM until it ends; restarts it on reset when asked to.
@@ -229,6 +233,9 @@ pub fn run(
     early: Option<Arc<crate::helpers::migrated::Migrated>>,
 ) -> Result<Outcome, VmError> {
     vmm_sandbox::seccomp::set_process_name("vmm-core");
+    crate::boot_times::enable(config.print_boot_times);
+    crate::boot_times::mark("config");
+    let made = build::Early::start(config.memory);
     crate::threads::set_thread_filters(
         config
             .sandbox
@@ -258,6 +265,7 @@ pub fn run(
     };
     // Disks: blockd processes live as long as vmm-core, across guest reboots.
     let (disks, run_dir) = start_disks(config, &shared, &tx)?;
+    crate::boot_times::mark("blockd");
     let disks = std::sync::Mutex::new(disks);
     let (rng, rng_served, run_dir) = rng_backend(config, run_dir, &shared)?;
     let supervisor = match &config.serial {
@@ -272,8 +280,10 @@ pub fn run(
         )?),
         None => None,
     };
+    crate::boot_times::mark("chardevd");
     // migrated: started now, as the main thread's filter forbids new processes later.
     let migrated = start_migrated(config, &shared, early)?;
+    crate::boot_times::mark("migrated");
 
     // Set-up is over: the helpers run, the API serves, the boot files are open. From here the
     // main thread builds the guest (again at each reset), waits for its events and, at the end,
@@ -292,6 +302,7 @@ pub fn run(
         rng: rng.as_ref().map(|(p, d)| (p.as_path(), d)),
         migrated: Some(&migrated),
         uffd: uffd.as_ref(),
+        early: &made,
     };
     let result = filter_main_thread(config)
         .and_then(|()| run_guest(kvm, config, (&tx, &rx), &console, &shared, &res));
@@ -723,12 +734,14 @@ fn run_once(
         Err(VmError::Interrupted(event)) => return Ok(event),
         built => built?,
     };
+    crate::boot_times::mark("guest-built");
     // chardevd started while the VM was built; a helper that cannot serve stops the VM here,
     // before any guest code runs.
     let ready = console.helper_ready.lock().unwrap().take();
     if let Some(ready) = ready {
         ready.wait()?;
     }
+    crate::boot_times::mark("chardevd-ready");
     let paused_clock = match &incoming {
         Some(inc) => arrive(&guest, inc, shared, res, tx)?,
         None => None,
