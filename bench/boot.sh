@@ -54,11 +54,24 @@ def helpers_rss(pid):
                 total += rss_beyond_guest(int(c))
     return total
 
+def task_cpu_ms(pid):
+    """CPU ms of a process's live threads (the scheduler's own count, to the microsecond:
+    /proc/PID/stat's ticks round a helper's few ms down to 0)."""
+    total = 0.0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/sched") as f:
+                for line in f:
+                    if line.startswith("se.sum_exec_runtime"):
+                        total += float(line.split(":")[1])
+        except OSError:
+            pass
+    return total
+
 def children_cpu_ms(pid):
-    """CPU ms (utime+stime) of the process's children and theirs (the helpers and their
-    jailed processes), so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    """CPU ms of the process's children and theirs (the helpers and their jailed
+    processes), so far."""
+    total = 0.0
     stack = [pid]
     while stack:
         p = stack.pop()
@@ -67,12 +80,10 @@ def children_cpu_ms(pid):
                 with open(f"/proc/{p}/task/{t}/children") as f:
                     for c in f.read().split():
                         stack.append(int(c))
-                        with open(f"/proc/{c}/stat") as s:
-                            fields = s.read().rsplit(")", 1)[1].split()
-                        total += int(fields[11]) + int(fields[12])
+                        total += task_cpu_ms(int(c))
             except OSError:
                 pass
-    return total * 1000 / tick
+    return total
 
 def boot(argv, want_first_run):
     """Starts argv, returns (ms to first KVM_RUN or None, ms to ready, KiB beyond guest RAM)."""
