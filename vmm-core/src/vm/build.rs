@@ -406,10 +406,11 @@ fn memory_and_vm(kvm: &Kvm, size: u64) -> Result<(Memory, VmFd), VmError> {
 }
 
 /// The first boot's memory and VM, made on a thread of their own while vmm-core starts its
-/// helpers: KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (5 to 11 ms under
-/// KVM-PVM, with under 1 ms of CPU), and KVM_CREATE_VM takes 1 to 3 ms; the helpers' start is
-/// CPU-bound, so the two overlap. (A thread of vmm-core's set-up: it ends before the main
-/// thread's system call filter goes on, and runs nothing but these calls.)
+/// helpers: KVM_SET_USER_MEMORY_REGION waits for KVM's memory-slot readers (SRCU; 5 to 11 ms
+/// under KVM-PVM, with under 1 ms of CPU), and KVM_CREATE_VM takes 1 to 3 ms; the helpers'
+/// start is CPU-bound, so the two overlap. (A thread of vmm-core's set-up, with no system
+/// call filter of its own: it makes nothing but these calls and ends with them; the first
+/// build joins it.)
 pub struct Early(Mutex<Option<std::thread::JoinHandle<Made>>>);
 
 type Made = Result<(Memory, VmFd), VmError>;
