@@ -548,13 +548,7 @@ impl Backend {
                         }
                         return Ok(());
                     }
-                    rec.submitted(
-                        &mem,
-                        queue as u16,
-                        head,
-                        chain.readable.iter().map(|s| (s.addr, s.len)),
-                        chain.writable.iter().map(|s| (s.addr, s.len)),
-                    );
+                    rec.submitted(&mem, queue as u16, head, &chain);
                 }
                 let (done, why) = match request::prepare(&self.0.disk, &*mem, chain) {
                     request::Prepared::Done(d, why) => (d, why),

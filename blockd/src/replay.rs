@@ -482,26 +482,26 @@ impl Recording {
         Given { header, len, crc }
     }
 
-    /// Recording, a request came at `head` of `queue` (`readable`, `writable`: its pieces):
-    /// what it gave (a write's data) is taken now, before any I/O, and the room it left is
-    /// kept for its answer, so that the answer needs no walk of its chain again.
+    /// Recording, the request `chain` came at `head` of `queue`: what it gave (a write's
+    /// data) is taken now, before any I/O, and the room it left is kept for its answer, so
+    /// that the answer needs no walk of its chain again.
     pub fn submitted(
         &self,
         mem: &GuestMemoryMmap<()>,
         queue: u16,
         head: u16,
-        readable: impl Iterator<Item = (u64, u64)>,
-        writable: impl Iterator<Item = (u64, u64)>,
+        chain: &crate::request::Chain,
     ) {
         if self.replaying {
             return;
         }
-        let given = Self::given_by(mem, readable);
+        let given = Self::given_by(mem, chain.readable.iter().map(|s| (s.addr, s.len)));
         self.with_queue(queue, |q| {
             let note = q.head(head);
             note.given = Some(given);
             note.writable.clear();
-            note.writable.extend(writable);
+            note.writable
+                .extend(chain.writable.iter().map(|s| (s.addr, s.len)));
         });
     }
 
