@@ -47,6 +47,17 @@ struct Q<'a> {
     mem: &'a GuestMemoryMmap<()>,
 }
 
+impl<'a> Q<'a> {
+    fn new(vring: &'a Vring, queue: usize, event_idx: bool, mem: &'a GuestMemoryMmap<()>) -> Self {
+        Q {
+            vring,
+            queue,
+            event_idx,
+            mem,
+        }
+    }
+}
+
 /// What the fault rules made of a request.
 enum Injected {
     Go(request::Pending),
@@ -67,6 +78,8 @@ pub struct Inner {
     /// One io_uring engine per queue (None: synchronous I/O).
     engines: Vec<Mutex<Option<Engine>>>,
     mem: RwLock<Option<Memory>>,
+    /// Bumped each time the frontend's memory table changes (see `process_queue`).
+    mem_gen: AtomicU64,
     event_idx: AtomicBool,
     /// Per queue: its part of the frontend's inflight area (INFLIGHT_SHMFD), once the ring
     /// started with one.
@@ -113,6 +126,7 @@ impl Backend {
             held,
             disk,
             mem: RwLock::new(None),
+            mem_gen: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             logs,
             last_complaint: Mutex::new(None),
@@ -239,6 +253,30 @@ impl Backend {
         };
         let chain = Chain::at_head(&*mem, GuestAddress(table), size, head).ok()?;
         Some((mem, chain))
+    }
+
+    /// The chain at `head`, read again from the descriptor table in `mem`. A chain that is
+    /// not there is answered at once (with no status byte to write) and None is returned.
+    fn chain_again(
+        &self,
+        vring: &Vring,
+        queue: usize,
+        mem: &GuestMemoryMmap<()>,
+        head: u16,
+    ) -> Option<Chain> {
+        let (table, size) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.desc_table(), q.size())
+        };
+        match Chain::at_head(mem, GuestAddress(table), size, head) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.complain(queue, &format!("descriptor {head}: {e}"));
+                self.put_used(vring, queue, head, 0);
+                None
+            }
+        }
     }
 
     /// The frontend's dirty log (SET_LOG_BASE); it is written while VHOST_F_LOG_ALL is acked.
@@ -490,7 +528,8 @@ impl Backend {
         let Some(atomic) = self.0.mem.read().unwrap().clone() else {
             return Ok(());
         };
-        let mem = atomic.memory();
+        let mut gen = self.0.mem_gen.load(Ordering::SeqCst);
+        let mut mem = atomic.memory();
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
         let has_engine = self.0.engines[queue].lock().unwrap().is_some();
         // Reads and writes for the engine, submitted together once the queue is drained.
@@ -514,12 +553,6 @@ impl Backend {
                 Admit::Wait(None) => false,
             },
         };
-        let q = Q {
-            vring,
-            queue,
-            event_idx,
-            mem: &mem,
-        };
         let mut held = self.0.held[queue].lock().unwrap();
         match (&held.member, group) {
             (Some(m), Some(g)) if Arc::ptr_eq(&m.group, &g) => {}
@@ -531,7 +564,7 @@ impl Backend {
             return Ok(());
         }
         // Resumed: what failed is retried first, in order, through the fault rules again.
-        self.retry_failed(&q, &mut held)?;
+        self.retry_failed(&Q::new(vring, queue, event_idx, &mem), &mut held)?;
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
@@ -540,7 +573,19 @@ impl Backend {
                 // Pop one chain at a time, so that the vring lock is not held during I/O
                 // (the frontend's control path may need it).
                 let next = self.next_request(vring, queue, &mem);
-                let Some((head, chain)) = next else { break };
+                let Some((head, mut chain)) = next else { break };
+                if self.0.mem_gen.load(Ordering::SeqCst) != gen {
+                    // The frontend changed the memory table since `mem` was taken, and it may
+                    // have put this request in the new part (it does once we acked the
+                    // change): read the chain again, with the memory as it is now.
+                    gen = self.0.mem_gen.load(Ordering::SeqCst);
+                    mem = atomic.memory();
+                    let Some(c) = self.chain_again(vring, queue, &mem, head) else {
+                        continue;
+                    };
+                    chain = c;
+                }
+                let q = Q::new(vring, queue, event_idx, &mem);
                 if let Some(rec) = self.0.disk.recording.get() {
                     if rec.replaying() {
                         if self.replay_one(&q, rec, head, chain, &mut held)? {
@@ -591,6 +636,7 @@ impl Backend {
                 _ => break,
             }
         }
+        let q = Q::new(vring, queue, event_idx, &mem);
         if self.0.disk.recording.get().is_some_and(|r| r.replaying())
             && !self.replay_waits(&q, &held)
         {
@@ -612,29 +658,39 @@ impl Backend {
             }
         }
         drop(held);
-        let mut eng = self.0.engines[queue].lock().unwrap();
-        if let Some(e) = eng.as_mut() {
-            if batch.len() == 1 && e.idle() {
-                // A lone request (queue depth 1): doing it here saves two wake-ups per
-                // request, the ring's submission and its completion eventfd.
-                drop(eng);
-                let (head, p) = batch.pop().unwrap();
-                let r = p.io.run(&self.0.disk);
-                let mut held = self.0.held[queue].lock().unwrap();
-                return self.complete(&q, head, p, r, &mut held.failed);
-            }
-            for (head, p) in batch {
-                if let Err((head, p)) = e.push(&self.0.disk, head, p) {
-                    let r = p.io.run(&self.0.disk);
-                    let mut held = self.0.held[queue].lock().unwrap();
-                    self.complete(&q, head, p, r, &mut held.failed)?;
-                }
-            }
-            e.submit()?;
+        if self.submit(&q, batch)? {
+            // Completions that are there already are answered at once.
+            self.reap(vring, queue)?;
         }
-        drop(eng);
-        // Completions that are there already are answered at once.
-        self.reap(vring, queue)
+        Ok(())
+    }
+
+    /// Hands the batch to the queue's engine. False if there was none to reap: a lone
+    /// request on an idle engine was done here instead.
+    fn submit(&self, q: &Q, mut batch: Vec<(u16, request::Pending)>) -> std::io::Result<bool> {
+        let mut eng = self.0.engines[q.queue].lock().unwrap();
+        let Some(e) = eng.as_mut() else {
+            return Ok(true);
+        };
+        if batch.len() == 1 && e.idle() {
+            // A lone request (queue depth 1): doing it here saves two wake-ups per request,
+            // the ring's submission and its completion eventfd.
+            drop(eng);
+            let (head, p) = batch.pop().unwrap();
+            let r = p.io.run(&self.0.disk);
+            let mut held = self.0.held[q.queue].lock().unwrap();
+            self.complete(q, head, p, r, &mut held.failed)?;
+            return Ok(false);
+        }
+        for (head, p) in batch {
+            if let Err((head, p)) = e.push(&self.0.disk, head, p) {
+                let r = p.io.run(&self.0.disk);
+                let mut held = self.0.held[q.queue].lock().unwrap();
+                self.complete(q, head, p, r, &mut held.failed)?;
+            }
+        }
+        e.submit()?;
+        Ok(true)
     }
 
     /// After a `resume`: the requests that failed while the export was stopped go first, in
@@ -838,6 +894,7 @@ impl Backend {
 
     pub fn update_memory(&self, mem: Memory) {
         *self.0.mem.write().unwrap() = Some(mem);
+        self.0.mem_gen.fetch_add(1, Ordering::SeqCst);
     }
 }
 

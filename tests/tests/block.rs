@@ -1086,7 +1086,10 @@ fn interrupts(ctl: &Path) -> (u64, u64) {
 /// VIRTIO_F_EVENT_IDX: the guest writes 400 blocks in batches of 8 and, through used_event,
 /// asks for one interrupt a batch. blockd's statistics show it sent about one a batch and
 /// spared the rest (50 and 349 here); without EVENT_IDX negotiated, every completion round
-/// interrupts (398 here) and none is spared.
+/// interrupts (398 here) and none is spared. How many rounds blockd needs depends on the host's
+/// load (a busy host lets requests pile up and complete together), so the bounds are on what
+/// holds whatever the rounds: with EVENT_IDX at most about one interrupt a batch, whatever the
+/// number of rounds, and some spared; without it, none spared and at least one a batch.
 #[test]
 fn event_idx_spares_the_interrupts_the_driver_did_not_ask_for() {
     for event_idx in [true, false] {
@@ -1116,13 +1119,13 @@ fn event_idx_spares_the_interrupts_the_driver_did_not_ask_for() {
         eprintln!("EVENT_IDX {event_idx}: {sent} interrupts sent, {spared} spared; {done}");
         if event_idx {
             assert!(
-                sent <= 100 && spared >= 300,
+                sent <= 100 && spared > 0,
                 "with EVENT_IDX, 400 writes in batches of 8: {sent} interrupts sent, {spared} spared"
             );
         } else {
-            // One a completion round: nearly one a request (blockd may complete a few at once).
+            // One a completion round: nearly one a request on an idle host.
             assert!(
-                sent >= 300 && spared == 0,
+                sent >= 50 && spared == 0,
                 "without EVENT_IDX: {sent} interrupts sent, {spared} spared"
             );
         }
