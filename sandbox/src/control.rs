@@ -22,6 +22,33 @@ pub enum ControlError {
     Sockets(usize, &'static str),
     #[error("give --control-fd FD (from vmm-core) or --listen PATH, or start {0} from a systemd socket unit")]
     Nothing(&'static str),
+    #[error(
+        "vmm-core (PID {0}), which started {1}, ended before {1} could follow it; {1} ends too"
+    )]
+    ParentGone(u32, &'static str),
+    #[error("cannot ask for SIGKILL when vmm-core ends (PR_SET_PDEATHSIG): {0}")]
+    DeathSignal(#[source] nix::Error),
+}
+
+/// The environment variable in which vmm-core gives a helper it starts its PID.
+pub const PARENT_ENV: &str = "VMM_PARENT_PID";
+
+/// A helper that vmm-core started (it set PARENT_ENV) dies with vmm-core's thread that
+/// started it: SIGKILL then (PR_SET_PDEATHSIG). If vmm-core ended already, before the request
+/// took, the helper has another parent now, and ends here.
+pub fn die_with_parent(who: &'static str) -> Result<(), ControlError> {
+    let Some(pid) = std::env::var(PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(ControlError::DeathSignal)?;
+    if std::os::unix::process::parent_id() != pid {
+        return Err(ControlError::ParentGone(pid, who));
+    }
+    Ok(())
 }
 
 /// Descriptor `fd`, which this process inherited for `flag`, as its own: checked open, and
@@ -68,6 +95,7 @@ pub fn control(
     listen: Option<&Path>,
 ) -> Result<Control, ControlError> {
     if let Some(fd) = control_fd {
+        die_with_parent(who)?;
         let fd = inherited(fd, "--control-fd", who)?;
         return Ok(Control::Connection(UnixStream::from(fd)));
     }

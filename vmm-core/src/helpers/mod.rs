@@ -2,11 +2,17 @@
 //! systemd runs), to read its stderr, and to end and reap it. blockd, chardevd and migrated
 //! each have a client module here that supervises its helper and speaks its RPC.
 //!
-//! A helper vmm-core starts gets its control socket as descriptor 3 (`--control-fd 3`), the
-//! sandbox flags, no stdin or stdout, stderr through vmm-core (stderr.rs), and SIGKILL when
-//! the thread that started it ends (PR_SET_PDEATHSIG): a vmm-core that dies, even by SIGKILL,
-//! leaves no helper behind. The helper's own sandbox passes that on to the process it forks
-//! into its PID namespace.
+//! A helper vmm-core starts gets its control socket (`--control-fd N`), the sandbox flags, no
+//! stdin or stdout, stderr through vmm-core (stderr.rs), and our PID (VMM_PARENT_PID), with
+//! which it asks for SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG, see
+//! vmm_sandbox::control): a vmm-core that dies, even by SIGKILL, leaves no helper behind. The
+//! helper's own sandbox passes that on to the process it forks into its PID namespace.
+//!
+//! Nothing runs in the child before exec, so that the standard library starts it with
+//! posix_spawn (a vfork) instead of fork: a fork copies vmm-core's page tables and mappings,
+//! guest RAM's among them, which cost milliseconds of start-up. The one descriptor the child
+//! inherits is made inheritable only while spawns are serialised (`SPAWN`), so that no other
+//! child can inherit it.
 
 pub mod blockd;
 pub mod chardevd;
@@ -14,9 +20,8 @@ pub mod image_lock;
 pub mod migrated;
 pub mod stderr;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,17 +90,34 @@ pub struct Prepared {
     pub kind: Kind,
     command: Command,
     ours: UnixStream,
-    /// Kept open until the child has it.
-    _theirs: OwnedFd,
+    /// The child's end, close-on-exec but while it is spawned; closed here once it has it.
+    theirs: OwnedFd,
+}
+
+/// Held while a child is spawned: the one descriptor that child is to inherit is inheritable
+/// only meanwhile, and no other child is spawned then.
+static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `spawn` with `fd` inheritable (under `SPAWN`), then closes `fd`.
+fn with_inherited<T>(
+    fd: OwnedFd,
+    spawn: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let _one = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+    fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let r = spawn();
+    drop(fd);
+    r
 }
 
 impl Prepared {
     /// Starts it; returns our end of the control socket and the child.
     pub fn spawn(mut self) -> Result<(UnixStream, Child), HelperError> {
-        let child = self
-            .command
-            .spawn()
-            .map_err(|e| HelperError::Start(self.kind.name, program(&self.command), e))?;
+        let exe = program(&self.command);
+        let command = &mut self.command;
+        let child = with_inherited(self.theirs, || command.spawn())
+            .map_err(|e| HelperError::Start(self.kind.name, exe, e))?;
         Ok((self.ours, child))
     }
 
@@ -104,8 +126,7 @@ impl Prepared {
         let exe = program(&self.command);
         let mut command = tokio::process::Command::from(self.command);
         command.kill_on_drop(true);
-        let child = command
-            .spawn()
+        let child = with_inherited(self.theirs, || command.spawn())
             .map_err(|e| HelperError::Start(self.kind.name, exe, e))?;
         Ok((self.ours, child))
     }
@@ -125,60 +146,36 @@ pub fn prepare(
 ) -> Result<Prepared, HelperError> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| HelperError::ControlSocket(kind.name, e))?;
+    // Never 0, 1 or 2, which the spawn sets up for the child: the standard library opens
+    // /dev/null on any of them that vmm-core was started without.
+    let theirs = OwnedFd::from(theirs);
     let stderr =
         stderr::pipe(kind.name, report).map_err(|e| HelperError::StderrPipe(kind.name, e))?;
     let mut command = Command::new(exe);
     command
         .args(kind.subcommand)
-        .args(["--control-fd", "3"])
+        .arg("--control-fd")
+        .arg(theirs.as_raw_fd().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
         // One level for every process; vmm-core puts the front on the helper's lines.
         .env("VMM_LOG", vmm_sandbox::logging::current_level())
-        .env("VMM_LOG_STYLE", "bare");
+        .env("VMM_LOG_STYLE", "bare")
+        .env(
+            vmm_sandbox::control::PARENT_ENV,
+            std::process::id().to_string(),
+        );
     match sandbox {
         Some(mode) => command.args(["--seccomp", mode]),
         None => command.arg("--no-sandbox"),
     };
-    let fd = theirs.as_raw_fd();
-    // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe calls (fcntl, dup2, prctl, getppid) on descriptors the child has.
-    unsafe {
-        command.pre_exec(move || child_setup(fd));
-    }
     Ok(Prepared {
         kind,
         command,
         ours,
-        _theirs: theirs.into(),
+        theirs,
     })
-}
-
-/// In the child, before exec: the control socket becomes descriptor 3 (without close-on-exec),
-/// and the child dies with the thread that started it.
-fn child_setup(control: std::os::fd::RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl and dup2 on a descriptor this process has; the copy above 10 keeps dup2
-    // from closing it if it is 3 already, and dup2 clears close-on-exec on 3.
-    let r = unsafe {
-        let t = libc::fcntl(control, libc::F_DUPFD_CLOEXEC, 10);
-        if t < 0 {
-            t
-        } else {
-            libc::dup2(t, 3)
-        }
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let parent = std::os::unix::process::parent_id();
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    // vmm-core may have died between fork and prctl: then no signal comes, so end here.
-    if std::os::unix::process::parent_id() != parent {
-        // (No allocation here: another thread may have held the allocator's lock at fork.)
-        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    Ok(())
 }
 
 /// Connects to a helper that runs already.
