@@ -342,7 +342,6 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<PassSent, Tran
     // Runs of up to 4 MiB; under a bandwidth limit 256 KiB, so that the pacing (and the
     // progress it shows) goes in small steps, not a second's worth at a time.
     let run_max: u64 = if o.limit > 0 { 64 } else { 1024 };
-    let mut buf = Vec::with_capacity(run_max as usize * PAGE);
     let mut unsent: Option<Vec<u64>> = None;
     for (gpa, bytes, off) in regions {
         let first = off / PAGE as u64;
@@ -367,13 +366,11 @@ fn send_pages(o: &mut Outgoing, bitmap: Option<&[u64]>) -> Result<PassSent, Tran
             while q < end && set(q) && q - p < run_max {
                 q += 1;
             }
-            // A copy: the guest may write the pages meanwhile, and what is checksummed
-            // must be what is sent (a page changed later is dirty and goes again).
-            buf.clear();
-            buf.extend_from_slice(
-                &o.ram.bytes()[(p * PAGE as u64) as usize..(q * PAGE as u64) as usize],
-            );
-            if let Err(e) = o.writer.ram(gpa + (p - first) * PAGE as u64, &buf, zeros) {
+            let live = &o.ram.bytes()[(p * PAGE as u64) as usize..(q * PAGE as u64) as usize];
+            if let Err(e) = o
+                .writer
+                .ram_live(gpa + (p - first) * PAGE as u64, live, zeros)
+            {
                 // The peer closed: what it said first names why.
                 return Err(cut_short(uri, o.writer.get_mut().get_mut().as_mut(), e));
             }
@@ -431,7 +428,7 @@ struct Taken {
 }
 
 /// Takes a stream into RAM: whole, or up to the switch to post-copy.
-fn receive(
+pub fn receive(
     mut r: Reader<std::io::BufReader<Box<dyn Read + Send>>>,
     back: &crate::postcopy::Back,
     ram: &Ram,
@@ -471,6 +468,7 @@ fn receive(
             Section::Workset(_) => {}
             Section::Postcopy(pending) => {
                 let state = state.ok_or(ReceiveError::NoState)?;
+
                 // The pages to come must fault until they come: out of the memfd with them
                 // (a page written by an earlier pass is stale now).
                 for p in 0..(ram.len() / PAGE) as u64 {
@@ -490,7 +488,7 @@ fn receive(
 }
 
 /// The rest of a stream that switched to post-copy, and its pages to come.
-type ReaderAndPending = (Reader<std::io::BufReader<Box<dyn Read + Send>>>, Vec<u64>);
+pub type ReaderAndPending = (Reader<std::io::BufReader<Box<dyn Read + Send>>>, Vec<u64>);
 
 impl migrated::Server for Server {
     async fn open(

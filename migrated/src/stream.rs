@@ -224,6 +224,8 @@ pub struct Writer<W: Write> {
     /// LZ4-compress RAM runs, and the buffer for it.
     compress: bool,
     packed: Vec<u8>,
+    /// `ram_live`'s copy of the pages it sends.
+    snapshot: Vec<u8>,
     /// RAM bytes before and after compression (the runs that went compressed).
     packed_in: u64,
     packed_out: u64,
@@ -251,6 +253,7 @@ impl<W: Write> Writer<W> {
             config: config.clone(),
             compress: false,
             packed: Vec::new(),
+            snapshot: Vec::new(),
             packed_in: 0,
             packed_out: 0,
             sections: 0,
@@ -319,6 +322,18 @@ impl<W: Write> Writer<W> {
             i = j;
         }
         Ok(())
+    }
+
+    /// As `ram`, for pages that may change while they are sent (a running guest's): they are
+    /// copied first, so that what is checksummed is what is sent (a page changed later is
+    /// dirty and goes again).
+    pub fn ram_live(&mut self, gpa: u64, live: &[u8], zeros: Zeros) -> io::Result<()> {
+        let mut copy = std::mem::take(&mut self.snapshot);
+        copy.clear();
+        copy.extend_from_slice(live);
+        let r = self.ram(gpa, &copy, zeros);
+        self.snapshot = copy;
+        r
     }
 
     /// LZ4-compresses the RAM runs from here on (a run that does not shrink goes as is).
@@ -426,6 +441,7 @@ impl<W: Write> Writer<W> {
             config: self.config,
             compress: self.compress,
             packed: self.packed,
+            snapshot: self.snapshot,
             packed_in: self.packed_in,
             packed_out: self.packed_out,
             sections: self.sections,
