@@ -16,7 +16,8 @@ fi
 # interoperability test drives with vmm-core's frontend (and bench/block.sh compares with).
 # socat: the command at both ends of the exec: migration test.
 # fuse3: /dev/fuse and fusermount3, for the crash-consistency check (tests/src/bin/crashfs.rs).
-packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common socat fuse3)
+# g++: libFuzzer (C++), which libfuzzer-sys builds for the fuzz targets (bench/fuzz.sh).
+packages=(busybox-static lz4 util-linux capnproto acpica-tools qemu-utils qemu-system-common socat fuse3 g++)
 # Installed for real ("dpkg -s" also answers for a removed package's leftover configuration).
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (packages, guest images), then runs every check and test: formatting, clippy with
 # warnings as errors, the build, and the whole test suite (unit, integration on real KVM, and
-# the stock-kernel boot, ~7 minutes on a KVM-PVM host).
+# the stock-kernel boot, ~7 minutes on a KVM-PVM host), then each fuzz target for 30 s.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -9,6 +9,7 @@ cd "$root"
 echo "test: cargo fmt --check" >&2
 cargo fmt --all -- --check
 (cd tests/guest && cargo fmt -- --check)
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "test: cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The test guest has its own flags (no SSE); rustc's note that this changes the float ABI is
@@ -32,3 +33,7 @@ else
     echo "test: cargo-nextest is not installed; using cargo test" >&2
     cargo test --workspace
 fi
+# The fuzz targets keep building and their seeds keep passing: a short run of each (bench/fuzz.sh
+# runs them for as long as it is asked to).
+echo "test: fuzz targets, ${VMM_FUZZ_SMOKE_SECS:-30} s each" >&2
+"$root/bench/fuzz.sh" "${VMM_FUZZ_SMOKE_SECS:-30}"
