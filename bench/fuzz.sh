@@ -42,11 +42,16 @@ for t in "${targets[@]}"; do
     # libFuzzer exits non-zero on a crash; the table says so.
     "$out/build/$host/release/$t" -max_total_time="$secs" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
         -artifact_prefix="$artifacts/" "$corpus" "$root/fuzz/corpus/$t" >"$log" 2>&1 || true
+    if [ -z "$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")" ]; then
+        echo "bench/fuzz.sh: $t did not run; its log ends:" >&2
+        tail -5 "$log" >&2
+        exit 1
+    fi
     spent=$(( $(date +%s) - start ))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
-    ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+    cov=$( (grep -o 'cov: [0-9]*' "$log" || true) | tail -1 | cut -d' ' -f2)
+    ft=$( (grep -o 'ft: [0-9]*' "$log" || true) | tail -1 | cut -d' ' -f2)
     size=$(find "$corpus" -type f | wc -l)
     crashes=$(( $(find "$artifacts" -type f | wc -l) - before ))
     echo "$t $spent" >>"$out/ledger"

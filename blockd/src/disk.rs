@@ -329,7 +329,7 @@ impl Disk {
         self.held_failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    #[cfg(test)]
+    /// An image with no backing chain.
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
         Disk::with_backing(file, options, Vec::new())
     }

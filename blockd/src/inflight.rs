@@ -142,6 +142,10 @@ impl Region {
         self.map.size()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn queues(&self) -> u16 {
         self.queues
     }

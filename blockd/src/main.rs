@@ -2,20 +2,7 @@
 //! completions go between the guest and blockd through shared memory and eventfds; vmm-core only
 //! sets the device up.
 
-mod backend;
-mod commit;
-mod connection;
-mod disk;
-mod engine;
-mod exports;
-mod faults;
-mod image;
-mod inflight;
-mod job;
-mod replay;
-mod request;
-mod rpc;
-mod throttle;
+use blockd::*;
 
 use anyhow::Context;
 use clap::Parser;
@@ -454,10 +441,4 @@ fn stop_on_signals() {
         log::info!("stopping (signal {sig}); the images are flushed");
         std::process::exit(0);
     });
-}
-
-/// A listening vhost-user socket at `path` (replacing a stale one). The path is not removed
-/// when the listener goes: a sandboxed blockd cannot reach it then (the jail removes it).
-pub fn bind_listener(path: &std::path::Path) -> std::io::Result<Listener> {
-    Ok(Listener::from(vmm_proto::unix::bind(path, 0o600)?))
 }

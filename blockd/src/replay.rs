@@ -761,8 +761,11 @@ impl Recording {
             rec.written
         };
         if rec.flags == STATUS_ONLY {
-            if let Some(&(addr, len)) = chain.writable.last() {
-                let _ = mem.write_slice(&written, GuestAddress(addr + len - 1));
+            // The last writable byte, if the guest's descriptor has one within the address
+            // space.
+            let last = chain.writable.last();
+            if let Some(at) = last.and_then(|&(a, l)| a.checked_add(l)?.checked_sub(1)) {
+                let _ = mem.write_slice(&written, GuestAddress(at));
             }
         } else {
             let mut at = 0;

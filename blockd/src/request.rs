@@ -171,7 +171,8 @@ fn take(segs: &mut Vec<Seg>, mut n: u64) -> Option<Vec<Seg>> {
     Some(out)
 }
 
-/// Takes `n` bytes off the end.
+/// Takes `n` bytes off the end. None if there are not that many, or if the last piece runs
+/// past the end of the address space (a guest's descriptor may claim anything).
 fn take_back(segs: &mut Vec<Seg>, mut n: u64) -> Option<Vec<Seg>> {
     let mut out = Vec::new();
     while n > 0 {
@@ -180,7 +181,7 @@ fn take_back(segs: &mut Vec<Seg>, mut n: u64) -> Option<Vec<Seg>> {
         out.insert(
             0,
             Seg {
-                addr: s.addr + s.len - k,
+                addr: s.addr.checked_add(s.len - k)?,
                 len: k,
             },
         );
@@ -295,7 +296,7 @@ pub fn prepare<M: GuestMemoryBackend>(disk: &Disk, mem: &M, mut chain: Chain) ->
                 status: S_IOERR,
                 used: 0,
             },
-            Some("the chain has no writable status byte".into()),
+            Some("the chain has no writable status byte (or its last writable descriptor runs past the end of the address space)".into()),
         );
     };
     match run(disk, mem, &mut chain) {
@@ -357,8 +358,8 @@ impl Pending {
     }
 }
 
-/// Parses and executes one request synchronously.
-#[cfg(test)]
+/// Parses and executes one request synchronously (as a queue without io_uring does; the tests
+/// and the fuzz targets drive requests through it).
 pub fn execute<M: GuestMemoryBackend>(disk: &Disk, mem: &M, chain: Chain) -> (Done, Why) {
     match prepare(disk, mem, chain) {
         Prepared::Done(done, why) => (done, why),
@@ -784,6 +785,21 @@ mod tests {
             },
         );
         assert_eq!(done.used, 0);
+        // A last writable descriptor that runs past the end of the address space (found by
+        // fuzz/blk_request: the status byte's address overflowed, to a low guest address).
+        mem.write_slice(&[0x55], GuestAddress(0xff)).unwrap();
+        let (done, why) = execute(
+            &d,
+            &mem,
+            Chain {
+                readable: vec![seg(0x1000, 16)],
+                writable: vec![seg(u64::MAX - 0xff, 0x200)],
+                misordered: false,
+            },
+        );
+        assert_eq!((done.status, done.used), (S_IOERR, 0), "{why:?}");
+        assert!(why.unwrap().contains("past the end of the address space"));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0xff)).unwrap(), 0x55);
         // Status outside memory.
         let (done, _) = execute(
             &d,
