@@ -434,7 +434,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
         };
         let mut regions = regions;
         regions.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(failed)?;
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| failed(format!("the frontend's memory table cannot be used: {e}")))?;
         self.publish(mem);
         self.mappings = mappings;
         Ok(bases)

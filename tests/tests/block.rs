@@ -1213,3 +1213,124 @@ fn a_disk_grown_online_is_seen_by_the_guest_and_used_past_its_old_end() {
         );
     }
 }
+
+/// Sends one vhost-user message (version 1 header, the payload, descriptors attached).
+fn vhost_user_send(s: &std::os::unix::net::UnixStream, request: u32, payload: &[u8], fds: &[i32]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut msg = Vec::with_capacity(12 + payload.len());
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    msg.extend_from_slice(payload);
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
+    sendmsg::<()>(
+        s.as_raw_fd(),
+        &[std::io::IoSlice::new(&msg)],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+}
+
+/// A frontend that wants to harm blockd (issue 22's malicious peers): its memory table has a
+/// region larger than the file sent with it (mapped, it would kill blockd with SIGBUS where it
+/// is read), or two regions that overlap. blockd refuses each table, says why in one line, and
+/// drops that frontend; it does not crash, and the export then serves a well-behaved client
+/// (libblkio) whose data checks out.
+#[test]
+fn a_frontend_whose_memory_table_is_wrong_is_dropped_and_blockd_serves_the_next() {
+    let dir = TempDir::new("block-bad-table");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    let log = dir.join("blockd.log");
+    let (mut blockd, ctl) = own_blockd(&dir, std::fs::File::create(&log).unwrap().into());
+    let vhost = dir.join("d0.sock");
+    add_export(&ctl, &img, &vhost);
+    const SET_OWNER: u32 = 3;
+    const SET_MEM_TABLE: u32 = 5;
+    let ram = || {
+        let fd = nix::sys::memfd::memfd_create("bad-table", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let f = std::fs::File::from(fd);
+        f.set_len(0x10000).unwrap();
+        f
+    };
+    // (guest address, size, offset in its 64 KiB file) for each region.
+    for (what, regions, why) in [
+        (
+            "a region past the end of its file",
+            vec![(0u64, 0x100000u64, 0u64)],
+            "lies past the end of the file",
+        ),
+        (
+            "overlapping regions",
+            vec![(0, 0x10000, 0), (0x8000, 0x10000, 0)],
+            "memory table cannot be used: Some of the memory regions intersect",
+        ),
+    ] {
+        let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+        let s = std::os::unix::net::UnixStream::connect(&vhost).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        vhost_user_send(&s, SET_OWNER, &[], &[]);
+        let mut table = Vec::new();
+        table.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        table.extend_from_slice(&0u32.to_le_bytes());
+        let files: Vec<std::fs::File> = regions.iter().map(|_| ram()).collect();
+        for (i, (gpa, size, offset)) in regions.iter().enumerate() {
+            for v in [
+                *gpa,
+                *size,
+                0x7f00_0000_0000 + (i as u64) * 0x100_0000,
+                *offset,
+            ] {
+                table.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        vhost_user_send(&s, SET_MEM_TABLE, &table, &fds);
+        // Dropped: the connection ends, with no answer.
+        let mut buf = [0u8; 64];
+        let got = (&s).read(&mut buf);
+        // (A timeout is a failure: blockd took the table.)
+        assert!(
+            matches!(&got, Ok(0))
+                || got
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{what}: blockd did not drop the frontend: {got:?}"
+        );
+        assert!(
+            blockd.0.try_wait().unwrap().is_none(),
+            "{what}: blockd died"
+        );
+        let deadline = std::time::Instant::now() + T;
+        while !std::fs::read_to_string(&log).unwrap_or_default()[before..].contains(why) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no {why:?} in blockd's log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("panicked"), "{text}");
+    // A well-behaved client after them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blkio-bench"))
+        .args([
+            "--driver",
+            "virtio-blk-vhost-user",
+            "--path",
+            vhost.to_str().unwrap(),
+        ])
+        .args(["verify", "--seed", "23"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("bad-words=0"), "{text}");
+    assert!(blockd.0.try_wait().unwrap().is_none(), "blockd died");
+}
