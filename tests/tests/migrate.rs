@@ -574,6 +574,88 @@ fn a_corrupted_snapshot_is_refused() {
     assert!(!err.contains("the VM is here"), "{err}");
 }
 
+/// `snap` written again section by section through migrated's own Writer (so every checksum
+/// and the end marker's counts are right), with `change` deciding each section: None keeps
+/// it; the extra sections it returns at the device state go in after it.
+fn rewrite(snap: &Path, out: &Path, change: impl Fn(&mut Vec<u8>) -> Vec<(String, Vec<u8>)>) {
+    use migrated::stream::{Reader, Section, Writer, Zeros};
+    let bytes = std::fs::read(snap).unwrap();
+    let mut r = Reader::new(&bytes[..]).unwrap();
+    let mut w = Writer::new(Vec::new(), r.config()).unwrap();
+    loop {
+        match r.section().unwrap() {
+            Section::Ram { gpa, data } => w.ram(gpa, data, Zeros::Skip).unwrap(),
+            Section::Zero { gpa, pages } => w
+                .ram(gpa, &vec![0u8; pages as usize * 4096], Zeros::Send)
+                .unwrap(),
+            Section::Device { name, state } => {
+                let mut state = state.to_vec();
+                let extra = change(&mut state);
+                w.device(name, &state).unwrap();
+                for (n, s) in extra {
+                    w.device(&n, &s).unwrap();
+                }
+            }
+            Section::End => break,
+            other => panic!("a snapshot with {other:?}"),
+        }
+    }
+    let (bytes, _) = w.finish().unwrap();
+    std::fs::write(out, bytes).unwrap();
+}
+
+/// A snapshot that is well-formed, checksums and all, but whose content is wrong (what a
+/// hostile or broken source could send): state for a device this build does not have, and a
+/// vCPU state KVM refuses (a reserved CR4 bit). Each is refused at restore with one line that
+/// says what, and nothing runs. (RAM past the end of the VM is refused by the stream's reader
+/// itself: stream.rs's tests.)
+#[test]
+fn a_well_formed_snapshot_whose_content_is_wrong_is_refused() {
+    let dir = TempDir::new("snapshot-wrong");
+    let img = disk(&dir);
+    let sock = dir.join("src.sock");
+    let src = source(&dir, &img, &sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    let unknown = dir.join("unknown-device");
+    rewrite(&snap, &unknown, |_| {
+        vec![("nosuchdev".to_string(), b"state".to_vec())]
+    });
+    let bad_cr4 = dir.join("bad-cr4");
+    rewrite(&snap, &bad_cr4, |state| {
+        use vmm_proto::state_capnp::vm_state;
+        let msg = capnp::serialize::read_message(&mut &state[..], Default::default()).unwrap();
+        let mut b = capnp::message::Builder::new_default();
+        b.set_root(msg.get_root::<vm_state::Reader>().unwrap())
+            .unwrap();
+        {
+            let root = b.get_root::<vm_state::Builder>().unwrap();
+            let vcpus = root.get_vcpus().unwrap();
+            let mut sregs = vcpus.get(0).get_sregs().unwrap();
+            sregs.set_cr4(sregs.reborrow_as_reader().get_cr4() | 1 << 63);
+        }
+        *state = capnp::serialize::write_message_to_words(&b);
+        Vec::new()
+    });
+    for (file, want) in [
+        (&unknown, "state for a device \"nosuchdev\""),
+        (&bad_cr4, "vCPU 0"),
+    ] {
+        let (mut vm, _) = restore(&dir, file, &img, "wrong");
+        assert_eq!(vm.wait_exit(T), 2, "{}", vm.stderr());
+        let err = vm.stderr();
+        let line = error_line(&err);
+        eprintln!("{line}");
+        assert!(
+            line.starts_with("error: --restore file:") && line.contains(want),
+            "{line}"
+        );
+        assert!(!err.contains("the VM is here"), "{err}");
+    }
+}
+
 /// The destination in a network namespace of its own, TLS with mutual authentication, and
 /// tls-authz letting in the source's certificate subject.
 #[test]
