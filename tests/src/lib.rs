@@ -822,3 +822,19 @@ impl Drop for CrashFs {
         }
     }
 }
+
+/// One side's TLS settings for the benchmark tools (tls-bench, stream-bench), from CREDS_DIR
+/// in QEMU's tls-creds layout; a bad directory ends the tool with its error.
+pub fn bench_tls(creds: &str, server: bool) -> migrated::tls::Tls {
+    match migrated::tls::Creds::read(Path::new(creds), server) {
+        Ok(c) => migrated::tls::Tls {
+            dir: creds.to_string(),
+            creds: c,
+            ..Default::default()
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+}

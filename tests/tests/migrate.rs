@@ -545,18 +545,24 @@ fn a_snapshot_restored_twice_gives_two_identical_guests_with_new_generation_ids(
     );
 }
 
+/// The source guest's disk, and a snapshot of it (the source is gone after).
+fn snapshot_of_source(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let img = disk(dir);
+    let sock = dir.join("src.sock");
+    let src = source(dir, &img, &sock);
+    let snap = dir.join("snap");
+    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(src);
+    (img, snap)
+}
+
 /// A snapshot with bytes flipped is refused at restore with one line that says where, and
 /// nothing runs.
 #[test]
 fn a_corrupted_snapshot_is_refused() {
     let dir = TempDir::new("snapshot-bad");
-    let img = disk(&dir);
-    let sock = dir.join("src.sock");
-    let src = source(&dir, &img, &sock);
-    let snap = dir.join("snap");
-    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
-    assert_eq!(code, 0, "{out}{err}");
-    drop(src);
+    let (img, snap) = snapshot_of_source(&dir);
     let mut bytes = std::fs::read(&snap).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x5a;
@@ -612,13 +618,7 @@ fn rewrite(snap: &Path, out: &Path, change: impl Fn(&mut Vec<u8>) -> Vec<(String
 #[test]
 fn a_well_formed_snapshot_whose_content_is_wrong_is_refused() {
     let dir = TempDir::new("snapshot-wrong");
-    let img = disk(&dir);
-    let sock = dir.join("src.sock");
-    let src = source(&dir, &img, &sock);
-    let snap = dir.join("snap");
-    let (code, out, err) = vmmctl(&sock, &["snapshot", &format!("file:{}", snap.display())]);
-    assert_eq!(code, 0, "{out}{err}");
-    drop(src);
+    let (img, snap) = snapshot_of_source(&dir);
     let unknown = dir.join("unknown-device");
     rewrite(&snap, &unknown, |_| {
         vec![("nosuchdev".to_string(), b"state".to_vec())]

@@ -33,19 +33,7 @@ fn main() {
         }
     };
     let (mib, rounds) = (num(2, 512, "MIB"), num(3, 3, "ROUNDS"));
-    let side = |server| -> Tls {
-        match tls::Creds::read(std::path::Path::new(creds), server) {
-            Ok(c) => Tls {
-                dir: creds.clone(),
-                creds: c,
-                ..Default::default()
-            },
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        }
-    };
+    let side = |server| vmm_tests::bench_tls(creds, server);
     let tls = (side(false), side(true));
     let bytes = mib << 20;
     let src = memfd("stream-bench-src", bytes);

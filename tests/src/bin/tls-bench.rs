@@ -24,19 +24,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let side = |server| -> Tls {
-        match tls::Creds::read(std::path::Path::new(creds), server) {
-            Ok(c) => Tls {
-                dir: creds.clone(),
-                creds: c,
-                ..Default::default()
-            },
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(2);
-            }
-        }
-    };
+    let side = |server| vmm_tests::bench_tls(creds, server);
     let (client, server) = (side(false), side(true));
     for tls in [false, true] {
         match run(mib, tls.then_some((&client, &server))) {
