@@ -565,15 +565,19 @@ impl Backend {
         }
         // Resumed: what failed is retried first, in order, through the fault rules again.
         self.retry_failed(&Q::new(vring, queue, event_idx, &mem), &mut held)?;
+        let mut rounds = 0u32;
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
+            let (round, mut took) = (rounds, false);
+            rounds += 1;
             loop {
                 // Pop one chain at a time, so that the vring lock is not held during I/O
                 // (the frontend's control path may need it).
                 let next = self.next_request(vring, queue, &mem);
                 let Some((head, mut chain)) = next else { break };
+                took = true;
                 if self.0.mem_gen.load(Ordering::SeqCst) != gen {
                     // The frontend changed the memory table since `mem` was taken, and it may
                     // have put this request in the new part (it does once we acked the
@@ -628,6 +632,12 @@ impl Backend {
                 self.answer(vring, queue, head, done, why, event_idx)?;
             }
             if !event_idx {
+                break;
+            }
+            // A round run because the ring said it had more took none: its index is corrupt or
+            // hostile. Stop rather than spin (fuzz/vhost_user found it); a kick looks again.
+            if round > 0 && !took {
+                let _ = vring.enable_notification();
                 break;
             }
             // Re-enable notifications; if the driver added buffers meanwhile, go again.
@@ -915,5 +925,55 @@ fn release_delayed(held: &mut Held, timer: &crate::throttle::Timer) {
     }
     if let Some(next) = held.delayed.iter().map(|d| d.0).min() {
         timer.arm(next.saturating_duration_since(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryAtomic};
+
+    /// An available index that says more than the ring holds (0x8000 ahead of a 16-entry
+    /// ring), with EVENT_IDX: each look at the ring says there is more, and none can be taken.
+    /// The worker stops after a round that takes nothing instead of spinning for ever (a
+    /// guest or frontend could hang a queue and its worker's shutdown so: fuzz/vhost_user).
+    #[test]
+    fn an_available_index_past_the_ring_is_not_spun_on() {
+        let fd =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(1 << 20).unwrap();
+        let options = disk::Options {
+            readonly: false,
+            queues: 1,
+            queue_size: 16,
+            writethrough: false,
+            serial: "t".into(),
+            format: crate::image::Format::Raw,
+            read_error: disk::Policy::Report,
+            write_error: disk::Policy::Report,
+        };
+        let backend = Backend::new("t", Arc::new(Disk::new(file, options).unwrap())).unwrap();
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(ram.clone());
+        backend.update_memory(mem.clone());
+        backend.set_event_idx(true);
+        let vring = Arc::new(Vring::new(mem, 16).unwrap());
+        vring.set_queue_size(16);
+        vring.set_queue_info(0, 0x100, 0x200).unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        ram.write_obj(0x8000u16, GuestAddress(0x102)).unwrap();
+        let (done, worker) = std::sync::mpsc::channel();
+        let v = vring.clone();
+        std::thread::spawn(move || {
+            backend.on_kick(&v, 0);
+            let _ = done.send(());
+        });
+        assert!(
+            worker.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "the worker still spins on the ring after 20 s"
+        );
     }
 }
