@@ -939,21 +939,7 @@ mod tests {
     /// guest or frontend could hang a queue and its worker's shutdown so: fuzz/vhost_user).
     #[test]
     fn an_available_index_past_the_ring_is_not_spun_on() {
-        let fd =
-            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
-        let file = std::fs::File::from(fd);
-        file.set_len(1 << 20).unwrap();
-        let options = disk::Options {
-            readonly: false,
-            queues: 1,
-            queue_size: 16,
-            writethrough: false,
-            serial: "t".into(),
-            format: crate::image::Format::Raw,
-            read_error: disk::Policy::Report,
-            write_error: disk::Policy::Report,
-        };
-        let backend = Backend::new("t", Arc::new(Disk::new(file, options).unwrap())).unwrap();
+        let backend = Backend::new("t", Arc::new(Disk::in_memory())).unwrap();
         let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mem = GuestMemoryAtomic::new(ram.clone());
         backend.update_memory(mem.clone());

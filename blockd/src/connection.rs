@@ -727,21 +727,10 @@ impl VhostUserBackendReqHandlerMut for Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{Disk, Options, Policy};
+    use crate::disk::Disk;
 
     fn handler() -> Handler {
-        let image = tempfile_of(1 << 20);
-        let options = Options {
-            readonly: false,
-            queues: 1,
-            queue_size: 16,
-            writethrough: false,
-            serial: "t".into(),
-            format: crate::image::Format::Raw,
-            read_error: Policy::Report,
-            write_error: Policy::Report,
-        };
-        let disk = Arc::new(Disk::new(image, options).unwrap());
+        let disk = Arc::new(Disk::in_memory());
         let backend = Backend::new("t", disk).unwrap();
         let mem = vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new());
         Handler::new("t", backend, mem).unwrap()

@@ -329,6 +329,26 @@ impl Disk {
         self.held_failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// A 1 MiB raw image in a memfd, one queue of 16: for the unit tests.
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> Disk {
+        let fd =
+            nix::sys::memfd::memfd_create("t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = File::from(fd);
+        file.set_len(1 << 20).unwrap();
+        let options = Options {
+            readonly: false,
+            queues: 1,
+            queue_size: 16,
+            writethrough: false,
+            serial: "t".into(),
+            format: crate::image::Format::Raw,
+            read_error: Policy::Report,
+            write_error: Policy::Report,
+        };
+        Disk::new(file, options).unwrap()
+    }
+
     /// An image with no backing chain.
     pub fn new(file: File, options: Options) -> std::io::Result<Disk> {
         Disk::with_backing(file, options, Vec::new())

@@ -624,6 +624,16 @@ pub struct Reader<R: Read> {
     whole: bool,
 }
 
+/// A bitmap section's payload as its `words` u64 words; None if it is not that long.
+fn bitmap_of(payload: &[u8], words: usize) -> Option<Vec<u64>> {
+    (payload.len() == words * 8).then(|| {
+        payload
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .collect()
+    })
+}
+
 /// Reads exactly `buf.len()` bytes; a short read is a truncation inside `inside`.
 fn fill<R: Read>(r: &mut R, buf: &mut [u8], at: u64, inside: &str) -> Result<(), StreamError> {
     let mut got = 0;
@@ -870,16 +880,12 @@ impl<R: Read> Reader<R> {
             }
             POSTCOPY | WORKSET => {
                 let words = self.config.bitmap_words();
-                if payload.len() != words * 8 {
-                    return Err(bad(format!(
+                let bits = bitmap_of(payload, words).ok_or_else(|| {
+                    bad(format!(
                         "{what} holds {len} bytes, {} expected (a bitmap of the VM's pages)",
                         words * 8
-                    )));
-                }
-                let bits = payload
-                    .chunks_exact(8)
-                    .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-                    .collect();
+                    ))
+                })?;
                 if kind == POSTCOPY {
                     Section::Postcopy(bits)
                 } else {

@@ -838,3 +838,18 @@ pub fn bench_tls(creds: &str, server: bool) -> migrated::tls::Tls {
         }
     }
 }
+
+/// Reads `r` to its end (an end without TLS close_notify counts as one), discarding what it
+/// reads; the bytes read. For the benchmark tools' receiving ends.
+pub fn drain(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -150,16 +150,7 @@ fn run(bytes: u64, tls: Option<(&Tls, &Tls)>, src: Option<&OwnedFd>) -> Result<F
             let end = Instant::now();
             return Ok((end, thread_cpu_ms() - cpu0));
         }
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => total += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        let total = vmm_tests::drain(&mut s).map_err(|e| e.to_string())?;
         if total != bytes {
             return Err(format!("read {total} bytes of {bytes}"));
         }

@@ -6,7 +6,7 @@
 
 use migrated::channel::{Stream, Uri};
 use migrated::tls::{self, Tls};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
@@ -52,16 +52,7 @@ fn run(mib: u64, tls: Option<(&Tls, &Tls)>) -> Result<f64, String> {
         if let Some(t) = &t2 {
             s = tls::server(&u2, t, s).map_err(|e| e.to_string())?;
         }
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => total += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        let total = vmm_tests::drain(&mut s).map_err(|e| e.to_string())?;
         Ok((total, Instant::now()))
     });
     let s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
